@@ -1,0 +1,254 @@
+//! Tessera's eBPF programs.
+//!
+//! * `capture_connect4` / `capture_connect6` (cgroup/connect4, cgroup/connect6), attached to
+//!   each enrolled workload's cgroup: rewrite a TCP connect() to the local proxy's outbound
+//!   listener and remember the original destination and the caller, keyed by socket cookie.
+//! * `track_connect` (sock_ops), attached to the same cgroups: at TCP_CONNECT_CB the source
+//!   port is known, so the record is re-keyed by the client's (address, port), which is what
+//!   the proxy sees after accept(): one map lookup finds it.
+//! * `steer_inbound` (sk_lookup), attached to the host's network namespace: a connection to a
+//!   protected port that does not come from the proxy's delivery address is handed to the
+//!   proxy's inbound listener, never to the application. With no listener it is dropped.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{bpf_sock_addr, sk_action},
+        helpers::{
+            bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+            bpf_get_socket_cookie,
+        },
+        macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+        maps::{Array, HashMap, LruHashMap, SockMap},
+        programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+        EbpfContext,
+    };
+    use tessera_common::{
+        ClientKey, OrigDst, Settings, AF_INET, AF_INET6, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6,
+        ORIG_MAP_ENTRIES, PROTECTED_PORT_ENTRIES,
+    };
+
+    const IPPROTO_TCP: u32 = 6;
+    const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+    /// 127.0.0.1 in network byte order, as it sits in the u32 the kernel hands us.
+    const LOOPBACK4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+    /// ::1 and ::ffff:0:0/96 words, network byte order.
+    const V6_LOOPBACK_LAST: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+    const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+    #[map(name = "TESSERA_SETTINGS")]
+    static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+
+    #[map(name = "TESSERA_COOKIE_ORIG")]
+    static COOKIE_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_MAP_ENTRIES, 0);
+
+    #[map(name = "TESSERA_CLIENT_ORIG")]
+    static CLIENT_ORIG: LruHashMap<ClientKey, OrigDst> = LruHashMap::pinned(ORIG_MAP_ENTRIES, 0);
+
+    /// Local TCP ports whose listeners only the proxy may reach from outside. Value unused.
+    #[map(name = "TESSERA_PROTECTED_PORTS")]
+    static PROTECTED_PORTS: HashMap<u32, u32> = HashMap::pinned(PROTECTED_PORT_ENTRIES, 0);
+
+    #[map(name = "TESSERA_INBOUND_LISTENER")]
+    static INBOUND_LISTENER: SockMap = SockMap::pinned(2, 0);
+
+    /// Connect hooks return 1 to let connect() proceed (with the address we may have
+    /// rewritten); 0 would fail it with EPERM.
+    const CONNECT_PROCEED: i32 = 1;
+
+    fn settings() -> Option<Settings> {
+        let settings = *SETTINGS.get(0)?;
+        if settings.ready == 1 { Some(settings) } else { None }
+    }
+
+    /// Whether this socket belongs to the proxy itself (it carries the proxy's mark).
+    fn is_proxy_socket(sa: *mut bpf_sock_addr, settings: &Settings) -> bool {
+        // SAFETY: `sk` is a valid socket pointer for cgroup/connect programs.
+        unsafe {
+            let sk = (*sa).__bindgen_anon_1.sk;
+            !sk.is_null() && (*sk).mark == settings.proxy_mark
+        }
+    }
+
+    fn record(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> bool {
+        // SAFETY: plain helper calls valid in cgroup/connect programs.
+        let (cookie, pid_tgid, uid_gid, cgroup_id) = unsafe {
+            (
+                bpf_get_socket_cookie(ctx.as_ptr()),
+                bpf_get_current_pid_tgid(),
+                bpf_get_current_uid_gid(),
+                bpf_get_current_cgroup_id(),
+            )
+        };
+        let orig = OrigDst {
+            addr,
+            port,
+            family,
+            pid: (pid_tgid >> 32) as u32,
+            uid: uid_gid as u32,
+            cgroup_id,
+        };
+        COOKIE_ORIG.insert(cookie, orig, 0).is_ok()
+    }
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
+        let sa = ctx.sock_addr;
+        let Some(settings) = settings() else { return CONNECT_PROCEED };
+        // SAFETY: reading and writing the connect4 context fields the verifier allows.
+        unsafe {
+            if (*sa).protocol != IPPROTO_TCP || is_proxy_socket(sa, &settings) {
+                return CONNECT_PROCEED;
+            }
+            let ip = (*sa).user_ip4;
+            // Host-local destinations (127.0.0.0/8) stay local.
+            if ip.to_ne_bytes()[0] == 127 {
+                return CONNECT_PROCEED;
+            }
+            let port = u16::from_be((*sa).user_port as u16);
+            if !record(&ctx, [ip, 0, 0, 0], port, AF_INET) {
+                // Without a record the proxy could not route it: fail closed.
+                return 0;
+            }
+            (*sa).user_ip4 = LOOPBACK4_BE;
+            (*sa).user_port = u32::from(settings.outbound_port.to_be());
+        }
+        CONNECT_PROCEED
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
+        let sa = ctx.sock_addr;
+        let Some(settings) = settings() else { return CONNECT_PROCEED };
+        // SAFETY: reading and writing the connect6 context fields the verifier allows.
+        unsafe {
+            if (*sa).protocol != IPPROTO_TCP || is_proxy_socket(sa, &settings) {
+                return CONNECT_PROCEED;
+            }
+            let ip = [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ];
+            let port = u16::from_be((*sa).user_port as u16);
+            let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX;
+            if mapped {
+                // A dual-stack socket connecting to an IPv4 peer.
+                if ip[3].to_ne_bytes()[0] == 127 {
+                    return CONNECT_PROCEED;
+                }
+                if !record(&ctx, [ip[3], 0, 0, 0], port, AF_INET) {
+                    return 0;
+                }
+                (*sa).user_ip6[3] = LOOPBACK4_BE;
+            } else {
+                if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == V6_LOOPBACK_LAST {
+                    return CONNECT_PROCEED;
+                }
+                if !record(&ctx, ip, port, AF_INET6) {
+                    return 0;
+                }
+                (*sa).user_ip6[0] = 0;
+                (*sa).user_ip6[1] = 0;
+                (*sa).user_ip6[2] = 0;
+                (*sa).user_ip6[3] = V6_LOOPBACK_LAST;
+            }
+            (*sa).user_port = u32::from(settings.outbound_port.to_be());
+        }
+        CONNECT_PROCEED
+    }
+
+    #[sock_ops]
+    pub fn track_connect(ctx: SockOpsContext) -> u32 {
+        if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+            return 1;
+        }
+        // SAFETY: valid helper for sock_ops programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: the value is copied out before the entry is removed.
+        let Some(orig) = (unsafe { COOKIE_ORIG.get(&cookie) }).copied() else { return 1 };
+        let family = ctx.family() as u16;
+        let addr = if u32::from(family) == u32::from(AF_INET) {
+            [ctx.local_ip4(), 0, 0, 0]
+        } else {
+            let ip = ctx.local_ip6();
+            if ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX {
+                [ip[3], 0, 0, 0]
+            } else {
+                ip
+            }
+        };
+        let family = if addr[1] == 0 && addr[2] == 0 && addr[3] == 0 && family == AF_INET6
+            && ctx.local_ip6()[2] == V4_MAPPED_PREFIX
+        {
+            AF_INET
+        } else {
+            family
+        };
+        let key = ClientKey { addr, port: ctx.local_port() as u16, family };
+        let _ = CLIENT_ORIG.insert(&key, &orig, 0);
+        let _ = COOKIE_ORIG.remove(&cookie);
+        1
+    }
+
+    #[sk_lookup]
+    pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
+        let lookup = ctx.lookup;
+        // SAFETY: reading sk_lookup context fields.
+        let (protocol, family, local_port, remote4, remote6) = unsafe {
+            (
+                (*lookup).protocol,
+                (*lookup).family,
+                (*lookup).local_port,
+                (*lookup).remote_ip4,
+                (*lookup).remote_ip6,
+            )
+        };
+        if protocol != IPPROTO_TCP {
+            return sk_action::SK_PASS;
+        }
+        // SAFETY: lookup in a plain hash map.
+        if unsafe { PROTECTED_PORTS.get(&local_port) }.is_none() {
+            return sk_action::SK_PASS;
+        }
+        let Some(settings) = settings() else { return sk_action::SK_DROP };
+        let index = if family == u32::from(AF_INET) {
+            if remote4 == settings.delivery_src4 {
+                return sk_action::SK_PASS;
+            }
+            INBOUND_LISTENER_V4
+        } else {
+            if remote6 == [0, 0, 0, V6_LOOPBACK_LAST] {
+                return sk_action::SK_PASS;
+            }
+            if remote6[0] == 0 && remote6[1] == 0 && remote6[2] == V4_MAPPED_PREFIX
+                && remote6[3] == settings.delivery_src4
+            {
+                return sk_action::SK_PASS;
+            }
+            INBOUND_LISTENER_V6
+        };
+        // Fail closed: a protected port is never reached around the proxy.
+        match INBOUND_LISTENER.redirect_sk_lookup(&ctx, index, 0) {
+            Ok(()) => sk_action::SK_PASS,
+            Err(_) => sk_action::SK_DROP,
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // Built for the host only so that workspace-wide `cargo build` works; the real
+    // object is built for bpfel-unknown-none by enforcer/build.rs.
+}

@@ -1,0 +1,130 @@
+//! Flow records: one per connection attempt the proxy sees, allowed or refused.
+//!
+//! Records go through a channel to a writer task that appends them as JSON lines to the
+//! configured flow log, so the connection path never waits on the disk.
+use std::{net::SocketAddr, path::PathBuf, time::SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::{io::AsyncWriteExt, sync::mpsc};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// A local workload's connection, captured and carried to a peer enforcer.
+    Outbound,
+    /// A tunnel from a peer enforcer, delivered to a local workload.
+    Inbound,
+    /// A connection that tried to reach a protected port directly (not through a tunnel).
+    Direct,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    Error,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// The workload's name, when it is an enrolled workload.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub workload: Option<String>,
+    /// The enforcer that vouches for this end, when known.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub enforcer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub uid: Option<u32>,
+}
+
+impl Endpoint {
+    pub fn addr(addr: SocketAddr) -> Self {
+        Self { addr, workload: None, enforcer: None, pid: None, uid: None }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// Milliseconds since the Unix epoch when the connection was accepted.
+    pub start_ms: u64,
+    pub duration_ms: u64,
+    /// The enforcer that wrote this record.
+    pub reporter: String,
+    pub direction: Direction,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    pub verdict: Verdict,
+    /// Why it was refused or failed; empty when allowed and clean.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub reason: String,
+    /// Bytes from the source to the destination, and back.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Whether the tunnel came warm from the pool (outbound only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pooled: Option<bool>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Where flow records go. Cloning is cheap; dropping every clone ends the writer.
+#[derive(Clone)]
+pub struct FlowLog {
+    tx: mpsc::UnboundedSender<FlowRecord>,
+}
+
+impl FlowLog {
+    /// Starts the writer task; `path` of `None` keeps records in logs only.
+    pub fn start(path: Option<PathBuf>) -> std::io::Result<Self> {
+        let file = match &path {
+            Some(p) => {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                Some(std::fs::OpenOptions::new().create(true).append(true).open(p)?)
+            }
+            None => None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<FlowRecord>();
+        tokio::spawn(async move {
+            let mut file = file.map(tokio::fs::File::from_std);
+            let mut line = Vec::with_capacity(512);
+            while let Some(rec) = rx.recv().await {
+                tracing::info!(
+                    target: "tessera::flow",
+                    direction = ?rec.direction,
+                    src = %rec.src.addr,
+                    src_workload = rec.src.workload.as_deref().unwrap_or("-"),
+                    dst = %rec.dst.addr,
+                    dst_workload = rec.dst.workload.as_deref().unwrap_or("-"),
+                    verdict = ?rec.verdict,
+                    reason = %rec.reason,
+                    bytes_sent = rec.bytes_sent,
+                    bytes_received = rec.bytes_received,
+                    "flow"
+                );
+                if let Some(f) = file.as_mut() {
+                    line.clear();
+                    if serde_json::to_writer(&mut line, &rec).is_ok() {
+                        line.push(b'\n');
+                        if let Err(e) = f.write_all(&line).await {
+                            tracing::warn!(error = %e, "cannot append to the flow log");
+                        }
+                        let _ = f.flush().await;
+                    }
+                }
+            }
+        });
+        Ok(Self { tx })
+    }
+
+    pub fn record(&self, rec: FlowRecord) {
+        let _ = self.tx.send(rec);
+    }
+}

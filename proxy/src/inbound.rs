@@ -1,0 +1,209 @@
+//! The inbound side.
+//!
+//! * The tunnel listener terminates mutual TLS from peer enforcers, reads the request
+//!   header, checks that the destination is a workload port of this host (a tunnel is never
+//!   a relay to a third host), connects to the workload from the delivery address, answers,
+//!   and splices.
+//! * The direct listener receives connections that `sk_lookup` steered away from a
+//!   protected port because they did not come through a tunnel. They come from an
+//!   unauthenticated peer and are refused (later policy may allow external sources).
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+
+use crate::{
+    copy::{is_disconnect, splice},
+    flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, now_ms},
+    local::{LocalAddrs, LocalServices},
+    socket::{connect_marked, reset_on_close},
+    tls::peer_name,
+    wire::{Request, Response, Status, WireError},
+};
+
+pub struct Inbound {
+    pub name: String,
+    pub acceptor: TlsAcceptor,
+    pub services: LocalServices,
+    pub addrs: LocalAddrs,
+    pub mark: u32,
+    /// Source address of deliveries to local workloads; `sk_lookup` lets it through.
+    pub delivery_src4: Ipv4Addr,
+    pub flows: FlowLog,
+    /// How long a tunnel may stay idle before its header (pooled tunnels wait here).
+    pub idle_timeout: Duration,
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Inbound {
+    pub async fn serve_tunnels(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "tunnel accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            tokio::spawn(async move { this.handle_tunnel(tcp, remote).await });
+        }
+    }
+
+    fn record(&self, direction: Direction, src: Endpoint, dst: Endpoint) -> FlowRecord {
+        FlowRecord {
+            start_ms: now_ms(),
+            duration_ms: 0,
+            reporter: self.name.clone(),
+            direction,
+            src,
+            dst,
+            verdict: Verdict::Error,
+            reason: String::new(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            pooled: None,
+        }
+    }
+
+    async fn handle_tunnel(&self, tcp: TcpStream, remote: SocketAddr) {
+        let start = Instant::now();
+        let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return self.refuse_handshake(remote, start, e.to_string()),
+            Err(_) => return self.refuse_handshake(remote, start, "TLS handshake timed out".into()),
+        };
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(peer_name)
+            .unwrap_or_else(|| "<unnamed>".into());
+        // A pooled tunnel waits here until an application connection needs it.
+        let request = match tokio::time::timeout(self.idle_timeout, Request::read(&mut tls)).await {
+            Ok(Ok(request)) => request,
+            // The client closed an idle tunnel, or it idled out: not a connection attempt.
+            Ok(Err(WireError::Truncated("preamble"))) | Err(_) => return,
+            Ok(Err(e)) => {
+                let mut rec = self.record(Direction::Inbound, Endpoint::addr(remote), Endpoint::addr(remote));
+                rec.src.enforcer = Some(peer);
+                rec.verdict = Verdict::Denied;
+                rec.reason = format!("bad tunnel header: {e}");
+                let _ = Response::new(Status::BadRequest, rec.reason.clone()).write(&mut tls).await;
+                return self.finish(rec, start);
+            }
+        };
+        let mut rec = self.record(
+            Direction::Inbound,
+            Endpoint {
+                addr: remote,
+                workload: Some(request.source.workload.clone()).filter(|w| !w.is_empty()),
+                enforcer: Some(peer),
+                pid: Some(request.source.pid),
+                uid: Some(request.source.uid),
+            },
+            Endpoint::addr(request.dst),
+        );
+        rec.dst.enforcer = Some(self.name.clone());
+        let workload = if self.addrs.contains(request.dst.ip()) {
+            self.services.workload(request.dst.port()).map(str::to_owned)
+        } else {
+            None
+        };
+        let Some(workload) = workload else {
+            rec.verdict = Verdict::Denied;
+            rec.reason = if self.addrs.contains(request.dst.ip()) {
+                format!("no workload of {} serves port {}", self.name, request.dst.port())
+            } else {
+                format!("{} is not an address of {}", request.dst.ip(), self.name)
+            };
+            let _ = Response::new(Status::NotServed, rec.reason.clone()).write(&mut tls).await;
+            return self.finish(rec, start);
+        };
+        rec.dst.workload = Some(workload);
+        let bind = match request.dst.ip() {
+            IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(self.delivery_src4), 0),
+            IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
+        };
+        let mut local = match connect_marked(request.dst, self.mark, Some(bind), DELIVERY_TIMEOUT).await {
+            Ok(local) => local,
+            Err(e) => {
+                rec.reason = format!("workload unreachable: {e}");
+                let _ = Response::new(Status::Unreachable, rec.reason.clone()).write(&mut tls).await;
+                return self.finish(rec, start);
+            }
+        };
+        if let Err(e) = Response::new(Status::Connected, "").write(&mut tls).await {
+            reset_on_close(&local);
+            rec.reason = format!("tunnel broke before delivery: {e}");
+            return self.finish(rec, start);
+        }
+        rec.verdict = Verdict::Allowed;
+        match splice(&mut local, &mut tls).await {
+            // `local` is the workload side: bytes from it are bytes received by the source.
+            Ok(t) => (rec.bytes_sent, rec.bytes_received) = (t.to_app, t.from_app),
+            Err(e) => {
+                if !is_disconnect(&e) {
+                    tracing::debug!(error = %e, "inbound splice ended with an error");
+                }
+                rec.reason = format!("connection broken: {e}");
+            }
+        }
+        let _ = shutdown_quietly(&mut tls).await;
+        self.finish(rec, start)
+    }
+
+    fn refuse_handshake(&self, remote: SocketAddr, start: Instant, reason: String) {
+        let mut rec = self.record(Direction::Inbound, Endpoint::addr(remote), Endpoint::addr(remote));
+        rec.verdict = Verdict::Denied;
+        rec.reason = format!("TLS handshake failed: {reason}");
+        self.finish(rec, start);
+    }
+
+    /// Connections steered here by `sk_lookup` because they tried to reach a protected port
+    /// directly. Their local address is the one they asked for.
+    pub async fn serve_direct(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        loop {
+            let (stream, remote) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "direct accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let start = Instant::now();
+            let dst = stream.local_addr().unwrap_or(remote);
+            reset_on_close(&stream);
+            drop(stream);
+            let mut rec = self.record(Direction::Direct, Endpoint::addr(remote), Endpoint::addr(dst));
+            rec.dst.workload = self.services.workload(dst.port()).map(str::to_owned);
+            rec.dst.enforcer = Some(self.name.clone());
+            rec.verdict = Verdict::Denied;
+            rec.reason = "unauthenticated: the connection did not come through a Tessera tunnel".into();
+            self.finish(rec, start);
+        }
+    }
+
+    fn finish(&self, mut record: FlowRecord, start: Instant) {
+        record.duration_ms = start.elapsed().as_millis() as u64;
+        self.flows.record(record);
+    }
+}
+
+async fn shutdown_quietly(tls: &mut TlsStream<TcpStream>) -> io::Result<()> {
+    tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await.unwrap_or(Ok(()))
+}

@@ -1,0 +1,74 @@
+//! What this host serves: its own addresses (so a tunnel can never be used to reach a
+//! third host: no open relay) and the ports of its enrolled workloads.
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::RwLock,
+    time::{Duration, Instant},
+};
+
+/// The host's interface addresses, refreshed at most every `REFRESH`.
+pub struct LocalAddrs {
+    cache: RwLock<(Instant, HashSet<IpAddr>)>,
+}
+
+const REFRESH: Duration = Duration::from_secs(2);
+
+impl Default for LocalAddrs {
+    fn default() -> Self {
+        Self { cache: RwLock::new((Instant::now(), read_addrs())) }
+    }
+}
+
+fn read_addrs() -> HashSet<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return HashSet::new() };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|s| IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+        })
+        .collect()
+}
+
+impl LocalAddrs {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        {
+            let cache = self.cache.read().expect("lock");
+            if cache.1.contains(&ip) || cache.0.elapsed() < REFRESH {
+                return cache.1.contains(&ip);
+            }
+        }
+        let mut cache = self.cache.write().expect("lock");
+        *cache = (Instant::now(), read_addrs());
+        cache.1.contains(&ip)
+    }
+}
+
+/// Local workloads by the TCP port they serve.
+#[derive(Clone, Debug, Default)]
+pub struct LocalServices {
+    by_port: HashMap<u16, String>,
+}
+
+impl LocalServices {
+    pub fn new(services: impl IntoIterator<Item = (u16, String)>) -> Self {
+        Self { by_port: services.into_iter().collect() }
+    }
+    pub fn workload(&self, port: u16) -> Option<&str> {
+        self.by_port.get(&port).map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_local_and_documentation_address_is_not() {
+        let addrs = LocalAddrs::default();
+        assert!(addrs.contains("127.0.0.1".parse().unwrap()));
+        assert!(!addrs.contains("192.0.2.55".parse().unwrap()));
+    }
+}

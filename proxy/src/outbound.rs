@@ -1,0 +1,165 @@
+//! The outbound side: connections that the eBPF connect hooks redirected to us.
+//!
+//! For each accepted connection: find its original destination and origin (recorded by the
+//! eBPF programs, keyed by the client's address and port), find the enforcer that serves
+//! that destination, take a tunnel to it, send the request header, wait for the peer's
+//! answer, then splice. Anything that cannot be carried is refused with a RST: a captured
+//! connection is never sent around the enforcer.
+use std::{io, net::SocketAddr, sync::Arc, time::{Duration, Instant}};
+
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{
+    copy::{is_disconnect, splice},
+    flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, now_ms},
+    peers::{Peer, PeerTable},
+    pool::{Tunnel, TunnelPool},
+    socket::reset_on_close,
+    wire::{Request, Response, Source, Status},
+};
+
+/// The original destination of a captured connection and who made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Captured {
+    pub dst: SocketAddr,
+    pub source: Source,
+}
+
+/// Finds (and forgets) the capture record of a redirected connection by its client address.
+pub trait CaptureLookup: Send + Sync + 'static {
+    fn take(&self, client: SocketAddr) -> Option<Captured>;
+}
+
+pub struct Outbound {
+    /// This enforcer's name (the reporter of its flows).
+    pub name: String,
+    pub lookup: Arc<dyn CaptureLookup>,
+    pub peers: PeerTable,
+    pub pool: Arc<TunnelPool>,
+    pub flows: FlowLog,
+}
+
+/// How long the peer may take to answer a request (it connects to its workload meanwhile).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Outbound {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        loop {
+            let (app, client) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = app.set_nodelay(true);
+            let this = self.clone();
+            tokio::spawn(async move { this.handle(app, client).await });
+        }
+    }
+
+    async fn handle(&self, mut app: TcpStream, client: SocketAddr) {
+        let (start, start_ms) = (Instant::now(), now_ms());
+        let mut record = FlowRecord {
+            start_ms,
+            duration_ms: 0,
+            reporter: self.name.clone(),
+            direction: Direction::Outbound,
+            src: Endpoint::addr(client),
+            dst: Endpoint::addr(client),
+            verdict: Verdict::Error,
+            reason: String::new(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            pooled: None,
+        };
+        let Some(captured) = self.lookup.take(client) else {
+            reset_on_close(&app);
+            record.reason = "no capture record for this connection".into();
+            return self.finish(record, start);
+        };
+        record.src.workload = Some(captured.source.workload.clone()).filter(|w| !w.is_empty());
+        record.src.pid = Some(captured.source.pid);
+        record.src.uid = Some(captured.source.uid);
+        record.src.enforcer = Some(self.name.clone());
+        record.dst = Endpoint::addr(captured.dst);
+
+        let Some(peer) = self.peers.lookup(captured.dst.ip()) else {
+            reset_on_close(&app);
+            record.verdict = Verdict::Denied;
+            record.reason = format!("no enforcer serves {}", captured.dst.ip());
+            return self.finish(record, start);
+        };
+        record.dst.enforcer = Some(peer.name.clone());
+
+        let request = Request { dst: captured.dst, source: captured.source };
+        let (mut tunnel, pooled, answer) = match self.open(peer, &request).await {
+            Ok(opened) => opened,
+            Err(reason) => {
+                reset_on_close(&app);
+                record.reason = reason;
+                return self.finish(record, start);
+            }
+        };
+        record.pooled = Some(pooled);
+        if answer.status != Status::Connected {
+            reset_on_close(&app);
+            let _ = tunnel.shutdown().await;
+            record.verdict = match answer.status {
+                Status::NotServed | Status::Denied => Verdict::Denied,
+                _ => Verdict::Error,
+            };
+            record.reason = format!("{} refused: {}", peer.name, answer.reason);
+            return self.finish(record, start);
+        }
+        record.verdict = Verdict::Allowed;
+        match splice(&mut app, &mut tunnel).await {
+            Ok(t) => (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app),
+            Err(e) => {
+                if !is_disconnect(&e) {
+                    tracing::debug!(error = %e, "outbound splice ended with an error");
+                }
+                record.reason = format!("connection broken: {e}");
+            }
+        }
+        self.finish(record, start)
+    }
+
+    /// Takes a tunnel and exchanges the header. A pooled tunnel that turns out dead (the
+    /// peer restarted, say) is retried once on a fresh one: no application byte has been
+    /// sent yet, so the retry is invisible.
+    async fn open(&self, peer: &Peer, request: &Request) -> Result<(Tunnel, bool, Response), String> {
+        let unreachable = |e: io::Error| format!("peer enforcer {} unreachable: {e}", peer.name);
+        let (mut tunnel, pooled) = self.pool.get(peer).await.map_err(unreachable)?;
+        match exchange(&mut tunnel, request).await {
+            Ok(answer) => Ok((tunnel, pooled, answer)),
+            Err(e) if pooled => {
+                tracing::debug!(peer = %peer.name, error = %e, "pooled tunnel was dead; dialing a fresh one");
+                let mut tunnel = self.pool.dial(peer).await.map_err(unreachable)?;
+                let answer = exchange(&mut tunnel, request).await.map_err(unreachable)?;
+                Ok((tunnel, false, answer))
+            }
+            Err(e) => Err(unreachable(e)),
+        }
+    }
+
+    fn finish(&self, mut record: FlowRecord, start: Instant) {
+        record.duration_ms = start.elapsed().as_millis() as u64;
+        self.flows.record(record);
+    }
+}
+
+async fn exchange(tunnel: &mut Tunnel, request: &Request) -> io::Result<Response> {
+    tunnel.write_all(&request.encode()).await?;
+    tunnel.flush().await?;
+    match tokio::time::timeout(ANSWER_TIMEOUT, Response::read(tunnel)).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(io::Error::other(e.to_string())),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "no answer from the peer enforcer")),
+    }
+}

@@ -1,0 +1,50 @@
+//! Socket plumbing: every socket the proxy opens carries the proxy's mark so the eBPF
+//! connect hooks never capture it (no loops).
+use std::{io, net::SocketAddr, time::Duration};
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Connects to `dst` from a socket marked with `mark`, optionally bound to `bind`.
+pub async fn connect_marked(
+    dst: SocketAddr,
+    mark: u32,
+    bind: Option<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(bind) = bind {
+        // Many concurrent deliveries share one source address.
+        socket.set_reuse_address(true)?;
+        socket.bind(&bind.into())?;
+    }
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
+        Ok(stream) => stream,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out"))),
+    }
+}
+
+/// A listener with the proxy's mark, a large backlog, and `SO_REUSEADDR` so that a
+/// restarted enforcer can bind again at once.
+pub fn listen(addr: SocketAddr, mark: u32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_mark(mark)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Makes the next close of `stream` send a RST instead of a FIN, so an application sees a
+/// refused or broken connection as such, not as a clean end of stream.
+pub fn reset_on_close(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}

@@ -1,0 +1,312 @@
+//! The tunnel header: what the source enforcer tells the destination enforcer before the
+//! first application byte, and the answer. See `docs/wire.md` for the layout.
+//!
+//! Request (client → server), all integers big-endian:
+//! ```text
+//! magic "TSRA" | version u8 (=1) | body_len u16 | body
+//! body = dst_family u8 (4|6) | dst_addr [4|16] | dst_port u16
+//!      | src_workload_len u8 | src_workload utf-8 | src_pid u32 | src_uid u32 | src_cgroup u64
+//! ```
+//! Response (server → client): `version u8 | status u8 | reason_len u8 | reason utf-8`.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub const MAGIC: [u8; 4] = *b"TSRA";
+pub const VERSION: u8 = 1;
+/// Largest body this version accepts; anything longer is refused before allocation.
+pub const MAX_BODY: usize = 1024;
+
+#[derive(Debug, Error)]
+pub enum WireError {
+    #[error("bad magic: not a Tessera tunnel")]
+    BadMagic,
+    #[error("unsupported tunnel header version {0}")]
+    Version(u8),
+    #[error("header body of {0} bytes exceeds the {MAX_BODY}-byte limit")]
+    TooLong(usize),
+    #[error("header truncated: {0}")]
+    Truncated(&'static str),
+    #[error("malformed header: {0}")]
+    Malformed(&'static str),
+    #[error("unknown status code {0}")]
+    UnknownStatus(u8),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Who opened the connection on the source host, as the source enforcer observed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Source {
+    pub workload: String,
+    pub pid: u32,
+    pub uid: u32,
+    pub cgroup_id: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The destination the application asked for.
+    pub dst: SocketAddr,
+    pub source: Source,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// Delivered: the destination accepted the connection.
+    Connected = 0,
+    /// This enforcer does not serve that destination (not a local workload port).
+    NotServed = 1,
+    /// The workload refused or could not be reached.
+    Unreachable = 2,
+    /// The request was malformed.
+    BadRequest = 3,
+    /// Refused by policy.
+    Denied = 4,
+}
+
+impl Status {
+    fn from_u8(v: u8) -> Result<Self, WireError> {
+        Ok(match v {
+            0 => Self::Connected,
+            1 => Self::NotServed,
+            2 => Self::Unreachable,
+            3 => Self::BadRequest,
+            4 => Self::Denied,
+            other => return Err(WireError::UnknownStatus(other)),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: Status,
+    pub reason: String,
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(64);
+        match self.dst.ip() {
+            IpAddr::V4(ip) => {
+                body.push(4);
+                body.extend_from_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                body.push(6);
+                body.extend_from_slice(&ip.octets());
+            }
+        }
+        body.extend_from_slice(&self.dst.port().to_be_bytes());
+        let name = truncate_utf8(&self.source.workload, u8::MAX as usize);
+        body.push(name.len() as u8);
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(&self.source.pid.to_be_bytes());
+        body.extend_from_slice(&self.source.uid.to_be_bytes());
+        body.extend_from_slice(&self.source.cgroup_id.to_be_bytes());
+        let mut out = Vec::with_capacity(7 + body.len());
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes a body (everything after the 7-byte preamble).
+    pub fn decode_body(body: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader(body);
+        let dst_ip = match r.u8("dst family")? {
+            4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>("dst address")?)),
+            6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>("dst address")?)),
+            _ => return Err(WireError::Malformed("dst family is neither 4 nor 6")),
+        };
+        let port = u16::from_be_bytes(r.array("dst port")?);
+        if port == 0 {
+            return Err(WireError::Malformed("dst port 0"));
+        }
+        let name_len = r.u8("workload length")? as usize;
+        let name = r.take(name_len, "workload name")?;
+        let workload = std::str::from_utf8(name)
+            .map_err(|_| WireError::Malformed("workload name is not UTF-8"))?
+            .to_owned();
+        let pid = u32::from_be_bytes(r.array("pid")?);
+        let uid = u32::from_be_bytes(r.array("uid")?);
+        let cgroup_id = u64::from_be_bytes(r.array("cgroup id")?);
+        if !r.0.is_empty() {
+            return Err(WireError::Malformed("trailing bytes after header body"));
+        }
+        Ok(Self { dst: SocketAddr::new(dst_ip, port), source: Source { workload, pid, uid, cgroup_id } })
+    }
+
+    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Self, WireError> {
+        let mut pre = [0u8; 7];
+        read_exact(r, &mut pre, "preamble").await?;
+        if pre[..4] != MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        if pre[4] != VERSION {
+            return Err(WireError::Version(pre[4]));
+        }
+        let len = u16::from_be_bytes([pre[5], pre[6]]) as usize;
+        if len > MAX_BODY {
+            return Err(WireError::TooLong(len));
+        }
+        let mut body = vec![0u8; len];
+        read_exact(r, &mut body, "body").await?;
+        Self::decode_body(&body)
+    }
+}
+
+impl Response {
+    pub fn new(status: Status, reason: impl Into<String>) -> Self {
+        Self { status, reason: reason.into() }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let reason = truncate_utf8(&self.reason, u8::MAX as usize);
+        let mut out = Vec::with_capacity(3 + reason.len());
+        out.extend_from_slice(&[VERSION, self.status as u8, reason.len() as u8]);
+        out.extend_from_slice(reason.as_bytes());
+        out
+    }
+
+    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Self, WireError> {
+        let mut head = [0u8; 3];
+        read_exact(r, &mut head, "response").await?;
+        if head[0] != VERSION {
+            return Err(WireError::Version(head[0]));
+        }
+        let status = Status::from_u8(head[1])?;
+        let mut reason = vec![0u8; head[2] as usize];
+        read_exact(r, &mut reason, "response reason").await?;
+        let reason = String::from_utf8(reason).map_err(|_| WireError::Malformed("reason is not UTF-8"))?;
+        Ok(Self { status, reason })
+    }
+
+    pub async fn write<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(&self.encode()).await?;
+        w.flush().await
+    }
+}
+
+async fn read_exact<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), WireError> {
+    match r.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(WireError::Truncated(what)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated(what));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
+        Ok(self.take(N, what)?.try_into().expect("length checked"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Request {
+        Request {
+            dst: "10.77.0.2:8080".parse().unwrap(),
+            source: Source { workload: "web".into(), pid: 42, uid: 1000, cgroup_id: 7 },
+        }
+    }
+
+    #[tokio::test]
+    async fn request_round_trips_v4_and_v6() {
+        for dst in ["10.77.0.2:8080", "[fd00::2]:443"] {
+            let req = Request { dst: dst.parse().unwrap(), ..sample() };
+            let bytes = req.encode();
+            let got = Request::read(&mut bytes.as_slice()).await.unwrap();
+            assert_eq!(got, req);
+        }
+    }
+
+    #[tokio::test]
+    async fn every_truncation_is_rejected() {
+        let bytes = sample().encode();
+        for cut in 0..bytes.len() {
+            let err = Request::read(&mut &bytes[..cut]).await.unwrap_err();
+            assert!(matches!(err, WireError::Truncated(_)), "cut at {cut}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_body_is_rejected_before_reading_it() {
+        let mut bytes = MAGIC.to_vec();
+        bytes.push(VERSION);
+        bytes.extend_from_slice(&(MAX_BODY as u16 + 1).to_be_bytes());
+        let err = Request::read(&mut bytes.as_slice()).await.unwrap_err();
+        assert!(matches!(err, WireError::TooLong(1025)));
+    }
+
+    #[tokio::test]
+    async fn garbage_and_wrong_version_are_rejected() {
+        let err = Request::read(&mut &b"GET / HTTP/1.1\r\n"[..]).await.unwrap_err();
+        assert!(matches!(err, WireError::BadMagic));
+        let mut bytes = sample().encode();
+        bytes[4] = 9;
+        assert!(matches!(Request::read(&mut bytes.as_slice()).await.unwrap_err(), WireError::Version(9)));
+    }
+
+    #[test]
+    fn trailing_bytes_and_bad_family_are_malformed() {
+        let bytes = sample().encode();
+        let mut body = bytes[7..].to_vec();
+        body.push(0);
+        assert!(matches!(Request::decode_body(&body), Err(WireError::Malformed(_))));
+        let mut body = bytes[7..].to_vec();
+        body[0] = 5;
+        assert!(matches!(Request::decode_body(&body), Err(WireError::Malformed(_))));
+    }
+
+    #[tokio::test]
+    async fn response_round_trips_and_rejects_unknown_status() {
+        let resp = Response::new(Status::NotServed, "no workload serves port 9");
+        let got = Response::read(&mut resp.encode().as_slice()).await.unwrap();
+        assert_eq!(got, resp);
+        let err = Response::read(&mut &[VERSION, 200, 0][..]).await.unwrap_err();
+        assert!(matches!(err, WireError::UnknownStatus(200)));
+    }
+
+    #[test]
+    fn long_workload_names_are_cut_on_a_char_boundary() {
+        let mut req = sample();
+        req.source.workload = "é".repeat(200);
+        let bytes = req.encode();
+        let got = Request::decode_body(&bytes[7..]).unwrap();
+        assert_eq!(got.source.workload.chars().count(), 127);
+    }
+}
