@@ -1,1 +1,135 @@
-fn main() {}
+//! `tessera`: the enforcer daemon and its command-line tools.
+use std::{net::IpAddr, path::PathBuf};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod ca;
+mod capture;
+mod config;
+mod daemon;
+mod flowlog;
+mod workloads;
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "Transparent, identity-aware network enforcer")]
+struct Cli {
+    /// Log format of the daemon.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the enforcer: capture enrolled workloads' connections and carry them through tunnels.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// On exit, leave the eBPF programs attached and pinned: captured connections then
+        /// fail closed until an enforcer starts again.
+        #[arg(long)]
+        keep_attached: bool,
+        /// Write the daemon's pid to this file once it is serving.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Validate a configuration file without running it.
+    Check { config: PathBuf },
+    /// The cluster certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Summarise flow logs of one or more enforcers as a connectivity table.
+    Flows {
+        /// Flow log files (JSON lines), as written by `[flows] log`.
+        #[arg(long = "log", required = true)]
+        logs: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a new cluster CA in DIR (ca.pem, ca.key).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "tessera.local")]
+        trust_domain: String,
+    },
+    /// Issue an enforcer certificate signed by the CA in --ca-dir.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The enforcer's name (becomes the certificate's DNS name).
+        #[arg(long)]
+        name: String,
+        /// Extra IP subject-alternative names.
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { config, keep_attached, ready_file } => {
+            init_tracing(&cli.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let result = runtime.block_on(daemon::run(daemon::RunOptions { config, keep_attached, ready_file }));
+            if let Err(e) = &result {
+                tracing::error!(error = format!("{e:#}"), "enforcer stopped");
+            }
+            result
+        }
+        Command::Check { config } => {
+            let c = config::Config::load(&config)?;
+            println!("{}: ok ({} workloads, {} peers)", config.display(), c.workloads.len(), c.peers.len());
+            Ok(())
+        }
+        Command::Ca { command: CaCommand::Init { dir, trust_domain } } => {
+            let path = ca::init(&dir, &trust_domain)?;
+            println!("created {}", path.display());
+            Ok(())
+        }
+        Command::Ca { command: CaCommand::Issue { ca_dir, name, ips, out_dir } } => {
+            let (cert, key) = ca::issue(&ca_dir, &name, &ips, &out_dir)?;
+            println!("issued {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Flows { logs, json } => {
+            let edges = flowlog::edges(&flowlog::read(&logs)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&edges)?);
+            } else {
+                print!("{}", flowlog::table(&edges));
+            }
+            Ok(())
+        }
+    }
+}

@@ -106,6 +106,8 @@ impl Inbound {
                 return self.finish(rec, start);
             }
         };
+        // The connection starts now, not when the (possibly pooled) tunnel was opened.
+        let start = Instant::now();
         let mut rec = self.record(
             Direction::Inbound,
             Endpoint {
@@ -133,7 +135,7 @@ impl Inbound {
             let _ = Response::new(Status::NotServed, rec.reason.clone()).write(&mut tls).await;
             return self.finish(rec, start);
         };
-        rec.dst.workload = Some(workload);
+        rec.dst.workload = Some(workload.clone());
         let bind = match request.dst.ip() {
             IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(self.delivery_src4), 0),
             IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
@@ -146,7 +148,7 @@ impl Inbound {
                 return self.finish(rec, start);
             }
         };
-        if let Err(e) = Response::new(Status::Connected, "").write(&mut tls).await {
+        if let Err(e) = Response::new(Status::Connected, workload).write(&mut tls).await {
             reset_on_close(&local);
             rec.reason = format!("tunnel broke before delivery: {e}");
             return self.finish(rec, start);

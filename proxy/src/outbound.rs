@@ -117,6 +117,8 @@ impl Outbound {
             record.reason = format!("{} refused: {}", peer.name, answer.reason);
             return self.finish(record, start);
         }
+        // On success the peer names the workload that accepted the connection.
+        record.dst.workload = Some(answer.reason).filter(|w| !w.is_empty());
         record.verdict = Verdict::Allowed;
         match splice(&mut app, &mut tunnel).await {
             Ok(t) => (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app),

@@ -83,6 +83,7 @@ impl Status {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Response {
     pub status: Status,
+    /// Why it was refused; on `Connected`, the name of the workload that accepted.
     pub reason: String,
 }
 

@@ -1,0 +1,360 @@
+//! The enforcer's configuration file (TOML). See the README for an example.
+//!
+//! Loading validates everything that can be checked before start-up, and every error names
+//! the file and the field: `host-a.toml: workload[1] "api": cgroup: ... does not exist`.
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This enforcer's name; its certificate must carry it as a DNS name.
+    pub name: String,
+    #[serde(default)]
+    pub listen: Listen,
+    pub tls: Tls,
+    #[serde(default)]
+    pub bpf: Bpf,
+    #[serde(default, rename = "workload")]
+    pub workloads: Vec<Workload>,
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default)]
+    pub tunnel: Tunnel,
+    #[serde(default)]
+    pub flows: Flows,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Outbound listener port on 127.0.0.1 and [::1]: captured connects land here.
+    pub outbound_port: u16,
+    /// Listener port (loopback) that `sk_lookup` steers direct connections to.
+    pub inbound_port: u16,
+    /// Where peer enforcers reach our tunnel listener.
+    pub tunnel: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self { outbound_port: 15001, inbound_port: 15006, tunnel: "0.0.0.0:15008".parse().expect("valid") }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Bpf {
+    /// Where programs, links and maps are pinned (default `/sys/fs/bpf/tessera/<name>`).
+    pub pin_dir: Option<PathBuf>,
+    /// The network namespace whose inbound connections `sk_lookup` guards.
+    pub netns: PathBuf,
+    /// `SO_MARK` on the proxy's own sockets, so they are never captured.
+    pub proxy_mark: u32,
+    /// Source address for deliveries to local workloads (must be in 127.0.0.0/8).
+    pub delivery_source: Ipv4Addr,
+}
+
+impl Default for Bpf {
+    fn default() -> Self {
+        Self {
+            pin_dir: None,
+            netns: "/proc/self/ns/net".into(),
+            proxy_mark: 0x7e55_0001,
+            delivery_source: Ipv4Addr::new(127, 0, 0, 77),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    /// The workload's cgroup v2 directory; its processes (and its sub-cgroups') are captured.
+    pub cgroup: PathBuf,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// TCP ports this workload serves: reachable only through Tessera tunnels.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer enforcer's name (the DNS name in its certificate).
+    pub name: String,
+    /// Its tunnel listener.
+    pub tunnel: SocketAddr,
+    /// Destination addresses whose workloads it protects.
+    pub serves: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tunnel {
+    /// Warm tunnels kept per peer (0 disables pooling: every connection handshakes).
+    pub pool_size: usize,
+    /// A pooled tunnel idle longer than this is not used (seconds).
+    pub pool_max_idle_secs: u64,
+    /// The server closes a tunnel that sends no header within this time (seconds).
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for Tunnel {
+    fn default() -> Self {
+        Self { pool_size: 16, pool_max_idle_secs: 20, idle_timeout_secs: 60 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Flows {
+    /// Append flow records as JSON lines to this file.
+    pub log: Option<PathBuf>,
+}
+
+/// `statfs` magic of cgroup v2.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+pub fn is_cgroup2_dir(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC).unwrap_or(false)
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let err = |message: String| ConfigError { file: file.clone(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate().map_err(err)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.tls.ca, &mut self.tls.cert, &mut self.tls.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(log) = self.flows.log.as_mut().filter(|l| l.is_relative()) {
+            *log = base.join(&*log);
+        }
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpf.pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/tessera").join(&self.name))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !valid_name(&self.name) {
+            return Err(format!("name: {:?} must be 1-63 letters, digits, '-', '.' or '_'", self.name));
+        }
+        let l = &self.listen;
+        let ports = [("outbound_port", l.outbound_port), ("inbound_port", l.inbound_port)];
+        for (field, port) in ports {
+            if port == 0 {
+                return Err(format!("listen.{field}: must not be 0"));
+            }
+        }
+        if l.outbound_port == l.inbound_port {
+            return Err("listen.inbound_port: must differ from listen.outbound_port".into());
+        }
+        for (field, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+            std::fs::File::open(path).map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
+        }
+        if !self.bpf.delivery_source.is_loopback() {
+            return Err(format!("bpf.delivery_source: {} is not in 127.0.0.0/8", self.bpf.delivery_source));
+        }
+        let mut names = HashSet::new();
+        let mut served_ports = HashSet::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = format!("workload[{i}] {:?}", w.name);
+            if !valid_name(&w.name) {
+                return Err(format!("{at}: name must be 1-63 letters, digits, '-', '.' or '_'"));
+            }
+            if !names.insert(&w.name) {
+                return Err(format!("{at}: name is used by another workload"));
+            }
+            if !w.cgroup.is_absolute() {
+                return Err(format!("{at}: cgroup: {} must be an absolute path", w.cgroup.display()));
+            }
+            if !w.cgroup.is_dir() {
+                return Err(format!("{at}: cgroup: {} does not exist", w.cgroup.display()));
+            }
+            if !is_cgroup2_dir(&w.cgroup) {
+                return Err(format!("{at}: cgroup: {} is not a cgroup v2 directory", w.cgroup.display()));
+            }
+            for (k, v) in &w.labels {
+                if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
+                    return Err(format!("{at}: labels: key {k:?} may hold only letters, digits, '-', '_', '.', '/'"));
+                }
+                if k.starts_with("tessera.io/") {
+                    return Err(format!("{at}: labels: {k:?} is reserved: tessera.io/ labels are derived, never declared"));
+                }
+                if v.len() > 253 {
+                    return Err(format!("{at}: labels: value of {k:?} is longer than 253 bytes"));
+                }
+            }
+            for &port in &w.ports {
+                if port == 0 {
+                    return Err(format!("{at}: ports: 0 is not a port"));
+                }
+                if port == l.outbound_port || port == l.inbound_port || port == l.tunnel.port() {
+                    return Err(format!("{at}: ports: {port} is one of the enforcer's own listener ports"));
+                }
+                if !served_ports.insert(port) {
+                    return Err(format!("{at}: ports: {port} is already served by another workload"));
+                }
+            }
+        }
+        let mut peer_names = HashSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let at = format!("peer[{i}] {:?}", p.name);
+            if !valid_name(&p.name) {
+                return Err(format!("{at}: name must be 1-63 letters, digits, '-', '.' or '_'"));
+            }
+            if !peer_names.insert(&p.name) {
+                return Err(format!("{at}: name is used by another peer"));
+            }
+            if p.serves.is_empty() {
+                return Err(format!("{at}: serves: list at least one address or network"));
+            }
+            if p.tunnel.port() == 0 || p.tunnel.ip().is_unspecified() {
+                return Err(format!("{at}: tunnel: {} is not a reachable address", p.tunnel));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cgroup v2 mount of this machine, from /proc/self/mountinfo.
+    fn cgroup2_root() -> PathBuf {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines()
+            .find_map(|l| {
+                let (pre, post) = l.split_once(" - ")?;
+                let mount_point = pre.split_whitespace().nth(4)?;
+                (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+            })
+            .expect("cgroup v2 must be mounted for these tests")
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            for f in ["ca.pem", "a.pem", "a.key"] {
+                std::fs::write(dir.path().join(f), "x").unwrap();
+            }
+            Self { dir }
+        }
+        fn load(&self, body: &str) -> Result<Config, ConfigError> {
+            let text = format!(
+                "name = \"host-a\"\n[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n{body}"
+            );
+            let path = self.dir.path().join("host-a.toml");
+            std::fs::write(&path, text).unwrap();
+            Config::load(&path)
+        }
+    }
+
+    #[test]
+    fn a_complete_config_loads_with_defaults_and_resolved_paths() {
+        let f = Fixture::new();
+        let cg = cgroup2_root();
+        let c = f
+            .load(&format!(
+                "[[workload]]\nname = \"web\"\ncgroup = \"{}\"\nlabels = {{ app = \"web\" }}\nports = [8080]\n\
+                 [[peer]]\nname = \"host-b\"\ntunnel = \"10.77.0.2:15008\"\nserves = [\"10.77.0.2/32\"]\n",
+                cg.display()
+            ))
+            .unwrap();
+        assert_eq!(c.listen.outbound_port, 15001);
+        assert_eq!(c.workloads[0].ports, vec![8080]);
+        assert_eq!(c.tls.ca, f.dir.path().join("ca.pem"));
+        assert_eq!(c.pin_dir(), PathBuf::from("/sys/fs/bpf/tessera/host-a"));
+    }
+
+    fn message(r: Result<Config, ConfigError>) -> String {
+        r.expect_err("config must be rejected").to_string()
+    }
+
+    #[test]
+    fn a_missing_cgroup_is_named() {
+        let f = Fixture::new();
+        let m = message(f.load("[[workload]]\nname = \"web\"\ncgroup = \"/sys/fs/cgroup/unified/nope-tessera\"\n"));
+        assert!(m.contains("host-a.toml: workload[0] \"web\": cgroup: /sys/fs/cgroup/unified/nope-tessera does not exist"), "{m}");
+    }
+
+    #[test]
+    fn a_directory_that_is_not_a_cgroup_is_named() {
+        let f = Fixture::new();
+        let m = message(f.load(&format!("[[workload]]\nname = \"web\"\ncgroup = \"{}\"\n", f.dir.path().display())));
+        assert!(m.contains("is not a cgroup v2 directory"), "{m}");
+    }
+
+    #[test]
+    fn a_bad_address_is_named_with_its_line() {
+        let f = Fixture::new();
+        let m = message(f.load("[listen]\ntunnel = \"10.0.0.300:15008\"\n"));
+        assert!(m.contains("host-a.toml") && m.contains("line 7") && m.contains("tunnel"), "{m}");
+    }
+
+    #[test]
+    fn an_unreadable_certificate_is_named() {
+        let f = Fixture::new();
+        std::fs::remove_file(f.dir.path().join("a.key")).unwrap();
+        let m = message(f.load(""));
+        assert!(m.contains("tls.key: cannot read") && m.contains("a.key"), "{m}");
+    }
+
+    #[test]
+    fn unknown_fields_reserved_labels_and_port_clashes_are_rejected() {
+        let f = Fixture::new();
+        assert!(message(f.load("colour = \"blue\"\n")).contains("unknown field `colour`"));
+        let cg = cgroup2_root();
+        let w = |extra: &str| format!("[[workload]]\nname = \"web\"\ncgroup = \"{}\"\n{extra}", cg.display());
+        assert!(message(f.load(&w("labels = { \"tessera.io/uid\" = \"0\" }\n"))).contains("is reserved"));
+        assert!(message(f.load(&w("ports = [15008]\n"))).contains("enforcer's own listener ports"));
+        let two = format!("{}\n{}", w("ports = [80]\n"), w("ports = [80]\n").replace("\"web\"", "\"api\""));
+        assert!(message(f.load(&two)).contains("already served"));
+        let peer = "[[peer]]\nname = \"b\"\ntunnel = \"10.0.0.2:15008\"\nserves = []\n";
+        assert!(message(f.load(peer)).contains("peer[0] \"b\": serves"));
+    }
+}

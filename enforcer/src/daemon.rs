@@ -1,0 +1,116 @@
+//! `tessera run`: capture, proxy, and an orderly exit.
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use tessera_proxy::{
+    flow::FlowLog,
+    inbound::Inbound,
+    local::{LocalAddrs, LocalServices},
+    outbound::Outbound,
+    peers::{Peer, PeerTable},
+    pool::{TunnelDialer, TunnelPool},
+    socket::listen,
+    tls::Identity,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    capture::Capture,
+    config::Config,
+    workloads::{BpfCaptureLookup, WorkloadIndex},
+};
+
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub keep_attached: bool,
+    pub ready_file: Option<PathBuf>,
+}
+
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let config = Config::load(&opts.config)?;
+    let identity = Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let mark = config.bpf.proxy_mark;
+
+    // Listeners first: if a port is taken we stop before touching the kernel.
+    let out_v4 = listen(SocketAddr::from(([127, 0, 0, 1], config.listen.outbound_port)), mark)
+        .with_context(|| format!("listen.outbound_port: cannot listen on 127.0.0.1:{}", config.listen.outbound_port))?;
+    let out_v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen.outbound_port)), mark).ok();
+    let in_v4 = listen(SocketAddr::from(([127, 0, 0, 1], config.listen.inbound_port)), mark)
+        .with_context(|| format!("listen.inbound_port: cannot listen on 127.0.0.1:{}", config.listen.inbound_port))?;
+    let in_v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen.inbound_port)), mark).ok();
+    let tunnel = listen(config.listen.tunnel, mark)
+        .with_context(|| format!("listen.tunnel: cannot listen on {}", config.listen.tunnel))?;
+
+    let mut capture = Capture::start(&config)?;
+    capture.set_inbound_listeners(&in_v4, in_v6.as_ref())?;
+    let lookup = Arc::new(BpfCaptureLookup {
+        map: Mutex::new(capture.take_client_map()?),
+        workloads: WorkloadIndex::new(config.workloads.iter().map(|w| (w.name.clone(), w.cgroup.clone())).collect()),
+    });
+
+    let flows = FlowLog::start(config.flows.log.clone())
+        .with_context(|| format!("flows.log: cannot open {:?}", config.flows.log))?;
+    let peers = PeerTable::new(config.peers.iter().flat_map(|p| {
+        let peer = Peer { name: p.name.clone(), tunnel: p.tunnel };
+        p.serves.iter().map(move |net| (*net, peer.clone()))
+    }));
+    let dialer = TunnelDialer::new(identity.client_config()?, mark, Duration::from_secs(5));
+    let pool = TunnelPool::new(dialer, config.tunnel.pool_size, Duration::from_secs(config.tunnel.pool_max_idle_secs));
+    pool.warm(peers.peers());
+
+    let outbound = Arc::new(Outbound { name: config.name.clone(), lookup, peers, pool, flows: flows.clone() });
+    let inbound = Arc::new(Inbound {
+        name: config.name.clone(),
+        acceptor: TlsAcceptor::from(identity.server_config()?),
+        services: LocalServices::new(config.workloads.iter().flat_map(|w| w.ports.iter().map(|&p| (p, w.name.clone())))),
+        addrs: LocalAddrs::default(),
+        mark,
+        delivery_src4: config.bpf.delivery_source,
+        flows,
+        idle_timeout: Duration::from_secs(config.tunnel.idle_timeout_secs),
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(outbound.clone().serve(out_v4));
+    if let Some(l) = out_v6 {
+        tasks.spawn(outbound.serve(l));
+    }
+    tasks.spawn(inbound.clone().serve_direct(in_v4));
+    if let Some(l) = in_v6 {
+        tasks.spawn(inbound.clone().serve_direct(l));
+    }
+    tasks.spawn(inbound.serve_tunnels(tunnel));
+
+    tracing::info!(
+        name = %config.name,
+        workloads = config.workloads.len(),
+        peers = config.peers.len(),
+        tunnel = %config.listen.tunnel,
+        "enforcer ready"
+    );
+    if let Some(ready) = &opts.ready_file {
+        std::fs::write(ready, std::process::id().to_string()).with_context(|| format!("cannot write {}", ready.display()))?;
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let result = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
+        _ = int.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
+        Some(res) = tasks.join_next() => match res {
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("a listener failed")),
+            Ok(Ok(())) => Ok(()),
+            Err(e) => Err(anyhow::Error::new(e).context("a listener task panicked")),
+        },
+    };
+    tasks.abort_all();
+    capture.shutdown(opts.keep_attached);
+    result
+}

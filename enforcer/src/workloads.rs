@@ -1,0 +1,159 @@
+//! Which workload a cgroup id belongs to, and the capture lookup the proxy uses.
+//!
+//! A cgroup v2 id is the inode number of its directory. A workload is an enrolled directory
+//! and everything below it, so the index holds the ids of the whole subtree and rescans it
+//! when it meets an id it does not know (a sub-cgroup created after start-up).
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{Mutex, RwLock},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use tessera_common::{AF_INET, AF_INET6, ClientKey, OrigDst};
+use tessera_proxy::{
+    outbound::{CaptureLookup, Captured},
+    wire::Source,
+};
+
+pub struct WorkloadIndex {
+    roots: Vec<(String, PathBuf)>,
+    by_cgroup: RwLock<HashMap<u64, String>>,
+}
+
+/// Depth limit of the rescan: cgroup trees are shallow; this bounds a pathological one.
+const MAX_DEPTH: usize = 16;
+
+fn scan(dir: &Path, name: &str, depth: usize, out: &mut HashMap<u64, String>) {
+    if let Ok(meta) = std::fs::metadata(dir) {
+        out.insert(meta.ino(), name.to_owned());
+    }
+    if depth >= MAX_DEPTH {
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                scan(&e.path(), name, depth + 1, out);
+            }
+        }
+    }
+}
+
+impl WorkloadIndex {
+    pub fn new(roots: Vec<(String, PathBuf)>) -> Self {
+        let index = Self { roots, by_cgroup: RwLock::default() };
+        index.rescan();
+        index
+    }
+
+    fn rescan(&self) {
+        let mut map = HashMap::new();
+        for (name, root) in &self.roots {
+            scan(root, name, 0, &mut map);
+        }
+        *self.by_cgroup.write().expect("lock") = map;
+    }
+
+    pub fn workload(&self, cgroup_id: u64) -> Option<String> {
+        if let Some(name) = self.by_cgroup.read().expect("lock").get(&cgroup_id) {
+            return Some(name.clone());
+        }
+        self.rescan();
+        self.by_cgroup.read().expect("lock").get(&cgroup_id).cloned()
+    }
+}
+
+/// The eBPF map key for a client address as the proxy sees it after accept().
+pub fn client_key(client: SocketAddr) -> ClientKey {
+    let ip = match client.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => ClientKey { addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0], port: client.port(), family: AF_INET },
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ClientKey { addr: [w(0), w(4), w(8), w(12)], port: client.port(), family: AF_INET6 }
+        }
+    }
+}
+
+/// The original destination recorded by the connect hooks.
+pub fn orig_dst(orig: &OrigDst) -> SocketAddr {
+    let ip = if orig.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::from(orig.addr[0].to_ne_bytes()))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in orig.addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    };
+    SocketAddr::new(ip, orig.port)
+}
+
+pub struct BpfCaptureLookup {
+    pub map: Mutex<BpfHashMap<MapData, ClientKey, OrigDst>>,
+    pub workloads: WorkloadIndex,
+}
+
+impl CaptureLookup for BpfCaptureLookup {
+    fn take(&self, client: SocketAddr) -> Option<Captured> {
+        let key = client_key(client);
+        let orig = {
+            let mut map = self.map.lock().expect("lock");
+            let orig = map.get(&key, 0).ok()?;
+            let _ = map.remove(&key);
+            orig
+        };
+        let workload = self.workloads.workload(orig.cgroup_id).unwrap_or_default();
+        Some(Captured {
+            dst: orig_dst(&orig),
+            source: Source { workload, pid: orig.pid, uid: orig.uid, cgroup_id: orig.cgroup_id },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_what_the_ebpf_programs_write() {
+        // sock_ops writes local_ip4 as the kernel holds it (network order) and the port in host order.
+        let k = client_key("127.0.0.1:40000".parse().unwrap());
+        assert_eq!(k.addr[0].to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!((k.port, k.family), (40000, AF_INET));
+        // A v4-mapped peer on a v6 socket is the same connection as its v4 form.
+        assert_eq!(client_key("[::ffff:127.0.0.1]:40000".parse().unwrap()), k);
+        let k6 = client_key("[::1]:5".parse().unwrap());
+        assert_eq!((k6.addr[3].to_ne_bytes(), k6.family), ([0, 0, 0, 1], AF_INET6));
+    }
+
+    #[test]
+    fn original_destinations_decode_for_both_families() {
+        let v4 = OrigDst { addr: [u32::from_ne_bytes([10, 77, 0, 2]), 0, 0, 0], port: 8080, family: AF_INET, ..Default::default() };
+        assert_eq!(orig_dst(&v4), "10.77.0.2:8080".parse().unwrap());
+        let ip: Ipv6Addr = "fd00::2".parse().unwrap();
+        let o = ip.octets();
+        let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+        let v6 = OrigDst { addr: [w(0), w(4), w(8), w(12)], port: 443, family: AF_INET6, ..Default::default() };
+        assert_eq!(orig_dst(&v6), "[fd00::2]:443".parse().unwrap());
+    }
+
+    #[test]
+    fn the_index_covers_sub_directories_and_finds_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("child")).unwrap();
+        let index = WorkloadIndex::new(vec![("web".into(), dir.path().to_owned())]);
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(index.workload(ino(&dir.path().join("child"))).as_deref(), Some("web"));
+        std::fs::create_dir(dir.path().join("later")).unwrap();
+        assert_eq!(index.workload(ino(&dir.path().join("later"))).as_deref(), Some("web"));
+        assert_eq!(index.workload(1), None);
+    }
+}
