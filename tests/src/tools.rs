@@ -1,0 +1,13 @@
+//! The traffic programs (tests/tools/tessera_tool.py), written next to a test's files.
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+const TOOL: &str = include_str!("../tools/tessera_tool.py");
+
+/// Writes the tool into `dir` and returns its path.
+pub fn install(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("tessera_tool.py");
+    std::fs::write(&path, TOOL)?;
+    Ok(path)
+}
