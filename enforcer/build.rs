@@ -8,7 +8,11 @@ fn main() -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf");
     let root = root.to_str().expect("utf-8 path");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "tessera-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "tessera-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom("stable"),
     )
 }

@@ -14,6 +14,7 @@
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
+        EbpfContext,
         bindings::{bpf_sock_addr, sk_action},
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -22,11 +23,10 @@ mod programs {
         macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
         maps::{Array, HashMap, LruHashMap, SockMap},
         programs::{SkLookupContext, SockAddrContext, SockOpsContext},
-        EbpfContext,
     };
     use tessera_common::{
-        ClientKey, OrigDst, Settings, AF_INET, AF_INET6, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6,
-        ORIG_MAP_ENTRIES, PROTECTED_PORT_ENTRIES,
+        AF_INET, AF_INET6, ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, ORIG_MAP_ENTRIES,
+        OrigDst, PROTECTED_PORT_ENTRIES, Settings,
     };
 
     const IPPROTO_TCP: u32 = 6;
@@ -59,7 +59,11 @@ mod programs {
 
     fn settings() -> Option<Settings> {
         let settings = *SETTINGS.get(0)?;
-        if settings.ready == 1 { Some(settings) } else { None }
+        if settings.ready == 1 {
+            Some(settings)
+        } else {
+            None
+        }
     }
 
     /// Whether this socket belongs to the proxy itself (it carries the proxy's mark).
@@ -95,7 +99,9 @@ mod programs {
     #[cgroup_sock_addr(connect4)]
     pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
         let sa = ctx.sock_addr;
-        let Some(settings) = settings() else { return CONNECT_PROCEED };
+        let Some(settings) = settings() else {
+            return CONNECT_PROCEED;
+        };
         // SAFETY: reading and writing the connect4 context fields the verifier allows.
         unsafe {
             if (*sa).protocol != IPPROTO_TCP || is_proxy_socket(sa, &settings) {
@@ -120,7 +126,9 @@ mod programs {
     #[cgroup_sock_addr(connect6)]
     pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
         let sa = ctx.sock_addr;
-        let Some(settings) = settings() else { return CONNECT_PROCEED };
+        let Some(settings) = settings() else {
+            return CONNECT_PROCEED;
+        };
         // SAFETY: reading and writing the connect6 context fields the verifier allows.
         unsafe {
             if (*sa).protocol != IPPROTO_TCP || is_proxy_socket(sa, &settings) {
@@ -168,7 +176,9 @@ mod programs {
         // SAFETY: valid helper for sock_ops programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: the value is copied out before the entry is removed.
-        let Some(orig) = (unsafe { COOKIE_ORIG.get(&cookie) }).copied() else { return 1 };
+        let Some(orig) = (unsafe { COOKIE_ORIG.get(&cookie) }).copied() else {
+            return 1;
+        };
         let family = ctx.family() as u16;
         let addr = if u32::from(family) == u32::from(AF_INET) {
             [ctx.local_ip4(), 0, 0, 0]
@@ -180,14 +190,21 @@ mod programs {
                 ip
             }
         };
-        let family = if addr[1] == 0 && addr[2] == 0 && addr[3] == 0 && family == AF_INET6
+        let family = if addr[1] == 0
+            && addr[2] == 0
+            && addr[3] == 0
+            && family == AF_INET6
             && ctx.local_ip6()[2] == V4_MAPPED_PREFIX
         {
             AF_INET
         } else {
             family
         };
-        let key = ClientKey { addr, port: ctx.local_port() as u16, family };
+        let key = ClientKey {
+            addr,
+            port: ctx.local_port() as u16,
+            family,
+        };
         let _ = CLIENT_ORIG.insert(&key, &orig, 0);
         let _ = COOKIE_ORIG.remove(&cookie);
         1
@@ -213,7 +230,9 @@ mod programs {
         if unsafe { PROTECTED_PORTS.get(&local_port) }.is_none() {
             return sk_action::SK_PASS;
         }
-        let Some(settings) = settings() else { return sk_action::SK_DROP };
+        let Some(settings) = settings() else {
+            return sk_action::SK_DROP;
+        };
         let index = if family == u32::from(AF_INET) {
             if remote4 == settings.delivery_src4 {
                 return sk_action::SK_PASS;
@@ -223,7 +242,9 @@ mod programs {
             if remote6 == [0, 0, 0, V6_LOOPBACK_LAST] {
                 return sk_action::SK_PASS;
             }
-            if remote6[0] == 0 && remote6[1] == 0 && remote6[2] == V4_MAPPED_PREFIX
+            if remote6[0] == 0
+                && remote6[1] == 0
+                && remote6[2] == V4_MAPPED_PREFIX
                 && remote6[3] == settings.delivery_src4
             {
                 return sk_action::SK_PASS;

@@ -38,16 +38,26 @@ pub fn init(dir: &Path, trust_domain: &str) -> Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cert_path = dir.join(CA_CERT);
     if cert_path.exists() {
-        bail!("{} already exists: refusing to replace the cluster CA", cert_path.display());
+        bail!(
+            "{} already exists: refusing to replace the cluster CA",
+            cert_path.display()
+        );
     }
     let key = KeyPair::generate().context("generating the CA key")?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("Tessera cluster CA ({trust_domain})"));
+    dn.push(
+        DnType::CommonName,
+        format!("Tessera cluster CA ({trust_domain})"),
+    );
     dn.push(DnType::OrganizationName, "Tessera");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     validity(&mut params, 20);
     let cert = params.self_signed(&key)?;
     write(&dir.join(CA_KEY), &key.serialize_pem(), 0o600)?;
@@ -57,30 +67,45 @@ pub fn init(dir: &Path, trust_domain: &str) -> Result<PathBuf> {
 
 /// Issues `out/NAME.pem` and `out/NAME.key` for enforcer `name`, signed by the CA in `ca_dir`.
 pub fn issue(ca_dir: &Path, name: &str, ips: &[IpAddr], out: &Path) -> Result<(PathBuf, PathBuf)> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
         bail!("enforcer name {name:?}: use letters, digits, '-' and '.' (it becomes a DNS name)");
     }
     let ca_cert = ca_dir.join(CA_CERT);
     let ca_key = ca_dir.join(CA_KEY);
-    let ca_cert_pem = fs::read_to_string(&ca_cert).with_context(|| format!("cannot read {}", ca_cert.display()))?;
-    let ca_key_pem = fs::read_to_string(&ca_key).with_context(|| format!("cannot read {}", ca_key.display()))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).with_context(|| format!("{}: not a PEM private key", ca_key.display()))?;
+    let ca_cert_pem = fs::read_to_string(&ca_cert)
+        .with_context(|| format!("cannot read {}", ca_cert.display()))?;
+    let ca_key_pem =
+        fs::read_to_string(&ca_key).with_context(|| format!("cannot read {}", ca_key.display()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)
+        .with_context(|| format!("{}: not a PEM private key", ca_key.display()))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key)
         .with_context(|| format!("{}: not a usable CA certificate", ca_cert.display()))?;
 
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(vec![name.to_owned()])?;
-    params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params
+        .subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     dn.push(DnType::OrganizationName, "Tessera");
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     validity(&mut params, 5);
     let cert = params.signed_by(&key, &issuer)?;
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let (cert_path, key_path) = (out.join(format!("{name}.pem")), out.join(format!("{name}.key")));
+    let (cert_path, key_path) = (
+        out.join(format!("{name}.pem")),
+        out.join(format!("{name}.key")),
+    );
     write(&key_path, &key.serialize_pem(), 0o600)?;
     write(&cert_path, &cert.pem(), 0o644)?;
     Ok((cert_path, key_path))
@@ -94,10 +119,23 @@ mod tests {
     fn issued_certificates_carry_the_name_and_load_as_mutual_tls() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), "test.local").unwrap();
-        assert!(init(dir.path(), "test.local").is_err(), "second init must not replace the CA");
-        let (cert, key) = issue(dir.path(), "host-a", &["10.0.0.1".parse().unwrap()], dir.path()).unwrap();
-        let id = tessera_proxy::tls::Identity::load(&dir.path().join(CA_CERT), &cert, &key).unwrap();
-        assert_eq!(tessera_proxy::tls::peer_name(&id.chain[0]).as_deref(), Some("host-a"));
+        assert!(
+            init(dir.path(), "test.local").is_err(),
+            "second init must not replace the CA"
+        );
+        let (cert, key) = issue(
+            dir.path(),
+            "host-a",
+            &["10.0.0.1".parse().unwrap()],
+            dir.path(),
+        )
+        .unwrap();
+        let id =
+            tessera_proxy::tls::Identity::load(&dir.path().join(CA_CERT), &cert, &key).unwrap();
+        assert_eq!(
+            tessera_proxy::tls::peer_name(&id.chain[0]).as_deref(),
+            Some("host-a")
+        );
         id.server_config().unwrap();
         id.client_config().unwrap();
         assert!(issue(dir.path(), "bad name!", &[], dir.path()).is_err());

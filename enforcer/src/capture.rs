@@ -22,7 +22,9 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use tessera_common::{ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, OrigDst, Settings, names};
+use tessera_common::{
+    ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, OrigDst, Settings, names,
+};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -41,11 +43,19 @@ pub struct Capture {
 
 /// Mounts bpffs at /sys/fs/bpf unless it is there already.
 fn ensure_bpffs() -> Result<()> {
-    let mounted = nix::sys::statfs::statfs(BPF_FS).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false);
+    let mounted = nix::sys::statfs::statfs(BPF_FS)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false);
     if !mounted {
         fs::create_dir_all(BPF_FS).ok();
-        nix::mount::mount(Some("bpf"), BPF_FS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .with_context(|| format!("cannot mount bpffs at {BPF_FS}"))?;
+        nix::mount::mount(
+            Some("bpf"),
+            BPF_FS,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("cannot mount bpffs at {BPF_FS}"))?;
     }
     Ok(())
 }
@@ -54,12 +64,16 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object has no program {name}"))?;
-    prog.try_into().with_context(|| format!("program {name} has an unexpected type"))
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?;
+    prog.try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
 }
 
 fn pin(link: FdLink, path: &Path) -> Result<PinnedLink> {
-    link.pin(path).with_context(|| format!("cannot pin link at {}", path.display()))
+    link.pin(path)
+        .with_context(|| format!("cannot pin link at {}", path.display()))
 }
 
 impl Capture {
@@ -68,9 +82,13 @@ impl Capture {
         let pin_dir = config.pin_dir();
         let maps_dir = pin_dir.join("maps");
         let links_dir = pin_dir.join("links");
-        fs::create_dir_all(&maps_dir).with_context(|| format!("cannot create {}", maps_dir.display()))?;
-        fs::create_dir_all(&links_dir).with_context(|| format!("cannot create {}", links_dir.display()))?;
-        let old_generations: Vec<PathBuf> = fs::read_dir(&links_dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        fs::create_dir_all(&maps_dir)
+            .with_context(|| format!("cannot create {}", maps_dir.display()))?;
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("cannot create {}", links_dir.display()))?;
+        let old_generations: Vec<PathBuf> = fs::read_dir(&links_dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
         if !old_generations.is_empty() {
             tracing::info!(pin_dir = %pin_dir.display(), "taking over capture pinned by a previous run");
         }
@@ -87,13 +105,26 @@ impl Capture {
             delivery_src4: u32::from_ne_bytes(config.bpf.delivery_source.octets()),
             ready: 1,
         };
-        let mut settings_map: Array<_, Settings> = Array::try_from(ebpf.map_mut(names::SETTINGS).context("settings map")?)?;
-        settings_map.set(0, settings, 0).context("writing eBPF settings")?;
+        let mut settings_map: Array<_, Settings> =
+            Array::try_from(ebpf.map_mut(names::SETTINGS).context("settings map")?)?;
+        settings_map
+            .set(0, settings, 0)
+            .context("writing eBPF settings")?;
 
-        let mut ports: HashMap<_, u32, u32> =
-            HashMap::try_from(ebpf.map_mut(names::PROTECTED_PORTS).context("protected ports map")?)?;
-        let wanted: Vec<u32> = config.workloads.iter().flat_map(|w| w.ports.iter().map(|&p| u32::from(p))).collect();
-        let stale: Vec<u32> = ports.keys().filter_map(Result::ok).filter(|p| !wanted.contains(p)).collect();
+        let mut ports: HashMap<_, u32, u32> = HashMap::try_from(
+            ebpf.map_mut(names::PROTECTED_PORTS)
+                .context("protected ports map")?,
+        )?;
+        let wanted: Vec<u32> = config
+            .workloads
+            .iter()
+            .flat_map(|w| w.ports.iter().map(|&p| u32::from(p)))
+            .collect();
+        let stale: Vec<u32> = ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| !wanted.contains(p))
+            .collect();
         for p in stale {
             ports.remove(&p)?;
         }
@@ -102,7 +133,11 @@ impl Capture {
         }
 
         let generation = links_dir.join(
-            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0).to_string(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+                .to_string(),
         );
         fs::create_dir_all(&generation)?;
         let mut links = Vec::new();
@@ -123,63 +158,116 @@ impl Capture {
         for old in old_generations {
             remove_links(&old);
         }
-        Ok(Self { ebpf, pin_dir, links })
+        Ok(Self {
+            ebpf,
+            pin_dir,
+            links,
+        })
     }
 
-    fn attach(ebpf: &mut Ebpf, config: &Config, generation: &Path, links: &mut Vec<PinnedLink>) -> Result<()> {
-
+    fn attach(
+        ebpf: &mut Ebpf,
+        config: &Config,
+        generation: &Path,
+        links: &mut Vec<PinnedLink>,
+    ) -> Result<()> {
         for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            program::<CgroupSockAddr>(ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
+            program::<CgroupSockAddr>(ebpf, name)?
+                .load()
+                .with_context(|| format!("loading {name}"))?;
         }
-        program::<SockOps>(ebpf, names::PROG_SOCKOPS)?.load().context("loading sock_ops")?;
-        program::<SkLookup>(ebpf, names::PROG_SK_LOOKUP)?.load().context("loading sk_lookup")?;
+        program::<SockOps>(ebpf, names::PROG_SOCKOPS)?
+            .load()
+            .context("loading sock_ops")?;
+        program::<SkLookup>(ebpf, names::PROG_SK_LOOKUP)?
+            .load()
+            .context("loading sk_lookup")?;
 
         // Links (bpf_link_create) always allow other programs beside ours on the cgroup;
         // `Single` only means "no legacy attach flags".
         for w in &config.workloads {
-            let cgroup = File::open(&w.cgroup).with_context(|| format!("workload {}: cannot open {}", w.name, w.cgroup.display()))?;
+            let cgroup = File::open(&w.cgroup).with_context(|| {
+                format!("workload {}: cannot open {}", w.name, w.cgroup.display())
+            })?;
             for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
                 let prog = program::<CgroupSockAddr>(ebpf, name)?;
-                let id = prog.attach(&cgroup, CgroupAttachMode::Single)
-                    .with_context(|| format!("workload {}: attaching {name} to {}", w.name, w.cgroup.display()))?;
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .with_context(|| {
+                        format!(
+                            "workload {}: attaching {name} to {}",
+                            w.name,
+                            w.cgroup.display()
+                        )
+                    })?;
                 let link: FdLink = prog.take_link(id)?.try_into()?;
                 links.push(pin(link, &generation.join(format!("{}_{name}", w.name)))?);
             }
             let prog = program::<SockOps>(ebpf, names::PROG_SOCKOPS)?;
-            let id = prog.attach(&cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("workload {}: attaching sock_ops to {}", w.name, w.cgroup.display()))?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| {
+                    format!(
+                        "workload {}: attaching sock_ops to {}",
+                        w.name,
+                        w.cgroup.display()
+                    )
+                })?;
             let link: FdLink = prog.take_link(id)?.try_into()?;
-            links.push(pin(link, &generation.join(format!("{}_{}", w.name, names::PROG_SOCKOPS)))?);
+            links.push(pin(
+                link,
+                &generation.join(format!("{}_{}", w.name, names::PROG_SOCKOPS)),
+            )?);
         }
 
-        let netns = File::open(&config.bpf.netns).with_context(|| format!("bpf.netns: cannot open {}", config.bpf.netns.display()))?;
+        let netns = File::open(&config.bpf.netns)
+            .with_context(|| format!("bpf.netns: cannot open {}", config.bpf.netns.display()))?;
         let prog = program::<SkLookup>(ebpf, names::PROG_SK_LOOKUP)?;
-        let id = prog.attach(&netns).context("attaching sk_lookup to the network namespace")?;
+        let id = prog
+            .attach(&netns)
+            .context("attaching sk_lookup to the network namespace")?;
         let link: FdLink = prog.take_link(id)?.into();
         links.push(pin(link, &generation.join(names::PROG_SK_LOOKUP))?);
         Ok(())
     }
 
     /// Puts the proxy's inbound (direct) listeners into the sockmap `sk_lookup` steers to.
-    pub fn set_inbound_listeners(&mut self, v4: &TcpListener, v6: Option<&TcpListener>) -> Result<()> {
-        let mut map: SockMap<_> = SockMap::try_from(self.ebpf.map_mut(names::INBOUND_LISTENER).context("listener map")?)?;
-        map.set(INBOUND_LISTENER_V4, &v4.as_raw_fd(), 0).context("registering the IPv4 inbound listener")?;
+    pub fn set_inbound_listeners(
+        &mut self,
+        v4: &TcpListener,
+        v6: Option<&TcpListener>,
+    ) -> Result<()> {
+        let mut map: SockMap<_> = SockMap::try_from(
+            self.ebpf
+                .map_mut(names::INBOUND_LISTENER)
+                .context("listener map")?,
+        )?;
+        map.set(INBOUND_LISTENER_V4, &v4.as_raw_fd(), 0)
+            .context("registering the IPv4 inbound listener")?;
         if let Some(v6) = v6 {
-            map.set(INBOUND_LISTENER_V6, &v6.as_raw_fd(), 0).context("registering the IPv6 inbound listener")?;
+            map.set(INBOUND_LISTENER_V6, &v6.as_raw_fd(), 0)
+                .context("registering the IPv6 inbound listener")?;
         }
         Ok(())
     }
 
     /// The map where `sock_ops` leaves each redirected connection's original destination.
     pub fn take_client_map(&mut self) -> Result<HashMap<MapData, ClientKey, OrigDst>> {
-        let map = self.ebpf.take_map(names::CLIENT_ORIG).context("client map")?;
+        let map = self
+            .ebpf
+            .take_map(names::CLIENT_ORIG)
+            .context("client map")?;
         Ok(HashMap::try_from(map)?)
     }
 
     /// Detaches everything and removes the pins, unless `keep`: then capture stays in force
     /// (failing closed) until an enforcer starts again.
     pub fn shutdown(self, keep: bool) {
-        let Self { ebpf, pin_dir, links } = self;
+        let Self {
+            ebpf,
+            pin_dir,
+            links,
+        } = self;
         if keep {
             tracing::info!(pin_dir = %pin_dir.display(), "leaving capture attached (fail closed until restart)");
             return;
@@ -198,7 +286,9 @@ impl Capture {
 
 /// Unpins (and so detaches) every link pinned under `dir`, then removes it.
 fn remove_links(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {

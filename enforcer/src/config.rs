@@ -52,7 +52,11 @@ pub struct Listen {
 
 impl Default for Listen {
     fn default() -> Self {
-        Self { outbound_port: 15001, inbound_port: 15006, tunnel: "0.0.0.0:15008".parse().expect("valid") }
+        Self {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            tunnel: "0.0.0.0:15008".parse().expect("valid"),
+        }
     }
 }
 
@@ -125,7 +129,11 @@ pub struct Tunnel {
 
 impl Default for Tunnel {
     fn default() -> Self {
-        Self { pool_size: 16, pool_max_idle_secs: 20, idle_timeout_secs: 60 }
+        Self {
+            pool_size: 16,
+            pool_max_idle_secs: 20,
+            idle_timeout_secs: 60,
+        }
     }
 }
 
@@ -140,19 +148,28 @@ pub struct Flows {
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 pub fn is_cgroup2_dir(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let err = |message: String| ConfigError { file: file.clone(), message };
+        let err = |message: String| ConfigError {
+            file: file.clone(),
+            message,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let mut config: Config = toml::from_str(&text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
+        let mut config: Config =
+            toml::from_str(&text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate().map_err(err)?;
@@ -171,15 +188,24 @@ impl Config {
     }
 
     pub fn pin_dir(&self) -> PathBuf {
-        self.bpf.pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/tessera").join(&self.name))
+        self.bpf
+            .pin_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/tessera").join(&self.name))
     }
 
     fn validate(&self) -> Result<(), String> {
         if !valid_name(&self.name) {
-            return Err(format!("name: {:?} must be 1-63 letters, digits, '-', '.' or '_'", self.name));
+            return Err(format!(
+                "name: {:?} must be 1-63 letters, digits, '-', '.' or '_'",
+                self.name
+            ));
         }
         let l = &self.listen;
-        let ports = [("outbound_port", l.outbound_port), ("inbound_port", l.inbound_port)];
+        let ports = [
+            ("outbound_port", l.outbound_port),
+            ("inbound_port", l.inbound_port),
+        ];
         for (field, port) in ports {
             if port == 0 {
                 return Err(format!("listen.{field}: must not be 0"));
@@ -188,40 +214,69 @@ impl Config {
         if l.outbound_port == l.inbound_port {
             return Err("listen.inbound_port: must differ from listen.outbound_port".into());
         }
-        for (field, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
-            std::fs::File::open(path).map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
+        for (field, path) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
+            std::fs::File::open(path)
+                .map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
         }
         if !self.bpf.delivery_source.is_loopback() {
-            return Err(format!("bpf.delivery_source: {} is not in 127.0.0.0/8", self.bpf.delivery_source));
+            return Err(format!(
+                "bpf.delivery_source: {} is not in 127.0.0.0/8",
+                self.bpf.delivery_source
+            ));
         }
         let mut names = HashSet::new();
         let mut served_ports = HashSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let at = format!("workload[{i}] {:?}", w.name);
             if !valid_name(&w.name) {
-                return Err(format!("{at}: name must be 1-63 letters, digits, '-', '.' or '_'"));
+                return Err(format!(
+                    "{at}: name must be 1-63 letters, digits, '-', '.' or '_'"
+                ));
             }
             if !names.insert(&w.name) {
                 return Err(format!("{at}: name is used by another workload"));
             }
             if !w.cgroup.is_absolute() {
-                return Err(format!("{at}: cgroup: {} must be an absolute path", w.cgroup.display()));
+                return Err(format!(
+                    "{at}: cgroup: {} must be an absolute path",
+                    w.cgroup.display()
+                ));
             }
             if !w.cgroup.is_dir() {
-                return Err(format!("{at}: cgroup: {} does not exist", w.cgroup.display()));
+                return Err(format!(
+                    "{at}: cgroup: {} does not exist",
+                    w.cgroup.display()
+                ));
             }
             if !is_cgroup2_dir(&w.cgroup) {
-                return Err(format!("{at}: cgroup: {} is not a cgroup v2 directory", w.cgroup.display()));
+                return Err(format!(
+                    "{at}: cgroup: {} is not a cgroup v2 directory",
+                    w.cgroup.display()
+                ));
             }
             for (k, v) in &w.labels {
-                if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
-                    return Err(format!("{at}: labels: key {k:?} may hold only letters, digits, '-', '_', '.', '/'"));
+                if k.is_empty()
+                    || !k
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+                {
+                    return Err(format!(
+                        "{at}: labels: key {k:?} may hold only letters, digits, '-', '_', '.', '/'"
+                    ));
                 }
                 if k.starts_with("tessera.io/") {
-                    return Err(format!("{at}: labels: {k:?} is reserved: tessera.io/ labels are derived, never declared"));
+                    return Err(format!(
+                        "{at}: labels: {k:?} is reserved: tessera.io/ labels are derived, never declared"
+                    ));
                 }
                 if v.len() > 253 {
-                    return Err(format!("{at}: labels: value of {k:?} is longer than 253 bytes"));
+                    return Err(format!(
+                        "{at}: labels: value of {k:?} is longer than 253 bytes"
+                    ));
                 }
             }
             for &port in &w.ports {
@@ -229,10 +284,14 @@ impl Config {
                     return Err(format!("{at}: ports: 0 is not a port"));
                 }
                 if port == l.outbound_port || port == l.inbound_port || port == l.tunnel.port() {
-                    return Err(format!("{at}: ports: {port} is one of the enforcer's own listener ports"));
+                    return Err(format!(
+                        "{at}: ports: {port} is one of the enforcer's own listener ports"
+                    ));
                 }
                 if !served_ports.insert(port) {
-                    return Err(format!("{at}: ports: {port} is already served by another workload"));
+                    return Err(format!(
+                        "{at}: ports: {port} is already served by another workload"
+                    ));
                 }
             }
         }
@@ -240,16 +299,23 @@ impl Config {
         for (i, p) in self.peers.iter().enumerate() {
             let at = format!("peer[{i}] {:?}", p.name);
             if !valid_name(&p.name) {
-                return Err(format!("{at}: name must be 1-63 letters, digits, '-', '.' or '_'"));
+                return Err(format!(
+                    "{at}: name must be 1-63 letters, digits, '-', '.' or '_'"
+                ));
             }
             if !peer_names.insert(&p.name) {
                 return Err(format!("{at}: name is used by another peer"));
             }
             if p.serves.is_empty() {
-                return Err(format!("{at}: serves: list at least one address or network"));
+                return Err(format!(
+                    "{at}: serves: list at least one address or network"
+                ));
             }
             if p.tunnel.port() == 0 || p.tunnel.ip().is_unspecified() {
-                return Err(format!("{at}: tunnel: {} is not a reachable address", p.tunnel));
+                return Err(format!(
+                    "{at}: tunnel: {} is not a reachable address",
+                    p.tunnel
+                ));
             }
         }
         Ok(())
@@ -318,14 +384,19 @@ mod tests {
     #[test]
     fn a_missing_cgroup_is_named() {
         let f = Fixture::new();
-        let m = message(f.load("[[workload]]\nname = \"web\"\ncgroup = \"/sys/fs/cgroup/unified/nope-tessera\"\n"));
+        let m = message(f.load(
+            "[[workload]]\nname = \"web\"\ncgroup = \"/sys/fs/cgroup/unified/nope-tessera\"\n",
+        ));
         assert!(m.contains("host-a.toml: workload[0] \"web\": cgroup: /sys/fs/cgroup/unified/nope-tessera does not exist"), "{m}");
     }
 
     #[test]
     fn a_directory_that_is_not_a_cgroup_is_named() {
         let f = Fixture::new();
-        let m = message(f.load(&format!("[[workload]]\nname = \"web\"\ncgroup = \"{}\"\n", f.dir.path().display())));
+        let m = message(f.load(&format!(
+            "[[workload]]\nname = \"web\"\ncgroup = \"{}\"\n",
+            f.dir.path().display()
+        )));
         assert!(m.contains("is not a cgroup v2 directory"), "{m}");
     }
 
@@ -333,7 +404,10 @@ mod tests {
     fn a_bad_address_is_named_with_its_line() {
         let f = Fixture::new();
         let m = message(f.load("[listen]\ntunnel = \"10.0.0.300:15008\"\n"));
-        assert!(m.contains("host-a.toml") && m.contains("line 7") && m.contains("tunnel"), "{m}");
+        assert!(
+            m.contains("host-a.toml") && m.contains("line 7") && m.contains("tunnel"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -341,7 +415,10 @@ mod tests {
         let f = Fixture::new();
         std::fs::remove_file(f.dir.path().join("a.key")).unwrap();
         let m = message(f.load(""));
-        assert!(m.contains("tls.key: cannot read") && m.contains("a.key"), "{m}");
+        assert!(
+            m.contains("tls.key: cannot read") && m.contains("a.key"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -349,10 +426,22 @@ mod tests {
         let f = Fixture::new();
         assert!(message(f.load("colour = \"blue\"\n")).contains("unknown field `colour`"));
         let cg = cgroup2_root();
-        let w = |extra: &str| format!("[[workload]]\nname = \"web\"\ncgroup = \"{}\"\n{extra}", cg.display());
-        assert!(message(f.load(&w("labels = { \"tessera.io/uid\" = \"0\" }\n"))).contains("is reserved"));
+        let w = |extra: &str| {
+            format!(
+                "[[workload]]\nname = \"web\"\ncgroup = \"{}\"\n{extra}",
+                cg.display()
+            )
+        };
+        assert!(
+            message(f.load(&w("labels = { \"tessera.io/uid\" = \"0\" }\n")))
+                .contains("is reserved")
+        );
         assert!(message(f.load(&w("ports = [15008]\n"))).contains("enforcer's own listener ports"));
-        let two = format!("{}\n{}", w("ports = [80]\n"), w("ports = [80]\n").replace("\"web\"", "\"api\""));
+        let two = format!(
+            "{}\n{}",
+            w("ports = [80]\n"),
+            w("ports = [80]\n").replace("\"web\"", "\"api\"")
+        );
         assert!(message(f.load(&two)).contains("already served"));
         let peer = "[[peer]]\nname = \"b\"\ntunnel = \"10.0.0.2:15008\"\nserves = []\n";
         assert!(message(f.load(peer)).contains("peer[0] \"b\": serves"));

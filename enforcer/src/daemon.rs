@@ -26,25 +26,64 @@ use crate::{
     workloads::{BpfCaptureLookup, WorkloadIndex},
 };
 
-
 pub struct RunOptions {
     pub config: PathBuf,
     pub keep_attached: bool,
     pub ready_file: Option<PathBuf>,
 }
 
+/// Each proxied connection holds two descriptors (application side and tunnel side), so the
+/// default limit would cap an enforcer far below the connections a host makes.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const WANT: u64 = 1 << 20;
+    if setrlimit(Resource::RLIMIT_NOFILE, WANT, WANT).is_err() {
+        if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        tracing::debug!(limit = soft, "open file limit");
+    }
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
+    raise_fd_limit();
     let config = Config::load(&opts.config)?;
     let identity = Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let mark = config.bpf.proxy_mark;
 
     // Listeners first: if a port is taken we stop before touching the kernel.
-    let out_v4 = listen(SocketAddr::from(([127, 0, 0, 1], config.listen.outbound_port)), mark)
-        .with_context(|| format!("listen.outbound_port: cannot listen on 127.0.0.1:{}", config.listen.outbound_port))?;
-    let out_v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen.outbound_port)), mark).ok();
-    let in_v4 = listen(SocketAddr::from(([127, 0, 0, 1], config.listen.inbound_port)), mark)
-        .with_context(|| format!("listen.inbound_port: cannot listen on 127.0.0.1:{}", config.listen.inbound_port))?;
-    let in_v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen.inbound_port)), mark).ok();
+    let out_v4 = listen(
+        SocketAddr::from(([127, 0, 0, 1], config.listen.outbound_port)),
+        mark,
+    )
+    .with_context(|| {
+        format!(
+            "listen.outbound_port: cannot listen on 127.0.0.1:{}",
+            config.listen.outbound_port
+        )
+    })?;
+    let out_v6 = listen(
+        SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen.outbound_port)),
+        mark,
+    )
+    .ok();
+    let in_v4 = listen(
+        SocketAddr::from(([127, 0, 0, 1], config.listen.inbound_port)),
+        mark,
+    )
+    .with_context(|| {
+        format!(
+            "listen.inbound_port: cannot listen on 127.0.0.1:{}",
+            config.listen.inbound_port
+        )
+    })?;
+    let in_v6 = listen(
+        SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen.inbound_port)),
+        mark,
+    )
+    .ok();
     let tunnel = listen(config.listen.tunnel, mark)
         .with_context(|| format!("listen.tunnel: cannot listen on {}", config.listen.tunnel))?;
 
@@ -52,24 +91,48 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     capture.set_inbound_listeners(&in_v4, in_v6.as_ref())?;
     let lookup = Arc::new(BpfCaptureLookup {
         map: Mutex::new(capture.take_client_map()?),
-        workloads: WorkloadIndex::new(config.workloads.iter().map(|w| (w.name.clone(), w.cgroup.clone())).collect()),
+        workloads: WorkloadIndex::new(
+            config
+                .workloads
+                .iter()
+                .map(|w| (w.name.clone(), w.cgroup.clone()))
+                .collect(),
+        ),
     });
 
     let flows = FlowLog::start(config.flows.log.clone())
         .with_context(|| format!("flows.log: cannot open {:?}", config.flows.log))?;
     let peers = PeerTable::new(config.peers.iter().flat_map(|p| {
-        let peer = Peer { name: p.name.clone(), tunnel: p.tunnel };
+        let peer = Peer {
+            name: p.name.clone(),
+            tunnel: p.tunnel,
+        };
         p.serves.iter().map(move |net| (*net, peer.clone()))
     }));
     let dialer = TunnelDialer::new(identity.client_config()?, mark, Duration::from_secs(5));
-    let pool = TunnelPool::new(dialer, config.tunnel.pool_size, Duration::from_secs(config.tunnel.pool_max_idle_secs));
+    let pool = TunnelPool::new(
+        dialer,
+        config.tunnel.pool_size,
+        Duration::from_secs(config.tunnel.pool_max_idle_secs),
+    );
     pool.warm(peers.peers());
 
-    let outbound = Arc::new(Outbound { name: config.name.clone(), lookup, peers, pool, flows: flows.clone() });
+    let outbound = Arc::new(Outbound {
+        name: config.name.clone(),
+        lookup,
+        peers,
+        pool,
+        flows: flows.clone(),
+    });
     let inbound = Arc::new(Inbound {
         name: config.name.clone(),
         acceptor: TlsAcceptor::from(identity.server_config()?),
-        services: LocalServices::new(config.workloads.iter().flat_map(|w| w.ports.iter().map(|&p| (p, w.name.clone())))),
+        services: LocalServices::new(
+            config
+                .workloads
+                .iter()
+                .flat_map(|w| w.ports.iter().map(|&p| (p, w.name.clone()))),
+        ),
         addrs: LocalAddrs::default(),
         mark,
         delivery_src4: config.bpf.delivery_source,
@@ -96,7 +159,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         "enforcer ready"
     );
     if let Some(ready) = &opts.ready_file {
-        std::fs::write(ready, std::process::id().to_string()).with_context(|| format!("cannot write {}", ready.display()))?;
+        std::fs::write(ready, std::process::id().to_string())
+            .with_context(|| format!("cannot write {}", ready.display()))?;
     }
 
     let mut term = signal(SignalKind::terminate())?;

@@ -25,13 +25,20 @@ pub struct Edge {
     pub reason: String,
 }
 
-fn label(e: &Endpoint, with_port: bool) -> String {
-    match (&e.workload, &e.enforcer) {
-        (Some(w), Some(enf)) => format!("{w}@{enf}"),
-        (Some(w), None) => w.clone(),
-        (None, Some(enf)) if with_port => format!("{} (via {enf})", e.addr),
-        _ if with_port => e.addr.to_string(),
-        _ => format!("{} (unauthenticated)", e.addr.ip()),
+#[derive(Clone, Copy)]
+enum Role {
+    Source,
+    Destination,
+}
+
+fn label(e: &Endpoint, role: Role) -> String {
+    match (&e.workload, &e.enforcer, role) {
+        (Some(w), Some(enf), _) => format!("{w}@{enf}"),
+        (Some(w), None, _) => w.clone(),
+        // No workload behind it: a peer nobody vouched for, or a destination without an enforcer.
+        (None, _, Role::Source) => format!("{} (unauthenticated)", e.addr.ip()),
+        (None, Some(enf), Role::Destination) => format!("{} (via {enf})", e.addr.ip()),
+        (None, None, Role::Destination) => format!("{} (external)", e.addr.ip()),
     }
 }
 
@@ -39,9 +46,17 @@ pub fn read(paths: &[impl AsRef<Path>]) -> Result<Vec<FlowRecord>> {
     let mut out = Vec::new();
     for path in paths {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            out.push(serde_json::from_str(line).with_context(|| format!("{}:{}: not a flow record", path.display(), i + 1))?);
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            out.push(
+                serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: not a flow record", path.display(), i + 1))?,
+            );
         }
     }
     Ok(out)
@@ -49,14 +64,22 @@ pub fn read(paths: &[impl AsRef<Path>]) -> Result<Vec<FlowRecord>> {
 
 pub fn edges(records: &[FlowRecord]) -> Vec<Edge> {
     // (src, dst, port, verdict) -> reporter -> (count, sent, received)
-    let mut by_edge: BTreeMap<(String, String, u16, String), (BTreeMap<String, (u64, u64, u64)>, String)> = BTreeMap::new();
+    let mut by_edge: BTreeMap<
+        (String, String, u16, String),
+        (BTreeMap<String, (u64, u64, u64)>, String),
+    > = BTreeMap::new();
     for r in records {
         let verdict = match r.verdict {
             Verdict::Allowed => "allowed",
             Verdict::Denied => "denied",
             Verdict::Error => "error",
         };
-        let key = (label(&r.src, false), label(&r.dst, false), r.dst.addr.port(), verdict.to_owned());
+        let key = (
+            label(&r.src, Role::Source),
+            label(&r.dst, Role::Destination),
+            r.dst.addr.port(),
+            verdict.to_owned(),
+        );
         let (reporters, reason) = by_edge.entry(key).or_default();
         let c = reporters.entry(r.reporter.clone()).or_default();
         *c = (c.0 + 1, c.1 + r.bytes_sent, c.2 + r.bytes_received);
@@ -81,7 +104,17 @@ pub fn edges(records: &[FlowRecord]) -> Vec<Edge> {
 }
 
 pub fn table(edges: &[Edge]) -> String {
-    let headers = ["SOURCE", "DESTINATION", "PORT", "VERDICT", "CONNS", "BYTES OUT", "BYTES BACK", "SEEN BY", "REASON"];
+    let headers = [
+        "SOURCE",
+        "DESTINATION",
+        "PORT",
+        "VERDICT",
+        "CONNS",
+        "BYTES OUT",
+        "BYTES BACK",
+        "SEEN BY",
+        "REASON",
+    ];
     let rows: Vec<[String; 9]> = edges
         .iter()
         .map(|e| {
@@ -129,16 +162,38 @@ mod tests {
     use super::*;
     use tessera_proxy::flow::Direction;
 
-    fn rec(reporter: &str, direction: Direction, verdict: Verdict, src_wl: Option<&str>, bytes: u64) -> FlowRecord {
+    fn rec(
+        reporter: &str,
+        direction: Direction,
+        verdict: Verdict,
+        src_wl: Option<&str>,
+        bytes: u64,
+    ) -> FlowRecord {
         FlowRecord {
             start_ms: 0,
             duration_ms: 1,
             reporter: reporter.into(),
             direction,
-            src: Endpoint { addr: "10.77.0.1:5000".parse().unwrap(), workload: src_wl.map(Into::into), enforcer: src_wl.map(|_| "host-a".into()), pid: None, uid: None },
-            dst: Endpoint { addr: "10.77.0.2:8080".parse().unwrap(), workload: Some("api".into()), enforcer: Some("host-b".into()), pid: None, uid: None },
+            src: Endpoint {
+                addr: "10.77.0.1:5000".parse().unwrap(),
+                workload: src_wl.map(Into::into),
+                enforcer: src_wl.map(|_| "host-a".into()),
+                pid: None,
+                uid: None,
+            },
+            dst: Endpoint {
+                addr: "10.77.0.2:8080".parse().unwrap(),
+                workload: Some("api".into()),
+                enforcer: Some("host-b".into()),
+                pid: None,
+                uid: None,
+            },
             verdict,
-            reason: if verdict == Verdict::Denied { "unauthenticated".into() } else { String::new() },
+            reason: if verdict == Verdict::Denied {
+                "unauthenticated".into()
+            } else {
+                String::new()
+            },
             bytes_sent: bytes,
             bytes_received: 2 * bytes,
             pooled: None,
@@ -148,17 +203,51 @@ mod tests {
     #[test]
     fn both_ends_of_a_connection_make_one_edge_and_refusals_another() {
         let records = vec![
-            rec("host-a", Direction::Outbound, Verdict::Allowed, Some("web"), 10),
-            rec("host-b", Direction::Inbound, Verdict::Allowed, Some("web"), 10),
-            rec("host-a", Direction::Outbound, Verdict::Allowed, Some("web"), 5),
-            rec("host-b", Direction::Inbound, Verdict::Allowed, Some("web"), 5),
+            rec(
+                "host-a",
+                Direction::Outbound,
+                Verdict::Allowed,
+                Some("web"),
+                10,
+            ),
+            rec(
+                "host-b",
+                Direction::Inbound,
+                Verdict::Allowed,
+                Some("web"),
+                10,
+            ),
+            rec(
+                "host-a",
+                Direction::Outbound,
+                Verdict::Allowed,
+                Some("web"),
+                5,
+            ),
+            rec(
+                "host-b",
+                Direction::Inbound,
+                Verdict::Allowed,
+                Some("web"),
+                5,
+            ),
             rec("host-b", Direction::Direct, Verdict::Denied, None, 0),
         ];
         let e = edges(&records);
         assert_eq!(e.len(), 2);
         let allowed = e.iter().find(|e| e.verdict == "allowed").unwrap();
-        assert_eq!((allowed.src.as_str(), allowed.dst.as_str()), ("web@host-a", "api@host-b"));
-        assert_eq!((allowed.connections, allowed.bytes_sent, allowed.bytes_received), (2, 15, 30));
+        assert_eq!(
+            (allowed.src.as_str(), allowed.dst.as_str()),
+            ("web@host-a", "api@host-b")
+        );
+        assert_eq!(
+            (
+                allowed.connections,
+                allowed.bytes_sent,
+                allowed.bytes_received
+            ),
+            (2, 15, 30)
+        );
         assert_eq!(allowed.reporters.len(), 2);
         let denied = e.iter().find(|e| e.verdict == "denied").unwrap();
         assert_eq!(denied.src, "10.77.0.1 (unauthenticated)");

@@ -12,7 +12,11 @@ mod flowlog;
 mod workloads;
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Transparent, identity-aware network enforcer")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Transparent, identity-aware network enforcer"
+)]
 struct Cli {
     /// Log format of the daemon.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -77,8 +81,11 @@ enum CaCommand {
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -98,10 +105,20 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config, keep_attached, ready_file } => {
+        Command::Run {
+            config,
+            keep_attached,
+            ready_file,
+        } => {
             init_tracing(&cli.log_format);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let result = runtime.block_on(daemon::run(daemon::RunOptions { config, keep_attached, ready_file }));
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let result = runtime.block_on(daemon::run(daemon::RunOptions {
+                config,
+                keep_attached,
+                ready_file,
+            }));
             if let Err(e) = &result {
                 tracing::error!(error = format!("{e:#}"), "enforcer stopped");
             }
@@ -109,15 +126,30 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Check { config } => {
             let c = config::Config::load(&config)?;
-            println!("{}: ok ({} workloads, {} peers)", config.display(), c.workloads.len(), c.peers.len());
+            println!(
+                "{}: ok ({} workloads, {} peers)",
+                config.display(),
+                c.workloads.len(),
+                c.peers.len()
+            );
             Ok(())
         }
-        Command::Ca { command: CaCommand::Init { dir, trust_domain } } => {
+        Command::Ca {
+            command: CaCommand::Init { dir, trust_domain },
+        } => {
             let path = ca::init(&dir, &trust_domain)?;
             println!("created {}", path.display());
             Ok(())
         }
-        Command::Ca { command: CaCommand::Issue { ca_dir, name, ips, out_dir } } => {
+        Command::Ca {
+            command:
+                CaCommand::Issue {
+                    ca_dir,
+                    name,
+                    ips,
+                    out_dir,
+                },
+        } => {
             let (cert, key) = ca::issue(&ca_dir, &name, &ips, &out_dir)?;
             println!("issued {} and {}", cert.display(), key.display());
             Ok(())

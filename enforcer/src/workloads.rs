@@ -44,7 +44,10 @@ fn scan(dir: &Path, name: &str, depth: usize, out: &mut HashMap<u64, String>) {
 
 impl WorkloadIndex {
     pub fn new(roots: Vec<(String, PathBuf)>) -> Self {
-        let index = Self { roots, by_cgroup: RwLock::default() };
+        let index = Self {
+            roots,
+            by_cgroup: RwLock::default(),
+        };
         index.rescan();
         index
     }
@@ -62,22 +65,37 @@ impl WorkloadIndex {
             return Some(name.clone());
         }
         self.rescan();
-        self.by_cgroup.read().expect("lock").get(&cgroup_id).cloned()
+        self.by_cgroup
+            .read()
+            .expect("lock")
+            .get(&cgroup_id)
+            .cloned()
     }
 }
 
 /// The eBPF map key for a client address as the proxy sees it after accept().
 pub fn client_key(client: SocketAddr) -> ClientKey {
     let ip = match client.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     match ip {
-        IpAddr::V4(v4) => ClientKey { addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0], port: client.port(), family: AF_INET },
+        IpAddr::V4(v4) => ClientKey {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            port: client.port(),
+            family: AF_INET,
+        },
         IpAddr::V6(v6) => {
             let o = v6.octets();
             let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ClientKey { addr: [w(0), w(4), w(8), w(12)], port: client.port(), family: AF_INET6 }
+            ClientKey {
+                addr: [w(0), w(4), w(8), w(12)],
+                port: client.port(),
+                family: AF_INET6,
+            }
         }
     }
 }
@@ -113,7 +131,12 @@ impl CaptureLookup for BpfCaptureLookup {
         let workload = self.workloads.workload(orig.cgroup_id).unwrap_or_default();
         Some(Captured {
             dst: orig_dst(&orig),
-            source: Source { workload, pid: orig.pid, uid: orig.uid, cgroup_id: orig.cgroup_id },
+            source: Source {
+                workload,
+                pid: orig.pid,
+                uid: orig.uid,
+                cgroup_id: orig.cgroup_id,
+            },
         })
     }
 }
@@ -131,17 +154,30 @@ mod tests {
         // A v4-mapped peer on a v6 socket is the same connection as its v4 form.
         assert_eq!(client_key("[::ffff:127.0.0.1]:40000".parse().unwrap()), k);
         let k6 = client_key("[::1]:5".parse().unwrap());
-        assert_eq!((k6.addr[3].to_ne_bytes(), k6.family), ([0, 0, 0, 1], AF_INET6));
+        assert_eq!(
+            (k6.addr[3].to_ne_bytes(), k6.family),
+            ([0, 0, 0, 1], AF_INET6)
+        );
     }
 
     #[test]
     fn original_destinations_decode_for_both_families() {
-        let v4 = OrigDst { addr: [u32::from_ne_bytes([10, 77, 0, 2]), 0, 0, 0], port: 8080, family: AF_INET, ..Default::default() };
+        let v4 = OrigDst {
+            addr: [u32::from_ne_bytes([10, 77, 0, 2]), 0, 0, 0],
+            port: 8080,
+            family: AF_INET,
+            ..Default::default()
+        };
         assert_eq!(orig_dst(&v4), "10.77.0.2:8080".parse().unwrap());
         let ip: Ipv6Addr = "fd00::2".parse().unwrap();
         let o = ip.octets();
         let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-        let v6 = OrigDst { addr: [w(0), w(4), w(8), w(12)], port: 443, family: AF_INET6, ..Default::default() };
+        let v6 = OrigDst {
+            addr: [w(0), w(4), w(8), w(12)],
+            port: 443,
+            family: AF_INET6,
+            ..Default::default()
+        };
         assert_eq!(orig_dst(&v6), "[fd00::2]:443".parse().unwrap());
     }
 
@@ -151,9 +187,15 @@ mod tests {
         std::fs::create_dir(dir.path().join("child")).unwrap();
         let index = WorkloadIndex::new(vec![("web".into(), dir.path().to_owned())]);
         let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
-        assert_eq!(index.workload(ino(&dir.path().join("child"))).as_deref(), Some("web"));
+        assert_eq!(
+            index.workload(ino(&dir.path().join("child"))).as_deref(),
+            Some("web")
+        );
         std::fs::create_dir(dir.path().join("later")).unwrap();
-        assert_eq!(index.workload(ino(&dir.path().join("later"))).as_deref(), Some("web"));
+        assert_eq!(
+            index.workload(ino(&dir.path().join("later"))).as_deref(),
+            Some("web")
+        );
         assert_eq!(index.workload(1), None);
     }
 }

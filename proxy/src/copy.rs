@@ -86,7 +86,13 @@ mod tests {
         app_client.read_to_end(&mut reply).await.unwrap();
         assert_eq!(reply, b"reply after EOF");
         let t = spliced.await.unwrap().unwrap();
-        assert_eq!(t, Transferred { from_app: 300_000, to_app: 15 });
+        assert_eq!(
+            t,
+            Transferred {
+                from_app: 300_000,
+                to_app: 15
+            }
+        );
     }
 
     #[tokio::test]
@@ -101,7 +107,12 @@ mod tests {
         let mut saw_reset = false;
         for _ in 0..50 {
             let _ = app_client.write_all(&[1u8; 1024]).await;
-            match tokio::time::timeout(std::time::Duration::from_millis(100), app_client.read(&mut buf)).await {
+            match tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                app_client.read(&mut buf),
+            )
+            .await
+            {
                 Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
                     saw_reset = true;
                     break;

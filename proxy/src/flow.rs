@@ -43,7 +43,13 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn addr(addr: SocketAddr) -> Self {
-        Self { addr, workload: None, enforcer: None, pid: None, uid: None }
+        Self {
+            addr,
+            workload: None,
+            enforcer: None,
+            pid: None,
+            uid: None,
+        }
     }
 }
 
@@ -70,7 +76,10 @@ pub struct FlowRecord {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Where flow records go. Cloning is cheap; dropping every clone ends the writer.
@@ -87,7 +96,12 @@ impl FlowLog {
                 if let Some(dir) = p.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                Some(std::fs::OpenOptions::new().create(true).append(true).open(p)?)
+                Some(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)?,
+                )
             }
             None => None,
         };

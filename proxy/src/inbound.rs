@@ -80,10 +80,13 @@ impl Inbound {
 
     async fn handle_tunnel(&self, tcp: TcpStream, remote: SocketAddr) {
         let start = Instant::now();
-        let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
+        let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await
+        {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return self.refuse_handshake(remote, start, e.to_string()),
-            Err(_) => return self.refuse_handshake(remote, start, "TLS handshake timed out".into()),
+            Err(_) => {
+                return self.refuse_handshake(remote, start, "TLS handshake timed out".into());
+            }
         };
         let peer = tls
             .get_ref()
@@ -98,11 +101,17 @@ impl Inbound {
             // The client closed an idle tunnel, or it idled out: not a connection attempt.
             Ok(Err(WireError::Truncated("preamble"))) | Err(_) => return,
             Ok(Err(e)) => {
-                let mut rec = self.record(Direction::Inbound, Endpoint::addr(remote), Endpoint::addr(remote));
+                let mut rec = self.record(
+                    Direction::Inbound,
+                    Endpoint::addr(remote),
+                    Endpoint::addr(remote),
+                );
                 rec.src.enforcer = Some(peer);
                 rec.verdict = Verdict::Denied;
                 rec.reason = format!("bad tunnel header: {e}");
-                let _ = Response::new(Status::BadRequest, rec.reason.clone()).write(&mut tls).await;
+                let _ = Response::new(Status::BadRequest, rec.reason.clone())
+                    .write(&mut tls)
+                    .await;
                 return self.finish(rec, start);
             }
         };
@@ -121,18 +130,26 @@ impl Inbound {
         );
         rec.dst.enforcer = Some(self.name.clone());
         let workload = if self.addrs.contains(request.dst.ip()) {
-            self.services.workload(request.dst.port()).map(str::to_owned)
+            self.services
+                .workload(request.dst.port())
+                .map(str::to_owned)
         } else {
             None
         };
         let Some(workload) = workload else {
             rec.verdict = Verdict::Denied;
             rec.reason = if self.addrs.contains(request.dst.ip()) {
-                format!("no workload of {} serves port {}", self.name, request.dst.port())
+                format!(
+                    "no workload of {} serves port {}",
+                    self.name,
+                    request.dst.port()
+                )
             } else {
                 format!("{} is not an address of {}", request.dst.ip(), self.name)
             };
-            let _ = Response::new(Status::NotServed, rec.reason.clone()).write(&mut tls).await;
+            let _ = Response::new(Status::NotServed, rec.reason.clone())
+                .write(&mut tls)
+                .await;
             return self.finish(rec, start);
         };
         rec.dst.workload = Some(workload.clone());
@@ -140,15 +157,21 @@ impl Inbound {
             IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(self.delivery_src4), 0),
             IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
         };
-        let mut local = match connect_marked(request.dst, self.mark, Some(bind), DELIVERY_TIMEOUT).await {
-            Ok(local) => local,
-            Err(e) => {
-                rec.reason = format!("workload unreachable: {e}");
-                let _ = Response::new(Status::Unreachable, rec.reason.clone()).write(&mut tls).await;
-                return self.finish(rec, start);
-            }
-        };
-        if let Err(e) = Response::new(Status::Connected, workload).write(&mut tls).await {
+        let mut local =
+            match connect_marked(request.dst, self.mark, Some(bind), DELIVERY_TIMEOUT).await {
+                Ok(local) => local,
+                Err(e) => {
+                    rec.reason = format!("workload unreachable: {e}");
+                    let _ = Response::new(Status::Unreachable, rec.reason.clone())
+                        .write(&mut tls)
+                        .await;
+                    return self.finish(rec, start);
+                }
+            };
+        if let Err(e) = Response::new(Status::Connected, workload)
+            .write(&mut tls)
+            .await
+        {
             reset_on_close(&local);
             rec.reason = format!("tunnel broke before delivery: {e}");
             return self.finish(rec, start);
@@ -169,7 +192,11 @@ impl Inbound {
     }
 
     fn refuse_handshake(&self, remote: SocketAddr, start: Instant, reason: String) {
-        let mut rec = self.record(Direction::Inbound, Endpoint::addr(remote), Endpoint::addr(remote));
+        let mut rec = self.record(
+            Direction::Inbound,
+            Endpoint::addr(remote),
+            Endpoint::addr(remote),
+        );
         rec.verdict = Verdict::Denied;
         rec.reason = format!("TLS handshake failed: {reason}");
         self.finish(rec, start);
@@ -191,11 +218,16 @@ impl Inbound {
             let dst = stream.local_addr().unwrap_or(remote);
             reset_on_close(&stream);
             drop(stream);
-            let mut rec = self.record(Direction::Direct, Endpoint::addr(remote), Endpoint::addr(dst));
+            let mut rec = self.record(
+                Direction::Direct,
+                Endpoint::addr(remote),
+                Endpoint::addr(dst),
+            );
             rec.dst.workload = self.services.workload(dst.port()).map(str::to_owned);
             rec.dst.enforcer = Some(self.name.clone());
             rec.verdict = Verdict::Denied;
-            rec.reason = "unauthenticated: the connection did not come through a Tessera tunnel".into();
+            rec.reason =
+                "unauthenticated: the connection did not come through a Tessera tunnel".into();
             self.finish(rec, start);
         }
     }
@@ -207,5 +239,7 @@ impl Inbound {
 }
 
 async fn shutdown_quietly(tls: &mut TlsStream<TcpStream>) -> io::Result<()> {
-    tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await.unwrap_or(Ok(()))
+    tokio::time::timeout(Duration::from_secs(1), tls.shutdown())
+        .await
+        .unwrap_or(Ok(()))
 }

@@ -16,12 +16,16 @@ const REFRESH: Duration = Duration::from_secs(2);
 
 impl Default for LocalAddrs {
     fn default() -> Self {
-        Self { cache: RwLock::new((Instant::now(), read_addrs())) }
+        Self {
+            cache: RwLock::new((Instant::now(), read_addrs())),
+        }
     }
 }
 
 fn read_addrs() -> HashSet<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return HashSet::new() };
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return HashSet::new();
+    };
     addrs
         .filter_map(|a| a.address)
         .filter_map(|a| {
@@ -54,7 +58,9 @@ pub struct LocalServices {
 
 impl LocalServices {
     pub fn new(services: impl IntoIterator<Item = (u16, String)>) -> Self {
-        Self { by_port: services.into_iter().collect() }
+        Self {
+            by_port: services.into_iter().collect(),
+        }
     }
     pub fn workload(&self, port: u16) -> Option<&str> {
         self.by_port.get(&port).map(String::as_str)

@@ -5,7 +5,12 @@
 //! that destination, take a tunnel to it, send the request header, wait for the peer's
 //! answer, then splice. Anything that cannot be carried is refused with a RST: a captured
 //! connection is never sent around the enforcer.
-use std::{io, net::SocketAddr, sync::Arc, time::{Duration, Instant}};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{
     io::AsyncWriteExt,
@@ -97,7 +102,10 @@ impl Outbound {
         };
         record.dst.enforcer = Some(peer.name.clone());
 
-        let request = Request { dst: captured.dst, source: captured.source };
+        let request = Request {
+            dst: captured.dst,
+            source: captured.source,
+        };
         let (mut tunnel, pooled, answer) = match self.open(peer, &request).await {
             Ok(opened) => opened,
             Err(reason) => {
@@ -135,7 +143,11 @@ impl Outbound {
     /// Takes a tunnel and exchanges the header. A pooled tunnel that turns out dead (the
     /// peer restarted, say) is retried once on a fresh one: no application byte has been
     /// sent yet, so the retry is invisible.
-    async fn open(&self, peer: &Peer, request: &Request) -> Result<(Tunnel, bool, Response), String> {
+    async fn open(
+        &self,
+        peer: &Peer,
+        request: &Request,
+    ) -> Result<(Tunnel, bool, Response), String> {
         let unreachable = |e: io::Error| format!("peer enforcer {} unreachable: {e}", peer.name);
         let (mut tunnel, pooled) = self.pool.get(peer).await.map_err(unreachable)?;
         match exchange(&mut tunnel, request).await {
@@ -162,6 +174,9 @@ async fn exchange(tunnel: &mut Tunnel, request: &Request) -> io::Result<Response
     match tokio::time::timeout(ANSWER_TIMEOUT, Response::read(tunnel)).await {
         Ok(Ok(answer)) => Ok(answer),
         Ok(Err(e)) => Err(io::Error::other(e.to_string())),
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "no answer from the peer enforcer")),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no answer from the peer enforcer",
+        )),
     }
 }

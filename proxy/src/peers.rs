@@ -30,7 +30,10 @@ impl PeerTable {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        self.routes.iter().find(|(net, _)| net.contains(&ip)).map(|(_, peer)| peer)
+        self.routes
+            .iter()
+            .find(|(net, _)| net.contains(&ip))
+            .map(|(_, peer)| peer)
     }
 
     pub fn peers(&self) -> impl Iterator<Item = &Peer> {
@@ -43,7 +46,10 @@ mod tests {
     use super::*;
 
     fn peer(name: &str) -> Peer {
-        Peer { name: name.into(), tunnel: "10.0.0.1:15008".parse().unwrap() }
+        Peer {
+            name: name.into(),
+            tunnel: "10.0.0.1:15008".parse().unwrap(),
+        }
     }
 
     #[test]
@@ -53,9 +59,21 @@ mod tests {
             ("10.77.0.2/32".parse().unwrap(), peer("b")),
             ("fd00::/64".parse().unwrap(), peer("v6")),
         ]);
-        assert_eq!(table.lookup("10.77.0.2".parse().unwrap()).unwrap().name, "b");
-        assert_eq!(table.lookup("10.77.9.9".parse().unwrap()).unwrap().name, "wide");
-        assert_eq!(table.lookup("::ffff:10.77.0.2".parse().unwrap()).unwrap().name, "b");
+        assert_eq!(
+            table.lookup("10.77.0.2".parse().unwrap()).unwrap().name,
+            "b"
+        );
+        assert_eq!(
+            table.lookup("10.77.9.9".parse().unwrap()).unwrap().name,
+            "wide"
+        );
+        assert_eq!(
+            table
+                .lookup("::ffff:10.77.0.2".parse().unwrap())
+                .unwrap()
+                .name,
+            "b"
+        );
         assert_eq!(table.lookup("fd00::5".parse().unwrap()).unwrap().name, "v6");
         assert!(table.lookup("192.0.2.1".parse().unwrap()).is_none());
     }

@@ -31,16 +31,27 @@ pub struct TunnelDialer {
 
 impl TunnelDialer {
     pub fn new(config: Arc<rustls::ClientConfig>, mark: u32, timeout: Duration) -> Self {
-        Self { connector: TlsConnector::from(config), mark, timeout }
+        Self {
+            connector: TlsConnector::from(config),
+            mark,
+            timeout,
+        }
     }
 
     pub async fn dial(&self, peer: &Peer) -> io::Result<Tunnel> {
         let tcp = connect_marked(peer.tunnel, self.mark, None, self.timeout).await?;
-        let name = ServerName::try_from(peer.name.clone())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("peer name {:?}: {e}", peer.name)))?;
+        let name = ServerName::try_from(peer.name.clone()).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("peer name {:?}: {e}", peer.name),
+            )
+        })?;
         match tokio::time::timeout(self.timeout, self.connector.connect(name, tcp)).await {
             Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("TLS handshake with {} timed out", peer.name))),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("TLS handshake with {} timed out", peer.name),
+            )),
         }
     }
 }
@@ -68,11 +79,21 @@ const BACKOFF: Duration = Duration::from_secs(1);
 
 impl TunnelPool {
     pub fn new(dialer: TunnelDialer, size: usize, max_idle: Duration) -> Arc<Self> {
-        Arc::new(Self { dialer: Arc::new(dialer), size, max_idle, peers: Mutex::default() })
+        Arc::new(Self {
+            dialer: Arc::new(dialer),
+            size,
+            max_idle,
+            peers: Mutex::default(),
+        })
     }
 
     fn peer_pool(&self, peer: &Peer) -> Arc<PeerPool> {
-        self.peers.lock().expect("lock").entry(peer.clone()).or_default().clone()
+        self.peers
+            .lock()
+            .expect("lock")
+            .entry(peer.clone())
+            .or_default()
+            .clone()
     }
 
     /// A tunnel to `peer`, and whether it came warm from the pool.
@@ -125,7 +146,11 @@ impl TunnelPool {
             let (dialer, pool, peer) = (self.dialer.clone(), pool.clone(), peer.clone());
             tokio::spawn(async move {
                 match dialer.dial(&peer).await {
-                    Ok(tunnel) => pool.idle.lock().expect("lock").push_back((Instant::now(), tunnel)),
+                    Ok(tunnel) => pool
+                        .idle
+                        .lock()
+                        .expect("lock")
+                        .push_back((Instant::now(), tunnel)),
                     Err(e) => {
                         tracing::debug!(peer = %peer.name, error = %e, "warming a tunnel failed");
                         *pool.backoff_until.lock().expect("lock") = Some(Instant::now() + BACKOFF);

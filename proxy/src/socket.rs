@@ -24,7 +24,10 @@ pub async fn connect_marked(
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(stream) => stream,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out"))),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {dst} timed out"),
+        )),
     }
 }
 

@@ -29,7 +29,10 @@ pub struct Identity {
 }
 
 fn file_err(path: &Path, what: impl std::fmt::Display) -> TlsError {
-    TlsError::File { path: path.display().to_string(), what: what.to_string() }
+    TlsError::File {
+        path: path.display().to_string(),
+        what: what.to_string(),
+    }
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

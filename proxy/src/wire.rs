@@ -138,7 +138,15 @@ impl Request {
         if !r.0.is_empty() {
             return Err(WireError::Malformed("trailing bytes after header body"));
         }
-        Ok(Self { dst: SocketAddr::new(dst_ip, port), source: Source { workload, pid, uid, cgroup_id } })
+        Ok(Self {
+            dst: SocketAddr::new(dst_ip, port),
+            source: Source {
+                workload,
+                pid,
+                uid,
+                cgroup_id,
+            },
+        })
     }
 
     pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Self, WireError> {
@@ -162,7 +170,10 @@ impl Request {
 
 impl Response {
     pub fn new(status: Status, reason: impl Into<String>) -> Self {
-        Self { status, reason: reason.into() }
+        Self {
+            status,
+            reason: reason.into(),
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -182,7 +193,8 @@ impl Response {
         let status = Status::from_u8(head[1])?;
         let mut reason = vec![0u8; head[2] as usize];
         read_exact(r, &mut reason, "response reason").await?;
-        let reason = String::from_utf8(reason).map_err(|_| WireError::Malformed("reason is not UTF-8"))?;
+        let reason =
+            String::from_utf8(reason).map_err(|_| WireError::Malformed("reason is not UTF-8"))?;
         Ok(Self { status, reason })
     }
 
@@ -241,14 +253,22 @@ mod tests {
     fn sample() -> Request {
         Request {
             dst: "10.77.0.2:8080".parse().unwrap(),
-            source: Source { workload: "web".into(), pid: 42, uid: 1000, cgroup_id: 7 },
+            source: Source {
+                workload: "web".into(),
+                pid: 42,
+                uid: 1000,
+                cgroup_id: 7,
+            },
         }
     }
 
     #[tokio::test]
     async fn request_round_trips_v4_and_v6() {
         for dst in ["10.77.0.2:8080", "[fd00::2]:443"] {
-            let req = Request { dst: dst.parse().unwrap(), ..sample() };
+            let req = Request {
+                dst: dst.parse().unwrap(),
+                ..sample()
+            };
             let bytes = req.encode();
             let got = Request::read(&mut bytes.as_slice()).await.unwrap();
             assert_eq!(got, req);
@@ -260,7 +280,10 @@ mod tests {
         let bytes = sample().encode();
         for cut in 0..bytes.len() {
             let err = Request::read(&mut &bytes[..cut]).await.unwrap_err();
-            assert!(matches!(err, WireError::Truncated(_)), "cut at {cut}: {err}");
+            assert!(
+                matches!(err, WireError::Truncated(_)),
+                "cut at {cut}: {err}"
+            );
         }
     }
 
@@ -275,11 +298,16 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_and_wrong_version_are_rejected() {
-        let err = Request::read(&mut &b"GET / HTTP/1.1\r\n"[..]).await.unwrap_err();
+        let err = Request::read(&mut &b"GET / HTTP/1.1\r\n"[..])
+            .await
+            .unwrap_err();
         assert!(matches!(err, WireError::BadMagic));
         let mut bytes = sample().encode();
         bytes[4] = 9;
-        assert!(matches!(Request::read(&mut bytes.as_slice()).await.unwrap_err(), WireError::Version(9)));
+        assert!(matches!(
+            Request::read(&mut bytes.as_slice()).await.unwrap_err(),
+            WireError::Version(9)
+        ));
     }
 
     #[test]
@@ -287,10 +315,16 @@ mod tests {
         let bytes = sample().encode();
         let mut body = bytes[7..].to_vec();
         body.push(0);
-        assert!(matches!(Request::decode_body(&body), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            Request::decode_body(&body),
+            Err(WireError::Malformed(_))
+        ));
         let mut body = bytes[7..].to_vec();
         body[0] = 5;
-        assert!(matches!(Request::decode_body(&body), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            Request::decode_body(&body),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[tokio::test]
@@ -298,7 +332,9 @@ mod tests {
         let resp = Response::new(Status::NotServed, "no workload serves port 9");
         let got = Response::read(&mut resp.encode().as_slice()).await.unwrap();
         assert_eq!(got, resp);
-        let err = Response::read(&mut &[VERSION, 200, 0][..]).await.unwrap_err();
+        let err = Response::read(&mut &[VERSION, 200, 0][..])
+            .await
+            .unwrap_err();
         assert!(matches!(err, WireError::UnknownStatus(200)));
     }
 

@@ -33,9 +33,16 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Runs a command on the machine (not in a test host) and fails with its stderr.
 pub fn sh(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
     if !out.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -55,7 +62,9 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 /// Fails unless the prerequisites of root tests are here: in CI a missing one is a failure.
 pub fn require_root() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
-        bail!("end-to-end tests need root (network namespaces, cgroups, eBPF); run them as root, e.g. `sudo cargo xtask test`");
+        bail!(
+            "end-to-end tests need root (network namespaces, cgroups, eBPF); run them as root, e.g. `sudo cargo xtask test`"
+        );
     }
     for tool in ["ip", "python3", "curl"] {
         if which(tool).is_none() {
@@ -105,7 +114,10 @@ pub struct EnforcerOptions {
 
 impl Default for EnforcerOptions {
     fn default() -> Self {
-        Self { pool_size: 16, keep_attached: false }
+        Self {
+            pool_size: 16,
+            keep_attached: false,
+        }
     }
 }
 
@@ -171,9 +183,17 @@ impl TestNet {
             let addr = Ipv4Addr::new(10, 77, 0, i as u8 + 1);
             sh("ip", &["netns", "add", &netns])?;
             let port = format!("p{i}");
-            net.ip(&switch, &["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+            net.ip(
+                &switch,
+                &[
+                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+                ],
+            )?;
             net.ip(&switch, &["link", "set", &port, "master", "br0", "up"])?;
-            net.ip(&netns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            net.ip(
+                &netns,
+                &["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+            )?;
             net.ip(&netns, &["link", "set", "eth0", "up"])?;
             net.ip(&netns, &["link", "set", "lo", "up"])?;
             for cg in ["enforcer", "other"] {
@@ -192,7 +212,16 @@ impl TestNet {
         let ca = net.dir.join("ca");
         net.tessera(&["ca", "init", "--dir", ca.to_str().unwrap()])?;
         for h in &net.hosts {
-            net.tessera(&["ca", "issue", "--ca-dir", ca.to_str().unwrap(), "--name", &h.name, "--out-dir", ca.to_str().unwrap()])?;
+            net.tessera(&[
+                "ca",
+                "issue",
+                "--ca-dir",
+                ca.to_str().unwrap(),
+                "--name",
+                &h.name,
+                "--out-dir",
+                ca.to_str().unwrap(),
+            ])?;
         }
         Ok(net)
     }
@@ -213,7 +242,10 @@ impl TestNet {
     }
 
     pub fn host(&self, name: &str) -> &Host {
-        self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name}"))
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
     }
 
     /// The netns of the bridge that joins the hosts (for packet captures: host i is on port `p{i}`).
@@ -222,7 +254,9 @@ impl TestNet {
     }
 
     pub fn cgroup(&self, host: &Host, workload: Option<&str>) -> PathBuf {
-        self.cgroup_root.join(&host.name).join(workload.unwrap_or("other"))
+        self.cgroup_root
+            .join(&host.name)
+            .join(workload.unwrap_or("other"))
     }
 
     pub fn pin_dir(&self, host: &Host) -> PathBuf {
@@ -238,11 +272,20 @@ impl TestNet {
     }
 
     /// Declares a workload on `host`: a cgroup of its own, enrolled when the enforcer starts.
-    pub fn add_workload(&self, host: &Host, name: &str, labels: &[(&str, &str)], ports: &[u16]) -> Result<()> {
+    pub fn add_workload(
+        &self,
+        host: &Host,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[u16],
+    ) -> Result<()> {
         fs::create_dir_all(self.cgroup(host, Some(name)))?;
         host.workloads.lock().unwrap().push(WorkloadSpec {
             name: name.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ports: ports.to_vec(),
         });
         Ok(())
@@ -266,7 +309,11 @@ impl TestNet {
             flows = self.flow_log(host).display(),
         );
         for w in host.workloads.lock().unwrap().iter() {
-            let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k:?} = {v:?}")).collect();
+            let labels: Vec<String> = w
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k:?} = {v:?}"))
+                .collect();
             c += &format!(
                 "\n[[workload]]\nname = \"{}\"\ncgroup = \"{}\"\nlabels = {{ {} }}\nports = {:?}\n",
                 w.name,
@@ -275,7 +322,11 @@ impl TestNet {
                 w.ports
             );
         }
-        for peer in self.hosts.iter().filter(|p| p.name != host.name && p.with_enforcer) {
+        for peer in self
+            .hosts
+            .iter()
+            .filter(|p| p.name != host.name && p.with_enforcer)
+        {
             c += &format!(
                 "\n[[peer]]\nname = \"{}\"\ntunnel = \"{}:{TUNNEL_PORT}\"\nserves = [\"{}/32\"]\n",
                 peer.name, peer.addr, peer.addr
@@ -313,8 +364,19 @@ impl TestNet {
 
     /// Starts a long-running program (a server) on `host` in `workload`'s cgroup (None: an
     /// unenrolled cgroup). It is killed when the TestNet is dropped.
-    pub fn spawn(&self, host: &Host, workload: Option<&str>, program: &str, args: &[&str]) -> Result<u32> {
-        let log = fs::File::create(self.dir.join(format!("{}-{}-{}.log", host.name, workload.unwrap_or("other"), program.replace('/', "_"))))?;
+    pub fn spawn(
+        &self,
+        host: &Host,
+        workload: Option<&str>,
+        program: &str,
+        args: &[&str],
+    ) -> Result<u32> {
+        let log = fs::File::create(self.dir.join(format!(
+            "{}-{}-{}.log",
+            host.name,
+            workload.unwrap_or("other"),
+            program.replace('/', "_")
+        )))?;
         let child = self
             .command(host, &self.cgroup(host, workload), program, args)
             .stdin(Stdio::null())
@@ -328,7 +390,14 @@ impl TestNet {
     }
 
     /// Runs a program to completion on `host`, killing it after `timeout`.
-    pub fn run(&self, host: &Host, workload: Option<&str>, program: &str, args: &[&str], timeout: Duration) -> Result<Output> {
+    pub fn run(
+        &self,
+        host: &Host,
+        workload: Option<&str>,
+        program: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<Output> {
         self.run_with_input(host, workload, program, args, &[], timeout)
     }
 
@@ -373,12 +442,20 @@ impl TestNet {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("{program} {} on {} did not finish within {timeout:?}", args.join(" "), host.name);
+                bail!(
+                    "{program} {} on {} did not finish within {timeout:?}",
+                    args.join(" "),
+                    host.name
+                );
             }
             thread::sleep(Duration::from_millis(10));
         };
         let _ = writer.join();
-        Ok(Output { status, stdout: out_reader.join().unwrap(), stderr: err_reader.join().unwrap() })
+        Ok(Output {
+            status,
+            stdout: out_reader.join().unwrap(),
+            stderr: err_reader.join().unwrap(),
+        })
     }
 
     /// Starts `host`'s enforcer and waits until it serves.
@@ -386,14 +463,31 @@ impl TestNet {
         let config = self.write_config(host)?;
         let ready = self.dir.join(format!("{}.ready", host.name));
         let _ = fs::remove_file(&ready);
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path(host))?;
-        let mut args = vec!["run", "--config", config.to_str().unwrap(), "--ready-file", ready.to_str().unwrap()];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(host))?;
+        let mut args = vec![
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--ready-file",
+            ready.to_str().unwrap(),
+        ];
         if self.options.lock().unwrap().keep_attached {
             args.push("--keep-attached");
         }
         let mut child = self
-            .command(host, &self.cgroup(host, Some("enforcer")), self.bin.to_str().unwrap(), &args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .command(
+                host,
+                &self.cgroup(host, Some("enforcer")),
+                self.bin.to_str().unwrap(),
+                &args,
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -401,11 +495,19 @@ impl TestNet {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready.exists() {
             if let Some(status) = child.try_wait()? {
-                bail!("enforcer on {} exited ({status}) during start-up:\n{}", host.name, self.enforcer_log(host));
+                bail!(
+                    "enforcer on {} exited ({status}) during start-up:\n{}",
+                    host.name,
+                    self.enforcer_log(host)
+                );
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("enforcer on {} not ready within 30 s:\n{}", host.name, self.enforcer_log(host));
+                bail!(
+                    "enforcer on {} not ready within 30 s:\n{}",
+                    host.name,
+                    self.enforcer_log(host)
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -424,7 +526,9 @@ impl TestNet {
 
     /// Stops `host`'s enforcer with SIGTERM (or SIGKILL) and waits for it.
     pub fn stop_enforcer(&self, host: &Host, kill: bool) -> Result<()> {
-        let Some(mut child) = host.enforcer.lock().unwrap().take() else { return Ok(()) };
+        let Some(mut child) = host.enforcer.lock().unwrap().take() else {
+            return Ok(());
+        };
         let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
         unsafe { libc::kill(child.id() as i32, sig) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -460,7 +564,12 @@ impl TestNet {
     }
 
     /// Waits until flow records matching `pred` number at least `n` on `host`.
-    pub fn wait_flows(&self, host: &Host, n: usize, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+    pub fn wait_flows(
+        &self,
+        host: &Host,
+        n: usize,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let got: Vec<_> = self.flows(host).into_iter().filter(|f| pred(f)).collect();
@@ -546,7 +655,11 @@ impl Drop for TestNet {
     fn drop(&mut self) {
         if thread::panicking() {
             for h in &self.hosts {
-                eprintln!("--- enforcer log of {} ---\n{}", h.name, self.enforcer_log(h));
+                eprintln!(
+                    "--- enforcer log of {} ---\n{}",
+                    h.name,
+                    self.enforcer_log(h)
+                );
             }
         }
         self.cleanup();

@@ -10,14 +10,22 @@ const SECS_30: Duration = Duration::from_secs(30);
 /// Host a (client side, workload "web") and host b (workload "api" serving 8080 and 9000).
 fn two_hosts() -> TestNet {
     let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
-    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[]).unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080, 9000]).unwrap();
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080, 9000])
+        .unwrap();
     net
 }
 
 fn json(out: &std::process::Output) -> Value {
-    assert!(out.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(out.stdout.trim_ascii())
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Starts `python3 -m http.server` as workload `api` on host-b, serving `content` at /index.txt.
@@ -27,14 +35,34 @@ fn web_server(net: &TestNet, content: &str) -> u32 {
     fs::write(root.join("index.txt"), content).unwrap();
     let b = net.host("host-b");
     let pid = net
-        .spawn(b, Some("api"), "python3", &["-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory", root.to_str().unwrap()])
+        .spawn(
+            b,
+            Some("api"),
+            "python3",
+            &[
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+                root.to_str().unwrap(),
+            ],
+        )
         .unwrap();
     net.wait_listening(pid, 8080).unwrap();
     pid
 }
 
 fn curl(net: &TestNet, host: &str, workload: Option<&str>, url: &str) -> std::process::Output {
-    net.run(net.host(host), workload, "curl", &["-sS", "-m", "5", "--fail", url], SECS_30).unwrap()
+    net.run(
+        net.host(host),
+        workload,
+        "curl",
+        &["-sS", "-m", "5", "--fail", url],
+        SECS_30,
+    )
+    .unwrap()
 }
 
 fn server_log(net: &TestNet) -> String {
@@ -46,11 +74,24 @@ fn http_request_crosses_the_tunnel_and_both_ends_record_it() {
     let net = two_hosts();
     net.start_enforcers().unwrap();
     web_server(&net, "hello from api\n");
-    let out = curl(&net, "host-a", Some("web"), "http://10.77.0.2:8080/index.txt");
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = curl(
+        &net,
+        "host-a",
+        Some("web"),
+        "http://10.77.0.2:8080/index.txt",
+    );
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, b"hello from api\n");
     // The workload was reached by the proxy's delivery address, not by host-a directly.
-    assert!(server_log(&net).contains("127.0.0.77 - -"), "server log: {}", server_log(&net));
+    assert!(
+        server_log(&net).contains("127.0.0.77 - -"),
+        "server log: {}",
+        server_log(&net)
+    );
 
     let (a, b) = (net.host("host-a"), net.host("host-b"));
     let out_flow = net.wait_flows(a, 1, |f| f["direction"] == "outbound");
@@ -77,18 +118,34 @@ fn a_large_transfer_arrives_intact_both_ways_and_half_close_works() {
     net.start_enforcers().unwrap();
     let tool = net.tool().unwrap();
     let b = net.host("host-b");
-    let pid = net.spawn(b, Some("api"), "python3", &[&tool, "serve-blast", "9000"]).unwrap();
+    let pid = net
+        .spawn(b, Some("api"), "python3", &[&tool, "serve-blast", "9000"])
+        .unwrap();
     net.wait_listening(pid, 9000).unwrap();
     // 48 MiB up, then (after the client's half-close) 32 MiB back.
     let out = net
-        .run(net.host("host-a"), Some("web"), "python3", &[&tool, "blast", "10.77.0.2", "9000", "50331648", "33554432"], Duration::from_secs(120))
+        .run(
+            net.host("host-a"),
+            Some("web"),
+            "python3",
+            &[&tool, "blast", "10.77.0.2", "9000", "50331648", "33554432"],
+            Duration::from_secs(120),
+        )
         .unwrap();
     let r = json(&out);
-    assert_eq!(r["sent_ok"], true, "server's digest of what it received differs: {r}");
+    assert_eq!(
+        r["sent_ok"], true,
+        "server's digest of what it received differs: {r}"
+    );
     assert_eq!(r["received_ok"], true, "reply corrupted or short: {r}");
     assert_eq!(r["received"], 33554432);
-    let flows = net.wait_flows(net.host("host-a"), 1, |f| f["dst"]["addr"] == "10.77.0.2:9000");
-    assert_eq!(flows[0]["bytes_sent"].as_u64().unwrap(), 50331648 + "33554432\n".len() as u64);
+    let flows = net.wait_flows(net.host("host-a"), 1, |f| {
+        f["dst"]["addr"] == "10.77.0.2:9000"
+    });
+    assert_eq!(
+        flows[0]["bytes_sent"].as_u64().unwrap(),
+        50331648 + "33554432\n".len() as u64
+    );
     assert_eq!(flows[0]["bytes_received"].as_u64().unwrap(), 33554432 + 65);
 }
 
@@ -97,34 +154,77 @@ fn many_concurrent_connections_all_get_their_own_answer() {
     let net = two_hosts();
     net.start_enforcers().unwrap();
     let tool = net.tool().unwrap();
-    let pid = net.spawn(net.host("host-b"), Some("api"), "python3", &[&tool, "serve-echo", "9000"]).unwrap();
+    let pid = net
+        .spawn(
+            net.host("host-b"),
+            Some("api"),
+            "python3",
+            &[&tool, "serve-echo", "9000"],
+        )
+        .unwrap();
     net.wait_listening(pid, 9000).unwrap();
-    let out = net.run(net.host("host-a"), Some("web"), "python3", &[&tool, "echo-many", "10.77.0.2", "9000", "300"], Duration::from_secs(60)).unwrap();
+    let out = net
+        .run(
+            net.host("host-a"),
+            Some("web"),
+            "python3",
+            &[&tool, "echo-many", "10.77.0.2", "9000", "300"],
+            Duration::from_secs(60),
+        )
+        .unwrap();
     let r = json(&out);
     assert_eq!(r["ok"], 300, "{r}");
     let flows = net.wait_flows(net.host("host-a"), 300, |f| f["verdict"] == "allowed");
     assert_eq!(flows.len(), 300);
     // Most connections found a warm tunnel (the pool refills behind the burst).
     let pooled = flows.iter().filter(|f| f["pooled"] == true).count();
-    assert!(pooled >= 16, "only {pooled} of 300 connections used a pooled tunnel");
+    assert!(
+        pooled >= 16,
+        "only {pooled} of 300 connections used a pooled tunnel"
+    );
 }
 
 #[test]
 fn redis_works_unmodified_through_the_tunnel() {
-    assert!(which("redis-server").is_some() && which("redis-cli").is_some(), "redis is missing: run `cargo xtask setup`");
+    assert!(
+        which("redis-server").is_some() && which("redis-cli").is_some(),
+        "redis is missing: run `cargo xtask setup`"
+    );
     let net = two_hosts();
     net.start_enforcers().unwrap();
     let b = net.host("host-b");
     let pid = net
-        .spawn(b, Some("api"), "redis-server", &["--port", "9000", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no"])
+        .spawn(
+            b,
+            Some("api"),
+            "redis-server",
+            &[
+                "--port",
+                "9000",
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+        )
         .unwrap();
     net.wait_listening(pid, 9000).unwrap();
     let a = net.host("host-a");
     let cli = |args: &[&str]| {
         let mut full = vec!["-h", "10.77.0.2", "-p", "9000"];
         full.extend_from_slice(args);
-        let out = net.run(a, Some("web"), "redis-cli", &full, SECS_30).unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = net
+            .run(a, Some("web"), "redis-cli", &full, SECS_30)
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     };
     assert_eq!(cli(&["SET", "tessera", "tessera-token"]), "OK");
@@ -135,20 +235,44 @@ fn redis_works_unmodified_through_the_tunnel() {
 
 #[test]
 fn tunnelled_traffic_is_encrypted_on_the_wire() {
-    assert!(which("tcpdump").is_some(), "tcpdump is missing: run `cargo xtask setup`");
+    assert!(
+        which("tcpdump").is_some(),
+        "tcpdump is missing: run `cargo xtask setup`"
+    );
     let net = two_hosts();
     net.start_enforcers().unwrap();
     let marker = "TESSERA-PLAINTEXT-MARKER-7f3a";
     web_server(&net, &format!("{marker}\n").repeat(2000));
     // An unprotected control service on host-b, outside any workload.
     let tool = net.tool().unwrap();
-    let pid = net.spawn(net.host("host-b"), None, "python3", &[&tool, "serve-echo", "7000"]).unwrap();
+    let pid = net
+        .spawn(
+            net.host("host-b"),
+            None,
+            "python3",
+            &[&tool, "serve-echo", "7000"],
+        )
+        .unwrap();
     net.wait_listening(pid, 7000).unwrap();
 
     let pcap = net.dir.join("wire.pcap");
     let sw = net.switch_netns().to_owned();
     let mut dump = std::process::Command::new("ip")
-        .args(["netns", "exec", &sw, "tcpdump", "-i", "p0", "--immediate-mode", "-U", "-s", "0", "-w", pcap.to_str().unwrap(), "tcp"])
+        .args([
+            "netns",
+            "exec",
+            &sw,
+            "tcpdump",
+            "-i",
+            "p0",
+            "--immediate-mode",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            pcap.to_str().unwrap(),
+            "tcp",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -157,10 +281,18 @@ fn tunnelled_traffic_is_encrypted_on_the_wire() {
     let mut line = String::new();
     while !line.contains("listening") {
         line.clear();
-        assert!(std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0, "tcpdump exited");
+        assert!(
+            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
+            "tcpdump exited"
+        );
     }
 
-    let out = curl(&net, "host-a", Some("web"), "http://10.77.0.2:8080/index.txt");
+    let out = curl(
+        &net,
+        "host-a",
+        Some("web"),
+        "http://10.77.0.2:8080/index.txt",
+    );
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(marker));
     // Control: the same marker sent by an unenrolled client to the unprotected port is
     // visible in the capture, which proves the capture would have seen plaintext.
@@ -168,20 +300,38 @@ fn tunnelled_traffic_is_encrypted_on_the_wire() {
     let out = net
         .run_with_input(net.host("host-a"), None, "python3", &["-c", "import socket,sys;s=socket.create_connection(('10.77.0.2',7000));s.sendall(sys.stdin.buffer.read());s.shutdown(1);print(s.recv(99))"], control.as_bytes(), SECS_30)
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::thread::sleep(Duration::from_millis(300));
     unsafe { libc_kill(dump.id()) };
     let _ = dump.wait();
 
     let bytes = fs::read(&pcap).unwrap();
     let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-    assert!(contains(control.as_bytes()), "capture did not see the control plaintext ({} bytes captured)", bytes.len());
+    assert!(
+        contains(control.as_bytes()),
+        "capture did not see the control plaintext ({} bytes captured)",
+        bytes.len()
+    );
     let count = |needle: &[u8]| bytes.windows(needle.len()).filter(|w| *w == needle).count();
     // The marker appears only inside the control message (sent and echoed), never in the
     // 2000 copies of the tunnelled transfer.
-    assert_eq!(count(marker.as_bytes()), count(control.as_bytes()), "application plaintext visible on the wire");
-    assert!(bytes.len() > 2000 * marker.len(), "the tunnelled transfer is missing from the capture");
-    assert!(contains(b"GET /index.txt") == false, "HTTP request visible on the wire");
+    assert_eq!(
+        count(marker.as_bytes()),
+        count(control.as_bytes()),
+        "application plaintext visible on the wire"
+    );
+    assert!(
+        bytes.len() > 2000 * marker.len(),
+        "the tunnelled transfer is missing from the capture"
+    );
+    assert!(
+        contains(b"GET /index.txt") == false,
+        "HTTP request visible on the wire"
+    );
 }
 
 unsafe fn libc_kill(pid: u32) {
@@ -194,21 +344,35 @@ unsafe fn libc_kill(pid: u32) {
 #[test]
 fn a_direct_connection_to_a_protected_port_never_reaches_the_application() {
     let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["outsider"]).unwrap();
-    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[]).unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080]).unwrap();
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080])
+        .unwrap();
     net.start_enforcers().unwrap();
     web_server(&net, "secret\n");
     // From a host without an enforcer, and from an unenrolled process on an enforced host.
     for (host, workload) in [("outsider", None), ("host-a", None)] {
         let out = curl(&net, host, workload, "http://10.77.0.2:8080/index.txt");
-        assert!(!out.status.success(), "{host} reached the protected port directly");
+        assert!(
+            !out.status.success(),
+            "{host} reached the protected port directly"
+        );
         assert!(!String::from_utf8_lossy(&out.stdout).contains("secret"));
     }
     // Through the tunnel it works, and it is the only request the application ever saw.
-    let out = curl(&net, "host-a", Some("web"), "http://10.77.0.2:8080/index.txt");
+    let out = curl(
+        &net,
+        "host-a",
+        Some("web"),
+        "http://10.77.0.2:8080/index.txt",
+    );
     assert_eq!(out.stdout, b"secret\n");
     let log = server_log(&net);
-    assert_eq!(log.matches("GET /index.txt").count(), 1, "server log: {log}");
+    assert_eq!(
+        log.matches("GET /index.txt").count(),
+        1,
+        "server log: {log}"
+    );
     let denied = net.wait_flows(net.host("host-b"), 2, |f| f["direction"] == "direct");
     assert_eq!(denied.len(), 2, "{denied:?}");
     for f in &denied {
@@ -216,27 +380,64 @@ fn a_direct_connection_to_a_protected_port_never_reaches_the_application() {
         assert_eq!(f["dst"]["workload"], "api");
         assert!(f["reason"].as_str().unwrap().starts_with("unauthenticated"));
     }
-    let sources: Vec<&str> = denied.iter().map(|f| f["src"]["addr"].as_str().unwrap()).collect();
-    assert!(sources.iter().any(|s| s.starts_with("10.77.0.3:")) && sources.iter().any(|s| s.starts_with("10.77.0.1:")), "{sources:?}");
+    let sources: Vec<&str> = denied
+        .iter()
+        .map(|f| f["src"]["addr"].as_str().unwrap())
+        .collect();
+    assert!(
+        sources.iter().any(|s| s.starts_with("10.77.0.3:"))
+            && sources.iter().any(|s| s.starts_with("10.77.0.1:")),
+        "{sources:?}"
+    );
 }
 
 #[test]
 fn unenrolled_clients_are_untouched_and_unserved_destinations_refused() {
     let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["outsider"]).unwrap();
-    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[]).unwrap();
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
     net.start_enforcers().unwrap();
     let tool = net.tool().unwrap();
-    let pid = net.spawn(net.host("outsider"), None, "python3", &[&tool, "serve-blast", "7000"]).unwrap();
+    let pid = net
+        .spawn(
+            net.host("outsider"),
+            None,
+            "python3",
+            &[&tool, "serve-blast", "7000"],
+        )
+        .unwrap();
     net.wait_listening(pid, 7000).unwrap();
     let a = net.host("host-a");
     // Unenrolled process: a plain, direct connection.
-    let out = net.run(a, None, "python3", &[&tool, "blast", "10.77.0.3", "7000", "1000", "1000"], SECS_30).unwrap();
+    let out = net
+        .run(
+            a,
+            None,
+            "python3",
+            &[&tool, "blast", "10.77.0.3", "7000", "1000", "1000"],
+            SECS_30,
+        )
+        .unwrap();
     assert_eq!(json(&out)["received_ok"], true);
     let peers = fs::read_to_string(net.dir.join("outsider-other-python3.log")).unwrap();
-    assert!(peers.contains("\"peer\": \"10.77.0.1\""), "the outsider should see host-a itself: {peers}");
+    assert!(
+        peers.contains("\"peer\": \"10.77.0.1\""),
+        "the outsider should see host-a itself: {peers}"
+    );
     // Enrolled workload: captured, and no enforcer serves 10.77.0.3, so it is refused.
-    let out = net.run(a, Some("web"), "python3", &[&tool, "blast", "10.77.0.3", "7000", "1000", "1000"], SECS_30).unwrap();
-    assert!(!out.status.success(), "a captured connection to an address without an enforcer must be refused");
+    let out = net
+        .run(
+            a,
+            Some("web"),
+            "python3",
+            &[&tool, "blast", "10.77.0.3", "7000", "1000", "1000"],
+            SECS_30,
+        )
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a captured connection to an address without an enforcer must be refused"
+    );
     let flows = net.wait_flows(a, 1, |f| f["verdict"] == "denied");
     assert_eq!(flows.len(), 1, "{:?}", net.flows(a));
     assert_eq!(flows[0]["reason"], "no enforcer serves 10.77.0.3");
@@ -245,11 +446,22 @@ fn unenrolled_clients_are_untouched_and_unserved_destinations_refused() {
     assert_eq!(net.flows(a).len(), 1);
     // And host-local traffic of an enrolled workload is never captured.
     let out = net.run(a, Some("web"), "python3", &["-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(); c=socket.create_connection(s.getsockname()); print(s.accept()[1][0])"], SECS_30).unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "127.0.0.1", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "127.0.0.1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn pinned_links(dir: &Path) -> usize {
-    fs::read_dir(dir.join("links")).map(|gens| gens.flatten().map(|g| fs::read_dir(g.path()).map(|l| l.count()).unwrap_or(0)).sum()).unwrap_or(0)
+    fs::read_dir(dir.join("links"))
+        .map(|gens| {
+            gens.flatten()
+                .map(|g| fs::read_dir(g.path()).map(|l| l.count()).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 #[test]
@@ -259,28 +471,72 @@ fn capture_survives_an_enforcer_restart_failing_closed_meanwhile() {
     net.start_enforcers().unwrap();
     web_server(&net, "v1\n");
     let (a, b) = (net.host("host-a"), net.host("host-b"));
-    assert_eq!(curl(&net, "host-a", Some("web"), "http://10.77.0.2:8080/index.txt").stdout, b"v1\n");
+    assert_eq!(
+        curl(
+            &net,
+            "host-a",
+            Some("web"),
+            "http://10.77.0.2:8080/index.txt"
+        )
+        .stdout,
+        b"v1\n"
+    );
     let links_before = pinned_links(&net.pin_dir(a));
-    assert_eq!(links_before, 4, "connect4, connect6, sock_ops for web, and sk_lookup");
+    assert_eq!(
+        links_before, 4,
+        "connect4, connect6, sock_ops for web, and sk_lookup"
+    );
 
     // Both enforcers go down (one politely, one killed). Capture stays: nothing leaks around.
     net.stop_enforcer(a, false).unwrap();
     net.stop_enforcer(b, true).unwrap();
     assert_eq!(pinned_links(&net.pin_dir(a)), 4);
-    let out = curl(&net, "host-a", Some("web"), "http://10.77.0.2:8080/index.txt");
-    assert!(!out.status.success(), "a captured connection went around the stopped enforcer");
+    let out = curl(
+        &net,
+        "host-a",
+        Some("web"),
+        "http://10.77.0.2:8080/index.txt",
+    );
+    assert!(
+        !out.status.success(),
+        "a captured connection went around the stopped enforcer"
+    );
     // curl exit 7: the connect itself was refused (nothing listens on the outbound port).
-    assert_eq!(out.status.code(), Some(7), "fails fast and closed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "fails fast and closed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = curl(&net, "host-a", None, "http://10.77.0.2:8080/index.txt");
-    assert!(!out.status.success(), "a direct connection reached the protected port while its enforcer was down");
+    assert!(
+        !out.status.success(),
+        "a direct connection reached the protected port while its enforcer was down"
+    );
     assert_eq!(server_log(&net).matches("GET /index.txt").count(), 1);
 
     // Back up: the pinned maps are reused, the links replaced by a new generation.
     net.start_enforcers().unwrap();
-    assert_eq!(curl(&net, "host-a", Some("web"), "http://10.77.0.2:8080/index.txt").stdout, b"v1\n");
-    assert_eq!(pinned_links(&net.pin_dir(a)), 4, "old link generation not retired");
+    assert_eq!(
+        curl(
+            &net,
+            "host-a",
+            Some("web"),
+            "http://10.77.0.2:8080/index.txt"
+        )
+        .stdout,
+        b"v1\n"
+    );
+    assert_eq!(
+        pinned_links(&net.pin_dir(a)),
+        4,
+        "old link generation not retired"
+    );
     assert_eq!(server_log(&net).matches("GET /index.txt").count(), 2);
-    assert!(net.enforcer_log(a).contains("taking over capture pinned by a previous run"));
+    assert!(
+        net.enforcer_log(a)
+            .contains("taking over capture pinned by a previous run")
+    );
 }
 
 #[test]
@@ -293,8 +549,23 @@ fn sigterm_without_keep_removes_everything_it_attached() {
     assert!(!net.pin_dir(a).exists(), "pins left behind after SIGTERM");
     // With capture gone, the web workload connects directly again (no refusal by host-a).
     let tool = net.tool().unwrap();
-    let pid = net.spawn(net.host("host-b"), None, "python3", &[&tool, "serve-echo", "7000"]).unwrap();
+    let pid = net
+        .spawn(
+            net.host("host-b"),
+            None,
+            "python3",
+            &[&tool, "serve-echo", "7000"],
+        )
+        .unwrap();
     net.wait_listening(pid, 7000).unwrap();
-    let out = net.run(a, Some("web"), "python3", &[&tool, "echo-many", "10.77.0.2", "7000", "3"], SECS_30).unwrap();
+    let out = net
+        .run(
+            a,
+            Some("web"),
+            "python3",
+            &[&tool, "echo-many", "10.77.0.2", "7000", "3"],
+            SECS_30,
+        )
+        .unwrap();
     assert_eq!(json(&out)["ok"], 3);
 }

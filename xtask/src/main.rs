@@ -1,1 +1,73 @@
-fn main() {}
+//! `cargo xtask`: Tessera's project tasks.
+//!
+//! * `setup`  installs what a fresh machine lacks (idempotent).
+//! * `test`   setup, build, and every test of the workspace (unit and end-to-end).
+//! * `demo`   setup, build, then real workloads on test hosts behind Tessera; prints the map.
+//! * `bench`  direct vs through-Tessera throughput, connection rate, latency, memory.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod build;
+mod demo;
+mod load;
+mod setup;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the toolchain parts, bpf-linker and the Debian packages the project needs.
+    Setup,
+    /// Setup, build, and run every test (unit and end-to-end; end-to-end needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, and run the demo: three test hosts, real programs, the map.
+    Demo,
+    /// Measure direct vs through-Tessera performance on test hosts.
+    Bench {
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Shorter runs (for a quick look; figures are noisier).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Traffic programs the bench runs inside test hosts (not for direct use).
+    #[command(hide = true)]
+    Load {
+        #[command(subcommand)]
+        command: load::LoadCommand,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Test { args } => {
+            setup::run()?;
+            build::test(&args)
+        }
+        Command::Demo => {
+            setup::run()?;
+            let bin = build::release()?;
+            demo::run(&bin)
+        }
+        Command::Bench { json, quick } => {
+            setup::run()?;
+            let bin = build::release()?;
+            bench::run(&bin, json.as_deref(), quick)
+        }
+        Command::Load { command } => load::run(command),
+    }
+}

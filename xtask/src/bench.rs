@@ -1,0 +1,288 @@
+//! `cargo xtask bench`: the data path measured on test hosts, each figure **direct** (the
+//! same client and server programs, unenrolled, to an unprotected port) and **through
+//! Tessera** (enrolled client, protected port, mutual-TLS tunnel), in the same run.
+//!
+//! JSON output (`--json PATH`), schema 1; every figure is a number:
+//! * `throughput_bps.{direct,tessera,ratio}`: iperf3 bulk TCP, bits/s received; ratio = tessera/direct.
+//! * `connections_per_second.{direct,tessera,ratio}`: open + 1-byte echo + close, 4 client threads.
+//! * `latency_us.{p50,p99}.{direct,tessera,ratio}`: 64-byte request/response on one connection.
+//! * `pool.{pooled_cps,unpooled_cps,speedup}`: connection rate through Tessera with the warm
+//!   tunnel pool and with pooling off (every connection pays a TLS handshake).
+//! * `memory.{idle_rss_kib,loaded_rss_kib,per_connection_kib}.{host-a,host-b}` and
+//!   `memory.open_connections`: enforcer resident memory idle and holding that many
+//!   tunnelled connections.
+use std::{
+    fs,
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use tessera_tests::{Host, TestNet};
+
+fn out_json(out: &std::process::Output, what: &str) -> Result<Value> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(out.stdout.trim_ascii())
+        .with_context(|| format!("{what}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .context("no VmRSS")
+}
+
+struct Bench<'a> {
+    net: &'a TestNet,
+    load: String,
+    secs: u64,
+}
+
+impl Bench<'_> {
+    fn client(&self) -> &Host {
+        self.net.host("host-a")
+    }
+
+    /// `tessera`: enrolled client to the protected port; otherwise unenrolled to the plain one.
+    fn wl(tessera: bool) -> Option<&'static str> {
+        tessera.then_some("client")
+    }
+
+    fn iperf(&self, tessera: bool) -> Result<f64> {
+        let port = if tessera { "5201" } else { "5202" };
+        let t = self.secs.to_string();
+        let out = self.net.run(
+            self.client(),
+            Self::wl(tessera),
+            "iperf3",
+            &["-c", "10.77.0.2", "-p", port, "-t", &t, "-J"],
+            Duration::from_secs(self.secs + 30),
+        )?;
+        let v = out_json(&out, "iperf3")?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("iperf3 reported no throughput")
+    }
+
+    fn connrate(&self, tessera: bool) -> Result<f64> {
+        let addr = if tessera {
+            "10.77.0.2:7001"
+        } else {
+            "10.77.0.2:7002"
+        };
+        let secs = self.secs.to_string();
+        let out = self.net.run(
+            self.client(),
+            Self::wl(tessera),
+            &self.load,
+            &["load", "connrate", addr, &secs, "500000", "4"],
+            Duration::from_secs(self.secs + 30),
+        )?;
+        let v = out_json(&out, "connrate")?;
+        if v["errors"].as_u64().unwrap_or(0) > 0 {
+            eprintln!(
+                "bench: connrate ({}) saw {} errors",
+                if tessera { "tessera" } else { "direct" },
+                v["errors"]
+            );
+        }
+        v["per_second"].as_f64().context("no rate")
+    }
+
+    fn latency(&self, tessera: bool) -> Result<(f64, f64)> {
+        let addr = if tessera {
+            "10.77.0.2:7001"
+        } else {
+            "10.77.0.2:7002"
+        };
+        let count = (self.secs * 4000).to_string();
+        let out = self.net.run(
+            self.client(),
+            Self::wl(tessera),
+            &self.load,
+            &["load", "rr", addr, &count],
+            Duration::from_secs(90),
+        )?;
+        let v = out_json(&out, "rr")?;
+        Ok((
+            v["p50_us"].as_f64().context("p50")?,
+            v["p99_us"].as_f64().context("p99")?,
+        ))
+    }
+
+    fn memory(&self, n: usize) -> Result<(Value, Value, Value)> {
+        let (a, b) = (self.net.host("host-a"), self.net.host("host-b"));
+        let pids = [
+            self.net.enforcer_pid(a).context("enforcer a")?,
+            self.net.enforcer_pid(b).context("enforcer b")?,
+        ];
+        let idle = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+        let ready = self.net.dir.join("hold.ready");
+        self.net.spawn(
+            a,
+            Some("client"),
+            &self.load,
+            &[
+                "load",
+                "hold",
+                "10.77.0.2:7001",
+                &n.to_string(),
+                ready.to_str().unwrap(),
+                "300",
+            ],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while !ready.exists() {
+            if Instant::now() > deadline {
+                bail!("{n} connections were not open within 240 s");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        thread::sleep(Duration::from_millis(500));
+        let loaded = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+        fs::remove_file(&ready)?; // tells the holder to close its connections and exit
+        let per = |i: usize| (loaded[i].saturating_sub(idle[i])) as f64 / n as f64;
+        Ok((
+            json!({"host-a": idle[0], "host-b": idle[1]}),
+            json!({"host-a": loaded[0], "host-b": loaded[1]}),
+            json!({"host-a": per(0), "host-b": per(1)}),
+        ))
+    }
+}
+
+fn ratio(t: f64, d: f64) -> f64 {
+    if d > 0.0 { t / d } else { 0.0 }
+}
+
+pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
+    // SAFETY: single-threaded at this point.
+    unsafe { std::env::set_var("TESSERA_BIN", bin) };
+    let load = bin.with_file_name("xtask").to_string_lossy().into_owned();
+    let secs = if quick { 2 } else { 5 };
+    let open_connections = if quick { 2_000 } else { 10_000 };
+
+    let net = TestNet::new(&["host-a", "host-b"])?;
+    let (a, b) = (net.host("host-a"), net.host("host-b"));
+    net.add_workload(a, "client", &[("app", "bench-client")], &[])?;
+    net.add_workload(b, "server", &[("app", "bench-server")], &[5201, 7001])?;
+    net.start_enforcers()?;
+    let servers = [
+        net.spawn(b, Some("server"), "iperf3", &["-s", "-p", "5201"])?,
+        net.spawn(b, None, "iperf3", &["-s", "-p", "5202"])?,
+        net.spawn(b, Some("server"), &load, &["load", "serve-echo", "7001"])?,
+        net.spawn(b, None, &load, &["load", "serve-echo", "7002"])?,
+    ];
+    for (pid, port) in servers.iter().zip([5201, 5202, 7001, 7002]) {
+        net.wait_listening(*pid, port)?;
+    }
+    let bench = Bench {
+        net: &net,
+        load,
+        secs,
+    };
+
+    eprintln!("bench: throughput (iperf3, {secs} s each)");
+    let (tp_d, tp_t) = (bench.iperf(false)?, bench.iperf(true)?);
+    eprintln!("bench: connection rate ({secs} s each)");
+    let (cr_d, cr_t) = (bench.connrate(false)?, bench.connrate(true)?);
+    eprintln!("bench: request latency");
+    let ((p50_d, p99_d), (p50_t, p99_t)) = (bench.latency(false)?, bench.latency(true)?);
+    eprintln!("bench: memory with {open_connections} open tunnelled connections");
+    let (idle, loaded, per_conn) = bench.memory(open_connections)?;
+
+    eprintln!("bench: connection rate without the tunnel pool");
+    for h in [a, b] {
+        net.stop_enforcer(h, false)?;
+    }
+    net.options.lock().unwrap().pool_size = 0;
+    net.start_enforcers()?;
+    let cr_nopool = bench.connrate(true)?;
+
+    let result = json!({
+        "schema": 1,
+        "quick": quick,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "throughput_bps": {"direct": tp_d, "tessera": tp_t, "ratio": ratio(tp_t, tp_d)},
+        "connections_per_second": {"direct": cr_d, "tessera": cr_t, "ratio": ratio(cr_t, cr_d)},
+        "latency_us": {
+            "p50": {"direct": p50_d, "tessera": p50_t, "ratio": ratio(p50_t, p50_d)},
+            "p99": {"direct": p99_d, "tessera": p99_t, "ratio": ratio(p99_t, p99_d)},
+        },
+        "pool": {"pooled_cps": cr_t, "unpooled_cps": cr_nopool, "speedup": ratio(cr_t, cr_nopool)},
+        "memory": {"idle_rss_kib": idle, "loaded_rss_kib": loaded, "per_connection_kib": per_conn, "open_connections": open_connections},
+    });
+
+    let row = |name: &str, d: String, t: String, r: f64, target: &str| {
+        println!(
+            "{name:<34} {d:>12} {t:>12} {:>8} {target}",
+            format!("{r:.2}x")
+        );
+    };
+    println!(
+        "\n{:<34} {:>12} {:>12} {:>8} target",
+        "metric", "direct", "tessera", "ratio"
+    );
+    row(
+        "throughput (Gbit/s)",
+        format!("{:.2}", tp_d / 1e9),
+        format!("{:.2}", tp_t / 1e9),
+        ratio(tp_t, tp_d),
+        ">= 0.5x",
+    );
+    row(
+        "new connections / s",
+        format!("{cr_d:.0}"),
+        format!("{cr_t:.0}"),
+        ratio(cr_t, cr_d),
+        ">= 0.5x",
+    );
+    row(
+        "request latency p50 (us)",
+        format!("{p50_d:.1}"),
+        format!("{p50_t:.1}"),
+        ratio(p50_t, p50_d),
+        "",
+    );
+    row(
+        "request latency p99 (us)",
+        format!("{p99_d:.1}"),
+        format!("{p99_t:.1}"),
+        ratio(p99_t, p99_d),
+        "added <= 2x direct",
+    );
+    row(
+        "connections / s, pool off vs on",
+        format!("{cr_nopool:.0}"),
+        format!("{cr_t:.0}"),
+        ratio(cr_t, cr_nopool),
+        "(pool speed-up)",
+    );
+    println!(
+        "enforcer RSS idle (KiB)            host-a {} host-b {}\nenforcer RSS, {open_connections} open conns (KiB) host-a {} host-b {}  ({:.1} / {:.1} KiB per connection)",
+        idle["host-a"],
+        idle["host-b"],
+        loaded["host-a"],
+        loaded["host-b"],
+        per_conn["host-a"].as_f64().unwrap_or(0.0),
+        per_conn["host-b"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(path) = json_path {
+        fs::write(path, serde_json::to_string_pretty(&result)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("\nJSON written to {}", path.display());
+    }
+    Ok(())
+}

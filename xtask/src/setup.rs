@@ -1,0 +1,80 @@
+//! `cargo xtask setup`: everything a fresh machine lacks, installed once (idempotent).
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use tessera_tests::which;
+
+/// (command that must exist, Debian package that provides it)
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("iptables", "iptables"),
+    ("nsenter", "util-linux"),
+    ("tcpdump", "tcpdump"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("redis-server", "redis-server"),
+    ("redis-cli", "redis-tools"),
+    ("socat", "socat"),
+    ("iperf3", "iperf3"),
+    ("ps", "procps"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let s = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !s.success() {
+        bail!("{cmd:?} failed ({s})");
+    }
+    Ok(())
+}
+
+pub fn run() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(bin, _)| which(bin).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+        status(Command::new("apt-get").arg("update").arg("-q"))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    let components = Command::new("rustup")
+        .args(["component", "list", "--installed"])
+        .output()
+        .context("rustup is needed")?;
+    if !String::from_utf8_lossy(&components.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        eprintln!("setup: adding rust-src (the eBPF target builds core from source)");
+        status(Command::new("rustup").args(["component", "add", "rust-src"]))?;
+    }
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !linker_ok {
+        // 0.10.4: fixes BTF the kernel rejects; 0.11+ needs a system LLVM this machine lacks.
+        eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION}");
+        status(Command::new("cargo").args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ]))?;
+    }
+    eprintln!("setup: ok");
+    Ok(())
+}
