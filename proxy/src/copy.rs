@@ -1,44 +1,225 @@
-//! Splicing an application connection and a tunnel.
+//! Splicing an application connection with a tunnel.
 //!
-//! `tokio::io::copy_bidirectional_with_sizes` gives us what we need: one fixed buffer per
-//! direction (no per-chunk allocation), a write side shut down when its read side reaches
-//! EOF (half-close: over TLS that is a `close_notify`, then TCP FIN), and backpressure,
-//! since a direction only reads when its previous chunk was written. What it does not do
-//! is turn a reset on one side into a reset on the other; [`splice`] adds that.
+//! Inside a tunnel the bytes travel in frames, so that the end of one application connection
+//! is not the end of the tunnel: after both directions ended cleanly the tunnel carries the
+//! next connection (no new TLS handshake, no new TCP connection). A frame is a 4-byte
+//! big-endian header, `kind << 30 | len`, then `len` bytes:
+//!
+//! * `DATA` (0): application bytes, at most [`MAX_FRAME`].
+//! * `EOF` (1): the sender's application half-closed (its write side is done); the other
+//!   direction goes on. The receiver shuts down its application socket's write side.
+//! * `RESET` (2): the sender's application connection broke; the receiver resets its own.
+//!   A tunnel that carried a reset is not reused.
+//!
+//! Each direction has one fixed buffer (no per-chunk allocation) and only reads when its last
+//! chunk was written (backpressure). Header and payload go out in one write, so each frame is
+//! encrypted as one TLS record run, never a tiny record for the header.
 use std::io;
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf as TcpReadHalf, WriteHalf as TcpWriteHalf},
+    },
 };
 
 use crate::socket::reset_on_close;
 
-/// Buffer per direction: large enough for TLS records of 16 KiB to be filled in a few reads.
-pub const BUFFER_SIZE: usize = 64 * 1024;
+/// Payload per frame: large enough that TLS records are filled in few reads.
+pub const MAX_FRAME: usize = 64 * 1024;
+const HEADER: usize = 4;
+const KIND_DATA: u32 = 0;
+const KIND_EOF: u32 = 1;
+const KIND_RESET: u32 = 2;
+const LEN_MASK: u32 = (1 << 30) - 1;
 
 /// Bytes moved by a finished splice.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Transferred {
-    /// From the application socket to the other side.
+    /// From the application socket into the tunnel.
     pub from_app: u64,
-    /// From the other side to the application socket.
+    /// From the tunnel to the application socket.
     pub to_app: u64,
 }
 
-/// Splices `app` with `other` until both directions are done or one fails. On failure the
-/// application socket is closed with a RST so the application sees the break.
-pub async fn splice<T>(app: &mut TcpStream, other: &mut T) -> io::Result<Transferred>
+/// How a splice ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Both directions finished with EOF: the tunnel can carry another connection.
+    Clean(Transferred),
+    /// The application side or the peer broke the connection; the application socket was
+    /// reset. The tunnel must not be reused.
+    Reset {
+        transferred: Transferred,
+        reason: String,
+    },
+}
+
+/// Buffers of one tunnel, reused by every connection it carries.
+pub struct Buffers {
+    up: Box<[u8]>,
+    down: Box<[u8]>,
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Self {
+            up: vec![0; HEADER + MAX_FRAME].into_boxed_slice(),
+            down: vec![0; MAX_FRAME].into_boxed_slice(),
+        }
+    }
+}
+
+enum UpEnd {
+    Eof(u64),
+    /// The application read failed; a RESET frame was sent.
+    Reset(u64, String),
+}
+
+enum DownEnd {
+    Eof(u64),
+    /// The peer sent RESET, or the application write failed.
+    Reset(u64, String),
+}
+
+async fn app_to_tunnel<W: AsyncWrite + Unpin>(
+    app: &mut TcpReadHalf<'_>,
+    tunnel: &mut W,
+    buf: &mut [u8],
+) -> io::Result<UpEnd> {
+    let mut total = 0u64;
+    loop {
+        let n = match app.read(&mut buf[HEADER..]).await {
+            Ok(n) => n,
+            Err(e) => {
+                tunnel.write_all(&(KIND_RESET << 30).to_be_bytes()).await?;
+                tunnel.flush().await?;
+                return Ok(UpEnd::Reset(
+                    total,
+                    format!("application connection broke: {e}"),
+                ));
+            }
+        };
+        if n == 0 {
+            tunnel.write_all(&(KIND_EOF << 30).to_be_bytes()).await?;
+            tunnel.flush().await?;
+            return Ok(UpEnd::Eof(total));
+        }
+        buf[..HEADER].copy_from_slice(&(KIND_DATA << 30 | n as u32).to_be_bytes());
+        tunnel.write_all(&buf[..HEADER + n]).await?;
+        tunnel.flush().await?;
+        total += n as u64;
+    }
+}
+
+async fn tunnel_to_app<R: AsyncRead + Unpin>(
+    tunnel: &mut R,
+    app: &mut TcpWriteHalf<'_>,
+    buf: &mut [u8],
+) -> io::Result<DownEnd> {
+    let mut total = 0u64;
+    loop {
+        let mut header = [0u8; HEADER];
+        tunnel.read_exact(&mut header).await?;
+        let header = u32::from_be_bytes(header);
+        let (kind, len) = (header >> 30, (header & LEN_MASK) as usize);
+        match kind {
+            KIND_DATA if len > 0 && len <= buf.len() => {
+                tunnel.read_exact(&mut buf[..len]).await?;
+                if let Err(e) = app.write_all(&buf[..len]).await {
+                    // Keep the framing: nothing more can be delivered, so this direction
+                    // ends in a reset (the other side learns it from our RESET frame).
+                    return Ok(DownEnd::Reset(
+                        total,
+                        format!("application write failed: {e}"),
+                    ));
+                }
+                total += len as u64;
+            }
+            KIND_EOF if len == 0 => {
+                let _ = app.shutdown().await;
+                return Ok(DownEnd::Eof(total));
+            }
+            KIND_RESET if len == 0 => {
+                return Ok(DownEnd::Reset(
+                    total,
+                    "the peer's connection was reset".into(),
+                ));
+            }
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad tunnel frame header {header:#010x}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Splices `app` with `tunnel` until both directions end. On a clean end (both sides sent
+/// EOF) the tunnel is ready for another connection. Errors are tunnel failures: the
+/// application socket has then been reset and the tunnel must be dropped.
+pub async fn splice<T>(
+    app: &mut TcpStream,
+    tunnel: &mut T,
+    buffers: &mut Buffers,
+) -> io::Result<Ended>
 where
-    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    T: AsyncRead + AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional_with_sizes(app, other, BUFFER_SIZE, BUFFER_SIZE).await {
-        Ok((from_app, to_app)) => Ok(Transferred { from_app, to_app }),
+    match both_directions(app, tunnel, buffers).await {
+        Ok((transferred, None)) => Ok(Ended::Clean(transferred)),
+        Ok((transferred, Some(reason))) => {
+            reset_on_close(app);
+            Ok(Ended::Reset {
+                transferred,
+                reason,
+            })
+        }
         Err(e) => {
             reset_on_close(app);
             Err(e)
         }
     }
+}
+
+/// Runs both directions; returns the bytes moved and, if the connection ended in a reset,
+/// why.
+async fn both_directions<T>(
+    app: &mut TcpStream,
+    tunnel: &mut T,
+    buffers: &mut Buffers,
+) -> io::Result<(Transferred, Option<String>)>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut app_r, mut app_w) = app.split();
+    let (mut tun_r, mut tun_w): (ReadHalf<&mut T>, WriteHalf<&mut T>) = tokio::io::split(tunnel);
+    let Buffers { up, down } = buffers;
+    let mut down_fut = Box::pin(tunnel_to_app(&mut tun_r, &mut app_w, down));
+    let mut up_fut = Box::pin(app_to_tunnel(&mut app_r, &mut tun_w, up));
+    let (up, down) = tokio::select! {
+        up = &mut up_fut => (up?, down_fut.await?),
+        down = &mut down_fut => match down? {
+            DownEnd::Reset(to_app, reason) => {
+                // Nothing more can be delivered: stop reading the application and tell the
+                // peer (its side then resets too). The tunnel is not reused after this.
+                drop(up_fut);
+                tun_w.write_all(&(KIND_RESET << 30).to_be_bytes()).await?;
+                tun_w.flush().await?;
+                return Ok((Transferred { from_app: 0, to_app }, Some(reason)));
+            }
+            down => (up_fut.await?, down),
+        },
+    };
+    Ok(match (up, down) {
+        (UpEnd::Eof(from_app), DownEnd::Eof(to_app)) => (Transferred { from_app, to_app }, None),
+        (UpEnd::Eof(from_app) | UpEnd::Reset(from_app, _), DownEnd::Reset(to_app, reason))
+        | (UpEnd::Reset(from_app, reason), DownEnd::Eof(to_app)) => {
+            (Transferred { from_app, to_app }, Some(reason))
+        }
+    })
 }
 
 /// Whether an error is just the other side going away (not worth a warning).
@@ -56,10 +237,8 @@ pub fn is_disconnect(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-    };
+    use std::time::Duration;
+    use tokio::{io::DuplexStream, net::TcpListener};
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -68,60 +247,119 @@ mod tests {
         (client.unwrap(), server.unwrap().0)
     }
 
-    /// app client <-> [app_side | splice | other_side] <-> echo-ish server
-    #[tokio::test]
-    async fn half_close_lets_the_reply_through_and_counts_bytes() {
-        let (mut app_client, mut app_side) = pair().await;
-        let (mut other_side, mut server) = pair().await;
-        let spliced = tokio::spawn(async move { splice(&mut app_side, &mut other_side).await });
-        let payload = vec![7u8; 300_000];
-        app_client.write_all(&payload).await.unwrap();
-        app_client.shutdown().await.unwrap(); // half-close: we are done sending
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap(); // EOF arrives through the splice
-        assert_eq!(got, payload);
-        server.write_all(b"reply after EOF").await.unwrap();
-        server.shutdown().await.unwrap();
-        let mut reply = Vec::new();
-        app_client.read_to_end(&mut reply).await.unwrap();
-        assert_eq!(reply, b"reply after EOF");
-        let t = spliced.await.unwrap().unwrap();
-        assert_eq!(
-            t,
-            Transferred {
-                from_app: 300_000,
-                to_app: 15
-            }
-        );
+    /// client app <-> [splice] <-tunnel-> [splice] <-> server app, over an in-memory tunnel.
+    struct Path {
+        client: TcpStream,
+        server: TcpStream,
+        ends: tokio::task::JoinHandle<(
+            io::Result<Ended>,
+            io::Result<Ended>,
+            DuplexStream,
+            DuplexStream,
+        )>,
+    }
+
+    async fn path(mut t1: DuplexStream, mut t2: DuplexStream) -> Path {
+        let (client, mut app1) = pair().await;
+        let (mut app2, server) = pair().await;
+        let ends = tokio::spawn(async move {
+            let (mut b1, mut b2) = (Buffers::default(), Buffers::default());
+            let (e1, e2) = tokio::join!(
+                splice(&mut app1, &mut t1, &mut b1),
+                splice(&mut app2, &mut t2, &mut b2)
+            );
+            (e1, e2, t1, t2)
+        });
+        Path {
+            client,
+            server,
+            ends,
+        }
     }
 
     #[tokio::test]
-    async fn a_reset_on_the_far_side_resets_the_application() {
-        let (mut app_client, mut app_side) = pair().await;
-        let (mut other_side, server) = pair().await;
-        let spliced = tokio::spawn(async move { splice(&mut app_side, &mut other_side).await });
-        reset_on_close(&server);
-        drop(server);
-        // Writes into the broken splice fail; the application then sees a reset, not EOF.
-        let mut buf = [0u8; 16];
+    async fn half_close_and_reuse_of_the_same_tunnel() {
+        let (mut t1, mut t2) = tokio::io::duplex(256 * 1024);
+        for round in 0..3 {
+            let mut p = path(t1, t2).await;
+            let payload = vec![round as u8; 300_000];
+            p.client.write_all(&payload).await.unwrap();
+            p.client.shutdown().await.unwrap(); // half-close: done sending
+            let mut got = Vec::new();
+            p.server.read_to_end(&mut got).await.unwrap(); // EOF arrives through the tunnel
+            assert_eq!(got, payload);
+            p.server.write_all(b"reply after EOF").await.unwrap();
+            p.server.shutdown().await.unwrap();
+            let mut reply = Vec::new();
+            p.client.read_to_end(&mut reply).await.unwrap();
+            assert_eq!(reply, b"reply after EOF");
+            let (e1, e2, a, b) = p.ends.await.unwrap();
+            match (e1.unwrap(), e2.unwrap()) {
+                (Ended::Clean(x), Ended::Clean(y)) => {
+                    assert_eq!(
+                        x,
+                        Transferred {
+                            from_app: 300_000,
+                            to_app: 15
+                        }
+                    );
+                    assert_eq!(
+                        y,
+                        Transferred {
+                            from_app: 15,
+                            to_app: 300_000
+                        }
+                    );
+                }
+                other => panic!("round {round}: not clean: {other:?}"),
+            }
+            (t1, t2) = (a, b); // the same tunnel carries the next connection
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_resets_the_other_application() {
+        let (t1, t2) = tokio::io::duplex(256 * 1024);
+        let mut p = path(t1, t2).await;
+        p.client.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        p.server.read_exact(&mut buf).await.unwrap();
+        reset_on_close(&p.server);
+        drop(p.server);
         let mut saw_reset = false;
         for _ in 0..50 {
-            let _ = app_client.write_all(&[1u8; 1024]).await;
-            match tokio::time::timeout(
-                std::time::Duration::from_millis(100),
-                app_client.read(&mut buf),
-            )
-            .await
-            {
+            let _ = p.client.write_all(&[1u8; 1024]).await;
+            match tokio::time::timeout(Duration::from_millis(100), p.client.read(&mut buf)).await {
                 Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
                     saw_reset = true;
                     break;
                 }
-                Ok(Ok(0)) => panic!("application saw a clean EOF instead of a reset"),
+                Ok(Ok(0)) => panic!("client saw a clean EOF instead of a reset"),
                 _ => {}
             }
         }
-        assert!(saw_reset, "application never saw the reset");
-        assert!(spliced.await.unwrap().is_err());
+        assert!(saw_reset, "client never saw the reset");
+        let (e1, e2, _, _) = p.ends.await.unwrap();
+        assert!(matches!(e1.unwrap(), Ended::Reset { .. }));
+        assert!(matches!(e2.unwrap(), Ended::Reset { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_frame_header_is_a_tunnel_error() {
+        let (t1, mut raw) = tokio::io::duplex(1024);
+        let (mut client, mut app) = pair().await;
+        let task = tokio::spawn(async move {
+            let mut t1 = t1;
+            splice(&mut app, &mut t1, &mut Buffers::default()).await
+        });
+        raw.write_all(&0xFFFF_FFFFu32.to_be_bytes()).await.unwrap();
+        let err = task.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let mut buf = [0u8; 1];
+        let r = client.read(&mut buf).await;
+        assert!(
+            matches!(r, Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
     }
 }

@@ -21,7 +21,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use crate::{
-    copy::{is_disconnect, splice},
+    copy::{Buffers, Ended, is_disconnect, splice},
     flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, now_ms},
     local::{LocalAddrs, LocalServices},
     socket::{connect_marked, reset_on_close},
@@ -79,13 +79,17 @@ impl Inbound {
     }
 
     async fn handle_tunnel(&self, tcp: TcpStream, remote: SocketAddr) {
-        let start = Instant::now();
+        let handshake_start = Instant::now();
         let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await
         {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return self.refuse_handshake(remote, start, e.to_string()),
+            Ok(Err(e)) => return self.refuse_handshake(remote, handshake_start, e.to_string()),
             Err(_) => {
-                return self.refuse_handshake(remote, start, "TLS handshake timed out".into());
+                return self.refuse_handshake(
+                    remote,
+                    handshake_start,
+                    "TLS handshake timed out".into(),
+                );
             }
         };
         let peer = tls
@@ -95,50 +99,71 @@ impl Inbound {
             .and_then(|c| c.first())
             .and_then(peer_name)
             .unwrap_or_else(|| "<unnamed>".into());
-        // A pooled tunnel waits here until an application connection needs it.
-        let request = match tokio::time::timeout(self.idle_timeout, Request::read(&mut tls)).await {
-            Ok(Ok(request)) => request,
-            // The client closed an idle tunnel, or it idled out: not a connection attempt.
-            Ok(Err(WireError::Truncated("preamble"))) | Err(_) => return,
-            Ok(Err(e)) => {
-                let mut rec = self.record(
-                    Direction::Inbound,
-                    Endpoint::addr(remote),
-                    Endpoint::addr(remote),
-                );
-                rec.src.enforcer = Some(peer);
-                rec.verdict = Verdict::Denied;
-                rec.reason = format!("bad tunnel header: {e}");
-                let _ = Response::new(Status::BadRequest, rec.reason.clone())
-                    .write(&mut tls)
-                    .await;
-                return self.finish(rec, start);
+        let mut buffers = Buffers::default();
+        // One tunnel carries one connection at a time, as many as the source sends.
+        loop {
+            // An idle (pooled) tunnel waits here until an application connection needs it.
+            let request =
+                match tokio::time::timeout(self.idle_timeout, Request::read(&mut tls)).await {
+                    Ok(Ok(request)) => request,
+                    // The source closed an idle tunnel, or it idled out: not a connection attempt.
+                    Ok(Err(WireError::Truncated("preamble"))) | Err(_) => break,
+                    Ok(Err(e)) => {
+                        let mut rec = self.record(
+                            Direction::Inbound,
+                            Endpoint::addr(remote),
+                            Endpoint::addr(remote),
+                        );
+                        rec.src.enforcer = Some(peer);
+                        rec.verdict = Verdict::Denied;
+                        rec.reason = format!("bad tunnel header: {e}");
+                        let _ = Response::new(Status::BadRequest, rec.reason.clone())
+                            .write(&mut tls)
+                            .await;
+                        self.finish(rec, Instant::now());
+                        break;
+                    }
+                };
+            if !self
+                .handle_request(&mut tls, &mut buffers, remote, &peer, request)
+                .await
+            {
+                break;
             }
-        };
-        // The connection starts now, not when the (possibly pooled) tunnel was opened.
+        }
+        let _ = shutdown_quietly(&mut tls).await;
+    }
+
+    /// Serves one request on a tunnel; returns whether the tunnel is clean for the next one.
+    async fn handle_request(
+        &self,
+        tls: &mut TlsStream<TcpStream>,
+        buffers: &mut Buffers,
+        remote: SocketAddr,
+        peer: &str,
+        request: Request,
+    ) -> bool {
         let start = Instant::now();
         let mut rec = self.record(
             Direction::Inbound,
             Endpoint {
                 addr: remote,
                 workload: Some(request.source.workload.clone()).filter(|w| !w.is_empty()),
-                enforcer: Some(peer),
+                enforcer: Some(peer.to_owned()),
                 pid: Some(request.source.pid),
                 uid: Some(request.source.uid),
             },
             Endpoint::addr(request.dst),
         );
         rec.dst.enforcer = Some(self.name.clone());
-        let workload = if self.addrs.contains(request.dst.ip()) {
-            self.services
-                .workload(request.dst.port())
-                .map(str::to_owned)
-        } else {
-            None
-        };
-        let Some(workload) = workload else {
+        let local = self.addrs.contains(request.dst.ip());
+        let Some(workload) = local
+            .then(|| self.services.workload(request.dst.port()))
+            .flatten()
+            .map(str::to_owned)
+        else {
             rec.verdict = Verdict::Denied;
-            rec.reason = if self.addrs.contains(request.dst.ip()) {
+            rec.reason = if local {
                 format!(
                     "no workload of {} serves port {}",
                     self.name,
@@ -147,48 +172,62 @@ impl Inbound {
             } else {
                 format!("{} is not an address of {}", request.dst.ip(), self.name)
             };
-            let _ = Response::new(Status::NotServed, rec.reason.clone())
-                .write(&mut tls)
-                .await;
-            return self.finish(rec, start);
+            let sent = Response::new(Status::NotServed, rec.reason.clone())
+                .write(tls)
+                .await
+                .is_ok();
+            self.finish(rec, start);
+            return sent;
         };
         rec.dst.workload = Some(workload.clone());
         let bind = match request.dst.ip() {
             IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(self.delivery_src4), 0),
             IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
         };
-        let mut local =
+        let mut delivered =
             match connect_marked(request.dst, self.mark, Some(bind), DELIVERY_TIMEOUT).await {
-                Ok(local) => local,
+                Ok(s) => s,
                 Err(e) => {
                     rec.reason = format!("workload unreachable: {e}");
-                    let _ = Response::new(Status::Unreachable, rec.reason.clone())
-                        .write(&mut tls)
-                        .await;
-                    return self.finish(rec, start);
+                    let sent = Response::new(Status::Unreachable, rec.reason.clone())
+                        .write(tls)
+                        .await
+                        .is_ok();
+                    self.finish(rec, start);
+                    return sent;
                 }
             };
-        if let Err(e) = Response::new(Status::Connected, workload)
-            .write(&mut tls)
-            .await
-        {
-            reset_on_close(&local);
+        if let Err(e) = Response::new(Status::Connected, workload).write(tls).await {
+            reset_on_close(&delivered);
             rec.reason = format!("tunnel broke before delivery: {e}");
-            return self.finish(rec, start);
+            self.finish(rec, start);
+            return false;
         }
         rec.verdict = Verdict::Allowed;
-        match splice(&mut local, &mut tls).await {
-            // `local` is the workload side: bytes from it are bytes received by the source.
-            Ok(t) => (rec.bytes_sent, rec.bytes_received) = (t.to_app, t.from_app),
+        // `delivered` is the workload side: bytes from it are bytes the source received.
+        let clean = match splice(&mut delivered, tls, buffers).await {
+            Ok(Ended::Clean(t)) => {
+                (rec.bytes_sent, rec.bytes_received) = (t.to_app, t.from_app);
+                true
+            }
+            Ok(Ended::Reset {
+                transferred: t,
+                reason,
+            }) => {
+                (rec.bytes_sent, rec.bytes_received) = (t.to_app, t.from_app);
+                rec.reason = reason;
+                false
+            }
             Err(e) => {
                 if !is_disconnect(&e) {
-                    tracing::debug!(error = %e, "inbound splice ended with an error");
+                    tracing::debug!(error = %e, "tunnel failed during a connection");
                 }
-                rec.reason = format!("connection broken: {e}");
+                rec.reason = format!("tunnel from {peer} broke: {e}");
+                false
             }
-        }
-        let _ = shutdown_quietly(&mut tls).await;
-        self.finish(rec, start)
+        };
+        self.finish(rec, start);
+        clean
     }
 
     fn refuse_handshake(&self, remote: SocketAddr, start: Instant, reason: String) {

@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use crate::{
-    copy::{is_disconnect, splice},
+    copy::{Ended, is_disconnect, splice},
     flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, now_ms},
     peers::{Peer, PeerTable},
     pool::{Tunnel, TunnelPool},
@@ -117,7 +117,8 @@ impl Outbound {
         record.pooled = Some(pooled);
         if answer.status != Status::Connected {
             reset_on_close(&app);
-            let _ = tunnel.shutdown().await;
+            // A refusal leaves the tunnel clean: it can carry the next connection.
+            self.pool.put(peer, tunnel);
             record.verdict = match answer.status {
                 Status::NotServed | Status::Denied => Verdict::Denied,
                 _ => Verdict::Error,
@@ -128,13 +129,23 @@ impl Outbound {
         // On success the peer names the workload that accepted the connection.
         record.dst.workload = Some(answer.reason).filter(|w| !w.is_empty());
         record.verdict = Verdict::Allowed;
-        match splice(&mut app, &mut tunnel).await {
-            Ok(t) => (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app),
+        match splice(&mut app, &mut tunnel.stream, &mut tunnel.buffers).await {
+            Ok(Ended::Clean(t)) => {
+                (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app);
+                self.pool.put(peer, tunnel);
+            }
+            Ok(Ended::Reset {
+                transferred: t,
+                reason,
+            }) => {
+                (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app);
+                record.reason = reason;
+            }
             Err(e) => {
                 if !is_disconnect(&e) {
-                    tracing::debug!(error = %e, "outbound splice ended with an error");
+                    tracing::debug!(error = %e, "tunnel failed during a connection");
                 }
-                record.reason = format!("connection broken: {e}");
+                record.reason = format!("tunnel to {} broke: {e}", peer.name);
             }
         }
         self.finish(record, start)
@@ -169,9 +180,9 @@ impl Outbound {
 }
 
 async fn exchange(tunnel: &mut Tunnel, request: &Request) -> io::Result<Response> {
-    tunnel.write_all(&request.encode()).await?;
-    tunnel.flush().await?;
-    match tokio::time::timeout(ANSWER_TIMEOUT, Response::read(tunnel)).await {
+    tunnel.stream.write_all(&request.encode()).await?;
+    tunnel.stream.flush().await?;
+    match tokio::time::timeout(ANSWER_TIMEOUT, Response::read(&mut tunnel.stream)).await {
         Ok(Ok(answer)) => Ok(answer),
         Ok(Err(e)) => Err(io::Error::other(e.to_string())),
         Err(_) => Err(io::Error::new(

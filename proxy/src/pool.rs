@@ -1,9 +1,10 @@
-//! Warm tunnels. A mutual-TLS handshake costs a round trip and two signatures; paying it on
-//! every application connect would halve the connection rate. Instead each peer has a small
-//! pool of connections already past the handshake: an application connection takes one and
-//! the pool dials a replacement in the background. A tunnel carries one application
-//! connection (no multiplexing), so bulk transfers are not throttled by a shared window and
-//! a reset on one connection cannot hurt another.
+//! Warm tunnels. A mutual-TLS handshake costs a round trip and public-key operations; paying
+//! it on every application connect would cap the connection rate. Instead each peer has a
+//! pool of tunnels already past the handshake. An application connection takes one; when the
+//! connection ends cleanly the tunnel comes back (see `copy`: the end of a connection is a
+//! frame, not the end of the tunnel), and when the pool runs low it dials replacements in the
+//! background. A tunnel carries one application connection at a time (no multiplexing), so
+//! bulk transfers are not throttled by a shared window and a reset stays on its connection.
 use std::{
     collections::{HashMap, VecDeque},
     io,
@@ -18,9 +19,13 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use crate::{peers::Peer, socket::connect_marked};
+use crate::{copy::Buffers, peers::Peer, socket::connect_marked};
 
-pub type Tunnel = TlsStream<TcpStream>;
+/// A mutual-TLS connection to a peer enforcer and the splice buffers that go with it.
+pub struct Tunnel {
+    pub stream: TlsStream<TcpStream>,
+    pub buffers: Buffers,
+}
 
 /// Opens new tunnels: a marked TCP connection and a TLS 1.3 handshake verifying the peer.
 pub struct TunnelDialer {
@@ -47,7 +52,10 @@ impl TunnelDialer {
             )
         })?;
         match tokio::time::timeout(self.timeout, self.connector.connect(name, tcp)).await {
-            Ok(r) => r,
+            Ok(r) => r.map(|stream| Tunnel {
+                stream,
+                buffers: Buffers::default(),
+            }),
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("TLS handshake with {} timed out", peer.name),
@@ -60,14 +68,14 @@ impl TunnelDialer {
 struct PeerPool {
     idle: Mutex<VecDeque<(Instant, Tunnel)>>,
     dialing: AtomicUsize,
-    /// After a failed dial, no background dial until this instant (a down peer is not
-    /// hammered; application connections still dial, and fail, on their own).
-    backoff_until: Mutex<Option<Instant>>,
+    /// After failed dials, no background dial until this instant; the delay doubles with
+    /// each failure (a down peer is not hammered) and resets on success.
+    backoff: Mutex<(Option<Instant>, Duration)>,
 }
 
 pub struct TunnelPool {
     dialer: Arc<TunnelDialer>,
-    /// Idle tunnels kept per peer; 0 disables pooling.
+    /// Idle tunnels kept per peer; 0 disables pooling and reuse.
     size: usize,
     /// An idle tunnel older than this is closed instead of used (the server side gives up
     /// on idle tunnels after a longer timeout, so we never hand out a dead one).
@@ -75,7 +83,9 @@ pub struct TunnelPool {
     peers: Mutex<HashMap<Peer, Arc<PeerPool>>>,
 }
 
-const BACKOFF: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
 
 impl TunnelPool {
     pub fn new(dialer: TunnelDialer, size: usize, max_idle: Duration) -> Arc<Self> {
@@ -104,7 +114,7 @@ impl TunnelPool {
         let pool = self.peer_pool(peer);
         let warm = {
             let mut idle = pool.idle.lock().expect("lock");
-            // Newest first: the freshest tunnel is the least likely to have been closed.
+            // Newest first: the most recently used tunnel is the most surely alive.
             let mut found = None;
             while let Some((since, tunnel)) = idle.pop_back() {
                 if since.elapsed() < self.max_idle {
@@ -114,10 +124,28 @@ impl TunnelPool {
             }
             found
         };
-        self.refill(peer, &pool);
+        // Tunnels come back when their connection ends; dial more only when a burst of
+        // concurrent connections has drained the pool below half.
+        if self.have(&pool) < self.size.div_ceil(2) {
+            self.refill(peer, &pool);
+        }
         match warm {
             Some(tunnel) => Ok((tunnel, true)),
             None => Ok((self.dialer.dial(peer).await?, false)),
+        }
+    }
+
+    /// Returns a tunnel whose last connection ended cleanly, for the next connection. The
+    /// pool keeps the most recently used tunnels; beyond its size the oldest idle one goes.
+    pub fn put(&self, peer: &Peer, tunnel: Tunnel) {
+        if self.size == 0 {
+            return;
+        }
+        let pool = self.peer_pool(peer);
+        let mut idle = pool.idle.lock().expect("lock");
+        idle.push_back((Instant::now(), tunnel));
+        while idle.len() > self.size {
+            idle.pop_front();
         }
     }
 
@@ -126,34 +154,62 @@ impl TunnelPool {
         self.dialer.dial(peer).await
     }
 
-    /// Starts filling the pools of these peers ahead of the first connection.
+    /// Keeps the pools of these peers warm: fills them now and, every tick, drops tunnels
+    /// idle too long and dials replacements (with backoff while a peer is unreachable).
     pub fn warm<'a>(self: &Arc<Self>, peers: impl IntoIterator<Item = &'a Peer>) {
+        if self.size == 0 {
+            return;
+        }
         for peer in peers {
-            let pool = self.peer_pool(peer);
-            self.refill(peer, &pool);
+            let (this, peer) = (Arc::downgrade(self), peer.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Some(this) = this.upgrade() else { return };
+                    let pool = this.peer_pool(&peer);
+                    pool.idle
+                        .lock()
+                        .expect("lock")
+                        .retain(|(since, _)| since.elapsed() < this.max_idle);
+                    this.refill(&peer, &pool);
+                    drop(this);
+                    tokio::time::sleep(MAINTENANCE_TICK).await;
+                }
+            });
         }
     }
 
+    fn have(&self, pool: &PeerPool) -> usize {
+        pool.idle.lock().expect("lock").len() + pool.dialing.load(Ordering::Relaxed)
+    }
+
     fn refill(self: &Arc<Self>, peer: &Peer, pool: &Arc<PeerPool>) {
-        if let Some(until) = *pool.backoff_until.lock().expect("lock") {
+        if let (Some(until), _) = *pool.backoff.lock().expect("lock") {
             if Instant::now() < until {
                 return;
             }
         }
-        let have = pool.idle.lock().expect("lock").len() + pool.dialing.load(Ordering::Relaxed);
-        for _ in have..self.size {
+        for _ in self.have(pool)..self.size {
             pool.dialing.fetch_add(1, Ordering::Relaxed);
             let (dialer, pool, peer) = (self.dialer.clone(), pool.clone(), peer.clone());
             tokio::spawn(async move {
                 match dialer.dial(&peer).await {
-                    Ok(tunnel) => pool
-                        .idle
-                        .lock()
-                        .expect("lock")
-                        .push_back((Instant::now(), tunnel)),
+                    Ok(tunnel) => {
+                        pool.idle
+                            .lock()
+                            .expect("lock")
+                            .push_back((Instant::now(), tunnel));
+                        *pool.backoff.lock().expect("lock") = (None, BACKOFF_MIN);
+                    }
                     Err(e) => {
                         tracing::debug!(peer = %peer.name, error = %e, "warming a tunnel failed");
-                        *pool.backoff_until.lock().expect("lock") = Some(Instant::now() + BACKOFF);
+                        let mut backoff = pool.backoff.lock().expect("lock");
+                        // Dials fail in batches; only the first failure of a batch starts (and
+                        // lengthens) a backoff period.
+                        let in_backoff = backoff.0.is_some_and(|until| Instant::now() < until);
+                        if !in_backoff {
+                            let delay = backoff.1.clamp(BACKOFF_MIN, BACKOFF_MAX);
+                            *backoff = (Some(Instant::now() + delay), (delay * 2).min(BACKOFF_MAX));
+                        }
                     }
                 }
                 pool.dialing.fetch_sub(1, Ordering::Relaxed);

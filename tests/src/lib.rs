@@ -519,8 +519,9 @@ impl TestNet {
         for h in self.hosts.iter().filter(|h| h.with_enforcer) {
             self.start_enforcer(h)?;
         }
-        // Let the pools warm so timings do not include first handshakes.
-        thread::sleep(Duration::from_millis(200));
+        // Let the tunnel pools warm (an enforcer that started before its peer retries with
+        // backoff), so tests see the steady state, not first handshakes.
+        thread::sleep(Duration::from_millis(1000));
         Ok(())
     }
 

@@ -113,6 +113,44 @@ fn http_request_crosses_the_tunnel_and_both_ends_record_it() {
 }
 
 #[test]
+fn sequential_connections_reuse_one_tunnel() {
+    let net = two_hosts();
+    net.start_enforcers().unwrap();
+    web_server(&net, "again\n");
+    for _ in 0..5 {
+        assert_eq!(
+            curl(
+                &net,
+                "host-a",
+                Some("web"),
+                "http://10.77.0.2:8080/index.txt"
+            )
+            .stdout,
+            b"again\n"
+        );
+    }
+    let flows = net.wait_flows(net.host("host-b"), 5, |f| f["direction"] == "inbound");
+    assert_eq!(flows.len(), 5);
+    // The tunnel's source address (host-a's side of the TLS connection) repeats: the
+    // connections after the first rode a tunnel that an earlier one had used.
+    let mut tunnels: Vec<&str> = flows
+        .iter()
+        .map(|f| f["src"]["addr"].as_str().unwrap())
+        .collect();
+    tunnels.sort();
+    tunnels.dedup();
+    assert!(
+        tunnels.len() < 5,
+        "every connection used a new tunnel: {tunnels:?}"
+    );
+    assert!(
+        net.flows(net.host("host-a"))
+            .iter()
+            .all(|f| f["pooled"] == true)
+    );
+}
+
+#[test]
 fn a_large_transfer_arrives_intact_both_ways_and_half_close_works() {
     let net = two_hosts();
     net.start_enforcers().unwrap();
