@@ -13,7 +13,7 @@ use std::{
     ffi::CString,
     fs,
     io::Read,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -125,6 +125,8 @@ pub struct Host {
     pub name: String,
     pub netns: String,
     pub addr: Ipv4Addr,
+    /// fd77::<index+1>
+    pub addr6: Ipv6Addr,
     pub index: usize,
     workloads: Mutex<Vec<WorkloadSpec>>,
     enforcer: Mutex<Option<Child>>,
@@ -194,6 +196,19 @@ impl TestNet {
                 &netns,
                 &["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
             )?;
+            let addr6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, i as u16 + 1);
+            net.ip(
+                &netns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{addr6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
             net.ip(&netns, &["link", "set", "eth0", "up"])?;
             net.ip(&netns, &["link", "set", "lo", "up"])?;
             for cg in ["enforcer", "other"] {
@@ -203,6 +218,7 @@ impl TestNet {
                 name: name.to_string(),
                 netns,
                 addr,
+                addr6,
                 index: i,
                 workloads: Mutex::default(),
                 enforcer: Mutex::default(),
@@ -328,8 +344,8 @@ impl TestNet {
             .filter(|p| p.name != host.name && p.with_enforcer)
         {
             c += &format!(
-                "\n[[peer]]\nname = \"{}\"\ntunnel = \"{}:{TUNNEL_PORT}\"\nserves = [\"{}/32\"]\n",
-                peer.name, peer.addr, peer.addr
+                "\n[[peer]]\nname = \"{}\"\ntunnel = \"{}:{TUNNEL_PORT}\"\nserves = [\"{}/32\", \"{}/128\"]\n",
+                peer.name, peer.addr, peer.addr, peer.addr6
             );
         }
         let path = self.config_path(host);

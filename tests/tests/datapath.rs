@@ -113,6 +113,66 @@ fn http_request_crosses_the_tunnel_and_both_ends_record_it() {
 }
 
 #[test]
+fn ipv6_connections_are_captured_delivered_and_guarded() {
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["outsider"]).unwrap();
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080])
+        .unwrap();
+    net.start_enforcers().unwrap();
+    let root = net.dir.join("www");
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("index.txt"), "over v6\n").unwrap();
+    let pid = net
+        .spawn(
+            net.host("host-b"),
+            Some("api"),
+            "python3",
+            &[
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "::",
+                "--directory",
+                root.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    net.wait_listening(pid, 8080).unwrap();
+    let out = curl(
+        &net,
+        "host-a",
+        Some("web"),
+        "http://[fd77::2]:8080/index.txt",
+    );
+    assert_eq!(
+        out.stdout,
+        b"over v6\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flows = net.wait_flows(net.host("host-a"), 1, |f| f["direction"] == "outbound");
+    assert_eq!(flows[0]["dst"]["addr"], "[fd77::2]:8080");
+    assert_eq!(flows[0]["verdict"], "allowed");
+    // Direct over IPv6 from a host without an enforcer: steered away and refused.
+    let out = curl(&net, "outsider", None, "http://[fd77::2]:8080/index.txt");
+    assert!(
+        !out.status.success(),
+        "direct IPv6 connection reached the protected port"
+    );
+    let denied = net.wait_flows(net.host("host-b"), 1, |f| f["direction"] == "direct");
+    assert!(
+        denied[0]["src"]["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("[fd77::3]:"),
+        "{denied:?}"
+    );
+    assert_eq!(server_log(&net).matches("GET /index.txt").count(), 1);
+}
+
+#[test]
 fn sequential_connections_reuse_one_tunnel() {
     let net = two_hosts();
     net.start_enforcers().unwrap();
