@@ -1,0 +1,142 @@
+//! Decisions memoised per (source identity, destination identity, port).
+//!
+//! Identities are interned once (a label set and address become a small number), so a
+//! cached decision costs one hash-map probe on three integers. A cache belongs to one
+//! compiled policy: a reload builds a new one, which is how decisions are invalidated.
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
+
+use rustc_hash::FxHashMap;
+
+use crate::{
+    compile::{CompiledPolicy, Decision, Subject},
+    labels::Labels,
+};
+
+/// An interned subject: stable for the life of the process.
+pub type SubjectId = u32;
+
+#[derive(Default)]
+pub struct Interner {
+    ids: RwLock<HashMap<(Option<Labels>, Option<IpAddr>), SubjectId>>,
+}
+
+impl Interner {
+    pub fn intern(&self, labels: Option<&Labels>, addr: Option<IpAddr>) -> SubjectId {
+        let key = (labels.cloned(), addr);
+        if let Some(id) = self.ids.read().expect("lock").get(&key) {
+            return *id;
+        }
+        let mut ids = self.ids.write().expect("lock");
+        let next = ids.len() as SubjectId;
+        *ids.entry(key).or_insert(next)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.read().expect("lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct DecisionCache {
+    pub policy: Arc<CompiledPolicy>,
+    map: RwLock<FxHashMap<(SubjectId, SubjectId, u16), Decision>>,
+    max_entries: usize,
+}
+
+impl DecisionCache {
+    pub fn new(policy: Arc<CompiledPolicy>, max_entries: usize) -> Self {
+        Self {
+            policy,
+            map: RwLock::default(),
+            max_entries,
+        }
+    }
+
+    /// The decision for this pair, from the cache or computed (and remembered).
+    pub fn decide(
+        &self,
+        (src_id, src): (SubjectId, &Subject<'_>),
+        (dst_id, dst): (SubjectId, &Subject<'_>),
+        port: u16,
+        resolved: &dyn Fn(&str, IpAddr) -> bool,
+    ) -> Decision {
+        let key = (src_id, dst_id, port);
+        if let Some(d) = self.map.read().expect("lock").get(&key) {
+            return d.clone();
+        }
+        let decision = self.policy.decide(src, dst, port, resolved);
+        let mut map = self.map.write().expect("lock");
+        if map.len() >= self.max_entries {
+            map.clear(); // bounded memory; the hot pairs come back at once
+        }
+        map.insert(key, decision.clone());
+        decision
+    }
+
+    /// Cached lookup only (for benchmarks and tests).
+    pub fn get(&self, src: SubjectId, dst: SubjectId, port: u16) -> Option<Decision> {
+        self.map
+            .read()
+            .expect("lock")
+            .get(&(src, dst, port))
+            .cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().expect("lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::no_dns;
+
+    #[test]
+    fn cached_decisions_match_fresh_ones_and_memory_is_bounded() {
+        let policy = crate::load("p.yaml", "rules:\n  - {name: a, action: allow, from: {labels: [app=web]}, to: {labels: [app=api]}}\n").unwrap();
+        let cache = DecisionCache::new(policy.clone(), 2);
+        let interner = Interner::default();
+        let (web, api) = (
+            Labels::parse("app=web").unwrap(),
+            Labels::parse("app=api").unwrap(),
+        );
+        let (w, a) = (
+            interner.intern(Some(&web), None),
+            interner.intern(Some(&api), None),
+        );
+        assert_eq!(
+            interner.intern(Some(&Labels::parse("app=web").unwrap()), None),
+            w,
+            "same labels, same id"
+        );
+        let (sw, sa) = (
+            Subject {
+                labels: Some(&web),
+                addr: None,
+            },
+            Subject {
+                labels: Some(&api),
+                addr: None,
+            },
+        );
+        assert!(cache.get(w, a, 80).is_none());
+        let d = cache.decide((w, &sw), (a, &sa), 80, &no_dns);
+        assert!(d.allowed());
+        assert_eq!(cache.get(w, a, 80), Some(d));
+        assert!(!cache.decide((a, &sa), (w, &sw), 80, &no_dns).allowed());
+        cache.decide((w, &sw), (a, &sa), 81, &no_dns);
+        assert!(cache.len() <= 2);
+    }
+}
