@@ -37,6 +37,26 @@ pub struct Config {
     pub tunnel: Tunnel,
     #[serde(default)]
     pub flows: Flows,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// The policy file (YAML). Without one, any enrolled workload may reach any other through
+    /// tunnels, and peers without an identity are refused.
+    pub file: Option<PathBuf>,
+    /// `enforce` (default): denials refuse. `observe`: denials are only recorded.
+    pub mode: PolicyModeConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyModeConfig {
+    #[default]
+    Enforce,
+    Observe,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +123,9 @@ pub struct Workload {
     /// TCP ports this workload serves: reachable only through Tessera tunnels.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Record this workload's policy denials without enforcing them.
+    #[serde(default)]
+    pub observe: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +208,9 @@ impl Config {
         if let Some(log) = self.flows.log.as_mut().filter(|l| l.is_relative()) {
             *log = base.join(&*log);
         }
+        if let Some(file) = self.policy.file.as_mut().filter(|f| f.is_relative()) {
+            *file = base.join(&*file);
+        }
     }
 
     pub fn pin_dir(&self) -> PathBuf {
@@ -221,6 +247,12 @@ impl Config {
         ] {
             std::fs::File::open(path)
                 .map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
+        }
+        if let Some(file) = &self.policy.file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("policy.file: cannot read {}: {e}", file.display()))?;
+            tessera_policy::parse::parse(&file.display().to_string(), &text)
+                .map_err(|e| format!("policy.file: invalid policy:\n{e}"))?;
         }
         if !self.bpf.delivery_source.is_loopback() {
             return Err(format!(

@@ -1,5 +1,6 @@
 //! `tessera run`: capture, proxy, and an orderly exit.
 use std::{
+    collections::HashMap,
     net::{Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -8,9 +9,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use tessera_proxy::{
+    authz::{Authorizer, PolicyMode},
     flow::FlowLog,
     inbound::Inbound,
-    local::{LocalAddrs, LocalServices},
+    local::{LocalAddrs, LocalServices, LocalWorkload},
     outbound::Outbound,
     peers::{Peer, PeerTable},
     pool::{TunnelDialer, TunnelPool},
@@ -22,7 +24,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     capture::Capture,
-    config::Config,
+    config::{Config, PolicyModeConfig},
+    policy,
     workloads::{BpfCaptureLookup, WorkloadIndex},
 };
 
@@ -54,38 +57,31 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mark = config.bpf.proxy_mark;
 
     // Listeners first: if a port is taken we stop before touching the kernel.
-    let out_v4 = listen(
-        SocketAddr::from(([127, 0, 0, 1], config.listen.outbound_port)),
-        mark,
-    )
-    .with_context(|| {
-        format!(
-            "listen.outbound_port: cannot listen on 127.0.0.1:{}",
-            config.listen.outbound_port
-        )
-    })?;
-    let out_v6 = listen(
-        SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen.outbound_port)),
-        mark,
-    )
-    .ok();
-    let in_v4 = listen(
-        SocketAddr::from(([127, 0, 0, 1], config.listen.inbound_port)),
-        mark,
-    )
-    .with_context(|| {
-        format!(
-            "listen.inbound_port: cannot listen on 127.0.0.1:{}",
-            config.listen.inbound_port
-        )
-    })?;
-    let in_v6 = listen(
-        SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen.inbound_port)),
-        mark,
-    )
-    .ok();
+    let loopback4 = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let loopback6 = |port| SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    let (out_port, in_port) = (config.listen.outbound_port, config.listen.inbound_port);
+    let out_v4 = listen(loopback4(out_port), mark)
+        .with_context(|| format!("listen.outbound_port: cannot listen on 127.0.0.1:{out_port}"))?;
+    let out_v6 = listen(loopback6(out_port), mark).ok();
+    let in_v4 = listen(loopback4(in_port), mark)
+        .with_context(|| format!("listen.inbound_port: cannot listen on 127.0.0.1:{in_port}"))?;
+    let in_v6 = listen(loopback6(in_port), mark).ok();
     let tunnel = listen(config.listen.tunnel, mark)
         .with_context(|| format!("listen.tunnel: cannot listen on {}", config.listen.tunnel))?;
+
+    let mode = match config.policy.mode {
+        PolicyModeConfig::Enforce => PolicyMode::Enforce,
+        PolicyModeConfig::Observe => PolicyMode::Observe,
+    };
+    let authz = Arc::new(Authorizer::new(
+        policy::load(config.policy.file.as_deref())?,
+        mode,
+    ));
+    let identities: HashMap<String, Arc<LocalWorkload>> = config
+        .workloads
+        .iter()
+        .map(|w| (w.name.clone(), Arc::new(policy::identity(&config, w))))
+        .collect();
 
     let mut capture = Capture::start(&config)?;
     capture.set_inbound_listeners(&in_v4, in_v6.as_ref())?;
@@ -98,6 +94,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 .map(|w| (w.name.clone(), w.cgroup.clone()))
                 .collect(),
         ),
+        identities: identities.clone(),
     });
 
     let flows = FlowLog::start(config.flows.log.clone())
@@ -122,17 +119,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         lookup,
         peers,
         pool,
+        authz: authz.clone(),
         flows: flows.clone(),
+        mark,
     });
+    let services = config
+        .workloads
+        .iter()
+        .flat_map(|w| w.ports.iter().map(|&p| (p, identities[&w.name].clone())));
     let inbound = Arc::new(Inbound {
         name: config.name.clone(),
+        authz: authz.clone(),
         acceptor: TlsAcceptor::from(identity.server_config()?),
-        services: LocalServices::new(
-            config
-                .workloads
-                .iter()
-                .flat_map(|w| w.ports.iter().map(|&p| (p, w.name.clone()))),
-        ),
+        services: LocalServices::new(services),
         addrs: LocalAddrs::default(),
         mark,
         delivery_src4: config.bpf.delivery_source,
@@ -150,11 +149,20 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tasks.spawn(inbound.clone().serve_direct(l));
     }
     tasks.spawn(inbound.serve_tunnels(tunnel));
+    if let Some(file) = config.policy.file.clone() {
+        let authz = authz.clone();
+        tasks.spawn(async move {
+            policy::watch(file, authz)
+                .await
+                .map_err(std::io::Error::other)
+        });
+    }
 
     tracing::info!(
         name = %config.name,
         workloads = config.workloads.len(),
         peers = config.peers.len(),
+        policy_rules = authz.rule_count(),
         tunnel = %config.listen.tunnel,
         "enforcer ready"
     );

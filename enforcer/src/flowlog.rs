@@ -72,6 +72,7 @@ pub fn edges(records: &[FlowRecord]) -> Vec<Edge> {
         let verdict = match r.verdict {
             Verdict::Allowed => "allowed",
             Verdict::Denied => "denied",
+            Verdict::ObservedDeny => "observed-would-deny",
             Verdict::Error => "error",
         };
         let key = (
@@ -189,6 +190,7 @@ mod tests {
                 uid: None,
             },
             verdict,
+            rule: None,
             reason: if verdict == Verdict::Denied {
                 "unauthenticated".into()
             } else {

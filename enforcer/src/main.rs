@@ -1,7 +1,7 @@
 //! `tessera`: the enforcer daemon and its command-line tools.
 use std::{net::IpAddr, path::PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod ca;
@@ -9,6 +9,7 @@ mod capture;
 mod config;
 mod daemon;
 mod flowlog;
+mod policy;
 mod workloads;
 
 #[derive(Parser)]
@@ -46,6 +47,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Check a policy file, or explain a decision.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Summarise flow logs of one or more enforcers as a connectivity table.
     Flows {
         /// Flow log files (JSON lines), as written by `[flows] log`.
@@ -53,6 +59,30 @@ enum Command {
         logs: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file: every error with file, line and column; non-zero exit on error.
+    Check { file: PathBuf },
+    /// Print the decision for a connection and the rule that led to it.
+    Explain {
+        #[arg(long)]
+        policy: PathBuf,
+        /// Source identity labels, `k=v,k2=v2`.
+        #[arg(long, default_value = "")]
+        from: String,
+        /// Source address (for a peer without an identity, or for `cidr:` rules).
+        #[arg(long)]
+        from_addr: Option<IpAddr>,
+        /// Destination identity labels, `k=v,k2=v2`.
+        #[arg(long, default_value = "")]
+        to: String,
+        #[arg(long)]
+        to_addr: Option<IpAddr>,
+        #[arg(long)]
+        port: u16,
     },
 }
 
@@ -152,6 +182,80 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let (cert, key) = ca::issue(&ca_dir, &name, &ips, &out_dir)?;
             println!("issued {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            match tessera_policy::parse::parse(&file.display().to_string(), &text) {
+                Ok(p) => {
+                    println!("{}: ok ({} rules)", file.display(), p.rules.len());
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    anyhow::bail!("{}: {} error(s)", file.display(), e.errors.len())
+                }
+            }
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    policy,
+                    from,
+                    from_addr,
+                    to,
+                    to_addr,
+                    port,
+                },
+        } => {
+            let text = std::fs::read_to_string(&policy)
+                .with_context(|| format!("cannot read {}", policy.display()))?;
+            let parsed = tessera_policy::parse::parse(&policy.display().to_string(), &text)?;
+            let lines = tessera_policy::compile::rule_lines(&parsed);
+            let compiled = tessera_policy::CompiledPolicy::new(parsed);
+            let labels = |s: &str| -> Result<Option<tessera_policy::Labels>> {
+                if s.is_empty() {
+                    Ok(None)
+                } else {
+                    Ok(Some(
+                        tessera_policy::Labels::parse(s).map_err(anyhow::Error::msg)?,
+                    ))
+                }
+            };
+            let (src, dst) = (
+                labels(&from).context("--from")?,
+                labels(&to).context("--to")?,
+            );
+            let s = tessera_policy::Subject {
+                labels: src.as_ref(),
+                addr: from_addr,
+            };
+            let t = tessera_policy::Subject {
+                labels: dst.as_ref(),
+                addr: to_addr,
+            };
+            let d = compiled.decide(&s, &t, port, &tessera_policy::compile::no_dns);
+            let at = |r: &str| {
+                lines
+                    .get(r)
+                    .map(|l| format!(" ({}:{l})", policy.display()))
+                    .unwrap_or_default()
+            };
+            println!("decision: {}", if d.allowed() { "allow" } else { "deny" });
+            match &d.rule {
+                Some(r) => println!("rule:     {r}{}", at(r)),
+                None => println!("rule:     none matched: default deny"),
+            }
+            if let Some(o) = &d.observed_deny {
+                println!(
+                    "observe:  rule {o}{} would deny (observe mode: recorded only)",
+                    at(o)
+                );
+            }
+            println!("reason:   {}", d.reason());
             Ok(())
         }
         Command::Flows { logs, json } => {

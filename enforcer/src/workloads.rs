@@ -8,12 +8,13 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Mutex, RwLock},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use tessera_common::{AF_INET, AF_INET6, ClientKey, OrigDst};
 use tessera_proxy::{
+    local::LocalWorkload,
     outbound::{CaptureLookup, Captured},
     wire::Source,
 };
@@ -117,6 +118,8 @@ pub fn orig_dst(orig: &OrigDst) -> SocketAddr {
 pub struct BpfCaptureLookup {
     pub map: Mutex<BpfHashMap<MapData, ClientKey, OrigDst>>,
     pub workloads: WorkloadIndex,
+    /// Identities of the enrolled workloads, by name.
+    pub identities: HashMap<String, Arc<LocalWorkload>>,
 }
 
 impl CaptureLookup for BpfCaptureLookup {
@@ -129,14 +132,17 @@ impl CaptureLookup for BpfCaptureLookup {
             orig
         };
         let workload = self.workloads.workload(orig.cgroup_id).unwrap_or_default();
+        let identity = self.identities.get(&workload);
         Some(Captured {
             dst: orig_dst(&orig),
             source: Source {
+                labels: identity.map(|i| i.labels.clone()).unwrap_or_default(),
                 workload,
                 pid: orig.pid,
                 uid: orig.uid,
                 cgroup_id: orig.cgroup_id,
             },
+            observe: identity.is_some_and(|i| i.observe),
         })
     }
 }

@@ -14,7 +14,10 @@
 //! Each direction has one fixed buffer (no per-chunk allocation) and only reads when its last
 //! chunk was written (backpressure). Header and payload go out in one write, so each frame is
 //! encrypted as one TLS record run, never a tiny record for the header.
-use std::io;
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
@@ -56,10 +59,23 @@ pub enum Ended {
     },
 }
 
-/// Buffers of one tunnel, reused by every connection it carries.
+/// Buffers of one tunnel, reused by every connection it carries, and the byte counts of
+/// the current connection (kept here so that they survive a splice that is cancelled).
 pub struct Buffers {
     up: Box<[u8]>,
     down: Box<[u8]>,
+    from_app: AtomicU64,
+    to_app: AtomicU64,
+}
+
+impl Buffers {
+    /// Bytes moved by the current (or last) connection, also after a cancelled splice.
+    pub fn transferred(&self) -> Transferred {
+        Transferred {
+            from_app: self.from_app.load(Relaxed),
+            to_app: self.to_app.load(Relaxed),
+        }
+    }
 }
 
 impl Default for Buffers {
@@ -67,49 +83,50 @@ impl Default for Buffers {
         Self {
             up: vec![0; HEADER + MAX_FRAME].into_boxed_slice(),
             down: vec![0; MAX_FRAME].into_boxed_slice(),
+            from_app: AtomicU64::new(0),
+            to_app: AtomicU64::new(0),
         }
     }
 }
 
 enum UpEnd {
-    Eof(u64),
+    Eof,
     /// The application read failed; a RESET frame was sent.
-    Reset(u64, String),
+    Reset(String),
 }
 
 enum DownEnd {
-    Eof(u64),
+    Eof,
     /// The peer sent RESET, or the application write failed.
-    Reset(u64, String),
+    Reset(String),
 }
 
+// Byte counts live outside the direction futures: a direction cut short by the other one's
+// reset still has its bytes counted.
 async fn app_to_tunnel<W: AsyncWrite + Unpin>(
     app: &mut TcpReadHalf<'_>,
     tunnel: &mut W,
     buf: &mut [u8],
+    total: &AtomicU64,
 ) -> io::Result<UpEnd> {
-    let mut total = 0u64;
     loop {
         let n = match app.read(&mut buf[HEADER..]).await {
             Ok(n) => n,
             Err(e) => {
                 tunnel.write_all(&(KIND_RESET << 30).to_be_bytes()).await?;
                 tunnel.flush().await?;
-                return Ok(UpEnd::Reset(
-                    total,
-                    format!("application connection broke: {e}"),
-                ));
+                return Ok(UpEnd::Reset(format!("application connection broke: {e}")));
             }
         };
         if n == 0 {
             tunnel.write_all(&(KIND_EOF << 30).to_be_bytes()).await?;
             tunnel.flush().await?;
-            return Ok(UpEnd::Eof(total));
+            return Ok(UpEnd::Eof);
         }
         buf[..HEADER].copy_from_slice(&(KIND_DATA << 30 | n as u32).to_be_bytes());
         tunnel.write_all(&buf[..HEADER + n]).await?;
         tunnel.flush().await?;
-        total += n as u64;
+        total.fetch_add(n as u64, Relaxed);
     }
 }
 
@@ -117,8 +134,8 @@ async fn tunnel_to_app<R: AsyncRead + Unpin>(
     tunnel: &mut R,
     app: &mut TcpWriteHalf<'_>,
     buf: &mut [u8],
+    total: &AtomicU64,
 ) -> io::Result<DownEnd> {
-    let mut total = 0u64;
     loop {
         let mut header = [0u8; HEADER];
         tunnel.read_exact(&mut header).await?;
@@ -130,22 +147,16 @@ async fn tunnel_to_app<R: AsyncRead + Unpin>(
                 if let Err(e) = app.write_all(&buf[..len]).await {
                     // Keep the framing: nothing more can be delivered, so this direction
                     // ends in a reset (the other side learns it from our RESET frame).
-                    return Ok(DownEnd::Reset(
-                        total,
-                        format!("application write failed: {e}"),
-                    ));
+                    return Ok(DownEnd::Reset(format!("application write failed: {e}")));
                 }
-                total += len as u64;
+                total.fetch_add(len as u64, Relaxed);
             }
             KIND_EOF if len == 0 => {
                 let _ = app.shutdown().await;
-                return Ok(DownEnd::Eof(total));
+                return Ok(DownEnd::Eof);
             }
             KIND_RESET if len == 0 => {
-                return Ok(DownEnd::Reset(
-                    total,
-                    "the peer's connection was reset".into(),
-                ));
+                return Ok(DownEnd::Reset("the peer's connection was reset".into()));
             }
             _ => {
                 return Err(io::Error::new(
@@ -194,32 +205,62 @@ async fn both_directions<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    let Buffers {
+        up,
+        down,
+        from_app,
+        to_app,
+    } = buffers;
+    from_app.store(0, Relaxed);
+    to_app.store(0, Relaxed);
+    let (from_app, to_app) = (&*from_app, &*to_app);
+    let counted = || Transferred {
+        from_app: from_app.load(Relaxed),
+        to_app: to_app.load(Relaxed),
+    };
     let (mut app_r, mut app_w) = app.split();
     let (mut tun_r, mut tun_w): (ReadHalf<&mut T>, WriteHalf<&mut T>) = tokio::io::split(tunnel);
-    let Buffers { up, down } = buffers;
-    let mut down_fut = Box::pin(tunnel_to_app(&mut tun_r, &mut app_w, down));
-    let mut up_fut = Box::pin(app_to_tunnel(&mut app_r, &mut tun_w, up));
+    let mut down_fut = Box::pin(tunnel_to_app(&mut tun_r, &mut app_w, down, to_app));
+    let mut up_fut = Box::pin(app_to_tunnel(&mut app_r, &mut tun_w, up, from_app));
     let (up, down) = tokio::select! {
         up = &mut up_fut => (up?, down_fut.await?),
         down = &mut down_fut => match down? {
-            DownEnd::Reset(to_app, reason) => {
+            DownEnd::Reset(reason) => {
                 // Nothing more can be delivered: stop reading the application and tell the
                 // peer (its side then resets too). The tunnel is not reused after this.
                 drop(up_fut);
                 tun_w.write_all(&(KIND_RESET << 30).to_be_bytes()).await?;
                 tun_w.flush().await?;
-                return Ok((Transferred { from_app: 0, to_app }, Some(reason)));
+                return Ok((counted(), Some(reason)));
             }
             down => (up_fut.await?, down),
         },
     };
     Ok(match (up, down) {
-        (UpEnd::Eof(from_app), DownEnd::Eof(to_app)) => (Transferred { from_app, to_app }, None),
-        (UpEnd::Eof(from_app) | UpEnd::Reset(from_app, _), DownEnd::Reset(to_app, reason))
-        | (UpEnd::Reset(from_app, reason), DownEnd::Eof(to_app)) => {
-            (Transferred { from_app, to_app }, Some(reason))
-        }
+        (UpEnd::Eof, DownEnd::Eof) => (counted(), None),
+        (UpEnd::Eof | UpEnd::Reset(_), DownEnd::Reset(reason))
+        | (UpEnd::Reset(reason), DownEnd::Eof) => (counted(), Some(reason)),
     })
+}
+
+/// Tells the peer that this connection is reset before any data: for a connection refused
+/// after the peer already delivered it (an egress policy denial). The tunnel is not reused.
+pub async fn send_reset<T: AsyncWrite + Unpin>(tunnel: &mut T) -> io::Result<()> {
+    tunnel.write_all(&(KIND_RESET << 30).to_be_bytes()).await?;
+    tunnel.flush().await
+}
+
+/// Splices two plain TCP connections (no tunnel framing): a connection to or from a peer
+/// without an enforcer that policy allows. A failure on one side resets the other.
+pub async fn splice_plain(app: &mut TcpStream, other: &mut TcpStream) -> io::Result<Transferred> {
+    match tokio::io::copy_bidirectional_with_sizes(app, other, MAX_FRAME, MAX_FRAME).await {
+        Ok((from_app, to_app)) => Ok(Transferred { from_app, to_app }),
+        Err(e) => {
+            reset_on_close(app);
+            reset_on_close(other);
+            Err(e)
+        }
+    }
 }
 
 /// Whether an error is just the other side going away (not worth a warning).

@@ -23,6 +23,9 @@ pub enum Direction {
 pub enum Verdict {
     Allowed,
     Denied,
+    /// Policy denied it but the connection went ahead because of observe mode.
+    #[serde(rename = "observed-would-deny")]
+    ObservedDeny,
     Error,
 }
 
@@ -67,6 +70,9 @@ pub struct FlowRecord {
     /// Why it was refused or failed; empty when allowed and clean.
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub reason: String,
+    /// The policy rule that decided at this end (none: default deny, or no policy step).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rule: Option<String>,
     /// Bytes from the source to the destination, and back.
     pub bytes_sent: u64,
     pub bytes_received: u64,

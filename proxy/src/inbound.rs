@@ -21,7 +21,8 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use crate::{
-    copy::{Buffers, Ended, is_disconnect, splice},
+    authz::{Authorizer, Party, Side},
+    copy::{Buffers, Ended, is_disconnect, send_reset, splice, splice_plain},
     flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, now_ms},
     local::{LocalAddrs, LocalServices},
     socket::{connect_marked, reset_on_close},
@@ -31,6 +32,7 @@ use crate::{
 
 pub struct Inbound {
     pub name: String,
+    pub authz: Arc<Authorizer>,
     pub acceptor: TlsAcceptor,
     pub services: LocalServices,
     pub addrs: LocalAddrs,
@@ -72,6 +74,7 @@ impl Inbound {
             dst,
             verdict: Verdict::Error,
             reason: String::new(),
+            rule: None,
             bytes_sent: 0,
             bytes_received: 0,
             pooled: None,
@@ -106,8 +109,9 @@ impl Inbound {
             let request =
                 match tokio::time::timeout(self.idle_timeout, Request::read(&mut tls)).await {
                     Ok(Ok(request)) => request,
-                    // The source closed an idle tunnel, or it idled out: not a connection attempt.
-                    Ok(Err(WireError::Truncated("preamble"))) | Err(_) => break,
+                    // The source closed (or reset) an idle tunnel, or it idled out: not a
+                    // connection attempt.
+                    Ok(Err(WireError::Truncated("preamble") | WireError::Io(_))) | Err(_) => break,
                     Ok(Err(e)) => {
                         let mut rec = self.record(
                             Direction::Inbound,
@@ -160,7 +164,7 @@ impl Inbound {
         let Some(workload) = local
             .then(|| self.services.workload(request.dst.port()))
             .flatten()
-            .map(str::to_owned)
+            .cloned()
         else {
             rec.verdict = Verdict::Denied;
             rec.reason = if local {
@@ -179,46 +183,95 @@ impl Inbound {
             self.finish(rec, start);
             return sent;
         };
-        rec.dst.workload = Some(workload.clone());
-        let bind = match request.dst.ip() {
-            IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(self.delivery_src4), 0),
-            IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
+        rec.dst.workload = Some(workload.name.clone());
+        let port = request.dst.port();
+        let src = Party::workload(request.source.labels.clone(), Some(remote.ip()));
+        let dst = Party::workload(workload.labels.clone(), Some(request.dst.ip()));
+        let outcome = self.authz.check(&src, &dst, port, workload.observe);
+        rec.rule = outcome.rule.clone();
+        if !outcome.allowed {
+            rec.verdict = Verdict::Denied;
+            rec.reason = format!("ingress {}", outcome.reason);
+            let answer = Response::new(
+                Status::Denied,
+                format!("{}: ingress {}", self.name, outcome.reason),
+            )
+            .with_labels(workload.labels.clone());
+            let sent = answer.write(tls).await.is_ok();
+            self.finish(rec, start);
+            return sent;
+        }
+        let mut delivered = match self.deliver(request.dst).await {
+            Ok(s) => s,
+            Err(e) => {
+                rec.reason = format!("workload unreachable: {e}");
+                let sent = Response::new(Status::Unreachable, rec.reason.clone())
+                    .write(tls)
+                    .await
+                    .is_ok();
+                self.finish(rec, start);
+                return sent;
+            }
         };
-        let mut delivered =
-            match connect_marked(request.dst, self.mark, Some(bind), DELIVERY_TIMEOUT).await {
-                Ok(s) => s,
-                Err(e) => {
-                    rec.reason = format!("workload unreachable: {e}");
-                    let sent = Response::new(Status::Unreachable, rec.reason.clone())
-                        .write(tls)
-                        .await
-                        .is_ok();
-                    self.finish(rec, start);
-                    return sent;
-                }
-            };
-        if let Err(e) = Response::new(Status::Connected, workload).write(tls).await {
+        if let Err(e) = Response::new(Status::Connected, workload.name.clone())
+            .with_labels(workload.labels.clone())
+            .write(tls)
+            .await
+        {
             reset_on_close(&delivered);
             rec.reason = format!("tunnel broke before delivery: {e}");
             self.finish(rec, start);
             return false;
         }
-        rec.verdict = Verdict::Allowed;
+        rec.verdict = if outcome.observed_deny {
+            Verdict::ObservedDeny
+        } else {
+            Verdict::Allowed
+        };
+        if outcome.observed_deny {
+            rec.reason = outcome.reason;
+        }
+        let mut guard = self
+            .authz
+            .register(Side::Ingress, src, dst, port, workload.observe);
         // `delivered` is the workload side: bytes from it are bytes the source received.
-        let clean = match splice(&mut delivered, tls, buffers).await {
-            Ok(Ended::Clean(t)) => {
+        let ended = tokio::select! {
+            r = splice(&mut delivered, tls, buffers) => Some(r),
+            reason = guard.revoked() => {
+                rec.verdict = Verdict::Denied;
+                rec.reason = reason;
+                None
+            }
+        };
+        if let (Some(Ok(Ended::Reset { .. }) | Err(_)), Some(reason)) = (&ended, guard.revocation())
+        {
+            rec.verdict = Verdict::Denied;
+            rec.reason = reason;
+        }
+        let clean = match ended {
+            None => {
+                // Revoked: tell the source (it resets its side); the tunnel is not reused.
+                let t = buffers.transferred();
+                (rec.bytes_sent, rec.bytes_received) = (t.to_app, t.from_app);
+                reset_on_close(&delivered);
+                let _ = tokio::time::timeout(Duration::from_secs(1), send_reset(tls)).await;
+                false
+            }
+            Some(Ok(Ended::Clean(t))) => {
                 (rec.bytes_sent, rec.bytes_received) = (t.to_app, t.from_app);
                 true
             }
-            Ok(Ended::Reset {
+            Some(Ok(Ended::Reset {
                 transferred: t,
                 reason,
-            }) => {
+            })) => {
                 (rec.bytes_sent, rec.bytes_received) = (t.to_app, t.from_app);
-                rec.reason = reason;
+                if rec.verdict != Verdict::Denied {
+                    rec.reason = reason;
+                }
                 false
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 if !is_disconnect(&e) {
                     tracing::debug!(error = %e, "tunnel failed during a connection");
                 }
@@ -228,6 +281,15 @@ impl Inbound {
         };
         self.finish(rec, start);
         clean
+    }
+
+    /// Connects to a local workload from the delivery address (`sk_lookup` lets it through).
+    async fn deliver(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let bind = match dst.ip() {
+            IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(self.delivery_src4), 0),
+            IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
+        };
+        connect_marked(dst, self.mark, Some(bind), DELIVERY_TIMEOUT).await
     }
 
     fn refuse_handshake(&self, remote: SocketAddr, start: Instant, reason: String) {
@@ -242,7 +304,9 @@ impl Inbound {
     }
 
     /// Connections steered here by `sk_lookup` because they tried to reach a protected port
-    /// directly. Their local address is the one they asked for.
+    /// directly. Their local address is the one they asked for. They come from a peer
+    /// without a Tessera identity: refused unless policy allows that address (a `cidr:` or
+    /// `dns:` source), in which case they are delivered like a tunnelled connection.
     pub async fn serve_direct(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
         loop {
             let (stream, remote) = match listener.accept().await {
@@ -253,22 +317,76 @@ impl Inbound {
                     continue;
                 }
             };
-            let start = Instant::now();
-            let dst = stream.local_addr().unwrap_or(remote);
-            reset_on_close(&stream);
-            drop(stream);
-            let mut rec = self.record(
-                Direction::Direct,
-                Endpoint::addr(remote),
-                Endpoint::addr(dst),
-            );
-            rec.dst.workload = self.services.workload(dst.port()).map(str::to_owned);
-            rec.dst.enforcer = Some(self.name.clone());
-            rec.verdict = Verdict::Denied;
-            rec.reason =
-                "unauthenticated: the connection did not come through a Tessera tunnel".into();
-            self.finish(rec, start);
+            let this = self.clone();
+            tokio::spawn(async move { this.handle_direct(stream, remote).await });
         }
+    }
+
+    async fn handle_direct(&self, mut stream: TcpStream, remote: SocketAddr) {
+        let start = Instant::now();
+        let dst_addr = stream.local_addr().unwrap_or(remote);
+        let mut rec = self.record(
+            Direction::Direct,
+            Endpoint::addr(remote),
+            Endpoint::addr(dst_addr),
+        );
+        rec.dst.enforcer = Some(self.name.clone());
+        let Some(workload) = self.services.workload(dst_addr.port()).cloned() else {
+            reset_on_close(&stream);
+            rec.verdict = Verdict::Denied;
+            rec.reason = format!(
+                "no workload of {} serves port {}",
+                self.name,
+                dst_addr.port()
+            );
+            return self.finish(rec, start);
+        };
+        rec.dst.workload = Some(workload.name.clone());
+        let src = Party::external(remote.ip());
+        let dst = Party::workload(workload.labels.clone(), Some(dst_addr.ip()));
+        let outcome = self
+            .authz
+            .check(&src, &dst, dst_addr.port(), workload.observe);
+        rec.rule = outcome.rule.clone();
+        if !outcome.allowed {
+            reset_on_close(&stream);
+            rec.verdict = Verdict::Denied;
+            rec.reason = format!(
+                "unauthenticated: the connection did not come through a Tessera tunnel; {}",
+                outcome.reason
+            );
+            return self.finish(rec, start);
+        }
+        let mut delivered = match self.deliver(dst_addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                reset_on_close(&stream);
+                rec.reason = format!("workload unreachable: {e}");
+                return self.finish(rec, start);
+            }
+        };
+        rec.verdict = if outcome.observed_deny {
+            Verdict::ObservedDeny
+        } else {
+            Verdict::Allowed
+        };
+        rec.reason = outcome.reason;
+        let mut guard =
+            self.authz
+                .register(Side::Ingress, src, dst, dst_addr.port(), workload.observe);
+        tokio::select! {
+            r = splice_plain(&mut stream, &mut delivered) => match r {
+                Ok(t) => (rec.bytes_sent, rec.bytes_received) = (t.from_app, t.to_app),
+                Err(e) => rec.reason = format!("connection broken: {e}"),
+            },
+            reason = guard.revoked() => {
+                reset_on_close(&stream);
+                reset_on_close(&delivered);
+                rec.verdict = Verdict::Denied;
+                rec.reason = reason;
+            }
+        }
+        self.finish(rec, start)
     }
 
     fn finish(&self, mut record: FlowRecord, start: Instant) {

@@ -10,6 +10,7 @@
 //! * [`copy`]: splicing two streams (half-close, backpressure, reset propagation).
 //! * [`tls`], [`peers`], [`socket`], [`local`], [`flow`]: certificates, routing table,
 //!   socket options, host-address checks, and flow records.
+pub mod authz;
 pub mod copy;
 pub mod flow;
 pub mod inbound;

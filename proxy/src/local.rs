@@ -3,9 +3,11 @@
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
-    sync::RwLock,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
+
+use tessera_policy::Labels;
 
 /// The host's interface addresses, refreshed at most every `REFRESH`.
 pub struct LocalAddrs {
@@ -50,20 +52,29 @@ impl LocalAddrs {
     }
 }
 
+/// An enrolled workload of this host, as policy sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalWorkload {
+    pub name: String,
+    pub labels: Labels,
+    /// Policy denials for this workload are recorded, not enforced.
+    pub observe: bool,
+}
+
 /// Local workloads by the TCP port they serve.
 #[derive(Clone, Debug, Default)]
 pub struct LocalServices {
-    by_port: HashMap<u16, String>,
+    by_port: HashMap<u16, Arc<LocalWorkload>>,
 }
 
 impl LocalServices {
-    pub fn new(services: impl IntoIterator<Item = (u16, String)>) -> Self {
+    pub fn new(services: impl IntoIterator<Item = (u16, Arc<LocalWorkload>)>) -> Self {
         Self {
             by_port: services.into_iter().collect(),
         }
     }
-    pub fn workload(&self, port: u16) -> Option<&str> {
-        self.by_port.get(&port).map(String::as_str)
+    pub fn workload(&self, port: u16) -> Option<&Arc<LocalWorkload>> {
+        self.by_port.get(&port)
     }
 }
 

@@ -1,10 +1,11 @@
 //! The outbound side: connections that the eBPF connect hooks redirected to us.
 //!
 //! For each accepted connection: find its original destination and origin (recorded by the
-//! eBPF programs, keyed by the client's address and port), find the enforcer that serves
-//! that destination, take a tunnel to it, send the request header, wait for the peer's
-//! answer, then splice. Anything that cannot be carried is refused with a RST: a captured
-//! connection is never sent around the enforcer.
+//! eBPF programs, keyed by the client's address and port). If an enforcer serves the
+//! destination, take a tunnel to it, send the request (with the source's identity), and on
+//! its answer (with the destination's identity) decide egress policy before the first
+//! application byte flows. A destination without an enforcer is reached directly only if
+//! policy allows it. Anything refused is reset: a captured connection never goes around us.
 use std::{
     io,
     net::SocketAddr,
@@ -18,11 +19,12 @@ use tokio::{
 };
 
 use crate::{
-    copy::{Ended, is_disconnect, splice},
+    authz::{Authorizer, Party, Side},
+    copy::{Ended, is_disconnect, send_reset, splice, splice_plain},
     flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, now_ms},
     peers::{Peer, PeerTable},
     pool::{Tunnel, TunnelPool},
-    socket::reset_on_close,
+    socket::{connect_marked, reset_on_close},
     wire::{Request, Response, Source, Status},
 };
 
@@ -31,6 +33,8 @@ use crate::{
 pub struct Captured {
     pub dst: SocketAddr,
     pub source: Source,
+    /// The source workload is in policy observe mode.
+    pub observe: bool,
 }
 
 /// Finds (and forgets) the capture record of a redirected connection by its client address.
@@ -44,11 +48,14 @@ pub struct Outbound {
     pub lookup: Arc<dyn CaptureLookup>,
     pub peers: PeerTable,
     pub pool: Arc<TunnelPool>,
+    pub authz: Arc<Authorizer>,
     pub flows: FlowLog,
+    pub mark: u32,
 }
 
 /// How long the peer may take to answer a request (it connects to its workload meanwhile).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+const EXTERNAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
@@ -69,9 +76,9 @@ impl Outbound {
     }
 
     async fn handle(&self, mut app: TcpStream, client: SocketAddr) {
-        let (start, start_ms) = (Instant::now(), now_ms());
+        let start = Instant::now();
         let mut record = FlowRecord {
-            start_ms,
+            start_ms: now_ms(),
             duration_ms: 0,
             reporter: self.name.clone(),
             direction: Direction::Outbound,
@@ -79,6 +86,7 @@ impl Outbound {
             dst: Endpoint::addr(client),
             verdict: Verdict::Error,
             reason: String::new(),
+            rule: None,
             bytes_sent: 0,
             bytes_received: 0,
             pooled: None,
@@ -93,15 +101,89 @@ impl Outbound {
         record.src.uid = Some(captured.source.uid);
         record.src.enforcer = Some(self.name.clone());
         record.dst = Endpoint::addr(captured.dst);
+        let src = Party::workload(captured.source.labels.clone(), None);
 
-        let Some(peer) = self.peers.lookup(captured.dst.ip()) else {
-            reset_on_close(&app);
+        match self.peers.lookup(captured.dst.ip()) {
+            Some(peer) => {
+                self.via_tunnel(app, captured, src, peer, record, start)
+                    .await
+            }
+            None => self.external(&mut app, &captured, src, record, start).await,
+        }
+    }
+
+    /// A destination no enforcer serves: reached directly if policy allows it.
+    async fn external(
+        &self,
+        app: &mut TcpStream,
+        captured: &Captured,
+        src: Party,
+        mut record: FlowRecord,
+        start: Instant,
+    ) {
+        let dst = Party::external(captured.dst.ip());
+        let outcome = self
+            .authz
+            .check(&src, &dst, captured.dst.port(), captured.observe);
+        record.rule = outcome.rule.clone();
+        if !outcome.allowed {
+            reset_on_close(app);
             record.verdict = Verdict::Denied;
-            record.reason = format!("no enforcer serves {}", captured.dst.ip());
+            record.reason = format!(
+                "no enforcer serves {}; {}",
+                captured.dst.ip(),
+                outcome.reason
+            );
             return self.finish(record, start);
+        }
+        let mut remote =
+            match connect_marked(captured.dst, self.mark, None, EXTERNAL_CONNECT_TIMEOUT).await {
+                Ok(s) => s,
+                Err(e) => {
+                    reset_on_close(app);
+                    record.reason = format!("external destination unreachable: {e}");
+                    return self.finish(record, start);
+                }
+            };
+        record.verdict = if outcome.observed_deny {
+            Verdict::ObservedDeny
+        } else {
+            Verdict::Allowed
         };
-        record.dst.enforcer = Some(peer.name.clone());
+        record.reason = outcome.reason;
+        let mut guard = self.authz.register(
+            Side::Egress,
+            src,
+            dst,
+            captured.dst.port(),
+            captured.observe,
+        );
+        tokio::select! {
+            r = splice_plain(app, &mut remote) => match r {
+                Ok(t) => (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app),
+                Err(e) => record.reason = format!("connection broken: {e}"),
+            },
+            reason = guard.revoked() => {
+                reset_on_close(app);
+                reset_on_close(&remote);
+                record.verdict = Verdict::Denied;
+                record.reason = reason;
+            }
+        }
+        self.finish(record, start)
+    }
 
+    async fn via_tunnel(
+        &self,
+        mut app: TcpStream,
+        captured: Captured,
+        src: Party,
+        peer: &Peer,
+        mut record: FlowRecord,
+        start: Instant,
+    ) {
+        record.dst.enforcer = Some(peer.name.clone());
+        let port = captured.dst.port();
         let request = Request {
             dst: captured.dst,
             source: captured.source,
@@ -126,26 +208,75 @@ impl Outbound {
             record.reason = format!("{} refused: {}", peer.name, answer.reason);
             return self.finish(record, start);
         }
-        // On success the peer names the workload that accepted the connection.
-        record.dst.workload = Some(answer.reason).filter(|w| !w.is_empty());
-        record.verdict = Verdict::Allowed;
-        match splice(&mut app, &mut tunnel.stream, &mut tunnel.buffers).await {
-            Ok(Ended::Clean(t)) => {
+        // On success the peer names the workload that accepted and its identity.
+        record.dst.workload = Some(answer.reason.clone()).filter(|w| !w.is_empty());
+        let dst = Party::workload(answer.labels, Some(captured.dst.ip()));
+        let outcome = self.authz.check(&src, &dst, port, captured.observe);
+        record.rule = outcome.rule.clone();
+        if !outcome.allowed {
+            // Egress denied: nothing was sent yet; the peer resets its delivered connection.
+            let _ = send_reset(&mut tunnel.stream).await;
+            reset_on_close(&app);
+            record.verdict = Verdict::Denied;
+            record.reason = format!("egress {}", outcome.reason);
+            return self.finish(record, start);
+        }
+        record.verdict = if outcome.observed_deny {
+            Verdict::ObservedDeny
+        } else {
+            Verdict::Allowed
+        };
+        if outcome.observed_deny {
+            record.reason = outcome.reason;
+        }
+        let mut guard = self
+            .authz
+            .register(Side::Egress, src, dst, port, captured.observe);
+        let ended = tokio::select! {
+            r = splice(&mut app, &mut tunnel.stream, &mut tunnel.buffers) => Some(r),
+            reason = guard.revoked() => {
+                record.verdict = Verdict::Denied;
+                record.reason = reason;
+                None
+            }
+        };
+        // Both ends revoke on a reload; whichever is first resets the other. Cite the reload
+        // here too if it applies to us.
+        if let (Some(Ok(Ended::Reset { .. }) | Err(_)), Some(reason)) = (&ended, guard.revocation())
+        {
+            record.verdict = Verdict::Denied;
+            record.reason = reason;
+        }
+        match ended {
+            None => {
+                // Revoked: tell the peer (it resets its side), then drop the tunnel.
+                let t = tunnel.buffers.transferred();
+                (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app);
+                reset_on_close(&app);
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), send_reset(&mut tunnel.stream))
+                        .await;
+            }
+            Some(Ok(Ended::Clean(t))) => {
                 (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app);
                 self.pool.put(peer, tunnel);
             }
-            Ok(Ended::Reset {
+            Some(Ok(Ended::Reset {
                 transferred: t,
                 reason,
-            }) => {
+            })) => {
                 (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app);
-                record.reason = reason;
+                if record.verdict != Verdict::Denied {
+                    record.reason = reason;
+                }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 if !is_disconnect(&e) {
                     tracing::debug!(error = %e, "tunnel failed during a connection");
                 }
-                record.reason = format!("tunnel to {} broke: {e}", peer.name);
+                if record.verdict != Verdict::Denied {
+                    record.reason = format!("tunnel to {} broke: {e}", peer.name);
+                }
             }
         }
         self.finish(record, start)

@@ -3,20 +3,24 @@
 //!
 //! Request (client → server), all integers big-endian:
 //! ```text
-//! magic "TSRA" | version u8 (=1) | body_len u16 | body
+//! magic "TSRA" | version u8 (=2) | body_len u16 | body
 //! body = dst_family u8 (4|6) | dst_addr [4|16] | dst_port u16
 //!      | src_workload_len u8 | src_workload utf-8 | src_pid u32 | src_uid u32 | src_cgroup u64
+//!      | labels
+//! labels = count u8 | (key_len u8 | key | value_len u8 | value)*
 //! ```
-//! Response (server → client): `version u8 | status u8 | reason_len u8 | reason utf-8`.
+//! Response (server → client): `version u8 | status u8 | reason_len u8 | reason | labels`
+//! (the labels of the destination workload, when there is one).
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use tessera_policy::Labels;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 4] = *b"TSRA";
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Largest body this version accepts; anything longer is refused before allocation.
-pub const MAX_BODY: usize = 1024;
+pub const MAX_BODY: usize = 8192;
 
 #[derive(Debug, Error)]
 pub enum WireError {
@@ -43,6 +47,8 @@ pub struct Source {
     pub pid: u32,
     pub uid: u32,
     pub cgroup_id: u64,
+    /// The source workload's identity labels.
+    pub labels: Labels,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,6 +91,33 @@ pub struct Response {
     pub status: Status,
     /// Why it was refused; on `Connected`, the name of the workload that accepted.
     pub reason: String,
+    /// The destination workload's labels (empty when there is no such workload).
+    pub labels: Labels,
+}
+
+fn encode_labels(out: &mut Vec<u8>, labels: &Labels) {
+    let pairs: Vec<(&str, &str)> = labels.iter().take(u8::MAX as usize).collect();
+    out.push(pairs.len() as u8);
+    for (k, v) in pairs {
+        for s in [truncate_utf8(k, 255), truncate_utf8(v, 255)] {
+            out.push(s.len() as u8);
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+}
+
+fn decode_labels(r: &mut Reader<'_>) -> Result<Labels, WireError> {
+    let n = r.u8("label count")?;
+    let mut pairs = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let k = r.string("label key")?;
+        let v = r.string("label value")?;
+        if k.is_empty() {
+            return Err(WireError::Malformed("empty label key"));
+        }
+        pairs.push((k, v));
+    }
+    Ok(Labels::new(pairs))
 }
 
 impl Request {
@@ -107,6 +140,7 @@ impl Request {
         body.extend_from_slice(&self.source.pid.to_be_bytes());
         body.extend_from_slice(&self.source.uid.to_be_bytes());
         body.extend_from_slice(&self.source.cgroup_id.to_be_bytes());
+        encode_labels(&mut body, &self.source.labels);
         let mut out = Vec::with_capacity(7 + body.len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
@@ -135,6 +169,7 @@ impl Request {
         let pid = u32::from_be_bytes(r.array("pid")?);
         let uid = u32::from_be_bytes(r.array("uid")?);
         let cgroup_id = u64::from_be_bytes(r.array("cgroup id")?);
+        let labels = decode_labels(&mut r)?;
         if !r.0.is_empty() {
             return Err(WireError::Malformed("trailing bytes after header body"));
         }
@@ -145,6 +180,7 @@ impl Request {
                 pid,
                 uid,
                 cgroup_id,
+                labels,
             },
         })
     }
@@ -173,14 +209,21 @@ impl Response {
         Self {
             status,
             reason: reason.into(),
+            labels: Labels::default(),
         }
+    }
+
+    pub fn with_labels(mut self, labels: Labels) -> Self {
+        self.labels = labels;
+        self
     }
 
     pub fn encode(&self) -> Vec<u8> {
         let reason = truncate_utf8(&self.reason, u8::MAX as usize);
-        let mut out = Vec::with_capacity(3 + reason.len());
+        let mut out = Vec::with_capacity(64 + reason.len());
         out.extend_from_slice(&[VERSION, self.status as u8, reason.len() as u8]);
         out.extend_from_slice(reason.as_bytes());
+        encode_labels(&mut out, &self.labels);
         out
     }
 
@@ -195,7 +238,27 @@ impl Response {
         read_exact(r, &mut reason, "response reason").await?;
         let reason =
             String::from_utf8(reason).map_err(|_| WireError::Malformed("reason is not UTF-8"))?;
-        Ok(Self { status, reason })
+        let mut count = [0u8; 1];
+        read_exact(r, &mut count, "response labels").await?;
+        let mut pairs = Vec::with_capacity(count[0] as usize);
+        for _ in 0..count[0] {
+            let mut kv = [String::new(), String::new()];
+            for s in &mut kv {
+                let mut len = [0u8; 1];
+                read_exact(r, &mut len, "response label").await?;
+                let mut b = vec![0u8; len[0] as usize];
+                read_exact(r, &mut b, "response label").await?;
+                *s =
+                    String::from_utf8(b).map_err(|_| WireError::Malformed("label is not UTF-8"))?;
+            }
+            let [k, v] = kv;
+            pairs.push((k, v));
+        }
+        Ok(Self {
+            status,
+            reason,
+            labels: Labels::new(pairs),
+        })
     }
 
     pub async fn write<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
@@ -241,6 +304,11 @@ impl<'a> Reader<'a> {
     fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
         Ok(self.take(1, what)?[0])
     }
+    fn string(&mut self, what: &'static str) -> Result<String, WireError> {
+        let len = self.u8(what)? as usize;
+        let b = self.take(len, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| WireError::Malformed("label is not UTF-8"))
+    }
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
         Ok(self.take(N, what)?.try_into().expect("length checked"))
     }
@@ -258,6 +326,7 @@ mod tests {
                 pid: 42,
                 uid: 1000,
                 cgroup_id: 7,
+                labels: Labels::new([("app", "web"), ("tier", "front")]),
             },
         }
     }
@@ -293,7 +362,7 @@ mod tests {
         bytes.push(VERSION);
         bytes.extend_from_slice(&(MAX_BODY as u16 + 1).to_be_bytes());
         let err = Request::read(&mut bytes.as_slice()).await.unwrap_err();
-        assert!(matches!(err, WireError::TooLong(1025)));
+        assert!(matches!(err, WireError::TooLong(n) if n == MAX_BODY + 1));
     }
 
     #[tokio::test]
@@ -329,10 +398,11 @@ mod tests {
 
     #[tokio::test]
     async fn response_round_trips_and_rejects_unknown_status() {
-        let resp = Response::new(Status::NotServed, "no workload serves port 9");
+        let resp = Response::new(Status::Denied, "denied by rule x")
+            .with_labels(Labels::new([("app", "api")]));
         let got = Response::read(&mut resp.encode().as_slice()).await.unwrap();
         assert_eq!(got, resp);
-        let err = Response::read(&mut &[VERSION, 200, 0][..])
+        let err = Response::read(&mut &[VERSION, 200, 0, 0][..])
             .await
             .unwrap_err();
         assert!(matches!(err, WireError::UnknownStatus(200)));

@@ -110,6 +110,8 @@ pub struct WorkloadSpec {
 pub struct EnforcerOptions {
     pub pool_size: usize,
     pub keep_attached: bool,
+    /// Policy files by host name; `"*"` applies to hosts without one of their own.
+    pub policies: BTreeMap<String, PathBuf>,
 }
 
 impl Default for EnforcerOptions {
@@ -117,6 +119,7 @@ impl Default for EnforcerOptions {
         Self {
             pool_size: 16,
             keep_attached: false,
+            policies: BTreeMap::new(),
         }
     }
 }
@@ -157,7 +160,10 @@ impl TestNet {
         let names: Vec<&str> = enforced.iter().chain(plain).copied().collect();
         require_root()?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let id = format!("ts{}x{n}", std::process::id() % 100_000);
+        if n == 0 {
+            sweep_leftovers();
+        }
+        let id = format!("ts{}x{n}", std::process::id());
         let dir = std::env::temp_dir().join(format!("tessera-{id}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
@@ -307,6 +313,26 @@ impl TestNet {
         Ok(())
     }
 
+    /// Writes a policy file for `host` (None: every host without its own) and puts it in the
+    /// enforcers' configuration. A running enforcer picks up changes to the file by itself.
+    pub fn write_policy(&self, host: Option<&Host>, text: &str) -> Result<PathBuf> {
+        let key = host.map(|h| h.name.clone()).unwrap_or_else(|| "*".into());
+        let path = self.dir.join(format!(
+            "policy-{}.yaml",
+            if key == "*" { "all" } else { &key }
+        ));
+        // Write then rename, as editors and config management do: never a half-written file.
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, &path)?;
+        self.options
+            .lock()
+            .unwrap()
+            .policies
+            .insert(key, path.clone());
+        Ok(path)
+    }
+
     pub fn config_path(&self, host: &Host) -> PathBuf {
         self.dir.join(format!("{}.toml", host.name))
     }
@@ -324,6 +350,13 @@ impl TestNet {
             pool = opts.pool_size,
             flows = self.flow_log(host).display(),
         );
+        if let Some(policy) = opts
+            .policies
+            .get(&host.name)
+            .or_else(|| opts.policies.get("*"))
+        {
+            c += &format!("\n[policy]\nfile = \"{}\"\n", policy.display());
+        }
         for w in host.workloads.lock().unwrap().iter() {
             let labels: Vec<String> = w
                 .labels
@@ -639,6 +672,45 @@ impl TestNet {
             let _ = fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("test files kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// Removes what runs killed without unwinding (SIGKILL, a stopped session) left behind:
+/// test hosts whose owning process (the pid in `ts<pid>x<n>`) no longer exists.
+pub fn sweep_leftovers() {
+    let owner_dead = |name: &str| {
+        name.strip_prefix("ts")
+            .and_then(|r| r.split('x').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let cgroot = cgroup2_mount().ok();
+    if let Some(root) = &cgroot {
+        for e in fs::read_dir(root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix("tessera-").filter(|id| owner_dead(id)) {
+                kill_cgroup_tree(&e.path());
+                remove_cgroup_tree(&e.path());
+                eprintln!("removed leftover test cgroups of {id}");
+            }
+        }
+    }
+    if let Ok(list) = sh("ip", &["netns", "list"]) {
+        for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if ns.split('-').next().is_some_and(owner_dead) {
+                let _ = sh("ip", &["netns", "del", ns]);
+            }
+        }
+    }
+    for e in fs::read_dir("/sys/fs/bpf/tessera")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.split('-').next().is_some_and(owner_dead) {
+            let _ = fs::remove_dir_all(e.path());
         }
     }
 }

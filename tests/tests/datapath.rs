@@ -538,7 +538,10 @@ fn unenrolled_clients_are_untouched_and_unserved_destinations_refused() {
     );
     let flows = net.wait_flows(a, 1, |f| f["verdict"] == "denied");
     assert_eq!(flows.len(), 1, "{:?}", net.flows(a));
-    assert_eq!(flows[0]["reason"], "no enforcer serves 10.77.0.3");
+    assert_eq!(
+        flows[0]["reason"],
+        "no enforcer serves 10.77.0.3; denied: no rule allows it (default deny)"
+    );
     assert_eq!(flows[0]["src"]["workload"], "web");
     // Only the enrolled attempt was seen by the enforcer.
     assert_eq!(net.flows(a).len(), 1);

@@ -153,6 +153,11 @@ impl Bench<'_> {
         }
         thread::sleep(Duration::from_millis(500));
         let loaded = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+        let opened = fs::read_to_string(&ready)?;
+        eprintln!(
+            "bench: {n} connections opened in {} s",
+            opened.split_whitespace().nth(1).unwrap_or("?")
+        );
         fs::remove_file(&ready)?; // tells the holder to close its connections and exit
         let per = |i: usize| (loaded[i].saturating_sub(idle[i])) as f64 / n as f64;
         Ok((

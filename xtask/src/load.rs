@@ -175,7 +175,10 @@ fn hold(addr: SocketAddr, n: usize, ready_file: &std::path::Path, seconds: u64) 
             bail!("opened only {i} connections before the deadline");
         }
     }
-    std::fs::write(ready_file, held.len().to_string())?;
+    std::fs::write(
+        ready_file,
+        format!("{} {}", held.len(), opening.elapsed().as_secs_f64()),
+    )?;
     while Instant::now() < deadline && ready_file.exists() {
         std::thread::sleep(Duration::from_millis(50));
     }
