@@ -46,7 +46,14 @@ fn raise_fd_limit() {
         }
     }
     if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        tracing::debug!(limit = soft, "open file limit");
+        if soft < WANT {
+            // Without CAP_SYS_RESOURCE the hard limit cannot be raised.
+            tracing::warn!(
+                limit = soft,
+                max_connections = soft.saturating_sub(200) / 2,
+                "open file limit could not be raised: each proxied connection holds two descriptors"
+            );
+        }
     }
 }
 

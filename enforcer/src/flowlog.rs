@@ -21,6 +21,8 @@ pub struct Edge {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub reporters: BTreeSet<String>,
+    /// The policy rules that decided, at either end.
+    pub rules: BTreeSet<String>,
     /// A refusal reason, when there was one.
     pub reason: String,
 }
@@ -64,10 +66,9 @@ pub fn read(paths: &[impl AsRef<Path>]) -> Result<Vec<FlowRecord>> {
 
 pub fn edges(records: &[FlowRecord]) -> Vec<Edge> {
     // (src, dst, port, verdict) -> reporter -> (count, sent, received)
-    let mut by_edge: BTreeMap<
-        (String, String, u16, String),
-        (BTreeMap<String, (u64, u64, u64)>, String),
-    > = BTreeMap::new();
+    type Counts = BTreeMap<String, (u64, u64, u64)>;
+    let mut by_edge: BTreeMap<(String, String, u16, String), (Counts, BTreeSet<String>, String)> =
+        BTreeMap::new();
     for r in records {
         let verdict = match r.verdict {
             Verdict::Allowed => "allowed",
@@ -81,7 +82,8 @@ pub fn edges(records: &[FlowRecord]) -> Vec<Edge> {
             r.dst.addr.port(),
             verdict.to_owned(),
         );
-        let (reporters, reason) = by_edge.entry(key).or_default();
+        let (reporters, rules, reason) = by_edge.entry(key).or_default();
+        rules.extend(r.rule.clone());
         let c = reporters.entry(r.reporter.clone()).or_default();
         *c = (c.0 + 1, c.1 + r.bytes_sent, c.2 + r.bytes_received);
         if reason.is_empty() && !r.reason.is_empty() {
@@ -90,17 +92,20 @@ pub fn edges(records: &[FlowRecord]) -> Vec<Edge> {
     }
     by_edge
         .into_iter()
-        .map(|((src, dst, port, verdict), (reporters, reason))| Edge {
-            src,
-            dst,
-            port,
-            verdict,
-            connections: reporters.values().map(|c| c.0).max().unwrap_or(0),
-            bytes_sent: reporters.values().map(|c| c.1).max().unwrap_or(0),
-            bytes_received: reporters.values().map(|c| c.2).max().unwrap_or(0),
-            reporters: reporters.into_keys().collect(),
-            reason,
-        })
+        .map(
+            |((src, dst, port, verdict), (reporters, rules, reason))| Edge {
+                src,
+                dst,
+                port,
+                verdict,
+                connections: reporters.values().map(|c| c.0).max().unwrap_or(0),
+                bytes_sent: reporters.values().map(|c| c.1).max().unwrap_or(0),
+                bytes_received: reporters.values().map(|c| c.2).max().unwrap_or(0),
+                reporters: reporters.into_keys().collect(),
+                rules,
+                reason,
+            },
+        )
         .collect()
 }
 
@@ -114,9 +119,10 @@ pub fn table(edges: &[Edge]) -> String {
         "BYTES OUT",
         "BYTES BACK",
         "SEEN BY",
+        "RULE",
         "REASON",
     ];
-    let rows: Vec<[String; 9]> = edges
+    let rows: Vec<[String; 10]> = edges
         .iter()
         .map(|e| {
             [
@@ -128,6 +134,7 @@ pub fn table(edges: &[Edge]) -> String {
                 e.bytes_sent.to_string(),
                 e.bytes_received.to_string(),
                 e.reporters.iter().cloned().collect::<Vec<_>>().join(","),
+                e.rules.iter().cloned().collect::<Vec<_>>().join(","),
                 e.reason.clone(),
             ]
         })

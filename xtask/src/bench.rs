@@ -177,7 +177,18 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
     unsafe { std::env::set_var("TESSERA_BIN", bin) };
     let load = bin.with_file_name("xtask").to_string_lossy().into_owned();
     let secs = if quick { 2 } else { 5 };
-    let open_connections = if quick { 2_000 } else { 10_000 };
+    // The source enforcer holds two descriptors per tunnelled connection; where the hard
+    // limit cannot be raised (no CAP_SYS_RESOURCE) it caps how many can be held.
+    let fd_hard_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, h)| h)
+        .unwrap_or(0);
+    let open_connections = (if quick { 2_000 } else { 10_000 })
+        .min((fd_hard_limit.saturating_sub(1_000) / 2) as usize);
+    if open_connections < 10_000 && !quick {
+        eprintln!(
+            "bench: holding {open_connections} connections, not 10000: the open-file hard limit here is {fd_hard_limit}"
+        );
+    }
 
     let net = TestNet::new(&["host-a", "host-b"])?;
     let (a, b) = (net.host("host-a"), net.host("host-b"));
@@ -227,7 +238,7 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
             "p99": {"direct": p99_d, "tessera": p99_t, "ratio": ratio(p99_t, p99_d)},
         },
         "pool": {"pooled_cps": cr_t, "unpooled_cps": cr_nopool, "speedup": ratio(cr_t, cr_nopool)},
-        "memory": {"idle_rss_kib": idle, "loaded_rss_kib": loaded, "per_connection_kib": per_conn, "open_connections": open_connections},
+        "memory": {"idle_rss_kib": idle, "loaded_rss_kib": loaded, "per_connection_kib": per_conn, "open_connections": open_connections, "fd_hard_limit": fd_hard_limit},
     });
 
     let row = |name: &str, d: String, t: String, r: f64, target: &str| {

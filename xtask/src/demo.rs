@@ -8,6 +8,20 @@ use tessera_tests::TestNet;
 
 const T: Duration = Duration::from_secs(20);
 
+const DEMO_POLICY: &str = "\
+rules:
+  - name: web-to-api
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{labels: [app=api]}]
+    ports: [8080]
+  - name: api-to-db
+    action: allow
+    from: [{labels: [app=api]}]
+    to: [{labels: [app=db]}]
+    ports: [6379]
+";
+
 fn step(n: usize, what: &str, ok: bool, detail: &str) {
     println!(
         "  {n}. {what:<58} {} {detail}",
@@ -31,11 +45,20 @@ pub fn run(bin: &Path) -> Result<()> {
     net.add_workload(a, "web", &[("app", "web"), ("tier", "frontend")], &[])?;
     net.add_workload(b, "api", &[("app", "api"), ("tier", "backend")], &[8080])?;
     net.add_workload(c, "db", &[("app", "db"), ("tier", "data")], &[6379])?;
+    let policy = net.write_policy(None, DEMO_POLICY)?;
     net.start_enforcers()?;
     println!("  host-a 10.77.0.1  web (curl, redis-cli)");
     println!("  host-b 10.77.0.2  api (python3 -m http.server :8080; also a redis client)");
     println!("  host-c 10.77.0.3  db  (redis-server :6379)");
     println!("  outsider 10.77.0.4 (no enforcer: python3 -m http.server :8000, curl)\n");
+    println!(
+        "Policy ({}), enforced by every enforcer at both ends:\n",
+        policy.display()
+    );
+    for line in DEMO_POLICY.lines() {
+        println!("    {line}");
+    }
+    println!();
 
     let www = net.dir.join("www");
     fs::create_dir_all(&www)?;

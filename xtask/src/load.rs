@@ -162,10 +162,13 @@ fn rr(addr: SocketAddr, count: usize) -> Result<()> {
 fn hold(addr: SocketAddr, n: usize, ready_file: &std::path::Path, seconds: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut held = Vec::with_capacity(n);
+    let opening = Instant::now();
     for i in 0..n {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        // Generous: every held connection needs a tunnel of its own, so this is a burst of
+        // thousands of new TLS sessions on two shared cores.
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))
             .with_context(|| format!("connection {i}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
         s.write_all(b"h")?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b)
