@@ -48,7 +48,7 @@ fn policy_text() -> String {
         let action = if i % 50 == 0 { "deny" } else { "allow" };
         s += &format!(
             "  - name: r{i}\n    action: {action}\n    from:\n      - labels: [app=svc-{from}, \"env in (prod, staging)\"]\n    to:\n      - labels: [app=svc-{to}, tier=t{}]\n    ports: [{}]\n",
-            i % 10,
+            to % 10, // service svc-N runs in tier t(N % 10)
             8000 + i % 100
         );
     }
@@ -78,13 +78,26 @@ fn bench(c: &mut Criterion) {
         .map(|l| interner.intern(Some(l), None))
         .collect();
 
-    // Pairs that exercise the index: a source and a destination of one rule, or random ones.
+    // Pairs that exercise the index: half are the source and destination of some rule i
+    // (identity j is svc-(j % 1000) in env (j % 3) and tier t(j % 10)), half are random.
+    // Computed up front so the benchmarks time decisions, not pair generation.
     let pair = |k: usize| {
-        let src = (k * 7919) % IDENTITIES;
-        let dst =
-            ((src % SERVICES) * 7 + 3) % SERVICES + SERVICES * ((k * 31) % (IDENTITIES / SERVICES));
-        (src, dst % IDENTITIES, 8000 + (k % 100) as u16)
+        if k % 2 == 0 {
+            let i = (k / 2 * 7919) % RULES;
+            let (from, to) = (i % SERVICES, (i * 7 + 3) % SERVICES);
+            let src = from + SERVICES * ((k / 2) % (IDENTITIES / SERVICES));
+            let dst = to + SERVICES * ((k / 2 * 31) % (IDENTITIES / SERVICES));
+            (src, dst, 8000 + (i % 100) as u16)
+        } else {
+            (
+                (k * 7919) % IDENTITIES,
+                (k * 104_729) % IDENTITIES,
+                8000 + (k % 100) as u16,
+            )
+        }
     };
+    let pairs: Vec<(usize, usize, u16)> = (0..IDENTITIES).map(pair).collect();
+    let pair = |k: usize| pairs[k % pairs.len()];
     let allowed = (0..10_000)
         .filter(|&k| {
             let (s, d, p) = pair(k);

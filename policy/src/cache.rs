@@ -12,7 +12,7 @@ use std::{
 use rustc_hash::FxHashMap;
 
 use crate::{
-    compile::{CompiledPolicy, Decision, Subject},
+    compile::{CompactDecision, CompiledPolicy, Decision, Subject},
     labels::Labels,
 };
 
@@ -46,7 +46,7 @@ impl Interner {
 
 pub struct DecisionCache {
     pub policy: Arc<CompiledPolicy>,
-    map: RwLock<FxHashMap<(SubjectId, SubjectId, u16), Decision>>,
+    map: RwLock<FxHashMap<(SubjectId, SubjectId, u16), CompactDecision>>,
     max_entries: usize,
 }
 
@@ -67,26 +67,25 @@ impl DecisionCache {
         port: u16,
         resolved: &dyn Fn(&str, IpAddr) -> bool,
     ) -> Decision {
-        let key = (src_id, dst_id, port);
-        if let Some(d) = self.map.read().expect("lock").get(&key) {
-            return d.clone();
+        if let Some(d) = self.get(src_id, dst_id, port) {
+            return self.policy.expand(d);
         }
-        let decision = self.policy.decide(src, dst, port, resolved);
+        let decision = self.policy.decide_compact(src, dst, port, resolved);
         let mut map = self.map.write().expect("lock");
         if map.len() >= self.max_entries {
             map.clear(); // bounded memory; the hot pairs come back at once
         }
-        map.insert(key, decision.clone());
-        decision
+        map.insert((src_id, dst_id, port), decision);
+        self.policy.expand(decision)
     }
 
-    /// Cached lookup only (for benchmarks and tests).
-    pub fn get(&self, src: SubjectId, dst: SubjectId, port: u16) -> Option<Decision> {
+    /// Cached lookup only: the compact decision (rule indices; `policy.expand` names them).
+    pub fn get(&self, src: SubjectId, dst: SubjectId, port: u16) -> Option<CompactDecision> {
         self.map
             .read()
             .expect("lock")
             .get(&(src, dst, port))
-            .cloned()
+            .copied()
     }
 
     pub fn len(&self) -> usize {
@@ -134,7 +133,7 @@ mod tests {
         assert!(cache.get(w, a, 80).is_none());
         let d = cache.decide((w, &sw), (a, &sa), 80, &no_dns);
         assert!(d.allowed());
-        assert_eq!(cache.get(w, a, 80), Some(d));
+        assert_eq!(cache.get(w, a, 80).map(|c| policy.expand(c)), Some(d));
         assert!(!cache.decide((a, &sa), (w, &sw), 80, &no_dns).allowed());
         cache.decide((w, &sw), (a, &sa), 81, &no_dns);
         assert!(cache.len() <= 2);

@@ -1,11 +1,12 @@
 //! Compiling a policy into an index, and deciding.
 //!
 //! Rules are not scanned one by one per connection. Each side of a rule (`from`, `to`) is a
-//! list of peers; label selectors are indexed by their exact `key=value` clauses (a counting
-//! index, as in Trireme): for an identity, each of its labels bumps the count of the
-//! selectors that require it, and only selectors whose every exact clause was met (plus those
-//! without exact clauses) are checked in full. Addresses are matched against networks and
-//! resolved DNS names.
+//! list of peers. A label selector is indexed under its **most selective** exact `key=value`
+//! clause (the one fewest selectors share, chosen at compile time), so an identity's labels
+//! lead straight to a handful of candidate selectors, each then checked in full; selectors
+//! without an exact clause are always candidates. (Trireme counted every clause; counting
+//! makes a label that thousands of selectors share cost thousands of updates per lookup.)
+//! Addresses are matched against networks and resolved DNS names.
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
@@ -66,9 +67,9 @@ struct CompiledRule {
 /// The index over one side (`from` or `to`) of every rule.
 #[derive(Default)]
 struct SideIndex {
-    /// (rule, number of distinct exact clauses, selector)
-    selectors: Vec<(u32, u16, Selector)>,
-    /// key -> value -> selectors requiring exactly that.
+    /// (rule, selector)
+    selectors: Vec<(u32, Selector)>,
+    /// key -> value -> selectors indexed under exactly that clause.
     by_exact: FxHashMap<String, FxHashMap<String, Vec<u32>>>,
     /// Selectors without an exact clause: always candidates.
     unindexed: Vec<u32>,
@@ -76,37 +77,44 @@ struct SideIndex {
     dns: Vec<(String, u32)>,
 }
 
+fn exact_clauses(sel: &Selector) -> impl Iterator<Item = (&str, &str)> {
+    sel.0.iter().filter_map(|e| match e {
+        Expr::Eq(k, Value::Exact(v)) => Some((k.as_str(), v.as_str())),
+        _ => None,
+    })
+}
+
 impl SideIndex {
     fn add(&mut self, rule: u32, peer: &Peer) {
         match peer {
-            Peer::Labels(sel) => {
-                let id = self.selectors.len() as u32;
-                let mut exact: Vec<(&str, &str)> = sel
-                    .0
-                    .iter()
-                    .filter_map(|e| match e {
-                        Expr::Eq(k, Value::Exact(v)) => Some((k.as_str(), v.as_str())),
-                        _ => None,
-                    })
-                    .collect();
-                exact.sort();
-                exact.dedup();
-                for (k, v) in &exact {
-                    self.by_exact
-                        .entry((*k).to_owned())
-                        .or_default()
-                        .entry((*v).to_owned())
-                        .or_default()
-                        .push(id);
-                }
-                if exact.is_empty() {
-                    self.unindexed.push(id);
-                }
-                self.selectors.push((rule, exact.len() as u16, sel.clone()));
-            }
+            Peer::Labels(sel) => self.selectors.push((rule, sel.clone())),
             Peer::Cidr(net) => self.cidrs.push((*net, rule)),
             Peer::Dns(name) => self.dns.push((name.clone(), rule)),
         }
+    }
+
+    /// Builds the index once every selector is known.
+    fn build(&mut self) {
+        let mut frequency: HashMap<(&str, &str), usize> = HashMap::new();
+        for (_, sel) in &self.selectors {
+            for clause in exact_clauses(sel) {
+                *frequency.entry(clause).or_default() += 1;
+            }
+        }
+        let mut by_exact: FxHashMap<String, FxHashMap<String, Vec<u32>>> = FxHashMap::default();
+        let mut unindexed = Vec::new();
+        for (id, (_, sel)) in self.selectors.iter().enumerate() {
+            match exact_clauses(sel).min_by_key(|c| frequency[c]) {
+                Some((k, v)) => by_exact
+                    .entry(k.to_owned())
+                    .or_default()
+                    .entry(v.to_owned())
+                    .or_default()
+                    .push(id as u32),
+                None => unindexed.push(id as u32),
+            }
+        }
+        (self.by_exact, self.unindexed) = (by_exact, unindexed);
     }
 
     /// Appends the rules whose side matches `subject` to `out` (unsorted, may repeat).
@@ -117,21 +125,12 @@ impl SideIndex {
         out: &mut Vec<u32>,
     ) {
         if let Some(labels) = subject.labels {
-            let mut counts: FxHashMap<u32, u16> = FxHashMap::default();
-            for (k, v) in labels.iter() {
-                if let Some(sels) = self.by_exact.get(k).and_then(|m| m.get(v)) {
-                    for &s in sels {
-                        *counts.entry(s).or_default() += 1;
-                    }
-                }
-            }
-            let candidates = counts
-                .into_iter()
-                .filter(|&(s, n)| self.selectors[s as usize].1 == n)
-                .map(|(s, _)| s)
-                .chain(self.unindexed.iter().copied());
-            for s in candidates {
-                let (rule, _, sel) = &self.selectors[s as usize];
+            let indexed = labels
+                .iter()
+                .filter_map(|(k, v)| self.by_exact.get(k).and_then(|m| m.get(v)))
+                .flatten();
+            for &s in indexed.chain(self.unindexed.iter()) {
+                let (rule, sel) = &self.selectors[s as usize];
                 if sel.matches(labels) {
                     out.push(*rule);
                 }
@@ -157,6 +156,18 @@ impl SideIndex {
         }
     }
 }
+
+/// A decision in compact form (what the cache stores): rule indices, no names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactDecision {
+    pub allow: bool,
+    /// Index of the deciding rule, or `NO_RULE`.
+    pub rule: u32,
+    /// Index of an observe-mode deny rule that matched, or `NO_RULE`.
+    pub observed_deny: u32,
+}
+
+pub const NO_RULE: u32 = u32::MAX;
 
 pub struct CompiledPolicy {
     rules: Vec<CompiledRule>,
@@ -196,6 +207,8 @@ impl CompiledPolicy {
                 ports: r.ports.clone(),
             });
         }
+        c.from.build();
+        c.to.build();
         c
     }
 
@@ -212,13 +225,37 @@ impl CompiledPolicy {
         port: u16,
         resolved: &dyn Fn(&str, IpAddr) -> bool,
     ) -> Decision {
+        self.expand(self.decide_compact(src, dst, port, resolved))
+    }
+
+    /// The rule names of a compact decision.
+    pub fn expand(&self, d: CompactDecision) -> Decision {
+        let name = |i: u32| (i != NO_RULE).then(|| self.rules[i as usize].name.clone());
+        Decision {
+            verdict: if d.allow {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            },
+            rule: name(d.rule),
+            observed_deny: name(d.observed_deny),
+        }
+    }
+
+    pub fn decide_compact(
+        &self,
+        src: &Subject<'_>,
+        dst: &Subject<'_>,
+        port: u16,
+        resolved: &dyn Fn(&str, IpAddr) -> bool,
+    ) -> CompactDecision {
         let mut from = Vec::new();
         self.from.matching(src, resolved, &mut from);
         if from.is_empty() {
-            return Decision {
-                verdict: Verdict::Deny,
-                rule: None,
-                observed_deny: None,
+            return CompactDecision {
+                allow: false,
+                rule: NO_RULE,
+                observed_deny: NO_RULE,
             };
         }
         let mut to = Vec::new();
@@ -229,23 +266,27 @@ impl CompiledPolicy {
         to.dedup();
         // Rules matching both sides, in file order.
         let (mut i, mut j) = (0, 0);
-        let (mut allow, mut deny, mut observed) = (None, None, None);
+        let (mut allow, mut observed) = (NO_RULE, NO_RULE);
         while i < from.len() && j < to.len() {
             match from[i].cmp(&to[j]) {
                 std::cmp::Ordering::Less => i += 1,
                 std::cmp::Ordering::Greater => j += 1,
                 std::cmp::Ordering::Equal => {
-                    let r = &self.rules[from[i] as usize];
+                    let id = from[i];
+                    let r = &self.rules[id as usize];
                     if r.ports.is_empty() || r.ports.iter().any(|&(a, b)| a <= port && port <= b) {
                         match (r.action, r.mode) {
+                            // Deny wins.
                             (Action::Deny, Mode::Enforce) => {
-                                deny = Some(r.name.clone());
-                                break; // deny wins
+                                return CompactDecision {
+                                    allow: false,
+                                    rule: id,
+                                    observed_deny: NO_RULE,
+                                };
                             }
-                            (Action::Deny, Mode::Observe) => {
-                                observed = observed.or_else(|| Some(r.name.clone()));
-                            }
-                            (Action::Allow, _) => allow = allow.or_else(|| Some(r.name.clone())),
+                            (Action::Deny, Mode::Observe) if observed == NO_RULE => observed = id,
+                            (Action::Allow, _) if allow == NO_RULE => allow = id,
+                            _ => {}
                         }
                     }
                     i += 1;
@@ -253,22 +294,10 @@ impl CompiledPolicy {
                 }
             }
         }
-        match (deny, allow) {
-            (Some(d), _) => Decision {
-                verdict: Verdict::Deny,
-                rule: Some(d),
-                observed_deny: None,
-            },
-            (None, Some(a)) => Decision {
-                verdict: Verdict::Allow,
-                rule: Some(a),
-                observed_deny: observed,
-            },
-            (None, None) => Decision {
-                verdict: Verdict::Deny,
-                rule: None,
-                observed_deny: observed,
-            },
+        CompactDecision {
+            allow: allow != NO_RULE,
+            rule: allow,
+            observed_deny: observed,
         }
     }
 }

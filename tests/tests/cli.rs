@@ -33,7 +33,7 @@ fn policy_check_prints_every_error_with_its_position_and_fails() {
     assert!(!out.status.success(), "check must fail on a bad policy");
     let f = bad.display();
     let want = format!(
-        "{f}:3:13: action must be allow or deny\n{f}:4:23: expected a set like (a, b), found \"prod\"\n{f}:5:17: \"10.1.2.3/99\" is not a network (like 10.0.0.0/8) or an address\nerror: {f}: 3 error(s)\n"
+        "{f}:3:13: action must be allow or deny\n{f}:4:22: expected a set like (a, b), found \"prod\"\n{f}:5:17: \"10.1.2.3/99\" is not a network (like 10.0.0.0/8) or an address\nerror: {f}: 3 error(s)\n"
     );
     assert_eq!(String::from_utf8_lossy(&out.stderr), want);
 
