@@ -199,6 +199,8 @@ impl Outbound {
         record.pooled = Some(pooled);
         if answer.status != Status::Connected {
             reset_on_close(&app);
+            // A refusal by policy still tells us who refused.
+            record.dst.workload = answer.labels.get("tessera.io/workload").map(str::to_owned);
             // A refusal leaves the tunnel clean: it can carry the next connection.
             self.pool.put(peer, tunnel);
             record.verdict = match answer.status {

@@ -194,9 +194,9 @@ pub fn run(bin: &Path) -> Result<()> {
     let ping = redis(a, Some("web"), &["PING"])?;
     check(
         4,
-        "web@host-a -> db@host-c   redis-cli PING",
-        ping == "PONG",
-        ping,
+        "web@host-a -> db@host-c   redis-cli PING (no rule allows)",
+        ping != "PONG",
+        "refused by policy".into(),
     );
     let out = net.run(
         o,
