@@ -49,6 +49,8 @@ pub struct PolicyConfig {
     pub file: Option<PathBuf>,
     /// `enforce` (default): denials refuse. `observe`: denials are only recorded.
     pub mode: PolicyModeConfig,
+    /// DNS servers for the policy's `dns:` names (default: the system's, /etc/resolv.conf).
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

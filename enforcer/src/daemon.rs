@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use futures_util::FutureExt;
 use tessera_proxy::{
     authz::{Authorizer, PolicyMode},
     flow::FlowLog,
@@ -156,6 +157,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tasks.spawn(inbound.clone().serve_direct(l));
     }
     tasks.spawn(inbound.serve_tunnels(tunnel));
+    match tessera_proxy::dns::resolver(&config.policy.dns_servers) {
+        Ok(resolver) => {
+            tasks.spawn(tessera_proxy::dns::keep_resolved(resolver, authz.clone()).map(Ok));
+        }
+        // Names in policy then match nothing (fail closed); say so.
+        Err(e) => {
+            tracing::warn!(error = %e, "no DNS resolver: policy dns: names will match nothing")
+        }
+    }
     if let Some(file) = config.policy.file.clone() {
         let authz = authz.clone();
         tasks.spawn(async move {

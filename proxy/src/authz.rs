@@ -19,9 +19,10 @@ use arc_swap::ArcSwap;
 use tessera_policy::{
     CompiledPolicy, Labels, Subject, Verdict,
     cache::{DecisionCache, Interner},
-    compile::no_dns,
 };
 use tokio::sync::watch;
+
+use crate::dns::DnsTable;
 
 /// What happens when policy denies: `Enforce` refuses, `Observe` only records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +88,7 @@ struct Live {
 
 pub struct Authorizer {
     current: ArcSwap<DecisionCache>,
+    dns: DnsTable,
     interner: Interner,
     mode: PolicyMode,
     live: Mutex<HashMap<u64, Live>>,
@@ -100,6 +102,7 @@ impl Authorizer {
     pub fn new(policy: Arc<CompiledPolicy>, mode: PolicyMode) -> Self {
         Self {
             current: ArcSwap::from_pointee(DecisionCache::new(policy, CACHE_ENTRIES)),
+            dns: DnsTable::default(),
             interner: Interner::default(),
             mode,
             live: Mutex::default(),
@@ -116,7 +119,8 @@ impl Authorizer {
         let cache = self.current.load();
         let s = self.interner.intern(src.labels.as_ref(), src.addr);
         let d = self.interner.intern(dst.labels.as_ref(), dst.addr);
-        let decision = cache.decide((s, &src.subject()), (d, &dst.subject()), port, &no_dns);
+        let resolved = |name: &str, addr: IpAddr| self.dns.resolves(name, addr);
+        let decision = cache.decide((s, &src.subject()), (d, &dst.subject()), port, &resolved);
         let rule = decision.rule.as_deref().map(str::to_owned);
         match decision.verdict {
             Verdict::Allow => Outcome {
@@ -171,6 +175,22 @@ impl Authorizer {
             id,
             closed,
         }
+    }
+
+    /// The DNS names the policy in force mentions.
+    pub fn dns_names(&self) -> Vec<String> {
+        self.current.load().policy.dns_names.clone()
+    }
+
+    /// Resolutions of those names (kept by `dns::keep_resolved`).
+    pub fn dns(&self) -> &DnsTable {
+        &self.dns
+    }
+
+    /// Re-makes every decision under the policy in force (after DNS answers changed):
+    /// cached decisions are dropped and live connections no longer allowed are closed.
+    pub fn reevaluate(&self) -> usize {
+        self.replace(self.current.load().policy.clone())
     }
 
     /// Puts `policy` in force. Live connections it denies are told to close; returns how many.

@@ -12,6 +12,7 @@
 //!   socket options, host-address checks, and flow records.
 pub mod authz;
 pub mod copy;
+pub mod dns;
 pub mod flow;
 pub mod inbound;
 pub mod local;

@@ -112,6 +112,8 @@ pub struct EnforcerOptions {
     pub keep_attached: bool,
     /// Policy files by host name; `"*"` applies to hosts without one of their own.
     pub policies: BTreeMap<String, PathBuf>,
+    /// `[policy] dns_servers` for every enforcer.
+    pub dns_servers: Vec<String>,
 }
 
 impl Default for EnforcerOptions {
@@ -120,6 +122,7 @@ impl Default for EnforcerOptions {
             pool_size: 16,
             keep_attached: false,
             policies: BTreeMap::new(),
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -355,7 +358,11 @@ impl TestNet {
             .get(&host.name)
             .or_else(|| opts.policies.get("*"))
         {
-            c += &format!("\n[policy]\nfile = \"{}\"\n", policy.display());
+            c += &format!(
+                "\n[policy]\nfile = \"{}\"\ndns_servers = {:?}\n",
+                policy.display(),
+                opts.dns_servers
+            );
         }
         for w in host.workloads.lock().unwrap().iter() {
             let labels: Vec<String> = w

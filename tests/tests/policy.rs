@@ -310,3 +310,136 @@ print("still open", flush=True)
     // New connections are refused too.
     assert!(!echo(&net, "host-a", "web", "10.77.0.2", 7000));
 }
+
+/// A real DNS server (dnsmasq) on the outsider host answering `registry.test` with `addr`,
+/// TTL 1 s.
+fn dns_server(net: &TestNet, addr: &str) -> u32 {
+    let o = net.host("outsider");
+    let pid = net
+        .spawn(
+            o,
+            None,
+            "dnsmasq",
+            &[
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--user=root",
+                "--pid-file=",
+                "--bind-interfaces",
+                "--listen-address=10.77.0.3",
+                "--port=53",
+                "--local-ttl=1",
+                &format!("--address=/registry.test/{addr}"),
+                "--log-queries",
+            ],
+        )
+        .unwrap();
+    pid
+}
+
+#[test]
+fn dns_names_in_policy_follow_the_dns_and_its_ttl() {
+    assert!(
+        tessera_tests::which("dnsmasq").is_some(),
+        "dnsmasq is missing: run `cargo xtask setup`"
+    );
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["outsider"]).unwrap();
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.write_policy(
+        None,
+        "\
+rules:
+  - name: web-to-registry
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{dns: registry.test}]
+    ports: [8000]
+",
+    )
+    .unwrap();
+    net.options.lock().unwrap().dns_servers = vec!["10.77.0.3:53".into()];
+    let mut dns = dns_server(&net, "10.77.0.3");
+    net.start_enforcers().unwrap();
+    let root = net.dir.join("www");
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("index.txt"), "registry\n").unwrap();
+    let web = net
+        .spawn(
+            net.host("outsider"),
+            None,
+            "python3",
+            &[
+                "-m",
+                "http.server",
+                "8000",
+                "--directory",
+                root.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    net.wait_listening(web, 8000).unwrap();
+    let curl = |net: &TestNet| {
+        net.run(
+            net.host("host-a"),
+            Some("web"),
+            "curl",
+            &[
+                "-sS",
+                "-m",
+                "3",
+                "--fail",
+                "http://10.77.0.3:8000/index.txt",
+            ],
+            T,
+        )
+        .unwrap()
+    };
+
+    // registry.test resolves to the outsider: the name's rule lets web reach it directly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = curl(&net);
+        if out.status.success() {
+            assert_eq!(out.stdout, b"registry\n");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never allowed by the dns rule: {}",
+            net.enforcer_log(net.host("host-a"))
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let f = last(&net, "host-a", |f| f["verdict"] == "allowed");
+    assert_eq!(f["rule"], "web-to-registry");
+    assert_eq!(f["dst"]["addr"], "10.77.0.3:8000");
+
+    // The DNS now says registry.test is elsewhere; after the TTL the rule no longer matches.
+    unsafe { libc_kill(dns) };
+    thread::sleep(Duration::from_millis(300));
+    dns = dns_server(&net, "10.77.0.99");
+    let _ = dns;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while curl(&net).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old resolution outlived its TTL"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let f = last(&net, "host-a", |f| f["verdict"] == "denied");
+    assert_eq!(
+        f["reason"],
+        "no enforcer serves 10.77.0.3; denied: no rule allows it (default deny)"
+    );
+}
+
+unsafe fn libc_kill(pid: u32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    unsafe { kill(pid as i32, 15) };
+}

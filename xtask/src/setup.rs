@@ -17,6 +17,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("socat", "socat"),
     ("iperf3", "iperf3"),
     ("ps", "procps"),
+    ("dnsmasq", "dnsmasq"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
