@@ -15,7 +15,7 @@ use rustc_hash::FxHashMap;
 use crate::{
     labels::Labels,
     parse::{Action, Mode, Peer, Policy},
-    selector::{Expr, Selector, Value},
+    selector::{Expr, Value},
 };
 
 /// One end of a connection as policy sees it.
@@ -64,54 +64,151 @@ struct CompiledRule {
     ports: Vec<(u16, u16)>,
 }
 
+/// Label keys and exact values, as small integers: selectors compare integers held in
+/// contiguous arrays instead of chasing strings scattered over the heap (uncached decisions
+/// are bound by memory latency, not by arithmetic).
+#[derive(Default)]
+struct Symbols(FxHashMap<String, u32>);
+
+impl Symbols {
+    fn intern(&mut self, s: &str) -> u32 {
+        let next = self.0.len() as u32;
+        *self.0.entry(s.to_owned()).or_insert(next)
+    }
+    fn get(&self, s: &str) -> Option<u32> {
+        self.0.get(s).copied()
+    }
+}
+
+/// A value in compiled form: an exact symbol or a prefix.
+#[derive(Clone, Debug)]
+enum CValue {
+    Exact(u32),
+    Prefix(String),
+}
+
+#[derive(Clone, Debug)]
+enum CExpr {
+    Eq(u32, CValue),
+    NotEq(u32, CValue),
+    In(u32, Vec<CValue>),
+    NotIn(u32, Vec<CValue>),
+    Exists(u32),
+    NotExists(u32),
+}
+
+/// One identity label as the compiled policy sees it: the key's symbol, the value's symbol
+/// (if the policy names that value exactly), and the value itself (for prefixes).
+struct SymLabel<'a> {
+    key: u32,
+    value: Option<u32>,
+    text: &'a str,
+}
+
+fn value_matches(v: &CValue, l: &SymLabel<'_>) -> bool {
+    match v {
+        CValue::Exact(sym) => l.value == Some(*sym),
+        CValue::Prefix(p) => l.text.starts_with(p.as_str()),
+    }
+}
+
+fn find<'a, 'b>(labels: &'b [SymLabel<'a>], key: u32) -> Option<&'b SymLabel<'a>> {
+    labels.iter().find(|l| l.key == key)
+}
+
+impl CExpr {
+    fn matches(&self, labels: &[SymLabel<'_>]) -> bool {
+        match self {
+            CExpr::Eq(k, v) => find(labels, *k).is_some_and(|l| value_matches(v, l)),
+            CExpr::NotEq(k, v) => !find(labels, *k).is_some_and(|l| value_matches(v, l)),
+            CExpr::In(k, vs) => {
+                find(labels, *k).is_some_and(|l| vs.iter().any(|v| value_matches(v, l)))
+            }
+            CExpr::NotIn(k, vs) => {
+                !find(labels, *k).is_some_and(|l| vs.iter().any(|v| value_matches(v, l)))
+            }
+            CExpr::Exists(k) => find(labels, *k).is_some(),
+            CExpr::NotExists(k) => find(labels, *k).is_none(),
+        }
+    }
+}
+
+fn compile_value(symbols: &mut Symbols, v: &Value) -> CValue {
+    match v {
+        Value::Exact(s) => CValue::Exact(symbols.intern(s)),
+        Value::Prefix(p) => CValue::Prefix(p.clone()),
+    }
+}
+
+fn compile_expr(symbols: &mut Symbols, e: &Expr) -> CExpr {
+    match e {
+        Expr::Eq(k, v) => CExpr::Eq(symbols.intern(k), compile_value(symbols, v)),
+        Expr::NotEq(k, v) => CExpr::NotEq(symbols.intern(k), compile_value(symbols, v)),
+        Expr::In(k, vs) => CExpr::In(
+            symbols.intern(k),
+            vs.iter().map(|v| compile_value(symbols, v)).collect(),
+        ),
+        Expr::NotIn(k, vs) => CExpr::NotIn(
+            symbols.intern(k),
+            vs.iter().map(|v| compile_value(symbols, v)).collect(),
+        ),
+        Expr::Exists(k) => CExpr::Exists(symbols.intern(k)),
+        Expr::NotExists(k) => CExpr::NotExists(symbols.intern(k)),
+    }
+}
+
 /// The index over one side (`from` or `to`) of every rule.
 #[derive(Default)]
 struct SideIndex {
-    /// (rule, selector)
-    selectors: Vec<(u32, Selector)>,
-    /// key -> value -> selectors indexed under exactly that clause.
-    by_exact: FxHashMap<String, FxHashMap<String, Vec<u32>>>,
+    /// Selectors as (rule, range in `exprs`): all of a selector's expressions sit together.
+    selectors: Vec<(u32, u32, u32)>,
+    exprs: Vec<CExpr>,
+    /// (key, value) symbols -> selectors indexed under exactly that clause.
+    by_exact: FxHashMap<(u32, u32), Vec<u32>>,
     /// Selectors without an exact clause: always candidates.
     unindexed: Vec<u32>,
     cidrs: Vec<(IpNet, u32)>,
     dns: Vec<(String, u32)>,
 }
 
-fn exact_clauses(sel: &Selector) -> impl Iterator<Item = (&str, &str)> {
-    sel.0.iter().filter_map(|e| match e {
-        Expr::Eq(k, Value::Exact(v)) => Some((k.as_str(), v.as_str())),
-        _ => None,
-    })
-}
-
 impl SideIndex {
-    fn add(&mut self, rule: u32, peer: &Peer) {
+    fn add(&mut self, symbols: &mut Symbols, rule: u32, peer: &Peer) {
         match peer {
-            Peer::Labels(sel) => self.selectors.push((rule, sel.clone())),
+            Peer::Labels(sel) => {
+                let start = self.exprs.len() as u32;
+                self.exprs
+                    .extend(sel.0.iter().map(|e| compile_expr(symbols, e)));
+                self.selectors.push((rule, start, self.exprs.len() as u32));
+            }
             Peer::Cidr(net) => self.cidrs.push((*net, rule)),
             Peer::Dns(name) => self.dns.push((name.clone(), rule)),
         }
     }
 
-    /// Builds the index once every selector is known.
+    fn exact_clauses(&self, s: usize) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let (_, a, b) = self.selectors[s];
+        self.exprs[a as usize..b as usize]
+            .iter()
+            .filter_map(|e| match e {
+                CExpr::Eq(k, CValue::Exact(v)) => Some((*k, *v)),
+                _ => None,
+            })
+    }
+
+    /// Indexes each selector under its most selective exact clause.
     fn build(&mut self) {
-        let mut frequency: HashMap<(&str, &str), usize> = HashMap::new();
-        for (_, sel) in &self.selectors {
-            for clause in exact_clauses(sel) {
+        let mut frequency: FxHashMap<(u32, u32), usize> = FxHashMap::default();
+        for s in 0..self.selectors.len() {
+            for clause in self.exact_clauses(s) {
                 *frequency.entry(clause).or_default() += 1;
             }
         }
-        let mut by_exact: FxHashMap<String, FxHashMap<String, Vec<u32>>> = FxHashMap::default();
+        let mut by_exact: FxHashMap<(u32, u32), Vec<u32>> = FxHashMap::default();
         let mut unindexed = Vec::new();
-        for (id, (_, sel)) in self.selectors.iter().enumerate() {
-            match exact_clauses(sel).min_by_key(|c| frequency[c]) {
-                Some((k, v)) => by_exact
-                    .entry(k.to_owned())
-                    .or_default()
-                    .entry(v.to_owned())
-                    .or_default()
-                    .push(id as u32),
-                None => unindexed.push(id as u32),
+        for s in 0..self.selectors.len() {
+            match self.exact_clauses(s).min_by_key(|c| frequency[c]) {
+                Some(clause) => by_exact.entry(clause).or_default().push(s as u32),
+                None => unindexed.push(s as u32),
             }
         }
         (self.by_exact, self.unindexed) = (by_exact, unindexed);
@@ -120,23 +217,27 @@ impl SideIndex {
     /// Appends the rules whose side matches `subject` to `out` (unsorted, may repeat).
     fn matching(
         &self,
-        subject: &Subject<'_>,
+        labels: Option<&[SymLabel<'_>]>,
+        addr: Option<IpAddr>,
         resolved: &dyn Fn(&str, IpAddr) -> bool,
         out: &mut Vec<u32>,
     ) {
-        if let Some(labels) = subject.labels {
+        if let Some(labels) = labels {
             let indexed = labels
                 .iter()
-                .filter_map(|(k, v)| self.by_exact.get(k).and_then(|m| m.get(v)))
+                .filter_map(|l| l.value.and_then(|v| self.by_exact.get(&(l.key, v))))
                 .flatten();
             for &s in indexed.chain(self.unindexed.iter()) {
-                let (rule, sel) = &self.selectors[s as usize];
-                if sel.matches(labels) {
-                    out.push(*rule);
+                let (rule, a, b) = self.selectors[s as usize];
+                if self.exprs[a as usize..b as usize]
+                    .iter()
+                    .all(|e| e.matches(labels))
+                {
+                    out.push(rule);
                 }
             }
         }
-        if let Some(addr) = subject.addr {
+        if let Some(addr) = addr {
             let addr = match addr {
                 IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
                 v4 => v4,
@@ -171,6 +272,7 @@ pub const NO_RULE: u32 = u32::MAX;
 
 pub struct CompiledPolicy {
     rules: Vec<CompiledRule>,
+    symbols: Symbols,
     from: SideIndex,
     to: SideIndex,
     /// Every DNS name the policy mentions (the caller resolves them).
@@ -181,6 +283,7 @@ impl CompiledPolicy {
     pub fn new(policy: Policy) -> Self {
         let mut c = Self {
             rules: Vec::new(),
+            symbols: Symbols::default(),
             from: SideIndex::default(),
             to: SideIndex::default(),
             dns_names: Vec::new(),
@@ -188,10 +291,10 @@ impl CompiledPolicy {
         for (i, r) in policy.rules.iter().enumerate() {
             let id = i as u32;
             for p in &r.from {
-                c.from.add(id, p);
+                c.from.add(&mut c.symbols, id, p);
             }
             for p in &r.to {
-                c.to.add(id, p);
+                c.to.add(&mut c.symbols, id, p);
             }
             for p in r.from.iter().chain(&r.to) {
                 if let Peer::Dns(n) = p {
@@ -228,6 +331,21 @@ impl CompiledPolicy {
         self.expand(self.decide_compact(src, dst, port, resolved))
     }
 
+    /// An identity's labels in symbol form. Keys the policy never names cannot matter to
+    /// any expression, so they are left out.
+    fn symbolize<'a>(&self, labels: &'a Labels) -> Vec<SymLabel<'a>> {
+        labels
+            .iter()
+            .filter_map(|(k, v)| {
+                Some(SymLabel {
+                    key: self.symbols.get(k)?,
+                    value: self.symbols.get(v),
+                    text: v,
+                })
+            })
+            .collect()
+    }
+
     /// The rule names of a compact decision.
     pub fn expand(&self, d: CompactDecision) -> Decision {
         let name = |i: u32| (i != NO_RULE).then(|| self.rules[i as usize].name.clone());
@@ -249,8 +367,10 @@ impl CompiledPolicy {
         port: u16,
         resolved: &dyn Fn(&str, IpAddr) -> bool,
     ) -> CompactDecision {
+        let src_labels = src.labels.map(|l| self.symbolize(l));
         let mut from = Vec::new();
-        self.from.matching(src, resolved, &mut from);
+        self.from
+            .matching(src_labels.as_deref(), src.addr, resolved, &mut from);
         if from.is_empty() {
             return CompactDecision {
                 allow: false,
@@ -258,8 +378,10 @@ impl CompiledPolicy {
                 observed_deny: NO_RULE,
             };
         }
+        let dst_labels = dst.labels.map(|l| self.symbolize(l));
         let mut to = Vec::new();
-        self.to.matching(dst, resolved, &mut to);
+        self.to
+            .matching(dst_labels.as_deref(), dst.addr, resolved, &mut to);
         from.sort_unstable();
         from.dedup();
         to.sort_unstable();
