@@ -445,6 +445,71 @@ impl TestNet {
         Ok(pid)
     }
 
+    /// Starts `python3 -m http.server` on `host` (in `workload`'s cgroup) serving `dir` on
+    /// `bind`:`port`, and waits until it listens.
+    pub fn serve_http(
+        &self,
+        host: &Host,
+        workload: Option<&str>,
+        bind: &str,
+        port: u16,
+        dir: &Path,
+    ) -> Result<u32> {
+        let port_s = port.to_string();
+        let args = [
+            "-m",
+            "http.server",
+            &port_s,
+            "--bind",
+            bind,
+            "--directory",
+            dir.to_str().unwrap(),
+        ];
+        let pid = self.spawn(host, workload, "python3", &args)?;
+        self.wait_listening(pid, port)?;
+        Ok(pid)
+    }
+
+    /// Starts one of the traffic tool's servers (`serve-echo`, `serve-blast`) on `host` and
+    /// waits until it listens.
+    pub fn serve_tool(
+        &self,
+        host: &Host,
+        workload: Option<&str>,
+        server: &str,
+        port: u16,
+    ) -> Result<u32> {
+        let tool = self.tool()?;
+        let pid = self.spawn(
+            host,
+            workload,
+            "python3",
+            &[&tool, server, &port.to_string()],
+        )?;
+        self.wait_listening(pid, port)?;
+        Ok(pid)
+    }
+
+    /// Starts an unmodified `redis-server` on `host` (in `workload`'s cgroup), no persistence.
+    pub fn serve_redis(&self, host: &Host, workload: Option<&str>, port: u16) -> Result<u32> {
+        let port_s = port.to_string();
+        let args = [
+            "--port",
+            &port_s,
+            "--bind",
+            "0.0.0.0",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        let pid = self.spawn(host, workload, "redis-server", &args)?;
+        self.wait_listening(pid, port)?;
+        Ok(pid)
+    }
+
     /// Runs a program to completion on `host`, killing it after `timeout`.
     pub fn run(
         &self,

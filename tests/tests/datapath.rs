@@ -33,25 +33,8 @@ fn web_server(net: &TestNet, content: &str) -> u32 {
     let root = net.dir.join("www");
     fs::create_dir_all(&root).unwrap();
     fs::write(root.join("index.txt"), content).unwrap();
-    let b = net.host("host-b");
-    let pid = net
-        .spawn(
-            b,
-            Some("api"),
-            "python3",
-            &[
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                "0.0.0.0",
-                "--directory",
-                root.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
-    net.wait_listening(pid, 8080).unwrap();
-    pid
+    net.serve_http(net.host("host-b"), Some("api"), "0.0.0.0", 8080, &root)
+        .unwrap()
 }
 
 fn curl(net: &TestNet, host: &str, workload: Option<&str>, url: &str) -> std::process::Output {
@@ -123,23 +106,8 @@ fn ipv6_connections_are_captured_delivered_and_guarded() {
     let root = net.dir.join("www");
     fs::create_dir_all(&root).unwrap();
     fs::write(root.join("index.txt"), "over v6\n").unwrap();
-    let pid = net
-        .spawn(
-            net.host("host-b"),
-            Some("api"),
-            "python3",
-            &[
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                "::",
-                "--directory",
-                root.to_str().unwrap(),
-            ],
-        )
+    net.serve_http(net.host("host-b"), Some("api"), "::", 8080, &root)
         .unwrap();
-    net.wait_listening(pid, 8080).unwrap();
     let out = curl(
         &net,
         "host-a",
@@ -216,10 +184,7 @@ fn a_large_transfer_arrives_intact_both_ways_and_half_close_works() {
     net.start_enforcers().unwrap();
     let tool = net.tool().unwrap();
     let b = net.host("host-b");
-    let pid = net
-        .spawn(b, Some("api"), "python3", &[&tool, "serve-blast", "9000"])
-        .unwrap();
-    net.wait_listening(pid, 9000).unwrap();
+    net.serve_tool(b, Some("api"), "serve-blast", 9000).unwrap();
     // 48 MiB up, then (after the client's half-close) 32 MiB back.
     let out = net
         .run(
@@ -252,15 +217,8 @@ fn many_concurrent_connections_all_get_their_own_answer() {
     let net = two_hosts();
     net.start_enforcers().unwrap();
     let tool = net.tool().unwrap();
-    let pid = net
-        .spawn(
-            net.host("host-b"),
-            Some("api"),
-            "python3",
-            &[&tool, "serve-echo", "9000"],
-        )
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 9000)
         .unwrap();
-    net.wait_listening(pid, 9000).unwrap();
     let out = net
         .run(
             net.host("host-a"),
@@ -291,26 +249,7 @@ fn redis_works_unmodified_through_the_tunnel() {
     let net = two_hosts();
     net.start_enforcers().unwrap();
     let b = net.host("host-b");
-    let pid = net
-        .spawn(
-            b,
-            Some("api"),
-            "redis-server",
-            &[
-                "--port",
-                "9000",
-                "--bind",
-                "0.0.0.0",
-                "--protected-mode",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-        )
-        .unwrap();
-    net.wait_listening(pid, 9000).unwrap();
+    net.serve_redis(b, Some("api"), 9000).unwrap();
     let a = net.host("host-a");
     let cli = |args: &[&str]| {
         let mut full = vec!["-h", "10.77.0.2", "-p", "9000"];
@@ -342,16 +281,8 @@ fn tunnelled_traffic_is_encrypted_on_the_wire() {
     let marker = "TESSERA-PLAINTEXT-MARKER-7f3a";
     web_server(&net, &format!("{marker}\n").repeat(2000));
     // An unprotected control service on host-b, outside any workload.
-    let tool = net.tool().unwrap();
-    let pid = net
-        .spawn(
-            net.host("host-b"),
-            None,
-            "python3",
-            &[&tool, "serve-echo", "7000"],
-        )
+    net.serve_tool(net.host("host-b"), None, "serve-echo", 7000)
         .unwrap();
-    net.wait_listening(pid, 7000).unwrap();
 
     let pcap = net.dir.join("wire.pcap");
     let sw = net.switch_netns().to_owned();
@@ -496,15 +427,8 @@ fn unenrolled_clients_are_untouched_and_unserved_destinations_refused() {
         .unwrap();
     net.start_enforcers().unwrap();
     let tool = net.tool().unwrap();
-    let pid = net
-        .spawn(
-            net.host("outsider"),
-            None,
-            "python3",
-            &[&tool, "serve-blast", "7000"],
-        )
+    net.serve_tool(net.host("outsider"), None, "serve-blast", 7000)
         .unwrap();
-    net.wait_listening(pid, 7000).unwrap();
     let a = net.host("host-a");
     // Unenrolled process: a plain, direct connection.
     let out = net
@@ -650,15 +574,8 @@ fn sigterm_without_keep_removes_everything_it_attached() {
     assert!(!net.pin_dir(a).exists(), "pins left behind after SIGTERM");
     // With capture gone, the web workload connects directly again (no refusal by host-a).
     let tool = net.tool().unwrap();
-    let pid = net
-        .spawn(
-            net.host("host-b"),
-            None,
-            "python3",
-            &[&tool, "serve-echo", "7000"],
-        )
+    net.serve_tool(net.host("host-b"), None, "serve-echo", 7000)
         .unwrap();
-    net.wait_listening(pid, 7000).unwrap();
     let out = net
         .run(
             a,

@@ -39,25 +39,10 @@ fn three_tiers_with(policy: &str, host_c: Option<&str>) -> TestNet {
         net.write_policy(Some(net.host("host-c")), c).unwrap();
     }
     net.start_enforcers().unwrap();
-    let tool = net.tool().unwrap();
-    let api = net
-        .spawn(
-            net.host("host-b"),
-            Some("api"),
-            "python3",
-            &[&tool, "serve-echo", "7000"],
-        )
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
         .unwrap();
-    let db = net
-        .spawn(
-            net.host("host-c"),
-            Some("db"),
-            "python3",
-            &[&tool, "serve-blast", "7100"],
-        )
+    net.serve_tool(net.host("host-c"), Some("db"), "serve-blast", 7100)
         .unwrap();
-    net.wait_listening(api, 7000).unwrap();
-    net.wait_listening(db, 7100).unwrap();
     net
 }
 
@@ -366,21 +351,8 @@ rules:
     let root = net.dir.join("www");
     fs::create_dir_all(&root).unwrap();
     fs::write(root.join("index.txt"), "registry\n").unwrap();
-    let web = net
-        .spawn(
-            net.host("outsider"),
-            None,
-            "python3",
-            &[
-                "-m",
-                "http.server",
-                "8000",
-                "--directory",
-                root.to_str().unwrap(),
-            ],
-        )
+    net.serve_http(net.host("outsider"), None, "0.0.0.0", 8000, &root)
         .unwrap();
-    net.wait_listening(web, 8000).unwrap();
     let curl = |net: &TestNet| {
         net.run(
             net.host("host-a"),
