@@ -1,0 +1,399 @@
+//! Verifying tokens.
+//!
+//! Order of checks: size and layout, then the issuer (only keys whose certificate the cluster
+//! CA signed are known), the signature, time (with a configured clock skew), destination,
+//! TLS session, and last the nonce, so that forged tokens cannot fill the replay cache.
+//! Nonces are remembered until their token expires (plus skew): a replay within that window
+//! is refused, and after it the token is refused as expired anyway.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Mutex, RwLock},
+};
+
+use ring::signature::{ED25519, UnparsedPublicKey};
+
+use super::{
+    Identity,
+    signer::{identity_digest, key_id},
+    token::{Binding, Claim, Digest, KeyId, Nonce, TokenError, decode},
+};
+
+/// A verified token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub identity: Identity,
+    pub issuer: KeyId,
+    /// Whether the token carried the full identity.
+    pub cold: bool,
+}
+
+pub struct Verifier {
+    keys: RwLock<HashMap<KeyId, Vec<u8>>>,
+    identities: RwLock<HashMap<Digest, Identity>>,
+    seen: Mutex<HashMap<Nonce, u64>>,
+    skew_ms: u64,
+    max_lifetime_ms: u32,
+}
+
+/// The Ed25519 public key of `cert_der`, if the CA certificate `ca_der` signed it and it is
+/// valid now.
+pub fn certified_key(cert_der: &[u8], ca_der: &[u8]) -> Result<Vec<u8>, TokenError> {
+    use x509_parser::prelude::*;
+    let bad = |e: String| TokenError::Uncertified(e);
+    let (_, ca) =
+        X509Certificate::from_der(ca_der).map_err(|e| bad(format!("CA certificate: {e}")))?;
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| bad(format!("certificate: {e}")))?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|e| bad(format!("signature: {e}")))?;
+    if !cert.validity().is_valid() {
+        return Err(bad("outside its validity period".into()));
+    }
+    if cert.public_key().algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
+        return Err(bad("not an Ed25519 key".into()));
+    }
+    Ok(cert.public_key().subject_public_key.data.to_vec())
+}
+
+impl Verifier {
+    pub fn new(skew_ms: u64, max_lifetime_ms: u32) -> Self {
+        Self {
+            keys: RwLock::default(),
+            identities: RwLock::default(),
+            seen: Mutex::default(),
+            skew_ms,
+            max_lifetime_ms,
+        }
+    }
+
+    /// Trusts a public key the cluster CA certified (see [`certified_key`]). Keys of a
+    /// rotated certificate are added beside the old one, so live peers keep working.
+    pub fn trust(&self, public_key: &[u8]) -> KeyId {
+        let id = key_id(public_key);
+        self.keys
+            .write()
+            .expect("lock")
+            .insert(id, public_key.to_vec());
+        id
+    }
+
+    pub fn forget(&self, id: &KeyId) {
+        self.keys.write().expect("lock").remove(id);
+    }
+
+    /// Verifies `token`, which must be meant for `dst` on the TLS session `binding`.
+    pub fn verify(
+        &self,
+        token: &[u8],
+        now_ms: u64,
+        dst: SocketAddr,
+        binding: &Binding,
+    ) -> Result<Verified, TokenError> {
+        let (claims, signed, signature) = decode(token)?;
+        let key = self
+            .keys
+            .read()
+            .expect("lock")
+            .get(&claims.issuer)
+            .cloned()
+            .ok_or(TokenError::UnknownIssuer)?;
+        UnparsedPublicKey::new(&ED25519, &key)
+            .verify(signed, signature)
+            .map_err(|_| TokenError::BadSignature)?;
+        if claims.lifetime_ms > self.max_lifetime_ms {
+            return Err(TokenError::LifetimeTooLong);
+        }
+        if claims.issued_ms > now_ms + self.skew_ms {
+            return Err(TokenError::NotYetValid);
+        }
+        let expires = claims.issued_ms + u64::from(claims.lifetime_ms);
+        if now_ms > expires + self.skew_ms {
+            return Err(TokenError::Expired);
+        }
+        if claims.dst != dst {
+            return Err(TokenError::WrongDestination(claims.dst));
+        }
+        if &claims.binding != binding {
+            return Err(TokenError::WrongSession);
+        }
+        {
+            let mut seen = self.seen.lock().expect("lock");
+            if seen.len() > 4096 {
+                seen.retain(|_, until| *until >= now_ms);
+            }
+            if seen
+                .get(&claims.nonce)
+                .is_some_and(|until| *until >= now_ms)
+            {
+                return Err(TokenError::Replayed);
+            }
+            seen.insert(claims.nonce, expires + self.skew_ms);
+        }
+        match claims.claim {
+            Claim::Cold(identity) => {
+                self.identities
+                    .write()
+                    .expect("lock")
+                    .insert(identity_digest(&identity), identity.clone());
+                Ok(Verified {
+                    identity,
+                    issuer: claims.issuer,
+                    cold: true,
+                })
+            }
+            Claim::Warm(digest) => {
+                let identity = self
+                    .identities
+                    .read()
+                    .expect("lock")
+                    .get(&digest)
+                    .cloned()
+                    .ok_or(TokenError::UnknownIdentity)?;
+                Ok(Verified {
+                    identity,
+                    issuer: claims.issuer,
+                    cold: false,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{
+        signer::Signer,
+        spiffe_id,
+        token::{Claims, MAX_TOKEN},
+    };
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ED25519};
+    use tessera_policy::Labels;
+
+    const NOW: u64 = 1_800_000_000_000;
+    const SKEW: u64 = 2_000;
+    const LIFETIME: u32 = 10_000;
+
+    struct Enforcer {
+        signer: Signer,
+        cert: Vec<u8>,
+    }
+
+    /// A cluster CA and an enforcer key it certifies (both Ed25519, as `tessera ca` makes).
+    fn ca() -> (KeyPair, Vec<u8>) {
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = p.self_signed(&key).unwrap();
+        (key, cert.der().to_vec())
+    }
+
+    fn enforcer(ca_key: &KeyPair, ca_der: &[u8]) -> Enforcer {
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let issuer = Issuer::from_ca_cert_der(&ca_der.to_vec().into(), ca_key).unwrap();
+        let cert = CertificateParams::new(vec!["host-a".into()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        Enforcer {
+            signer: Signer::from_pkcs8(&key.serialize_der()).unwrap(),
+            cert: cert.der().to_vec(),
+        }
+    }
+
+    fn web() -> Identity {
+        Identity {
+            spiffe: spiffe_id("tessera.local", "host-a", "web"),
+            labels: Labels::new([("app", "web"), ("tier", "front")]),
+        }
+    }
+
+    const DST: &str = "10.77.0.2:8080";
+    const SESSION: Binding = [7u8; 16];
+
+    fn setup() -> (Enforcer, Verifier) {
+        let (ca_key, ca_der) = ca();
+        let e = enforcer(&ca_key, &ca_der);
+        let v = Verifier::new(SKEW, 60_000);
+        v.trust(&certified_key(&e.cert, &ca_der).unwrap());
+        (e, v)
+    }
+
+    fn cold(e: &Enforcer) -> Vec<u8> {
+        e.signer
+            .sign(&web(), false, DST.parse().unwrap(), SESSION, NOW, LIFETIME)
+    }
+
+    fn verify(v: &Verifier, t: &[u8]) -> Result<Verified, TokenError> {
+        v.verify(t, NOW + 1, DST.parse().unwrap(), &SESSION)
+    }
+
+    #[test]
+    fn a_good_token_verifies_and_sizes_fit() {
+        let (e, v) = setup();
+        let t = cold(&e);
+        assert!(t.len() <= MAX_TOKEN, "cold token is {} bytes", t.len());
+        let got = verify(&v, &t).unwrap();
+        assert_eq!((got.identity, got.cold), (web(), true));
+        // After first contact a digest suffices.
+        let w = e
+            .signer
+            .sign(&web(), true, DST.parse().unwrap(), SESSION, NOW, LIFETIME);
+        assert!(w.len() <= 160, "warm token is {} bytes", w.len());
+        assert_eq!(verify(&v, &w).unwrap().identity, web());
+    }
+
+    #[test]
+    fn a_forged_signature_is_rejected() {
+        let (e, v) = setup();
+        let mut t = cold(&e);
+        let last = t.len() - 1;
+        t[last] ^= 1;
+        assert_eq!(verify(&v, &t), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn labels_tampered_after_signing_are_rejected() {
+        let (e, v) = setup();
+        let t = cold(&e);
+        let pos = t.windows(3).position(|w| w == b"web").unwrap();
+        let mut t2 = t.clone();
+        t2[pos..pos + 3].copy_from_slice(b"adm");
+        assert_eq!(verify(&v, &t2).unwrap_err().reason(), "bad-signature");
+    }
+
+    #[test]
+    fn a_key_the_ca_never_certified_is_rejected() {
+        let (ca_key, ca_der) = ca();
+        let trusted = enforcer(&ca_key, &ca_der);
+        let v = Verifier::new(SKEW, 60_000);
+        v.trust(&certified_key(&trusted.cert, &ca_der).unwrap());
+        // Another CA's enforcer: its certificate does not chain to our CA ...
+        let (rogue_ca_key, rogue_ca_der) = ca();
+        let rogue = enforcer(&rogue_ca_key, &rogue_ca_der);
+        assert!(matches!(
+            certified_key(&rogue.cert, &ca_der),
+            Err(TokenError::Uncertified(_))
+        ));
+        // ... and its tokens name an issuer we do not know.
+        assert_eq!(verify(&v, &cold(&rogue)), Err(TokenError::UnknownIssuer));
+        // Claiming to be the trusted issuer does not help: the signature does not verify.
+        let (claims, _, _) = decode(&cold(&rogue)).unwrap();
+        let forged = rogue.signer.sign_claims(&Claims {
+            issuer: trusted.signer.key_id(),
+            ..claims
+        });
+        assert_eq!(verify(&v, &forged), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn expired_and_future_tokens_are_rejected_within_the_skew_rules() {
+        let (e, v) = setup();
+        let dst = DST.parse().unwrap();
+        let old = e.signer.sign(
+            &web(),
+            false,
+            dst,
+            SESSION,
+            NOW - u64::from(LIFETIME) - SKEW - 1,
+            LIFETIME,
+        );
+        assert_eq!(v.verify(&old, NOW, dst, &SESSION), Err(TokenError::Expired));
+        let barely = e.signer.sign(
+            &web(),
+            false,
+            dst,
+            SESSION,
+            NOW - u64::from(LIFETIME) - SKEW + 1,
+            LIFETIME,
+        );
+        assert!(
+            v.verify(&barely, NOW, dst, &SESSION).is_ok(),
+            "within the skew"
+        );
+        let future = e
+            .signer
+            .sign(&web(), false, dst, SESSION, NOW + SKEW + 1, LIFETIME);
+        assert_eq!(
+            v.verify(&future, NOW, dst, &SESSION),
+            Err(TokenError::NotYetValid)
+        );
+        let long = e.signer.sign(&web(), false, dst, SESSION, NOW, 3_600_000);
+        assert_eq!(
+            v.verify(&long, NOW, dst, &SESSION),
+            Err(TokenError::LifetimeTooLong)
+        );
+    }
+
+    #[test]
+    fn a_replayed_token_is_rejected() {
+        let (e, v) = setup();
+        let t = cold(&e);
+        verify(&v, &t).unwrap();
+        assert_eq!(verify(&v, &t), Err(TokenError::Replayed));
+        // A fresh token (new nonce) for the same identity is fine.
+        verify(&v, &cold(&e)).unwrap();
+    }
+
+    #[test]
+    fn a_token_for_another_destination_or_session_is_rejected() {
+        let (e, v) = setup();
+        let t = cold(&e);
+        assert_eq!(
+            v.verify(&t, NOW, "10.77.0.3:8080".parse().unwrap(), &SESSION),
+            Err(TokenError::WrongDestination(DST.parse().unwrap()))
+        );
+        assert_eq!(
+            v.verify(&t, NOW, DST.parse().unwrap(), &[8u8; 16]),
+            Err(TokenError::WrongSession)
+        );
+        // Lifted tokens failed before their nonce was spent: the rightful use still works.
+        verify(&v, &t).unwrap();
+    }
+
+    #[test]
+    fn truncated_oversized_and_garbage_tokens_are_rejected() {
+        let (e, v) = setup();
+        let t = cold(&e);
+        for cut in 0..t.len() {
+            let err = verify(&v, &t[..cut]).unwrap_err();
+            assert!(
+                matches!(err.reason(), "truncated" | "malformed" | "bad-signature"),
+                "cut at {cut}: {err}"
+            );
+        }
+        let mut big = t.clone();
+        big.resize(MAX_TOKEN + 1, 0);
+        assert_eq!(verify(&v, &big), Err(TokenError::Oversized(MAX_TOKEN + 1)));
+        assert!(matches!(
+            verify(&v, &[0xAB; 200]),
+            Err(TokenError::Version(0xAB))
+        ));
+        let mut wrong_kind = t.clone();
+        wrong_kind[1] = 9;
+        assert_eq!(verify(&v, &wrong_kind), Err(TokenError::Malformed("kind")));
+    }
+
+    #[test]
+    fn a_warm_token_needs_a_verified_cold_one_first() {
+        let (e, v) = setup();
+        let w = e
+            .signer
+            .sign(&web(), true, DST.parse().unwrap(), SESSION, NOW, LIFETIME);
+        assert_eq!(verify(&v, &w), Err(TokenError::UnknownIdentity));
+    }
+
+    #[test]
+    fn key_rotation_keeps_old_and_new_keys_valid() {
+        let (ca_key, ca_der) = ca();
+        let (old, new) = (enforcer(&ca_key, &ca_der), enforcer(&ca_key, &ca_der));
+        let v = Verifier::new(SKEW, 60_000);
+        let old_id = v.trust(&certified_key(&old.cert, &ca_der).unwrap());
+        v.trust(&certified_key(&new.cert, &ca_der).unwrap());
+        verify(&v, &cold(&old)).unwrap();
+        verify(&v, &cold(&new)).unwrap();
+        v.forget(&old_id);
+        assert_eq!(verify(&v, &cold(&old)), Err(TokenError::UnknownIssuer));
+    }
+}
