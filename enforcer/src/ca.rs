@@ -1,5 +1,6 @@
 //! The cluster CA: `tessera ca init` makes one, `tessera ca issue` signs an enforcer's
 //! certificate (DNS name = the enforcer's name; usable as TLS client and server).
+//! Keys are Ed25519: the enforcer's key also signs identity tokens (64-byte signatures).
 use std::{
     fs,
     net::IpAddr,
@@ -10,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, date_time_ymd,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ED25519, SanType, date_time_ymd,
 };
 
 pub const CA_CERT: &str = "ca.pem";
@@ -43,7 +44,7 @@ pub fn init(dir: &Path, trust_domain: &str) -> Result<PathBuf> {
             cert_path.display()
         );
     }
-    let key = KeyPair::generate().context("generating the CA key")?;
+    let key = KeyPair::generate_for(&PKCS_ED25519).context("generating the CA key")?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
     dn.push(
@@ -85,7 +86,7 @@ pub fn issue(ca_dir: &Path, name: &str, ips: &[IpAddr], out: &Path) -> Result<(P
     let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key)
         .with_context(|| format!("{}: not a usable CA certificate", ca_cert.display()))?;
 
-    let key = KeyPair::generate()?;
+    let key = KeyPair::generate_for(&PKCS_ED25519)?;
     let mut params = CertificateParams::new(vec![name.to_owned()])?;
     params
         .subject_alt_names

@@ -39,6 +39,33 @@ pub struct Config {
     pub flows: Flows,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// The SPIFFE trust domain: identities are `spiffe://<trust_domain>/enforcer/<name>/workload/<w>`.
+    pub trust_domain: String,
+    /// How long a token is valid after it is issued (milliseconds).
+    pub token_lifetime_ms: u32,
+    /// How far peers' clocks may differ (milliseconds).
+    pub clock_skew_ms: u64,
+    /// Sign identity tokens (default). `false` sends identities unsigned: only for measuring
+    /// the tokens' cost (`cargo xtask bench`); an enforcer with tokens on refuses such peers.
+    pub tokens: bool,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: "tessera.local".into(),
+            token_lifetime_ms: 10_000,
+            clock_skew_ms: 5_000,
+            tokens: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -255,6 +282,30 @@ impl Config {
                 .map_err(|e| format!("policy.file: cannot read {}: {e}", file.display()))?;
             tessera_policy::parse::parse(&file.display().to_string(), &text)
                 .map_err(|e| format!("policy.file: invalid policy:\n{e}"))?;
+        }
+        let id = &self.identity;
+        if id.trust_domain.is_empty()
+            || !id
+                .trust_domain
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c))
+        {
+            return Err(format!(
+                "identity.trust_domain: {:?} must be lowercase letters, digits, '-', '.' or '_'",
+                id.trust_domain
+            ));
+        }
+        if !(100..=300_000).contains(&id.token_lifetime_ms) {
+            return Err(format!(
+                "identity.token_lifetime_ms: {} must be between 100 and 300000",
+                id.token_lifetime_ms
+            ));
+        }
+        if id.clock_skew_ms > 300_000 {
+            return Err(format!(
+                "identity.clock_skew_ms: {} must be at most 300000",
+                id.clock_skew_ms
+            ));
         }
         if !self.bpf.delivery_source.is_loopback() {
             return Err(format!(

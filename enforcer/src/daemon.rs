@@ -12,6 +12,7 @@ use futures_util::FutureExt;
 use tessera_proxy::{
     authz::{Authorizer, PolicyMode},
     flow::FlowLog,
+    identity::session::Tokens,
     inbound::Inbound,
     local::{LocalAddrs, LocalServices, LocalWorkload},
     outbound::Outbound,
@@ -56,6 +57,28 @@ fn raise_fd_limit() {
             );
         }
     }
+}
+
+/// The token signer and verifier: this enforcer's certificate key signs, peers' keys
+/// verify through the cluster CA.
+fn tokens(config: &Config, identity: &Identity) -> Result<Tokens> {
+    use rustls::pki_types::PrivateKeyDer;
+    let PrivateKeyDer::Pkcs8(key) = &identity.key else {
+        anyhow::bail!(
+            "tls.key: {}: not a PKCS#8 Ed25519 key; issue one with `tessera ca issue`",
+            config.tls.key.display()
+        );
+    };
+    let id = &config.identity;
+    Tokens::new(
+        id.trust_domain.clone(),
+        key.secret_pkcs8_der(),
+        identity.ca.iter().map(|c| c.to_vec()).collect(),
+        id.token_lifetime_ms,
+        id.clock_skew_ms,
+        id.tokens,
+    )
+    .map_err(|e| anyhow::anyhow!("tls.key: {}: {e}", config.tls.key.display()))
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -103,7 +126,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 .collect(),
         ),
         identities: identities.clone(),
+        attestor: Default::default(),
     });
+    let tokens = Arc::new(tokens(&config, &identity)?);
 
     let flows = FlowLog::start(config.flows.log.clone())
         .with_context(|| format!("flows.log: cannot open {:?}", config.flows.log))?;
@@ -114,7 +139,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         };
         p.serves.iter().map(move |net| (*net, peer.clone()))
     }));
-    let dialer = TunnelDialer::new(identity.client_config()?, mark, Duration::from_secs(5));
+    let dialer = TunnelDialer::new(
+        identity.client_config()?,
+        tokens.clone(),
+        mark,
+        Duration::from_secs(5),
+    );
     let pool = TunnelPool::new(
         dialer,
         config.tunnel.pool_size,
@@ -128,6 +158,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         peers,
         pool,
         authz: authz.clone(),
+        tokens: tokens.clone(),
         flows: flows.clone(),
         mark,
     });
@@ -138,6 +169,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let inbound = Arc::new(Inbound {
         name: config.name.clone(),
         authz: authz.clone(),
+        tokens,
         acceptor: TlsAcceptor::from(identity.server_config()?),
         services: LocalServices::new(services),
         addrs: LocalAddrs::default(),
@@ -181,6 +213,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         peers = config.peers.len(),
         policy_rules = authz.rule_count(),
         tunnel = %config.listen.tunnel,
+        tokens = config.identity.tokens,
         "enforcer ready"
     );
     if let Some(ready) = &opts.ready_file {

@@ -188,6 +188,7 @@ mod tests {
                 enforcer: src_wl.map(|_| "host-a".into()),
                 pid: None,
                 uid: None,
+                spiffe: None,
             },
             dst: Endpoint {
                 addr: "10.77.0.2:8080".parse().unwrap(),
@@ -195,6 +196,7 @@ mod tests {
                 enforcer: Some("host-b".into()),
                 pid: None,
                 uid: None,
+                spiffe: None,
             },
             verdict,
             rule: None,

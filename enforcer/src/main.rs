@@ -4,11 +4,13 @@ use std::{net::IpAddr, path::PathBuf};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod attest;
 mod ca;
 mod capture;
 mod config;
 mod daemon;
 mod flowlog;
+mod identity_show;
 mod policy;
 mod workloads;
 
@@ -52,11 +54,29 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Workload identities.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
     /// Summarise flow logs of one or more enforcers as a connectivity table.
     Flows {
         /// Flow log files (JSON lines), as written by `[flows] log`.
         #[arg(long = "log", required = true)]
         logs: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Print each enrolled workload's identity (SPIFFE name and labels, declared and derived)
+    /// and, for each of its processes now, the labels its connections add: what policy
+    /// matches on.
+    Show {
+        #[arg(long)]
+        config: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -256,6 +276,18 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             println!("reason:   {}", d.reason());
+            Ok(())
+        }
+        Command::Identity {
+            command: IdentityCommand::Show { config, json },
+        } => {
+            let c = config::Config::load(&config)?;
+            let shown = identity_show::collect(&c);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&shown)?);
+            } else {
+                print!("{}", identity_show::text(&shown));
+            }
             Ok(())
         }
         Command::Flows { logs, json } => {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use tessera_policy::{CompiledPolicy, Labels};
+use tessera_policy::CompiledPolicy;
 use tessera_proxy::{authz::Authorizer, local::LocalWorkload};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -18,18 +18,21 @@ use crate::config::{Config, Workload};
 const WITHOUT_POLICY: &str = "rules:\n  - name: any-workload-to-any-workload\n    action: allow\n    from: [{labels: []}]\n    to: [{labels: []}]\n";
 
 /// A workload's identity: its declared labels plus the ones the enforcer derives, under the
-/// reserved `tessera.io/` prefix (a workload cannot declare those).
+/// reserved `tessera.io/` prefix (see `attest`).
 pub fn identity(config: &Config, w: &Workload) -> LocalWorkload {
-    let mut labels: Vec<(String, String)> = w
-        .labels
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    labels.push(("tessera.io/workload".into(), w.name.clone()));
-    labels.push(("tessera.io/enforcer".into(), config.name.clone()));
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
     LocalWorkload {
         name: w.name.clone(),
-        labels: Labels::new(labels),
+        identity: crate::attest::workload_identity(
+            &config.identity.trust_domain,
+            &config.name,
+            &host,
+            &w.name,
+            &w.cgroup,
+            w.labels.clone(),
+        ),
         observe: w.observe,
     }
 }

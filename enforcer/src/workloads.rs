@@ -11,6 +11,7 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
+use crate::attest::ProcessAttestor;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use tessera_common::{AF_INET, AF_INET6, ClientKey, OrigDst};
 use tessera_proxy::{
@@ -120,6 +121,7 @@ pub struct BpfCaptureLookup {
     pub workloads: WorkloadIndex,
     /// Identities of the enrolled workloads, by name.
     pub identities: HashMap<String, Arc<LocalWorkload>>,
+    pub attestor: ProcessAttestor,
 }
 
 impl CaptureLookup for BpfCaptureLookup {
@@ -132,17 +134,19 @@ impl CaptureLookup for BpfCaptureLookup {
             orig
         };
         let workload = self.workloads.workload(orig.cgroup_id).unwrap_or_default();
-        let identity = self.identities.get(&workload);
+        // A capture record always comes from an enrolled cgroup; one that vanished between
+        // connect and accept leaves nothing to vouch for.
+        let local = self.identities.get(&workload)?;
         Some(Captured {
             dst: orig_dst(&orig),
+            identity: self.attestor.attest(&local.identity, orig.pid, orig.uid),
+            observe: local.observe,
             source: Source {
-                labels: identity.map(|i| i.labels.clone()).unwrap_or_default(),
                 workload,
                 pid: orig.pid,
                 uid: orig.uid,
                 cgroup_id: orig.cgroup_id,
             },
-            observe: identity.is_some_and(|i| i.observe),
         })
     }
 }

@@ -42,6 +42,9 @@ pub struct Endpoint {
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub uid: Option<u32>,
+    /// The SPIFFE name of the identity a verified token proved for this end.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub spiffe: Option<String>,
 }
 
 impl Endpoint {
@@ -52,6 +55,7 @@ impl Endpoint {
             enforcer: None,
             pid: None,
             uid: None,
+            spiffe: None,
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::{
     authz::{Authorizer, Party, Side},
     copy::{Buffers, Ended, is_disconnect, send_reset, splice, splice_plain},
     flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, now_ms},
+    identity::session::{Tokens, TunnelSession, session_binding},
     local::{LocalAddrs, LocalServices},
     socket::{connect_marked, reset_on_close},
     tls::peer_name,
@@ -33,6 +34,7 @@ use crate::{
 pub struct Inbound {
     pub name: String,
     pub authz: Arc<Authorizer>,
+    pub tokens: Arc<Tokens>,
     pub acceptor: TlsAcceptor,
     pub services: LocalServices,
     pub addrs: LocalAddrs,
@@ -95,13 +97,25 @@ impl Inbound {
                 );
             }
         };
-        let peer = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
+        let conn = tls.get_ref().1;
+        let cert = conn.peer_certificates().and_then(|c| c.first());
+        let peer = cert
             .and_then(peer_name)
             .unwrap_or_else(|| "<unnamed>".into());
+        let session = session_binding(conn)
+            .map_err(|e| e.to_string())
+            .and_then(|binding| {
+                self.tokens
+                    .session(peer.clone(), cert, binding)
+                    .map_err(|e| e.to_string())
+            });
+        let mut session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = shutdown_quietly(&mut tls).await;
+                return self.refuse_handshake(remote, handshake_start, format!("{peer}: {e}"));
+            }
+        };
         let mut buffers = Buffers::default();
         // One tunnel carries one connection at a time, as many as the source sends.
         loop {
@@ -129,7 +143,7 @@ impl Inbound {
                     }
                 };
             if !self
-                .handle_request(&mut tls, &mut buffers, remote, &peer, request)
+                .handle_request(&mut tls, &mut session, &mut buffers, remote, request)
                 .await
             {
                 break;
@@ -142,12 +156,14 @@ impl Inbound {
     async fn handle_request(
         &self,
         tls: &mut TlsStream<TcpStream>,
+        session: &mut TunnelSession,
         buffers: &mut Buffers,
         remote: SocketAddr,
-        peer: &str,
         request: Request,
     ) -> bool {
         let start = Instant::now();
+        let peer = session.peer.clone();
+        let peer = peer.as_str();
         let mut rec = self.record(
             Direction::Inbound,
             Endpoint {
@@ -156,10 +172,34 @@ impl Inbound {
                 enforcer: Some(peer.to_owned()),
                 pid: Some(request.source.pid),
                 uid: Some(request.source.uid),
+                spiffe: None,
             },
             Endpoint::addr(request.dst),
         );
         rec.dst.enforcer = Some(self.name.clone());
+        // Who is asking comes first: an unauthenticated request learns nothing, not even
+        // whether the port is served.
+        let src_identity = match self
+            .tokens
+            .check(session, &request.proof, request.dst, now_ms())
+        {
+            Ok(id) => id,
+            Err(refusal) => {
+                rec.verdict = Verdict::Denied;
+                rec.reason = format!("source {refusal} ({})", refusal.reason());
+                tracing::info!(peer, reason = refusal.reason(), error = %refusal, "refused a tunnel request");
+                let sent = Response::new(
+                    Status::Unauthenticated,
+                    format!("{}: {refusal} ({})", self.name, refusal.reason()),
+                )
+                .write(tls)
+                .await
+                .is_ok();
+                self.finish(rec, start);
+                return sent;
+            }
+        };
+        rec.src.spiffe = Some(src_identity.spiffe.clone());
         let local = self.addrs.contains(request.dst.ip());
         let Some(workload) = local
             .then(|| self.services.workload(request.dst.port()))
@@ -185,8 +225,26 @@ impl Inbound {
         };
         rec.dst.workload = Some(workload.name.clone());
         let port = request.dst.port();
-        let src = Party::workload(request.source.labels.clone(), Some(remote.ip()));
-        let dst = Party::workload(workload.labels.clone(), Some(request.dst.ip()));
+        rec.dst.spiffe = Some(workload.identity.spiffe.clone());
+        let src = Party::workload(src_identity.labels, Some(remote.ip()));
+        let dst = Party::workload(workload.identity.labels.clone(), Some(request.dst.ip()));
+        // Our answer proves who accepted (or refused): signed for the destination workload.
+        let answer_proof =
+            match self
+                .tokens
+                .prove(session, &workload.identity, request.dst, now_ms())
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    rec.reason = format!("cannot sign for {}: {e}", workload.name);
+                    let sent = Response::new(Status::Unreachable, rec.reason.clone())
+                        .write(tls)
+                        .await
+                        .is_ok();
+                    self.finish(rec, start);
+                    return sent;
+                }
+            };
         let outcome = self.authz.check(&src, &dst, port, workload.observe);
         rec.rule = outcome.rule.clone();
         if !outcome.allowed {
@@ -196,7 +254,7 @@ impl Inbound {
                 Status::Denied,
                 format!("{}: ingress {}", self.name, outcome.reason),
             )
-            .with_labels(workload.labels.clone());
+            .with_proof(answer_proof);
             let sent = answer.write(tls).await.is_ok();
             self.finish(rec, start);
             return sent;
@@ -214,7 +272,7 @@ impl Inbound {
             }
         };
         if let Err(e) = Response::new(Status::Connected, workload.name.clone())
-            .with_labels(workload.labels.clone())
+            .with_proof(answer_proof)
             .write(tls)
             .await
         {
@@ -343,7 +401,7 @@ impl Inbound {
         };
         rec.dst.workload = Some(workload.name.clone());
         let src = Party::external(remote.ip());
-        let dst = Party::workload(workload.labels.clone(), Some(dst_addr.ip()));
+        let dst = Party::workload(workload.identity.labels.clone(), Some(dst_addr.ip()));
         let outcome = self
             .authz
             .check(&src, &dst, dst_addr.port(), workload.observe);

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tessera_policy::Labels;
+use crate::identity::Identity;
 
 /// The host's interface addresses, refreshed at most every `REFRESH`.
 pub struct LocalAddrs {
@@ -56,7 +56,9 @@ impl LocalAddrs {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalWorkload {
     pub name: String,
-    pub labels: Labels,
+    /// Its identity as a destination: declared labels and the ones derived from its cgroup
+    /// (a connecting process adds its own, see the enforcer's attestation).
+    pub identity: Identity,
     /// Policy denials for this workload are recorded, not enforced.
     pub observe: bool,
 }

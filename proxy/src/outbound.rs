@@ -22,6 +22,10 @@ use crate::{
     authz::{Authorizer, Party, Side},
     copy::{Ended, is_disconnect, send_reset, splice, splice_plain},
     flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, now_ms},
+    identity::{
+        Identity,
+        session::{Refusal, Tokens},
+    },
     peers::{Peer, PeerTable},
     pool::{Tunnel, TunnelPool},
     socket::{connect_marked, reset_on_close},
@@ -33,6 +37,9 @@ use crate::{
 pub struct Captured {
     pub dst: SocketAddr,
     pub source: Source,
+    /// The source's identity: its workload's, plus what the enforcer derived from the
+    /// connecting process (uid, executable).
+    pub identity: Identity,
     /// The source workload is in policy observe mode.
     pub observe: bool,
 }
@@ -49,6 +56,7 @@ pub struct Outbound {
     pub peers: PeerTable,
     pub pool: Arc<TunnelPool>,
     pub authz: Arc<Authorizer>,
+    pub tokens: Arc<Tokens>,
     pub flows: FlowLog,
     pub mark: u32,
 }
@@ -100,8 +108,9 @@ impl Outbound {
         record.src.pid = Some(captured.source.pid);
         record.src.uid = Some(captured.source.uid);
         record.src.enforcer = Some(self.name.clone());
+        record.src.spiffe = Some(captured.identity.spiffe.clone());
         record.dst = Endpoint::addr(captured.dst);
-        let src = Party::workload(captured.source.labels.clone(), None);
+        let src = Party::workload(captured.identity.labels.clone(), None);
 
         match self.peers.lookup(captured.dst.ip()) {
             Some(peer) => {
@@ -184,11 +193,7 @@ impl Outbound {
     ) {
         record.dst.enforcer = Some(peer.name.clone());
         let port = captured.dst.port();
-        let request = Request {
-            dst: captured.dst,
-            source: captured.source,
-        };
-        let (mut tunnel, pooled, answer) = match self.open(peer, &request).await {
+        let (mut tunnel, pooled, answer) = match self.open(peer, &captured).await {
             Ok(opened) => opened,
             Err(reason) => {
                 reset_on_close(&app);
@@ -197,22 +202,50 @@ impl Outbound {
             }
         };
         record.pooled = Some(pooled);
+        // The answer's proof says who accepted (or refused) at the other end.
+        let dst_identity = answer.proof.as_ref().map(|proof| {
+            self.tokens
+                .check(&tunnel.session, proof, captured.dst, now_ms())
+        });
+        if let Some(Ok(id)) = &dst_identity {
+            record.dst.workload = id.labels.get("tessera.io/workload").map(str::to_owned);
+            record.dst.spiffe = Some(id.spiffe.clone());
+        }
         if answer.status != Status::Connected {
             reset_on_close(&app);
-            // A refusal by policy still tells us who refused.
-            record.dst.workload = answer.labels.get("tessera.io/workload").map(str::to_owned);
+            if answer.status == Status::Unauthenticated {
+                // The peer may not have cached what we sent: start cold again.
+                tunnel.session.forget_sent();
+            }
             // A refusal leaves the tunnel clean: it can carry the next connection.
             self.pool.put(peer, tunnel);
             record.verdict = match answer.status {
-                Status::NotServed | Status::Denied => Verdict::Denied,
+                Status::NotServed | Status::Denied | Status::Unauthenticated => Verdict::Denied,
                 _ => Verdict::Error,
             };
             record.reason = format!("{} refused: {}", peer.name, answer.reason);
             return self.finish(record, start);
         }
-        // On success the peer names the workload that accepted and its identity.
-        record.dst.workload = Some(answer.reason.clone()).filter(|w| !w.is_empty());
-        let dst = Party::workload(answer.labels, Some(captured.dst.ip()));
+        let dst_identity = match dst_identity {
+            Some(Ok(id)) => id,
+            refused => {
+                // We cannot tell who accepted: nothing was sent yet; reset both sides.
+                let refusal = match refused {
+                    Some(Err(e)) => e,
+                    _ => Refusal::NoToken,
+                };
+                let _ = send_reset(&mut tunnel.stream).await;
+                reset_on_close(&app);
+                record.verdict = Verdict::Denied;
+                record.reason = format!(
+                    "destination {refusal} ({}) in the answer of {}",
+                    refusal.reason(),
+                    peer.name
+                );
+                return self.finish(record, start);
+            }
+        };
+        let dst = Party::workload(dst_identity.labels, Some(captured.dst.ip()));
         let outcome = self.authz.check(&src, &dst, port, captured.observe);
         record.rule = outcome.rule.clone();
         if !outcome.allowed {
@@ -290,37 +323,56 @@ impl Outbound {
     async fn open(
         &self,
         peer: &Peer,
-        request: &Request,
+        captured: &Captured,
     ) -> Result<(Tunnel, bool, Response), String> {
         let unreachable = |e: io::Error| format!("peer enforcer {} unreachable: {e}", peer.name);
         let (mut tunnel, pooled) = self.pool.get(peer).await.map_err(unreachable)?;
-        match exchange(&mut tunnel, request).await {
+        match self.exchange(&mut tunnel, captured).await {
             Ok(answer) => Ok((tunnel, pooled, answer)),
             Err(e) if pooled => {
                 tracing::debug!(peer = %peer.name, error = %e, "pooled tunnel was dead; dialing a fresh one");
                 let mut tunnel = self.pool.dial(peer).await.map_err(unreachable)?;
-                let answer = exchange(&mut tunnel, request).await.map_err(unreachable)?;
+                let answer = self
+                    .exchange(&mut tunnel, captured)
+                    .await
+                    .map_err(unreachable)?;
                 Ok((tunnel, false, answer))
             }
             Err(e) => Err(unreachable(e)),
         }
     }
 
+    /// Sends the request, with a token for the source bound to this tunnel's session, and
+    /// reads the answer.
+    async fn exchange(&self, tunnel: &mut Tunnel, captured: &Captured) -> io::Result<Response> {
+        let proof = self
+            .tokens
+            .prove(
+                &mut tunnel.session,
+                &captured.identity,
+                captured.dst,
+                now_ms(),
+            )
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let request = Request {
+            dst: captured.dst,
+            source: captured.source.clone(),
+            proof,
+        };
+        tunnel.stream.write_all(&request.encode()).await?;
+        tunnel.stream.flush().await?;
+        match tokio::time::timeout(ANSWER_TIMEOUT, Response::read(&mut tunnel.stream)).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(io::Error::other(e.to_string())),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no answer from the peer enforcer",
+            )),
+        }
+    }
+
     fn finish(&self, mut record: FlowRecord, start: Instant) {
         record.duration_ms = start.elapsed().as_millis() as u64;
         self.flows.record(record);
-    }
-}
-
-async fn exchange(tunnel: &mut Tunnel, request: &Request) -> io::Result<Response> {
-    tunnel.stream.write_all(&request.encode()).await?;
-    tunnel.stream.flush().await?;
-    match tokio::time::timeout(ANSWER_TIMEOUT, Response::read(&mut tunnel.stream)).await {
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(e)) => Err(io::Error::other(e.to_string())),
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no answer from the peer enforcer",
-        )),
     }
 }

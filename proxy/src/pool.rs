@@ -19,25 +19,38 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use crate::{copy::Buffers, peers::Peer, socket::connect_marked};
+use crate::{
+    copy::Buffers,
+    identity::session::{Tokens, TunnelSession, session_binding},
+    peers::Peer,
+    socket::connect_marked,
+};
 
-/// A mutual-TLS connection to a peer enforcer and the splice buffers that go with it.
+/// A mutual-TLS connection to a peer enforcer, its token session and splice buffers.
 pub struct Tunnel {
     pub stream: TlsStream<TcpStream>,
+    pub session: TunnelSession,
     pub buffers: Buffers,
 }
 
 /// Opens new tunnels: a marked TCP connection and a TLS 1.3 handshake verifying the peer.
 pub struct TunnelDialer {
     connector: TlsConnector,
+    tokens: Arc<Tokens>,
     mark: u32,
     timeout: Duration,
 }
 
 impl TunnelDialer {
-    pub fn new(config: Arc<rustls::ClientConfig>, mark: u32, timeout: Duration) -> Self {
+    pub fn new(
+        config: Arc<rustls::ClientConfig>,
+        tokens: Arc<Tokens>,
+        mark: u32,
+        timeout: Duration,
+    ) -> Self {
         Self {
             connector: TlsConnector::from(config),
+            tokens,
             mark,
             timeout,
         }
@@ -51,16 +64,30 @@ impl TunnelDialer {
                 format!("peer name {:?}: {e}", peer.name),
             )
         })?;
-        match tokio::time::timeout(self.timeout, self.connector.connect(name, tcp)).await {
-            Ok(r) => r.map(|stream| Tunnel {
-                stream,
-                buffers: Buffers::default(),
-            }),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("TLS handshake with {} timed out", peer.name),
-            )),
-        }
+        let stream =
+            match tokio::time::timeout(self.timeout, self.connector.connect(name, tcp)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("TLS handshake with {} timed out", peer.name),
+                    ));
+                }
+            };
+        // rustls checked the certificate against the CA and the peer's name; the session
+        // takes its Ed25519 key (tokens verify against it) and the exporter value.
+        let conn = stream.get_ref().1;
+        let binding = session_binding(conn).map_err(io::Error::other)?;
+        let cert = conn.peer_certificates().and_then(|c| c.first());
+        let session = self
+            .tokens
+            .session(peer.name.clone(), cert, binding)
+            .map_err(|e| io::Error::other(format!("peer {}: {e}", peer.name)))?;
+        Ok(Tunnel {
+            stream,
+            session,
+            buffers: Buffers::default(),
+        })
     }
 }
 

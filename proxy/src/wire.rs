@@ -3,22 +3,29 @@
 //!
 //! Request (client → server), all integers big-endian:
 //! ```text
-//! magic "TSRA" | version u8 (=2) | body_len u16 | body
+//! magic "TSRA" | version u8 (=3) | body_len u16 | body
 //! body = dst_family u8 (4|6) | dst_addr [4|16] | dst_port u16
 //!      | src_workload_len u8 | src_workload utf-8 | src_pid u32 | src_uid u32 | src_cgroup u64
-//!      | labels
-//! labels = count u8 | (key_len u8 | key | value_len u8 | value)*
+//!      | proof
+//! proof = kind u8 (0 none, 1 token, 2 unsigned identity) | len u16 | bytes
 //! ```
-//! Response (server → client): `version u8 | status u8 | reason_len u8 | reason | labels`
-//! (the labels of the destination workload, when there is one).
+//! Response (server → client): `version u8 | status u8 | reason_len u8 | reason | proof`
+//! (the destination workload's proof, when there is one).
+//!
+//! The workload name, pid, uid and cgroup id are hints for flow records; what policy
+//! decides on is the identity in the proof (a token signed by the source enforcer).
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tessera_policy::Labels;
 use thiserror::Error;
+
+use crate::identity::{
+    session::Proof,
+    token::{MAX_TOKEN, decode_identity, encode_identity},
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 4] = *b"TSRA";
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Largest body this version accepts; anything longer is refused before allocation.
 pub const MAX_BODY: usize = 8192;
 
@@ -47,8 +54,6 @@ pub struct Source {
     pub pid: u32,
     pub uid: u32,
     pub cgroup_id: u64,
-    /// The source workload's identity labels.
-    pub labels: Labels,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +61,8 @@ pub struct Request {
     /// The destination the application asked for.
     pub dst: SocketAddr,
     pub source: Source,
+    /// The source workload's identity.
+    pub proof: Proof,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +78,8 @@ pub enum Status {
     BadRequest = 3,
     /// Refused by policy.
     Denied = 4,
+    /// The source's proof of identity (its token) was refused.
+    Unauthenticated = 5,
 }
 
 impl Status {
@@ -81,6 +90,7 @@ impl Status {
             2 => Self::Unreachable,
             3 => Self::BadRequest,
             4 => Self::Denied,
+            5 => Self::Unauthenticated,
             other => return Err(WireError::UnknownStatus(other)),
         })
     }
@@ -91,33 +101,39 @@ pub struct Response {
     pub status: Status,
     /// Why it was refused; on `Connected`, the name of the workload that accepted.
     pub reason: String,
-    /// The destination workload's labels (empty when there is no such workload).
-    pub labels: Labels,
+    /// The destination workload's identity (none when there is no such workload, or the
+    /// request was refused before one was chosen).
+    pub proof: Option<Proof>,
 }
 
-fn encode_labels(out: &mut Vec<u8>, labels: &Labels) {
-    let pairs: Vec<(&str, &str)> = labels.iter().take(u8::MAX as usize).collect();
-    out.push(pairs.len() as u8);
-    for (k, v) in pairs {
-        for s in [truncate_utf8(k, 255), truncate_utf8(v, 255)] {
-            out.push(s.len() as u8);
-            out.extend_from_slice(s.as_bytes());
+fn encode_proof(out: &mut Vec<u8>, proof: Option<&Proof>) {
+    let (kind, bytes) = match proof {
+        None => (0u8, Vec::new()),
+        Some(Proof::Token(t)) => (1, t.clone()),
+        Some(Proof::Unsigned(id)) => {
+            let mut b = Vec::with_capacity(128);
+            encode_identity(&mut b, id);
+            (2, b)
         }
-    }
+    };
+    out.push(kind);
+    out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    out.extend_from_slice(&bytes);
 }
 
-fn decode_labels(r: &mut Reader<'_>) -> Result<Labels, WireError> {
-    let n = r.u8("label count")?;
-    let mut pairs = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let k = r.string("label key")?;
-        let v = r.string("label value")?;
-        if k.is_empty() {
-            return Err(WireError::Malformed("empty label key"));
-        }
-        pairs.push((k, v));
+fn decode_proof(kind: u8, bytes: &[u8]) -> Result<Option<Proof>, WireError> {
+    if bytes.len() > MAX_TOKEN {
+        return Err(WireError::TooLong(bytes.len()));
     }
-    Ok(Labels::new(pairs))
+    match kind {
+        0 if bytes.is_empty() => Ok(None),
+        0 => Err(WireError::Malformed("bytes after an empty proof")),
+        1 => Ok(Some(Proof::Token(bytes.to_vec()))),
+        2 => decode_identity(bytes)
+            .map(|id| Some(Proof::Unsigned(id)))
+            .map_err(|_| WireError::Malformed("unsigned identity")),
+        _ => Err(WireError::Malformed("unknown proof kind")),
+    }
 }
 
 impl Request {
@@ -140,7 +156,7 @@ impl Request {
         body.extend_from_slice(&self.source.pid.to_be_bytes());
         body.extend_from_slice(&self.source.uid.to_be_bytes());
         body.extend_from_slice(&self.source.cgroup_id.to_be_bytes());
-        encode_labels(&mut body, &self.source.labels);
+        encode_proof(&mut body, Some(&self.proof));
         let mut out = Vec::with_capacity(7 + body.len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
@@ -169,7 +185,11 @@ impl Request {
         let pid = u32::from_be_bytes(r.array("pid")?);
         let uid = u32::from_be_bytes(r.array("uid")?);
         let cgroup_id = u64::from_be_bytes(r.array("cgroup id")?);
-        let labels = decode_labels(&mut r)?;
+        let kind = r.u8("proof kind")?;
+        let len = u16::from_be_bytes(r.array("proof length")?) as usize;
+        let proof = decode_proof(kind, r.take(len, "proof")?)?.ok_or(WireError::Malformed(
+            "a request without a proof of identity",
+        ))?;
         if !r.0.is_empty() {
             return Err(WireError::Malformed("trailing bytes after header body"));
         }
@@ -180,8 +200,8 @@ impl Request {
                 pid,
                 uid,
                 cgroup_id,
-                labels,
             },
+            proof,
         })
     }
 
@@ -209,12 +229,12 @@ impl Response {
         Self {
             status,
             reason: reason.into(),
-            labels: Labels::default(),
+            proof: None,
         }
     }
 
-    pub fn with_labels(mut self, labels: Labels) -> Self {
-        self.labels = labels;
+    pub fn with_proof(mut self, proof: Proof) -> Self {
+        self.proof = Some(proof);
         self
     }
 
@@ -223,7 +243,7 @@ impl Response {
         let mut out = Vec::with_capacity(64 + reason.len());
         out.extend_from_slice(&[VERSION, self.status as u8, reason.len() as u8]);
         out.extend_from_slice(reason.as_bytes());
-        encode_labels(&mut out, &self.labels);
+        encode_proof(&mut out, self.proof.as_ref());
         out
     }
 
@@ -238,26 +258,18 @@ impl Response {
         read_exact(r, &mut reason, "response reason").await?;
         let reason =
             String::from_utf8(reason).map_err(|_| WireError::Malformed("reason is not UTF-8"))?;
-        let mut count = [0u8; 1];
-        read_exact(r, &mut count, "response labels").await?;
-        let mut pairs = Vec::with_capacity(count[0] as usize);
-        for _ in 0..count[0] {
-            let mut kv = [String::new(), String::new()];
-            for s in &mut kv {
-                let mut len = [0u8; 1];
-                read_exact(r, &mut len, "response label").await?;
-                let mut b = vec![0u8; len[0] as usize];
-                read_exact(r, &mut b, "response label").await?;
-                *s =
-                    String::from_utf8(b).map_err(|_| WireError::Malformed("label is not UTF-8"))?;
-            }
-            let [k, v] = kv;
-            pairs.push((k, v));
+        let mut head = [0u8; 3];
+        read_exact(r, &mut head, "response proof").await?;
+        let len = u16::from_be_bytes([head[1], head[2]]) as usize;
+        if len > MAX_TOKEN {
+            return Err(WireError::TooLong(len));
         }
+        let mut bytes = vec![0u8; len];
+        read_exact(r, &mut bytes, "response proof").await?;
         Ok(Self {
             status,
             reason,
-            labels: Labels::new(pairs),
+            proof: decode_proof(head[0], &bytes)?,
         })
     }
 
@@ -304,11 +316,6 @@ impl<'a> Reader<'a> {
     fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
         Ok(self.take(1, what)?[0])
     }
-    fn string(&mut self, what: &'static str) -> Result<String, WireError> {
-        let len = self.u8(what)? as usize;
-        let b = self.take(len, what)?;
-        String::from_utf8(b.to_vec()).map_err(|_| WireError::Malformed("label is not UTF-8"))
-    }
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
         Ok(self.take(N, what)?.try_into().expect("length checked"))
     }
@@ -326,8 +333,8 @@ mod tests {
                 pid: 42,
                 uid: 1000,
                 cgroup_id: 7,
-                labels: Labels::new([("app", "web"), ("tier", "front")]),
             },
+            proof: Proof::Token(vec![0xAB; 157]),
         }
     }
 
@@ -398,11 +405,15 @@ mod tests {
 
     #[tokio::test]
     async fn response_round_trips_and_rejects_unknown_status() {
-        let resp = Response::new(Status::Denied, "denied by rule x")
-            .with_labels(Labels::new([("app", "api")]));
+        let resp = Response::new(Status::Denied, "denied by rule x").with_proof(Proof::Unsigned(
+            crate::identity::Identity {
+                spiffe: "spiffe://td/enforcer/b/workload/api".into(),
+                labels: tessera_policy::Labels::new([("app", "api")]),
+            },
+        ));
         let got = Response::read(&mut resp.encode().as_slice()).await.unwrap();
         assert_eq!(got, resp);
-        let err = Response::read(&mut &[VERSION, 200, 0, 0][..])
+        let err = Response::read(&mut &[VERSION, 200, 0, 0, 0, 0][..])
             .await
             .unwrap_err();
         assert!(matches!(err, WireError::UnknownStatus(200)));

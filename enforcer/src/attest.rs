@@ -1,0 +1,350 @@
+//! Workload attestation: the labels the enforcer derives from what it observes itself, in
+//! the reserved `tessera.io/` namespace (a workload can never declare those).
+//!
+//! * For every enrolled workload: `tessera.io/workload`, `tessera.io/enforcer`,
+//!   `tessera.io/host`, `tessera.io/cgroup` (its path below the cgroup v2 root), and the
+//!   container and pod facts the cgroup path reveals (`container-id`, `container-runtime`,
+//!   `pod-uid`).
+//! * For each connection, from the pid and uid the eBPF connect hook recorded: the
+//!   process's own `cgroup` (a sub-cgroup of the workload's), `uid`, `user`, and its
+//!   executable's path `exe` and `exe-sha256` (hashed once per file version).
+//!
+//! A value longer than a token can carry (255 bytes) is left out rather than cut: a cut
+//! value would claim something that is not true.
+use std::{
+    collections::HashMap,
+    io::Read,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use sha2::{Digest, Sha256};
+use tessera_policy::Labels;
+use tessera_proxy::identity::{Identity, spiffe_id};
+
+pub const PREFIX: &str = "tessera.io/";
+const MAX_VALUE: usize = 255;
+
+fn label(out: &mut Vec<(String, String)>, key: &str, value: impl Into<String>) {
+    let value = value.into();
+    if value.len() <= MAX_VALUE {
+        out.retain(|(k, _)| !(k.starts_with(PREFIX) && &k[PREFIX.len()..] == key));
+        out.push((format!("{PREFIX}{key}"), value));
+    }
+}
+
+/// The cgroup v2 mount points of this host (from /proc/self/mounts).
+fn cgroup2_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .collect()
+}
+
+/// A cgroup directory as the kernel names it in /proc/<pid>/cgroup: relative to the root.
+pub fn cgroup_path(dir: &Path) -> String {
+    for mount in cgroup2_mounts() {
+        if let Ok(rel) = dir.strip_prefix(&mount) {
+            return format!("/{}", rel.display());
+        }
+    }
+    dir.display().to_string()
+}
+
+/// Container and pod facts in a cgroup path (systemd and cgroupfs drivers of docker,
+/// containerd, CRI-O, podman; Kubernetes pod slices).
+pub fn container_facts(path: &str) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let is_id = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    for (i, seg) in segments.iter().enumerate() {
+        let scoped = seg.strip_suffix(".scope").unwrap_or(seg);
+        for (prefix, runtime) in [
+            ("docker-", "docker"),
+            ("cri-containerd-", "containerd"),
+            ("crio-", "cri-o"),
+            ("libpod-", "podman"),
+        ] {
+            if let Some(id) = scoped.strip_prefix(prefix).filter(|id| is_id(id)) {
+                out.push(("container-id", id.to_owned()));
+                out.push(("container-runtime", runtime.to_owned()));
+            }
+        }
+        // cgroupfs driver: /docker/<id>, /kubepods/<qos>/pod<uid>/<id>
+        if is_id(seg) && i > 0 {
+            let parent = segments[i - 1];
+            let runtime = if parent == "docker" {
+                "docker"
+            } else {
+                "unknown"
+            };
+            if parent == "docker" || parent.starts_with("pod") {
+                out.push(("container-id", (*seg).to_owned()));
+                out.push(("container-runtime", runtime.to_owned()));
+            }
+        }
+        // systemd driver: kubepods-burstable-pod<uid_with_underscores>.slice
+        if let Some(rest) = seg.strip_suffix(".slice") {
+            if rest.starts_with("kubepods") {
+                if let Some(uid) = rest.rsplit('-').next().and_then(|s| s.strip_prefix("pod")) {
+                    out.push(("pod-uid", uid.replace('_', "-")));
+                }
+            }
+        }
+        if let Some(uid) = seg.strip_prefix("pod") {
+            if segments[..i].iter().any(|s| s.starts_with("kubepods")) && !seg.ends_with(".slice") {
+                out.push(("pod-uid", uid.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// The identity of an enrolled workload, before any process is known.
+pub fn workload_identity(
+    trust_domain: &str,
+    enforcer: &str,
+    host: &str,
+    name: &str,
+    cgroup: &Path,
+    declared: impl IntoIterator<Item = (String, String)>,
+) -> Identity {
+    let mut labels: Vec<(String, String)> = declared
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(PREFIX))
+        .collect();
+    label(&mut labels, "workload", name);
+    label(&mut labels, "enforcer", enforcer);
+    label(&mut labels, "host", host);
+    let path = cgroup_path(cgroup);
+    for (k, v) in container_facts(&path) {
+        label(&mut labels, k, v);
+    }
+    label(&mut labels, "cgroup", path);
+    Identity {
+        spiffe: spiffe_id(trust_domain, enforcer, name),
+        labels: Labels::new(labels),
+    }
+}
+
+/// What the enforcer observed of one process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessFacts {
+    pub cgroup: Option<String>,
+    pub user: Option<String>,
+    pub exe: Option<String>,
+    pub exe_sha256: Option<String>,
+}
+
+/// Derives per-process labels; caches executable hashes by file version and user names.
+#[derive(Default)]
+pub struct ProcessAttestor {
+    /// (device, inode, size, mtime, mtime_nsec) -> SHA-256 hex.
+    hashes: Mutex<HashMap<(u64, u64, u64, i64, i64), String>>,
+    users: Mutex<HashMap<u32, Option<String>>>,
+}
+
+/// Larger executables are not hashed on the connection path (the label is left out).
+const MAX_HASHED: u64 = 512 << 20;
+
+impl ProcessAttestor {
+    pub fn facts(&self, pid: u32) -> ProcessFacts {
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        let cgroup = std::fs::read_to_string(proc.join("cgroup"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            });
+        let exe = std::fs::read_link(proc.join("exe"))
+            .ok()
+            .map(|p| p.display().to_string());
+        ProcessFacts {
+            cgroup,
+            user: None,
+            exe_sha256: self.exe_hash(&proc.join("exe")),
+            exe,
+        }
+    }
+
+    fn exe_hash(&self, exe: &Path) -> Option<String> {
+        // Opening /proc/<pid>/exe opens the very file the process runs, even if its path
+        // was replaced since; its metadata keys the cache.
+        let mut file = std::fs::File::open(exe).ok()?;
+        let m = file.metadata().ok()?;
+        if m.size() > MAX_HASHED {
+            return None;
+        }
+        let key = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
+        if let Some(h) = self.hashes.lock().expect("lock").get(&key) {
+            return Some(h.clone());
+        }
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(_) => return None,
+            }
+        }
+        let hex: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.hashes.lock().expect("lock").insert(key, hex.clone());
+        Some(hex)
+    }
+
+    fn user(&self, uid: u32) -> Option<String> {
+        self.users
+            .lock()
+            .expect("lock")
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .clone()
+    }
+
+    /// The identity of a connection made by process `pid` (uid `uid`) of a workload.
+    pub fn attest(&self, workload: &Identity, pid: u32, uid: u32) -> Identity {
+        let mut facts = self.facts(pid);
+        facts.user = self.user(uid);
+        with_process(workload, uid, &facts)
+    }
+}
+
+/// `workload`'s identity refined by the facts of one of its processes.
+pub fn with_process(workload: &Identity, uid: u32, facts: &ProcessFacts) -> Identity {
+    let mut labels: Vec<(String, String)> = workload
+        .labels
+        .iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    label(&mut labels, "uid", uid.to_string());
+    if let Some(user) = &facts.user {
+        label(&mut labels, "user", user.clone());
+    }
+    if let Some(cgroup) = &facts.cgroup {
+        for (k, v) in container_facts(cgroup) {
+            label(&mut labels, k, v);
+        }
+        label(&mut labels, "cgroup", cgroup.clone());
+    }
+    if let Some(exe) = &facts.exe {
+        label(&mut labels, "exe", exe.clone());
+    }
+    if let Some(h) = &facts.exe_sha256 {
+        label(&mut labels, "exe-sha256", h.clone());
+    }
+    Identity {
+        spiffe: workload.spiffe.clone(),
+        labels: Labels::new(labels),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_facts_from_systemd_and_cgroupfs_paths() {
+        let id = "a".repeat(64);
+        let k8s = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234_ab_cd.slice/cri-containerd-{id}.scope"
+        );
+        let facts = container_facts(&k8s);
+        assert!(
+            facts.contains(&("pod-uid", "1234-ab-cd".into())),
+            "{facts:?}"
+        );
+        assert!(facts.contains(&("container-id", id.clone())));
+        assert!(facts.contains(&("container-runtime", "containerd".into())));
+        let docker = container_facts(&format!("/system.slice/docker-{id}.scope"));
+        assert!(docker.contains(&("container-runtime", "docker".into())));
+        let cgroupfs = container_facts(&format!("/kubepods/besteffort/pod5678/{id}"));
+        assert!(
+            cgroupfs.contains(&("pod-uid", "5678".into())),
+            "{cgroupfs:?}"
+        );
+        assert!(cgroupfs.contains(&("container-id", id.clone())));
+        assert!(container_facts("/tessera/host-a/web").is_empty());
+        // Not a container id: wrong length.
+        assert!(container_facts("/system.slice/docker-abc.scope").is_empty());
+    }
+
+    #[test]
+    fn declared_reserved_labels_are_dropped_and_derived_ones_win() {
+        let id = workload_identity(
+            "td",
+            "host-a",
+            "h",
+            "web",
+            Path::new("/nonexistent/web"),
+            [
+                ("app".to_string(), "web".to_string()),
+                ("tessera.io/uid".into(), "0".into()),
+            ],
+        );
+        assert_eq!(id.spiffe, "spiffe://td/enforcer/host-a/workload/web");
+        assert_eq!(id.labels.get("app"), Some("web"));
+        assert_eq!(id.labels.get("tessera.io/uid"), None);
+        assert_eq!(id.labels.get("tessera.io/workload"), Some("web"));
+        assert_eq!(id.labels.get("tessera.io/enforcer"), Some("host-a"));
+        let p = with_process(
+            &id,
+            1000,
+            &ProcessFacts {
+                cgroup: Some("/x/web/sub".into()),
+                user: Some("alice".into()),
+                exe: Some("/usr/bin/curl".into()),
+                exe_sha256: Some("00".repeat(32)),
+            },
+        );
+        assert_eq!(p.labels.get("tessera.io/uid"), Some("1000"));
+        assert_eq!(p.labels.get("tessera.io/user"), Some("alice"));
+        assert_eq!(p.labels.get("tessera.io/cgroup"), Some("/x/web/sub"));
+        assert_eq!(p.labels.get("tessera.io/exe"), Some("/usr/bin/curl"));
+        assert_eq!(p.spiffe, id.spiffe);
+        let long = with_process(
+            &id,
+            0,
+            &ProcessFacts {
+                exe: Some("/x".repeat(200)),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            long.labels.get("tessera.io/exe"),
+            None,
+            "too long: left out, not cut"
+        );
+    }
+
+    #[test]
+    fn this_process_is_attested_with_the_hash_of_its_executable() {
+        let a = ProcessAttestor::default();
+        let facts = a.facts(std::process::id());
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let want: String = Sha256::digest(&exe)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(facts.exe_sha256.as_deref(), Some(want.as_str()));
+        assert!(facts.cgroup.is_some_and(|c| c.starts_with('/')));
+        // Second time from the cache, same answer.
+        assert_eq!(a.facts(std::process::id()).exe_sha256, Some(want));
+        assert_eq!(a.user(0).as_deref(), Some("root"));
+    }
+}
