@@ -347,4 +347,35 @@ mod tests {
         assert_eq!(a.facts(std::process::id()).exe_sha256, Some(want));
         assert_eq!(a.user(0).as_deref(), Some("root"));
     }
+
+    #[test]
+    fn a_typical_process_identity_fits_a_512_byte_cold_token() {
+        use tessera_proxy::identity::signer::Signer;
+        let id = workload_identity(
+            "tessera.local",
+            "host-a",
+            "demo-host",
+            "web",
+            Path::new("/sys/fs/cgroup/tessera-demo/host-a/web"),
+            [("app".to_string(), "web".to_string())],
+        );
+        let p = with_process(
+            &id,
+            0,
+            &ProcessFacts {
+                cgroup: Some("/tessera-demo/host-a/web".into()),
+                user: Some("root".into()),
+                exe: Some("/usr/bin/curl".into()),
+                exe_sha256: Some("ab".repeat(32)),
+            },
+        );
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let signer = Signer::from_pkcs8(&key.serialize_der()).unwrap();
+        let dst = "10.77.0.2:8080".parse().unwrap();
+        let cold = signer.sign(&p, false, dst, [0; 16], 0, 10_000);
+        let warm = signer.sign(&p, true, dst, [0; 16], 0, 10_000);
+        assert!(cold.len() <= 512, "cold token of {} bytes", cold.len());
+        assert_eq!(warm.len(), 157);
+        eprintln!("cold {} bytes, warm {} bytes", cold.len(), warm.len());
+    }
 }

@@ -114,6 +114,8 @@ pub struct EnforcerOptions {
     pub policies: BTreeMap<String, PathBuf>,
     /// `[policy] dns_servers` for every enforcer.
     pub dns_servers: Vec<String>,
+    /// `[identity] tokens` (false only to measure what tokens cost).
+    pub tokens: bool,
 }
 
 impl Default for EnforcerOptions {
@@ -123,6 +125,7 @@ impl Default for EnforcerOptions {
             keep_attached: false,
             policies: BTreeMap::new(),
             dns_servers: Vec::new(),
+            tokens: true,
         }
     }
 }
@@ -346,11 +349,12 @@ impl TestNet {
         let opts = self.options.lock().unwrap().clone();
         let mut c = format!(
             "name = \"{name}\"\n\n[listen]\ntunnel = \"{addr}:{TUNNEL_PORT}\"\n\n[tls]\nca = \"ca/ca.pem\"\ncert = \"ca/{name}.pem\"\nkey = \"ca/{name}.key\"\n\n\
-             [bpf]\npin_dir = \"{pin}\"\n\n[tunnel]\npool_size = {pool}\n\n[flows]\nlog = \"{flows}\"\n",
+             [bpf]\npin_dir = \"{pin}\"\n\n[tunnel]\npool_size = {pool}\n\n[flows]\nlog = \"{flows}\"\n\n[identity]\ntokens = {tokens}\n",
             name = host.name,
             addr = host.addr,
             pin = self.pin_dir(host).display(),
             pool = opts.pool_size,
+            tokens = opts.tokens,
             flows = self.flow_log(host).display(),
         );
         if let Some(policy) = opts

@@ -8,6 +8,10 @@
 //! * `latency_us.{p50,p99}.{direct,tessera,ratio}`: 64-byte request/response on one connection.
 //! * `pool.{pooled_cps,unpooled_cps,speedup}`: connection rate through Tessera with the warm
 //!   tunnel pool and with pooling off (every connection pays a TLS handshake).
+//! * `tokens.{with_cps,without_cps,ratio,added_us_per_connection}`: connection rate through
+//!   Tessera with signed identity tokens (the default) and with unsigned identities, and the
+//!   wall time per connection the tokens add at saturation (signing and verifying at both
+//!   ends: request and answer).
 //! * `memory.{idle_rss_kib,loaded_rss_kib,per_connection_kib}.{host-a,host-b}` and
 //!   `memory.open_connections`: enforcer resident memory idle and holding that many
 //!   tunnelled connections.
@@ -227,6 +231,24 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
     net.start_enforcers()?;
     let cr_nopool = bench.connrate(true)?;
 
+    eprintln!("bench: connection rate with identity tokens off (unsigned identities)");
+    for h in [a, b] {
+        net.stop_enforcer(h, false)?;
+    }
+    {
+        let mut o = net.options.lock().unwrap();
+        o.pool_size = 16;
+        o.tokens = false;
+    }
+    net.start_enforcers()?;
+    let cr_notokens = bench.connrate(true)?;
+    // Wall time per connection at saturation (4 client threads on this machine's cores).
+    let token_cost_us = if cr_t > 0.0 && cr_notokens > 0.0 {
+        1e6 / cr_t - 1e6 / cr_notokens
+    } else {
+        0.0
+    };
+
     let result = json!({
         "schema": 1,
         "quick": quick,
@@ -238,6 +260,7 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
             "p99": {"direct": p99_d, "tessera": p99_t, "ratio": ratio(p99_t, p99_d)},
         },
         "pool": {"pooled_cps": cr_t, "unpooled_cps": cr_nopool, "speedup": ratio(cr_t, cr_nopool)},
+        "tokens": {"with_cps": cr_t, "without_cps": cr_notokens, "ratio": ratio(cr_t, cr_notokens), "added_us_per_connection": token_cost_us},
         "memory": {"idle_rss_kib": idle, "loaded_rss_kib": loaded, "per_connection_kib": per_conn, "open_connections": open_connections, "fd_hard_limit": fd_hard_limit},
     });
 
@@ -285,6 +308,13 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
         format!("{cr_t:.0}"),
         ratio(cr_t, cr_nopool),
         "(pool speed-up)",
+    );
+    row(
+        "connections / s, tokens off vs on",
+        format!("{cr_notokens:.0}"),
+        format!("{cr_t:.0}"),
+        ratio(cr_t, cr_notokens),
+        &format!("(tokens add {token_cost_us:.0} us per connection)"),
     );
     println!(
         "enforcer RSS idle (KiB)            host-a {} host-b {}\nenforcer RSS, {open_connections} open conns (KiB) host-a {} host-b {}  ({:.1} / {:.1} KiB per connection)",

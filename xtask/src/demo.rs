@@ -71,6 +71,17 @@ pub fn run(bin: &Path) -> Result<()> {
     net.serve_redis(c, Some("db"), 6379)?;
     net.serve_http(o, None, "0.0.0.0", 8000, &www)?;
 
+    // What policy matches on: declared labels plus what the enforcer derives itself.
+    let config = net.config_path(b);
+    let shown = net
+        .tessera(&["identity", "show", "--config", config.to_str().unwrap()])
+        .context("tessera identity show")?;
+    println!("Identity of api@host-b (`tessera identity show`), carried in signed tokens:\n");
+    for line in shown.lines() {
+        println!("    {line}");
+    }
+    println!();
+
     println!("Traffic:");
     let mut failures = 0;
     let mut check = |n: usize, what: &str, ok: bool, detail: String| {
