@@ -17,8 +17,18 @@ pub async fn connect_marked(
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     if let Some(bind) = bind {
-        // Many concurrent deliveries share one source address.
+        // Many deliveries share one source address. Leaving the port to connect() (not
+        // bind()) lets the kernel pick it per 4-tuple and reuse TIME_WAIT ports; a port
+        // chosen at bind time is exclusive, and the range runs out at a few hundred
+        // connections a second.
         socket.set_reuse_address(true)?;
+        if bind.is_ipv4() {
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )?;
+        }
         socket.bind(&bind.into())?;
     }
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));

@@ -144,11 +144,11 @@ impl Tokens {
         let mut last = None;
         for ca in &self.ca {
             match certified_key(cert.as_ref(), ca) {
-                Ok(key) => {
+                Ok((key, until)) => {
                     return Ok(TunnelSession {
                         peer,
                         binding,
-                        peer_key: self.verifier.trust(&key),
+                        peer_key: self.verifier.trust_until(&key, until),
                         sent_cold: HashSet::new(),
                     });
                 }

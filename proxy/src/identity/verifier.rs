@@ -36,7 +36,8 @@ struct SeenNonces {
 }
 
 pub struct Verifier {
-    keys: RwLock<HashMap<KeyId, Vec<u8>>>,
+    /// Trusted keys and until when (their certificate's end of validity, ms).
+    keys: RwLock<HashMap<KeyId, ([u8; 32], u64)>>,
     /// Verified identities by (issuer, digest): a warm token only names an identity that the
     /// same issuer vouched for in full before.
     identities: RwLock<HashMap<(KeyId, Digest), Identity>>,
@@ -45,9 +46,9 @@ pub struct Verifier {
     max_lifetime_ms: u32,
 }
 
-/// The Ed25519 public key of `cert_der`, if the CA certificate `ca_der` signed it and it is
-/// valid now.
-pub fn certified_key(cert_der: &[u8], ca_der: &[u8]) -> Result<Vec<u8>, TokenError> {
+/// The Ed25519 public key of `cert_der` and the end of its validity (Unix ms), if the CA
+/// certificate `ca_der` signed it and it is valid now.
+pub fn certified_key(cert_der: &[u8], ca_der: &[u8]) -> Result<([u8; 32], u64), TokenError> {
     use x509_parser::prelude::*;
     let bad = |e: String| TokenError::Uncertified(e);
     let (_, ca) =
@@ -62,7 +63,15 @@ pub fn certified_key(cert_der: &[u8], ca_der: &[u8]) -> Result<Vec<u8>, TokenErr
     if cert.public_key().algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
         return Err(bad("not an Ed25519 key".into()));
     }
-    Ok(cert.public_key().subject_public_key.data.to_vec())
+    let key = cert
+        .public_key()
+        .subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| bad("Ed25519 key is not 32 bytes".into()))?;
+    let not_after = cert.validity().not_after.timestamp().max(0) as u64 * 1000;
+    Ok((key, not_after))
 }
 
 impl Verifier {
@@ -76,19 +85,46 @@ impl Verifier {
         }
     }
 
-    /// Trusts a public key the cluster CA certified (see [`certified_key`]). Keys of a
-    /// rotated certificate are added beside the old one, so live peers keep working.
-    pub fn trust(&self, public_key: &[u8]) -> KeyId {
+    /// Trusts a public key the cluster CA certified (see [`certified_key`]) until
+    /// `until_ms`, the end of its certificate's validity. Keys of a rotated certificate are
+    /// added beside the old one, so live peers keep working.
+    pub fn trust_until(&self, public_key: &[u8; 32], until_ms: u64) -> KeyId {
         let id = key_id(public_key);
         self.keys
             .write()
             .expect("lock")
-            .insert(id, public_key.to_vec());
+            .insert(id, (*public_key, until_ms));
         id
     }
 
+    /// Trusts a key without an end (this enforcer's own key; tests).
+    pub fn trust(&self, public_key: &[u8]) -> KeyId {
+        let key: [u8; 32] = public_key.try_into().expect("an Ed25519 public key");
+        self.trust_until(&key, u64::MAX)
+    }
+
+    /// Stops trusting a key, and forgets the identities it vouched for.
     pub fn forget(&self, id: &KeyId) {
         self.keys.write().expect("lock").remove(id);
+        self.identities
+            .write()
+            .expect("lock")
+            .retain(|(issuer, _), _| issuer != id);
+    }
+
+    /// Forgets keys whose certificate expired, and the identities they vouched for.
+    fn prune_keys(&self, now_ms: u64) {
+        let expired: Vec<KeyId> = self
+            .keys
+            .read()
+            .expect("lock")
+            .iter()
+            .filter(|(_, (_, until))| until.saturating_add(self.skew_ms) < now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.forget(&id);
+        }
     }
 
     /// Verifies `token`, which must be meant for `dst` on the TLS session `binding`.
@@ -100,13 +136,17 @@ impl Verifier {
         binding: &Binding,
     ) -> Result<Verified, TokenError> {
         let (claims, signed, signature) = decode(token)?;
-        let key = self
+        let (key, until) = *self
             .keys
             .read()
             .expect("lock")
             .get(&claims.issuer)
-            .cloned()
             .ok_or(TokenError::UnknownIssuer)?;
+        if until.saturating_add(self.skew_ms) < now_ms {
+            return Err(TokenError::Uncertified(
+                "the issuer's certificate expired".into(),
+            ));
+        }
         UnparsedPublicKey::new(&ED25519, &key)
             .verify(signed, signature)
             .map_err(|_| TokenError::BadSignature)?;
@@ -133,6 +173,7 @@ impl Verifier {
             if now_ms >= seen.next_prune_ms {
                 seen.nonces.retain(|_, until| *until >= now_ms);
                 seen.next_prune_ms = now_ms + 1_000;
+                self.prune_keys(now_ms);
             }
             let seen = &mut seen.nonces;
             if seen
@@ -229,7 +270,7 @@ mod tests {
         let (ca_key, ca_der) = ca();
         let e = enforcer(&ca_key, &ca_der);
         let v = Verifier::new(SKEW, 60_000);
-        v.trust(&certified_key(&e.cert, &ca_der).unwrap());
+        v.trust(&certified_key(&e.cert, &ca_der).unwrap().0);
         (e, v)
     }
 
@@ -282,7 +323,7 @@ mod tests {
         let (ca_key, ca_der) = ca();
         let trusted = enforcer(&ca_key, &ca_der);
         let v = Verifier::new(SKEW, 60_000);
-        v.trust(&certified_key(&trusted.cert, &ca_der).unwrap());
+        v.trust(&certified_key(&trusted.cert, &ca_der).unwrap().0);
         // Another CA's enforcer: its certificate does not chain to our CA ...
         let (rogue_ca_key, rogue_ca_der) = ca();
         let rogue = enforcer(&rogue_ca_key, &rogue_ca_der);
@@ -403,11 +444,31 @@ mod tests {
         let (ca_key, ca_der) = ca();
         let (old, new) = (enforcer(&ca_key, &ca_der), enforcer(&ca_key, &ca_der));
         let v = Verifier::new(SKEW, 60_000);
-        let old_id = v.trust(&certified_key(&old.cert, &ca_der).unwrap());
-        v.trust(&certified_key(&new.cert, &ca_der).unwrap());
+        let old_id = v.trust(&certified_key(&old.cert, &ca_der).unwrap().0);
+        v.trust(&certified_key(&new.cert, &ca_der).unwrap().0);
         verify(&v, &cold(&old)).unwrap();
         verify(&v, &cold(&new)).unwrap();
         v.forget(&old_id);
         assert_eq!(verify(&v, &cold(&old)), Err(TokenError::UnknownIssuer));
+    }
+
+    #[test]
+    fn a_key_is_trusted_only_until_its_certificate_expires() {
+        let (ca_key, ca_der) = ca();
+        let e = enforcer(&ca_key, &ca_der);
+        let (key, not_after) = certified_key(&e.cert, &ca_der).unwrap();
+        assert!(not_after > NOW, "rcgen's default validity runs past NOW");
+        let v = Verifier::new(SKEW, 60_000);
+        // The certificate ends just after NOW: the cold token verifies, a later one does not.
+        v.trust_until(&key, NOW + 1);
+        verify(&v, &cold(&e)).unwrap();
+        let later = NOW + 1 + SKEW + 1;
+        let t = e
+            .signer
+            .sign(&web(), true, DST.parse().unwrap(), SESSION, later, LIFETIME);
+        let err = v
+            .verify(&t, later, DST.parse().unwrap(), &SESSION)
+            .unwrap_err();
+        assert_eq!(err.reason(), "untrusted-issuer", "{err}");
     }
 }
