@@ -1,48 +1,11 @@
-//! `tessera flows`: reads flow logs (JSON lines) of one or more enforcers and prints the
-//! connectivity summary: one row per (source, destination, port, verdict).
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
-    path::Path,
-};
+//! `tessera flows --log` and `tessera map`: flow logs (JSON lines) of one or more enforcers
+//! and the connectivity table printed from a map.
+use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
-use tessera_proxy::flow::{Endpoint, FlowRecord, Verdict};
+use tessera_proxy::flow::FlowRecord;
 
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
-pub struct Edge {
-    pub src: String,
-    pub dst: String,
-    pub port: u16,
-    pub verdict: String,
-    /// Connections (the larger of the counts its reporters give: both ends record one).
-    pub connections: u64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub reporters: BTreeSet<String>,
-    /// The policy rules that decided, at either end.
-    pub rules: BTreeSet<String>,
-    /// A refusal reason, when there was one.
-    pub reason: String,
-}
-
-#[derive(Clone, Copy)]
-enum Role {
-    Source,
-    Destination,
-}
-
-fn label(e: &Endpoint, role: Role) -> String {
-    match (&e.workload, &e.enforcer, role) {
-        (Some(w), Some(enf), _) => format!("{w}@{enf}"),
-        (Some(w), None, _) => w.clone(),
-        // No workload behind it: a peer nobody vouched for, or a destination without an enforcer.
-        (None, _, Role::Source) => format!("{} (unauthenticated)", e.addr.ip()),
-        (None, Some(enf), Role::Destination) => format!("{} (via {enf})", e.addr.ip()),
-        (None, None, Role::Destination) => format!("{} (external)", e.addr.ip()),
-    }
-}
+use crate::map::Map;
 
 pub fn read(paths: &[impl AsRef<Path>]) -> Result<Vec<FlowRecord>> {
     let mut out = Vec::new();
@@ -64,52 +27,7 @@ pub fn read(paths: &[impl AsRef<Path>]) -> Result<Vec<FlowRecord>> {
     Ok(out)
 }
 
-pub fn edges(records: &[FlowRecord]) -> Vec<Edge> {
-    // (src, dst, port, verdict) -> reporter -> (count, sent, received)
-    type Counts = BTreeMap<String, (u64, u64, u64)>;
-    let mut by_edge: BTreeMap<(String, String, u16, String), (Counts, BTreeSet<String>, String)> =
-        BTreeMap::new();
-    for r in records {
-        let verdict = match r.verdict {
-            Verdict::Allowed => "allowed",
-            Verdict::Denied => "denied",
-            Verdict::ObservedDeny => "observed-would-deny",
-            Verdict::Error => "error",
-        };
-        let key = (
-            label(&r.src, Role::Source),
-            label(&r.dst, Role::Destination),
-            r.dst.addr.port(),
-            verdict.to_owned(),
-        );
-        let (reporters, rules, reason) = by_edge.entry(key).or_default();
-        rules.extend(r.rule.clone());
-        let c = reporters.entry(r.reporter.clone()).or_default();
-        *c = (c.0 + 1, c.1 + r.bytes_sent, c.2 + r.bytes_received);
-        if reason.is_empty() && !r.reason.is_empty() {
-            *reason = r.reason.clone();
-        }
-    }
-    by_edge
-        .into_iter()
-        .map(
-            |((src, dst, port, verdict), (reporters, rules, reason))| Edge {
-                src,
-                dst,
-                port,
-                verdict,
-                connections: reporters.values().map(|c| c.0).max().unwrap_or(0),
-                bytes_sent: reporters.values().map(|c| c.1).max().unwrap_or(0),
-                bytes_received: reporters.values().map(|c| c.2).max().unwrap_or(0),
-                reporters: reporters.into_keys().collect(),
-                rules,
-                reason,
-            },
-        )
-        .collect()
-}
-
-pub fn table(edges: &[Edge]) -> String {
+pub fn table(map: &Map) -> String {
     let headers = [
         "SOURCE",
         "DESTINATION",
@@ -122,20 +40,21 @@ pub fn table(edges: &[Edge]) -> String {
         "RULE",
         "REASON",
     ];
-    let rows: Vec<[String; 10]> = edges
+    let rows: Vec<[String; 10]> = map
+        .edges
         .iter()
         .map(|e| {
             [
-                e.src.clone(),
-                e.dst.clone(),
-                e.port.to_string(),
-                e.verdict.clone(),
-                e.connections.to_string(),
-                e.bytes_sent.to_string(),
-                e.bytes_received.to_string(),
+                e.key.src.clone(),
+                e.key.dst.clone(),
+                e.key.port.to_string(),
+                e.key.verdict.clone(),
+                e.stats.connections.to_string(),
+                e.stats.bytes_sent.to_string(),
+                e.stats.bytes_received.to_string(),
                 e.reporters.iter().cloned().collect::<Vec<_>>().join(","),
-                e.rules.iter().cloned().collect::<Vec<_>>().join(","),
-                e.reason.clone(),
+                e.stats.rules.iter().cloned().collect::<Vec<_>>().join(","),
+                e.stats.reason.clone(),
             ]
         })
         .collect();
@@ -168,7 +87,7 @@ pub fn table(edges: &[Edge]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_proxy::flow::Direction;
+    use tessera_proxy::flow::{Direction, Endpoint, Verdict};
 
     fn rec(
         reporter: &str,
@@ -189,6 +108,7 @@ mod tests {
                 pid: None,
                 uid: None,
                 spiffe: None,
+                labels: Default::default(),
             },
             dst: Endpoint {
                 addr: "10.77.0.2:8080".parse().unwrap(),
@@ -197,8 +117,10 @@ mod tests {
                 pid: None,
                 uid: None,
                 spiffe: None,
+                labels: Default::default(),
             },
             verdict,
+            code: String::new(),
             rule: None,
             reason: if verdict == Verdict::Denied {
                 "unauthenticated".into()
@@ -244,26 +166,29 @@ mod tests {
             ),
             rec("host-b", Direction::Direct, Verdict::Denied, None, 0),
         ];
-        let e = edges(&records);
+        let m = crate::map::from_records(&records);
+        let e = &m.edges;
         assert_eq!(e.len(), 2);
-        let allowed = e.iter().find(|e| e.verdict == "allowed").unwrap();
+        let allowed = e.iter().find(|e| e.key.verdict == "allowed").unwrap();
         assert_eq!(
-            (allowed.src.as_str(), allowed.dst.as_str()),
+            (allowed.key.src.as_str(), allowed.key.dst.as_str()),
             ("web@host-a", "api@host-b")
         );
         assert_eq!(
             (
-                allowed.connections,
-                allowed.bytes_sent,
-                allowed.bytes_received
+                allowed.stats.connections,
+                allowed.stats.bytes_sent,
+                allowed.stats.bytes_received
             ),
             (2, 15, 30)
         );
         assert_eq!(allowed.reporters.len(), 2);
-        let denied = e.iter().find(|e| e.verdict == "denied").unwrap();
-        assert_eq!(denied.src, "10.77.0.1 (unauthenticated)");
-        assert_eq!(denied.reason, "unauthenticated");
-        let t = table(&e);
+        let denied = e.iter().find(|e| e.key.verdict == "denied").unwrap();
+        assert_eq!(denied.key.src, "10.77.0.1 (unauthenticated)");
+        assert_eq!(denied.stats.reason, "unauthenticated");
+        assert!(m.nodes.iter().any(|n| n.name == "web@host-a"));
+        assert!(crate::map::dot(&m).contains("\"web@host-a\" -> \"api@host-b\""));
+        let t = table(&m);
         assert!(t.starts_with("SOURCE"));
         assert!(t.contains("web@host-a") && t.contains("unauthenticated"));
     }

@@ -11,6 +11,7 @@ mod config;
 mod daemon;
 mod flowlog;
 mod identity_show;
+mod map;
 mod policy;
 mod workloads;
 
@@ -291,7 +292,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Flows { logs, json } => {
-            let edges = flowlog::edges(&flowlog::read(&logs)?);
+            let edges = map::from_records(&flowlog::read(&logs)?);
             if json {
                 println!("{}", serde_json::to_string_pretty(&edges)?);
             } else {

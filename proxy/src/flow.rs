@@ -2,7 +2,7 @@
 //!
 //! Records go through a channel to a writer task that appends them as JSON lines to the
 //! configured flow log, so the connection path never waits on the disk.
-use std::{net::SocketAddr, path::PathBuf, time::SystemTime};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::{io::AsyncWriteExt, sync::mpsc};
@@ -45,6 +45,17 @@ pub struct Endpoint {
     /// The SPIFFE name of the identity a verified token proved for this end.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub spiffe: Option<String>,
+    /// Its identity labels (declared and derived), as policy saw them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Labels as flow records carry them.
+pub fn label_map(labels: &tessera_policy::Labels) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 impl Endpoint {
@@ -56,6 +67,7 @@ impl Endpoint {
             pid: None,
             uid: None,
             spiffe: None,
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -74,6 +86,13 @@ pub struct FlowRecord {
     /// Why it was refused or failed; empty when allowed and clean.
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub reason: String,
+    /// Why it was refused, as a short stable code for metrics and filters: `policy`,
+    /// `policy-reload`, a token refusal (`no-token`, `bad-signature`, `expired`, `replay`,
+    /// `wrong-session`, ...), `unauthenticated` (a direct connection), `not-served`,
+    /// `peer-unreachable`, `workload-unreachable`, `bad-header`, `tls-handshake`,
+    /// `no-capture`, `broken`. Empty when allowed and clean.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub code: String,
     /// The policy rule that decided at this end (none: default deny, or no policy step).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub rule: Option<String>,
@@ -83,6 +102,18 @@ pub struct FlowRecord {
     /// Whether the tunnel came warm from the pool (outbound only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub pooled: Option<bool>,
+}
+
+impl FlowRecord {
+    /// The code for a record whose refusal site did not set one.
+    pub fn default_code(&self) -> &'static str {
+        match self.verdict {
+            Verdict::Allowed if self.reason.is_empty() => "",
+            Verdict::Allowed | Verdict::Error => "broken",
+            Verdict::Denied if self.reason.contains("policy reload") => "policy-reload",
+            Verdict::Denied | Verdict::ObservedDeny => "policy",
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {

@@ -23,7 +23,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use crate::{
     authz::{Authorizer, Party, Side},
     copy::{Buffers, Ended, is_disconnect, send_reset, splice, splice_plain},
-    flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, now_ms},
+    flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, label_map, now_ms},
     identity::session::{Tokens, TunnelSession, session_binding},
     local::{LocalAddrs, LocalServices},
     socket::{connect_marked, reset_on_close},
@@ -76,6 +76,7 @@ impl Inbound {
             dst,
             verdict: Verdict::Error,
             reason: String::new(),
+            code: String::new(),
             rule: None,
             bytes_sent: 0,
             bytes_received: 0,
@@ -135,6 +136,7 @@ impl Inbound {
                         rec.src.enforcer = Some(peer);
                         rec.verdict = Verdict::Denied;
                         rec.reason = format!("bad tunnel header: {e}");
+                        rec.code = "bad-header".into();
                         let _ = Response::new(Status::BadRequest, rec.reason.clone())
                             .write(&mut tls)
                             .await;
@@ -173,6 +175,7 @@ impl Inbound {
                 pid: Some(request.source.pid),
                 uid: Some(request.source.uid),
                 spiffe: None,
+                labels: Default::default(),
             },
             Endpoint::addr(request.dst),
         );
@@ -187,6 +190,7 @@ impl Inbound {
             Err(refusal) => {
                 rec.verdict = Verdict::Denied;
                 rec.reason = format!("source {refusal} ({})", refusal.reason());
+                rec.code = refusal.reason().into();
                 tracing::info!(peer, reason = refusal.reason(), error = %refusal, "refused a tunnel request");
                 let sent = Response::new(
                     Status::Unauthenticated,
@@ -200,6 +204,7 @@ impl Inbound {
             }
         };
         rec.src.spiffe = Some(src_identity.spiffe.clone());
+        rec.src.labels = label_map(&src_identity.labels);
         let local = self.addrs.contains(request.dst.ip());
         let Some(workload) = local
             .then(|| self.services.workload(request.dst.port()))
@@ -207,6 +212,7 @@ impl Inbound {
             .cloned()
         else {
             rec.verdict = Verdict::Denied;
+            rec.code = "not-served".into();
             rec.reason = if local {
                 format!(
                     "no workload of {} serves port {}",
@@ -226,6 +232,7 @@ impl Inbound {
         rec.dst.workload = Some(workload.name.clone());
         let port = request.dst.port();
         rec.dst.spiffe = Some(workload.identity.spiffe.clone());
+        rec.dst.labels = label_map(&workload.identity.labels);
         let src = Party::workload(src_identity.labels, Some(remote.ip()));
         let dst = Party::workload(workload.identity.labels.clone(), Some(request.dst.ip()));
         // Our answer proves who accepted (or refused): signed for the destination workload.
@@ -250,6 +257,7 @@ impl Inbound {
         if !outcome.allowed {
             rec.verdict = Verdict::Denied;
             rec.reason = format!("ingress {}", outcome.reason);
+            rec.code = "policy".into();
             let answer = Response::new(
                 Status::Denied,
                 format!("{}: ingress {}", self.name, outcome.reason),
@@ -263,6 +271,7 @@ impl Inbound {
             Ok(s) => s,
             Err(e) => {
                 rec.reason = format!("workload unreachable: {e}");
+                rec.code = "workload-unreachable".into();
                 let sent = Response::new(Status::Unreachable, rec.reason.clone())
                     .write(tls)
                     .await
@@ -278,6 +287,7 @@ impl Inbound {
         {
             reset_on_close(&delivered);
             rec.reason = format!("tunnel broke before delivery: {e}");
+            rec.code = "broken".into();
             self.finish(rec, start);
             return false;
         }
@@ -334,6 +344,7 @@ impl Inbound {
                     tracing::debug!(error = %e, "tunnel failed during a connection");
                 }
                 rec.reason = format!("tunnel from {peer} broke: {e}");
+                rec.code = "broken".into();
                 false
             }
         };
@@ -358,6 +369,7 @@ impl Inbound {
         );
         rec.verdict = Verdict::Denied;
         rec.reason = format!("TLS handshake failed: {reason}");
+        rec.code = "tls-handshake".into();
         self.finish(rec, start);
     }
 
@@ -397,6 +409,7 @@ impl Inbound {
                 self.name,
                 dst_addr.port()
             );
+            rec.code = "not-served".into();
             return self.finish(rec, start);
         };
         rec.dst.workload = Some(workload.name.clone());
@@ -413,6 +426,7 @@ impl Inbound {
                 "unauthenticated: the connection did not come through a Tessera tunnel; {}",
                 outcome.reason
             );
+            rec.code = "unauthenticated".into();
             return self.finish(rec, start);
         }
         let mut delivered = match self.deliver(dst_addr).await {
@@ -420,6 +434,7 @@ impl Inbound {
             Err(e) => {
                 reset_on_close(&stream);
                 rec.reason = format!("workload unreachable: {e}");
+                rec.code = "workload-unreachable".into();
                 return self.finish(rec, start);
             }
         };
@@ -435,7 +450,10 @@ impl Inbound {
         tokio::select! {
             r = splice_plain(&mut stream, &mut delivered) => match r {
                 Ok(t) => (rec.bytes_sent, rec.bytes_received) = (t.from_app, t.to_app),
-                Err(e) => rec.reason = format!("connection broken: {e}"),
+                Err(e) => {
+                    rec.reason = format!("connection broken: {e}");
+                    rec.code = "broken".into();
+                }
             },
             reason = guard.revoked() => {
                 reset_on_close(&stream);
@@ -449,6 +467,9 @@ impl Inbound {
 
     fn finish(&self, mut record: FlowRecord, start: Instant) {
         record.duration_ms = start.elapsed().as_millis() as u64;
+        if record.code.is_empty() {
+            record.code = record.default_code().into();
+        }
         self.flows.record(record);
     }
 }

@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     authz::{Authorizer, Party, Side},
     copy::{Ended, is_disconnect, send_reset, splice, splice_plain},
-    flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, now_ms},
+    flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, label_map, now_ms},
     identity::{
         Identity,
         session::{Refusal, Tokens},
@@ -94,6 +94,7 @@ impl Outbound {
             dst: Endpoint::addr(client),
             verdict: Verdict::Error,
             reason: String::new(),
+            code: String::new(),
             rule: None,
             bytes_sent: 0,
             bytes_received: 0,
@@ -102,6 +103,7 @@ impl Outbound {
         let Some(captured) = self.lookup.take(client) else {
             reset_on_close(&app);
             record.reason = "no capture record for this connection".into();
+            record.code = "no-capture".into();
             return self.finish(record, start);
         };
         record.src.workload = Some(captured.source.workload.clone()).filter(|w| !w.is_empty());
@@ -109,6 +111,7 @@ impl Outbound {
         record.src.uid = Some(captured.source.uid);
         record.src.enforcer = Some(self.name.clone());
         record.src.spiffe = Some(captured.identity.spiffe.clone());
+        record.src.labels = label_map(&captured.identity.labels);
         record.dst = Endpoint::addr(captured.dst);
         let src = Party::workload(captured.identity.labels.clone(), None);
 
@@ -151,6 +154,7 @@ impl Outbound {
                 Err(e) => {
                     reset_on_close(app);
                     record.reason = format!("external destination unreachable: {e}");
+                    record.code = "peer-unreachable".into();
                     return self.finish(record, start);
                 }
             };
@@ -170,7 +174,10 @@ impl Outbound {
         tokio::select! {
             r = splice_plain(app, &mut remote) => match r {
                 Ok(t) => (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app),
-                Err(e) => record.reason = format!("connection broken: {e}"),
+                Err(e) => {
+                    record.reason = format!("connection broken: {e}");
+                    record.code = "broken".into();
+                }
             },
             reason = guard.revoked() => {
                 reset_on_close(app);
@@ -210,6 +217,7 @@ impl Outbound {
         if let Some(Ok(id)) = &dst_identity {
             record.dst.workload = id.labels.get("tessera.io/workload").map(str::to_owned);
             record.dst.spiffe = Some(id.spiffe.clone());
+            record.dst.labels = label_map(&id.labels);
         }
         if answer.status != Status::Connected {
             reset_on_close(&app);
@@ -224,6 +232,19 @@ impl Outbound {
                 _ => Verdict::Error,
             };
             record.reason = format!("{} refused: {}", peer.name, answer.reason);
+            record.code = match answer.status {
+                Status::Denied => "policy".into(),
+                Status::NotServed => "not-served".into(),
+                Status::Unreachable => "workload-unreachable".into(),
+                Status::BadRequest => "bad-header".into(),
+                // "...: <what> (<code>)": the peer's short reason.
+                _ => answer
+                    .reason
+                    .rsplit_once('(')
+                    .and_then(|(_, c)| c.strip_suffix(')'))
+                    .unwrap_or("unauthenticated")
+                    .into(),
+            };
             return self.finish(record, start);
         }
         let dst_identity = match dst_identity {
@@ -242,6 +263,7 @@ impl Outbound {
                     refusal.reason(),
                     peer.name
                 );
+                record.code = refusal.reason().into();
                 return self.finish(record, start);
             }
         };
@@ -254,6 +276,7 @@ impl Outbound {
             reset_on_close(&app);
             record.verdict = Verdict::Denied;
             record.reason = format!("egress {}", outcome.reason);
+            record.code = "policy".into();
             return self.finish(record, start);
         }
         record.verdict = if outcome.observed_deny {
@@ -311,6 +334,7 @@ impl Outbound {
                 }
                 if record.verdict != Verdict::Denied {
                     record.reason = format!("tunnel to {} broke: {e}", peer.name);
+                    record.code = "broken".into();
                 }
             }
         }
@@ -373,6 +397,9 @@ impl Outbound {
 
     fn finish(&self, mut record: FlowRecord, start: Instant) {
         record.duration_ms = start.elapsed().as_millis() as u64;
+        if record.code.is_empty() {
+            record.code = record.default_code().into();
+        }
         self.flows.record(record);
     }
 }
