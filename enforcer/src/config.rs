@@ -189,11 +189,35 @@ impl Default for Tunnel {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Flows {
     /// Append flow records as JSON lines to this file.
     pub log: Option<PathBuf>,
+    /// The local HTTP API (flows, live follow, map, /metrics); "" turns it off.
+    pub api: String,
+    /// The embedded database holding the aggregated map across restarts (default
+    /// `/var/lib/tessera/<name>/map.redb`).
+    pub map_db: Option<PathBuf>,
+    /// Recent flow records kept in memory for the API.
+    pub recent: usize,
+}
+
+impl Default for Flows {
+    fn default() -> Self {
+        Self {
+            log: None,
+            api: "127.0.0.1:15090".into(),
+            map_db: None,
+            recent: 10_000,
+        }
+    }
+}
+
+impl Flows {
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        (!self.api.is_empty()).then(|| self.api.parse().expect("validated"))
+    }
 }
 
 /// `statfs` magic of cgroup v2.
@@ -237,9 +261,20 @@ impl Config {
         if let Some(log) = self.flows.log.as_mut().filter(|l| l.is_relative()) {
             *log = base.join(&*log);
         }
+        if let Some(db) = self.flows.map_db.as_mut().filter(|d| d.is_relative()) {
+            *db = base.join(&*db);
+        }
         if let Some(file) = self.policy.file.as_mut().filter(|f| f.is_relative()) {
             *file = base.join(&*file);
         }
+    }
+
+    pub fn map_db(&self) -> PathBuf {
+        self.flows.map_db.clone().unwrap_or_else(|| {
+            PathBuf::from("/var/lib/tessera")
+                .join(&self.name)
+                .join("map.redb")
+        })
     }
 
     pub fn pin_dir(&self) -> PathBuf {
@@ -282,6 +317,15 @@ impl Config {
                 .map_err(|e| format!("policy.file: cannot read {}: {e}", file.display()))?;
             tessera_policy::parse::parse(&file.display().to_string(), &text)
                 .map_err(|e| format!("policy.file: invalid policy:\n{e}"))?;
+        }
+        if !self.flows.api.is_empty() && self.flows.api.parse::<SocketAddr>().is_err() {
+            return Err(format!(
+                "flows.api: {:?} is not an address:port (\"\" turns the API off)",
+                self.flows.api
+            ));
+        }
+        if self.flows.recent == 0 {
+            return Err("flows.recent: must be at least 1".into());
         }
         let id = &self.identity;
         if id.trust_domain.is_empty()

@@ -130,7 +130,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     });
     let tokens = Arc::new(tokens(&config, &identity)?);
 
-    let flows = FlowLog::start(config.flows.log.clone())
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let store = crate::flowstore::FlowStore::open(
+        config.name.clone(),
+        Some(&config.map_db()),
+        config.flows.recent,
+        metrics.clone(),
+    )?;
+    let flows = FlowLog::start(config.flows.log.clone(), Some(store.clone()))
         .with_context(|| format!("flows.log: cannot open {:?}", config.flows.log))?;
     let peers = PeerTable::new(config.peers.iter().flat_map(|p| {
         let peer = Peer {
@@ -198,10 +205,20 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             tracing::warn!(error = %e, "no DNS resolver: policy dns: names will match nothing")
         }
     }
+    if let Some(addr) = config.flows.api_addr() {
+        // Bind now: a taken port stops start-up with the field named.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("flows.api: cannot listen on {addr}"))?;
+        let router = crate::api::router(store.clone());
+        tasks.spawn(async move { axum::serve(listener, router).await });
+    }
+    tasks.spawn(store.clone().keep_flushed(Duration::from_secs(1)).map(Ok));
     if let Some(file) = config.policy.file.clone() {
         let authz = authz.clone();
+        let metrics = metrics.clone();
         tasks.spawn(async move {
-            policy::watch(file, authz)
+            policy::watch(file, authz, metrics)
                 .await
                 .map_err(std::io::Error::other)
         });
@@ -233,6 +250,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         },
     };
     tasks.abort_all();
+    if let Err(e) = store.flush() {
+        tracing::warn!(error = format!("{e:#}"), "cannot persist the flow map");
+    }
     capture.shutdown(opts.keep_attached);
     result
 }

@@ -4,14 +4,18 @@ use std::{net::IpAddr, path::PathBuf};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod api;
 mod attest;
 mod ca;
 mod capture;
+mod client;
 mod config;
 mod daemon;
 mod flowlog;
+mod flowstore;
 mod identity_show;
 mod map;
+mod metrics;
 mod policy;
 mod workloads;
 
@@ -60,13 +64,37 @@ enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
-    /// Summarise flow logs of one or more enforcers as a connectivity table.
+    /// Flow records: from enforcers' APIs (default 127.0.0.1:15090) or flow log files.
     Flows {
-        /// Flow log files (JSON lines), as written by `[flows] log`.
-        #[arg(long = "log", required = true)]
+        /// Enforcer API addresses (`[flows] api`); several merge.
+        #[arg(long = "api")]
+        apis: Vec<std::net::SocketAddr>,
+        /// Flow log files (JSON lines, `[flows] log`) instead of an API.
+        #[arg(long = "log")]
         logs: Vec<PathBuf>,
+        /// Keep printing new records as they happen (one API).
+        #[arg(long)]
+        follow: bool,
         #[arg(long)]
         json: bool,
+        /// allowed | denied | observed-would-deny | error
+        #[arg(long)]
+        verdict: Option<String>,
+        /// A workload name at either end.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Only records since this time (Unix ms).
+        #[arg(long)]
+        since: Option<u64>,
+    },
+    /// The connectivity map of one or more enforcers, merged into one.
+    Map {
+        #[arg(long = "api")]
+        apis: Vec<std::net::SocketAddr>,
+        #[arg(long = "log")]
+        logs: Vec<PathBuf>,
+        #[arg(long, default_value = "table", value_parser = ["table", "json", "dot"])]
+        format: String,
     },
 }
 
@@ -291,12 +319,28 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Flows { logs, json } => {
-            let edges = map::from_records(&flowlog::read(&logs)?);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&edges)?);
-            } else {
-                print!("{}", flowlog::table(&edges));
+        Command::Flows {
+            apis,
+            logs,
+            follow,
+            json,
+            verdict,
+            workload,
+            since,
+        } => {
+            let filter = flowstore::FlowFilter {
+                workload,
+                verdict,
+                since,
+            };
+            client::flows(client::Sources::new(apis, logs), filter, follow, json)
+        }
+        Command::Map { apis, logs, format } => {
+            let map = client::map(client::Sources::new(apis, logs))?;
+            match format.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&map)?),
+                "dot" => print!("{}", map::dot(&map)),
+                _ => print!("{}", flowlog::table(&map)),
             }
             Ok(())
         }

@@ -58,7 +58,11 @@ fn modified(path: &Path) -> Option<(SystemTime, u64)> {
 
 /// Reloads `path` into `authz` whenever its modification time or size changes (checked
 /// twice a second: editors that replace the file are seen too) and on SIGHUP.
-pub async fn watch(path: PathBuf, authz: Arc<Authorizer>) -> Result<()> {
+pub async fn watch(
+    path: PathBuf,
+    authz: Arc<Authorizer>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut seen = modified(&path);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -76,14 +80,18 @@ pub async fn watch(path: PathBuf, authz: Arc<Authorizer>) -> Result<()> {
             Ok(policy) => {
                 let rules = policy.rule_count();
                 let closed = authz.replace(policy);
+                metrics.policy_reload(true);
                 tracing::info!(file = %path.display(), trigger = why, rules, closed_connections = closed, "policy reloaded");
             }
-            Err(e) => tracing::error!(
-                file = %path.display(),
-                trigger = why,
-                error = format!("{e:#}"),
-                "policy not reloaded: the previous policy stays in force"
-            ),
+            Err(e) => {
+                metrics.policy_reload(false);
+                tracing::error!(
+                    file = %path.display(),
+                    trigger = why,
+                    error = format!("{e:#}"),
+                    "policy not reloaded: the previous policy stays in force"
+                )
+            }
         }
     }
 }

@@ -123,6 +123,11 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Receives every flow record, off the connection path (in the writer task).
+pub trait FlowSink: Send + Sync + 'static {
+    fn record(&self, rec: &FlowRecord);
+}
+
 /// Where flow records go. Cloning is cheap; dropping every clone ends the writer.
 #[derive(Clone)]
 pub struct FlowLog {
@@ -130,8 +135,12 @@ pub struct FlowLog {
 }
 
 impl FlowLog {
-    /// Starts the writer task; `path` of `None` keeps records in logs only.
-    pub fn start(path: Option<PathBuf>) -> std::io::Result<Self> {
+    /// Starts the writer task; `path` of `None` keeps records in logs only. Every record
+    /// also goes to `sink` (the enforcer's flow store), if any.
+    pub fn start(
+        path: Option<PathBuf>,
+        sink: Option<std::sync::Arc<dyn FlowSink>>,
+    ) -> std::io::Result<Self> {
         let file = match &path {
             Some(p) => {
                 if let Some(dir) = p.parent() {
@@ -151,6 +160,9 @@ impl FlowLog {
             let mut file = file.map(tokio::fs::File::from_std);
             let mut line = Vec::with_capacity(512);
             while let Some(rec) = rx.recv().await {
+                if let Some(sink) = &sink {
+                    sink.record(&rec);
+                }
                 tracing::info!(
                     target: "tessera::flow",
                     direction = ?rec.direction,

@@ -154,6 +154,8 @@ pub struct TestNet {
 }
 
 pub const TUNNEL_PORT: u16 = 15008;
+/// Each enforcer's HTTP API listens on its host's address at this port.
+pub const API_PORT: u16 = 15090;
 
 impl TestNet {
     /// Creates hosts named `names` (10.77.0.1, .2, ... on one bridge), each with an enforcer.
@@ -349,13 +351,14 @@ impl TestNet {
         let opts = self.options.lock().unwrap().clone();
         let mut c = format!(
             "name = \"{name}\"\n\n[listen]\ntunnel = \"{addr}:{TUNNEL_PORT}\"\n\n[tls]\nca = \"ca/ca.pem\"\ncert = \"ca/{name}.pem\"\nkey = \"ca/{name}.key\"\n\n\
-             [bpf]\npin_dir = \"{pin}\"\n\n[tunnel]\npool_size = {pool}\n\n[flows]\nlog = \"{flows}\"\n\n[identity]\ntokens = {tokens}\n",
+             [bpf]\npin_dir = \"{pin}\"\n\n[tunnel]\npool_size = {pool}\n\n[flows]\nlog = \"{flows}\"\napi = \"{addr}:{API_PORT}\"\nmap_db = \"{mapdb}\"\n\n[identity]\ntokens = {tokens}\n",
             name = host.name,
             addr = host.addr,
             pin = self.pin_dir(host).display(),
             pool = opts.pool_size,
             tokens = opts.tokens,
             flows = self.flow_log(host).display(),
+            mapdb = self.dir.join(format!("{}-map.redb", host.name)).display(),
         );
         if let Some(policy) = opts
             .policies

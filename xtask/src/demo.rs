@@ -204,7 +204,7 @@ pub fn run(bin: &Path) -> Result<()> {
         .iter()
         .map(|h| net.flow_log(h).to_string_lossy().into_owned())
         .collect();
-    let mut args = vec!["flows"];
+    let mut args = vec!["map"];
     for l in &logs {
         args.extend(["--log", l.as_str()]);
     }

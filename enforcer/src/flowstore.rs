@@ -1,0 +1,289 @@
+//! The enforcer's flow store: a bounded buffer of recent flow records (for the API and live
+//! follow), the aggregated connectivity map persisted in an embedded database (redb) so a
+//! restart keeps it, and the Prometheus metrics flows feed.
+use std::{
+    collections::{HashSet, VecDeque},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use redb::{Database, ReadableTable, TableDefinition};
+use tessera_proxy::flow::{FlowRecord, FlowSink};
+use tokio::sync::broadcast;
+
+use crate::{
+    map::{Aggregate, EdgeKey, EdgeStats, Map, Node},
+    metrics::Metrics,
+};
+
+/// Edge key (JSON) -> edge stats (JSON).
+const EDGES: TableDefinition<&str, &[u8]> = TableDefinition::new("edges");
+/// Node name -> node (JSON).
+const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+
+struct Inner {
+    recent: VecDeque<Arc<FlowRecord>>,
+    map: Aggregate,
+    dirty_edges: HashSet<EdgeKey>,
+    dirty_nodes: HashSet<String>,
+}
+
+pub struct FlowStore {
+    pub name: String,
+    capacity: usize,
+    inner: Mutex<Inner>,
+    db: Option<Database>,
+    live: broadcast::Sender<Arc<FlowRecord>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl FlowStore {
+    /// Opens (or creates) the map database at `db_path` and loads the map it holds.
+    pub fn open(
+        name: String,
+        db_path: Option<&Path>,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>> {
+        let mut map = Aggregate::default();
+        let db = match db_path {
+            None => None,
+            Some(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                }
+                let db = Database::create(path)
+                    .with_context(|| format!("flows.map_db: cannot open {}", path.display()))?;
+                load(&db, &mut map)
+                    .with_context(|| format!("flows.map_db: cannot read {}", path.display()))?;
+                Some(db)
+            }
+        };
+        let (live, _) = broadcast::channel(1024);
+        Ok(Arc::new(Self {
+            name,
+            capacity,
+            inner: Mutex::new(Inner {
+                recent: VecDeque::with_capacity(capacity.min(4096)),
+                map,
+                dirty_edges: HashSet::new(),
+                dirty_nodes: HashSet::new(),
+            }),
+            db,
+            live,
+            metrics,
+        }))
+    }
+
+    /// Recent records, oldest first, that satisfy `keep`.
+    pub fn recent(&self, keep: impl Fn(&FlowRecord) -> bool) -> Vec<Arc<FlowRecord>> {
+        let inner = self.inner.lock().expect("lock");
+        inner.recent.iter().filter(|r| keep(r)).cloned().collect()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlowRecord>> {
+        self.live.subscribe()
+    }
+
+    pub fn map(&self) -> Map {
+        self.inner.lock().expect("lock").map.map(&self.name)
+    }
+
+    /// Writes changed edges and nodes to the database.
+    pub fn flush(&self) -> Result<()> {
+        let Some(db) = &self.db else { return Ok(()) };
+        let (edges, nodes): (Vec<(EdgeKey, EdgeStats)>, Vec<Node>) = {
+            let mut inner = self.inner.lock().expect("lock");
+            let edges = inner
+                .dirty_edges
+                .drain()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|k| inner.map.edges.get(&k).map(|s| (k, s.clone())))
+                .collect();
+            let nodes = inner
+                .dirty_nodes
+                .drain()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|n| inner.map.nodes.get(&n).cloned())
+                .collect();
+            (edges, nodes)
+        };
+        if edges.is_empty() && nodes.is_empty() {
+            return Ok(());
+        }
+        let tx = db.begin_write()?;
+        {
+            let mut t = tx.open_table(EDGES)?;
+            for (k, s) in &edges {
+                t.insert(
+                    serde_json::to_string(k)?.as_str(),
+                    serde_json::to_vec(s)?.as_slice(),
+                )?;
+            }
+            let mut t = tx.open_table(NODES)?;
+            for n in &nodes {
+                t.insert(n.name.as_str(), serde_json::to_vec(n)?.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Flushes the map to the database every `every` until the process ends.
+    pub async fn keep_flushed(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.flush() {
+                tracing::warn!(error = format!("{e:#}"), "cannot persist the flow map");
+            }
+        }
+    }
+}
+
+fn load(db: &Database, map: &mut Aggregate) -> Result<()> {
+    let tx = db.begin_write()?;
+    // Create the tables on first use, so reads below find them.
+    tx.open_table(EDGES)?;
+    tx.open_table(NODES)?;
+    tx.commit()?;
+    let tx = db.begin_read()?;
+    for row in tx.open_table(EDGES)?.iter()? {
+        let (k, v) = row?;
+        let key: EdgeKey = serde_json::from_str(k.value())?;
+        map.edges.insert(key, serde_json::from_slice(v.value())?);
+    }
+    for row in tx.open_table(NODES)?.iter()? {
+        let (k, v) = row?;
+        map.nodes
+            .insert(k.value().to_owned(), serde_json::from_slice(v.value())?);
+    }
+    Ok(())
+}
+
+impl FlowSink for FlowStore {
+    fn record(&self, rec: &FlowRecord) {
+        self.metrics.observe(rec);
+        let rec = Arc::new(rec.clone());
+        {
+            let mut inner = self.inner.lock().expect("lock");
+            if inner.recent.len() == self.capacity {
+                inner.recent.pop_front();
+            }
+            inner.recent.push_back(rec.clone());
+            let (key, [src, dst]) = inner.map.add(&rec);
+            inner.dirty_edges.insert(key);
+            inner.dirty_nodes.insert(src);
+            inner.dirty_nodes.insert(dst);
+        }
+        let _ = self.live.send(rec);
+    }
+}
+
+/// Filters of `GET /api/flows` and `tessera flows`.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+pub struct FlowFilter {
+    /// A workload name at either end.
+    pub workload: Option<String>,
+    /// `allowed`, `denied`, `observed-would-deny`, `error`.
+    pub verdict: Option<String>,
+    /// Only records that started at or after this time (Unix ms).
+    pub since: Option<u64>,
+}
+
+impl FlowFilter {
+    pub fn matches(&self, r: &FlowRecord) -> bool {
+        let verdict = crate::map::verdict_name(r.verdict);
+        self.workload.as_ref().is_none_or(|w| {
+            r.src.workload.as_deref() == Some(w) || r.dst.workload.as_deref() == Some(w)
+        }) && self.verdict.as_ref().is_none_or(|v| v == verdict)
+            && self.since.is_none_or(|s| r.start_ms >= s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_proxy::flow::{Direction, Endpoint, Verdict};
+
+    fn rec(verdict: Verdict, code: &str, bytes: u64) -> FlowRecord {
+        let mut src = Endpoint::addr("10.77.0.1:5000".parse().unwrap());
+        src.workload = Some("web".into());
+        src.enforcer = Some("host-a".into());
+        let mut dst = Endpoint::addr("10.77.0.2:8080".parse().unwrap());
+        dst.workload = Some("api".into());
+        dst.enforcer = Some("host-b".into());
+        FlowRecord {
+            start_ms: 1_000,
+            duration_ms: 5,
+            reporter: "host-b".into(),
+            direction: Direction::Inbound,
+            src,
+            dst,
+            verdict,
+            reason: if code.is_empty() {
+                "".into()
+            } else {
+                format!("x ({code})")
+            },
+            code: code.into(),
+            rule: None,
+            bytes_sent: bytes,
+            bytes_received: bytes * 2,
+            pooled: None,
+        }
+    }
+
+    #[test]
+    fn the_map_survives_a_reopen_and_the_buffer_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("map.redb");
+        let metrics = Arc::new(Metrics::new());
+        {
+            let store = FlowStore::open("host-b".into(), Some(&db), 2, metrics.clone()).unwrap();
+            for _ in 0..3 {
+                store.record(&rec(Verdict::Allowed, "", 10));
+            }
+            store.record(&rec(Verdict::Denied, "replay", 0));
+            assert_eq!(store.recent(|_| true).len(), 2, "bounded buffer");
+            let denied = FlowFilter {
+                verdict: Some("denied".into()),
+                ..Default::default()
+            };
+            assert_eq!(store.recent(|r| denied.matches(r)).len(), 1);
+            store.flush().unwrap();
+        }
+        let store = FlowStore::open("host-b".into(), Some(&db), 2, metrics.clone()).unwrap();
+        let map = store.map();
+        assert_eq!(map.edges.len(), 2);
+        let allowed = map
+            .edges
+            .iter()
+            .find(|e| e.key.verdict == "allowed")
+            .unwrap();
+        assert_eq!(
+            (
+                allowed.stats.connections,
+                allowed.stats.bytes_sent,
+                allowed.stats.bytes_received
+            ),
+            (3, 30, 60)
+        );
+        let denied = map
+            .edges
+            .iter()
+            .find(|e| e.key.verdict == "denied")
+            .unwrap();
+        assert!(denied.stats.codes.contains("replay"));
+        assert!(map.nodes.iter().any(|n| n.name == "web@host-a"));
+        let text = metrics.render();
+        assert!(
+            text.contains("tessera_token_failures_total{reason=\"replay\"} 1"),
+            "{text}"
+        );
+    }
+}

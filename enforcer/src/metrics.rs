@@ -1,0 +1,155 @@
+//! Prometheus metrics (`GET /metrics`), fed by flow records and policy reloads.
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use tessera_proxy::flow::FlowRecord;
+
+use crate::map::{Role, node_name, verdict_name};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Connection {
+    src: String,
+    dst: String,
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Bytes {
+    src: String,
+    dst: String,
+    /// `sent` (source to destination) or `received`.
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reload {
+    result: String,
+}
+
+/// Refusal codes that are token verification failures (see `docs/token.md`).
+const TOKEN_CODES: &[&str] = &[
+    "truncated",
+    "oversized",
+    "malformed",
+    "untrusted-issuer",
+    "bad-signature",
+    "expired",
+    "not-yet-valid",
+    "lifetime-too-long",
+    "wrong-destination",
+    "wrong-session",
+    "replay",
+    "unknown-identity",
+    "no-token",
+    "issuer-not-peer",
+    "foreign-identity",
+];
+
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<Connection, Counter>,
+    refusals: Family<Reason, Counter>,
+    bytes: Family<Bytes, Counter>,
+    token_failures: Family<Reason, Counter>,
+    reloads: Family<Reload, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tessera");
+        let connections = Family::<Connection, Counter>::default();
+        let refusals = Family::<Reason, Counter>::default();
+        let bytes = Family::<Bytes, Counter>::default();
+        let token_failures = Family::<Reason, Counter>::default();
+        let reloads = Family::<Reload, Counter>::default();
+        registry.register(
+            "connections",
+            "Connection attempts seen, by source and destination identity and verdict (allowed ones counted when they close)",
+            connections.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Refused or failed connections by reason code",
+            refusals.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Application bytes carried, by source and destination identity",
+            bytes.clone(),
+        );
+        registry.register(
+            "token_failures",
+            "Identity tokens refused, by reason",
+            token_failures.clone(),
+        );
+        registry.register(
+            "policy_reloads",
+            "Policy reloads by result (ok: in force; rejected: the previous policy stayed)",
+            reloads.clone(),
+        );
+        Self {
+            registry,
+            connections,
+            refusals,
+            bytes,
+            token_failures,
+            reloads,
+        }
+    }
+
+    pub fn observe(&self, r: &FlowRecord) {
+        let (src, dst) = (
+            node_name(&r.src, Role::Source),
+            node_name(&r.dst, Role::Destination),
+        );
+        self.connections
+            .get_or_create(&Connection {
+                src: src.clone(),
+                dst: dst.clone(),
+                verdict: verdict_name(r.verdict).into(),
+            })
+            .inc();
+        for (direction, n) in [("sent", r.bytes_sent), ("received", r.bytes_received)] {
+            if n > 0 {
+                self.bytes
+                    .get_or_create(&Bytes {
+                        src: src.clone(),
+                        dst: dst.clone(),
+                        direction: direction.into(),
+                    })
+                    .inc_by(n);
+            }
+        }
+        if !r.code.is_empty() {
+            let reason = Reason {
+                reason: r.code.clone(),
+            };
+            self.refusals.get_or_create(&reason).inc();
+            if TOKEN_CODES.contains(&r.code.as_str()) {
+                self.token_failures.get_or_create(&reason).inc();
+            }
+        }
+    }
+
+    pub fn policy_reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&Reload {
+                result: if ok { "ok" } else { "rejected" }.into(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,215 @@
+//! End-to-end tests of flow records, the API and the CLI on test hosts: allowed and refused
+//! connections appear with the right identities, verdicts, codes and byte counts; live
+//! follow streams them; /metrics counts them; the map of two enforcers merges into one and
+//! survives an enforcer restart.
+use std::{fs, thread, time::Duration};
+
+use serde_json::Value;
+use tessera_tests::{API_PORT, TestNet, tessera_bin};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Runs `tessera ARGS` inside `host`'s namespace (the API listens on the host's address).
+fn cli(net: &TestNet, host: &str, args: &[&str]) -> String {
+    let bin = tessera_bin().unwrap();
+    let out = net
+        .run(net.host(host), None, bin.to_str().unwrap(), args, T)
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tessera {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn api(net: &TestNet, host: &str) -> String {
+    format!("{}:{API_PORT}", net.host(host).addr)
+}
+
+/// One blast exchange: `up` bytes (plus the "<back>\n" request line) to the server, which
+/// answers a 65-byte hash line and `back` bytes. Returns whether it worked.
+fn blast(net: &TestNet, host: &str, workload: Option<&str>, up: usize, back: usize) -> bool {
+    let tool = net.tool().unwrap();
+    let out = net
+        .run(
+            net.host(host),
+            workload,
+            "python3",
+            &[
+                &tool,
+                "blast",
+                "10.77.0.2",
+                "7000",
+                &up.to_string(),
+                &back.to_string(),
+            ],
+            T,
+        )
+        .unwrap();
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"received_ok\": true")
+}
+
+#[test]
+fn flows_follow_map_and_metrics_through_the_api_and_cli() {
+    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[7000])
+        .unwrap();
+    net.start_enforcers().unwrap();
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-blast", 7000)
+        .unwrap();
+    // A follower on host-b, started before the traffic.
+    let bin = tessera_bin().unwrap();
+    let api_b = api(&net, "host-b");
+    net.spawn(
+        net.host("host-b"),
+        None,
+        bin.to_str().unwrap(),
+        &["flows", "--api", &api_b, "--follow", "--json"],
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(500));
+
+    let (up, back) = (100_000, 250_000);
+    assert!(
+        blast(&net, "host-a", Some("web"), up, back),
+        "allowed exchange"
+    );
+    // Unenrolled on host-a: not captured, so it reaches host-b's protected port directly.
+    assert!(
+        !blast(&net, "host-a", None, 10, 10),
+        "direct connection refused"
+    );
+    net.wait_flows(net.host("host-b"), 2, |_| true);
+
+    // Records with identities, verdicts, codes, exact bytes.
+    let all: Vec<Value> = cli(&net, "host-b", &["flows", "--api", &api_b, "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let allowed = all
+        .iter()
+        .find(|r| r["verdict"] == "allowed")
+        .expect("allowed record");
+    assert_eq!(allowed["src"]["workload"], "web");
+    assert_eq!(
+        allowed["src"]["spiffe"],
+        "spiffe://tessera.local/enforcer/host-a/workload/web"
+    );
+    assert_eq!(allowed["src"]["labels"]["app"], "web");
+    assert_eq!(allowed["dst"]["labels"]["tessera.io/workload"], "api");
+    let request_line = format!("{back}\n").len();
+    assert_eq!(allowed["bytes_sent"], (request_line + up) as u64);
+    assert_eq!(allowed["bytes_received"], (65 + back) as u64);
+    let denied: Vec<Value> = cli(
+        &net,
+        "host-b",
+        &["flows", "--api", &api_b, "--json", "--verdict", "denied"],
+    )
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0]["code"], "unauthenticated");
+    assert_eq!(denied[0]["direction"], "direct");
+    let table = cli(&net, "host-b", &["flows", "--api", &api_b]);
+    assert!(
+        table.starts_with("TIME") && table.contains("unauthenticated"),
+        "{table}"
+    );
+
+    // The follower saw both, live.
+    // The harness names a program's log after its path.
+    let log = fs::read_dir(&net.dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("host-b-other-") && n.ends_with("tessera.log")
+        })
+        .expect("the follower's output");
+    let followed = fs::read_to_string(log).unwrap();
+    let verdicts: Vec<String> = followed
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|r| r["verdict"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        verdicts.contains(&"allowed".into()) && verdicts.contains(&"denied".into()),
+        "follow output: {followed}"
+    );
+
+    // Metrics.
+    let out = net
+        .run(
+            net.host("host-b"),
+            None,
+            "curl",
+            &["-sS", &format!("http://{api_b}/metrics")],
+            T,
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "tessera_connections_total{src=\"web@host-a\",dst=\"api@host-b\",verdict=\"allowed\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("tessera_refusals_total{reason=\"unauthenticated\"} 1"),
+        "{text}"
+    );
+
+    // One map from two enforcers: both ends of the allowed connection make one edge.
+    let api_a = api(&net, "host-a");
+    let both = |host: &str| -> Value {
+        serde_json::from_str(&cli(
+            &net,
+            host,
+            &["map", "--api", &api_a, "--api", &api_b, "--format", "json"],
+        ))
+        .unwrap()
+    };
+    // host-b's namespace reaches both addresses over the bridge.
+    let map = both("host-b");
+    let edge = map["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["src"] == "web@host-a" && e["verdict"] == "allowed")
+        .cloned()
+        .expect("allowed edge");
+    assert_eq!(edge["connections"], 1);
+    assert_eq!(edge["reporters"], serde_json::json!(["host-a", "host-b"]));
+    assert_eq!(edge["bytes_received"], (65 + back) as u64);
+    let dot = cli(&net, "host-b", &["map", "--api", &api_b, "--format", "dot"]);
+    assert!(dot.contains("\"web@host-a\" -> \"api@host-b\""), "{dot}");
+
+    // A restart keeps the aggregated map.
+    net.stop_enforcer(net.host("host-b"), false).unwrap();
+    net.start_enforcer(net.host("host-b")).unwrap();
+    let map: Value = serde_json::from_str(&cli(
+        &net,
+        "host-b",
+        &["map", "--api", &api_b, "--format", "json"],
+    ))
+    .unwrap();
+    let edges = map["edges"].as_array().unwrap();
+    assert!(
+        edges
+            .iter()
+            .any(|e| e["src"] == "web@host-a" && e["connections"] == 1),
+        "map after restart: {map}"
+    );
+    assert!(
+        edges
+            .iter()
+            .any(|e| e["verdict"] == "denied"
+                && e["codes"] == serde_json::json!(["unauthenticated"])),
+        "map after restart: {map}"
+    );
+}
