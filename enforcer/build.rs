@@ -1,11 +1,59 @@
-//! Builds the eBPF object from `ebpf/` and leaves it in OUT_DIR for `include_bytes!`, so
-//! the `tessera` binary is self-contained.
-fn main() -> anyhow::Result<()> {
+//! Builds what the `tessera` binary embeds, so it is self-contained:
+//! * the eBPF object from `ebpf/` (aya-build), for `include_bytes!`;
+//! * the web map (`web/`: cytoscape from the npm registry, bundled with esbuild), served
+//!   by the enforcer's API with no CDN.
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| {
+        format!("{what}: cannot start (node and npm are needed: `cargo xtask setup` installs them)")
+    })?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build_web(out_dir: &Path) -> Result<()> {
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("web");
+    for f in ["src", "package.json", "package-lock.json"] {
+        println!("cargo:rerun-if-changed={}", web.join(f).display());
+    }
+    let esbuild = web.join("node_modules/.bin/esbuild");
+    if !esbuild.exists() {
+        run(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&web),
+            "npm ci (enforcer/web)",
+        )?;
+    }
+    run(
+        Command::new(&esbuild)
+            .args([
+                "src/main.js",
+                "--bundle",
+                "--minify",
+                "--format=iife",
+                "--target=es2020",
+                "--log-level=warning",
+            ])
+            .arg(format!("--outfile={}", out_dir.join("map.js").display()))
+            .current_dir(&web),
+        "esbuild (enforcer/web)",
+    )
+}
+
+fn main() -> Result<()> {
+    let out_dir = std::env::var("OUT_DIR").context("OUT_DIR")?;
+    build_web(Path::new(&out_dir))?;
     // The eBPF target needs `-Z build-std=core`; aya-build passes it when RUSTC_BOOTSTRAP
     // is set, which lets the stable toolchain do it.
     // SAFETY: the build script is single-threaded at this point.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf");
     let root = root.to_str().expect("utf-8 path");
     aya_build::build_ebpf(
         [aya_build::Package {

@@ -5,12 +5,16 @@
 //!   `flow` event per record, its data the record's JSON).
 //! * `GET /api/map`: this enforcer's connectivity map (nodes and edges, JSON).
 //! * `GET /metrics`: Prometheus text format.
+//! * `GET /`: the web map (`web/`, bundled into the binary at build time).
+//!
+//! `GET /api/map?peers=ADDR,ADDR` merges the maps of other enforcers (their APIs) into this
+//! one, so the page shows one map of several hosts.
 use std::{convert::Infallible, sync::Arc};
 
 use axum::{
     Json, Router,
     extract::{Query, State},
-    http::header,
+    http::{StatusCode, header},
     response::{
         IntoResponse,
         sse::{Event, KeepAlive, Sse},
@@ -39,6 +43,8 @@ pub fn router(store: Arc<FlowStore>) -> Router {
         .route("/api/flows/follow", get(follow))
         .route("/api/map", get(map))
         .route("/metrics", get(metrics))
+        .route("/", get(page))
+        .route("/map.js", get(script))
         .with_state(store)
 }
 
@@ -76,8 +82,67 @@ async fn follow(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-async fn map(State(store): State<Arc<FlowStore>>) -> Json<Map> {
-    Json(store.map())
+#[derive(Debug, Default, Deserialize)]
+struct MapQuery {
+    /// Other enforcers' API addresses, comma-separated.
+    peers: Option<String>,
+}
+
+async fn map(
+    State(store): State<Arc<FlowStore>>,
+    Query(q): Query<MapQuery>,
+) -> Result<Json<Map>, (StatusCode, String)> {
+    let mut maps = vec![store.map()];
+    let peers: Vec<&str> = q
+        .peers
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if !peers.is_empty() {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        for peer in peers {
+            let addr: std::net::SocketAddr = peer.parse().map_err(|_| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("peers: {peer:?} is not an address:port"),
+                )
+            })?;
+            let url = format!("http://{addr}/api/map");
+            let got = async {
+                client
+                    .get(&url)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json::<Map>()
+                    .await
+            }
+            .await
+            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("{url}: {e}")))?;
+            maps.push(got);
+        }
+    }
+    Ok(Json(crate::map::merge(maps)))
+}
+
+const PAGE: &str = include_str!("../web/src/index.html");
+const SCRIPT: &str = include_str!(concat!(env!("OUT_DIR"), "/map.js"));
+
+async fn page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE)
+}
+
+async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        SCRIPT,
+    )
 }
 
 async fn metrics(State(store): State<Arc<FlowStore>>) -> impl IntoResponse {

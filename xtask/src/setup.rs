@@ -18,6 +18,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("ps", "procps"),
     ("dnsmasq", "dnsmasq"),
+    // The web map is bundled at build time; its browser test drives Debian's Chromium.
+    ("node", "nodejs"),
+    ("npm", "npm"),
+    ("chromium", "chromium"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
@@ -46,6 +50,17 @@ pub fn run() -> Result<()> {
                 .args(["install", "-y", "-q", "--no-install-recommends"])
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    // The browser test's driver (playwright-core, which uses Debian's Chromium: it never
+    // downloads a browser).
+    let web_tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/web");
+    if !web_tests.join("node_modules/playwright-core").exists() {
+        eprintln!("setup: installing the browser test's npm packages (tests/web)");
+        status(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&web_tests),
         )?;
     }
     let components = Command::new("rustup")

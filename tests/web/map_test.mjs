@@ -1,0 +1,46 @@
+// Loads an enforcer's web map in Debian's Chromium (headless), reports what is drawn,
+// clicks an edge, reports the details shown, and saves a screenshot.
+//
+// node map_test.mjs URL SCREENSHOT EDGE_SRC EDGE_DST
+import { chromium } from "playwright-core";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+const [url, screenshot, edgeSrc, edgeDst] = process.argv.slice(2);
+const browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "tessera-chromium-")), {
+  executablePath: "/usr/bin/chromium",
+  headless: true,
+  viewport: { width: 1400, height: 900 },
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+try {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  await page.goto(url);
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+  const drawn = await page.evaluate(() => window.tesseraMap);
+  // Click the middle of the edge as the user would: its position on the canvas.
+  const at = await page.evaluate(
+    ([src, dst]) => window.tesseraEdgePosition(src, dst),
+    [edgeSrc, edgeDst],
+  );
+  if (!at) throw new Error(`edge ${edgeSrc} -> ${edgeDst} is not drawn`);
+  await page.mouse.click(at.x, at.y);
+  await page.waitForFunction(() => document.querySelector("#details h2"), null, { timeout: 5000 });
+  await page.waitForTimeout(500); // recent flows arrive after the click
+  const details = await page.textContent("#details");
+  await page.screenshot({ path: screenshot, fullPage: true });
+  console.log(JSON.stringify({ drawn, details, errors }));
+} finally {
+  await browser.close();
+}
