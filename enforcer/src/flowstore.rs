@@ -166,9 +166,8 @@ fn load(db: &Database, map: &mut Aggregate) -> Result<()> {
 }
 
 impl FlowSink for FlowStore {
-    fn record(&self, rec: &FlowRecord) {
-        self.metrics.observe(rec);
-        let rec = Arc::new(rec.clone());
+    fn record(&self, rec: Arc<FlowRecord>) {
+        self.metrics.observe(&rec);
         {
             let mut inner = self.inner.lock().expect("lock");
             if inner.recent.len() == self.capacity {
@@ -177,8 +176,11 @@ impl FlowSink for FlowStore {
             inner.recent.push_back(rec.clone());
             let (key, [src, dst]) = inner.map.add(&rec);
             inner.dirty_edges.insert(key);
-            inner.dirty_nodes.insert(src);
-            inner.dirty_nodes.insert(dst);
+            for n in [src, dst] {
+                if !inner.dirty_nodes.contains(&n) {
+                    inner.dirty_nodes.insert(n);
+                }
+            }
         }
         let _ = self.live.send(rec);
     }
@@ -246,9 +248,9 @@ mod tests {
         {
             let store = FlowStore::open("host-b".into(), Some(&db), 2, metrics.clone()).unwrap();
             for _ in 0..3 {
-                store.record(&rec(Verdict::Allowed, "", 10));
+                store.record(Arc::new(rec(Verdict::Allowed, "", 10)));
             }
-            store.record(&rec(Verdict::Denied, "replay", 0));
+            store.record(Arc::new(rec(Verdict::Denied, "replay", 0)));
             assert_eq!(store.recent(|_| true).len(), 2, "bounded buffer");
             let denied = FlowFilter {
                 verdict: Some("denied".into()),

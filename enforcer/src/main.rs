@@ -12,12 +12,11 @@ mod client;
 mod config;
 mod daemon;
 mod flowlog;
-mod flowstore;
 mod identity_show;
-mod map;
-mod metrics;
 mod policy;
 mod workloads;
+
+use tessera_enforcer::{flowstore, map};
 
 #[derive(Parser)]
 #[command(

@@ -109,9 +109,15 @@ impl Aggregate {
                 ..Node::default()
             });
             // Later records may know more (a verified token); keep what is known.
-            node.spiffe = e.spiffe.clone().or(node.spiffe.take());
-            node.workload = e.workload.clone().or(node.workload.take());
-            node.enforcer = e.enforcer.clone().or(node.enforcer.take());
+            for (have, seen) in [
+                (&mut node.spiffe, &e.spiffe),
+                (&mut node.workload, &e.workload),
+                (&mut node.enforcer, &e.enforcer),
+            ] {
+                if have.is_none() && seen.is_some() {
+                    have.clone_from(seen);
+                }
+            }
             if !e.labels.is_empty() {
                 // Per-process labels differ between connections; keep the common ones
                 // (the workload's) once several processes were seen.

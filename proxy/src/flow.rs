@@ -125,7 +125,7 @@ pub fn now_ms() -> u64 {
 
 /// Receives every flow record, off the connection path (in the writer task).
 pub trait FlowSink: Send + Sync + 'static {
-    fn record(&self, rec: &FlowRecord);
+    fn record(&self, rec: std::sync::Arc<FlowRecord>);
 }
 
 /// Where flow records go. Cloning is cheap; dropping every clone ends the writer.
@@ -160,9 +160,6 @@ impl FlowLog {
             let mut file = file.map(tokio::fs::File::from_std);
             let mut line = Vec::with_capacity(512);
             while let Some(rec) = rx.recv().await {
-                if let Some(sink) = &sink {
-                    sink.record(&rec);
-                }
                 tracing::info!(
                     target: "tessera::flow",
                     direction = ?rec.direction,
@@ -185,6 +182,9 @@ impl FlowLog {
                         }
                         let _ = f.flush().await;
                     }
+                }
+                if let Some(sink) = &sink {
+                    sink.record(std::sync::Arc::new(rec));
                 }
             }
         });

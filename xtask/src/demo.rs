@@ -199,17 +199,22 @@ pub fn run(bin: &Path) -> Result<()> {
 
     // Both ends write their records asynchronously; give them a moment.
     std::thread::sleep(Duration::from_millis(300));
-    println!("\nConnectivity map (from the flow records of all three enforcers):\n");
-    let logs: Vec<String> = [a, b, c]
+    println!("\nConnectivity map (`tessera map`, merged from the APIs of all three enforcers):\n");
+    let apis: Vec<String> = [a, b, c]
         .iter()
-        .map(|h| net.flow_log(h).to_string_lossy().into_owned())
+        .map(|h| format!("{}:{}", h.addr, tessera_tests::API_PORT))
         .collect();
     let mut args = vec!["map"];
-    for l in &logs {
-        args.extend(["--log", l.as_str()]);
+    for api in &apis {
+        args.extend(["--api", api.as_str()]);
     }
-    let table = net.tessera(&args).context("tessera flows")?;
-    print!("{table}");
+    // From inside host-b's namespace, which reaches every host over the bridge.
+    let bin = tessera_tests::tessera_bin()?;
+    let out = net.run(b, None, bin.to_str().unwrap(), &args, T)?;
+    if !out.status.success() {
+        bail!("tessera map: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    print!("{}", String::from_utf8_lossy(&out.stdout));
     if failures > 0 {
         bail!("{failures} demo step(s) did not behave as expected");
     }
