@@ -73,6 +73,7 @@ fn record(i: usize) -> FlowRecord {
         direction: Direction::Outbound,
         src,
         dst,
+        protocol: Default::default(),
         verdict: Verdict::Allowed,
         reason: String::new(),
         code: String::new(),

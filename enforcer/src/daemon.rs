@@ -214,6 +214,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tasks.spawn(async move { axum::serve(listener, router).await });
     }
     tasks.spawn(store.clone().keep_flushed(Duration::from_secs(1)).map(Ok));
+    {
+        let (authz, metrics) = (authz.clone(), metrics.clone());
+        tasks.spawn(async move {
+            loop {
+                metrics.set_open(authz.live_count());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
     if let Some(file) = config.policy.file.clone() {
         let authz = authz.clone();
         let metrics = metrics.clone();

@@ -108,6 +108,7 @@ mod tests {
                 pid: None,
                 uid: None,
                 spiffe: None,
+                dns_name: None,
                 labels: Default::default(),
             },
             dst: Endpoint {
@@ -117,8 +118,10 @@ mod tests {
                 pid: None,
                 uid: None,
                 spiffe: None,
+                dns_name: None,
                 labels: Default::default(),
             },
+            protocol: Default::default(),
             verdict,
             code: String::new(),
             rule: None,

@@ -226,6 +226,7 @@ mod tests {
             direction: Direction::Inbound,
             src,
             dst,
+            protocol: Default::default(),
             verdict,
             reason: if code.is_empty() {
                 "".into()

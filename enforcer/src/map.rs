@@ -20,9 +20,15 @@ pub fn node_name(e: &Endpoint, role: Role) -> String {
         (Some(w), Some(enf), _) => format!("{w}@{enf}"),
         (Some(w), None, _) => w.clone(),
         // No workload behind it: a peer nobody vouched for, or a destination without an enforcer.
-        (None, _, Role::Source) => format!("{} (unauthenticated)", e.addr.ip()),
+        (None, _, Role::Source) => match &e.dns_name {
+            Some(name) => format!("{name} {} (unauthenticated)", e.addr.ip()),
+            None => format!("{} (unauthenticated)", e.addr.ip()),
+        },
         (None, Some(enf), Role::Destination) => format!("{} (via {enf})", e.addr.ip()),
-        (None, None, Role::Destination) => format!("{} (external)", e.addr.ip()),
+        (None, None, Role::Destination) => match &e.dns_name {
+            Some(name) => format!("{name} {} (external)", e.addr.ip()),
+            None => format!("{} (external)", e.addr.ip()),
+        },
     }
 }
 

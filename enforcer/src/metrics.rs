@@ -1,7 +1,7 @@
 //! Prometheus metrics (`GET /metrics`), fed by flow records and policy reloads.
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tessera_proxy::flow::FlowRecord;
@@ -59,6 +59,7 @@ pub struct Metrics {
     bytes: Family<Bytes, Counter>,
     token_failures: Family<Reason, Counter>,
     reloads: Family<Reload, Counter>,
+    open: Gauge,
 }
 
 impl Metrics {
@@ -69,6 +70,12 @@ impl Metrics {
         let bytes = Family::<Bytes, Counter>::default();
         let token_failures = Family::<Reason, Counter>::default();
         let reloads = Family::<Reload, Counter>::default();
+        let open = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Connections open through this enforcer now (either direction)",
+            open.clone(),
+        );
         registry.register(
             "connections",
             "Connection attempts seen, by source and destination identity and verdict (allowed ones counted when they close)",
@@ -101,6 +108,7 @@ impl Metrics {
             bytes,
             token_failures,
             reloads,
+            open,
         }
     }
 
@@ -136,6 +144,10 @@ impl Metrics {
                 self.token_failures.get_or_create(&reason).inc();
             }
         }
+    }
+
+    pub fn set_open(&self, n: usize) {
+        self.open.set(n as i64);
     }
 
     pub fn policy_reload(&self, ok: bool) {

@@ -57,6 +57,18 @@ impl DnsTable {
         true
     }
 
+    /// A policy name that currently resolves to `addr`, if any (for flow records).
+    pub fn name_of(&self, addr: IpAddr) -> Option<String> {
+        let names = self.names.read().expect("lock");
+        let mut found: Vec<&String> = names
+            .iter()
+            .filter(|(_, a)| a.contains(&addr))
+            .map(|(n, _)| n)
+            .collect();
+        found.sort();
+        found.first().map(|n| (*n).clone())
+    }
+
     /// Forgets names the policy no longer mentions.
     pub fn retain(&self, keep: &[String]) {
         self.names

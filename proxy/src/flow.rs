@@ -18,6 +18,13 @@ pub enum Direction {
     Direct,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
@@ -45,6 +52,9 @@ pub struct Endpoint {
     /// The SPIFFE name of the identity a verified token proved for this end.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub spiffe: Option<String>,
+    /// For a peer without an enforcer: a policy `dns:` name that resolves to its address.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dns_name: Option<String>,
     /// Its identity labels (declared and derived), as policy saw them.
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub labels: BTreeMap<String, String>,
@@ -67,6 +77,7 @@ impl Endpoint {
             pid: None,
             uid: None,
             spiffe: None,
+            dns_name: None,
             labels: BTreeMap::new(),
         }
     }
@@ -82,6 +93,9 @@ pub struct FlowRecord {
     pub direction: Direction,
     pub src: Endpoint,
     pub dst: Endpoint,
+    /// Always `tcp` today.
+    #[serde(default)]
+    pub protocol: Protocol,
     pub verdict: Verdict,
     /// Why it was refused or failed; empty when allowed and clean.
     #[serde(skip_serializing_if = "String::is_empty", default)]

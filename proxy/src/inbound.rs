@@ -74,6 +74,7 @@ impl Inbound {
             direction,
             src,
             dst,
+            protocol: Default::default(),
             verdict: Verdict::Error,
             reason: String::new(),
             code: String::new(),
@@ -175,6 +176,7 @@ impl Inbound {
                 pid: Some(request.source.pid),
                 uid: Some(request.source.uid),
                 spiffe: None,
+                dns_name: None,
                 labels: Default::default(),
             },
             Endpoint::addr(request.dst),
@@ -192,15 +194,11 @@ impl Inbound {
                 rec.reason = format!("source {refusal} ({})", refusal.reason());
                 rec.code = refusal.reason().into();
                 tracing::info!(peer, reason = refusal.reason(), error = %refusal, "refused a tunnel request");
-                let sent = Response::new(
+                let answer = Response::new(
                     Status::Unauthenticated,
                     format!("{}: {refusal} ({})", self.name, refusal.reason()),
-                )
-                .write(tls)
-                .await
-                .is_ok();
-                self.finish(rec, start);
-                return sent;
+                );
+                return self.answer_refusal(tls, answer, rec, start).await;
             }
         };
         rec.src.spiffe = Some(src_identity.spiffe.clone());
@@ -222,12 +220,8 @@ impl Inbound {
             } else {
                 format!("{} is not an address of {}", request.dst.ip(), self.name)
             };
-            let sent = Response::new(Status::NotServed, rec.reason.clone())
-                .write(tls)
-                .await
-                .is_ok();
-            self.finish(rec, start);
-            return sent;
+            let answer = Response::new(Status::NotServed, rec.reason.clone());
+            return self.answer_refusal(tls, answer, rec, start).await;
         };
         rec.dst.workload = Some(workload.name.clone());
         let port = request.dst.port();
@@ -244,12 +238,8 @@ impl Inbound {
                 Ok(p) => p,
                 Err(e) => {
                     rec.reason = format!("cannot sign for {}: {e}", workload.name);
-                    let sent = Response::new(Status::Unreachable, rec.reason.clone())
-                        .write(tls)
-                        .await
-                        .is_ok();
-                    self.finish(rec, start);
-                    return sent;
+                    let answer = Response::new(Status::Unreachable, rec.reason.clone());
+                    return self.answer_refusal(tls, answer, rec, start).await;
                 }
             };
         let outcome = self.authz.check(&src, &dst, port, workload.observe);
@@ -263,21 +253,15 @@ impl Inbound {
                 format!("{}: ingress {}", self.name, outcome.reason),
             )
             .with_proof(answer_proof);
-            let sent = answer.write(tls).await.is_ok();
-            self.finish(rec, start);
-            return sent;
+            return self.answer_refusal(tls, answer, rec, start).await;
         }
         let mut delivered = match self.deliver(request.dst).await {
             Ok(s) => s,
             Err(e) => {
                 rec.reason = format!("workload unreachable: {e}");
                 rec.code = "workload-unreachable".into();
-                let sent = Response::new(Status::Unreachable, rec.reason.clone())
-                    .write(tls)
-                    .await
-                    .is_ok();
-                self.finish(rec, start);
-                return sent;
+                let answer = Response::new(Status::Unreachable, rec.reason.clone());
+                return self.answer_refusal(tls, answer, rec, start).await;
             }
         };
         if let Err(e) = Response::new(Status::Connected, workload.name.clone())
@@ -352,6 +336,20 @@ impl Inbound {
         clean
     }
 
+    /// Answers a request that is not delivered and records it; returns whether the tunnel
+    /// is still clean for the next request.
+    async fn answer_refusal(
+        &self,
+        tls: &mut TlsStream<TcpStream>,
+        answer: Response,
+        rec: FlowRecord,
+        start: Instant,
+    ) -> bool {
+        let sent = answer.write(tls).await.is_ok();
+        self.finish(rec, start);
+        sent
+    }
+
     /// Connects to a local workload from the delivery address (`sk_lookup` lets it through).
     async fn deliver(&self, dst: SocketAddr) -> io::Result<TcpStream> {
         let bind = match dst.ip() {
@@ -414,6 +412,7 @@ impl Inbound {
         };
         rec.dst.workload = Some(workload.name.clone());
         let src = Party::external(remote.ip());
+        rec.src.dns_name = self.authz.dns().name_of(remote.ip());
         let dst = Party::workload(workload.identity.labels.clone(), Some(dst_addr.ip()));
         let outcome = self
             .authz

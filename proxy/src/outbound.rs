@@ -92,6 +92,7 @@ impl Outbound {
             direction: Direction::Outbound,
             src: Endpoint::addr(client),
             dst: Endpoint::addr(client),
+            protocol: Default::default(),
             verdict: Verdict::Error,
             reason: String::new(),
             code: String::new(),
@@ -134,6 +135,7 @@ impl Outbound {
         start: Instant,
     ) {
         let dst = Party::external(captured.dst.ip());
+        record.dst.dns_name = self.authz.dns().name_of(captured.dst.ip());
         let outcome = self
             .authz
             .check(&src, &dst, captured.dst.port(), captured.observe);

@@ -256,6 +256,21 @@ impl TestNet {
         Ok(net)
     }
 
+    /// The common two-host set-up: `web` (app=web) on host-a, `api` (app=api) on host-b
+    /// running the traffic tool's `server` (`serve-blast`, `serve-echo`) on port 7000,
+    /// enforcers started (with `policy` on both, if given).
+    pub fn web_and_api(server: &str, policy: Option<&str>) -> Result<Self> {
+        let net = Self::new(&["host-a", "host-b"])?;
+        net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])?;
+        net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[7000])?;
+        if let Some(p) = policy {
+            net.write_policy(None, p)?;
+        }
+        net.start_enforcers()?;
+        net.serve_tool(net.host("host-b"), Some("api"), server, 7000)?;
+        Ok(net)
+    }
+
     fn ip(&self, netns: &str, args: &[&str]) -> Result<String> {
         let mut full = vec!["-n", netns];
         full.extend_from_slice(args);

@@ -52,14 +52,7 @@ fn blast(net: &TestNet, host: &str, workload: Option<&str>, up: usize, back: usi
 
 #[test]
 fn flows_follow_map_and_metrics_through_the_api_and_cli() {
-    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
-    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
-        .unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[7000])
-        .unwrap();
-    net.start_enforcers().unwrap();
-    net.serve_tool(net.host("host-b"), Some("api"), "serve-blast", 7000)
-        .unwrap();
+    let net = TestNet::web_and_api("serve-blast", None).expect("test hosts");
     // A follower on host-b, started before the traffic.
     let bin = tessera_bin().unwrap();
     let api_b = api(&net, "host-b");
@@ -94,6 +87,7 @@ fn flows_follow_map_and_metrics_through_the_api_and_cli() {
         .find(|r| r["verdict"] == "allowed")
         .expect("allowed record");
     assert_eq!(allowed["src"]["workload"], "web");
+    assert_eq!(allowed["protocol"], "tcp");
     assert_eq!(
         allowed["src"]["spiffe"],
         "spiffe://tessera.local/enforcer/host-a/workload/web"
@@ -163,6 +157,7 @@ fn flows_follow_map_and_metrics_through_the_api_and_cli() {
         text.contains("tessera_refusals_total{reason=\"unauthenticated\"} 1"),
         "{text}"
     );
+    assert!(text.contains("tessera_open_connections 0"), "{text}");
 
     // One map from two enforcers: both ends of the allowed connection make one edge.
     let api_a = api(&net, "host-a");

@@ -388,6 +388,8 @@ rules:
     let f = last(&net, "host-a", |f| f["verdict"] == "allowed");
     assert_eq!(f["rule"], "web-to-registry");
     assert_eq!(f["dst"]["addr"], "10.77.0.3:8000");
+    // The record names the external peer by the policy's DNS name.
+    assert_eq!(f["dst"]["dns_name"], "registry.test");
 
     // The DNS now says registry.test is elsewhere; after the TTL the rule no longer matches.
     unsafe { libc_kill(dns) };

@@ -23,14 +23,7 @@ fn blast_connections(net: &TestNet) -> usize {
 
 #[test]
 fn hostile_tokens_are_refused_with_their_reason_and_never_reach_the_application() {
-    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
-    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
-        .unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[7000])
-        .unwrap();
-    net.start_enforcers().unwrap();
-    net.serve_tool(net.host("host-b"), Some("api"), "serve-blast", 7000)
-        .unwrap();
+    let net = TestNet::web_and_api("serve-blast", None).expect("test hosts");
 
     let ca = net.dir.join("ca");
     let path = |f: &str| ca.join(f).display().to_string();

@@ -28,15 +28,7 @@ fn the_web_map_draws_the_merged_map_and_shows_an_edge_on_click() {
         Path::new("/usr/bin/chromium").exists(),
         "chromium is missing: run `cargo xtask setup`"
     );
-    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
-    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
-        .unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[7000, 7001])
-        .unwrap();
-    net.write_policy(None, POLICY).unwrap();
-    net.start_enforcers().unwrap();
-    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
-        .unwrap();
+    let net = TestNet::web_and_api("serve-echo", Some(POLICY)).expect("test hosts");
     let tool = net.tool().unwrap();
     for _ in 0..3 {
         let out = net
