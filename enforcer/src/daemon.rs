@@ -215,13 +215,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     tasks.spawn(store.clone().keep_flushed(Duration::from_secs(1)).map(Ok));
     {
-        let (authz, metrics) = (authz.clone(), metrics.clone());
-        tasks.spawn(async move {
-            loop {
-                metrics.set_open(authz.live_count());
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
+        let authz = authz.clone();
+        metrics.count_open_with(move || authz.live_count());
     }
     if let Some(file) = config.policy.file.clone() {
         let authz = authz.clone();

@@ -60,6 +60,8 @@ pub struct Metrics {
     token_failures: Family<Reason, Counter>,
     reloads: Family<Reload, Counter>,
     open: Gauge,
+    /// Reads the number of open connections at scrape time.
+    count_open: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
 }
 
 impl Metrics {
@@ -109,6 +111,7 @@ impl Metrics {
             token_failures,
             reloads,
             open,
+            count_open: std::sync::OnceLock::new(),
         }
     }
 
@@ -146,8 +149,9 @@ impl Metrics {
         }
     }
 
-    pub fn set_open(&self, n: usize) {
-        self.open.set(n as i64);
+    /// Where the open-connections gauge comes from (read at each scrape).
+    pub fn count_open_with(&self, f: impl Fn() -> usize + Send + Sync + 'static) {
+        let _ = self.count_open.set(Box::new(f));
     }
 
     pub fn policy_reload(&self, ok: bool) {
@@ -160,6 +164,9 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        if let Some(count) = self.count_open.get() {
+            self.open.set(count() as i64);
+        }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
