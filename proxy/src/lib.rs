@@ -14,6 +14,7 @@ pub mod authz;
 pub mod copy;
 pub mod dns;
 pub mod flow;
+pub mod handshake;
 pub mod identity;
 pub mod inbound;
 pub mod local;

@@ -1,0 +1,289 @@
+//! The handshake's key exchange and proofs.
+//!
+//! The SYN carries the source workload's token and the client's ephemeral X25519 public key;
+//! the SYN-ACK the destination workload's token, the server's ephemeral public key and the
+//! server's proof; the third ACK the client's proof. A proof is HMAC-SHA256 (a real HMAC,
+//! keyed by the exchanged secret, truncated to 16 bytes) over the transcript: both
+//! addresses and ports, both initial sequence numbers, both tokens and both public keys. So:
+//! * a captured SYN replayed by someone else yields a SYN-ACK for a fresh server key, and
+//!   without the client's private key no valid ACK proof can follow;
+//! * a tampered SYN-ACK (token, key or sequence number) fails the client's check;
+//! * fresh ephemeral keys per connection (ring's `EphemeralPrivateKey` cannot be reused).
+//!
+//! Tokens are bound to the handshake: the SYN token's binding is a digest of the client's
+//! public key and ISN, the SYN-ACK token's a digest of the transcript so far.
+use std::net::SocketAddr;
+
+use ring::{
+    agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519},
+    digest::{self, SHA256},
+    hmac,
+    rand::SystemRandom,
+};
+use thiserror::Error;
+
+use crate::identity::token::Binding;
+
+pub const PROOF_LEN: usize = 16;
+pub type Proof = [u8; PROOF_LEN];
+pub type PublicKey = [u8; 32];
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProofError {
+    #[error("key exchange failed (bad public key)")]
+    KeyExchange,
+    #[error("handshake proof does not verify")]
+    BadProof,
+}
+
+/// What both ends agree the handshake was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transcript {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub client_isn: u32,
+    pub server_isn: u32,
+    pub syn_token: Vec<u8>,
+    pub client_key: PublicKey,
+    pub synack_token: Vec<u8>,
+    pub server_key: PublicKey,
+}
+
+fn put_addr(d: &mut digest::Context, a: &SocketAddr) {
+    match a {
+        SocketAddr::V4(v4) => d.update(&v4.ip().octets()),
+        SocketAddr::V6(v6) => d.update(&v6.ip().octets()),
+    }
+    d.update(&a.port().to_be_bytes());
+}
+
+fn put_bytes(d: &mut digest::Context, b: &[u8]) {
+    d.update(&(b.len() as u32).to_be_bytes());
+    d.update(b);
+}
+
+impl Transcript {
+    /// Everything the SYN-ACK answers (all but the server's own parts).
+    fn syn_part(&self, d: &mut digest::Context) {
+        d.update(b"tessera-handshake-v1");
+        put_addr(d, &self.client);
+        put_addr(d, &self.server);
+        d.update(&self.client_isn.to_be_bytes());
+        put_bytes(d, &self.syn_token);
+        d.update(&self.client_key);
+    }
+
+    pub fn digest(&self) -> [u8; 32] {
+        let mut d = digest::Context::new(&SHA256);
+        self.syn_part(&mut d);
+        d.update(&self.server_isn.to_be_bytes());
+        put_bytes(&mut d, &self.synack_token);
+        d.update(&self.server_key);
+        d.finish().as_ref().try_into().expect("32 bytes")
+    }
+}
+
+/// The binding of the SYN's token: the client's public key and ISN.
+pub fn syn_binding(client_key: &PublicKey, client_isn: u32) -> Binding {
+    let mut d = digest::Context::new(&SHA256);
+    d.update(b"tessera-syn-binding");
+    d.update(client_key);
+    d.update(&client_isn.to_be_bytes());
+    d.finish().as_ref()[..16].try_into().expect("16 bytes")
+}
+
+/// The binding of the SYN-ACK's token: the SYN it answers and the server's key and ISN.
+pub fn synack_binding(t: &Transcript) -> Binding {
+    let mut d = digest::Context::new(&SHA256);
+    d.update(b"tessera-synack-binding");
+    t.syn_part(&mut d);
+    d.update(&t.server_isn.to_be_bytes());
+    d.update(&t.server_key);
+    d.finish().as_ref()[..16].try_into().expect("16 bytes")
+}
+
+/// One side's ephemeral key, before the exchange.
+pub struct Ephemeral {
+    key: EphemeralPrivateKey,
+    pub public: PublicKey,
+}
+
+impl Ephemeral {
+    pub fn generate(rng: &SystemRandom) -> Self {
+        let key = EphemeralPrivateKey::generate(&X25519, rng).expect("system randomness");
+        let public = key
+            .compute_public_key()
+            .expect("X25519 public key")
+            .as_ref()
+            .try_into()
+            .expect("32 bytes");
+        Self { key, public }
+    }
+
+    /// The shared proof key with the peer's public key (consumes the private key).
+    pub fn agree(self, peer: &PublicKey) -> Result<ProofKey, ProofError> {
+        agreement::agree_ephemeral(self.key, &UnparsedPublicKey::new(&X25519, peer), |shared| {
+            // HKDF-style extraction: the raw X25519 output is not used as a key directly.
+            let salt = hmac::Key::new(hmac::HMAC_SHA256, b"tessera-handshake-key");
+            ProofKey(hmac::Key::new(
+                hmac::HMAC_SHA256,
+                hmac::sign(&salt, shared).as_ref(),
+            ))
+        })
+        .map_err(|_| ProofError::KeyExchange)
+    }
+}
+
+/// The key both ends derive from the exchange; it signs and checks proofs.
+pub struct ProofKey(hmac::Key);
+
+#[derive(Clone, Copy)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+impl ProofKey {
+    pub fn prove(&self, role: Role, t: &Transcript) -> Proof {
+        let label: &[u8] = match role {
+            Role::Server => b"server",
+            Role::Client => b"client",
+        };
+        let mut ctx = hmac::Context::with_key(&self.0);
+        ctx.update(label);
+        ctx.update(&t.digest());
+        ctx.sign().as_ref()[..PROOF_LEN]
+            .try_into()
+            .expect("16 bytes")
+    }
+
+    /// Constant-time check of the peer's proof.
+    pub fn check(&self, role: Role, t: &Transcript, proof: &Proof) -> Result<(), ProofError> {
+        use subtle::ConstantTimeEq;
+        let want = self.prove(role, t);
+        if bool::from(want.ct_eq(proof)) {
+            Ok(())
+        } else {
+            Err(ProofError::BadProof)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Exchange {
+        transcript: Transcript,
+        client_key: ProofKey,
+        server_key: ProofKey,
+    }
+
+    fn handshake(rng: &SystemRandom) -> Exchange {
+        let client = Ephemeral::generate(rng);
+        let server = Ephemeral::generate(rng);
+        let transcript = Transcript {
+            client: "10.77.0.1:40000".parse().unwrap(),
+            server: "10.77.0.2:8080".parse().unwrap(),
+            client_isn: 1,
+            server_isn: 2,
+            syn_token: vec![1; 197],
+            client_key: client.public,
+            synack_token: vec![2; 157],
+            server_key: server.public,
+        };
+        Exchange {
+            server_key: server.agree(&transcript.client_key).unwrap(),
+            client_key: client.agree(&transcript.server_key).unwrap(),
+            transcript,
+        }
+    }
+
+    #[test]
+    fn both_proofs_verify_on_an_honest_handshake() {
+        let rng = SystemRandom::new();
+        let x = handshake(&rng);
+        let server_proof = x.server_key.prove(Role::Server, &x.transcript);
+        x.client_key
+            .check(Role::Server, &x.transcript, &server_proof)
+            .unwrap();
+        let client_proof = x.client_key.prove(Role::Client, &x.transcript);
+        x.server_key
+            .check(Role::Client, &x.transcript, &client_proof)
+            .unwrap();
+        // A proof for one role is not a proof for the other (no reflection).
+        assert_eq!(
+            x.server_key
+                .check(Role::Client, &x.transcript, &server_proof),
+            Err(ProofError::BadProof)
+        );
+    }
+
+    #[test]
+    fn a_tampered_synack_fails_the_clients_check() {
+        let rng = SystemRandom::new();
+        let x = handshake(&rng);
+        let server_proof = x.server_key.prove(Role::Server, &x.transcript);
+        for tamper in [
+            |t: &mut Transcript| t.synack_token[0] ^= 1,
+            |t: &mut Transcript| t.server_isn += 1,
+            |t: &mut Transcript| t.server_key[0] ^= 1,
+            |t: &mut Transcript| t.server.set_port(8081),
+        ] {
+            let mut seen_by_client = x.transcript.clone();
+            tamper(&mut seen_by_client);
+            assert_eq!(
+                x.client_key
+                    .check(Role::Server, &seen_by_client, &server_proof),
+                Err(ProofError::BadProof)
+            );
+        }
+    }
+
+    #[test]
+    fn a_replayed_syn_cannot_be_completed_without_the_clients_key() {
+        let rng = SystemRandom::new();
+        let original = handshake(&rng);
+        let ack_proof = original
+            .client_key
+            .prove(Role::Client, &original.transcript);
+        // The replayer resends the captured SYN; the server answers with a fresh key.
+        let fresh = Ephemeral::generate(&rng);
+        let mut replay = original.transcript.clone();
+        replay.server_key = fresh.public;
+        replay.server_isn = 777;
+        let server_key = fresh.agree(&replay.client_key).unwrap();
+        // The only proof the replayer has is the original ACK's: it does not verify.
+        assert_eq!(
+            server_key.check(Role::Client, &replay, &ack_proof),
+            Err(ProofError::BadProof)
+        );
+        // Nor does a guess.
+        assert_eq!(
+            server_key.check(Role::Client, &replay, &[0; 16]),
+            Err(ProofError::BadProof)
+        );
+    }
+
+    #[test]
+    fn bindings_change_with_every_input() {
+        let rng = SystemRandom::new();
+        let x = handshake(&rng);
+        let b = syn_binding(&x.transcript.client_key, 1);
+        assert_ne!(b, syn_binding(&x.transcript.client_key, 2));
+        let mut other = x.transcript.clone();
+        other.client_key[0] ^= 1;
+        assert_ne!(b, syn_binding(&other.client_key, 1));
+        assert_ne!(synack_binding(&x.transcript), synack_binding(&other));
+    }
+
+    #[test]
+    fn a_bad_public_key_is_refused() {
+        let rng = SystemRandom::new();
+        // The all-zero point is of small order: X25519 yields zero, which ring refuses.
+        assert_eq!(
+            Ephemeral::generate(&rng).agree(&[0; 32]).err(),
+            Some(ProofError::KeyExchange)
+        );
+    }
+}
