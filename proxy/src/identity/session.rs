@@ -148,7 +148,7 @@ impl Tokens {
                     return Ok(TunnelSession {
                         peer,
                         binding,
-                        peer_key: self.verifier.trust_until(&key, until),
+                        peer_key: self.verifier.trust_until(&key, until)?,
                         sent_cold: HashSet::new(),
                     });
                 }

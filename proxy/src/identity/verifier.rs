@@ -11,7 +11,7 @@ use std::{
     sync::{Mutex, RwLock},
 };
 
-use ring::signature::{ED25519, UnparsedPublicKey};
+use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::{
     Identity,
@@ -37,7 +37,8 @@ struct SeenNonces {
 
 pub struct Verifier {
     /// Trusted keys and until when (their certificate's end of validity, ms).
-    keys: RwLock<HashMap<KeyId, ([u8; 32], u64)>>,
+    /// (Decompressed once here: ring would redo it on every verification.)
+    keys: RwLock<HashMap<KeyId, (VerifyingKey, u64)>>,
     /// Verified identities by (issuer, digest): a warm token only names an identity that the
     /// same issuer vouched for in full before.
     identities: RwLock<HashMap<(KeyId, Digest), Identity>>,
@@ -88,19 +89,19 @@ impl Verifier {
     /// Trusts a public key the cluster CA certified (see [`certified_key`]) until
     /// `until_ms`, the end of its certificate's validity. Keys of a rotated certificate are
     /// added beside the old one, so live peers keep working.
-    pub fn trust_until(&self, public_key: &[u8; 32], until_ms: u64) -> KeyId {
+    pub fn trust_until(&self, public_key: &[u8; 32], until_ms: u64) -> Result<KeyId, TokenError> {
+        let key = VerifyingKey::from_bytes(public_key)
+            .map_err(|_| TokenError::Uncertified("not a valid Ed25519 public key".into()))?;
         let id = key_id(public_key);
-        self.keys
-            .write()
-            .expect("lock")
-            .insert(id, (*public_key, until_ms));
-        id
+        self.keys.write().expect("lock").insert(id, (key, until_ms));
+        Ok(id)
     }
 
     /// Trusts a key without an end (this enforcer's own key; tests).
     pub fn trust(&self, public_key: &[u8]) -> KeyId {
         let key: [u8; 32] = public_key.try_into().expect("an Ed25519 public key");
         self.trust_until(&key, u64::MAX)
+            .expect("a valid Ed25519 public key")
     }
 
     /// Stops trusting a key, and forgets the identities it vouched for.
@@ -147,8 +148,11 @@ impl Verifier {
                 "the issuer's certificate expired".into(),
             ));
         }
-        UnparsedPublicKey::new(&ED25519, &key)
-            .verify(signed, signature)
+        let signature = Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
+        // Plain (not strict) verification: keys are CA-certified, and a re-encoded signature
+        // over the same claims would carry the same nonce, so it cannot pass as a new token.
+        use ed25519_dalek::Verifier as _;
+        key.verify(signed, &signature)
             .map_err(|_| TokenError::BadSignature)?;
         if claims.lifetime_ms > self.max_lifetime_ms {
             return Err(TokenError::LifetimeTooLong);
@@ -460,7 +464,7 @@ mod tests {
         assert!(not_after > NOW, "rcgen's default validity runs past NOW");
         let v = Verifier::new(SKEW, 60_000);
         // The certificate ends just after NOW: the cold token verifies, a later one does not.
-        v.trust_until(&key, NOW + 1);
+        v.trust_until(&key, NOW + 1).unwrap();
         verify(&v, &cold(&e)).unwrap();
         let later = NOW + 1 + SKEW + 1;
         let t = e
