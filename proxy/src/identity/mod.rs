@@ -22,6 +22,33 @@ pub struct Identity {
     pub labels: Labels,
 }
 
+/// A throwaway cluster CA and enforcer certificates for tests (Ed25519, as `tessera ca`
+/// makes them).
+#[cfg(test)]
+pub(crate) mod test_ca {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ED25519};
+
+    /// The CA's key and its certificate (DER).
+    pub fn ca() -> (KeyPair, Vec<u8>) {
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        (key, der)
+    }
+
+    /// An enforcer named `name`: its PKCS#8 key and its certificate (DER) from `ca`.
+    pub fn enforcer(name: &str, ca_key: &KeyPair, ca_der: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let issuer = Issuer::from_ca_cert_der(&ca_der.to_vec().into(), ca_key).unwrap();
+        let cert = CertificateParams::new(vec![name.into()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (key.serialize_der(), cert.der().to_vec())
+    }
+}
+
 /// The SPIFFE name of a workload.
 pub fn spiffe_id(trust_domain: &str, enforcer: &str, workload: &str) -> String {
     format!("spiffe://{trust_domain}/enforcer/{enforcer}/workload/{workload}")

@@ -230,7 +230,7 @@ pub fn vouches(trust_domain: &str, peer: &str, identity: &Identity) -> bool {
 mod tests {
     use super::*;
     use crate::identity::spiffe_id;
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ED25519};
+    use rcgen::KeyPair;
     use tessera_policy::Labels;
 
     const NOW: u64 = 1_800_000_000_000;
@@ -240,32 +240,14 @@ mod tests {
         cert: Vec<u8>,
     }
 
-    fn ca() -> (KeyPair, Vec<u8>) {
-        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let der = p.self_signed(&key).unwrap().der().to_vec();
-        (key, der)
-    }
+    use crate::identity::test_ca::ca;
 
     fn host(name: &str, ca: &(KeyPair, Vec<u8>), sign: bool) -> Host {
-        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
-        let issuer = Issuer::from_ca_cert_der(&ca.1.clone().into(), &ca.0).unwrap();
-        let cert = CertificateParams::new(vec![name.into()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
+        let (key, cert) = crate::identity::test_ca::enforcer(name, &ca.0, &ca.1);
         Host {
-            tokens: Tokens::new(
-                "td".into(),
-                &key.serialize_der(),
-                vec![ca.1.clone()],
-                10_000,
-                1_000,
-                sign,
-            )
-            .unwrap(),
-            cert: cert.der().to_vec(),
+            tokens: Tokens::new("td".into(), &key, vec![ca.1.clone()], 10_000, 1_000, sign)
+                .unwrap(),
+            cert,
         }
     }
 

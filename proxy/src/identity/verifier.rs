@@ -226,7 +226,7 @@ mod tests {
         spiffe_id,
         token::{Claims, MAX_TOKEN},
     };
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ED25519};
+    use rcgen::KeyPair;
     use tessera_policy::Labels;
 
     const NOW: u64 = 1_800_000_000_000;
@@ -238,25 +238,17 @@ mod tests {
         cert: Vec<u8>,
     }
 
-    /// A cluster CA and an enforcer key it certifies (both Ed25519, as `tessera ca` makes).
+    use crate::identity::test_ca::ca as new_ca;
+
     fn ca() -> (KeyPair, Vec<u8>) {
-        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let cert = p.self_signed(&key).unwrap();
-        (key, cert.der().to_vec())
+        new_ca()
     }
 
     fn enforcer(ca_key: &KeyPair, ca_der: &[u8]) -> Enforcer {
-        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
-        let issuer = Issuer::from_ca_cert_der(&ca_der.to_vec().into(), ca_key).unwrap();
-        let cert = CertificateParams::new(vec!["host-a".into()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
+        let (key, cert) = crate::identity::test_ca::enforcer("host-a", ca_key, ca_der);
         Enforcer {
-            signer: Signer::from_pkcs8(&key.serialize_der()).unwrap(),
-            cert: cert.der().to_vec(),
+            signer: Signer::from_pkcs8(&key).unwrap(),
+            cert,
         }
     }
 
