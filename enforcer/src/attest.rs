@@ -90,17 +90,17 @@ pub fn container_facts(path: &str) -> Vec<(&'static str, String)> {
             }
         }
         // systemd driver: kubepods-burstable-pod<uid_with_underscores>.slice
-        if let Some(rest) = seg.strip_suffix(".slice") {
-            if rest.starts_with("kubepods") {
-                if let Some(uid) = rest.rsplit('-').next().and_then(|s| s.strip_prefix("pod")) {
-                    out.push(("pod-uid", uid.replace('_', "-")));
-                }
-            }
+        if let Some(rest) = seg.strip_suffix(".slice")
+            && rest.starts_with("kubepods")
+            && let Some(uid) = rest.rsplit('-').next().and_then(|s| s.strip_prefix("pod"))
+        {
+            out.push(("pod-uid", uid.replace('_', "-")));
         }
-        if let Some(uid) = seg.strip_prefix("pod") {
-            if segments[..i].iter().any(|s| s.starts_with("kubepods")) && !seg.ends_with(".slice") {
-                out.push(("pod-uid", uid.to_owned()));
-            }
+        if let Some(uid) = seg.strip_prefix("pod")
+            && segments[..i].iter().any(|s| s.starts_with("kubepods"))
+            && !seg.ends_with(".slice")
+        {
+            out.push(("pod-uid", uid.to_owned()));
         }
     }
     out
@@ -143,10 +143,13 @@ pub struct ProcessFacts {
 }
 
 /// Derives per-process labels; caches executable hashes by file version and user names.
+/// One version of a file: (device, inode, size, mtime, mtime_nsec).
+type FileVersion = (u64, u64, u64, i64, i64);
+
 #[derive(Default)]
 pub struct ProcessAttestor {
-    /// (device, inode, size, mtime, mtime_nsec) -> SHA-256 hex.
-    hashes: Mutex<HashMap<(u64, u64, u64, i64, i64), String>>,
+    /// Executable version -> SHA-256 hex.
+    hashes: Mutex<HashMap<FileVersion, String>>,
     users: Mutex<HashMap<u32, Option<String>>>,
 }
 

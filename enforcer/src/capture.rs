@@ -44,7 +44,7 @@ pub struct Capture {
 /// Mounts bpffs at /sys/fs/bpf unless it is there already.
 fn ensure_bpffs() -> Result<()> {
     let mounted = nix::sys::statfs::statfs(BPF_FS)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if !mounted {
         fs::create_dir_all(BPF_FS).ok();

@@ -118,10 +118,10 @@ pub fn flows(sources: Sources, filter: FlowFilter, follow: bool, json: bool) -> 
             while let Some(end) = buf.find("\n\n") {
                 let block: String = buf.drain(..end + 2).collect();
                 for line in block.lines() {
-                    if let Some(data) = line.strip_prefix("data:") {
-                        if let Ok(r) = serde_json::from_str::<FlowRecord>(data.trim()) {
-                            print_records(&[r], json, false);
-                        }
+                    if let Some(data) = line.strip_prefix("data:")
+                        && let Ok(r) = serde_json::from_str::<FlowRecord>(data.trim())
+                    {
+                        print_records(&[r], json, false);
                     }
                 }
             }

@@ -42,20 +42,20 @@ pub struct RunOptions {
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     const WANT: u64 = 1 << 20;
-    if setrlimit(Resource::RLIMIT_NOFILE, WANT, WANT).is_err() {
-        if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
+    if setrlimit(Resource::RLIMIT_NOFILE, WANT, WANT).is_err()
+        && let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
-    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < WANT {
-            // Without CAP_SYS_RESOURCE the hard limit cannot be raised.
-            tracing::warn!(
-                limit = soft,
-                max_connections = soft.saturating_sub(200) / 2,
-                "open file limit could not be raised: each proxied connection holds two descriptors"
-            );
-        }
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < WANT
+    {
+        // Without CAP_SYS_RESOURCE the hard limit cannot be raised.
+        tracing::warn!(
+            limit = soft,
+            max_connections = soft.saturating_sub(200) / 2,
+            "open file limit could not be raised: each proxied connection holds two descriptors"
+        );
     }
 }
 

@@ -64,6 +64,12 @@ pub struct Metrics {
     count_open: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tessera");

@@ -82,7 +82,7 @@ fn bench(c: &mut Criterion) {
     // (identity j is svc-(j % 1000) in env (j % 3) and tier t(j % 10)), half are random.
     // Computed up front so the benchmarks time decisions, not pair generation.
     let pair = |k: usize| {
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             let i = (k / 2 * 7919) % RULES;
             let (from, to) = (i % SERVICES, (i * 7 + 3) % SERVICES);
             let src = from + SERVICES * ((k / 2) % (IDENTITIES / SERVICES));

@@ -19,9 +19,12 @@ use crate::{
 /// An interned subject: stable for the life of the process.
 pub type SubjectId = u32;
 
+/// What identifies a subject: its labels (if it has an identity) and its address.
+type SubjectKey = (Option<Labels>, Option<IpAddr>);
+
 #[derive(Default)]
 pub struct Interner {
-    ids: RwLock<HashMap<(Option<Labels>, Option<IpAddr>), SubjectId>>,
+    ids: RwLock<HashMap<SubjectKey, SubjectId>>,
 }
 
 impl Interner {

@@ -297,10 +297,10 @@ impl CompiledPolicy {
                 c.to.add(&mut c.symbols, id, p);
             }
             for p in r.from.iter().chain(&r.to) {
-                if let Peer::Dns(n) = p {
-                    if !c.dns_names.contains(n) {
-                        c.dns_names.push(n.clone());
-                    }
+                if let Peer::Dns(n) = p
+                    && !c.dns_names.contains(n)
+                {
+                    c.dns_names.push(n.clone());
                 }
             }
             c.rules.push(CompiledRule {

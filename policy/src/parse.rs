@@ -324,10 +324,10 @@ fn rule(ctx: &mut Ctx, node: &Node<'_>, index: usize) -> Option<Rule> {
             Mode::Enforce
         }
     };
-    if let Some(p) = field("protocol") {
-        if scalar_str(p) != Some("tcp") {
-            ctx.err(p, "protocol: only tcp is supported");
-        }
+    if let Some(p) = field("protocol")
+        && scalar_str(p) != Some("tcp")
+    {
+        ctx.err(p, "protocol: only tcp is supported");
     }
     let from = match field("from") {
         Some(f) => peers(ctx, f, "from"),

@@ -210,10 +210,10 @@ impl TunnelPool {
     }
 
     fn refill(self: &Arc<Self>, peer: &Peer, pool: &Arc<PeerPool>) {
-        if let (Some(until), _) = *pool.backoff.lock().expect("lock") {
-            if Instant::now() < until {
-                return;
-            }
+        if let (Some(until), _) = *pool.backoff.lock().expect("lock")
+            && Instant::now() < until
+        {
+            return;
         }
         for _ in self.have(pool)..self.size {
             pool.dialing.fetch_add(1, Ordering::Relaxed);

@@ -358,7 +358,7 @@ fn tunnelled_traffic_is_encrypted_on_the_wire() {
         "the tunnelled transfer is missing from the capture"
     );
     assert!(
-        contains(b"GET /index.txt") == false,
+        !contains(b"GET /index.txt"),
         "HTTP request visible on the wire"
     );
 }

@@ -300,28 +300,27 @@ print("still open", flush=True)
 /// TTL 1 s.
 fn dns_server(net: &TestNet, addr: &str) -> u32 {
     let o = net.host("outsider");
-    let pid = net
-        .spawn(
-            o,
-            None,
-            "dnsmasq",
-            &[
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--user=root",
-                "--pid-file=",
-                "--bind-interfaces",
-                "--listen-address=10.77.0.3",
-                "--port=53",
-                "--local-ttl=1",
-                &format!("--address=/registry.test/{addr}"),
-                "--log-queries",
-            ],
-        )
-        .unwrap();
-    pid
+
+    net.spawn(
+        o,
+        None,
+        "dnsmasq",
+        &[
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+            "--pid-file=",
+            "--bind-interfaces",
+            "--listen-address=10.77.0.3",
+            "--port=53",
+            "--local-ttl=1",
+            &format!("--address=/registry.test/{addr}"),
+            "--log-queries",
+        ],
+    )
+    .unwrap()
 }
 
 #[test]

@@ -142,10 +142,13 @@ pub fn attach(packet: &[u8], message: &[u8]) -> Result<Vec<u8>, PacketError> {
     Ok(assemble(p.v6, p.ip, &header, &[p.data, message]))
 }
 
+/// A packet restored as its sender's kernel wrote it, and the message it carried.
+pub type Detached = (Vec<u8>, Vec<u8>);
+
 /// If the packet carries our option: the packet as its sender's kernel wrote it, and the
 /// message. `Ok(None)`: no handshake option (an ordinary packet, or a peer without an
 /// enforcer).
-pub fn detach(packet: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, PacketError> {
+pub fn detach(packet: &[u8]) -> Result<Option<Detached>, PacketError> {
     let p = split(packet)?;
     let opts = &p.tcp[20..];
     if opts.first() != Some(&OPTION_KIND) {

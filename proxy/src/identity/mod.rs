@@ -22,6 +22,11 @@ pub struct Identity {
     pub labels: Labels,
 }
 
+/// The SPIFFE name of a workload.
+pub fn spiffe_id(trust_domain: &str, enforcer: &str, workload: &str) -> String {
+    format!("spiffe://{trust_domain}/enforcer/{enforcer}/workload/{workload}")
+}
+
 /// A throwaway cluster CA and enforcer certificates for tests (Ed25519, as `tessera ca`
 /// makes them).
 #[cfg(test)]
@@ -47,9 +52,4 @@ pub(crate) mod test_ca {
             .unwrap();
         (key.serialize_der(), cert.der().to_vec())
     }
-}
-
-/// The SPIFFE name of a workload.
-pub fn spiffe_id(trust_domain: &str, enforcer: &str, workload: &str) -> String {
-    format!("spiffe://{trust_domain}/enforcer/{enforcer}/workload/{workload}")
 }
