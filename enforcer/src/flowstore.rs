@@ -167,14 +167,16 @@ fn load(db: &Database, map: &mut Aggregate) -> Result<()> {
 
 impl FlowSink for FlowStore {
     fn record(&self, rec: Arc<FlowRecord>) {
-        self.metrics.observe(&rec);
+        // Node names are made once and serve both the metrics and the map.
+        let names = crate::map::node_names(&rec);
+        self.metrics.observe(&rec, &names[0], &names[1]);
         {
             let mut inner = self.inner.lock().expect("lock");
             if inner.recent.len() == self.capacity {
                 inner.recent.pop_front();
             }
             inner.recent.push_back(rec.clone());
-            let (key, [src, dst]) = inner.map.add(&rec);
+            let (key, [src, dst]) = inner.map.add_named(&rec, names);
             inner.dirty_edges.insert(key);
             for n in [src, dst] {
                 if !inner.dirty_nodes.contains(&n) {

@@ -32,6 +32,14 @@ pub fn node_name(e: &Endpoint, role: Role) -> String {
     }
 }
 
+/// The names of a record's source and destination nodes.
+pub fn node_names(r: &FlowRecord) -> [String; 2] {
+    [
+        node_name(&r.src, Role::Source),
+        node_name(&r.dst, Role::Destination),
+    ]
+}
+
 pub fn verdict_name(v: Verdict) -> &'static str {
     match v {
         Verdict::Allowed => "allowed",
@@ -105,10 +113,11 @@ pub struct Aggregate {
 impl Aggregate {
     /// Adds a record; returns the edge key and the node names it touched.
     pub fn add(&mut self, r: &FlowRecord) -> (EdgeKey, [String; 2]) {
-        let (src, dst) = (
-            node_name(&r.src, Role::Source),
-            node_name(&r.dst, Role::Destination),
-        );
+        self.add_named(r, node_names(r))
+    }
+
+    /// [`Aggregate::add`] with the record's node names already made (see [`node_names`]).
+    pub fn add_named(&mut self, r: &FlowRecord, [src, dst]: [String; 2]) -> (EdgeKey, [String; 2]) {
         for (name, e) in [(&src, &r.src), (&dst, &r.dst)] {
             let node = self.nodes.entry(name.clone()).or_insert_with(|| Node {
                 name: name.clone(),

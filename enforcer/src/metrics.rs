@@ -6,7 +6,7 @@ use prometheus_client::{
 };
 use tessera_proxy::flow::FlowRecord;
 
-use crate::map::{Role, node_name, verdict_name};
+use crate::map::verdict_name;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Connection {
@@ -121,11 +121,9 @@ impl Metrics {
         }
     }
 
-    pub fn observe(&self, r: &FlowRecord) {
-        let (src, dst) = (
-            node_name(&r.src, Role::Source),
-            node_name(&r.dst, Role::Destination),
-        );
+    /// Counts a record whose source and destination nodes are named `src` and `dst`.
+    pub fn observe(&self, r: &FlowRecord, src: &str, dst: &str) {
+        let (src, dst) = (src.to_owned(), dst.to_owned());
         self.connections
             .get_or_create(&Connection {
                 src: src.clone(),

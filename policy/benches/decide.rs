@@ -98,43 +98,29 @@ fn bench(c: &mut Criterion) {
     };
     let pairs: Vec<(usize, usize, u16)> = (0..IDENTITIES).map(pair).collect();
     let pair = |k: usize| pairs[k % pairs.len()];
-    let allowed = (0..10_000)
-        .filter(|&k| {
-            let (s, d, p) = pair(k);
-            policy
-                .decide(
-                    &Subject {
-                        labels: Some(&identities[s]),
-                        addr: None,
-                    },
-                    &Subject {
-                        labels: Some(&identities[d]),
-                        addr: None,
-                    },
-                    p,
-                    &no_dns,
-                )
-                .allowed()
-        })
-        .count();
+    // One uncached decision for pair `k`.
+    let decide = |k: usize| {
+        let (s, d, p) = pair(k);
+        policy.decide(
+            &Subject {
+                labels: Some(&identities[s]),
+                addr: None,
+            },
+            &Subject {
+                labels: Some(&identities[d]),
+                addr: None,
+            },
+            p,
+            &no_dns,
+        )
+    };
+    let allowed = (0..10_000).filter(|&k| decide(k).allowed()).count();
 
     let mut k = 0usize;
     c.bench_function("uncached decision (10k rules)", |b| {
         b.iter(|| {
             k = k.wrapping_add(1);
-            let (s, d, p) = pair(k);
-            black_box(policy.decide(
-                &Subject {
-                    labels: Some(&identities[s]),
-                    addr: None,
-                },
-                &Subject {
-                    labels: Some(&identities[d]),
-                    addr: None,
-                },
-                p,
-                &no_dns,
-            ))
+            black_box(decide(k))
         })
     });
 

@@ -544,6 +544,20 @@ impl TestNet {
         self.run_with_input(host, workload, program, args, &[], timeout)
     }
 
+    /// Runs the traffic tool (`tools/tessera_tool.py`: `blast`, `echo-many`, ...) on `host`.
+    pub fn run_tool(
+        &self,
+        host: &Host,
+        workload: Option<&str>,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let tool = self.tool()?;
+        let mut full = vec![tool.as_str()];
+        full.extend_from_slice(args);
+        self.run(host, workload, "python3", &full, timeout)
+    }
+
     pub fn run_with_input(
         &self,
         host: &Host,

@@ -48,6 +48,13 @@ fn curl(net: &TestNet, host: &str, workload: Option<&str>, url: &str) -> std::pr
     .unwrap()
 }
 
+const INDEX: &str = "http://10.77.0.2:8080/index.txt";
+
+/// web@host-a fetches the api's index through Tessera.
+fn web_fetches_index(net: &TestNet) -> std::process::Output {
+    curl(net, "host-a", Some("web"), INDEX)
+}
+
 fn server_log(net: &TestNet) -> String {
     fs::read_to_string(net.dir.join("host-b-api-python3.log")).unwrap_or_default()
 }
@@ -57,12 +64,7 @@ fn http_request_crosses_the_tunnel_and_both_ends_record_it() {
     let net = two_hosts();
     net.start_enforcers().unwrap();
     web_server(&net, "hello from api\n");
-    let out = curl(
-        &net,
-        "host-a",
-        Some("web"),
-        "http://10.77.0.2:8080/index.txt",
-    );
+    let out = web_fetches_index(&net);
     assert!(
         out.status.success(),
         "curl failed: {}",
@@ -146,16 +148,7 @@ fn sequential_connections_reuse_one_tunnel() {
     net.start_enforcers().unwrap();
     web_server(&net, "again\n");
     for _ in 0..5 {
-        assert_eq!(
-            curl(
-                &net,
-                "host-a",
-                Some("web"),
-                "http://10.77.0.2:8080/index.txt"
-            )
-            .stdout,
-            b"again\n"
-        );
+        assert_eq!(web_fetches_index(&net).stdout, b"again\n");
     }
     let flows = net.wait_flows(net.host("host-b"), 5, |f| f["direction"] == "inbound");
     assert_eq!(flows.len(), 5);
@@ -182,16 +175,14 @@ fn sequential_connections_reuse_one_tunnel() {
 fn a_large_transfer_arrives_intact_both_ways_and_half_close_works() {
     let net = two_hosts();
     net.start_enforcers().unwrap();
-    let tool = net.tool().unwrap();
     let b = net.host("host-b");
     net.serve_tool(b, Some("api"), "serve-blast", 9000).unwrap();
     // 48 MiB up, then (after the client's half-close) 32 MiB back.
     let out = net
-        .run(
+        .run_tool(
             net.host("host-a"),
             Some("web"),
-            "python3",
-            &[&tool, "blast", "10.77.0.2", "9000", "50331648", "33554432"],
+            &["blast", "10.77.0.2", "9000", "50331648", "33554432"],
             Duration::from_secs(120),
         )
         .unwrap();
@@ -216,15 +207,13 @@ fn a_large_transfer_arrives_intact_both_ways_and_half_close_works() {
 fn many_concurrent_connections_all_get_their_own_answer() {
     let net = two_hosts();
     net.start_enforcers().unwrap();
-    let tool = net.tool().unwrap();
     net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 9000)
         .unwrap();
     let out = net
-        .run(
+        .run_tool(
             net.host("host-a"),
             Some("web"),
-            "python3",
-            &[&tool, "echo-many", "10.77.0.2", "9000", "300"],
+            &["echo-many", "10.77.0.2", "9000", "300"],
             Duration::from_secs(60),
         )
         .unwrap();
@@ -316,12 +305,7 @@ fn tunnelled_traffic_is_encrypted_on_the_wire() {
         );
     }
 
-    let out = curl(
-        &net,
-        "host-a",
-        Some("web"),
-        "http://10.77.0.2:8080/index.txt",
-    );
+    let out = web_fetches_index(&net);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(marker));
     // Control: the same marker sent by an unenrolled client to the unprotected port is
     // visible in the capture, which proves the capture would have seen plaintext.
@@ -381,7 +365,7 @@ fn a_direct_connection_to_a_protected_port_never_reaches_the_application() {
     web_server(&net, "secret\n");
     // From a host without an enforcer, and from an unenrolled process on an enforced host.
     for (host, workload) in [("outsider", None), ("host-a", None)] {
-        let out = curl(&net, host, workload, "http://10.77.0.2:8080/index.txt");
+        let out = curl(&net, host, workload, INDEX);
         assert!(
             !out.status.success(),
             "{host} reached the protected port directly"
@@ -389,12 +373,7 @@ fn a_direct_connection_to_a_protected_port_never_reaches_the_application() {
         assert!(!String::from_utf8_lossy(&out.stdout).contains("secret"));
     }
     // Through the tunnel it works, and it is the only request the application ever saw.
-    let out = curl(
-        &net,
-        "host-a",
-        Some("web"),
-        "http://10.77.0.2:8080/index.txt",
-    );
+    let out = web_fetches_index(&net);
     assert_eq!(out.stdout, b"secret\n");
     let log = server_log(&net);
     assert_eq!(
@@ -426,17 +405,15 @@ fn unenrolled_clients_are_untouched_and_unserved_destinations_refused() {
     net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
         .unwrap();
     net.start_enforcers().unwrap();
-    let tool = net.tool().unwrap();
     net.serve_tool(net.host("outsider"), None, "serve-blast", 7000)
         .unwrap();
     let a = net.host("host-a");
     // Unenrolled process: a plain, direct connection.
     let out = net
-        .run(
+        .run_tool(
             a,
             None,
-            "python3",
-            &[&tool, "blast", "10.77.0.3", "7000", "1000", "1000"],
+            &["blast", "10.77.0.3", "7000", "1000", "1000"],
             SECS_30,
         )
         .unwrap();
@@ -448,11 +425,10 @@ fn unenrolled_clients_are_untouched_and_unserved_destinations_refused() {
     );
     // Enrolled workload: captured, and no enforcer serves 10.77.0.3, so it is refused.
     let out = net
-        .run(
+        .run_tool(
             a,
             Some("web"),
-            "python3",
-            &[&tool, "blast", "10.77.0.3", "7000", "1000", "1000"],
+            &["blast", "10.77.0.3", "7000", "1000", "1000"],
             SECS_30,
         )
         .unwrap();
@@ -496,16 +472,7 @@ fn capture_survives_an_enforcer_restart_failing_closed_meanwhile() {
     net.start_enforcers().unwrap();
     web_server(&net, "v1\n");
     let (a, b) = (net.host("host-a"), net.host("host-b"));
-    assert_eq!(
-        curl(
-            &net,
-            "host-a",
-            Some("web"),
-            "http://10.77.0.2:8080/index.txt"
-        )
-        .stdout,
-        b"v1\n"
-    );
+    assert_eq!(web_fetches_index(&net).stdout, b"v1\n");
     let links_before = pinned_links(&net.pin_dir(a));
     assert_eq!(
         links_before, 4,
@@ -516,12 +483,7 @@ fn capture_survives_an_enforcer_restart_failing_closed_meanwhile() {
     net.stop_enforcer(a, false).unwrap();
     net.stop_enforcer(b, true).unwrap();
     assert_eq!(pinned_links(&net.pin_dir(a)), 4);
-    let out = curl(
-        &net,
-        "host-a",
-        Some("web"),
-        "http://10.77.0.2:8080/index.txt",
-    );
+    let out = web_fetches_index(&net);
     assert!(
         !out.status.success(),
         "a captured connection went around the stopped enforcer"
@@ -533,7 +495,7 @@ fn capture_survives_an_enforcer_restart_failing_closed_meanwhile() {
         "fails fast and closed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = curl(&net, "host-a", None, "http://10.77.0.2:8080/index.txt");
+    let out = curl(&net, "host-a", None, INDEX);
     assert!(
         !out.status.success(),
         "a direct connection reached the protected port while its enforcer was down"
@@ -542,16 +504,7 @@ fn capture_survives_an_enforcer_restart_failing_closed_meanwhile() {
 
     // Back up: the pinned maps are reused, the links replaced by a new generation.
     net.start_enforcers().unwrap();
-    assert_eq!(
-        curl(
-            &net,
-            "host-a",
-            Some("web"),
-            "http://10.77.0.2:8080/index.txt"
-        )
-        .stdout,
-        b"v1\n"
-    );
+    assert_eq!(web_fetches_index(&net).stdout, b"v1\n");
     assert_eq!(
         pinned_links(&net.pin_dir(a)),
         4,
@@ -573,15 +526,13 @@ fn sigterm_without_keep_removes_everything_it_attached() {
     net.stop_enforcer(a, false).unwrap();
     assert!(!net.pin_dir(a).exists(), "pins left behind after SIGTERM");
     // With capture gone, the web workload connects directly again (no refusal by host-a).
-    let tool = net.tool().unwrap();
     net.serve_tool(net.host("host-b"), None, "serve-echo", 7000)
         .unwrap();
     let out = net
-        .run(
+        .run_tool(
             a,
             Some("web"),
-            "python3",
-            &[&tool, "echo-many", "10.77.0.2", "7000", "3"],
+            &["echo-many", "10.77.0.2", "7000", "3"],
             SECS_30,
         )
         .unwrap();

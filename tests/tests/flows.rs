@@ -30,14 +30,11 @@ fn api(net: &TestNet, host: &str) -> String {
 /// One blast exchange: `up` bytes (plus the "<back>\n" request line) to the server, which
 /// answers a 65-byte hash line and `back` bytes. Returns whether it worked.
 fn blast(net: &TestNet, host: &str, workload: Option<&str>, up: usize, back: usize) -> bool {
-    let tool = net.tool().unwrap();
     let out = net
-        .run(
+        .run_tool(
             net.host(host),
             workload,
-            "python3",
             &[
-                &tool,
                 "blast",
                 "10.77.0.2",
                 "7000",

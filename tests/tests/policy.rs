@@ -48,13 +48,11 @@ fn three_tiers_with(policy: &str, host_c: Option<&str>) -> TestNet {
 
 /// One echo exchange from `workload` on `host` to `addr`; true if it worked.
 fn echo(net: &TestNet, host: &str, workload: &str, ip: &str, port: u16) -> bool {
-    let tool = net.tool().unwrap();
     let out = net
-        .run(
+        .run_tool(
             net.host(host),
             Some(workload),
-            "python3",
-            &[&tool, "echo-many", ip, &port.to_string(), "1"],
+            &["echo-many", ip, &port.to_string(), "1"],
             T,
         )
         .unwrap();
@@ -64,13 +62,11 @@ fn echo(net: &TestNet, host: &str, workload: &str, ip: &str, port: u16) -> bool 
 
 /// One blast (1 KiB each way) to the db; true if it worked.
 fn to_db(net: &TestNet, host: &str, workload: &str) -> bool {
-    let tool = net.tool().unwrap();
     let out = net
-        .run(
+        .run_tool(
             net.host(host),
             Some(workload),
-            "python3",
-            &[&tool, "blast", "10.77.0.3", "7100", "1024", "1024"],
+            &["blast", "10.77.0.3", "7100", "1024", "1024"],
             T,
         )
         .unwrap();

@@ -150,13 +150,11 @@ fn policy_on_derived_labels_admits_only_the_attested_binary() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Same workload, another binary: refused at the source by policy.
-    let tool = net.tool().unwrap();
     let out = net
-        .run(
+        .run_tool(
             net.host("host-a"),
             Some("web"),
-            "python3",
-            &[&tool, "echo-many", "10.77.0.2", "8080", "1"],
+            &["echo-many", "10.77.0.2", "8080", "1"],
             T,
         )
         .unwrap();

@@ -29,27 +29,15 @@ fn the_web_map_draws_the_merged_map_and_shows_an_edge_on_click() {
         "chromium is missing: run `cargo xtask setup`"
     );
     let net = TestNet::web_and_api("serve-echo", Some(POLICY)).expect("test hosts");
-    let tool = net.tool().unwrap();
+    let echo = ["echo-many", "10.77.0.2", "7000", "1"];
     for _ in 0..3 {
         let out = net
-            .run(
-                net.host("host-a"),
-                Some("web"),
-                "python3",
-                &[&tool, "echo-many", "10.77.0.2", "7000", "1"],
-                T,
-            )
+            .run_tool(net.host("host-a"), Some("web"), &echo, T)
             .unwrap();
         assert!(String::from_utf8_lossy(&out.stdout).contains("\"ok\": 1"));
     }
     // A refusal: an unenrolled client straight to the protected port.
-    let _ = net.run(
-        net.host("host-a"),
-        None,
-        "python3",
-        &[&tool, "echo-many", "10.77.0.2", "7000", "1"],
-        T,
-    );
+    let _ = net.run_tool(net.host("host-a"), None, &echo, T);
     net.wait_flows(net.host("host-b"), 4, |_| true);
     net.wait_flows(net.host("host-a"), 3, |_| true);
 
