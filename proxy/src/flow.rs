@@ -119,12 +119,18 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
+    /// A live connection closed because a new policy (or DNS answer) no longer allows it.
+    pub fn revoked_by(&mut self, reason: String) {
+        self.verdict = Verdict::Denied;
+        self.reason = reason;
+        self.code = "policy-reload".into();
+    }
+
     /// The code for a record whose refusal site did not set one.
     pub fn default_code(&self) -> &'static str {
         match self.verdict {
             Verdict::Allowed if self.reason.is_empty() => "",
             Verdict::Allowed | Verdict::Error => "broken",
-            Verdict::Denied if self.reason.contains("policy reload") => "policy-reload",
             Verdict::Denied | Verdict::ObservedDeny => "policy",
         }
     }

@@ -139,6 +139,7 @@ impl Inbound {
                         rec.reason = format!("bad tunnel header: {e}");
                         rec.code = "bad-header".into();
                         let _ = Response::new(Status::BadRequest, rec.reason.clone())
+                            .with_code("bad-header")
                             .write(&mut tls)
                             .await;
                         self.finish(rec, Instant::now());
@@ -290,15 +291,13 @@ impl Inbound {
         let ended = tokio::select! {
             r = splice(&mut delivered, tls, buffers) => Some(r),
             reason = guard.revoked() => {
-                rec.verdict = Verdict::Denied;
-                rec.reason = reason;
+                rec.revoked_by(reason);
                 None
             }
         };
         if let (Some(Ok(Ended::Reset { .. }) | Err(_)), Some(reason)) = (&ended, guard.revocation())
         {
-            rec.verdict = Verdict::Denied;
-            rec.reason = reason;
+            rec.revoked_by(reason);
         }
         let clean = match ended {
             None => {
@@ -342,10 +341,14 @@ impl Inbound {
         &self,
         tls: &mut TlsStream<TcpStream>,
         answer: Response,
-        rec: FlowRecord,
+        mut rec: FlowRecord,
         start: Instant,
     ) -> bool {
-        let sent = answer.write(tls).await.is_ok();
+        if rec.code.is_empty() {
+            rec.code = rec.default_code().into();
+        }
+        // The source records the same code as we do.
+        let sent = answer.with_code(rec.code.clone()).write(tls).await.is_ok();
         self.finish(rec, start);
         sent
     }
@@ -457,8 +460,7 @@ impl Inbound {
             reason = guard.revoked() => {
                 reset_on_close(&stream);
                 reset_on_close(&delivered);
-                rec.verdict = Verdict::Denied;
-                rec.reason = reason;
+                rec.revoked_by(reason);
             }
         }
         self.finish(rec, start)

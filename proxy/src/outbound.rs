@@ -184,8 +184,7 @@ impl Outbound {
             reason = guard.revoked() => {
                 reset_on_close(app);
                 reset_on_close(&remote);
-                record.verdict = Verdict::Denied;
-                record.reason = reason;
+                record.revoked_by(reason);
             }
         }
         self.finish(record, start)
@@ -234,19 +233,8 @@ impl Outbound {
                 _ => Verdict::Error,
             };
             record.reason = format!("{} refused: {}", peer.name, answer.reason);
-            record.code = match answer.status {
-                Status::Denied => "policy".into(),
-                Status::NotServed => "not-served".into(),
-                Status::Unreachable => "workload-unreachable".into(),
-                Status::BadRequest => "bad-header".into(),
-                // "...: <what> (<code>)": the peer's short reason.
-                _ => answer
-                    .reason
-                    .rsplit_once('(')
-                    .and_then(|(_, c)| c.strip_suffix(')'))
-                    .unwrap_or("unauthenticated")
-                    .into(),
-            };
+            // The peer's refusal code, as its own flow record has it.
+            record.code = answer.code.clone();
             return self.finish(record, start);
         }
         let dst_identity = match dst_identity {
@@ -295,8 +283,7 @@ impl Outbound {
         let ended = tokio::select! {
             r = splice(&mut app, &mut tunnel.stream, &mut tunnel.buffers) => Some(r),
             reason = guard.revoked() => {
-                record.verdict = Verdict::Denied;
-                record.reason = reason;
+                record.revoked_by(reason);
                 None
             }
         };
@@ -304,8 +291,7 @@ impl Outbound {
         // here too if it applies to us.
         if let (Some(Ok(Ended::Reset { .. }) | Err(_)), Some(reason)) = (&ended, guard.revocation())
         {
-            record.verdict = Verdict::Denied;
-            record.reason = reason;
+            record.revoked_by(reason);
         }
         match ended {
             None => {

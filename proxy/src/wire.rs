@@ -3,14 +3,15 @@
 //!
 //! Request (client → server), all integers big-endian:
 //! ```text
-//! magic "TSRA" | version u8 (=3) | body_len u16 | body
+//! magic "TSRA" | version u8 (=4) | body_len u16 | body
 //! body = dst_family u8 (4|6) | dst_addr [4|16] | dst_port u16
 //!      | src_workload_len u8 | src_workload utf-8 | src_pid u32 | src_uid u32 | src_cgroup u64
 //!      | proof
 //! proof = kind u8 (0 none, 1 token, 2 unsigned identity) | len u16 | bytes
 //! ```
-//! Response (server → client): `version u8 | status u8 | reason_len u8 | reason | proof`
-//! (the destination workload's proof, when there is one).
+//! Response (server → client): `version u8 | status u8 | reason_len u8 | reason | code_len u8
+//! | code | proof` (the refusal code for flow records, e.g. `replay`, and the destination
+//! workload's proof, when there is one).
 //!
 //! The workload name, pid, uid and cgroup id are hints for flow records; what policy
 //! decides on is the identity in the proof (a token signed by the source enforcer).
@@ -25,7 +26,7 @@ use crate::identity::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 4] = *b"TSRA";
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Largest body this version accepts; anything longer is refused before allocation.
 pub const MAX_BODY: usize = 8192;
 
@@ -101,6 +102,8 @@ pub struct Response {
     pub status: Status,
     /// Why it was refused; on `Connected`, the name of the workload that accepted.
     pub reason: String,
+    /// The refusal's short code (`policy`, `replay`, `not-served`, ...); empty on success.
+    pub code: String,
     /// The destination workload's identity (none when there is no such workload, or the
     /// request was refused before one was chosen).
     pub proof: Option<Proof>,
@@ -229,8 +232,14 @@ impl Response {
         Self {
             status,
             reason: reason.into(),
+            code: String::new(),
             proof: None,
         }
+    }
+
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = code.into();
+        self
     }
 
     pub fn with_proof(mut self, proof: Proof) -> Self {
@@ -243,6 +252,9 @@ impl Response {
         let mut out = Vec::with_capacity(64 + reason.len());
         out.extend_from_slice(&[VERSION, self.status as u8, reason.len() as u8]);
         out.extend_from_slice(reason.as_bytes());
+        let code = truncate_utf8(&self.code, u8::MAX as usize);
+        out.push(code.len() as u8);
+        out.extend_from_slice(code.as_bytes());
         encode_proof(&mut out, self.proof.as_ref());
         out
     }
@@ -258,6 +270,12 @@ impl Response {
         read_exact(r, &mut reason, "response reason").await?;
         let reason =
             String::from_utf8(reason).map_err(|_| WireError::Malformed("reason is not UTF-8"))?;
+        let mut len = [0u8; 1];
+        read_exact(r, &mut len, "response code").await?;
+        let mut code = vec![0u8; len[0] as usize];
+        read_exact(r, &mut code, "response code").await?;
+        let code =
+            String::from_utf8(code).map_err(|_| WireError::Malformed("code is not UTF-8"))?;
         let mut head = [0u8; 3];
         read_exact(r, &mut head, "response proof").await?;
         let len = u16::from_be_bytes([head[1], head[2]]) as usize;
@@ -269,6 +287,7 @@ impl Response {
         Ok(Self {
             status,
             reason,
+            code,
             proof: decode_proof(head[0], &bytes)?,
         })
     }
@@ -405,15 +424,15 @@ mod tests {
 
     #[tokio::test]
     async fn response_round_trips_and_rejects_unknown_status() {
-        let resp = Response::new(Status::Denied, "denied by rule x").with_proof(Proof::Unsigned(
-            crate::identity::Identity {
+        let resp = Response::new(Status::Denied, "denied by rule x")
+            .with_code("policy")
+            .with_proof(Proof::Unsigned(crate::identity::Identity {
                 spiffe: "spiffe://td/enforcer/b/workload/api".into(),
                 labels: tessera_policy::Labels::new([("app", "api")]),
-            },
-        ));
+            }));
         let got = Response::read(&mut resp.encode().as_slice()).await.unwrap();
         assert_eq!(got, resp);
-        let err = Response::read(&mut &[VERSION, 200, 0, 0, 0, 0][..])
+        let err = Response::read(&mut &[VERSION, 200, 0, 0, 0, 0, 0][..])
             .await
             .unwrap_err();
         assert!(matches!(err, WireError::UnknownStatus(200)));
