@@ -30,10 +30,17 @@ try {
   await page.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
   const drawn = await page.evaluate(() => window.tesseraMap);
   // Click the middle of the edge as the user would: its position on the canvas.
-  const at = await page.evaluate(
-    ([src, dst]) => window.tesseraEdgePosition(src, dst),
+  // The page may still be drawing (or redrawing after a live update): wait until the
+  // edge has a position on the canvas.
+  const handle = await page.waitForFunction(
+    ([src, dst]) => {
+      const at = window.tesseraEdgePosition(src, dst);
+      return at && at.pending ? false : { at };
+    },
     [edgeSrc, edgeDst],
+    { timeout: 10000 },
   );
+  const { at } = await handle.jsonValue();
   if (!at) throw new Error(`edge ${edgeSrc} -> ${edgeDst} is not drawn`);
   await page.mouse.click(at.x, at.y);
   await page.waitForFunction(() => document.querySelector("#details h2"), null, { timeout: 5000 });

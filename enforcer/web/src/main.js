@@ -132,7 +132,10 @@ function render() {
 window.tesseraEdgePosition = (src, dst) => {
   const edge = cy.edges().filter((e) => e.data("edge").src === src && e.data("edge").dst === dst)[0];
   if (!edge) return null;
+  // Cytoscape computes an edge's geometry when it first draws it (on an animation
+  // frame), so right after a render the midpoint may not be known yet.
   const p = edge.renderedMidpoint();
+  if (!p || !Number.isFinite(p.x) || !Number.isFinite(p.y)) return { pending: true };
   const box = document.getElementById("graph").getBoundingClientRect();
   return { x: box.left + p.x, y: box.top + p.y };
 };
