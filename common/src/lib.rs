@@ -46,7 +46,18 @@ pub struct Settings {
     pub delivery_src4: u32,
     /// 1 once user space has filled the settings; programs do nothing before that.
     pub ready: u32,
+    /// [`MODE_TUNNEL`] or [`MODE_HANDSHAKE`].
+    pub mode: u32,
+    /// `SO_MARK` the connect hooks give an enrolled workload's socket in handshake mode, so
+    /// that iptables queues its handshake packets (and only those) to the enforcer.
+    pub handshake_mark: u32,
 }
+
+/// Connects are redirected to the outbound proxy (tunnel mode).
+pub const MODE_TUNNEL: u32 = 0;
+/// Connects go ahead unchanged, their socket marked: the enforcer authenticates each
+/// connection in its TCP handshake (NFQUEUE) and the data stays in the kernel.
+pub const MODE_HANDSHAKE: u32 = 1;
 
 /// The original destination of a captured connection and who opened it.
 #[repr(C)]

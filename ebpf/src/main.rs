@@ -3,6 +3,8 @@
 //! * `capture_connect4` / `capture_connect6` (cgroup/connect4, cgroup/connect6), attached to
 //!   each enrolled workload's cgroup: rewrite a TCP connect() to the local proxy's outbound
 //!   listener and remember the original destination and the caller, keyed by socket cookie.
+//!   In handshake mode they leave the destination alone and mark the socket instead, so that
+//!   iptables queues the connection's handshake packets to the enforcer.
 //! * `track_connect` (sock_ops), attached to the same cgroups: at TCP_CONNECT_CB the source
 //!   port is known, so the record is re-keyed by the client's (address, port), which is what
 //!   the proxy sees after accept(): one map lookup finds it.
@@ -18,18 +20,20 @@ mod programs {
         bindings::{bpf_sock_addr, sk_action},
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-            bpf_get_socket_cookie,
+            bpf_get_socket_cookie, bpf_setsockopt,
         },
         macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
         maps::{Array, HashMap, LruHashMap, SockMap},
         programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     };
     use tessera_common::{
-        AF_INET, AF_INET6, ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, ORIG_MAP_ENTRIES,
-        OrigDst, PROTECTED_PORT_ENTRIES, Settings,
+        AF_INET, AF_INET6, ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE,
+        ORIG_MAP_ENTRIES, OrigDst, PROTECTED_PORT_ENTRIES, Settings,
     };
 
     const IPPROTO_TCP: u32 = 6;
+    const SOL_SOCKET: i32 = 1;
+    const SO_MARK: i32 = 36;
     const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
     /// 127.0.0.1 in network byte order, as it sits in the u32 the kernel hands us.
     const LOOPBACK4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -75,6 +79,25 @@ mod programs {
         }
     }
 
+    /// Handshake mode: the connect goes ahead unchanged, its socket marked so that iptables
+    /// hands its handshake packets to the enforcer. Without the mark the connection would
+    /// leave unauthenticated, so a failure fails the connect.
+    fn mark_for_handshake(ctx: &SockAddrContext, settings: &Settings) -> i32 {
+        let mut mark = settings.handshake_mark;
+        // SAFETY: bpf_setsockopt(SOL_SOCKET, SO_MARK) is allowed in cgroup/connect hooks;
+        // the option value is a live u32 on our stack.
+        let rc = unsafe {
+            bpf_setsockopt(
+                ctx.as_ptr(),
+                SOL_SOCKET,
+                SO_MARK,
+                &mut mark as *mut u32 as *mut core::ffi::c_void,
+                4,
+            )
+        };
+        if rc == 0 { CONNECT_PROCEED } else { 0 }
+    }
+
     fn record(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> bool {
         // SAFETY: plain helper calls valid in cgroup/connect programs.
         let (cookie, pid_tgid, uid_gid, cgroup_id) = unsafe {
@@ -117,6 +140,9 @@ mod programs {
                 // Without a record the proxy could not route it: fail closed.
                 return 0;
             }
+            if settings.mode == MODE_HANDSHAKE {
+                return mark_for_handshake(&ctx, &settings);
+            }
             (*sa).user_ip4 = LOOPBACK4_BE;
             (*sa).user_port = u32::from(settings.outbound_port.to_be());
         }
@@ -150,6 +176,9 @@ mod programs {
                 if !record(&ctx, [ip[3], 0, 0, 0], port, AF_INET) {
                     return 0;
                 }
+                if settings.mode == MODE_HANDSHAKE {
+                    return mark_for_handshake(&ctx, &settings);
+                }
                 (*sa).user_ip6[3] = LOOPBACK4_BE;
             } else {
                 if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == V6_LOOPBACK_LAST {
@@ -157,6 +186,9 @@ mod programs {
                 }
                 if !record(&ctx, ip, port, AF_INET6) {
                     return 0;
+                }
+                if settings.mode == MODE_HANDSHAKE {
+                    return mark_for_handshake(&ctx, &settings);
                 }
                 (*sa).user_ip6[0] = 0;
                 (*sa).user_ip6[1] = 0;

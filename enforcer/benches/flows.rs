@@ -74,6 +74,7 @@ fn record(i: usize) -> FlowRecord {
         src,
         dst,
         protocol: Default::default(),
+        mode: Default::default(),
         verdict: Verdict::Allowed,
         reason: String::new(),
         code: String::new(),

@@ -23,11 +23,12 @@ use aya::{
     },
 };
 use tessera_common::{
-    ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, OrigDst, Settings, names,
+    ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE, MODE_TUNNEL, OrigDst,
+    Settings, names,
 };
 use tokio::net::TcpListener;
 
-use crate::config::Config;
+use crate::config::{Config, DataPathMode};
 
 /// The eBPF object built from `ebpf/` by build.rs: the binary is self-contained.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tessera-ebpf"));
@@ -104,6 +105,11 @@ impl Capture {
             proxy_mark: config.bpf.proxy_mark,
             delivery_src4: u32::from_ne_bytes(config.bpf.delivery_source.octets()),
             ready: 1,
+            mode: match config.handshake.mode {
+                DataPathMode::Tunnel => MODE_TUNNEL,
+                DataPathMode::Handshake => MODE_HANDSHAKE,
+            },
+            handshake_mark: config.handshake.socket_mark,
         };
         let mut settings_map: Array<_, Settings> =
             Array::try_from(ebpf.map_mut(names::SETTINGS).context("settings map")?)?;
@@ -115,11 +121,16 @@ impl Capture {
             ebpf.map_mut(names::PROTECTED_PORTS)
                 .context("protected ports map")?,
         )?;
-        let wanted: Vec<u32> = config
-            .workloads
-            .iter()
-            .flat_map(|w| w.ports.iter().map(|&p| u32::from(p)))
-            .collect();
+        // In handshake mode connections reach workload ports directly (the iptables rules
+        // guard them), so sk_lookup steers nothing.
+        let wanted: Vec<u32> = match config.handshake.mode {
+            DataPathMode::Tunnel => config
+                .workloads
+                .iter()
+                .flat_map(|w| w.ports.iter().map(|&p| u32::from(p)))
+                .collect(),
+            DataPathMode::Handshake => Vec::new(),
+        };
         let stale: Vec<u32> = ports
             .keys()
             .filter_map(Result::ok)

@@ -41,6 +41,49 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub identity: IdentityConfig,
+    #[serde(default)]
+    pub handshake: HandshakeConfig,
+}
+
+/// Which data path carries this host's workloads' connections.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPathMode {
+    /// Through the proxies and mutual-TLS tunnels (default).
+    #[default]
+    Tunnel,
+    /// Identity tokens in the TCP handshake (NFQUEUE); the data stays in the kernel.
+    Handshake,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandshakeConfig {
+    pub mode: DataPathMode,
+    /// First of the two NFQUEUE numbers used (egress, then ingress).
+    pub queue: u16,
+    /// `SO_MARK` the connect hooks give enrolled workloads' sockets (queued handshakes).
+    pub socket_mark: u32,
+    /// Bit marking a proven connection (packet mark, saved in the connmark).
+    pub proven_bit: u32,
+    /// Connmark bit set once a connection's first ACK was queued (no further queueing).
+    pub acked_bit: u32,
+    /// If the enforcer is not there to verify, let SYNs to workload ports through
+    /// unauthenticated. Default false: fail closed.
+    pub fail_open: bool,
+}
+
+impl Default for HandshakeConfig {
+    fn default() -> Self {
+        Self {
+            mode: DataPathMode::Tunnel,
+            queue: 7700,
+            socket_mark: 0x7e55_0002,
+            proven_bit: 0x0000_0100,
+            acked_bit: 0x0000_0200,
+            fail_open: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +209,9 @@ pub struct PeerConfig {
     pub tunnel: SocketAddr,
     /// Destination addresses whose workloads it protects.
     pub serves: Vec<IpNet>,
+    /// Its certificate (PEM): handshake mode verifies its tokens without TLS.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -266,6 +312,11 @@ impl Config {
         }
         if let Some(file) = self.policy.file.as_mut().filter(|f| f.is_relative()) {
             *file = base.join(&*file);
+        }
+        for peer in &mut self.peers {
+            if let Some(cert) = peer.cert.as_mut().filter(|c| c.is_relative()) {
+                *cert = base.join(&*cert);
+            }
         }
     }
 
@@ -446,6 +497,41 @@ impl Config {
                     p.tunnel
                 ));
             }
+            match &p.cert {
+                Some(cert) => {
+                    std::fs::File::open(cert)
+                        .map_err(|e| format!("{at}: cert: cannot read {}: {e}", cert.display()))?;
+                }
+                None if self.handshake.mode == DataPathMode::Handshake => {
+                    return Err(format!(
+                        "{at}: cert: handshake mode needs each peer's certificate (no TLS carries it)"
+                    ));
+                }
+                None => {}
+            }
+        }
+        let h = &self.handshake;
+        if h.queue == u16::MAX {
+            return Err("handshake.queue: needs two queue numbers (queue and queue + 1)".into());
+        }
+        for (field, bit) in [("proven_bit", h.proven_bit), ("acked_bit", h.acked_bit)] {
+            if bit.count_ones() != 1 {
+                return Err(format!("handshake.{field}: {bit:#x} must be a single bit"));
+            }
+            if h.socket_mark & bit != 0 || self.bpf.proxy_mark & bit != 0 {
+                return Err(format!(
+                    "handshake.{field}: {bit:#x} overlaps handshake.socket_mark or bpf.proxy_mark"
+                ));
+            }
+        }
+        if h.proven_bit == h.acked_bit {
+            return Err("handshake.acked_bit: must differ from handshake.proven_bit".into());
+        }
+        if h.socket_mark == 0 || h.socket_mark == self.bpf.proxy_mark {
+            return Err(format!(
+                "handshake.socket_mark: {:#x} must be non-zero and differ from bpf.proxy_mark",
+                h.socket_mark
+            ));
         }
         Ok(())
     }

@@ -12,7 +12,8 @@ use futures_util::FutureExt;
 use tessera_proxy::{
     authz::{Authorizer, PolicyMode},
     flow::FlowLog,
-    identity::session::Tokens,
+    handshake::engine::{Engine, Setup},
+    identity::{session::Tokens, token::KeyId},
     inbound::Inbound,
     local::{LocalAddrs, LocalServices, LocalWorkload},
     outbound::Outbound,
@@ -26,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     capture::Capture,
-    config::{Config, PolicyModeConfig},
+    config::{Config, DataPathMode, PolicyModeConfig},
     policy,
     workloads::{BpfCaptureLookup, WorkloadIndex},
 };
@@ -79,6 +80,31 @@ fn tokens(config: &Config, identity: &Identity) -> Result<Tokens> {
         id.tokens,
     )
     .map_err(|e| anyhow::anyhow!("tls.key: {}: {e}", config.tls.key.display()))
+}
+
+fn peer_table(config: &Config) -> PeerTable {
+    PeerTable::new(config.peers.iter().flat_map(|p| {
+        let peer = Peer {
+            name: p.name.clone(),
+            tunnel: p.tunnel,
+        };
+        p.serves.iter().map(move |net| (*net, peer.clone()))
+    }))
+}
+
+/// The certified keys of the peers whose certificates the configuration names.
+fn peer_keys(config: &Config, tokens: &Tokens) -> Result<HashMap<String, KeyId>> {
+    let mut keys = HashMap::new();
+    for (i, p) in config.peers.iter().enumerate() {
+        let Some(path) = &p.cert else { continue };
+        let at = || format!("peer[{i}] {:?}: cert: {}", p.name, path.display());
+        let certs = tessera_proxy::tls::certs(path).with_context(at)?;
+        let key = tokens
+            .trust_peer(certs[0].as_ref())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        keys.insert(p.name.clone(), key);
+    }
+    Ok(keys)
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -139,13 +165,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     )?;
     let flows = FlowLog::start(config.flows.log.clone(), Some(store.clone()))
         .with_context(|| format!("flows.log: cannot open {:?}", config.flows.log))?;
-    let peers = PeerTable::new(config.peers.iter().flat_map(|p| {
-        let peer = Peer {
-            name: p.name.clone(),
-            tunnel: p.tunnel,
-        };
-        p.serves.iter().map(move |net| (*net, peer.clone()))
-    }));
+    let peers = peer_table(&config);
     let dialer = TunnelDialer::new(
         identity.client_config()?,
         tokens.clone(),
@@ -159,6 +179,31 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     );
     pool.warm(peers.peers());
 
+    let services: Vec<(u16, Arc<LocalWorkload>)> = config
+        .workloads
+        .iter()
+        .flat_map(|w| w.ports.iter().map(|&p| (p, identities[&w.name].clone())))
+        .collect();
+    let handshake_mode = config.handshake.mode == DataPathMode::Handshake;
+    if handshake_mode {
+        let engine = Arc::new(Engine::new(Setup {
+            name: config.name.clone(),
+            tokens: tokens.clone(),
+            authz: authz.clone(),
+            peers: peer_table(&config),
+            peer_keys: peer_keys(&config, &tokens)?,
+            lookup: lookup.clone(),
+            services: LocalServices::new(services.clone()),
+            proven_mark: config.handshake.proven_bit,
+            pending_ms: u64::from(config.identity.token_lifetime_ms)
+                + config.identity.clock_skew_ms,
+        }));
+        // Workers first: once the rules are in, queued packets need a reader.
+        crate::handshake::start(&config, engine, flows.clone())?;
+        let ports: Vec<u16> = services.iter().map(|(p, _)| *p).collect();
+        crate::handshake::install_rules(&config.handshake, &ports)?;
+    }
+
     let outbound = Arc::new(Outbound {
         name: config.name.clone(),
         lookup,
@@ -169,10 +214,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         flows: flows.clone(),
         mark,
     });
-    let services = config
-        .workloads
-        .iter()
-        .flat_map(|w| w.ports.iter().map(|&p| (p, identities[&w.name].clone())));
     let inbound = Arc::new(Inbound {
         name: config.name.clone(),
         authz: authz.clone(),
@@ -235,6 +276,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         policy_rules = authz.rule_count(),
         tunnel = %config.listen.tunnel,
         tokens = config.identity.tokens,
+        mode = ?config.handshake.mode,
         "enforcer ready"
     );
     if let Some(ready) = &opts.ready_file {
@@ -254,6 +296,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         },
     };
     tasks.abort_all();
+    if handshake_mode && !opts.keep_attached {
+        crate::handshake::remove_rules();
+    }
     if let Err(e) = store.flush() {
         tracing::warn!(error = format!("{e:#}"), "cannot persist the flow map");
     }

@@ -122,6 +122,7 @@ mod tests {
                 labels: Default::default(),
             },
             protocol: Default::default(),
+            mode: Default::default(),
             verdict,
             code: String::new(),
             rule: None,

@@ -229,6 +229,7 @@ mod tests {
             src,
             dst,
             protocol: Default::default(),
+            mode: Default::default(),
             verdict,
             reason: if code.is_empty() {
                 "".into()

@@ -12,6 +12,7 @@ mod client;
 mod config;
 mod daemon;
 mod flowlog;
+mod handshake;
 mod identity_show;
 mod policy;
 mod workloads;

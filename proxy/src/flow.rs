@@ -25,6 +25,17 @@ pub enum Protocol {
     Tcp,
 }
 
+/// Which data path carried the connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Through the proxies and a mutual-TLS tunnel.
+    #[default]
+    Tunnel,
+    /// Authenticated in its own TCP handshake; the data stayed in the kernel.
+    Handshake,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
@@ -96,6 +107,9 @@ pub struct FlowRecord {
     /// Always `tcp` today.
     #[serde(default)]
     pub protocol: Protocol,
+    /// The data path that carried it.
+    #[serde(default)]
+    pub mode: Mode,
     pub verdict: Verdict,
     /// Why it was refused or failed; empty when allowed and clean.
     #[serde(skip_serializing_if = "String::is_empty", default)]

@@ -75,6 +75,7 @@ impl Inbound {
             src,
             dst,
             protocol: Default::default(),
+            mode: Default::default(),
             verdict: Verdict::Error,
             reason: String::new(),
             code: String::new(),

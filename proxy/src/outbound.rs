@@ -93,6 +93,7 @@ impl Outbound {
             src: Endpoint::addr(client),
             dst: Endpoint::addr(client),
             protocol: Default::default(),
+            mode: Default::default(),
             verdict: Verdict::Error,
             reason: String::new(),
             code: String::new(),

@@ -35,7 +35,7 @@ fn file_err(path: &Path, what: impl std::fmt::Display) -> TlsError {
     }
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_err(path, e))?
         .collect::<Result<Vec<_>, _>>()

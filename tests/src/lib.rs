@@ -116,6 +116,8 @@ pub struct EnforcerOptions {
     pub dns_servers: Vec<String>,
     /// `[identity] tokens` (false only to measure what tokens cost).
     pub tokens: bool,
+    /// `[handshake] mode = "handshake"`: tokens in the TCP handshake, no tunnels.
+    pub handshake: bool,
 }
 
 impl Default for EnforcerOptions {
@@ -126,6 +128,7 @@ impl Default for EnforcerOptions {
             policies: BTreeMap::new(),
             dns_servers: Vec::new(),
             tokens: true,
+            handshake: false,
         }
     }
 }
@@ -375,6 +378,9 @@ impl TestNet {
             flows = self.flow_log(host).display(),
             mapdb = self.dir.join(format!("{}-map.redb", host.name)).display(),
         );
+        if opts.handshake {
+            c += "\n[handshake]\nmode = \"handshake\"\n";
+        }
         if let Some(policy) = opts
             .policies
             .get(&host.name)
@@ -406,8 +412,8 @@ impl TestNet {
             .filter(|p| p.name != host.name && p.with_enforcer)
         {
             c += &format!(
-                "\n[[peer]]\nname = \"{}\"\ntunnel = \"{}:{TUNNEL_PORT}\"\nserves = [\"{}/32\", \"{}/128\"]\n",
-                peer.name, peer.addr, peer.addr, peer.addr6
+                "\n[[peer]]\nname = \"{}\"\ntunnel = \"{}:{TUNNEL_PORT}\"\nserves = [\"{}/32\", \"{}/128\"]\ncert = \"ca/{}.pem\"\n",
+                peer.name, peer.addr, peer.addr, peer.addr6, peer.name
             );
         }
         let path = self.config_path(host);

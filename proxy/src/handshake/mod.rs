@@ -6,9 +6,10 @@
 //! * [`proof`]: the ephemeral X25519 exchange, the transcript, the HMAC proofs of the
 //!   SYN-ACK and the ACK, and the bindings of the two tokens to the handshake.
 //! * [`message`]: what each handshake packet carries.
+//! * [`engine`]: both ends of the handshake, packet in, verdict and rewritten packet out.
 //!
-//! Still to come (see the notes): the NFQUEUE workers, the eBPF classifier and
-//! iptables rules, the connection marks, and the end-to-end tests.
+//! The NFQUEUE workers and the iptables rules that feed the engine live in the enforcer.
+pub mod engine;
 pub mod message;
 pub mod packet;
 pub mod proof;

@@ -12,6 +12,8 @@
 //! bytes, so the packet the kernel's TCP (and conntrack) then sees is byte-identical to the
 //! one the sender's kernel wrote. Both fix the IP length fields and recompute the IPv4 header
 //! and TCP checksums. IPv4 and IPv6 (without extension headers) are handled.
+use std::net::{IpAddr, SocketAddr};
+
 use pnet_packet::{
     ipv4::{self, Ipv4Packet, MutableIpv4Packet},
     ipv6::{Ipv6Packet, MutableIpv6Packet},
@@ -207,6 +209,77 @@ pub fn tcp_flags(packet: &[u8]) -> Result<u8, PacketError> {
     Ok(TcpPacket::new(p.tcp)
         .ok_or(PacketError::Truncated("TCP header"))?
         .get_flags())
+}
+
+/// What the handshake engine needs to know of a TCP packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+}
+
+pub fn segment(packet: &[u8]) -> Result<Segment, PacketError> {
+    let p = split(packet)?;
+    let t = TcpPacket::new(p.tcp).ok_or(PacketError::Truncated("TCP header"))?;
+    let (src, dst): (IpAddr, IpAddr) = if p.v6 {
+        let h = Ipv6Packet::new(p.ip).expect("split checked");
+        (h.get_source().into(), h.get_destination().into())
+    } else {
+        let h = Ipv4Packet::new(p.ip).expect("split checked");
+        (h.get_source().into(), h.get_destination().into())
+    };
+    Ok(Segment {
+        src: SocketAddr::new(src, t.get_source()),
+        dst: SocketAddr::new(dst, t.get_destination()),
+        seq: t.get_sequence(),
+        ack: t.get_acknowledgement(),
+        flags: t.get_flags(),
+    })
+}
+
+/// A RST (with ACK) from `from` to `to`: how a refused handshake ends at once at the other
+/// end instead of by timeout. `ack` must acknowledge the peer's SYN (its ISN + 1) for a
+/// socket in SYN-SENT to accept it.
+pub fn reset(from: SocketAddr, to: SocketAddr, seq: u32, ack: u32) -> Vec<u8> {
+    let mut tcp_header = [0u8; 20];
+    {
+        let mut t = MutableTcpPacket::new(&mut tcp_header).expect("20 bytes");
+        t.set_source(from.port());
+        t.set_destination(to.port());
+        t.set_sequence(seq);
+        t.set_acknowledgement(ack);
+        t.set_flags(tcp::TcpFlags::RST | tcp::TcpFlags::ACK);
+    }
+    match (from.ip(), to.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = [0u8; 20];
+            let mut h = MutableIpv4Packet::new(&mut ip).expect("20 bytes");
+            h.set_version(4);
+            h.set_header_length(5);
+            h.set_ttl(64);
+            h.set_next_level_protocol(pnet_packet::ip::IpNextHeaderProtocol(IPPROTO_TCP));
+            h.set_source(s);
+            h.set_destination(d);
+            assemble(false, &ip, &tcp_header, &[])
+        }
+        (s, d) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V6(a) => a,
+                IpAddr::V4(a) => a.to_ipv6_mapped(),
+            };
+            let mut ip = [0u8; 40];
+            let mut h = MutableIpv6Packet::new(&mut ip).expect("40 bytes");
+            h.set_version(6);
+            h.set_hop_limit(64);
+            h.set_next_header(pnet_packet::ip::IpNextHeaderProtocol(IPPROTO_TCP));
+            h.set_source(v6(s));
+            h.set_destination(v6(d));
+            assemble(true, &ip, &tcp_header, &[])
+        }
+    }
 }
 
 #[cfg(test)]

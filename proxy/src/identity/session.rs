@@ -161,6 +161,63 @@ impl Tokens {
         ))
     }
 
+    /// Trusts a peer enforcer's certificate (DER) for tokens that arrive without TLS (in a
+    /// TCP handshake): its key is trusted until the certificate expires.
+    pub fn trust_peer(&self, cert: &[u8]) -> Result<KeyId, Refusal> {
+        let mut last = None;
+        for ca in &self.ca {
+            match certified_key(cert, ca) {
+                Ok((key, until)) => return Ok(self.verifier.trust_until(&key, until)?),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(Refusal::PeerCertificate(
+            last.map(|e| e.to_string())
+                .unwrap_or_else(|| "no CA".into()),
+        ))
+    }
+
+    /// A cold token for `identity`, meant for `dst`, bound to `binding` (a TCP handshake's
+    /// keys and sequence numbers). Handshake mode requires signing.
+    pub fn sign_cold(
+        &self,
+        identity: &Identity,
+        dst: SocketAddr,
+        binding: Binding,
+        now_ms: u64,
+    ) -> Result<Vec<u8>, Refusal> {
+        let signer = self.signer.as_ref().ok_or(Refusal::NoToken)?;
+        let token = signer.sign(identity, false, dst, binding, now_ms, self.lifetime_ms);
+        if token.len() > MAX_TOKEN {
+            return Err(Refusal::TooLarge(token.len()));
+        }
+        Ok(token)
+    }
+
+    /// Checks a token that enforcer `peer` (key `peer_key`) sent for a connection to `dst`
+    /// bound to `binding`: the same checks as on a tunnel.
+    pub fn check_token(
+        &self,
+        token: &[u8],
+        peer: &str,
+        peer_key: &KeyId,
+        dst: SocketAddr,
+        binding: &Binding,
+        now_ms: u64,
+    ) -> Result<Identity, Refusal> {
+        let verified = self.verifier.verify(token, now_ms, dst, binding)?;
+        if &verified.issuer != peer_key {
+            return Err(Refusal::IssuerNotPeer);
+        }
+        if !vouches(&self.trust_domain, peer, &verified.identity) {
+            return Err(Refusal::ForeignIdentity {
+                peer: peer.to_owned(),
+                spiffe: verified.identity.spiffe,
+            });
+        }
+        Ok(verified.identity)
+    }
+
     /// This side's proof for `identity` on `session`, meant for `dst`.
     pub fn prove(
         &self,

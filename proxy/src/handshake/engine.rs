@@ -1,0 +1,941 @@
+//! The handshake engine: what an enforcer does with each handshake packet the kernel hands
+//! it. Pure (no sockets, no kernel): a packet goes in; a verdict, the rewritten packet,
+//! packets to send (resets) and flow records come out. The NFQUEUE workers only move bytes.
+//!
+//! Client end (a local workload connects out; its socket carries the handshake mark):
+//! * SYN out: the workload's cold token and a fresh X25519 key are attached, if an enforcer
+//!   serves the destination; otherwise egress policy on external networks decides at once.
+//! * SYN-ACK in: the server's proof, its token (bound to the transcript) and egress policy
+//!   are checked before the kernel sees the packet; any failure turns it into a reset.
+//! * first ACK out: the client's proof is attached.
+//!
+//! Server end (a SYN reaches a workload port of this host):
+//! * SYN in: the token is checked and ingress policy decided; the message is taken off
+//!   before the kernel (and conntrack) see the packet. A SYN without a token is an external
+//!   peer: policy on external networks decides.
+//! * SYN-ACK out: the destination workload's token, a fresh key and the server's proof.
+//! * ACK in: the client's proof; only then is the connection marked proven (the kernel
+//!   drops every other packet of an unproven connection to a protected port).
+//!
+//! Retransmitted SYNs and SYN-ACKs (same 4-tuple and sequence number) get the same message
+//! again; a replayed SYN of a finished handshake is refused by the token's nonce cache.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use pnet_packet::tcp::TcpFlags;
+use ring::rand::SystemRandom;
+
+use super::{
+    message::Message,
+    packet::{self, Segment},
+    proof::{self, Ephemeral, ProofKey, PublicKey, Role, Transcript},
+};
+use crate::{
+    authz::{Authorizer, Outcome as PolicyOutcome, Party},
+    flow::{Direction, Endpoint, FlowRecord, Mode, Verdict, label_map},
+    identity::{
+        Identity,
+        session::{Refusal, Tokens},
+        token::KeyId,
+    },
+    local::{LocalServices, LocalWorkload},
+    outbound::{CaptureLookup, Captured},
+    peers::PeerTable,
+};
+
+/// What to do with the queued packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketVerdict {
+    Accept,
+    Drop,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub verdict: PacketVerdict,
+    /// The packet to let through instead of the queued one (None: unchanged).
+    pub packet: Option<Vec<u8>>,
+    /// Mark bits to set on the packet.
+    pub mark: u32,
+    /// IP packets to send (resets to the other end of a refused handshake).
+    pub send: Vec<Vec<u8>>,
+    pub flows: Vec<FlowRecord>,
+}
+
+impl Outcome {
+    fn accept() -> Self {
+        Self {
+            verdict: PacketVerdict::Accept,
+            packet: None,
+            mark: 0,
+            send: Vec::new(),
+            flows: Vec::new(),
+        }
+    }
+    fn rewrite(packet: Vec<u8>) -> Self {
+        Self {
+            packet: Some(packet),
+            ..Self::accept()
+        }
+    }
+    fn drop() -> Self {
+        Self {
+            verdict: PacketVerdict::Drop,
+            ..Self::accept()
+        }
+    }
+    fn with_flow(mut self, rec: FlowRecord) -> Self {
+        self.flows.push(rec);
+        self
+    }
+}
+
+/// What an engine works with; the enforcer builds it from its configuration.
+pub struct Setup {
+    pub name: String,
+    pub tokens: Arc<Tokens>,
+    pub authz: Arc<Authorizer>,
+    pub peers: PeerTable,
+    /// The certified key of each peer enforcer, by name (from its configured certificate).
+    pub peer_keys: HashMap<String, KeyId>,
+    pub lookup: Arc<dyn CaptureLookup>,
+    pub services: LocalServices,
+    /// Mark bit given to an inbound packet whose connection is proven.
+    pub proven_mark: u32,
+    /// How long an unfinished handshake is remembered (ms).
+    pub pending_ms: u64,
+}
+
+type FourTuple = (SocketAddr, SocketAddr);
+
+struct ClientHandshake {
+    isn: u32,
+    started_ms: u64,
+    record: FlowRecord,
+    step: ClientStep,
+}
+
+enum ClientStep {
+    /// Our SYN went to an enforcer with this message; waiting for its SYN-ACK.
+    AwaitSynAck {
+        syn_message: Vec<u8>,
+        syn_token: Vec<u8>,
+        client_key: PublicKey,
+        ephemeral: Ephemeral,
+        peer: String,
+        peer_key: KeyId,
+        captured: Box<Captured>,
+    },
+    /// The SYN-ACK verified; the first ACK carries `ack_message`.
+    Proven {
+        syn_message: Vec<u8>,
+        server_isn: u32,
+        synack_message: Vec<u8>,
+        ack_message: Vec<u8>,
+    },
+    /// A destination without an enforcer that policy allows: nothing to add.
+    External,
+}
+
+struct ServerHandshake {
+    isn: u32,
+    started_ms: u64,
+    syn_message: Vec<u8>,
+    record: FlowRecord,
+    step: ServerStep,
+}
+
+enum ServerStep {
+    AwaitSynAck {
+        client_key: PublicKey,
+        syn_token: Vec<u8>,
+        workload: Arc<LocalWorkload>,
+    },
+    AwaitAck {
+        server_isn: u32,
+        synack_message: Vec<u8>,
+        transcript: Box<Transcript>,
+        key: ProofKey,
+    },
+}
+
+pub struct Engine {
+    setup: Setup,
+    rng: SystemRandom,
+    clients: Mutex<HashMap<FourTuple, ClientHandshake>>,
+    servers: Mutex<HashMap<FourTuple, ServerHandshake>>,
+}
+
+fn has(flags: u8, bits: u8) -> bool {
+    flags & bits == bits
+}
+
+/// A refusal as a flow records it.
+fn refuse(mut rec: FlowRecord, code: &str, reason: String) -> FlowRecord {
+    rec.verdict = Verdict::Denied;
+    rec.code = code.into();
+    rec.reason = reason;
+    rec
+}
+
+fn allow(mut rec: FlowRecord, outcome: &PolicyOutcome) -> FlowRecord {
+    rec.rule = outcome.rule.clone();
+    rec.verdict = if outcome.observed_deny {
+        Verdict::ObservedDeny
+    } else {
+        Verdict::Allowed
+    };
+    if outcome.observed_deny {
+        rec.reason = outcome.reason.clone();
+    }
+    rec
+}
+
+fn set_identity(end: &mut Endpoint, id: &Identity) {
+    end.workload = id.labels.get("tessera.io/workload").map(str::to_owned);
+    end.enforcer = id.labels.get("tessera.io/enforcer").map(str::to_owned);
+    end.spiffe = Some(id.spiffe.clone());
+    end.labels = label_map(&id.labels);
+}
+
+impl Engine {
+    pub fn new(setup: Setup) -> Self {
+        Self {
+            setup,
+            rng: SystemRandom::new(),
+            clients: Mutex::default(),
+            servers: Mutex::default(),
+        }
+    }
+
+    fn record(
+        &self,
+        direction: Direction,
+        src: SocketAddr,
+        dst: SocketAddr,
+        now_ms: u64,
+    ) -> FlowRecord {
+        FlowRecord {
+            start_ms: now_ms,
+            duration_ms: 0,
+            reporter: self.setup.name.clone(),
+            direction,
+            src: Endpoint::addr(src),
+            dst: Endpoint::addr(dst),
+            protocol: Default::default(),
+            mode: Mode::Handshake,
+            verdict: Verdict::Error,
+            reason: String::new(),
+            code: String::new(),
+            rule: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            pooled: None,
+        }
+    }
+
+    /// A packet leaving this host: a marked workload's SYN or first ACK, or a SYN-ACK from
+    /// a workload port.
+    pub fn egress(&self, packet: &[u8], now_ms: u64) -> Outcome {
+        let Ok(seg) = packet::segment(packet) else {
+            // Not something we queue; never let a parse failure open a hole, never panic.
+            return Outcome::drop();
+        };
+        if has(seg.flags, TcpFlags::SYN | TcpFlags::ACK) {
+            self.server_synack(packet, &seg, now_ms)
+        } else if has(seg.flags, TcpFlags::SYN) {
+            self.client_syn(packet, &seg, now_ms)
+        } else if has(seg.flags, TcpFlags::ACK) {
+            self.client_ack(packet, &seg)
+        } else {
+            Outcome::accept()
+        }
+    }
+
+    /// A packet arriving: a SYN for a workload port, a SYN-ACK, or an ACK with a proof.
+    pub fn ingress(&self, packet: &[u8], now_ms: u64) -> Outcome {
+        let Ok(seg) = packet::segment(packet) else {
+            return Outcome::drop();
+        };
+        if has(seg.flags, TcpFlags::SYN | TcpFlags::ACK) {
+            self.client_synack(packet, &seg, now_ms)
+        } else if has(seg.flags, TcpFlags::SYN) {
+            self.server_syn(packet, &seg, now_ms)
+        } else {
+            self.server_ack(packet, &seg, now_ms)
+        }
+    }
+
+    // ---- client end ----
+
+    fn client_syn(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
+        let key = (seg.src, seg.dst);
+        let mut clients = self.lock_clients();
+        if let Some(h) = clients.get(&key).filter(|h| h.isn == seg.seq) {
+            // A retransmitted SYN: the same message again.
+            return match &h.step {
+                ClientStep::AwaitSynAck { syn_message, .. } => attach_or_drop(packet, syn_message),
+                _ => Outcome::accept(),
+            };
+        }
+        let mut rec = self.record(Direction::Outbound, seg.src, seg.dst, now_ms);
+        rec.src.enforcer = Some(self.setup.name.clone());
+        // The workload's RST: the connect fails at once instead of timing out.
+        let reset_app = || packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1));
+        let Some(captured) = self.setup.lookup.take(seg.src) else {
+            let rec = refuse(
+                rec,
+                "no-capture",
+                "no capture record for this connection".into(),
+            );
+            return Outcome {
+                send: vec![reset_app()],
+                ..Outcome::drop()
+            }
+            .with_flow(rec);
+        };
+        rec.src.workload = Some(captured.source.workload.clone()).filter(|w| !w.is_empty());
+        rec.src.pid = Some(captured.source.pid);
+        rec.src.uid = Some(captured.source.uid);
+        rec.src.spiffe = Some(captured.identity.spiffe.clone());
+        rec.src.labels = label_map(&captured.identity.labels);
+
+        let Some(peer) = self.setup.peers.lookup(seg.dst.ip()) else {
+            // No enforcer there: egress policy on external networks decides now.
+            rec.dst.dns_name = self.setup.authz.dns().name_of(seg.dst.ip());
+            let src = Party::workload(captured.identity.labels.clone(), None);
+            let outcome = self.setup.authz.check(
+                &src,
+                &Party::external(seg.dst.ip()),
+                seg.dst.port(),
+                captured.observe,
+            );
+            if !outcome.allowed {
+                rec.rule = outcome.rule.clone();
+                let rec = refuse(
+                    rec,
+                    "policy",
+                    format!("no enforcer serves {}; {}", seg.dst.ip(), outcome.reason),
+                );
+                return Outcome {
+                    send: vec![reset_app()],
+                    ..Outcome::drop()
+                }
+                .with_flow(rec);
+            }
+            let rec = allow(rec, &outcome);
+            clients.insert(
+                key,
+                ClientHandshake {
+                    isn: seg.seq,
+                    started_ms: now_ms,
+                    record: rec.clone(),
+                    step: ClientStep::External,
+                },
+            );
+            return Outcome::accept().with_flow(rec);
+        };
+        rec.dst.enforcer = Some(peer.name.clone());
+        let Some(peer_key) = self.setup.peer_keys.get(&peer.name).copied() else {
+            let rec = refuse(
+                rec,
+                "untrusted-issuer",
+                format!("no certificate configured for peer {}", peer.name),
+            );
+            return Outcome {
+                send: vec![reset_app()],
+                ..Outcome::drop()
+            }
+            .with_flow(rec);
+        };
+        let ephemeral = Ephemeral::generate(&self.rng);
+        let client_key = ephemeral.public;
+        let binding = proof::syn_binding(&client_key, seg.seq);
+        let token = match self
+            .setup
+            .tokens
+            .sign_cold(&captured.identity, seg.dst, binding, now_ms)
+        {
+            Ok(t) => t,
+            Err(e) => {
+                let rec = refuse(rec, e.reason(), format!("cannot sign a token: {e}"));
+                return Outcome {
+                    send: vec![reset_app()],
+                    ..Outcome::drop()
+                }
+                .with_flow(rec);
+            }
+        };
+        let syn_message = Message::Syn {
+            client_key,
+            token: token.clone(),
+        }
+        .encode();
+        let out = attach_or_drop(packet, &syn_message);
+        if out.verdict == PacketVerdict::Accept {
+            clients.insert(
+                key,
+                ClientHandshake {
+                    isn: seg.seq,
+                    started_ms: now_ms,
+                    record: rec,
+                    step: ClientStep::AwaitSynAck {
+                        syn_message,
+                        syn_token: token,
+                        client_key,
+                        ephemeral,
+                        peer: peer.name.clone(),
+                        peer_key,
+                        captured: Box::new(captured),
+                    },
+                },
+            );
+        }
+        out
+    }
+
+    fn client_synack(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
+        let key = (seg.dst, seg.src);
+        let detached = packet::detach(packet);
+        let mut clients = self.lock_clients();
+        let Some(h) = clients
+            .remove(&key)
+            .filter(|h| seg.ack == h.isn.wrapping_add(1))
+        else {
+            // Not a handshake of ours. A token-bearing SYN-ACK nobody asked for is dropped;
+            // anything else is someone else's connection.
+            return match detached {
+                Ok(None) => Outcome::accept(),
+                _ => Outcome::drop(),
+            };
+        };
+        let ClientHandshake {
+            isn,
+            started_ms,
+            record: rec,
+            step,
+        } = h;
+        // Refusal: the workload's socket gets a reset instead of the SYN-ACK, the server's
+        // half-open connection one too.
+        let reset = |rec: FlowRecord, code: &str, reason: String| {
+            let rec = refuse(rec, code, reason);
+            Outcome {
+                send: vec![packet::reset(
+                    seg.dst,
+                    seg.src,
+                    seg.ack,
+                    seg.seq.wrapping_add(1),
+                )],
+                ..Outcome::rewrite(packet::reset(
+                    seg.src,
+                    seg.dst,
+                    seg.seq.wrapping_add(1),
+                    isn.wrapping_add(1),
+                ))
+            }
+            .with_flow(rec)
+        };
+        match step {
+            ClientStep::External => {
+                clients.insert(
+                    key,
+                    ClientHandshake {
+                        isn,
+                        started_ms,
+                        record: rec,
+                        step: ClientStep::External,
+                    },
+                );
+                match detached {
+                    Ok(None) => Outcome::accept(),
+                    // Our enforcer did not ask for a token; one arrives anyway: not ours to use.
+                    Ok(Some((clean, _))) => Outcome::rewrite(clean),
+                    Err(_) => Outcome::drop(),
+                }
+            }
+            ClientStep::Proven {
+                syn_message,
+                server_isn,
+                synack_message,
+                ack_message,
+            } => {
+                // A retransmitted SYN-ACK (our ACK was lost): the same one only.
+                let same = matches!(&detached, Ok(Some((_, m))) if *m == synack_message)
+                    && seg.seq == server_isn;
+                let out = match detached {
+                    Ok(Some((clean, _))) if same => Outcome::rewrite(clean),
+                    _ => Outcome::drop(),
+                };
+                clients.insert(
+                    key,
+                    ClientHandshake {
+                        isn,
+                        started_ms,
+                        record: rec,
+                        step: ClientStep::Proven {
+                            syn_message,
+                            server_isn,
+                            synack_message,
+                            ack_message,
+                        },
+                    },
+                );
+                out
+            }
+            ClientStep::AwaitSynAck {
+                syn_message,
+                syn_token,
+                client_key,
+                ephemeral,
+                peer,
+                peer_key,
+                captured,
+            } => {
+                let (clean, message) = match detached {
+                    Ok(Some(d)) => d,
+                    Ok(None) => {
+                        return reset(
+                            rec,
+                            "no-token",
+                            format!("the SYN-ACK of {peer} carried no token"),
+                        );
+                    }
+                    Err(e) => return reset(rec, "malformed", format!("SYN-ACK of {peer}: {e}")),
+                };
+                let (server_key, server_proof, token) = match Message::decode(&message) {
+                    Ok(Message::SynAck {
+                        server_key,
+                        proof,
+                        token,
+                    }) => (server_key, proof, token),
+                    Ok(_) => {
+                        return reset(
+                            rec,
+                            "malformed",
+                            format!("SYN-ACK of {peer}: not a SYN-ACK message"),
+                        );
+                    }
+                    Err(e) => return reset(rec, "malformed", format!("SYN-ACK of {peer}: {e}")),
+                };
+                let transcript = Transcript {
+                    client: seg.dst,
+                    server: seg.src,
+                    client_isn: isn,
+                    server_isn: seg.seq,
+                    syn_token,
+                    client_key,
+                    synack_token: token,
+                    server_key,
+                };
+                let Ok(proof_key) = ephemeral.agree(&server_key) else {
+                    return reset(rec, "bad-proof", format!("SYN-ACK of {peer}: bad key"));
+                };
+                if proof_key
+                    .check(Role::Server, &transcript, &server_proof)
+                    .is_err()
+                {
+                    return reset(
+                        rec,
+                        "bad-proof",
+                        format!("the SYN-ACK proof of {peer} does not verify"),
+                    );
+                }
+                let dst_identity = match self.setup.tokens.check_token(
+                    &transcript.synack_token,
+                    &peer,
+                    &peer_key,
+                    seg.dst,
+                    &proof::synack_binding(&transcript),
+                    now_ms,
+                ) {
+                    Ok(id) => id,
+                    Err(e) => return reset_refusal(reset, rec, &peer, e),
+                };
+                let mut rec = rec;
+                set_identity(&mut rec.dst, &dst_identity);
+                let outcome = self.setup.authz.check(
+                    &Party::workload(captured.identity.labels.clone(), None),
+                    &Party::workload(dst_identity.labels.clone(), Some(seg.src.ip())),
+                    seg.src.port(),
+                    captured.observe,
+                );
+                if !outcome.allowed {
+                    rec.rule = outcome.rule.clone();
+                    return reset(rec, "policy", format!("egress {}", outcome.reason));
+                }
+                let rec = allow(rec, &outcome);
+                let ack_message = Message::Ack {
+                    proof: proof_key.prove(Role::Client, &transcript),
+                }
+                .encode();
+                clients.insert(
+                    key,
+                    ClientHandshake {
+                        isn,
+                        started_ms,
+                        record: rec.clone(),
+                        step: ClientStep::Proven {
+                            syn_message,
+                            server_isn: seg.seq,
+                            synack_message: message,
+                            ack_message,
+                        },
+                    },
+                );
+                Outcome::rewrite(clean).with_flow(rec)
+            }
+        }
+    }
+
+    fn client_ack(&self, packet: &[u8], seg: &Segment) -> Outcome {
+        let clients = self.lock_clients();
+        match clients.get(&(seg.src, seg.dst)) {
+            Some(ClientHandshake {
+                step: ClientStep::Proven { ack_message, .. },
+                ..
+            }) => attach_or_drop(packet, ack_message),
+            _ => Outcome::accept(),
+        }
+    }
+
+    // ---- server end ----
+
+    fn server_syn(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
+        let key = (seg.src, seg.dst);
+        let detached = packet::detach(packet);
+        let mut servers = self.lock_servers();
+        if let Some(h) = servers.get(&key).filter(|h| h.isn == seg.seq) {
+            // A retransmitted (or duplicated) SYN: accepted again only with the very same
+            // message, which was verified already.
+            return match detached {
+                Ok(Some((clean, m))) if m == h.syn_message => Outcome::rewrite(clean),
+                _ => Outcome::drop(),
+            };
+        }
+        let mut rec = self.record(Direction::Inbound, seg.src, seg.dst, now_ms);
+        rec.dst.enforcer = Some(self.setup.name.clone());
+        let reset_client = || packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1));
+        let refused = |rec: FlowRecord, code: &str, reason: String| {
+            Outcome {
+                send: vec![reset_client()],
+                ..Outcome::drop()
+            }
+            .with_flow(refuse(rec, code, reason))
+        };
+        let Some(workload) = self.setup.services.workload(seg.dst.port()).cloned() else {
+            return refused(
+                rec,
+                "not-served",
+                format!("no workload serves port {}", seg.dst.port()),
+            );
+        };
+        set_identity(&mut rec.dst, &workload.identity);
+        rec.dst.workload = Some(workload.name.clone());
+        let dst_party = Party::workload(workload.identity.labels.clone(), None);
+        let (clean, message) = match detached {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                // No token: a peer without an enforcer; policy on external networks decides.
+                rec.direction = Direction::Direct;
+                rec.src.dns_name = self.setup.authz.dns().name_of(seg.src.ip());
+                let outcome = self.setup.authz.check(
+                    &Party::external(seg.src.ip()),
+                    &dst_party,
+                    seg.dst.port(),
+                    workload.observe,
+                );
+                rec.rule = outcome.rule.clone();
+                if !outcome.allowed {
+                    return refused(
+                        rec,
+                        "unauthenticated",
+                        format!(
+                            "unauthenticated: the SYN carried no token; {}",
+                            outcome.reason
+                        ),
+                    );
+                }
+                // Nothing to prove later: the connection is proven now.
+                return Outcome {
+                    mark: self.setup.proven_mark,
+                    ..Outcome::accept()
+                }
+                .with_flow(allow(rec, &outcome));
+            }
+            Err(e) => return refused(rec, "malformed", format!("SYN from {}: {e}", seg.src)),
+        };
+        let (client_key, token) = match Message::decode(&message) {
+            Ok(Message::Syn { client_key, token }) => (client_key, token),
+            Ok(_) => return refused(rec, "malformed", "the SYN carried no SYN message".into()),
+            Err(e) => return refused(rec, "malformed", format!("SYN from {}: {e}", seg.src)),
+        };
+        let Some(peer) = self.setup.peers.lookup(seg.src.ip()) else {
+            return refused(
+                rec,
+                "issuer-not-peer",
+                format!(
+                    "a token from {}, which no configured enforcer serves",
+                    seg.src.ip()
+                ),
+            );
+        };
+        rec.src.enforcer = Some(peer.name.clone());
+        let Some(peer_key) = self.setup.peer_keys.get(&peer.name) else {
+            return refused(
+                rec,
+                "untrusted-issuer",
+                format!("no certificate configured for peer {}", peer.name),
+            );
+        };
+        let src_identity = match self.setup.tokens.check_token(
+            &token,
+            &peer.name,
+            peer_key,
+            seg.dst,
+            &proof::syn_binding(&client_key, seg.seq),
+            now_ms,
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                return refused(
+                    rec,
+                    e.reason(),
+                    format!("source {e} ({}) in the SYN from {}", e.reason(), peer.name),
+                );
+            }
+        };
+        set_identity(&mut rec.src, &src_identity);
+        let outcome = self.setup.authz.check(
+            &Party::workload(src_identity.labels.clone(), Some(seg.src.ip())),
+            &dst_party,
+            seg.dst.port(),
+            workload.observe,
+        );
+        if !outcome.allowed {
+            rec.rule = outcome.rule.clone();
+            return refused(rec, "policy", format!("ingress {}", outcome.reason));
+        }
+        let rec = allow(rec, &outcome);
+        servers.insert(
+            key,
+            ServerHandshake {
+                isn: seg.seq,
+                started_ms: now_ms,
+                syn_message: message,
+                record: rec,
+                step: ServerStep::AwaitSynAck {
+                    client_key,
+                    syn_token: token,
+                    workload,
+                },
+            },
+        );
+        Outcome::rewrite(clean)
+    }
+
+    fn server_synack(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
+        let key = (seg.dst, seg.src);
+        let mut servers = self.lock_servers();
+        let Some(h) = servers
+            .get_mut(&key)
+            .filter(|h| seg.ack == h.isn.wrapping_add(1))
+        else {
+            // An external peer's connection (proven at its SYN), or not ours.
+            return Outcome::accept();
+        };
+        match &h.step {
+            ServerStep::AwaitAck {
+                server_isn,
+                synack_message,
+                ..
+            } => {
+                // The kernel retransmits its SYN-ACK: the same message again.
+                if *server_isn == seg.seq {
+                    attach_or_drop(packet, synack_message)
+                } else {
+                    Outcome::drop()
+                }
+            }
+            ServerStep::AwaitSynAck {
+                client_key,
+                syn_token,
+                workload,
+            } => {
+                let ephemeral = Ephemeral::generate(&self.rng);
+                let mut transcript = Transcript {
+                    client: seg.dst,
+                    server: seg.src,
+                    client_isn: h.isn,
+                    server_isn: seg.seq,
+                    syn_token: syn_token.clone(),
+                    client_key: *client_key,
+                    synack_token: Vec::new(),
+                    server_key: ephemeral.public,
+                };
+                let token = self.setup.tokens.sign_cold(
+                    &workload.identity,
+                    seg.dst,
+                    proof::synack_binding(&transcript),
+                    now_ms,
+                );
+                let key_agreed = ephemeral.agree(client_key);
+                let (token, proof_key) = match (token, key_agreed) {
+                    (Ok(t), Ok(k)) => (t, k),
+                    (Err(e), _) => {
+                        let rec = refuse(
+                            h.record.clone(),
+                            e.reason(),
+                            format!("cannot sign a token: {e}"),
+                        );
+                        servers.remove(&key);
+                        return Outcome::drop().with_flow(rec);
+                    }
+                    (_, Err(e)) => {
+                        let rec = refuse(h.record.clone(), "bad-proof", format!("SYN key: {e}"));
+                        servers.remove(&key);
+                        return Outcome::drop().with_flow(rec);
+                    }
+                };
+                transcript.synack_token = token.clone();
+                let synack_message = Message::SynAck {
+                    server_key: transcript.server_key,
+                    proof: proof_key.prove(Role::Server, &transcript),
+                    token,
+                }
+                .encode();
+                let out = attach_or_drop(packet, &synack_message);
+                h.step = ServerStep::AwaitAck {
+                    server_isn: seg.seq,
+                    synack_message,
+                    transcript: Box::new(transcript),
+                    key: proof_key,
+                };
+                out
+            }
+        }
+    }
+
+    fn server_ack(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
+        let key = (seg.src, seg.dst);
+        let detached = packet::detach(packet);
+        let mut servers = self.lock_servers();
+        let pending = servers
+            .remove(&key)
+            .filter(|h| matches!(&h.step, ServerStep::AwaitAck { server_isn, .. } if seg.ack == server_isn.wrapping_add(1)));
+        let Some(h) = pending else {
+            // A proof for no handshake of ours (a replay, or a stray): never passed on.
+            let mut rec = self.record(Direction::Inbound, seg.src, seg.dst, now_ms);
+            rec.dst.enforcer = Some(self.setup.name.clone());
+            return Outcome::drop().with_flow(refuse(
+                rec,
+                "no-handshake",
+                format!("an ACK proof from {} for no pending handshake", seg.src),
+            ));
+        };
+        let ServerStep::AwaitAck {
+            transcript,
+            key: proof_key,
+            ..
+        } = &h.step
+        else {
+            unreachable!("filtered above");
+        };
+        let reset_client = packet::reset(seg.dst, seg.src, seg.ack, seg.seq);
+        let refused = |code: &str, reason: String| {
+            Outcome {
+                send: vec![reset_client.clone()],
+                ..Outcome::drop()
+            }
+            .with_flow(refuse(h.record.clone(), code, reason))
+        };
+        let (clean, message) = match detached {
+            Ok(Some(d)) => d,
+            Ok(None) => return refused("no-proof", "the ACK carried no proof".into()),
+            Err(e) => return refused("malformed", format!("ACK from {}: {e}", seg.src)),
+        };
+        let proof = match Message::decode(&message) {
+            Ok(Message::Ack { proof }) => proof,
+            Ok(_) => return refused("malformed", "the ACK carried no ACK message".into()),
+            Err(e) => return refused("malformed", format!("ACK from {}: {e}", seg.src)),
+        };
+        if proof_key.check(Role::Client, transcript, &proof).is_err() {
+            return refused("bad-proof", "the ACK proof does not verify".into());
+        }
+        let mut rec = h.record.clone();
+        rec.duration_ms = now_ms.saturating_sub(h.started_ms);
+        Outcome {
+            mark: self.setup.proven_mark,
+            ..Outcome::rewrite(clean)
+        }
+        .with_flow(rec)
+    }
+
+    /// Forgets handshakes that did not finish in time; each becomes a flow record.
+    pub fn expire(&self, now_ms: u64) -> Vec<FlowRecord> {
+        let ttl = self.setup.pending_ms;
+        let mut out = Vec::new();
+        self.lock_clients().retain(|_, h| {
+            if now_ms.saturating_sub(h.started_ms) < ttl {
+                return true;
+            }
+            if let ClientStep::AwaitSynAck { peer, .. } = &h.step {
+                out.push(refuse(
+                    h.record.clone(),
+                    "no-answer",
+                    format!("no SYN-ACK with a token from {peer} (refused, reset or unreachable)"),
+                ));
+            }
+            false
+        });
+        self.lock_servers().retain(|_, h| {
+            if now_ms.saturating_sub(h.started_ms) < ttl {
+                return true;
+            }
+            let code = match h.step {
+                ServerStep::AwaitSynAck { .. } => "no-answer",
+                ServerStep::AwaitAck { .. } => "no-proof",
+            };
+            out.push(refuse(
+                h.record.clone(),
+                code,
+                format!("the handshake did not finish ({code})"),
+            ));
+            false
+        });
+        out
+    }
+
+    /// Handshakes in progress (client end, server end).
+    pub fn pending(&self) -> (usize, usize) {
+        (self.lock_clients().len(), self.lock_servers().len())
+    }
+
+    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<FourTuple, ClientHandshake>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_servers(&self) -> std::sync::MutexGuard<'_, HashMap<FourTuple, ServerHandshake>> {
+        self.servers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn attach_or_drop(packet: &[u8], message: &[u8]) -> Outcome {
+    match packet::attach(packet, message) {
+        Ok(p) => Outcome::rewrite(p),
+        // No room for the option (a full TCP header): fail closed.
+        Err(_) => Outcome::drop(),
+    }
+}
+
+fn reset_refusal(
+    reset: impl Fn(FlowRecord, &str, String) -> Outcome,
+    rec: FlowRecord,
+    peer: &str,
+    e: Refusal,
+) -> Outcome {
+    let reason = format!("destination {e} ({}) in the SYN-ACK of {peer}", e.reason());
+    reset(rec, e.reason(), reason)
+}
