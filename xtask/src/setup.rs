@@ -22,6 +22,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("node", "nodejs"),
     ("npm", "npm"),
     ("chromium", "chromium"),
+    // The handshake-mode adversarial tests craft packets with scapy (Debian's python3).
+    ("/usr/lib/python3/dist-packages/scapy", "python3-scapy"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
@@ -39,7 +41,13 @@ fn status(cmd: &mut Command) -> Result<()> {
 pub fn run() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(bin, _)| which(bin).is_none())
+        .filter(|(bin, _)| {
+            if bin.starts_with('/') {
+                !std::path::Path::new(bin).exists()
+            } else {
+                which(bin).is_none()
+            }
+        })
         .map(|(_, pkg)| *pkg)
         .collect();
     if !missing.is_empty() {

@@ -244,6 +244,11 @@ pub fn segment(packet: &[u8]) -> Result<Segment, PacketError> {
 /// end instead of by timeout. `ack` must acknowledge the peer's SYN (its ISN + 1) for a
 /// socket in SYN-SENT to accept it.
 pub fn reset(from: SocketAddr, to: SocketAddr, seq: u32, ack: u32) -> Vec<u8> {
+    build(from, to, seq, ack, tcp::TcpFlags::RST | tcp::TcpFlags::ACK)
+}
+
+/// A TCP segment without options or data (IPv4 if both ends are IPv4, else IPv6).
+pub fn build(from: SocketAddr, to: SocketAddr, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
     let mut tcp_header = [0u8; 20];
     {
         let mut t = MutableTcpPacket::new(&mut tcp_header).expect("20 bytes");
@@ -251,7 +256,8 @@ pub fn reset(from: SocketAddr, to: SocketAddr, seq: u32, ack: u32) -> Vec<u8> {
         t.set_destination(to.port());
         t.set_sequence(seq);
         t.set_acknowledgement(ack);
-        t.set_flags(tcp::TcpFlags::RST | tcp::TcpFlags::ACK);
+        t.set_flags(flags);
+        t.set_window(64_240);
     }
     match (from.ip(), to.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
