@@ -868,3 +868,72 @@ impl Drop for TestNet {
         self.cleanup();
     }
 }
+
+/// A tcpdump capture on a port of the test switch (`p<i>` is host i's link), written to a
+/// pcap file; [`PacketCapture::stop`] ends it and returns the file.
+pub struct PacketCapture {
+    child: Child,
+    pub path: PathBuf,
+}
+
+impl PacketCapture {
+    pub fn start(net: &TestNet, port: &str, path: PathBuf) -> Result<Self> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", net.switch_netns(), "tcpdump", "-i", port])
+            .args(["--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&path)
+            .arg("tcp")
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start tcpdump")?;
+        // tcpdump prints "listening on" once the capture is open.
+        let mut err = std::io::BufReader::new(child.stderr.take().expect("piped"));
+        let mut line = String::new();
+        while !line.contains("listening") {
+            line.clear();
+            if std::io::BufRead::read_line(&mut err, &mut line)? == 0 {
+                bail!("tcpdump exited before capturing");
+            }
+        }
+        Ok(Self { child, path })
+    }
+
+    /// Stops the capture (SIGINT: tcpdump flushes) and returns the pcap's path.
+    pub fn stop(mut self) -> PathBuf {
+        thread::sleep(Duration::from_millis(300));
+        let _ = nix_kill(self.child.id());
+        let _ = self.child.wait();
+        self.path.clone()
+    }
+}
+
+fn nix_kill(pid: u32) -> i32 {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { kill(pid as i32, 2) }
+}
+
+/// The handshake-mode adversary and capture reader (tests/tools/handshake_attack.py, scapy).
+/// Debian's python3 runs it: that is where `cargo xtask setup` installs scapy.
+pub fn handshake_attack(net: &TestNet, host: &Host, args: &[&str]) -> Result<serde_json::Value> {
+    let script = tools::install_attack(&net.dir)?;
+    let mut full = vec![script.to_str().expect("utf-8 path")];
+    full.extend_from_slice(args);
+    let out = net.run(
+        host,
+        None,
+        "/usr/bin/python3",
+        &full,
+        Duration::from_secs(60),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "handshake_attack.py {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(out.stdout.trim_ascii()).context("handshake_attack.py output")
+}

@@ -11,3 +11,12 @@ pub fn install(dir: &Path) -> Result<PathBuf> {
     std::fs::write(&path, TOOL)?;
     Ok(path)
 }
+
+const ATTACK: &str = include_str!("../tools/handshake_attack.py");
+
+/// Writes the handshake adversary (scapy) into `dir` and returns its path.
+pub fn install_attack(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("handshake_attack.py");
+    std::fs::write(&path, ATTACK)?;
+    Ok(path)
+}

@@ -3,7 +3,7 @@
 use std::{fs, path::Path, time::Duration};
 
 use serde_json::Value;
-use tessera_tests::{TestNet, which};
+use tessera_tests::{PacketCapture, TestNet, which};
 
 const SECS_30: Duration = Duration::from_secs(30);
 
@@ -273,37 +273,7 @@ fn tunnelled_traffic_is_encrypted_on_the_wire() {
     net.serve_tool(net.host("host-b"), None, "serve-echo", 7000)
         .unwrap();
 
-    let pcap = net.dir.join("wire.pcap");
-    let sw = net.switch_netns().to_owned();
-    let mut dump = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &sw,
-            "tcpdump",
-            "-i",
-            "p0",
-            "--immediate-mode",
-            "-U",
-            "-s",
-            "0",
-            "-w",
-            pcap.to_str().unwrap(),
-            "tcp",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // tcpdump prints "listening on" once the capture is open.
-    let mut err = std::io::BufReader::new(dump.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("listening") {
-        line.clear();
-        assert!(
-            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
-            "tcpdump exited"
-        );
-    }
+    let dump = PacketCapture::start(&net, "p0", net.dir.join("wire.pcap")).unwrap();
 
     let out = web_fetches_index(&net);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(marker));
@@ -318,11 +288,7 @@ fn tunnelled_traffic_is_encrypted_on_the_wire() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::thread::sleep(Duration::from_millis(300));
-    unsafe { libc_kill(dump.id()) };
-    let _ = dump.wait();
-
-    let bytes = fs::read(&pcap).unwrap();
+    let bytes = fs::read(dump.stop()).unwrap();
     let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
     assert!(
         contains(control.as_bytes()),
@@ -345,13 +311,6 @@ fn tunnelled_traffic_is_encrypted_on_the_wire() {
         !contains(b"GET /index.txt"),
         "HTTP request visible on the wire"
     );
-}
-
-unsafe fn libc_kill(pid: u32) {
-    unsafe extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    unsafe { kill(pid as i32, 2) };
 }
 
 #[test]
