@@ -4,8 +4,8 @@
 //!
 //! Rules (IPv4 and IPv6 alike, in three chains of our own):
 //! * `raw PREROUTING` (before conntrack, so the kernel never sees a token): packets carrying
-//!   our option, every SYN-ACK (a missing token is a refusal for our own handshakes), and
-//!   SYNs to workload ports go to the ingress queue.
+//!   our option, every SYN-ACK (a missing token is a refusal for our own handshakes), resets
+//!   (a refusal by the peer) and SYNs to workload ports go to the ingress queue.
 //! * `mangle PREROUTING`: a packet the engine marked proven stamps its connection
 //!   (connmark); any other packet to a workload port of an unproven connection is dropped,
 //!   so a connection reaches the application only once the client proved itself.
@@ -14,7 +14,7 @@
 //!   to the egress queue. The first ACK sets a connmark bit: nothing later is queued.
 //!
 //! Fail closed: while no enforcer reads the queues, queued packets are dropped (only
-//! SYN-ACKs bypass: they can only answer SYNs that an enforcer sent). `fail_open` lets SYNs
+//! SYN-ACKs and resets bypass: they only answer SYNs that an enforcer sent). `fail_open` lets SYNs
 //! to workload ports through instead. No sysctl is changed.
 use std::{
     net::{IpAddr, SocketAddr},
@@ -74,6 +74,10 @@ fn rules(h: &HandshakeConfig, ports: &[u16]) -> Vec<String> {
         ),
         format!(
             "-t raw -A {CHAIN_RAW} ! -i lo -p tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {ingress} --queue-bypass"
+        ),
+        // Resets: a peer refusing one of our handshakes is recorded at once.
+        format!(
+            "-t raw -A {CHAIN_RAW} ! -i lo -p tcp --tcp-flags RST RST -j NFQUEUE --queue-num {ingress} --queue-bypass"
         ),
     ];
     for p in ports {

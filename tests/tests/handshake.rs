@@ -186,3 +186,90 @@ fn tokens_ride_only_on_handshake_packets_and_hostile_syns_are_refused_with_their
         "only the honest request reached the application: {log}"
     );
 }
+
+fn policy(name: &str, ports: &str) -> String {
+    format!(
+        "rules:\n  - name: {name}\n    action: allow\n    from: [{{labels: [app=web]}}]\n    to: [{{labels: [app=api]}}]\n    ports: [{ports}]\n"
+    )
+}
+
+fn redis_ping(net: &TestNet) -> bool {
+    let out = net
+        .run(
+            net.host("host-a"),
+            Some("web"),
+            "redis-cli",
+            &["-h", "10.77.0.2", "-p", "9000", "PING"],
+            SECS_30,
+        )
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "PONG"
+}
+
+/// Waits until `cond` holds (a reload takes effect), at most 10 s.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what}: never happened");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn last_flow(net: &TestNet, host: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    net.wait_flows(net.host(host), 1, |f| f["mode"] == "handshake" && pred(f))
+        .pop()
+        .unwrap_or_else(|| panic!("no such flow on {host}: {:#?}", net.flows(net.host(host))))
+}
+
+#[test]
+fn each_end_enforces_its_own_policy_and_a_reload_flips_it_without_a_restart() {
+    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
+    net.options.lock().unwrap().handshake = true;
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080, 9000])
+        .unwrap();
+    // The client's enforcer lets web reach both ports; the server's only 8080.
+    net.write_policy(Some(net.host("host-a")), &policy("a-web-api", "8080, 9000"))
+        .unwrap();
+    net.write_policy(Some(net.host("host-b")), &policy("b-web-api", "8080"))
+        .unwrap();
+    net.start_enforcers().unwrap();
+    serve_random(&net, 1000);
+    net.serve_redis(net.host("host-b"), Some("api"), 9000).unwrap();
+    let pid_b = net.enforcer_pid(net.host("host-b"));
+
+    assert!(curl(&net, "host-a", Some("web"), INDEX).status.success());
+    let f = last_flow(&net, "host-b", |f| f["verdict"] == "allowed");
+    assert_eq!(f["rule"], "b-web-api", "{f}");
+    let f = last_flow(&net, "host-a", |f| f["verdict"] == "allowed");
+    assert_eq!(f["rule"], "a-web-api", "{f}");
+
+    // Ingress: host-b refuses 9000 at the SYN; host-a learns it from the reset at once.
+    assert!(!redis_ping(&net), "redis answered although host-b's policy denies it");
+    let f = last_flow(&net, "host-b", |f| f["verdict"] == "denied");
+    assert_eq!(f["code"], "policy", "{f}");
+    assert_eq!(f["src"]["workload"], "web", "{f}");
+    let f = last_flow(&net, "host-a", |f| f["code"] == "peer-refused");
+    assert_eq!(f["dst"]["addr"], "10.77.0.2:9000", "{f}");
+
+    // host-b's reload opens 9000: unmodified redis works, no restart.
+    net.write_policy(Some(net.host("host-b")), &policy("b-web-api", "8080, 9000"))
+        .unwrap();
+    eventually("redis reachable after host-b's reload", || redis_ping(&net));
+    assert_eq!(net.enforcer_pid(net.host("host-b")), pid_b, "no restart");
+
+    // Egress: host-a's reload closes 8080; host-a refuses when the SYN-ACK names api.
+    net.write_policy(Some(net.host("host-a")), &policy("a-web-api", "9000"))
+        .unwrap();
+    eventually("8080 refused after host-a's reload", || {
+        !curl(&net, "host-a", Some("web"), INDEX).status.success()
+    });
+    let f = last_flow(&net, "host-a", |f| f["verdict"] == "denied" && f["code"] == "policy");
+    assert_eq!(f["dst"]["workload"], "api", "{f}");
+    assert!(f["reason"].as_str().unwrap().starts_with("egress"), "{f}");
+    let f = last_flow(&net, "host-b", |f| f["code"] == "peer-refused");
+    assert_eq!(f["dst"]["addr"], "10.77.0.2:8080", "{f}");
+    let log = fs::read_to_string(net.dir.join("host-b-api-python3.log")).unwrap();
+    assert_eq!(log.matches("GET /index.bin").count(), 1, "{log}");
+}

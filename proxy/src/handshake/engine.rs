@@ -131,7 +131,6 @@ enum ClientStep {
     },
     /// The SYN-ACK verified; the first ACK carries `ack_message`.
     Proven {
-        syn_message: Vec<u8>,
         server_isn: u32,
         synack_message: Vec<u8>,
         ack_message: Vec<u8>,
@@ -260,13 +259,49 @@ impl Engine {
         let Ok(seg) = packet::segment(packet) else {
             return Outcome::drop();
         };
-        if has(seg.flags, TcpFlags::SYN | TcpFlags::ACK) {
+        if has(seg.flags, TcpFlags::RST) {
+            self.reset_in(&seg, now_ms)
+        } else if has(seg.flags, TcpFlags::SYN | TcpFlags::ACK) {
             self.client_synack(packet, &seg, now_ms)
         } else if has(seg.flags, TcpFlags::SYN) {
             self.server_syn(packet, &seg, now_ms)
         } else {
             self.server_ack(packet, &seg, now_ms)
         }
+    }
+
+    /// A reset for a handshake in progress: the other end refused it. Its enforcer records
+    /// why; this end records that it was refused, at once rather than at expiry.
+    fn reset_in(&self, seg: &Segment, now_ms: u64) -> Outcome {
+        let mut out = Outcome::accept();
+        let mut clients = self.lock_clients();
+        let key = (seg.dst, seg.src);
+        let refused_our_syn = clients.get(&key).is_some_and(|h| {
+            matches!(h.step, ClientStep::AwaitSynAck { .. }) && seg.ack == h.isn.wrapping_add(1)
+        });
+        if refused_our_syn && let Some(h) = clients.remove(&key) {
+            let mut rec = refuse(
+                h.record,
+                "peer-refused",
+                format!("{} refused the connection (reset)", seg.src),
+            );
+            rec.duration_ms = now_ms.saturating_sub(h.started_ms);
+            out.flows.push(rec);
+        }
+        drop(clients);
+        let mut servers = self.lock_servers();
+        let key = (seg.src, seg.dst);
+        let refused_our_synack = servers.get(&key).is_some_and(|h| {
+            matches!(h.step, ServerStep::AwaitAck { .. }) && seg.seq == h.isn.wrapping_add(1)
+        });
+        if refused_our_synack && let Some(h) = servers.remove(&key) {
+            out.flows.push(refuse(
+                h.record,
+                "peer-refused",
+                format!("{} refused the connection (reset)", seg.src),
+            ));
+        }
+        out
     }
 
     // ---- client end ----
@@ -457,16 +492,29 @@ impl Engine {
                 }
             }
             ClientStep::Proven {
-                syn_message,
                 server_isn,
                 synack_message,
                 ack_message,
             } => {
-                // A retransmitted SYN-ACK (our ACK was lost): the same one only.
+                // A retransmitted SYN-ACK (the same one only): our proof was lost on the way.
+                // The kernel's answer to it is not queued again (the connection's first ACK
+                // is behind it), so the proof goes out in an ACK of our own.
                 let same = matches!(&detached, Ok(Some((_, m))) if *m == synack_message)
                     && seg.seq == server_isn;
                 let out = match detached {
-                    Ok(Some((clean, _))) if same => Outcome::rewrite(clean),
+                    Ok(Some((clean, _))) if same => {
+                        let ack = packet::build(
+                            seg.dst,
+                            seg.src,
+                            isn.wrapping_add(1),
+                            server_isn.wrapping_add(1),
+                            TcpFlags::ACK,
+                        );
+                        Outcome {
+                            send: packet::attach(&ack, &ack_message).into_iter().collect(),
+                            ..Outcome::rewrite(clean)
+                        }
+                    }
                     _ => Outcome::drop(),
                 };
                 clients.insert(
@@ -476,7 +524,6 @@ impl Engine {
                         started_ms,
                         record: rec,
                         step: ClientStep::Proven {
-                            syn_message,
                             server_isn,
                             synack_message,
                             ack_message,
@@ -486,7 +533,7 @@ impl Engine {
                 out
             }
             ClientStep::AwaitSynAck {
-                syn_message,
+                syn_message: _,
                 syn_token,
                 client_key,
                 ephemeral,
@@ -578,7 +625,6 @@ impl Engine {
                         started_ms,
                         record: rec.clone(),
                         step: ClientStep::Proven {
-                            syn_message,
                             server_isn: seg.seq,
                             synack_message: message,
                             ack_message,
@@ -1268,6 +1314,36 @@ mod tests {
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].code, "no-proof");
         assert_eq!(p.b.pending(), (0, 0));
+    }
+
+    #[test]
+    fn a_lost_ack_proof_is_sent_again_when_the_synack_is_retransmitted() {
+        let p = pair("api");
+        let (_, synack_wire) = up_to_synack(&p);
+        p.a.ingress(&synack_wire, NOW);
+        let _lost = wire(&p.a.egress(&ack(), NOW));
+        // The server's kernel retransmits; its enforcer attaches the same message.
+        let again = wire(&p.b.egress(&synack(), NOW + 1_000));
+        let o = p.a.ingress(&again, NOW + 1_000);
+        assert_eq!(wire(&o), synack());
+        assert_eq!(o.send.len(), 1, "our own ACK with the proof");
+        let at_b = p.b.ingress(&o.send[0], NOW + 1_000);
+        assert_eq!(at_b.mark, PROVEN);
+        assert_eq!(at_b.flows[0].verdict, Verdict::Allowed);
+    }
+
+    #[test]
+    fn a_reset_answering_a_handshake_is_recorded_as_refused_at_once() {
+        // The server refused the SYN (here: a reset as its enforcer sends it).
+        let p = pair("db");
+        let syn_wire = wire(&p.a.egress(&syn(), NOW));
+        let at_b = p.b.ingress(&syn_wire, NOW);
+        let o = p.a.ingress(&at_b.send[0], NOW);
+        assert_eq!(o.verdict, PacketVerdict::Accept, "the workload gets the reset");
+        refused(&o, "peer-refused");
+        assert_eq!(p.a.pending(), (0, 0));
+        // A reset for no handshake of ours is just passed on.
+        assert!(p.a.ingress(&at_b.send[0], NOW).flows.is_empty());
     }
 
     #[test]
