@@ -32,18 +32,24 @@ use tessera_proxy::{
 
 use crate::config::{Config, HandshakeConfig};
 
-const CHAIN_RAW: &str = "TESSERA-HS-RAW";
-const CHAIN_IN: &str = "TESSERA-HS-IN";
-const CHAIN_OUT: &str = "TESSERA-HS-OUT";
-/// (table, built-in chain, our chain)
-const JUMPS: [(&str, &str, &str); 3] = [
-    ("raw", "PREROUTING", CHAIN_RAW),
-    ("mangle", "PREROUTING", CHAIN_IN),
-    ("mangle", "POSTROUTING", CHAIN_OUT),
-];
+/// Our chains: (table, built-in chain that jumps to it, name). Two generations, so that a
+/// restarted enforcer puts its rules in before it takes the previous run's out: there is no
+/// moment without them.
+fn chains(generation: u8) -> [(&'static str, &'static str, String); 3] {
+    [
+        ("raw", "PREROUTING", format!("TESSERA-HS-RAW{generation}")),
+        ("mangle", "PREROUTING", format!("TESSERA-HS-IN{generation}")),
+        (
+            "mangle",
+            "POSTROUTING",
+            format!("TESSERA-HS-OUT{generation}"),
+        ),
+    ]
+}
+const GENERATIONS: [u8; 2] = [1, 2];
 const TOOLS: [&str; 2] = ["iptables", "ip6tables"];
 
-fn run(tool: &str, args: &[String]) -> Result<()> {
+fn run(tool: &str, args: &[String]) -> Result<String> {
     let out = Command::new(tool)
         .arg("-w")
         .args(args)
@@ -56,53 +62,54 @@ fn run(tool: &str, args: &[String]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn args(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_owned).collect()
 }
 
-/// The rules of one family, in order, as `-t TABLE -A CHAIN ...` argument strings.
-fn rules(h: &HandshakeConfig, ports: &[u16]) -> Vec<String> {
+/// The rules of one family and generation, in order, as `-t TABLE -A CHAIN ...` strings.
+fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
+    let [(_, _, raw), (_, _, input), (_, _, output)] = chains(generation);
     let (egress, ingress) = (h.queue, h.queue + 1);
     let syn_bypass = if h.fail_open { " --queue-bypass" } else { "" };
     let (sm, pb, ab) = (h.socket_mark, h.proven_bit, h.acked_bit);
     let mut r = vec![
         format!(
-            "-t raw -A {CHAIN_RAW} ! -i lo -p tcp -m tcp --tcp-option 253 -j NFQUEUE --queue-num {ingress}{syn_bypass}"
+            "-t raw -A {raw} ! -i lo -p tcp -m tcp --tcp-option 253 -j NFQUEUE --queue-num {ingress}{syn_bypass}"
         ),
         format!(
-            "-t raw -A {CHAIN_RAW} ! -i lo -p tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {ingress} --queue-bypass"
+            "-t raw -A {raw} ! -i lo -p tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {ingress} --queue-bypass"
         ),
         // Resets: a peer refusing one of our handshakes is recorded at once.
         format!(
-            "-t raw -A {CHAIN_RAW} ! -i lo -p tcp --tcp-flags RST RST -j NFQUEUE --queue-num {ingress} --queue-bypass"
+            "-t raw -A {raw} ! -i lo -p tcp --tcp-flags RST RST -j NFQUEUE --queue-num {ingress} --queue-bypass"
         ),
     ];
     for p in ports {
         r.push(format!(
-            "-t raw -A {CHAIN_RAW} ! -i lo -p tcp --syn --dport {p} -j NFQUEUE --queue-num {ingress}{syn_bypass}"
+            "-t raw -A {raw} ! -i lo -p tcp --syn --dport {p} -j NFQUEUE --queue-num {ingress}{syn_bypass}"
         ));
     }
     r.push(format!(
-        "-t mangle -A {CHAIN_IN} -m mark --mark {pb:#x}/{pb:#x} -j CONNMARK --set-xmark {pb:#x}/{pb:#x}"
+        "-t mangle -A {input} -m mark --mark {pb:#x}/{pb:#x} -j CONNMARK --set-xmark {pb:#x}/{pb:#x}"
     ));
     if !h.fail_open {
         for p in ports {
             r.push(format!(
-                "-t mangle -A {CHAIN_IN} ! -i lo -p tcp --dport {p} --tcp-flags SYN,RST NONE -m connmark ! --mark {pb:#x}/{pb:#x} -j DROP"
+                "-t mangle -A {input} ! -i lo -p tcp --dport {p} --tcp-flags SYN,RST NONE -m connmark ! --mark {pb:#x}/{pb:#x} -j DROP"
             ));
         }
     }
     r.push(format!(
-        "-t mangle -A {CHAIN_OUT} ! -o lo -p tcp -m mark --mark {sm:#x} --syn -j NFQUEUE --queue-num {egress}"
+        "-t mangle -A {output} ! -o lo -p tcp -m mark --mark {sm:#x} --syn -j NFQUEUE --queue-num {egress}"
     ));
     r.push(format!(
-        "-t mangle -A {CHAIN_OUT} -m connmark --mark {ab:#x}/{ab:#x} -j RETURN"
+        "-t mangle -A {output} -m connmark --mark {ab:#x}/{ab:#x} -j RETURN"
     ));
     let first_ack = format!(
-        "-t mangle -A {CHAIN_OUT} ! -o lo -p tcp -m mark --mark {sm:#x} --tcp-flags SYN,ACK,FIN,RST ACK"
+        "-t mangle -A {output} ! -o lo -p tcp -m mark --mark {sm:#x} --tcp-flags SYN,ACK,FIN,RST ACK"
     );
     r.push(format!(
         "{first_ack} -j CONNMARK --set-xmark {ab:#x}/{ab:#x}"
@@ -110,45 +117,71 @@ fn rules(h: &HandshakeConfig, ports: &[u16]) -> Vec<String> {
     r.push(format!("{first_ack} -j NFQUEUE --queue-num {egress}"));
     for p in ports {
         r.push(format!(
-            "-t mangle -A {CHAIN_OUT} ! -o lo -p tcp --sport {p} --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {egress}"
+            "-t mangle -A {output} ! -o lo -p tcp --sport {p} --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {egress}"
         ));
     }
     r
 }
 
-/// Removes our chains and the jumps to them (whatever a previous run left).
+fn remove_generation(tool: &str, generation: u8) {
+    for (table, builtin, chain) in chains(generation) {
+        // Delete every jump (a crashed run may have left more than one).
+        while run(tool, &args(&format!("-t {table} -D {builtin} -j {chain}"))).is_ok() {}
+        let _ = run(tool, &args(&format!("-t {table} -F {chain}")));
+        let _ = run(tool, &args(&format!("-t {table} -X {chain}")));
+    }
+}
+
+/// The generation a previous run left in force, if any.
+fn installed_generation(tool: &str) -> Option<u8> {
+    let listing = run(tool, &args("-t raw -S PREROUTING")).ok()?;
+    GENERATIONS.into_iter().find(|&g| {
+        let [(_, _, raw), ..] = chains(g);
+        listing.lines().any(|l| l.ends_with(&format!("-j {raw}")))
+    })
+}
+
+/// Removes our rules (both generations, both families).
 pub fn remove_rules() {
     for tool in TOOLS {
-        for (table, builtin, chain) in JUMPS {
-            // Delete every jump (a crashed run may have left more than one).
-            while run(tool, &args(&format!("-t {table} -D {builtin} -j {chain}"))).is_ok() {}
-            let _ = run(tool, &args(&format!("-t {table} -F {chain}")));
-            let _ = run(tool, &args(&format!("-t {table} -X {chain}")));
+        for generation in GENERATIONS {
+            remove_generation(tool, generation);
         }
     }
 }
 
-/// Installs the rules for both families (replacing any left by a previous run).
+/// Installs the rules for both families. Rules a previous run left stay in force until the
+/// new ones are in.
 pub fn install_rules(h: &HandshakeConfig, ports: &[u16]) -> Result<()> {
-    remove_rules();
-    let result = (|| -> Result<()> {
-        for tool in TOOLS {
-            for (table, _, chain) in JUMPS {
+    for tool in TOOLS {
+        let old = installed_generation(tool);
+        let new = if old == Some(1) { 2 } else { 1 };
+        remove_generation(tool, new);
+        let result = (|| -> Result<()> {
+            for (table, _, chain) in chains(new) {
                 run(tool, &args(&format!("-t {table} -N {chain}")))?;
             }
-            for rule in rules(h, ports) {
+            for rule in rules(h, ports, new) {
                 run(tool, &args(&rule))?;
             }
-            for (table, builtin, chain) in JUMPS {
-                run(tool, &args(&format!("-t {table} -I {builtin} -j {chain}")))?;
+            for (table, builtin, chain) in chains(new) {
+                run(
+                    tool,
+                    &args(&format!("-t {table} -I {builtin} 1 -j {chain}")),
+                )?;
             }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // What was in force stays in force.
+            remove_generation(tool, new);
+            return Err(e.context("installing the handshake-mode iptables rules"));
         }
-        Ok(())
-    })();
-    if result.is_err() {
-        remove_rules();
+        if let Some(old) = old {
+            remove_generation(tool, old);
+        }
     }
-    result.context("installing the handshake-mode iptables rules")
+    Ok(())
 }
 
 /// Sends the engine's resets (raw IP, our own mark so that nothing of ours queues them).
@@ -295,7 +328,7 @@ mod tests {
     #[test]
     fn rules_queue_handshakes_only_and_fail_closed_by_default() {
         let h = HandshakeConfig::default();
-        let r = rules(&h, &[8080]);
+        let r = rules(&h, &[8080], 1);
         assert!(r.iter().any(
             |l| l.contains("--syn --dport 8080 -j NFQUEUE --queue-num 7701")
                 && !l.contains("bypass")
@@ -310,7 +343,7 @@ mod tests {
             fail_open: true,
             ..HandshakeConfig::default()
         };
-        let r = rules(&open, &[8080]);
+        let r = rules(&open, &[8080], 2);
         assert!(r.iter().all(|l| !l.ends_with("-j DROP")));
         assert!(
             r.iter()

@@ -1339,7 +1339,11 @@ mod tests {
         let syn_wire = wire(&p.a.egress(&syn(), NOW));
         let at_b = p.b.ingress(&syn_wire, NOW);
         let o = p.a.ingress(&at_b.send[0], NOW);
-        assert_eq!(o.verdict, PacketVerdict::Accept, "the workload gets the reset");
+        assert_eq!(
+            o.verdict,
+            PacketVerdict::Accept,
+            "the workload gets the reset"
+        );
         refused(&o, "peer-refused");
         assert_eq!(p.a.pending(), (0, 0));
         // A reset for no handshake of ours is just passed on.
