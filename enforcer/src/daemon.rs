@@ -195,11 +195,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             lookup: lookup.clone(),
             services: LocalServices::new(services.clone()),
             proven_mark: config.handshake.proven_bit,
+            acked_mark: config.handshake.acked_bit,
             pending_ms: u64::from(config.identity.token_lifetime_ms)
                 + config.identity.clock_skew_ms,
         }));
         // Workers first: once the rules are in, queued packets need a reader.
-        crate::handshake::start(&config, engine, flows.clone())?;
+        crate::handshake::start(&config, engine, authz.clone(), flows.clone())?;
         let ports: Vec<u16> = services.iter().map(|(p, _)| *p).collect();
         crate::handshake::install_rules(&config.handshake, &ports)?;
     }

@@ -2,43 +2,49 @@
 //! handshake packets to us, and the NFQUEUE workers that run them through the engine
 //! (`tessera_proxy::handshake::engine`).
 //!
-//! Rules (IPv4 and IPv6 alike, in three chains of our own):
+//! Rules (IPv4 and IPv6 alike, in four chains of our own; docs/handshake.md has the table):
 //! * `raw PREROUTING` (before conntrack, so the kernel never sees a token): packets carrying
 //!   our option, every SYN-ACK (a missing token is a refusal for our own handshakes), resets
 //!   (a refusal by the peer) and SYNs to workload ports go to the ingress queue.
 //! * `mangle PREROUTING`: a packet the engine marked proven stamps its connection
-//!   (connmark); any other packet to a workload port of an unproven connection is dropped,
-//!   so a connection reaches the application only once the client proved itself.
-//! * `mangle POSTROUTING` (after conntrack, which so never sees a token either): the SYN
-//!   and first ACK of sockets the connect hooks marked, and SYN-ACKs from workload ports, go
-//!   to the egress queue. The first ACK sets a connmark bit: nothing later is queued.
+//!   (connmark); any other packet to a workload port of an unproven connection goes to the
+//!   engine, which passes only those queued behind their connection's proof. So a
+//!   connection reaches the application only once the client proved itself.
+//! * `mangle OUTPUT` / `POSTROUTING` (after conntrack, which so never sees a token either):
+//!   the SYN of sockets the connect hooks marked, their packets until the first ACK went, and
+//!   SYN-ACKs from workload ports go to the egress queue; the engine's acked bit is saved in
+//!   the connmark, after which nothing of the connection is queued.
 //!
 //! Fail closed: while no enforcer reads the queues, queued packets are dropped (only
 //! SYN-ACKs and resets bypass: they only answer SYNs that an enforcer sent). `fail_open` lets SYNs
 //! to workload ports through instead. No sysctl is changed.
 use std::{
-    net::{IpAddr, SocketAddr},
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::Command,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tessera_proxy::{
+    authz::Authorizer,
     flow::{FlowLog, now_ms},
-    handshake::engine::{Engine, PacketVerdict},
+    handshake::engine::{Engine, LiveConnection, PacketVerdict},
 };
+use tokio::sync::mpsc;
 
 use crate::config::{Config, HandshakeConfig};
 
 /// Our chains: (table, built-in chain that jumps to it, name). Two generations, so that a
 /// restarted enforcer puts its rules in before it takes the previous run's out: there is no
 /// moment without them.
-fn chains(generation: u8) -> [(&'static str, &'static str, String); 3] {
+fn chains(generation: u8) -> [(&'static str, &'static str, String); 4] {
     [
         ("raw", "PREROUTING", format!("TESSERA-HS-RAW{generation}")),
         ("mangle", "PREROUTING", format!("TESSERA-HS-IN{generation}")),
+        ("mangle", "OUTPUT", format!("TESSERA-HS-LOCAL{generation}")),
         (
             "mangle",
             "POSTROUTING",
@@ -71,7 +77,7 @@ fn args(s: &str) -> Vec<String> {
 
 /// The rules of one family and generation, in order, as `-t TABLE -A CHAIN ...` strings.
 fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
-    let [(_, _, raw), (_, _, input), (_, _, output)] = chains(generation);
+    let [(_, _, raw), (_, _, input), (_, _, local), (_, _, output)] = chains(generation);
     let (egress, ingress) = (h.queue, h.queue + 1);
     let syn_bypass = if h.fail_open { " --queue-bypass" } else { "" };
     let (sm, pb, ab) = (h.socket_mark, h.proven_bit, h.acked_bit);
@@ -96,25 +102,26 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
         "-t mangle -A {input} -m mark --mark {pb:#x}/{pb:#x} -j CONNMARK --set-xmark {pb:#x}/{pb:#x}"
     ));
     if !h.fail_open {
+        // A packet of a connection that has not proven itself (yet) goes to the engine,
+        // behind the proof it may have overtaken in the queue; the engine drops the rest.
         for p in ports {
             r.push(format!(
-                "-t mangle -A {input} ! -i lo -p tcp --dport {p} --tcp-flags SYN,RST NONE -m connmark ! --mark {pb:#x}/{pb:#x} -j DROP"
+                "-t mangle -A {input} ! -i lo -p tcp --dport {p} --tcp-flags SYN,RST NONE -m connmark ! --mark {pb:#x}/{pb:#x} -j NFQUEUE --queue-num {ingress}"
             ));
         }
     }
+    // Client: everything after the SYN until the first ACK went, in OUTPUT: the acked bit the
+    // engine sets is saved in the connmark at POSTROUTING, and packets behind the first ACK
+    // wait behind it in the queue instead of overtaking its proof.
+    r.push(format!(
+        "-t mangle -A {local} ! -o lo -p tcp -m mark --mark {sm:#x} ! --syn -m connmark ! --mark {ab:#x}/{ab:#x} -j NFQUEUE --queue-num {egress}"
+    ));
     r.push(format!(
         "-t mangle -A {output} ! -o lo -p tcp -m mark --mark {sm:#x} --syn -j NFQUEUE --queue-num {egress}"
     ));
     r.push(format!(
-        "-t mangle -A {output} -m connmark --mark {ab:#x}/{ab:#x} -j RETURN"
+        "-t mangle -A {output} -m mark --mark {ab:#x}/{ab:#x} -j CONNMARK --set-xmark {ab:#x}/{ab:#x}"
     ));
-    let first_ack = format!(
-        "-t mangle -A {output} ! -o lo -p tcp -m mark --mark {sm:#x} --tcp-flags SYN,ACK,FIN,RST ACK"
-    );
-    r.push(format!(
-        "{first_ack} -j CONNMARK --set-xmark {ab:#x}/{ab:#x}"
-    ));
-    r.push(format!("{first_ack} -j NFQUEUE --queue-num {egress}"));
     for p in ports {
         r.push(format!(
             "-t mangle -A {output} ! -o lo -p tcp --sport {p} --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {egress}"
@@ -233,6 +240,7 @@ fn worker(
     engine: Arc<Engine>,
     flows: FlowLog,
     sender: Arc<RawSender>,
+    live: mpsc::UnboundedSender<LiveConnection>,
 ) -> Result<()> {
     let mut queue = nfq::Queue::open().context("cannot open an NFQUEUE socket")?;
     queue
@@ -277,24 +285,152 @@ fn worker(
         for f in outcome.flows {
             flows.record(f);
         }
+        if let Some(conn) = outcome.live {
+            let _ = live.send(*conn);
+        }
+    }
+}
+
+/// Sockets of this network namespace that are open (any state but LISTEN and TIME_WAIT),
+/// as (local, remote), IPv4-mapped addresses as IPv4.
+fn open_sockets() -> HashSet<(SocketAddr, SocketAddr)> {
+    let mut open = HashSet::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        open.extend(text.lines().skip(1).filter_map(parse_proc_net_tcp));
+    }
+    open
+}
+
+/// One line of /proc/net/tcp{,6}: `sl local rem st ...`, addresses as the kernel's memory in
+/// native-endian hex words, ports in hex.
+fn parse_proc_net_tcp(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let mut f = line.split_whitespace();
+    let (_, local, remote, state) = (f.next()?, f.next()?, f.next()?, f.next()?);
+    // 0A LISTEN, 06 TIME_WAIT: no connection to watch.
+    if state == "0A" || state == "06" {
+        return None;
+    }
+    let addr = |s: &str| -> Option<SocketAddr> {
+        let (ip, port) = s.split_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        let mut octets = Vec::with_capacity(16);
+        for word in ip.as_bytes().chunks(8) {
+            let w = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+            octets.extend_from_slice(&w.to_ne_bytes());
+        }
+        let ip: IpAddr = match octets.len() {
+            4 => Ipv4Addr::from(<[u8; 4]>::try_from(octets).ok()?).into(),
+            16 => {
+                let v6 = Ipv6Addr::from(<[u8; 16]>::try_from(octets).ok()?);
+                v6.to_ipv4_mapped().map_or(v6.into(), IpAddr::V4)
+            }
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, port))
+    };
+    Some((addr(local)?, addr(remote)?))
+}
+
+/// Closes a connection's socket on this host (SOCK_DESTROY through `ss -K`): the kernel
+/// resets the peer, the application sees the reset.
+async fn destroy(local: SocketAddr, remote: SocketAddr) {
+    let forms = |a: SocketAddr| -> Vec<String> {
+        match a {
+            SocketAddr::V4(v4) => vec![
+                v4.to_string(),
+                format!("[{}]:{}", v4.ip().to_ipv6_mapped(), v4.port()),
+            ],
+            SocketAddr::V6(v6) => vec![v6.to_string()],
+        }
+    };
+    // A socket of an IPv6 listener holds IPv4 peers in their mapped form.
+    for (l, r) in forms(local).into_iter().zip(forms(remote)) {
+        let result = tokio::process::Command::new("ss")
+            .args(["-K", "-t", "-n", "-H", "src", &l, "dst", &r])
+            .output()
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, %local, %remote, "cannot close a revoked connection (ss -K)");
+        }
+    }
+}
+
+/// Watches the connections handshakes let through: a policy reload that denies one closes
+/// it and records why; connections that ended are forgotten.
+async fn watch_live(
+    authz: Arc<Authorizer>,
+    flows: FlowLog,
+    mut incoming: mpsc::UnboundedReceiver<LiveConnection>,
+) {
+    type Watched = HashMap<(SocketAddr, SocketAddr), (tokio::task::AbortHandle, Instant)>;
+    let mut watched: Watched = HashMap::new();
+    let mut sweep = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            conn = incoming.recv() => {
+                let Some(conn) = conn else { return };
+                let key = (conn.local, conn.remote);
+                let mut guard = authz.register(
+                    conn.side,
+                    conn.src.clone(),
+                    conn.dst.clone(),
+                    conn.port,
+                    conn.observe,
+                );
+                let flows = flows.clone();
+                let task = tokio::spawn(async move {
+                    let reason = guard.revoked().await;
+                    destroy(conn.local, conn.remote).await;
+                    let mut rec = conn.record;
+                    rec.revoked_by(reason);
+                    flows.record(rec);
+                });
+                if let Some((old, _)) = watched.insert(key, (task.abort_handle(), Instant::now())) {
+                    old.abort();
+                }
+            }
+            _ = sweep.tick() => {
+                let open = open_sockets();
+                // (a connection handed over a moment ago may not be listed yet)
+                watched.retain(|key, (task, since)| {
+                    let keep = !task.is_finished()
+                        && (open.contains(key) || since.elapsed() < Duration::from_secs(2));
+                    if !keep {
+                        task.abort();
+                    }
+                    keep
+                });
+            }
+        }
     }
 }
 
 /// Starts the workers (a thread per queue) and the expiry of unfinished handshakes.
-pub fn start(config: &Config, engine: Arc<Engine>, flows: FlowLog) -> Result<()> {
+pub fn start(
+    config: &Config,
+    engine: Arc<Engine>,
+    authz: Arc<Authorizer>,
+    flows: FlowLog,
+) -> Result<()> {
     let h = &config.handshake;
     let sender = Arc::new(RawSender::new(config.bpf.proxy_mark)?);
+    let (live_tx, live_rx) = mpsc::unbounded_channel();
+    tokio::spawn(watch_live(authz, flows.clone(), live_rx));
     for (num, side, name) in [
         (h.queue, Side::Egress, "tessera-hs-egress"),
         (h.queue + 1, Side::Ingress, "tessera-hs-ingress"),
     ] {
         let (engine, flows, sender) = (engine.clone(), flows.clone(), sender.clone());
+        let live_tx = live_tx.clone();
         // Bind in the thread but report a failure to bind here, before we say ready.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                let result = worker(num, side, engine, flows, sender);
+                let result = worker(num, side, engine, flows, sender, live_tx);
                 if let Err(e) = &result {
                     tracing::error!(
                         queue = num,
@@ -326,6 +462,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn proc_net_tcp_lines_give_both_ends_of_open_connections() {
+        // As this machine's kernel (little-endian) prints them.
+        let v4 = "   1: 0200000A:1F90 0100000A:A55C 01 00000000:00000000 00:00000000 00000000     0        0 1 1";
+        assert_eq!(
+            parse_proc_net_tcp(v4),
+            Some((
+                "10.0.0.2:8080".parse().unwrap(),
+                "10.0.0.1:42332".parse().unwrap()
+            ))
+        );
+        let listen = "   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1";
+        assert_eq!(parse_proc_net_tcp(listen), None);
+        let mapped = "   2: 0000000000000000FFFF00000200000A:1F90 0000000000000000FFFF00000100000A:A55C 01 0";
+        assert_eq!(
+            parse_proc_net_tcp(mapped),
+            Some((
+                "10.0.0.2:8080".parse().unwrap(),
+                "10.0.0.1:42332".parse().unwrap()
+            ))
+        );
+        let v6 = "   3: 000077FD000000000000000002000000:1F90 000077FD000000000000000001000000:A55C 01 0";
+        let (l, _) = parse_proc_net_tcp(v6).unwrap();
+        assert_eq!(l.ip().to_string(), "fd77::2");
+    }
+
+    #[test]
     fn rules_queue_handshakes_only_and_fail_closed_by_default() {
         let h = HandshakeConfig::default();
         let r = rules(&h, &[8080], 1);
@@ -333,10 +495,10 @@ mod tests {
             |l| l.contains("--syn --dport 8080 -j NFQUEUE --queue-num 7701")
                 && !l.contains("bypass")
         ));
-        assert!(
-            r.iter()
-                .any(|l| l.contains("--dport 8080") && l.ends_with("-j DROP"))
-        );
+        // Unproven connections to the port: to the engine, never straight to the workload.
+        assert!(r.iter().any(|l| l.contains("--dport 8080")
+            && l.contains("! --mark 0x100/0x100")
+            && l.ends_with("-j NFQUEUE --queue-num 7701")));
         // Nothing is queued by payload size or per packet beyond the handshake.
         assert!(r.iter().all(|l| !l.contains("connbytes")));
         let open = HandshakeConfig {
@@ -344,7 +506,7 @@ mod tests {
             ..HandshakeConfig::default()
         };
         let r = rules(&open, &[8080], 2);
-        assert!(r.iter().all(|l| !l.ends_with("-j DROP")));
+        assert!(r.iter().all(|l| !l.contains("! --mark 0x100/0x100")));
         assert!(
             r.iter()
                 .any(|l| l.contains("--dport 8080 -j NFQUEUE") && l.contains("bypass"))

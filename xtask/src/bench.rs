@@ -12,6 +12,10 @@
 //!   Tessera with signed identity tokens (the default) and with unsigned identities, and the
 //!   wall time per connection the tokens add at saturation (signing and verifying at both
 //!   ends: request and answer).
+//! * `handshake.{throughput_bps,connections_per_second,latency_us.{p50,p99}}.{direct,handshake,ratio}`:
+//!   the same figures in TCP-handshake mode (tokens in the handshake, data in the kernel).
+//! * `cpu_ms_per_1000_connections.{tunnel,handshake}`: CPU time both enforcers spend per
+//!   1,000 new connections (from /proc/<pid>/stat during the connection-rate run).
 //! * `memory.{idle_rss_kib,loaded_rss_kib,per_connection_kib}.{host-a,host-b}` and
 //!   `memory.open_connections`: enforcer resident memory idle and holding that many
 //!   tunnelled connections.
@@ -82,6 +86,11 @@ impl Bench<'_> {
     }
 
     fn connrate(&self, tessera: bool) -> Result<f64> {
+        Ok(self.connrate_counted(tessera)?.0)
+    }
+
+    /// The connection rate and how many connections were made.
+    fn connrate_counted(&self, tessera: bool) -> Result<(f64, f64)> {
         let addr = if tessera {
             "10.77.0.2:7001"
         } else {
@@ -103,7 +112,28 @@ impl Bench<'_> {
                 v["errors"]
             );
         }
-        v["per_second"].as_f64().context("no rate")
+        Ok((
+            v["per_second"].as_f64().context("no rate")?,
+            v["connections"].as_f64().context("no count")?,
+        ))
+    }
+
+    /// CPU time (user + system) both enforcers have used so far, in seconds.
+    fn enforcer_cpu_secs(&self) -> Result<f64> {
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+        let mut total = 0.0;
+        for h in ["host-a", "host-b"] {
+            let pid = self
+                .net
+                .enforcer_pid(self.net.host(h))
+                .context("enforcer pid")?;
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            // Fields after the command name (which may hold spaces): utime is the 14th field.
+            let rest = stat.rsplit_once(')').context("stat")?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            total += (f[11].parse::<f64>()? + f[12].parse::<f64>()?) / ticks;
+        }
+        Ok(total)
     }
 
     fn latency(&self, tessera: bool) -> Result<(f64, f64)> {
@@ -240,12 +270,37 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
     net.start_enforcers()?;
     let cr_notokens = bench.connrate(true)?;
 
+    // Enforcer CPU per 1,000 new connections, tunnel mode (tokens on) then handshake mode.
+    for h in [a, b] {
+        net.stop_enforcer(h, false)?;
+    }
+    net.options.lock().unwrap().tokens = true;
+    net.start_enforcers()?;
+    let cpu_per_k = |bench: &Bench| -> Result<(f64, f64)> {
+        let before = bench.enforcer_cpu_secs()?;
+        let (rate, n) = bench.connrate_counted(true)?;
+        let used = bench.enforcer_cpu_secs()? - before;
+        Ok((rate, if n > 0.0 { used * 1e3 / n * 1e3 } else { 0.0 }))
+    };
+    eprintln!("bench: enforcer CPU per 1,000 connections, tunnel mode");
+    let (_, cpu_tunnel_ms) = cpu_per_k(&bench)?;
+
+    eprintln!("bench: TCP-handshake mode (tokens in SYN / SYN-ACK / ACK, data in the kernel)");
+    for h in [a, b] {
+        net.stop_enforcer(h, false)?;
+    }
+    net.options.lock().unwrap().handshake = true;
+    net.start_enforcers()?;
+    let hs_tp = bench.iperf(true)?;
+    let (hs_cr, cpu_handshake_ms) = cpu_per_k(&bench)?;
+    let (hs_p50, hs_p99) = bench.latency(true)?;
+
     // Memory last: holding thousands of connections leaves the host's TCP state (TIME_WAIT,
     // ports) busy for a while, which would skew the rates measured after it.
     for h in [a, b] {
         net.stop_enforcer(h, false)?;
     }
-    net.options.lock().unwrap().tokens = true;
+    net.options.lock().unwrap().handshake = false;
     net.start_enforcers()?;
     eprintln!("bench: memory with {open_connections} open tunnelled connections");
     let (idle, loaded, per_conn) = bench.memory(open_connections)?;
@@ -268,6 +323,15 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
         },
         "pool": {"pooled_cps": cr_t, "unpooled_cps": cr_nopool, "speedup": ratio(cr_t, cr_nopool)},
         "tokens": {"with_cps": cr_t, "without_cps": cr_notokens, "ratio": ratio(cr_t, cr_notokens), "added_us_per_connection": token_cost_us},
+        "handshake": {
+            "throughput_bps": {"direct": tp_d, "handshake": hs_tp, "ratio": ratio(hs_tp, tp_d)},
+            "connections_per_second": {"direct": cr_d, "handshake": hs_cr, "ratio": ratio(hs_cr, cr_d)},
+            "latency_us": {
+                "p50": {"direct": p50_d, "handshake": hs_p50, "ratio": ratio(hs_p50, p50_d)},
+                "p99": {"direct": p99_d, "handshake": hs_p99, "ratio": ratio(hs_p99, p99_d)},
+            },
+        },
+        "cpu_ms_per_1000_connections": {"tunnel": cpu_tunnel_ms, "handshake": cpu_handshake_ms},
         "memory": {"idle_rss_kib": idle, "loaded_rss_kib": loaded, "per_connection_kib": per_conn, "open_connections": open_connections, "fd_hard_limit": fd_hard_limit},
     });
 
@@ -322,6 +386,41 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
         format!("{cr_t:.0}"),
         ratio(cr_t, cr_notokens),
         &format!("(tokens add {token_cost_us:.0} us per connection)"),
+    );
+    println!(
+        "\nTCP-handshake mode\n{:<34} {:>12} {:>12} {:>8} target",
+        "metric", "direct", "handshake", "ratio"
+    );
+    row(
+        "throughput (Gbit/s)",
+        format!("{:.2}", tp_d / 1e9),
+        format!("{:.2}", hs_tp / 1e9),
+        ratio(hs_tp, tp_d),
+        ">= 0.95x",
+    );
+    row(
+        "new connections / s",
+        format!("{cr_d:.0}"),
+        format!("{hs_cr:.0}"),
+        ratio(hs_cr, cr_d),
+        ">= 0.7x",
+    );
+    row(
+        "request latency p50 (us)",
+        format!("{p50_d:.1}"),
+        format!("{hs_p50:.1}"),
+        ratio(hs_p50, p50_d),
+        "",
+    );
+    row(
+        "request latency p99 (us)",
+        format!("{p99_d:.1}"),
+        format!("{hs_p99:.1}"),
+        ratio(hs_p99, p99_d),
+        "<= 1.2x",
+    );
+    println!(
+        "enforcer CPU per 1,000 new connections (both ends): tunnel {cpu_tunnel_ms:.0} ms, handshake {cpu_handshake_ms:.0} ms\n"
     );
     println!(
         "enforcer RSS idle (KiB)            host-a {} host-b {}\nenforcer RSS, {open_connections} open conns (KiB) host-a {} host-b {}  ({:.1} / {:.1} KiB per connection)",

@@ -34,7 +34,7 @@ use super::{
     proof::{self, Ephemeral, ProofKey, PublicKey, Role, Transcript},
 };
 use crate::{
-    authz::{Authorizer, Outcome as PolicyOutcome, Party},
+    authz::{Authorizer, Outcome as PolicyOutcome, Party, Side},
     flow::{Direction, Endpoint, FlowRecord, Mode, Verdict, label_map},
     identity::{
         Identity,
@@ -63,6 +63,24 @@ pub struct Outcome {
     /// IP packets to send (resets to the other end of a refused handshake).
     pub send: Vec<Vec<u8>>,
     pub flows: Vec<FlowRecord>,
+    /// A connection this packet let through, to watch for policy reloads.
+    pub live: Option<Box<LiveConnection>>,
+}
+
+/// An allowed connection, as policy reloads re-check it: if a new policy denies it, the
+/// enforcer closes its socket (the kernel resets the peer) and records why.
+#[derive(Clone, Debug)]
+pub struct LiveConnection {
+    pub side: Side,
+    /// The end on this host, and the other.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub src: Party,
+    pub dst: Party,
+    pub port: u16,
+    pub observe: bool,
+    /// The record of the allowed handshake (a revocation is written from it).
+    pub record: FlowRecord,
 }
 
 impl Outcome {
@@ -73,6 +91,7 @@ impl Outcome {
             mark: 0,
             send: Vec::new(),
             flows: Vec::new(),
+            live: None,
         }
     }
     fn rewrite(packet: Vec<u8>) -> Self {
@@ -91,6 +110,10 @@ impl Outcome {
         self.flows.push(rec);
         self
     }
+    fn with_live(mut self, live: LiveConnection) -> Self {
+        self.live = Some(Box::new(live));
+        self
+    }
 }
 
 /// What an engine works with; the enforcer builds it from its configuration.
@@ -105,6 +128,8 @@ pub struct Setup {
     pub services: LocalServices,
     /// Mark bit given to an inbound packet whose connection is proven.
     pub proven_mark: u32,
+    /// Mark bit given to an outbound packet once its connection's proof went out.
+    pub acked_mark: u32,
     /// How long an unfinished handshake is remembered (ms).
     pub pending_ms: u64,
 }
@@ -134,6 +159,7 @@ enum ClientStep {
         server_isn: u32,
         synack_message: Vec<u8>,
         ack_message: Vec<u8>,
+        proof_sent: bool,
     },
     /// A destination without an enforcer that policy allows: nothing to add.
     External,
@@ -144,6 +170,8 @@ struct ServerHandshake {
     started_ms: u64,
     syn_message: Vec<u8>,
     record: FlowRecord,
+    /// What the connection is once the client proves itself.
+    live: LiveConnection,
     step: ServerStep,
 }
 
@@ -166,6 +194,9 @@ pub struct Engine {
     rng: SystemRandom,
     clients: Mutex<HashMap<FourTuple, ClientHandshake>>,
     servers: Mutex<HashMap<FourTuple, ServerHandshake>>,
+    /// Connections proven at this (server) end lately, and when: packets queued behind the
+    /// proof pass.
+    proven: Mutex<HashMap<FourTuple, u64>>,
 }
 
 fn has(flags: u8, bits: u8) -> bool {
@@ -207,6 +238,7 @@ impl Engine {
             rng: SystemRandom::new(),
             clients: Mutex::default(),
             servers: Mutex::default(),
+            proven: Mutex::default(),
         }
     }
 
@@ -371,7 +403,17 @@ impl Engine {
                     step: ClientStep::External,
                 },
             );
-            return Outcome::accept().with_flow(rec);
+            let live = LiveConnection {
+                side: Side::Egress,
+                local: seg.src,
+                remote: seg.dst,
+                src,
+                dst: Party::external(seg.dst.ip()),
+                port: seg.dst.port(),
+                observe: captured.observe,
+                record: rec.clone(),
+            };
+            return Outcome::accept().with_flow(rec).with_live(live);
         };
         rec.dst.enforcer = Some(peer.name.clone());
         let Some(peer_key) = self.setup.peer_keys.get(&peer.name).copied() else {
@@ -495,6 +537,7 @@ impl Engine {
                 server_isn,
                 synack_message,
                 ack_message,
+                proof_sent,
             } => {
                 // A retransmitted SYN-ACK (the same one only): our proof was lost on the way.
                 // The kernel's answer to it is not queued again (the connection's first ACK
@@ -527,6 +570,7 @@ impl Engine {
                             server_isn,
                             synack_message,
                             ack_message,
+                            proof_sent,
                         },
                     },
                 );
@@ -603,12 +647,14 @@ impl Engine {
                 };
                 let mut rec = rec;
                 set_identity(&mut rec.dst, &dst_identity);
-                let outcome = self.setup.authz.check(
-                    &Party::workload(captured.identity.labels.clone(), None),
-                    &Party::workload(dst_identity.labels.clone(), Some(seg.src.ip())),
-                    seg.src.port(),
-                    captured.observe,
+                let (src, dst) = (
+                    Party::workload(captured.identity.labels.clone(), None),
+                    Party::workload(dst_identity.labels.clone(), Some(seg.src.ip())),
                 );
+                let outcome = self
+                    .setup
+                    .authz
+                    .check(&src, &dst, seg.src.port(), captured.observe);
                 if !outcome.allowed {
                     rec.rule = outcome.rule.clone();
                     return reset(rec, "policy", format!("egress {}", outcome.reason));
@@ -628,23 +674,48 @@ impl Engine {
                             server_isn: seg.seq,
                             synack_message: message,
                             ack_message,
+                            proof_sent: false,
                         },
                     },
                 );
-                Outcome::rewrite(clean).with_flow(rec)
+                let live = LiveConnection {
+                    side: Side::Egress,
+                    local: seg.dst,
+                    remote: seg.src,
+                    src,
+                    dst,
+                    port: seg.src.port(),
+                    observe: captured.observe,
+                    record: rec.clone(),
+                };
+                Outcome::rewrite(clean).with_flow(rec).with_live(live)
             }
         }
     }
 
+    /// A packet of a marked connection before its first ACK was handled: the first carries
+    /// the proof; each gets the acked bit, which the kernel saves in the connmark so that
+    /// nothing later of the connection is queued. (Packets queued behind the proof keep
+    /// their order: the queue is FIFO.)
     fn client_ack(&self, packet: &[u8], seg: &Segment) -> Outcome {
-        let clients = self.lock_clients();
-        match clients.get(&(seg.src, seg.dst)) {
+        let mut clients = self.lock_clients();
+        let mut out = match clients.get_mut(&(seg.src, seg.dst)) {
             Some(ClientHandshake {
-                step: ClientStep::Proven { ack_message, .. },
+                step:
+                    ClientStep::Proven {
+                        ack_message,
+                        proof_sent,
+                        ..
+                    },
                 ..
-            }) => attach_or_drop(packet, ack_message),
+            }) if !*proof_sent && seg.flags & TcpFlags::ACK != 0 => {
+                *proof_sent = true;
+                attach_or_drop(packet, ack_message)
+            }
             _ => Outcome::accept(),
-        }
+        };
+        out.mark = self.setup.acked_mark;
+        out
     }
 
     // ---- server end ----
@@ -705,11 +776,23 @@ impl Engine {
                     );
                 }
                 // Nothing to prove later: the connection is proven now.
+                let rec = allow(rec, &outcome);
+                let live = LiveConnection {
+                    side: Side::Ingress,
+                    local: seg.dst,
+                    remote: seg.src,
+                    src: Party::external(seg.src.ip()),
+                    dst: dst_party,
+                    port: seg.dst.port(),
+                    observe: workload.observe,
+                    record: rec.clone(),
+                };
                 return Outcome {
                     mark: self.setup.proven_mark,
                     ..Outcome::accept()
                 }
-                .with_flow(allow(rec, &outcome));
+                .with_flow(rec)
+                .with_live(live);
             }
             Err(e) => return refused(rec, "malformed", format!("SYN from {}: {e}", seg.src)),
         };
@@ -754,17 +837,26 @@ impl Engine {
             }
         };
         set_identity(&mut rec.src, &src_identity);
-        let outcome = self.setup.authz.check(
-            &Party::workload(src_identity.labels.clone(), Some(seg.src.ip())),
-            &dst_party,
-            seg.dst.port(),
-            workload.observe,
-        );
+        let src_party = Party::workload(src_identity.labels.clone(), Some(seg.src.ip()));
+        let outcome =
+            self.setup
+                .authz
+                .check(&src_party, &dst_party, seg.dst.port(), workload.observe);
         if !outcome.allowed {
             rec.rule = outcome.rule.clone();
             return refused(rec, "policy", format!("ingress {}", outcome.reason));
         }
         let rec = allow(rec, &outcome);
+        let live = LiveConnection {
+            side: Side::Ingress,
+            local: seg.dst,
+            remote: seg.src,
+            src: src_party,
+            dst: dst_party,
+            port: seg.dst.port(),
+            observe: workload.observe,
+            record: rec.clone(),
+        };
         servers.insert(
             key,
             ServerHandshake {
@@ -772,6 +864,7 @@ impl Engine {
                 started_ms: now_ms,
                 syn_message: message,
                 record: rec,
+                live,
                 step: ServerStep::AwaitSynAck {
                     client_key,
                     syn_token: token,
@@ -866,11 +959,40 @@ impl Engine {
 
     fn server_ack(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
         let key = (seg.src, seg.dst);
-        let detached = packet::detach(packet);
-        let mut servers = self.lock_servers();
-        let pending = servers
-            .remove(&key)
-            .filter(|h| matches!(&h.step, ServerStep::AwaitAck { server_isn, .. } if seg.ack == server_isn.wrapping_add(1)));
+        let (clean, message) = match packet::detach(packet) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                // Queued because its connection was not proven when it arrived: packets that
+                // were behind the proof in the queue pass; anything else is dropped (a client
+                // that never proves itself ends as a `no-proof` record when its handshake
+                // expires).
+                return if self.lock_proven().contains_key(&key) {
+                    Outcome {
+                        mark: self.setup.proven_mark,
+                        ..Outcome::accept()
+                    }
+                } else {
+                    Outcome::drop()
+                };
+            }
+            Err(e) => {
+                let Some(h) = self.lock_servers().remove(&key) else {
+                    return Outcome::drop();
+                };
+                return Outcome {
+                    send: vec![packet::reset(seg.dst, seg.src, seg.ack, seg.seq)],
+                    ..Outcome::drop()
+                }
+                .with_flow(refuse(
+                    h.record,
+                    "malformed",
+                    format!("ACK from {}: {e}", seg.src),
+                ));
+            }
+        };
+        let pending = self.lock_servers().remove(&key).filter(|h| {
+            matches!(&h.step, ServerStep::AwaitAck { server_isn, .. } if seg.ack == server_isn.wrapping_add(1))
+        });
         let Some(h) = pending else {
             // A proof for no handshake of ours (a replay, or a stray): never passed on.
             let mut rec = self.record(Direction::Inbound, seg.src, seg.dst, now_ms);
@@ -889,18 +1011,12 @@ impl Engine {
         else {
             unreachable!("filtered above");
         };
-        let reset_client = packet::reset(seg.dst, seg.src, seg.ack, seg.seq);
         let refused = |code: &str, reason: String| {
             Outcome {
-                send: vec![reset_client.clone()],
+                send: vec![packet::reset(seg.dst, seg.src, seg.ack, seg.seq)],
                 ..Outcome::drop()
             }
             .with_flow(refuse(h.record.clone(), code, reason))
-        };
-        let (clean, message) = match detached {
-            Ok(Some(d)) => d,
-            Ok(None) => return refused("no-proof", "the ACK carried no proof".into()),
-            Err(e) => return refused("malformed", format!("ACK from {}: {e}", seg.src)),
         };
         let proof = match Message::decode(&message) {
             Ok(Message::Ack { proof }) => proof,
@@ -910,13 +1026,17 @@ impl Engine {
         if proof_key.check(Role::Client, transcript, &proof).is_err() {
             return refused("bad-proof", "the ACK proof does not verify".into());
         }
+        self.lock_proven().insert(key, now_ms);
         let mut rec = h.record.clone();
         rec.duration_ms = now_ms.saturating_sub(h.started_ms);
+        let mut live = h.live.clone();
+        live.record = rec.clone();
         Outcome {
             mark: self.setup.proven_mark,
             ..Outcome::rewrite(clean)
         }
         .with_flow(rec)
+        .with_live(live)
     }
 
     /// Forgets handshakes that did not finish in time; each becomes a flow record.
@@ -936,6 +1056,8 @@ impl Engine {
             }
             false
         });
+        self.lock_proven()
+            .retain(|_, at| now_ms.saturating_sub(*at) < ttl);
         self.lock_servers().retain(|_, h| {
             if now_ms.saturating_sub(h.started_ms) < ttl {
                 return true;
@@ -961,6 +1083,10 @@ impl Engine {
 
     fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<FourTuple, ClientHandshake>> {
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_proven(&self) -> std::sync::MutexGuard<'_, HashMap<FourTuple, u64>> {
+        self.proven.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_servers(&self) -> std::sync::MutexGuard<'_, HashMap<FourTuple, ServerHandshake>> {
@@ -1001,6 +1127,7 @@ mod tests {
     const C: &str = "10.0.0.1:40000";
     const S: &str = "10.0.0.2:80";
     const PROVEN: u32 = 0x100;
+    const ACKED: u32 = 0x200;
     const POLICY: &str = "rules:\n  - {name: web-api, action: allow, from: {labels: [app=web]}, to: {labels: [app=api]}}\n";
 
     fn addr(s: &str) -> SocketAddr {
@@ -1091,6 +1218,7 @@ mod tests {
             })))),
             services: LocalServices::new([(80, workload)]),
             proven_mark: PROVEN,
+            acked_mark: ACKED,
             pending_ms: 11_000,
         })
     }
@@ -1186,13 +1314,39 @@ mod tests {
         // A retransmitted SYN-ACK (same message) still passes.
         assert_eq!(wire(&p.b.egress(&synack(), NOW)), synack_wire);
         assert_eq!(wire(&p.a.ingress(&synack_wire, NOW)), synack());
-        let ack_wire = wire(&p.a.egress(&ack(), NOW));
+        let at_a_ack = p.a.egress(&ack(), NOW);
+        assert_eq!(at_a_ack.mark, ACKED, "the kernel stops queueing after this");
+        let ack_wire = wire(&at_a_ack);
+        // Data queued behind the first ACK at the client passes unchanged.
+        let data = packet::build(addr(C), addr(S), 1001, 5001, TcpFlags::ACK | TcpFlags::PSH);
+        let behind = p.a.egress(&data, NOW);
+        assert_eq!(
+            (behind.verdict, behind.packet.is_none(), behind.mark),
+            (PacketVerdict::Accept, true, ACKED)
+        );
         let at_b = p.b.ingress(&ack_wire, NOW);
         assert_eq!(wire(&at_b), ack());
         assert_eq!(at_b.mark, PROVEN);
+        // ... and at the server, where it was queued behind the proof.
+        let behind = p.b.ingress(&data, NOW);
+        assert_eq!(
+            (behind.verdict, behind.mark),
+            (PacketVerdict::Accept, PROVEN)
+        );
         let flow = &at_b.flows[0];
         assert_eq!(flow.verdict, Verdict::Allowed);
         assert_eq!(flow.src.workload.as_deref(), Some("web"));
+        // Both ends hand the connection over for policy reloads, each from its side.
+        let live_b = at_b.live.as_ref().expect("server end live");
+        assert_eq!(
+            (live_b.side, live_b.local, live_b.remote),
+            (Side::Ingress, addr(S), addr(C))
+        );
+        let live_a = at_a.live.as_ref().expect("client end live");
+        assert_eq!(
+            (live_a.side, live_a.local, live_a.remote),
+            (Side::Egress, addr(C), addr(S))
+        );
         assert_eq!(
             flow.src.spiffe.as_deref(),
             Some("spiffe://td/enforcer/host-a/workload/web")
@@ -1299,12 +1453,15 @@ mod tests {
         assert_eq!(o.verdict, PacketVerdict::Drop);
         refused(&o, "bad-proof");
 
+        // An ACK without a proof (or data overtaking it) is dropped; the handshake stays
+        // open for the proof.
         let p = pair("api");
         let (_, synack_wire) = up_to_synack(&p);
         p.a.ingress(&synack_wire, NOW);
         let o = p.b.ingress(&ack(), NOW);
         assert_eq!(o.verdict, PacketVerdict::Drop);
-        refused(&o, "no-proof");
+        assert!(o.flows.is_empty() && o.mark == 0, "{o:?}");
+        assert_eq!(p.b.pending(), (0, 1));
 
         // An ACK that never comes: the handshake expires and says so.
         let p = pair("api");
