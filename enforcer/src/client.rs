@@ -154,10 +154,11 @@ fn print_records(records: &[FlowRecord], json: bool, header: bool) {
     if header {
         let _ = writeln!(
             out,
-            "{:<12}  {:<8}  {:<8}  {:<28}  {:<28}  {:>5}  {:<19}  {:<16}  {:<18}  {:>9}  {:>9}",
+            "{:<12}  {:<8}  {:<8}  {:<9}  {:<28}  {:<28}  {:>5}  {:<19}  {:<16}  {:<18}  {:>9}  {:>9}",
             "TIME",
             "REPORTER",
             "DIR",
+            "MODE",
             "SOURCE",
             "DESTINATION",
             "PORT",
@@ -170,12 +171,14 @@ fn print_records(records: &[FlowRecord], json: bool, header: bool) {
     }
     for r in records {
         let dir = format!("{:?}", r.direction).to_lowercase();
+        let mode = format!("{:?}", r.mode).to_lowercase();
         let _ = writeln!(
             out,
-            "{:<12}  {:<8}  {:<8}  {:<28}  {:<28}  {:>5}  {:<19}  {:<16}  {:<18}  {:>9}  {:>9}",
+            "{:<12}  {:<8}  {:<8}  {:<9}  {:<28}  {:<28}  {:>5}  {:<19}  {:<16}  {:<18}  {:>9}  {:>9}",
             clock(r.start_ms),
             r.reporter,
             dir,
+            mode,
             node_name(&r.src, Role::Source),
             node_name(&r.dst, Role::Destination),
             r.dst.addr.port(),

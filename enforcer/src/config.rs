@@ -541,6 +541,24 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The configuration example in the README uses only fields that exist, with valid values.
+    #[test]
+    fn the_readme_example_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("### Configuration (TOML)")
+            .and_then(|i| readme[i..].find("```toml").map(|j| i + j + "```toml".len()))
+            .expect("the README has a configuration example");
+        let end = start + readme[start..].find("```").expect("closed block");
+        let config: Config = toml::from_str(&readme[start..end]).expect("README example");
+        assert_eq!(config.handshake.mode, DataPathMode::Tunnel);
+        assert_eq!(config.handshake.socket_mark, 0x7e55_0002);
+        assert_eq!(
+            config.peers[0].cert.as_deref(),
+            Some(Path::new("ca/host-b.pem"))
+        );
+    }
+
     /// The cgroup v2 mount of this machine, from /proc/self/mountinfo.
     fn cgroup2_root() -> PathBuf {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

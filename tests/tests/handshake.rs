@@ -440,3 +440,84 @@ fn while_an_enforcer_is_down_its_workloads_fail_closed_and_a_restart_restores_th
     let log = fs::read_to_string(net.dir.join("host-b-api-python3.log")).unwrap();
     assert_eq!(log.matches("GET /index.bin").count(), 3, "{log}");
 }
+
+#[test]
+fn a_live_connection_that_a_reload_denies_is_reset_at_the_end_whose_policy_changed() {
+    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
+    net.options.lock().unwrap().handshake = true;
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[7000])
+        .unwrap();
+    for host in ["host-a", "host-b"] {
+        net.write_policy(Some(net.host(host)), &policy("web-api", "7000"))
+            .unwrap();
+    }
+    net.start_enforcers().unwrap();
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
+        .unwrap();
+    // One connection, a ping every 50 ms; it reports how the connection ended.
+    let script = r#"import socket, sys, time
+s = socket.create_connection(("10.77.0.2", 7000), timeout=5)
+print("open", flush=True)
+t = time.time()
+while time.time() - t < 20:
+    try:
+        s.sendall(b"ping")
+        d = s.recv(16)
+        if not d:
+            print("eof", flush=True)
+            sys.exit(0)
+    except OSError as e:
+        print("reset", e, flush=True)
+        sys.exit(0)
+    time.sleep(0.05)
+print("still open", flush=True)
+"#;
+    let script_path = net.dir.join("hold.py");
+    fs::write(&script_path, script).unwrap();
+    net.spawn(
+        net.host("host-a"),
+        Some("web"),
+        "python3",
+        &[script_path.to_str().unwrap()],
+    )
+    .unwrap();
+    let log = net.dir.join("host-a-web-python3.log");
+    eventually("the client connected", || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("open")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Only host-b's policy changes: host-b closes the connection, host-a's kernel gets the
+    // reset, the application sees it.
+    net.write_policy(Some(net.host("host-b")), "rules: []\n")
+        .unwrap();
+    eventually("the live connection was closed", || {
+        let out = fs::read_to_string(&log).unwrap_or_default();
+        out.contains("reset") || out.contains("eof")
+    });
+    let out = fs::read_to_string(&log).unwrap();
+    assert!(out.contains("reset"), "closed, but not with a reset: {out}");
+    let f = last_flow(&net, "host-b", |f| f["code"] == "policy-reload");
+    assert_eq!(f["src"]["workload"], "web", "{f}");
+    assert!(
+        f["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("closed by policy reload (ingress)"),
+        "{f}"
+    );
+    // New connections are refused at host-b.
+    let out = net
+        .run_tool(
+            net.host("host-a"),
+            Some("web"),
+            &["echo-many", "10.77.0.2", "7000", "1"],
+            SECS_30,
+        )
+        .unwrap();
+    let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or(Value::Null);
+    assert_ne!(v["ok"], 1, "a new connection got through: {v}");
+}
