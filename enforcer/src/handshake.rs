@@ -29,7 +29,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tessera_proxy::{
-    authz::Authorizer,
+    authz::{Authorizer, LiveGuard},
     flow::{FlowLog, now_ms},
     handshake::engine::{Engine, LiveConnection, PacketVerdict},
 };
@@ -359,50 +359,52 @@ async fn destroy(local: SocketAddr, remote: SocketAddr) {
 }
 
 /// Watches the connections handshakes let through: a policy reload that denies one closes
-/// it and records why; connections that ended are forgotten.
+/// it and records why. One task for all of them (a connection costs a registration, no task
+/// of its own); connections that ended are forgotten at the next pruning.
 async fn watch_live(
     authz: Arc<Authorizer>,
     flows: FlowLog,
     mut incoming: mpsc::UnboundedReceiver<LiveConnection>,
 ) {
-    type Watched = HashMap<(SocketAddr, SocketAddr), (tokio::task::AbortHandle, Instant)>;
-    let mut watched: Watched = HashMap::new();
-    let mut sweep = tokio::time::interval(Duration::from_secs(2));
+    const CHECK: Duration = Duration::from_millis(200);
+    const PRUNE: Duration = Duration::from_secs(20);
+    let mut watched: HashMap<(SocketAddr, SocketAddr), (LiveGuard, LiveConnection, Instant)> =
+        HashMap::new();
+    let mut tick = tokio::time::interval(CHECK);
+    let mut last_prune = Instant::now();
     loop {
         tokio::select! {
             conn = incoming.recv() => {
                 let Some(conn) = conn else { return };
-                let key = (conn.local, conn.remote);
-                let mut guard = authz.register(
+                let guard = authz.register(
                     conn.side,
                     conn.src.clone(),
                     conn.dst.clone(),
                     conn.port,
                     conn.observe,
                 );
-                let flows = flows.clone();
-                let task = tokio::spawn(async move {
-                    let reason = guard.revoked().await;
+                watched.insert((conn.local, conn.remote), (guard, conn, Instant::now()));
+            }
+            _ = tick.tick() => {
+                let revoked: Vec<_> = watched
+                    .iter()
+                    .filter_map(|(key, (guard, _, _))| guard.revocation().map(|r| (*key, r)))
+                    .collect();
+                for (key, reason) in revoked {
+                    let Some((_, conn, _)) = watched.remove(&key) else { continue };
                     destroy(conn.local, conn.remote).await;
                     let mut rec = conn.record;
                     rec.revoked_by(reason);
                     flows.record(rec);
-                });
-                if let Some((old, _)) = watched.insert(key, (task.abort_handle(), Instant::now())) {
-                    old.abort();
                 }
-            }
-            _ = sweep.tick() => {
-                let open = open_sockets();
-                // (a connection handed over a moment ago may not be listed yet)
-                watched.retain(|key, (task, since)| {
-                    let keep = !task.is_finished()
-                        && (open.contains(key) || since.elapsed() < Duration::from_secs(2));
-                    if !keep {
-                        task.abort();
-                    }
-                    keep
-                });
+                if last_prune.elapsed() >= PRUNE {
+                    last_prune = Instant::now();
+                    let open = tokio::task::spawn_blocking(open_sockets).await.unwrap_or_default();
+                    // (a connection handed over a moment ago may not be listed yet)
+                    watched.retain(|key, (_, _, since)| {
+                        open.contains(key) || since.elapsed() < Duration::from_secs(2)
+                    });
+                }
             }
         }
     }
