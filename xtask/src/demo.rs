@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: three hosts behind Tessera and one outsider, real unmodified programs
 //! (python3 http.server, redis-server, curl, redis-cli), traffic through the tunnels and
-//! attempts around them, then the connectivity map built from both ends' flow records.
+//! attempts around them; then two hosts in TCP-handshake mode; then the connectivity map
+//! built from both ends' flow records.
 use std::{fs, path::Path, time::Duration};
 
 use anyhow::{Context, Result, bail};
@@ -197,8 +198,64 @@ pub fn run(bin: &Path) -> Result<()> {
         "refused".into(),
     );
 
+    println!(
+        "\nhost-a and host-b switch to TCP-handshake mode (tokens in SYN / SYN-ACK / ACK, data in the kernel):"
+    );
+    for h in [a, b] {
+        net.stop_enforcer(h, false)?;
+    }
+    net.options.lock().unwrap().handshake = true;
+    for h in [a, b] {
+        net.start_enforcer(h)?;
+    }
+    let out = status(0)?;
+    let server_log = fs::read_to_string(net.dir.join("host-b-api-python3.log")).unwrap_or_default();
+    check(
+        8,
+        "web@host-a -> api@host-b  curl GET /status.json",
+        out.status.success() && server_log.contains("10.77.0.1 - -"),
+        "served to 10.77.0.1 itself: no proxy in the path".into(),
+    );
+    let out = net.run(
+        a,
+        None,
+        "curl",
+        &["-sS", "-m", "3", "http://10.77.0.2:8080/status.json"],
+        T,
+    )?;
+    check(
+        9,
+        "unenrolled process on host-a -> api@host-b (no token)",
+        !out.status.success(),
+        "refused".into(),
+    );
+    let out = net.run(
+        o,
+        None,
+        "curl",
+        &["-sS", "-m", "3", "http://10.77.0.2:8080/status.json"],
+        T,
+    )?;
+    check(
+        10,
+        "outsider   -> api@host-b  direct curl (no token)",
+        !out.status.success(),
+        "refused".into(),
+    );
+
     // Both ends write their records asynchronously; give them a moment.
     std::thread::sleep(Duration::from_millis(300));
+    let bin = tessera_tests::tessera_bin()?;
+    let api_b = format!("{}:{}", b.addr, tessera_tests::API_PORT);
+    let out = net.run(b, None, bin.to_str().unwrap(), &["flows", "--api", &api_b], T)?;
+    println!("\nhost-b's flows since it restarted in handshake mode (`tessera flows`):\n");
+    let lines: Vec<&str> = std::str::from_utf8(&out.stdout)?.lines().collect();
+    if let Some((header, rows)) = lines.split_first() {
+        println!("{header}");
+        for row in &rows[rows.len().saturating_sub(5)..] {
+            println!("{row}");
+        }
+    }
     println!("\nConnectivity map (`tessera map`, merged from the APIs of all three enforcers):\n");
     let apis: Vec<String> = [a, b, c]
         .iter()
@@ -209,7 +266,6 @@ pub fn run(bin: &Path) -> Result<()> {
         args.extend(["--api", api.as_str()]);
     }
     // From inside host-b's namespace, which reaches every host over the bridge.
-    let bin = tessera_tests::tessera_bin()?;
     let out = net.run(b, None, bin.to_str().unwrap(), &args, T)?;
     if !out.status.success() {
         bail!("tessera map: {}", String::from_utf8_lossy(&out.stderr));
