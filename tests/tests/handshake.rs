@@ -521,3 +521,111 @@ print("still open", flush=True)
     let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or(Value::Null);
     assert_ne!(v["ok"], 1, "a new connection got through: {v}");
 }
+
+/// An on-path attacker in the test switch: the handshake packets `flags` selects go through
+/// `tamper_queue` (`mode`), until the returned guard is dropped.
+struct OnPath<'a> {
+    net: &'a TestNet,
+    rule: String,
+    child: std::process::Child,
+}
+
+impl<'a> OnPath<'a> {
+    fn start(net: &'a TestNet, flags: &str, mode: &[&str]) -> Self {
+        let sw = net.switch_netns().to_owned();
+        let mut child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &sw,
+                env!("CARGO_BIN_EXE_tamper_queue"),
+                "99",
+            ])
+            .args(mode)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        assert_eq!(ready.trim(), "ready");
+        let rule = format!(
+            "-t mangle -A FORWARD -p tcp -m tcp --tcp-option 253 --tcp-flags {flags} -j NFQUEUE --queue-num 99"
+        );
+        let mut args = vec!["netns", "exec", &sw, "iptables", "-w"];
+        args.extend(rule.split_whitespace());
+        tessera_tests::sh("ip", &args).unwrap();
+        Self { net, rule, child }
+    }
+}
+
+impl Drop for OnPath<'_> {
+    fn drop(&mut self) {
+        let sw = self.net.switch_netns().to_owned();
+        let rule = self.rule.replace(" -A ", " -D ");
+        let mut args = vec!["netns", "exec", &sw, "iptables", "-w"];
+        args.extend(rule.split_whitespace());
+        let _ = tessera_tests::sh("ip", &args);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_on_path_attacker_tampering_with_or_dropping_the_proofs_is_refused() {
+    let net = handshake_hosts(None);
+    let content = serve_random(&net, 1000);
+    let fetch = || curl(&net, "host-a", Some("web"), INDEX);
+    assert!(fetch().status.success());
+    // The SYN-ACK's proof (message bytes 33..49) altered on the way.
+    {
+        let _mitm = OnPath::start(&net, "SYN,ACK SYN,ACK", &["flip", "40"]);
+        assert!(!fetch().status.success(), "a tampered SYN-ACK was accepted");
+    }
+    let f = last_flow(&net, "host-a", |f| f["verdict"] == "denied");
+    assert_eq!(f["code"], "bad-proof", "{f}");
+
+    // The client's proof (message bytes 1..17) altered.
+    {
+        let _mitm = OnPath::start(&net, "SYN,ACK,RST ACK", &["flip", "5"]);
+        assert!(!fetch().status.success(), "a wrong ACK proof was accepted");
+    }
+    let f = last_flow(&net, "host-b", |f| f["code"] == "bad-proof");
+    assert_eq!(f["src"]["workload"], "web", "{f}");
+
+    // The proof never arrives (nor the copies host-a sends when the SYN-ACK comes again):
+    // the server end never lets the connection through, and records it when the handshake
+    // expires (token lifetime + skew, 15 s), while the attacker is still there.
+    {
+        let _mitm = OnPath::start(&net, "SYN,ACK,RST ACK", &["drop"]);
+        assert!(
+            !fetch().status.success(),
+            "a connection without its proof got through"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(25);
+        let f = loop {
+            let found = net
+                .flows(net.host("host-b"))
+                .into_iter()
+                .find(|f| f["code"] == "no-proof");
+            if let Some(f) = found {
+                break f;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no no-proof record on host-b"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        assert_eq!(f["verdict"], "denied", "{f}");
+    }
+
+    // None of the three reached the application; an honest fetch still works.
+    let out = fetch();
+    assert!(out.status.success() && out.stdout == content);
+    let log = fs::read_to_string(net.dir.join("host-b-api-python3.log")).unwrap();
+    assert_eq!(log.matches("GET /index.bin").count(), 2, "{log}");
+}

@@ -247,7 +247,13 @@ pub fn run(bin: &Path) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let bin = tessera_tests::tessera_bin()?;
     let api_b = format!("{}:{}", b.addr, tessera_tests::API_PORT);
-    let out = net.run(b, None, bin.to_str().unwrap(), &["flows", "--api", &api_b], T)?;
+    let out = net.run(
+        b,
+        None,
+        bin.to_str().unwrap(),
+        &["flows", "--api", &api_b],
+        T,
+    )?;
     println!("\nhost-b's flows since it restarted in handshake mode (`tessera flows`):\n");
     let lines: Vec<&str> = std::str::from_utf8(&out.stdout)?.lines().collect();
     if let Some((header, rows)) = lines.split_first() {
