@@ -101,14 +101,12 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
     r.push(format!(
         "-t mangle -A {input} -m mark --mark {pb:#x}/{pb:#x} -j CONNMARK --set-xmark {pb:#x}/{pb:#x}"
     ));
-    if !h.fail_open {
-        // A packet of a connection that has not proven itself (yet) goes to the engine,
-        // behind the proof it may have overtaken in the queue; the engine drops the rest.
-        for p in ports {
-            r.push(format!(
-                "-t mangle -A {input} ! -i lo -p tcp --dport {p} --tcp-flags SYN,RST NONE -m connmark ! --mark {pb:#x}/{pb:#x} -j NFQUEUE --queue-num {ingress}"
-            ));
-        }
+    // A packet of a connection that has not proven itself (yet) goes to the engine, behind
+    // the proof it may have overtaken in the queue; the engine drops the rest.
+    for p in ports {
+        r.push(format!(
+            "-t mangle -A {input} ! -i lo -p tcp --dport {p} --tcp-flags SYN,RST NONE -m connmark ! --mark {pb:#x}/{pb:#x} -j NFQUEUE --queue-num {ingress}{syn_bypass}"
+        ));
     }
     // Client: everything after the SYN until the first ACK went, in OUTPUT: the acked bit the
     // engine sets is saved in the connmark at POSTROUTING, and packets behind the first ACK
@@ -124,7 +122,7 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
     ));
     for p in ports {
         r.push(format!(
-            "-t mangle -A {output} ! -o lo -p tcp --sport {p} --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {egress}"
+            "-t mangle -A {output} ! -o lo -p tcp --sport {p} --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {egress}{syn_bypass}"
         ));
     }
     r
@@ -508,7 +506,12 @@ mod tests {
             ..HandshakeConfig::default()
         };
         let r = rules(&open, &[8080], 2);
-        assert!(r.iter().all(|l| !l.contains("! --mark 0x100/0x100")));
+        // Fail open: what would be queued for a workload port passes while nobody reads.
+        assert!(
+            r.iter()
+                .filter(|l| l.contains("--dport 8080") || l.contains("--sport 8080"))
+                .all(|l| l.ends_with("--queue-bypass"))
+        );
         assert!(
             r.iter()
                 .any(|l| l.contains("--dport 8080 -j NFQUEUE") && l.contains("bypass"))

@@ -118,6 +118,8 @@ pub struct EnforcerOptions {
     pub tokens: bool,
     /// `[handshake] mode = "handshake"`: tokens in the TCP handshake, no tunnels.
     pub handshake: bool,
+    /// `[handshake] fail_open`.
+    pub fail_open: bool,
 }
 
 impl Default for EnforcerOptions {
@@ -129,6 +131,7 @@ impl Default for EnforcerOptions {
             dns_servers: Vec::new(),
             tokens: true,
             handshake: false,
+            fail_open: false,
         }
     }
 }
@@ -379,7 +382,10 @@ impl TestNet {
             mapdb = self.dir.join(format!("{}-map.redb", host.name)).display(),
         );
         if opts.handshake {
-            c += "\n[handshake]\nmode = \"handshake\"\n";
+            c += &format!(
+                "\n[handshake]\nmode = \"handshake\"\nfail_open = {}\n",
+                opts.fail_open
+            );
         }
         if let Some(policy) = opts
             .policies

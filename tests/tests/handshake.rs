@@ -394,6 +394,31 @@ fn ipv6_iperf3_and_lost_handshake_packets_work_unmodified() {
         "iperf3 through handshake mode: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // SIGTERM (without --keep-attached): the enforcer takes its rules with it.
+    net.stop_enforcer(net.host("host-b"), false).unwrap();
+    for tool in ["iptables", "ip6tables"] {
+        for table in ["raw", "mangle"] {
+            let rules = tessera_tests::sh(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &net.host("host-b").netns,
+                    tool,
+                    "-w",
+                    "-t",
+                    table,
+                    "-S",
+                ],
+            )
+            .unwrap();
+            assert!(
+                !rules.contains("TESSERA"),
+                "{tool} {table} after exit:\n{rules}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -628,4 +653,34 @@ fn an_on_path_attacker_tampering_with_or_dropping_the_proofs_is_refused() {
     assert!(out.status.success() && out.stdout == content);
     let log = fs::read_to_string(net.dir.join("host-b-api-python3.log")).unwrap();
     assert_eq!(log.matches("GET /index.bin").count(), 2, "{log}");
+}
+
+#[test]
+fn fail_open_lets_unauthenticated_clients_in_only_while_no_enforcer_runs() {
+    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
+    {
+        let mut o = net.options.lock().unwrap();
+        o.handshake = true;
+        o.fail_open = true;
+        o.keep_attached = true;
+    }
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080])
+        .unwrap();
+    net.start_enforcers().unwrap();
+    serve_random(&net, 1000);
+    // Running: an unauthenticated client is refused as in the default mode.
+    assert!(!curl(&net, "host-a", None, INDEX).status.success());
+    // host-b's enforcer gone (rules left in place, as after a crash): the client gets in.
+    net.stop_enforcer(net.host("host-b"), true).unwrap();
+    let out = curl(&net, "host-a", None, INDEX);
+    assert!(
+        out.status.success(),
+        "fail open did not let it in: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Back: refused again.
+    net.start_enforcer(net.host("host-b")).unwrap();
+    assert!(!curl(&net, "host-a", None, INDEX).status.success());
 }

@@ -227,6 +227,26 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
 
     let net = TestNet::new(&["host-a", "host-b"])?;
     let (a, b) = (net.host("host-a"), net.host("host-b"));
+    // The load generator's host only (a test namespace): reuse TIME_WAIT ports, so that the
+    // connection-rate runs measure connections, not the search for a free port (the direct
+    // baseline to one address:port would otherwise exhaust it over the run).
+    for (key, value) in [
+        ("net.ipv4.tcp_tw_reuse", "1"),
+        ("net.ipv4.ip_local_port_range", "1024 65000"),
+    ] {
+        tessera_tests::sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &a.netns,
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("{key}={value}"),
+            ],
+        )?;
+    }
     net.add_workload(a, "client", &[("app", "bench-client")], &[])?;
     net.add_workload(b, "server", &[("app", "bench-server")], &[5201, 7001])?;
     net.start_enforcers()?;

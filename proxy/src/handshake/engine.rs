@@ -136,6 +136,10 @@ pub struct Setup {
 
 type FourTuple = (SocketAddr, SocketAddr);
 
+/// How long a server end remembers that a connection proved itself (for the packets queued
+/// behind its proof).
+const PROVEN_KEPT_MS: u64 = 2_000;
+
 struct ClientHandshake {
     isn: u32,
     started_ms: u64,
@@ -847,6 +851,8 @@ impl Engine {
             return refused(rec, "policy", format!("ingress {}", outcome.reason));
         }
         let rec = allow(rec, &outcome);
+        // A new connection on a 4-tuple proven before: nothing of it passes before its proof.
+        self.lock_proven().remove(&key);
         let live = LiveConnection {
             side: Side::Ingress,
             local: seg.dst,
@@ -1056,8 +1062,9 @@ impl Engine {
             }
             false
         });
+        // Packets queued behind a proof are handled within milliseconds.
         self.lock_proven()
-            .retain(|_, at| now_ms.saturating_sub(*at) < ttl);
+            .retain(|_, at| now_ms.saturating_sub(*at) < PROVEN_KEPT_MS);
         self.lock_servers().retain(|_, h| {
             if now_ms.saturating_sub(h.started_ms) < ttl {
                 return true;
@@ -1145,19 +1152,12 @@ mod tests {
         }
     }
 
-    /// The capture record the eBPF programs would have left for the client's connect.
-    struct OneCapture(Mutex<Option<Captured>>);
+    /// The capture record the eBPF programs leave for each connect of web from C.
+    struct WebCaptures(Captured);
 
-    impl CaptureLookup for OneCapture {
+    impl CaptureLookup for WebCaptures {
         fn take(&self, client: SocketAddr) -> Option<Captured> {
-            let mut c = self.0.lock().unwrap();
-            if c.as_ref()
-                .is_some_and(|c| c.dst.port() != 0 && client == addr(C))
-            {
-                c.take()
-            } else {
-                None
-            }
+            (client == addr(C)).then(|| self.0.clone())
         }
     }
 
@@ -1205,7 +1205,7 @@ mod tests {
                 },
             )]),
             peer_keys: HashMap::from([(peer.to_owned(), peer_key)]),
-            lookup: Arc::new(OneCapture(Mutex::new(Some(Captured {
+            lookup: Arc::new(WebCaptures(Captured {
                 dst: addr(S),
                 source: Source {
                     workload: "web".into(),
@@ -1215,7 +1215,7 @@ mod tests {
                 },
                 identity: identity(name, "web", "web"),
                 observe: false,
-            })))),
+            })),
             services: LocalServices::new([(80, workload)]),
             proven_mark: PROVEN,
             acked_mark: ACKED,
@@ -1487,6 +1487,27 @@ mod tests {
         let at_b = p.b.ingress(&o.send[0], NOW + 1_000);
         assert_eq!(at_b.mark, PROVEN);
         assert_eq!(at_b.flows[0].verdict, Verdict::Allowed);
+    }
+
+    #[test]
+    fn a_new_connection_on_a_proven_four_tuple_must_prove_itself_again() {
+        let p = pair("api");
+        let (_, synack_wire) = up_to_synack(&p);
+        p.a.ingress(&synack_wire, NOW);
+        let ack_wire = wire(&p.a.egress(&ack(), NOW));
+        assert_eq!(p.b.ingress(&ack_wire, NOW).mark, PROVEN);
+        // The client reuses the 4-tuple (TIME_WAIT reuse) with a new ISN.
+        let syn2 = packet::build(addr(C), addr(S), 9000, 0, TcpFlags::SYN);
+        let syn2_wire = wire(&p.a.egress(&syn2, NOW + 1_000));
+        wire(&p.b.ingress(&syn2_wire, NOW + 1_000));
+        let data = packet::build(addr(C), addr(S), 9001, 7001, TcpFlags::ACK | TcpFlags::PSH);
+        let o = p.b.ingress(&data, NOW + 1_000);
+        assert_eq!(
+            o.verdict,
+            PacketVerdict::Drop,
+            "the old proof does not cover it"
+        );
+        assert_eq!(o.mark, 0);
     }
 
     #[test]
