@@ -124,7 +124,14 @@ fn a_client_without_an_enforcer_never_reaches_the_workload() {
 
 #[test]
 fn tokens_ride_only_on_handshake_packets_and_hostile_syns_are_refused_with_their_reason() {
-    let net = handshake_hosts(None);
+    // The attacker has a namespace of its own on the same switch.
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["attacker"]).expect("hosts");
+    net.options.lock().unwrap().handshake = true;
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080, 9000])
+        .unwrap();
+    net.start_enforcers().unwrap();
     let content = serve_random(&net, 1 << 20);
     let dump = PacketCapture::start(&net, "p0", net.dir.join("handshake.pcap")).unwrap();
     let out = curl(&net, "host-a", Some("web"), INDEX);
@@ -156,10 +163,10 @@ fn tokens_ride_only_on_handshake_packets_and_hostile_syns_are_refused_with_their
         "the data packets are in the capture too: {http}"
     );
 
-    // The adversary on host-a, outside any workload, with the captured SYN in hand.
+    // The adversary in its own namespace, with the captured SYN in hand.
     let results = handshake_attack(
         &net,
-        host_a,
+        net.host("attacker"),
         &["attack", pcap.to_str().unwrap(), "10.77.0.2", "8080"],
     )
     .unwrap();

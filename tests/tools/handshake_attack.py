@@ -7,8 +7,10 @@
   handshake_attack.py attack PCAP SERVER PORT
       Takes the first token-bearing SYN to SERVER:PORT from the capture and sends hostile
       variants of it from a raw socket: the SYN replayed verbatim, its signature forged, its
-      message truncated, its message replaced by garbage, and a SYN without any token. Prints,
-      for each, the TCP flags of the answer (or null when nothing came back).
+      message truncated, its message replaced by garbage (these four from the captured
+      client's address, spoofed), and a SYN without any token (from our own address). Prints,
+      for each, the TCP flags of the answer we saw (null when none came back to us: answers to
+      spoofed packets go to the spoofed address).
 """
 import json
 import random
@@ -91,8 +93,8 @@ def attack(path, server, port):
     results["truncated"] = answer(fresh(syn, message[: len(message) // 2]))
     # A message of the announced length, all garbage.
     results["garbage"] = answer(fresh(syn, bytes(random.getrandbits(8) for _ in message)))
-    # No option, no token.
-    plain = IP(src=syn[IP].src, dst=server) / TCP(
+    # No option, no token, from the attacker's own address.
+    plain = IP(dst=server) / TCP(
         sport=random.randint(20000, 60000), dport=port, flags="S", seq=random.randint(0, 2**32 - 1)
     )
     results["no-token"] = answer(plain)
