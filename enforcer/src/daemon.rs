@@ -177,7 +177,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         config.tunnel.pool_size,
         Duration::from_secs(config.tunnel.pool_max_idle_secs),
     );
-    pool.warm(peers.peers());
+    // In handshake mode no workload connection takes a tunnel: nothing to warm.
+    if config.handshake.mode == DataPathMode::Tunnel {
+        pool.warm(peers.peers());
+    }
 
     let services: Vec<(u16, Arc<LocalWorkload>)> = config
         .workloads
