@@ -1,0 +1,429 @@
+//! The client end: a local workload's SYN out, the server's SYN-ACK in, the first ACK out.
+use pnet_packet::tcp::TcpFlags;
+
+use super::{
+    Engine, LiveConnection, Outcome, PacketVerdict, allow, attach_or_drop, refuse, reset_refusal,
+    set_identity,
+};
+use crate::{
+    authz::{Party, Side},
+    flow::{Direction, FlowRecord, label_map},
+    handshake::{
+        message::Message,
+        packet::{self, Segment},
+        proof::{self, Ephemeral, PublicKey, Role, Transcript},
+    },
+    identity::token::KeyId,
+    outbound::Captured,
+};
+
+pub(super) struct ClientHandshake {
+    pub(super) isn: u32,
+    pub(super) started_ms: u64,
+    pub(super) record: FlowRecord,
+    pub(super) step: ClientStep,
+}
+
+pub(super) enum ClientStep {
+    /// Our SYN went to an enforcer with this message; waiting for its SYN-ACK.
+    AwaitSynAck {
+        syn_message: Vec<u8>,
+        syn_token: Vec<u8>,
+        client_key: PublicKey,
+        ephemeral: Ephemeral,
+        peer: String,
+        peer_key: KeyId,
+        captured: Box<Captured>,
+    },
+    /// The SYN-ACK verified; the first ACK carries `ack_message`.
+    Proven {
+        server_isn: u32,
+        synack_message: Vec<u8>,
+        ack_message: Vec<u8>,
+        proof_sent: bool,
+    },
+    /// A destination without an enforcer that policy allows: nothing to add.
+    External,
+}
+
+impl Engine {
+    pub(super) fn client_syn(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
+        let key = (seg.src, seg.dst);
+        let mut clients = self.lock_clients();
+        if let Some(h) = clients.get(&key).filter(|h| h.isn == seg.seq) {
+            // A retransmitted SYN: the same message again.
+            return match &h.step {
+                ClientStep::AwaitSynAck { syn_message, .. } => attach_or_drop(packet, syn_message),
+                _ => Outcome::accept(),
+            };
+        }
+        let mut rec = self.record(Direction::Outbound, seg.src, seg.dst, now_ms);
+        rec.src.enforcer = Some(self.setup.name.clone());
+        // The workload's RST: the connect fails at once instead of timing out.
+        let reset_app = || packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1));
+        let Some(captured) = self.setup.lookup.take(seg.src) else {
+            let rec = refuse(
+                rec,
+                "no-capture",
+                "no capture record for this connection".into(),
+            );
+            return Outcome {
+                send: vec![reset_app()],
+                ..Outcome::drop()
+            }
+            .with_flow(rec);
+        };
+        rec.src.workload = Some(captured.source.workload.clone()).filter(|w| !w.is_empty());
+        rec.src.pid = Some(captured.source.pid);
+        rec.src.uid = Some(captured.source.uid);
+        rec.src.spiffe = Some(captured.identity.spiffe.clone());
+        rec.src.labels = label_map(&captured.identity.labels);
+
+        let Some(peer) = self.setup.peers.lookup(seg.dst.ip()) else {
+            // No enforcer there: egress policy on external networks decides now.
+            rec.dst.dns_name = self.setup.authz.dns().name_of(seg.dst.ip());
+            let src = Party::workload(captured.identity.labels.clone(), None);
+            let outcome = self.setup.authz.check(
+                &src,
+                &Party::external(seg.dst.ip()),
+                seg.dst.port(),
+                captured.observe,
+            );
+            if !outcome.allowed {
+                rec.rule = outcome.rule.clone();
+                let rec = refuse(
+                    rec,
+                    "policy",
+                    format!("no enforcer serves {}; {}", seg.dst.ip(), outcome.reason),
+                );
+                return Outcome {
+                    send: vec![reset_app()],
+                    ..Outcome::drop()
+                }
+                .with_flow(rec);
+            }
+            let rec = allow(rec, &outcome);
+            clients.insert(
+                key,
+                ClientHandshake {
+                    isn: seg.seq,
+                    started_ms: now_ms,
+                    record: rec.clone(),
+                    step: ClientStep::External,
+                },
+            );
+            let live = LiveConnection {
+                side: Side::Egress,
+                local: seg.src,
+                remote: seg.dst,
+                src,
+                dst: Party::external(seg.dst.ip()),
+                port: seg.dst.port(),
+                observe: captured.observe,
+                record: rec.clone(),
+            };
+            return Outcome::accept().with_flow(rec).with_live(live);
+        };
+        rec.dst.enforcer = Some(peer.name.clone());
+        let Some(peer_key) = self.setup.peer_keys.get(&peer.name).copied() else {
+            let rec = refuse(
+                rec,
+                "untrusted-issuer",
+                format!("no certificate configured for peer {}", peer.name),
+            );
+            return Outcome {
+                send: vec![reset_app()],
+                ..Outcome::drop()
+            }
+            .with_flow(rec);
+        };
+        let ephemeral = Ephemeral::generate(&self.rng);
+        let client_key = ephemeral.public;
+        let binding = proof::syn_binding(&client_key, seg.seq);
+        let token = match self
+            .setup
+            .tokens
+            .sign_cold(&captured.identity, seg.dst, binding, now_ms)
+        {
+            Ok(t) => t,
+            Err(e) => {
+                let rec = refuse(rec, e.reason(), format!("cannot sign a token: {e}"));
+                return Outcome {
+                    send: vec![reset_app()],
+                    ..Outcome::drop()
+                }
+                .with_flow(rec);
+            }
+        };
+        let syn_message = Message::Syn {
+            client_key,
+            token: token.clone(),
+        }
+        .encode();
+        let out = attach_or_drop(packet, &syn_message);
+        if out.verdict == PacketVerdict::Accept {
+            clients.insert(
+                key,
+                ClientHandshake {
+                    isn: seg.seq,
+                    started_ms: now_ms,
+                    record: rec,
+                    step: ClientStep::AwaitSynAck {
+                        syn_message,
+                        syn_token: token,
+                        client_key,
+                        ephemeral,
+                        peer: peer.name.clone(),
+                        peer_key,
+                        captured: Box::new(captured),
+                    },
+                },
+            );
+        }
+        out
+    }
+
+    pub(super) fn client_synack(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
+        let key = (seg.dst, seg.src);
+        let detached = packet::detach(packet);
+        let mut clients = self.lock_clients();
+        let Some(h) = clients
+            .remove(&key)
+            .filter(|h| seg.ack == h.isn.wrapping_add(1))
+        else {
+            // Not a handshake of ours. A token-bearing SYN-ACK nobody asked for is dropped;
+            // anything else is someone else's connection.
+            return match detached {
+                Ok(None) => Outcome::accept(),
+                _ => Outcome::drop(),
+            };
+        };
+        let ClientHandshake {
+            isn,
+            started_ms,
+            record: rec,
+            step,
+        } = h;
+        // Refusal: the workload's socket gets a reset instead of the SYN-ACK, the server's
+        // half-open connection one too.
+        let reset = |rec: FlowRecord, code: &str, reason: String| {
+            let rec = refuse(rec, code, reason);
+            Outcome {
+                send: vec![packet::reset(
+                    seg.dst,
+                    seg.src,
+                    seg.ack,
+                    seg.seq.wrapping_add(1),
+                )],
+                ..Outcome::rewrite(packet::reset(
+                    seg.src,
+                    seg.dst,
+                    seg.seq.wrapping_add(1),
+                    isn.wrapping_add(1),
+                ))
+            }
+            .with_flow(rec)
+        };
+        match step {
+            ClientStep::External => {
+                clients.insert(
+                    key,
+                    ClientHandshake {
+                        isn,
+                        started_ms,
+                        record: rec,
+                        step: ClientStep::External,
+                    },
+                );
+                match detached {
+                    Ok(None) => Outcome::accept(),
+                    // Our enforcer did not ask for a token; one arrives anyway: not ours to use.
+                    Ok(Some((clean, _))) => Outcome::rewrite(clean),
+                    Err(_) => Outcome::drop(),
+                }
+            }
+            ClientStep::Proven {
+                server_isn,
+                synack_message,
+                ack_message,
+                proof_sent,
+            } => {
+                // A retransmitted SYN-ACK (the same one only): our proof was lost on the way.
+                // The kernel's answer to it is not queued again (the connection's first ACK
+                // is behind it), so the proof goes out in an ACK of our own.
+                let same = matches!(&detached, Ok(Some((_, m))) if *m == synack_message)
+                    && seg.seq == server_isn;
+                let out = match detached {
+                    Ok(Some((clean, _))) if same => {
+                        let ack = packet::build(
+                            seg.dst,
+                            seg.src,
+                            isn.wrapping_add(1),
+                            server_isn.wrapping_add(1),
+                            TcpFlags::ACK,
+                        );
+                        Outcome {
+                            send: packet::attach(&ack, &ack_message).into_iter().collect(),
+                            ..Outcome::rewrite(clean)
+                        }
+                    }
+                    _ => Outcome::drop(),
+                };
+                clients.insert(
+                    key,
+                    ClientHandshake {
+                        isn,
+                        started_ms,
+                        record: rec,
+                        step: ClientStep::Proven {
+                            server_isn,
+                            synack_message,
+                            ack_message,
+                            proof_sent,
+                        },
+                    },
+                );
+                out
+            }
+            ClientStep::AwaitSynAck {
+                syn_message: _,
+                syn_token,
+                client_key,
+                ephemeral,
+                peer,
+                peer_key,
+                captured,
+            } => {
+                let (clean, message) = match detached {
+                    Ok(Some(d)) => d,
+                    Ok(None) => {
+                        return reset(
+                            rec,
+                            "no-token",
+                            format!("the SYN-ACK of {peer} carried no token"),
+                        );
+                    }
+                    Err(e) => return reset(rec, "malformed", format!("SYN-ACK of {peer}: {e}")),
+                };
+                let (server_key, server_proof, token) = match Message::decode(&message) {
+                    Ok(Message::SynAck {
+                        server_key,
+                        proof,
+                        token,
+                    }) => (server_key, proof, token),
+                    Ok(_) => {
+                        return reset(
+                            rec,
+                            "malformed",
+                            format!("SYN-ACK of {peer}: not a SYN-ACK message"),
+                        );
+                    }
+                    Err(e) => return reset(rec, "malformed", format!("SYN-ACK of {peer}: {e}")),
+                };
+                let transcript = Transcript {
+                    client: seg.dst,
+                    server: seg.src,
+                    client_isn: isn,
+                    server_isn: seg.seq,
+                    syn_token,
+                    client_key,
+                    synack_token: token,
+                    server_key,
+                };
+                let Ok(proof_key) = ephemeral.agree(&server_key) else {
+                    return reset(rec, "bad-proof", format!("SYN-ACK of {peer}: bad key"));
+                };
+                if proof_key
+                    .check(Role::Server, &transcript, &server_proof)
+                    .is_err()
+                {
+                    return reset(
+                        rec,
+                        "bad-proof",
+                        format!("the SYN-ACK proof of {peer} does not verify"),
+                    );
+                }
+                let dst_identity = match self.setup.tokens.check_token(
+                    &transcript.synack_token,
+                    &peer,
+                    &peer_key,
+                    seg.dst,
+                    &proof::synack_binding(&transcript),
+                    now_ms,
+                ) {
+                    Ok(id) => id,
+                    Err(e) => return reset_refusal(reset, rec, &peer, e),
+                };
+                let mut rec = rec;
+                set_identity(&mut rec.dst, &dst_identity);
+                let (src, dst) = (
+                    Party::workload(captured.identity.labels.clone(), None),
+                    Party::workload(dst_identity.labels.clone(), Some(seg.src.ip())),
+                );
+                let outcome = self
+                    .setup
+                    .authz
+                    .check(&src, &dst, seg.src.port(), captured.observe);
+                if !outcome.allowed {
+                    rec.rule = outcome.rule.clone();
+                    return reset(rec, "policy", format!("egress {}", outcome.reason));
+                }
+                let rec = allow(rec, &outcome);
+                let ack_message = Message::Ack {
+                    proof: proof_key.prove(Role::Client, &transcript),
+                }
+                .encode();
+                clients.insert(
+                    key,
+                    ClientHandshake {
+                        isn,
+                        started_ms,
+                        record: rec.clone(),
+                        step: ClientStep::Proven {
+                            server_isn: seg.seq,
+                            synack_message: message,
+                            ack_message,
+                            proof_sent: false,
+                        },
+                    },
+                );
+                let live = LiveConnection {
+                    side: Side::Egress,
+                    local: seg.dst,
+                    remote: seg.src,
+                    src,
+                    dst,
+                    port: seg.src.port(),
+                    observe: captured.observe,
+                    record: rec.clone(),
+                };
+                Outcome::rewrite(clean).with_flow(rec).with_live(live)
+            }
+        }
+    }
+
+    /// A packet of a marked connection before its first ACK was handled: the first carries
+    /// the proof; each gets the acked bit, which the kernel saves in the connmark so that
+    /// nothing later of the connection is queued. (Packets queued behind the proof keep
+    /// their order: the queue is FIFO.)
+    pub(super) fn client_ack(&self, packet: &[u8], seg: &Segment) -> Outcome {
+        let mut clients = self.lock_clients();
+        let mut out = match clients.get_mut(&(seg.src, seg.dst)) {
+            Some(ClientHandshake {
+                step:
+                    ClientStep::Proven {
+                        ack_message,
+                        proof_sent,
+                        ..
+                    },
+                ..
+            }) if !*proof_sent && seg.flags & TcpFlags::ACK != 0 => {
+                *proof_sent = true;
+                attach_or_drop(packet, ack_message)
+            }
+            _ => Outcome::accept(),
+        };
+        out.mark = self.setup.acked_mark;
+        out
+    }
+}

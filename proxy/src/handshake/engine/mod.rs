@@ -1,0 +1,366 @@
+//! The handshake engine: what an enforcer does with each handshake packet the kernel hands
+//! it. Pure (no sockets, no kernel): a packet goes in; a verdict, the rewritten packet,
+//! packets to send (resets) and flow records come out. The NFQUEUE workers only move bytes.
+//!
+//! Client end (a local workload connects out; its socket carries the handshake mark):
+//! * SYN out: the workload's cold token and a fresh X25519 key are attached, if an enforcer
+//!   serves the destination; otherwise egress policy on external networks decides at once.
+//! * SYN-ACK in: the server's proof, its token (bound to the transcript) and egress policy
+//!   are checked before the kernel sees the packet; any failure turns it into a reset.
+//! * first ACK out: the client's proof is attached.
+//!
+//! Server end (a SYN reaches a workload port of this host):
+//! * SYN in: the token is checked and ingress policy decided; the message is taken off
+//!   before the kernel (and conntrack) see the packet. A SYN without a token is an external
+//!   peer: policy on external networks decides.
+//! * SYN-ACK out: the destination workload's token, a fresh key and the server's proof.
+//! * ACK in: the client's proof; only then is the connection marked proven (the kernel
+//!   drops every other packet of an unproven connection to a protected port).
+//!
+//! Retransmitted SYNs and SYN-ACKs (same 4-tuple and sequence number) get the same message
+//! again; a replayed SYN of a finished handshake is refused by the token's nonce cache.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use pnet_packet::tcp::TcpFlags;
+use ring::rand::SystemRandom;
+
+use super::packet::{self, Segment};
+use crate::{
+    authz::{Authorizer, Outcome as PolicyOutcome, Party, Side},
+    flow::{Direction, Endpoint, FlowRecord, Mode, Verdict, label_map},
+    identity::{
+        Identity,
+        session::{Refusal, Tokens},
+        token::KeyId,
+    },
+    local::LocalServices,
+    outbound::CaptureLookup,
+    peers::PeerTable,
+};
+
+mod client;
+mod server;
+#[cfg(test)]
+mod tests;
+
+use client::{ClientHandshake, ClientStep};
+use server::{ServerHandshake, ServerStep};
+
+/// What to do with the queued packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketVerdict {
+    Accept,
+    Drop,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub verdict: PacketVerdict,
+    /// The packet to let through instead of the queued one (None: unchanged).
+    pub packet: Option<Vec<u8>>,
+    /// Mark bits to set on the packet.
+    pub mark: u32,
+    /// IP packets to send (resets to the other end of a refused handshake).
+    pub send: Vec<Vec<u8>>,
+    pub flows: Vec<FlowRecord>,
+    /// A connection this packet let through, to watch for policy reloads.
+    pub live: Option<Box<LiveConnection>>,
+}
+
+/// An allowed connection, as policy reloads re-check it: if a new policy denies it, the
+/// enforcer closes its socket (the kernel resets the peer) and records why.
+#[derive(Clone, Debug)]
+pub struct LiveConnection {
+    pub side: Side,
+    /// The end on this host, and the other.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub src: Party,
+    pub dst: Party,
+    pub port: u16,
+    pub observe: bool,
+    /// The record of the allowed handshake (a revocation is written from it).
+    pub record: FlowRecord,
+}
+
+impl Outcome {
+    fn accept() -> Self {
+        Self {
+            verdict: PacketVerdict::Accept,
+            packet: None,
+            mark: 0,
+            send: Vec::new(),
+            flows: Vec::new(),
+            live: None,
+        }
+    }
+    fn rewrite(packet: Vec<u8>) -> Self {
+        Self {
+            packet: Some(packet),
+            ..Self::accept()
+        }
+    }
+    fn drop() -> Self {
+        Self {
+            verdict: PacketVerdict::Drop,
+            ..Self::accept()
+        }
+    }
+    fn with_flow(mut self, rec: FlowRecord) -> Self {
+        self.flows.push(rec);
+        self
+    }
+    fn with_live(mut self, live: LiveConnection) -> Self {
+        self.live = Some(Box::new(live));
+        self
+    }
+}
+
+/// What an engine works with; the enforcer builds it from its configuration.
+pub struct Setup {
+    pub name: String,
+    pub tokens: Arc<Tokens>,
+    pub authz: Arc<Authorizer>,
+    pub peers: PeerTable,
+    /// The certified key of each peer enforcer, by name (from its configured certificate).
+    pub peer_keys: HashMap<String, KeyId>,
+    pub lookup: Arc<dyn CaptureLookup>,
+    pub services: LocalServices,
+    /// Mark bit given to an inbound packet whose connection is proven.
+    pub proven_mark: u32,
+    /// Mark bit given to an outbound packet once its connection's proof went out.
+    pub acked_mark: u32,
+    /// How long an unfinished handshake is remembered (ms).
+    pub pending_ms: u64,
+}
+
+type FourTuple = (SocketAddr, SocketAddr);
+
+/// How long a server end remembers that a connection proved itself (for the packets queued
+/// behind its proof).
+const PROVEN_KEPT_MS: u64 = 2_000;
+
+pub struct Engine {
+    setup: Setup,
+    rng: SystemRandom,
+    clients: Mutex<HashMap<FourTuple, ClientHandshake>>,
+    servers: Mutex<HashMap<FourTuple, ServerHandshake>>,
+    /// Connections proven at this (server) end lately, and when: packets queued behind the
+    /// proof pass.
+    proven: Mutex<HashMap<FourTuple, u64>>,
+}
+
+fn has(flags: u8, bits: u8) -> bool {
+    flags & bits == bits
+}
+
+/// A refusal as a flow records it.
+fn refuse(mut rec: FlowRecord, code: &str, reason: String) -> FlowRecord {
+    rec.verdict = Verdict::Denied;
+    rec.code = code.into();
+    rec.reason = reason;
+    rec
+}
+
+fn allow(mut rec: FlowRecord, outcome: &PolicyOutcome) -> FlowRecord {
+    rec.rule = outcome.rule.clone();
+    rec.verdict = if outcome.observed_deny {
+        Verdict::ObservedDeny
+    } else {
+        Verdict::Allowed
+    };
+    if outcome.observed_deny {
+        rec.reason = outcome.reason.clone();
+    }
+    rec
+}
+
+fn set_identity(end: &mut Endpoint, id: &Identity) {
+    end.workload = id.labels.get("tessera.io/workload").map(str::to_owned);
+    end.enforcer = id.labels.get("tessera.io/enforcer").map(str::to_owned);
+    end.spiffe = Some(id.spiffe.clone());
+    end.labels = label_map(&id.labels);
+}
+
+impl Engine {
+    pub fn new(setup: Setup) -> Self {
+        Self {
+            setup,
+            rng: SystemRandom::new(),
+            clients: Mutex::default(),
+            servers: Mutex::default(),
+            proven: Mutex::default(),
+        }
+    }
+
+    fn record(
+        &self,
+        direction: Direction,
+        src: SocketAddr,
+        dst: SocketAddr,
+        now_ms: u64,
+    ) -> FlowRecord {
+        FlowRecord {
+            start_ms: now_ms,
+            duration_ms: 0,
+            reporter: self.setup.name.clone(),
+            direction,
+            src: Endpoint::addr(src),
+            dst: Endpoint::addr(dst),
+            protocol: Default::default(),
+            mode: Mode::Handshake,
+            verdict: Verdict::Error,
+            reason: String::new(),
+            code: String::new(),
+            rule: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            pooled: None,
+        }
+    }
+
+    /// A packet leaving this host: a marked workload's SYN or first ACK, or a SYN-ACK from
+    /// a workload port.
+    pub fn egress(&self, packet: &[u8], now_ms: u64) -> Outcome {
+        let Ok(seg) = packet::segment(packet) else {
+            // Not something we queue; never let a parse failure open a hole, never panic.
+            return Outcome::drop();
+        };
+        if has(seg.flags, TcpFlags::SYN | TcpFlags::ACK) {
+            self.server_synack(packet, &seg, now_ms)
+        } else if has(seg.flags, TcpFlags::SYN) {
+            self.client_syn(packet, &seg, now_ms)
+        } else if has(seg.flags, TcpFlags::ACK) {
+            self.client_ack(packet, &seg)
+        } else {
+            Outcome::accept()
+        }
+    }
+
+    /// A packet arriving: a SYN for a workload port, a SYN-ACK, or an ACK with a proof.
+    pub fn ingress(&self, packet: &[u8], now_ms: u64) -> Outcome {
+        let Ok(seg) = packet::segment(packet) else {
+            return Outcome::drop();
+        };
+        if has(seg.flags, TcpFlags::RST) {
+            self.reset_in(&seg, now_ms)
+        } else if has(seg.flags, TcpFlags::SYN | TcpFlags::ACK) {
+            self.client_synack(packet, &seg, now_ms)
+        } else if has(seg.flags, TcpFlags::SYN) {
+            self.server_syn(packet, &seg, now_ms)
+        } else {
+            self.server_ack(packet, &seg, now_ms)
+        }
+    }
+
+    /// A reset for a handshake in progress: the other end refused it. Its enforcer records
+    /// why; this end records that it was refused, at once rather than at expiry.
+    fn reset_in(&self, seg: &Segment, now_ms: u64) -> Outcome {
+        let mut out = Outcome::accept();
+        let mut clients = self.lock_clients();
+        let key = (seg.dst, seg.src);
+        let refused_our_syn = clients.get(&key).is_some_and(|h| {
+            matches!(h.step, ClientStep::AwaitSynAck { .. }) && seg.ack == h.isn.wrapping_add(1)
+        });
+        if refused_our_syn && let Some(h) = clients.remove(&key) {
+            let mut rec = refuse(
+                h.record,
+                "peer-refused",
+                format!("{} refused the connection (reset)", seg.src),
+            );
+            rec.duration_ms = now_ms.saturating_sub(h.started_ms);
+            out.flows.push(rec);
+        }
+        drop(clients);
+        let mut servers = self.lock_servers();
+        let key = (seg.src, seg.dst);
+        let refused_our_synack = servers.get(&key).is_some_and(|h| {
+            matches!(h.step, ServerStep::AwaitAck { .. }) && seg.seq == h.isn.wrapping_add(1)
+        });
+        if refused_our_synack && let Some(h) = servers.remove(&key) {
+            out.flows.push(refuse(
+                h.record,
+                "peer-refused",
+                format!("{} refused the connection (reset)", seg.src),
+            ));
+        }
+        out
+    }
+
+    /// Forgets handshakes that did not finish in time; each becomes a flow record.
+    pub fn expire(&self, now_ms: u64) -> Vec<FlowRecord> {
+        let ttl = self.setup.pending_ms;
+        let mut out = Vec::new();
+        self.lock_clients().retain(|_, h| {
+            if now_ms.saturating_sub(h.started_ms) < ttl {
+                return true;
+            }
+            if let ClientStep::AwaitSynAck { peer, .. } = &h.step {
+                out.push(refuse(
+                    h.record.clone(),
+                    "no-answer",
+                    format!("no SYN-ACK with a token from {peer} (refused, reset or unreachable)"),
+                ));
+            }
+            false
+        });
+        // Packets queued behind a proof are handled within milliseconds.
+        self.lock_proven()
+            .retain(|_, at| now_ms.saturating_sub(*at) < PROVEN_KEPT_MS);
+        self.lock_servers().retain(|_, h| {
+            if now_ms.saturating_sub(h.started_ms) < ttl {
+                return true;
+            }
+            let code = match h.step {
+                ServerStep::AwaitSynAck { .. } => "no-answer",
+                ServerStep::AwaitAck { .. } => "no-proof",
+            };
+            out.push(refuse(
+                h.record.clone(),
+                code,
+                format!("the handshake did not finish ({code})"),
+            ));
+            false
+        });
+        out
+    }
+
+    /// Handshakes in progress (client end, server end).
+    pub fn pending(&self) -> (usize, usize) {
+        (self.lock_clients().len(), self.lock_servers().len())
+    }
+
+    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<FourTuple, ClientHandshake>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_proven(&self) -> std::sync::MutexGuard<'_, HashMap<FourTuple, u64>> {
+        self.proven.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_servers(&self) -> std::sync::MutexGuard<'_, HashMap<FourTuple, ServerHandshake>> {
+        self.servers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn attach_or_drop(packet: &[u8], message: &[u8]) -> Outcome {
+    match packet::attach(packet, message) {
+        Ok(p) => Outcome::rewrite(p),
+        // No room for the option (a full TCP header): fail closed.
+        Err(_) => Outcome::drop(),
+    }
+}
+
+fn reset_refusal(
+    reset: impl Fn(FlowRecord, &str, String) -> Outcome,
+    rec: FlowRecord,
+    peer: &str,
+    e: Refusal,
+) -> Outcome {
+    let reason = format!("destination {e} ({}) in the SYN-ACK of {peer}", e.reason());
+    reset(rec, e.reason(), reason)
+}

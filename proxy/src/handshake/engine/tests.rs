@@ -1,0 +1,420 @@
+//! Both ends run on real packet bytes, honest and hostile.
+use super::*;
+use crate::{
+    authz::PolicyMode,
+    identity::{spiffe_id, test_ca},
+    local::LocalWorkload,
+    outbound::Captured,
+    peers::Peer,
+    wire::Source,
+};
+use tessera_policy::Labels;
+
+const NOW: u64 = 1_800_000_000_000;
+const C: &str = "10.0.0.1:40000";
+const S: &str = "10.0.0.2:80";
+const PROVEN: u32 = 0x100;
+const ACKED: u32 = 0x200;
+const POLICY: &str = "rules:\n  - {name: web-api, action: allow, from: {labels: [app=web]}, to: {labels: [app=api]}}\n";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn identity(enforcer: &str, workload: &str, app: &str) -> Identity {
+    Identity {
+        spiffe: spiffe_id("td", enforcer, workload),
+        labels: Labels::new([
+            ("app", app),
+            ("tessera.io/enforcer", enforcer),
+            ("tessera.io/workload", workload),
+        ]),
+    }
+}
+
+/// The capture record the eBPF programs leave for each connect of web from C.
+struct WebCaptures(Captured);
+
+impl CaptureLookup for WebCaptures {
+    fn take(&self, client: SocketAddr) -> Option<Captured> {
+        (client == addr(C)).then(|| self.0.clone())
+    }
+}
+
+struct Pair {
+    a: Engine,
+    b: Engine,
+}
+
+fn engine(
+    name: &str,
+    peer: &str,
+    peer_net: &str,
+    ca: &(rcgen::KeyPair, Vec<u8>),
+    certs: &HashMap<String, Vec<u8>>,
+    keys: &HashMap<String, Vec<u8>>,
+    server_app: &str,
+) -> Engine {
+    let tokens = Arc::new(
+        Tokens::new(
+            "td".into(),
+            &keys[name],
+            vec![ca.1.clone()],
+            10_000,
+            1_000,
+            true,
+        )
+        .unwrap(),
+    );
+    let peer_key = tokens.trust_peer(&certs[peer]).unwrap();
+    let policy = tessera_policy::load("p.yaml", POLICY).unwrap();
+    let workload = Arc::new(LocalWorkload {
+        name: "api".into(),
+        identity: identity(name, "api", server_app),
+        observe: false,
+    });
+    Engine::new(Setup {
+        name: name.into(),
+        tokens,
+        authz: Arc::new(Authorizer::new(policy, PolicyMode::Enforce)),
+        peers: PeerTable::new([(
+            peer_net.parse().unwrap(),
+            Peer {
+                name: peer.into(),
+                tunnel: addr("10.0.0.9:15008"),
+            },
+        )]),
+        peer_keys: HashMap::from([(peer.to_owned(), peer_key)]),
+        lookup: Arc::new(WebCaptures(Captured {
+            dst: addr(S),
+            source: Source {
+                workload: "web".into(),
+                pid: 42,
+                uid: 0,
+                cgroup_id: 7,
+            },
+            identity: identity(name, "web", "web"),
+            observe: false,
+        })),
+        services: LocalServices::new([(80, workload)]),
+        proven_mark: PROVEN,
+        acked_mark: ACKED,
+        pending_ms: 11_000,
+    })
+}
+
+/// host-a (client, workload web) and host-b (server, workload `server_app` on port 80).
+fn pair(server_app: &str) -> Pair {
+    let ca = test_ca::ca();
+    let mut certs = HashMap::new();
+    let mut keys = HashMap::new();
+    for name in ["host-a", "host-b"] {
+        let (key, cert) = test_ca::enforcer(name, &ca.0, &ca.1);
+        keys.insert(name.to_owned(), key);
+        certs.insert(name.to_owned(), cert);
+    }
+    Pair {
+        a: engine(
+            "host-a",
+            "host-b",
+            "10.0.0.2/32",
+            &ca,
+            &certs,
+            &keys,
+            server_app,
+        ),
+        b: engine(
+            "host-b",
+            "host-a",
+            "10.0.0.1/32",
+            &ca,
+            &certs,
+            &keys,
+            server_app,
+        ),
+    }
+}
+
+fn syn() -> Vec<u8> {
+    packet::build(addr(C), addr(S), 1000, 0, TcpFlags::SYN)
+}
+fn synack() -> Vec<u8> {
+    packet::build(addr(S), addr(C), 5000, 1001, TcpFlags::SYN | TcpFlags::ACK)
+}
+fn ack() -> Vec<u8> {
+    packet::build(addr(C), addr(S), 1001, 5001, TcpFlags::ACK)
+}
+
+fn wire(o: &Outcome) -> Vec<u8> {
+    assert_eq!(o.verdict, PacketVerdict::Accept, "{o:?}");
+    o.packet.clone().expect("a message attached")
+}
+
+/// The same packet with its message changed by `f` (checksums right: as an attacker would).
+fn tamper(packet: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let (clean, mut message) = packet::detach(packet).unwrap().unwrap();
+    f(&mut message);
+    packet::attach(&clean, &message).unwrap()
+}
+
+fn refused(o: &Outcome, code: &str) {
+    let flow = o.flows.last().unwrap_or_else(|| panic!("no flow: {o:?}"));
+    assert_eq!(flow.verdict, Verdict::Denied, "{flow:?}");
+    assert_eq!(flow.code, code, "{flow:?}");
+    assert_eq!(flow.mode, Mode::Handshake);
+    assert_eq!(o.mark, 0, "a refusal never marks a connection proven");
+}
+
+/// Runs SYN and SYN-ACK through both ends; returns the SYN and SYN-ACK as sent.
+fn up_to_synack(p: &Pair) -> (Vec<u8>, Vec<u8>) {
+    let syn_wire = wire(&p.a.egress(&syn(), NOW));
+    let at_b = p.b.ingress(&syn_wire, NOW);
+    assert_eq!(
+        wire(&at_b),
+        syn(),
+        "the server's kernel sees the SYN as sent"
+    );
+    let synack_wire = wire(&p.b.egress(&synack(), NOW));
+    (syn_wire, synack_wire)
+}
+
+#[test]
+fn honest_handshake_is_proven_at_both_ends_and_restores_every_packet() {
+    let p = pair("api");
+    let (syn_wire, synack_wire) = up_to_synack(&p);
+    // A retransmitted SYN carries the very same message and is accepted again.
+    assert_eq!(wire(&p.a.egress(&syn(), NOW)), syn_wire);
+    assert_eq!(wire(&p.b.ingress(&syn_wire, NOW)), syn());
+    let at_a = p.a.ingress(&synack_wire, NOW);
+    assert_eq!(wire(&at_a), synack());
+    let flow = &at_a.flows[0];
+    assert_eq!(flow.verdict, Verdict::Allowed);
+    assert_eq!(flow.dst.workload.as_deref(), Some("api"));
+    assert_eq!(flow.rule.as_deref(), Some("web-api"));
+    // A retransmitted SYN-ACK (same message) still passes.
+    assert_eq!(wire(&p.b.egress(&synack(), NOW)), synack_wire);
+    assert_eq!(wire(&p.a.ingress(&synack_wire, NOW)), synack());
+    let at_a_ack = p.a.egress(&ack(), NOW);
+    assert_eq!(at_a_ack.mark, ACKED, "the kernel stops queueing after this");
+    let ack_wire = wire(&at_a_ack);
+    // Data queued behind the first ACK at the client passes unchanged.
+    let data = packet::build(addr(C), addr(S), 1001, 5001, TcpFlags::ACK | TcpFlags::PSH);
+    let behind = p.a.egress(&data, NOW);
+    assert_eq!(
+        (behind.verdict, behind.packet.is_none(), behind.mark),
+        (PacketVerdict::Accept, true, ACKED)
+    );
+    let at_b = p.b.ingress(&ack_wire, NOW);
+    assert_eq!(wire(&at_b), ack());
+    assert_eq!(at_b.mark, PROVEN);
+    // ... and at the server, where it was queued behind the proof.
+    let behind = p.b.ingress(&data, NOW);
+    assert_eq!(
+        (behind.verdict, behind.mark),
+        (PacketVerdict::Accept, PROVEN)
+    );
+    let flow = &at_b.flows[0];
+    assert_eq!(flow.verdict, Verdict::Allowed);
+    assert_eq!(flow.src.workload.as_deref(), Some("web"));
+    // Both ends hand the connection over for policy reloads, each from its side.
+    let live_b = at_b.live.as_ref().expect("server end live");
+    assert_eq!(
+        (live_b.side, live_b.local, live_b.remote),
+        (Side::Ingress, addr(S), addr(C))
+    );
+    let live_a = at_a.live.as_ref().expect("client end live");
+    assert_eq!(
+        (live_a.side, live_a.local, live_a.remote),
+        (Side::Egress, addr(C), addr(S))
+    );
+    assert_eq!(
+        flow.src.spiffe.as_deref(),
+        Some("spiffe://td/enforcer/host-a/workload/web")
+    );
+}
+
+#[test]
+fn a_replayed_syn_is_refused_once_its_handshake_is_over() {
+    let p = pair("api");
+    let (syn_wire, synack_wire) = up_to_synack(&p);
+    p.a.ingress(&synack_wire, NOW);
+    let ack_wire = wire(&p.a.egress(&ack(), NOW));
+    assert_eq!(p.b.ingress(&ack_wire, NOW).mark, PROVEN);
+    let replay = p.b.ingress(&syn_wire, NOW + 10);
+    assert_eq!(replay.verdict, PacketVerdict::Drop);
+    assert_eq!(replay.send.len(), 1, "the sender gets a reset");
+    refused(&replay, "replay");
+    // Its proof, replayed too, proves nothing.
+    let again = p.b.ingress(&ack_wire, NOW + 10);
+    assert_eq!(again.verdict, PacketVerdict::Drop);
+    refused(&again, "no-handshake");
+}
+
+#[test]
+fn forged_garbage_and_truncated_syns_are_refused_with_their_reason() {
+    let p = pair("api");
+    let syn_wire = wire(&p.a.egress(&syn(), NOW));
+    // The token's signature is its last bytes, the message's last bytes too.
+    let forged = tamper(&syn_wire, |m| *m.last_mut().unwrap() ^= 1);
+    let o = p.b.ingress(&forged, NOW);
+    assert_eq!(o.verdict, PacketVerdict::Drop);
+    refused(&o, "bad-signature");
+    let garbage = tamper(&syn_wire, |m| m.iter_mut().for_each(|b| *b = 0xA5));
+    refused(&p.b.ingress(&garbage, NOW), "malformed");
+    // Cut inside the message: the option announces more than the packet holds.
+    let cut = &syn_wire[..syn_wire.len() - 40];
+    let mut cut = cut.to_vec();
+    let total = cut.len() as u16;
+    cut[2..4].copy_from_slice(&total.to_be_bytes());
+    let o = p.b.ingress(&cut, NOW);
+    assert_eq!(o.verdict, PacketVerdict::Drop);
+    refused(&o, "malformed");
+    // The honest SYN still gets through afterwards (nothing above consumed its nonce).
+    assert_eq!(wire(&p.b.ingress(&syn_wire, NOW)), syn());
+}
+
+#[test]
+fn a_syn_without_a_token_is_an_external_peer_and_policy_refuses_it() {
+    let p = pair("api");
+    let o = p.b.ingress(&syn(), NOW);
+    assert_eq!(o.verdict, PacketVerdict::Drop);
+    assert_eq!(o.send.len(), 1);
+    refused(&o, "unauthenticated");
+    assert_eq!(o.flows[0].direction, Direction::Direct);
+}
+
+#[test]
+fn a_tampered_synack_turns_into_a_reset_for_the_client() {
+    for (what, f) in [
+        (
+            "proof",
+            Box::new(|m: &mut Vec<u8>| m[40] ^= 1) as Box<dyn Fn(&mut Vec<u8>)>,
+        ),
+        ("token", Box::new(|m: &mut Vec<u8>| m[60] ^= 1)),
+        ("key", Box::new(|m: &mut Vec<u8>| m[5] ^= 1)),
+    ] {
+        let p = pair("api");
+        let (_, synack_wire) = up_to_synack(&p);
+        let bad = tamper(&synack_wire, f);
+        let o = p.a.ingress(&bad, NOW);
+        assert_eq!(o.verdict, PacketVerdict::Accept, "{what}");
+        let rst = packet::segment(o.packet.as_ref().unwrap()).unwrap();
+        assert!(
+            rst.flags & TcpFlags::RST != 0,
+            "{what}: the workload gets a reset"
+        );
+        assert_eq!(rst.ack, 1001, "{what}: acknowledging its SYN");
+        refused(&o, "bad-proof");
+        // And nothing proves the connection afterwards.
+        assert_eq!(p.a.egress(&ack(), NOW).packet, None, "{what}");
+    }
+    // A SYN-ACK whose sequence number was changed on the way.
+    let p = pair("api");
+    let (_, synack_wire) = up_to_synack(&p);
+    let (clean, message) = packet::detach(&synack_wire).unwrap().unwrap();
+    let mut clean = clean;
+    clean[24] ^= 1; // inside the TCP sequence number (IPv4 header of 20 bytes)
+    let moved = packet::attach(&clean, &message).unwrap();
+    refused(&p.a.ingress(&moved, NOW), "bad-proof");
+    // A SYN-ACK without any token, for a SYN that carried one.
+    let p = pair("api");
+    up_to_synack(&p);
+    refused(&p.a.ingress(&synack(), NOW), "no-token");
+}
+
+#[test]
+fn a_missing_or_wrong_ack_proof_never_proves_the_connection() {
+    let p = pair("api");
+    let (_, synack_wire) = up_to_synack(&p);
+    p.a.ingress(&synack_wire, NOW);
+    let ack_wire = wire(&p.a.egress(&ack(), NOW));
+    let wrong = tamper(&ack_wire, |m| m[3] ^= 1);
+    let o = p.b.ingress(&wrong, NOW);
+    assert_eq!(o.verdict, PacketVerdict::Drop);
+    refused(&o, "bad-proof");
+
+    // An ACK without a proof (or data overtaking it) is dropped; the handshake stays
+    // open for the proof.
+    let p = pair("api");
+    let (_, synack_wire) = up_to_synack(&p);
+    p.a.ingress(&synack_wire, NOW);
+    let o = p.b.ingress(&ack(), NOW);
+    assert_eq!(o.verdict, PacketVerdict::Drop);
+    assert!(o.flows.is_empty() && o.mark == 0, "{o:?}");
+    assert_eq!(p.b.pending(), (0, 1));
+
+    // An ACK that never comes: the handshake expires and says so.
+    let p = pair("api");
+    up_to_synack(&p);
+    assert!(p.b.expire(NOW + 1_000).is_empty());
+    let expired = p.b.expire(NOW + 11_000);
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].code, "no-proof");
+    assert_eq!(p.b.pending(), (0, 0));
+}
+
+#[test]
+fn a_lost_ack_proof_is_sent_again_when_the_synack_is_retransmitted() {
+    let p = pair("api");
+    let (_, synack_wire) = up_to_synack(&p);
+    p.a.ingress(&synack_wire, NOW);
+    let _lost = wire(&p.a.egress(&ack(), NOW));
+    // The server's kernel retransmits; its enforcer attaches the same message.
+    let again = wire(&p.b.egress(&synack(), NOW + 1_000));
+    let o = p.a.ingress(&again, NOW + 1_000);
+    assert_eq!(wire(&o), synack());
+    assert_eq!(o.send.len(), 1, "our own ACK with the proof");
+    let at_b = p.b.ingress(&o.send[0], NOW + 1_000);
+    assert_eq!(at_b.mark, PROVEN);
+    assert_eq!(at_b.flows[0].verdict, Verdict::Allowed);
+}
+
+#[test]
+fn a_new_connection_on_a_proven_four_tuple_must_prove_itself_again() {
+    let p = pair("api");
+    let (_, synack_wire) = up_to_synack(&p);
+    p.a.ingress(&synack_wire, NOW);
+    let ack_wire = wire(&p.a.egress(&ack(), NOW));
+    assert_eq!(p.b.ingress(&ack_wire, NOW).mark, PROVEN);
+    // The client reuses the 4-tuple (TIME_WAIT reuse) with a new ISN.
+    let syn2 = packet::build(addr(C), addr(S), 9000, 0, TcpFlags::SYN);
+    let syn2_wire = wire(&p.a.egress(&syn2, NOW + 1_000));
+    wire(&p.b.ingress(&syn2_wire, NOW + 1_000));
+    let data = packet::build(addr(C), addr(S), 9001, 7001, TcpFlags::ACK | TcpFlags::PSH);
+    let o = p.b.ingress(&data, NOW + 1_000);
+    assert_eq!(
+        o.verdict,
+        PacketVerdict::Drop,
+        "the old proof does not cover it"
+    );
+    assert_eq!(o.mark, 0);
+}
+
+#[test]
+fn a_reset_answering_a_handshake_is_recorded_as_refused_at_once() {
+    // The server refused the SYN (here: a reset as its enforcer sends it).
+    let p = pair("db");
+    let syn_wire = wire(&p.a.egress(&syn(), NOW));
+    let at_b = p.b.ingress(&syn_wire, NOW);
+    let o = p.a.ingress(&at_b.send[0], NOW);
+    assert_eq!(
+        o.verdict,
+        PacketVerdict::Accept,
+        "the workload gets the reset"
+    );
+    refused(&o, "peer-refused");
+    assert_eq!(p.a.pending(), (0, 0));
+    // A reset for no handshake of ours is just passed on.
+    assert!(p.a.ingress(&at_b.send[0], NOW).flows.is_empty());
+}
+
+#[test]
+fn egress_and_ingress_policy_each_refuse_at_their_end() {
+    // The server's workload is app=db: web may not reach it. host-b refuses at the SYN.
+    let p = pair("db");
+    let syn_wire = wire(&p.a.egress(&syn(), NOW));
+    let o = p.b.ingress(&syn_wire, NOW);
+    assert_eq!(o.verdict, PacketVerdict::Drop);
+    refused(&o, "policy");
+    assert_eq!(o.flows[0].src.workload.as_deref(), Some("web"));
+}
