@@ -133,6 +133,35 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
+    /// A record of a connection attempt that starts now: no verdict yet (`error` until
+    /// the path that handles it says otherwise), nothing transferred.
+    pub fn new(
+        reporter: &str,
+        mode: Mode,
+        direction: Direction,
+        src: Endpoint,
+        dst: Endpoint,
+        start_ms: u64,
+    ) -> Self {
+        Self {
+            start_ms,
+            duration_ms: 0,
+            reporter: reporter.to_owned(),
+            direction,
+            src,
+            dst,
+            protocol: Protocol::Tcp,
+            mode,
+            verdict: Verdict::Error,
+            reason: String::new(),
+            code: String::new(),
+            rule: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            pooled: None,
+        }
+    }
+
     /// A live connection closed because a new policy (or DNS answer) no longer allows it.
     pub fn revoked_by(&mut self, reason: String) {
         self.verdict = Verdict::Denied;

@@ -23,7 +23,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use crate::{
     authz::{Authorizer, Party, Side},
     copy::{Buffers, Ended, is_disconnect, send_reset, splice, splice_plain},
-    flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, label_map, now_ms},
+    flow::{Direction, Endpoint, FlowLog, FlowRecord, Mode, Verdict, label_map, now_ms},
     identity::session::{Tokens, TunnelSession, session_binding},
     local::{LocalAddrs, LocalServices},
     socket::{connect_marked, reset_on_close},
@@ -67,23 +67,7 @@ impl Inbound {
     }
 
     fn record(&self, direction: Direction, src: Endpoint, dst: Endpoint) -> FlowRecord {
-        FlowRecord {
-            start_ms: now_ms(),
-            duration_ms: 0,
-            reporter: self.name.clone(),
-            direction,
-            src,
-            dst,
-            protocol: Default::default(),
-            mode: Default::default(),
-            verdict: Verdict::Error,
-            reason: String::new(),
-            code: String::new(),
-            rule: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-            pooled: None,
-        }
+        FlowRecord::new(&self.name, Mode::Tunnel, direction, src, dst, now_ms())
     }
 
     async fn handle_tunnel(&self, tcp: TcpStream, remote: SocketAddr) {

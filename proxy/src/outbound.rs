@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     authz::{Authorizer, Party, Side},
     copy::{Ended, is_disconnect, send_reset, splice, splice_plain},
-    flow::{Direction, Endpoint, FlowLog, FlowRecord, Verdict, label_map, now_ms},
+    flow::{Direction, Endpoint, FlowLog, FlowRecord, Mode, Verdict, label_map, now_ms},
     identity::{
         Identity,
         session::{Refusal, Tokens},
@@ -85,23 +85,14 @@ impl Outbound {
 
     async fn handle(&self, mut app: TcpStream, client: SocketAddr) {
         let start = Instant::now();
-        let mut record = FlowRecord {
-            start_ms: now_ms(),
-            duration_ms: 0,
-            reporter: self.name.clone(),
-            direction: Direction::Outbound,
-            src: Endpoint::addr(client),
-            dst: Endpoint::addr(client),
-            protocol: Default::default(),
-            mode: Default::default(),
-            verdict: Verdict::Error,
-            reason: String::new(),
-            code: String::new(),
-            rule: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-            pooled: None,
-        };
+        let mut record = FlowRecord::new(
+            &self.name,
+            Mode::Tunnel,
+            Direction::Outbound,
+            Endpoint::addr(client),
+            Endpoint::addr(client),
+            now_ms(),
+        );
         let Some(captured) = self.lookup.take(client) else {
             reset_on_close(&app);
             record.reason = "no capture record for this connection".into();

@@ -556,6 +556,51 @@ impl TestNet {
         self.run_with_input(host, workload, program, args, &[], timeout)
     }
 
+    /// `curl -sS -m 5 --fail URL` on `host` (in `workload`'s cgroup).
+    pub fn curl(&self, host: &str, workload: Option<&str>, url: &str) -> Result<Output> {
+        let args = ["-sS", "-m", "5", "--fail", url];
+        self.run(
+            self.host(host),
+            workload,
+            "curl",
+            &args,
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Starts a client in `workload` on `host` that holds one connection to `ip:port` and
+    /// pings it every 50 ms for 20 s (the traffic tool's `hold`); returns its log once it is
+    /// connected. The log ends with how the connection ended: `reset ...`, `eof`, `still open`.
+    pub fn spawn_holder(
+        &self,
+        host: &Host,
+        workload: &str,
+        ip: &str,
+        port: u16,
+    ) -> Result<PathBuf> {
+        let tool = self.tool()?;
+        self.spawn(
+            host,
+            Some(workload),
+            "python3",
+            &[&tool, "hold", ip, &port.to_string(), "20"],
+        )?;
+        let log = self
+            .dir
+            .join(format!("{}-{workload}-python3.log", host.name));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("open")
+        {
+            if Instant::now() > deadline {
+                bail!("the holding client on {} never connected", host.name);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(log)
+    }
+
     /// Runs the traffic tool (`tools/tessera_tool.py`: `blast`, `echo-many`, ...) on `host`.
     pub fn run_tool(
         &self,

@@ -38,14 +38,7 @@ fn web_server(net: &TestNet, content: &str) -> u32 {
 }
 
 fn curl(net: &TestNet, host: &str, workload: Option<&str>, url: &str) -> std::process::Output {
-    net.run(
-        net.host(host),
-        workload,
-        "curl",
-        &["-sS", "-m", "5", "--fail", url],
-        SECS_30,
-    )
-    .unwrap()
+    net.curl(host, workload, url).unwrap()
 }
 
 const INDEX: &str = "http://10.77.0.2:8080/index.txt";

@@ -47,14 +47,7 @@ fn serve_random(net: &TestNet, len: usize) -> Vec<u8> {
 }
 
 fn curl(net: &TestNet, host: &str, workload: Option<&str>, url: &str) -> std::process::Output {
-    net.run(
-        net.host(host),
-        workload,
-        "curl",
-        &["-sS", "-m", "5", "--fail", url],
-        SECS_30,
-    )
-    .unwrap()
+    net.curl(host, workload, url).unwrap()
 }
 
 fn handshake_flows(net: &TestNet, host: &str, n: usize) -> Vec<Value> {
@@ -489,38 +482,9 @@ fn a_live_connection_that_a_reload_denies_is_reset_at_the_end_whose_policy_chang
     net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
         .unwrap();
     // One connection, a ping every 50 ms; it reports how the connection ended.
-    let script = r#"import socket, sys, time
-s = socket.create_connection(("10.77.0.2", 7000), timeout=5)
-print("open", flush=True)
-t = time.time()
-while time.time() - t < 20:
-    try:
-        s.sendall(b"ping")
-        d = s.recv(16)
-        if not d:
-            print("eof", flush=True)
-            sys.exit(0)
-    except OSError as e:
-        print("reset", e, flush=True)
-        sys.exit(0)
-    time.sleep(0.05)
-print("still open", flush=True)
-"#;
-    let script_path = net.dir.join("hold.py");
-    fs::write(&script_path, script).unwrap();
-    net.spawn(
-        net.host("host-a"),
-        Some("web"),
-        "python3",
-        &[script_path.to_str().unwrap()],
-    )
-    .unwrap();
-    let log = net.dir.join("host-a-web-python3.log");
-    eventually("the client connected", || {
-        fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("open")
-    });
+    let log = net
+        .spawn_holder(net.host("host-a"), "web", "10.77.0.2", 7000)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // Only host-b's policy changes: host-b closes the connection, host-a's kernel gets the
     // reset, the application sees it.

@@ -11,6 +11,8 @@ Plain TCP programs, unaware of Tessera. Every loop is bounded in count and in ti
   echo-many HOST PORT N       N concurrent connections, each sends a line and expects it back.
   rr HOST PORT COUNT          COUNT small request/responses on one connection; latencies (JSON).
   connrate HOST PORT SECONDS MAX   open/close connections (one ping each) for SECONDS or MAX.
+  hold HOST PORT SECONDS      one connection, a ping every 50 ms for SECONDS; prints "open",
+                              then how it ended: "reset ...", "eof" or "still open".
 """
 import hashlib, json, random, socket, sys, threading, time
 
@@ -167,6 +169,23 @@ def connrate(host, port, seconds, limit):
     print(json.dumps({"connections": n, "errors": errors, "seconds": dt, "per_second": n / dt}))
 
 
+def hold(host, port, seconds):
+    s = socket.create_connection((host, port), timeout=5)
+    print("open", flush=True)
+    t = time.time()
+    while time.time() - t < seconds:
+        try:
+            s.sendall(b"ping")
+            if not s.recv(16):
+                print("eof", flush=True)
+                return
+        except OSError as e:
+            print("reset", e, flush=True)
+            return
+        time.sleep(0.05)
+    print("still open", flush=True)
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "serve-blast":
@@ -179,6 +198,8 @@ def main():
         echo_many(args[0], int(args[1]), int(args[2]))
     elif cmd == "rr":
         rr(args[0], int(args[1]), int(args[2]))
+    elif cmd == "hold":
+        hold(args[0], int(args[1]), float(args[2]))
     elif cmd == "connrate":
         connrate(args[0], int(args[1]), float(args[2]), int(args[3]))
     else:

@@ -106,6 +106,16 @@ pub fn run(bin: &Path) -> Result<()> {
             T,
         )
     };
+    // A process outside any workload (on `host`) fetching the api directly.
+    let api_direct = |host| {
+        net.run(
+            host,
+            None,
+            "curl",
+            &["-sS", "-m", "3", "http://10.77.0.2:8080/status.json"],
+            T,
+        )
+    };
     let out = (0..4).map(status).last().expect("four requests")?;
     check(
         1,
@@ -157,13 +167,7 @@ pub fn run(bin: &Path) -> Result<()> {
         ping != "PONG",
         "refused by policy".into(),
     );
-    let out = net.run(
-        o,
-        None,
-        "curl",
-        &["-sS", "-m", "3", "http://10.77.0.2:8080/status.json"],
-        T,
-    )?;
+    let out = api_direct(o)?;
     check(
         5,
         "outsider   -> api@host-b  direct curl (no tunnel)",
@@ -216,26 +220,14 @@ pub fn run(bin: &Path) -> Result<()> {
         out.status.success() && server_log.contains("10.77.0.1 - -"),
         "served to 10.77.0.1 itself: no proxy in the path".into(),
     );
-    let out = net.run(
-        a,
-        None,
-        "curl",
-        &["-sS", "-m", "3", "http://10.77.0.2:8080/status.json"],
-        T,
-    )?;
+    let out = api_direct(a)?;
     check(
         9,
         "unenrolled process on host-a -> api@host-b (no token)",
         !out.status.success(),
         "refused".into(),
     );
-    let out = net.run(
-        o,
-        None,
-        "curl",
-        &["-sS", "-m", "3", "http://10.77.0.2:8080/status.json"],
-        T,
-    )?;
+    let out = api_direct(o)?;
     check(
         10,
         "outsider   -> api@host-b  direct curl (no token)",

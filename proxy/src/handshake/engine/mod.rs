@@ -204,23 +204,14 @@ impl Engine {
         dst: SocketAddr,
         now_ms: u64,
     ) -> FlowRecord {
-        FlowRecord {
-            start_ms: now_ms,
-            duration_ms: 0,
-            reporter: self.setup.name.clone(),
+        FlowRecord::new(
+            &self.setup.name,
+            Mode::Handshake,
             direction,
-            src: Endpoint::addr(src),
-            dst: Endpoint::addr(dst),
-            protocol: Default::default(),
-            mode: Mode::Handshake,
-            verdict: Verdict::Error,
-            reason: String::new(),
-            code: String::new(),
-            rule: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-            pooled: None,
-        }
+            Endpoint::addr(src),
+            Endpoint::addr(dst),
+            now_ms,
+        )
     }
 
     /// A packet leaving this host: a marked workload's SYN or first ACK, or a SYN-ACK from
