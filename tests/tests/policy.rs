@@ -367,11 +367,11 @@ rules:
     // (A fetch in flight when the new answer arrived is closed as a reload instead; the
     // refusal of a new connection is what this checks.)
     assert!(!curl(&net).status.success());
-    let f = last(&net, "host-a", |f| f["verdict"] == "denied");
-    assert_eq!(
-        f["reason"],
-        "no enforcer serves 10.77.0.3; denied: no rule allows it (default deny)"
-    );
+    let refusal = "no enforcer serves 10.77.0.3; denied: no rule allows it (default deny)";
+    let f = last(&net, "host-a", |f| {
+        f["verdict"] == "denied" && f["reason"] == refusal
+    });
+    assert_eq!(f["dst"]["addr"], "10.77.0.3:8000");
 }
 
 unsafe fn libc_kill(pid: u32) {
