@@ -146,11 +146,25 @@ pub struct ProcessFacts {
 /// One version of a file: (device, inode, size, mtime, mtime_nsec).
 type FileVersion = (u64, u64, u64, i64, i64);
 
+/// What a connection's identity is a function of: the process, its user, its cgroup and
+/// the version of the executable it runs.
+type ConnectionFacts = (u32, u32, u64, FileVersion);
+
 #[derive(Default)]
 pub struct ProcessAttestor {
     /// Executable version -> SHA-256 hex.
     hashes: Mutex<HashMap<FileVersion, String>>,
     users: Mutex<HashMap<u32, Option<String>>>,
+    /// Identities made for connections lately (a process connecting many times is attested
+    /// once per executable it runs; bounded).
+    connections: Mutex<HashMap<ConnectionFacts, (Identity, Identity)>>,
+}
+
+/// Connection identities kept at most.
+const CONNECTIONS_KEPT: usize = 4096;
+
+fn file_version(m: &std::fs::Metadata) -> FileVersion {
+    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())
 }
 
 /// Larger executables are not hashed on the connection path (the label is left out).
@@ -184,7 +198,7 @@ impl ProcessAttestor {
         if m.size() > MAX_HASHED {
             return None;
         }
-        let key = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
+        let key = file_version(&m);
         if let Some(h) = self.hashes.lock().expect("lock").get(&key) {
             return Some(h.clone());
         }
@@ -218,6 +232,35 @@ impl ProcessAttestor {
                     .map(|u| u.name)
             })
             .clone()
+    }
+
+    /// The identity of a connection made by process `pid` (uid `uid`, in cgroup
+    /// `cgroup_id`) of a workload. One `stat` of the running executable on the connection
+    /// path when the same process, user, cgroup and executable connected before; a full
+    /// attestation otherwise.
+    pub fn attest_connection(
+        &self,
+        workload: &Identity,
+        pid: u32,
+        uid: u32,
+        cgroup_id: u64,
+    ) -> Identity {
+        let Ok(m) = std::fs::metadata(format!("/proc/{pid}/exe")) else {
+            return self.attest(workload, pid, uid);
+        };
+        let key = (pid, uid, cgroup_id, file_version(&m));
+        if let Some((w, id)) = self.connections.lock().expect("lock").get(&key)
+            && w == workload
+        {
+            return id.clone();
+        }
+        let id = self.attest(workload, pid, uid);
+        let mut cache = self.connections.lock().expect("lock");
+        if cache.len() >= CONNECTIONS_KEPT {
+            cache.clear();
+        }
+        cache.insert(key, (workload.clone(), id.clone()));
+        id
     }
 
     /// The identity of a connection made by process `pid` (uid `uid`) of a workload.

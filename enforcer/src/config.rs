@@ -71,6 +71,9 @@ pub struct HandshakeConfig {
     /// If the enforcer is not there to verify, let SYNs to workload ports through
     /// unauthenticated. Default false: fail closed.
     pub fail_open: bool,
+    /// How long one ephemeral X25519 key serves handshakes (ms); 0: a new key for every
+    /// connection. Within the window the key exchange with a peer's key is done once.
+    pub key_reuse_ms: u64,
 }
 
 impl Default for HandshakeConfig {
@@ -82,6 +85,7 @@ impl Default for HandshakeConfig {
             proven_bit: 0x0000_0100,
             acked_bit: 0x0000_0200,
             fail_open: false,
+            key_reuse_ms: 1_000,
         }
     }
 }
@@ -523,6 +527,12 @@ impl Config {
                     "handshake.{field}: {bit:#x} overlaps handshake.socket_mark or bpf.proxy_mark"
                 ));
             }
+        }
+        if h.key_reuse_ms > 60_000 {
+            return Err(format!(
+                "handshake.key_reuse_ms: {} is over the limit of 60000 (one minute)",
+                h.key_reuse_ms
+            ));
         }
         if h.proven_bit == h.acked_bit {
             return Err("handshake.acked_bit: must differ from handshake.proven_bit".into());

@@ -201,6 +201,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             acked_mark: config.handshake.acked_bit,
             pending_ms: u64::from(config.identity.token_lifetime_ms)
                 + config.identity.clock_skew_ms,
+            key_reuse_ms: config.handshake.key_reuse_ms,
         }));
         // Workers first: once the rules are in, queued packets need a reader.
         crate::handshake::start(&config, engine, authz.clone(), flows.clone())?;

@@ -20,7 +20,7 @@
 //! to workload ports through instead. No sysctl is changed.
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     process::Command,
     sync::Arc,
     time::{Duration, Instant},
@@ -29,7 +29,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tessera_proxy::{
-    authz::{Authorizer, LiveGuard},
+    authz::{Authorizer, LiveGuard, Side},
     flow::{FlowLog, now_ms},
     handshake::engine::{Engine, LiveConnection, PacketVerdict},
 };
@@ -226,12 +226,6 @@ impl RawSender {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Side {
-    Egress,
-    Ingress,
-}
-
 fn worker(
     queue_num: u16,
     side: Side,
@@ -290,46 +284,53 @@ fn worker(
 }
 
 /// Sockets of this network namespace that are open (any state but LISTEN and TIME_WAIT),
-/// as (local, remote), IPv4-mapped addresses as IPv4.
-fn open_sockets() -> HashSet<(SocketAddr, SocketAddr)> {
-    let mut open = HashSet::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        open.extend(text.lines().skip(1).filter_map(parse_proc_net_tcp));
+/// as (local, remote), IPv4-mapped addresses as IPv4. Through `ss` (netlink sock_diag):
+/// the kernel skips TIME_WAIT sockets itself, where /proc/net/tcp formats every one of
+/// them (tens of thousands at a high connection rate).
+async fn open_sockets() -> Option<HashSet<(SocketAddr, SocketAddr)>> {
+    let out = tokio::process::Command::new("ss")
+        .args([
+            "-t",
+            "-n",
+            "-H",
+            "exclude",
+            "time-wait",
+            "exclude",
+            "listening",
+        ])
+        .output()
+        .await;
+    match out {
+        Ok(out) if out.status.success() => Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(parse_ss_line)
+                .collect(),
+        ),
+        Ok(out) => {
+            tracing::warn!(stderr = %String::from_utf8_lossy(&out.stderr).trim(), "ss failed: live connections not pruned");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot run ss: live connections not pruned");
+            None
+        }
     }
-    open
 }
 
-/// One line of /proc/net/tcp{,6}: `sl local rem st ...`, addresses as the kernel's memory in
-/// native-endian hex words, ports in hex.
-fn parse_proc_net_tcp(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    let mut f = line.split_whitespace();
-    let (_, local, remote, state) = (f.next()?, f.next()?, f.next()?, f.next()?);
-    // 0A LISTEN, 06 TIME_WAIT: no connection to watch.
-    if state == "0A" || state == "06" {
-        return None;
-    }
+/// One line of `ss -t -n -H`: `state recv-q send-q local peer`.
+fn parse_ss_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let mut f = line.split_whitespace().skip(3);
     let addr = |s: &str| -> Option<SocketAddr> {
-        let (ip, port) = s.split_once(':')?;
-        let port = u16::from_str_radix(port, 16).ok()?;
-        let mut octets = Vec::with_capacity(16);
-        for word in ip.as_bytes().chunks(8) {
-            let w = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
-            octets.extend_from_slice(&w.to_ne_bytes());
+        match s.parse::<SocketAddr>().ok()? {
+            SocketAddr::V6(v6) => Some(match v6.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+                None => SocketAddr::V6(v6),
+            }),
+            v4 => Some(v4),
         }
-        let ip: IpAddr = match octets.len() {
-            4 => Ipv4Addr::from(<[u8; 4]>::try_from(octets).ok()?).into(),
-            16 => {
-                let v6 = Ipv6Addr::from(<[u8; 16]>::try_from(octets).ok()?);
-                v6.to_ipv4_mapped().map_or(v6.into(), IpAddr::V4)
-            }
-            _ => return None,
-        };
-        Some(SocketAddr::new(ip, port))
     };
-    Some((addr(local)?, addr(remote)?))
+    Some((addr(f.next()?)?, addr(f.next()?)?))
 }
 
 /// Closes a connection's socket on this host (SOCK_DESTROY through `ss -K`): the kernel
@@ -364,26 +365,46 @@ async fn watch_live(
     flows: FlowLog,
     mut incoming: mpsc::UnboundedReceiver<LiveConnection>,
 ) {
-    const CHECK: Duration = Duration::from_millis(200);
     const PRUNE: Duration = Duration::from_secs(20);
     let mut watched: HashMap<(SocketAddr, SocketAddr), (LiveGuard, LiveConnection, Instant)> =
         HashMap::new();
-    let mut tick = tokio::time::interval(CHECK);
-    let mut last_prune = Instant::now();
+    let mut reloads = authz.reloads();
+    let mut arrived = Vec::with_capacity(1024);
+    let mut prune = tokio::time::interval(PRUNE);
     loop {
         tokio::select! {
-            conn = incoming.recv() => {
-                let Some(conn) = conn else { return };
-                let guard = authz.register(
-                    conn.side,
-                    conn.src.clone(),
-                    conn.dst.clone(),
-                    conn.port,
-                    conn.observe,
-                );
-                watched.insert((conn.local, conn.remote), (guard, conn, Instant::now()));
+            n = incoming.recv_many(&mut arrived, 1024) => {
+                if n == 0 {
+                    return;
+                }
+                for conn in arrived.drain(..) {
+                    // A policy may have been replaced since the handshake was decided.
+                    let now = authz.check(&conn.src, &conn.dst, conn.port, conn.observe);
+                    if !now.allowed {
+                        destroy(conn.local, conn.remote).await;
+                        let side = match conn.side {
+                            Side::Ingress => "ingress",
+                            Side::Egress => "egress",
+                        };
+                        let mut rec = conn.record;
+                        rec.revoked_by(format!("closed by policy reload ({side}): {}", now.reason));
+                        flows.record(rec);
+                        continue;
+                    }
+                    let guard = authz.register(
+                        conn.side,
+                        conn.src.clone(),
+                        conn.dst.clone(),
+                        conn.port,
+                        conn.observe,
+                    );
+                    watched.insert((conn.local, conn.remote), (guard, conn, Instant::now()));
+                }
+                // Let the next ones gather (one wake-up per batch, not per connection).
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            _ = tick.tick() => {
+            // Revocations happen only when a policy is replaced: no polling in between.
+            Ok(()) = reloads.changed() => {
                 let revoked: Vec<_> = watched
                     .iter()
                     .filter_map(|(key, (guard, _, _))| guard.revocation().map(|r| (*key, r)))
@@ -395,9 +416,9 @@ async fn watch_live(
                     rec.revoked_by(reason);
                     flows.record(rec);
                 }
-                if last_prune.elapsed() >= PRUNE {
-                    last_prune = Instant::now();
-                    let open = tokio::task::spawn_blocking(open_sockets).await.unwrap_or_default();
+            }
+            _ = prune.tick(), if !watched.is_empty() => {
+                if let Some(open) = open_sockets().await {
                     // (a connection handed over a moment ago may not be listed yet)
                     watched.retain(|key, (_, _, since)| {
                         open.contains(key) || since.elapsed() < Duration::from_secs(2)
@@ -462,29 +483,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_net_tcp_lines_give_both_ends_of_open_connections() {
-        // As this machine's kernel (little-endian) prints them.
-        let v4 = "   1: 0200000A:1F90 0100000A:A55C 01 00000000:00000000 00:00000000 00000000     0        0 1 1";
-        assert_eq!(
-            parse_proc_net_tcp(v4),
-            Some((
-                "10.0.0.2:8080".parse().unwrap(),
-                "10.0.0.1:42332".parse().unwrap()
-            ))
-        );
-        let listen = "   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1";
-        assert_eq!(parse_proc_net_tcp(listen), None);
-        let mapped = "   2: 0000000000000000FFFF00000200000A:1F90 0000000000000000FFFF00000100000A:A55C 01 0";
-        assert_eq!(
-            parse_proc_net_tcp(mapped),
-            Some((
-                "10.0.0.2:8080".parse().unwrap(),
-                "10.0.0.1:42332".parse().unwrap()
-            ))
-        );
-        let v6 = "   3: 000077FD000000000000000002000000:1F90 000077FD000000000000000001000000:A55C 01 0";
-        let (l, _) = parse_proc_net_tcp(v6).unwrap();
+    fn ss_lines_give_both_ends_of_open_connections() {
+        // As iproute2's ss prints them (-t -n -H).
+        let v4 = "ESTAB 0      0               10.0.0.2:8080          10.0.0.1:42332";
+        let want = Some((
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:42332".parse().unwrap(),
+        ));
+        assert_eq!(parse_ss_line(v4), want);
+        let mapped = "ESTAB 0      0      [::ffff:10.0.0.2]:8080 [::ffff:10.0.0.1]:42332";
+        assert_eq!(parse_ss_line(mapped), want);
+        let v6 = "SYN-RECV 0 0 [fd77::2]:8080 [fd77::1]:42332";
+        let (l, _) = parse_ss_line(v6).unwrap();
         assert_eq!(l.ip().to_string(), "fd77::2");
+        assert_eq!(parse_ss_line("garbage"), None);
     }
 
     #[test]

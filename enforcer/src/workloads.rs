@@ -139,7 +139,12 @@ impl CaptureLookup for BpfCaptureLookup {
         let local = self.identities.get(&workload)?;
         Some(Captured {
             dst: orig_dst(&orig),
-            identity: self.attestor.attest(&local.identity, orig.pid, orig.uid),
+            identity: self.attestor.attest_connection(
+                &local.identity,
+                orig.pid,
+                orig.uid,
+                orig.cgroup_id,
+            ),
             observe: local.observe,
             source: Source {
                 workload,

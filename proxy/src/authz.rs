@@ -93,6 +93,8 @@ pub struct Authorizer {
     mode: PolicyMode,
     live: Mutex<HashMap<u64, Live>>,
     next: AtomicU64,
+    /// Bumped after each policy replacement (watchers of many connections wait on it).
+    reloads: watch::Sender<u64>,
 }
 
 /// Decisions cached per compiled policy, at most this many.
@@ -107,7 +109,14 @@ impl Authorizer {
             mode,
             live: Mutex::default(),
             next: AtomicU64::new(1),
+            reloads: watch::channel(0).0,
         }
+    }
+
+    /// Changes each time a policy replaces the previous one (after live connections were
+    /// re-checked and the revoked ones told).
+    pub fn reloads(&self) -> watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 
     pub fn rule_count(&self) -> usize {
@@ -213,6 +222,8 @@ impl Authorizer {
                 closed += 1;
             }
         }
+        drop(live);
+        self.reloads.send_modify(|n| *n += 1);
         closed
     }
 

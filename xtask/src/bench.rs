@@ -207,23 +207,31 @@ fn ratio(t: f64, d: f64) -> f64 {
     if d > 0.0 { t / d } else { 0.0 }
 }
 
-pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
+/// Which parts of the bench to run (`--only`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Tunnel,
+    Handshake,
+    Memory,
+}
+
+pub struct Options<'a> {
+    pub json: Option<&'a Path>,
+    pub quick: bool,
+    /// Sections to run; empty: all.
+    pub only: Vec<Section>,
+    /// Record a CPU profile (`perf record -g`) of both enforcers during the handshake-mode
+    /// connection-rate run into this file.
+    pub perf: Option<&'a Path>,
+}
+
+pub fn run(bin: &Path, opts: &Options) -> Result<()> {
     // SAFETY: single-threaded at this point.
     unsafe { std::env::set_var("TESSERA_BIN", bin) };
     let load = bin.with_file_name("xtask").to_string_lossy().into_owned();
+    let quick = opts.quick;
     let secs = if quick { 2 } else { 5 };
-    // The source enforcer holds two descriptors per tunnelled connection; where the hard
-    // limit cannot be raised (no CAP_SYS_RESOURCE) it caps how many can be held.
-    let fd_hard_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(_, h)| h)
-        .unwrap_or(0);
-    let open_connections = (if quick { 2_000 } else { 10_000 })
-        .min((fd_hard_limit.saturating_sub(1_000) / 2) as usize);
-    if open_connections < 10_000 && !quick {
-        eprintln!(
-            "bench: holding {open_connections} connections, not 10000: the open-file hard limit here is {fd_hard_limit}"
-        );
-    }
+    let wants = |s: Section| opts.only.is_empty() || opts.only.contains(&s);
 
     let net = TestNet::new(&["host-a", "host-b"])?;
     let (a, b) = (net.host("host-a"), net.host("host-b"));
@@ -249,7 +257,7 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
     }
     net.add_workload(a, "client", &[("app", "bench-client")], &[])?;
     net.add_workload(b, "server", &[("app", "bench-server")], &[5201, 7001])?;
-    net.start_enforcers()?;
+    // Each section starts the enforcers in the mode it measures.
     let servers = [
         net.spawn(b, Some("server"), "iperf3", &["-s", "-p", "5201"])?,
         net.spawn(b, None, "iperf3", &["-s", "-p", "5202"])?,
@@ -265,6 +273,67 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
         secs,
     };
 
+    let mut result = json!({
+        "schema": 1,
+        "quick": quick,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    });
+    let mut cpu = serde_json::Map::new();
+    if wants(Section::Tunnel) {
+        let (tunnel, cpu_ms) = tunnel_mode(&bench)?;
+        merge(&mut result, tunnel);
+        cpu.insert("tunnel".into(), json!(cpu_ms));
+    }
+    if wants(Section::Handshake) {
+        let (handshake, cpu_ms) = handshake_mode(&bench, opts.perf)?;
+        result["handshake"] = handshake;
+        cpu.insert("handshake".into(), json!(cpu_ms));
+    }
+    result["cpu_ms_per_1000_connections"] = cpu.into();
+    if wants(Section::Memory) {
+        result["memory"] = memory(&bench, quick)?;
+    }
+    print_table(&result);
+    if let Some(path) = opts.json {
+        fs::write(path, serde_json::to_string_pretty(&result)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("\nJSON written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(into), Value::Object(from)) = (into.as_object_mut(), from) {
+        into.extend(from);
+    }
+}
+
+/// Restarts both enforcers with changed test options.
+fn restart(bench: &Bench, change: impl FnOnce(&mut tessera_tests::EnforcerOptions)) -> Result<()> {
+    let net = bench.net;
+    for h in ["host-a", "host-b"] {
+        net.stop_enforcer(net.host(h), false)?;
+    }
+    change(&mut net.options.lock().unwrap());
+    net.start_enforcers()
+}
+
+/// Connection rate and the enforcers' CPU time per 1,000 of those connections (ms).
+fn rate_and_cpu(bench: &Bench) -> Result<(f64, f64)> {
+    let before = bench.enforcer_cpu_secs()?;
+    let (rate, n) = bench.connrate_counted(true)?;
+    let used = bench.enforcer_cpu_secs()? - before;
+    Ok((rate, if n > 0.0 { used * 1e3 / n * 1e3 } else { 0.0 }))
+}
+
+/// Tunnel mode: throughput, connection rate, latency, pool and token costs, CPU.
+fn tunnel_mode(bench: &Bench) -> Result<(Value, f64)> {
+    let secs = bench.secs;
+    restart(bench, |o| {
+        o.handshake = false;
+        o.pool_size = 16;
+        o.tokens = true;
+    })?;
     eprintln!("bench: throughput (iperf3, {secs} s each)");
     let (tp_d, tp_t) = (bench.iperf(false)?, bench.iperf(true)?);
     eprintln!("bench: connection rate ({secs} s each)");
@@ -272,195 +341,241 @@ pub fn run(bin: &Path, json_path: Option<&Path>, quick: bool) -> Result<()> {
     eprintln!("bench: request latency");
     let ((p50_d, p99_d), (p50_t, p99_t)) = (bench.latency(false)?, bench.latency(true)?);
     eprintln!("bench: connection rate without the tunnel pool");
-    for h in [a, b] {
-        net.stop_enforcer(h, false)?;
-    }
-    net.options.lock().unwrap().pool_size = 0;
-    net.start_enforcers()?;
+    restart(bench, |o| o.pool_size = 0)?;
     let cr_nopool = bench.connrate(true)?;
-
     eprintln!("bench: connection rate with identity tokens off (unsigned identities)");
-    for h in [a, b] {
-        net.stop_enforcer(h, false)?;
-    }
-    {
-        let mut o = net.options.lock().unwrap();
+    restart(bench, |o| {
         o.pool_size = 16;
         o.tokens = false;
-    }
-    net.start_enforcers()?;
+    })?;
     let cr_notokens = bench.connrate(true)?;
-
-    // Enforcer CPU per 1,000 new connections, tunnel mode (tokens on) then handshake mode.
-    for h in [a, b] {
-        net.stop_enforcer(h, false)?;
-    }
-    net.options.lock().unwrap().tokens = true;
-    net.start_enforcers()?;
-    let cpu_per_k = |bench: &Bench| -> Result<(f64, f64)> {
-        let before = bench.enforcer_cpu_secs()?;
-        let (rate, n) = bench.connrate_counted(true)?;
-        let used = bench.enforcer_cpu_secs()? - before;
-        Ok((rate, if n > 0.0 { used * 1e3 / n * 1e3 } else { 0.0 }))
-    };
     eprintln!("bench: enforcer CPU per 1,000 connections, tunnel mode");
-    let (_, cpu_tunnel_ms) = cpu_per_k(&bench)?;
-
-    eprintln!("bench: TCP-handshake mode (tokens in SYN / SYN-ACK / ACK, data in the kernel)");
-    for h in [a, b] {
-        net.stop_enforcer(h, false)?;
-    }
-    net.options.lock().unwrap().handshake = true;
-    net.start_enforcers()?;
-    // Each figure right after its direct baseline: this VM drifts over a run (TIME_WAIT
-    // build-up, neighbours), and the ratios should compare like with like.
-    let hs_tp_d = bench.iperf(false)?;
-    let hs_tp = bench.iperf(true)?;
-    let hs_cr_d = bench.connrate(false)?;
-    let (hs_cr, cpu_handshake_ms) = cpu_per_k(&bench)?;
-    let (hs_p50_d, hs_p99_d) = bench.latency(false)?;
-    let (hs_p50, hs_p99) = bench.latency(true)?;
-
-    // Memory last: holding thousands of connections leaves the host's TCP state (TIME_WAIT,
-    // ports) busy for a while, which would skew the rates measured after it.
-    for h in [a, b] {
-        net.stop_enforcer(h, false)?;
-    }
-    net.options.lock().unwrap().handshake = false;
-    net.start_enforcers()?;
-    eprintln!("bench: memory with {open_connections} open tunnelled connections");
-    let (idle, loaded, per_conn) = bench.memory(open_connections)?;
+    restart(bench, |o| o.tokens = true)?;
+    let (_, cpu_ms) = rate_and_cpu(bench)?;
     // Wall time per connection at saturation (4 client threads on this machine's cores).
     let token_cost_us = if cr_t > 0.0 && cr_notokens > 0.0 {
         1e6 / cr_t - 1e6 / cr_notokens
     } else {
         0.0
     };
-
-    let result = json!({
-        "schema": 1,
-        "quick": quick,
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "throughput_bps": {"direct": tp_d, "tessera": tp_t, "ratio": ratio(tp_t, tp_d)},
-        "connections_per_second": {"direct": cr_d, "tessera": cr_t, "ratio": ratio(cr_t, cr_d)},
-        "latency_us": {
-            "p50": {"direct": p50_d, "tessera": p50_t, "ratio": ratio(p50_t, p50_d)},
-            "p99": {"direct": p99_d, "tessera": p99_t, "ratio": ratio(p99_t, p99_d)},
-        },
-        "pool": {"pooled_cps": cr_t, "unpooled_cps": cr_nopool, "speedup": ratio(cr_t, cr_nopool)},
-        "tokens": {"with_cps": cr_t, "without_cps": cr_notokens, "ratio": ratio(cr_t, cr_notokens), "added_us_per_connection": token_cost_us},
-        "handshake": {
-            "throughput_bps": {"direct": hs_tp_d, "handshake": hs_tp, "ratio": ratio(hs_tp, hs_tp_d)},
-            "connections_per_second": {"direct": hs_cr_d, "handshake": hs_cr, "ratio": ratio(hs_cr, hs_cr_d)},
+    Ok((
+        json!({
+            "throughput_bps": {"direct": tp_d, "tessera": tp_t, "ratio": ratio(tp_t, tp_d)},
+            "connections_per_second": {"direct": cr_d, "tessera": cr_t, "ratio": ratio(cr_t, cr_d)},
             "latency_us": {
-                "p50": {"direct": hs_p50_d, "handshake": hs_p50, "ratio": ratio(hs_p50, hs_p50_d)},
-                "p99": {"direct": hs_p99_d, "handshake": hs_p99, "ratio": ratio(hs_p99, hs_p99_d)},
+                "p50": {"direct": p50_d, "tessera": p50_t, "ratio": ratio(p50_t, p50_d)},
+                "p99": {"direct": p99_d, "tessera": p99_t, "ratio": ratio(p99_t, p99_d)},
             },
-        },
-        "cpu_ms_per_1000_connections": {"tunnel": cpu_tunnel_ms, "handshake": cpu_handshake_ms},
-        "memory": {"idle_rss_kib": idle, "loaded_rss_kib": loaded, "per_connection_kib": per_conn, "open_connections": open_connections, "fd_hard_limit": fd_hard_limit},
-    });
+            "pool": {"pooled_cps": cr_t, "unpooled_cps": cr_nopool, "speedup": ratio(cr_t, cr_nopool)},
+            "tokens": {"with_cps": cr_t, "without_cps": cr_notokens, "ratio": ratio(cr_t, cr_notokens), "added_us_per_connection": token_cost_us},
+        }),
+        cpu_ms,
+    ))
+}
 
-    let row = |name: &str, d: String, t: String, r: f64, target: &str| {
+/// TCP-handshake mode: each figure right after its own direct baseline (this VM drifts over
+/// a run: TIME_WAIT build-up, neighbours; the ratios should compare like with like).
+fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
+    eprintln!("bench: TCP-handshake mode (tokens in SYN / SYN-ACK / ACK, data in the kernel)");
+    restart(bench, |o| {
+        o.handshake = true;
+        o.tokens = true;
+    })?;
+    let tp_d = bench.iperf(false)?;
+    let tp = bench.iperf(true)?;
+    let cr_d = bench.connrate(false)?;
+    let profiler = perf.map(|out| start_perf(bench, out)).transpose()?;
+    let (cr, cpu_ms) = rate_and_cpu(bench)?;
+    if let Some(mut p) = profiler {
+        // SIGINT makes perf write its file and exit.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        p.wait()?;
+    }
+    let (p50_d, p99_d) = bench.latency(false)?;
+    let (p50, p99) = bench.latency(true)?;
+    Ok((
+        json!({
+            "throughput_bps": {"direct": tp_d, "handshake": tp, "ratio": ratio(tp, tp_d)},
+            "connections_per_second": {"direct": cr_d, "handshake": cr, "ratio": ratio(cr, cr_d)},
+            "latency_us": {
+                "p50": {"direct": p50_d, "handshake": p50, "ratio": ratio(p50, p50_d)},
+                "p99": {"direct": p99_d, "handshake": p99, "ratio": ratio(p99, p99_d)},
+            },
+        }),
+        cpu_ms,
+    ))
+}
+
+fn start_perf(bench: &Bench, out: &Path) -> Result<std::process::Child> {
+    let pids: Vec<String> = ["host-a", "host-b"]
+        .iter()
+        .filter_map(|h| bench.net.enforcer_pid(bench.net.host(h)))
+        .map(|p| p.to_string())
+        .collect();
+    let child = std::process::Command::new("perf")
+        .args(["record", "-g", "-q", "-o"])
+        .arg(out)
+        .args(["-p", &pids.join(",")])
+        .spawn()
+        .context("cannot start perf (is it installed?)")?;
+    thread::sleep(Duration::from_millis(300));
+    Ok(child)
+}
+
+/// Memory last: holding thousands of connections leaves the host's TCP state (TIME_WAIT,
+/// ports) busy for a while, which would skew the rates measured after it.
+fn memory(bench: &Bench, quick: bool) -> Result<Value> {
+    // The source enforcer holds two descriptors per tunnelled connection; where the hard
+    // limit cannot be raised (no CAP_SYS_RESOURCE) it caps how many can be held.
+    let fd_hard_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, h)| h)
+        .unwrap_or(0);
+    let open_connections = (if quick { 2_000 } else { 10_000 })
+        .min((fd_hard_limit.saturating_sub(1_000) / 2) as usize);
+    if open_connections < 10_000 && !quick {
+        eprintln!(
+            "bench: holding {open_connections} connections, not 10000: the open-file hard limit here is {fd_hard_limit}"
+        );
+    }
+    restart(bench, |o| {
+        o.handshake = false;
+        o.pool_size = 16;
+        o.tokens = true;
+    })?;
+    eprintln!("bench: memory with {open_connections} open tunnelled connections");
+    let (idle, loaded, per_conn) = bench.memory(open_connections)?;
+    Ok(json!({
+        "idle_rss_kib": idle,
+        "loaded_rss_kib": loaded,
+        "per_connection_kib": per_conn,
+        "open_connections": open_connections,
+        "fd_hard_limit": fd_hard_limit,
+    }))
+}
+
+fn print_table(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let row = |name: &str, fig: &Value, scale: f64, prec: usize, then: &str, target: &str| {
+        let (d, t) = (f(&fig["direct"]), f(&fig[then]));
         println!(
-            "{name:<34} {d:>12} {t:>12} {:>8} {target}",
-            format!("{r:.2}x")
+            "{name:<34} {:>12} {:>12} {:>8} {target}",
+            format!("{:.prec$}", d / scale),
+            format!("{:.prec$}", t / scale),
+            format!("{:.2}x", f(&fig["ratio"]))
         );
     };
-    println!(
-        "\n{:<34} {:>12} {:>12} {:>8} target",
-        "metric", "direct", "tessera", "ratio"
-    );
-    row(
-        "throughput (Gbit/s)",
-        format!("{:.2}", tp_d / 1e9),
-        format!("{:.2}", tp_t / 1e9),
-        ratio(tp_t, tp_d),
-        ">= 0.5x",
-    );
-    row(
-        "new connections / s",
-        format!("{cr_d:.0}"),
-        format!("{cr_t:.0}"),
-        ratio(cr_t, cr_d),
-        ">= 0.5x",
-    );
-    row(
-        "request latency p50 (us)",
-        format!("{p50_d:.1}"),
-        format!("{p50_t:.1}"),
-        ratio(p50_t, p50_d),
-        "",
-    );
-    row(
-        "request latency p99 (us)",
-        format!("{p99_d:.1}"),
-        format!("{p99_t:.1}"),
-        ratio(p99_t, p99_d),
-        "added <= 2x direct",
-    );
-    row(
-        "connections / s, pool off vs on",
-        format!("{cr_nopool:.0}"),
-        format!("{cr_t:.0}"),
-        ratio(cr_t, cr_nopool),
-        "(pool speed-up)",
-    );
-    row(
-        "connections / s, tokens off vs on",
-        format!("{cr_notokens:.0}"),
-        format!("{cr_t:.0}"),
-        ratio(cr_t, cr_notokens),
-        &format!("(tokens add {token_cost_us:.0} us per connection)"),
-    );
-    println!(
-        "\nTCP-handshake mode\n{:<34} {:>12} {:>12} {:>8} target",
-        "metric", "direct", "handshake", "ratio"
-    );
-    row(
-        "throughput (Gbit/s)",
-        format!("{:.2}", hs_tp_d / 1e9),
-        format!("{:.2}", hs_tp / 1e9),
-        ratio(hs_tp, hs_tp_d),
-        ">= 0.95x",
-    );
-    row(
-        "new connections / s",
-        format!("{hs_cr_d:.0}"),
-        format!("{hs_cr:.0}"),
-        ratio(hs_cr, hs_cr_d),
-        ">= 0.7x",
-    );
-    row(
-        "request latency p50 (us)",
-        format!("{hs_p50_d:.1}"),
-        format!("{hs_p50:.1}"),
-        ratio(hs_p50, hs_p50_d),
-        "",
-    );
-    row(
-        "request latency p99 (us)",
-        format!("{hs_p99_d:.1}"),
-        format!("{hs_p99:.1}"),
-        ratio(hs_p99, hs_p99_d),
-        "<= 1.2x",
-    );
-    println!(
-        "enforcer CPU per 1,000 new connections (both ends): tunnel {cpu_tunnel_ms:.0} ms, handshake {cpu_handshake_ms:.0} ms\n"
-    );
-    println!(
-        "enforcer RSS idle (KiB)            host-a {} host-b {}\nenforcer RSS, {open_connections} open conns (KiB) host-a {} host-b {}  ({:.1} / {:.1} KiB per connection)",
-        idle["host-a"],
-        idle["host-b"],
-        loaded["host-a"],
-        loaded["host-b"],
-        per_conn["host-a"].as_f64().unwrap_or(0.0),
-        per_conn["host-b"].as_f64().unwrap_or(0.0)
-    );
-    if let Some(path) = json_path {
-        fs::write(path, serde_json::to_string_pretty(&result)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("\nJSON written to {}", path.display());
+    let header = |title: &str, col: &str| {
+        println!(
+            "\n{title}{:<34} {:>12} {:>12} {:>8} target",
+            "metric", "direct", col, "ratio"
+        );
+    };
+    if r.get("throughput_bps").is_some() {
+        header("", "tessera");
+        row(
+            "throughput (Gbit/s)",
+            &r["throughput_bps"],
+            1e9,
+            2,
+            "tessera",
+            ">= 0.5x",
+        );
+        row(
+            "new connections / s",
+            &r["connections_per_second"],
+            1.0,
+            0,
+            "tessera",
+            ">= 0.5x",
+        );
+        row(
+            "request latency p50 (us)",
+            &r["latency_us"]["p50"],
+            1.0,
+            1,
+            "tessera",
+            "",
+        );
+        row(
+            "request latency p99 (us)",
+            &r["latency_us"]["p99"],
+            1.0,
+            1,
+            "tessera",
+            "added <= 2x direct",
+        );
+        let (pool, tokens) = (&r["pool"], &r["tokens"]);
+        println!(
+            "{:<34} {:>12.0} {:>12.0} {:>8} (pool speed-up)",
+            "connections / s, pool off vs on",
+            f(&pool["unpooled_cps"]),
+            f(&pool["pooled_cps"]),
+            format!("{:.2}x", f(&pool["speedup"]))
+        );
+        println!(
+            "{:<34} {:>12.0} {:>12.0} {:>8} (tokens add {:.0} us per connection)",
+            "connections / s, tokens off vs on",
+            f(&tokens["without_cps"]),
+            f(&tokens["with_cps"]),
+            format!("{:.2}x", f(&tokens["ratio"])),
+            f(&tokens["added_us_per_connection"])
+        );
     }
-    Ok(())
+    if let Some(h) = r.get("handshake") {
+        header("TCP-handshake mode\n", "handshake");
+        row(
+            "throughput (Gbit/s)",
+            &h["throughput_bps"],
+            1e9,
+            2,
+            "handshake",
+            ">= 0.95x",
+        );
+        row(
+            "new connections / s",
+            &h["connections_per_second"],
+            1.0,
+            0,
+            "handshake",
+            ">= 0.7x",
+        );
+        row(
+            "request latency p50 (us)",
+            &h["latency_us"]["p50"],
+            1.0,
+            1,
+            "handshake",
+            "",
+        );
+        row(
+            "request latency p99 (us)",
+            &h["latency_us"]["p99"],
+            1.0,
+            1,
+            "handshake",
+            "<= 1.2x",
+        );
+    }
+    let cpu = &r["cpu_ms_per_1000_connections"];
+    println!("\nenforcer CPU per 1,000 new connections (both ends):");
+    for mode in ["tunnel", "handshake"] {
+        if let Some(ms) = cpu.get(mode) {
+            println!("  {mode:<10} {:.0} ms", f(ms));
+        }
+    }
+    if let Some(m) = r.get("memory") {
+        let n = &m["open_connections"];
+        println!(
+            "enforcer RSS idle (KiB)            host-a {} host-b {}\nenforcer RSS, {n} open conns (KiB) host-a {} host-b {}  ({:.1} / {:.1} KiB per connection)",
+            m["idle_rss_kib"]["host-a"],
+            m["idle_rss_kib"]["host-b"],
+            m["loaded_rss_kib"]["host-a"],
+            m["loaded_rss_kib"]["host-b"],
+            f(&m["per_connection_kib"]["host-a"]),
+            f(&m["per_connection_kib"]["host-b"])
+        );
+    }
 }

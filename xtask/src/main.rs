@@ -42,6 +42,13 @@ enum Command {
         /// Shorter runs (for a quick look; figures are noisier).
         #[arg(long)]
         quick: bool,
+        /// Run only these sections (repeatable); default: all.
+        #[arg(long, value_enum)]
+        only: Vec<bench::Section>,
+        /// Record a CPU profile (perf record -g) of both enforcers during the handshake-mode
+        /// connection-rate run into this file.
+        #[arg(long)]
+        perf: Option<PathBuf>,
     },
     /// Traffic programs the bench runs inside test hosts (not for direct use).
     #[command(hide = true)]
@@ -63,10 +70,23 @@ fn main() -> Result<()> {
             let bin = build::release()?;
             demo::run(&bin)
         }
-        Command::Bench { json, quick } => {
+        Command::Bench {
+            json,
+            quick,
+            only,
+            perf,
+        } => {
             setup::run()?;
             let bin = build::release()?;
-            bench::run(&bin, json.as_deref(), quick)
+            bench::run(
+                &bin,
+                &bench::Options {
+                    json: json.as_deref(),
+                    quick,
+                    only,
+                    perf: perf.as_deref(),
+                },
+            )
         }
         Command::Load { command } => load::run(command),
     }

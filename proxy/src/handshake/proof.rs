@@ -8,19 +8,28 @@
 //! * a captured SYN replayed by someone else yields a SYN-ACK for a fresh server key, and
 //!   without the client's private key no valid ACK proof can follow;
 //! * a tampered SYN-ACK (token, key or sequence number) fails the client's check;
-//! * fresh ephemeral keys per connection (ring's `EphemeralPrivateKey` cannot be reused).
+//! * ephemeral keys are fresh: random, never stored, and each used for at most
+//!   `key_reuse_ms` (default 1 s; 0: one per connection). Within that window the agreed
+//!   proof key of a (our key, their key) pair is computed once ([`KeyExchange`]): what makes
+//!   each proof unique is the transcript (both ISNs, both tokens with their nonces), and
+//!   what makes it unforgeable is the secret, which never leaves the enforcer.
 //!
 //! Tokens are bound to the handshake: the SYN token's binding is a digest of the client's
 //! public key and ISN, the SYN-ACK token's a digest of the transcript so far.
-use std::net::SocketAddr;
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
+use curve25519_dalek::MontgomeryPoint;
 use ring::{
-    agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519},
     digest::{self, SHA256},
     hmac,
-    rand::SystemRandom,
+    rand::{SecureRandom, SystemRandom},
 };
 use thiserror::Error;
+use zeroize::Zeroizing;
 
 use crate::identity::token::Binding;
 
@@ -102,39 +111,112 @@ pub fn synack_binding(t: &Transcript) -> Binding {
     d.finish().as_ref()[..16].try_into().expect("16 bytes")
 }
 
-/// One side's ephemeral key, before the exchange.
+/// One side's ephemeral X25519 key.
 pub struct Ephemeral {
-    key: EphemeralPrivateKey,
+    secret: Zeroizing<[u8; 32]>,
     pub public: PublicKey,
+    created_ms: u64,
 }
 
 impl Ephemeral {
-    pub fn generate(rng: &SystemRandom) -> Self {
-        let key = EphemeralPrivateKey::generate(&X25519, rng).expect("system randomness");
-        let public = key
-            .compute_public_key()
-            .expect("X25519 public key")
-            .as_ref()
-            .try_into()
-            .expect("32 bytes");
-        Self { key, public }
+    pub fn generate(rng: &SystemRandom, now_ms: u64) -> Self {
+        let mut secret = Zeroizing::new([0u8; 32]);
+        rng.fill(secret.as_mut()).expect("system randomness");
+        let public = MontgomeryPoint::mul_base_clamped(*secret).to_bytes();
+        Self {
+            secret,
+            public,
+            created_ms: now_ms,
+        }
     }
 
-    /// The shared proof key with the peer's public key (consumes the private key).
-    pub fn agree(self, peer: &PublicKey) -> Result<ProofKey, ProofError> {
-        agreement::agree_ephemeral(self.key, &UnparsedPublicKey::new(&X25519, peer), |shared| {
-            // HKDF-style extraction: the raw X25519 output is not used as a key directly.
-            let salt = hmac::Key::new(hmac::HMAC_SHA256, b"tessera-handshake-key");
-            ProofKey(hmac::Key::new(
-                hmac::HMAC_SHA256,
-                hmac::sign(&salt, shared).as_ref(),
-            ))
-        })
-        .map_err(|_| ProofError::KeyExchange)
+    /// The shared proof key with the peer's public key.
+    pub fn agree(&self, peer: &PublicKey) -> Result<ProofKey, ProofError> {
+        let shared = Zeroizing::new(MontgomeryPoint(*peer).mul_clamped(*self.secret).to_bytes());
+        if *shared == [0; 32] {
+            // A key of small order: the exchange would yield zero for any secret.
+            return Err(ProofError::KeyExchange);
+        }
+        // HKDF-style extraction: the raw X25519 output is not used as a key directly.
+        let salt = hmac::Key::new(hmac::HMAC_SHA256, b"tessera-handshake-key");
+        Ok(ProofKey(hmac::Key::new(
+            hmac::HMAC_SHA256,
+            hmac::sign(&salt, shared.as_ref()).as_ref(),
+        )))
+    }
+}
+
+/// Agreed proof keys kept at most (a bound, not a working-set size: a handful of peer keys
+/// are live per window).
+const AGREED_KEPT: usize = 4096;
+
+/// One end's ephemeral keys: the current one (rotated every `reuse_ms`) and the proof keys
+/// agreed with it.
+pub struct KeyExchange {
+    reuse_ms: u64,
+    rng: SystemRandom,
+    current: Mutex<Option<Arc<Ephemeral>>>,
+    agreed: Mutex<HashMap<(PublicKey, PublicKey), ProofKey>>,
+}
+
+impl KeyExchange {
+    /// `reuse_ms`: how long one ephemeral key serves (0: a new key per connection).
+    pub fn new(reuse_ms: u64) -> Self {
+        Self {
+            reuse_ms,
+            rng: SystemRandom::new(),
+            current: Mutex::default(),
+            agreed: Mutex::default(),
+        }
+    }
+
+    /// The key for a handshake starting now.
+    pub fn key(&self, now_ms: u64) -> Arc<Ephemeral> {
+        if self.reuse_ms == 0 {
+            return Arc::new(Ephemeral::generate(&self.rng, now_ms));
+        }
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        match &*current {
+            Some(k) if now_ms.saturating_sub(k.created_ms) < self.reuse_ms => k.clone(),
+            _ => {
+                let k = Arc::new(Ephemeral::generate(&self.rng, now_ms));
+                *current = Some(k.clone());
+                // Keys agreed with the previous key serve only handshakes still in flight.
+                self.agreed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|(mine, _), _| *mine == k.public);
+                k
+            }
+        }
+    }
+
+    /// The proof key of `mine` and the peer's `theirs`.
+    pub fn agree(&self, mine: &Ephemeral, theirs: &PublicKey) -> Result<ProofKey, ProofError> {
+        if self.reuse_ms == 0 {
+            return mine.agree(theirs);
+        }
+        let pair = (mine.public, *theirs);
+        if let Some(k) = self
+            .agreed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pair)
+        {
+            return Ok(k.clone());
+        }
+        let k = mine.agree(theirs)?;
+        let mut agreed = self.agreed.lock().unwrap_or_else(|e| e.into_inner());
+        if agreed.len() >= AGREED_KEPT {
+            agreed.clear();
+        }
+        agreed.insert(pair, k.clone());
+        Ok(k)
     }
 }
 
 /// The key both ends derive from the exchange; it signs and checks proofs.
+#[derive(Clone)]
 pub struct ProofKey(hmac::Key);
 
 #[derive(Clone, Copy)]
@@ -180,8 +262,8 @@ mod tests {
     }
 
     fn handshake(rng: &SystemRandom) -> Exchange {
-        let client = Ephemeral::generate(rng);
-        let server = Ephemeral::generate(rng);
+        let client = Ephemeral::generate(rng, 0);
+        let server = Ephemeral::generate(rng, 0);
         let transcript = Transcript {
             client: "10.77.0.1:40000".parse().unwrap(),
             server: "10.77.0.2:8080".parse().unwrap(),
@@ -248,7 +330,7 @@ mod tests {
             .client_key
             .prove(Role::Client, &original.transcript);
         // The replayer resends the captured SYN; the server answers with a fresh key.
-        let fresh = Ephemeral::generate(&rng);
+        let fresh = Ephemeral::generate(&rng, 0);
         let mut replay = original.transcript.clone();
         replay.server_key = fresh.public;
         replay.server_isn = 777;
@@ -280,10 +362,45 @@ mod tests {
     #[test]
     fn a_bad_public_key_is_refused() {
         let rng = SystemRandom::new();
-        // The all-zero point is of small order: X25519 yields zero, which ring refuses.
+        // The all-zero point is of small order: X25519 yields zero, which is refused.
         assert_eq!(
-            Ephemeral::generate(&rng).agree(&[0; 32]).err(),
+            Ephemeral::generate(&rng, 0).agree(&[0; 32]).err(),
             Some(ProofError::KeyExchange)
         );
+    }
+
+    #[test]
+    fn keys_are_reused_only_within_their_window() {
+        let x = KeyExchange::new(1_000);
+        let a = x.key(5_000);
+        assert_eq!(a.public, x.key(5_999).public);
+        let b = x.key(6_000);
+        assert_ne!(a.public, b.public);
+        // No reuse at all with a window of 0.
+        let fresh = KeyExchange::new(0);
+        assert_ne!(fresh.key(1).public, fresh.key(1).public);
+    }
+
+    #[test]
+    fn a_cached_agreement_equals_a_fresh_one_and_is_per_pair() {
+        let rng = SystemRandom::new();
+        let x = KeyExchange::new(1_000);
+        let mine = x.key(0);
+        let (p1, p2) = (Ephemeral::generate(&rng, 0), Ephemeral::generate(&rng, 0));
+        let t = handshake(&rng).transcript;
+        let direct = mine.agree(&p1.public).unwrap().prove(Role::Client, &t);
+        for _ in 0..2 {
+            let cached = x.agree(&mine, &p1.public).unwrap();
+            assert_eq!(cached.prove(Role::Client, &t), direct);
+            // The peer derives the same key.
+            assert_eq!(
+                p1.agree(&mine.public).unwrap().prove(Role::Client, &t),
+                direct
+            );
+        }
+        let other = x.agree(&mine, &p2.public).unwrap();
+        assert_ne!(other.prove(Role::Client, &t), direct);
+        // A bad key is refused, cached or not.
+        assert!(x.agree(&mine, &[0; 32]).is_err());
     }
 }

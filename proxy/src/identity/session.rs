@@ -89,8 +89,9 @@ impl TunnelSession {
 
 pub struct Tokens {
     trust_domain: String,
-    /// None: tokens off (unsigned identities; the benchmark baseline).
-    signer: Option<Signer>,
+    signer: Signer,
+    /// False: tokens off (unsigned identities; the benchmark baseline).
+    sign: bool,
     verifier: Verifier,
     ca: Vec<Vec<u8>>,
     lifetime_ms: u32,
@@ -117,7 +118,8 @@ impl Tokens {
         verifier.trust(signer.public_key());
         Ok(Self {
             trust_domain,
-            signer: sign.then_some(signer),
+            signer,
+            sign,
             verifier,
             ca,
             lifetime_ms,
@@ -129,7 +131,11 @@ impl Tokens {
     }
 
     pub fn signing(&self) -> bool {
-        self.signer.is_some()
+        self.sign
+    }
+
+    fn signer(&self) -> Option<&Signer> {
+        self.sign.then_some(&self.signer)
     }
 
     /// A session for a TLS connection whose peer presented `cert` (already verified by
@@ -162,12 +168,18 @@ impl Tokens {
     }
 
     /// Trusts a peer enforcer's certificate (DER) for tokens that arrive without TLS (in a
-    /// TCP handshake): its key is trusted until the certificate expires.
+    /// TCP handshake): its key, and the pair key of it and ours, are trusted until the
+    /// certificate expires.
     pub fn trust_peer(&self, cert: &[u8]) -> Result<KeyId, Refusal> {
         let mut last = None;
         for ca in &self.ca {
             match certified_key(cert, ca) {
-                Ok((key, until)) => return Ok(self.verifier.trust_until(&key, until)?),
+                Ok((key, until)) => {
+                    let id = self.verifier.trust_until(&key, until)?;
+                    self.verifier
+                        .trust_pair(id, self.signer.pair_key(&key)?, until);
+                    return Ok(id);
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -177,17 +189,23 @@ impl Tokens {
         ))
     }
 
-    /// A cold token for `identity`, meant for `dst`, bound to `binding` (a TCP handshake's
-    /// keys and sequence numbers). Handshake mode requires signing.
-    pub fn sign_cold(
+    /// A cold token for `identity`, meant for `dst` (served by the enforcer with key `peer`),
+    /// bound to `binding` (a TCP handshake's keys and sequence numbers), sealed with the pair
+    /// key of that enforcer and this one. Handshake mode requires tokens.
+    pub fn seal_cold(
         &self,
+        peer: &KeyId,
         identity: &Identity,
         dst: SocketAddr,
         binding: Binding,
         now_ms: u64,
     ) -> Result<Vec<u8>, Refusal> {
-        let signer = self.signer.as_ref().ok_or(Refusal::NoToken)?;
-        let token = signer.sign(identity, false, dst, binding, now_ms, self.lifetime_ms);
+        let signer = self.signer().ok_or(Refusal::NoToken)?;
+        let pair = self
+            .verifier
+            .pair(peer, now_ms)
+            .ok_or(Refusal::Token(TokenError::UnknownIssuer))?;
+        let token = signer.seal_cold(&pair, identity, dst, binding, now_ms, self.lifetime_ms);
         if token.len() > MAX_TOKEN {
             return Err(Refusal::TooLarge(token.len()));
         }
@@ -226,7 +244,7 @@ impl Tokens {
         dst: SocketAddr,
         now_ms: u64,
     ) -> Result<Proof, Refusal> {
-        let Some(signer) = &self.signer else {
+        let Some(signer) = self.signer() else {
             return Ok(Proof::Unsigned(identity.clone()));
         };
         let digest = identity_digest(identity);
@@ -264,7 +282,7 @@ impl Tokens {
                 }
                 verified.identity
             }
-            Proof::Unsigned(_) if self.signer.is_some() => return Err(Refusal::NoToken),
+            Proof::Unsigned(_) if self.sign => return Err(Refusal::NoToken),
             Proof::Unsigned(identity) => identity.clone(),
         };
         if !vouches(&self.trust_domain, &session.peer, &identity) {

@@ -1,15 +1,28 @@
 //! An enforcer's token-signing key: Ed25519, the key of its certificate from the cluster CA.
 use std::net::SocketAddr;
 
+use curve25519_dalek::Scalar;
+use ed25519_dalek::pkcs8::DecodePrivateKey;
 use ring::{
+    hmac,
     rand::{SecureRandom, SystemRandom},
     signature::{Ed25519KeyPair, KeyPair},
 };
 
 use super::{
     Identity,
-    token::{Binding, Claim, Claims, Digest, KeyId, encode_identity, encode_unsigned},
+    token::{
+        Binding, Claim, Claims, Digest, KeyId, PAIR_TAG_LEN, TokenError, VERSION_PAIR,
+        encode_identity, encode_unsealed, encode_unsigned,
+    },
 };
+
+/// The HMAC tag that seals a version-2 token (`sealed`: every byte before the tag).
+pub fn pair_tag(key: &hmac::Key, sealed: &[u8]) -> [u8; PAIR_TAG_LEN] {
+    hmac::sign(key, sealed).as_ref()[..PAIR_TAG_LEN]
+        .try_into()
+        .expect("16 bytes")
+}
 
 /// The key id of a public key: the first 8 bytes of its SHA-256.
 pub fn key_id(public_key: &[u8]) -> KeyId {
@@ -30,20 +43,64 @@ pub fn identity_digest(id: &Identity) -> Digest {
 
 pub struct Signer {
     key: Ed25519KeyPair,
+    /// The X25519 form of the same key (the clamped Ed25519 secret scalar), for pair keys.
+    exchange: Scalar,
     id: KeyId,
     rng: SystemRandom,
 }
 
+impl Drop for Signer {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.exchange.zeroize();
+    }
+}
+
 impl Signer {
     /// From a PKCS#8 Ed25519 private key (as `tessera ca issue` writes it).
-    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, ring::error::KeyRejected> {
-        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)?;
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, String> {
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8).map_err(|e| e.to_string())?;
+        let exchange = ed25519_dalek::SigningKey::from_pkcs8_der(pkcs8)
+            .map_err(|e| e.to_string())?
+            .to_scalar();
         let id = key_id(key.public_key().as_ref());
         Ok(Self {
             key,
+            exchange,
             id,
             rng: SystemRandom::new(),
         })
+    }
+
+    /// The pair key of this enforcer and the one whose certified Ed25519 key is `peer`:
+    /// X25519 of the two keys (each in its Montgomery form), through HMAC with both key ids.
+    /// Both ends derive the same key and nobody else can: sealing a token with it costs an
+    /// HMAC instead of an Ed25519 signature (see docs/handshake.md on using one key for
+    /// both; <https://eprint.iacr.org/2021/509>).
+    pub fn pair_key(&self, peer: &[u8; 32]) -> Result<hmac::Key, TokenError> {
+        let peer_id = key_id(peer);
+        if peer_id == self.id {
+            return Err(TokenError::Uncertified("a pair key with itself".into()));
+        }
+        let point = ed25519_dalek::VerifyingKey::from_bytes(peer)
+            .map_err(|_| TokenError::Uncertified("not a valid Ed25519 public key".into()))?
+            .to_montgomery();
+        let shared = (point * self.exchange).to_bytes();
+        if shared == [0; 32] {
+            // A small-order key: every secret yields zero.
+            return Err(TokenError::Uncertified("a key of small order".into()));
+        }
+        let (lo, hi) = if self.id < peer_id {
+            (self.id, peer_id)
+        } else {
+            (peer_id, self.id)
+        };
+        let salt = hmac::Key::new(hmac::HMAC_SHA256, b"tessera-pair-key-v1");
+        let mut ctx = hmac::Context::with_key(&salt);
+        ctx.update(&shared);
+        ctx.update(&lo);
+        ctx.update(&hi);
+        Ok(hmac::Key::new(hmac::HMAC_SHA256, ctx.sign().as_ref()))
     }
 
     pub fn key_id(&self) -> KeyId {
@@ -84,6 +141,30 @@ impl Signer {
         self.sign_claims(&claims)
     }
 
+    /// A cold version-2 token for `identity`, sealed with `pair` (see [`Self::pair_key`]).
+    pub fn seal_cold(
+        &self,
+        pair: &hmac::Key,
+        identity: &Identity,
+        dst: SocketAddr,
+        binding: Binding,
+        now_ms: u64,
+        lifetime_ms: u32,
+    ) -> Vec<u8> {
+        let mut nonce = [0u8; 16];
+        self.rng.fill(&mut nonce).expect("system randomness");
+        let claims = Claims {
+            issuer: self.id,
+            issued_ms: now_ms,
+            lifetime_ms,
+            nonce,
+            dst,
+            binding,
+            claim: Claim::Cold(identity.clone()),
+        };
+        seal_claims(pair, &claims)
+    }
+
     /// Signs exactly these claims (tests use it to build hostile tokens).
     pub fn sign_claims(&self, claims: &Claims) -> Vec<u8> {
         let mut out = encode_unsigned(claims);
@@ -91,4 +172,12 @@ impl Signer {
         out.extend_from_slice(sig.as_ref());
         out
     }
+}
+
+/// Seals exactly these claims with a pair key (tests use it to build hostile tokens).
+pub fn seal_claims(pair: &hmac::Key, claims: &Claims) -> Vec<u8> {
+    let mut out = encode_unsealed(claims, VERSION_PAIR);
+    let tag = pair_tag(pair, &out);
+    out.extend_from_slice(&tag);
+    out
 }

@@ -8,6 +8,11 @@
 //! | warm: identity digest [32] (SHA-256 of the cold identity encoding)
 //! | signature [64] (Ed25519 over every byte before it)
 //! ```
+//!
+//! Version 2 (TCP-handshake mode) is the same layout with a different seal: instead of the
+//! signature, a 16-byte tag, HMAC-SHA256 over every byte before it keyed by the *pair key*
+//! of the issuer and the receiver (see `Signer::pair_key`). Only those two enforcers hold
+//! it, and a verifier only accepts tags whose issuer is the other one.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tessera_policy::Labels;
@@ -16,6 +21,9 @@ use thiserror::Error;
 use super::Identity;
 
 pub const VERSION: u8 = 1;
+/// Tokens sealed with a pair key (TCP-handshake mode).
+pub const VERSION_PAIR: u8 = 2;
+pub const PAIR_TAG_LEN: usize = 16;
 /// No token is larger; longer input is refused before parsing.
 /// Typical cold tokens are well under 512 bytes (see docs/token.md); the limit leaves room
 /// for Kubernetes-length cgroup paths and container ids among the derived labels.
@@ -120,10 +128,24 @@ pub fn encode_identity(out: &mut Vec<u8>, id: &Identity) {
     }
 }
 
-/// Encodes everything but the signature.
+/// How a token is sealed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seal<'a> {
+    /// Ed25519 signature of the issuer (version 1).
+    Signature(&'a [u8]),
+    /// HMAC tag keyed by the issuer's and receiver's pair key (version 2).
+    PairTag(&'a [u8]),
+}
+
+/// Encodes everything but the signature (version 1).
 pub fn encode_unsigned(c: &Claims) -> Vec<u8> {
+    encode_unsealed(c, VERSION)
+}
+
+/// Encodes everything but the seal, for token `version`.
+pub fn encode_unsealed(c: &Claims, version: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    out.push(VERSION);
+    out.push(version);
     out.push(match c.claim {
         Claim::Cold(_) => 0,
         Claim::Warm(_) => 1,
@@ -216,20 +238,28 @@ pub fn decode_identity(bytes: &[u8]) -> Result<Identity, TokenError> {
     Ok(id)
 }
 
-/// Splits a token into its claims, the signed bytes and the signature (nothing verified).
-pub fn decode(bytes: &[u8]) -> Result<(Claims, &[u8], &[u8]), TokenError> {
+/// Splits a token into its claims, the sealed bytes and the seal (nothing verified).
+pub fn decode(bytes: &[u8]) -> Result<(Claims, &[u8], Seal<'_>), TokenError> {
     if bytes.len() > MAX_TOKEN {
         return Err(TokenError::Oversized(bytes.len()));
     }
-    if bytes.len() < SIGNATURE_LEN {
-        return Err(TokenError::Truncated("signature"));
+    let (seal_len, what) = match bytes.first() {
+        None => return Err(TokenError::Truncated("version")),
+        Some(&VERSION) => (SIGNATURE_LEN, "signature"),
+        Some(&VERSION_PAIR) => (PAIR_TAG_LEN, "pair tag"),
+        Some(&v) => return Err(TokenError::Version(v)),
+    };
+    if bytes.len() < seal_len {
+        return Err(TokenError::Truncated(what));
     }
-    let (signed, signature) = bytes.split_at(bytes.len() - SIGNATURE_LEN);
+    let (signed, seal) = bytes.split_at(bytes.len() - seal_len);
+    let seal = if seal_len == SIGNATURE_LEN {
+        Seal::Signature(seal)
+    } else {
+        Seal::PairTag(seal)
+    };
     let mut r = Reader(signed);
-    let version = r.u8("version")?;
-    if version != VERSION {
-        return Err(TokenError::Version(version));
-    }
+    r.u8("version")?;
     let kind = r.u8("kind")?;
     let issuer = r.array("issuer")?;
     let issued_ms = u64::from_be_bytes(r.array("issue time")?);
@@ -261,6 +291,6 @@ pub fn decode(bytes: &[u8]) -> Result<(Claims, &[u8], &[u8]), TokenError> {
             claim,
         },
         signed,
-        signature,
+        seal,
     ))
 }

@@ -12,11 +12,12 @@ use std::{
 };
 
 use ed25519_dalek::{Signature, VerifyingKey};
+use ring::hmac;
 
 use super::{
     Identity,
-    signer::{identity_digest, key_id},
-    token::{Binding, Claim, Digest, KeyId, Nonce, TokenError, decode},
+    signer::{identity_digest, key_id, pair_tag},
+    token::{Binding, Claim, Digest, KeyId, Nonce, Seal, TokenError, decode},
 };
 
 /// A verified token.
@@ -39,6 +40,8 @@ pub struct Verifier {
     /// Trusted keys and until when (their certificate's end of validity, ms).
     /// (Decompressed once here: ring would redo it on every verification.)
     keys: RwLock<HashMap<KeyId, (VerifyingKey, u64)>>,
+    /// Pair keys (version-2 tokens) by the other enforcer's key id, and until when.
+    pairs: RwLock<HashMap<KeyId, (hmac::Key, u64)>>,
     /// Verified identities by (issuer, digest): a warm token only names an identity that the
     /// same issuer vouched for in full before.
     identities: RwLock<HashMap<(KeyId, Digest), Identity>>,
@@ -79,6 +82,7 @@ impl Verifier {
     pub fn new(skew_ms: u64, max_lifetime_ms: u32) -> Self {
         Self {
             keys: RwLock::default(),
+            pairs: RwLock::default(),
             identities: RwLock::default(),
             seen: Mutex::default(),
             skew_ms,
@@ -97,6 +101,25 @@ impl Verifier {
         Ok(id)
     }
 
+    /// Accepts version-2 tokens from the enforcer with key `peer`, sealed with `pair` (the
+    /// pair key of that enforcer and this one), until `until_ms`.
+    pub fn trust_pair(&self, peer: KeyId, pair: hmac::Key, until_ms: u64) {
+        self.pairs
+            .write()
+            .expect("lock")
+            .insert(peer, (pair, until_ms));
+    }
+
+    /// The pair key shared with the enforcer whose key id is `peer`, while it is valid.
+    pub fn pair(&self, peer: &KeyId, now_ms: u64) -> Option<hmac::Key> {
+        self.pairs
+            .read()
+            .expect("lock")
+            .get(peer)
+            .filter(|(_, until)| until.saturating_add(self.skew_ms) >= now_ms)
+            .map(|(k, _)| k.clone())
+    }
+
     /// Trusts a key without an end (this enforcer's own key; tests).
     pub fn trust(&self, public_key: &[u8]) -> KeyId {
         let key: [u8; 32] = public_key.try_into().expect("an Ed25519 public key");
@@ -107,6 +130,7 @@ impl Verifier {
     /// Stops trusting a key, and forgets the identities it vouched for.
     pub fn forget(&self, id: &KeyId) {
         self.keys.write().expect("lock").remove(id);
+        self.pairs.write().expect("lock").remove(id);
         self.identities
             .write()
             .expect("lock")
@@ -136,24 +160,46 @@ impl Verifier {
         dst: SocketAddr,
         binding: &Binding,
     ) -> Result<Verified, TokenError> {
-        let (claims, signed, signature) = decode(token)?;
-        let (key, until) = *self
-            .keys
-            .read()
-            .expect("lock")
-            .get(&claims.issuer)
-            .ok_or(TokenError::UnknownIssuer)?;
-        if until.saturating_add(self.skew_ms) < now_ms {
-            return Err(TokenError::Uncertified(
-                "the issuer's certificate expired".into(),
-            ));
+        let (claims, signed, seal) = decode(token)?;
+        let expired = || TokenError::Uncertified("the issuer's certificate expired".into());
+        match seal {
+            Seal::Signature(signature) => {
+                let (key, until) = *self
+                    .keys
+                    .read()
+                    .expect("lock")
+                    .get(&claims.issuer)
+                    .ok_or(TokenError::UnknownIssuer)?;
+                if until.saturating_add(self.skew_ms) < now_ms {
+                    return Err(expired());
+                }
+                let signature =
+                    Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
+                // Plain (not strict) verification: keys are CA-certified, and a re-encoded
+                // signature over the same claims would carry the same nonce, so it cannot
+                // pass as a new token.
+                use ed25519_dalek::Verifier as _;
+                key.verify(signed, &signature)
+                    .map_err(|_| TokenError::BadSignature)?;
+            }
+            Seal::PairTag(tag) => {
+                // Only the other enforcer of a pair is an issuer here: this one never seals
+                // tokens for itself, so a reflected token of its own finds no pair.
+                let pair = {
+                    let pairs = self.pairs.read().expect("lock");
+                    let (pair, until) =
+                        pairs.get(&claims.issuer).ok_or(TokenError::UnknownIssuer)?;
+                    if until.saturating_add(self.skew_ms) < now_ms {
+                        return Err(expired());
+                    }
+                    pair.clone()
+                };
+                use subtle::ConstantTimeEq;
+                if !bool::from(pair_tag(&pair, signed).ct_eq(tag)) {
+                    return Err(TokenError::BadSignature);
+                }
+            }
         }
-        let signature = Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
-        // Plain (not strict) verification: keys are CA-certified, and a re-encoded signature
-        // over the same claims would carry the same nonce, so it cannot pass as a new token.
-        use ed25519_dalek::Verifier as _;
-        key.verify(signed, &signature)
-            .map_err(|_| TokenError::BadSignature)?;
         if claims.lifetime_ms > self.max_lifetime_ms {
             return Err(TokenError::LifetimeTooLong);
         }
@@ -178,6 +224,10 @@ impl Verifier {
                 seen.nonces.retain(|_, until| *until >= now_ms);
                 seen.next_prune_ms = now_ms + 1_000;
                 self.prune_keys(now_ms);
+                self.pairs
+                    .write()
+                    .expect("lock")
+                    .retain(|_, (_, until)| until.saturating_add(self.skew_ms) >= now_ms);
             }
             let seen = &mut seen.nonces;
             if seen

@@ -1,4 +1,6 @@
 //! The client end: a local workload's SYN out, the server's SYN-ACK in, the first ACK out.
+use std::sync::Arc;
+
 use pnet_packet::tcp::TcpFlags;
 
 use super::{
@@ -30,7 +32,7 @@ pub(super) enum ClientStep {
         syn_message: Vec<u8>,
         syn_token: Vec<u8>,
         client_key: PublicKey,
-        ephemeral: Ephemeral,
+        ephemeral: Arc<Ephemeral>,
         peer: String,
         peer_key: KeyId,
         captured: Box<Captured>,
@@ -137,14 +139,16 @@ impl Engine {
             }
             .with_flow(rec);
         };
-        let ephemeral = Ephemeral::generate(&self.rng);
+        let ephemeral = self.client_keys.key(now_ms);
         let client_key = ephemeral.public;
         let binding = proof::syn_binding(&client_key, seg.seq);
-        let token = match self
-            .setup
-            .tokens
-            .sign_cold(&captured.identity, seg.dst, binding, now_ms)
-        {
+        let token = match self.setup.tokens.seal_cold(
+            &peer_key,
+            &captured.identity,
+            seg.dst,
+            binding,
+            now_ms,
+        ) {
             Ok(t) => t,
             Err(e) => {
                 let rec = refuse(rec, e.reason(), format!("cannot sign a token: {e}"));
@@ -330,7 +334,7 @@ impl Engine {
                     synack_token: token,
                     server_key,
                 };
-                let Ok(proof_key) = ephemeral.agree(&server_key) else {
+                let Ok(proof_key) = self.client_keys.agree(&ephemeral, &server_key) else {
                     return reset(rec, "bad-proof", format!("SYN-ACK of {peer}: bad key"));
                 };
                 if proof_key

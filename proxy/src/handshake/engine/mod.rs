@@ -26,9 +26,11 @@ use std::{
 };
 
 use pnet_packet::tcp::TcpFlags;
-use ring::rand::SystemRandom;
 
-use super::packet::{self, Segment};
+use super::{
+    packet::{self, Segment},
+    proof::KeyExchange,
+};
 use crate::{
     authz::{Authorizer, Outcome as PolicyOutcome, Party, Side},
     flow::{Direction, Endpoint, FlowRecord, Mode, Verdict, label_map},
@@ -136,6 +138,8 @@ pub struct Setup {
     pub acked_mark: u32,
     /// How long an unfinished handshake is remembered (ms).
     pub pending_ms: u64,
+    /// How long one ephemeral X25519 key serves (ms; 0: a new key per connection).
+    pub key_reuse_ms: u64,
 }
 
 type FourTuple = (SocketAddr, SocketAddr);
@@ -146,7 +150,9 @@ const PROVEN_KEPT_MS: u64 = 2_000;
 
 pub struct Engine {
     setup: Setup,
-    rng: SystemRandom,
+    /// Ephemeral keys of this end as a client and as a server.
+    client_keys: KeyExchange,
+    server_keys: KeyExchange,
     clients: Mutex<HashMap<FourTuple, ClientHandshake>>,
     servers: Mutex<HashMap<FourTuple, ServerHandshake>>,
     /// Connections proven at this (server) end lately, and when: packets queued behind the
@@ -189,8 +195,9 @@ fn set_identity(end: &mut Endpoint, id: &Identity) {
 impl Engine {
     pub fn new(setup: Setup) -> Self {
         Self {
+            client_keys: KeyExchange::new(setup.key_reuse_ms),
+            server_keys: KeyExchange::new(setup.key_reuse_ms),
             setup,
-            rng: SystemRandom::new(),
             clients: Mutex::default(),
             servers: Mutex::default(),
             proven: Mutex::default(),

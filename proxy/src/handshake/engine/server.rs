@@ -8,8 +8,9 @@ use crate::{
     handshake::{
         message::Message,
         packet::{self, Segment},
-        proof::{self, Ephemeral, ProofKey, PublicKey, Role, Transcript},
+        proof::{self, ProofKey, PublicKey, Role, Transcript},
     },
+    identity::token::KeyId,
     local::LocalWorkload,
 };
 
@@ -25,6 +26,8 @@ pub(super) struct ServerHandshake {
 
 pub(super) enum ServerStep {
     AwaitSynAck {
+        /// The key of the client's enforcer (whose pair key seals our token).
+        peer_key: KeyId,
         client_key: PublicKey,
         syn_token: Vec<u8>,
         workload: Arc<LocalWorkload>,
@@ -186,6 +189,7 @@ impl Engine {
                 record: rec,
                 live,
                 step: ServerStep::AwaitSynAck {
+                    peer_key: *peer_key,
                     client_key,
                     syn_token: token,
                     workload,
@@ -219,11 +223,12 @@ impl Engine {
                 }
             }
             ServerStep::AwaitSynAck {
+                peer_key,
                 client_key,
                 syn_token,
                 workload,
             } => {
-                let ephemeral = Ephemeral::generate(&self.rng);
+                let ephemeral = self.server_keys.key(now_ms);
                 let mut transcript = Transcript {
                     client: seg.dst,
                     server: seg.src,
@@ -234,13 +239,14 @@ impl Engine {
                     synack_token: Vec::new(),
                     server_key: ephemeral.public,
                 };
-                let token = self.setup.tokens.sign_cold(
+                let token = self.setup.tokens.seal_cold(
+                    peer_key,
                     &workload.identity,
                     seg.dst,
                     proof::synack_binding(&transcript),
                     now_ms,
                 );
-                let key_agreed = ephemeral.agree(client_key);
+                let key_agreed = self.server_keys.agree(&ephemeral, client_key);
                 let (token, proof_key) = match (token, key_agreed) {
                     (Ok(t), Ok(k)) => (t, k),
                     (Err(e), _) => {

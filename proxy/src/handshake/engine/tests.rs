@@ -100,6 +100,7 @@ fn engine(
         proven_mark: PROVEN,
         acked_mark: ACKED,
         pending_ms: 11_000,
+        key_reuse_ms: 1_000,
     })
 }
 
