@@ -161,6 +161,8 @@ impl Verifier {
         binding: &Binding,
     ) -> Result<Verified, TokenError> {
         let (claims, signed, seal) = decode(token)?;
+        // Warm tokens follow cold ones on a tunnel session; pair tokens are always cold.
+        let keep_identity = matches!(seal, Seal::Signature(_));
         let expired = || TokenError::Uncertified("the issuer's certificate expired".into());
         match seal {
             Seal::Signature(signature) => {
@@ -240,10 +242,12 @@ impl Verifier {
         }
         match claims.claim {
             Claim::Cold(identity) => {
-                self.identities.write().expect("lock").insert(
-                    (claims.issuer, identity_digest(&identity)),
-                    identity.clone(),
-                );
+                if keep_identity {
+                    self.identities.write().expect("lock").insert(
+                        (claims.issuer, identity_digest(&identity)),
+                        identity.clone(),
+                    );
+                }
                 Ok(Verified {
                     identity,
                     issuer: claims.issuer,
@@ -516,5 +520,179 @@ mod tests {
             .verify(&t, later, DST.parse().unwrap(), &SESSION)
             .unwrap_err();
         assert_eq!(err.reason(), "untrusted-issuer", "{err}");
+    }
+
+    /// Version-2 tokens: sealed with the pair key of two enforcers (TCP-handshake mode).
+    mod pair_tokens {
+        use super::*;
+        use crate::identity::signer::seal_claims;
+
+        struct Host {
+            signer: Signer,
+            public: [u8; 32],
+            verifier: Verifier,
+        }
+
+        fn host(name: &str, ca: &(KeyPair, Vec<u8>)) -> Host {
+            let (key, _) = crate::identity::test_ca::enforcer(name, &ca.0, &ca.1);
+            let signer = Signer::from_pkcs8(&key).unwrap();
+            let public = signer.public_key().try_into().unwrap();
+            Host {
+                signer,
+                public,
+                verifier: Verifier::new(SKEW, 60_000),
+            }
+        }
+
+        /// host-a, host-b and host-c of one CA; b accepts pair tokens from a and from c.
+        fn hosts() -> (Host, Host, Host) {
+            let ca = ca();
+            let (a, b, c) = (host("host-a", &ca), host("host-b", &ca), host("host-c", &ca));
+            for peer in [&a, &c] {
+                b.verifier.trust_pair(
+                    peer.signer.key_id(),
+                    b.signer.pair_key(&peer.public).unwrap(),
+                    u64::MAX,
+                );
+            }
+            a.verifier.trust_pair(
+                b.signer.key_id(),
+                a.signer.pair_key(&b.public).unwrap(),
+                u64::MAX,
+            );
+            (a, b, c)
+        }
+
+        fn sealed(from: &Host, to: &Host, at: u64) -> Vec<u8> {
+            let pair = from.signer.pair_key(&to.public).unwrap();
+            from.signer
+                .seal_cold(&pair, &web(), DST.parse().unwrap(), SESSION, at, LIFETIME)
+        }
+
+        #[test]
+        fn both_ends_derive_the_same_pair_key_and_a_sealed_token_verifies() {
+            let (a, b, c) = hosts();
+            let t = sealed(&a, &b, NOW);
+            // A tag of 16 bytes instead of a signature of 64.
+            assert_eq!(t.len(), 197 - 64 + 16);
+            let got = verify(&b.verifier, &t).unwrap();
+            assert_eq!((got.identity, got.issuer), (web(), a.signer.key_id()));
+            // Pair keys differ per pair.
+            let t_ab = seal_claims(&a.signer.pair_key(&b.public).unwrap(), &claims(&a));
+            let t_cb = seal_claims(&c.signer.pair_key(&b.public).unwrap(), &claims(&a));
+            assert_ne!(t_ab, t_cb);
+        }
+
+        fn claims(issuer: &Host) -> Claims {
+            Claims {
+                issuer: issuer.signer.key_id(),
+                issued_ms: NOW,
+                lifetime_ms: LIFETIME,
+                nonce: [9; 16],
+                dst: DST.parse().unwrap(),
+                binding: SESSION,
+                claim: Claim::Cold(web()),
+            }
+        }
+
+        #[test]
+        fn a_third_enforcer_cannot_forge_a_token_of_another() {
+            let (a, b, c) = hosts();
+            // c is certified and paired with b, but claims to be a: its pair key with b is
+            // not a's, nor is its pair key with a.
+            for key in [
+                c.signer.pair_key(&b.public).unwrap(),
+                c.signer.pair_key(&a.public).unwrap(),
+            ] {
+                let forged = seal_claims(&key, &claims(&a));
+                assert_eq!(
+                    verify(&b.verifier, &forged),
+                    Err(TokenError::BadSignature)
+                );
+            }
+            // A random key, a zero tag: the same.
+            let random = hmac::Key::new(hmac::HMAC_SHA256, &[1; 32]);
+            let forged = seal_claims(&random, &claims(&a));
+            assert_eq!(
+                verify(&b.verifier, &forged),
+                Err(TokenError::BadSignature)
+            );
+            let mut zero = sealed(&a, &b, NOW);
+            let n = zero.len();
+            zero[n - 16..].fill(0);
+            assert_eq!(verify(&b.verifier, &zero), Err(TokenError::BadSignature));
+        }
+
+        #[test]
+        fn tampered_labels_and_tags_are_rejected() {
+            let (a, b, _) = hosts();
+            let t = sealed(&a, &b, NOW);
+            let pos = t.windows(3).position(|w| w == b"web").unwrap();
+            let mut labels = t.clone();
+            labels[pos..pos + 3].copy_from_slice(b"adm");
+            assert_eq!(verify(&b.verifier, &labels), Err(TokenError::BadSignature));
+            let mut tag = t.clone();
+            let last = tag.len() - 1;
+            tag[last] ^= 1;
+            assert_eq!(verify(&b.verifier, &tag), Err(TokenError::BadSignature));
+            // A signed (version 1) token relabelled as version 2: its last 16 bytes are no tag.
+            let mut v1 = a
+                .signer
+                .sign(&web(), false, DST.parse().unwrap(), SESSION, NOW, LIFETIME);
+            v1[0] = crate::identity::token::VERSION_PAIR;
+            assert!(verify(&b.verifier, &v1).is_err());
+        }
+
+        #[test]
+        fn every_truncation_is_rejected() {
+            let (a, b, _) = hosts();
+            let t = sealed(&a, &b, NOW);
+            for n in 0..t.len() {
+                let err = verify(&b.verifier, &t[..n]).unwrap_err();
+                assert!(
+                    matches!(err.reason(), "truncated" | "malformed" | "bad-signature"),
+                    "cut at {n}: {err}"
+                );
+            }
+        }
+
+        #[test]
+        fn replayed_and_expired_tokens_are_rejected() {
+            let (a, b, _) = hosts();
+            let t = sealed(&a, &b, NOW);
+            verify(&b.verifier, &t).unwrap();
+            assert_eq!(verify(&b.verifier, &t), Err(TokenError::Replayed));
+            let old = sealed(&a, &b, NOW - u64::from(LIFETIME) - SKEW - 2);
+            assert_eq!(verify(&b.verifier, &old), Err(TokenError::Expired));
+        }
+
+        #[test]
+        fn a_token_reflected_to_its_issuer_finds_no_pair() {
+            let (a, b, _) = hosts();
+            // a's token for b, sent back to a: a never pairs with itself.
+            let t = sealed(&a, &b, NOW);
+            assert_eq!(verify(&a.verifier, &t), Err(TokenError::UnknownIssuer));
+            assert!(a.signer.pair_key(&a.public).is_err());
+        }
+
+        #[test]
+        fn a_pair_ends_with_the_certificate_and_small_order_keys_are_refused() {
+            let (a, b, _) = hosts();
+            let v = Verifier::new(SKEW, 60_000);
+            v.trust_pair(
+                a.signer.key_id(),
+                b.signer.pair_key(&a.public).unwrap(),
+                NOW - SKEW - 10,
+            );
+            assert!(matches!(
+                verify(&v, &sealed(&a, &b, NOW)),
+                Err(TokenError::Uncertified(_))
+            ));
+            assert!(v.pair(&a.signer.key_id(), NOW).is_none());
+            // The identity point encodes a key of small order: no pair key from it.
+            let mut identity = [0u8; 32];
+            identity[0] = 1;
+            assert!(b.signer.pair_key(&identity).is_err());
+        }
     }
 }
