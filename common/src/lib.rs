@@ -16,6 +16,7 @@ pub mod names {
     pub const CLIENT_ORIG: &str = "TESSERA_CLIENT_ORIG";
     pub const PROTECTED_PORTS: &str = "TESSERA_PROTECTED_PORTS";
     pub const INBOUND_LISTENER: &str = "TESSERA_INBOUND_LISTENER";
+    pub const CLOSED: &str = "TESSERA_CLOSED";
     pub const PROG_CONNECT4: &str = "capture_connect4";
     pub const PROG_CONNECT6: &str = "capture_connect6";
     pub const PROG_SOCKOPS: &str = "track_connect";
@@ -30,6 +31,8 @@ pub const INBOUND_LISTENER_V6: u32 = 1;
 /// connection never reached the proxy is evicted instead of leaking.
 pub const ORIG_MAP_ENTRIES: u32 = 65_536;
 pub const PROTECTED_PORT_ENTRIES: u32 = 1_024;
+/// Size of the ring buffer of closed connections (bytes; a power of two, whole pages).
+pub const CLOSED_RING_BYTES: u32 = 1 << 20;
 
 /// Per-enforcer settings, written by user space into a one-element array before any
 /// program is attached.
@@ -90,10 +93,36 @@ pub struct ClientKey {
     pub family: u16,
 }
 
+/// A connection of an enrolled workload that closed (handshake mode), from `sock_ops`'
+/// state callback: what the enforcer needs to finish its flow record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClosedConn {
+    /// Network byte order; IPv4 (also IPv4-mapped) in `[0]`.
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `AF_INET` or `AF_INET6` (of the addresses as stored here).
+    pub family: u16,
+    /// The TCP state the socket closed from (`TCP_FIN_WAIT2`, `TCP_LAST_ACK`, ...): tells
+    /// which FINs the counts below include.
+    pub old_state: u16,
+    /// The kernel's `bytes_acked`: sequence space this end sent that the peer acknowledged,
+    /// payload plus the SYN (active opener) and the FIN, once acknowledged.
+    pub bytes_acked: u64,
+    /// The kernel's `bytes_received`: payload plus the peer's FIN, once received.
+    pub bytes_received: u64,
+    /// When it closed: `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub at_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `repr(C)` structs of integers with explicit padding fields.
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::ClosedConn {}
 }

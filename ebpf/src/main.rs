@@ -7,7 +7,9 @@
 //!   iptables queues the connection's handshake packets to the enforcer.
 //! * `track_connect` (sock_ops), attached to the same cgroups: at TCP_CONNECT_CB the source
 //!   port is known, so the record is re-keyed by the client's (address, port), which is what
-//!   the proxy sees after accept(): one map lookup finds it.
+//!   the proxy sees after accept(): one map lookup finds it. In handshake mode it also asks
+//!   for state callbacks on established connections and reports each one's close, with its
+//!   byte counts, in the `TESSERA_CLOSED` ring buffer (flow records, live-connection watch).
 //! * `steer_inbound` (sk_lookup), attached to the host's network namespace: a connection to a
 //!   protected port that does not come from the proxy's delivery address is handed to the
 //!   proxy's inbound listener, never to the application. With no listener it is dropped.
@@ -20,21 +22,28 @@ mod programs {
         bindings::{bpf_sock_addr, sk_action},
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-            bpf_get_socket_cookie, bpf_setsockopt,
+            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt,
         },
         macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-        maps::{Array, HashMap, LruHashMap, SockMap},
+        maps::{Array, HashMap, LruHashMap, RingBuf, SockMap},
         programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     };
     use tessera_common::{
-        AF_INET, AF_INET6, ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE,
-        ORIG_MAP_ENTRIES, OrigDst, PROTECTED_PORT_ENTRIES, Settings,
+        AF_INET, AF_INET6, CLOSED_RING_BYTES, ClientKey, ClosedConn, INBOUND_LISTENER_V4,
+        INBOUND_LISTENER_V6, MODE_HANDSHAKE, ORIG_MAP_ENTRIES, OrigDst, PROTECTED_PORT_ENTRIES,
+        Settings,
     };
 
     const IPPROTO_TCP: u32 = 6;
     const SOL_SOCKET: i32 = 1;
     const SO_MARK: i32 = 36;
     const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+    const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+    const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+    const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+    const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 1 << 2;
+    const TCP_CLOSE: u32 = 7;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
     /// 127.0.0.1 in network byte order, as it sits in the u32 the kernel hands us.
     const LOOPBACK4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
     /// ::1 and ::ffff:0:0/96 words, network byte order.
@@ -56,6 +65,10 @@ mod programs {
 
     #[map(name = "TESSERA_INBOUND_LISTENER")]
     static INBOUND_LISTENER: SockMap = SockMap::pinned(2, 0);
+
+    /// Connections that closed (handshake mode), for the enforcer to finish their records.
+    #[map(name = "TESSERA_CLOSED")]
+    static CLOSED: RingBuf = RingBuf::pinned(CLOSED_RING_BYTES, 0);
 
     /// Connect hooks return 1 to let connect() proceed (with the address we may have
     /// rewritten); 0 would fail it with EPERM.
@@ -200,8 +213,67 @@ mod programs {
         CONNECT_PROCEED
     }
 
+    /// An IPv4-mapped IPv6 address as IPv4 (`[v4, 0, 0, 0]`, AF_INET); others unchanged.
+    fn unmapped(ip: [u32; 4]) -> ([u32; 4], u16) {
+        if ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX {
+            ([ip[3], 0, 0, 0], AF_INET)
+        } else {
+            (ip, AF_INET6)
+        }
+    }
+
+    /// Handshake mode: established connections of enrolled workloads report their close.
+    fn watch_close(ctx: &SockOpsContext) -> u32 {
+        match ctx.op() {
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+                let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
+            }
+            BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+                let (local, remote, family) = if ctx.family() == u32::from(AF_INET) {
+                    (
+                        [ctx.local_ip4(), 0, 0, 0],
+                        [ctx.remote_ip4(), 0, 0, 0],
+                        AF_INET,
+                    )
+                } else {
+                    let (l, family) = unmapped(ctx.local_ip6());
+                    (l, unmapped(ctx.remote_ip6()).0, family)
+                };
+                // SAFETY: a state callback runs on a full TCP socket; these fields are
+                // readable from any sock_ops program.
+                let (bytes_acked, bytes_received) =
+                    unsafe { ((*ctx.ops).bytes_acked, (*ctx.ops).bytes_received) };
+                let closed = ClosedConn {
+                    local,
+                    remote,
+                    local_port: ctx.local_port() as u16,
+                    // The remote port comes in network byte order in the upper half (the
+                    // kernel shifts it there on little-endian machines).
+                    remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+                    family,
+                    old_state: ctx.arg(0) as u16,
+                    bytes_acked,
+                    bytes_received,
+                    // SAFETY: a helper without arguments.
+                    at_ns: unsafe { bpf_ktime_get_ns() },
+                };
+                // A full ring drops the event; the enforcer's periodic sweep finds the
+                // connection gone and records it without byte counts.
+                // No wake-up per record: the enforcer drains the ring on an interval.
+                let _ = CLOSED.output::<ClosedConn>(&closed, BPF_RB_NO_WAKEUP);
+            }
+            _ => {}
+        }
+        1
+    }
+
     #[sock_ops]
     pub fn track_connect(ctx: SockOpsContext) -> u32 {
+        if settings().is_some_and(|s| s.mode == MODE_HANDSHAKE)
+            && ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB
+        {
+            return watch_close(&ctx);
+        }
         if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
             return 1;
         }

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, SockMap},
+    maps::{Array, HashMap, MapData, RingBuf, SockMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
@@ -269,6 +269,12 @@ impl Capture {
             .take_map(names::CLIENT_ORIG)
             .context("client map")?;
         Ok(HashMap::try_from(map)?)
+    }
+
+    /// The ring buffer where `sock_ops` reports closed connections (handshake mode).
+    pub fn take_closed_ring(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map(names::CLOSED).context("closed ring")?;
+        Ok(RingBuf::try_from(map)?)
     }
 
     /// Detaches everything and removes the pins, unless `keep`: then capture stays in force

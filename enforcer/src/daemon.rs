@@ -204,7 +204,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             key_reuse_ms: config.handshake.key_reuse_ms,
         }));
         // Workers first: once the rules are in, queued packets need a reader.
-        crate::handshake::start(&config, engine, authz.clone(), flows.clone())?;
+        crate::handshake::start(
+            &config,
+            engine,
+            authz.clone(),
+            flows.clone(),
+            capture.take_closed_ring()?,
+        )?;
         let ports: Vec<u16> = services.iter().map(|(p, _)| *p).collect();
         crate::handshake::install_rules(&config.handshake, &ports)?;
     }

@@ -58,18 +58,45 @@ fn handshake_flows(net: &TestNet, host: &str, n: usize) -> Vec<Value> {
 fn unmodified_http_connects_in_handshake_mode_with_identities_at_both_ends() {
     let net = handshake_hosts(None);
     let content = serve_random(&net, 3 << 20);
-    let out = curl(&net, "host-a", Some("web"), INDEX);
+    // curl reports what it sent and received on the connection, to check the records' counts.
+    let body = net.dir.join("body.bin");
+    let body_arg = body.to_str().unwrap();
+    let out = net
+        .run(
+            net.host("host-a"),
+            Some("web"),
+            "curl",
+            &[
+                "-sS",
+                "-m",
+                "5",
+                "--fail",
+                "-o",
+                body_arg,
+                "-w",
+                "%{size_request} %{size_header} %{size_download}",
+                INDEX,
+            ],
+            Duration::from_secs(30),
+        )
+        .unwrap();
     assert!(
         out.status.success(),
         "curl failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let received = fs::read(&body).unwrap();
     assert!(
-        out.stdout == content,
+        received == content,
         "the application received {} bytes, not the {} sent (or different ones)",
-        out.stdout.len(),
+        received.len(),
         content.len()
     );
+    let sizes: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let (request, response) = (sizes[0], sizes[1] + sizes[2]);
     // The server saw the client's own address: no proxy in the data path.
     let log = fs::read_to_string(net.dir.join("host-b-api-python3.log")).unwrap();
     assert!(log.contains("10.77.0.1 - -"), "server log: {log}");
@@ -91,6 +118,17 @@ fn unmodified_http_connects_in_handshake_mode_with_identities_at_both_ends() {
     assert_eq!(
         in_flow["src"]["labels"]["tessera.io/user"], "root",
         "{in_flow}"
+    );
+    // Written when the connection ended, with its payload bytes as each end's kernel
+    // counted them: what curl sent and received. (The server closed first: its count of
+    // what it received may include curl's FIN; docs/handshake.md.)
+    assert_eq!(out_flow["bytes_sent"], request, "{out_flow}");
+    assert_eq!(out_flow["bytes_received"], response, "{out_flow}");
+    assert_eq!(in_flow["bytes_received"], response, "{in_flow}");
+    let at_server = in_flow["bytes_sent"].as_u64().unwrap();
+    assert!(
+        at_server == request || at_server == request + 1,
+        "host-b counted {at_server} bytes from curl, which sent {request}: {in_flow}"
     );
 }
 

@@ -137,6 +137,24 @@ impl Bench<'_> {
         Ok(total)
     }
 
+    /// Packets handed to NFQUEUE so far in both test hosts (the queues' id sequences).
+    fn queued_packets(&self) -> Result<u64> {
+        let mut total = 0;
+        for h in ["host-a", "host-b"] {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &self.net.host(h).netns])
+                .args(["cat", "/proc/net/netfilter/nfnetlink_queue"])
+                .output()?;
+            // queue portid waiting copy_mode copy_range dropped user_dropped id_sequence 1
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(seq) = line.split_whitespace().nth(7) {
+                    total += seq.parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+        Ok(total)
+    }
+
     fn latency(&self, tessera: bool) -> Result<(f64, f64)> {
         let addr = if tessera {
             "10.77.0.2:7001"
@@ -385,7 +403,16 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     let tp = bench.iperf(true)?;
     let cr_d = bench.connrate(false)?;
     let profiler = perf.map(|out| start_perf(bench, out)).transpose()?;
-    let (cr, cpu_ms) = rate_and_cpu(bench)?;
+    let queued_before = bench.queued_packets()?;
+    let before = bench.enforcer_cpu_secs()?;
+    let (cr, conns) = bench.connrate_counted(true)?;
+    let used = bench.enforcer_cpu_secs()? - before;
+    let cpu_ms = if conns > 0.0 { used * 1e6 / conns } else { 0.0 };
+    let queued_per_conn = if conns > 0.0 {
+        (bench.queued_packets()? - queued_before) as f64 / conns
+    } else {
+        0.0
+    };
     if let Some(mut p) = profiler {
         // SIGINT makes perf write its file and exit.
         let _ = nix::sys::signal::kill(
@@ -400,6 +427,7 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
         json!({
             "throughput_bps": {"direct": tp_d, "handshake": tp, "ratio": ratio(tp, tp_d)},
             "connections_per_second": {"direct": cr_d, "handshake": cr, "ratio": ratio(cr, cr_d)},
+            "queued_packets_per_connection": queued_per_conn,
             "latency_us": {
                 "p50": {"direct": p50_d, "handshake": p50, "ratio": ratio(p50, p50_d)},
                 "p99": {"direct": p99_d, "handshake": p99, "ratio": ratio(p99, p99_d)},

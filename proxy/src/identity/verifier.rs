@@ -547,7 +547,11 @@ mod tests {
         /// host-a, host-b and host-c of one CA; b accepts pair tokens from a and from c.
         fn hosts() -> (Host, Host, Host) {
             let ca = ca();
-            let (a, b, c) = (host("host-a", &ca), host("host-b", &ca), host("host-c", &ca));
+            let (a, b, c) = (
+                host("host-a", &ca),
+                host("host-b", &ca),
+                host("host-c", &ca),
+            );
             for peer in [&a, &c] {
                 b.verifier.trust_pair(
                     peer.signer.key_id(),
@@ -605,18 +609,12 @@ mod tests {
                 c.signer.pair_key(&a.public).unwrap(),
             ] {
                 let forged = seal_claims(&key, &claims(&a));
-                assert_eq!(
-                    verify(&b.verifier, &forged),
-                    Err(TokenError::BadSignature)
-                );
+                assert_eq!(verify(&b.verifier, &forged), Err(TokenError::BadSignature));
             }
             // A random key, a zero tag: the same.
             let random = hmac::Key::new(hmac::HMAC_SHA256, &[1; 32]);
             let forged = seal_claims(&random, &claims(&a));
-            assert_eq!(
-                verify(&b.verifier, &forged),
-                Err(TokenError::BadSignature)
-            );
+            assert_eq!(verify(&b.verifier, &forged), Err(TokenError::BadSignature));
             let mut zero = sealed(&a, &b, NOW);
             let n = zero.len();
             zero[n - 16..].fill(0);

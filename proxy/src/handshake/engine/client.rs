@@ -124,7 +124,7 @@ impl Engine {
                 observe: captured.observe,
                 record: rec.clone(),
             };
-            return Outcome::accept().with_flow(rec).with_live(live);
+            return Outcome::accept().with_live(live);
         };
         rec.dst.enforcer = Some(peer.name.clone());
         let Some(peer_key) = self.setup.peer_keys.get(&peer.name).copied() else {
@@ -401,7 +401,7 @@ impl Engine {
                     observe: captured.observe,
                     record: rec.clone(),
                 };
-                Outcome::rewrite(clean).with_flow(rec).with_live(live)
+                Outcome::rewrite(clean).with_live(live)
             }
         }
     }

@@ -68,8 +68,10 @@ pub struct Outcome {
     pub mark: u32,
     /// IP packets to send (resets to the other end of a refused handshake).
     pub send: Vec<Vec<u8>>,
+    /// Records of refusals (an allowed connection's record rides in `live`).
     pub flows: Vec<FlowRecord>,
-    /// A connection this packet let through, to watch for policy reloads.
+    /// A connection this packet let through, to watch for policy reloads and to record
+    /// when it ends.
     pub live: Option<Box<LiveConnection>>,
 }
 
@@ -85,7 +87,8 @@ pub struct LiveConnection {
     pub dst: Party,
     pub port: u16,
     pub observe: bool,
-    /// The record of the allowed handshake (a revocation is written from it).
+    /// The record of the allowed handshake, written when the connection ends (with its
+    /// byte counts and duration), or when a policy reload revokes it.
     pub record: FlowRecord,
 }
 

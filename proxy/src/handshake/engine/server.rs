@@ -112,7 +112,6 @@ impl Engine {
                     mark: self.setup.proven_mark,
                     ..Outcome::accept()
                 }
-                .with_flow(rec)
                 .with_live(live);
             }
             Err(e) => return refused(rec, "malformed", format!("SYN from {}: {e}", seg.src)),
@@ -361,7 +360,6 @@ impl Engine {
             mark: self.setup.proven_mark,
             ..Outcome::rewrite(clean)
         }
-        .with_flow(rec)
         .with_live(live)
     }
 }

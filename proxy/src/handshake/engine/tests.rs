@@ -158,6 +158,18 @@ fn tamper(packet: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     packet::attach(&clean, &message).unwrap()
 }
 
+/// The record of an allowed connection: kept with the live connection, written when it
+/// closes (with its byte counts), never at the handshake.
+fn allowed(o: &Outcome) -> &FlowRecord {
+    assert!(
+        o.flows.is_empty(),
+        "no record before the connection ends: {o:?}"
+    );
+    let rec = &o.live.as_ref().expect("a live connection").record;
+    assert_eq!(rec.verdict, Verdict::Allowed, "{rec:?}");
+    rec
+}
+
 fn refused(o: &Outcome, code: &str) {
     let flow = o.flows.last().unwrap_or_else(|| panic!("no flow: {o:?}"));
     assert_eq!(flow.verdict, Verdict::Denied, "{flow:?}");
@@ -188,8 +200,7 @@ fn honest_handshake_is_proven_at_both_ends_and_restores_every_packet() {
     assert_eq!(wire(&p.b.ingress(&syn_wire, NOW)), syn());
     let at_a = p.a.ingress(&synack_wire, NOW);
     assert_eq!(wire(&at_a), synack());
-    let flow = &at_a.flows[0];
-    assert_eq!(flow.verdict, Verdict::Allowed);
+    let flow = allowed(&at_a);
     assert_eq!(flow.dst.workload.as_deref(), Some("api"));
     assert_eq!(flow.rule.as_deref(), Some("web-api"));
     // A retransmitted SYN-ACK (same message) still passes.
@@ -214,8 +225,7 @@ fn honest_handshake_is_proven_at_both_ends_and_restores_every_packet() {
         (behind.verdict, behind.mark),
         (PacketVerdict::Accept, PROVEN)
     );
-    let flow = &at_b.flows[0];
-    assert_eq!(flow.verdict, Verdict::Allowed);
+    let flow = allowed(&at_b);
     assert_eq!(flow.src.workload.as_deref(), Some("web"));
     // Both ends hand the connection over for policy reloads, each from its side.
     let live_b = at_b.live.as_ref().expect("server end live");
@@ -367,7 +377,7 @@ fn a_lost_ack_proof_is_sent_again_when_the_synack_is_retransmitted() {
     assert_eq!(o.send.len(), 1, "our own ACK with the proof");
     let at_b = p.b.ingress(&o.send[0], NOW + 1_000);
     assert_eq!(at_b.mark, PROVEN);
-    assert_eq!(at_b.flows[0].verdict, Verdict::Allowed);
+    allowed(&at_b);
 }
 
 #[test]

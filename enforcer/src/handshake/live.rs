@@ -1,0 +1,466 @@
+//! The connections handshakes let through, from their handshake to their end: a policy
+//! reload that denies one closes it; when one ends (the kernel reports it, with its byte
+//! counts, through `sock_ops` and the `TESSERA_CLOSED` ring buffer) its flow record is
+//! written. One task for all of them: a connection costs a registration, no task of its own.
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use tessera_common::{AF_INET, ClosedConn};
+use tessera_proxy::{
+    authz::{Authorizer, LiveGuard, Side},
+    flow::{FlowLog, FlowRecord, now_ms},
+    handshake::engine::LiveConnection,
+};
+use tokio::sync::mpsc;
+
+/// A connection a handshake let through, and when (monotonic clock, ns).
+pub struct Registered {
+    pub conn: LiveConnection,
+    pub at_ns: u64,
+}
+
+/// A connection that ended, as the kernel reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Payload bytes this end sent (acknowledged by the peer) and received.
+    pub sent: u64,
+    pub received: u64,
+    /// When (monotonic clock, ns; the eBPF programs' `bpf_ktime_get_ns`).
+    pub at_ns: u64,
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn addr(words: [u32; 4], family: u16, port: u16) -> SocketAddr {
+    let ip: IpAddr = if family == AF_INET {
+        Ipv4Addr::from(words[0].to_ne_bytes()).into()
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        Ipv6Addr::from(octets).into()
+    };
+    SocketAddr::new(ip, port)
+}
+
+// TCP states (include/net/tcp_states.h).
+const TCP_FIN_WAIT1: u16 = 4;
+const TCP_FIN_WAIT2: u16 = 5;
+const TCP_CLOSE_WAIT: u16 = 8;
+const TCP_LAST_ACK: u16 = 9;
+const TCP_CLOSING: u16 = 11;
+
+impl From<&ClosedConn> for Closed {
+    /// Payload bytes from the kernel's sequence-space counts. Our FIN is counted once
+    /// acknowledged: always so for a socket closing from FIN_WAIT1/2, CLOSING or LAST_ACK
+    /// (an orderly close). The peer's FIN is counted when this socket processed it: always
+    /// for one closing from CLOSE_WAIT, CLOSING or LAST_ACK (the FIN moved it there). One
+    /// that closed first (FIN_WAIT1/2) may have left the peer's FIN to its TIME_WAIT
+    /// remnant, or not: its received count can be one more than the payload. (The SYN, which
+    /// an active opener's count includes, is taken off by the caller, who knows which end
+    /// opened.)
+    fn from(c: &ClosedConn) -> Self {
+        let fin_acked = matches!(
+            c.old_state,
+            TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK
+        );
+        let fin_received = matches!(c.old_state, TCP_CLOSE_WAIT | TCP_CLOSING | TCP_LAST_ACK);
+        Self {
+            local: addr(c.local, c.family, c.local_port),
+            remote: addr(c.remote, c.family, c.remote_port),
+            sent: c.bytes_acked.saturating_sub(u64::from(fin_acked)),
+            received: c.bytes_received.saturating_sub(u64::from(fin_received)),
+            at_ns: c.at_ns,
+        }
+    }
+}
+
+/// Reads the ring buffer of closed connections. The programs write without waking us (at a
+/// high connection rate a wake-up per close would cost more than the record); a short
+/// interval drains it instead.
+pub async fn read_closed(mut ring: RingBuf<MapData>, tx: mpsc::UnboundedSender<Closed>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<ClosedConn>() {
+                continue;
+            }
+            // SAFETY: the programs write exactly a `ClosedConn` (repr(C), plain integers);
+            // read_unaligned copes with the ring's 8-byte alignment.
+            let c: ClosedConn = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let c = Closed::from(&c);
+            tracing::debug!(local = %c.local, remote = %c.remote, sent = c.sent, received = c.received, "connection closed");
+            if tx.send(c).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Sockets of this network namespace that are open (any state but LISTEN and TIME_WAIT),
+/// as (local, remote), IPv4-mapped addresses as IPv4. Through `ss` (netlink sock_diag):
+/// the kernel skips TIME_WAIT sockets itself, where /proc/net/tcp formats every one of
+/// them (tens of thousands at a high connection rate).
+async fn open_sockets() -> Option<HashSet<(SocketAddr, SocketAddr)>> {
+    let out = tokio::process::Command::new("ss")
+        .args([
+            "-t",
+            "-n",
+            "-H",
+            "exclude",
+            "time-wait",
+            "exclude",
+            "listening",
+        ])
+        .output()
+        .await;
+    match out {
+        Ok(out) if out.status.success() => Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(parse_ss_line)
+                .collect(),
+        ),
+        Ok(out) => {
+            tracing::warn!(stderr = %String::from_utf8_lossy(&out.stderr).trim(), "ss failed: live connections not pruned");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot run ss: live connections not pruned");
+            None
+        }
+    }
+}
+
+/// One line of `ss -t -n -H`: `state recv-q send-q local peer`.
+fn parse_ss_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let mut f = line.split_whitespace().skip(3);
+    let addr = |s: &str| -> Option<SocketAddr> {
+        match s.parse::<SocketAddr>().ok()? {
+            SocketAddr::V6(v6) => Some(match v6.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+                None => SocketAddr::V6(v6),
+            }),
+            v4 => Some(v4),
+        }
+    };
+    Some((addr(f.next()?)?, addr(f.next()?)?))
+}
+
+/// Closes a connection's socket on this host (SOCK_DESTROY through `ss -K`): the kernel
+/// resets the peer, the application sees the reset.
+async fn destroy(local: SocketAddr, remote: SocketAddr) {
+    let forms = |a: SocketAddr| -> Vec<String> {
+        match a {
+            SocketAddr::V4(v4) => vec![
+                v4.to_string(),
+                format!("[{}]:{}", v4.ip().to_ipv6_mapped(), v4.port()),
+            ],
+            SocketAddr::V6(v6) => vec![v6.to_string()],
+        }
+    };
+    // A socket of an IPv6 listener holds IPv4 peers in their mapped form.
+    for (l, r) in forms(local).into_iter().zip(forms(remote)) {
+        let result = tokio::process::Command::new("ss")
+            .args(["-K", "-t", "-n", "-H", "src", &l, "dst", &r])
+            .output()
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, %local, %remote, "cannot close a revoked connection (ss -K)");
+        }
+    }
+}
+
+struct Watched {
+    conn: LiveConnection,
+    at_ns: u64,
+    since: Instant,
+    /// None once revoked (nothing more to watch for).
+    guard: Option<LiveGuard>,
+    /// Why policy revoked it: written as a revocation when it closes.
+    revoked: Option<String>,
+}
+
+/// The record of a connection that ended. `bytes`: what this end sent and received, if the
+/// kernel reported its close (a connection found gone by the sweep has none).
+fn finished(w: Watched, bytes: Option<(u64, u64)>) -> FlowRecord {
+    let mut rec = w.conn.record;
+    rec.duration_ms = now_ms().saturating_sub(rec.start_ms);
+    if let Some((sent, received)) = bytes {
+        // A record counts bytes from the source's point of view, as in tunnel mode.
+        (rec.bytes_sent, rec.bytes_received) = match w.conn.side {
+            // The client end opened the connection: its count includes its SYN.
+            Side::Egress => (sent.saturating_sub(1), received),
+            Side::Ingress => (received, sent),
+        };
+    }
+    if let Some(reason) = w.revoked {
+        rec.revoked_by(reason);
+    }
+    rec
+}
+
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Ingress => "ingress",
+        Side::Egress => "egress",
+    }
+}
+
+struct Watcher {
+    authz: Arc<Authorizer>,
+    flows: FlowLog,
+    watched: HashMap<(SocketAddr, SocketAddr), Watched>,
+}
+
+impl Watcher {
+    async fn register(&mut self, r: Registered) {
+        let Registered { conn, at_ns } = r;
+        let key = (conn.local, conn.remote);
+        tracing::debug!(local = %conn.local, remote = %conn.remote, "watching a connection");
+        if let Some(old) = self.watched.remove(&key) {
+            // The 4-tuple was reused: the previous connection ended (its close not seen).
+            self.flows.record(finished(old, None));
+        }
+        // A policy may have been replaced since the handshake was decided.
+        let now = self
+            .authz
+            .check(&conn.src, &conn.dst, conn.port, conn.observe);
+        let (guard, revoked) = if now.allowed {
+            let guard = self.authz.register(
+                conn.side,
+                conn.src.clone(),
+                conn.dst.clone(),
+                conn.port,
+                conn.observe,
+            );
+            (Some(guard), None)
+        } else {
+            destroy(conn.local, conn.remote).await;
+            let reason = format!(
+                "closed by policy reload ({}): {}",
+                side_name(conn.side),
+                now.reason
+            );
+            (None, Some(reason))
+        };
+        self.watched.insert(
+            key,
+            Watched {
+                conn,
+                at_ns,
+                since: Instant::now(),
+                guard,
+                revoked,
+            },
+        );
+    }
+
+    fn closed(&mut self, c: Closed) {
+        let key = (c.local, c.remote);
+        tracing::debug!(local = %c.local, remote = %c.remote, watched = self.watched.contains_key(&key), "close report");
+        // A close older than the registration belongs to an earlier connection.
+        if self.watched.get(&key).is_some_and(|w| w.at_ns <= c.at_ns)
+            && let Some(w) = self.watched.remove(&key)
+        {
+            self.flows.record(finished(w, Some((c.sent, c.received))));
+        }
+    }
+
+    async fn revoke(&mut self) {
+        let revoked: Vec<_> = self
+            .watched
+            .iter()
+            .filter_map(|(key, w)| w.guard.as_ref()?.revocation().map(|r| (*key, r)))
+            .collect();
+        for (key, reason) in revoked {
+            if let Some(w) = self.watched.get_mut(&key) {
+                w.guard = None;
+                w.revoked = Some(reason);
+                // The kernel reports the close (and the bytes) like any other.
+                destroy(key.0, key.1).await;
+            }
+        }
+    }
+
+    /// Connections that ended without a close report (a full ring buffer, a socket the
+    /// programs do not see): recorded without byte counts.
+    async fn sweep(&mut self) {
+        let Some(open) = open_sockets().await else {
+            return;
+        };
+        let gone: Vec<_> = self
+            .watched
+            .iter()
+            // (a connection handed over a moment ago may not be listed yet)
+            .filter(|(key, w)| !open.contains(*key) && w.since.elapsed() > Duration::from_secs(2))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in gone {
+            if let Some(w) = self.watched.remove(&key) {
+                self.flows.record(finished(w, None));
+            }
+        }
+    }
+}
+
+/// Watches the connections handshakes let through until they end.
+pub async fn watch(
+    authz: Arc<Authorizer>,
+    flows: FlowLog,
+    mut incoming: mpsc::UnboundedReceiver<Registered>,
+    mut closes: mpsc::UnboundedReceiver<Closed>,
+) {
+    const SWEEP: Duration = Duration::from_secs(30);
+    // Let the next events gather: one wake-up per batch, not per connection.
+    const COALESCE: Duration = Duration::from_millis(10);
+    let mut w = Watcher {
+        watched: HashMap::new(),
+        flows,
+        authz: authz.clone(),
+    };
+    let mut reloads = authz.reloads();
+    let (mut arrived, mut ended) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
+    let mut sweep = tokio::time::interval(SWEEP);
+    loop {
+        tokio::select! {
+            n = incoming.recv_many(&mut arrived, 1024) => {
+                if n == 0 {
+                    return;
+                }
+                for r in arrived.drain(..) {
+                    w.register(r).await;
+                }
+                tokio::time::sleep(COALESCE).await;
+            }
+            n = closes.recv_many(&mut ended, 1024), if !w.watched.is_empty() || !closes.is_empty() => {
+                // Every registration was sent before its connection could close: take in
+                // those waiting first.
+                while let Ok(r) = incoming.try_recv() {
+                    w.register(r).await;
+                }
+                if n == 0 {
+                    continue;
+                }
+                for c in ended.drain(..) {
+                    w.closed(c);
+                }
+                tokio::time::sleep(COALESCE).await;
+            }
+            // Revocations happen only when a policy is replaced: no polling in between.
+            Ok(()) = reloads.changed() => w.revoke().await,
+            _ = sweep.tick(), if !w.watched.is_empty() => w.sweep().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ss_lines_give_both_ends_of_open_connections() {
+        // As iproute2's ss prints them (-t -n -H).
+        let v4 = "ESTAB 0      0               10.0.0.2:8080          10.0.0.1:42332";
+        let want = Some((
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:42332".parse().unwrap(),
+        ));
+        assert_eq!(parse_ss_line(v4), want);
+        let mapped = "ESTAB 0      0      [::ffff:10.0.0.2]:8080 [::ffff:10.0.0.1]:42332";
+        assert_eq!(parse_ss_line(mapped), want);
+        let v6 = "SYN-RECV 0 0 [fd77::2]:8080 [fd77::1]:42332";
+        let (l, _) = parse_ss_line(v6).unwrap();
+        assert_eq!(l.ip().to_string(), "fd77::2");
+        assert_eq!(parse_ss_line("garbage"), None);
+    }
+
+    #[test]
+    fn close_reports_give_both_ends_as_the_kernel_stores_them() {
+        let v4 = ClosedConn {
+            local: [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0],
+            remote: [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0],
+            local_port: 8080,
+            remote_port: 42332,
+            family: AF_INET,
+            bytes_acked: 5,
+            bytes_received: 7,
+            at_ns: 9,
+            old_state: TCP_LAST_ACK,
+        };
+        let c = Closed::from(&v4);
+        assert_eq!(
+            (c.local, c.remote, c.sent, c.received, c.at_ns),
+            (
+                "10.0.0.2:8080".parse().unwrap(),
+                "10.0.0.1:42332".parse().unwrap(),
+                4,
+                6,
+                9
+            ),
+            "closed last (LAST_ACK): both FINs off"
+        );
+        let closed_first = ClosedConn {
+            old_state: TCP_FIN_WAIT2,
+            ..v4
+        };
+        assert_eq!(
+            (
+                Closed::from(&closed_first).sent,
+                Closed::from(&closed_first).received
+            ),
+            (4, 7),
+            "closed first: our FIN off, theirs unknown"
+        );
+        let reset = ClosedConn {
+            old_state: 1, // ESTABLISHED
+            ..v4
+        };
+        assert_eq!(
+            (Closed::from(&reset).sent, Closed::from(&reset).received),
+            (5, 7)
+        );
+        let after_fin = ClosedConn {
+            old_state: TCP_CLOSE_WAIT,
+            ..v4
+        };
+        assert_eq!(
+            (
+                Closed::from(&after_fin).sent,
+                Closed::from(&after_fin).received
+            ),
+            (5, 6)
+        );
+        let fd77 = |last: u8| {
+            let mut o = [0u8; 16];
+            o[0] = 0xfd;
+            o[1] = 0x77;
+            o[15] = last;
+            [0, 1, 2, 3].map(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap()))
+        };
+        let v6 = ClosedConn {
+            local: fd77(2),
+            remote: fd77(1),
+            family: tessera_common::AF_INET6,
+            ..v4
+        };
+        assert_eq!(
+            Closed::from(&v6).local,
+            "[fd77::2]:8080".parse::<SocketAddr>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,93 @@
+//! TCP-handshake mode in the kernel: the iptables rules (nft backend) that queue exactly the
+//! handshake packets to us (`rules`), the NFQUEUE workers that run them through the engine
+//! (`worker`, `tessera_proxy::handshake::engine`), and the watch of the connections they let
+//! through until they end (`live`).
+//!
+//! Rules (IPv4 and IPv6 alike, in four chains of our own; docs/handshake.md has the table):
+//! * `raw PREROUTING` (before conntrack, so the kernel never sees a token): packets carrying
+//!   our option, every SYN-ACK (a missing token is a refusal for our own handshakes), resets
+//!   (a refusal by the peer) and SYNs to workload ports go to the ingress queue.
+//! * `mangle PREROUTING`: a packet the engine marked proven stamps its connection
+//!   (connmark); any other packet to a workload port of an unproven connection goes to the
+//!   engine, which passes only those queued behind their connection's proof. So a
+//!   connection reaches the application only once the client proved itself.
+//! * `mangle OUTPUT` / `POSTROUTING` (after conntrack, which so never sees a token either):
+//!   the SYN of sockets the connect hooks marked, their packets until the first ACK went, and
+//!   SYN-ACKs from workload ports go to the egress queue; the engine's acked bit is saved in
+//!   the connmark, after which nothing of the connection is queued.
+//!
+//! Fail closed: while no enforcer reads the queues, queued packets are dropped (only
+//! SYN-ACKs and resets bypass: they only answer SYNs that an enforcer sent). `fail_open` lets SYNs
+//! to workload ports through instead. No sysctl is changed.
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use tessera_proxy::{
+    authz::{Authorizer, Side},
+    flow::{FlowLog, now_ms},
+    handshake::engine::Engine,
+};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+
+mod live;
+mod rules;
+mod worker;
+
+pub use rules::{install_rules, remove_rules};
+use worker::{RawSender, worker};
+
+/// Starts the workers (a thread per queue), the watch of live connections and the expiry
+/// of unfinished handshakes.
+pub fn start(
+    config: &Config,
+    engine: Arc<Engine>,
+    authz: Arc<Authorizer>,
+    flows: FlowLog,
+    closed: RingBuf<MapData>,
+) -> Result<()> {
+    let h = &config.handshake;
+    let sender = Arc::new(RawSender::new(config.bpf.proxy_mark)?);
+    let (live_tx, live_rx) = mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+    tokio::spawn(live::read_closed(closed, closed_tx));
+    tokio::spawn(live::watch(authz, flows.clone(), live_rx, closed_rx));
+    for (num, side, name) in [
+        (h.queue, Side::Egress, "tessera-hs-egress"),
+        (h.queue + 1, Side::Ingress, "tessera-hs-ingress"),
+    ] {
+        let (engine, flows, sender) = (engine.clone(), flows.clone(), sender.clone());
+        let live_tx = live_tx.clone();
+        // Bind in the thread but report a failure to bind here, before we say ready.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let result = worker(num, side, engine, flows, sender, live_tx);
+                if let Err(e) = &result {
+                    tracing::error!(
+                        queue = num,
+                        error = format!("{e:#}"),
+                        "handshake worker stopped"
+                    );
+                }
+                let _ = tx.send(result.map(|_| ()));
+            })?;
+        // A worker that is running has nothing to report within this time.
+        if let Ok(Err(e)) = rx.recv_timeout(Duration::from_millis(200)) {
+            return Err(e);
+        }
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for f in engine.expire(now_ms()) {
+                flows.record(f);
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! The iptables rules (nft backend) that queue exactly the handshake packets to us.
+//!
+//! Rules (IPv4 and IPv6 alike, in four chains of our own; docs/handshake.md has the table):
+//! * `raw PREROUTING` (before conntrack, so the kernel never sees a token): packets carrying
+//!   our option, every SYN-ACK (a missing token is a refusal for our own handshakes), resets
+//!   (a refusal by the peer) and SYNs to workload ports go to the ingress queue.
+//! * `mangle PREROUTING`: a packet the engine marked proven stamps its connection
+//!   (connmark); any other packet to a workload port of an unproven connection goes to the
+//!   engine, which passes only those queued behind their connection's proof. So a
+//!   connection reaches the application only once the client proved itself.
+//! * `mangle OUTPUT` / `POSTROUTING` (after conntrack, which so never sees a token either):
+//!   the SYN of sockets the connect hooks marked, their packets until the first ACK went, and
+//!   SYN-ACKs from workload ports go to the egress queue; the engine's acked bit is saved in
+//!   the connmark, after which nothing of the connection is queued.
+//!
+//! Fail closed: while no enforcer reads the queues, queued packets are dropped (only
+//! SYN-ACKs and resets bypass: they only answer SYNs that an enforcer sent). `fail_open` lets SYNs
+//! to workload ports through instead. No sysctl is changed.
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::config::HandshakeConfig;
+
+/// Our chains: (table, built-in chain that jumps to it, name). Two generations, so that a
+/// restarted enforcer puts its rules in before it takes the previous run's out: there is no
+/// moment without them.
+fn chains(generation: u8) -> [(&'static str, &'static str, String); 4] {
+    [
+        ("raw", "PREROUTING", format!("TESSERA-HS-RAW{generation}")),
+        ("mangle", "PREROUTING", format!("TESSERA-HS-IN{generation}")),
+        ("mangle", "OUTPUT", format!("TESSERA-HS-LOCAL{generation}")),
+        (
+            "mangle",
+            "POSTROUTING",
+            format!("TESSERA-HS-OUT{generation}"),
+        ),
+    ]
+}
+const GENERATIONS: [u8; 2] = [1, 2];
+const TOOLS: [&str; 2] = ["iptables", "ip6tables"];
+
+fn run(tool: &str, args: &[String]) -> Result<String> {
+    let out = Command::new(tool)
+        .arg("-w")
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {tool}"))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn args(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
+/// The rules of one family and generation, in order, as `-t TABLE -A CHAIN ...` strings.
+fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
+    let [(_, _, raw), (_, _, input), (_, _, local), (_, _, output)] = chains(generation);
+    let (egress, ingress) = (h.queue, h.queue + 1);
+    let syn_bypass = if h.fail_open { " --queue-bypass" } else { "" };
+    let (sm, pb, ab) = (h.socket_mark, h.proven_bit, h.acked_bit);
+    let mut r = vec![
+        format!(
+            "-t raw -A {raw} ! -i lo -p tcp -m tcp --tcp-option 253 -j NFQUEUE --queue-num {ingress}{syn_bypass}"
+        ),
+        format!(
+            "-t raw -A {raw} ! -i lo -p tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {ingress} --queue-bypass"
+        ),
+        // Resets: a peer refusing one of our handshakes is recorded at once.
+        format!(
+            "-t raw -A {raw} ! -i lo -p tcp --tcp-flags RST RST -j NFQUEUE --queue-num {ingress} --queue-bypass"
+        ),
+    ];
+    for p in ports {
+        r.push(format!(
+            "-t raw -A {raw} ! -i lo -p tcp --syn --dport {p} -j NFQUEUE --queue-num {ingress}{syn_bypass}"
+        ));
+    }
+    r.push(format!(
+        "-t mangle -A {input} -m mark --mark {pb:#x}/{pb:#x} -j CONNMARK --set-xmark {pb:#x}/{pb:#x}"
+    ));
+    // A packet of a connection that has not proven itself (yet) goes to the engine, behind
+    // the proof it may have overtaken in the queue; the engine drops the rest.
+    for p in ports {
+        r.push(format!(
+            "-t mangle -A {input} ! -i lo -p tcp --dport {p} --tcp-flags SYN,RST NONE -m connmark ! --mark {pb:#x}/{pb:#x} -j NFQUEUE --queue-num {ingress}{syn_bypass}"
+        ));
+    }
+    // Client: everything after the SYN until the first ACK went, in OUTPUT: the acked bit the
+    // engine sets is saved in the connmark at POSTROUTING, and packets behind the first ACK
+    // wait behind it in the queue instead of overtaking its proof.
+    r.push(format!(
+        "-t mangle -A {local} ! -o lo -p tcp -m mark --mark {sm:#x} ! --syn -m connmark ! --mark {ab:#x}/{ab:#x} -j NFQUEUE --queue-num {egress}"
+    ));
+    r.push(format!(
+        "-t mangle -A {output} ! -o lo -p tcp -m mark --mark {sm:#x} --syn -j NFQUEUE --queue-num {egress}"
+    ));
+    r.push(format!(
+        "-t mangle -A {output} -m mark --mark {ab:#x}/{ab:#x} -j CONNMARK --set-xmark {ab:#x}/{ab:#x}"
+    ));
+    for p in ports {
+        r.push(format!(
+            "-t mangle -A {output} ! -o lo -p tcp --sport {p} --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {egress}{syn_bypass}"
+        ));
+    }
+    r
+}
+
+fn remove_generation(tool: &str, generation: u8) {
+    for (table, builtin, chain) in chains(generation) {
+        // Delete every jump (a crashed run may have left more than one).
+        while run(tool, &args(&format!("-t {table} -D {builtin} -j {chain}"))).is_ok() {}
+        let _ = run(tool, &args(&format!("-t {table} -F {chain}")));
+        let _ = run(tool, &args(&format!("-t {table} -X {chain}")));
+    }
+}
+
+/// The generation a previous run left in force, if any.
+fn installed_generation(tool: &str) -> Option<u8> {
+    let listing = run(tool, &args("-t raw -S PREROUTING")).ok()?;
+    GENERATIONS.into_iter().find(|&g| {
+        let [(_, _, raw), ..] = chains(g);
+        listing.lines().any(|l| l.ends_with(&format!("-j {raw}")))
+    })
+}
+
+/// Removes our rules (both generations, both families).
+pub fn remove_rules() {
+    for tool in TOOLS {
+        for generation in GENERATIONS {
+            remove_generation(tool, generation);
+        }
+    }
+}
+
+/// Installs the rules for both families. Rules a previous run left stay in force until the
+/// new ones are in.
+pub fn install_rules(h: &HandshakeConfig, ports: &[u16]) -> Result<()> {
+    for tool in TOOLS {
+        let old = installed_generation(tool);
+        let new = if old == Some(1) { 2 } else { 1 };
+        remove_generation(tool, new);
+        let result = (|| -> Result<()> {
+            for (table, _, chain) in chains(new) {
+                run(tool, &args(&format!("-t {table} -N {chain}")))?;
+            }
+            for rule in rules(h, ports, new) {
+                run(tool, &args(&rule))?;
+            }
+            for (table, builtin, chain) in chains(new) {
+                run(
+                    tool,
+                    &args(&format!("-t {table} -I {builtin} 1 -j {chain}")),
+                )?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // What was in force stays in force.
+            remove_generation(tool, new);
+            return Err(e.context("installing the handshake-mode iptables rules"));
+        }
+        if let Some(old) = old {
+            remove_generation(tool, old);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_queue_handshakes_only_and_fail_closed_by_default() {
+        let h = HandshakeConfig::default();
+        let r = rules(&h, &[8080], 1);
+        assert!(r.iter().any(
+            |l| l.contains("--syn --dport 8080 -j NFQUEUE --queue-num 7701")
+                && !l.contains("bypass")
+        ));
+        // Unproven connections to the port: to the engine, never straight to the workload.
+        assert!(r.iter().any(|l| l.contains("--dport 8080")
+            && l.contains("! --mark 0x100/0x100")
+            && l.ends_with("-j NFQUEUE --queue-num 7701")));
+        // Nothing is queued by payload size or per packet beyond the handshake.
+        assert!(r.iter().all(|l| !l.contains("connbytes")));
+        let open = HandshakeConfig {
+            fail_open: true,
+            ..HandshakeConfig::default()
+        };
+        let r = rules(&open, &[8080], 2);
+        // Fail open: what would be queued for a workload port passes while nobody reads.
+        assert!(
+            r.iter()
+                .filter(|l| l.contains("--dport 8080") || l.contains("--sport 8080"))
+                .all(|l| l.ends_with("--queue-bypass"))
+        );
+        assert!(
+            r.iter()
+                .any(|l| l.contains("--dport 8080 -j NFQUEUE") && l.contains("bypass"))
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! The NFQUEUE workers: a thread per queue runs each packet through the engine and carries
+//! out its outcome (verdict, rewritten packet, mark, resets, records, live connections).
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tessera_proxy::{
+    authz::Side,
+    flow::{FlowLog, now_ms},
+    handshake::engine::{Engine, PacketVerdict},
+};
+use tokio::sync::mpsc;
+
+use super::live::{Registered, monotonic_ns};
+
+/// Sends the engine's resets (raw IP, our own mark so that nothing of ours queues them).
+pub(super) struct RawSender {
+    v4: Socket,
+    v6: Option<Socket>,
+}
+
+impl RawSender {
+    pub(super) fn new(mark: u32) -> Result<Self> {
+        let raw = |domain| -> std::io::Result<Socket> {
+            // IPPROTO_RAW: we write the IP header ourselves.
+            let s = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+            s.set_mark(mark)?;
+            Ok(s)
+        };
+        Ok(Self {
+            v4: raw(Domain::IPV4).context("raw IPv4 socket for resets")?,
+            v6: raw(Domain::IPV6).ok(),
+        })
+    }
+
+    fn send(&self, packet: &[u8]) {
+        let Ok(seg) = tessera_proxy::handshake::packet::segment(packet) else {
+            return;
+        };
+        let to = SockAddr::from(SocketAddr::new(seg.dst.ip(), 0));
+        let sock = match seg.dst.ip() {
+            IpAddr::V4(_) => Some(&self.v4),
+            IpAddr::V6(_) => self.v6.as_ref(),
+        };
+        if let Some(sock) = sock
+            && let Err(e) = sock.send_to(packet, &to)
+        {
+            tracing::debug!(error = %e, to = %seg.dst, "cannot send a reset");
+        }
+    }
+}
+
+pub(super) fn worker(
+    queue_num: u16,
+    side: Side,
+    engine: Arc<Engine>,
+    flows: FlowLog,
+    sender: Arc<RawSender>,
+    live: mpsc::UnboundedSender<Registered>,
+) -> Result<()> {
+    let mut queue = nfq::Queue::open().context("cannot open an NFQUEUE socket")?;
+    queue
+        .bind(queue_num)
+        .with_context(|| format!("handshake.queue: cannot bind NFQUEUE {queue_num}"))?;
+    queue.set_copy_range(queue_num, u16::MAX)?;
+    queue.set_queue_max_len(queue_num, 8192)?;
+    // A failed or full queue drops (fail closed), never accepts.
+    queue.set_fail_open(queue_num, false)?;
+    let _ = queue.set_recv_enobufs(false);
+    loop {
+        let mut msg = match queue.recv() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(queue = queue_num, error = %e, "NFQUEUE receive failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let now = now_ms();
+        let outcome = match side {
+            Side::Egress => engine.egress(msg.get_payload(), now),
+            Side::Ingress => engine.ingress(msg.get_payload(), now),
+        };
+        if let Some(p) = outcome.packet {
+            msg.set_payload(p);
+        }
+        if outcome.mark != 0 {
+            let mark = msg.get_nfmark() | outcome.mark;
+            msg.set_nfmark(mark);
+        }
+        // Before the verdict: nothing of the connection can happen before it, so its close
+        // (timed by the kernel on the same clock) is always later than this.
+        let registered_ns = monotonic_ns();
+        msg.set_verdict(match outcome.verdict {
+            PacketVerdict::Accept => nfq::Verdict::Accept,
+            PacketVerdict::Drop => nfq::Verdict::Drop,
+        });
+        if let Err(e) = queue.verdict(msg) {
+            tracing::warn!(queue = queue_num, error = %e, "NFQUEUE verdict failed");
+        }
+        for p in &outcome.send {
+            sender.send(p);
+        }
+        for f in outcome.flows {
+            flows.record(f);
+        }
+        if let Some(conn) = outcome.live {
+            let _ = live.send(Registered {
+                conn: *conn,
+                at_ns: registered_ns,
+            });
+        }
+    }
+}
