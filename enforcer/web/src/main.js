@@ -115,10 +115,22 @@ function layout() {
   cy.layout({ name: "cose", animate: false, padding: 30, nodeRepulsion: 8000 }).run();
 }
 
-function render() {
+function render({ relayout = false } = {}) {
+  // A live update redraws the map; identities already on it keep their place (and the
+  // view its pan and zoom): only a new node (or a new grouping) lays the map out again.
+  const placed = new Map(cy.nodes().filter((n) => !n.isParent()).map((n) => [n.id(), { ...n.position() }]));
+  const view = { pan: { ...cy.pan() }, zoom: cy.zoom() };
   cy.elements().remove();
   cy.add(elements(state.map, state.groupBy));
-  layout();
+  const leaves = cy.nodes().filter((n) => !n.isParent());
+  if (!relayout && placed.size > 0 && leaves.every((n) => placed.has(n.id()))) {
+    leaves.forEach((n) => {
+      n.position(placed.get(n.id()));
+    });
+    cy.viewport(view);
+  } else {
+    layout();
+  }
   $("summary").textContent = `${state.map.nodes.length} nodes, ${state.map.edges.length} edges`;
   // The browser test (and curious people) can read what is drawn.
   window.tesseraMap = {
@@ -228,7 +240,7 @@ cy.on("tap", "node", (ev) => {
 cy.on("tap", "edge", (ev) => showEdge(ev.target.data("edge")));
 $("group").addEventListener("change", (ev) => {
   state.groupBy = ev.target.value;
-  render();
+  render({ relayout: true });
 });
 
 // Live: each new flow may change the map; refetch at most twice a second.
