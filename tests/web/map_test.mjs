@@ -28,24 +28,33 @@ try {
   page.on("pageerror", (e) => errors.push(String(e)));
   await page.goto(url);
   await page.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
-  const drawn = await page.evaluate(() => window.tesseraMap);
-  // Click the middle of the edge as the user would: its position on the canvas.
-  // The page may still be drawing (or redrawing after a live update): wait until the
-  // edge has a position on the canvas.
-  const handle = await page.waitForFunction(
-    ([src, dst]) => {
-      const at = window.tesseraEdgePosition(src, dst);
-      return at && at.pending ? false : { at };
-    },
-    [edgeSrc, edgeDst],
-    { timeout: 10000 },
-  );
-  const { at } = await handle.jsonValue();
-  if (!at) throw new Error(`edge ${edgeSrc} -> ${edgeDst} is not drawn`);
-  await page.mouse.click(at.x, at.y);
-  await page.waitForFunction(() => document.querySelector("#details h2"), null, { timeout: 5000 });
+  // Click the middle of the edge as the user would: its position on the canvas. Live
+  // updates redraw the map (a new identity lays it out again), so click once it has been
+  // quiet for a moment, and again if the click landed on what was there before.
+  for (let attempt = 1; ; attempt++) {
+    await page.waitForFunction(
+      () => performance.now() - (window.tesseraLastRender || 0) > 700,
+      null,
+      { timeout: 10000 },
+    );
+    const handle = await page.waitForFunction(
+      ([src, dst]) => {
+        const at = window.tesseraEdgePosition(src, dst);
+        return at && at.pending ? false : { at };
+      },
+      [edgeSrc, edgeDst],
+      { timeout: 10000 },
+    );
+    const { at } = await handle.jsonValue();
+    if (!at) throw new Error(`edge ${edgeSrc} -> ${edgeDst} is not drawn`);
+    await page.mouse.click(at.x, at.y);
+    await page.waitForFunction(() => document.querySelector("#details h2"), null, { timeout: 5000 });
+    const heading = await page.textContent("#details h2");
+    if (heading.includes("→") || attempt === 5) break;
+  }
   await page.waitForTimeout(500); // recent flows arrive after the click
   const details = await page.textContent("#details");
+  const drawn = await page.evaluate(() => window.tesseraMap);
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(JSON.stringify({ drawn, details, errors }));
 } finally {

@@ -111,8 +111,41 @@ const cy = cytoscape({
   ],
 });
 
+function intersects(a, b) {
+  return a.x1 < b.x2 && b.x1 < a.x2 && a.y1 < b.y2 && b.y1 < a.y2;
+}
+
+// Whether the layout left groups on top of each other, or identities (nearly) on top of
+// each other: cose, being randomized, sometimes does with few nodes.
+function crowded() {
+  const groups = cy.nodes().filter((n) => n.isParent() && n.parent().empty()).map((n) => n.boundingBox());
+  for (let i = 0; i < groups.length; i++) {
+    for (let j = i + 1; j < groups.length; j++) if (intersects(groups[i], groups[j])) return true;
+  }
+  const leaves = cy.nodes().filter((n) => !n.isParent()).map((n) => n.position());
+  if (leaves.length > 300) return false; // large maps: not worth the quadratic check
+  for (let i = 0; i < leaves.length; i++) {
+    for (let j = i + 1; j < leaves.length; j++) {
+      if (Math.hypot(leaves[i].x - leaves[j].x, leaves[i].y - leaves[j].y) < 40) return true;
+    }
+  }
+  return false;
+}
+
 function layout() {
-  cy.layout({ name: "cose", animate: false, padding: 30, nodeRepulsion: 8000 }).run();
+  for (let attempt = 0; attempt < 8; attempt++) {
+    cy.layout({
+      name: "cose",
+      animate: false,
+      randomize: true,
+      padding: 30,
+      nodeRepulsion: 8000,
+      nodeOverlap: 20,
+      componentSpacing: 80,
+    }).run();
+    if (!crowded()) return;
+  }
+  cy.layout({ name: "breadthfirst", directed: true, spacingFactor: 1.5, padding: 30 }).run();
 }
 
 function render({ relayout = false } = {}) {
@@ -137,6 +170,7 @@ function render({ relayout = false } = {}) {
     nodes: cy.nodes('[kind != "group"]').map((n) => n.data("label")),
     edges: cy.edges().map((e) => e.data("edge")),
   };
+  window.tesseraLastRender = performance.now();
   document.body.dataset.ready = "true";
 }
 

@@ -29,8 +29,9 @@ pub fn spiffe_id(trust_domain: &str, enforcer: &str, workload: &str) -> String {
 
 /// A throwaway cluster CA and enforcer certificates for tests (Ed25519, as `tessera ca`
 /// makes them).
-#[cfg(test)]
-pub(crate) mod test_ca {
+#[cfg(any(test, feature = "testkit"))]
+#[doc(hidden)]
+pub mod test_ca {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ED25519};
 
     /// The CA's key and its certificate (DER).

@@ -45,6 +45,9 @@ use crate::{
 };
 
 mod client;
+#[cfg(any(test, feature = "testkit"))]
+#[doc(hidden)]
+pub mod fixture;
 mod server;
 #[cfg(test)]
 mod tests;
