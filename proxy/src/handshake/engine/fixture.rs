@@ -54,21 +54,25 @@ pub struct Pair {
     pub b: Engine,
 }
 
+/// The CA's certificate, and each enforcer's key and certificate, by name.
+struct Cluster {
+    ca: Vec<u8>,
+    keys: HashMap<String, Vec<u8>>,
+    certs: HashMap<String, Vec<u8>>,
+}
+
 fn engine(
-    name: &str,
-    peer: &str,
-    peer_net: &str,
-    ca: &(rcgen::KeyPair, Vec<u8>),
-    certs: &HashMap<String, Vec<u8>>,
-    keys: &HashMap<String, Vec<u8>>,
+    cluster: &Cluster,
+    (name, peer, peer_net): (&str, &str, &str),
     server_app: &str,
     key_reuse_ms: u64,
 ) -> Engine {
+    let Cluster { ca, keys, certs } = cluster;
     let tokens = Arc::new(
         Tokens::new(
             "td".into(),
             &keys[name],
-            vec![ca.1.clone()],
+            vec![ca.clone()],
             10_000,
             1_000,
             true,
@@ -128,24 +132,21 @@ pub fn pair_with(server_app: &str, key_reuse_ms: u64) -> Pair {
         keys.insert(name.to_owned(), key);
         certs.insert(name.to_owned(), cert);
     }
+    let cluster = Cluster {
+        ca: ca.1,
+        keys,
+        certs,
+    };
     Pair {
         a: engine(
-            "host-a",
-            "host-b",
-            "10.0.0.2/32",
-            &ca,
-            &certs,
-            &keys,
+            &cluster,
+            ("host-a", "host-b", "10.0.0.2/32"),
             server_app,
             key_reuse_ms,
         ),
         b: engine(
-            "host-b",
-            "host-a",
-            "10.0.0.1/32",
-            &ca,
-            &certs,
-            &keys,
+            &cluster,
+            ("host-b", "host-a", "10.0.0.1/32"),
             server_app,
             key_reuse_ms,
         ),
