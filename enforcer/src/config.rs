@@ -74,6 +74,9 @@ pub struct HandshakeConfig {
     /// How long one ephemeral X25519 key serves handshakes (ms); 0: a new key for every
     /// connection. Within the window the key exchange with a peer's key is done once.
     pub key_reuse_ms: u64,
+    /// Benchmark baseline only: queue as usual but let every handshake through unverified,
+    /// to measure what the queues themselves cost (`cargo xtask bench`). Never in production.
+    pub pass_through: bool,
 }
 
 impl Default for HandshakeConfig {
@@ -86,6 +89,7 @@ impl Default for HandshakeConfig {
             acked_bit: 0x0000_0200,
             fail_open: false,
             key_reuse_ms: 1_000,
+            pass_through: false,
         }
     }
 }

@@ -120,6 +120,8 @@ pub struct EnforcerOptions {
     pub handshake: bool,
     /// `[handshake] fail_open`.
     pub fail_open: bool,
+    /// `[handshake] pass_through` (benchmark baseline: the queues without the engine).
+    pub pass_through: bool,
 }
 
 impl Default for EnforcerOptions {
@@ -132,6 +134,7 @@ impl Default for EnforcerOptions {
             tokens: true,
             handshake: false,
             fail_open: false,
+            pass_through: false,
         }
     }
 }
@@ -383,8 +386,8 @@ impl TestNet {
         );
         if opts.handshake {
             c += &format!(
-                "\n[handshake]\nmode = \"handshake\"\nfail_open = {}\n",
-                opts.fail_open
+                "\n[handshake]\nmode = \"handshake\"\nfail_open = {}\npass_through = {}\n",
+                opts.fail_open, opts.pass_through
             );
         }
         if let Some(policy) = opts

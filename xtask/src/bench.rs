@@ -14,7 +14,10 @@
 //!   ends: request and answer).
 //! * `handshake.{throughput_bps,connections_per_second,latency_us.{p50,p99}}.{direct,handshake,ratio}`:
 //!   the same figures in TCP-handshake mode (tokens in the handshake, data in the kernel),
-//!   each right after its own direct baseline.
+//!   each right after its own direct baseline; `handshake.queued_packets_per_connection`;
+//!   `handshake.queues_only.{connections_per_second.{direct,handshake,ratio},cpu_ms_per_1000_connections}`:
+//!   the same rules and NFQUEUE workers passing every packet unverified (`pass_through`):
+//!   what the queues alone cost, the ceiling for any engine behind them.
 //! * `cpu_ms_per_1000_connections.{tunnel,handshake}`: CPU time both enforcers spend per
 //!   1,000 new connections (from /proc/<pid>/stat during the connection-rate run).
 //! * `memory.{idle_rss_kib,loaded_rss_kib,per_connection_kib}.{host-a,host-b}` and
@@ -423,11 +426,28 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     }
     let (p50_d, p99_d) = bench.latency(false)?;
     let (p50, p99) = bench.latency(true)?;
+    // The queues alone: the same rules and workers, every packet passed unverified. What
+    // this reaches is the ceiling of any engine behind NFQUEUE on this machine.
+    eprintln!("bench: handshake mode, queues only (pass-through, no engine)");
+    restart(bench, |o| o.pass_through = true)?;
+    let floor_d = bench.connrate(false)?;
+    let before = bench.enforcer_cpu_secs()?;
+    let (floor, floor_conns) = bench.connrate_counted(true)?;
+    let floor_cpu_ms = if floor_conns > 0.0 {
+        (bench.enforcer_cpu_secs()? - before) * 1e6 / floor_conns
+    } else {
+        0.0
+    };
+    restart(bench, |o| o.pass_through = false)?;
     Ok((
         json!({
             "throughput_bps": {"direct": tp_d, "handshake": tp, "ratio": ratio(tp, tp_d)},
             "connections_per_second": {"direct": cr_d, "handshake": cr, "ratio": ratio(cr, cr_d)},
             "queued_packets_per_connection": queued_per_conn,
+            "queues_only": {
+                "connections_per_second": {"direct": floor_d, "handshake": floor, "ratio": ratio(floor, floor_d)},
+                "cpu_ms_per_1000_connections": floor_cpu_ms,
+            },
             "latency_us": {
                 "p50": {"direct": p50_d, "handshake": p50, "ratio": ratio(p50, p50_d)},
                 "p99": {"direct": p99_d, "handshake": p99, "ratio": ratio(p99, p99_d)},
@@ -585,6 +605,19 @@ fn print_table(r: &Value) {
             1,
             "handshake",
             "<= 1.2x",
+        );
+        row(
+            "new conns / s, queues only",
+            &h["queues_only"]["connections_per_second"],
+            1.0,
+            0,
+            "handshake",
+            "(pass-through: the queues' own ceiling)",
+        );
+        println!(
+            "packets through NFQUEUE per connection (both hosts): {:.2}; enforcer CPU per 1,000 connections with the queues only: {:.0} ms",
+            f(&h["queued_packets_per_connection"]),
+            f(&h["queues_only"]["cpu_ms_per_1000_connections"])
         );
     }
     let cpu = &r["cpu_ms_per_1000_connections"];

@@ -37,7 +37,7 @@ mod rules;
 mod worker;
 
 pub use rules::{install_rules, remove_rules};
-use worker::{RawSender, worker};
+use worker::{Handler, RawSender, worker};
 
 /// Starts the workers (a thread per queue), the watch of live connections and the expiry
 /// of unfinished handshakes.
@@ -54,18 +54,29 @@ pub fn start(
     let (closed_tx, closed_rx) = mpsc::unbounded_channel();
     tokio::spawn(live::read_closed(closed, closed_tx));
     tokio::spawn(live::watch(authz, flows.clone(), live_rx, closed_rx));
+    let handler = if h.pass_through {
+        tracing::warn!(
+            "handshake.pass_through: every handshake passes UNVERIFIED (a benchmark baseline, never for production)"
+        );
+        Handler::PassThrough {
+            proven: h.proven_bit,
+            acked: h.acked_bit,
+        }
+    } else {
+        Handler::Engine(engine.clone())
+    };
     for (num, side, name) in [
         (h.queue, Side::Egress, "tessera-hs-egress"),
         (h.queue + 1, Side::Ingress, "tessera-hs-ingress"),
     ] {
-        let (engine, flows, sender) = (engine.clone(), flows.clone(), sender.clone());
+        let (handler, flows, sender) = (handler.clone(), flows.clone(), sender.clone());
         let live_tx = live_tx.clone();
         // Bind in the thread but report a failure to bind here, before we say ready.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                let result = worker(num, side, engine, flows, sender, live_tx);
+                let result = worker(num, side, handler, flows, sender, live_tx);
                 if let Err(e) = &result {
                     tracing::error!(
                         queue = num,

@@ -11,7 +11,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tessera_proxy::{
     authz::Side,
     flow::{FlowLog, now_ms},
-    handshake::engine::{Engine, PacketVerdict},
+    handshake::engine::{Engine, Outcome, PacketVerdict},
 };
 use tokio::sync::mpsc;
 
@@ -54,10 +54,50 @@ impl RawSender {
     }
 }
 
+/// What decides on queued packets.
+#[derive(Clone)]
+pub(super) enum Handler {
+    Engine(Arc<Engine>),
+    /// Benchmark baseline (`[handshake] pass_through`): every packet passes unchanged, with
+    /// the marks that end the queueing where the engine would set them (client: its first
+    /// ACK; server: the client's ACK). What is left is the cost of the queues themselves.
+    PassThrough {
+        proven: u32,
+        acked: u32,
+    },
+}
+
+impl Handler {
+    fn handle(&self, side: Side, packet: &[u8], now_ms: u64) -> Outcome {
+        match self {
+            Self::Engine(engine) => match side {
+                Side::Egress => engine.egress(packet, now_ms),
+                Side::Ingress => engine.ingress(packet, now_ms),
+            },
+            Self::PassThrough { proven, acked } => {
+                let syn = tessera_proxy::handshake::packet::segment(packet)
+                    .is_ok_and(|seg| seg.flags & pnet_packet::tcp::TcpFlags::SYN != 0);
+                Outcome {
+                    verdict: PacketVerdict::Accept,
+                    packet: None,
+                    mark: match (syn, side) {
+                        (true, _) => 0,
+                        (false, Side::Egress) => *acked,
+                        (false, Side::Ingress) => *proven,
+                    },
+                    send: Vec::new(),
+                    flows: Vec::new(),
+                    live: None,
+                }
+            }
+        }
+    }
+}
+
 pub(super) fn worker(
     queue_num: u16,
     side: Side,
-    engine: Arc<Engine>,
+    handler: Handler,
     flows: FlowLog,
     sender: Arc<RawSender>,
     live: mpsc::UnboundedSender<Registered>,
@@ -81,10 +121,7 @@ pub(super) fn worker(
             }
         };
         let now = now_ms();
-        let outcome = match side {
-            Side::Egress => engine.egress(msg.get_payload(), now),
-            Side::Ingress => engine.ingress(msg.get_payload(), now),
-        };
+        let outcome = handler.handle(side, msg.get_payload(), now);
         if let Some(p) = outcome.packet {
             msg.set_payload(p);
         }
@@ -113,6 +150,42 @@ pub(super) fn worker(
                 conn: *conn,
                 at_ns: registered_ns,
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pnet_packet::tcp::TcpFlags;
+    use tessera_proxy::handshake::packet;
+
+    #[test]
+    fn pass_through_marks_where_the_engine_would_and_changes_nothing() {
+        let h = Handler::PassThrough {
+            proven: 0x100,
+            acked: 0x200,
+        };
+        let (c, s) = (
+            "10.0.0.1:4000".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        let syn = packet::build(c, s, 1, 0, TcpFlags::SYN);
+        let synack = packet::build(s, c, 9, 2, TcpFlags::SYN | TcpFlags::ACK);
+        let ack = packet::build(c, s, 2, 10, TcpFlags::ACK);
+        for (side, p, mark) in [
+            (Side::Egress, &syn, 0),
+            (Side::Ingress, &syn, 0),
+            (Side::Egress, &synack, 0),
+            (Side::Ingress, &synack, 0),
+            (Side::Egress, &ack, 0x200),
+            (Side::Ingress, &ack, 0x100),
+        ] {
+            let o = h.handle(side, p, 0);
+            assert_eq!(
+                (o.verdict, o.packet, o.mark),
+                (PacketVerdict::Accept, None, mark)
+            );
         }
     }
 }
