@@ -186,7 +186,9 @@ async fn destroy(local: SocketAddr, remote: SocketAddr) {
 }
 
 struct Watched {
-    conn: LiveConnection,
+    /// The connection's record, written when it ends.
+    record: FlowRecord,
+    side: Side,
     at_ns: u64,
     since: Instant,
     /// None once revoked (nothing more to watch for).
@@ -198,11 +200,11 @@ struct Watched {
 /// The record of a connection that ended. `bytes`: what this end sent and received, if the
 /// kernel reported its close (a connection found gone by the sweep has none).
 fn finished(w: Watched, bytes: Option<(u64, u64)>) -> FlowRecord {
-    let mut rec = w.conn.record;
+    let mut rec = w.record;
     rec.duration_ms = now_ms().saturating_sub(rec.start_ms);
     if let Some((sent, received)) = bytes {
         // A record counts bytes from the source's point of view, as in tunnel mode.
-        (rec.bytes_sent, rec.bytes_received) = match w.conn.side {
+        (rec.bytes_sent, rec.bytes_received) = match w.side {
             // The client end opened the connection: its count includes its SYN.
             Side::Egress => (sent.saturating_sub(1), received),
             Side::Ingress => (received, sent),
@@ -230,30 +232,32 @@ struct Watcher {
 impl Watcher {
     async fn register(&mut self, r: Registered) {
         let Registered { conn, at_ns } = r;
-        let key = (conn.local, conn.remote);
-        tracing::debug!(local = %conn.local, remote = %conn.remote, "watching a connection");
+        let LiveConnection {
+            side,
+            local,
+            remote,
+            src,
+            dst,
+            port,
+            observe,
+            record,
+        } = conn;
+        let key = (local, remote);
+        tracing::debug!(%local, %remote, "watching a connection");
         if let Some(old) = self.watched.remove(&key) {
             // The 4-tuple was reused: the previous connection ended (its close not seen).
             self.flows.record(finished(old, None));
         }
         // A policy may have been replaced since the handshake was decided.
-        let now = self
-            .authz
-            .check(&conn.src, &conn.dst, conn.port, conn.observe);
+        let now = self.authz.check(&src, &dst, port, observe);
         let (guard, revoked) = if now.allowed {
-            let guard = self.authz.register(
-                conn.side,
-                conn.src.clone(),
-                conn.dst.clone(),
-                conn.port,
-                conn.observe,
-            );
+            let guard = self.authz.register(side, src, dst, port, observe);
             (Some(guard), None)
         } else {
-            destroy(conn.local, conn.remote).await;
+            destroy(local, remote).await;
             let reason = format!(
                 "closed by policy reload ({}): {}",
-                side_name(conn.side),
+                side_name(side),
                 now.reason
             );
             (None, Some(reason))
@@ -261,7 +265,8 @@ impl Watcher {
         self.watched.insert(
             key,
             Watched {
-                conn,
+                record,
+                side,
                 at_ns,
                 since: Instant::now(),
                 guard,

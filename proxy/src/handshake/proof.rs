@@ -227,13 +227,19 @@ pub enum Role {
 
 impl ProofKey {
     pub fn prove(&self, role: Role, t: &Transcript) -> Proof {
+        self.prove_digest(role, &t.digest())
+    }
+
+    /// [`Self::prove`] of a transcript whose digest is at hand (one digest serves both
+    /// proofs of an end).
+    pub fn prove_digest(&self, role: Role, digest: &[u8; 32]) -> Proof {
         let label: &[u8] = match role {
             Role::Server => b"server",
             Role::Client => b"client",
         };
         let mut ctx = hmac::Context::with_key(&self.0);
         ctx.update(label);
-        ctx.update(&t.digest());
+        ctx.update(digest);
         ctx.sign().as_ref()[..PROOF_LEN]
             .try_into()
             .expect("16 bytes")
@@ -241,8 +247,18 @@ impl ProofKey {
 
     /// Constant-time check of the peer's proof.
     pub fn check(&self, role: Role, t: &Transcript, proof: &Proof) -> Result<(), ProofError> {
+        self.check_digest(role, &t.digest(), proof)
+    }
+
+    /// [`Self::check`] of a transcript whose digest is at hand.
+    pub fn check_digest(
+        &self,
+        role: Role,
+        digest: &[u8; 32],
+        proof: &Proof,
+    ) -> Result<(), ProofError> {
         use subtle::ConstantTimeEq;
-        let want = self.prove(role, t);
+        let want = self.prove_digest(role, digest);
         if bool::from(want.ct_eq(proof)) {
             Ok(())
         } else {

@@ -22,13 +22,15 @@ use crate::{
 pub(super) struct ClientHandshake {
     pub(super) isn: u32,
     pub(super) started_ms: u64,
-    pub(super) record: FlowRecord,
     pub(super) step: ClientStep,
 }
 
 pub(super) enum ClientStep {
     /// Our SYN went to an enforcer with this message; waiting for its SYN-ACK.
     AwaitSynAck {
+        /// The connection's record so far (a refusal or expiry is written from it; once
+        /// allowed it goes with the live connection).
+        record: Box<FlowRecord>,
         syn_message: Vec<u8>,
         syn_token: Vec<u8>,
         client_key: PublicKey,
@@ -110,7 +112,6 @@ impl Engine {
                 ClientHandshake {
                     isn: seg.seq,
                     started_ms: now_ms,
-                    record: rec.clone(),
                     step: ClientStep::External,
                 },
             );
@@ -122,7 +123,7 @@ impl Engine {
                 dst: Party::external(seg.dst.ip()),
                 port: seg.dst.port(),
                 observe: captured.observe,
-                record: rec.clone(),
+                record: rec,
             };
             return Outcome::accept().with_live(live);
         };
@@ -171,8 +172,8 @@ impl Engine {
                 ClientHandshake {
                     isn: seg.seq,
                     started_ms: now_ms,
-                    record: rec,
                     step: ClientStep::AwaitSynAck {
+                        record: Box::new(rec),
                         syn_message,
                         syn_token: token,
                         client_key,
@@ -205,7 +206,6 @@ impl Engine {
         let ClientHandshake {
             isn,
             started_ms,
-            record: rec,
             step,
         } = h;
         // Refusal: the workload's socket gets a reset instead of the SYN-ACK, the server's
@@ -235,7 +235,6 @@ impl Engine {
                     ClientHandshake {
                         isn,
                         started_ms,
-                        record: rec,
                         step: ClientStep::External,
                     },
                 );
@@ -278,7 +277,6 @@ impl Engine {
                     ClientHandshake {
                         isn,
                         started_ms,
-                        record: rec,
                         step: ClientStep::Proven {
                             server_isn,
                             synack_message,
@@ -290,6 +288,7 @@ impl Engine {
                 out
             }
             ClientStep::AwaitSynAck {
+                record,
                 syn_message: _,
                 syn_token,
                 client_key,
@@ -298,6 +297,7 @@ impl Engine {
                 peer_key,
                 captured,
             } => {
+                let rec = *record;
                 let (clean, message) = match detached {
                     Ok(Some(d)) => d,
                     Ok(None) => {
@@ -334,11 +334,12 @@ impl Engine {
                     synack_token: token,
                     server_key,
                 };
+                let digest = transcript.digest();
                 let Ok(proof_key) = self.client_keys.agree(&ephemeral, &server_key) else {
                     return reset(rec, "bad-proof", format!("SYN-ACK of {peer}: bad key"));
                 };
                 if proof_key
-                    .check(Role::Server, &transcript, &server_proof)
+                    .check_digest(Role::Server, &digest, &server_proof)
                     .is_err()
                 {
                     return reset(
@@ -374,7 +375,7 @@ impl Engine {
                 }
                 let rec = allow(rec, &outcome);
                 let ack_message = Message::Ack {
-                    proof: proof_key.prove(Role::Client, &transcript),
+                    proof: proof_key.prove_digest(Role::Client, &digest),
                 }
                 .encode();
                 clients.insert(
@@ -382,7 +383,6 @@ impl Engine {
                     ClientHandshake {
                         isn,
                         started_ms,
-                        record: rec.clone(),
                         step: ClientStep::Proven {
                             server_isn: seg.seq,
                             synack_message: message,
@@ -399,7 +399,7 @@ impl Engine {
                     dst,
                     port: seg.src.port(),
                     observe: captured.observe,
-                    record: rec.clone(),
+                    record: rec,
                 };
                 Outcome::rewrite(clean).with_live(live)
             }

@@ -270,13 +270,19 @@ impl Engine {
         let refused_our_syn = clients.get(&key).is_some_and(|h| {
             matches!(h.step, ClientStep::AwaitSynAck { .. }) && seg.ack == h.isn.wrapping_add(1)
         });
-        if refused_our_syn && let Some(h) = clients.remove(&key) {
+        if refused_our_syn
+            && let Some(ClientHandshake {
+                started_ms,
+                step: ClientStep::AwaitSynAck { record, .. },
+                ..
+            }) = clients.remove(&key)
+        {
             let mut rec = refuse(
-                h.record,
+                *record,
                 "peer-refused",
                 format!("{} refused the connection (reset)", seg.src),
             );
-            rec.duration_ms = now_ms.saturating_sub(h.started_ms);
+            rec.duration_ms = now_ms.saturating_sub(started_ms);
             out.flows.push(rec);
         }
         drop(clients);
@@ -287,7 +293,7 @@ impl Engine {
         });
         if refused_our_synack && let Some(h) = servers.remove(&key) {
             out.flows.push(refuse(
-                h.record,
+                h.live.record,
                 "peer-refused",
                 format!("{} refused the connection (reset)", seg.src),
             ));
@@ -303,9 +309,9 @@ impl Engine {
             if now_ms.saturating_sub(h.started_ms) < ttl {
                 return true;
             }
-            if let ClientStep::AwaitSynAck { peer, .. } = &h.step {
+            if let ClientStep::AwaitSynAck { peer, record, .. } = &h.step {
                 out.push(refuse(
-                    h.record.clone(),
+                    (**record).clone(),
                     "no-answer",
                     format!("no SYN-ACK with a token from {peer} (refused, reset or unreachable)"),
                 ));
@@ -324,7 +330,7 @@ impl Engine {
                 ServerStep::AwaitAck { .. } => "no-proof",
             };
             out.push(refuse(
-                h.record.clone(),
+                h.live.record.clone(),
                 code,
                 format!("the handshake did not finish ({code})"),
             ));

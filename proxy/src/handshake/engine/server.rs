@@ -18,8 +18,8 @@ pub(super) struct ServerHandshake {
     pub(super) isn: u32,
     pub(super) started_ms: u64,
     pub(super) syn_message: Vec<u8>,
-    pub(super) record: FlowRecord,
-    /// What the connection is once the client proves itself.
+    /// What the connection is once the client proves itself; its record is also what a
+    /// refusal or an expiry is written from.
     pub(super) live: LiveConnection,
     pub(super) step: ServerStep,
 }
@@ -35,7 +35,8 @@ pub(super) enum ServerStep {
     AwaitAck {
         server_isn: u32,
         synack_message: Vec<u8>,
-        transcript: Box<Transcript>,
+        /// The transcript's digest: what the client's proof must be over.
+        transcript: [u8; 32],
         key: ProofKey,
     },
 }
@@ -106,7 +107,7 @@ impl Engine {
                     dst: dst_party,
                     port: seg.dst.port(),
                     observe: workload.observe,
-                    record: rec.clone(),
+                    record: rec,
                 };
                 return Outcome {
                     mark: self.setup.proven_mark,
@@ -177,7 +178,7 @@ impl Engine {
             dst: dst_party,
             port: seg.dst.port(),
             observe: workload.observe,
-            record: rec.clone(),
+            record: rec,
         };
         servers.insert(
             key,
@@ -185,7 +186,6 @@ impl Engine {
                 isn: seg.seq,
                 started_ms: now_ms,
                 syn_message: message,
-                record: rec,
                 live,
                 step: ServerStep::AwaitSynAck {
                     peer_key: *peer_key,
@@ -250,7 +250,7 @@ impl Engine {
                     (Ok(t), Ok(k)) => (t, k),
                     (Err(e), _) => {
                         let rec = refuse(
-                            h.record.clone(),
+                            h.live.record.clone(),
                             e.reason(),
                             format!("cannot sign a token: {e}"),
                         );
@@ -258,15 +258,17 @@ impl Engine {
                         return Outcome::drop().with_flow(rec);
                     }
                     (_, Err(e)) => {
-                        let rec = refuse(h.record.clone(), "bad-proof", format!("SYN key: {e}"));
+                        let rec =
+                            refuse(h.live.record.clone(), "bad-proof", format!("SYN key: {e}"));
                         servers.remove(&key);
                         return Outcome::drop().with_flow(rec);
                     }
                 };
                 transcript.synack_token = token.clone();
+                let digest = transcript.digest();
                 let synack_message = Message::SynAck {
                     server_key: transcript.server_key,
-                    proof: proof_key.prove(Role::Server, &transcript),
+                    proof: proof_key.prove_digest(Role::Server, &digest),
                     token,
                 }
                 .encode();
@@ -274,7 +276,7 @@ impl Engine {
                 h.step = ServerStep::AwaitAck {
                     server_isn: seg.seq,
                     synack_message,
-                    transcript: Box::new(transcript),
+                    transcript: digest,
                     key: proof_key,
                 };
                 out
@@ -309,7 +311,7 @@ impl Engine {
                     ..Outcome::drop()
                 }
                 .with_flow(refuse(
-                    h.record,
+                    h.live.record,
                     "malformed",
                     format!("ACK from {}: {e}", seg.src),
                 ));
@@ -336,26 +338,30 @@ impl Engine {
         else {
             unreachable!("filtered above");
         };
-        let refused = |code: &str, reason: String| {
-            Outcome {
+        let verified = match Message::decode(&message) {
+            Ok(Message::Ack { proof }) => {
+                if proof_key
+                    .check_digest(Role::Client, transcript, &proof)
+                    .is_ok()
+                {
+                    Ok(())
+                } else {
+                    Err(("bad-proof", "the ACK proof does not verify".to_owned()))
+                }
+            }
+            Ok(_) => Err(("malformed", "the ACK carried no ACK message".into())),
+            Err(e) => Err(("malformed", format!("ACK from {}: {e}", seg.src))),
+        };
+        if let Err((code, reason)) = verified {
+            return Outcome {
                 send: vec![packet::reset(seg.dst, seg.src, seg.ack, seg.seq)],
                 ..Outcome::drop()
             }
-            .with_flow(refuse(h.record.clone(), code, reason))
-        };
-        let proof = match Message::decode(&message) {
-            Ok(Message::Ack { proof }) => proof,
-            Ok(_) => return refused("malformed", "the ACK carried no ACK message".into()),
-            Err(e) => return refused("malformed", format!("ACK from {}: {e}", seg.src)),
-        };
-        if proof_key.check(Role::Client, transcript, &proof).is_err() {
-            return refused("bad-proof", "the ACK proof does not verify".into());
+            .with_flow(refuse(h.live.record, code, reason));
         }
         self.lock_proven().insert(key, now_ms);
-        let mut rec = h.record.clone();
-        rec.duration_ms = now_ms.saturating_sub(h.started_ms);
-        let mut live = h.live.clone();
-        live.record = rec.clone();
+        let mut live = h.live;
+        live.record.duration_ms = now_ms.saturating_sub(h.started_ms);
         Outcome {
             mark: self.setup.proven_mark,
             ..Outcome::rewrite(clean)
