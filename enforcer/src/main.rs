@@ -19,9 +19,6 @@ mod workloads;
 
 use tessera_enforcer::{flowstore, map};
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "tessera",
