@@ -33,6 +33,8 @@ pub const ORIG_MAP_ENTRIES: u32 = 65_536;
 pub const PROTECTED_PORT_ENTRIES: u32 = 1_024;
 /// Size of the ring buffer of closed connections (bytes; a power of two, whole pages).
 pub const CLOSED_RING_BYTES: u32 = 1 << 20;
+/// Sockets in FIN_WAIT2 remembered at once (LRU).
+pub const FIN_WAIT2_ENTRIES: u32 = 65_536;
 
 /// Per-enforcer settings, written by user space into a one-element array before any
 /// program is attached.
@@ -116,6 +118,9 @@ pub struct ClosedConn {
     pub bytes_received: u64,
     /// When it closed: `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
     pub at_ns: u64,
+    /// `bytes_received` when the socket entered FIN_WAIT2 (`u64::MAX`: it did not): a
+    /// socket closing from there counted the peer's FIN only if it grew since.
+    pub received_at_fin_wait2: u64,
 }
 
 #[cfg(feature = "user")]

@@ -29,9 +29,9 @@ mod programs {
         programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     };
     use tessera_common::{
-        AF_INET, AF_INET6, CLOSED_RING_BYTES, ClientKey, ClosedConn, INBOUND_LISTENER_V4,
-        INBOUND_LISTENER_V6, MODE_HANDSHAKE, ORIG_MAP_ENTRIES, OrigDst, PROTECTED_PORT_ENTRIES,
-        Settings,
+        AF_INET, AF_INET6, CLOSED_RING_BYTES, ClientKey, ClosedConn, FIN_WAIT2_ENTRIES,
+        INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE, ORIG_MAP_ENTRIES, OrigDst,
+        PROTECTED_PORT_ENTRIES, Settings,
     };
 
     const IPPROTO_TCP: u32 = 6;
@@ -43,6 +43,7 @@ mod programs {
     const BPF_SOCK_OPS_STATE_CB: u32 = 10;
     const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 1 << 2;
     const TCP_CLOSE: u32 = 7;
+    const TCP_FIN_WAIT2: u32 = 5;
     const BPF_RB_NO_WAKEUP: u64 = 1;
     /// 127.0.0.1 in network byte order, as it sits in the u32 the kernel hands us.
     const LOOPBACK4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -69,6 +70,11 @@ mod programs {
     /// Connections that closed (handshake mode), for the enforcer to finish their records.
     #[map(name = "TESSERA_CLOSED")]
     static CLOSED: RingBuf = RingBuf::pinned(CLOSED_RING_BYTES, 0);
+
+    /// `bytes_received` of sockets as they entered FIN_WAIT2, by socket cookie: whether the
+    /// peer's FIN is in the count at close depends on what happened since.
+    #[map(name = "TESSERA_FIN_WAIT2")]
+    static FIN_WAIT2: LruHashMap<u64, u64> = LruHashMap::pinned(FIN_WAIT2_ENTRIES, 0);
 
     /// Connect hooks return 1 to let connect() proceed (with the address we may have
     /// rewritten); 0 would fail it with EPERM.
@@ -228,7 +234,25 @@ mod programs {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
                 let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
             }
+            BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_FIN_WAIT2 => {
+                // SAFETY: a state callback runs on a full TCP socket.
+                let received = unsafe { (*ctx.ops).bytes_received };
+                // SAFETY: valid helper for sock_ops programs.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let _ = FIN_WAIT2.insert(&cookie, &received, 0);
+            }
             BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+                // SAFETY: valid helper for sock_ops programs.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                // SAFETY: the value is copied out before the entry is removed.
+                let received_at_fin_wait2 = match unsafe { FIN_WAIT2.get(&cookie) } {
+                    Some(v) => {
+                        let v = *v;
+                        let _ = FIN_WAIT2.remove(&cookie);
+                        v
+                    }
+                    None => u64::MAX,
+                };
                 let (local, remote, family) = if ctx.family() == u32::from(AF_INET) {
                     (
                         [ctx.local_ip4(), 0, 0, 0],
@@ -256,6 +280,7 @@ mod programs {
                     bytes_received,
                     // SAFETY: a helper without arguments.
                     at_ns: unsafe { bpf_ktime_get_ns() },
+                    received_at_fin_wait2,
                 };
                 // A full ring drops the event; the enforcer's periodic sweep finds the
                 // connection gone and records it without byte counts.

@@ -57,27 +57,33 @@ fn addr(words: [u32; 4], family: u16, port: u16) -> SocketAddr {
 }
 
 // TCP states (include/net/tcp_states.h).
-const TCP_FIN_WAIT1: u16 = 4;
 const TCP_FIN_WAIT2: u16 = 5;
 const TCP_CLOSE_WAIT: u16 = 8;
 const TCP_LAST_ACK: u16 = 9;
 const TCP_CLOSING: u16 = 11;
 
 impl From<&ClosedConn> for Closed {
-    /// Payload bytes from the kernel's sequence-space counts. Our FIN is counted once
-    /// acknowledged: always so for a socket closing from FIN_WAIT1/2, CLOSING or LAST_ACK
-    /// (an orderly close). The peer's FIN is counted when this socket processed it: always
-    /// for one closing from CLOSE_WAIT, CLOSING or LAST_ACK (the FIN moved it there). One
-    /// that closed first (FIN_WAIT1/2) may have left the peer's FIN to its TIME_WAIT
-    /// remnant, or not: its received count can be one more than the payload. (The SYN, which
-    /// an active opener's count includes, is taken off by the caller, who knows which end
-    /// opened.)
+    /// Payload bytes from the kernel's sequence-space counts, which include our FIN once
+    /// acknowledged and the peer's once this socket processed it:
+    /// * closing from CLOSING or LAST_ACK (the peer's FIN moved it there; ours was then
+    ///   acknowledged): both FINs are in;
+    /// * from CLOSE_WAIT (reset or aborted after the peer's FIN): only the peer's;
+    /// * from FIN_WAIT2 (ours acknowledged): the peer's only if the count grew after the
+    ///   socket entered FIN_WAIT2 (an orphaned socket hands the rest of the close to its
+    ///   TIME_WAIT remnant without processing the FIN);
+    /// * from anywhere else (a reset): neither.
+    ///
+    /// (The SYN, which an active opener's count includes, is taken off by the caller, who
+    /// knows which end opened.)
     fn from(c: &ClosedConn) -> Self {
-        let fin_acked = matches!(
-            c.old_state,
-            TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK
-        );
-        let fin_received = matches!(c.old_state, TCP_CLOSE_WAIT | TCP_CLOSING | TCP_LAST_ACK);
+        let fin_acked = matches!(c.old_state, TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK);
+        let fin_received = match c.old_state {
+            TCP_CLOSE_WAIT | TCP_CLOSING | TCP_LAST_ACK => true,
+            TCP_FIN_WAIT2 => {
+                c.received_at_fin_wait2 == u64::MAX || c.bytes_received > c.received_at_fin_wait2
+            }
+            _ => false,
+        };
         Self {
             local: addr(c.local, c.family, c.local_port),
             remote: addr(c.remote, c.family, c.remote_port),
@@ -406,6 +412,7 @@ mod tests {
             bytes_received: 7,
             at_ns: 9,
             old_state: TCP_LAST_ACK,
+            received_at_fin_wait2: u64::MAX,
         };
         let c = Closed::from(&v4);
         assert_eq!(
@@ -419,17 +426,29 @@ mod tests {
             ),
             "closed last (LAST_ACK): both FINs off"
         );
-        let closed_first = ClosedConn {
+        // Closed first: our FIN acknowledged; the peer's FIN in the count only if it grew
+        // in FIN_WAIT2.
+        let fin_in_fin_wait2 = ClosedConn {
             old_state: TCP_FIN_WAIT2,
+            received_at_fin_wait2: 6,
             ..v4
         };
+        let c = Closed::from(&fin_in_fin_wait2);
         assert_eq!(
-            (
-                Closed::from(&closed_first).sent,
-                Closed::from(&closed_first).received
-            ),
+            (c.sent, c.received),
+            (4, 6),
+            "the peer's FIN came in FIN_WAIT2"
+        );
+        let orphaned = ClosedConn {
+            old_state: TCP_FIN_WAIT2,
+            received_at_fin_wait2: 7,
+            ..v4
+        };
+        let c = Closed::from(&orphaned);
+        assert_eq!(
+            (c.sent, c.received),
             (4, 7),
-            "closed first: our FIN off, theirs unknown"
+            "left to TIME_WAIT: no FIN counted"
         );
         let reset = ClosedConn {
             old_state: 1, // ESTABLISHED

@@ -122,14 +122,27 @@ impl Signer {
         now_ms: u64,
         lifetime_ms: u32,
     ) -> Vec<u8> {
-        let mut nonce = [0u8; 16];
-        self.rng.fill(&mut nonce).expect("system randomness");
         let claim = if warm {
             Claim::Warm(identity_digest(identity))
         } else {
             Claim::Cold(identity.clone())
         };
-        let claims = Claims {
+        let claims = self.claims(claim, dst, binding, now_ms, lifetime_ms);
+        self.sign_claims(&claims)
+    }
+
+    /// Claims issued by this enforcer now, with a fresh nonce.
+    fn claims(
+        &self,
+        claim: Claim,
+        dst: SocketAddr,
+        binding: Binding,
+        now_ms: u64,
+        lifetime_ms: u32,
+    ) -> Claims {
+        let mut nonce = [0u8; 16];
+        self.rng.fill(&mut nonce).expect("system randomness");
+        Claims {
             issuer: self.id,
             issued_ms: now_ms,
             lifetime_ms,
@@ -137,8 +150,7 @@ impl Signer {
             dst,
             binding,
             claim,
-        };
-        self.sign_claims(&claims)
+        }
     }
 
     /// A cold version-2 token for `identity`, sealed with `pair` (see [`Self::pair_key`]).
@@ -151,17 +163,13 @@ impl Signer {
         now_ms: u64,
         lifetime_ms: u32,
     ) -> Vec<u8> {
-        let mut nonce = [0u8; 16];
-        self.rng.fill(&mut nonce).expect("system randomness");
-        let claims = Claims {
-            issuer: self.id,
-            issued_ms: now_ms,
-            lifetime_ms,
-            nonce,
+        let claims = self.claims(
+            Claim::Cold(identity.clone()),
             dst,
             binding,
-            claim: Claim::Cold(identity.clone()),
-        };
+            now_ms,
+            lifetime_ms,
+        );
         seal_claims(pair, &claims)
     }
 
