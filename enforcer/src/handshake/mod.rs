@@ -1,7 +1,7 @@
 //! TCP-handshake mode in the kernel: the iptables rules (nft backend) that queue exactly the
 //! handshake packets to us (`rules`), the NFQUEUE workers that run them through the engine
 //! (`worker`, `tessera_proxy::handshake::engine`), and the watch of the connections they let
-//! through until they end (`live`).
+//! through until they end (`live`, with their ends as the kernel reports them: `closed`).
 //!
 //! Rules (IPv4 and IPv6 alike, in four chains of our own; docs/handshake.md has the table):
 //! * `raw PREROUTING` (before conntrack, so the kernel never sees a token): packets carrying
@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 
+mod closed;
 mod live;
 mod rules;
 mod worker;
@@ -52,7 +53,7 @@ pub fn start(
     let sender = Arc::new(RawSender::new(config.bpf.proxy_mark)?);
     let (live_tx, live_rx) = mpsc::unbounded_channel();
     let (closed_tx, closed_rx) = mpsc::unbounded_channel();
-    tokio::spawn(live::read_closed(closed, closed_tx));
+    tokio::spawn(closed::read_closed(closed, closed_tx));
     tokio::spawn(live::watch(authz, flows.clone(), live_rx, closed_rx));
     let handler = if h.pass_through {
         tracing::warn!(

@@ -15,7 +15,7 @@ use tessera_proxy::{
 };
 use tokio::sync::mpsc;
 
-use super::live::{Registered, monotonic_ns};
+use super::{closed::monotonic_ns, live::Registered};
 
 /// Sends the engine's resets (raw IP, our own mark so that nothing of ours queues them).
 pub(super) struct RawSender {
