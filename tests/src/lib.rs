@@ -122,6 +122,8 @@ pub struct EnforcerOptions {
     pub fail_open: bool,
     /// `[handshake] pass_through` (benchmark baseline: the queues without the engine).
     pub pass_through: bool,
+    /// `[handshake] key_reuse_ms` (None: the default).
+    pub key_reuse_ms: Option<u64>,
 }
 
 impl Default for EnforcerOptions {
@@ -135,6 +137,7 @@ impl Default for EnforcerOptions {
             handshake: false,
             fail_open: false,
             pass_through: false,
+            key_reuse_ms: None,
         }
     }
 }
@@ -389,6 +392,9 @@ impl TestNet {
                 "\n[handshake]\nmode = \"handshake\"\nfail_open = {}\npass_through = {}\n",
                 opts.fail_open, opts.pass_through
             );
+            if let Some(ms) = opts.key_reuse_ms {
+                c += &format!("key_reuse_ms = {ms}\n");
+            }
         }
         if let Some(policy) = opts
             .policies

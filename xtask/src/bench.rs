@@ -15,6 +15,8 @@
 //! * `handshake.{throughput_bps,connections_per_second,latency_us.{p50,p99}}.{direct,handshake,ratio}`:
 //!   the same figures in TCP-handshake mode (tokens in the handshake, data in the kernel),
 //!   each right after its own direct baseline; `handshake.queued_packets_per_connection`;
+//!   `handshake.key_per_connection.connections_per_second.{direct,handshake,ratio}`: with a
+//!   new ephemeral X25519 key for every connection (`key_reuse_ms = 0`);
 //!   `handshake.queues_only.{connections_per_second.{direct,handshake,ratio},cpu_ms_per_1000_connections}`:
 //!   the same rules and NFQUEUE workers passing every packet unverified (`pass_through`):
 //!   what the queues alone cost, the ceiling for any engine behind them.
@@ -438,12 +440,23 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     } else {
         0.0
     };
-    restart(bench, |o| o.pass_through = false)?;
+    // Strict freshness: a new ephemeral key for every connection (`key_reuse_ms = 0`).
+    eprintln!("bench: handshake mode, a new ephemeral key per connection");
+    restart(bench, |o| {
+        o.pass_through = false;
+        o.key_reuse_ms = Some(0);
+    })?;
+    let fresh_d = bench.connrate(false)?;
+    let fresh = bench.connrate(true)?;
+    restart(bench, |o| o.key_reuse_ms = None)?;
     Ok((
         json!({
             "throughput_bps": {"direct": tp_d, "handshake": tp, "ratio": ratio(tp, tp_d)},
             "connections_per_second": {"direct": cr_d, "handshake": cr, "ratio": ratio(cr, cr_d)},
             "queued_packets_per_connection": queued_per_conn,
+            "key_per_connection": {
+                "connections_per_second": {"direct": fresh_d, "handshake": fresh, "ratio": ratio(fresh, fresh_d)},
+            },
             "queues_only": {
                 "connections_per_second": {"direct": floor_d, "handshake": floor, "ratio": ratio(floor, floor_d)},
                 "cpu_ms_per_1000_connections": floor_cpu_ms,
@@ -605,6 +618,14 @@ fn print_table(r: &Value) {
             1,
             "handshake",
             "<= 1.2x",
+        );
+        row(
+            "new conns / s, key per connection",
+            &h["key_per_connection"]["connections_per_second"],
+            1.0,
+            0,
+            "handshake",
+            "(key_reuse_ms = 0)",
         );
         row(
             "new conns / s, queues only",

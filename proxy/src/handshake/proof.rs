@@ -24,6 +24,7 @@ use std::{
 
 use curve25519_dalek::MontgomeryPoint;
 use ring::{
+    agreement,
     digest::{self, SHA256},
     hmac,
     rand::{SecureRandom, SystemRandom},
@@ -111,20 +112,56 @@ pub fn synack_binding(t: &Transcript) -> Binding {
     d.finish().as_ref()[..16].try_into().expect("16 bytes")
 }
 
+/// The private half of an ephemeral key.
+enum Secret {
+    /// Serves every handshake of its window.
+    Reusable(Zeroizing<[u8; 32]>),
+    /// Serves one handshake (`key_reuse_ms = 0`): ring's single-use key, whose X25519 is
+    /// the faster one here; the agreement takes it.
+    SingleUse(Mutex<Option<agreement::EphemeralPrivateKey>>),
+}
+
 /// One side's ephemeral X25519 key.
 pub struct Ephemeral {
-    secret: Zeroizing<[u8; 32]>,
+    secret: Secret,
     pub public: PublicKey,
     created_ms: u64,
 }
 
+/// HKDF-style extraction: the raw X25519 output is not used as a key directly.
+fn proof_key(shared: &[u8]) -> ProofKey {
+    let salt = hmac::Key::new(hmac::HMAC_SHA256, b"tessera-handshake-key");
+    ProofKey(hmac::Key::new(
+        hmac::HMAC_SHA256,
+        hmac::sign(&salt, shared).as_ref(),
+    ))
+}
+
 impl Ephemeral {
+    /// A key that may serve many handshakes.
     pub fn generate(rng: &SystemRandom, now_ms: u64) -> Self {
         let mut secret = Zeroizing::new([0u8; 32]);
         rng.fill(secret.as_mut()).expect("system randomness");
         let public = MontgomeryPoint::mul_base_clamped(*secret).to_bytes();
         Self {
-            secret,
+            secret: Secret::Reusable(secret),
+            public,
+            created_ms: now_ms,
+        }
+    }
+
+    /// A key for exactly one handshake: a second agreement fails.
+    pub fn single_use(rng: &SystemRandom, now_ms: u64) -> Self {
+        let key = agreement::EphemeralPrivateKey::generate(&agreement::X25519, rng)
+            .expect("system randomness");
+        let public = key
+            .compute_public_key()
+            .expect("X25519 public key")
+            .as_ref()
+            .try_into()
+            .expect("32 bytes");
+        Self {
+            secret: Secret::SingleUse(Mutex::new(Some(key))),
             public,
             created_ms: now_ms,
         }
@@ -132,17 +169,31 @@ impl Ephemeral {
 
     /// The shared proof key with the peer's public key.
     pub fn agree(&self, peer: &PublicKey) -> Result<ProofKey, ProofError> {
-        let shared = Zeroizing::new(MontgomeryPoint(*peer).mul_clamped(*self.secret).to_bytes());
-        if *shared == [0; 32] {
-            // A key of small order: the exchange would yield zero for any secret.
-            return Err(ProofError::KeyExchange);
+        match &self.secret {
+            Secret::Reusable(secret) => {
+                let shared =
+                    Zeroizing::new(MontgomeryPoint(*peer).mul_clamped(**secret).to_bytes());
+                if *shared == [0; 32] {
+                    // A key of small order: the exchange would yield zero for any secret.
+                    return Err(ProofError::KeyExchange);
+                }
+                Ok(proof_key(shared.as_ref()))
+            }
+            Secret::SingleUse(key) => {
+                let key = key
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .ok_or(ProofError::KeyExchange)?;
+                // ring refuses keys of small order itself.
+                agreement::agree_ephemeral(
+                    key,
+                    &agreement::UnparsedPublicKey::new(&agreement::X25519, peer),
+                    proof_key,
+                )
+                .map_err(|_| ProofError::KeyExchange)
+            }
         }
-        // HKDF-style extraction: the raw X25519 output is not used as a key directly.
-        let salt = hmac::Key::new(hmac::HMAC_SHA256, b"tessera-handshake-key");
-        Ok(ProofKey(hmac::Key::new(
-            hmac::HMAC_SHA256,
-            hmac::sign(&salt, shared.as_ref()).as_ref(),
-        )))
     }
 }
 
@@ -173,7 +224,7 @@ impl KeyExchange {
     /// The key for a handshake starting now.
     pub fn key(&self, now_ms: u64) -> Arc<Ephemeral> {
         if self.reuse_ms == 0 {
-            return Arc::new(Ephemeral::generate(&self.rng, now_ms));
+            return Arc::new(Ephemeral::single_use(&self.rng, now_ms));
         }
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         match &*current {
@@ -381,6 +432,26 @@ mod tests {
         // The all-zero point is of small order: X25519 yields zero, which is refused.
         assert_eq!(
             Ephemeral::generate(&rng, 0).agree(&[0; 32]).err(),
+            Some(ProofError::KeyExchange)
+        );
+    }
+
+    #[test]
+    fn a_single_use_key_agrees_once_and_like_a_reusable_one() {
+        let rng = SystemRandom::new();
+        let t = handshake(&rng).transcript;
+        let (one, other) = (Ephemeral::single_use(&rng, 0), Ephemeral::generate(&rng, 0));
+        let a = one.agree(&other.public).unwrap();
+        let b = other.agree(&one.public).unwrap();
+        assert_eq!(a.prove(Role::Server, &t), b.prove(Role::Server, &t));
+        // Its secret is gone after the first agreement.
+        assert_eq!(
+            one.agree(&other.public).err(),
+            Some(ProofError::KeyExchange)
+        );
+        // A key of small order is refused.
+        assert_eq!(
+            Ephemeral::single_use(&rng, 0).agree(&[0; 32]).err(),
             Some(ProofError::KeyExchange)
         );
     }
