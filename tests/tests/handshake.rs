@@ -10,7 +10,9 @@ const INDEX: &str = "http://10.77.0.2:8080/index.bin";
 
 /// web@host-a, api@host-b serving 8080 (python3 http.server) and 9000, both enforcers in
 /// handshake mode, with `policy` on both if given.
-fn handshake_hosts(policy: Option<&str>) -> TestNet {
+/// host-a with workload web, host-b with workload api serving `api_ports`, both enforcers
+/// in handshake mode (not started yet).
+fn web_and_api(api_ports: &[u16]) -> TestNet {
     let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
     *net.options.lock().unwrap() = EnforcerOptions {
         handshake: true,
@@ -18,8 +20,13 @@ fn handshake_hosts(policy: Option<&str>) -> TestNet {
     };
     net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
         .unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080, 9000])
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], api_ports)
         .unwrap();
+    net
+}
+
+fn handshake_hosts(policy: Option<&str>) -> TestNet {
+    let net = web_and_api(&[8080, 9000]);
     if let Some(p) = policy {
         net.write_policy(None, p).unwrap();
     }
@@ -259,12 +266,7 @@ fn last_flow(net: &TestNet, host: &str, pred: impl Fn(&Value) -> bool) -> Value 
 
 #[test]
 fn each_end_enforces_its_own_policy_and_a_reload_flips_it_without_a_restart() {
-    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
-    net.options.lock().unwrap().handshake = true;
-    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
-        .unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080, 9000])
-        .unwrap();
+    let net = web_and_api(&[8080, 9000]);
     // The client's enforcer lets web reach both ports; the server's only 8080.
     net.write_policy(Some(net.host("host-a")), &policy("a-web-api", "8080, 9000"))
         .unwrap();
@@ -501,12 +503,7 @@ fn while_an_enforcer_is_down_its_workloads_fail_closed_and_a_restart_restores_th
 
 #[test]
 fn a_live_connection_that_a_reload_denies_is_reset_at_the_end_whose_policy_changed() {
-    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
-    net.options.lock().unwrap().handshake = true;
-    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
-        .unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[7000])
-        .unwrap();
+    let net = web_and_api(&[7000]);
     for host in ["host-a", "host-b"] {
         net.write_policy(Some(net.host(host)), &policy("web-api", "7000"))
             .unwrap();

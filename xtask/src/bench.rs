@@ -341,12 +341,16 @@ fn restart(bench: &Bench, change: impl FnOnce(&mut tessera_tests::EnforcerOption
     net.start_enforcers()
 }
 
-/// Connection rate and the enforcers' CPU time per 1,000 of those connections (ms).
-fn rate_and_cpu(bench: &Bench) -> Result<(f64, f64)> {
+/// Connection rate through Tessera, the enforcers' CPU time per 1,000 of those
+/// connections (ms), and the packets queued to the enforcers per connection.
+fn rate_and_cpu(bench: &Bench) -> Result<(f64, f64, f64)> {
+    let queued_before = bench.queued_packets()?;
     let before = bench.enforcer_cpu_secs()?;
     let (rate, n) = bench.connrate_counted(true)?;
     let used = bench.enforcer_cpu_secs()? - before;
-    Ok((rate, if n > 0.0 { used * 1e3 / n * 1e3 } else { 0.0 }))
+    let queued = (bench.queued_packets()? - queued_before) as f64;
+    let per = |x: f64| if n > 0.0 { x / n } else { 0.0 };
+    Ok((rate, per(used * 1e6), per(queued)))
 }
 
 /// Tunnel mode: throughput, connection rate, latency, pool and token costs, CPU.
@@ -374,7 +378,7 @@ fn tunnel_mode(bench: &Bench) -> Result<(Value, f64)> {
     let cr_notokens = bench.connrate(true)?;
     eprintln!("bench: enforcer CPU per 1,000 connections, tunnel mode");
     restart(bench, |o| o.tokens = true)?;
-    let (_, cpu_ms) = rate_and_cpu(bench)?;
+    let (_, cpu_ms, _) = rate_and_cpu(bench)?;
     // Wall time per connection at saturation (4 client threads on this machine's cores).
     let token_cost_us = if cr_t > 0.0 && cr_notokens > 0.0 {
         1e6 / cr_t - 1e6 / cr_notokens
@@ -408,16 +412,7 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     let tp = bench.iperf(true)?;
     let cr_d = bench.connrate(false)?;
     let profiler = perf.map(|out| start_perf(bench, out)).transpose()?;
-    let queued_before = bench.queued_packets()?;
-    let before = bench.enforcer_cpu_secs()?;
-    let (cr, conns) = bench.connrate_counted(true)?;
-    let used = bench.enforcer_cpu_secs()? - before;
-    let cpu_ms = if conns > 0.0 { used * 1e6 / conns } else { 0.0 };
-    let queued_per_conn = if conns > 0.0 {
-        (bench.queued_packets()? - queued_before) as f64 / conns
-    } else {
-        0.0
-    };
+    let (cr, cpu_ms, queued_per_conn) = rate_and_cpu(bench)?;
     if let Some(mut p) = profiler {
         // SIGINT makes perf write its file and exit.
         let _ = nix::sys::signal::kill(
@@ -433,13 +428,7 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     eprintln!("bench: handshake mode, queues only (pass-through, no engine)");
     restart(bench, |o| o.pass_through = true)?;
     let floor_d = bench.connrate(false)?;
-    let before = bench.enforcer_cpu_secs()?;
-    let (floor, floor_conns) = bench.connrate_counted(true)?;
-    let floor_cpu_ms = if floor_conns > 0.0 {
-        (bench.enforcer_cpu_secs()? - before) * 1e6 / floor_conns
-    } else {
-        0.0
-    };
+    let (floor, floor_cpu_ms, _) = rate_and_cpu(bench)?;
     // Strict freshness: a new ephemeral key for every connection (`key_reuse_ms = 0`).
     eprintln!("bench: handshake mode, a new ephemeral key per connection");
     restart(bench, |o| {

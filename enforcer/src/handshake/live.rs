@@ -254,6 +254,7 @@ pub async fn watch(
     let mut reloads = authz.reloads();
     let (mut arrived, mut ended) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
     let mut sweep = tokio::time::interval(SWEEP);
+    let mut closes_open = true;
     loop {
         tokio::select! {
             n = incoming.recv_many(&mut arrived, 1024) => {
@@ -265,14 +266,16 @@ pub async fn watch(
                 }
                 tokio::time::sleep(COALESCE).await;
             }
-            n = closes.recv_many(&mut ended, 1024), if !w.watched.is_empty() || !closes.is_empty() => {
+            n = closes.recv_many(&mut ended, 1024), if closes_open => {
+                if n == 0 {
+                    // The ring buffer's reader ended: the sweep alone finds ended connections.
+                    closes_open = false;
+                    continue;
+                }
                 // Every registration was sent before its connection could close: take in
                 // those waiting first.
                 while let Ok(r) = incoming.try_recv() {
                     w.register(r).await;
-                }
-                if n == 0 {
-                    continue;
                 }
                 for c in ended.drain(..) {
                     w.closed(c);

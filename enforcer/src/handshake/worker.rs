@@ -78,16 +78,12 @@ impl Handler {
                 let syn = tessera_proxy::handshake::packet::segment(packet)
                     .is_ok_and(|seg| seg.flags & pnet_packet::tcp::TcpFlags::SYN != 0);
                 Outcome {
-                    verdict: PacketVerdict::Accept,
-                    packet: None,
                     mark: match (syn, side) {
                         (true, _) => 0,
                         (false, Side::Egress) => *acked,
                         (false, Side::Ingress) => *proven,
                     },
-                    send: Vec::new(),
-                    flows: Vec::new(),
-                    live: None,
+                    ..Outcome::accept()
                 }
             }
         }
@@ -131,7 +127,7 @@ pub(super) fn worker(
         }
         // Before the verdict: nothing of the connection can happen before it, so its close
         // (timed by the kernel on the same clock) is always later than this.
-        let registered_ns = monotonic_ns();
+        let registered_ns = outcome.live.is_some().then(monotonic_ns);
         msg.set_verdict(match outcome.verdict {
             PacketVerdict::Accept => nfq::Verdict::Accept,
             PacketVerdict::Drop => nfq::Verdict::Drop,
@@ -145,11 +141,8 @@ pub(super) fn worker(
         for f in outcome.flows {
             flows.record(f);
         }
-        if let Some(conn) = outcome.live {
-            let _ = live.send(Registered {
-                conn: *conn,
-                at_ns: registered_ns,
-            });
+        if let (Some(conn), Some(at_ns)) = (outcome.live, registered_ns) {
+            let _ = live.send(Registered { conn: *conn, at_ns });
         }
     }
 }

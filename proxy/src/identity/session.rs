@@ -201,10 +201,7 @@ impl Tokens {
         now_ms: u64,
     ) -> Result<Vec<u8>, Refusal> {
         let signer = self.signer().ok_or(Refusal::NoToken)?;
-        let pair = self
-            .verifier
-            .pair(peer, now_ms)
-            .ok_or(Refusal::Token(TokenError::UnknownIssuer))?;
+        let pair = self.verifier.pair(peer, now_ms)?;
         let token = signer.seal_cold(&pair, identity, dst, binding, now_ms, self.lifetime_ms);
         if token.len() > MAX_TOKEN {
             return Err(Refusal::TooLarge(token.len()));

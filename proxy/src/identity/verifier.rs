@@ -111,13 +111,15 @@ impl Verifier {
     }
 
     /// The pair key shared with the enforcer whose key id is `peer`, while it is valid.
-    pub fn pair(&self, peer: &KeyId, now_ms: u64) -> Option<hmac::Key> {
-        self.pairs
-            .read()
-            .expect("lock")
-            .get(peer)
-            .filter(|(_, until)| until.saturating_add(self.skew_ms) >= now_ms)
-            .map(|(k, _)| k.clone())
+    pub fn pair(&self, peer: &KeyId, now_ms: u64) -> Result<hmac::Key, TokenError> {
+        let pairs = self.pairs.read().expect("lock");
+        let (pair, until) = pairs.get(peer).ok_or(TokenError::UnknownIssuer)?;
+        if until.saturating_add(self.skew_ms) < now_ms {
+            return Err(TokenError::Uncertified(
+                "the issuer's certificate expired".into(),
+            ));
+        }
+        Ok(pair.clone())
     }
 
     /// Trusts a key without an end (this enforcer's own key; tests).
@@ -163,7 +165,6 @@ impl Verifier {
         let (claims, signed, seal) = decode(token)?;
         // Warm tokens follow cold ones on a tunnel session; pair tokens are always cold.
         let keep_identity = matches!(seal, Seal::Signature(_));
-        let expired = || TokenError::Uncertified("the issuer's certificate expired".into());
         match seal {
             Seal::Signature(signature) => {
                 let (key, until) = *self
@@ -173,7 +174,9 @@ impl Verifier {
                     .get(&claims.issuer)
                     .ok_or(TokenError::UnknownIssuer)?;
                 if until.saturating_add(self.skew_ms) < now_ms {
-                    return Err(expired());
+                    return Err(TokenError::Uncertified(
+                        "the issuer's certificate expired".into(),
+                    ));
                 }
                 let signature =
                     Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
@@ -187,15 +190,7 @@ impl Verifier {
             Seal::PairTag(tag) => {
                 // Only the other enforcer of a pair is an issuer here: this one never seals
                 // tokens for itself, so a reflected token of its own finds no pair.
-                let pair = {
-                    let pairs = self.pairs.read().expect("lock");
-                    let (pair, until) =
-                        pairs.get(&claims.issuer).ok_or(TokenError::UnknownIssuer)?;
-                    if until.saturating_add(self.skew_ms) < now_ms {
-                        return Err(expired());
-                    }
-                    pair.clone()
-                };
+                let pair = self.pair(&claims.issuer, now_ms)?;
                 use subtle::ConstantTimeEq;
                 if !bool::from(pair_tag(&pair, signed).ct_eq(tag)) {
                     return Err(TokenError::BadSignature);
@@ -686,7 +681,7 @@ mod tests {
                 verify(&v, &sealed(&a, &b, NOW)),
                 Err(TokenError::Uncertified(_))
             ));
-            assert!(v.pair(&a.signer.key_id(), NOW).is_none());
+            assert!(v.pair(&a.signer.key_id(), NOW).is_err());
             // The identity point encodes a key of small order: no pair key from it.
             let mut identity = [0u8; 32];
             identity[0] = 1;

@@ -298,31 +298,28 @@ impl Engine {
                 captured,
             } => {
                 let rec = *record;
-                let (clean, message) = match detached {
-                    Ok(Some(d)) => d,
-                    Ok(None) => {
-                        return reset(
-                            rec,
-                            "no-token",
-                            format!("the SYN-ACK of {peer} carried no token"),
-                        );
-                    }
-                    Err(e) => return reset(rec, "malformed", format!("SYN-ACK of {peer}: {e}")),
-                };
-                let (server_key, server_proof, token) = match Message::decode(&message) {
-                    Ok(Message::SynAck {
-                        server_key,
-                        proof,
-                        token,
-                    }) => (server_key, proof, token),
-                    Ok(_) => {
-                        return reset(
-                            rec,
+                let parsed = match detached {
+                    Ok(Some((clean, message))) => match Message::decode(&message) {
+                        Ok(Message::SynAck {
+                            server_key,
+                            proof,
+                            token,
+                        }) => Ok((clean, message, server_key, proof, token)),
+                        Ok(_) => Err((
                             "malformed",
                             format!("SYN-ACK of {peer}: not a SYN-ACK message"),
-                        );
-                    }
-                    Err(e) => return reset(rec, "malformed", format!("SYN-ACK of {peer}: {e}")),
+                        )),
+                        Err(e) => Err(("malformed", format!("SYN-ACK of {peer}: {e}"))),
+                    },
+                    Ok(None) => Err((
+                        "no-token",
+                        format!("the SYN-ACK of {peer} carried no token"),
+                    )),
+                    Err(e) => Err(("malformed", format!("SYN-ACK of {peer}: {e}"))),
+                };
+                let (clean, message, server_key, server_proof, token) = match parsed {
+                    Ok(p) => p,
+                    Err((code, reason)) => return reset(rec, code, reason),
                 };
                 let transcript = Transcript {
                     client: seg.dst,

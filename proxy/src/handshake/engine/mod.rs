@@ -96,7 +96,8 @@ pub struct LiveConnection {
 }
 
 impl Outcome {
-    fn accept() -> Self {
+    /// Let the packet through unchanged, nothing else.
+    pub fn accept() -> Self {
         Self {
             verdict: PacketVerdict::Accept,
             packet: None,
