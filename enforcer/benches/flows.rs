@@ -77,7 +77,7 @@ fn record(i: usize) -> FlowRecord {
         mode: Default::default(),
         verdict: Verdict::Allowed,
         reason: String::new(),
-        code: String::new(),
+        code: Default::default(),
         rule: Some("web-to-api".into()),
         bytes_sent: 512,
         bytes_received: 4096,

@@ -160,7 +160,8 @@ pub struct ProcessAttestor {
     connections: Mutex<HashMap<ConnectionFacts, (Identity, Identity)>>,
 }
 
-/// Connection identities kept at most.
+/// Connection identities (and executable hashes, and user names) kept at most: a full
+/// cache starts over rather than growing.
 const CONNECTIONS_KEPT: usize = 4096;
 
 fn file_version(m: &std::fs::Metadata) -> FileVersion {
@@ -216,14 +217,20 @@ impl ProcessAttestor {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        self.hashes.lock().expect("lock").insert(key, hex.clone());
+        let mut hashes = self.hashes.lock().expect("lock");
+        if hashes.len() >= CONNECTIONS_KEPT {
+            hashes.clear();
+        }
+        hashes.insert(key, hex.clone());
         Some(hex)
     }
 
     fn user(&self, uid: u32) -> Option<String> {
-        self.users
-            .lock()
-            .expect("lock")
+        let mut users = self.users.lock().expect("lock");
+        if users.len() >= CONNECTIONS_KEPT && !users.contains_key(&uid) {
+            users.clear();
+        }
+        users
             .entry(uid)
             .or_insert_with(|| {
                 nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
@@ -235,9 +242,27 @@ impl ProcessAttestor {
     }
 
     /// The identity of a connection made by process `pid` (uid `uid`, in cgroup
-    /// `cgroup_id`) of a workload. One `stat` of the running executable on the connection
-    /// path when the same process, user, cgroup and executable connected before; a full
-    /// attestation otherwise.
+    /// `cgroup_id`) of a workload, if the same process, user, cgroup and executable
+    /// connected lately: one `stat` of the running executable, never blocking for long.
+    pub fn cached(
+        &self,
+        workload: &Identity,
+        pid: u32,
+        uid: u32,
+        cgroup_id: u64,
+    ) -> Option<Identity> {
+        let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+        let key = (pid, uid, cgroup_id, file_version(&m));
+        match self.connections.lock().expect("lock").get(&key) {
+            Some((w, id)) if w == workload => Some(id.clone()),
+            _ => None,
+        }
+    }
+
+    /// The identity of a connection made by process `pid` (uid `uid`, in cgroup
+    /// `cgroup_id`) of a workload: [`ProcessAttestor::cached`], or a full attestation
+    /// (which may hash the executable and ask NSS for the user: run it where blocking is
+    /// allowed).
     pub fn attest_connection(
         &self,
         workload: &Identity,
@@ -245,15 +270,13 @@ impl ProcessAttestor {
         uid: u32,
         cgroup_id: u64,
     ) -> Identity {
+        if let Some(id) = self.cached(workload, pid, uid, cgroup_id) {
+            return id;
+        }
         let Ok(m) = std::fs::metadata(format!("/proc/{pid}/exe")) else {
             return self.attest(workload, pid, uid);
         };
         let key = (pid, uid, cgroup_id, file_version(&m));
-        if let Some((w, id)) = self.connections.lock().expect("lock").get(&key)
-            && w == workload
-        {
-            return id.clone();
-        }
         let id = self.attest(workload, pid, uid);
         let mut cache = self.connections.lock().expect("lock");
         if cache.len() >= CONNECTIONS_KEPT {

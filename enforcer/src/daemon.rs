@@ -10,8 +10,10 @@ use std::{
 use anyhow::{Context, Result};
 use futures_util::FutureExt;
 use tessera_proxy::{
-    authz::{Authorizer, PolicyMode},
-    flow::FlowLog,
+    admission::Admission,
+    authz::{Decisions, PolicyMode},
+    dns::DnsTable,
+    flow::{FlowLog, Mode},
     handshake::engine::{Engine, Setup},
     identity::{session::Tokens, token::KeyId},
     inbound::Inbound,
@@ -19,6 +21,7 @@ use tessera_proxy::{
     outbound::Outbound,
     peers::{Peer, PeerTable},
     pool::{TunnelDialer, TunnelPool},
+    registry::ConnectionRegistry,
     socket::listen,
     tls::Identity,
 };
@@ -130,10 +133,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         PolicyModeConfig::Enforce => PolicyMode::Enforce,
         PolicyModeConfig::Observe => PolicyMode::Observe,
     };
-    let authz = Arc::new(Authorizer::new(
+    let dns = Arc::new(DnsTable::default());
+    let decisions = Decisions::new(
         policy::load(config.policy.file.as_deref())?,
         mode,
-    ));
+        dns.clone(),
+    );
+    let registry = Arc::new(ConnectionRegistry::new(Arc::new(decisions)));
     let identities: HashMap<String, Arc<LocalWorkload>> = config
         .workloads
         .iter()
@@ -152,7 +158,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 .collect(),
         ),
         identities: identities.clone(),
-        attestor: Default::default(),
+        attestor: Arc::default(),
     });
     let tokens = Arc::new(tokens(&config, &identity)?);
 
@@ -188,11 +194,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .flat_map(|w| w.ports.iter().map(|&p| (p, identities[&w.name].clone())))
         .collect();
     let handshake_mode = config.handshake.mode == DataPathMode::Handshake;
+    let admission = |mode| {
+        let flows = flows.clone();
+        Arc::new(Admission::new(
+            config.name.clone(),
+            mode,
+            registry.clone(),
+            flows,
+        ))
+    };
     if handshake_mode {
         let engine = Arc::new(Engine::new(Setup {
-            name: config.name.clone(),
+            admission: admission(Mode::Handshake),
             tokens: tokens.clone(),
-            authz: authz.clone(),
             peers: peer_table(&config),
             peer_keys: peer_keys(&config, &tokens)?,
             lookup: lookup.clone(),
@@ -207,7 +221,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         crate::handshake::start(
             &config,
             engine,
-            authz.clone(),
+            registry.clone(),
             flows.clone(),
             capture.take_closed_ring()?,
         )?;
@@ -216,25 +230,21 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
 
     let outbound = Arc::new(Outbound {
-        name: config.name.clone(),
+        admission: admission(Mode::Tunnel),
         lookup,
         peers,
         pool,
-        authz: authz.clone(),
         tokens: tokens.clone(),
-        flows: flows.clone(),
         mark,
     });
     let inbound = Arc::new(Inbound {
-        name: config.name.clone(),
-        authz: authz.clone(),
+        admission: admission(Mode::Tunnel),
         tokens,
         acceptor: TlsAcceptor::from(identity.server_config()?),
         services: LocalServices::new(services),
         addrs: LocalAddrs::default(),
         mark,
         delivery_src4: config.bpf.delivery_source,
-        flows,
         idle_timeout: Duration::from_secs(config.tunnel.idle_timeout_secs),
     });
 
@@ -250,7 +260,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     tasks.spawn(inbound.serve_tunnels(tunnel));
     match tessera_proxy::dns::resolver(&config.policy.dns_servers) {
         Ok(resolver) => {
-            tasks.spawn(tessera_proxy::dns::keep_resolved(resolver, authz.clone()).map(Ok));
+            let resolving = tessera_proxy::dns::keep_resolved(resolver, dns, registry.clone());
+            tasks.spawn(resolving.map(Ok));
         }
         // Names in policy then match nothing (fail closed); say so.
         Err(e) => {
@@ -267,14 +278,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     tasks.spawn(store.clone().keep_flushed(Duration::from_secs(1)).map(Ok));
     {
-        let authz = authz.clone();
-        metrics.count_open_with(move || authz.live_count());
+        let registry = registry.clone();
+        metrics.count_open_with(move || registry.live_count());
+        let flows = flows.clone();
+        metrics.count_dropped_flows_with(move || flows.dropped());
     }
     if let Some(file) = config.policy.file.clone() {
-        let authz = authz.clone();
+        let registry = registry.clone();
         let metrics = metrics.clone();
         tasks.spawn(async move {
-            policy::watch(file, authz, metrics)
+            policy::watch(file, registry, metrics)
                 .await
                 .map_err(std::io::Error::other)
         });
@@ -284,7 +297,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         name = %config.name,
         workloads = config.workloads.len(),
         peers = config.peers.len(),
-        policy_rules = authz.rule_count(),
+        policy_rules = registry.decisions().rule_count(),
         tunnel = %config.listen.tunnel,
         tokens = config.identity.tokens,
         mode = ?config.handshake.mode,

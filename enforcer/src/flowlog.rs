@@ -124,7 +124,7 @@ mod tests {
             protocol: Default::default(),
             mode: Default::default(),
             verdict,
-            code: String::new(),
+            code: Default::default(),
             rule: None,
             reason: if verdict == Verdict::Denied {
                 "unauthenticated".into()

@@ -236,7 +236,7 @@ mod tests {
             } else {
                 format!("x ({code})")
             },
-            code: code.into(),
+            code: code.parse().expect("a known code"),
             rule: None,
             bytes_sent: bytes,
             bytes_received: bytes * 2,
@@ -284,7 +284,12 @@ mod tests {
             .iter()
             .find(|e| e.key.verdict == "denied")
             .unwrap();
-        assert!(denied.stats.codes.contains("replay"));
+        assert!(
+            denied
+                .stats
+                .codes
+                .contains(&tessera_proxy::code::Code::Replay)
+        );
         assert!(map.nodes.iter().any(|n| n.name == "web@host-a"));
         let text = metrics.render();
         assert!(

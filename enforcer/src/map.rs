@@ -6,7 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
-use tessera_proxy::flow::{Endpoint, FlowRecord, Verdict};
+use tessera_proxy::{
+    code::Code,
+    flow::{Endpoint, FlowRecord, Verdict},
+};
 
 #[derive(Clone, Copy)]
 pub enum Role {
@@ -68,7 +71,7 @@ pub struct EdgeStats {
     /// Rules that decided.
     pub rules: BTreeSet<String>,
     /// Refusal codes seen (`policy`, `replay`, ...).
-    pub codes: BTreeSet<String>,
+    pub codes: BTreeSet<Code>,
     /// The latest refusal reason.
     pub reason: String,
 }
@@ -159,8 +162,8 @@ impl Aggregate {
         s.bytes_sent += r.bytes_sent;
         s.bytes_received += r.bytes_received;
         s.rules.extend(r.rule.clone());
-        if !r.code.is_empty() {
-            s.codes.insert(r.code.clone());
+        if !r.code.is_clean() {
+            s.codes.insert(r.code);
         }
         if !r.reason.is_empty() {
             s.reason = r.reason.clone();

@@ -1,10 +1,13 @@
 //! Prometheus metrics (`GET /metrics`), fed by flow records and policy reloads.
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tessera_proxy::flow::FlowRecord;
+use tessera_proxy::{
+    code::{Code, Kind},
+    flow::FlowRecord,
+};
 
 use crate::map::verdict_name;
 
@@ -23,34 +26,25 @@ struct Bytes {
     direction: String,
 }
 
+/// A refusal code as a label value: the label set is the closed set of codes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct CodeLabel(Code);
+
+impl EncodeLabelValue for CodeLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.0.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
-    reason: String,
+    reason: CodeLabel,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reload {
     result: String,
 }
-
-/// Refusal codes that are token verification failures (see `docs/token.md`).
-const TOKEN_CODES: &[&str] = &[
-    "truncated",
-    "oversized",
-    "malformed",
-    "untrusted-issuer",
-    "bad-signature",
-    "expired",
-    "not-yet-valid",
-    "lifetime-too-long",
-    "wrong-destination",
-    "wrong-session",
-    "replay",
-    "unknown-identity",
-    "no-token",
-    "issuer-not-peer",
-    "foreign-identity",
-];
 
 pub struct Metrics {
     registry: Registry,
@@ -62,6 +56,9 @@ pub struct Metrics {
     open: Gauge,
     /// Reads the number of open connections at scrape time.
     count_open: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    dropped_flows: Counter,
+    /// Reads the number of flow records dropped (a full writer queue) at scrape time.
+    count_dropped_flows: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 impl Default for Metrics {
@@ -109,6 +106,12 @@ impl Metrics {
             "Policy reloads by result (ok: in force; rejected: the previous policy stayed)",
             reloads.clone(),
         );
+        let dropped_flows = Counter::default();
+        registry.register(
+            "flow_records_dropped",
+            "Flow records dropped because the flow writer could not keep up (its queue is bounded)",
+            dropped_flows.clone(),
+        );
         Self {
             registry,
             connections,
@@ -118,6 +121,8 @@ impl Metrics {
             reloads,
             open,
             count_open: std::sync::OnceLock::new(),
+            dropped_flows,
+            count_dropped_flows: std::sync::OnceLock::new(),
         }
     }
 
@@ -142,12 +147,12 @@ impl Metrics {
                     .inc_by(n);
             }
         }
-        if !r.code.is_empty() {
+        if !r.code.is_clean() {
             let reason = Reason {
-                reason: r.code.clone(),
+                reason: CodeLabel(r.code),
             };
             self.refusals.get_or_create(&reason).inc();
-            if TOKEN_CODES.contains(&r.code.as_str()) {
+            if r.code.kind() == Kind::Token {
                 self.token_failures.get_or_create(&reason).inc();
             }
         }
@@ -156,6 +161,11 @@ impl Metrics {
     /// Where the open-connections gauge comes from (read at each scrape).
     pub fn count_open_with(&self, f: impl Fn() -> usize + Send + Sync + 'static) {
         let _ = self.count_open.set(Box::new(f));
+    }
+
+    /// Where the dropped-flow-records counter comes from (read at each scrape).
+    pub fn count_dropped_flows_with(&self, f: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.count_dropped_flows.set(Box::new(f));
     }
 
     pub fn policy_reload(&self, ok: bool) {
@@ -170,6 +180,11 @@ impl Metrics {
     pub fn render(&self) -> String {
         if let Some(count) = self.count_open.get() {
             self.open.set(count() as i64);
+        }
+        if let Some(count) = self.count_dropped_flows.get() {
+            let now = count();
+            self.dropped_flows
+                .inc_by(now.saturating_sub(self.dropped_flows.get()));
         }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use tessera_policy::CompiledPolicy;
-use tessera_proxy::{authz::Authorizer, local::LocalWorkload};
+use tessera_proxy::{local::LocalWorkload, registry::ConnectionRegistry};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{Config, Workload};
@@ -56,11 +56,11 @@ fn modified(path: &Path) -> Option<(SystemTime, u64)> {
         .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
 }
 
-/// Reloads `path` into `authz` whenever its modification time or size changes (checked
+/// Reloads `path` into `registry` whenever its modification time or size changes (checked
 /// twice a second: editors that replace the file are seen too) and on SIGHUP.
 pub async fn watch(
     path: PathBuf,
-    authz: Arc<Authorizer>,
+    registry: Arc<ConnectionRegistry>,
     metrics: Arc<tessera_enforcer::metrics::Metrics>,
 ) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
@@ -79,7 +79,7 @@ pub async fn watch(
         match load(Some(&path)) {
             Ok(policy) => {
                 let rules = policy.rule_count();
-                let closed = authz.replace(policy);
+                let closed = registry.apply(policy);
                 metrics.policy_reload(true);
                 tracing::info!(file = %path.display(), trigger = why, rules, closed_connections = closed, "policy reloaded");
             }

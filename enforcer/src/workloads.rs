@@ -15,9 +15,8 @@ use crate::attest::ProcessAttestor;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use tessera_common::{AF_INET, AF_INET6, ClientKey, OrigDst};
 use tessera_proxy::{
+    capture::{Capture, CaptureLookup, Captured, Origin},
     local::LocalWorkload,
-    outbound::{CaptureLookup, Captured},
-    wire::Source,
 };
 
 pub struct WorkloadIndex {
@@ -121,38 +120,51 @@ pub struct BpfCaptureLookup {
     pub workloads: WorkloadIndex,
     /// Identities of the enrolled workloads, by name.
     pub identities: HashMap<String, Arc<LocalWorkload>>,
-    pub attestor: ProcessAttestor,
+    pub attestor: Arc<ProcessAttestor>,
 }
 
 impl CaptureLookup for BpfCaptureLookup {
-    fn take(&self, client: SocketAddr) -> Option<Captured> {
+    fn take(&self, client: SocketAddr) -> Capture {
         let key = client_key(client);
         let orig = {
             let mut map = self.map.lock().expect("lock");
-            let orig = map.get(&key, 0).ok()?;
+            let Ok(orig) = map.get(&key, 0) else {
+                return Capture::Missing;
+            };
             let _ = map.remove(&key);
             orig
         };
         let workload = self.workloads.workload(orig.cgroup_id).unwrap_or_default();
         // A capture record always comes from an enrolled cgroup; one that vanished between
         // connect and accept leaves nothing to vouch for.
-        let local = self.identities.get(&workload)?;
-        Some(Captured {
-            dst: orig_dst(&orig),
-            identity: self.attestor.attest_connection(
-                &local.identity,
-                orig.pid,
-                orig.uid,
-                orig.cgroup_id,
-            ),
-            observe: local.observe,
-            source: Source {
-                workload,
-                pid: orig.pid,
-                uid: orig.uid,
-                cgroup_id: orig.cgroup_id,
-            },
-        })
+        let Some(local) = self.identities.get(&workload).cloned() else {
+            return Capture::Missing;
+        };
+        let origin = Origin {
+            workload,
+            pid: orig.pid,
+            uid: orig.uid,
+            cgroup_id: orig.cgroup_id,
+        };
+        let (dst, observe) = (orig_dst(&orig), local.observe);
+        let captured = move |identity| Captured {
+            dst,
+            identity,
+            observe,
+            origin,
+        };
+        let (pid, uid, cgroup) = (orig.pid, orig.uid, orig.cgroup_id);
+        if let Some(id) = self.attestor.cached(&local.identity, pid, uid, cgroup) {
+            return Capture::Ready(captured(id));
+        }
+        // A first contact of this process and executable: hashing and NSS, where the
+        // caller may block.
+        let attestor = self.attestor.clone();
+        let workload_identity = local.identity.clone();
+        Capture::Pending(Box::new(move || {
+            let id = attestor.attest_connection(&workload_identity, pid, uid, cgroup);
+            Some(captured(id))
+        }))
     }
 }
 

@@ -1,37 +1,55 @@
-//! Policy decisions on the connection path.
+//! Policy decisions on the connection path: pure, cached, and replaceable at any time.
 //!
-//! Both ends decide: the source enforcer checks the connection against the destination's
-//! identity (egress), the destination enforcer against the source's identity (ingress). The
-//! policy in force can be replaced at any time ([`Authorizer::replace`]); decisions are cached
-//! per compiled policy, so a replacement invalidates them. **Live connections that the new
-//! policy denies are closed** (reset) at once: a reload is how an operator cuts off access,
-//! and letting such connections run until they end would keep it open indefinitely.
+//! Both ends decide: the source enforcer checks a connection against the destination's
+//! identity (egress), the destination enforcer against the source's identity (ingress).
+//! [`Decisions`] holds the policy in force with its decision cache and label interner; it
+//! does nothing else: live connections and what happens to them on a reload are the
+//! [`crate::registry`]'s, and DNS resolutions are read from the [`DnsTable`] it is given.
 use std::{
-    collections::HashMap,
     net::IpAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
 
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
 use tessera_policy::{
     CompiledPolicy, Labels, Subject, Verdict,
     cache::{DecisionCache, Interner},
 };
-use tokio::sync::watch;
 
 use crate::dns::DnsTable;
 
 /// What happens when policy denies: `Enforce` refuses, `Observe` only records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PolicyMode {
+    #[default]
     Enforce,
     Observe,
 }
 
-/// One end of a connection, owned (for the live-connection registry).
+/// Which end of a connection this enforcer decides for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The destination's end: the source's identity is checked.
+    Ingress,
+    /// The source's end: the destination's identity is checked.
+    Egress,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Ingress => "ingress",
+            Side::Egress => "egress",
+        }
+    }
+}
+
+/// One end of a connection, owned (the registry keeps it to re-decide on a reload).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Party {
     pub labels: Option<Labels>,
@@ -59,9 +77,20 @@ impl Party {
     }
 }
 
-/// The outcome of a check, as flows record it.
+/// A connection to decide: who, to whom, which port, at which end.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outcome {
+pub struct Attempt {
+    pub side: Side,
+    pub src: Party,
+    pub dst: Party,
+    pub port: u16,
+    /// The local workload is in observe mode (its denials are recorded, not enforced).
+    pub observe: bool,
+}
+
+/// A decision, as flows record it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ruling {
     /// Whether the connection may proceed (true also when a denial is only observed).
     pub allowed: bool,
     /// Denied by policy but let through because of observe mode.
@@ -69,121 +98,46 @@ pub struct Outcome {
     /// The rule that decided, if any.
     pub rule: Option<String>,
     pub reason: String,
+    /// The policy generation it was made under (see [`Decisions::generation`]).
+    pub generation: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    Ingress,
-    Egress,
-}
-
-struct Live {
-    src: Party,
-    dst: Party,
-    port: u16,
-    observe: bool,
-    side: Side,
-    close: watch::Sender<Option<String>>,
-}
-
-pub struct Authorizer {
+pub struct Decisions {
     current: ArcSwap<DecisionCache>,
-    dns: DnsTable,
+    dns: Arc<DnsTable>,
     interner: Interner,
     mode: PolicyMode,
-    live: Mutex<HashMap<u64, Live>>,
-    next: AtomicU64,
-    /// Bumped after each policy replacement (watchers of many connections wait on it).
-    reloads: watch::Sender<u64>,
+    /// Bumped by every replacement, before decisions under the new policy are made.
+    generation: AtomicU64,
 }
 
 /// Decisions cached per compiled policy, at most this many.
 const CACHE_ENTRIES: usize = 1 << 20;
 
-impl Authorizer {
-    pub fn new(policy: Arc<CompiledPolicy>, mode: PolicyMode) -> Self {
+impl Decisions {
+    pub fn new(policy: Arc<CompiledPolicy>, mode: PolicyMode, dns: Arc<DnsTable>) -> Self {
         Self {
             current: ArcSwap::from_pointee(DecisionCache::new(policy, CACHE_ENTRIES)),
-            dns: DnsTable::default(),
+            dns,
             interner: Interner::default(),
             mode,
-            live: Mutex::default(),
-            next: AtomicU64::new(1),
-            reloads: watch::channel(0).0,
+            generation: AtomicU64::new(0),
         }
-    }
-
-    /// Changes each time a policy replaces the previous one (after live connections were
-    /// re-checked and the revoked ones told).
-    pub fn reloads(&self) -> watch::Receiver<u64> {
-        self.reloads.subscribe()
     }
 
     pub fn rule_count(&self) -> usize {
         self.current.load().policy.rule_count()
     }
 
-    /// Decides a connection. `observe` puts this workload in observe mode.
-    pub fn check(&self, src: &Party, dst: &Party, port: u16, observe: bool) -> Outcome {
-        let cache = self.current.load();
-        let s = self.interner.intern(src.labels.as_ref(), src.addr);
-        let d = self.interner.intern(dst.labels.as_ref(), dst.addr);
-        let resolved = |name: &str, addr: IpAddr| self.dns.resolves(name, addr);
-        let decision = cache.decide((s, &src.subject()), (d, &dst.subject()), port, &resolved);
-        let rule = decision.rule.as_deref().map(str::to_owned);
-        match decision.verdict {
-            Verdict::Allow => Outcome {
-                allowed: true,
-                observed_deny: decision.observed_deny.is_some(),
-                reason: match &decision.observed_deny {
-                    Some(o) => format!("{} (observe: rule {o} would deny)", decision.reason()),
-                    None => decision.reason(),
-                },
-                rule,
-            },
-            Verdict::Deny if self.mode == PolicyMode::Observe || observe => Outcome {
-                allowed: true,
-                observed_deny: true,
-                reason: format!("observe: would be {}", decision.reason()),
-                rule,
-            },
-            Verdict::Deny => Outcome {
-                allowed: false,
-                observed_deny: false,
-                reason: decision.reason(),
-                rule,
-            },
-        }
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<CompiledPolicy> {
+        self.current.load().policy.clone()
     }
 
-    /// Registers a live, allowed connection. The receiver yields a reason when a policy
-    /// replacement denies it; the registration ends when the guard is dropped.
-    pub fn register(
-        self: &Arc<Self>,
-        side: Side,
-        src: Party,
-        dst: Party,
-        port: u16,
-        observe: bool,
-    ) -> LiveGuard {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (close, closed) = watch::channel(None);
-        self.live.lock().expect("lock").insert(
-            id,
-            Live {
-                src,
-                dst,
-                port,
-                observe,
-                side,
-                close,
-            },
-        );
-        LiveGuard {
-            authz: self.clone(),
-            id,
-            closed,
-        }
+    /// Changes with every replacement: a decision made under an older generation may no
+    /// longer hold.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The DNS names the policy in force mentions.
@@ -191,75 +145,59 @@ impl Authorizer {
         self.current.load().policy.dns_names.clone()
     }
 
-    /// Resolutions of those names (kept by `dns::keep_resolved`).
+    /// Resolutions of those names.
     pub fn dns(&self) -> &DnsTable {
         &self.dns
     }
 
-    /// Re-makes every decision under the policy in force (after DNS answers changed):
-    /// cached decisions are dropped and live connections no longer allowed are closed.
-    pub fn reevaluate(&self) -> usize {
-        self.replace(self.current.load().policy.clone())
+    /// Decides a connection.
+    pub fn check(&self, a: &Attempt) -> Ruling {
+        let generation = self.generation();
+        let cache = self.current.load();
+        let s = self.interner.intern(a.src.labels.as_ref(), a.src.addr);
+        let d = self.interner.intern(a.dst.labels.as_ref(), a.dst.addr);
+        let resolved = |name: &str, addr: IpAddr| self.dns.resolves(name, addr);
+        let decision = cache.decide(
+            (s, &a.src.subject()),
+            (d, &a.dst.subject()),
+            a.port,
+            &resolved,
+        );
+        let rule = decision.rule.as_deref().map(str::to_owned);
+        match decision.verdict {
+            Verdict::Allow => Ruling {
+                allowed: true,
+                observed_deny: decision.observed_deny.is_some(),
+                reason: match &decision.observed_deny {
+                    Some(o) => format!("{} (observe: rule {o} would deny)", decision.reason()),
+                    None => decision.reason(),
+                },
+                rule,
+                generation,
+            },
+            Verdict::Deny if self.mode == PolicyMode::Observe || a.observe => Ruling {
+                allowed: true,
+                observed_deny: true,
+                reason: format!("observe: would be {}", decision.reason()),
+                rule,
+                generation,
+            },
+            Verdict::Deny => Ruling {
+                allowed: false,
+                observed_deny: false,
+                reason: decision.reason(),
+                rule,
+                generation,
+            },
+        }
     }
 
-    /// Puts `policy` in force. Live connections it denies are told to close; returns how many.
-    pub fn replace(&self, policy: Arc<CompiledPolicy>) -> usize {
+    /// Puts `policy` in force (cached decisions go with the old one). Live connections are
+    /// the registry's to re-check: see [`crate::registry::ConnectionRegistry::apply`].
+    pub fn replace(&self, policy: Arc<CompiledPolicy>) {
         self.current
             .store(Arc::new(DecisionCache::new(policy, CACHE_ENTRIES)));
-        let live = self.live.lock().expect("lock");
-        let mut closed = 0;
-        for conn in live.values() {
-            let outcome = self.check(&conn.src, &conn.dst, conn.port, conn.observe);
-            if !outcome.allowed {
-                let side = match conn.side {
-                    Side::Ingress => "ingress",
-                    Side::Egress => "egress",
-                };
-                let _ = conn.close.send(Some(format!(
-                    "closed by policy reload ({side}): {}",
-                    outcome.reason
-                )));
-                closed += 1;
-            }
-        }
-        drop(live);
-        self.reloads.send_modify(|n| *n += 1);
-        closed
-    }
-
-    pub fn live_count(&self) -> usize {
-        self.live.lock().expect("lock").len()
-    }
-}
-
-pub struct LiveGuard {
-    authz: Arc<Authorizer>,
-    id: u64,
-    closed: watch::Receiver<Option<String>>,
-}
-
-impl LiveGuard {
-    /// The revocation reason, if policy has revoked this connection already.
-    pub fn revocation(&self) -> Option<String> {
-        self.closed.borrow().clone()
-    }
-
-    /// Resolves with the reason when policy revokes this connection; never otherwise.
-    pub async fn revoked(&mut self) -> String {
-        loop {
-            if let Some(reason) = self.closed.borrow_and_update().clone() {
-                return reason;
-            }
-            if self.closed.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-}
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        self.authz.live.lock().expect("lock").remove(&self.id);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -271,65 +209,53 @@ mod tests {
         tessera_policy::load("p.yaml", text).unwrap()
     }
 
-    const WEB_API: &str = "rules:\n  - {name: web-api, action: allow, from: {labels: [app=web]}, to: {labels: [app=api]}}\n";
+    pub(crate) const WEB_API: &str = "rules:\n  - {name: web-api, action: allow, from: {labels: [app=web]}, to: {labels: [app=api]}}\n";
 
     fn party(s: &str) -> Party {
         Party::workload(Labels::parse(s).unwrap(), None)
     }
 
+    fn attempt(src: &str, dst: &str, observe: bool) -> Attempt {
+        Attempt {
+            side: Side::Egress,
+            src: party(src),
+            dst: party(dst),
+            port: 80,
+            observe,
+        }
+    }
+
     #[test]
     fn enforce_observe_and_workload_observe() {
-        let a = Authorizer::new(policy(WEB_API), PolicyMode::Enforce);
-        let ok = a.check(&party("app=web"), &party("app=api"), 80, false);
+        let a = Decisions::new(policy(WEB_API), PolicyMode::Enforce, Default::default());
+        let ok = a.check(&attempt("app=web", "app=api", false));
         assert!(ok.allowed && !ok.observed_deny);
         assert_eq!(ok.rule.as_deref(), Some("web-api"));
-        let no = a.check(&party("app=api"), &party("app=web"), 80, false);
+        let no = a.check(&attempt("app=api", "app=web", false));
         assert!(!no.allowed);
         assert_eq!(no.reason, "denied: no rule allows it (default deny)");
-        let watched = a.check(&party("app=api"), &party("app=web"), 80, true);
+        let watched = a.check(&attempt("app=api", "app=web", true));
         assert!(
             watched.allowed && watched.observed_deny,
             "workload in observe mode"
         );
-        let o = Authorizer::new(policy(WEB_API), PolicyMode::Observe);
-        let r = o.check(&party("app=api"), &party("app=web"), 80, false);
+        let o = Decisions::new(policy(WEB_API), PolicyMode::Observe, Default::default());
+        let r = o.check(&attempt("app=api", "app=web", false));
         assert!(r.allowed && r.observed_deny);
         assert!(r.reason.starts_with("observe: would be denied"));
     }
 
-    #[tokio::test]
-    async fn a_replacement_closes_exactly_the_connections_it_denies() {
-        let a = Arc::new(Authorizer::new(policy(WEB_API), PolicyMode::Enforce));
-        let mut web_api = a.register(Side::Egress, party("app=web"), party("app=api"), 80, false);
-        let mut other = a.register(
-            Side::Ingress,
-            party("app=web,team=x"),
-            party("app=api"),
-            80,
-            false,
-        );
-        assert_eq!(a.live_count(), 2);
-        let only_team_x = "rules:\n  - {name: x, action: allow, from: {labels: [team=x]}, to: {labels: [app=api]}}\n";
-        assert_eq!(a.replace(policy(only_team_x)), 1);
-        let reason = tokio::time::timeout(std::time::Duration::from_secs(1), web_api.revoked())
-            .await
-            .unwrap();
-        assert_eq!(
-            reason,
-            "closed by policy reload (egress): denied: no rule allows it (default deny)"
-        );
+    #[test]
+    fn a_replacement_drops_cached_decisions_and_moves_the_generation() {
+        let a = Decisions::new(policy(WEB_API), PolicyMode::Enforce, Default::default());
+        let before = a.check(&attempt("app=web", "app=api", false));
+        assert!(before.allowed);
+        a.replace(policy("rules: []\n"));
+        let after = a.check(&attempt("app=web", "app=api", false));
         assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(50), other.revoked())
-                .await
-                .is_err(),
-            "still allowed"
+            !after.allowed,
+            "the cached decision went with the old policy"
         );
-        drop(web_api);
-        assert_eq!(a.live_count(), 1);
-        // New checks see the new policy (the old cached decision is gone).
-        assert!(
-            !a.check(&party("app=web"), &party("app=api"), 80, false)
-                .allowed
-        );
+        assert_eq!(after.generation, before.generation + 1);
     }
 }

@@ -19,7 +19,15 @@ use hickory_resolver::{
     proto::xfer::Protocol,
 };
 
-use crate::authz::Authorizer;
+/// What [`keep_resolved`] keeps resolved, and whom it tells when answers change (the
+/// connection registry, which re-decides live connections).
+pub trait PolicyNames: Send + Sync + 'static {
+    /// The DNS names the policy in force mentions.
+    fn names(&self) -> Vec<String>;
+    /// Resolutions changed: decisions must be re-made. Returns how many live connections
+    /// that closed.
+    fn resolutions_changed(&self) -> usize;
+}
 
 pub const MIN_TTL: Duration = Duration::from_secs(1);
 pub const MAX_TTL: Duration = Duration::from_secs(300);
@@ -101,12 +109,16 @@ pub fn resolver(servers: &[SocketAddr]) -> Result<TokioResolver, hickory_resolve
     Ok(builder.build())
 }
 
-/// Keeps `authz`'s DNS table resolved for the policy in force, for as long as it runs.
-pub async fn keep_resolved(resolver: TokioResolver, authz: Arc<Authorizer>) {
+/// Keeps `table` resolved for the names `policy` mentions, for as long as it runs.
+pub async fn keep_resolved(
+    resolver: TokioResolver,
+    table: Arc<DnsTable>,
+    policy: Arc<dyn PolicyNames>,
+) {
     let mut due: HashMap<String, Instant> = HashMap::new();
     loop {
-        let names = authz.dns_names();
-        authz.dns().retain(&names);
+        let names = policy.names();
+        table.retain(&names);
         due.retain(|n, _| names.contains(n));
         let mut changed = false;
         for name in &names {
@@ -127,14 +139,14 @@ pub async fn keep_resolved(resolver: TokioResolver, authz: Arc<Authorizer>) {
                         ttl_secs = ttl.as_secs(),
                         "resolved a policy name"
                     );
-                    changed |= authz.dns().set(name, addrs);
+                    changed |= table.set(name, addrs);
                     due.insert(name.clone(), Instant::now() + ttl);
                 }
                 Err(e) => {
                     // NXDOMAIN and friends: the name matches nothing. A transient failure
                     // keeps what we had (if anything) until the next try.
                     if e.is_no_records_found() {
-                        changed |= authz.dns().set(name, HashSet::new());
+                        changed |= table.set(name, HashSet::new());
                     }
                     tracing::warn!(name, error = %e, "cannot resolve a policy name");
                     due.insert(name.clone(), Instant::now() + RETRY);
@@ -142,7 +154,7 @@ pub async fn keep_resolved(resolver: TokioResolver, authz: Arc<Authorizer>) {
             }
         }
         if changed {
-            let closed = authz.reevaluate();
+            let closed = policy.resolutions_changed();
             tracing::info!(
                 closed_connections = closed,
                 "policy names resolved differently: decisions re-made"

@@ -1,11 +1,26 @@
 //! Flow records: one per connection attempt the proxy sees, allowed or refused.
 //!
-//! Records go through a channel to a writer task that appends them as JSON lines to the
-//! configured flow log, so the connection path never waits on the disk.
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::SystemTime};
+//! A connection's record is owned by its [`FlowTracker`] from the first packet or accept
+//! until it is written, **exactly once**: when the path that handles it finishes it, or,
+//! if a path forgets (an early return, a panic, a dropped task), when the tracker is
+//! dropped. Records then go through a bounded channel to a writer task that appends them
+//! as JSON lines to the flow log, so the connection path never waits on the disk; a full
+//! channel drops the record and counts it ([`FlowLog::dropped`]) instead of growing.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::{io::AsyncWriteExt, sync::mpsc};
+
+use crate::{authz::Ruling, capture::Captured, code::Code, identity::Identity};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -80,6 +95,32 @@ pub fn label_map(labels: &tessera_policy::Labels) -> BTreeMap<String, String> {
 }
 
 impl Endpoint {
+    /// The identity a verified proof (or this host's own attestation) gave this end.
+    pub fn identified(&mut self, id: &Identity) {
+        self.spiffe = Some(id.spiffe.clone());
+        self.labels = label_map(&id.labels);
+    }
+
+    /// As [`Endpoint::identified`], and its workload and enforcer from the identity's
+    /// reserved labels (an identity from a peer, where nothing else names them).
+    pub fn identified_by_peer(&mut self, id: &Identity) {
+        use crate::identity::reserved;
+        self.workload = id.labels.get(reserved::WORKLOAD).map(str::to_owned);
+        if let Some(e) = id.labels.get(reserved::ENFORCER) {
+            self.enforcer = Some(e.to_owned());
+        }
+        self.identified(id);
+    }
+
+    /// The source of a captured connection: who made it, on this enforcer's word.
+    pub fn captured(&mut self, c: &Captured, enforcer: &str) {
+        self.workload = Some(c.origin.workload.clone()).filter(|w| !w.is_empty());
+        self.pid = Some(c.origin.pid);
+        self.uid = Some(c.origin.uid);
+        self.enforcer = Some(enforcer.to_owned());
+        self.identified(&c.identity);
+    }
+
     pub fn addr(addr: SocketAddr) -> Self {
         Self {
             addr,
@@ -119,8 +160,8 @@ pub struct FlowRecord {
     /// `wrong-session`, ...), `unauthenticated` (a direct connection), `not-served`,
     /// `peer-unreachable`, `workload-unreachable`, `bad-header`, `tls-handshake`,
     /// `no-capture`, `broken`. Empty when allowed and clean.
-    #[serde(skip_serializing_if = "String::is_empty", default)]
-    pub code: String,
+    #[serde(skip_serializing_if = "Code::is_clean", default)]
+    pub code: Code,
     /// The policy rule that decided at this end (none: default deny, or no policy step).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub rule: Option<String>,
@@ -154,7 +195,7 @@ impl FlowRecord {
             mode,
             verdict: Verdict::Error,
             reason: String::new(),
-            code: String::new(),
+            code: Code::Clean,
             rule: None,
             bytes_sent: 0,
             bytes_received: 0,
@@ -162,20 +203,156 @@ impl FlowRecord {
         }
     }
 
+    /// Policy's ruling on the connection at this end: the rule, the verdict and, for a
+    /// denial, the code `refused` with the reason as `wording` puts it (the policy's
+    /// reason is its argument). An observed denial keeps the policy's reason.
+    pub fn ruled(&mut self, ruling: &Ruling, refused: Code, wording: impl FnOnce(&str) -> String) {
+        self.rule = ruling.rule.clone();
+        if !ruling.allowed {
+            return self.refuse(refused, wording(&ruling.reason));
+        }
+        self.code = Code::Clean;
+        if ruling.observed_deny {
+            self.verdict = Verdict::ObservedDeny;
+            self.reason = ruling.reason.clone();
+        } else {
+            self.verdict = Verdict::Allowed;
+        }
+    }
+
+    /// Refused at this end (or by the other, which said why).
+    pub fn refuse(&mut self, code: Code, reason: String) {
+        self.verdict = Verdict::Denied;
+        self.code = code;
+        self.reason = reason;
+    }
+
+    /// It failed for a reason that is not a decision (unreachable, broken): the verdict
+    /// stays as it was (`error` before any decision).
+    pub fn fail(&mut self, code: Code, reason: String) {
+        self.code = code;
+        self.reason = reason;
+    }
+
+    /// A connection that ended with a reset after it was allowed: broken, for the
+    /// reset's reason, unless a revocation (a denial) already explains it.
+    pub fn reset(&mut self, reason: String) {
+        if self.verdict != Verdict::Denied {
+            self.fail(Code::Broken, reason);
+        }
+    }
+
+    /// Bytes from the source to the destination, and back.
+    pub fn transferred(&mut self, sent: u64, received: u64) {
+        (self.bytes_sent, self.bytes_received) = (sent, received);
+    }
+
     /// A live connection closed because a new policy (or DNS answer) no longer allows it.
     pub fn revoked_by(&mut self, reason: String) {
         self.verdict = Verdict::Denied;
         self.reason = reason;
-        self.code = "policy-reload".into();
+        self.code = Code::PolicyReload;
     }
 
-    /// The code for a record whose refusal site did not set one.
-    pub fn default_code(&self) -> &'static str {
+    /// The code for a record whose path did not set one: an error without a code is a
+    /// broken connection; a denial without one, policy's.
+    fn default_code(&self) -> Code {
         match self.verdict {
-            Verdict::Allowed if self.reason.is_empty() => "",
-            Verdict::Allowed | Verdict::Error => "broken",
-            Verdict::Denied | Verdict::ObservedDeny => "policy",
+            Verdict::Allowed | Verdict::ObservedDeny => Code::Clean,
+            Verdict::Error => Code::Broken,
+            Verdict::Denied => Code::Policy,
         }
+    }
+
+    /// Ready to be written: the duration since `start`, and a code if none was set.
+    pub fn close(&mut self, start: Instant) {
+        self.duration_ms = start.elapsed().as_millis() as u64;
+        if self.code.is_clean() {
+            self.code = self.default_code();
+        }
+    }
+}
+
+/// Owns one connection's record until it is written, exactly once (see the module doc).
+/// Dereferences to the record so the path that handles the connection fills it in.
+pub struct FlowTracker {
+    record: Option<FlowRecord>,
+    start: Instant,
+    flows: FlowLog,
+}
+
+impl FlowTracker {
+    pub fn new(flows: &FlowLog, record: FlowRecord) -> Self {
+        Self {
+            record: Some(record),
+            start: Instant::now(),
+            flows: flows.clone(),
+        }
+    }
+
+    /// Writes the record (consumes the tracker: a record cannot be written twice).
+    pub fn finish(mut self) {
+        self.write();
+    }
+
+    /// Refuses the connection with `code` and writes the record.
+    pub fn refuse(mut self, code: Code, reason: String) {
+        self.refuse_in_place(code, reason);
+        self.finish();
+    }
+
+    /// Records a failure (`code`, `reason`) and writes the record.
+    pub fn fail(mut self, code: Code, reason: String) {
+        FlowRecord::fail(&mut self, code, reason);
+        self.finish();
+    }
+
+    /// Writes nothing: what was tracked turned out not to be a connection attempt (a
+    /// tunnel that came up, before it carries any request).
+    pub fn discard(mut self) {
+        self.record = None;
+    }
+
+    fn refuse_in_place(&mut self, code: Code, reason: String) {
+        FlowRecord::refuse(self, code, reason);
+    }
+
+    fn write(&mut self) {
+        if let Some(mut rec) = self.record.take() {
+            rec.close(self.start);
+            self.flows.record(rec);
+        }
+    }
+}
+
+impl std::ops::Deref for FlowTracker {
+    type Target = FlowRecord;
+    fn deref(&self) -> &FlowRecord {
+        self.record
+            .as_ref()
+            .expect("a tracker holds its record until written")
+    }
+}
+
+impl std::ops::DerefMut for FlowTracker {
+    fn deref_mut(&mut self) -> &mut FlowRecord {
+        self.record
+            .as_mut()
+            .expect("a tracker holds its record until written")
+    }
+}
+
+impl Drop for FlowTracker {
+    fn drop(&mut self) {
+        // A path that returned (or panicked) without finishing: the record is still
+        // written, and says the connection ended without a result.
+        if let Some(rec) = &mut self.record
+            && rec.verdict == Verdict::Error
+            && rec.reason.is_empty()
+        {
+            rec.fail(Code::Broken, "the connection ended before a result".into());
+        }
+        self.write();
     }
 }
 
@@ -188,7 +365,7 @@ pub fn now_ms() -> u64 {
 
 /// Receives every flow record, off the connection path (in the writer task).
 pub trait FlowSink: Send + Sync + 'static {
-    fn record(&self, rec: std::sync::Arc<FlowRecord>);
+    fn record(&self, rec: Arc<FlowRecord>);
 }
 
 /// Records the writer takes at once at most.
@@ -196,19 +373,20 @@ const BATCH: usize = 256;
 /// How long records may wait to be written with the next ones.
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// Records waiting for the writer at most; past that they are dropped and counted.
+pub const QUEUE: usize = 65_536;
+
 /// Where flow records go. Cloning is cheap; dropping every clone ends the writer.
 #[derive(Clone)]
 pub struct FlowLog {
-    tx: mpsc::UnboundedSender<FlowRecord>,
+    tx: mpsc::Sender<FlowRecord>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl FlowLog {
     /// Starts the writer task; `path` of `None` keeps records in logs only. Every record
     /// also goes to `sink` (the enforcer's flow store), if any.
-    pub fn start(
-        path: Option<PathBuf>,
-        sink: Option<std::sync::Arc<dyn FlowSink>>,
-    ) -> std::io::Result<Self> {
+    pub fn start(path: Option<PathBuf>, sink: Option<Arc<dyn FlowSink>>) -> std::io::Result<Self> {
         let file = match &path {
             Some(p) => {
                 if let Some(dir) = p.parent() {
@@ -223,7 +401,7 @@ impl FlowLog {
             }
             None => None,
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<FlowRecord>();
+        let (tx, mut rx) = mpsc::channel::<FlowRecord>(QUEUE);
         tokio::spawn(async move {
             let mut file = file.map(tokio::fs::File::from_std);
             let mut batch = Vec::with_capacity(BATCH);
@@ -259,7 +437,7 @@ impl FlowLog {
                 }
                 for rec in batch.drain(..) {
                     if let Some(sink) = &sink {
-                        sink.record(std::sync::Arc::new(rec));
+                        sink.record(Arc::new(rec));
                     }
                 }
                 // Let the next records gather: at a high connection rate every send would
@@ -267,10 +445,29 @@ impl FlowLog {
                 tokio::time::sleep(COALESCE).await;
             }
         });
-        Ok(Self { tx })
+        Ok(Self {
+            tx,
+            dropped: Arc::default(),
+        })
     }
 
+    /// A log whose records go to `tx` (tests read them there).
+    pub fn to_channel(tx: mpsc::Sender<FlowRecord>) -> Self {
+        Self {
+            tx,
+            dropped: Arc::default(),
+        }
+    }
+
+    /// Queues a record for the writer; never waits. A full queue drops it (counted).
     pub fn record(&self, rec: FlowRecord) {
-        let _ = self.tx.send(rec);
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(rec) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 }

@@ -11,7 +11,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{
@@ -21,19 +21,21 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use crate::{
-    authz::{Authorizer, Party, Side},
-    copy::{Buffers, Ended, is_disconnect, send_reset, splice, splice_plain},
-    flow::{Direction, Endpoint, FlowLog, FlowRecord, Mode, Verdict, label_map, now_ms},
-    identity::session::{Tokens, TunnelSession, session_binding},
-    local::{LocalAddrs, LocalServices},
+    admission::{Admission, Carried, Facing, carry},
+    authz::{Attempt, Party, Side},
+    code::Code,
+    copy::{Buffers, Ended, send_reset, splice, splice_plain},
+    flow::{Direction, Endpoint, FlowRecord, FlowTracker, now_ms},
+    identity::session::{Proof, Tokens, TunnelSession, session_binding},
+    local::{LocalAddrs, LocalServices, LocalWorkload},
+    registry::ConnectionGuard,
     socket::{connect_marked, reset_on_close},
     tls::peer_name,
     wire::{Request, Response, Status, WireError},
 };
 
 pub struct Inbound {
-    pub name: String,
-    pub authz: Arc<Authorizer>,
+    pub admission: Arc<Admission>,
     pub tokens: Arc<Tokens>,
     pub acceptor: TlsAcceptor,
     pub services: LocalServices,
@@ -41,7 +43,6 @@ pub struct Inbound {
     pub mark: u32,
     /// Source address of deliveries to local workloads; `sk_lookup` lets it through.
     pub delivery_src4: Ipv4Addr,
-    pub flows: FlowLog,
     /// How long a tunnel may stay idle before its header (pooled tunnels wait here).
     pub idle_timeout: Duration,
 }
@@ -66,23 +67,29 @@ impl Inbound {
         }
     }
 
-    fn record(&self, direction: Direction, src: Endpoint, dst: Endpoint) -> FlowRecord {
-        FlowRecord::new(&self.name, Mode::Tunnel, direction, src, dst, now_ms())
+    /// This enforcer's name.
+    fn name(&self) -> &str {
+        self.admission.name()
     }
 
     async fn handle_tunnel(&self, tcp: TcpStream, remote: SocketAddr) {
-        let handshake_start = Instant::now();
+        // A failed handshake is recorded; a tunnel that carries requests records each one.
+        let flow = self.admission.track(
+            Direction::Inbound,
+            Endpoint::addr(remote),
+            Endpoint::addr(remote),
+        );
+        let refuse_handshake = |flow: FlowTracker, reason: String| {
+            flow.refuse(
+                Code::TlsHandshake,
+                format!("TLS handshake failed: {reason}"),
+            )
+        };
         let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await
         {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return self.refuse_handshake(remote, handshake_start, e.to_string()),
-            Err(_) => {
-                return self.refuse_handshake(
-                    remote,
-                    handshake_start,
-                    "TLS handshake timed out".into(),
-                );
-            }
+            Ok(Err(e)) => return refuse_handshake(flow, e.to_string()),
+            Err(_) => return refuse_handshake(flow, "TLS handshake timed out".into()),
         };
         let conn = tls.get_ref().1;
         let cert = conn.peer_certificates().and_then(|c| c.first());
@@ -100,9 +107,11 @@ impl Inbound {
             Ok(s) => s,
             Err(e) => {
                 let _ = shutdown_quietly(&mut tls).await;
-                return self.refuse_handshake(remote, handshake_start, format!("{peer}: {e}"));
+                return refuse_handshake(flow, format!("{peer}: {e}"));
             }
         };
+        // The tunnel is up: not a connection attempt of its own (each request is).
+        flow.discard();
         let mut buffers = Buffers::default();
         // One tunnel carries one connection at a time, as many as the source sends.
         loop {
@@ -114,20 +123,15 @@ impl Inbound {
                     // connection attempt.
                     Ok(Err(WireError::Truncated("preamble") | WireError::Io(_))) | Err(_) => break,
                     Ok(Err(e)) => {
-                        let mut rec = self.record(
+                        let mut flow = self.admission.track(
                             Direction::Inbound,
                             Endpoint::addr(remote),
                             Endpoint::addr(remote),
                         );
-                        rec.src.enforcer = Some(peer);
-                        rec.verdict = Verdict::Denied;
-                        rec.reason = format!("bad tunnel header: {e}");
-                        rec.code = "bad-header".into();
-                        let _ = Response::new(Status::BadRequest, rec.reason.clone())
-                            .with_code("bad-header")
-                            .write(&mut tls)
-                            .await;
-                        self.finish(rec, Instant::now());
+                        flow.src.enforcer = Some(peer);
+                        let reason = format!("bad tunnel header: {e}");
+                        let refused = Refused::new(Status::BadRequest, Code::BadHeader, reason);
+                        self.answer_refusal(&mut tls, refused, flow).await;
                         break;
                     }
                 };
@@ -150,174 +154,133 @@ impl Inbound {
         remote: SocketAddr,
         request: Request,
     ) -> bool {
-        let start = Instant::now();
-        let peer = session.peer.clone();
-        let peer = peer.as_str();
-        let mut rec = self.record(
-            Direction::Inbound,
-            Endpoint {
-                addr: remote,
-                workload: Some(request.source.workload.clone()).filter(|w| !w.is_empty()),
-                enforcer: Some(peer.to_owned()),
-                pid: Some(request.source.pid),
-                uid: Some(request.source.uid),
-                spiffe: None,
-                dns_name: None,
-                labels: Default::default(),
-            },
-            Endpoint::addr(request.dst),
-        );
-        rec.dst.enforcer = Some(self.name.clone());
-        // Who is asking comes first: an unauthenticated request learns nothing, not even
-        // whether the port is served.
-        let src_identity = match self
-            .tokens
-            .check(session, &request.proof, request.dst, now_ms())
-        {
-            Ok(id) => id,
-            Err(refusal) => {
-                rec.verdict = Verdict::Denied;
-                rec.reason = format!("source {refusal} ({})", refusal.reason());
-                rec.code = refusal.reason().into();
-                tracing::info!(peer, reason = refusal.reason(), error = %refusal, "refused a tunnel request");
-                let answer = Response::new(
-                    Status::Unauthenticated,
-                    format!("{}: {refusal} ({})", self.name, refusal.reason()),
-                );
-                return self.answer_refusal(tls, answer, rec, start).await;
-            }
+        let mut src = Endpoint::addr(remote);
+        src.workload = Some(request.source.workload.clone()).filter(|w| !w.is_empty());
+        src.enforcer = Some(session.peer.clone());
+        src.pid = Some(request.source.pid);
+        src.uid = Some(request.source.uid);
+        let mut flow = self
+            .admission
+            .track(Direction::Inbound, src, Endpoint::addr(request.dst));
+        flow.dst.enforcer = Some(self.name().to_owned());
+        let admitted = match self.admit(session, remote, &request, &mut flow) {
+            Ok(admitted) => admitted,
+            Err(refused) => return self.answer_refusal(tls, refused, flow).await,
         };
-        rec.src.spiffe = Some(src_identity.spiffe.clone());
-        rec.src.labels = label_map(&src_identity.labels);
-        let local = self.addrs.contains(request.dst.ip());
-        let Some(workload) = local
-            .then(|| self.services.workload(request.dst.port()))
-            .flatten()
-            .cloned()
-        else {
-            rec.verdict = Verdict::Denied;
-            rec.code = "not-served".into();
-            rec.reason = if local {
-                format!(
-                    "no workload of {} serves port {}",
-                    self.name,
-                    request.dst.port()
-                )
-            } else {
-                format!("{} is not an address of {}", request.dst.ip(), self.name)
-            };
-            let answer = Response::new(Status::NotServed, rec.reason.clone());
-            return self.answer_refusal(tls, answer, rec, start).await;
-        };
-        rec.dst.workload = Some(workload.name.clone());
-        let port = request.dst.port();
-        rec.dst.spiffe = Some(workload.identity.spiffe.clone());
-        rec.dst.labels = label_map(&workload.identity.labels);
-        let src = Party::workload(src_identity.labels, Some(remote.ip()));
-        let dst = Party::workload(workload.identity.labels.clone(), Some(request.dst.ip()));
-        // Our answer proves who accepted (or refused): signed for the destination workload.
-        let answer_proof =
-            match self
-                .tokens
-                .prove(session, &workload.identity, request.dst, now_ms())
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    rec.reason = format!("cannot sign for {}: {e}", workload.name);
-                    let answer = Response::new(Status::Unreachable, rec.reason.clone());
-                    return self.answer_refusal(tls, answer, rec, start).await;
-                }
-            };
-        let outcome = self.authz.check(&src, &dst, port, workload.observe);
-        rec.rule = outcome.rule.clone();
-        if !outcome.allowed {
-            rec.verdict = Verdict::Denied;
-            rec.reason = format!("ingress {}", outcome.reason);
-            rec.code = "policy".into();
-            let answer = Response::new(
-                Status::Denied,
-                format!("{}: ingress {}", self.name, outcome.reason),
-            )
-            .with_proof(answer_proof);
-            return self.answer_refusal(tls, answer, rec, start).await;
-        }
+        let Admitted {
+            workload,
+            proof,
+            mut guard,
+        } = admitted;
         let mut delivered = match self.deliver(request.dst).await {
             Ok(s) => s,
             Err(e) => {
-                rec.reason = format!("workload unreachable: {e}");
-                rec.code = "workload-unreachable".into();
-                let answer = Response::new(Status::Unreachable, rec.reason.clone());
-                return self.answer_refusal(tls, answer, rec, start).await;
+                let reason = format!("workload unreachable: {e}");
+                let refused =
+                    Refused::new(Status::Unreachable, Code::WorkloadUnreachable, reason).failure();
+                return self.answer_refusal(tls, refused, flow).await;
             }
         };
         if let Err(e) = Response::new(Status::Connected, workload.name.clone())
-            .with_proof(answer_proof)
+            .with_proof(proof)
             .write(tls)
             .await
         {
             reset_on_close(&delivered);
-            rec.reason = format!("tunnel broke before delivery: {e}");
-            rec.code = "broken".into();
-            self.finish(rec, start);
+            flow.fail(Code::Broken, format!("tunnel broke before delivery: {e}"));
             return false;
         }
-        rec.verdict = if outcome.observed_deny {
-            Verdict::ObservedDeny
-        } else {
-            Verdict::Allowed
-        };
-        if outcome.observed_deny {
-            rec.reason = outcome.reason;
-        }
-        let mut guard = self
-            .authz
-            .register(Side::Ingress, src, dst, port, workload.observe);
         // `delivered` is the workload side: bytes from it are bytes the source received.
-        let ended = tokio::select! {
-            r = splice(&mut delivered, tls, buffers) => Some(r),
-            reason = guard.revoked() => {
-                rec.revoked_by(reason);
-                None
-            }
-        };
-        if let (Some(Ok(Ended::Reset { .. }) | Err(_)), Some(reason)) = (&ended, guard.revocation())
-        {
-            rec.revoked_by(reason);
+        let spliced = splice(&mut delivered, tls, buffers);
+        let carried = carry(&mut guard, &mut flow, Facing::Destination, spliced, |e| {
+            format!("tunnel from {} broke: {e}", session.peer)
+        })
+        .await;
+        if carried == Carried::Revoked {
+            // Tell the source (it resets its side); the tunnel is not reused.
+            let t = buffers.transferred();
+            flow.transferred(t.to_app, t.from_app);
+            reset_on_close(&delivered);
+            let _ = tokio::time::timeout(Duration::from_secs(1), send_reset(tls)).await;
         }
-        let clean = match ended {
-            None => {
-                // Revoked: tell the source (it resets its side); the tunnel is not reused.
-                let t = buffers.transferred();
-                (rec.bytes_sent, rec.bytes_received) = (t.to_app, t.from_app);
-                reset_on_close(&delivered);
-                let _ = tokio::time::timeout(Duration::from_secs(1), send_reset(tls)).await;
-                false
-            }
-            Some(Ok(Ended::Clean(t))) => {
-                (rec.bytes_sent, rec.bytes_received) = (t.to_app, t.from_app);
-                true
-            }
-            Some(Ok(Ended::Reset {
-                transferred: t,
-                reason,
-            })) => {
-                (rec.bytes_sent, rec.bytes_received) = (t.to_app, t.from_app);
-                if rec.verdict != Verdict::Denied {
-                    rec.reason = reason;
-                }
-                false
-            }
-            Some(Err(e)) => {
-                if !is_disconnect(&e) {
-                    tracing::debug!(error = %e, "tunnel failed during a connection");
-                }
-                rec.reason = format!("tunnel from {peer} broke: {e}");
-                rec.code = "broken".into();
-                false
-            }
+        flow.finish();
+        carried == Carried::Clean
+    }
+
+    /// The admission phases of a tunnel request: who asks (its token), for which local
+    /// workload, our proof for that workload, and ingress policy.
+    fn admit(
+        &self,
+        session: &mut TunnelSession,
+        remote: SocketAddr,
+        request: &Request,
+        flow: &mut FlowTracker,
+    ) -> Result<Admitted, Refused> {
+        // Who is asking comes first: an unauthenticated request learns nothing, not even
+        // whether the port is served.
+        let src_identity = self
+            .tokens
+            .check(session, &request.proof, request.dst, now_ms())
+            .map_err(|refusal| {
+                tracing::info!(peer = %session.peer, reason = %refusal.code(), error = %refusal, "refused a tunnel request");
+                Refused::new(
+                    Status::Unauthenticated,
+                    refusal.code(),
+                    format!("source {refusal} ({})", refusal.code()),
+                )
+                .answer(format!("{}: {refusal} ({})", self.name(), refusal.code()))
+            })?;
+        flow.src.identified(&src_identity);
+        let workload = self.workload_for(request.dst)?;
+        flow.dst.workload = Some(workload.name.clone());
+        flow.dst.identified(&workload.identity);
+        let port = request.dst.port();
+        // Our answer proves who accepted (or refused): signed for the destination workload.
+        let proof = self
+            .tokens
+            .prove(session, &workload.identity, request.dst, now_ms())
+            .map_err(|e| {
+                let reason = format!("cannot sign for {}: {e}", workload.name);
+                Refused::new(Status::Unreachable, Code::Broken, reason).failure()
+            })?;
+        let attempt = Attempt {
+            side: Side::Ingress,
+            src: Party::workload(src_identity.labels, Some(remote.ip())),
+            dst: Party::workload(workload.identity.labels.clone(), Some(request.dst.ip())),
+            port,
+            observe: workload.observe,
         };
-        self.finish(rec, start);
-        clean
+        let guard = self
+            .admission
+            .admit(attempt, flow, Code::Policy, |r| format!("ingress {r}"))
+            .ok_or_else(|| {
+                Refused::new(Status::Denied, Code::Policy, flow.reason.clone())
+                    .answer(format!("{}: {}", self.name(), flow.reason))
+                    .with_proof(proof.clone())
+            })?;
+        Ok(Admitted {
+            workload,
+            proof,
+            guard,
+        })
+    }
+
+    /// The local workload a tunnel request is for: only this host's addresses and served
+    /// ports (a tunnel is never a relay to a third host).
+    fn workload_for(&self, dst: SocketAddr) -> Result<Arc<LocalWorkload>, Refused> {
+        let local = self.addrs.contains(dst.ip());
+        local
+            .then(|| self.services.workload(dst.port()))
+            .flatten()
+            .cloned()
+            .ok_or_else(|| {
+                let reason = if local {
+                    format!("no workload of {} serves port {}", self.name(), dst.port())
+                } else {
+                    format!("{} is not an address of {}", dst.ip(), self.name())
+                };
+                Refused::new(Status::NotServed, Code::NotServed, reason)
+            })
     }
 
     /// Answers a request that is not delivered and records it; returns whether the tunnel
@@ -325,17 +288,20 @@ impl Inbound {
     async fn answer_refusal(
         &self,
         tls: &mut TlsStream<TcpStream>,
-        answer: Response,
-        mut rec: FlowRecord,
-        start: Instant,
+        refused: Refused,
+        mut flow: FlowTracker,
     ) -> bool {
-        if rec.code.is_empty() {
-            rec.code = rec.default_code().into();
+        let rec: &mut FlowRecord = &mut flow;
+        if refused.denied {
+            rec.refuse(refused.code, refused.reason);
+        } else {
+            rec.fail(refused.code, refused.reason);
         }
         // The source records the same code as we do.
-        let sent = answer.with_code(rec.code.clone()).write(tls).await.is_ok();
-        self.finish(rec, start);
-        sent
+        let mut answer = Response::new(refused.status, refused.answer).with_code(flow.code);
+        answer.proof = refused.proof;
+        flow.finish();
+        answer.write(tls).await.is_ok()
     }
 
     /// Connects to a local workload from the delivery address (`sk_lookup` lets it through).
@@ -345,18 +311,6 @@ impl Inbound {
             IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
         };
         connect_marked(dst, self.mark, Some(bind), DELIVERY_TIMEOUT).await
-    }
-
-    fn refuse_handshake(&self, remote: SocketAddr, start: Instant, reason: String) {
-        let mut rec = self.record(
-            Direction::Inbound,
-            Endpoint::addr(remote),
-            Endpoint::addr(remote),
-        );
-        rec.verdict = Verdict::Denied;
-        rec.reason = format!("TLS handshake failed: {reason}");
-        rec.code = "tls-handshake".into();
-        self.finish(rec, start);
     }
 
     /// Connections steered here by `sk_lookup` because they tried to reach a protected port
@@ -379,84 +333,116 @@ impl Inbound {
     }
 
     async fn handle_direct(&self, mut stream: TcpStream, remote: SocketAddr) {
-        let start = Instant::now();
         let dst_addr = stream.local_addr().unwrap_or(remote);
-        let mut rec = self.record(
+        let mut flow = self.admission.track(
             Direction::Direct,
             Endpoint::addr(remote),
             Endpoint::addr(dst_addr),
         );
-        rec.dst.enforcer = Some(self.name.clone());
+        flow.dst.enforcer = Some(self.name().to_owned());
         let Some(workload) = self.services.workload(dst_addr.port()).cloned() else {
             reset_on_close(&stream);
-            rec.verdict = Verdict::Denied;
-            rec.reason = format!(
+            let reason = format!(
                 "no workload of {} serves port {}",
-                self.name,
+                self.name(),
                 dst_addr.port()
             );
-            rec.code = "not-served".into();
-            return self.finish(rec, start);
+            return flow.refuse(Code::NotServed, reason);
         };
-        rec.dst.workload = Some(workload.name.clone());
-        let src = Party::external(remote.ip());
-        rec.src.dns_name = self.authz.dns().name_of(remote.ip());
-        let dst = Party::workload(workload.identity.labels.clone(), Some(dst_addr.ip()));
-        let outcome = self
-            .authz
-            .check(&src, &dst, dst_addr.port(), workload.observe);
-        rec.rule = outcome.rule.clone();
-        if !outcome.allowed {
+        flow.dst.workload = Some(workload.name.clone());
+        flow.src.dns_name = self.admission.decisions().dns().name_of(remote.ip());
+        let attempt = Attempt {
+            side: Side::Ingress,
+            src: Party::external(remote.ip()),
+            dst: Party::workload(workload.identity.labels.clone(), Some(dst_addr.ip())),
+            port: dst_addr.port(),
+            observe: workload.observe,
+        };
+        let Some(mut guard) =
+            self.admission
+                .admit(attempt, &mut flow, Code::Unauthenticated, |r| {
+                    format!(
+                        "unauthenticated: the connection did not come through a Tessera tunnel; {r}"
+                    )
+                })
+        else {
             reset_on_close(&stream);
-            rec.verdict = Verdict::Denied;
-            rec.reason = format!(
-                "unauthenticated: the connection did not come through a Tessera tunnel; {}",
-                outcome.reason
-            );
-            rec.code = "unauthenticated".into();
-            return self.finish(rec, start);
-        }
+            return flow.finish();
+        };
         let mut delivered = match self.deliver(dst_addr).await {
             Ok(s) => s,
             Err(e) => {
                 reset_on_close(&stream);
-                rec.reason = format!("workload unreachable: {e}");
-                rec.code = "workload-unreachable".into();
-                return self.finish(rec, start);
+                return flow.fail(
+                    Code::WorkloadUnreachable,
+                    format!("workload unreachable: {e}"),
+                );
             }
         };
-        rec.verdict = if outcome.observed_deny {
-            Verdict::ObservedDeny
-        } else {
-            Verdict::Allowed
+        let plain = async {
+            splice_plain(&mut stream, &mut delivered)
+                .await
+                .map(Ended::Clean)
         };
-        rec.reason = outcome.reason;
-        let mut guard =
-            self.authz
-                .register(Side::Ingress, src, dst, dst_addr.port(), workload.observe);
-        tokio::select! {
-            r = splice_plain(&mut stream, &mut delivered) => match r {
-                Ok(t) => (rec.bytes_sent, rec.bytes_received) = (t.from_app, t.to_app),
-                Err(e) => {
-                    rec.reason = format!("connection broken: {e}");
-                    rec.code = "broken".into();
-                }
-            },
-            reason = guard.revoked() => {
-                reset_on_close(&stream);
-                reset_on_close(&delivered);
-                rec.revoked_by(reason);
-            }
+        let carried = carry(&mut guard, &mut flow, Facing::Source, plain, |e| {
+            format!("connection broken: {e}")
+        })
+        .await;
+        if carried == Carried::Revoked {
+            reset_on_close(&stream);
+            reset_on_close(&delivered);
         }
-        self.finish(rec, start)
+        flow.finish()
     }
+}
 
-    fn finish(&self, mut record: FlowRecord, start: Instant) {
-        record.duration_ms = start.elapsed().as_millis() as u64;
-        if record.code.is_empty() {
-            record.code = record.default_code().into();
+/// An admitted tunnel request, before delivery.
+struct Admitted {
+    workload: Arc<LocalWorkload>,
+    /// Our proof for the destination workload, for the answer.
+    proof: Proof,
+    guard: ConnectionGuard,
+}
+
+/// Why a tunnel request was not delivered: what its record says and what the source is
+/// answered.
+#[derive(Debug)]
+struct Refused {
+    status: Status,
+    code: Code,
+    /// For the record.
+    reason: String,
+    /// For the source (by default the record's reason).
+    answer: String,
+    /// Our proof for the destination workload, when one was chosen.
+    proof: Option<Proof>,
+    /// A refusal (verdict `denied`) rather than a failure (`error`).
+    denied: bool,
+}
+
+impl Refused {
+    fn new(status: Status, code: Code, reason: String) -> Self {
+        Self {
+            status,
+            code,
+            answer: reason.clone(),
+            reason,
+            proof: None,
+            denied: true,
         }
-        self.flows.record(record);
+    }
+    fn answer(mut self, answer: String) -> Self {
+        self.answer = answer;
+        self
+    }
+    fn with_proof(mut self, proof: Proof) -> Self {
+        self.proof = Some(proof);
+        self
+    }
+    /// Not a decision: the connection could not be made.
+    fn failure(mut self) -> Self {
+        self.denied = false;
+        self
     }
 }
 

@@ -8,9 +8,19 @@
 //!   connection does not pay a TLS handshake.
 //! * [`wire`]: the tunnel's request/response header, a small versioned binary layout.
 //! * [`copy`]: splicing two streams (half-close, backpressure, reset propagation).
-//! * [`tls`], [`peers`], [`socket`], [`local`], [`flow`]: certificates, routing table,
-//!   socket options, host-address checks, and flow records.
+//! * [`authz`]: policy decisions (pure, cached); [`registry`]: live connections of both
+//!   modes, re-decided when policy or DNS answers change; [`dns`]: `dns:` names' addresses.
+//! * [`capture`]: what the eBPF hooks captured; [`route`]: where a captured connection
+//!   goes (pure).
+//! * [`flow`]: flow records, each written exactly once by its tracker; [`code`]: the closed
+//!   set of refusal codes.
+//! * [`handshake`]: TCP-handshake mode (tokens in the handshake, data in the kernel).
+//! * [`tls`], [`peers`], [`socket`], [`local`]: certificates, routing table, socket
+//!   options, host-address checks.
+pub mod admission;
 pub mod authz;
+pub mod capture;
+pub mod code;
 pub mod copy;
 pub mod dns;
 pub mod flow;
@@ -21,6 +31,8 @@ pub mod local;
 pub mod outbound;
 pub mod peers;
 pub mod pool;
+pub mod registry;
+pub mod route;
 pub mod socket;
 pub mod tls;
 pub mod wire;

@@ -6,12 +6,7 @@
 //! its answer (with the destination's identity) decide egress policy before the first
 //! application byte flows. A destination without an enforcer is reached directly only if
 //! policy allows it. Anything refused is reset: a captured connection never goes around us.
-use std::{
-    io,
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::AsyncWriteExt,
@@ -19,51 +14,40 @@ use tokio::{
 };
 
 use crate::{
-    authz::{Authorizer, Party, Side},
-    copy::{Ended, is_disconnect, send_reset, splice, splice_plain},
-    flow::{Direction, Endpoint, FlowLog, FlowRecord, Mode, Verdict, label_map, now_ms},
-    identity::{
-        Identity,
-        session::{Refusal, Tokens},
-    },
+    admission::{Admission, Carried, Facing, carry},
+    authz::Party,
+    capture::{CaptureLookup, Captured},
+    code::Code,
+    copy::{Ended, send_reset, splice, splice_plain},
+    flow::{Direction, Endpoint, FlowTracker, now_ms},
+    identity::session::{Refusal, Tokens},
     peers::{Peer, PeerTable},
     pool::{Tunnel, TunnelPool},
+    route::{self, Plan, Route},
     socket::{connect_marked, reset_on_close},
-    wire::{Request, Response, Source, Status},
+    wire::{Request, Response, Status},
 };
 
-/// The original destination of a captured connection and who made it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Captured {
-    pub dst: SocketAddr,
-    pub source: Source,
-    /// The source's identity: its workload's, plus what the enforcer derived from the
-    /// connecting process (uid, executable).
-    pub identity: Identity,
-    /// The source workload is in policy observe mode.
-    pub observe: bool,
-}
-
-/// Finds (and forgets) the capture record of a redirected connection by its client address.
-pub trait CaptureLookup: Send + Sync + 'static {
-    fn take(&self, client: SocketAddr) -> Option<Captured>;
-}
-
 pub struct Outbound {
-    /// This enforcer's name (the reporter of its flows).
-    pub name: String,
+    pub admission: Arc<Admission>,
     pub lookup: Arc<dyn CaptureLookup>,
     pub peers: PeerTable,
     pub pool: Arc<TunnelPool>,
-    pub authz: Arc<Authorizer>,
     pub tokens: Arc<Tokens>,
-    pub flows: FlowLog,
     pub mark: u32,
 }
 
 /// How long the peer may take to answer a request (it connects to its workload meanwhile).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const EXTERNAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a tunnel could not be opened (the peer is unreachable, or did not answer).
+#[derive(Debug, thiserror::Error)]
+#[error("peer enforcer {peer} unreachable: {error}")]
+pub struct Unreachable {
+    peer: String,
+    error: io::Error,
+}
 
 impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
@@ -83,134 +67,95 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, mut app: TcpStream, client: SocketAddr) {
-        let start = Instant::now();
-        let mut record = FlowRecord::new(
-            &self.name,
-            Mode::Tunnel,
+    async fn handle(&self, app: TcpStream, client: SocketAddr) {
+        let mut flow = self.admission.track(
             Direction::Outbound,
             Endpoint::addr(client),
             Endpoint::addr(client),
-            now_ms(),
         );
-        let Some(captured) = self.lookup.take(client) else {
+        // Attesting the process may block (hashing, NSS): never on this worker.
+        let Some(captured) = self.lookup.take(client).resolve_blocking().await else {
             reset_on_close(&app);
-            record.reason = "no capture record for this connection".into();
-            record.code = "no-capture".into();
-            return self.finish(record, start);
+            return flow.fail(
+                Code::NoCapture,
+                "no capture record for this connection".into(),
+            );
         };
-        record.src.workload = Some(captured.source.workload.clone()).filter(|w| !w.is_empty());
-        record.src.pid = Some(captured.source.pid);
-        record.src.uid = Some(captured.source.uid);
-        record.src.enforcer = Some(self.name.clone());
-        record.src.spiffe = Some(captured.identity.spiffe.clone());
-        record.src.labels = label_map(&captured.identity.labels);
-        record.dst = Endpoint::addr(captured.dst);
-        let src = Party::workload(captured.identity.labels.clone(), None);
-
-        match self.peers.lookup(captured.dst.ip()) {
-            Some(peer) => {
-                self.via_tunnel(app, captured, src, peer, record, start)
-                    .await
-            }
-            None => self.external(&mut app, &captured, src, record, start).await,
+        flow.src.captured(&captured, self.admission.name());
+        flow.dst = Endpoint::addr(captured.dst);
+        let plan = route::plan(&captured, &self.peers);
+        match plan.route {
+            Route::Peer(peer) => self.via_tunnel(app, &captured, &plan, peer, flow).await,
+            Route::External => self.external(app, &captured, &plan, flow).await,
         }
     }
 
     /// A destination no enforcer serves: reached directly if policy allows it.
     async fn external(
         &self,
-        app: &mut TcpStream,
+        mut app: TcpStream,
         captured: &Captured,
-        src: Party,
-        mut record: FlowRecord,
-        start: Instant,
+        plan: &Plan<'_>,
+        mut flow: FlowTracker,
     ) {
-        let dst = Party::external(captured.dst.ip());
-        record.dst.dns_name = self.authz.dns().name_of(captured.dst.ip());
-        let outcome = self
-            .authz
-            .check(&src, &dst, captured.dst.port(), captured.observe);
-        record.rule = outcome.rule.clone();
-        if !outcome.allowed {
-            reset_on_close(app);
-            record.verdict = Verdict::Denied;
-            record.reason = format!(
-                "no enforcer serves {}; {}",
-                captured.dst.ip(),
-                outcome.reason
-            );
-            return self.finish(record, start);
-        }
+        let ip = captured.dst.ip();
+        flow.dst.dns_name = self.admission.decisions().dns().name_of(ip);
+        let attempt = plan.attempt(route::external_party(captured));
+        let Some(mut guard) = self.admission.admit(attempt, &mut flow, Code::Policy, |r| {
+            format!("no enforcer serves {ip}; {r}")
+        }) else {
+            reset_on_close(&app);
+            return flow.finish();
+        };
         let mut remote =
             match connect_marked(captured.dst, self.mark, None, EXTERNAL_CONNECT_TIMEOUT).await {
                 Ok(s) => s,
                 Err(e) => {
-                    reset_on_close(app);
-                    record.reason = format!("external destination unreachable: {e}");
-                    record.code = "peer-unreachable".into();
-                    return self.finish(record, start);
+                    reset_on_close(&app);
+                    return flow.fail(
+                        Code::PeerUnreachable,
+                        format!("external destination unreachable: {e}"),
+                    );
                 }
             };
-        record.verdict = if outcome.observed_deny {
-            Verdict::ObservedDeny
-        } else {
-            Verdict::Allowed
-        };
-        record.reason = outcome.reason;
-        let mut guard = self.authz.register(
-            Side::Egress,
-            src,
-            dst,
-            captured.dst.port(),
-            captured.observe,
-        );
-        tokio::select! {
-            r = splice_plain(app, &mut remote) => match r {
-                Ok(t) => (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app),
-                Err(e) => {
-                    record.reason = format!("connection broken: {e}");
-                    record.code = "broken".into();
-                }
-            },
-            reason = guard.revoked() => {
-                reset_on_close(app);
-                reset_on_close(&remote);
-                record.revoked_by(reason);
-            }
+        let plain = async { splice_plain(&mut app, &mut remote).await.map(Ended::Clean) };
+        let carried = carry(&mut guard, &mut flow, Facing::Source, plain, |e| {
+            format!("connection broken: {e}")
+        })
+        .await;
+        if carried == Carried::Revoked {
+            reset_on_close(&app);
+            reset_on_close(&remote);
         }
-        self.finish(record, start)
+        flow.finish()
     }
 
     async fn via_tunnel(
         &self,
         mut app: TcpStream,
-        captured: Captured,
-        src: Party,
+        captured: &Captured,
+        plan: &Plan<'_>,
         peer: &Peer,
-        mut record: FlowRecord,
-        start: Instant,
+        mut flow: FlowTracker,
     ) {
-        record.dst.enforcer = Some(peer.name.clone());
-        let port = captured.dst.port();
-        let (mut tunnel, pooled, answer) = match self.open(peer, &captured).await {
+        flow.dst.enforcer = Some(peer.name.clone());
+        let (mut tunnel, pooled, answer) = match self.open(peer, captured).await {
             Ok(opened) => opened,
-            Err(reason) => {
+            Err(e) => {
                 reset_on_close(&app);
-                record.reason = reason;
-                return self.finish(record, start);
+                // No decision was made: the verdict stays `error`.
+                return flow.fail(Code::PeerUnreachable, e.to_string());
             }
         };
-        record.pooled = Some(pooled);
+        flow.pooled = Some(pooled);
         // The answer's proof says who accepted (or refused) at the other end.
         let dst_identity = answer.proof.as_ref().map(|proof| {
             self.tokens
                 .check(&tunnel.session, proof, captured.dst, now_ms())
         });
         if let Some(Ok(id)) = &dst_identity {
-            record.dst.workload = id.labels.get("tessera.io/workload").map(str::to_owned);
-            record.dst.spiffe = Some(id.spiffe.clone());
-            record.dst.labels = label_map(&id.labels);
+            flow.dst.identified_by_peer(id);
+            flow.dst.enforcer = Some(peer.name.clone());
         }
         if answer.status != Status::Connected {
             reset_on_close(&app);
@@ -220,14 +165,14 @@ impl Outbound {
             }
             // A refusal leaves the tunnel clean: it can carry the next connection.
             self.pool.put(peer, tunnel);
-            record.verdict = match answer.status {
-                Status::NotServed | Status::Denied | Status::Unauthenticated => Verdict::Denied,
-                _ => Verdict::Error,
-            };
-            record.reason = format!("{} refused: {}", peer.name, answer.reason);
+            let reason = format!("{} refused: {}", peer.name, answer.reason);
             // The peer's refusal code, as its own flow record has it.
-            record.code = answer.code.clone();
-            return self.finish(record, start);
+            return match answer.status {
+                Status::NotServed | Status::Denied | Status::Unauthenticated => {
+                    flow.refuse(answer.code, reason)
+                }
+                _ => flow.fail(answer.code, reason),
+            };
         }
         let dst_identity = match dst_identity {
             Some(Ok(id)) => id,
@@ -239,86 +184,44 @@ impl Outbound {
                 };
                 let _ = send_reset(&mut tunnel.stream).await;
                 reset_on_close(&app);
-                record.verdict = Verdict::Denied;
-                record.reason = format!(
+                let reason = format!(
                     "destination {refusal} ({}) in the answer of {}",
-                    refusal.reason(),
+                    refusal.code(),
                     peer.name
                 );
-                record.code = refusal.reason().into();
-                return self.finish(record, start);
+                return flow.refuse(refusal.code(), reason);
             }
         };
         let dst = Party::workload(dst_identity.labels, Some(captured.dst.ip()));
-        let outcome = self.authz.check(&src, &dst, port, captured.observe);
-        record.rule = outcome.rule.clone();
-        if !outcome.allowed {
+        let attempt = plan.attempt(dst);
+        let Some(mut guard) = self
+            .admission
+            .admit(attempt, &mut flow, Code::Policy, |r| format!("egress {r}"))
+        else {
             // Egress denied: nothing was sent yet; the peer resets its delivered connection.
             let _ = send_reset(&mut tunnel.stream).await;
             reset_on_close(&app);
-            record.verdict = Verdict::Denied;
-            record.reason = format!("egress {}", outcome.reason);
-            record.code = "policy".into();
-            return self.finish(record, start);
-        }
-        record.verdict = if outcome.observed_deny {
-            Verdict::ObservedDeny
-        } else {
-            Verdict::Allowed
+            return flow.finish();
         };
-        if outcome.observed_deny {
-            record.reason = outcome.reason;
-        }
-        let mut guard = self
-            .authz
-            .register(Side::Egress, src, dst, port, captured.observe);
-        let ended = tokio::select! {
-            r = splice(&mut app, &mut tunnel.stream, &mut tunnel.buffers) => Some(r),
-            reason = guard.revoked() => {
-                record.revoked_by(reason);
-                None
-            }
-        };
-        // Both ends revoke on a reload; whichever is first resets the other. Cite the reload
-        // here too if it applies to us.
-        if let (Some(Ok(Ended::Reset { .. }) | Err(_)), Some(reason)) = (&ended, guard.revocation())
-        {
-            record.revoked_by(reason);
-        }
-        match ended {
-            None => {
-                // Revoked: tell the peer (it resets its side), then drop the tunnel.
+        let spliced = splice(&mut app, &mut tunnel.stream, &mut tunnel.buffers);
+        let carried = carry(&mut guard, &mut flow, Facing::Source, spliced, |e| {
+            format!("tunnel to {} broke: {e}", peer.name)
+        })
+        .await;
+        match carried {
+            Carried::Revoked => {
+                // Tell the peer (it resets its side), then drop the tunnel.
                 let t = tunnel.buffers.transferred();
-                (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app);
+                flow.transferred(t.from_app, t.to_app);
                 reset_on_close(&app);
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), send_reset(&mut tunnel.stream))
                         .await;
             }
-            Some(Ok(Ended::Clean(t))) => {
-                (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app);
-                self.pool.put(peer, tunnel);
-            }
-            Some(Ok(Ended::Reset {
-                transferred: t,
-                reason,
-            })) => {
-                (record.bytes_sent, record.bytes_received) = (t.from_app, t.to_app);
-                if record.verdict != Verdict::Denied {
-                    record.reason = reason;
-                }
-            }
-            Some(Err(e)) => {
-                if !is_disconnect(&e) {
-                    tracing::debug!(error = %e, "tunnel failed during a connection");
-                }
-                if record.verdict != Verdict::Denied {
-                    record.reason = format!("tunnel to {} broke: {e}", peer.name);
-                    record.code = "broken".into();
-                }
-            }
+            Carried::Clean => self.pool.put(peer, tunnel),
+            Carried::Reset | Carried::Broken => {}
         }
-        self.finish(record, start)
+        flow.finish()
     }
 
     /// Takes a tunnel and exchanges the header. A pooled tunnel that turns out dead (the
@@ -328,8 +231,11 @@ impl Outbound {
         &self,
         peer: &Peer,
         captured: &Captured,
-    ) -> Result<(Tunnel, bool, Response), String> {
-        let unreachable = |e: io::Error| format!("peer enforcer {} unreachable: {e}", peer.name);
+    ) -> Result<(Tunnel, bool, Response), Unreachable> {
+        let unreachable = |error: io::Error| Unreachable {
+            peer: peer.name.clone(),
+            error,
+        };
         let (mut tunnel, pooled) = self.pool.get(peer).await.map_err(unreachable)?;
         match self.exchange(&mut tunnel, captured).await {
             Ok(answer) => Ok((tunnel, pooled, answer)),
@@ -360,7 +266,7 @@ impl Outbound {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let request = Request {
             dst: captured.dst,
-            source: captured.source.clone(),
+            source: captured.origin.clone(),
             proof,
         };
         tunnel.stream.write_all(&request.encode()).await?;
@@ -373,13 +279,5 @@ impl Outbound {
                 "no answer from the peer enforcer",
             )),
         }
-    }
-
-    fn finish(&self, mut record: FlowRecord, start: Instant) {
-        record.duration_ms = start.elapsed().as_millis() as u64;
-        if record.code.is_empty() {
-            record.code = record.default_code().into();
-        }
-        self.flows.record(record);
     }
 }

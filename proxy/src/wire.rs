@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use thiserror::Error;
 
+use crate::code::Code;
 use crate::identity::{
     session::Proof,
     token::{MAX_TOKEN, decode_identity, encode_identity},
@@ -48,14 +49,9 @@ pub enum WireError {
     Io(#[from] std::io::Error),
 }
 
-/// Who opened the connection on the source host, as the source enforcer observed it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Source {
-    pub workload: String,
-    pub pid: u32,
-    pub uid: u32,
-    pub cgroup_id: u64,
-}
+/// Who opened the connection on the source host (the header carries what the source
+/// enforcer's capture observed).
+pub use crate::capture::Origin as Source;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
@@ -103,7 +99,7 @@ pub struct Response {
     /// Why it was refused; on `Connected`, the name of the workload that accepted.
     pub reason: String,
     /// The refusal's short code (`policy`, `replay`, `not-served`, ...); empty on success.
-    pub code: String,
+    pub code: Code,
     /// The destination workload's identity (none when there is no such workload, or the
     /// request was refused before one was chosen).
     pub proof: Option<Proof>,
@@ -232,13 +228,13 @@ impl Response {
         Self {
             status,
             reason: reason.into(),
-            code: String::new(),
+            code: Code::Clean,
             proof: None,
         }
     }
 
-    pub fn with_code(mut self, code: impl Into<String>) -> Self {
-        self.code = code.into();
+    pub fn with_code(mut self, code: Code) -> Self {
+        self.code = code;
         self
     }
 
@@ -252,7 +248,7 @@ impl Response {
         let mut out = Vec::with_capacity(64 + reason.len());
         out.extend_from_slice(&[VERSION, self.status as u8, reason.len() as u8]);
         out.extend_from_slice(reason.as_bytes());
-        let code = truncate_utf8(&self.code, u8::MAX as usize);
+        let code = self.code.as_str();
         out.push(code.len() as u8);
         out.extend_from_slice(code.as_bytes());
         encode_proof(&mut out, self.proof.as_ref());
@@ -274,8 +270,10 @@ impl Response {
         read_exact(r, &mut len, "response code").await?;
         let mut code = vec![0u8; len[0] as usize];
         read_exact(r, &mut code, "response code").await?;
-        let code =
-            String::from_utf8(code).map_err(|_| WireError::Malformed("code is not UTF-8"))?;
+        let code = std::str::from_utf8(&code)
+            .ok()
+            .and_then(|c| c.parse::<Code>().ok())
+            .ok_or(WireError::Malformed("unknown refusal code"))?;
         let mut head = [0u8; 3];
         read_exact(r, &mut head, "response proof").await?;
         let len = u16::from_be_bytes([head[1], head[2]]) as usize;
@@ -425,7 +423,7 @@ mod tests {
     #[tokio::test]
     async fn response_round_trips_and_rejects_unknown_status() {
         let resp = Response::new(Status::Denied, "denied by rule x")
-            .with_code("policy")
+            .with_code(Code::Policy)
             .with_proof(Proof::Unsigned(crate::identity::Identity {
                 spiffe: "spiffe://td/enforcer/b/workload/api".into(),
                 labels: tessera_policy::Labels::new([("app", "api")]),

@@ -83,20 +83,27 @@ impl From<&ClosedConn> for Closed {
 /// Reads the ring buffer of closed connections. The programs write without waking us (at a
 /// high connection rate a wake-up per close would cost more than the record); a short
 /// interval drains it instead.
-pub async fn read_closed(mut ring: RingBuf<MapData>, tx: mpsc::UnboundedSender<Closed>) {
+///
+/// The channel is bounded: when the watcher lags, this reader waits, and the ring buffer
+/// (bounded in the kernel) fills and drops reports; the watcher's sweep then finds those
+/// connections gone (recorded without byte counts). Memory never grows.
+pub async fn read_closed(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Closed>) {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     loop {
         tick.tick().await;
-        while let Some(item) = ring.next() {
+        loop {
+            // (the item borrows the ring: copy it out before waiting on the channel)
+            let Some(item) = ring.next() else { break };
             if item.len() < std::mem::size_of::<ClosedConn>() {
                 continue;
             }
             // SAFETY: the programs write exactly a `ClosedConn` (repr(C), plain integers);
             // read_unaligned copes with the ring's 8-byte alignment.
             let c: ClosedConn = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
             let c = Closed::from(&c);
             tracing::debug!(local = %c.local, remote = %c.remote, sent = c.sent, received = c.received, "connection closed");
-            if tx.send(c).is_err() {
+            if tx.send(c).await.is_err() {
                 return;
             }
         }

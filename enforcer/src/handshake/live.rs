@@ -10,9 +10,10 @@ use std::{
 };
 
 use tessera_proxy::{
-    authz::{Authorizer, LiveGuard, Side},
+    authz::Side,
     flow::{FlowLog, FlowRecord, now_ms},
     handshake::engine::LiveConnection,
+    registry::{ConnectionGuard, ConnectionRegistry},
 };
 use tokio::sync::mpsc;
 
@@ -105,7 +106,7 @@ struct Watched {
     at_ns: u64,
     since: Instant,
     /// None once revoked (nothing more to watch for).
-    guard: Option<LiveGuard>,
+    guard: Option<ConnectionGuard>,
     /// Why policy revoked it: written as a revocation when it closes.
     revoked: Option<String>,
 }
@@ -129,15 +130,8 @@ fn finished(w: Watched, bytes: Option<(u64, u64)>) -> FlowRecord {
     rec
 }
 
-fn side_name(side: Side) -> &'static str {
-    match side {
-        Side::Ingress => "ingress",
-        Side::Egress => "egress",
-    }
-}
-
 struct Watcher {
-    authz: Arc<Authorizer>,
+    registry: Arc<ConnectionRegistry>,
     flows: FlowLog,
     watched: HashMap<(SocketAddr, SocketAddr), Watched>,
 }
@@ -146,34 +140,27 @@ impl Watcher {
     async fn register(&mut self, r: Registered) {
         let Registered { conn, at_ns } = r;
         let LiveConnection {
-            side,
             local,
             remote,
-            src,
-            dst,
-            port,
-            observe,
+            attempt,
+            ruling,
             record,
         } = conn;
+        let side = attempt.side;
         let key = (local, remote);
         tracing::debug!(%local, %remote, "watching a connection");
         if let Some(old) = self.watched.remove(&key) {
             // The 4-tuple was reused: the previous connection ended (its close not seen).
             self.flows.record(finished(old, None));
         }
-        // A policy may have been replaced since the handshake was decided.
-        let now = self.authz.check(&src, &dst, port, observe);
-        let (guard, revoked) = if now.allowed {
-            let guard = self.authz.register(side, src, dst, port, observe);
-            (Some(guard), None)
-        } else {
-            destroy(local, remote).await;
-            let reason = format!(
-                "closed by policy reload ({}): {}",
-                side_name(side),
-                now.reason
-            );
-            (None, Some(reason))
+        // (the registry re-decides it if a policy was applied since the handshake)
+        let guard = self.registry.register(attempt, &ruling);
+        let (guard, revoked) = match guard.revocation() {
+            None => (Some(guard), None),
+            Some(reason) => {
+                destroy(local, remote).await;
+                (None, Some(reason))
+            }
         };
         self.watched.insert(
             key,
@@ -238,10 +225,10 @@ impl Watcher {
 
 /// Watches the connections handshakes let through until they end.
 pub async fn watch(
-    authz: Arc<Authorizer>,
+    registry: Arc<ConnectionRegistry>,
     flows: FlowLog,
-    mut incoming: mpsc::UnboundedReceiver<Registered>,
-    mut closes: mpsc::UnboundedReceiver<Closed>,
+    mut incoming: mpsc::Receiver<Registered>,
+    mut closes: mpsc::Receiver<Closed>,
 ) {
     const SWEEP: Duration = Duration::from_secs(30);
     // Let the next events gather: one wake-up per batch, not per connection.
@@ -249,9 +236,9 @@ pub async fn watch(
     let mut w = Watcher {
         watched: HashMap::new(),
         flows,
-        authz: authz.clone(),
+        registry: registry.clone(),
     };
-    let mut reloads = authz.reloads();
+    let mut reloads = registry.reloads();
     let (mut arrived, mut ended) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
     let mut sweep = tokio::time::interval(SWEEP);
     let mut closes_open = true;

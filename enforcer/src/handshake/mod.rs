@@ -24,9 +24,9 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use tessera_proxy::{
-    authz::{Authorizer, Side},
     flow::{FlowLog, now_ms},
     handshake::engine::Engine,
+    registry::ConnectionRegistry,
 };
 use tokio::sync::mpsc;
 
@@ -38,23 +38,27 @@ mod rules;
 mod worker;
 
 pub use rules::{install_rules, remove_rules};
-use worker::{Handler, RawSender, worker};
+use worker::{Handler, Queue, RawSender, worker};
+
+/// Connections handed over to the watcher, and close reports, waiting at most (both
+/// channels apply backpressure rather than drop: see `worker` and `closed`).
+const WATCH_QUEUE: usize = 16_384;
 
 /// Starts the workers (a thread per queue), the watch of live connections and the expiry
 /// of unfinished handshakes.
 pub fn start(
     config: &Config,
     engine: Arc<Engine>,
-    authz: Arc<Authorizer>,
+    registry: Arc<ConnectionRegistry>,
     flows: FlowLog,
     closed: RingBuf<MapData>,
 ) -> Result<()> {
     let h = &config.handshake;
     let sender = Arc::new(RawSender::new(config.bpf.proxy_mark)?);
-    let (live_tx, live_rx) = mpsc::unbounded_channel();
-    let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+    let (live_tx, live_rx) = mpsc::channel(WATCH_QUEUE);
+    let (closed_tx, closed_rx) = mpsc::channel(WATCH_QUEUE);
     tokio::spawn(closed::read_closed(closed, closed_tx));
-    tokio::spawn(live::watch(authz, flows.clone(), live_rx, closed_rx));
+    tokio::spawn(live::watch(registry, flows.clone(), live_rx, closed_rx));
     let handler = if h.pass_through {
         tracing::warn!(
             "handshake.pass_through: every handshake passes UNVERIFIED (a benchmark baseline, never for production)"
@@ -67,8 +71,8 @@ pub fn start(
         Handler::Engine(engine.clone())
     };
     for (num, side, name) in [
-        (h.queue, Side::Egress, "tessera-hs-egress"),
-        (h.queue + 1, Side::Ingress, "tessera-hs-ingress"),
+        (h.queue, Queue::Egress, "tessera-hs-egress"),
+        (h.queue + 1, Queue::Ingress, "tessera-hs-ingress"),
     ] {
         let (handler, flows, sender) = (handler.clone(), flows.clone(), sender.clone());
         let live_tx = live_tx.clone();

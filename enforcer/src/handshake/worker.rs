@@ -9,7 +9,6 @@ use std::{
 use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tessera_proxy::{
-    authz::Side,
     flow::{FlowLog, now_ms},
     handshake::engine::{Engine, Outcome, PacketVerdict},
 };
@@ -54,6 +53,15 @@ impl RawSender {
     }
 }
 
+/// Which of the two queues a worker reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Queue {
+    /// Packets leaving this host (our clients' SYNs and ACKs, our servers' SYN-ACKs).
+    Egress,
+    /// Packets arriving.
+    Ingress,
+}
+
 /// What decides on queued packets.
 #[derive(Clone)]
 pub(super) enum Handler {
@@ -68,20 +76,20 @@ pub(super) enum Handler {
 }
 
 impl Handler {
-    fn handle(&self, side: Side, packet: &[u8], now_ms: u64) -> Outcome {
+    fn handle(&self, queue: Queue, packet: &[u8], now_ms: u64) -> Outcome {
         match self {
-            Self::Engine(engine) => match side {
-                Side::Egress => engine.egress(packet, now_ms),
-                Side::Ingress => engine.ingress(packet, now_ms),
+            Self::Engine(engine) => match queue {
+                Queue::Egress => engine.egress(packet, now_ms),
+                Queue::Ingress => engine.ingress(packet, now_ms),
             },
             Self::PassThrough { proven, acked } => {
                 let syn = tessera_proxy::handshake::packet::segment(packet)
                     .is_ok_and(|seg| seg.flags & pnet_packet::tcp::TcpFlags::SYN != 0);
                 Outcome {
-                    mark: match (syn, side) {
+                    mark: match (syn, queue) {
                         (true, _) => 0,
-                        (false, Side::Egress) => *acked,
-                        (false, Side::Ingress) => *proven,
+                        (false, Queue::Egress) => *acked,
+                        (false, Queue::Ingress) => *proven,
                     },
                     ..Outcome::accept()
                 }
@@ -92,11 +100,11 @@ impl Handler {
 
 pub(super) fn worker(
     queue_num: u16,
-    side: Side,
+    side: Queue,
     handler: Handler,
     flows: FlowLog,
     sender: Arc<RawSender>,
-    live: mpsc::UnboundedSender<Registered>,
+    live: mpsc::Sender<Registered>,
 ) -> Result<()> {
     let mut queue = nfq::Queue::open().context("cannot open an NFQUEUE socket")?;
     queue
@@ -142,7 +150,9 @@ pub(super) fn worker(
             flows.record(f);
         }
         if let (Some(conn), Some(at_ns)) = (outcome.live, registered_ns) {
-            let _ = live.send(Registered { conn: *conn, at_ns });
+            // Bounded: a watcher that lags slows the handshakes down (this thread waits)
+            // rather than losing a connection that a reload must be able to revoke.
+            let _ = live.blocking_send(Registered { conn: *conn, at_ns });
         }
     }
 }
@@ -167,12 +177,12 @@ mod tests {
         let synack = packet::build(s, c, 9, 2, TcpFlags::SYN | TcpFlags::ACK);
         let ack = packet::build(c, s, 2, 10, TcpFlags::ACK);
         for (side, p, mark) in [
-            (Side::Egress, &syn, 0),
-            (Side::Ingress, &syn, 0),
-            (Side::Egress, &synack, 0),
-            (Side::Ingress, &synack, 0),
-            (Side::Egress, &ack, 0x200),
-            (Side::Ingress, &ack, 0x100),
+            (Queue::Egress, &syn, 0),
+            (Queue::Ingress, &syn, 0),
+            (Queue::Egress, &synack, 0),
+            (Queue::Ingress, &synack, 0),
+            (Queue::Egress, &ack, 0x200),
+            (Queue::Ingress, &ack, 0x100),
         ] {
             let o = h.handle(side, p, 0);
             assert_eq!(

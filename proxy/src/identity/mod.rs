@@ -14,6 +14,29 @@ pub mod verifier;
 
 use tessera_policy::Labels;
 
+/// The labels an enforcer derives itself, in the reserved `tessera.io/` namespace: a
+/// workload can never declare them (configuration refuses them), and peers read who a
+/// workload is and which enforcer vouches for it from them. Defined once, here.
+pub mod reserved {
+    pub const PREFIX: &str = "tessera.io/";
+    pub const WORKLOAD: &str = "tessera.io/workload";
+    pub const ENFORCER: &str = "tessera.io/enforcer";
+    pub const HOST: &str = "tessera.io/host";
+    pub const CGROUP: &str = "tessera.io/cgroup";
+    pub const UID: &str = "tessera.io/uid";
+    pub const USER: &str = "tessera.io/user";
+    pub const EXE: &str = "tessera.io/exe";
+    pub const EXE_SHA256: &str = "tessera.io/exe-sha256";
+    pub const CONTAINER_ID: &str = "tessera.io/container-id";
+    pub const CONTAINER_RUNTIME: &str = "tessera.io/container-runtime";
+    pub const POD_UID: &str = "tessera.io/pod-uid";
+
+    /// Whether `key` is one of the reserved names' namespace.
+    pub fn is_reserved(key: &str) -> bool {
+        key.starts_with(PREFIX)
+    }
+}
+
 /// A workload's identity as tokens carry it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Identity {

@@ -12,6 +12,8 @@ use std::{collections::HashSet, net::SocketAddr};
 use rustls::pki_types::CertificateDer;
 use thiserror::Error;
 
+use crate::code::Code;
+
 use super::{
     Identity,
     signer::{Signer, identity_digest},
@@ -37,7 +39,7 @@ pub enum Proof {
     Unsigned(Identity),
 }
 
-/// Why a peer's proof was refused. `reason()` is the short name flows and metrics use.
+/// Why a peer's proof was refused. `code()` is what flows and metrics record.
 #[derive(Debug, Error)]
 pub enum Refusal {
     #[error("token rejected: {0}")]
@@ -55,14 +57,14 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn reason(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::Token(e) => e.reason(),
-            Self::NoToken => "no-token",
-            Self::IssuerNotPeer => "issuer-not-peer",
-            Self::ForeignIdentity { .. } => "foreign-identity",
-            Self::PeerCertificate(_) => "untrusted-issuer",
-            Self::TooLarge(_) => "oversized",
+            Self::Token(e) => e.code(),
+            Self::NoToken => Code::NoToken,
+            Self::IssuerNotPeer => Code::IssuerNotPeer,
+            Self::ForeignIdentity { .. } => Code::ForeignIdentity,
+            Self::PeerCertificate(_) => Code::UntrustedIssuer,
+            Self::TooLarge(_) => Code::Oversized,
         }
     }
 }
@@ -295,7 +297,8 @@ impl Tokens {
 /// Whether enforcer `peer` may vouch for `identity`: only for its own workloads.
 pub fn vouches(trust_domain: &str, peer: &str, identity: &Identity) -> bool {
     let prefix = format!("spiffe://{trust_domain}/enforcer/{peer}/workload/");
-    identity.spiffe.starts_with(&prefix) && identity.labels.get("tessera.io/enforcer") == Some(peer)
+    identity.spiffe.starts_with(&prefix)
+        && identity.labels.get(super::reserved::ENFORCER) == Some(peer)
 }
 
 #[cfg(test)]
@@ -376,7 +379,7 @@ mod tests {
         let stolen = workload("c", "db");
         let proof = a.tokens.prove(&mut at_a, &stolen, dst, NOW).unwrap();
         let err = b.tokens.check(&at_b, &proof, dst, NOW).unwrap_err();
-        assert_eq!(err.reason(), "foreign-identity", "{err}");
+        assert_eq!(err.code().as_str(), "foreign-identity", "{err}");
     }
 
     #[test]
@@ -396,7 +399,7 @@ mod tests {
             .prove(&mut c_to_b, &workload("a", "web"), dst, NOW)
             .unwrap();
         let err = b.tokens.check(&at_b, &proof, dst, NOW).unwrap_err();
-        assert_eq!(err.reason(), "issuer-not-peer", "{err}");
+        assert_eq!(err.code().as_str(), "issuer-not-peer", "{err}");
     }
 
     #[test]
@@ -411,7 +414,7 @@ mod tests {
             .unwrap();
         assert!(matches!(proof, Proof::Unsigned(_)));
         let err = b.tokens.check(&at_b, &proof, dst, NOW).unwrap_err();
-        assert_eq!(err.reason(), "no-token");
+        assert_eq!(err.code().as_str(), "no-token");
     }
 
     #[test]
@@ -423,6 +426,6 @@ mod tests {
             .tokens
             .session("x".into(), Some(&stranger.cert.clone().into()), [0; 16])
             .unwrap_err();
-        assert_eq!(err.reason(), "untrusted-issuer");
+        assert_eq!(err.code().as_str(), "untrusted-issuer");
     }
 }

@@ -19,6 +19,7 @@ use tessera_policy::Labels;
 use thiserror::Error;
 
 use super::Identity;
+use crate::code::Code;
 
 pub const VERSION: u8 = 1;
 /// Tokens sealed with a pair key (TCP-handshake mode).
@@ -90,21 +91,21 @@ pub enum TokenError {
 }
 
 impl TokenError {
-    /// Short reason for flow records and metrics.
-    pub fn reason(&self) -> &'static str {
+    /// Its code for flow records and metrics.
+    pub fn code(&self) -> Code {
         match self {
-            Self::Truncated(_) => "truncated",
-            Self::Oversized(_) => "oversized",
-            Self::Version(_) | Self::Malformed(_) => "malformed",
-            Self::UnknownIssuer | Self::Uncertified(_) => "untrusted-issuer",
-            Self::BadSignature => "bad-signature",
-            Self::Expired => "expired",
-            Self::NotYetValid => "not-yet-valid",
-            Self::LifetimeTooLong => "lifetime-too-long",
-            Self::WrongDestination(_) => "wrong-destination",
-            Self::WrongSession => "wrong-session",
-            Self::Replayed => "replay",
-            Self::UnknownIdentity => "unknown-identity",
+            Self::Truncated(_) => Code::Truncated,
+            Self::Oversized(_) => Code::Oversized,
+            Self::Version(_) | Self::Malformed(_) => Code::Malformed,
+            Self::UnknownIssuer | Self::Uncertified(_) => Code::UntrustedIssuer,
+            Self::BadSignature => Code::BadSignature,
+            Self::Expired => Code::Expired,
+            Self::NotYetValid => Code::NotYetValid,
+            Self::LifetimeTooLong => Code::LifetimeTooLong,
+            Self::WrongDestination(_) => Code::WrongDestination,
+            Self::WrongSession => Code::WrongSession,
+            Self::Replayed => Code::Replay,
+            Self::UnknownIdentity => Code::UnknownIdentity,
         }
     }
 }

@@ -360,7 +360,10 @@ mod tests {
         let pos = t.windows(3).position(|w| w == b"web").unwrap();
         let mut t2 = t.clone();
         t2[pos..pos + 3].copy_from_slice(b"adm");
-        assert_eq!(verify(&v, &t2).unwrap_err().reason(), "bad-signature");
+        assert_eq!(
+            verify(&v, &t2).unwrap_err().code().as_str(),
+            "bad-signature"
+        );
     }
 
     #[test]
@@ -459,7 +462,10 @@ mod tests {
         for cut in 0..t.len() {
             let err = verify(&v, &t[..cut]).unwrap_err();
             assert!(
-                matches!(err.reason(), "truncated" | "malformed" | "bad-signature"),
+                matches!(
+                    err.code().as_str(),
+                    "truncated" | "malformed" | "bad-signature"
+                ),
                 "cut at {cut}: {err}"
             );
         }
@@ -514,7 +520,7 @@ mod tests {
         let err = v
             .verify(&t, later, DST.parse().unwrap(), &SESSION)
             .unwrap_err();
-        assert_eq!(err.reason(), "untrusted-issuer", "{err}");
+        assert_eq!(err.code().as_str(), "untrusted-issuer", "{err}");
     }
 
     /// Version-2 tokens: sealed with the pair key of two enforcers (TCP-handshake mode).
@@ -643,7 +649,10 @@ mod tests {
             for n in 0..t.len() {
                 let err = verify(&b.verifier, &t[..n]).unwrap_err();
                 assert!(
-                    matches!(err.reason(), "truncated" | "malformed" | "bad-signature"),
+                    matches!(
+                        err.code().as_str(),
+                        "truncated" | "malformed" | "bad-signature"
+                    ),
                     "cut at {n}: {err}"
                 );
             }

@@ -4,19 +4,20 @@ use std::sync::Arc;
 use pnet_packet::tcp::TcpFlags;
 
 use super::{
-    Engine, LiveConnection, Outcome, PacketVerdict, allow, attach_or_drop, refuse, reset_refusal,
-    set_identity,
+    Engine, LiveConnection, Outcome, PacketVerdict, attach_or_drop, refuse, reset_refusal,
 };
 use crate::{
-    authz::{Party, Side},
-    flow::{Direction, FlowRecord, label_map},
+    authz::Party,
+    capture::Captured,
+    code::Code,
+    flow::{Direction, FlowRecord},
     handshake::{
         message::Message,
         packet::{self, Segment},
         proof::{self, Ephemeral, PublicKey, Role, Transcript},
     },
     identity::token::KeyId,
-    outbound::Captured,
+    route::{self, Route},
 };
 
 pub(super) struct ClientHandshake {
@@ -53,8 +54,7 @@ pub(super) enum ClientStep {
 impl Engine {
     pub(super) fn client_syn(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
         let key = (seg.src, seg.dst);
-        let mut clients = self.lock_clients();
-        if let Some(h) = clients.get(&key).filter(|h| h.isn == seg.seq) {
+        if let Some(h) = self.lock_clients().get(&key).filter(|h| h.isn == seg.seq) {
             // A retransmitted SYN: the same message again.
             return match &h.step {
                 ClientStep::AwaitSynAck { syn_message, .. } => attach_or_drop(packet, syn_message),
@@ -62,52 +62,41 @@ impl Engine {
             };
         }
         let mut rec = self.record(Direction::Outbound, seg.src, seg.dst, now_ms);
-        rec.src.enforcer = Some(self.setup.name.clone());
+        rec.src.enforcer = Some(self.setup.admission.name().to_owned());
         // The workload's RST: the connect fails at once instead of timing out.
-        let reset_app = || packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1));
-        let Some(captured) = self.setup.lookup.take(seg.src) else {
-            let rec = refuse(
-                rec,
-                "no-capture",
-                "no capture record for this connection".into(),
-            );
-            return Outcome {
-                send: vec![reset_app()],
+        let refused = |rec: FlowRecord, code: Code, reason: String| {
+            Outcome {
+                send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
                 ..Outcome::drop()
             }
-            .with_flow(rec);
+            .with_flow(refuse(rec, code, reason))
         };
-        rec.src.workload = Some(captured.source.workload.clone()).filter(|w| !w.is_empty());
-        rec.src.pid = Some(captured.source.pid);
-        rec.src.uid = Some(captured.source.uid);
-        rec.src.spiffe = Some(captured.identity.spiffe.clone());
-        rec.src.labels = label_map(&captured.identity.labels);
-
-        let Some(peer) = self.setup.peers.lookup(seg.dst.ip()) else {
+        // Attestation may take a while on a first contact: outside the engine's locks.
+        let Some(captured) = self.setup.lookup.take(seg.src).resolve() else {
+            let reason = "no capture record for this connection".into();
+            return refused(rec, Code::NoCapture, reason);
+        };
+        rec.src.captured(&captured, self.setup.admission.name());
+        let plan = route::plan(&captured, &self.setup.peers);
+        let Route::Peer(peer) = plan.route else {
             // No enforcer there: egress policy on external networks decides now.
-            rec.dst.dns_name = self.setup.authz.dns().name_of(seg.dst.ip());
-            let src = Party::workload(captured.identity.labels.clone(), None);
-            let outcome = self.setup.authz.check(
-                &src,
-                &Party::external(seg.dst.ip()),
-                seg.dst.port(),
-                captured.observe,
-            );
-            if !outcome.allowed {
-                rec.rule = outcome.rule.clone();
-                let rec = refuse(
-                    rec,
-                    "policy",
-                    format!("no enforcer serves {}; {}", seg.dst.ip(), outcome.reason),
-                );
+            rec.dst.dns_name = self.setup.admission.decisions().dns().name_of(seg.dst.ip());
+            let attempt = plan.attempt(route::external_party(&captured));
+            let ip = seg.dst.ip();
+            let Some(ruling) = self
+                .setup
+                .admission
+                .decide(&attempt, &mut rec, Code::Policy, |r| {
+                    format!("no enforcer serves {ip}; {r}")
+                })
+            else {
                 return Outcome {
-                    send: vec![reset_app()],
+                    send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
                     ..Outcome::drop()
                 }
                 .with_flow(rec);
-            }
-            let rec = allow(rec, &outcome);
-            clients.insert(
+            };
+            self.lock_clients().insert(
                 key,
                 ClientHandshake {
                     isn: seg.seq,
@@ -116,29 +105,18 @@ impl Engine {
                 },
             );
             let live = LiveConnection {
-                side: Side::Egress,
                 local: seg.src,
                 remote: seg.dst,
-                src,
-                dst: Party::external(seg.dst.ip()),
-                port: seg.dst.port(),
-                observe: captured.observe,
+                attempt,
+                ruling,
                 record: rec,
             };
             return Outcome::accept().with_live(live);
         };
         rec.dst.enforcer = Some(peer.name.clone());
         let Some(peer_key) = self.setup.peer_keys.get(&peer.name).copied() else {
-            let rec = refuse(
-                rec,
-                "untrusted-issuer",
-                format!("no certificate configured for peer {}", peer.name),
-            );
-            return Outcome {
-                send: vec![reset_app()],
-                ..Outcome::drop()
-            }
-            .with_flow(rec);
+            let reason = format!("no certificate configured for peer {}", peer.name);
+            return refused(rec, Code::UntrustedIssuer, reason);
         };
         let ephemeral = self.client_keys.key(now_ms);
         let client_key = ephemeral.public;
@@ -151,14 +129,7 @@ impl Engine {
             now_ms,
         ) {
             Ok(t) => t,
-            Err(e) => {
-                let rec = refuse(rec, e.reason(), format!("cannot sign a token: {e}"));
-                return Outcome {
-                    send: vec![reset_app()],
-                    ..Outcome::drop()
-                }
-                .with_flow(rec);
-            }
+            Err(e) => return refused(rec, e.code(), format!("cannot sign a token: {e}")),
         };
         let syn_message = Message::Syn {
             client_key,
@@ -167,7 +138,7 @@ impl Engine {
         .encode();
         let out = attach_or_drop(packet, &syn_message);
         if out.verdict == PacketVerdict::Accept {
-            clients.insert(
+            self.lock_clients().insert(
                 key,
                 ClientHandshake {
                     isn: seg.seq,
@@ -210,7 +181,7 @@ impl Engine {
         } = h;
         // Refusal: the workload's socket gets a reset instead of the SYN-ACK, the server's
         // half-open connection one too.
-        let reset = |rec: FlowRecord, code: &str, reason: String| {
+        let reset = |rec: FlowRecord, code: Code, reason: String| {
             let rec = refuse(rec, code, reason);
             Outcome {
                 send: vec![packet::reset(
@@ -306,16 +277,16 @@ impl Engine {
                             token,
                         }) => Ok((clean, message, server_key, proof, token)),
                         Ok(_) => Err((
-                            "malformed",
+                            Code::Malformed,
                             format!("SYN-ACK of {peer}: not a SYN-ACK message"),
                         )),
-                        Err(e) => Err(("malformed", format!("SYN-ACK of {peer}: {e}"))),
+                        Err(e) => Err((Code::Malformed, format!("SYN-ACK of {peer}: {e}"))),
                     },
                     Ok(None) => Err((
-                        "no-token",
+                        Code::NoToken,
                         format!("the SYN-ACK of {peer} carried no token"),
                     )),
-                    Err(e) => Err(("malformed", format!("SYN-ACK of {peer}: {e}"))),
+                    Err(e) => Err((Code::Malformed, format!("SYN-ACK of {peer}: {e}"))),
                 };
                 let (clean, message, server_key, server_proof, token) = match parsed {
                     Ok(p) => p,
@@ -333,7 +304,7 @@ impl Engine {
                 };
                 let digest = transcript.digest();
                 let Ok(proof_key) = self.client_keys.agree(&ephemeral, &server_key) else {
-                    return reset(rec, "bad-proof", format!("SYN-ACK of {peer}: bad key"));
+                    return reset(rec, Code::BadProof, format!("SYN-ACK of {peer}: bad key"));
                 };
                 if proof_key
                     .check_digest(Role::Server, &digest, &server_proof)
@@ -341,7 +312,7 @@ impl Engine {
                 {
                     return reset(
                         rec,
-                        "bad-proof",
+                        Code::BadProof,
                         format!("the SYN-ACK proof of {peer} does not verify"),
                     );
                 }
@@ -357,20 +328,20 @@ impl Engine {
                     Err(e) => return reset_refusal(reset, rec, &peer, e),
                 };
                 let mut rec = rec;
-                set_identity(&mut rec.dst, &dst_identity);
-                let (src, dst) = (
-                    Party::workload(captured.identity.labels.clone(), None),
-                    Party::workload(dst_identity.labels.clone(), Some(seg.src.ip())),
-                );
-                let outcome = self
-                    .setup
-                    .authz
-                    .check(&src, &dst, seg.src.port(), captured.observe);
-                if !outcome.allowed {
-                    rec.rule = outcome.rule.clone();
-                    return reset(rec, "policy", format!("egress {}", outcome.reason));
-                }
-                let rec = allow(rec, &outcome);
+                rec.dst.identified_by_peer(&dst_identity);
+                let plan = route::plan(&captured, &self.setup.peers);
+                let attempt = plan.attempt(Party::workload(
+                    dst_identity.labels.clone(),
+                    Some(seg.src.ip()),
+                ));
+                let Some(ruling) =
+                    self.setup
+                        .admission
+                        .decide(&attempt, &mut rec, Code::Policy, |r| format!("egress {r}"))
+                else {
+                    let reason = rec.reason.clone();
+                    return reset(rec, Code::Policy, reason);
+                };
                 let ack_message = Message::Ack {
                     proof: proof_key.prove_digest(Role::Client, &digest),
                 }
@@ -389,13 +360,10 @@ impl Engine {
                     },
                 );
                 let live = LiveConnection {
-                    side: Side::Egress,
                     local: seg.dst,
                     remote: seg.src,
-                    src,
-                    dst,
-                    port: seg.src.port(),
-                    observe: captured.observe,
+                    attempt,
+                    ruling,
                     record: rec,
                 };
                 Outcome::rewrite(clean).with_live(live)

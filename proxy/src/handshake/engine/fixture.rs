@@ -9,13 +9,15 @@ use tessera_policy::Labels;
 
 use super::{Engine, Setup};
 use crate::{
-    authz::{Authorizer, PolicyMode},
+    admission::Admission,
+    authz::{Decisions, PolicyMode},
+    capture::{Capture, CaptureLookup, Captured, Origin},
+    flow::{FlowLog, Mode},
     handshake::packet,
-    identity::{Identity, session::Tokens, spiffe_id, test_ca},
+    identity::{Identity, reserved, session::Tokens, spiffe_id, test_ca},
     local::{LocalServices, LocalWorkload},
-    outbound::{CaptureLookup, Captured},
     peers::{Peer, PeerTable},
-    wire::Source,
+    registry::ConnectionRegistry,
 };
 
 pub const NOW: u64 = 1_800_000_000_000;
@@ -34,8 +36,8 @@ pub fn identity(enforcer: &str, workload: &str, app: &str) -> Identity {
         spiffe: spiffe_id("td", enforcer, workload),
         labels: Labels::new([
             ("app", app),
-            ("tessera.io/enforcer", enforcer),
-            ("tessera.io/workload", workload),
+            (reserved::ENFORCER, enforcer),
+            (reserved::WORKLOAD, workload),
         ]),
     }
 }
@@ -44,8 +46,8 @@ pub fn identity(enforcer: &str, workload: &str, app: &str) -> Identity {
 pub struct WebCaptures(Captured);
 
 impl CaptureLookup for WebCaptures {
-    fn take(&self, client: SocketAddr) -> Option<Captured> {
-        (client == addr(C)).then(|| self.0.clone())
+    fn take(&self, client: SocketAddr) -> Capture {
+        (client == addr(C)).then(|| self.0.clone()).into()
     }
 }
 
@@ -86,10 +88,18 @@ fn engine(
         identity: identity(name, "api", server_app),
         observe: false,
     });
+    let decisions = Decisions::new(policy, PolicyMode::Enforce, Default::default());
+    // The engine hands its records back in its outcomes; it writes none itself.
+    let (unused, _) = tokio::sync::mpsc::channel(1);
+    let admission = Admission::new(
+        name.into(),
+        Mode::Handshake,
+        Arc::new(ConnectionRegistry::new(Arc::new(decisions))),
+        FlowLog::to_channel(unused),
+    );
     Engine::new(Setup {
-        name: name.into(),
+        admission: Arc::new(admission),
         tokens,
-        authz: Arc::new(Authorizer::new(policy, PolicyMode::Enforce)),
         peers: PeerTable::new([(
             peer_net.parse().unwrap(),
             Peer {
@@ -100,7 +110,7 @@ fn engine(
         peer_keys: HashMap::from([(peer.to_owned(), peer_key)]),
         lookup: Arc::new(WebCaptures(Captured {
             dst: addr(S),
-            source: Source {
+            origin: Origin {
                 workload: "web".into(),
                 pid: 42,
                 uid: 0,

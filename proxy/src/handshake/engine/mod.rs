@@ -32,15 +32,16 @@ use super::{
     proof::KeyExchange,
 };
 use crate::{
-    authz::{Authorizer, Outcome as PolicyOutcome, Party, Side},
-    flow::{Direction, Endpoint, FlowRecord, Mode, Verdict, label_map},
+    admission::Admission,
+    authz::{Attempt, Ruling},
+    capture::CaptureLookup,
+    code::Code,
+    flow::{Direction, Endpoint, FlowRecord},
     identity::{
-        Identity,
         session::{Refusal, Tokens},
         token::KeyId,
     },
     local::LocalServices,
-    outbound::CaptureLookup,
     peers::PeerTable,
 };
 
@@ -62,6 +63,7 @@ pub enum PacketVerdict {
     Drop,
 }
 
+/// What the engine did with one packet.
 #[derive(Debug)]
 pub struct Outcome {
     pub verdict: PacketVerdict,
@@ -82,14 +84,13 @@ pub struct Outcome {
 /// enforcer closes its socket (the kernel resets the peer) and records why.
 #[derive(Clone, Debug)]
 pub struct LiveConnection {
-    pub side: Side,
     /// The end on this host, and the other.
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    pub src: Party,
-    pub dst: Party,
-    pub port: u16,
-    pub observe: bool,
+    /// What was decided, and the ruling (the registry re-decides it if a policy was
+    /// applied since).
+    pub attempt: Attempt,
+    pub ruling: Ruling,
     /// The record of the allowed handshake, written when the connection ends (with its
     /// byte counts and duration), or when a policy reload revokes it.
     pub record: FlowRecord,
@@ -131,9 +132,9 @@ impl Outcome {
 
 /// What an engine works with; the enforcer builds it from its configuration.
 pub struct Setup {
-    pub name: String,
+    /// Decides and starts records (this enforcer's name, handshake mode).
+    pub admission: Arc<Admission>,
     pub tokens: Arc<Tokens>,
-    pub authz: Arc<Authorizer>,
     pub peers: PeerTable,
     /// The certified key of each peer enforcer, by name (from its configured certificate).
     pub peer_keys: HashMap<String, KeyId>,
@@ -172,31 +173,9 @@ fn has(flags: u8, bits: u8) -> bool {
 }
 
 /// A refusal as a flow records it.
-fn refuse(mut rec: FlowRecord, code: &str, reason: String) -> FlowRecord {
-    rec.verdict = Verdict::Denied;
-    rec.code = code.into();
-    rec.reason = reason;
+fn refuse(mut rec: FlowRecord, code: Code, reason: String) -> FlowRecord {
+    rec.refuse(code, reason);
     rec
-}
-
-fn allow(mut rec: FlowRecord, outcome: &PolicyOutcome) -> FlowRecord {
-    rec.rule = outcome.rule.clone();
-    rec.verdict = if outcome.observed_deny {
-        Verdict::ObservedDeny
-    } else {
-        Verdict::Allowed
-    };
-    if outcome.observed_deny {
-        rec.reason = outcome.reason.clone();
-    }
-    rec
-}
-
-fn set_identity(end: &mut Endpoint, id: &Identity) {
-    end.workload = id.labels.get("tessera.io/workload").map(str::to_owned);
-    end.enforcer = id.labels.get("tessera.io/enforcer").map(str::to_owned);
-    end.spiffe = Some(id.spiffe.clone());
-    end.labels = label_map(&id.labels);
 }
 
 impl Engine {
@@ -218,14 +197,9 @@ impl Engine {
         dst: SocketAddr,
         now_ms: u64,
     ) -> FlowRecord {
-        FlowRecord::new(
-            &self.setup.name,
-            Mode::Handshake,
-            direction,
-            Endpoint::addr(src),
-            Endpoint::addr(dst),
-            now_ms,
-        )
+        self.setup
+            .admission
+            .record(direction, Endpoint::addr(src), Endpoint::addr(dst), now_ms)
     }
 
     /// A packet leaving this host: a marked workload's SYN or first ACK, or a SYN-ACK from
@@ -280,7 +254,7 @@ impl Engine {
         {
             let mut rec = refuse(
                 *record,
-                "peer-refused",
+                Code::PeerRefused,
                 format!("{} refused the connection (reset)", seg.src),
             );
             rec.duration_ms = now_ms.saturating_sub(started_ms);
@@ -295,7 +269,7 @@ impl Engine {
         if refused_our_synack && let Some(h) = servers.remove(&key) {
             out.flows.push(refuse(
                 h.live.record,
-                "peer-refused",
+                Code::PeerRefused,
                 format!("{} refused the connection (reset)", seg.src),
             ));
         }
@@ -313,7 +287,7 @@ impl Engine {
             if let ClientStep::AwaitSynAck { peer, record, .. } = &h.step {
                 out.push(refuse(
                     (**record).clone(),
-                    "no-answer",
+                    Code::NoAnswer,
                     format!("no SYN-ACK with a token from {peer} (refused, reset or unreachable)"),
                 ));
             }
@@ -327,8 +301,8 @@ impl Engine {
                 return true;
             }
             let code = match h.step {
-                ServerStep::AwaitSynAck { .. } => "no-answer",
-                ServerStep::AwaitAck { .. } => "no-proof",
+                ServerStep::AwaitSynAck { .. } => Code::NoAnswer,
+                ServerStep::AwaitAck { .. } => Code::NoProof,
             };
             out.push(refuse(
                 h.live.record.clone(),
@@ -367,11 +341,11 @@ fn attach_or_drop(packet: &[u8], message: &[u8]) -> Outcome {
 }
 
 fn reset_refusal(
-    reset: impl Fn(FlowRecord, &str, String) -> Outcome,
+    reset: impl Fn(FlowRecord, Code, String) -> Outcome,
     rec: FlowRecord,
     peer: &str,
     e: Refusal,
 ) -> Outcome {
-    let reason = format!("destination {e} ({}) in the SYN-ACK of {peer}", e.reason());
-    reset(rec, e.reason(), reason)
+    let reason = format!("destination {e} ({}) in the SYN-ACK of {peer}", e.code());
+    reset(rec, e.code(), reason)
 }

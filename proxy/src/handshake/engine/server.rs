@@ -1,9 +1,10 @@
 //! The server end: a SYN for a workload port in, its SYN-ACK out, the client's proof in.
 use std::sync::Arc;
 
-use super::{Engine, LiveConnection, Outcome, allow, attach_or_drop, refuse, set_identity};
+use super::{Engine, LiveConnection, Outcome, attach_or_drop, refuse};
 use crate::{
-    authz::{Party, Side},
+    authz::{Attempt, Party, Side},
+    code::Code,
     flow::{Direction, FlowRecord},
     handshake::{
         message::Message,
@@ -55,58 +56,52 @@ impl Engine {
             };
         }
         let mut rec = self.record(Direction::Inbound, seg.src, seg.dst, now_ms);
-        rec.dst.enforcer = Some(self.setup.name.clone());
-        let reset_client = || packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1));
-        let refused = |rec: FlowRecord, code: &str, reason: String| {
+        rec.dst.enforcer = Some(self.setup.admission.name().to_owned());
+        // A refused SYN is dropped and the client gets a reset at once.
+        let denied = |rec: FlowRecord| {
             Outcome {
-                send: vec![reset_client()],
+                send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
                 ..Outcome::drop()
             }
-            .with_flow(refuse(rec, code, reason))
+            .with_flow(rec)
         };
+        let refused =
+            |rec: FlowRecord, code: Code, reason: String| denied(refuse(rec, code, reason));
         let Some(workload) = self.setup.services.workload(seg.dst.port()).cloned() else {
-            return refused(
-                rec,
-                "not-served",
-                format!("no workload serves port {}", seg.dst.port()),
-            );
+            let reason = format!("no workload serves port {}", seg.dst.port());
+            return refused(rec, Code::NotServed, reason);
         };
-        set_identity(&mut rec.dst, &workload.identity);
+        rec.dst.identified_by_peer(&workload.identity);
         rec.dst.workload = Some(workload.name.clone());
-        let dst_party = Party::workload(workload.identity.labels.clone(), None);
+        let attempt = |src: Party| Attempt {
+            side: Side::Ingress,
+            src,
+            dst: Party::workload(workload.identity.labels.clone(), None),
+            port: seg.dst.port(),
+            observe: workload.observe,
+        };
         let (clean, message) = match detached {
             Ok(Some(d)) => d,
             Ok(None) => {
                 // No token: a peer without an enforcer; policy on external networks decides.
                 rec.direction = Direction::Direct;
-                rec.src.dns_name = self.setup.authz.dns().name_of(seg.src.ip());
-                let outcome = self.setup.authz.check(
-                    &Party::external(seg.src.ip()),
-                    &dst_party,
-                    seg.dst.port(),
-                    workload.observe,
-                );
-                rec.rule = outcome.rule.clone();
-                if !outcome.allowed {
-                    return refused(
-                        rec,
-                        "unauthenticated",
-                        format!(
-                            "unauthenticated: the SYN carried no token; {}",
-                            outcome.reason
-                        ),
-                    );
-                }
+                rec.src.dns_name = self.setup.admission.decisions().dns().name_of(seg.src.ip());
+                let attempt = attempt(Party::external(seg.src.ip()));
+                let Some(ruling) =
+                    self.setup
+                        .admission
+                        .decide(&attempt, &mut rec, Code::Unauthenticated, |r| {
+                            format!("unauthenticated: the SYN carried no token; {r}")
+                        })
+                else {
+                    return denied(rec);
+                };
                 // Nothing to prove later: the connection is proven now.
-                let rec = allow(rec, &outcome);
                 let live = LiveConnection {
-                    side: Side::Ingress,
                     local: seg.dst,
                     remote: seg.src,
-                    src: Party::external(seg.src.ip()),
-                    dst: dst_party,
-                    port: seg.dst.port(),
-                    observe: workload.observe,
+                    attempt,
+                    ruling,
                     record: rec,
                 };
                 return Outcome {
@@ -115,30 +110,27 @@ impl Engine {
                 }
                 .with_live(live);
             }
-            Err(e) => return refused(rec, "malformed", format!("SYN from {}: {e}", seg.src)),
+            Err(e) => return refused(rec, Code::Malformed, format!("SYN from {}: {e}", seg.src)),
         };
         let (client_key, token) = match Message::decode(&message) {
             Ok(Message::Syn { client_key, token }) => (client_key, token),
-            Ok(_) => return refused(rec, "malformed", "the SYN carried no SYN message".into()),
-            Err(e) => return refused(rec, "malformed", format!("SYN from {}: {e}", seg.src)),
+            Ok(_) => {
+                let reason = "the SYN carried no SYN message".into();
+                return refused(rec, Code::Malformed, reason);
+            }
+            Err(e) => return refused(rec, Code::Malformed, format!("SYN from {}: {e}", seg.src)),
         };
         let Some(peer) = self.setup.peers.lookup(seg.src.ip()) else {
-            return refused(
-                rec,
-                "issuer-not-peer",
-                format!(
-                    "a token from {}, which no configured enforcer serves",
-                    seg.src.ip()
-                ),
+            let reason = format!(
+                "a token from {}, which no configured enforcer serves",
+                seg.src.ip()
             );
+            return refused(rec, Code::IssuerNotPeer, reason);
         };
         rec.src.enforcer = Some(peer.name.clone());
         let Some(peer_key) = self.setup.peer_keys.get(&peer.name) else {
-            return refused(
-                rec,
-                "untrusted-issuer",
-                format!("no certificate configured for peer {}", peer.name),
-            );
+            let reason = format!("no certificate configured for peer {}", peer.name);
+            return refused(rec, Code::UntrustedIssuer, reason);
         };
         let src_identity = match self.setup.tokens.check_token(
             &token,
@@ -150,34 +142,30 @@ impl Engine {
         ) {
             Ok(id) => id,
             Err(e) => {
-                return refused(
-                    rec,
-                    e.reason(),
-                    format!("source {e} ({}) in the SYN from {}", e.reason(), peer.name),
-                );
+                let reason = format!("source {e} ({}) in the SYN from {}", e.code(), peer.name);
+                return refused(rec, e.code(), reason);
             }
         };
-        set_identity(&mut rec.src, &src_identity);
-        let src_party = Party::workload(src_identity.labels.clone(), Some(seg.src.ip()));
-        let outcome =
-            self.setup
-                .authz
-                .check(&src_party, &dst_party, seg.dst.port(), workload.observe);
-        if !outcome.allowed {
-            rec.rule = outcome.rule.clone();
-            return refused(rec, "policy", format!("ingress {}", outcome.reason));
-        }
-        let rec = allow(rec, &outcome);
+        rec.src.identified_by_peer(&src_identity);
+        rec.src.enforcer = Some(peer.name.clone());
+        let attempt = attempt(Party::workload(
+            src_identity.labels.clone(),
+            Some(seg.src.ip()),
+        ));
+        let Some(ruling) = self
+            .setup
+            .admission
+            .decide(&attempt, &mut rec, Code::Policy, |r| format!("ingress {r}"))
+        else {
+            return denied(rec);
+        };
         // A new connection on a 4-tuple proven before: nothing of it passes before its proof.
         self.lock_proven().remove(&key);
         let live = LiveConnection {
-            side: Side::Ingress,
             local: seg.dst,
             remote: seg.src,
-            src: src_party,
-            dst: dst_party,
-            port: seg.dst.port(),
-            observe: workload.observe,
+            attempt,
+            ruling,
             record: rec,
         };
         servers.insert(
@@ -251,15 +239,18 @@ impl Engine {
                     (Err(e), _) => {
                         let rec = refuse(
                             h.live.record.clone(),
-                            e.reason(),
+                            e.code(),
                             format!("cannot sign a token: {e}"),
                         );
                         servers.remove(&key);
                         return Outcome::drop().with_flow(rec);
                     }
                     (_, Err(e)) => {
-                        let rec =
-                            refuse(h.live.record.clone(), "bad-proof", format!("SYN key: {e}"));
+                        let rec = refuse(
+                            h.live.record.clone(),
+                            Code::BadProof,
+                            format!("SYN key: {e}"),
+                        );
                         servers.remove(&key);
                         return Outcome::drop().with_flow(rec);
                     }
@@ -312,7 +303,7 @@ impl Engine {
                 }
                 .with_flow(refuse(
                     h.live.record,
-                    "malformed",
+                    Code::Malformed,
                     format!("ACK from {}: {e}", seg.src),
                 ));
             }
@@ -323,10 +314,10 @@ impl Engine {
         let Some(h) = pending else {
             // A proof for no handshake of ours (a replay, or a stray): never passed on.
             let mut rec = self.record(Direction::Inbound, seg.src, seg.dst, now_ms);
-            rec.dst.enforcer = Some(self.setup.name.clone());
+            rec.dst.enforcer = Some(self.setup.admission.name().to_owned());
             return Outcome::drop().with_flow(refuse(
                 rec,
-                "no-handshake",
+                Code::NoHandshake,
                 format!("an ACK proof from {} for no pending handshake", seg.src),
             ));
         };
@@ -346,11 +337,11 @@ impl Engine {
                 {
                     Ok(())
                 } else {
-                    Err(("bad-proof", "the ACK proof does not verify".to_owned()))
+                    Err((Code::BadProof, "the ACK proof does not verify".to_owned()))
                 }
             }
-            Ok(_) => Err(("malformed", "the ACK carried no ACK message".into())),
-            Err(e) => Err(("malformed", format!("ACK from {}: {e}", seg.src))),
+            Ok(_) => Err((Code::Malformed, "the ACK carried no ACK message".into())),
+            Err(e) => Err((Code::Malformed, format!("ACK from {}: {e}", seg.src))),
         };
         if let Err((code, reason)) = verified {
             return Outcome {

@@ -1,5 +1,9 @@
 //! Both ends run on real packet bytes, honest and hostile.
 use super::{fixture::*, *};
+use crate::{
+    authz::Side,
+    flow::{Mode, Verdict},
+};
 
 fn wire(o: &Outcome) -> Vec<u8> {
     assert_eq!(o.verdict, PacketVerdict::Accept, "{o:?}");
@@ -28,7 +32,7 @@ fn allowed(o: &Outcome) -> &FlowRecord {
 fn refused(o: &Outcome, code: &str) {
     let flow = o.flows.last().unwrap_or_else(|| panic!("no flow: {o:?}"));
     assert_eq!(flow.verdict, Verdict::Denied, "{flow:?}");
-    assert_eq!(flow.code, code, "{flow:?}");
+    assert_eq!(flow.code.as_str(), code, "{flow:?}");
     assert_eq!(flow.mode, Mode::Handshake);
     assert_eq!(o.mark, 0, "a refusal never marks a connection proven");
 }
@@ -85,12 +89,12 @@ fn honest_handshake_is_proven_at_both_ends_and_restores_every_packet() {
     // Both ends hand the connection over for policy reloads, each from its side.
     let live_b = at_b.live.as_ref().expect("server end live");
     assert_eq!(
-        (live_b.side, live_b.local, live_b.remote),
+        (live_b.attempt.side, live_b.local, live_b.remote),
         (Side::Ingress, addr(S), addr(C))
     );
     let live_a = at_a.live.as_ref().expect("client end live");
     assert_eq!(
-        (live_a.side, live_a.local, live_a.remote),
+        (live_a.attempt.side, live_a.local, live_a.remote),
         (Side::Egress, addr(C), addr(S))
     );
     assert_eq!(
