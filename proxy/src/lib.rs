@@ -22,6 +22,9 @@ pub mod outbound;
 pub mod peers;
 pub mod pool;
 pub mod socket;
+#[cfg(any(test, feature = "testkit"))]
+#[doc(hidden)]
+pub mod testkit;
 pub mod tls;
 pub mod wire;
 
