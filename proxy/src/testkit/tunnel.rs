@@ -17,10 +17,14 @@
 //!
 //! host-a reaches host-b's tunnel listener through a [`Link`], which a test can cut (every
 //! tunnel between the two dies at once, as when host-b restarts). Flow records of each host
-//! are collected in order ([`Host::record`]).
-#![allow(missing_docs)]
+//! are collected in order ([`Host::record`]). A test that needs a peer to misbehave drives
+//! a tunnel to host-b itself ([`Fixture::rogue`], [`Fixture::dial_b`]).
+//!
+//! Everything runs on the caller's tokio runtime. On a current-thread runtime (what
+//! `#[tokio::test]` gives) [`Fixture::reload`] puts a policy in force at both hosts before
+//! either reacts, as one policy file deployed to both would.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -266,9 +270,10 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
         services,
         lookup,
     } = plan;
-    let listen = || socket::listen((Ipv4Addr::LOCALHOST, 0).into(), MARK).expect("listen");
-    let (outbound_l, tunnel_l, direct_l) = (listen(), listen(), listen());
+    let [outbound_l, tunnel_l, direct_l] =
+        [(); 3].map(|_| socket::listen((Ipv4Addr::LOCALHOST, 0).into(), MARK).expect("listen"));
     let addr = |l: &TcpListener| l.local_addr().expect("local address");
+    let (outbound_addr, tunnel, direct) = (addr(&outbound_l), addr(&tunnel_l), addr(&direct_l));
     let (key, cert) = ca.issue(name);
     let tls = ca.tls(&key, &cert);
     let tokens = Arc::new(
@@ -292,30 +297,23 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
         STEP,
     );
     let pool = TunnelPool::new(dialer, pool_size, Duration::from_secs(20));
-    let mut unique: Vec<&Peer> = Vec::new();
-    for peer in peers.peers() {
-        if !unique.contains(&peer) {
-            unique.push(peer);
-        }
-    }
-    pool.warm(unique);
-    let guarded = ("guarded", addr(&direct_l).port());
-    let services = LocalServices::new(services.into_iter().chain([guarded]).map(
-        |(workload, port)| {
+    pool.warm(&peers.peers().cloned().collect::<HashSet<Peer>>());
+    let services = services
+        .into_iter()
+        .chain([("guarded", direct.port())])
+        .map(|(workload, port)| {
             let workload = LocalWorkload {
                 name: workload.into(),
                 identity: identity(name, workload, "api"),
                 observe: false,
             };
             (port, Arc::new(workload))
-        },
-    ));
-    let (host_authz, host_pool) = (authz.clone(), pool.clone());
+        });
     let outbound = Arc::new(Outbound {
         name: name.into(),
         lookup,
         peers,
-        pool,
+        pool: pool.clone(),
         authz: authz.clone(),
         tokens: tokens.clone(),
         flows: flow_log.clone(),
@@ -323,25 +321,24 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
     });
     let inbound = Arc::new(Inbound {
         name: name.into(),
-        authz,
+        authz: authz.clone(),
         tokens,
         acceptor: TlsAcceptor::from(tls.server_config().expect("server TLS")),
-        services,
+        services: LocalServices::new(services),
         addrs: LocalAddrs::default(),
         mark: MARK,
         delivery_src4: DELIVERY_SRC,
         flows: flow_log,
         idle_timeout: Duration::from_secs(60),
     });
-    let (outbound_addr, tunnel, direct) = (addr(&outbound_l), addr(&tunnel_l), addr(&direct_l));
     let mut tasks = JoinSet::new();
     tasks.spawn(outbound.serve(outbound_l));
     tasks.spawn(inbound.clone().serve_tunnels(tunnel_l));
     tasks.spawn(inbound.serve_direct(direct_l));
     Host {
         name,
-        authz: host_authz,
-        pool: host_pool,
+        authz,
+        pool,
         outbound: outbound_addr,
         tunnel,
         direct,
@@ -386,7 +383,10 @@ impl Link {
     pub async fn cut(&self) {
         let mut cut = std::mem::take(&mut *self.relays.lock().expect("lock"));
         cut.abort_all();
-        while cut.join_next().await.is_some() {}
+        within("the link's connections to close", async {
+            while cut.join_next().await.is_some() {}
+        })
+        .await
     }
 }
 
