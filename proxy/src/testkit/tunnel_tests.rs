@@ -636,6 +636,36 @@ async fn a_dead_pooled_tunnel_is_retried_on_a_fresh_one_invisibly() {
 }
 
 #[tokio::test]
+async fn a_tunnel_that_dies_under_a_live_connection_resets_both_applications() {
+    let mut fx = Fixture::start(Spec::default()).await;
+    let mut c = fx.connect(fx.echo.addr).await;
+    c.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    within("the echo", c.read_exact(&mut pong)).await.unwrap();
+    fx.link.cut().await;
+    expect_reset(&mut c).await;
+    let seen = fx.echo.seen().await;
+    assert_eq!((seen.received, seen.end), (4, Err(ConnectionReset)));
+    let (a, b) = records(&mut fx).await;
+    for rec in [&a, &b] {
+        assert_outcome(rec, Verdict::Allowed, "broken");
+        // Today a tunnel failure loses the byte counts (4 went each way): neither end takes
+        // them from the tunnel's buffers on this path. When it does, expect (4, 4) here.
+        assert_bytes(rec, 0, 0);
+    }
+    assert!(
+        a.reason.starts_with("tunnel to host-b broke: "),
+        "{}",
+        a.reason
+    );
+    assert!(
+        b.reason.starts_with("tunnel from host-a broke: "),
+        "{}",
+        b.reason
+    );
+}
+
+#[tokio::test]
 async fn a_direct_connection_to_a_protected_port_is_unauthenticated() {
     let mut fx = Fixture::start(Spec::default()).await;
     let mut c = within("connecting", TcpStream::connect(fx.b.direct))
