@@ -34,6 +34,9 @@ pub mod pool;
 pub mod registry;
 pub mod route;
 pub mod socket;
+#[cfg(any(test, feature = "testkit"))]
+#[doc(hidden)]
+pub mod testkit;
 pub mod tls;
 pub mod wire;
 

@@ -1,5 +1,9 @@
 //! Socket plumbing: every socket the proxy opens carries the proxy's mark so the eBPF
 //! connect hooks never capture it (no loops).
+//!
+//! Mark 0 means "no mark": it is what an unmarked socket carries anyway, so it is not set.
+//! Setting `SO_MARK` needs `CAP_NET_ADMIN` (or `CAP_NET_RAW`) even for 0, and the in-process
+//! tests (`testkit`) run unprivileged with mark 0.
 use std::{io, net::SocketAddr, time::Duration};
 
 use socket2::{Domain, Socket, Type};
@@ -13,7 +17,7 @@ pub async fn connect_marked(
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-    socket.set_mark(mark)?;
+    set_mark(&socket, mark)?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     if let Some(bind) = bind {
@@ -48,12 +52,20 @@ pub fn listen(addr: SocketAddr, mark: u32) -> io::Result<TcpListener> {
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket.set_mark(mark)?;
+    set_mark(&socket, mark)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
+}
+
+/// Marks `socket` with `mark`; 0 leaves it unmarked (see the module documentation).
+fn set_mark(socket: &Socket, mark: u32) -> io::Result<()> {
+    if mark == 0 {
+        return Ok(());
+    }
+    socket.set_mark(mark)
 }
 
 /// Makes the next close of `stream` send a RST instead of a FIN, so an application sees a
