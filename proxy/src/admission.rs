@@ -180,7 +180,7 @@ pub async fn carry(
                 tracing::debug!(error = %e, "a connection's transport failed");
             }
             if rec.code != Code::PolicyReload {
-                rec.fail(Code::Broken, broke(&e));
+                rec.broke(Code::Broken, broke(&e));
             }
             Carried::Broken
         }

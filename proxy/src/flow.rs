@@ -227,9 +227,17 @@ impl FlowRecord {
         self.reason = reason;
     }
 
-    /// It failed for a reason that is not a decision (unreachable, broken): the verdict
-    /// stays as it was (`error` before any decision).
+    /// It could not be made, for a reason that is not a decision (unreachable, no
+    /// capture, a refusal the other end gave without deciding): verdict `error`, even if
+    /// policy had allowed it.
     pub fn fail(&mut self, code: Code, reason: String) {
+        self.verdict = Verdict::Error;
+        self.code = code;
+        self.reason = reason;
+    }
+
+    /// It was made, then broke: the verdict stays (the decision stood).
+    pub fn broke(&mut self, code: Code, reason: String) {
         self.code = code;
         self.reason = reason;
     }
@@ -238,7 +246,7 @@ impl FlowRecord {
     /// reset's reason, unless a revocation (a denial) already explains it.
     pub fn reset(&mut self, reason: String) {
         if self.verdict != Verdict::Denied {
-            self.fail(Code::Broken, reason);
+            self.broke(Code::Broken, reason);
         }
     }
 

@@ -196,10 +196,13 @@ impl Inbound {
             format!("tunnel from {} broke: {e}", session.peer)
         })
         .await;
+        if matches!(carried, Carried::Revoked | Carried::Broken) {
+            // Cut short: the bytes moved so far are in the tunnel's buffers.
+            let (sent, received) = Facing::Destination.bytes(buffers.transferred());
+            flow.transferred(sent, received);
+        }
         if carried == Carried::Revoked {
             // Tell the source (it resets its side); the tunnel is not reused.
-            let t = buffers.transferred();
-            flow.transferred(t.to_app, t.from_app);
             reset_on_close(&delivered);
             let _ = tokio::time::timeout(Duration::from_secs(1), send_reset(tls)).await;
         }

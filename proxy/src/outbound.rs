@@ -208,11 +208,14 @@ impl Outbound {
             format!("tunnel to {} broke: {e}", peer.name)
         })
         .await;
+        if matches!(carried, Carried::Revoked | Carried::Broken) {
+            // Cut short: the bytes moved so far are in the tunnel's buffers.
+            let (sent, received) = Facing::Source.bytes(tunnel.buffers.transferred());
+            flow.transferred(sent, received);
+        }
         match carried {
             Carried::Revoked => {
                 // Tell the peer (it resets its side), then drop the tunnel.
-                let t = tunnel.buffers.transferred();
-                flow.transferred(t.from_app, t.to_app);
                 reset_on_close(&app);
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), send_reset(&mut tunnel.stream))

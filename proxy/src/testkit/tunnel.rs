@@ -44,8 +44,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 
 use super::apps::{Behaviour, STEP, Workload, within};
 use crate::{
-    authz::{Authorizer, PolicyMode},
-    flow::{FlowLog, FlowRecord, FlowSink},
+    admission::Admission,
+    authz::{Decisions, PolicyMode},
+    capture::{Capture, CaptureLookup, Captured, Origin},
+    flow::{FlowLog, FlowRecord, FlowSink, Mode},
     identity::{
         Identity,
         session::{Tokens, session_binding},
@@ -55,11 +57,12 @@ use crate::{
     },
     inbound::Inbound,
     local::{LocalAddrs, LocalServices, LocalWorkload},
-    outbound::{CaptureLookup, Captured, Outbound},
+    outbound::Outbound,
     peers::{Peer, PeerTable},
     pool::{TunnelDialer, TunnelPool},
+    registry::ConnectionRegistry,
     socket, tls,
-    wire::{Request, Response, Source},
+    wire::{Request, Response},
 };
 
 pub const TRUST_DOMAIN: &str = "td";
@@ -139,7 +142,7 @@ pub fn identity(enforcer: &str, workload: &str, app: &str) -> Identity {
 pub fn web(dst: SocketAddr) -> Captured {
     Captured {
         dst,
-        source: Source {
+        origin: Origin {
             workload: "web".into(),
             pid: 4242,
             uid: 1000,
@@ -210,8 +213,8 @@ impl Captures {
 }
 
 impl CaptureLookup for Captures {
-    fn take(&self, client: SocketAddr) -> Option<Captured> {
-        self.0.lock().expect("lock").remove(&client)
+    fn take(&self, client: SocketAddr) -> Capture {
+        self.0.lock().expect("lock").remove(&client).into()
     }
 }
 
@@ -227,7 +230,7 @@ impl FlowSink for Collect {
 /// One enforcer, running.
 pub struct Host {
     pub name: &'static str,
-    pub authz: Arc<Authorizer>,
+    pub registry: Arc<ConnectionRegistry>,
     pub pool: Arc<TunnelPool>,
     /// Where captured connections land.
     pub outbound: SocketAddr,
@@ -287,9 +290,20 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
         )
         .expect("tokens"),
     );
-    let authz = Arc::new(Authorizer::new(policy(&spec.policy), PolicyMode::Enforce));
+    let decisions = Decisions::new(
+        policy(&spec.policy),
+        PolicyMode::Enforce,
+        Default::default(),
+    );
+    let registry = Arc::new(ConnectionRegistry::new(Arc::new(decisions)));
     let (tx, flows) = mpsc::unbounded_channel();
     let flow_log = FlowLog::start(None, Some(Arc::new(Collect(tx)))).expect("flow log");
+    let admission = Arc::new(Admission::new(
+        name.into(),
+        Mode::Tunnel,
+        registry.clone(),
+        flow_log,
+    ));
     let dialer = TunnelDialer::new(
         tls.client_config().expect("client TLS"),
         tokens.clone(),
@@ -310,25 +324,21 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
             (port, Arc::new(workload))
         });
     let outbound = Arc::new(Outbound {
-        name: name.into(),
+        admission: admission.clone(),
         lookup,
         peers,
         pool: pool.clone(),
-        authz: authz.clone(),
         tokens: tokens.clone(),
-        flows: flow_log.clone(),
         mark: MARK,
     });
     let inbound = Arc::new(Inbound {
-        name: name.into(),
-        authz: authz.clone(),
+        admission,
         tokens,
         acceptor: TlsAcceptor::from(tls.server_config().expect("server TLS")),
         services: LocalServices::new(services),
         addrs: LocalAddrs::default(),
         mark: MARK,
         delivery_src4: DELIVERY_SRC,
-        flows: flow_log,
         idle_timeout: Duration::from_secs(60),
     });
     let mut tasks = JoinSet::new();
@@ -337,7 +347,7 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
     tasks.spawn(inbound.serve_direct(direct_l));
     Host {
         name,
-        authz,
+        registry,
         pool,
         outbound: outbound_addr,
         tunnel,
@@ -544,8 +554,8 @@ impl Fixture {
     /// Puts `yaml` in force at both hosts at once (as when one policy file is deployed).
     pub fn reload(&self, yaml: &str) {
         let p = policy(yaml);
-        self.a.authz.replace(p.clone());
-        self.b.authz.replace(p);
+        self.a.registry.apply(p.clone());
+        self.b.registry.apply(p);
     }
 
     /// A TLS connection to host-b's tunnel listener (not through the link) with `config`.

@@ -16,10 +16,11 @@ use tokio::{
 use super::{apps::*, tunnel::*};
 use crate::{
     TUNNEL_ALPN,
+    capture::Origin,
     flow::{Direction, FlowRecord, Mode, Verdict, now_ms},
     identity::{Identity, session::Proof, signer::Signer},
     local::LocalAddrs,
-    wire::{MAGIC, Request, Source, Status, VERSION},
+    wire::{MAGIC, Request, Status, VERSION},
 };
 
 /// A record's refusal code, as text (the field is about to become a typed code).
@@ -220,10 +221,8 @@ async fn a_connection_without_a_capture_record_is_reset() {
     assert_eq!((a.direction, a.src.addr), (Direction::Outbound, client));
 }
 
-/// Today an unreachable peer enforcer is recorded with the code `broken`, although the
-/// README and `FlowRecord::code` list `peer-unreachable` (used only for an unreachable
-/// external destination, see below). When the codes become typed this should become
-/// `peer-unreachable`; then change the expected code here.
+/// An unreachable peer enforcer is `peer-unreachable`, as an unreachable external
+/// destination is (see below); no decision was made, so the verdict is `error`.
 #[tokio::test]
 async fn an_unreachable_peer_enforcer_resets_the_connection() {
     let mut fx = Fixture::start(Spec::default()).await;
@@ -231,7 +230,7 @@ async fn an_unreachable_peer_enforcer_resets_the_connection() {
     let mut c = fx.connect(dst).await;
     expect_reset(&mut c).await;
     let a = fx.a.record().await;
-    assert_outcome(&a, Verdict::Error, "broken");
+    assert_outcome(&a, Verdict::Error, "peer-unreachable");
     assert!(
         a.reason.starts_with("peer enforcer host-c unreachable: "),
         "{}",
@@ -488,9 +487,9 @@ async fn hostile_tokens_are_refused_each_with_its_code() {
     for (expected, proof) in cases {
         let request = Request {
             dst,
-            source: Source {
+            source: Origin {
                 workload: "web".into(),
-                ..Source::default()
+                ..Origin::default()
             },
             proof,
         };
@@ -649,9 +648,8 @@ async fn a_tunnel_that_dies_under_a_live_connection_resets_both_applications() {
     let (a, b) = records(&mut fx).await;
     for rec in [&a, &b] {
         assert_outcome(rec, Verdict::Allowed, "broken");
-        // Today a tunnel failure loses the byte counts (4 went each way): neither end takes
-        // them from the tunnel's buffers on this path. When it does, expect (4, 4) here.
-        assert_bytes(rec, 0, 0);
+        // 4 bytes went each way before the tunnel died: both ends count them.
+        assert_bytes(rec, 4, 4);
     }
     assert!(
         a.reason.starts_with("tunnel to host-b broke: "),
