@@ -3,7 +3,7 @@
 //! Every connection that policy let through holds a [`ConnectionGuard`] for as long as it
 //! lives (a tunnelled connection in its task; a handshake-mode connection in the watcher
 //! that waits for its end). When a policy is applied ([`ConnectionRegistry::apply`]) or
-//! DNS answers change ([`ConnectionRegistry::recheck`]) every live connection is decided
+//! DNS answers change (the same policy again, with a fresh cache) every live connection is decided
 //! again and **the ones no longer allowed are revoked at once**: a reload is how an
 //! operator cuts off access, and letting such connections run until they end would keep it
 //! open indefinitely. A connection registered after a replacement it was not decided under
@@ -94,9 +94,9 @@ impl ConnectionRegistry {
         self.recheck()
     }
 
-    /// Decides every live connection again (after DNS answers changed); revokes the ones no
-    /// longer allowed and returns how many.
-    pub fn recheck(&self) -> usize {
+    /// Decides every live connection again under the decisions in force; revokes the ones
+    /// no longer allowed and returns how many.
+    fn recheck(&self) -> usize {
         let mut live = self.lock();
         let mut closed = 0;
         live.retain(|_, conn| {
@@ -127,7 +127,9 @@ impl PolicyNames for ConnectionRegistry {
         self.decisions.dns_names()
     }
     fn resolutions_changed(&self) -> usize {
-        self.recheck()
+        // Cached decisions matched names against the old answers: the same policy again,
+        // with a fresh cache (and a new generation, so in-flight decisions are re-made).
+        self.apply(self.decisions.policy())
     }
 }
 
@@ -252,6 +254,29 @@ mod tests {
         let guard = r.register(x, &fresh);
         assert_eq!(guard.revocation(), None);
         assert_eq!(r.live_count(), 1);
+    }
+
+    #[test]
+    fn changed_resolutions_drop_cached_decisions() {
+        let dns = Arc::new(crate::dns::DnsTable::default());
+        let text = "rules:\n  - {name: r, action: allow, from: {labels: [app=web]}, to: {dns: registry.test}}\n";
+        let d = Decisions::new(policy(text), PolicyMode::Enforce, dns.clone());
+        let r = Arc::new(ConnectionRegistry::new(Arc::new(d)));
+        let a = Attempt {
+            side: Side::Egress,
+            src: Party::workload(Labels::parse("app=web").unwrap(), None),
+            dst: Party::external("192.0.2.7".parse().unwrap()),
+            port: 80,
+            observe: false,
+        };
+        dns.set("registry.test", ["192.0.2.7".parse().unwrap()].into());
+        let ruling = r.decisions().check(&a);
+        assert!(ruling.allowed);
+        let guard = r.register(a.clone(), &ruling);
+        dns.set("registry.test", ["192.0.2.8".parse().unwrap()].into());
+        assert_eq!(PolicyNames::resolutions_changed(&*r), 1);
+        assert!(!r.decisions().check(&a).allowed, "no stale cached decision");
+        assert!(guard.revocation().is_some());
     }
 
     #[tokio::test]
