@@ -222,7 +222,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             &config,
             engine,
             registry.clone(),
-            flows.clone(),
             capture.take_closed_ring()?,
         )?;
         let ports: Vec<u16> = services.iter().map(|(p, _)| *p).collect();

@@ -71,7 +71,18 @@ impl Admission {
 
     /// Starts tracking an attempt: its record is written exactly once from here on.
     pub fn track(&self, direction: Direction, src: Endpoint, dst: Endpoint) -> FlowTracker {
-        FlowTracker::new(&self.flows, self.record(direction, src, dst, now_ms()))
+        self.track_at(direction, src, dst, now_ms())
+    }
+
+    /// As [`Admission::track`], started at `now_ms` by the caller's clock.
+    pub fn track_at(
+        &self,
+        direction: Direction,
+        src: Endpoint,
+        dst: Endpoint,
+        now_ms: u64,
+    ) -> FlowTracker {
+        FlowTracker::new(&self.flows, self.record(direction, src, dst, now_ms))
     }
 
     /// Decides `attempt` and writes the ruling into `rec`; a denial is recorded with

@@ -315,6 +315,22 @@ impl FlowTracker {
         self.finish();
     }
 
+    /// Writes the record, its duration by the caller's clock (the handshake engine's
+    /// packet times, in ms since the epoch).
+    pub fn finish_at(mut self, now_ms: u64) {
+        if let Some(rec) = &mut self.record {
+            rec.duration_ms = now_ms.saturating_sub(rec.start_ms);
+        }
+        self.write_as_is();
+    }
+
+    /// Refuses the connection with `code` and writes the record (see
+    /// [`FlowTracker::finish_at`]).
+    pub fn refuse_at(mut self, code: Code, reason: String, now_ms: u64) {
+        self.refuse_in_place(code, reason);
+        self.finish_at(now_ms);
+    }
+
     /// Writes nothing: what was tracked turned out not to be a connection attempt (a
     /// tunnel that came up, before it carries any request).
     pub fn discard(mut self) {
@@ -326,10 +342,25 @@ impl FlowTracker {
     }
 
     fn write(&mut self) {
-        if let Some(mut rec) = self.record.take() {
+        if let Some(rec) = &mut self.record {
             rec.close(self.start);
+        }
+        self.write_as_is();
+    }
+
+    fn write_as_is(&mut self) {
+        if let Some(mut rec) = self.record.take() {
+            if rec.code.is_clean() {
+                rec.code = rec.default_code();
+            }
             self.flows.record(rec);
         }
+    }
+}
+
+impl std::fmt::Debug for FlowTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("FlowTracker").field(&self.record).finish()
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
 
 use tessera_proxy::{
     authz::Side,
-    flow::{FlowLog, FlowRecord, now_ms},
+    flow::{FlowTracker, now_ms},
     handshake::engine::LiveConnection,
     registry::{ConnectionGuard, ConnectionRegistry},
 };
@@ -101,7 +101,7 @@ async fn destroy(local: SocketAddr, remote: SocketAddr) {
 
 struct Watched {
     /// The connection's record, written when it ends.
-    record: FlowRecord,
+    flow: FlowTracker,
     side: Side,
     at_ns: u64,
     since: Instant,
@@ -111,28 +111,28 @@ struct Watched {
     revoked: Option<String>,
 }
 
-/// The record of a connection that ended. `bytes`: what this end sent and received, if the
-/// kernel reported its close (a connection found gone by the sweep has none).
-fn finished(w: Watched, bytes: Option<(u64, u64)>) -> FlowRecord {
-    let mut rec = w.record;
-    rec.duration_ms = now_ms().saturating_sub(rec.start_ms);
+/// Writes the record of a connection that ended. `bytes`: what this end sent and
+/// received, if the kernel reported its close (a connection found gone by the sweep has
+/// none).
+fn finished(w: Watched, bytes: Option<(u64, u64)>) {
+    let mut flow = w.flow;
     if let Some((sent, received)) = bytes {
         // A record counts bytes from the source's point of view, as in tunnel mode.
-        (rec.bytes_sent, rec.bytes_received) = match w.side {
+        let (sent, received) = match w.side {
             // The client end opened the connection: its count includes its SYN.
             Side::Egress => (sent.saturating_sub(1), received),
             Side::Ingress => (received, sent),
         };
+        flow.transferred(sent, received);
     }
     if let Some(reason) = w.revoked {
-        rec.revoked_by(reason);
+        flow.revoked_by(reason);
     }
-    rec
+    flow.finish_at(now_ms());
 }
 
 struct Watcher {
     registry: Arc<ConnectionRegistry>,
-    flows: FlowLog,
     watched: HashMap<(SocketAddr, SocketAddr), Watched>,
 }
 
@@ -144,14 +144,14 @@ impl Watcher {
             remote,
             attempt,
             ruling,
-            record,
+            flow,
         } = conn;
         let side = attempt.side;
         let key = (local, remote);
         tracing::debug!(%local, %remote, "watching a connection");
         if let Some(old) = self.watched.remove(&key) {
             // The 4-tuple was reused: the previous connection ended (its close not seen).
-            self.flows.record(finished(old, None));
+            finished(old, None);
         }
         // (the registry re-decides it if a policy was applied since the handshake)
         let guard = self.registry.register(attempt, &ruling);
@@ -165,7 +165,7 @@ impl Watcher {
         self.watched.insert(
             key,
             Watched {
-                record,
+                flow,
                 side,
                 at_ns,
                 since: Instant::now(),
@@ -182,7 +182,7 @@ impl Watcher {
         if self.watched.get(&key).is_some_and(|w| w.at_ns <= c.at_ns)
             && let Some(w) = self.watched.remove(&key)
         {
-            self.flows.record(finished(w, Some((c.sent, c.received))));
+            finished(w, Some((c.sent, c.received)));
         }
     }
 
@@ -217,7 +217,7 @@ impl Watcher {
             .collect();
         for key in gone {
             if let Some(w) = self.watched.remove(&key) {
-                self.flows.record(finished(w, None));
+                finished(w, None);
             }
         }
     }
@@ -226,7 +226,6 @@ impl Watcher {
 /// Watches the connections handshakes let through until they end.
 pub async fn watch(
     registry: Arc<ConnectionRegistry>,
-    flows: FlowLog,
     mut incoming: mpsc::Receiver<Registered>,
     mut closes: mpsc::Receiver<Closed>,
 ) {
@@ -235,7 +234,6 @@ pub async fn watch(
     const COALESCE: Duration = Duration::from_millis(10);
     let mut w = Watcher {
         watched: HashMap::new(),
-        flows,
         registry: registry.clone(),
     };
     let mut reloads = registry.reloads();

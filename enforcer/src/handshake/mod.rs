@@ -23,11 +23,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use tessera_proxy::{
-    flow::{FlowLog, now_ms},
-    handshake::engine::Engine,
-    registry::ConnectionRegistry,
-};
+use tessera_proxy::{flow::now_ms, handshake::engine::Engine, registry::ConnectionRegistry};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -50,7 +46,6 @@ pub fn start(
     config: &Config,
     engine: Arc<Engine>,
     registry: Arc<ConnectionRegistry>,
-    flows: FlowLog,
     closed: RingBuf<MapData>,
 ) -> Result<()> {
     let h = &config.handshake;
@@ -58,7 +53,7 @@ pub fn start(
     let (live_tx, live_rx) = mpsc::channel(WATCH_QUEUE);
     let (closed_tx, closed_rx) = mpsc::channel(WATCH_QUEUE);
     tokio::spawn(closed::read_closed(closed, closed_tx));
-    tokio::spawn(live::watch(registry, flows.clone(), live_rx, closed_rx));
+    tokio::spawn(live::watch(registry, live_rx, closed_rx));
     let handler = if h.pass_through {
         tracing::warn!(
             "handshake.pass_through: every handshake passes UNVERIFIED (a benchmark baseline, never for production)"
@@ -74,14 +69,14 @@ pub fn start(
         (h.queue, Queue::Egress, "tessera-hs-egress"),
         (h.queue + 1, Queue::Ingress, "tessera-hs-ingress"),
     ] {
-        let (handler, flows, sender) = (handler.clone(), flows.clone(), sender.clone());
+        let (handler, sender) = (handler.clone(), sender.clone());
         let live_tx = live_tx.clone();
         // Bind in the thread but report a failure to bind here, before we say ready.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                let result = worker(num, side, handler, flows, sender, live_tx);
+                let result = worker(num, side, handler, sender, live_tx);
                 if let Err(e) = &result {
                     tracing::error!(
                         queue = num,
@@ -100,9 +95,8 @@ pub fn start(
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            for f in engine.expire(now_ms()) {
-                flows.record(f);
-            }
+            // Each expired handshake writes its own record.
+            engine.expire(now_ms());
         }
     });
     Ok(())

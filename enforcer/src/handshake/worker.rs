@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tessera_proxy::{
-    flow::{FlowLog, now_ms},
+    flow::now_ms,
     handshake::engine::{Engine, Outcome, PacketVerdict},
 };
 use tokio::sync::mpsc;
@@ -102,7 +102,6 @@ pub(super) fn worker(
     queue_num: u16,
     side: Queue,
     handler: Handler,
-    flows: FlowLog,
     sender: Arc<RawSender>,
     live: mpsc::Sender<Registered>,
 ) -> Result<()> {
@@ -145,9 +144,6 @@ pub(super) fn worker(
         }
         for p in &outcome.send {
             sender.send(p);
-        }
-        for f in outcome.flows {
-            flows.record(f);
         }
         if let (Some(conn), Some(at_ns)) = (outcome.live, registered_ns) {
             // Bounded: a watcher that lags slows the handshakes down (this thread waits)

@@ -3,14 +3,12 @@ use std::sync::Arc;
 
 use pnet_packet::tcp::TcpFlags;
 
-use super::{
-    Engine, LiveConnection, Outcome, PacketVerdict, attach_or_drop, refuse, reset_refusal,
-};
+use super::{Engine, LiveConnection, Outcome, PacketVerdict, attach_or_drop, reset_refusal};
 use crate::{
     authz::Party,
     capture::Captured,
     code::Code,
-    flow::{Direction, FlowRecord},
+    flow::{Direction, FlowTracker},
     handshake::{
         message::Message,
         packet::{self, Segment},
@@ -29,9 +27,9 @@ pub(super) struct ClientHandshake {
 pub(super) enum ClientStep {
     /// Our SYN went to an enforcer with this message; waiting for its SYN-ACK.
     AwaitSynAck {
-        /// The connection's record so far (a refusal or expiry is written from it; once
-        /// allowed it goes with the live connection).
-        record: Box<FlowRecord>,
+        /// The connection's record so far (written at a refusal or expiry; once allowed it
+        /// goes with the live connection).
+        flow: Box<FlowTracker>,
         syn_message: Vec<u8>,
         syn_token: Vec<u8>,
         client_key: PublicKey,
@@ -61,15 +59,16 @@ impl Engine {
                 _ => Outcome::accept(),
             };
         }
-        let mut rec = self.record(Direction::Outbound, seg.src, seg.dst, now_ms);
+        let mut rec = self.track(Direction::Outbound, seg.src, seg.dst, now_ms);
         rec.src.enforcer = Some(self.setup.admission.name().to_owned());
         // The workload's RST: the connect fails at once instead of timing out.
-        let refused = |rec: FlowRecord, code: Code, reason: String| {
-            Outcome {
-                send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
-                ..Outcome::drop()
-            }
-            .with_flow(refuse(rec, code, reason))
+        let reset_app = || Outcome {
+            send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
+            ..Outcome::drop()
+        };
+        let refused = |flow: FlowTracker, code: Code, reason: String| {
+            flow.refuse_at(code, reason, now_ms);
+            reset_app()
         };
         // Attestation may take a while on a first contact: outside the engine's locks.
         let Some(captured) = self.setup.lookup.take(seg.src).resolve() else {
@@ -90,11 +89,8 @@ impl Engine {
                     format!("no enforcer serves {ip}; {r}")
                 })
             else {
-                return Outcome {
-                    send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
-                    ..Outcome::drop()
-                }
-                .with_flow(rec);
+                rec.finish_at(now_ms);
+                return reset_app();
             };
             self.lock_clients().insert(
                 key,
@@ -109,7 +105,7 @@ impl Engine {
                 remote: seg.dst,
                 attempt,
                 ruling,
-                record: rec,
+                flow: rec,
             };
             return Outcome::accept().with_live(live);
         };
@@ -144,7 +140,7 @@ impl Engine {
                     isn: seg.seq,
                     started_ms: now_ms,
                     step: ClientStep::AwaitSynAck {
-                        record: Box::new(rec),
+                        flow: Box::new(rec),
                         syn_message,
                         syn_token: token,
                         client_key,
@@ -181,8 +177,8 @@ impl Engine {
         } = h;
         // Refusal: the workload's socket gets a reset instead of the SYN-ACK, the server's
         // half-open connection one too.
-        let reset = |rec: FlowRecord, code: Code, reason: String| {
-            let rec = refuse(rec, code, reason);
+        let reset = |flow: FlowTracker, code: Code, reason: String| {
+            flow.refuse_at(code, reason, now_ms);
             Outcome {
                 send: vec![packet::reset(
                     seg.dst,
@@ -197,7 +193,6 @@ impl Engine {
                     isn.wrapping_add(1),
                 ))
             }
-            .with_flow(rec)
         };
         match step {
             ClientStep::External => {
@@ -259,7 +254,7 @@ impl Engine {
                 out
             }
             ClientStep::AwaitSynAck {
-                record,
+                flow,
                 syn_message: _,
                 syn_token,
                 client_key,
@@ -268,7 +263,7 @@ impl Engine {
                 peer_key,
                 captured,
             } => {
-                let rec = *record;
+                let rec = *flow;
                 let parsed = match detached {
                     Ok(Some((clean, message))) => match Message::decode(&message) {
                         Ok(Message::SynAck {
@@ -364,7 +359,7 @@ impl Engine {
                     remote: seg.src,
                     attempt,
                     ruling,
-                    record: rec,
+                    flow: rec,
                 };
                 Outcome::rewrite(clean).with_live(live)
             }

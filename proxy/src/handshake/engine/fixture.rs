@@ -12,7 +12,7 @@ use crate::{
     admission::Admission,
     authz::{Decisions, PolicyMode},
     capture::{Capture, CaptureLookup, Captured, Origin},
-    flow::{FlowLog, Mode},
+    flow::{FlowLog, FlowRecord, Mode},
     handshake::packet,
     identity::{Identity, reserved, session::Tokens, spiffe_id, test_ca},
     local::{LocalServices, LocalWorkload},
@@ -52,8 +52,30 @@ impl CaptureLookup for WebCaptures {
 }
 
 pub struct Pair {
-    pub a: Engine,
-    pub b: Engine,
+    pub a: End,
+    pub b: End,
+}
+
+/// One enforcer's engine and the flow records it wrote.
+pub struct End {
+    pub engine: Engine,
+    flows: std::sync::Mutex<tokio::sync::mpsc::Receiver<FlowRecord>>,
+}
+
+impl End {
+    /// The records written since the last call (records of live connections are written
+    /// when they end, by whoever holds them).
+    pub fn records(&self) -> Vec<FlowRecord> {
+        let mut rx = self.flows.lock().expect("lock");
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+}
+
+impl std::ops::Deref for End {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
 }
 
 /// The CA's certificate, and each enforcer's key and certificate, by name.
@@ -68,7 +90,7 @@ fn engine(
     (name, peer, peer_net): (&str, &str, &str),
     server_app: &str,
     key_reuse_ms: u64,
-) -> Engine {
+) -> End {
     let Cluster { ca, keys, certs } = cluster;
     let tokens = Arc::new(
         Tokens::new(
@@ -89,15 +111,14 @@ fn engine(
         observe: false,
     });
     let decisions = Decisions::new(policy, PolicyMode::Enforce, Default::default());
-    // The engine hands its records back in its outcomes; it writes none itself.
-    let (unused, _) = tokio::sync::mpsc::channel(1);
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
     let admission = Admission::new(
         name.into(),
         Mode::Handshake,
         Arc::new(ConnectionRegistry::new(Arc::new(decisions))),
-        FlowLog::to_channel(unused),
+        FlowLog::to_channel(tx),
     );
-    Engine::new(Setup {
+    let engine = Engine::new(Setup {
         admission: Arc::new(admission),
         tokens,
         peers: PeerTable::new([(
@@ -124,7 +145,11 @@ fn engine(
         acked_mark: ACKED,
         pending_ms: 11_000,
         key_reuse_ms,
-    })
+    });
+    End {
+        engine,
+        flows: std::sync::Mutex::new(rx),
+    }
 }
 
 /// host-a (client, workload web) and host-b (server, workload `server_app` on port 80).

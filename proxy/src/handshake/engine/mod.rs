@@ -1,6 +1,9 @@
 //! The handshake engine: what an enforcer does with each handshake packet the kernel hands
-//! it. Pure (no sockets, no kernel): a packet goes in; a verdict, the rewritten packet,
-//! packets to send (resets) and flow records come out. The NFQUEUE workers only move bytes.
+//! it. No sockets, no kernel: a packet goes in; a verdict, the rewritten packet and packets
+//! to send (resets) come out. Each handshake's flow record is owned by its [`FlowTracker`]
+//! from the first packet, moves with the handshake (pending, then live, then to the
+//! enforcer's watcher) and is written exactly once: at a refusal, an expiry, or when the
+//! connection ends. The NFQUEUE workers only move bytes.
 //!
 //! Client end (a local workload connects out; its socket carries the handshake mark):
 //! * SYN out: the workload's cold token and a fresh X25519 key are attached, if an enforcer
@@ -36,7 +39,7 @@ use crate::{
     authz::{Attempt, Ruling},
     capture::CaptureLookup,
     code::Code,
-    flow::{Direction, Endpoint, FlowRecord},
+    flow::{Direction, Endpoint, FlowTracker},
     identity::{
         session::{Refusal, Tokens},
         token::KeyId,
@@ -73,8 +76,6 @@ pub struct Outcome {
     pub mark: u32,
     /// IP packets to send (resets to the other end of a refused handshake).
     pub send: Vec<Vec<u8>>,
-    /// Records of refusals (an allowed connection's record rides in `live`).
-    pub flows: Vec<FlowRecord>,
     /// A connection this packet let through, to watch for policy reloads and to record
     /// when it ends.
     pub live: Option<Box<LiveConnection>>,
@@ -82,7 +83,7 @@ pub struct Outcome {
 
 /// An allowed connection, as policy reloads re-check it: if a new policy denies it, the
 /// enforcer closes its socket (the kernel resets the peer) and records why.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct LiveConnection {
     /// The end on this host, and the other.
     pub local: SocketAddr,
@@ -92,8 +93,8 @@ pub struct LiveConnection {
     pub attempt: Attempt,
     pub ruling: Ruling,
     /// The record of the allowed handshake, written when the connection ends (with its
-    /// byte counts and duration), or when a policy reload revokes it.
-    pub record: FlowRecord,
+    /// byte counts and duration).
+    pub flow: FlowTracker,
 }
 
 impl Outcome {
@@ -104,7 +105,6 @@ impl Outcome {
             packet: None,
             mark: 0,
             send: Vec::new(),
-            flows: Vec::new(),
             live: None,
         }
     }
@@ -119,10 +119,6 @@ impl Outcome {
             verdict: PacketVerdict::Drop,
             ..Self::accept()
         }
-    }
-    fn with_flow(mut self, rec: FlowRecord) -> Self {
-        self.flows.push(rec);
-        self
     }
     fn with_live(mut self, live: LiveConnection) -> Self {
         self.live = Some(Box::new(live));
@@ -172,12 +168,6 @@ fn has(flags: u8, bits: u8) -> bool {
     flags & bits == bits
 }
 
-/// A refusal as a flow records it.
-fn refuse(mut rec: FlowRecord, code: Code, reason: String) -> FlowRecord {
-    rec.refuse(code, reason);
-    rec
-}
-
 impl Engine {
     pub fn new(setup: Setup) -> Self {
         Self {
@@ -190,16 +180,17 @@ impl Engine {
         }
     }
 
-    fn record(
+    /// Starts the record of a handshake that starts now.
+    fn track(
         &self,
         direction: Direction,
         src: SocketAddr,
         dst: SocketAddr,
         now_ms: u64,
-    ) -> FlowRecord {
+    ) -> FlowTracker {
         self.setup
             .admission
-            .record(direction, Endpoint::addr(src), Endpoint::addr(dst), now_ms)
+            .track_at(direction, Endpoint::addr(src), Endpoint::addr(dst), now_ms)
     }
 
     /// A packet leaving this host: a marked workload's SYN or first ACK, or a SYN-ACK from
@@ -239,7 +230,7 @@ impl Engine {
     /// A reset for a handshake in progress: the other end refused it. Its enforcer records
     /// why; this end records that it was refused, at once rather than at expiry.
     fn reset_in(&self, seg: &Segment, now_ms: u64) -> Outcome {
-        let mut out = Outcome::accept();
+        let refused = format!("{} refused the connection (reset)", seg.src);
         let mut clients = self.lock_clients();
         let key = (seg.dst, seg.src);
         let refused_our_syn = clients.get(&key).is_some_and(|h| {
@@ -247,18 +238,11 @@ impl Engine {
         });
         if refused_our_syn
             && let Some(ClientHandshake {
-                started_ms,
-                step: ClientStep::AwaitSynAck { record, .. },
+                step: ClientStep::AwaitSynAck { flow, .. },
                 ..
             }) = clients.remove(&key)
         {
-            let mut rec = refuse(
-                *record,
-                Code::PeerRefused,
-                format!("{} refused the connection (reset)", seg.src),
-            );
-            rec.duration_ms = now_ms.saturating_sub(started_ms);
-            out.flows.push(rec);
+            flow.refuse_at(Code::PeerRefused, refused.clone(), now_ms);
         }
         drop(clients);
         let mut servers = self.lock_servers();
@@ -267,51 +251,46 @@ impl Engine {
             matches!(h.step, ServerStep::AwaitAck { .. }) && seg.seq == h.isn.wrapping_add(1)
         });
         if refused_our_synack && let Some(h) = servers.remove(&key) {
-            out.flows.push(refuse(
-                h.live.record,
-                Code::PeerRefused,
-                format!("{} refused the connection (reset)", seg.src),
-            ));
+            h.live.flow.refuse_at(Code::PeerRefused, refused, now_ms);
         }
-        out
+        Outcome::accept()
     }
 
-    /// Forgets handshakes that did not finish in time; each becomes a flow record.
-    pub fn expire(&self, now_ms: u64) -> Vec<FlowRecord> {
+    /// Forgets handshakes that did not finish in time; each is recorded as refused.
+    /// Returns how many.
+    pub fn expire(&self, now_ms: u64) -> usize {
         let ttl = self.setup.pending_ms;
-        let mut out = Vec::new();
-        self.lock_clients().retain(|_, h| {
-            if now_ms.saturating_sub(h.started_ms) < ttl {
-                return true;
+        let late = |started_ms: u64| now_ms.saturating_sub(started_ms) >= ttl;
+        let mut expired = 0;
+        let clients: Vec<_> = self
+            .lock_clients()
+            .extract_if(|_, h| late(h.started_ms))
+            .collect();
+        for (_, h) in clients {
+            expired += 1;
+            if let ClientStep::AwaitSynAck { peer, flow, .. } = h.step {
+                let reason =
+                    format!("no SYN-ACK with a token from {peer} (refused, reset or unreachable)");
+                flow.refuse_at(Code::NoAnswer, reason, now_ms);
             }
-            if let ClientStep::AwaitSynAck { peer, record, .. } = &h.step {
-                out.push(refuse(
-                    (**record).clone(),
-                    Code::NoAnswer,
-                    format!("no SYN-ACK with a token from {peer} (refused, reset or unreachable)"),
-                ));
-            }
-            false
-        });
+        }
         // Packets queued behind a proof are handled within milliseconds.
         self.lock_proven()
             .retain(|_, at| now_ms.saturating_sub(*at) < PROVEN_KEPT_MS);
-        self.lock_servers().retain(|_, h| {
-            if now_ms.saturating_sub(h.started_ms) < ttl {
-                return true;
-            }
+        let servers: Vec<_> = self
+            .lock_servers()
+            .extract_if(|_, h| late(h.started_ms))
+            .collect();
+        for (_, h) in servers {
+            expired += 1;
             let code = match h.step {
                 ServerStep::AwaitSynAck { .. } => Code::NoAnswer,
                 ServerStep::AwaitAck { .. } => Code::NoProof,
             };
-            out.push(refuse(
-                h.live.record.clone(),
-                code,
-                format!("the handshake did not finish ({code})"),
-            ));
-            false
-        });
-        out
+            let reason = format!("the handshake did not finish ({code})");
+            h.live.flow.refuse_at(code, reason, now_ms);
+        }
+        expired
     }
 
     /// Handshakes in progress (client end, server end).
@@ -341,11 +320,11 @@ fn attach_or_drop(packet: &[u8], message: &[u8]) -> Outcome {
 }
 
 fn reset_refusal(
-    reset: impl Fn(FlowRecord, Code, String) -> Outcome,
-    rec: FlowRecord,
+    reset: impl Fn(FlowTracker, Code, String) -> Outcome,
+    flow: FlowTracker,
     peer: &str,
     e: Refusal,
 ) -> Outcome {
     let reason = format!("destination {e} ({}) in the SYN-ACK of {peer}", e.code());
-    reset(rec, e.code(), reason)
+    reset(flow, e.code(), reason)
 }

@@ -1,11 +1,11 @@
 //! The server end: a SYN for a workload port in, its SYN-ACK out, the client's proof in.
 use std::sync::Arc;
 
-use super::{Engine, LiveConnection, Outcome, attach_or_drop, refuse};
+use super::{Engine, LiveConnection, Outcome, attach_or_drop};
 use crate::{
     authz::{Attempt, Party, Side},
     code::Code,
-    flow::{Direction, FlowRecord},
+    flow::{Direction, FlowTracker},
     handshake::{
         message::Message,
         packet::{self, Segment},
@@ -55,18 +55,21 @@ impl Engine {
                 _ => Outcome::drop(),
             };
         }
-        let mut rec = self.record(Direction::Inbound, seg.src, seg.dst, now_ms);
+        let mut rec = self.track(Direction::Inbound, seg.src, seg.dst, now_ms);
         rec.dst.enforcer = Some(self.setup.admission.name().to_owned());
         // A refused SYN is dropped and the client gets a reset at once.
-        let denied = |rec: FlowRecord| {
-            Outcome {
-                send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
-                ..Outcome::drop()
-            }
-            .with_flow(rec)
+        let reset_client = || Outcome {
+            send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
+            ..Outcome::drop()
         };
-        let refused =
-            |rec: FlowRecord, code: Code, reason: String| denied(refuse(rec, code, reason));
+        let denied = |flow: FlowTracker| {
+            flow.finish_at(now_ms);
+            reset_client()
+        };
+        let refused = |flow: FlowTracker, code: Code, reason: String| {
+            flow.refuse_at(code, reason, now_ms);
+            reset_client()
+        };
         let Some(workload) = self.setup.services.workload(seg.dst.port()).cloned() else {
             let reason = format!("no workload serves port {}", seg.dst.port());
             return refused(rec, Code::NotServed, reason);
@@ -102,7 +105,7 @@ impl Engine {
                     remote: seg.src,
                     attempt,
                     ruling,
-                    record: rec,
+                    flow: rec,
                 };
                 return Outcome {
                     mark: self.setup.proven_mark,
@@ -166,7 +169,7 @@ impl Engine {
             remote: seg.src,
             attempt,
             ruling,
-            record: rec,
+            flow: rec,
         };
         servers.insert(
             key,
@@ -237,22 +240,18 @@ impl Engine {
                 let (token, proof_key) = match (token, key_agreed) {
                     (Ok(t), Ok(k)) => (t, k),
                     (Err(e), _) => {
-                        let rec = refuse(
-                            h.live.record.clone(),
-                            e.code(),
-                            format!("cannot sign a token: {e}"),
-                        );
-                        servers.remove(&key);
-                        return Outcome::drop().with_flow(rec);
+                        let (code, reason) = (e.code(), format!("cannot sign a token: {e}"));
+                        if let Some(h) = servers.remove(&key) {
+                            h.live.flow.refuse_at(code, reason, now_ms);
+                        }
+                        return Outcome::drop();
                     }
                     (_, Err(e)) => {
-                        let rec = refuse(
-                            h.live.record.clone(),
-                            Code::BadProof,
-                            format!("SYN key: {e}"),
-                        );
-                        servers.remove(&key);
-                        return Outcome::drop().with_flow(rec);
+                        let reason = format!("SYN key: {e}");
+                        if let Some(h) = servers.remove(&key) {
+                            h.live.flow.refuse_at(Code::BadProof, reason, now_ms);
+                        }
+                        return Outcome::drop();
                     }
                 };
                 transcript.synack_token = token.clone();
@@ -297,15 +296,12 @@ impl Engine {
                 let Some(h) = self.lock_servers().remove(&key) else {
                     return Outcome::drop();
                 };
+                let reason = format!("ACK from {}: {e}", seg.src);
+                h.live.flow.refuse_at(Code::Malformed, reason, now_ms);
                 return Outcome {
                     send: vec![packet::reset(seg.dst, seg.src, seg.ack, seg.seq)],
                     ..Outcome::drop()
-                }
-                .with_flow(refuse(
-                    h.live.record,
-                    Code::Malformed,
-                    format!("ACK from {}: {e}", seg.src),
-                ));
+                };
             }
         };
         let pending = self.lock_servers().remove(&key).filter(|h| {
@@ -313,13 +309,11 @@ impl Engine {
         });
         let Some(h) = pending else {
             // A proof for no handshake of ours (a replay, or a stray): never passed on.
-            let mut rec = self.record(Direction::Inbound, seg.src, seg.dst, now_ms);
+            let mut rec = self.track(Direction::Inbound, seg.src, seg.dst, now_ms);
             rec.dst.enforcer = Some(self.setup.admission.name().to_owned());
-            return Outcome::drop().with_flow(refuse(
-                rec,
-                Code::NoHandshake,
-                format!("an ACK proof from {} for no pending handshake", seg.src),
-            ));
+            let reason = format!("an ACK proof from {} for no pending handshake", seg.src);
+            rec.refuse_at(Code::NoHandshake, reason, now_ms);
+            return Outcome::drop();
         };
         let ServerStep::AwaitAck {
             transcript,
@@ -344,15 +338,14 @@ impl Engine {
             Err(e) => Err((Code::Malformed, format!("ACK from {}: {e}", seg.src))),
         };
         if let Err((code, reason)) = verified {
+            h.live.flow.refuse_at(code, reason, now_ms);
             return Outcome {
                 send: vec![packet::reset(seg.dst, seg.src, seg.ack, seg.seq)],
                 ..Outcome::drop()
-            }
-            .with_flow(refuse(h.live.record, code, reason));
+            };
         }
         self.lock_proven().insert(key, now_ms);
-        let mut live = h.live;
-        live.record.duration_ms = now_ms.saturating_sub(h.started_ms);
+        let live = h.live;
         Outcome {
             mark: self.setup.proven_mark,
             ..Outcome::rewrite(clean)

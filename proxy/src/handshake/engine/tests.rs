@@ -2,7 +2,7 @@
 use super::{fixture::*, *};
 use crate::{
     authz::Side,
-    flow::{Mode, Verdict},
+    flow::{FlowRecord, Mode, Verdict},
 };
 
 fn wire(o: &Outcome) -> Vec<u8> {
@@ -19,22 +19,28 @@ fn tamper(packet: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
 
 /// The record of an allowed connection: kept with the live connection, written when it
 /// closes (with its byte counts), never at the handshake.
-fn allowed(o: &Outcome) -> &FlowRecord {
+fn allowed<'a>(end: &End, o: &'a Outcome) -> &'a FlowRecord {
+    let written = end.records();
     assert!(
-        o.flows.is_empty(),
-        "no record before the connection ends: {o:?}"
+        written.is_empty(),
+        "no record before the connection ends: {written:?}"
     );
-    let rec = &o.live.as_ref().expect("a live connection").record;
+    let rec = &o.live.as_ref().expect("a live connection").flow;
     assert_eq!(rec.verdict, Verdict::Allowed, "{rec:?}");
     rec
 }
 
-fn refused(o: &Outcome, code: &str) {
-    let flow = o.flows.last().unwrap_or_else(|| panic!("no flow: {o:?}"));
+/// The refusal `end` recorded for the packet that gave `o`.
+fn refused(end: &End, o: &Outcome, code: &str) -> FlowRecord {
+    let flow = end
+        .records()
+        .pop()
+        .unwrap_or_else(|| panic!("no flow: {o:?}"));
     assert_eq!(flow.verdict, Verdict::Denied, "{flow:?}");
     assert_eq!(flow.code.as_str(), code, "{flow:?}");
     assert_eq!(flow.mode, Mode::Handshake);
     assert_eq!(o.mark, 0, "a refusal never marks a connection proven");
+    flow
 }
 
 /// Runs SYN and SYN-ACK through both ends; returns the SYN and SYN-ACK as sent.
@@ -59,7 +65,7 @@ fn honest_handshake_is_proven_at_both_ends_and_restores_every_packet() {
     assert_eq!(wire(&p.b.ingress(&syn_wire, NOW)), syn());
     let at_a = p.a.ingress(&synack_wire, NOW);
     assert_eq!(wire(&at_a), synack());
-    let flow = allowed(&at_a);
+    let flow = allowed(&p.a, &at_a);
     assert_eq!(flow.dst.workload.as_deref(), Some("api"));
     assert_eq!(flow.rule.as_deref(), Some("web-api"));
     // A retransmitted SYN-ACK (same message) still passes.
@@ -84,7 +90,7 @@ fn honest_handshake_is_proven_at_both_ends_and_restores_every_packet() {
         (behind.verdict, behind.mark),
         (PacketVerdict::Accept, PROVEN)
     );
-    let flow = allowed(&at_b);
+    let flow = allowed(&p.b, &at_b);
     assert_eq!(flow.src.workload.as_deref(), Some("web"));
     // Both ends hand the connection over for policy reloads, each from its side.
     let live_b = at_b.live.as_ref().expect("server end live");
@@ -113,11 +119,11 @@ fn a_replayed_syn_is_refused_once_its_handshake_is_over() {
     let replay = p.b.ingress(&syn_wire, NOW + 10);
     assert_eq!(replay.verdict, PacketVerdict::Drop);
     assert_eq!(replay.send.len(), 1, "the sender gets a reset");
-    refused(&replay, "replay");
+    refused(&p.b, &replay, "replay");
     // Its proof, replayed too, proves nothing.
     let again = p.b.ingress(&ack_wire, NOW + 10);
     assert_eq!(again.verdict, PacketVerdict::Drop);
-    refused(&again, "no-handshake");
+    refused(&p.b, &again, "no-handshake");
 }
 
 #[test]
@@ -128,9 +134,9 @@ fn forged_garbage_and_truncated_syns_are_refused_with_their_reason() {
     let forged = tamper(&syn_wire, |m| *m.last_mut().unwrap() ^= 1);
     let o = p.b.ingress(&forged, NOW);
     assert_eq!(o.verdict, PacketVerdict::Drop);
-    refused(&o, "bad-signature");
+    refused(&p.b, &o, "bad-signature");
     let garbage = tamper(&syn_wire, |m| m.iter_mut().for_each(|b| *b = 0xA5));
-    refused(&p.b.ingress(&garbage, NOW), "malformed");
+    refused(&p.b, &p.b.ingress(&garbage, NOW), "malformed");
     // Cut inside the message: the option announces more than the packet holds.
     let cut = &syn_wire[..syn_wire.len() - 40];
     let mut cut = cut.to_vec();
@@ -138,7 +144,7 @@ fn forged_garbage_and_truncated_syns_are_refused_with_their_reason() {
     cut[2..4].copy_from_slice(&total.to_be_bytes());
     let o = p.b.ingress(&cut, NOW);
     assert_eq!(o.verdict, PacketVerdict::Drop);
-    refused(&o, "malformed");
+    refused(&p.b, &o, "malformed");
     // The honest SYN still gets through afterwards (nothing above consumed its nonce).
     assert_eq!(wire(&p.b.ingress(&syn_wire, NOW)), syn());
 }
@@ -149,8 +155,8 @@ fn a_syn_without_a_token_is_an_external_peer_and_policy_refuses_it() {
     let o = p.b.ingress(&syn(), NOW);
     assert_eq!(o.verdict, PacketVerdict::Drop);
     assert_eq!(o.send.len(), 1);
-    refused(&o, "unauthenticated");
-    assert_eq!(o.flows[0].direction, Direction::Direct);
+    let rec = refused(&p.b, &o, "unauthenticated");
+    assert_eq!(rec.direction, Direction::Direct);
 }
 
 #[test]
@@ -174,7 +180,7 @@ fn a_tampered_synack_turns_into_a_reset_for_the_client() {
             "{what}: the workload gets a reset"
         );
         assert_eq!(rst.ack, 1001, "{what}: acknowledging its SYN");
-        refused(&o, "bad-proof");
+        refused(&p.a, &o, "bad-proof");
         // And nothing proves the connection afterwards.
         assert_eq!(p.a.egress(&ack(), NOW).packet, None, "{what}");
     }
@@ -185,11 +191,11 @@ fn a_tampered_synack_turns_into_a_reset_for_the_client() {
     let mut clean = clean;
     clean[24] ^= 1; // inside the TCP sequence number (IPv4 header of 20 bytes)
     let moved = packet::attach(&clean, &message).unwrap();
-    refused(&p.a.ingress(&moved, NOW), "bad-proof");
+    refused(&p.a, &p.a.ingress(&moved, NOW), "bad-proof");
     // A SYN-ACK without any token, for a SYN that carried one.
     let p = pair("api");
     up_to_synack(&p);
-    refused(&p.a.ingress(&synack(), NOW), "no-token");
+    refused(&p.a, &p.a.ingress(&synack(), NOW), "no-token");
 }
 
 #[test]
@@ -201,7 +207,7 @@ fn a_missing_or_wrong_ack_proof_never_proves_the_connection() {
     let wrong = tamper(&ack_wire, |m| m[3] ^= 1);
     let o = p.b.ingress(&wrong, NOW);
     assert_eq!(o.verdict, PacketVerdict::Drop);
-    refused(&o, "bad-proof");
+    refused(&p.b, &o, "bad-proof");
 
     // An ACK without a proof (or data overtaking it) is dropped; the handshake stays
     // open for the proof.
@@ -210,14 +216,16 @@ fn a_missing_or_wrong_ack_proof_never_proves_the_connection() {
     p.a.ingress(&synack_wire, NOW);
     let o = p.b.ingress(&ack(), NOW);
     assert_eq!(o.verdict, PacketVerdict::Drop);
-    assert!(o.flows.is_empty() && o.mark == 0, "{o:?}");
+    assert!(p.b.records().is_empty() && o.mark == 0, "{o:?}");
     assert_eq!(p.b.pending(), (0, 1));
 
     // An ACK that never comes: the handshake expires and says so.
     let p = pair("api");
     up_to_synack(&p);
-    assert!(p.b.expire(NOW + 1_000).is_empty());
-    let expired = p.b.expire(NOW + 11_000);
+    assert_eq!(p.b.expire(NOW + 1_000), 0);
+    assert!(p.b.records().is_empty());
+    assert_eq!(p.b.expire(NOW + 11_000), 1);
+    let expired = p.b.records();
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].code, "no-proof");
     assert_eq!(p.b.pending(), (0, 0));
@@ -236,7 +244,7 @@ fn a_lost_ack_proof_is_sent_again_when_the_synack_is_retransmitted() {
     assert_eq!(o.send.len(), 1, "our own ACK with the proof");
     let at_b = p.b.ingress(&o.send[0], NOW + 1_000);
     assert_eq!(at_b.mark, PROVEN);
-    allowed(&at_b);
+    allowed(&p.b, &at_b);
 }
 
 #[test]
@@ -272,10 +280,11 @@ fn a_reset_answering_a_handshake_is_recorded_as_refused_at_once() {
         PacketVerdict::Accept,
         "the workload gets the reset"
     );
-    refused(&o, "peer-refused");
+    refused(&p.a, &o, "peer-refused");
     assert_eq!(p.a.pending(), (0, 0));
     // A reset for no handshake of ours is just passed on.
-    assert!(p.a.ingress(&at_b.send[0], NOW).flows.is_empty());
+    p.a.ingress(&at_b.send[0], NOW);
+    assert!(p.a.records().is_empty());
 }
 
 #[test]
@@ -285,6 +294,6 @@ fn egress_and_ingress_policy_each_refuse_at_their_end() {
     let syn_wire = wire(&p.a.egress(&syn(), NOW));
     let o = p.b.ingress(&syn_wire, NOW);
     assert_eq!(o.verdict, PacketVerdict::Drop);
-    refused(&o, "policy");
-    assert_eq!(o.flows[0].src.workload.as_deref(), Some("web"));
+    let rec = refused(&p.b, &o, "policy");
+    assert_eq!(rec.src.workload.as_deref(), Some("web"));
 }
