@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tessera_proxy::flow::FlowRecord;
 use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
 
-use tessera_enforcer::{
+use crate::{
     flowstore::{FlowFilter, FlowStore},
     map::Map,
 };
@@ -128,7 +128,7 @@ async fn map(
             maps.push(got);
         }
     }
-    Ok(Json(tessera_enforcer::map::merge(maps)))
+    Ok(Json(crate::map::merge(maps)))
 }
 
 const PAGE: &str = include_str!("../web/src/index.html");

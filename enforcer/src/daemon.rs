@@ -156,8 +156,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     });
     let tokens = Arc::new(tokens(&config, &identity)?);
 
-    let metrics = Arc::new(tessera_enforcer::metrics::Metrics::new());
-    let store = tessera_enforcer::flowstore::FlowStore::open(
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let store = crate::flowstore::FlowStore::open(
         config.name.clone(),
         Some(&config.map_db()),
         config.flows.recent,
