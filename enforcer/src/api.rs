@@ -132,17 +132,29 @@ async fn map(
 }
 
 const PAGE: &str = include_str!("../web/src/index.html");
-const SCRIPT: &str = include_str!(concat!(env!("OUT_DIR"), "/map.js"));
+/// The bundled web map (build.rs), if this build embeds it (the `embed` feature).
+#[cfg(feature = "embed")]
+const SCRIPT: Option<&str> = Some(include_str!(concat!(env!("OUT_DIR"), "/map.js")));
+#[cfg(not(feature = "embed"))]
+const SCRIPT: Option<&str> = None;
 
 async fn page() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE)
 }
 
-async fn script() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        SCRIPT,
-    )
+async fn script() -> axum::response::Response {
+    match SCRIPT {
+        Some(script) => (
+            [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+            script,
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_IMPLEMENTED,
+            "this build has no web map: built without the `embed` feature\n",
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(store): State<Arc<FlowStore>>) -> impl IntoResponse {

@@ -8,6 +8,11 @@
 //! * flows: [`flowstore`] (recent records and the persisted map), [`map`], [`metrics`],
 //!   [`flowlog`] (flow log files and tables), [`client`] (`tessera flows` / `tessera map`);
 //! * tools: [`ca`] (the cluster CA), [`identity_show`].
+//!
+//! The eBPF object and the web map are built and embedded only with the `embed` feature
+//! (default). Without it (the test harness, which needs [`config`]) build.rs builds nothing,
+//! so neither bpf-linker nor node is needed, and `tessera run` fails at start-up with "this
+//! build has no eBPF object" (the web map's script answers 501).
 pub mod api;
 pub mod attest;
 pub mod ca;
