@@ -120,7 +120,7 @@ impl Capture {
             proxy_mark: config.bpf.proxy_mark,
             delivery_src4: u32::from_ne_bytes(config.bpf.delivery_source.octets()),
             ready: 1,
-            mode: match config.handshake.mode {
+            mode: match config.mode() {
                 DataPathMode::Tunnel => MODE_TUNNEL,
                 DataPathMode::Handshake => MODE_HANDSHAKE,
             },
@@ -138,7 +138,7 @@ impl Capture {
         )?;
         // In handshake mode connections reach workload ports directly (the iptables rules
         // guard them), so sk_lookup steers nothing.
-        let wanted: Vec<u32> = match config.handshake.mode {
+        let wanted: Vec<u32> = match config.mode() {
             DataPathMode::Tunnel => config
                 .workloads
                 .iter()

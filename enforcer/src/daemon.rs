@@ -178,7 +178,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Duration::from_secs(config.tunnel.pool_max_idle_secs),
     );
     // In handshake mode no workload connection takes a tunnel: nothing to warm.
-    if config.handshake.mode == DataPathMode::Tunnel {
+    if config.mode() == DataPathMode::Tunnel {
         pool.warm(peers.peers());
     }
 
@@ -187,7 +187,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .iter()
         .flat_map(|w| w.ports.iter().map(|&p| (p, identities[&w.name].clone())))
         .collect();
-    let handshake_mode = config.handshake.mode == DataPathMode::Handshake;
+    let handshake_mode = config.mode() == DataPathMode::Handshake;
     if handshake_mode {
         let engine = Arc::new(Engine::new(Setup {
             name: config.name.clone(),
@@ -287,7 +287,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         policy_rules = authz.rule_count(),
         tunnel = %config.listen.tunnel,
         tokens = config.identity.tokens,
-        mode = ?config.handshake.mode,
+        mode = ?config.mode(),
         "enforcer ready"
     );
     if let Some(ready) = &opts.ready_file {

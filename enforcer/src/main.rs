@@ -192,6 +192,8 @@ fn run(cli: Cli) -> Result<()> {
             result
         }
         Command::Check { config } => {
+            // Warnings (an old key, say) are part of the check.
+            init_tracing(&cli.log_format);
             let c = config::Config::load(&config)?;
             println!(
                 "{}: ok ({} workloads, {} peers)",
