@@ -1,19 +1,26 @@
 //! The enforcer part of the test hosts: the `tessera` binary under test, the workloads and
-//! policies a test declares, each host's enforcer configuration, starting and stopping
-//! enforcers, and reading the flow records they write.
+//! policies a test declares, each host's enforcer configuration (a
+//! [`tessera_enforcer::config::Config`] written through serde, never by hand), starting and
+//! stopping enforcers, and reading the flow records they write.
 //!
 //! An enforcer is a child of its [`Host`]; the [`TestNet`] stops every one when it is
 //! dropped.
 use std::{
     collections::BTreeMap,
     fs,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use ipnet::IpNet;
+use tessera_enforcer::config::{
+    Bpf, Config, DataPathMode, Flows, HandshakeConfig, IdentityConfig, Listen, PeerConfig,
+    PolicyConfig, Tls, Tunnel, Workload,
+};
 
 use crate::{Host, TestNet, sh};
 
@@ -51,7 +58,7 @@ pub struct EnforcerOptions {
     pub dns_servers: Vec<String>,
     /// `[identity] tokens` (false only to measure what tokens cost).
     pub tokens: bool,
-    /// `[handshake] mode = "handshake"`: tokens in the TCP handshake, no tunnels.
+    /// `mode = "handshake"`: tokens in the TCP handshake, no tunnels (else `"tunnel"`).
     pub handshake: bool,
     /// `[handshake] fail_open`.
     pub fail_open: bool,
@@ -145,65 +152,109 @@ impl TestNet {
     /// Writes `host`'s enforcer configuration: its workloads, and every other host with an
     /// enforcer as a peer serving that host's address.
     pub fn write_config(&self, host: &Host) -> Result<PathBuf> {
+        let text = toml::to_string(&self.enforcer_config(host)?)?;
+        let path = self.config_path(host);
+        fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// `host`'s enforcer configuration as [`TestNet::write_config`] writes it. Paths under
+    /// the test directory are relative to the configuration file (`ca/...`) or absolute.
+    pub fn enforcer_config(&self, host: &Host) -> Result<Config> {
         let opts = self.options.lock().unwrap().clone();
-        let mut c = format!(
-            "name = \"{name}\"\n\n[listen]\ntunnel = \"{addr}:{TUNNEL_PORT}\"\n\n[tls]\nca = \"ca/ca.pem\"\ncert = \"ca/{name}.pem\"\nkey = \"ca/{name}.key\"\n\n\
-             [bpf]\npin_dir = \"{pin}\"\n\n[tunnel]\npool_size = {pool}\n\n[flows]\nlog = \"{flows}\"\napi = \"{addr}:{API_PORT}\"\nmap_db = \"{mapdb}\"\n\n[identity]\ntokens = {tokens}\n",
-            name = host.name,
-            addr = host.addr,
-            pin = self.pin_dir(host).display(),
-            pool = opts.pool_size,
-            tokens = opts.tokens,
-            flows = self.flow_log(host).display(),
-            mapdb = self.dir.join(format!("{}-map.redb", host.name)).display(),
-        );
-        if opts.handshake {
-            c += &format!(
-                "\n[handshake]\nmode = \"handshake\"\nfail_open = {}\npass_through = {}\n",
-                opts.fail_open, opts.pass_through
-            );
-            if let Some(ms) = opts.key_reuse_ms {
-                c += &format!("key_reuse_ms = {ms}\n");
-            }
-        }
-        if let Some(policy) = opts
+        let policy = opts
             .policies
             .get(&host.name)
-            .or_else(|| opts.policies.get("*"))
-        {
-            c += &format!(
-                "\n[policy]\nfile = \"{}\"\ndns_servers = {:?}\n",
-                policy.display(),
-                opts.dns_servers
-            );
-        }
-        for w in host.workloads.lock().unwrap().iter() {
-            let labels: Vec<String> = w
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k:?} = {v:?}"))
-                .collect();
-            c += &format!(
-                "\n[[workload]]\nname = \"{}\"\ncgroup = \"{}\"\nlabels = {{ {} }}\nports = {:?}\n",
-                w.name,
-                self.cgroup(host, Some(&w.name)).display(),
-                labels.join(", "),
-                w.ports
-            );
-        }
-        for peer in self
+            .or_else(|| opts.policies.get("*"));
+        let policy = match policy {
+            Some(file) => PolicyConfig {
+                file: Some(file.clone()),
+                dns_servers: opts
+                    .dns_servers
+                    .iter()
+                    .map(|s| s.parse().with_context(|| format!("dns server {s:?}")))
+                    .collect::<Result<_>>()?,
+                ..PolicyConfig::default()
+            },
+            None => PolicyConfig::default(),
+        };
+        let handshake = if opts.handshake {
+            let default = HandshakeConfig::default();
+            HandshakeConfig {
+                fail_open: opts.fail_open,
+                pass_through: opts.pass_through,
+                key_reuse_ms: opts.key_reuse_ms.unwrap_or(default.key_reuse_ms),
+                ..default
+            }
+        } else {
+            HandshakeConfig::default()
+        };
+        let workloads = host
+            .workloads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|w| Workload {
+                name: w.name.clone(),
+                cgroup: self.cgroup(host, Some(&w.name)),
+                labels: w.labels.clone(),
+                ports: w.ports.clone(),
+                observe: false,
+            })
+            .collect();
+        let peers = self
             .hosts
             .iter()
             .filter(|p| p.name != host.name && p.with_enforcer)
-        {
-            c += &format!(
-                "\n[[peer]]\nname = \"{}\"\ntunnel = \"{}:{TUNNEL_PORT}\"\nserves = [\"{}/32\", \"{}/128\"]\ncert = \"ca/{}.pem\"\n",
-                peer.name, peer.addr, peer.addr, peer.addr6, peer.name
-            );
-        }
-        let path = self.config_path(host);
-        fs::write(&path, c)?;
-        Ok(path)
+            .map(|peer| PeerConfig {
+                name: peer.name.clone(),
+                tunnel: SocketAddr::from((peer.addr, TUNNEL_PORT)),
+                serves: vec![
+                    IpNet::from(IpAddr::from(peer.addr)),
+                    IpNet::from(IpAddr::from(peer.addr6)),
+                ],
+                cert: Some(format!("ca/{}.pem", peer.name).into()),
+            })
+            .collect();
+        Ok(Config {
+            name: host.name.clone(),
+            mode: Some(if opts.handshake {
+                DataPathMode::Handshake
+            } else {
+                DataPathMode::Tunnel
+            }),
+            listen: Listen {
+                tunnel: SocketAddr::from((host.addr, TUNNEL_PORT)),
+                ..Listen::default()
+            },
+            tls: Tls {
+                ca: "ca/ca.pem".into(),
+                cert: format!("ca/{}.pem", host.name).into(),
+                key: format!("ca/{}.key", host.name).into(),
+            },
+            bpf: Bpf {
+                pin_dir: Some(self.pin_dir(host)),
+                ..Bpf::default()
+            },
+            workloads,
+            peers,
+            tunnel: Tunnel {
+                pool_size: opts.pool_size,
+                ..Tunnel::default()
+            },
+            flows: Flows {
+                log: Some(self.flow_log(host)),
+                api: format!("{}:{API_PORT}", host.addr),
+                map_db: Some(self.dir.join(format!("{}-map.redb", host.name))),
+                ..Flows::default()
+            },
+            policy,
+            identity: IdentityConfig {
+                tokens: opts.tokens,
+                ..IdentityConfig::default()
+            },
+            handshake,
+        })
     }
 
     /// Starts `host`'s enforcer and waits until it serves.
