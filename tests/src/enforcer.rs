@@ -21,6 +21,7 @@ use tessera_enforcer::config::{
     Bpf, Config, DataPathMode, Flows, HandshakeConfig, IdentityConfig, Listen, PeerConfig,
     PolicyConfig, Tls, Tunnel, Workload,
 };
+use tessera_proxy::flow::FlowRecord;
 
 use crate::{Host, TestNet, sh};
 
@@ -355,7 +356,19 @@ impl TestNet {
     }
 
     /// Flow records `host`'s enforcer wrote so far.
-    pub fn flows(&self, host: &Host) -> Vec<serde_json::Value> {
+    pub fn flows(&self, host: &Host) -> Vec<FlowRecord> {
+        self.flows_json(host)
+            .into_iter()
+            .map(|v| {
+                serde_json::from_value(v.clone())
+                    .unwrap_or_else(|e| panic!("not a flow record ({e}): {v}"))
+            })
+            .collect()
+    }
+
+    /// The same records as raw JSON, for a test that checks how fields are spelled. A line
+    /// being written (not yet valid JSON) is left out.
+    pub fn flows_json(&self, host: &Host) -> Vec<serde_json::Value> {
         fs::read_to_string(self.flow_log(host))
             .unwrap_or_default()
             .lines()
@@ -368,8 +381,8 @@ impl TestNet {
         &self,
         host: &Host,
         n: usize,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> Vec<serde_json::Value> {
+        pred: impl Fn(&FlowRecord) -> bool,
+    ) -> Vec<FlowRecord> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let got: Vec<_> = self.flows(host).into_iter().filter(|f| pred(f)).collect();
