@@ -2,65 +2,85 @@
 //! * the eBPF object from `ebpf/` (aya-build), for `include_bytes!`;
 //! * the web map (`web/`: cytoscape from the npm registry, bundled with esbuild), served
 //!   by the enforcer's API with no CDN.
-use std::{path::Path, process::Command};
+//!
+//! Only with the `embed` feature (default). Without it nothing is built: the library then
+//! needs neither bpf-linker nor node (the test harness and xtask build it so on a fresh
+//! machine, before `cargo xtask setup`), and the code that would use the objects says so.
 
-use anyhow::{Context, Result, bail};
-
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd.status().with_context(|| {
-        format!("{what}: cannot start (node and npm are needed: `cargo xtask setup` installs them)")
-    })?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
-    Ok(())
+#[cfg(not(feature = "embed"))]
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
 }
 
-fn build_web(out_dir: &Path) -> Result<()> {
-    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("web");
-    for f in ["src", "package.json", "package-lock.json"] {
-        println!("cargo:rerun-if-changed={}", web.join(f).display());
+#[cfg(feature = "embed")]
+fn main() -> anyhow::Result<()> {
+    embed::build()
+}
+
+#[cfg(feature = "embed")]
+mod embed {
+    use std::{path::Path, process::Command};
+
+    use anyhow::{Context, Result, bail};
+
+    fn run(cmd: &mut Command, what: &str) -> Result<()> {
+        let status = cmd.status().with_context(|| {
+            format!(
+                "{what}: cannot start (node and npm are needed: `cargo xtask setup` installs them)"
+            )
+        })?;
+        if !status.success() {
+            bail!("{what} failed ({status})");
+        }
+        Ok(())
     }
-    let esbuild = web.join("node_modules/.bin/esbuild");
-    if !esbuild.exists() {
+
+    fn build_web(out_dir: &Path) -> Result<()> {
+        let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("web");
+        for f in ["src", "package.json", "package-lock.json"] {
+            println!("cargo:rerun-if-changed={}", web.join(f).display());
+        }
+        let esbuild = web.join("node_modules/.bin/esbuild");
+        if !esbuild.exists() {
+            run(
+                Command::new("npm")
+                    .args(["ci", "--no-audit", "--no-fund"])
+                    .current_dir(&web),
+                "npm ci (enforcer/web)",
+            )?;
+        }
         run(
-            Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund"])
+            Command::new(&esbuild)
+                .args([
+                    "src/main.js",
+                    "--bundle",
+                    "--minify",
+                    "--format=iife",
+                    "--target=es2020",
+                    "--log-level=warning",
+                ])
+                .arg(format!("--outfile={}", out_dir.join("map.js").display()))
                 .current_dir(&web),
-            "npm ci (enforcer/web)",
-        )?;
+            "esbuild (enforcer/web)",
+        )
     }
-    run(
-        Command::new(&esbuild)
-            .args([
-                "src/main.js",
-                "--bundle",
-                "--minify",
-                "--format=iife",
-                "--target=es2020",
-                "--log-level=warning",
-            ])
-            .arg(format!("--outfile={}", out_dir.join("map.js").display()))
-            .current_dir(&web),
-        "esbuild (enforcer/web)",
-    )
-}
 
-fn main() -> Result<()> {
-    let out_dir = std::env::var("OUT_DIR").context("OUT_DIR")?;
-    build_web(Path::new(&out_dir))?;
-    // The eBPF target needs `-Z build-std=core`; aya-build passes it when RUSTC_BOOTSTRAP
-    // is set, which lets the stable toolchain do it.
-    // SAFETY: the build script is single-threaded at this point.
-    unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf");
-    let root = root.to_str().expect("utf-8 path");
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "tessera-ebpf",
-            root_dir: root,
-            ..Default::default()
-        }],
-        aya_build::Toolchain::Custom("stable"),
-    )
+    pub fn build() -> Result<()> {
+        let out_dir = std::env::var("OUT_DIR").context("OUT_DIR")?;
+        build_web(Path::new(&out_dir))?;
+        // The eBPF target needs `-Z build-std=core`; aya-build passes it when RUSTC_BOOTSTRAP
+        // is set, which lets the stable toolchain do it.
+        // SAFETY: the build script is single-threaded at this point.
+        unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf");
+        let root = root.to_str().expect("utf-8 path");
+        aya_build::build_ebpf(
+            [aya_build::Package {
+                name: "tessera-ebpf",
+                root_dir: root,
+                ..Default::default()
+            }],
+            aya_build::Toolchain::Custom("stable"),
+        )
+    }
 }

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tessera_proxy::flow::FlowRecord;
 use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
 
-use tessera_enforcer::{
+use crate::{
     flowstore::{FlowFilter, FlowStore},
     map::Map,
 };
@@ -128,21 +128,33 @@ async fn map(
             maps.push(got);
         }
     }
-    Ok(Json(tessera_enforcer::map::merge(maps)))
+    Ok(Json(crate::map::merge(maps)))
 }
 
 const PAGE: &str = include_str!("../web/src/index.html");
-const SCRIPT: &str = include_str!(concat!(env!("OUT_DIR"), "/map.js"));
+/// The bundled web map (build.rs), if this build embeds it (the `embed` feature).
+#[cfg(feature = "embed")]
+const SCRIPT: Option<&str> = Some(include_str!(concat!(env!("OUT_DIR"), "/map.js")));
+#[cfg(not(feature = "embed"))]
+const SCRIPT: Option<&str> = None;
 
 async fn page() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE)
 }
 
-async fn script() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        SCRIPT,
-    )
+async fn script() -> axum::response::Response {
+    match SCRIPT {
+        Some(script) => (
+            [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+            script,
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_IMPLEMENTED,
+            "this build has no web map: built without the `embed` feature\n",
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(store): State<Arc<FlowStore>>) -> impl IntoResponse {

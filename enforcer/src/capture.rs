@@ -31,7 +31,20 @@ use tokio::net::TcpListener;
 use crate::config::{Config, DataPathMode};
 
 /// The eBPF object built from `ebpf/` by build.rs: the binary is self-contained.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tessera-ebpf"));
+#[cfg(feature = "embed")]
+fn ebpf_object() -> Result<&'static [u8]> {
+    static EBPF_OBJECT: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tessera-ebpf"));
+    Ok(EBPF_OBJECT)
+}
+
+/// Built without the `embed` feature (the test harness's build): no eBPF object to load.
+#[cfg(not(feature = "embed"))]
+fn ebpf_object() -> Result<&'static [u8]> {
+    Err(anyhow!(
+        "this build has no eBPF object: built without the `embed` feature"
+    ))
+}
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS: &str = "/sys/fs/bpf";
@@ -79,6 +92,8 @@ fn pin(link: FdLink, path: &Path) -> Result<PinnedLink> {
 
 impl Capture {
     pub fn start(config: &Config) -> Result<Self> {
+        // Before anything is touched: a build without the object changes nothing.
+        let object = ebpf_object()?;
         ensure_bpffs()?;
         let pin_dir = config.pin_dir();
         let maps_dir = pin_dir.join("maps");
@@ -96,7 +111,7 @@ impl Capture {
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
-            .load(EBPF_OBJECT)
+            .load(object)
             .context("loading the eBPF object")?;
 
         let settings = Settings {
@@ -105,7 +120,7 @@ impl Capture {
             proxy_mark: config.bpf.proxy_mark,
             delivery_src4: u32::from_ne_bytes(config.bpf.delivery_source.octets()),
             ready: 1,
-            mode: match config.handshake.mode {
+            mode: match config.mode() {
                 DataPathMode::Tunnel => MODE_TUNNEL,
                 DataPathMode::Handshake => MODE_HANDSHAKE,
             },
@@ -123,7 +138,7 @@ impl Capture {
         )?;
         // In handshake mode connections reach workload ports directly (the iptables rules
         // guard them), so sk_lookup steers nothing.
-        let wanted: Vec<u32> = match config.handshake.mode {
+        let wanted: Vec<u32> = match config.mode() {
             DataPathMode::Tunnel => config
                 .workloads
                 .iter()

@@ -5,8 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context, Result, bail};
 use tessera_proxy::flow::FlowRecord;
 
-use crate::flowlog;
-use tessera_enforcer::{
+use crate::{
+    flowlog,
     flowstore::FlowFilter,
     map::{self, Map, Role, node_name, verdict_name},
 };

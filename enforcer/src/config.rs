@@ -9,7 +9,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -19,19 +19,23 @@ pub struct ConfigError {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This enforcer's name; its certificate must carry it as a DNS name.
     pub name: String,
+    /// Which data path carries this host's workloads' connections (absent: tunnel; see
+    /// [`Config::mode`]). It used to be `[handshake] mode`, which is still read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<DataPathMode>,
     #[serde(default)]
     pub listen: Listen,
     pub tls: Tls,
     #[serde(default)]
     pub bpf: Bpf,
-    #[serde(default, rename = "workload")]
+    #[serde(default, rename = "workload", skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<Workload>,
-    #[serde(default, rename = "peer")]
+    #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
     #[serde(default)]
     pub tunnel: Tunnel,
@@ -46,7 +50,7 @@ pub struct Config {
 }
 
 /// Which data path carries this host's workloads' connections.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataPathMode {
     /// Through the proxies and mutual-TLS tunnels (default).
@@ -56,10 +60,23 @@ pub enum DataPathMode {
     Handshake,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl DataPathMode {
+    /// The spelling in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tunnel => "tunnel",
+            Self::Handshake => "handshake",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HandshakeConfig {
-    pub mode: DataPathMode,
+    /// The data path mode's old place, read for old files (with a warning); loading moves
+    /// it to the top-level [`Config::mode`], so a loaded config never has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<DataPathMode>,
     /// First of the two NFQUEUE numbers used (egress, then ingress).
     pub queue: u16,
     /// `SO_MARK` the connect hooks give enrolled workloads' sockets (queued handshakes).
@@ -82,7 +99,7 @@ pub struct HandshakeConfig {
 impl Default for HandshakeConfig {
     fn default() -> Self {
         Self {
-            mode: DataPathMode::Tunnel,
+            mode: None,
             queue: 7700,
             socket_mark: 0x7e55_0002,
             proven_bit: 0x0000_0100,
@@ -94,7 +111,7 @@ impl Default for HandshakeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityConfig {
     /// The SPIFFE trust domain: identities are `spiffe://<trust_domain>/enforcer/<name>/workload/<w>`.
@@ -119,11 +136,12 @@ impl Default for IdentityConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// The policy file (YAML). Without one, any enrolled workload may reach any other through
     /// tunnels, and peers without an identity are refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
     /// `enforce` (default): denials refuse. `observe`: denials are only recorded.
     pub mode: PolicyModeConfig,
@@ -131,7 +149,7 @@ pub struct PolicyConfig {
     pub dns_servers: Vec<SocketAddr>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyModeConfig {
     #[default]
@@ -139,7 +157,7 @@ pub enum PolicyModeConfig {
     Observe,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Listen {
     /// Outbound listener port on 127.0.0.1 and [::1]: captured connects land here.
@@ -160,7 +178,7 @@ impl Default for Listen {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     pub ca: PathBuf,
@@ -168,10 +186,11 @@ pub struct Tls {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Bpf {
     /// Where programs, links and maps are pinned (default `/sys/fs/bpf/tessera/<name>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pin_dir: Option<PathBuf>,
     /// The network namespace whose inbound connections `sk_lookup` guards.
     pub netns: PathBuf,
@@ -192,7 +211,7 @@ impl Default for Bpf {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workload {
     pub name: String,
@@ -208,7 +227,7 @@ pub struct Workload {
     pub observe: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     /// The peer enforcer's name (the DNS name in its certificate).
@@ -218,11 +237,11 @@ pub struct PeerConfig {
     /// Destination addresses whose workloads it protects.
     pub serves: Vec<IpNet>,
     /// Its certificate (PEM): handshake mode verifies its tokens without TLS.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tunnel {
     /// Warm tunnels kept per peer (0 disables pooling: every connection handshakes).
@@ -243,15 +262,17 @@ impl Default for Tunnel {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Flows {
     /// Append flow records as JSON lines to this file.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<PathBuf>,
     /// The local HTTP API (flows, live follow, map, /metrics); "" turns it off.
     pub api: String,
     /// The embedded database holding the aggregated map across restarts (default
     /// `/var/lib/tessera/<name>/map.redb`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub map_db: Option<PathBuf>,
     /// Recent flow records kept in memory for the API.
     pub recent: usize,
@@ -300,10 +321,38 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let mut config: Config =
             toml::from_str(&text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
+        config.adopt_old_mode_key(&file).map_err(err)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate().map_err(err)?;
         Ok(config)
+    }
+
+    /// The data path mode: top-level `mode`, else the old `[handshake] mode`, else tunnel.
+    pub fn mode(&self) -> DataPathMode {
+        self.mode.or(self.handshake.mode).unwrap_or_default()
+    }
+
+    /// Moves the old `[handshake] mode` to the top-level `mode`, with a warning; both set
+    /// and different is an error.
+    fn adopt_old_mode_key(&mut self, file: &str) -> Result<(), String> {
+        let Some(old) = self.handshake.mode.take() else {
+            return Ok(());
+        };
+        if let Some(new) = self.mode.filter(|new| *new != old) {
+            return Err(format!(
+                "mode: {:?} and handshake.mode: {:?} differ; keep only the top-level mode \
+                 (handshake.mode is its old place)",
+                new.as_str(),
+                old.as_str()
+            ));
+        }
+        tracing::warn!(
+            "{file}: handshake.mode is deprecated: write `mode = {:?}` at the top of the file",
+            old.as_str()
+        );
+        self.mode = Some(old);
+        Ok(())
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -510,7 +559,7 @@ impl Config {
                     std::fs::File::open(cert)
                         .map_err(|e| format!("{at}: cert: cannot read {}: {e}", cert.display()))?;
                 }
-                None if self.handshake.mode == DataPathMode::Handshake => {
+                None if self.mode() == DataPathMode::Handshake => {
                     return Err(format!(
                         "{at}: cert: handshake mode needs each peer's certificate (no TLS carries it)"
                     ));
@@ -565,7 +614,9 @@ mod tests {
             .expect("the README has a configuration example");
         let end = start + readme[start..].find("```").expect("closed block");
         let config: Config = toml::from_str(&readme[start..end]).expect("README example");
-        assert_eq!(config.handshake.mode, DataPathMode::Tunnel);
+        // The mode in its place, the top level (not the old `[handshake] mode`).
+        assert_eq!(config.mode, Some(DataPathMode::Tunnel));
+        assert_eq!(config.handshake.mode, None);
         assert_eq!(config.handshake.socket_mark, 0x7e55_0002);
         assert_eq!(
             config.peers[0].cert.as_deref(),
@@ -598,13 +649,158 @@ mod tests {
             Self { dir }
         }
         fn load(&self, body: &str) -> Result<Config, ConfigError> {
+            self.load_with("", body)
+        }
+        /// `top`: top-level keys (before any table).
+        fn load_with(&self, top: &str, body: &str) -> Result<Config, ConfigError> {
             let text = format!(
-                "name = \"host-a\"\n[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n{body}"
+                "name = \"host-a\"\n{top}[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n{body}"
             );
             let path = self.dir.path().join("host-a.toml");
             std::fs::write(&path, text).unwrap();
             Config::load(&path)
         }
+    }
+
+    #[test]
+    fn the_mode_is_a_top_level_key_defaulting_to_tunnel() {
+        let f = Fixture::new();
+        let c = f.load("").unwrap();
+        assert_eq!((c.mode, c.mode()), (None, DataPathMode::Tunnel));
+        let c = f.load_with("mode = \"handshake\"\n", "").unwrap();
+        assert_eq!(c.mode, Some(DataPathMode::Handshake));
+        assert_eq!(c.mode(), DataPathMode::Handshake);
+        assert!(
+            message(f.load_with("mode = \"kernel\"\n", "")).contains("unknown variant `kernel`")
+        );
+        // Handshake mode needs the peers' certificates, wherever the mode is set.
+        let peer =
+            "[[peer]]\nname = \"b\"\ntunnel = \"10.0.0.2:15008\"\nserves = [\"10.0.0.2/32\"]\n";
+        assert!(
+            message(f.load_with("mode = \"handshake\"\n", peer)).contains("peer[0] \"b\": cert")
+        );
+        assert!(
+            message(f.load(&format!("[handshake]\nmode = \"handshake\"\n{peer}")))
+                .contains("peer[0] \"b\": cert")
+        );
+    }
+
+    /// Runs `f` with a tracing subscriber that writes to the returned buffer.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    #[test]
+    fn the_old_handshake_mode_key_is_accepted_with_a_warning() {
+        let f = Fixture::new();
+        let (c, log) = logged(|| f.load("[handshake]\nmode = \"handshake\"\n"));
+        let c = c.unwrap();
+        // Moved to its new place: one source of truth once loaded.
+        assert_eq!(
+            (c.mode, c.handshake.mode),
+            (Some(DataPathMode::Handshake), None)
+        );
+        assert_eq!(c.mode(), DataPathMode::Handshake);
+        assert!(
+            log.contains("WARN") && log.contains("host-a.toml: handshake.mode is deprecated"),
+            "{log}"
+        );
+        // The same value in both places: accepted too (with the warning).
+        let (c, log) =
+            logged(|| f.load_with("mode = \"tunnel\"\n", "[handshake]\nmode = \"tunnel\"\n"));
+        assert_eq!(c.unwrap().mode(), DataPathMode::Tunnel);
+        assert!(log.contains("handshake.mode is deprecated"), "{log}");
+        // The new key alone: no warning.
+        let (c, log) = logged(|| f.load_with("mode = \"handshake\"\n", ""));
+        assert_eq!(c.unwrap().mode(), DataPathMode::Handshake);
+        assert!(log.is_empty(), "{log}");
+    }
+
+    #[test]
+    fn the_mode_set_differently_in_both_places_is_an_error_naming_both() {
+        let f = Fixture::new();
+        let m = message(f.load_with("mode = \"tunnel\"\n", "[handshake]\nmode = \"handshake\"\n"));
+        assert!(
+            m.contains("host-a.toml: mode: \"tunnel\" and handshake.mode: \"handshake\" differ"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_config_round_trips_through_toml() {
+        let f = Fixture::new();
+        let cg = cgroup2_root();
+        std::fs::write(f.dir.path().join("policy.yaml"), "rules: []\n").unwrap();
+        std::fs::write(f.dir.path().join("b.pem"), "x").unwrap();
+        let c = f
+            .load_with(
+                "mode = \"handshake\"\n",
+                &format!(
+                    "[bpf]\npin_dir = \"/sys/fs/bpf/tessera/t\"\n\
+                     [tunnel]\npool_size = 3\n\
+                     [flows]\nlog = \"flows.jsonl\"\napi = \"\"\nrecent = 7\n\
+                     [policy]\nfile = \"policy.yaml\"\nmode = \"observe\"\ndns_servers = [\"10.0.0.53:53\"]\n\
+                     [identity]\ntokens = false\n\
+                     [handshake]\nfail_open = true\nkey_reuse_ms = 0\n\
+                     [[workload]]\nname = \"web\"\ncgroup = \"{}\"\nlabels = {{ app = \"web\", \"x/y\" = \"z\" }}\nports = [8080, 9000]\nobserve = true\n\
+                     [[peer]]\nname = \"host-b\"\ntunnel = \"10.77.0.2:15008\"\nserves = [\"10.77.0.2/32\", \"fd77::2/128\"]\ncert = \"b.pem\"\n",
+                    cg.display()
+                ),
+            )
+            .unwrap();
+        let text = toml::to_string(&c).unwrap();
+        let path = f.dir.path().join("again.toml");
+        std::fs::write(&path, &text).unwrap();
+        let again = Config::load(&path).unwrap();
+        assert_eq!(again, c, "{text}");
+        // Nothing was lost on the way: the values are the ones written above.
+        assert_eq!(again.mode, Some(DataPathMode::Handshake));
+        assert_eq!(again.policy.mode, PolicyModeConfig::Observe);
+        assert_eq!(again.flows.log, Some(f.dir.path().join("flows.jsonl")));
+        assert_eq!(again.peers[0].serves.len(), 2);
+        assert_eq!(again.workloads[0].labels["x/y"], "z");
+        assert!(again.handshake.fail_open && !again.identity.tokens);
+        // A config made in code (relative paths, defaults) round-trips too, paths unchanged.
+        let made = Config {
+            name: "host-c".into(),
+            mode: None,
+            listen: Listen::default(),
+            tls: Tls {
+                ca: "ca/ca.pem".into(),
+                cert: "ca/host-c.pem".into(),
+                key: "ca/host-c.key".into(),
+            },
+            bpf: Bpf::default(),
+            workloads: Vec::new(),
+            peers: Vec::new(),
+            tunnel: Tunnel::default(),
+            flows: Flows::default(),
+            policy: PolicyConfig::default(),
+            identity: IdentityConfig::default(),
+            handshake: HandshakeConfig::default(),
+        };
+        let text = toml::to_string(&made).unwrap();
+        assert!(text.contains("ca = \"ca/ca.pem\""), "{text}");
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), made, "{text}");
     }
 
     #[test]

@@ -162,8 +162,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     });
     let tokens = Arc::new(tokens(&config, &identity)?);
 
-    let metrics = Arc::new(tessera_enforcer::metrics::Metrics::new());
-    let store = tessera_enforcer::flowstore::FlowStore::open(
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let store = crate::flowstore::FlowStore::open(
         config.name.clone(),
         Some(&config.map_db()),
         config.flows.recent,
@@ -184,7 +184,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Duration::from_secs(config.tunnel.pool_max_idle_secs),
     );
     // In handshake mode no workload connection takes a tunnel: nothing to warm.
-    if config.handshake.mode == DataPathMode::Tunnel {
+    if config.mode() == DataPathMode::Tunnel {
         pool.warm(peers.peers());
     }
 
@@ -193,7 +193,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .iter()
         .flat_map(|w| w.ports.iter().map(|&p| (p, identities[&w.name].clone())))
         .collect();
-    let handshake_mode = config.handshake.mode == DataPathMode::Handshake;
+    let handshake_mode = config.mode() == DataPathMode::Handshake;
     let admission = |mode| {
         let flows = flows.clone();
         Arc::new(Admission::new(
@@ -299,7 +299,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         policy_rules = registry.decisions().rule_count(),
         tunnel = %config.listen.tunnel,
         tokens = config.identity.tokens,
-        mode = ?config.handshake.mode,
+        mode = ?config.mode(),
         "enforcer ready"
     );
     if let Some(ready) = &opts.ready_file {

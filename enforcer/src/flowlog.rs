@@ -5,7 +5,7 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context, Result};
 use tessera_proxy::flow::FlowRecord;
 
-use tessera_enforcer::map::Map;
+use crate::map::Map;
 
 pub fn read(paths: &[impl AsRef<Path>]) -> Result<Vec<FlowRecord>> {
     let mut out = Vec::new();
@@ -170,7 +170,7 @@ mod tests {
             ),
             rec("host-b", Direction::Direct, Verdict::Denied, None, 0),
         ];
-        let m = tessera_enforcer::map::from_records(&records);
+        let m = crate::map::from_records(&records);
         let e = &m.edges;
         assert_eq!(e.len(), 2);
         let allowed = e.iter().find(|e| e.key.verdict == "allowed").unwrap();
@@ -191,7 +191,7 @@ mod tests {
         assert_eq!(denied.key.src, "10.77.0.1 (unauthenticated)");
         assert_eq!(denied.stats.reason, "unauthenticated");
         assert!(m.nodes.iter().any(|n| n.name == "web@host-a"));
-        assert!(tessera_enforcer::map::dot(&m).contains("\"web@host-a\" -> \"api@host-b\""));
+        assert!(crate::map::dot(&m).contains("\"web@host-a\" -> \"api@host-b\""));
         let t = table(&m);
         assert!(t.starts_with("SOURCE"));
         assert!(t.contains("web@host-a") && t.contains("unauthenticated"));

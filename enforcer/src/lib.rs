@@ -1,5 +1,30 @@
-//! The parts of the enforcer that benches (and other tools) use as a library: the flow
-//! store, the connectivity map and the metrics. The `tessera` binary is `main.rs`.
+//! The Tessera enforcer as a library: everything the `tessera` binary (`main.rs`, only the
+//! command line) runs, and what benches, the test harness and other tools use.
+//!
+//! * the daemon: [`daemon`] (`tessera run`), [`config`], [`capture`] (eBPF load, attach,
+//!   pin), [`workloads`], [`attest`] (derived identity labels), [`policy`] (loading and
+//!   reloading), [`handshake`] (TCP-handshake mode in the kernel), [`api`] (the local HTTP
+//!   API and web map);
+//! * flows: [`flowstore`] (recent records and the persisted map), [`map`], [`metrics`],
+//!   [`flowlog`] (flow log files and tables), [`client`] (`tessera flows` / `tessera map`);
+//! * tools: [`ca`] (the cluster CA), [`identity_show`].
+//!
+//! The eBPF object and the web map are built and embedded only with the `embed` feature
+//! (default). Without it (the test harness, which needs [`config`]) build.rs builds nothing,
+//! so neither bpf-linker nor node is needed, and `tessera run` fails at start-up with "this
+//! build has no eBPF object" (the web map's script answers 501).
+pub mod api;
+pub mod attest;
+pub mod ca;
+pub mod capture;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod flowlog;
 pub mod flowstore;
+pub mod handshake;
+pub mod identity_show;
 pub mod map;
 pub mod metrics;
+pub mod policy;
+pub mod workloads;

@@ -1,23 +1,11 @@
-//! `tessera`: the enforcer daemon and its command-line tools.
+//! `tessera`: the enforcer daemon and its command-line tools. This file is only the command
+//! line (arguments and dispatch); what the commands do is in the `tessera_enforcer` library.
 use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-mod api;
-mod attest;
-mod ca;
-mod capture;
-mod client;
-mod config;
-mod daemon;
-mod flowlog;
-mod handshake;
-mod identity_show;
-mod policy;
-mod workloads;
-
-use tessera_enforcer::{flowstore, map};
+use tessera_enforcer::{ca, client, config, daemon, flowlog, flowstore, identity_show, map};
 
 #[derive(Parser)]
 #[command(
@@ -204,6 +192,8 @@ fn run(cli: Cli) -> Result<()> {
             result
         }
         Command::Check { config } => {
+            // Warnings (an old key, say) are part of the check.
+            init_tracing(&cli.log_format);
             let c = config::Config::load(&config)?;
             println!(
                 "{}: ok ({} workloads, {} peers)",

@@ -61,7 +61,7 @@ fn modified(path: &Path) -> Option<(SystemTime, u64)> {
 pub async fn watch(
     path: PathBuf,
     registry: Arc<ConnectionRegistry>,
-    metrics: Arc<tessera_enforcer::metrics::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut seen = modified(&path);

@@ -3,6 +3,7 @@
 use std::{fs, path::Path, time::Duration};
 
 use serde_json::Value;
+use tessera_proxy::flow::{Direction, Verdict};
 use tessera_tests::{PacketCapture, TestNet, which};
 
 const SECS_30: Duration = Duration::from_secs(30);
@@ -72,22 +73,22 @@ fn http_request_crosses_the_tunnel_and_both_ends_record_it() {
     );
 
     let (a, b) = (net.host("host-a"), net.host("host-b"));
-    let out_flow = net.wait_flows(a, 1, |f| f["direction"] == "outbound");
+    let out_flow = net.wait_flows(a, 1, |f| f.direction == Direction::Outbound);
     assert_eq!(out_flow.len(), 1, "{out_flow:?}");
     let f = &out_flow[0];
-    assert_eq!(f["verdict"], "allowed");
-    assert_eq!(f["src"]["workload"], "web");
-    assert_eq!(f["dst"]["workload"], "api");
-    assert_eq!(f["dst"]["enforcer"], "host-b");
-    assert_eq!(f["dst"]["addr"], "10.77.0.2:8080");
-    let in_flow = net.wait_flows(b, 1, |f| f["direction"] == "inbound");
-    assert_eq!(in_flow[0]["src"]["workload"], "web");
-    assert_eq!(in_flow[0]["src"]["enforcer"], "host-a");
-    assert_eq!(in_flow[0]["verdict"], "allowed");
+    assert_eq!(f.verdict, Verdict::Allowed);
+    assert_eq!(f.src.workload.as_deref(), Some("web"));
+    assert_eq!(f.dst.workload.as_deref(), Some("api"));
+    assert_eq!(f.dst.enforcer.as_deref(), Some("host-b"));
+    assert_eq!(f.dst.addr.to_string(), "10.77.0.2:8080");
+    let in_flow = net.wait_flows(b, 1, |f| f.direction == Direction::Inbound);
+    assert_eq!(in_flow[0].src.workload.as_deref(), Some("web"));
+    assert_eq!(in_flow[0].src.enforcer.as_deref(), Some("host-a"));
+    assert_eq!(in_flow[0].verdict, Verdict::Allowed);
     // Bytes agree at both ends: what curl sent is what the server side delivered.
-    assert_eq!(f["bytes_sent"], in_flow[0]["bytes_sent"]);
-    assert_eq!(f["bytes_received"], in_flow[0]["bytes_received"]);
-    assert!(f["bytes_received"].as_u64().unwrap() > 15);
+    assert_eq!(f.bytes_sent, in_flow[0].bytes_sent);
+    assert_eq!(f.bytes_received, in_flow[0].bytes_received);
+    assert!(f.bytes_received > 15);
 }
 
 #[test]
@@ -115,21 +116,20 @@ fn ipv6_connections_are_captured_delivered_and_guarded() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let flows = net.wait_flows(net.host("host-a"), 1, |f| f["direction"] == "outbound");
-    assert_eq!(flows[0]["dst"]["addr"], "[fd77::2]:8080");
-    assert_eq!(flows[0]["verdict"], "allowed");
+    let flows = net.wait_flows(net.host("host-a"), 1, |f| {
+        f.direction == Direction::Outbound
+    });
+    assert_eq!(flows[0].dst.addr.to_string(), "[fd77::2]:8080");
+    assert_eq!(flows[0].verdict, Verdict::Allowed);
     // Direct over IPv6 from a host without an enforcer: steered away and refused.
     let out = curl(&net, "outsider", None, "http://[fd77::2]:8080/index.txt");
     assert!(
         !out.status.success(),
         "direct IPv6 connection reached the protected port"
     );
-    let denied = net.wait_flows(net.host("host-b"), 1, |f| f["direction"] == "direct");
+    let denied = net.wait_flows(net.host("host-b"), 1, |f| f.direction == Direction::Direct);
     assert!(
-        denied[0]["src"]["addr"]
-            .as_str()
-            .unwrap()
-            .starts_with("[fd77::3]:"),
+        denied[0].src.addr.to_string().starts_with("[fd77::3]:"),
         "{denied:?}"
     );
     assert_eq!(server_log(&net).matches("GET /index.txt").count(), 1);
@@ -143,14 +143,11 @@ fn sequential_connections_reuse_one_tunnel() {
     for _ in 0..5 {
         assert_eq!(web_fetches_index(&net).stdout, b"again\n");
     }
-    let flows = net.wait_flows(net.host("host-b"), 5, |f| f["direction"] == "inbound");
+    let flows = net.wait_flows(net.host("host-b"), 5, |f| f.direction == Direction::Inbound);
     assert_eq!(flows.len(), 5);
     // The tunnel's source address (host-a's side of the TLS connection) repeats: the
     // connections after the first rode a tunnel that an earlier one had used.
-    let mut tunnels: Vec<&str> = flows
-        .iter()
-        .map(|f| f["src"]["addr"].as_str().unwrap())
-        .collect();
+    let mut tunnels: Vec<String> = flows.iter().map(|f| f.src.addr.to_string()).collect();
     tunnels.sort();
     tunnels.dedup();
     assert!(
@@ -160,7 +157,7 @@ fn sequential_connections_reuse_one_tunnel() {
     assert!(
         net.flows(net.host("host-a"))
             .iter()
-            .all(|f| f["pooled"] == true)
+            .all(|f| f.pooled == Some(true))
     );
 }
 
@@ -187,13 +184,10 @@ fn a_large_transfer_arrives_intact_both_ways_and_half_close_works() {
     assert_eq!(r["received_ok"], true, "reply corrupted or short: {r}");
     assert_eq!(r["received"], 33554432);
     let flows = net.wait_flows(net.host("host-a"), 1, |f| {
-        f["dst"]["addr"] == "10.77.0.2:9000"
+        f.dst.addr.to_string() == "10.77.0.2:9000"
     });
-    assert_eq!(
-        flows[0]["bytes_sent"].as_u64().unwrap(),
-        50331648 + "33554432\n".len() as u64
-    );
-    assert_eq!(flows[0]["bytes_received"].as_u64().unwrap(), 33554432 + 65);
+    assert_eq!(flows[0].bytes_sent, 50331648 + "33554432\n".len() as u64);
+    assert_eq!(flows[0].bytes_received, 33554432 + 65);
 }
 
 #[test]
@@ -212,10 +206,10 @@ fn many_concurrent_connections_all_get_their_own_answer() {
         .unwrap();
     let r = json(&out);
     assert_eq!(r["ok"], 300, "{r}");
-    let flows = net.wait_flows(net.host("host-a"), 300, |f| f["verdict"] == "allowed");
+    let flows = net.wait_flows(net.host("host-a"), 300, |f| f.verdict == Verdict::Allowed);
     assert_eq!(flows.len(), 300);
     // Most connections found a warm tunnel (the pool refills behind the burst).
-    let pooled = flows.iter().filter(|f| f["pooled"] == true).count();
+    let pooled = flows.iter().filter(|f| f.pooled == Some(true)).count();
     assert!(
         pooled >= 16,
         "only {pooled} of 300 connections used a pooled tunnel"
@@ -333,17 +327,14 @@ fn a_direct_connection_to_a_protected_port_never_reaches_the_application() {
         1,
         "server log: {log}"
     );
-    let denied = net.wait_flows(net.host("host-b"), 2, |f| f["direction"] == "direct");
+    let denied = net.wait_flows(net.host("host-b"), 2, |f| f.direction == Direction::Direct);
     assert_eq!(denied.len(), 2, "{denied:?}");
     for f in &denied {
-        assert_eq!(f["verdict"], "denied");
-        assert_eq!(f["dst"]["workload"], "api");
-        assert!(f["reason"].as_str().unwrap().starts_with("unauthenticated"));
+        assert_eq!(f.verdict, Verdict::Denied);
+        assert_eq!(f.dst.workload.as_deref(), Some("api"));
+        assert!(f.reason.starts_with("unauthenticated"));
     }
-    let sources: Vec<&str> = denied
-        .iter()
-        .map(|f| f["src"]["addr"].as_str().unwrap())
-        .collect();
+    let sources: Vec<String> = denied.iter().map(|f| f.src.addr.to_string()).collect();
     assert!(
         sources.iter().any(|s| s.starts_with("10.77.0.3:"))
             && sources.iter().any(|s| s.starts_with("10.77.0.1:")),
@@ -388,13 +379,13 @@ fn unenrolled_clients_are_untouched_and_unserved_destinations_refused() {
         !out.status.success(),
         "a captured connection to an address without an enforcer must be refused"
     );
-    let flows = net.wait_flows(a, 1, |f| f["verdict"] == "denied");
+    let flows = net.wait_flows(a, 1, |f| f.verdict == Verdict::Denied);
     assert_eq!(flows.len(), 1, "{:?}", net.flows(a));
     assert_eq!(
-        flows[0]["reason"],
+        flows[0].reason,
         "no enforcer serves 10.77.0.3; denied: no rule allows it (default deny)"
     );
-    assert_eq!(flows[0]["src"]["workload"], "web");
+    assert_eq!(flows[0].src.workload.as_deref(), Some("web"));
     // Only the enrolled attempt was seen by the enforcer.
     assert_eq!(net.flows(a).len(), 1);
     // And host-local traffic of an enrolled workload is never captured.

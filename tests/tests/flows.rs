@@ -2,9 +2,11 @@
 //! connections appear with the right identities, verdicts, codes and byte counts; live
 //! follow streams them; /metrics counts them; the map of two enforcers merges into one and
 //! survives an enforcer restart.
-use std::{fs, thread, time::Duration};
+use std::{collections::BTreeSet, fs, thread, time::Duration};
 
 use serde_json::Value;
+use tessera_enforcer::map::Map;
+use tessera_proxy::flow::{Direction, FlowRecord, Verdict};
 use tessera_tests::{API_PORT, TestNet, tessera_bin};
 
 const T: Duration = Duration::from_secs(30);
@@ -75,26 +77,40 @@ fn flows_follow_map_and_metrics_through_the_api_and_cli() {
     net.wait_flows(net.host("host-b"), 2, |_| true);
 
     // Records with identities, verdicts, codes, exact bytes.
-    let all: Vec<Value> = cli(&net, "host-b", &["flows", "--api", &api_b, "--json"])
+    let lines = cli(&net, "host-b", &["flows", "--api", &api_b, "--json"]);
+    let all: Vec<FlowRecord> = lines
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let allowed = all
+    let at = all
         .iter()
-        .find(|r| r["verdict"] == "allowed")
+        .position(|r| r.verdict == Verdict::Allowed)
         .expect("allowed record");
-    assert_eq!(allowed["src"]["workload"], "web");
-    assert_eq!(allowed["protocol"], "tcp");
+    let allowed = &all[at];
+    assert_eq!(allowed.src.workload.as_deref(), Some("web"));
+    // The protocol as the JSON spells it (the type would default a missing one).
+    let raw: Value = serde_json::from_str(lines.lines().nth(at).unwrap()).unwrap();
+    assert_eq!(raw["protocol"], "tcp");
     assert_eq!(
-        allowed["src"]["spiffe"],
-        "spiffe://tessera.local/enforcer/host-a/workload/web"
+        allowed.src.spiffe.as_deref(),
+        Some("spiffe://tessera.local/enforcer/host-a/workload/web")
     );
-    assert_eq!(allowed["src"]["labels"]["app"], "web");
-    assert_eq!(allowed["dst"]["labels"]["tessera.io/workload"], "api");
+    assert_eq!(
+        allowed.src.labels.get("app").map(String::as_str),
+        Some("web")
+    );
+    assert_eq!(
+        allowed
+            .dst
+            .labels
+            .get("tessera.io/workload")
+            .map(String::as_str),
+        Some("api")
+    );
     let request_line = format!("{back}\n").len();
-    assert_eq!(allowed["bytes_sent"], (request_line + up) as u64);
-    assert_eq!(allowed["bytes_received"], (65 + back) as u64);
-    let denied: Vec<Value> = cli(
+    assert_eq!(allowed.bytes_sent, (request_line + up) as u64);
+    assert_eq!(allowed.bytes_received, (65 + back) as u64);
+    let denied: Vec<FlowRecord> = cli(
         &net,
         "host-b",
         &["flows", "--api", &api_b, "--json", "--verdict", "denied"],
@@ -103,8 +119,8 @@ fn flows_follow_map_and_metrics_through_the_api_and_cli() {
     .map(|l| serde_json::from_str(l).unwrap())
     .collect();
     assert_eq!(denied.len(), 1, "{denied:?}");
-    assert_eq!(denied[0]["code"], "unauthenticated");
-    assert_eq!(denied[0]["direction"], "direct");
+    assert_eq!(denied[0].code.as_str(), "unauthenticated");
+    assert_eq!(denied[0].direction, Direction::Direct);
     let table = cli(&net, "host-b", &["flows", "--api", &api_b]);
     assert!(
         table.starts_with("TIME") && table.contains("unauthenticated"),
@@ -123,13 +139,13 @@ fn flows_follow_map_and_metrics_through_the_api_and_cli() {
         })
         .expect("the follower's output");
     let followed = fs::read_to_string(log).unwrap();
-    let verdicts: Vec<String> = followed
+    let verdicts: Vec<Verdict> = followed
         .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|r| r["verdict"].as_str().unwrap_or("").to_owned())
+        .filter_map(|l| serde_json::from_str::<FlowRecord>(l).ok())
+        .map(|r| r.verdict)
         .collect();
     assert!(
-        verdicts.contains(&"allowed".into()) && verdicts.contains(&"denied".into()),
+        verdicts.contains(&Verdict::Allowed) && verdicts.contains(&Verdict::Denied),
         "follow output: {followed}"
     );
 
@@ -158,7 +174,7 @@ fn flows_follow_map_and_metrics_through_the_api_and_cli() {
 
     // One map from two enforcers: both ends of the allowed connection make one edge.
     let api_a = api(&net, "host-a");
-    let both = |host: &str| -> Value {
+    let both = |host: &str| -> Map {
         serde_json::from_str(&cli(
             &net,
             host,
@@ -168,40 +184,43 @@ fn flows_follow_map_and_metrics_through_the_api_and_cli() {
     };
     // host-b's namespace reaches both addresses over the bridge.
     let map = both("host-b");
-    let edge = map["edges"]
-        .as_array()
-        .unwrap()
+    let edge = map
+        .edges
         .iter()
-        .find(|e| e["src"] == "web@host-a" && e["verdict"] == "allowed")
+        .find(|e| e.key.src == "web@host-a" && e.key.verdict == "allowed")
         .cloned()
         .expect("allowed edge");
-    assert_eq!(edge["connections"], 1);
-    assert_eq!(edge["reporters"], serde_json::json!(["host-a", "host-b"]));
-    assert_eq!(edge["bytes_received"], (65 + back) as u64);
+    assert_eq!(edge.stats.connections, 1);
+    assert_eq!(
+        edge.reporters,
+        BTreeSet::from(["host-a".to_owned(), "host-b".to_owned()])
+    );
+    assert_eq!(edge.stats.bytes_received, (65 + back) as u64);
     let dot = cli(&net, "host-b", &["map", "--api", &api_b, "--format", "dot"]);
     assert!(dot.contains("\"web@host-a\" -> \"api@host-b\""), "{dot}");
 
     // A restart keeps the aggregated map.
     net.stop_enforcer(net.host("host-b"), false).unwrap();
     net.start_enforcer(net.host("host-b")).unwrap();
-    let map: Value = serde_json::from_str(&cli(
+    let map: Map = serde_json::from_str(&cli(
         &net,
         "host-b",
         &["map", "--api", &api_b, "--format", "json"],
     ))
     .unwrap();
-    let edges = map["edges"].as_array().unwrap();
     assert!(
-        edges
+        map.edges
             .iter()
-            .any(|e| e["src"] == "web@host-a" && e["connections"] == 1),
-        "map after restart: {map}"
+            .any(|e| e.key.src == "web@host-a" && e.stats.connections == 1),
+        "map after restart: {map:?}"
     );
     assert!(
-        edges
-            .iter()
-            .any(|e| e["verdict"] == "denied"
-                && e["codes"] == serde_json::json!(["unauthenticated"])),
-        "map after restart: {map}"
+        map.edges.iter().any(|e| e.key.verdict == "denied"
+            && e.stats
+                .codes
+                .iter()
+                .map(|c| c.as_str())
+                .eq(["unauthenticated"])),
+        "map after restart: {map:?}"
     );
 }

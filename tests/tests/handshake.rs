@@ -3,6 +3,7 @@
 use std::{fs, time::Duration};
 
 use serde_json::Value;
+use tessera_proxy::flow::{Direction, FlowRecord, Mode, Verdict};
 use tessera_tests::{EnforcerOptions, PacketCapture, TestNet, handshake_attack};
 
 const SECS_30: Duration = Duration::from_secs(30);
@@ -57,8 +58,8 @@ fn curl(net: &TestNet, host: &str, workload: Option<&str>, url: &str) -> std::pr
     net.curl(host, workload, url).unwrap()
 }
 
-fn handshake_flows(net: &TestNet, host: &str, n: usize) -> Vec<Value> {
-    net.wait_flows(net.host(host), n, |f| f["mode"] == "handshake")
+fn handshake_flows(net: &TestNet, host: &str, n: usize) -> Vec<FlowRecord> {
+    net.wait_flows(net.host(host), n, |f| f.mode == Mode::Handshake)
 }
 
 #[test]
@@ -111,26 +112,35 @@ fn unmodified_http_connects_in_handshake_mode_with_identities_at_both_ends() {
     let a = handshake_flows(&net, "host-a", 1);
     let b = handshake_flows(&net, "host-b", 1);
     let (out_flow, in_flow) = (&a[0], &b[0]);
-    assert_eq!(out_flow["direction"], "outbound", "{out_flow}");
-    assert_eq!(out_flow["verdict"], "allowed", "{out_flow}");
-    assert_eq!(out_flow["src"]["workload"], "web");
-    assert_eq!(out_flow["dst"]["workload"], "api", "{out_flow}");
-    assert_eq!(in_flow["direction"], "inbound", "{in_flow}");
-    assert_eq!(in_flow["verdict"], "allowed", "{in_flow}");
-    assert_eq!(in_flow["src"]["workload"], "web", "{in_flow}");
+    assert_eq!(out_flow.direction, Direction::Outbound, "{out_flow:?}");
+    assert_eq!(out_flow.verdict, Verdict::Allowed, "{out_flow:?}");
+    assert_eq!(out_flow.src.workload.as_deref(), Some("web"));
     assert_eq!(
-        in_flow["src"]["spiffe"],
-        "spiffe://tessera.local/enforcer/host-a/workload/web"
+        out_flow.dst.workload.as_deref(),
+        Some("api"),
+        "{out_flow:?}"
+    );
+    assert_eq!(in_flow.direction, Direction::Inbound, "{in_flow:?}");
+    assert_eq!(in_flow.verdict, Verdict::Allowed, "{in_flow:?}");
+    assert_eq!(in_flow.src.workload.as_deref(), Some("web"), "{in_flow:?}");
+    assert_eq!(
+        in_flow.src.spiffe.as_deref(),
+        Some("spiffe://tessera.local/enforcer/host-a/workload/web")
     );
     assert_eq!(
-        in_flow["src"]["labels"]["tessera.io/user"], "root",
-        "{in_flow}"
+        in_flow
+            .src
+            .labels
+            .get("tessera.io/user")
+            .map(String::as_str),
+        Some("root"),
+        "{in_flow:?}"
     );
     // Written when the connection ended, with its payload bytes as each end's kernel
     // counted them: exactly what curl sent and received, at both ends.
     for f in [out_flow, in_flow] {
-        assert_eq!(f["bytes_sent"], request, "{f}");
-        assert_eq!(f["bytes_received"], response, "{f}");
+        assert_eq!(f.bytes_sent, request, "{f:?}");
+        assert_eq!(f.bytes_received, response, "{f:?}");
     }
 }
 
@@ -147,10 +157,10 @@ fn a_client_without_an_enforcer_never_reaches_the_workload() {
     let b = handshake_flows(&net, "host-b", 1);
     let refused = b
         .iter()
-        .find(|f| f["verdict"] == "denied")
+        .find(|f| f.verdict == Verdict::Denied)
         .unwrap_or_else(|| panic!("no denied flow on host-b: {b:?}"));
-    assert_eq!(refused["code"], "unauthenticated", "{refused}");
-    assert_eq!(refused["direction"], "direct", "{refused}");
+    assert_eq!(refused.code.as_str(), "unauthenticated", "{refused:?}");
+    assert_eq!(refused.direction, Direction::Direct, "{refused:?}");
     let log = fs::read_to_string(net.dir.join("host-b-api-python3.log")).unwrap_or_default();
     assert!(!log.contains("GET"), "the application saw a request: {log}");
 }
@@ -210,11 +220,11 @@ fn tokens_ride_only_on_handshake_packets_and_hostile_syns_are_refused_with_their
             "{attack}: the server answered {answer} (a SYN-ACK would mean it accepted)"
         );
     }
-    let flows = net.wait_flows(net.host("host-b"), 6, |f| f["mode"] == "handshake");
+    let flows = net.wait_flows(net.host("host-b"), 6, |f| f.mode == Mode::Handshake);
     let code_of = |code: &str| {
         flows
             .iter()
-            .any(|f| f["verdict"] == "denied" && f["code"] == code)
+            .any(|f| f.verdict == Verdict::Denied && f.code.as_str() == code)
     };
     for code in ["replay", "bad-signature", "malformed", "unauthenticated"] {
         assert!(code_of(code), "no denied flow with code {code}: {flows:#?}");
@@ -258,8 +268,8 @@ fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-fn last_flow(net: &TestNet, host: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    net.wait_flows(net.host(host), 1, |f| f["mode"] == "handshake" && pred(f))
+fn last_flow(net: &TestNet, host: &str, pred: impl Fn(&FlowRecord) -> bool) -> FlowRecord {
+    net.wait_flows(net.host(host), 1, |f| f.mode == Mode::Handshake && pred(f))
         .pop()
         .unwrap_or_else(|| panic!("no such flow on {host}: {:#?}", net.flows(net.host(host))))
 }
@@ -279,21 +289,21 @@ fn each_end_enforces_its_own_policy_and_a_reload_flips_it_without_a_restart() {
     let pid_b = net.enforcer_pid(net.host("host-b"));
 
     assert!(curl(&net, "host-a", Some("web"), INDEX).status.success());
-    let f = last_flow(&net, "host-b", |f| f["verdict"] == "allowed");
-    assert_eq!(f["rule"], "b-web-api", "{f}");
-    let f = last_flow(&net, "host-a", |f| f["verdict"] == "allowed");
-    assert_eq!(f["rule"], "a-web-api", "{f}");
+    let f = last_flow(&net, "host-b", |f| f.verdict == Verdict::Allowed);
+    assert_eq!(f.rule.as_deref(), Some("b-web-api"), "{f:?}");
+    let f = last_flow(&net, "host-a", |f| f.verdict == Verdict::Allowed);
+    assert_eq!(f.rule.as_deref(), Some("a-web-api"), "{f:?}");
 
     // Ingress: host-b refuses 9000 at the SYN; host-a learns it from the reset at once.
     assert!(
         !redis_ping(&net),
         "redis answered although host-b's policy denies it"
     );
-    let f = last_flow(&net, "host-b", |f| f["verdict"] == "denied");
-    assert_eq!(f["code"], "policy", "{f}");
-    assert_eq!(f["src"]["workload"], "web", "{f}");
-    let f = last_flow(&net, "host-a", |f| f["code"] == "peer-refused");
-    assert_eq!(f["dst"]["addr"], "10.77.0.2:9000", "{f}");
+    let f = last_flow(&net, "host-b", |f| f.verdict == Verdict::Denied);
+    assert_eq!(f.code.as_str(), "policy", "{f:?}");
+    assert_eq!(f.src.workload.as_deref(), Some("web"), "{f:?}");
+    let f = last_flow(&net, "host-a", |f| f.code.as_str() == "peer-refused");
+    assert_eq!(f.dst.addr.to_string(), "10.77.0.2:9000", "{f:?}");
 
     // host-b's reload opens 9000: unmodified redis works, no restart.
     net.write_policy(Some(net.host("host-b")), &policy("b-web-api", "8080, 9000"))
@@ -312,12 +322,12 @@ fn each_end_enforces_its_own_policy_and_a_reload_flips_it_without_a_restart() {
         !ok
     });
     let f = last_flow(&net, "host-a", |f| {
-        f["verdict"] == "denied" && f["code"] == "policy"
+        f.verdict == Verdict::Denied && f.code.as_str() == "policy"
     });
-    assert_eq!(f["dst"]["workload"], "api", "{f}");
-    assert!(f["reason"].as_str().unwrap().starts_with("egress"), "{f}");
-    let f = last_flow(&net, "host-b", |f| f["code"] == "peer-refused");
-    assert_eq!(f["dst"]["addr"], "10.77.0.2:8080", "{f}");
+    assert_eq!(f.dst.workload.as_deref(), Some("api"), "{f:?}");
+    assert!(f.reason.starts_with("egress"), "{f:?}");
+    let f = last_flow(&net, "host-b", |f| f.code.as_str() == "peer-refused");
+    assert_eq!(f.dst.addr.to_string(), "10.77.0.2:8080", "{f:?}");
     let log = fs::read_to_string(net.dir.join("host-b-api-python3.log")).unwrap();
     assert_eq!(
         log.matches("GET /index.bin").count(),
@@ -348,9 +358,11 @@ fn ipv6_iperf3_and_lost_handshake_packets_work_unmodified() {
         "IPv6 fetch: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let f = last_flow(&net, "host-b", |f| f["dst"]["addr"] == "[fd77::2]:8080");
-    assert_eq!(f["verdict"], "allowed", "{f}");
-    assert_eq!(f["src"]["workload"], "web", "{f}");
+    let f = last_flow(&net, "host-b", |f| {
+        f.dst.addr.to_string() == "[fd77::2]:8080"
+    });
+    assert_eq!(f.verdict, Verdict::Allowed, "{f:?}");
+    assert_eq!(f.src.workload.as_deref(), Some("web"), "{f:?}");
 
     // Lost packets: host-b's kernel drops the first SYN and the first proof (before our
     // rules see them), so the client retransmits its SYN and the server its SYN-ACK.
@@ -526,14 +538,11 @@ fn a_live_connection_that_a_reload_denies_is_reset_at_the_end_whose_policy_chang
     });
     let out = fs::read_to_string(&log).unwrap();
     assert!(out.contains("reset"), "closed, but not with a reset: {out}");
-    let f = last_flow(&net, "host-b", |f| f["code"] == "policy-reload");
-    assert_eq!(f["src"]["workload"], "web", "{f}");
+    let f = last_flow(&net, "host-b", |f| f.code.as_str() == "policy-reload");
+    assert_eq!(f.src.workload.as_deref(), Some("web"), "{f:?}");
     assert!(
-        f["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("closed by policy reload (ingress)"),
-        "{f}"
+        f.reason.starts_with("closed by policy reload (ingress)"),
+        "{f:?}"
     );
     // New connections are refused at host-b.
     let out = net
@@ -611,16 +620,16 @@ fn an_on_path_attacker_tampering_with_or_dropping_the_proofs_is_refused() {
         let _mitm = OnPath::start(&net, "SYN,ACK SYN,ACK", &["flip", "40"]);
         assert!(!fetch().status.success(), "a tampered SYN-ACK was accepted");
     }
-    let f = last_flow(&net, "host-a", |f| f["verdict"] == "denied");
-    assert_eq!(f["code"], "bad-proof", "{f}");
+    let f = last_flow(&net, "host-a", |f| f.verdict == Verdict::Denied);
+    assert_eq!(f.code.as_str(), "bad-proof", "{f:?}");
 
     // The client's proof (message bytes 1..17) altered.
     {
         let _mitm = OnPath::start(&net, "SYN,ACK,RST ACK", &["flip", "5"]);
         assert!(!fetch().status.success(), "a wrong ACK proof was accepted");
     }
-    let f = last_flow(&net, "host-b", |f| f["code"] == "bad-proof");
-    assert_eq!(f["src"]["workload"], "web", "{f}");
+    let f = last_flow(&net, "host-b", |f| f.code.as_str() == "bad-proof");
+    assert_eq!(f.src.workload.as_deref(), Some("web"), "{f:?}");
 
     // The proof never arrives (nor the copies host-a sends when the SYN-ACK comes again):
     // the server end never lets the connection through, and records it when the handshake
@@ -636,7 +645,7 @@ fn an_on_path_attacker_tampering_with_or_dropping_the_proofs_is_refused() {
             let found = net
                 .flows(net.host("host-b"))
                 .into_iter()
-                .find(|f| f["code"] == "no-proof");
+                .find(|f| f.code.as_str() == "no-proof");
             if let Some(f) = found {
                 break f;
             }
@@ -646,7 +655,7 @@ fn an_on_path_attacker_tampering_with_or_dropping_the_proofs_is_refused() {
             );
             std::thread::sleep(Duration::from_millis(250));
         };
-        assert_eq!(f["verdict"], "denied", "{f}");
+        assert_eq!(f.verdict, Verdict::Denied, "{f:?}");
     }
 
     // None of the three reached the application; an honest fetch still works.

@@ -4,6 +4,7 @@
 use std::{fs, thread, time::Duration};
 
 use serde_json::Value;
+use tessera_proxy::flow::{Direction, FlowRecord, Verdict};
 use tessera_tests::TestNet;
 
 const T: Duration = Duration::from_secs(30);
@@ -82,7 +83,7 @@ fn db_connections(net: &TestNet) -> usize {
         .count()
 }
 
-fn last(net: &TestNet, host: &str, pred: impl Fn(&Value) -> bool) -> Value {
+fn last(net: &TestNet, host: &str, pred: impl Fn(&FlowRecord) -> bool) -> FlowRecord {
     net.wait_flows(net.host(host), 1, &pred)
         .pop()
         .unwrap_or_else(|| panic!("no such flow on {host}: {:?}", net.flows(net.host(host))))
@@ -100,28 +101,29 @@ fn both_ends_enforce_identity_policy_and_cite_the_rule() {
     // Only api's connection ever reached the database program.
     assert_eq!(db_connections(&net), 1);
 
-    let f = last(&net, "host-a", |f| f["dst"]["addr"] == "10.77.0.2:7000");
-    assert_eq!(
-        (f["verdict"].as_str(), f["rule"].as_str()),
-        (Some("allowed"), Some("web-to-api"))
-    );
-    let f = last(&net, "host-b", |f| {
-        f["direction"] == "inbound" && f["dst"]["workload"] == "api"
+    let f = last(&net, "host-a", |f| {
+        f.dst.addr.to_string() == "10.77.0.2:7000"
     });
     assert_eq!(
-        (f["verdict"].as_str(), f["rule"].as_str()),
-        (Some("allowed"), Some("web-to-api"))
+        (f.verdict, f.rule.as_deref()),
+        (Verdict::Allowed, Some("web-to-api"))
     );
-    let f = last(&net, "host-c", |f| f["src"]["workload"] == "web");
-    assert_eq!(f["verdict"], "denied");
+    let f = last(&net, "host-b", |f| {
+        f.direction == Direction::Inbound && f.dst.workload.as_deref() == Some("api")
+    });
     assert_eq!(
-        f["reason"],
-        "ingress denied: no rule allows it (default deny)"
+        (f.verdict, f.rule.as_deref()),
+        (Verdict::Allowed, Some("web-to-api"))
     );
-    let f = last(&net, "host-a", |f| f["dst"]["addr"] == "10.77.0.3:7100");
-    assert_eq!(f["verdict"], "denied");
+    let f = last(&net, "host-c", |f| f.src.workload.as_deref() == Some("web"));
+    assert_eq!(f.verdict, Verdict::Denied);
+    assert_eq!(f.reason, "ingress denied: no rule allows it (default deny)");
+    let f = last(&net, "host-a", |f| {
+        f.dst.addr.to_string() == "10.77.0.3:7100"
+    });
+    assert_eq!(f.verdict, Verdict::Denied);
     assert_eq!(
-        f["reason"],
+        f.reason,
         "host-c refused: host-c: ingress denied: no rule allows it (default deny)"
     );
 }
@@ -136,17 +138,16 @@ fn the_source_enforcer_denies_egress_even_when_the_destination_allows() {
         !to_db(&net, "host-a", "web"),
         "egress must be refused by host-a"
     );
-    let f = last(&net, "host-a", |f| f["dst"]["addr"] == "10.77.0.3:7100");
-    assert_eq!(
-        f["reason"],
-        "egress denied: no rule allows it (default deny)"
-    );
+    let f = last(&net, "host-a", |f| {
+        f.dst.addr.to_string() == "10.77.0.3:7100"
+    });
+    assert_eq!(f.reason, "egress denied: no rule allows it (default deny)");
     // host-c's ingress allowed it and connected to the db (as a TCP handshake would), but
     // the source's refusal reset it before one byte was sent.
-    let c = last(&net, "host-c", |f| f["src"]["workload"] == "web");
-    assert_eq!(c["rule"], "web-to-db");
-    assert_eq!(c["bytes_sent"], 0);
-    assert_eq!(c["reason"], "the peer's connection was reset");
+    let c = last(&net, "host-c", |f| f.src.workload.as_deref() == Some("web"));
+    assert_eq!(c.rule.as_deref(), Some("web-to-db"));
+    assert_eq!(c.bytes_sent, 0);
+    assert_eq!(c.reason, "the peer's connection was reset");
     assert_eq!(
         db_connections(&net),
         0,
@@ -172,9 +173,9 @@ fn a_reload_flips_a_decision_without_a_restart_and_a_bad_policy_changes_nothing(
     }
     assert_eq!(net.enforcer_pid(net.host("host-a")), pid_a, "no restart");
     let f = last(&net, "host-c", |f| {
-        f["src"]["workload"] == "web" && f["verdict"] == "allowed"
+        f.src.workload.as_deref() == Some("web") && f.verdict == Verdict::Allowed
     });
-    assert_eq!(f["rule"], "web-to-db");
+    assert_eq!(f.rule.as_deref(), Some("web-to-db"));
 
     // A typo: reported with its position, and the policy in force stays.
     net.write_policy(
@@ -234,23 +235,20 @@ fn a_live_connection_that_a_new_policy_denies_is_closed() {
         thread::sleep(Duration::from_millis(50));
     }
     // Both ends apply the reload; at least one closed it, and both record it as refused.
-    let a = last(&net, "host-a", |f| f["dst"]["addr"] == "10.77.0.2:7000");
-    let b = last(&net, "host-b", |f| f["direction"] == "inbound");
-    let reloaded = |f: &Value| {
-        f["reason"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("closed by policy reload")
-    };
+    let a = last(&net, "host-a", |f| {
+        f.dst.addr.to_string() == "10.77.0.2:7000"
+    });
+    let b = last(&net, "host-b", |f| f.direction == Direction::Inbound);
+    let reloaded = |f: &FlowRecord| f.reason.starts_with("closed by policy reload");
     assert!(
         reloaded(&a) || reloaded(&b),
-        "neither end cites the reload:\n{a}\n{b}"
+        "neither end cites the reload:\n{a:?}\n{b:?}"
     );
     for f in [&a, &b] {
-        assert_ne!(f["verdict"], "error", "{f}");
+        assert_ne!(f.verdict, Verdict::Error, "{f:?}");
         assert!(
-            f["bytes_sent"].as_u64().unwrap() > 0,
-            "the connection carried pings before: {f}"
+            f.bytes_sent > 0,
+            "the connection carried pings before: {f:?}"
         );
     }
     // New connections are refused too.
@@ -345,11 +343,11 @@ rules:
         );
         thread::sleep(Duration::from_millis(200));
     }
-    let f = last(&net, "host-a", |f| f["verdict"] == "allowed");
-    assert_eq!(f["rule"], "web-to-registry");
-    assert_eq!(f["dst"]["addr"], "10.77.0.3:8000");
+    let f = last(&net, "host-a", |f| f.verdict == Verdict::Allowed);
+    assert_eq!(f.rule.as_deref(), Some("web-to-registry"));
+    assert_eq!(f.dst.addr.to_string(), "10.77.0.3:8000");
     // The record names the external peer by the policy's DNS name.
-    assert_eq!(f["dst"]["dns_name"], "registry.test");
+    assert_eq!(f.dst.dns_name.as_deref(), Some("registry.test"));
 
     // The DNS now says registry.test is elsewhere; after the TTL the rule no longer matches.
     unsafe { libc_kill(dns) };
@@ -369,9 +367,9 @@ rules:
     assert!(!curl(&net).status.success());
     let refusal = "no enforcer serves 10.77.0.3; denied: no rule allows it (default deny)";
     let f = last(&net, "host-a", |f| {
-        f["verdict"] == "denied" && f["reason"] == refusal
+        f.verdict == Verdict::Denied && f.reason == refusal
     });
-    assert_eq!(f["dst"]["addr"], "10.77.0.3:8000");
+    assert_eq!(f.dst.addr.to_string(), "10.77.0.3:8000");
 }
 
 unsafe fn libc_kill(pid: u32) {

@@ -9,6 +9,7 @@
 use std::{fs, path::Path, time::Duration};
 
 use serde_json::Value;
+use tessera_proxy::flow::{Direction, Verdict};
 use tessera_tests::TestNet;
 
 const T: Duration = Duration::from_secs(30);
@@ -90,11 +91,9 @@ fn hostile_tokens_are_refused_with_their_reason_and_never_reach_the_application(
         );
         // The destination recorded the refusal and its reason.
         let flows = net.wait_flows(net.host("host-b"), 1, |f| {
-            f["direction"] == "inbound"
-                && f["verdict"] == "denied"
-                && f["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains(&format!("({reason})")))
+            f.direction == Direction::Inbound
+                && f.verdict == Verdict::Denied
+                && f.reason.contains(&format!("({reason})"))
         });
         assert!(
             !flows.is_empty(),
@@ -163,20 +162,20 @@ fn policy_on_derived_labels_admits_only_the_attested_binary() {
 
     // The destination saw the source's SPIFFE name and the rule, from a verified token.
     let inbound = net.wait_flows(net.host("host-b"), 1, |f| {
-        f["direction"] == "inbound" && f["verdict"] == "allowed"
+        f.direction == Direction::Inbound && f.verdict == Verdict::Allowed
     });
     let f = inbound.first().expect("an allowed inbound flow on host-b");
     assert_eq!(
-        f["src"]["spiffe"],
-        "spiffe://tessera.local/enforcer/host-a/workload/web"
+        f.src.spiffe.as_deref(),
+        Some("spiffe://tessera.local/enforcer/host-a/workload/web")
     );
     assert_eq!(
-        f["dst"]["spiffe"],
-        "spiffe://tessera.local/enforcer/host-b/workload/api"
+        f.dst.spiffe.as_deref(),
+        Some("spiffe://tessera.local/enforcer/host-b/workload/api")
     );
-    assert_eq!(f["rule"], "web-curl-to-api");
+    assert_eq!(f.rule.as_deref(), Some("web-curl-to-api"));
     let denied = net.wait_flows(net.host("host-a"), 1, |f| {
-        f["direction"] == "outbound" && f["verdict"] == "denied"
+        f.direction == Direction::Outbound && f.verdict == Verdict::Denied
     });
     assert!(!denied.is_empty(), "{:?}", net.flows(net.host("host-a")));
 

@@ -1,0 +1,395 @@
+//! The enforcer part of the test hosts: the `tessera` binary under test, the workloads and
+//! policies a test declares, each host's enforcer configuration (a
+//! [`tessera_enforcer::config::Config`] written through serde, never by hand), starting and
+//! stopping enforcers, and reading the flow records they write.
+//!
+//! An enforcer is a child of its [`Host`]; the [`TestNet`] stops every one when it is
+//! dropped.
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ipnet::IpNet;
+use tessera_enforcer::config::{
+    Bpf, Config, DataPathMode, Flows, HandshakeConfig, IdentityConfig, Listen, PeerConfig,
+    PolicyConfig, Tls, Tunnel, Workload,
+};
+use tessera_proxy::flow::FlowRecord;
+
+use crate::{Host, TestNet, sh};
+
+/// The `tessera` binary under test: `$TESSERA_BIN`, or the newest of target/{debug,release}.
+pub fn tessera_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TESSERA_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    ["debug", "release"]
+        .iter()
+        .map(|p| target.join(p).join("tessera"))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+        .ok_or_else(|| anyhow!("no tessera binary under {}: build it first (`cargo build -p tessera-enforcer`; `cargo xtask test` does)", target.display()))
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<u16>,
+}
+
+/// Settings of the enforcers a test starts.
+#[derive(Clone, Debug)]
+pub struct EnforcerOptions {
+    pub pool_size: usize,
+    pub keep_attached: bool,
+    /// Policy files by host name; `"*"` applies to hosts without one of their own.
+    pub policies: BTreeMap<String, PathBuf>,
+    /// `[policy] dns_servers` for every enforcer.
+    pub dns_servers: Vec<String>,
+    /// `[identity] tokens` (false only to measure what tokens cost).
+    pub tokens: bool,
+    /// `mode = "handshake"`: tokens in the TCP handshake, no tunnels (else `"tunnel"`).
+    pub handshake: bool,
+    /// `[handshake] fail_open`.
+    pub fail_open: bool,
+    /// `[handshake] pass_through` (benchmark baseline: the queues without the engine).
+    pub pass_through: bool,
+    /// `[handshake] key_reuse_ms` (None: the default).
+    pub key_reuse_ms: Option<u64>,
+}
+
+impl Default for EnforcerOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            keep_attached: false,
+            policies: BTreeMap::new(),
+            dns_servers: Vec::new(),
+            tokens: true,
+            handshake: false,
+            fail_open: false,
+            pass_through: false,
+            key_reuse_ms: None,
+        }
+    }
+}
+
+pub const TUNNEL_PORT: u16 = 15008;
+/// Each enforcer's HTTP API listens on its host's address at this port.
+pub const API_PORT: u16 = 15090;
+
+impl TestNet {
+    pub fn tessera(&self, args: &[&str]) -> Result<String> {
+        sh(self.bin.to_str().unwrap(), args)
+    }
+
+    pub fn pin_dir(&self, host: &Host) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/tessera/{}-{}", self.id, host.name))
+    }
+
+    pub fn flow_log(&self, host: &Host) -> PathBuf {
+        self.dir.join(format!("{}-flows.jsonl", host.name))
+    }
+
+    pub fn log_path(&self, host: &Host) -> PathBuf {
+        self.dir.join(format!("{}-enforcer.log", host.name))
+    }
+
+    /// Declares a workload on `host`: a cgroup of its own, enrolled when the enforcer starts.
+    pub fn add_workload(
+        &self,
+        host: &Host,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[u16],
+    ) -> Result<()> {
+        fs::create_dir_all(self.cgroup(host, Some(name)))?;
+        host.workloads.lock().unwrap().push(WorkloadSpec {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ports: ports.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// Writes a policy file for `host` (None: every host without its own) and puts it in the
+    /// enforcers' configuration. A running enforcer picks up changes to the file by itself.
+    pub fn write_policy(&self, host: Option<&Host>, text: &str) -> Result<PathBuf> {
+        let key = host.map(|h| h.name.clone()).unwrap_or_else(|| "*".into());
+        let path = self.dir.join(format!(
+            "policy-{}.yaml",
+            if key == "*" { "all" } else { &key }
+        ));
+        // Write then rename, as editors and config management do: never a half-written file.
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, &path)?;
+        self.options
+            .lock()
+            .unwrap()
+            .policies
+            .insert(key, path.clone());
+        Ok(path)
+    }
+
+    pub fn config_path(&self, host: &Host) -> PathBuf {
+        self.dir.join(format!("{}.toml", host.name))
+    }
+
+    /// Writes `host`'s enforcer configuration: its workloads, and every other host with an
+    /// enforcer as a peer serving that host's address.
+    pub fn write_config(&self, host: &Host) -> Result<PathBuf> {
+        let text = toml::to_string(&self.enforcer_config(host)?)?;
+        let path = self.config_path(host);
+        fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// `host`'s enforcer configuration as [`TestNet::write_config`] writes it. Paths under
+    /// the test directory are relative to the configuration file (`ca/...`) or absolute.
+    pub fn enforcer_config(&self, host: &Host) -> Result<Config> {
+        let opts = self.options.lock().unwrap().clone();
+        let policy = opts
+            .policies
+            .get(&host.name)
+            .or_else(|| opts.policies.get("*"));
+        let policy = match policy {
+            Some(file) => PolicyConfig {
+                file: Some(file.clone()),
+                dns_servers: opts
+                    .dns_servers
+                    .iter()
+                    .map(|s| s.parse().with_context(|| format!("dns server {s:?}")))
+                    .collect::<Result<_>>()?,
+                ..PolicyConfig::default()
+            },
+            None => PolicyConfig::default(),
+        };
+        let handshake = if opts.handshake {
+            let default = HandshakeConfig::default();
+            HandshakeConfig {
+                fail_open: opts.fail_open,
+                pass_through: opts.pass_through,
+                key_reuse_ms: opts.key_reuse_ms.unwrap_or(default.key_reuse_ms),
+                ..default
+            }
+        } else {
+            HandshakeConfig::default()
+        };
+        let workloads = host
+            .workloads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|w| Workload {
+                name: w.name.clone(),
+                cgroup: self.cgroup(host, Some(&w.name)),
+                labels: w.labels.clone(),
+                ports: w.ports.clone(),
+                observe: false,
+            })
+            .collect();
+        let peers = self
+            .hosts
+            .iter()
+            .filter(|p| p.name != host.name && p.with_enforcer)
+            .map(|peer| PeerConfig {
+                name: peer.name.clone(),
+                tunnel: SocketAddr::from((peer.addr, TUNNEL_PORT)),
+                serves: vec![
+                    IpNet::from(IpAddr::from(peer.addr)),
+                    IpNet::from(IpAddr::from(peer.addr6)),
+                ],
+                cert: Some(format!("ca/{}.pem", peer.name).into()),
+            })
+            .collect();
+        Ok(Config {
+            name: host.name.clone(),
+            mode: Some(if opts.handshake {
+                DataPathMode::Handshake
+            } else {
+                DataPathMode::Tunnel
+            }),
+            listen: Listen {
+                tunnel: SocketAddr::from((host.addr, TUNNEL_PORT)),
+                ..Listen::default()
+            },
+            tls: Tls {
+                ca: "ca/ca.pem".into(),
+                cert: format!("ca/{}.pem", host.name).into(),
+                key: format!("ca/{}.key", host.name).into(),
+            },
+            bpf: Bpf {
+                pin_dir: Some(self.pin_dir(host)),
+                ..Bpf::default()
+            },
+            workloads,
+            peers,
+            tunnel: Tunnel {
+                pool_size: opts.pool_size,
+                ..Tunnel::default()
+            },
+            flows: Flows {
+                log: Some(self.flow_log(host)),
+                api: format!("{}:{API_PORT}", host.addr),
+                map_db: Some(self.dir.join(format!("{}-map.redb", host.name))),
+                ..Flows::default()
+            },
+            policy,
+            identity: IdentityConfig {
+                tokens: opts.tokens,
+                ..IdentityConfig::default()
+            },
+            handshake,
+        })
+    }
+
+    /// Starts `host`'s enforcer and waits until it serves.
+    pub fn start_enforcer(&self, host: &Host) -> Result<()> {
+        let config = self.write_config(host)?;
+        let ready = self.dir.join(format!("{}.ready", host.name));
+        let _ = fs::remove_file(&ready);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(host))?;
+        let mut args = vec![
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--ready-file",
+            ready.to_str().unwrap(),
+        ];
+        if self.options.lock().unwrap().keep_attached {
+            args.push("--keep-attached");
+        }
+        let mut child = self
+            .command(
+                host,
+                &self.cgroup(host, Some("enforcer")),
+                self.bin.to_str().unwrap(),
+                &args,
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "enforcer on {} exited ({status}) during start-up:\n{}",
+                    host.name,
+                    self.enforcer_log(host)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!(
+                    "enforcer on {} not ready within 30 s:\n{}",
+                    host.name,
+                    self.enforcer_log(host)
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        *host.enforcer.lock().unwrap() = Some(child);
+        Ok(())
+    }
+
+    pub fn start_enforcers(&self) -> Result<()> {
+        for h in self.hosts.iter().filter(|h| h.with_enforcer) {
+            self.start_enforcer(h)?;
+        }
+        // Let the tunnel pools warm (an enforcer that started before its peer retries with
+        // backoff), so tests see the steady state, not first handshakes.
+        thread::sleep(Duration::from_millis(1000));
+        Ok(())
+    }
+
+    /// Stops `host`'s enforcer with SIGTERM (or SIGKILL) and waits for it.
+    pub fn stop_enforcer(&self, host: &Host, kill: bool) -> Result<()> {
+        let Some(mut child) = host.enforcer.lock().unwrap().take() else {
+            return Ok(());
+        };
+        let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("enforcer on {} ignored SIGTERM for 10 s", host.name);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The enforcer's pid (to read its memory, say).
+    pub fn enforcer_pid(&self, host: &Host) -> Option<u32> {
+        host.enforcer.lock().unwrap().as_ref().map(Child::id)
+    }
+
+    pub fn enforcer_log(&self, host: &Host) -> String {
+        fs::read_to_string(self.log_path(host)).unwrap_or_default()
+    }
+
+    /// Flow records `host`'s enforcer wrote so far.
+    pub fn flows(&self, host: &Host) -> Vec<FlowRecord> {
+        self.flows_json(host)
+            .into_iter()
+            .map(|v| {
+                serde_json::from_value(v.clone())
+                    .unwrap_or_else(|e| panic!("not a flow record ({e}): {v}"))
+            })
+            .collect()
+    }
+
+    /// The same records as raw JSON, for a test that checks how fields are spelled. A line
+    /// being written (not yet valid JSON) is left out.
+    pub fn flows_json(&self, host: &Host) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.flow_log(host))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until flow records matching `pred` number at least `n` on `host`.
+    pub fn wait_flows(
+        &self,
+        host: &Host,
+        n: usize,
+        pred: impl Fn(&FlowRecord) -> bool,
+    ) -> Vec<FlowRecord> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got: Vec<_> = self.flows(host).into_iter().filter(|f| pred(f)).collect();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
