@@ -49,26 +49,11 @@ pub struct Config {
     pub handshake: HandshakeConfig,
 }
 
-/// Which data path carries this host's workloads' connections.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DataPathMode {
-    /// Through the proxies and mutual-TLS tunnels (default).
-    #[default]
-    Tunnel,
-    /// Identity tokens in the TCP handshake (NFQUEUE); the data stays in the kernel.
-    Handshake,
-}
-
-impl DataPathMode {
-    /// The spelling in the configuration file.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tunnel => "tunnel",
-            Self::Handshake => "handshake",
-        }
-    }
-}
+/// `enforce` or `observe`: the data plane's own enum.
+pub use tessera_proxy::authz::PolicyMode;
+/// Which data path carries this host's workloads' connections (`tunnel` by default, or
+/// `handshake`): the data plane's own enum, as flow records name it.
+pub use tessera_proxy::flow::Mode as DataPathMode;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -144,17 +129,9 @@ pub struct PolicyConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
     /// `enforce` (default): denials refuse. `observe`: denials are only recorded.
-    pub mode: PolicyModeConfig,
+    pub mode: PolicyMode,
     /// DNS servers for the policy's `dns:` names (default: the system's, /etc/resolv.conf).
     pub dns_servers: Vec<SocketAddr>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyModeConfig {
-    #[default]
-    Enforce,
-    Observe,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -774,7 +751,7 @@ mod tests {
         assert_eq!(again, c, "{text}");
         // Nothing was lost on the way: the values are the ones written above.
         assert_eq!(again.mode, Some(DataPathMode::Handshake));
-        assert_eq!(again.policy.mode, PolicyModeConfig::Observe);
+        assert_eq!(again.policy.mode, PolicyMode::Observe);
         assert_eq!(again.flows.log, Some(f.dir.path().join("flows.jsonl")));
         assert_eq!(again.peers[0].serves.len(), 2);
         assert_eq!(again.workloads[0].labels["x/y"], "z");

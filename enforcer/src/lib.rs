@@ -1,7 +1,8 @@
 //! The Tessera enforcer as a library: everything the `tessera` binary (`main.rs`, only the
 //! command line) runs, and what benches, the test harness and other tools use.
 //!
-//! * the daemon: [`daemon`] (`tessera run`), [`config`], [`capture`] (eBPF load, attach,
+//! * the daemon: [`daemon`] (`tessera run`), [`app`] (the one place that wires an enforcer:
+//!   `build(Config) -> Running`), [`config`], [`capture`] (eBPF load, attach,
 //!   pin), [`workloads`], [`attest`] (derived identity labels), [`policy`] (loading and
 //!   reloading), [`handshake`] (TCP-handshake mode in the kernel), [`api`] (the local HTTP
 //!   API and web map);
@@ -14,6 +15,7 @@
 //! so neither bpf-linker nor node is needed, and `tessera run` fails at start-up with "this
 //! build has no eBPF object" (the web map's script answers 501).
 pub mod api;
+pub mod app;
 pub mod attest;
 pub mod ca;
 pub mod capture;

@@ -51,6 +51,16 @@ pub enum Mode {
     Handshake,
 }
 
+impl Mode {
+    /// Its name, as records and configuration files spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tunnel => "tunnel",
+            Self::Handshake => "handshake",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
