@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use pnet_packet::tcp::TcpFlags;
 
-use super::{Engine, LiveConnection, Outcome, PacketVerdict, attach_or_drop, reset_refusal};
+use super::{Engine, LiveConnection, Outcome, PacketVerdict, attach_or_drop};
 use crate::{
     authz::Party,
     capture::Captured,
@@ -12,7 +12,7 @@ use crate::{
     handshake::{
         message::Message,
         packet::{self, Segment},
-        proof::{self, Ephemeral, PublicKey, Role, Transcript},
+        proof::{self, Ephemeral, Proof, PublicKey, Role, Transcript},
     },
     identity::token::KeyId,
     route::{self, Route},
@@ -78,36 +78,7 @@ impl Engine {
         rec.src.captured(&captured, self.setup.admission.name());
         let plan = route::plan(&captured, &self.setup.peers);
         let Route::Peer(peer) = plan.route else {
-            // No enforcer there: egress policy on external networks decides now.
-            rec.dst.dns_name = self.setup.admission.decisions().dns().name_of(seg.dst.ip());
-            let attempt = plan.attempt(route::external_party(&captured));
-            let ip = seg.dst.ip();
-            let Some(ruling) = self
-                .setup
-                .admission
-                .decide(&attempt, &mut rec, Code::Policy, |r| {
-                    format!("no enforcer serves {ip}; {r}")
-                })
-            else {
-                rec.finish_at(now_ms);
-                return reset_app();
-            };
-            self.lock_clients().insert(
-                key,
-                ClientHandshake {
-                    isn: seg.seq,
-                    started_ms: now_ms,
-                    step: ClientStep::External,
-                },
-            );
-            let live = LiveConnection {
-                local: seg.src,
-                remote: seg.dst,
-                attempt,
-                ruling,
-                flow: rec,
-            };
-            return Outcome::accept().with_live(live);
+            return self.syn_to_external(seg, rec, &captured, &plan, now_ms);
         };
         rec.dst.enforcer = Some(peer.name.clone());
         let Some(peer_key) = self.setup.peer_keys.get(&peer.name).copied() else {
@@ -155,11 +126,53 @@ impl Engine {
         out
     }
 
+    /// A SYN to a destination no enforcer serves: egress policy on external networks
+    /// decides now; an allowed connection needs nothing more from us.
+    fn syn_to_external(
+        &self,
+        seg: &Segment,
+        mut flow: FlowTracker,
+        captured: &Captured,
+        plan: &route::Plan<'_>,
+        now_ms: u64,
+    ) -> Outcome {
+        let admission = &self.setup.admission;
+        let ip = seg.dst.ip();
+        flow.dst.dns_name = admission.decisions().dns().name_of(ip);
+        let attempt = plan.attempt(route::external_party(captured));
+        let Some(ruling) = admission.decide(&attempt, &mut flow, Code::Policy, |r| {
+            format!("no enforcer serves {ip}; {r}")
+        }) else {
+            flow.finish_at(now_ms);
+            // The workload's RST: the connect fails at once instead of timing out.
+            return Outcome {
+                send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
+                ..Outcome::drop()
+            };
+        };
+        self.lock_clients().insert(
+            (seg.src, seg.dst),
+            ClientHandshake {
+                isn: seg.seq,
+                started_ms: now_ms,
+                step: ClientStep::External,
+            },
+        );
+        let live = LiveConnection {
+            local: seg.src,
+            remote: seg.dst,
+            attempt,
+            ruling,
+            flow,
+        };
+        Outcome::accept().with_live(live)
+    }
+
     pub(super) fn client_synack(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
         let key = (seg.dst, seg.src);
         let detached = packet::detach(packet);
         let mut clients = self.lock_clients();
-        let Some(h) = clients
+        let Some(mut h) = clients
             .remove(&key)
             .filter(|h| seg.ack == h.isn.wrapping_add(1))
         else {
@@ -170,200 +183,140 @@ impl Engine {
                 _ => Outcome::drop(),
             };
         };
-        let ClientHandshake {
-            isn,
-            started_ms,
-            step,
-        } = h;
-        // Refusal: the workload's socket gets a reset instead of the SYN-ACK, the server's
-        // half-open connection one too.
-        let reset = |flow: FlowTracker, code: Code, reason: String| {
-            flow.refuse_at(code, reason, now_ms);
-            Outcome {
-                send: vec![packet::reset(
-                    seg.dst,
-                    seg.src,
-                    seg.ack,
-                    seg.seq.wrapping_add(1),
-                )],
-                ..Outcome::rewrite(packet::reset(
-                    seg.src,
-                    seg.dst,
-                    seg.seq.wrapping_add(1),
-                    isn.wrapping_add(1),
-                ))
-            }
-        };
-        match step {
+        let (out, next) = match h.step {
             ClientStep::External => {
-                clients.insert(
-                    key,
-                    ClientHandshake {
-                        isn,
-                        started_ms,
-                        step: ClientStep::External,
-                    },
-                );
-                match detached {
+                let out = match detached {
                     Ok(None) => Outcome::accept(),
-                    // Our enforcer did not ask for a token; one arrives anyway: not ours to use.
+                    // Our enforcer did not ask for a token; one arrives anyway: not ours.
                     Ok(Some((clean, _))) => Outcome::rewrite(clean),
                     Err(_) => Outcome::drop(),
-                }
+                };
+                (out, Some(ClientStep::External))
             }
-            ClientStep::Proven {
-                server_isn,
-                synack_message,
-                ack_message,
-                proof_sent,
-            } => {
-                // A retransmitted SYN-ACK (the same one only): our proof was lost on the way.
-                // The kernel's answer to it is not queued again (the connection's first ACK
-                // is behind it), so the proof goes out in an ACK of our own.
-                let same = matches!(&detached, Ok(Some((_, m))) if *m == synack_message)
-                    && seg.seq == server_isn;
-                let out = match detached {
-                    Ok(Some((clean, _))) if same => {
-                        let ack = packet::build(
-                            seg.dst,
-                            seg.src,
-                            isn.wrapping_add(1),
-                            server_isn.wrapping_add(1),
-                            TcpFlags::ACK,
-                        );
-                        Outcome {
-                            send: packet::attach(&ack, &ack_message).into_iter().collect(),
-                            ..Outcome::rewrite(clean)
-                        }
-                    }
-                    _ => Outcome::drop(),
-                };
-                clients.insert(
-                    key,
-                    ClientHandshake {
-                        isn,
-                        started_ms,
-                        step: ClientStep::Proven {
-                            server_isn,
-                            synack_message,
-                            ack_message,
-                            proof_sent,
-                        },
-                    },
-                );
-                out
+            step @ ClientStep::Proven { .. } => synack_again(seg, h.isn, detached, step),
+            step @ ClientStep::AwaitSynAck { .. } => {
+                self.synack_verify(seg, h.isn, detached, step, now_ms)
             }
-            ClientStep::AwaitSynAck {
-                flow,
-                syn_message: _,
-                syn_token,
-                client_key,
-                ephemeral,
-                peer,
-                peer_key,
-                captured,
-            } => {
-                let rec = *flow;
-                let parsed = match detached {
-                    Ok(Some((clean, message))) => match Message::decode(&message) {
-                        Ok(Message::SynAck {
-                            server_key,
-                            proof,
-                            token,
-                        }) => Ok((clean, message, server_key, proof, token)),
-                        Ok(_) => Err((
-                            Code::Malformed,
-                            format!("SYN-ACK of {peer}: not a SYN-ACK message"),
-                        )),
-                        Err(e) => Err((Code::Malformed, format!("SYN-ACK of {peer}: {e}"))),
-                    },
-                    Ok(None) => Err((
-                        Code::NoToken,
-                        format!("the SYN-ACK of {peer} carried no token"),
-                    )),
-                    Err(e) => Err((Code::Malformed, format!("SYN-ACK of {peer}: {e}"))),
-                };
-                let (clean, message, server_key, server_proof, token) = match parsed {
-                    Ok(p) => p,
-                    Err((code, reason)) => return reset(rec, code, reason),
-                };
-                let transcript = Transcript {
-                    client: seg.dst,
-                    server: seg.src,
-                    client_isn: isn,
-                    server_isn: seg.seq,
-                    syn_token,
-                    client_key,
-                    synack_token: token,
-                    server_key,
-                };
-                let digest = transcript.digest();
-                let Ok(proof_key) = self.client_keys.agree(&ephemeral, &server_key) else {
-                    return reset(rec, Code::BadProof, format!("SYN-ACK of {peer}: bad key"));
-                };
-                if proof_key
-                    .check_digest(Role::Server, &digest, &server_proof)
-                    .is_err()
-                {
-                    return reset(
-                        rec,
-                        Code::BadProof,
-                        format!("the SYN-ACK proof of {peer} does not verify"),
-                    );
-                }
-                let dst_identity = match self.setup.tokens.check_token(
-                    &transcript.synack_token,
-                    &peer,
-                    &peer_key,
-                    seg.dst,
-                    &proof::synack_binding(&transcript),
-                    now_ms,
-                ) {
-                    Ok(id) => id,
-                    Err(e) => return reset_refusal(reset, rec, &peer, e),
-                };
-                let mut rec = rec;
-                rec.dst.identified_by_peer(&dst_identity);
-                let plan = route::plan(&captured, &self.setup.peers);
-                let attempt = plan.attempt(Party::workload(
-                    dst_identity.labels.clone(),
-                    Some(seg.src.ip()),
-                ));
-                let Some(ruling) =
-                    self.setup
-                        .admission
-                        .decide(&attempt, &mut rec, Code::Policy, |r| format!("egress {r}"))
-                else {
-                    let reason = rec.reason.clone();
-                    return reset(rec, Code::Policy, reason);
-                };
-                let ack_message = Message::Ack {
-                    proof: proof_key.prove_digest(Role::Client, &digest),
-                }
-                .encode();
-                clients.insert(
-                    key,
-                    ClientHandshake {
-                        isn,
-                        started_ms,
-                        step: ClientStep::Proven {
-                            server_isn: seg.seq,
-                            synack_message: message,
-                            ack_message,
-                            proof_sent: false,
-                        },
-                    },
-                );
-                let live = LiveConnection {
-                    local: seg.dst,
-                    remote: seg.src,
-                    attempt,
-                    ruling,
-                    flow: rec,
-                };
-                Outcome::rewrite(clean).with_live(live)
-            }
+        };
+        // A handshake that goes on stays; a refused one is forgotten.
+        if let Some(step) = next {
+            h.step = step;
+            clients.insert(key, h);
         }
+        out
+    }
+
+    /// The SYN-ACK our SYN waited for: the server's key, proof and token, then egress
+    /// policy on the destination's identity. Allowed: the connection goes live and the
+    /// handshake waits for our first ACK. Refused: the workload gets a reset instead of the
+    /// SYN-ACK, the server's half-open connection one too.
+    fn synack_verify(
+        &self,
+        seg: &Segment,
+        isn: u32,
+        detached: Detached,
+        step: ClientStep,
+        now_ms: u64,
+    ) -> (Outcome, Option<ClientStep>) {
+        let ClientStep::AwaitSynAck {
+            flow,
+            syn_token,
+            client_key,
+            ephemeral,
+            peer,
+            peer_key,
+            captured,
+            ..
+        } = step
+        else {
+            unreachable!("called for a handshake awaiting its SYN-ACK");
+        };
+        let reset = |flow: FlowTracker, code: Code, reason: String| {
+            flow.refuse_at(code, reason, now_ms);
+            let to_server = packet::reset(seg.dst, seg.src, seg.ack, seg.seq.wrapping_add(1));
+            let to_app = packet::reset(
+                seg.src,
+                seg.dst,
+                seg.seq.wrapping_add(1),
+                isn.wrapping_add(1),
+            );
+            let out = Outcome {
+                send: vec![to_server],
+                ..Outcome::rewrite(to_app)
+            };
+            (out, None)
+        };
+        let mut flow = *flow;
+        let (clean, message, server_key, server_proof, token) = match parse_synack(detached, &peer)
+        {
+            Ok(p) => p,
+            Err((code, reason)) => return reset(flow, code, reason),
+        };
+        let transcript = Transcript {
+            client: seg.dst,
+            server: seg.src,
+            client_isn: isn,
+            server_isn: seg.seq,
+            syn_token,
+            client_key,
+            synack_token: token,
+            server_key,
+        };
+        let digest = transcript.digest();
+        let Ok(proof_key) = self.client_keys.agree(&ephemeral, &server_key) else {
+            return reset(flow, Code::BadProof, format!("SYN-ACK of {peer}: bad key"));
+        };
+        if proof_key
+            .check_digest(Role::Server, &digest, &server_proof)
+            .is_err()
+        {
+            let reason = format!("the SYN-ACK proof of {peer} does not verify");
+            return reset(flow, Code::BadProof, reason);
+        }
+        let binding = proof::synack_binding(&transcript);
+        let tokens = &self.setup.tokens;
+        let dst_identity = match tokens.check_token(
+            &transcript.synack_token,
+            &peer,
+            &peer_key,
+            seg.dst,
+            &binding,
+            now_ms,
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                let reason = format!("destination {e} ({}) in the SYN-ACK of {peer}", e.code());
+                return reset(flow, e.code(), reason);
+            }
+        };
+        flow.dst.identified_by_peer(&dst_identity);
+        let plan = route::plan(&captured, &self.setup.peers);
+        let attempt = plan.attempt(Party::workload(dst_identity.labels, Some(seg.src.ip())));
+        let admission = &self.setup.admission;
+        let Some(ruling) =
+            admission.decide(&attempt, &mut flow, Code::Policy, |r| format!("egress {r}"))
+        else {
+            let reason = flow.reason.clone();
+            return reset(flow, Code::Policy, reason);
+        };
+        let ack_message = Message::Ack {
+            proof: proof_key.prove_digest(Role::Client, &digest),
+        }
+        .encode();
+        let live = LiveConnection {
+            local: seg.dst,
+            remote: seg.src,
+            attempt,
+            ruling,
+            flow,
+        };
+        let proven = ClientStep::Proven {
+            server_isn: seg.seq,
+            synack_message: message,
+            ack_message,
+            proof_sent: false,
+        };
+        (Outcome::rewrite(clean).with_live(live), Some(proven))
     }
 
     /// A packet of a marked connection before its first ACK was handled: the first carries
@@ -390,4 +343,75 @@ impl Engine {
         out.mark = self.setup.acked_mark;
         out
     }
+}
+
+/// A SYN-ACK split from its message, as `packet::detach` gives it.
+type Detached = Result<Option<packet::Detached>, packet::PacketError>;
+
+/// The SYN-ACK message of `peer`: the clean packet, the message as sent, the server's key,
+/// its proof and its token.
+#[allow(clippy::type_complexity)]
+fn parse_synack(
+    detached: Detached,
+    peer: &str,
+) -> Result<(Vec<u8>, Vec<u8>, PublicKey, Proof, Vec<u8>), (Code, String)> {
+    let (clean, message) = match detached {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            let reason = format!("the SYN-ACK of {peer} carried no token");
+            return Err((Code::NoToken, reason));
+        }
+        Err(e) => return Err((Code::Malformed, format!("SYN-ACK of {peer}: {e}"))),
+    };
+    match Message::decode(&message) {
+        Ok(Message::SynAck {
+            server_key,
+            proof,
+            token,
+        }) => Ok((clean, message, server_key, proof, token)),
+        Ok(_) => Err((
+            Code::Malformed,
+            format!("SYN-ACK of {peer}: not a SYN-ACK message"),
+        )),
+        Err(e) => Err((Code::Malformed, format!("SYN-ACK of {peer}: {e}"))),
+    }
+}
+
+/// A SYN-ACK for a handshake we proved already: a retransmission (the same one only) means
+/// our proof was lost on the way. The kernel's answer to it is not queued again (the
+/// connection's first ACK is behind it), so the proof goes out in an ACK of our own.
+fn synack_again(
+    seg: &Segment,
+    isn: u32,
+    detached: Detached,
+    step: ClientStep,
+) -> (Outcome, Option<ClientStep>) {
+    let ClientStep::Proven {
+        server_isn,
+        ref synack_message,
+        ref ack_message,
+        ..
+    } = step
+    else {
+        unreachable!("called for a proven handshake");
+    };
+    let same =
+        matches!(&detached, Ok(Some((_, m))) if m == synack_message) && seg.seq == server_isn;
+    let out = match detached {
+        Ok(Some((clean, _))) if same => {
+            let ack = packet::build(
+                seg.dst,
+                seg.src,
+                isn.wrapping_add(1),
+                server_isn.wrapping_add(1),
+                TcpFlags::ACK,
+            );
+            Outcome {
+                send: packet::attach(&ack, ack_message).into_iter().collect(),
+                ..Outcome::rewrite(clean)
+            }
+        }
+        _ => Outcome::drop(),
+    };
+    (out, Some(step))
 }

@@ -40,10 +40,7 @@ use crate::{
     capture::CaptureLookup,
     code::Code,
     flow::{Direction, Endpoint, FlowTracker},
-    identity::{
-        session::{Refusal, Tokens},
-        token::KeyId,
-    },
+    identity::{session::Tokens, token::KeyId},
     local::LocalServices,
     peers::PeerTable,
 };
@@ -317,14 +314,4 @@ fn attach_or_drop(packet: &[u8], message: &[u8]) -> Outcome {
         // No room for the option (a full TCP header): fail closed.
         Err(_) => Outcome::drop(),
     }
-}
-
-fn reset_refusal(
-    reset: impl Fn(FlowTracker, Code, String) -> Outcome,
-    flow: FlowTracker,
-    peer: &str,
-    e: Refusal,
-) -> Outcome {
-    let reason = format!("destination {e} ({}) in the SYN-ACK of {peer}", e.code());
-    reset(flow, e.code(), reason)
 }

@@ -55,138 +55,141 @@ impl Engine {
                 _ => Outcome::drop(),
             };
         }
-        let mut rec = self.track(Direction::Inbound, seg.src, seg.dst, now_ms);
-        rec.dst.enforcer = Some(self.setup.admission.name().to_owned());
-        // A refused SYN is dropped and the client gets a reset at once.
-        let reset_client = || Outcome {
-            send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
-            ..Outcome::drop()
-        };
-        let denied = |flow: FlowTracker| {
-            flow.finish_at(now_ms);
-            reset_client()
-        };
-        let refused = |flow: FlowTracker, code: Code, reason: String| {
-            flow.refuse_at(code, reason, now_ms);
-            reset_client()
-        };
+        let mut flow = self.track(Direction::Inbound, seg.src, seg.dst, now_ms);
+        flow.dst.enforcer = Some(self.setup.admission.name().to_owned());
         let Some(workload) = self.setup.services.workload(seg.dst.port()).cloned() else {
             let reason = format!("no workload serves port {}", seg.dst.port());
-            return refused(rec, Code::NotServed, reason);
+            return refuse_syn(seg, flow, Code::NotServed, reason, now_ms);
         };
-        rec.dst.identified_by_peer(&workload.identity);
-        rec.dst.workload = Some(workload.name.clone());
-        let attempt = |src: Party| Attempt {
-            side: Side::Ingress,
-            src,
-            dst: Party::workload(workload.identity.labels.clone(), None),
-            port: seg.dst.port(),
-            observe: workload.observe,
-        };
-        let (clean, message) = match detached {
-            Ok(Some(d)) => d,
-            Ok(None) => {
-                // No token: a peer without an enforcer; policy on external networks decides.
-                rec.direction = Direction::Direct;
-                rec.src.dns_name = self.setup.admission.decisions().dns().name_of(seg.src.ip());
-                let attempt = attempt(Party::external(seg.src.ip()));
-                let Some(ruling) =
-                    self.setup
-                        .admission
-                        .decide(&attempt, &mut rec, Code::Unauthenticated, |r| {
-                            format!("unauthenticated: the SYN carried no token; {r}")
-                        })
-                else {
-                    return denied(rec);
-                };
-                // Nothing to prove later: the connection is proven now.
-                let live = LiveConnection {
-                    local: seg.dst,
-                    remote: seg.src,
-                    attempt,
-                    ruling,
-                    flow: rec,
-                };
-                return Outcome {
-                    mark: self.setup.proven_mark,
-                    ..Outcome::accept()
-                }
-                .with_live(live);
+        flow.dst.identified_by_peer(&workload.identity);
+        flow.dst.workload = Some(workload.name.clone());
+        match detached {
+            Ok(None) => self.syn_without_token(seg, flow, &workload, now_ms),
+            Err(e) => {
+                let reason = format!("SYN from {}: {e}", seg.src);
+                refuse_syn(seg, flow, Code::Malformed, reason, now_ms)
             }
-            Err(e) => return refused(rec, Code::Malformed, format!("SYN from {}: {e}", seg.src)),
+            Ok(Some((clean, message))) => {
+                match self.syn_with_token(seg, flow, workload, message, now_ms) {
+                    Ok(h) => {
+                        // A new connection on a 4-tuple proven before: nothing of it
+                        // passes before its proof.
+                        self.lock_proven().remove(&key);
+                        servers.insert(key, h);
+                        Outcome::rewrite(clean)
+                    }
+                    Err(refused) => refused,
+                }
+            }
+        }
+    }
+
+    /// A SYN without a token: a peer without an enforcer; policy on external networks
+    /// decides, and an allowed connection is proven at once (nothing to prove later).
+    fn syn_without_token(
+        &self,
+        seg: &Segment,
+        mut flow: FlowTracker,
+        workload: &LocalWorkload,
+        now_ms: u64,
+    ) -> Outcome {
+        let admission = &self.setup.admission;
+        flow.direction = Direction::Direct;
+        flow.src.dns_name = admission.decisions().dns().name_of(seg.src.ip());
+        let attempt = ingress(seg, workload, Party::external(seg.src.ip()));
+        let Some(ruling) = admission.decide(&attempt, &mut flow, Code::Unauthenticated, |r| {
+            format!("unauthenticated: the SYN carried no token; {r}")
+        }) else {
+            flow.finish_at(now_ms);
+            return reset_client(seg);
         };
+        let live = LiveConnection {
+            local: seg.dst,
+            remote: seg.src,
+            attempt,
+            ruling,
+            flow,
+        };
+        Outcome {
+            mark: self.setup.proven_mark,
+            ..Outcome::accept()
+        }
+        .with_live(live)
+    }
+
+    /// A SYN with a token: its enforcer must be a configured peer with a certified key,
+    /// the token must verify (bound to the client's key and ISN), and ingress policy must
+    /// allow its identity. The handshake then waits for our SYN-ACK; a refusal resets the
+    /// client.
+    fn syn_with_token(
+        &self,
+        seg: &Segment,
+        mut flow: FlowTracker,
+        workload: Arc<LocalWorkload>,
+        message: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<ServerHandshake, Outcome> {
+        let refused = |flow, code, reason| Err(refuse_syn(seg, flow, code, reason, now_ms));
         let (client_key, token) = match Message::decode(&message) {
             Ok(Message::Syn { client_key, token }) => (client_key, token),
             Ok(_) => {
                 let reason = "the SYN carried no SYN message".into();
-                return refused(rec, Code::Malformed, reason);
+                return refused(flow, Code::Malformed, reason);
             }
-            Err(e) => return refused(rec, Code::Malformed, format!("SYN from {}: {e}", seg.src)),
+            Err(e) => return refused(flow, Code::Malformed, format!("SYN from {}: {e}", seg.src)),
         };
         let Some(peer) = self.setup.peers.lookup(seg.src.ip()) else {
             let reason = format!(
                 "a token from {}, which no configured enforcer serves",
                 seg.src.ip()
             );
-            return refused(rec, Code::IssuerNotPeer, reason);
+            return refused(flow, Code::IssuerNotPeer, reason);
         };
-        rec.src.enforcer = Some(peer.name.clone());
+        flow.src.enforcer = Some(peer.name.clone());
         let Some(peer_key) = self.setup.peer_keys.get(&peer.name) else {
             let reason = format!("no certificate configured for peer {}", peer.name);
-            return refused(rec, Code::UntrustedIssuer, reason);
+            return refused(flow, Code::UntrustedIssuer, reason);
         };
-        let src_identity = match self.setup.tokens.check_token(
-            &token,
-            &peer.name,
-            peer_key,
-            seg.dst,
-            &proof::syn_binding(&client_key, seg.seq),
-            now_ms,
-        ) {
-            Ok(id) => id,
-            Err(e) => {
-                let reason = format!("source {e} ({}) in the SYN from {}", e.code(), peer.name);
-                return refused(rec, e.code(), reason);
-            }
+        let binding = proof::syn_binding(&client_key, seg.seq);
+        let tokens = &self.setup.tokens;
+        let src_identity =
+            match tokens.check_token(&token, &peer.name, peer_key, seg.dst, &binding, now_ms) {
+                Ok(id) => id,
+                Err(e) => {
+                    let reason = format!("source {e} ({}) in the SYN from {}", e.code(), peer.name);
+                    return refused(flow, e.code(), reason);
+                }
+            };
+        flow.src.identified_by_peer(&src_identity);
+        flow.src.enforcer = Some(peer.name.clone());
+        let src = Party::workload(src_identity.labels, Some(seg.src.ip()));
+        let attempt = ingress(seg, &workload, src);
+        let admission = &self.setup.admission;
+        let Some(ruling) = admission.decide(&attempt, &mut flow, Code::Policy, |r| {
+            format!("ingress {r}")
+        }) else {
+            flow.finish_at(now_ms);
+            return Err(reset_client(seg));
         };
-        rec.src.identified_by_peer(&src_identity);
-        rec.src.enforcer = Some(peer.name.clone());
-        let attempt = attempt(Party::workload(
-            src_identity.labels.clone(),
-            Some(seg.src.ip()),
-        ));
-        let Some(ruling) = self
-            .setup
-            .admission
-            .decide(&attempt, &mut rec, Code::Policy, |r| format!("ingress {r}"))
-        else {
-            return denied(rec);
-        };
-        // A new connection on a 4-tuple proven before: nothing of it passes before its proof.
-        self.lock_proven().remove(&key);
         let live = LiveConnection {
             local: seg.dst,
             remote: seg.src,
             attempt,
             ruling,
-            flow: rec,
+            flow,
         };
-        servers.insert(
-            key,
-            ServerHandshake {
-                isn: seg.seq,
-                started_ms: now_ms,
-                syn_message: message,
-                live,
-                step: ServerStep::AwaitSynAck {
-                    peer_key: *peer_key,
-                    client_key,
-                    syn_token: token,
-                    workload,
-                },
+        Ok(ServerHandshake {
+            isn: seg.seq,
+            started_ms: now_ms,
+            syn_message: message,
+            live,
+            step: ServerStep::AwaitSynAck {
+                peer_key: *peer_key,
+                client_key,
+                syn_token: token,
+                workload,
             },
-        );
-        Outcome::rewrite(clean)
+        })
     }
 
     pub(super) fn server_synack(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
@@ -352,4 +355,35 @@ impl Engine {
         }
         .with_live(live)
     }
+}
+
+/// The ingress attempt of a SYN for `workload` from `src`.
+fn ingress(seg: &Segment, workload: &LocalWorkload, src: Party) -> Attempt {
+    Attempt {
+        side: Side::Ingress,
+        src,
+        dst: Party::workload(workload.identity.labels.clone(), None),
+        port: seg.dst.port(),
+        observe: workload.observe,
+    }
+}
+
+/// A refused SYN is dropped and the client gets a reset at once.
+fn reset_client(seg: &Segment) -> Outcome {
+    Outcome {
+        send: vec![packet::reset(seg.dst, seg.src, 0, seg.seq.wrapping_add(1))],
+        ..Outcome::drop()
+    }
+}
+
+/// Refuses a SYN with `code`: recorded, dropped, the client reset.
+fn refuse_syn(
+    seg: &Segment,
+    flow: FlowTracker,
+    code: Code,
+    reason: String,
+    now_ms: u64,
+) -> Outcome {
+    flow.refuse_at(code, reason, now_ms);
+    reset_client(seg)
 }
