@@ -19,8 +19,11 @@ use crate::{
     capture::{CaptureLookup, Captured},
     code::Code,
     copy::{Ended, send_reset, splice, splice_plain},
-    flow::{Direction, Endpoint, FlowTracker, now_ms},
-    identity::session::{Refusal, Tokens},
+    flow::{Direction, Endpoint, FlowRecord, FlowTracker, now_ms},
+    identity::{
+        Identity,
+        session::{Refusal, Tokens},
+    },
     peers::{Peer, PeerTable},
     pool::{Tunnel, TunnelPool},
     route::{self, Plan, Route},
@@ -139,58 +142,10 @@ impl Outbound {
         mut flow: FlowTracker,
     ) {
         flow.dst.enforcer = Some(peer.name.clone());
-        let (mut tunnel, pooled, answer) = match self.open(peer, captured).await {
-            Ok(opened) => opened,
-            Err(e) => {
-                reset_on_close(&app);
-                // No decision was made: the verdict stays `error`.
-                return flow.fail(Code::PeerUnreachable, e.to_string());
-            }
-        };
-        flow.pooled = Some(pooled);
-        // The answer's proof says who accepted (or refused) at the other end.
-        let dst_identity = answer.proof.as_ref().map(|proof| {
-            self.tokens
-                .check(&tunnel.session, proof, captured.dst, now_ms())
-        });
-        if let Some(Ok(id)) = &dst_identity {
-            flow.dst.identified_by_peer(id);
-            flow.dst.enforcer = Some(peer.name.clone());
-        }
-        if answer.status != Status::Connected {
+        let Some((mut tunnel, dst_identity)) = self.answered(peer, captured, &mut flow).await
+        else {
             reset_on_close(&app);
-            if answer.status == Status::Unauthenticated {
-                // The peer may not have cached what we sent: start cold again.
-                tunnel.session.forget_sent();
-            }
-            // A refusal leaves the tunnel clean: it can carry the next connection.
-            self.pool.put(peer, tunnel);
-            let reason = format!("{} refused: {}", peer.name, answer.reason);
-            // The peer's refusal code, as its own flow record has it.
-            return match answer.status {
-                Status::NotServed | Status::Denied | Status::Unauthenticated => {
-                    flow.refuse(answer.code, reason)
-                }
-                _ => flow.fail(answer.code, reason),
-            };
-        }
-        let dst_identity = match dst_identity {
-            Some(Ok(id)) => id,
-            refused => {
-                // We cannot tell who accepted: nothing was sent yet; reset both sides.
-                let refusal = match refused {
-                    Some(Err(e)) => e,
-                    _ => Refusal::NoToken,
-                };
-                let _ = send_reset(&mut tunnel.stream).await;
-                reset_on_close(&app);
-                let reason = format!(
-                    "destination {refusal} ({}) in the answer of {}",
-                    refusal.code(),
-                    peer.name
-                );
-                return flow.refuse(refusal.code(), reason);
-            }
+            return flow.finish();
         };
         let dst = Party::workload(dst_identity.labels, Some(captured.dst.ip()));
         let attempt = plan.attempt(dst);
@@ -225,6 +180,69 @@ impl Outbound {
             Carried::Reset | Carried::Broken => {}
         }
         flow.finish()
+    }
+
+    /// Opens a tunnel for the connection and reads the peer's answer: the tunnel and the
+    /// destination workload's proven identity, or None with the refusal (or failure)
+    /// recorded in `flow`. A refusal leaves the tunnel clean: it goes back to the pool.
+    async fn answered(
+        &self,
+        peer: &Peer,
+        captured: &Captured,
+        flow: &mut FlowRecord,
+    ) -> Option<(Tunnel, Identity)> {
+        let (mut tunnel, pooled, answer) = match self.open(peer, captured).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                // No decision was made: the verdict stays `error`.
+                flow.fail(Code::PeerUnreachable, e.to_string());
+                return None;
+            }
+        };
+        flow.pooled = Some(pooled);
+        // The answer's proof says who accepted (or refused) at the other end.
+        let dst_identity = answer.proof.as_ref().map(|proof| {
+            self.tokens
+                .check(&tunnel.session, proof, captured.dst, now_ms())
+        });
+        if let Some(Ok(id)) = &dst_identity {
+            flow.dst.identified_by_peer(id);
+            flow.dst.enforcer = Some(peer.name.clone());
+        }
+        if answer.status != Status::Connected {
+            if answer.status == Status::Unauthenticated {
+                // The peer may not have cached what we sent: start cold again.
+                tunnel.session.forget_sent();
+            }
+            self.pool.put(peer, tunnel);
+            let reason = format!("{} refused: {}", peer.name, answer.reason);
+            // The peer's refusal code, as its own flow record has it.
+            match answer.status {
+                Status::NotServed | Status::Denied | Status::Unauthenticated => {
+                    flow.refuse(answer.code, reason)
+                }
+                _ => flow.fail(answer.code, reason),
+            }
+            return None;
+        }
+        match dst_identity {
+            Some(Ok(id)) => Some((tunnel, id)),
+            refused => {
+                // We cannot tell who accepted: nothing was sent yet; reset the peer's side.
+                let refusal = match refused {
+                    Some(Err(e)) => e,
+                    _ => Refusal::NoToken,
+                };
+                let _ = send_reset(&mut tunnel.stream).await;
+                let code = refusal.code();
+                let reason = format!(
+                    "destination {refusal} ({code}) in the answer of {}",
+                    peer.name
+                );
+                flow.refuse(code, reason);
+                None
+            }
+        }
     }
 
     /// Takes a tunnel and exchanges the header. A pooled tunnel that turns out dead (the

@@ -215,66 +215,75 @@ impl Engine {
                     Outcome::drop()
                 }
             }
-            ServerStep::AwaitSynAck {
-                peer_key,
-                client_key,
-                syn_token,
-                workload,
-            } => {
-                let ephemeral = self.server_keys.key(now_ms);
-                let mut transcript = Transcript {
-                    client: seg.dst,
-                    server: seg.src,
-                    client_isn: h.isn,
-                    server_isn: seg.seq,
-                    syn_token: syn_token.clone(),
-                    client_key: *client_key,
-                    synack_token: Vec::new(),
-                    server_key: ephemeral.public,
-                };
-                let token = self.setup.tokens.seal_cold(
-                    peer_key,
-                    &workload.identity,
-                    seg.dst,
-                    proof::synack_binding(&transcript),
-                    now_ms,
-                );
-                let key_agreed = self.server_keys.agree(&ephemeral, client_key);
-                let (token, proof_key) = match (token, key_agreed) {
-                    (Ok(t), Ok(k)) => (t, k),
-                    (Err(e), _) => {
-                        let (code, reason) = (e.code(), format!("cannot sign a token: {e}"));
-                        if let Some(h) = servers.remove(&key) {
-                            h.live.flow.refuse_at(code, reason, now_ms);
-                        }
-                        return Outcome::drop();
-                    }
-                    (_, Err(e)) => {
-                        let reason = format!("SYN key: {e}");
-                        if let Some(h) = servers.remove(&key) {
-                            h.live.flow.refuse_at(Code::BadProof, reason, now_ms);
-                        }
-                        return Outcome::drop();
-                    }
-                };
-                transcript.synack_token = token.clone();
-                let digest = transcript.digest();
-                let synack_message = Message::SynAck {
-                    server_key: transcript.server_key,
-                    proof: proof_key.prove_digest(Role::Server, &digest),
-                    token,
+            ServerStep::AwaitSynAck { .. } => match self.seal_synack(seg, h, now_ms) {
+                Ok((synack_message, digest, proof_key)) => {
+                    let out = attach_or_drop(packet, &synack_message);
+                    h.step = ServerStep::AwaitAck {
+                        server_isn: seg.seq,
+                        synack_message,
+                        transcript: digest,
+                        key: proof_key,
+                    };
+                    out
                 }
-                .encode();
-                let out = attach_or_drop(packet, &synack_message);
-                h.step = ServerStep::AwaitAck {
-                    server_isn: seg.seq,
-                    synack_message,
-                    transcript: digest,
-                    key: proof_key,
-                };
-                out
-            }
+                Err((code, reason)) => {
+                    if let Some(h) = servers.remove(&key) {
+                        h.live.flow.refuse_at(code, reason, now_ms);
+                    }
+                    Outcome::drop()
+                }
+            },
         }
+    }
+
+    /// Our SYN-ACK's message for a verified SYN: the destination workload's token (sealed
+    /// with the client enforcer's pair key, bound to the transcript), a fresh key and our
+    /// proof; with the transcript's digest and the proof key for the client's ACK.
+    fn seal_synack(
+        &self,
+        seg: &Segment,
+        h: &ServerHandshake,
+        now_ms: u64,
+    ) -> Result<(Vec<u8>, [u8; 32], ProofKey), (Code, String)> {
+        let ServerStep::AwaitSynAck {
+            peer_key,
+            client_key,
+            syn_token,
+            workload,
+        } = &h.step
+        else {
+            unreachable!("called for a handshake awaiting its SYN-ACK");
+        };
+        let ephemeral = self.server_keys.key(now_ms);
+        let mut transcript = Transcript {
+            client: seg.dst,
+            server: seg.src,
+            client_isn: h.isn,
+            server_isn: seg.seq,
+            syn_token: syn_token.clone(),
+            client_key: *client_key,
+            synack_token: Vec::new(),
+            server_key: ephemeral.public,
+        };
+        let binding = proof::synack_binding(&transcript);
+        let token = self
+            .setup
+            .tokens
+            .seal_cold(peer_key, &workload.identity, seg.dst, binding, now_ms)
+            .map_err(|e| (e.code(), format!("cannot sign a token: {e}")))?;
+        let proof_key = self
+            .server_keys
+            .agree(&ephemeral, client_key)
+            .map_err(|e| (Code::BadProof, format!("SYN key: {e}")))?;
+        transcript.synack_token = token.clone();
+        let digest = transcript.digest();
+        let synack_message = Message::SynAck {
+            server_key: transcript.server_key,
+            proof: proof_key.prove_digest(Role::Server, &digest),
+            token,
+        }
+        .encode();
+        Ok((synack_message, digest, proof_key))
     }
 
     pub(super) fn server_ack(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
