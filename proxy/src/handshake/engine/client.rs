@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use pnet_packet::tcp::TcpFlags;
 
-use super::{Engine, LiveConnection, Outcome, PacketVerdict, attach_or_drop};
+use super::{Engine, LiveConnection, Outcome, PacketVerdict, Refused, attach_or_drop};
 use crate::{
     authz::Party,
     capture::Captured,
@@ -350,11 +350,10 @@ type Detached = Result<Option<packet::Detached>, packet::PacketError>;
 
 /// The SYN-ACK message of `peer`: the clean packet, the message as sent, the server's key,
 /// its proof and its token.
-#[allow(clippy::type_complexity)]
 fn parse_synack(
     detached: Detached,
     peer: &str,
-) -> Result<(Vec<u8>, Vec<u8>, PublicKey, Proof, Vec<u8>), (Code, String)> {
+) -> Result<(Vec<u8>, Vec<u8>, PublicKey, Proof, Vec<u8>), Refused> {
     let (clean, message) = match detached {
         Ok(Some(d)) => d,
         Ok(None) => {

@@ -145,6 +145,9 @@ pub struct Setup {
 
 type FourTuple = (SocketAddr, SocketAddr);
 
+/// Why a handshake is refused: its code and the reason its record gives.
+type Refused = (Code, String);
+
 /// How long a server end remembers that a connection proved itself (for the packets queued
 /// behind its proof).
 const PROVEN_KEPT_MS: u64 = 2_000;

@@ -1,7 +1,7 @@
 //! The server end: a SYN for a workload port in, its SYN-ACK out, the client's proof in.
 use std::sync::Arc;
 
-use super::{Engine, LiveConnection, Outcome, attach_or_drop};
+use super::{Engine, LiveConnection, Outcome, Refused, attach_or_drop};
 use crate::{
     authz::{Attempt, Party, Side},
     code::Code,
@@ -244,7 +244,7 @@ impl Engine {
         seg: &Segment,
         h: &ServerHandshake,
         now_ms: u64,
-    ) -> Result<(Vec<u8>, [u8; 32], ProofKey), (Code, String)> {
+    ) -> Result<(Vec<u8>, [u8; 32], ProofKey), Refused> {
         let ServerStep::AwaitSynAck {
             peer_key,
             client_key,
