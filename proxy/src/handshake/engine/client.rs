@@ -247,8 +247,13 @@ impl Engine {
             (out, None)
         };
         let mut flow = *flow;
-        let (clean, message, server_key, server_proof, token) = match parse_synack(detached, &peer)
-        {
+        let SynAck {
+            clean,
+            message,
+            server_key,
+            proof: server_proof,
+            token,
+        } = match parse_synack(detached, &peer) {
             Ok(p) => p,
             Err((code, reason)) => return reset(flow, code, reason),
         };
@@ -348,12 +353,19 @@ impl Engine {
 /// A SYN-ACK split from its message, as `packet::detach` gives it.
 type Detached = Result<Option<packet::Detached>, packet::PacketError>;
 
-/// The SYN-ACK message of `peer`: the clean packet, the message as sent, the server's key,
-/// its proof and its token.
-fn parse_synack(
-    detached: Detached,
-    peer: &str,
-) -> Result<(Vec<u8>, Vec<u8>, PublicKey, Proof, Vec<u8>), Refused> {
+/// A SYN-ACK with its message taken apart.
+struct SynAck {
+    /// The packet as the server's kernel wrote it.
+    clean: Vec<u8>,
+    /// The message as sent (a retransmission must carry the very same).
+    message: Vec<u8>,
+    server_key: PublicKey,
+    proof: Proof,
+    token: Vec<u8>,
+}
+
+/// The SYN-ACK message of `peer`.
+fn parse_synack(detached: Detached, peer: &str) -> Result<SynAck, Refused> {
     let (clean, message) = match detached {
         Ok(Some(d)) => d,
         Ok(None) => {
@@ -367,7 +379,13 @@ fn parse_synack(
             server_key,
             proof,
             token,
-        }) => Ok((clean, message, server_key, proof, token)),
+        }) => Ok(SynAck {
+            clean,
+            message,
+            server_key,
+            proof,
+            token,
+        }),
         Ok(_) => Err((
             Code::Malformed,
             format!("SYN-ACK of {peer}: not a SYN-ACK message"),
