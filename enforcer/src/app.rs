@@ -35,7 +35,7 @@ use tessera_proxy::{
     pool::{TunnelDialer, TunnelPool},
     registry::ConnectionRegistry,
     socket::listen,
-    tls::Identity,
+    tls::Credentials,
 };
 use tokio::{
     net::TcpListener,
@@ -123,7 +123,7 @@ impl Core {
 
 /// Builds and starts the enforcer `config` describes.
 pub async fn build(config: &Config) -> Result<Running> {
-    let identity = Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let identity = Credentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let host = HostState::new(config);
     let core = core(config, &identity)?;
     let mut tasks = JoinSet::new();
@@ -194,7 +194,7 @@ pub async fn build(config: &Config) -> Result<Running> {
 }
 
 /// Policy, decisions and the live-connection registry; tokens; the flow store and log.
-fn core(config: &Config, identity: &Identity) -> Result<Core> {
+fn core(config: &Config, identity: &Credentials) -> Result<Core> {
     let dns = Arc::new(DnsTable::default());
     let decisions = Decisions::new(
         policy::load(config.policy.file.as_deref())?,
@@ -224,7 +224,7 @@ fn core(config: &Config, identity: &Identity) -> Result<Core> {
 
 /// The token signer and verifier: this enforcer's certificate key signs, peers' keys
 /// verify through the cluster CA.
-fn tokens(config: &Config, identity: &Identity) -> Result<Tokens> {
+fn tokens(config: &Config, identity: &Credentials) -> Result<Tokens> {
     use rustls::pki_types::PrivateKeyDer;
     let PrivateKeyDer::Pkcs8(key) = &identity.key else {
         anyhow::bail!(
@@ -329,7 +329,7 @@ impl TunnelListeners {
 /// Warm tunnels to every peer.
 fn pool(
     config: &Config,
-    identity: &Identity,
+    identity: &Credentials,
     core: &Core,
     host: &HostState,
 ) -> Result<Arc<TunnelPool>> {
@@ -350,7 +350,7 @@ fn pool(
 
 fn inbound(
     config: &Config,
-    identity: &Identity,
+    identity: &Credentials,
     core: &Core,
     host: &HostState,
 ) -> Result<Arc<Inbound>> {

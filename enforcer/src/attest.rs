@@ -23,14 +23,16 @@ use sha2::{Digest, Sha256};
 use tessera_policy::Labels;
 use tessera_proxy::identity::{Identity, spiffe_id};
 
-pub const PREFIX: &str = "tessera.io/";
+use tessera_proxy::identity::reserved;
+pub use tessera_proxy::identity::reserved::PREFIX;
 const MAX_VALUE: usize = 255;
 
+/// Sets the reserved label `key` (one of [`reserved`]'s names) to `value`.
 fn label(out: &mut Vec<(String, String)>, key: &str, value: impl Into<String>) {
     let value = value.into();
     if value.len() <= MAX_VALUE {
-        out.retain(|(k, _)| !(k.starts_with(PREFIX) && &k[PREFIX.len()..] == key));
-        out.push((format!("{PREFIX}{key}"), value));
+        out.retain(|(k, _)| k != key);
+        out.push((key.to_owned(), value));
     }
 }
 
@@ -57,7 +59,7 @@ pub fn cgroup_path(dir: &Path) -> String {
     dir.display().to_string()
 }
 
-/// Container and pod facts in a cgroup path (systemd and cgroupfs drivers of docker,
+/// Container and pod facts in a cgroup path, as their reserved label names (systemd and cgroupfs drivers of docker,
 /// containerd, CRI-O, podman; Kubernetes pod slices).
 pub fn container_facts(path: &str) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
@@ -72,8 +74,8 @@ pub fn container_facts(path: &str) -> Vec<(&'static str, String)> {
             ("libpod-", "podman"),
         ] {
             if let Some(id) = scoped.strip_prefix(prefix).filter(|id| is_id(id)) {
-                out.push(("container-id", id.to_owned()));
-                out.push(("container-runtime", runtime.to_owned()));
+                out.push((reserved::CONTAINER_ID, id.to_owned()));
+                out.push((reserved::CONTAINER_RUNTIME, runtime.to_owned()));
             }
         }
         // cgroupfs driver: /docker/<id>, /kubepods/<qos>/pod<uid>/<id>
@@ -85,8 +87,8 @@ pub fn container_facts(path: &str) -> Vec<(&'static str, String)> {
                 "unknown"
             };
             if parent == "docker" || parent.starts_with("pod") {
-                out.push(("container-id", (*seg).to_owned()));
-                out.push(("container-runtime", runtime.to_owned()));
+                out.push((reserved::CONTAINER_ID, (*seg).to_owned()));
+                out.push((reserved::CONTAINER_RUNTIME, runtime.to_owned()));
             }
         }
         // systemd driver: kubepods-burstable-pod<uid_with_underscores>.slice
@@ -94,13 +96,13 @@ pub fn container_facts(path: &str) -> Vec<(&'static str, String)> {
             && rest.starts_with("kubepods")
             && let Some(uid) = rest.rsplit('-').next().and_then(|s| s.strip_prefix("pod"))
         {
-            out.push(("pod-uid", uid.replace('_', "-")));
+            out.push((reserved::POD_UID, uid.replace('_', "-")));
         }
         if let Some(uid) = seg.strip_prefix("pod")
             && segments[..i].iter().any(|s| s.starts_with("kubepods"))
             && !seg.ends_with(".slice")
         {
-            out.push(("pod-uid", uid.to_owned()));
+            out.push((reserved::POD_UID, uid.to_owned()));
         }
     }
     out
@@ -119,14 +121,14 @@ pub fn workload_identity(
         .into_iter()
         .filter(|(k, _)| !k.starts_with(PREFIX))
         .collect();
-    label(&mut labels, "workload", name);
-    label(&mut labels, "enforcer", enforcer);
-    label(&mut labels, "host", host);
+    label(&mut labels, reserved::WORKLOAD, name);
+    label(&mut labels, reserved::ENFORCER, enforcer);
+    label(&mut labels, reserved::HOST, host);
     let path = cgroup_path(cgroup);
     for (k, v) in container_facts(&path) {
         label(&mut labels, k, v);
     }
-    label(&mut labels, "cgroup", path);
+    label(&mut labels, reserved::CGROUP, path);
     Identity {
         spiffe: spiffe_id(trust_domain, enforcer, name),
         labels: Labels::new(labels),
@@ -301,21 +303,21 @@ pub fn with_process(workload: &Identity, uid: u32, facts: &ProcessFacts) -> Iden
         .iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    label(&mut labels, "uid", uid.to_string());
+    label(&mut labels, reserved::UID, uid.to_string());
     if let Some(user) = &facts.user {
-        label(&mut labels, "user", user.clone());
+        label(&mut labels, reserved::USER, user.clone());
     }
     if let Some(cgroup) = &facts.cgroup {
         for (k, v) in container_facts(cgroup) {
             label(&mut labels, k, v);
         }
-        label(&mut labels, "cgroup", cgroup.clone());
+        label(&mut labels, reserved::CGROUP, cgroup.clone());
     }
     if let Some(exe) = &facts.exe {
-        label(&mut labels, "exe", exe.clone());
+        label(&mut labels, reserved::EXE, exe.clone());
     }
     if let Some(h) = &facts.exe_sha256 {
-        label(&mut labels, "exe-sha256", h.clone());
+        label(&mut labels, reserved::EXE_SHA256, h.clone());
     }
     Identity {
         spiffe: workload.spiffe.clone(),
@@ -335,19 +337,19 @@ mod tests {
         );
         let facts = container_facts(&k8s);
         assert!(
-            facts.contains(&("pod-uid", "1234-ab-cd".into())),
+            facts.contains(&(reserved::POD_UID, "1234-ab-cd".into())),
             "{facts:?}"
         );
-        assert!(facts.contains(&("container-id", id.clone())));
-        assert!(facts.contains(&("container-runtime", "containerd".into())));
+        assert!(facts.contains(&(reserved::CONTAINER_ID, id.clone())));
+        assert!(facts.contains(&(reserved::CONTAINER_RUNTIME, "containerd".into())));
         let docker = container_facts(&format!("/system.slice/docker-{id}.scope"));
-        assert!(docker.contains(&("container-runtime", "docker".into())));
+        assert!(docker.contains(&(reserved::CONTAINER_RUNTIME, "docker".into())));
         let cgroupfs = container_facts(&format!("/kubepods/besteffort/pod5678/{id}"));
         assert!(
-            cgroupfs.contains(&("pod-uid", "5678".into())),
+            cgroupfs.contains(&(reserved::POD_UID, "5678".into())),
             "{cgroupfs:?}"
         );
-        assert!(cgroupfs.contains(&("container-id", id.clone())));
+        assert!(cgroupfs.contains(&(reserved::CONTAINER_ID, id.clone())));
         assert!(container_facts("/tessera/host-a/web").is_empty());
         // Not a container id: wrong length.
         assert!(container_facts("/system.slice/docker-abc.scope").is_empty());

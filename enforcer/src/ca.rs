@@ -132,7 +132,7 @@ mod tests {
         )
         .unwrap();
         let id =
-            tessera_proxy::tls::Identity::load(&dir.path().join(CA_CERT), &cert, &key).unwrap();
+            tessera_proxy::tls::Credentials::load(&dir.path().join(CA_CERT), &cert, &key).unwrap();
         assert_eq!(
             tessera_proxy::tls::peer_name(&id.chain[0]).as_deref(),
             Some("host-a")

@@ -16,14 +16,14 @@ impl Labels {
     }
 
     /// Parses `k=v,k2=v2` (the CLI's form).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, LabelError> {
         let mut pairs = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part
                 .split_once('=')
-                .ok_or_else(|| format!("label {part:?} is not key=value"))?;
+                .ok_or_else(|| LabelError::NotKeyValue(part.to_owned()))?;
             if k.trim().is_empty() {
-                return Err(format!("label {part:?} has an empty key"));
+                return Err(LabelError::EmptyKey(part.to_owned()));
             }
             pairs.push((k.trim().to_owned(), v.trim().to_owned()));
         }
@@ -44,6 +44,15 @@ impl Labels {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+/// Why `k=v,...` does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    #[error("label {0:?} is not key=value")]
+    NotKeyValue(String),
+    #[error("label {0:?} has an empty key")]
+    EmptyKey(String),
 }
 
 impl fmt::Display for Labels {

@@ -30,8 +30,13 @@ pub enum Action {
     Deny,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Whether a denial is enforced or only recorded: of a rule (`mode: observe`), of the
+/// whole policy in force, or of a workload. The one enum for it, here and in the data
+/// plane and configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
+    #[default]
     Enforce,
     Observe,
 }
@@ -212,7 +217,7 @@ fn peers(ctx: &mut Ctx, node: &Node<'_>, what: &str) -> Vec<Peer> {
                                 "{m} (quote expressions with commas inside [ ], or use a - list)"
                             ),
                         ),
-                        Err(m) => ctx.err(e, m),
+                        Err(m) => ctx.err(e, m.to_string()),
                     }
                 }
                 out.push(Peer::Labels(Selector(exprs)));

@@ -13,6 +13,28 @@
 //! Several expressions in one selector must all hold (AND).
 use crate::labels::Labels;
 
+/// Why a label expression does not parse (the policy's own errors add file, line and
+/// column).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExprError {
+    #[error("empty value")]
+    EmptyValue,
+    #[error("value {0:?} may hold only letters, digits and - _ . / : @ (and a trailing *)")]
+    ValueCharacters(String),
+    #[error("value {0:?}: '*' is allowed only at the end")]
+    Wildcard(String),
+    #[error("empty label key")]
+    EmptyKey,
+    #[error("label key {0:?} may hold only letters, digits and - _ . /")]
+    KeyCharacters(String),
+    #[error("expected a set like (a, b), found {0:?}")]
+    NotASet(String),
+    #[error(
+        "{0:?} is not a label expression (key=value, key!=value, key in (..), key notin (..), key, !key)"
+    )]
+    NotAnExpression(String),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Value {
     Exact(String),
@@ -20,25 +42,21 @@ pub enum Value {
 }
 
 impl Value {
-    fn parse(s: &str) -> Result<Self, String> {
+    fn parse(s: &str) -> Result<Self, ExprError> {
         let s = s.trim();
         if s.is_empty() {
-            return Err("empty value".into());
+            return Err(ExprError::EmptyValue);
         }
         if !s
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./:*@".contains(c))
         {
-            return Err(format!(
-                "value {s:?} may hold only letters, digits and - _ . / : @ (and a trailing *)"
-            ));
+            return Err(ExprError::ValueCharacters(s.to_owned()));
         }
         match s.strip_suffix('*') {
-            Some(p) if p.contains('*') => {
-                Err(format!("value {s:?}: '*' is allowed only at the end"))
-            }
+            Some(p) if p.contains('*') => Err(ExprError::Wildcard(s.to_owned())),
             Some(p) => Ok(Self::Prefix(p.to_owned())),
-            None if s.contains('*') => Err(format!("value {s:?}: '*' is allowed only at the end")),
+            None if s.contains('*') => Err(ExprError::Wildcard(s.to_owned())),
             None => Ok(Self::Exact(s.to_owned())),
         }
     }
@@ -61,28 +79,26 @@ pub enum Expr {
     NotExists(String),
 }
 
-fn key(s: &str) -> Result<String, String> {
+fn key(s: &str) -> Result<String, ExprError> {
     let k = s.trim();
     if k.is_empty() {
-        return Err("empty label key".into());
+        return Err(ExprError::EmptyKey);
     }
     if !k
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
     {
-        return Err(format!(
-            "label key {k:?} may hold only letters, digits and - _ . /"
-        ));
+        return Err(ExprError::KeyCharacters(k.to_owned()));
     }
     Ok(k.to_owned())
 }
 
-fn set(s: &str) -> Result<Vec<Value>, String> {
+fn set(s: &str) -> Result<Vec<Value>, ExprError> {
     let inner = s
         .trim()
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| format!("expected a set like (a, b), found {:?}", s.trim()))?;
+        .ok_or_else(|| ExprError::NotASet(s.trim().to_owned()))?;
     let values: Vec<Value> = inner
         .split(',')
         .map(Value::parse)
@@ -91,7 +107,7 @@ fn set(s: &str) -> Result<Vec<Value>, String> {
 }
 
 impl Expr {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, ExprError> {
         let s = s.trim();
         if let Some(k) = s.strip_prefix('!') {
             return Ok(Self::NotExists(key(k)?));
@@ -107,9 +123,7 @@ impl Expr {
             (Some(k), None, None) => Ok(Self::Exists(key(k)?)),
             (Some(k), Some("in"), Some(rest)) => Ok(Self::In(key(k)?, set(rest)?)),
             (Some(k), Some("notin"), Some(rest)) => Ok(Self::NotIn(key(k)?, set(rest)?)),
-            _ => Err(format!(
-                "{s:?} is not a label expression (key=value, key!=value, key in (..), key notin (..), key, !key)"
-            )),
+            _ => Err(ExprError::NotAnExpression(s.to_owned())),
         }
     }
 

@@ -14,7 +14,6 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
 use tessera_policy::{
     CompiledPolicy, Labels, Subject, Verdict,
     cache::{DecisionCache, Interner},
@@ -22,14 +21,9 @@ use tessera_policy::{
 
 use crate::dns::DnsTable;
 
-/// What happens when policy denies: `Enforce` refuses, `Observe` only records.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyMode {
-    #[default]
-    Enforce,
-    Observe,
-}
+/// What happens when policy denies: `Enforce` refuses, `Observe` only records (the policy
+/// language's own enum: a rule's, the policy's and a workload's mode are the same thing).
+pub use tessera_policy::parse::Mode as PolicyMode;
 
 /// Which end of a connection this enforcer decides for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

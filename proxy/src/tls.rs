@@ -22,7 +22,7 @@ pub enum TlsError {
 }
 
 /// The PEM material of one enforcer.
-pub struct Identity {
+pub struct Credentials {
     pub ca: Vec<CertificateDer<'static>>,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
@@ -46,7 +46,7 @@ pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-impl Identity {
+impl Credentials {
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
         Ok(Self {
             ca: certs(ca)?,

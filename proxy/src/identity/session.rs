@@ -109,12 +109,8 @@ impl Tokens {
         lifetime_ms: u32,
         skew_ms: u64,
         sign: bool,
-    ) -> Result<Self, String> {
-        let signer = Signer::from_pkcs8(key_pkcs8).map_err(|e| {
-            format!(
-                "the key is not an Ed25519 PKCS#8 key ({e}); reissue it with `tessera ca issue`"
-            )
-        })?;
+    ) -> Result<Self, super::signer::KeyError> {
+        let signer = Signer::from_pkcs8(key_pkcs8)?;
         let verifier = Verifier::new(skew_ms, lifetime_ms);
         // Our own key: tokens between workloads of this host need no special case.
         verifier.trust(signer.public_key());

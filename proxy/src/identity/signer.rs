@@ -56,12 +56,18 @@ impl Drop for Signer {
     }
 }
 
+/// A key that is not an Ed25519 PKCS#8 key.
+#[derive(Debug, thiserror::Error)]
+#[error("the key is not an Ed25519 PKCS#8 key ({0}); reissue it with `tessera ca issue`")]
+pub struct KeyError(String);
+
 impl Signer {
     /// From a PKCS#8 Ed25519 private key (as `tessera ca issue` writes it).
-    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, String> {
-        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8).map_err(|e| e.to_string())?;
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, KeyError> {
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
+            .map_err(|e| KeyError(e.to_string()))?;
         let exchange = ed25519_dalek::SigningKey::from_pkcs8_der(pkcs8)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| KeyError(e.to_string()))?
             .to_scalar();
         let id = key_id(key.public_key().as_ref());
         Ok(Self {

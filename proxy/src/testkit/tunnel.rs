@@ -187,8 +187,8 @@ impl TestCa {
     }
 
     /// TLS material presenting `cert` (with `key`) and trusting this CA.
-    pub fn tls(&self, key: &[u8], cert: &[u8]) -> tls::Identity {
-        tls::Identity {
+    pub fn tls(&self, key: &[u8], cert: &[u8]) -> tls::Credentials {
+        tls::Credentials {
             ca: vec![CertificateDer::from(self.der.clone())],
             chain: vec![CertificateDer::from(cert.to_vec())],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())),

@@ -338,7 +338,7 @@ async fn a_client_without_a_cluster_certificate_fails_the_tls_handshake() {
     // (P-256, not Ed25519).
     let other_ca = TestCa::new();
     let (key, cert) = other_ca.issue("host-a");
-    let foreign = crate::tls::Identity {
+    let foreign = crate::tls::Credentials {
         ca: vec![fx.ca.der.clone().into()],
         ..other_ca.tls(&key, &cert)
     };

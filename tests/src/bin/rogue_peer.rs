@@ -117,7 +117,7 @@ async fn main() -> Result<()> {
     let [ca, cert, key, name, peer, tunnel, dst, td] = a.as_slice() else {
         bail!("usage: rogue_peer CA CERT KEY NAME PEER TUNNEL DST TRUST_DOMAIN");
     };
-    let id = tls::Identity::load(Path::new(ca), Path::new(cert), Path::new(key))?;
+    let id = tls::Credentials::load(Path::new(ca), Path::new(cert), Path::new(key))?;
     let PrivateKeyDer::Pkcs8(pkcs8) = &id.key else {
         bail!("{key}: not PKCS#8")
     };
