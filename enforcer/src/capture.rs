@@ -91,6 +91,9 @@ fn pin(link: FdLink, path: &Path) -> Result<PinnedLink> {
 }
 
 impl Capture {
+    /// Loads the eBPF object, configures its maps and attaches a new generation of links,
+    /// then retires the previous run's links: capture never lapses. If attaching fails, the
+    /// previous generation (if any) stays in force; without one, nothing is left behind.
     pub fn start(config: &Config) -> Result<Self> {
         // Before anything is touched: a build without the object changes nothing.
         let object = ebpf_object()?;
@@ -98,74 +101,18 @@ impl Capture {
         let pin_dir = config.pin_dir();
         let maps_dir = pin_dir.join("maps");
         let links_dir = pin_dir.join("links");
-        fs::create_dir_all(&maps_dir)
-            .with_context(|| format!("cannot create {}", maps_dir.display()))?;
-        fs::create_dir_all(&links_dir)
-            .with_context(|| format!("cannot create {}", links_dir.display()))?;
-        let old_generations: Vec<PathBuf> = fs::read_dir(&links_dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        if !old_generations.is_empty() {
-            tracing::info!(pin_dir = %pin_dir.display(), "taking over capture pinned by a previous run");
-        }
+        create_dir(&maps_dir)?;
+        create_dir(&links_dir)?;
+        let old_generations = pinned_generations(&pin_dir, &links_dir)?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(object)
             .context("loading the eBPF object")?;
+        write_settings(&mut ebpf, config)?;
+        set_protected_ports(&mut ebpf, config)?;
 
-        let settings = Settings {
-            outbound_port: config.listen.outbound_port,
-            _pad0: 0,
-            proxy_mark: config.bpf.proxy_mark,
-            delivery_src4: u32::from_ne_bytes(config.bpf.delivery_source.octets()),
-            ready: 1,
-            mode: match config.mode() {
-                DataPathMode::Tunnel => MODE_TUNNEL,
-                DataPathMode::Handshake => MODE_HANDSHAKE,
-            },
-            handshake_mark: config.handshake.socket_mark,
-        };
-        let mut settings_map: Array<_, Settings> =
-            Array::try_from(ebpf.map_mut(names::SETTINGS).context("settings map")?)?;
-        settings_map
-            .set(0, settings, 0)
-            .context("writing eBPF settings")?;
-
-        let mut ports: HashMap<_, u32, u32> = HashMap::try_from(
-            ebpf.map_mut(names::PROTECTED_PORTS)
-                .context("protected ports map")?,
-        )?;
-        // In handshake mode connections reach workload ports directly (the iptables rules
-        // guard them), so sk_lookup steers nothing.
-        let wanted: Vec<u32> = match config.mode() {
-            DataPathMode::Tunnel => config
-                .workloads
-                .iter()
-                .flat_map(|w| w.ports.iter().map(|&p| u32::from(p)))
-                .collect(),
-            DataPathMode::Handshake => Vec::new(),
-        };
-        let stale: Vec<u32> = ports
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|p| !wanted.contains(p))
-            .collect();
-        for p in stale {
-            ports.remove(&p)?;
-        }
-        for &p in &wanted {
-            ports.insert(p, 1, 0)?;
-        }
-
-        let generation = links_dir.join(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-                .to_string(),
-        );
-        fs::create_dir_all(&generation)?;
+        let generation = new_generation(&links_dir)?;
         let mut links = Vec::new();
         match Self::attach(&mut ebpf, config, &generation, &mut links) {
             Ok(()) => {}
@@ -191,6 +138,9 @@ impl Capture {
         })
     }
 
+    /// Loads the programs and attaches them (each workload's cgroup, then the network
+    /// namespace), pinning each link under `generation`. On error, `links` holds the links
+    /// made so far, for the caller to undo.
     fn attach(
         ebpf: &mut Ebpf,
         config: &Config,
@@ -314,6 +264,91 @@ impl Capture {
         let _ = fs::remove_dir_all(&pin_dir);
         tracing::info!(pin_dir = %pin_dir.display(), "capture detached and unpinned");
     }
+}
+
+/// Creates `dir` (and its parents) unless it exists.
+fn create_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// The generations of links a previous run left pinned under `links_dir` (to be retired
+/// once the new one is attached).
+fn pinned_generations(pin_dir: &Path, links_dir: &Path) -> Result<Vec<PathBuf>> {
+    let old_generations: Vec<PathBuf> = fs::read_dir(links_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    if !old_generations.is_empty() {
+        tracing::info!(pin_dir = %pin_dir.display(), "taking over capture pinned by a previous run");
+    }
+    Ok(old_generations)
+}
+
+/// Writes the settings the programs read (ports, marks, delivery source, mode), marking
+/// them ready.
+fn write_settings(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
+    let settings = Settings {
+        outbound_port: config.listen.outbound_port,
+        _pad0: 0,
+        proxy_mark: config.bpf.proxy_mark,
+        delivery_src4: u32::from_ne_bytes(config.bpf.delivery_source.octets()),
+        ready: 1,
+        mode: match config.mode() {
+            DataPathMode::Tunnel => MODE_TUNNEL,
+            DataPathMode::Handshake => MODE_HANDSHAKE,
+        },
+        handshake_mark: config.handshake.socket_mark,
+    };
+    let mut settings_map: Array<_, Settings> =
+        Array::try_from(ebpf.map_mut(names::SETTINGS).context("settings map")?)?;
+    settings_map
+        .set(0, settings, 0)
+        .context("writing eBPF settings")?;
+    Ok(())
+}
+
+/// Makes the (possibly pinned, reused) protected ports map hold exactly the workload ports
+/// `sk_lookup` guards: removes stale ones first, then adds the wanted ones.
+fn set_protected_ports(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
+    let mut ports: HashMap<_, u32, u32> = HashMap::try_from(
+        ebpf.map_mut(names::PROTECTED_PORTS)
+            .context("protected ports map")?,
+    )?;
+    // In handshake mode connections reach workload ports directly (the iptables rules
+    // guard them), so sk_lookup steers nothing.
+    let wanted: Vec<u32> = match config.mode() {
+        DataPathMode::Tunnel => config
+            .workloads
+            .iter()
+            .flat_map(|w| w.ports.iter().map(|&p| u32::from(p)))
+            .collect(),
+        DataPathMode::Handshake => Vec::new(),
+    };
+    let stale: Vec<u32> = ports
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|p| !wanted.contains(p))
+        .collect();
+    for p in stale {
+        ports.remove(&p)?;
+    }
+    for &p in &wanted {
+        ports.insert(p, 1, 0)?;
+    }
+    Ok(())
+}
+
+/// Creates the directory for a new generation of links under `links_dir`, named by the
+/// time now (ns).
+fn new_generation(links_dir: &Path) -> Result<PathBuf> {
+    let generation = links_dir.join(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            .to_string(),
+    );
+    fs::create_dir_all(&generation)?;
+    Ok(generation)
 }
 
 /// Unpins (and so detaches) every link pinned under `dir`, then removes it.

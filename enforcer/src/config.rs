@@ -369,6 +369,8 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/tessera").join(&self.name))
     }
 
+    /// Checks everything that can be checked before start-up, section by section, in the
+    /// order a reader meets them; the first problem found is the error.
     fn validate(&self) -> Result<(), String> {
         if !valid_name(&self.name) {
             return Err(format!(
@@ -376,6 +378,19 @@ impl Config {
                 self.name
             ));
         }
+        self.validate_listen()?;
+        self.validate_tls()?;
+        self.validate_policy()?;
+        self.validate_flows()?;
+        self.validate_identity()?;
+        self.validate_bpf()?;
+        self.validate_workloads()?;
+        self.validate_peers()?;
+        self.validate_handshake()
+    }
+
+    /// `[listen]`: both local listener ports set and distinct.
+    fn validate_listen(&self) -> Result<(), String> {
         let l = &self.listen;
         let ports = [
             ("outbound_port", l.outbound_port),
@@ -389,6 +404,11 @@ impl Config {
         if l.outbound_port == l.inbound_port {
             return Err("listen.inbound_port: must differ from listen.outbound_port".into());
         }
+        Ok(())
+    }
+
+    /// `[tls]`: the CA, certificate and key files can be opened.
+    fn validate_tls(&self) -> Result<(), String> {
         for (field, path) in [
             ("tls.ca", &self.tls.ca),
             ("tls.cert", &self.tls.cert),
@@ -397,12 +417,22 @@ impl Config {
             std::fs::File::open(path)
                 .map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
         }
+        Ok(())
+    }
+
+    /// `[policy]`: the policy file, if any, can be read and parses.
+    fn validate_policy(&self) -> Result<(), String> {
         if let Some(file) = &self.policy.file {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| format!("policy.file: cannot read {}: {e}", file.display()))?;
             tessera_policy::parse::parse(&file.display().to_string(), &text)
                 .map_err(|e| format!("policy.file: invalid policy:\n{e}"))?;
         }
+        Ok(())
+    }
+
+    /// `[flows]`: the API address (or "") and a non-empty recent buffer.
+    fn validate_flows(&self) -> Result<(), String> {
         if !self.flows.api.is_empty() && self.flows.api.parse::<SocketAddr>().is_err() {
             return Err(format!(
                 "flows.api: {:?} is not an address:port (\"\" turns the API off)",
@@ -412,6 +442,11 @@ impl Config {
         if self.flows.recent == 0 {
             return Err("flows.recent: must be at least 1".into());
         }
+        Ok(())
+    }
+
+    /// `[identity]`: the trust domain's spelling, token lifetime and clock skew bounds.
+    fn validate_identity(&self) -> Result<(), String> {
         let id = &self.identity;
         if id.trust_domain.is_empty()
             || !id
@@ -436,12 +471,23 @@ impl Config {
                 id.clock_skew_ms
             ));
         }
+        Ok(())
+    }
+
+    /// `[bpf]`: the delivery source is a loopback address.
+    fn validate_bpf(&self) -> Result<(), String> {
         if !self.bpf.delivery_source.is_loopback() {
             return Err(format!(
                 "bpf.delivery_source: {} is not in 127.0.0.0/8",
                 self.bpf.delivery_source
             ));
         }
+        Ok(())
+    }
+
+    /// `[[workload]]`: unique valid names, real cgroup v2 directories, well-formed labels,
+    /// and ports served by one workload only, none of them the enforcer's own.
+    fn validate_workloads(&self) -> Result<(), String> {
         let mut names = HashSet::new();
         let mut served_ports = HashSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
@@ -454,61 +500,43 @@ impl Config {
             if !names.insert(&w.name) {
                 return Err(format!("{at}: name is used by another workload"));
             }
-            if !w.cgroup.is_absolute() {
+            validate_cgroup(&at, &w.cgroup)?;
+            validate_labels(&at, &w.labels)?;
+            self.validate_workload_ports(&at, &w.ports, &mut served_ports)?;
+        }
+        Ok(())
+    }
+
+    /// One workload's `ports`: real ports, not the enforcer's listeners, not already taken
+    /// by an earlier workload (`served_ports` collects them).
+    fn validate_workload_ports(
+        &self,
+        at: &str,
+        ports: &[u16],
+        served_ports: &mut HashSet<u16>,
+    ) -> Result<(), String> {
+        let l = &self.listen;
+        for &port in ports {
+            if port == 0 {
+                return Err(format!("{at}: ports: 0 is not a port"));
+            }
+            if port == l.outbound_port || port == l.inbound_port || port == l.tunnel.port() {
                 return Err(format!(
-                    "{at}: cgroup: {} must be an absolute path",
-                    w.cgroup.display()
+                    "{at}: ports: {port} is one of the enforcer's own listener ports"
                 ));
             }
-            if !w.cgroup.is_dir() {
+            if !served_ports.insert(port) {
                 return Err(format!(
-                    "{at}: cgroup: {} does not exist",
-                    w.cgroup.display()
+                    "{at}: ports: {port} is already served by another workload"
                 ));
-            }
-            if !is_cgroup2_dir(&w.cgroup) {
-                return Err(format!(
-                    "{at}: cgroup: {} is not a cgroup v2 directory",
-                    w.cgroup.display()
-                ));
-            }
-            for (k, v) in &w.labels {
-                if k.is_empty()
-                    || !k
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-                {
-                    return Err(format!(
-                        "{at}: labels: key {k:?} may hold only letters, digits, '-', '_', '.', '/'"
-                    ));
-                }
-                if k.starts_with("tessera.io/") {
-                    return Err(format!(
-                        "{at}: labels: {k:?} is reserved: tessera.io/ labels are derived, never declared"
-                    ));
-                }
-                if v.len() > 253 {
-                    return Err(format!(
-                        "{at}: labels: value of {k:?} is longer than 253 bytes"
-                    ));
-                }
-            }
-            for &port in &w.ports {
-                if port == 0 {
-                    return Err(format!("{at}: ports: 0 is not a port"));
-                }
-                if port == l.outbound_port || port == l.inbound_port || port == l.tunnel.port() {
-                    return Err(format!(
-                        "{at}: ports: {port} is one of the enforcer's own listener ports"
-                    ));
-                }
-                if !served_ports.insert(port) {
-                    return Err(format!(
-                        "{at}: ports: {port} is already served by another workload"
-                    ));
-                }
             }
         }
+        Ok(())
+    }
+
+    /// `[[peer]]`: unique valid names, something served, a reachable tunnel address, and a
+    /// readable certificate (required in handshake mode).
+    fn validate_peers(&self) -> Result<(), String> {
         let mut peer_names = HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             let at = format!("peer[{i}] {:?}", p.name);
@@ -531,19 +559,31 @@ impl Config {
                     p.tunnel
                 ));
             }
-            match &p.cert {
-                Some(cert) => {
-                    std::fs::File::open(cert)
-                        .map_err(|e| format!("{at}: cert: cannot read {}: {e}", cert.display()))?;
-                }
-                None if self.mode() == DataPathMode::Handshake => {
-                    return Err(format!(
-                        "{at}: cert: handshake mode needs each peer's certificate (no TLS carries it)"
-                    ));
-                }
-                None => {}
-            }
+            self.validate_peer_cert(&at, p.cert.as_deref())?;
         }
+        Ok(())
+    }
+
+    /// One peer's `cert`: readable if given, and required in handshake mode.
+    fn validate_peer_cert(&self, at: &str, cert: Option<&Path>) -> Result<(), String> {
+        match cert {
+            Some(cert) => {
+                std::fs::File::open(cert)
+                    .map_err(|e| format!("{at}: cert: cannot read {}: {e}", cert.display()))?;
+            }
+            None if self.mode() == DataPathMode::Handshake => {
+                return Err(format!(
+                    "{at}: cert: handshake mode needs each peer's certificate (no TLS carries it)"
+                ));
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// `[handshake]`: two queue numbers, single distinct mark bits that overlap neither
+    /// socket mark, a bounded key reuse window, and a socket mark of its own.
+    fn validate_handshake(&self) -> Result<(), String> {
         let h = &self.handshake;
         if h.queue == u16::MAX {
             return Err("handshake.queue: needs two queue numbers (queue and queue + 1)".into());
@@ -575,6 +615,53 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A workload's `cgroup`: an absolute path to an existing cgroup v2 directory.
+fn validate_cgroup(at: &str, cgroup: &Path) -> Result<(), String> {
+    if !cgroup.is_absolute() {
+        return Err(format!(
+            "{at}: cgroup: {} must be an absolute path",
+            cgroup.display()
+        ));
+    }
+    if !cgroup.is_dir() {
+        return Err(format!("{at}: cgroup: {} does not exist", cgroup.display()));
+    }
+    if !is_cgroup2_dir(cgroup) {
+        return Err(format!(
+            "{at}: cgroup: {} is not a cgroup v2 directory",
+            cgroup.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A workload's `labels`: well-formed keys, none in the reserved `tessera.io/` prefix,
+/// values of at most 253 bytes.
+fn validate_labels(at: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
+    for (k, v) in labels {
+        if k.is_empty()
+            || !k
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
+            return Err(format!(
+                "{at}: labels: key {k:?} may hold only letters, digits, '-', '_', '.', '/'"
+            ));
+        }
+        if k.starts_with("tessera.io/") {
+            return Err(format!(
+                "{at}: labels: {k:?} is reserved: tessera.io/ labels are derived, never declared"
+            ));
+        }
+        if v.len() > 253 {
+            return Err(format!(
+                "{at}: labels: value of {k:?} is longer than 253 bytes"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! `tessera`: the enforcer daemon and its command-line tools. This file is only the command
 //! line (arguments and dispatch); what the commands do is in the `tessera_enforcer` library.
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -170,145 +173,25 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Dispatches the command line to the command's function.
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
             config,
             keep_attached,
             ready_file,
-        } => {
-            init_tracing(&cli.log_format);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            let result = runtime.block_on(daemon::run(daemon::RunOptions {
+        } => run_daemon(
+            &cli.log_format,
+            daemon::RunOptions {
                 config,
                 keep_attached,
                 ready_file,
-            }));
-            if let Err(e) = &result {
-                tracing::error!(error = format!("{e:#}"), "enforcer stopped");
-            }
-            result
-        }
-        Command::Check { config } => {
-            // Warnings (an old key, say) are part of the check.
-            init_tracing(&cli.log_format);
-            let c = config::Config::load(&config)?;
-            println!(
-                "{}: ok ({} workloads, {} peers)",
-                config.display(),
-                c.workloads.len(),
-                c.peers.len()
-            );
-            Ok(())
-        }
-        Command::Ca {
-            command: CaCommand::Init { dir, trust_domain },
-        } => {
-            let path = ca::init(&dir, &trust_domain)?;
-            println!("created {}", path.display());
-            Ok(())
-        }
-        Command::Ca {
-            command:
-                CaCommand::Issue {
-                    ca_dir,
-                    name,
-                    ips,
-                    out_dir,
-                },
-        } => {
-            let (cert, key) = ca::issue(&ca_dir, &name, &ips, &out_dir)?;
-            println!("issued {} and {}", cert.display(), key.display());
-            Ok(())
-        }
-        Command::Policy {
-            command: PolicyCommand::Check { file },
-        } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            match tessera_policy::parse::parse(&file.display().to_string(), &text) {
-                Ok(p) => {
-                    println!("{}: ok ({} rules)", file.display(), p.rules.len());
-                    Ok(())
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    anyhow::bail!("{}: {} error(s)", file.display(), e.errors.len())
-                }
-            }
-        }
-        Command::Policy {
-            command:
-                PolicyCommand::Explain {
-                    policy,
-                    from,
-                    from_addr,
-                    to,
-                    to_addr,
-                    port,
-                },
-        } => {
-            let text = std::fs::read_to_string(&policy)
-                .with_context(|| format!("cannot read {}", policy.display()))?;
-            let parsed = tessera_policy::parse::parse(&policy.display().to_string(), &text)?;
-            let lines = tessera_policy::compile::rule_lines(&parsed);
-            let compiled = tessera_policy::CompiledPolicy::new(parsed);
-            let labels = |s: &str| -> Result<Option<tessera_policy::Labels>> {
-                if s.is_empty() {
-                    Ok(None)
-                } else {
-                    Ok(Some(
-                        tessera_policy::Labels::parse(s).map_err(anyhow::Error::msg)?,
-                    ))
-                }
-            };
-            let (src, dst) = (
-                labels(&from).context("--from")?,
-                labels(&to).context("--to")?,
-            );
-            let s = tessera_policy::Subject {
-                labels: src.as_ref(),
-                addr: from_addr,
-            };
-            let t = tessera_policy::Subject {
-                labels: dst.as_ref(),
-                addr: to_addr,
-            };
-            let d = compiled.decide(&s, &t, port, &tessera_policy::compile::no_dns);
-            let at = |r: &str| {
-                lines
-                    .get(r)
-                    .map(|l| format!(" ({}:{l})", policy.display()))
-                    .unwrap_or_default()
-            };
-            println!("decision: {}", if d.allowed() { "allow" } else { "deny" });
-            match &d.rule {
-                Some(r) => println!("rule:     {r}{}", at(r)),
-                None => println!("rule:     none matched: default deny"),
-            }
-            if let Some(o) = &d.observed_deny {
-                println!(
-                    "observe:  rule {o}{} would deny (observe mode: recorded only)",
-                    at(o)
-                );
-            }
-            println!("reason:   {}", d.reason());
-            Ok(())
-        }
-        Command::Identity {
-            command: IdentityCommand::Show { config, json },
-        } => {
-            let c = config::Config::load(&config)?;
-            let shown = identity_show::collect(&c);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&shown)?);
-            } else {
-                print!("{}", identity_show::text(&shown));
-            }
-            Ok(())
-        }
+            },
+        ),
+        Command::Check { config } => check(&cli.log_format, &config),
+        Command::Ca { command } => ca_command(command),
+        Command::Policy { command } => policy_command(command),
+        Command::Identity { command } => identity_command(command),
         Command::Flows {
             apis,
             logs,
@@ -325,14 +208,169 @@ fn run(cli: Cli) -> Result<()> {
             };
             client::flows(client::Sources::new(apis, logs), filter, follow, json)
         }
-        Command::Map { apis, logs, format } => {
-            let map = client::map(client::Sources::new(apis, logs))?;
-            match format.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&map)?),
-                "dot" => print!("{}", map::dot(&map)),
-                _ => print!("{}", flowlog::table(&map)),
-            }
-            Ok(())
+        Command::Map { apis, logs, format } => show_map(apis, logs, &format),
+    }
+}
+
+/// `tessera run`: the daemon, on a multi-threaded runtime, until it stops; why it stopped
+/// is logged as well as returned.
+fn run_daemon(log_format: &str, options: daemon::RunOptions) -> Result<()> {
+    init_tracing(log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(daemon::run(options));
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "enforcer stopped");
+    }
+    result
+}
+
+/// `tessera check`: loads (and so validates) a configuration file.
+fn check(log_format: &str, config: &Path) -> Result<()> {
+    // Warnings (an old key, say) are part of the check.
+    init_tracing(log_format);
+    let c = config::Config::load(config)?;
+    println!(
+        "{}: ok ({} workloads, {} peers)",
+        config.display(),
+        c.workloads.len(),
+        c.peers.len()
+    );
+    Ok(())
+}
+
+/// `tessera ca init|issue`: the cluster certificate authority.
+fn ca_command(command: CaCommand) -> Result<()> {
+    match command {
+        CaCommand::Init { dir, trust_domain } => {
+            let path = ca::init(&dir, &trust_domain)?;
+            println!("created {}", path.display());
+        }
+        CaCommand::Issue {
+            ca_dir,
+            name,
+            ips,
+            out_dir,
+        } => {
+            let (cert, key) = ca::issue(&ca_dir, &name, &ips, &out_dir)?;
+            println!("issued {} and {}", cert.display(), key.display());
         }
     }
+    Ok(())
+}
+
+/// `tessera policy check|explain`.
+fn policy_command(command: PolicyCommand) -> Result<()> {
+    match command {
+        PolicyCommand::Check { file } => policy_check(&file),
+        PolicyCommand::Explain {
+            policy,
+            from,
+            from_addr,
+            to,
+            to_addr,
+            port,
+        } => policy_explain(&policy, &from, from_addr, &to, to_addr, port),
+    }
+}
+
+/// `tessera policy check`: every error of the file on stderr, and a failure if any.
+fn policy_check(file: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    match tessera_policy::parse::parse(&file.display().to_string(), &text) {
+        Ok(p) => {
+            println!("{}: ok ({} rules)", file.display(), p.rules.len());
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            anyhow::bail!("{}: {} error(s)", file.display(), e.errors.len())
+        }
+    }
+}
+
+/// `tessera policy explain`: the decision for one connection and the rule behind it; each
+/// end is given as labels (`k=v,...`, may be empty) and an optional address.
+fn policy_explain(
+    policy: &Path,
+    from: &str,
+    from_addr: Option<IpAddr>,
+    to: &str,
+    to_addr: Option<IpAddr>,
+    port: u16,
+) -> Result<()> {
+    let text = std::fs::read_to_string(policy)
+        .with_context(|| format!("cannot read {}", policy.display()))?;
+    let parsed = tessera_policy::parse::parse(&policy.display().to_string(), &text)?;
+    let lines = tessera_policy::compile::rule_lines(&parsed);
+    let compiled = tessera_policy::CompiledPolicy::new(parsed);
+    let (src, dst) = (
+        parse_labels(from).context("--from")?,
+        parse_labels(to).context("--to")?,
+    );
+    let s = tessera_policy::Subject {
+        labels: src.as_ref(),
+        addr: from_addr,
+    };
+    let t = tessera_policy::Subject {
+        labels: dst.as_ref(),
+        addr: to_addr,
+    };
+    let d = compiled.decide(&s, &t, port, &tessera_policy::compile::no_dns);
+    let at = |r: &str| {
+        lines
+            .get(r)
+            .map(|l| format!(" ({}:{l})", policy.display()))
+            .unwrap_or_default()
+    };
+    println!("decision: {}", if d.allowed() { "allow" } else { "deny" });
+    match &d.rule {
+        Some(r) => println!("rule:     {r}{}", at(r)),
+        None => println!("rule:     none matched: default deny"),
+    }
+    if let Some(o) = &d.observed_deny {
+        println!(
+            "observe:  rule {o}{} would deny (observe mode: recorded only)",
+            at(o)
+        );
+    }
+    println!("reason:   {}", d.reason());
+    Ok(())
+}
+
+/// Labels given on the command line (`k=v,k2=v2`); empty: none.
+fn parse_labels(s: &str) -> Result<Option<tessera_policy::Labels>> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(
+            tessera_policy::Labels::parse(s).map_err(anyhow::Error::msg)?,
+        ))
+    }
+}
+
+/// `tessera identity show`: the enrolled workloads' identities, as text or JSON.
+fn identity_command(command: IdentityCommand) -> Result<()> {
+    let IdentityCommand::Show { config, json } = command;
+    let c = config::Config::load(&config)?;
+    let shown = identity_show::collect(&c);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+    } else {
+        print!("{}", identity_show::text(&shown));
+    }
+    Ok(())
+}
+
+/// `tessera map`: the merged connectivity map as a table, JSON or Graphviz dot.
+fn show_map(apis: Vec<std::net::SocketAddr>, logs: Vec<PathBuf>, format: &str) -> Result<()> {
+    let map = client::map(client::Sources::new(apis, logs))?;
+    match format {
+        "json" => println!("{}", serde_json::to_string_pretty(&map)?),
+        "dot" => print!("{}", map::dot(&map)),
+        _ => print!("{}", flowlog::table(&map)),
+    }
+    Ok(())
 }

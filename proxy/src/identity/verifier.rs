@@ -17,7 +17,7 @@ use ring::hmac;
 use super::{
     Identity,
     signer::{identity_digest, key_id, pair_tag},
-    token::{Binding, Claim, Digest, KeyId, Nonce, Seal, TokenError, decode},
+    token::{Binding, Claim, Claims, Digest, KeyId, Nonce, Seal, TokenError, decode},
 };
 
 /// A verified token.
@@ -155,6 +155,10 @@ impl Verifier {
     }
 
     /// Verifies `token`, which must be meant for `dst` on the TLS session `binding`.
+    ///
+    /// The steps run in the order of the module documentation: layout, seal (issuer and
+    /// signature or pair tag), time, destination and session, and only then the replay
+    /// cache, so that tokens that fail any earlier check never reach it.
     pub fn verify(
         &self,
         token: &[u8],
@@ -167,36 +171,67 @@ impl Verifier {
         let keep_identity = matches!(seal, Seal::Signature(_));
         match seal {
             Seal::Signature(signature) => {
-                let (key, until) = *self
-                    .keys
-                    .read()
-                    .expect("lock")
-                    .get(&claims.issuer)
-                    .ok_or(TokenError::UnknownIssuer)?;
-                if until.saturating_add(self.skew_ms) < now_ms {
-                    return Err(TokenError::Uncertified(
-                        "the issuer's certificate expired".into(),
-                    ));
-                }
-                let signature =
-                    Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
-                // Plain (not strict) verification: keys are CA-certified, and a re-encoded
-                // signature over the same claims would carry the same nonce, so it cannot
-                // pass as a new token.
-                use ed25519_dalek::Verifier as _;
-                key.verify(signed, &signature)
-                    .map_err(|_| TokenError::BadSignature)?;
+                self.check_signature(&claims.issuer, signed, signature, now_ms)?
             }
-            Seal::PairTag(tag) => {
-                // Only the other enforcer of a pair is an issuer here: this one never seals
-                // tokens for itself, so a reflected token of its own finds no pair.
-                let pair = self.pair(&claims.issuer, now_ms)?;
-                use subtle::ConstantTimeEq;
-                if !bool::from(pair_tag(&pair, signed).ct_eq(tag)) {
-                    return Err(TokenError::BadSignature);
-                }
-            }
+            Seal::PairTag(tag) => self.check_pair_tag(&claims.issuer, signed, tag, now_ms)?,
         }
+        let expires = self.check_time(&claims, now_ms)?;
+        check_binding(&claims, dst, binding)?;
+        self.remember_nonce(claims.nonce, expires, now_ms)?;
+        self.identity_of(claims.issuer, claims.claim, keep_identity)
+    }
+
+    /// The Ed25519 seal (version 1): `issuer` is a trusted key whose certificate has not
+    /// expired, and `signature` is its signature over `signed`.
+    fn check_signature(
+        &self,
+        issuer: &KeyId,
+        signed: &[u8],
+        signature: &[u8],
+        now_ms: u64,
+    ) -> Result<(), TokenError> {
+        let (key, until) = *self
+            .keys
+            .read()
+            .expect("lock")
+            .get(issuer)
+            .ok_or(TokenError::UnknownIssuer)?;
+        if until.saturating_add(self.skew_ms) < now_ms {
+            return Err(TokenError::Uncertified(
+                "the issuer's certificate expired".into(),
+            ));
+        }
+        let signature = Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
+        // Plain (not strict) verification: keys are CA-certified, and a re-encoded
+        // signature over the same claims would carry the same nonce, so it cannot
+        // pass as a new token.
+        use ed25519_dalek::Verifier as _;
+        key.verify(signed, &signature)
+            .map_err(|_| TokenError::BadSignature)
+    }
+
+    /// The pair seal (version 2): `tag` is the HMAC of `signed` under the pair key shared
+    /// with `issuer`, compared in constant time.
+    fn check_pair_tag(
+        &self,
+        issuer: &KeyId,
+        signed: &[u8],
+        tag: &[u8],
+        now_ms: u64,
+    ) -> Result<(), TokenError> {
+        // Only the other enforcer of a pair is an issuer here: this one never seals
+        // tokens for itself, so a reflected token of its own finds no pair.
+        let pair = self.pair(issuer, now_ms)?;
+        use subtle::ConstantTimeEq;
+        if !bool::from(pair_tag(&pair, signed).ct_eq(tag)) {
+            return Err(TokenError::BadSignature);
+        }
+        Ok(())
+    }
+
+    /// The token's lifetime is within the limit and it is valid at `now_ms` (give or take
+    /// the clock skew); returns when it expires (without the skew).
+    fn check_time(&self, claims: &Claims, now_ms: u64) -> Result<u64, TokenError> {
         if claims.lifetime_ms > self.max_lifetime_ms {
             return Err(TokenError::LifetimeTooLong);
         }
@@ -207,45 +242,57 @@ impl Verifier {
         if now_ms > expires + self.skew_ms {
             return Err(TokenError::Expired);
         }
-        if claims.dst != dst {
-            return Err(TokenError::WrongDestination(claims.dst));
+        Ok(expires)
+    }
+
+    /// Refuses a nonce already seen (a replay), else remembers it until its token
+    /// `expires` (plus skew). Called only for tokens that passed every other check.
+    fn remember_nonce(&self, nonce: Nonce, expires: u64, now_ms: u64) -> Result<(), TokenError> {
+        let mut seen = self.seen.lock().expect("lock");
+        // Prune at most once a second: pruning on every insert would make each verify
+        // O(live nonces) under load.
+        if now_ms >= seen.next_prune_ms {
+            self.prune(&mut seen, now_ms);
         }
-        if &claims.binding != binding {
-            return Err(TokenError::WrongSession);
+        let seen = &mut seen.nonces;
+        if seen.get(&nonce).is_some_and(|until| *until >= now_ms) {
+            return Err(TokenError::Replayed);
         }
-        {
-            let mut seen = self.seen.lock().expect("lock");
-            // Prune at most once a second: pruning on every insert would make each verify
-            // O(live nonces) under load.
-            if now_ms >= seen.next_prune_ms {
-                seen.nonces.retain(|_, until| *until >= now_ms);
-                seen.next_prune_ms = now_ms + 1_000;
-                self.prune_keys(now_ms);
-                self.pairs
-                    .write()
-                    .expect("lock")
-                    .retain(|_, (_, until)| until.saturating_add(self.skew_ms) >= now_ms);
-            }
-            let seen = &mut seen.nonces;
-            if seen
-                .get(&claims.nonce)
-                .is_some_and(|until| *until >= now_ms)
-            {
-                return Err(TokenError::Replayed);
-            }
-            seen.insert(claims.nonce, expires + self.skew_ms);
-        }
-        match claims.claim {
+        seen.insert(nonce, expires + self.skew_ms);
+        Ok(())
+    }
+
+    /// Forgets expired nonces, keys and pair keys (with the nonce cache locked, as `seen`).
+    fn prune(&self, seen: &mut SeenNonces, now_ms: u64) {
+        seen.nonces.retain(|_, until| *until >= now_ms);
+        seen.next_prune_ms = now_ms + 1_000;
+        self.prune_keys(now_ms);
+        self.pairs
+            .write()
+            .expect("lock")
+            .retain(|_, (_, until)| until.saturating_add(self.skew_ms) >= now_ms);
+    }
+
+    /// The identity a verified token names: a cold token's own (remembered for later warm
+    /// tokens if `keep_identity`), or the one a warm token's digest names, which the same
+    /// issuer must have vouched for in full before.
+    fn identity_of(
+        &self,
+        issuer: KeyId,
+        claim: Claim,
+        keep_identity: bool,
+    ) -> Result<Verified, TokenError> {
+        match claim {
             Claim::Cold(identity) => {
                 if keep_identity {
-                    self.identities.write().expect("lock").insert(
-                        (claims.issuer, identity_digest(&identity)),
-                        identity.clone(),
-                    );
+                    self.identities
+                        .write()
+                        .expect("lock")
+                        .insert((issuer, identity_digest(&identity)), identity.clone());
                 }
                 Ok(Verified {
                     identity,
-                    issuer: claims.issuer,
+                    issuer,
                     cold: true,
                 })
             }
@@ -254,17 +301,28 @@ impl Verifier {
                     .identities
                     .read()
                     .expect("lock")
-                    .get(&(claims.issuer, digest))
+                    .get(&(issuer, digest))
                     .cloned()
                     .ok_or(TokenError::UnknownIdentity)?;
                 Ok(Verified {
                     identity,
-                    issuer: claims.issuer,
+                    issuer,
                     cold: false,
                 })
             }
         }
     }
+}
+
+/// The token is meant for this destination and this TLS session.
+fn check_binding(claims: &Claims, dst: SocketAddr, binding: &Binding) -> Result<(), TokenError> {
+    if claims.dst != dst {
+        return Err(TokenError::WrongDestination(claims.dst));
+    }
+    if &claims.binding != binding {
+        return Err(TokenError::WrongSession);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
