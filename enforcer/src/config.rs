@@ -650,7 +650,7 @@ fn validate_labels(at: &str, labels: &BTreeMap<String, String>) -> Result<(), St
                 "{at}: labels: key {k:?} may hold only letters, digits, '-', '_', '.', '/'"
             ));
         }
-        if k.starts_with("tessera.io/") {
+        if tessera_proxy::identity::reserved::is_reserved(k) {
             return Err(format!(
                 "{at}: labels: {k:?} is reserved: tessera.io/ labels are derived, never declared"
             ));
