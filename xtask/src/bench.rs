@@ -261,9 +261,18 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
     // The load generator's host only (a test namespace): reuse TIME_WAIT ports, so that the
     // connection-rate runs measure connections, not the search for a free port (the direct
     // baseline to one address:port would otherwise exhaust it over the run).
+    // The widened range must not hand the enforcer's own ports to the load's sockets: a
+    // handshake-mode enforcer does not bind the tunnel mode's ports, and the next
+    // tunnel-mode start would find them taken.
+    let reserved = format!(
+        "15001,15006,{},{}",
+        tessera_tests::TUNNEL_PORT,
+        tessera_tests::API_PORT
+    );
     for (key, value) in [
         ("net.ipv4.tcp_tw_reuse", "1"),
         ("net.ipv4.ip_local_port_range", "1024 65000"),
+        ("net.ipv4.ip_local_reserved_ports", reserved.as_str()),
     ] {
         tessera_tests::sh(
             "ip",
