@@ -3,6 +3,10 @@
 //! * `capture_connect4` / `capture_connect6` (cgroup/connect4, cgroup/connect6), attached to
 //!   each enrolled workload's cgroup: rewrite a TCP connect() to the local proxy's outbound
 //!   listener and remember the original destination and the caller, keyed by socket cookie.
+//!   The rewrite happens only if the socket listening there is the proxy's own (it carries
+//!   the proxy's mark, which an unprivileged process cannot set): while the proxy is down,
+//!   or if anyone else listens on its port, the connect fails (EPERM) and nothing is
+//!   recorded. A workload's connection can never reach another local listener in plaintext.
 //!   In handshake mode they leave the destination alone and mark the socket instead, so that
 //!   iptables queues the connection's handshake packets to the enforcer.
 //! * `track_connect` (sock_ops), attached to the same cgroups: at TCP_CONNECT_CB the source
@@ -19,10 +23,15 @@
 mod programs {
     use aya_ebpf::{
         EbpfContext,
-        bindings::{bpf_sock_addr, sk_action},
+        bindings::{
+            BPF_F_CURRENT_NETNS, bpf_sock_addr, bpf_sock_tuple,
+            bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+            sk_action,
+        },
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt,
+            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_lookup_tcp,
+            bpf_sk_release,
         },
         macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
         maps::{Array, HashMap, LruHashMap, RingBuf, SockMap},
@@ -117,6 +126,70 @@ mod programs {
         if rc == 0 { CONNECT_PROCEED } else { 0 }
     }
 
+    const TCP_LISTEN: u32 = 10;
+
+    /// Whether the socket that would accept a connection to the proxy's outbound port at
+    /// `tuple`'s destination is the proxy's own listener: a listening socket with the
+    /// proxy's mark (setting SO_MARK needs CAP_NET_ADMIN). Anyone else's listener there, or
+    /// none, and the captured connect must fail.
+    fn proxy_listens(
+        ctx: &SockAddrContext,
+        tuple: &mut bpf_sock_tuple,
+        size: usize,
+        settings: &Settings,
+    ) -> bool {
+        // SAFETY: bpf_sk_lookup_tcp is allowed in cgroup/connect programs; the tuple lives
+        // on our stack; every socket it returns is released below.
+        unsafe {
+            let sk = bpf_sk_lookup_tcp(
+                ctx.as_ptr(),
+                tuple as *mut bpf_sock_tuple,
+                size as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            );
+            if sk.is_null() {
+                return false;
+            }
+            let ours = (*sk).state == TCP_LISTEN && (*sk).mark == settings.proxy_mark;
+            bpf_sk_release(sk as *mut core::ffi::c_void);
+            ours
+        }
+    }
+
+    /// [`proxy_listens`] on 127.0.0.1.
+    fn proxy_listens4(ctx: &SockAddrContext, settings: &Settings) -> bool {
+        let mut tuple = bpf_sock_tuple {
+            __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+                ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                    saddr: LOOPBACK4_BE,
+                    daddr: LOOPBACK4_BE,
+                    sport: 0,
+                    dport: settings.outbound_port.to_be(),
+                },
+            },
+        };
+        let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>();
+        proxy_listens(ctx, &mut tuple, size, settings)
+    }
+
+    /// [`proxy_listens`] on ::1.
+    fn proxy_listens6(ctx: &SockAddrContext, settings: &Settings) -> bool {
+        let loopback = [0, 0, 0, V6_LOOPBACK_LAST];
+        let mut tuple = bpf_sock_tuple {
+            __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+                ipv6: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+                    saddr: loopback,
+                    daddr: loopback,
+                    sport: 0,
+                    dport: settings.outbound_port.to_be(),
+                },
+            },
+        };
+        let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>();
+        proxy_listens(ctx, &mut tuple, size, settings)
+    }
+
     fn record(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u16) -> bool {
         // SAFETY: plain helper calls valid in cgroup/connect programs.
         let (cookie, pid_tgid, uid_gid, cgroup_id) = unsafe {
@@ -155,11 +228,16 @@ mod programs {
                 return CONNECT_PROCEED;
             }
             let port = u16::from_be((*sa).user_port as u16);
+            let tunnel = settings.mode != MODE_HANDSHAKE;
+            if tunnel && !proxy_listens4(&ctx, &settings) {
+                // Nobody, or not the proxy, listens where we would send it: fail closed.
+                return 0;
+            }
             if !record(&ctx, [ip, 0, 0, 0], port, AF_INET) {
                 // Without a record the proxy could not route it: fail closed.
                 return 0;
             }
-            if settings.mode == MODE_HANDSHAKE {
+            if !tunnel {
                 return mark_for_handshake(&ctx, &settings);
             }
             (*sa).user_ip4 = LOOPBACK4_BE;
@@ -192,10 +270,15 @@ mod programs {
                 if ip[3].to_ne_bytes()[0] == 127 {
                     return CONNECT_PROCEED;
                 }
+                let tunnel = settings.mode != MODE_HANDSHAKE;
+                // It will reach the IPv4 listener (as ::ffff:127.0.0.1).
+                if tunnel && !proxy_listens4(&ctx, &settings) {
+                    return 0;
+                }
                 if !record(&ctx, [ip[3], 0, 0, 0], port, AF_INET) {
                     return 0;
                 }
-                if settings.mode == MODE_HANDSHAKE {
+                if !tunnel {
                     return mark_for_handshake(&ctx, &settings);
                 }
                 (*sa).user_ip6[3] = LOOPBACK4_BE;
@@ -203,10 +286,14 @@ mod programs {
                 if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == V6_LOOPBACK_LAST {
                     return CONNECT_PROCEED;
                 }
+                let tunnel = settings.mode != MODE_HANDSHAKE;
+                if tunnel && !proxy_listens6(&ctx, &settings) {
+                    return 0;
+                }
                 if !record(&ctx, ip, port, AF_INET6) {
                     return 0;
                 }
-                if settings.mode == MODE_HANDSHAKE {
+                if !tunnel {
                     return mark_for_handshake(&ctx, &settings);
                 }
                 (*sa).user_ip6[0] = 0;
@@ -299,6 +386,11 @@ mod programs {
         {
             return watch_close(&ctx);
         }
+        if ctx.op() == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE {
+            // A captured connection closed: its record, if the proxy did not take it.
+            let _ = CLIENT_ORIG.remove(&client_key(&ctx));
+            return 1;
+        }
         if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
             return 1;
         }
@@ -308,6 +400,19 @@ mod programs {
         let Some(orig) = (unsafe { COOKIE_ORIG.get(&cookie) }).copied() else {
             return 1;
         };
+        let key = client_key(&ctx);
+        let _ = CLIENT_ORIG.insert(&key, &orig, 0);
+        let _ = COOKIE_ORIG.remove(&cookie);
+        // Its record must not outlive it: the close callback forgets it (a record left by
+        // a connection the proxy never accepted could otherwise be claimed by whoever
+        // connects from the same address and port later).
+        let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
+        1
+    }
+
+    /// The capture-record key of a connecting socket: its local address and port, an
+    /// IPv4-mapped address as IPv4 (what the proxy sees after accept()).
+    fn client_key(ctx: &SockOpsContext) -> ClientKey {
         let family = ctx.family() as u16;
         let addr = if u32::from(family) == u32::from(AF_INET) {
             [ctx.local_ip4(), 0, 0, 0]
@@ -329,14 +434,11 @@ mod programs {
         } else {
             family
         };
-        let key = ClientKey {
+        ClientKey {
             addr,
             port: ctx.local_port() as u16,
             family,
-        };
-        let _ = CLIENT_ORIG.insert(&key, &orig, 0);
-        let _ = COOKIE_ORIG.remove(&cookie);
-        1
+        }
     }
 
     #[sk_lookup]

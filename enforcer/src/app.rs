@@ -270,8 +270,21 @@ fn capture_lookup(
         .iter()
         .map(|w| (w.name.clone(), w.cgroup.clone()))
         .collect();
+    let mut map = capture.take_client_map()?;
+    // Records a previous run left (pinned): their connections died with its listener, and
+    // none may be claimed by whoever connects from the same address and port later.
+    let stale: Vec<_> = map.keys().filter_map(Result::ok).collect();
+    for key in &stale {
+        let _ = map.remove(key);
+    }
+    if !stale.is_empty() {
+        tracing::info!(
+            records = stale.len(),
+            "forgot the capture records of a previous run"
+        );
+    }
     Ok(Arc::new(BpfCaptureLookup {
-        map: Mutex::new(capture.take_client_map()?),
+        map: Mutex::new(map),
         workloads: WorkloadIndex::new(roots),
         identities: host.identities.clone(),
         attestor: Arc::default(),
@@ -298,11 +311,11 @@ impl TunnelListeners {
             out_v4: listen(loopback4(out_port), mark).with_context(|| {
                 format!("listen.outbound_port: cannot listen on 127.0.0.1:{out_port}")
             })?,
-            out_v6: listen(loopback6(out_port), mark).ok(),
+            out_v6: listen_v6(loopback6(out_port), mark, "listen.outbound_port")?,
             in_v4: listen(loopback4(in_port), mark).with_context(|| {
                 format!("listen.inbound_port: cannot listen on 127.0.0.1:{in_port}")
             })?,
-            in_v6: listen(loopback6(in_port), mark).ok(),
+            in_v6: listen_v6(loopback6(in_port), mark, "listen.inbound_port")?,
             tunnel: listen(tunnel, mark)
                 .with_context(|| format!("listen.tunnel: cannot listen on {tunnel}"))?,
         })
@@ -323,6 +336,24 @@ impl TunnelListeners {
             tasks.spawn(inbound.clone().serve_direct(l));
         }
         tasks.spawn(inbound.serve_tunnels(self.tunnel));
+    }
+}
+
+/// A loopback IPv6 listener capture uses. Failing to bind it is fatal (whoever holds the
+/// port would otherwise be next to our traffic); only a host without IPv6 (no ::1) goes
+/// on without it, and then the connect hooks, finding no proxy listener, refuse IPv6
+/// connects (fail closed).
+fn listen_v6(addr: SocketAddr, mark: u32, field: &str) -> Result<Option<TcpListener>> {
+    match listen(addr, mark) {
+        Ok(l) => Ok(Some(l)),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+                || e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+        {
+            tracing::warn!(%addr, error = %e, "no IPv6 loopback: IPv6 connects of workloads are refused");
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("{field}: cannot listen on {addr}")),
     }
 }
 
