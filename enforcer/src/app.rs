@@ -251,6 +251,14 @@ fn peer_keys(config: &Config, tokens: &Tokens) -> Result<HashMap<String, KeyId>>
         let Some(path) = &p.cert else { continue };
         let at = || format!("peer[{i}] {:?}: cert: {}", p.name, path.display());
         let certs = tessera_proxy::tls::certs(path).with_context(at)?;
+        // (loading checked it already; the file is read again here)
+        crate::config::check_peer_cert_name(
+            &format!("peer[{i}] {:?}", p.name),
+            &p.name,
+            path,
+            &certs[0],
+        )
+        .map_err(anyhow::Error::msg)?;
         let key = tokens
             .trust_peer(certs[0].as_ref())
             .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
