@@ -9,7 +9,8 @@
 //! and pool, or handshake mode's queues and rules.
 //!
 //! Order matters for failing safely: everything that can fail without touching the kernel
-//! (keys, certificates, listeners, the flow store) comes before capture is attached.
+//! (keys, certificates, listeners, the flow store, the system programs handshake mode runs)
+//! comes before capture is attached.
 use std::{
     collections::HashMap,
     io,
@@ -137,6 +138,11 @@ pub async fn build(config: &Config) -> Result<Running> {
         DataPathMode::Handshake => peer_keys(config, &core.tokens)?,
         DataPathMode::Tunnel => HashMap::new(),
     };
+    if config.mode() == DataPathMode::Handshake {
+        // iptables, ip6tables and ss by absolute path, found now (never through $PATH).
+        let tools = crate::handshake::tools()?;
+        tracing::debug!(?tools, "system programs");
+    }
     let api = match config.flows.api_addr() {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -170,6 +176,7 @@ pub async fn build(config: &Config) -> Result<Running> {
                 Arc::new(Engine::new(setup)),
                 core.registry.clone(),
                 capture.take_closed_ring()?,
+                core.metrics.clone(),
             )?;
             crate::handshake::install_rules(&config.handshake, &host.ports)?;
         }
