@@ -9,9 +9,17 @@
 //! and pool, or handshake mode's queues and rules.
 //!
 //! Order matters for failing safely: everything that can fail without touching the kernel
-//! (keys, certificates, listeners, the flow store) comes before capture is attached.
+//! (keys, certificates, listeners, the flow store, the system programs handshake mode runs)
+//! comes before capture is attached.
+//!
+//! Serving tasks are supervised ([`supervise`]): one that fails, panics or ends is logged
+//! and restarted with backoff, listeners on the socket bound at start-up. One that cannot
+//! be restarted stops the enforcer **with capture left attached** whatever
+//! `--keep-attached` says: captured connections are then refused until an enforcer is back
+//! (fail closed), never let through uncaptured.
 use std::{
     collections::HashMap,
+    future::Future,
     io,
     net::{Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -40,7 +48,6 @@ use tessera_proxy::{
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    task::JoinSet,
 };
 use tokio_rustls::TlsAcceptor;
 
@@ -52,6 +59,9 @@ use crate::{
     policy,
     workloads::{BpfCaptureLookup, WorkloadIndex},
 };
+
+mod supervise;
+use supervise::{GaveUp, Supervisor, TaskFuture};
 
 /// What the configuration says about this host, read once.
 pub struct HostState {
@@ -93,10 +103,12 @@ impl HostState {
 
 /// An enforcer serving: its tasks, and what shutdown must put back.
 pub struct Running {
-    tasks: JoinSet<io::Result<()>>,
+    tasks: Supervisor,
     capture: Capture,
     store: Arc<FlowStore>,
     mode: DataPathMode,
+    /// A serving task could not be restarted: capture stays attached at exit.
+    fail_closed: bool,
 }
 
 /// Shared by both data paths: decisions, live connections, records.
@@ -126,7 +138,7 @@ pub async fn build(config: &Config) -> Result<Running> {
     let identity = Credentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let host = HostState::new(config);
     let core = core(config, &identity)?;
-    let mut tasks = JoinSet::new();
+    let mut tasks = Supervisor::default();
     // Everything that can fail without touching the kernel comes first: listeners (a port
     // in use stops us here), peers' certificates, the API's address.
     let tunnel_listeners = match config.mode() {
@@ -137,6 +149,11 @@ pub async fn build(config: &Config) -> Result<Running> {
         DataPathMode::Handshake => peer_keys(config, &core.tokens)?,
         DataPathMode::Tunnel => HashMap::new(),
     };
+    if config.mode() == DataPathMode::Handshake {
+        // iptables, ip6tables and ss by absolute path, found now (never through $PATH).
+        let tools = crate::handshake::tools()?;
+        tracing::debug!(?tools, "system programs");
+    }
     let api = match config.flows.api_addr() {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -160,7 +177,7 @@ pub async fn build(config: &Config) -> Result<Running> {
                 mark: config.bpf.proxy_mark,
             });
             let inbound = inbound(config, &identity, &core, &host)?;
-            listeners.serve(&mut tasks, outbound, inbound);
+            listeners.serve(&mut tasks, outbound, inbound)?;
         }
         None => {
             let setup = handshake_setup(config, &core, &host, lookup, peer_keys);
@@ -170,11 +187,12 @@ pub async fn build(config: &Config) -> Result<Running> {
                 Arc::new(Engine::new(setup)),
                 core.registry.clone(),
                 capture.take_closed_ring()?,
+                core.metrics.clone(),
             )?;
             crate::handshake::install_rules(&config.handshake, &host.ports)?;
         }
     }
-    serve_common(config, &core, api, &mut tasks);
+    serve_common(config, &core, api, &mut tasks)?;
     tracing::info!(
         name = %config.name,
         workloads = config.workloads.len(),
@@ -190,6 +208,7 @@ pub async fn build(config: &Config) -> Result<Running> {
         capture,
         store: core.store,
         mode: config.mode(),
+        fail_closed: false,
     })
 }
 
@@ -251,6 +270,14 @@ fn peer_keys(config: &Config, tokens: &Tokens) -> Result<HashMap<String, KeyId>>
         let Some(path) = &p.cert else { continue };
         let at = || format!("peer[{i}] {:?}: cert: {}", p.name, path.display());
         let certs = tessera_proxy::tls::certs(path).with_context(at)?;
+        // (loading checked it already; the file is read again here)
+        crate::config::check_peer_cert_name(
+            &format!("peer[{i}] {:?}", p.name),
+            &p.name,
+            path,
+            &certs[0],
+        )
+        .map_err(anyhow::Error::msg)?;
         let key = tokens
             .trust_peer(certs[0].as_ref())
             .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
@@ -323,19 +350,23 @@ impl TunnelListeners {
 
     fn serve(
         self,
-        tasks: &mut JoinSet<io::Result<()>>,
+        tasks: &mut Supervisor,
         outbound: Arc<Outbound>,
         inbound: Arc<Inbound>,
-    ) {
-        tasks.spawn(outbound.clone().serve(self.out_v4));
-        if let Some(l) = self.out_v6 {
-            tasks.spawn(outbound.serve(l));
+    ) -> Result<()> {
+        for l in [Some(self.out_v4), self.out_v6].into_iter().flatten() {
+            let outbound = outbound.clone();
+            serve_listener(tasks, "outbound", l, move |l| outbound.clone().serve(l))?;
         }
-        tasks.spawn(inbound.clone().serve_direct(self.in_v4));
-        if let Some(l) = self.in_v6 {
-            tasks.spawn(inbound.clone().serve_direct(l));
+        for l in [Some(self.in_v4), self.in_v6].into_iter().flatten() {
+            let inbound = inbound.clone();
+            serve_listener(tasks, "inbound", l, move |l| {
+                inbound.clone().serve_direct(l)
+            })?;
         }
-        tasks.spawn(inbound.serve_tunnels(self.tunnel));
+        serve_listener(tasks, "tunnel", self.tunnel, move |l| {
+            inbound.clone().serve_tunnels(l)
+        })
     }
 }
 
@@ -355,6 +386,28 @@ fn listen_v6(addr: SocketAddr, mark: u32, field: &str) -> Result<Option<TcpListe
         }
         Err(e) => Err(e).with_context(|| format!("{field}: cannot listen on {addr}")),
     }
+}
+
+/// Serves `listener` with `serve`, supervised: each run of the task gets a duplicate of the
+/// socket, which the supervisor keeps open, bound (and registered for capture) while none
+/// serves it.
+fn serve_listener<F>(
+    tasks: &mut Supervisor,
+    what: &str,
+    listener: TcpListener,
+    serve: impl Fn(TcpListener) -> F + Send + Sync + 'static,
+) -> Result<()>
+where
+    F: Future<Output = io::Result<()>> + Send + 'static,
+{
+    let addr = listener.local_addr()?;
+    let kept = listener.into_std()?;
+    tasks.spawn(format!("{what} listener {addr}"), move || {
+        let dup = kept.try_clone()?;
+        dup.set_nonblocking(true)?;
+        Ok(Box::pin(serve(TcpListener::from_std(dup)?)) as TaskFuture)
+    });
+    Ok(())
 }
 
 /// Warm tunnels to every peer.
@@ -424,16 +477,19 @@ fn serve_common(
     config: &Config,
     core: &Core,
     api: Option<TcpListener>,
-    tasks: &mut JoinSet<io::Result<()>>,
-) {
+    tasks: &mut Supervisor,
+) -> Result<()> {
     match tessera_proxy::dns::resolver(&config.policy.dns_servers) {
         Ok(resolver) => {
-            let resolving = tessera_proxy::dns::keep_resolved(
-                resolver,
-                core.dns.clone(),
-                core.registry.clone(),
-            );
-            tasks.spawn(resolving.map(Ok));
+            let (dns, registry) = (core.dns.clone(), core.registry.clone());
+            tasks.spawn("policy DNS names", move || {
+                let resolving = tessera_proxy::dns::keep_resolved(
+                    resolver.clone(),
+                    dns.clone(),
+                    registry.clone(),
+                );
+                Ok(Box::pin(resolving.map(Ok)) as TaskFuture)
+            });
         }
         // Names in policy then match nothing (fail closed); say so.
         Err(e) => {
@@ -442,14 +498,16 @@ fn serve_common(
     }
     if let Some(listener) = api {
         let router = crate::api::router(core.store.clone());
-        tasks.spawn(async move { axum::serve(listener, router).await });
+        serve_listener(tasks, "API", listener, move |l| {
+            let router = router.clone();
+            async move { axum::serve(l, router).await }
+        })?;
     }
-    tasks.spawn(
-        core.store
-            .clone()
-            .keep_flushed(Duration::from_secs(1))
-            .map(Ok),
-    );
+    let store = core.store.clone();
+    tasks.spawn("flow map persistence", move || {
+        let flushing = store.clone().keep_flushed(Duration::from_secs(1));
+        Ok(Box::pin(flushing.map(Ok)) as TaskFuture)
+    });
     let registry = core.registry.clone();
     core.metrics.count_open_with(move || registry.live_count());
     let flows = core.flows.clone();
@@ -457,33 +515,85 @@ fn serve_common(
         .count_dropped_flows_with(move || flows.dropped());
     if let Some(file) = config.policy.file.clone() {
         let (registry, metrics) = (core.registry.clone(), core.metrics.clone());
-        tasks.spawn(async move {
-            policy::watch(file, registry, metrics)
-                .await
-                .map_err(io::Error::other)
+        tasks.spawn("policy reloads", move || {
+            let watching = policy::watch(file.clone(), registry.clone(), metrics.clone());
+            Ok(Box::pin(watching.map(|r| r.map_err(io::Error::other))) as TaskFuture)
         });
+    }
+    Ok(())
+}
+
+/// Why serving stopped.
+#[derive(Debug)]
+enum Stop {
+    /// SIGTERM or SIGINT.
+    Signal(&'static str),
+    /// A serving task could not be restarted.
+    GaveUp(GaveUp),
+}
+
+impl Stop {
+    /// Whether capture stays attached at exit: if asked to (`--keep-attached`), and always
+    /// after a task could not be restarted (fail closed: better refused than uncaptured).
+    fn keeps_capture(&self, keep_attached: bool) -> bool {
+        keep_attached || matches!(self, Stop::GaveUp(_))
+    }
+}
+
+/// Serves (restarting tasks that end) until `signalled` or until a task cannot be
+/// restarted.
+async fn serve_until(
+    tasks: &mut Supervisor,
+    signalled: impl Future<Output = &'static str>,
+) -> Stop {
+    tokio::select! {
+        s = signalled => Stop::Signal(s),
+        gave_up = tasks.run() => Stop::GaveUp(gave_up),
     }
 }
 
 impl Running {
-    /// Serves until SIGTERM or SIGINT (Ok) or until a task fails (the error).
+    /// Serves until SIGTERM or SIGINT (Ok), restarting serving tasks that fail, panic or
+    /// end; a task that cannot be restarted is the error (and capture then stays attached
+    /// at [`Running::shutdown`]).
     pub async fn wait(&mut self) -> Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
-            _ = int.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
-            Some(res) = self.tasks.join_next() => match res {
-                Ok(Err(e)) => Err(anyhow::Error::new(e).context("a listener failed")),
-                Ok(Ok(())) => Ok(()),
-                Err(e) => Err(anyhow::Error::new(e).context("a listener task panicked")),
-            },
+        let signalled = async {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        };
+        let stop = serve_until(&mut self.tasks, signalled).await;
+        self.fail_closed = stop.keeps_capture(false);
+        match stop {
+            Stop::Signal(s) => {
+                tracing::info!("{s}: stopping");
+                Ok(())
+            }
+            Stop::GaveUp(gave_up) => {
+                tracing::error!(
+                    error = %gave_up,
+                    "a serving task cannot be restarted: the enforcer exits and leaves capture \
+                     attached (fail closed: captured connections are refused until an enforcer is back)"
+                );
+                Err(anyhow::Error::new(gave_up)
+                    .context("a serving task cannot be restarted (capture left attached)"))
+            }
         }
     }
 
     /// Stops every task, persists the flow map, and detaches capture unless
-    /// `keep_attached` (then captured connections fail closed until an enforcer starts).
+    /// `keep_attached` or a serving task could not be restarted (then captured connections
+    /// fail closed until an enforcer starts).
     pub fn shutdown(mut self, keep_attached: bool) {
+        if self.fail_closed && !keep_attached {
+            tracing::warn!(
+                "capture stays attached (as with --keep-attached): a serving task could not be restarted"
+            );
+        }
+        let keep_attached = keep_attached || self.fail_closed;
         self.tasks.abort_all();
         if self.mode == DataPathMode::Handshake && !keep_attached {
             crate::handshake::remove_rules();
@@ -492,5 +602,50 @@ impl Running {
             tracing::warn!(error = format!("{e:#}"), "cannot persist the flow map");
         }
         self.capture.shutdown(keep_attached);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::{supervise::tests::*, *};
+
+    #[tokio::test]
+    async fn a_failing_task_is_restarted_and_a_signal_detaches_capture_unless_asked() {
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Supervisor::new(quick());
+        tasks.spawn("listener", failing_then_serving(2, starts.clone()));
+        let signalled = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "SIGTERM"
+        };
+        let stop = serve_until(&mut tasks, signalled).await;
+        assert!(matches!(stop, Stop::Signal("SIGTERM")), "{stop:?}");
+        assert_eq!(starts.lock().unwrap().len(), 3, "restarted twice");
+        assert!(!stop.keeps_capture(false));
+        assert!(stop.keeps_capture(true));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_cannot_be_restarted_stops_the_enforcer_with_capture_kept() {
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Supervisor::new(quick());
+        // Never serves: fails, panics, fails, ... until given up.
+        tasks.spawn(
+            "inbound listener [::1]:15006",
+            failing_then_serving(u32::MAX, starts.clone()),
+        );
+        let stop = serve_until(&mut tasks, std::future::pending()).await;
+        let Stop::GaveUp(gave_up) = &stop else {
+            panic!("{stop:?}")
+        };
+        assert_eq!(gave_up.task, "inbound listener [::1]:15006");
+        assert!(
+            gave_up.last.starts_with("panicked: serving task 4 panics"),
+            "{gave_up}"
+        );
+        // Without --keep-attached too: fail closed.
+        assert!(stop.keeps_capture(false));
     }
 }

@@ -559,17 +559,22 @@ impl Config {
                     p.tunnel
                 ));
             }
-            self.validate_peer_cert(&at, p.cert.as_deref())?;
+            self.validate_peer_cert(&at, &p.name, p.cert.as_deref())?;
         }
         Ok(())
     }
 
-    /// One peer's `cert`: readable if given, and required in handshake mode.
-    fn validate_peer_cert(&self, at: &str, cert: Option<&Path>) -> Result<(), String> {
+    /// One peer's `cert`: readable if given, issued to the peer's name if it holds a
+    /// certificate (anything else fails at start-up, where its key is read), and required
+    /// in handshake mode.
+    fn validate_peer_cert(&self, at: &str, name: &str, cert: Option<&Path>) -> Result<(), String> {
         match cert {
             Some(cert) => {
                 std::fs::File::open(cert)
                     .map_err(|e| format!("{at}: cert: cannot read {}: {e}", cert.display()))?;
+                if let Ok(certs) = tessera_proxy::tls::certs(cert) {
+                    check_peer_cert_name(at, name, cert, &certs[0])?;
+                }
             }
             None if self.mode() == DataPathMode::Handshake => {
                 return Err(format!(
@@ -614,6 +619,29 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// A `[[peer]]`'s certificate must be issued to the peer's `name`: its (first) DNS name,
+/// as `tessera ca issue --name` writes it and tunnels check it. Otherwise handshake mode
+/// would take tokens signed by one enforcer for another's (the name in the configuration
+/// is the one connections are recorded and decided under). `at`: `peer[i] "name"`.
+pub fn check_peer_cert_name(
+    at: &str,
+    name: &str,
+    path: &Path,
+    cert: &rustls::pki_types::CertificateDer<'_>,
+) -> Result<(), String> {
+    match tessera_proxy::tls::peer_name(cert) {
+        Some(issued) if issued == name => Ok(()),
+        Some(issued) => Err(format!(
+            "{at}: cert: {} is issued to {issued:?}, not to the peer's name {name:?}",
+            path.display()
+        )),
+        None => Err(format!(
+            "{at}: cert: {} names no enforcer (no DNS name); the peer's name is {name:?}",
+            path.display()
+        )),
     }
 }
 
@@ -924,6 +952,44 @@ mod tests {
         let m = message(f.load(""));
         assert!(
             m.contains("tls.key: cannot read") && m.contains("a.key"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_peer_certificate_issued_to_another_name_is_named_with_both_names() {
+        let f = Fixture::new();
+        let ca = f.dir.path().join("ca");
+        crate::ca::init(&ca, "tessera.local").unwrap();
+        for name in ["host-b", "host-c"] {
+            crate::ca::issue(&ca, name, &[], &ca).unwrap();
+        }
+        let peer = |name: &str, cert: &str| {
+            format!(
+                "[[peer]]\nname = \"{name}\"\ntunnel = \"10.0.0.2:15008\"\nserves = [\"10.0.0.2/32\"]\ncert = \"ca/{cert}.pem\"\n"
+            )
+        };
+        // Its own certificate: fine, in either mode.
+        let c = f.load(&peer("host-b", "host-b")).unwrap();
+        assert_eq!(c.peers[0].name, "host-b");
+        f.load_with("mode = \"handshake\"\n", &peer("host-b", "host-b"))
+            .unwrap();
+        // host-c's certificate configured as host-b (the second peer): refused, naming the
+        // configuration file, the peer, the certificate file and both names.
+        let two = format!("{}{}", peer("host-b", "host-b"), peer("host-x", "host-c"));
+        for top in ["", "mode = \"handshake\"\n"] {
+            let m = message(f.load_with(top, &two));
+            let want = format!(
+                "{}: peer[1] \"host-x\": cert: {} is issued to \"host-c\", not to the peer's name \"host-x\"",
+                f.dir.path().join("host-a.toml").display(),
+                ca.join("host-c.pem").display()
+            );
+            assert_eq!(m, want);
+        }
+        // A certificate without a DNS name (the CA's own) names no enforcer.
+        let m = message(f.load(&peer("host-b", "ca")));
+        assert!(
+            m.contains("peer[0] \"host-b\": cert:") && m.contains("names no enforcer"),
             "{m}"
         );
     }

@@ -59,6 +59,8 @@ pub struct Metrics {
     dropped_flows: Counter,
     /// Reads the number of flow records dropped (a full writer queue) at scrape time.
     count_dropped_flows: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+    /// Connections a policy reload revoked that could not be closed (handshake mode).
+    revocation_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -112,6 +114,12 @@ impl Metrics {
             "Flow records dropped because the flow writer could not keep up (its queue is bounded)",
             dropped_flows.clone(),
         );
+        let revocation_failures = Counter::default();
+        registry.register(
+            "revocation_failures",
+            "Live connections a policy reload revoked that could not be closed (ss -K failed or the socket stayed open): they go on despite the policy",
+            revocation_failures.clone(),
+        );
         Self {
             registry,
             connections,
@@ -123,7 +131,13 @@ impl Metrics {
             count_open: std::sync::OnceLock::new(),
             dropped_flows,
             count_dropped_flows: std::sync::OnceLock::new(),
+            revocation_failures,
         }
+    }
+
+    /// A revoked connection could not be closed.
+    pub fn revocation_failed(&self) {
+        self.revocation_failures.inc();
     }
 
     /// Counts a record whose source and destination nodes are named `src` and `dst`.

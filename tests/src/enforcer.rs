@@ -260,6 +260,11 @@ impl TestNet {
 
     /// Starts `host`'s enforcer and waits until it serves.
     pub fn start_enforcer(&self, host: &Host) -> Result<()> {
+        self.start_enforcer_with_env(host, &[])
+    }
+
+    /// [`TestNet::start_enforcer`] with extra environment variables (a hostile `PATH`, say).
+    pub fn start_enforcer_with_env(&self, host: &Host, env: &[(&str, &str)]) -> Result<()> {
         let config = self.write_config(host)?;
         let ready = self.dir.join(format!("{}.ready", host.name));
         let _ = fs::remove_file(&ready);
@@ -288,6 +293,7 @@ impl TestNet {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

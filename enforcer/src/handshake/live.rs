@@ -5,6 +5,8 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{ExitStatus, Output},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,7 +19,8 @@ use tessera_proxy::{
 };
 use tokio::sync::mpsc;
 
-use super::closed::Closed;
+use super::{closed::Closed, tools::ENV};
+use crate::metrics::Metrics;
 
 /// A connection a handshake let through, and when (monotonic clock, ns).
 pub struct Registered {
@@ -25,13 +28,24 @@ pub struct Registered {
     pub at_ns: u64,
 }
 
+/// `ss` (by the absolute path found at start-up) with `args`, in a clean environment.
+async fn ss(program: &Path, args: &[&str]) -> std::io::Result<Output> {
+    tokio::process::Command::new(program)
+        .env_clear()
+        .envs(ENV)
+        .args(args)
+        .output()
+        .await
+}
+
 /// Sockets of this network namespace that are open (any state but LISTEN and TIME_WAIT),
 /// as (local, remote), IPv4-mapped addresses as IPv4. Through `ss` (netlink sock_diag):
 /// the kernel skips TIME_WAIT sockets itself, where /proc/net/tcp formats every one of
 /// them (tens of thousands at a high connection rate).
-async fn open_sockets() -> Option<HashSet<(SocketAddr, SocketAddr)>> {
-    let out = tokio::process::Command::new("ss")
-        .args([
+async fn open_sockets(program: &Path) -> Option<HashSet<(SocketAddr, SocketAddr)>> {
+    let out = ss(
+        program,
+        &[
             "-t",
             "-n",
             "-H",
@@ -39,9 +53,9 @@ async fn open_sockets() -> Option<HashSet<(SocketAddr, SocketAddr)>> {
             "time-wait",
             "exclude",
             "listening",
-        ])
-        .output()
-        .await;
+        ],
+    )
+    .await;
     match out {
         Ok(out) if out.status.success() => Some(
             String::from_utf8_lossy(&out.stdout)
@@ -75,9 +89,30 @@ fn parse_ss_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     Some((addr(f.next()?)?, addr(f.next()?)?))
 }
 
-/// Closes a connection's socket on this host (SOCK_DESTROY through `ss -K`): the kernel
-/// resets the peer, the application sees the reset.
-async fn destroy(local: SocketAddr, remote: SocketAddr) {
+/// Why a connection policy revoked may still be open.
+#[derive(Debug, thiserror::Error)]
+enum RevocationFailure {
+    #[error("cannot run {program}: {error}")]
+    CannotRun {
+        program: String,
+        error: std::io::Error,
+    },
+    #[error("ss -K src {local} dst {remote} failed ({status}): {stderr}")]
+    Failed {
+        local: String,
+        remote: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    /// `ss -K` said nothing wrong but the socket is still there: no CAP_NET_ADMIN, a kernel
+    /// without CONFIG_INET_DIAG_DESTROY (ss then skips the socket silently).
+    #[error("the socket is still open after ss -K: {0}")]
+    StillOpen(String),
+}
+
+/// The forms of `(local, remote)` a socket may be listed under: a socket of an IPv6
+/// listener holds IPv4 peers in their mapped form.
+fn forms(local: SocketAddr, remote: SocketAddr) -> Vec<(String, String)> {
     let forms = |a: SocketAddr| -> Vec<String> {
         match a {
             SocketAddr::V4(v4) => vec![
@@ -87,14 +122,106 @@ async fn destroy(local: SocketAddr, remote: SocketAddr) {
             SocketAddr::V6(v6) => vec![v6.to_string()],
         }
     };
-    // A socket of an IPv6 listener holds IPv4 peers in their mapped form.
-    for (l, r) in forms(local).into_iter().zip(forms(remote)) {
-        let result = tokio::process::Command::new("ss")
-            .args(["-K", "-t", "-n", "-H", "src", &l, "dst", &r])
-            .output()
-            .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, %local, %remote, "cannot close a revoked connection (ss -K)");
+    forms(local).into_iter().zip(forms(remote)).collect()
+}
+
+/// What one `ss -K` run says: a failure if it could not run or exited with a failure.
+fn kill_result(
+    program: &Path,
+    (local, remote): &(String, String),
+    out: std::io::Result<Output>,
+) -> Result<(), RevocationFailure> {
+    let out = out.map_err(|error| RevocationFailure::CannotRun {
+        program: program.display().to_string(),
+        error,
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(RevocationFailure::Failed {
+        local: local.clone(),
+        remote: remote.clone(),
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
+}
+
+/// What listing the connection's sockets after `ss -K` says: any socket listed is one
+/// still open.
+fn gone_result(program: &Path, out: std::io::Result<Output>) -> Result<(), RevocationFailure> {
+    let out = out.map_err(|error| RevocationFailure::CannotRun {
+        program: program.display().to_string(),
+        error,
+    })?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    match listed.lines().find(|l| !l.trim().is_empty()) {
+        None if out.status.success() => Ok(()),
+        None => Err(RevocationFailure::StillOpen(format!(
+            "cannot tell: listing failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+        Some(line) => Err(RevocationFailure::StillOpen(line.trim().to_owned())),
+    }
+}
+
+/// Closes a connection's socket on this host (SOCK_DESTROY through `ss -K`): the kernel
+/// resets the peer, the application sees the reset. Then checks that it is gone.
+async fn destroy(
+    program: &Path,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> Result<(), RevocationFailure> {
+    let forms = forms(local, remote);
+    for form in &forms {
+        let (l, r) = form;
+        let out = ss(program, &["-K", "-t", "-n", "-H", "src", l, "dst", r]).await;
+        kill_result(program, form, out)?;
+    }
+    for (l, r) in &forms {
+        let out = ss(
+            program,
+            &[
+                "-t",
+                "-n",
+                "-H",
+                "exclude",
+                "time-wait",
+                "exclude",
+                "listening",
+                "src",
+                l,
+                "dst",
+                r,
+            ],
+        )
+        .await;
+        gone_result(program, out)?;
+    }
+    Ok(())
+}
+
+/// Revokes a live connection: closes it, and a failure to is logged with the connection
+/// and counted (`tessera_revocation_failures_total`), never ignored: that connection goes
+/// on against the policy in force.
+async fn revoke_one(
+    program: &Path,
+    metrics: &Metrics,
+    local: SocketAddr,
+    remote: SocketAddr,
+    reason: &str,
+) {
+    match destroy(program, local, remote).await {
+        Ok(()) => tracing::debug!(%local, %remote, reason, "revoked connection closed"),
+        Err(e) => {
+            metrics.revocation_failed();
+            tracing::error!(
+                %local,
+                %remote,
+                reason,
+                error = %e,
+                "a connection policy revoked could not be closed: it stays open"
+            );
         }
     }
 }
@@ -134,6 +261,9 @@ fn finished(w: Watched, bytes: Option<(u64, u64)>) {
 struct Watcher {
     registry: Arc<ConnectionRegistry>,
     watched: HashMap<(SocketAddr, SocketAddr), Watched>,
+    /// `ss`, by the absolute path found at start-up.
+    ss: PathBuf,
+    metrics: Arc<Metrics>,
 }
 
 impl Watcher {
@@ -158,7 +288,7 @@ impl Watcher {
         let (guard, revoked) = match guard.revocation() {
             None => (Some(guard), None),
             Some(reason) => {
-                destroy(local, remote).await;
+                revoke_one(&self.ss, &self.metrics, local, remote, &reason).await;
                 (None, Some(reason))
             }
         };
@@ -195,9 +325,9 @@ impl Watcher {
         for (key, reason) in revoked {
             if let Some(w) = self.watched.get_mut(&key) {
                 w.guard = None;
-                w.revoked = Some(reason);
                 // The kernel reports the close (and the bytes) like any other.
-                destroy(key.0, key.1).await;
+                revoke_one(&self.ss, &self.metrics, key.0, key.1, &reason).await;
+                w.revoked = Some(reason);
             }
         }
     }
@@ -205,7 +335,7 @@ impl Watcher {
     /// Connections that ended without a close report (a full ring buffer, a socket the
     /// programs do not see): recorded without byte counts.
     async fn sweep(&mut self) {
-        let Some(open) = open_sockets().await else {
+        let Some(open) = open_sockets(&self.ss).await else {
             return;
         };
         let gone: Vec<_> = self
@@ -223,11 +353,14 @@ impl Watcher {
     }
 }
 
-/// Watches the connections handshakes let through until they end.
+/// Watches the connections handshakes let through until they end. `ss`: the program, by
+/// the absolute path found at start-up; revocations that fail are counted in `metrics`.
 pub async fn watch(
     registry: Arc<ConnectionRegistry>,
     mut incoming: mpsc::Receiver<Registered>,
     mut closes: mpsc::Receiver<Closed>,
+    ss: PathBuf,
+    metrics: Arc<Metrics>,
 ) {
     const SWEEP: Duration = Duration::from_secs(30);
     // Let the next events gather: one wake-up per batch, not per connection.
@@ -235,6 +368,8 @@ pub async fn watch(
     let mut w = Watcher {
         watched: HashMap::new(),
         registry: registry.clone(),
+        ss,
+        metrics,
     };
     let mut reloads = registry.reloads();
     let (mut arrived, mut ended) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
@@ -293,5 +428,147 @@ mod tests {
         let (l, _) = parse_ss_line(v6).unwrap();
         assert_eq!(l.ip().to_string(), "fd77::2");
         assert_eq!(parse_ss_line("garbage"), None);
+    }
+
+    use std::os::unix::{fs::PermissionsExt, process::ExitStatusExt};
+
+    fn output(code: i32, stdout: &str, stderr: &str) -> std::io::Result<Output> {
+        Ok(Output {
+            status: ExitStatus::from_raw(code << 8),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+        })
+    }
+
+    #[test]
+    fn a_failing_or_unrunnable_ss_and_a_socket_still_listed_are_failures() {
+        let ss = Path::new("/usr/bin/ss");
+        let form = ("10.0.0.2:8080".to_owned(), "10.0.0.1:42332".to_owned());
+        assert!(kill_result(ss, &form, output(0, "", "")).is_ok());
+        let e = kill_result(
+            ss,
+            &form,
+            output(1, "", "SOCK_DESTROY answers: Operation not permitted\n"),
+        )
+        .unwrap_err();
+        assert!(matches!(e, RevocationFailure::Failed { .. }), "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains("src 10.0.0.2:8080 dst 10.0.0.1:42332")
+                && m.contains("Operation not permitted"),
+            "{m}"
+        );
+        let gone = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = kill_result(ss, &form, Err(gone)).unwrap_err();
+        assert!(e.to_string().starts_with("cannot run /usr/bin/ss"), "{e}");
+        // Afterwards: nothing listed is gone; a listed socket (ss -K skips what the kernel
+        // cannot destroy, silently) or a listing that failed is not.
+        assert!(gone_result(ss, output(0, "", "")).is_ok());
+        let still = "ESTAB 0 0 10.0.0.2:8080 10.0.0.1:42332";
+        let e = gone_result(ss, output(0, still, "")).unwrap_err();
+        assert!(
+            matches!(&e, RevocationFailure::StillOpen(l) if l == still),
+            "{e}"
+        );
+        let e = gone_result(ss, output(2, "", "bad filter")).unwrap_err();
+        assert!(e.to_string().contains("cannot tell"), "{e}");
+    }
+
+    #[test]
+    fn both_forms_of_an_ipv4_connection_are_tried() {
+        let f = forms(
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:42332".parse().unwrap(),
+        );
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[1].0, "[::ffff:10.0.0.2]:8080");
+        let f = forms(
+            "[fd77::2]:80".parse().unwrap(),
+            "[fd77::1]:9".parse().unwrap(),
+        );
+        assert_eq!(f, [("[fd77::2]:80".into(), "[fd77::1]:9".into())]);
+    }
+
+    fn failures(metrics: &Metrics) -> u64 {
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix("tessera_revocation_failures_total "))
+            .unwrap_or_else(|| panic!("no revocation counter: {text}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// A stand-in for ss: a script at an absolute path (as the resolved one is).
+    fn fake_ss(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn every_revocation_that_does_not_close_its_connection_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let (l, r) = (
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:42332".parse().unwrap(),
+        );
+        assert_eq!(failures(&metrics), 0, "the counter is there from the start");
+        // ss -K works and the socket is gone: nothing counted.
+        let ok = fake_ss(dir.path(), "ss-ok", "exit 0");
+        revoke_one(&ok, &metrics, l, r, "test").await;
+        assert_eq!(failures(&metrics), 0);
+        // ss -K fails.
+        let failing = fake_ss(
+            dir.path(),
+            "ss-fails",
+            "echo 'SOCK_DESTROY answers: Operation not permitted' >&2; exit 1",
+        );
+        revoke_one(&failing, &metrics, l, r, "test").await;
+        assert_eq!(failures(&metrics), 1);
+        // ss -K succeeds but the socket is still listed afterwards.
+        let silent = fake_ss(
+            dir.path(),
+            "ss-silent",
+            "[ \"$1\" = -K ] && exit 0; echo 'ESTAB 0 0 10.0.0.2:8080 10.0.0.1:42332'",
+        );
+        revoke_one(&silent, &metrics, l, r, "test").await;
+        assert_eq!(failures(&metrics), 2);
+        // ss cannot be run at all.
+        revoke_one(&dir.path().join("no-such-ss"), &metrics, l, r, "test").await;
+        assert_eq!(failures(&metrics), 3);
+    }
+
+    /// With the real ss on a real connection: the counter says exactly whether it was
+    /// closed (as root with CAP_NET_ADMIN it is; as another user ss -K cannot, and that
+    /// is counted rather than missed).
+    #[tokio::test]
+    async fn a_real_connection_is_closed_or_its_failure_counted() {
+        use tokio::io::AsyncReadExt;
+        let Ok(ss) =
+            super::super::tools::find("ss", &super::super::tools::SYSTEM_DIRS.map(Path::new))
+        else {
+            eprintln!("no ss installed: skipped");
+            return;
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, remote) = listener.accept().await.unwrap();
+        let local = server.local_addr().unwrap();
+        let metrics = Metrics::new();
+        revoke_one(&ss, &metrics, local, remote, "test").await;
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(1), client.read(&mut buf)).await;
+        let closed = matches!(read, Ok(Ok(0)) | Ok(Err(_)));
+        eprintln!("closed by ss -K: {closed}");
+        assert_eq!(
+            failures(&metrics),
+            u64::from(!closed),
+            "closed: {closed}, read: {read:?}"
+        );
+        drop(server);
     }
 }

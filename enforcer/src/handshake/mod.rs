@@ -19,6 +19,9 @@
 //! Fail closed: while no enforcer reads the queues, queued packets are dropped (only
 //! SYN-ACKs and resets bypass: they only answer SYNs that an enforcer sent). `fail_open` lets SYNs
 //! to workload ports through instead. No sysctl is changed.
+//!
+//! `iptables`, `ip6tables` and `ss` run by the absolute paths [`tools`] finds once at
+//! start-up in the system directories (never `$PATH`), in a clean environment.
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Result;
@@ -26,14 +29,16 @@ use aya::maps::{MapData, RingBuf};
 use tessera_proxy::{flow::now_ms, handshake::engine::Engine, registry::ConnectionRegistry};
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::{config::Config, metrics::Metrics};
 
 mod closed;
 mod live;
 mod rules;
+mod tools;
 mod worker;
 
 pub use rules::{install_rules, remove_rules};
+pub use tools::{SYSTEM_DIRS, ToolError, Tools, tools};
 use worker::{Handler, Queue, RawSender, worker};
 
 /// Connections handed over to the watcher, and close reports, waiting at most (both
@@ -47,13 +52,15 @@ pub fn start(
     engine: Arc<Engine>,
     registry: Arc<ConnectionRegistry>,
     closed: RingBuf<MapData>,
+    metrics: Arc<Metrics>,
 ) -> Result<()> {
     let h = &config.handshake;
+    let ss = tools()?.ss.clone();
     let sender = Arc::new(RawSender::new(config.bpf.proxy_mark)?);
     let (live_tx, live_rx) = mpsc::channel(WATCH_QUEUE);
     let (closed_tx, closed_rx) = mpsc::channel(WATCH_QUEUE);
     tokio::spawn(closed::read_closed(closed, closed_tx));
-    tokio::spawn(live::watch(registry, live_rx, closed_rx));
+    tokio::spawn(live::watch(registry, live_rx, closed_rx, ss, metrics));
     let handler = if h.pass_through {
         tracing::warn!(
             "handshake.pass_through: every handshake passes UNVERIFIED (a benchmark baseline, never for production)"

@@ -16,10 +16,11 @@
 //! Fail closed: while no enforcer reads the queues, queued packets are dropped (only
 //! SYN-ACKs and resets bypass: they only answer SYNs that an enforcer sent). `fail_open` lets SYNs
 //! to workload ports through instead. No sysctl is changed.
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};
 
+use super::tools::{ENV, tools};
 use crate::config::HandshakeConfig;
 
 /// Our chains: (table, built-in chain that jumps to it, name). Two generations, so that a
@@ -38,17 +39,25 @@ fn chains(generation: u8) -> [(&'static str, &'static str, String); 4] {
     ]
 }
 const GENERATIONS: [u8; 2] = [1, 2];
-const TOOLS: [&str; 2] = ["iptables", "ip6tables"];
 
-fn run(tool: &str, args: &[String]) -> Result<String> {
+/// `iptables` and `ip6tables`, by the absolute paths found at start-up (never `$PATH`).
+fn programs() -> Result<[&'static Path; 2]> {
+    let t = tools()?;
+    Ok([t.iptables.as_path(), t.ip6tables.as_path()])
+}
+
+fn run(tool: &Path, args: &[String]) -> Result<String> {
     let out = Command::new(tool)
+        .env_clear()
+        .envs(ENV)
         .arg("-w")
         .args(args)
         .output()
-        .with_context(|| format!("cannot run {tool}"))?;
+        .with_context(|| format!("cannot run {}", tool.display()))?;
     if !out.status.success() {
         bail!(
-            "{tool} {}: {}",
+            "{} {}: {}",
+            tool.display(),
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -113,7 +122,7 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
     r
 }
 
-fn remove_generation(tool: &str, generation: u8) {
+fn remove_generation(tool: &Path, generation: u8) {
     for (table, builtin, chain) in chains(generation) {
         // Delete every jump (a crashed run may have left more than one).
         while run(tool, &args(&format!("-t {table} -D {builtin} -j {chain}"))).is_ok() {}
@@ -123,7 +132,7 @@ fn remove_generation(tool: &str, generation: u8) {
 }
 
 /// The generation a previous run left in force, if any.
-fn installed_generation(tool: &str) -> Option<u8> {
+fn installed_generation(tool: &Path) -> Option<u8> {
     let listing = run(tool, &args("-t raw -S PREROUTING")).ok()?;
     GENERATIONS.into_iter().find(|&g| {
         let [(_, _, raw), ..] = chains(g);
@@ -133,7 +142,17 @@ fn installed_generation(tool: &str) -> Option<u8> {
 
 /// Removes our rules (both generations, both families).
 pub fn remove_rules() {
-    for tool in TOOLS {
+    let programs = match programs() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "cannot remove the handshake-mode rules"
+            );
+            return;
+        }
+    };
+    for tool in programs {
         for generation in GENERATIONS {
             remove_generation(tool, generation);
         }
@@ -143,7 +162,7 @@ pub fn remove_rules() {
 /// Installs the rules for both families. Rules a previous run left stay in force until the
 /// new ones are in.
 pub fn install_rules(h: &HandshakeConfig, ports: &[u16]) -> Result<()> {
-    for tool in TOOLS {
+    for tool in programs()? {
         let old = installed_generation(tool);
         let new = if old == Some(1) { 2 } else { 1 };
         remove_generation(tool, new);
