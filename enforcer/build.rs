@@ -35,8 +35,16 @@ mod embed {
         Ok(())
     }
 
+    /// This package's directory, as cargo says at run time (not as it was when the build
+    /// script was compiled: a build script compiled for one checkout may run for another).
+    fn manifest_dir() -> std::path::PathBuf {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .expect("cargo sets CARGO_MANIFEST_DIR for build scripts")
+            .into()
+    }
+
     fn build_web(out_dir: &Path) -> Result<()> {
-        let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("web");
+        let web = manifest_dir().join("web");
         for f in ["src", "package.json", "package-lock.json"] {
             println!("cargo:rerun-if-changed={}", web.join(f).display());
         }
@@ -72,7 +80,7 @@ mod embed {
         // is set, which lets the stable toolchain do it.
         // SAFETY: the build script is single-threaded at this point.
         unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf");
+        let root = manifest_dir().join("../ebpf");
         let root = root.to_str().expect("utf-8 path");
         aya_build::build_ebpf(
             [aya_build::Package {
