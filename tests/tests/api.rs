@@ -287,10 +287,7 @@ fn peers_outside_the_configuration_are_refused() {
             ],
         )
     };
-    for ok in ["10.77.0.1:15090", "host-a", "host-a,10.77.0.1:15090"] {
-        let a = map(ok);
-        assert_eq!(a.status, 200, "peers={ok}: {}", a.body);
-    }
+    // Not configured peers' APIs: refused, naming the address, and nothing is connected to.
     for bad in [
         "10.77.0.2:9999",
         "10.77.0.9:15090",
@@ -300,7 +297,7 @@ fn peers_outside_the_configuration_are_refused() {
         "10.77.0.1:15008",
         "host-z",
     ] {
-        let a = map(&format!("host-a,{bad}"));
+        let a = map(&format!("10.77.0.1:15090,{bad}"));
         assert_eq!(a.status, 400, "peers={bad}: {}", a.body);
         assert!(
             a.body.starts_with(&format!(
@@ -313,6 +310,11 @@ fn peers_outside_the_configuration_are_refused() {
     thread::sleep(Duration::from_millis(300));
     let log = fs::read_to_string(net.dir.join("host-b-other-python3.log")).unwrap();
     assert!(!log.contains("connection"), "the API connected: {log}");
+    // A configured peer, by its API address or its name: fetched and merged.
+    for ok in ["10.77.0.1:15090", "host-a", "host-a,10.77.0.1:15090"] {
+        let a = map(ok);
+        assert_eq!(a.status, 200, "peers={ok}: {}", a.body);
+    }
 }
 
 /// A peer API that misbehaves, on the address of a configured peer (its enforcer stopped):
