@@ -154,12 +154,15 @@ pub async fn build(config: &Config) -> Result<Running> {
         let tools = crate::handshake::tools()?;
         tracing::debug!(?tools, "system programs");
     }
-    let api = match config.flows.api_addr() {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
+    let api = match crate::api::Settings::from_config(config)? {
+        Some(settings) => {
+            let addr = settings.listen;
+            let listener = TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("flows.api: cannot listen on {addr}"))?,
-        ),
+                .with_context(|| format!("flows.api: cannot listen on {addr}"))?;
+            let router = crate::api::router(core.store.clone(), settings)?;
+            Some((listener, router))
+        }
         None => None,
     };
     let mut capture = Capture::start(config)?;
@@ -230,7 +233,7 @@ fn core(config: &Config, identity: &Credentials) -> Result<Core> {
         metrics.clone(),
     )?;
     let flows = FlowLog::start(config.flows.log.clone(), Some(store.clone()))
-        .with_context(|| format!("flows.log: cannot open {:?}", config.flows.log))?;
+        .map_err(|e| anyhow::anyhow!("flows.log: {e}"))?;
     Ok(Core {
         registry,
         dns,
@@ -476,7 +479,7 @@ fn handshake_setup(
 fn serve_common(
     config: &Config,
     core: &Core,
-    api: Option<TcpListener>,
+    api: Option<(TcpListener, axum::Router)>,
     tasks: &mut Supervisor,
 ) -> Result<()> {
     match tessera_proxy::dns::resolver(&config.policy.dns_servers) {
@@ -496,8 +499,7 @@ fn serve_common(
             tracing::warn!(error = %e, "no DNS resolver: policy dns: names will match nothing")
         }
     }
-    if let Some(listener) = api {
-        let router = crate::api::router(core.store.clone());
+    if let Some((listener, router)) = api {
         serve_listener(tasks, "API", listener, move |l| {
             let router = router.clone();
             async move { axum::serve(l, router).await }

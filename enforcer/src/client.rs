@@ -1,6 +1,10 @@
 //! The CLI side of the API: `tessera flows` and `tessera map` read enforcers' APIs (or flow
 //! log files) and print tables, JSON or Graphviz.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use tessera_proxy::flow::FlowRecord;
@@ -14,6 +18,8 @@ use crate::{
 pub struct Sources {
     apis: Vec<SocketAddr>,
     logs: Vec<PathBuf>,
+    /// The bearer token sent to the APIs (`--token-file`).
+    token: Option<String>,
 }
 
 impl Sources {
@@ -22,7 +28,23 @@ impl Sources {
         if apis.is_empty() && logs.is_empty() {
             apis.push(SocketAddr::from(([127, 0, 0, 1], 15090)));
         }
-        Self { apis, logs }
+        Self {
+            apis,
+            logs,
+            token: None,
+        }
+    }
+
+    /// Sends the token in `file` (an API's `[flows] api_token_file`, or a copy: mode 0600,
+    /// owned by the user running the command) to every API.
+    pub fn with_token_file(mut self, file: Option<&Path>) -> Result<Self> {
+        if let Some(file) = file {
+            self.token = Some(
+                crate::api::read_token_file(file)
+                    .map_err(|e| anyhow::anyhow!("--token-file: {e}"))?,
+            );
+        }
+        Ok(self)
     }
 }
 
@@ -38,19 +60,41 @@ fn http() -> Result<reqwest::Client> {
         .build()?)
 }
 
+/// A GET with the bearer token, if any.
+fn get(client: &reqwest::Client, url: &str, token: Option<&str>) -> reqwest::RequestBuilder {
+    let req = client.get(url);
+    match token {
+        Some(t) => req.bearer_auth(t),
+        None => req,
+    }
+}
+
+/// Fails with the status and what the API said (why it refused, say).
+async fn ensure_success(url: &str, resp: reqwest::Response) -> Result<reqwest::Response> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
+        " (give the API's token with --token-file)"
+    } else {
+        ""
+    };
+    bail!("{url}: {status}{hint}: {}", body.trim())
+}
+
 async fn get_json<T: serde::de::DeserializeOwned>(
     client: &reqwest::Client,
     url: String,
+    token: Option<&str>,
 ) -> Result<T> {
-    let resp = client
-        .get(&url)
+    let resp = get(client, &url, token)
         .timeout(Duration::from_secs(30))
         .send()
         .await
         .with_context(|| format!("cannot reach {url}"))?;
-    if !resp.status().is_success() {
-        bail!("{url}: {}", resp.status());
-    }
+    let resp = ensure_success(&url, resp).await?;
     resp.json()
         .await
         .with_context(|| format!("{url}: not the expected JSON"))
@@ -79,7 +123,8 @@ pub fn map(sources: Sources) -> Result<Map> {
         let rt = runtime()?;
         let client = http()?;
         for api in &sources.apis {
-            maps.push(rt.block_on(get_json(&client, format!("http://{api}/api/map")))?);
+            let url = format!("http://{api}/api/map");
+            maps.push(rt.block_on(get_json(&client, url, sources.token.as_deref()))?);
         }
     }
     Ok(map::merge(maps))
@@ -94,7 +139,8 @@ pub fn flows(sources: Sources, filter: FlowFilter, follow: bool, json: bool) -> 
     let client = http()?;
     for api in &sources.apis {
         let url = format!("http://{api}/api/flows?{}", query(&filter));
-        records.extend(rt.block_on(get_json::<Vec<FlowRecord>>(&client, url))?);
+        let token = sources.token.as_deref();
+        records.extend(rt.block_on(get_json::<Vec<FlowRecord>>(&client, url, token))?);
     }
     records.sort_by_key(|r| r.start_ms);
     print_records(&records, json, true);
@@ -106,11 +152,11 @@ pub fn flows(sources: Sources, filter: FlowFilter, follow: bool, json: bool) -> 
     };
     rt.block_on(async {
         let url = format!("http://{api}/api/flows/follow?{}", query(&filter));
-        let mut resp = client
-            .get(&url)
+        let resp = get(&client, &url, sources.token.as_deref())
             .send()
             .await
             .with_context(|| format!("cannot reach {url}"))?;
+        let mut resp = ensure_success(&url, resp).await?;
         // Server-sent events: `event: flow` / `data: <json>` blocks.
         let mut buf = String::new();
         while let Some(chunk) = resp.chunk().await? {

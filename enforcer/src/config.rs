@@ -216,6 +216,14 @@ pub struct PeerConfig {
     /// Its certificate (PEM): handshake mode verifies its tokens without TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert: Option<PathBuf>,
+    /// Its HTTP API (its `[flows] api`): the only address `GET /api/map?peers=` fetches
+    /// this peer's map from. Without it, this peer's map cannot be merged through our API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<SocketAddr>,
+    /// The bearer token file of that API (its `[flows] api_token_file`, or a copy): sent
+    /// only to this peer. Same rules as ours: mode 0600 or stricter, owned by our user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -245,8 +253,15 @@ pub struct Flows {
     /// Append flow records as JSON lines to this file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<PathBuf>,
-    /// The local HTTP API (flows, live follow, map, /metrics); "" turns it off.
+    /// The local HTTP API (flows, live follow, map, /metrics); "" turns it off. On a
+    /// loopback address it serves only requests addressed to an IP address or `localhost`
+    /// (the Host header: no DNS rebinding); any other address needs `api_token_file`.
     pub api: String,
+    /// A file holding the API's bearer token (mode 0600 or stricter, owned by the
+    /// enforcer's user): every request must carry `Authorization: Bearer <token>`.
+    /// Required when `api` is not a loopback address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<PathBuf>,
     /// The embedded database holding the aggregated map across restarts (default
     /// `/var/lib/tessera/<name>/map.redb`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -260,6 +275,7 @@ impl Default for Flows {
         Self {
             log: None,
             api: "127.0.0.1:15090".into(),
+            api_token_file: None,
             map_db: None,
             recent: 10_000,
         }
@@ -344,12 +360,23 @@ impl Config {
         if let Some(db) = self.flows.map_db.as_mut().filter(|d| d.is_relative()) {
             *db = base.join(&*db);
         }
+        if let Some(t) = self
+            .flows
+            .api_token_file
+            .as_mut()
+            .filter(|t| t.is_relative())
+        {
+            *t = base.join(&*t);
+        }
         if let Some(file) = self.policy.file.as_mut().filter(|f| f.is_relative()) {
             *file = base.join(&*file);
         }
         for peer in &mut self.peers {
             if let Some(cert) = peer.cert.as_mut().filter(|c| c.is_relative()) {
                 *cert = base.join(&*cert);
+            }
+            if let Some(t) = peer.api_token_file.as_mut().filter(|t| t.is_relative()) {
+                *t = base.join(&*t);
             }
         }
     }
@@ -431,13 +458,28 @@ impl Config {
         Ok(())
     }
 
-    /// `[flows]`: the API address (or "") and a non-empty recent buffer.
+    /// `[flows]`: the API address (or ""), authentication unless it is on loopback, a
+    /// private token file, and a non-empty recent buffer.
     fn validate_flows(&self) -> Result<(), String> {
-        if !self.flows.api.is_empty() && self.flows.api.parse::<SocketAddr>().is_err() {
-            return Err(format!(
-                "flows.api: {:?} is not an address:port (\"\" turns the API off)",
-                self.flows.api
-            ));
+        let api = match self.flows.api.as_str() {
+            "" => None,
+            a => Some(a.parse::<SocketAddr>().map_err(|_| {
+                format!("flows.api: {a:?} is not an address:port (\"\" turns the API off)")
+            })?),
+        };
+        match (&self.flows.api_token_file, api) {
+            (None, Some(addr)) if !crate::api::is_loopback(addr) => {
+                return Err(format!(
+                    "flows.api: {addr} is not a loopback address, so the API needs \
+                     authentication: set flows.api_token_file (a file holding a bearer token, \
+                     mode 0600), or listen on 127.0.0.1"
+                ));
+            }
+            (Some(file), _) => {
+                crate::api::read_token_file(file)
+                    .map_err(|e| format!("flows.api_token_file: {e}"))?;
+            }
+            _ => {}
         }
         if self.flows.recent == 0 {
             return Err("flows.recent: must be at least 1".into());
@@ -560,6 +602,7 @@ impl Config {
                 ));
             }
             self.validate_peer_cert(&at, &p.name, p.cert.as_deref())?;
+            validate_peer_api(&at, p)?;
         }
         Ok(())
     }
@@ -643,6 +686,24 @@ pub fn check_peer_cert_name(
             path.display()
         )),
     }
+}
+
+/// One peer's `api` (a reachable address) and `api_token_file` (only with `api`, private).
+fn validate_peer_api(at: &str, p: &PeerConfig) -> Result<(), String> {
+    if let Some(api) = p.api
+        && (api.port() == 0 || api.ip().is_unspecified())
+    {
+        return Err(format!("{at}: api: {api} is not a reachable address"));
+    }
+    if let Some(file) = &p.api_token_file {
+        if p.api.is_none() {
+            return Err(format!(
+                "{at}: api_token_file: set only with api (the address the token is sent to)"
+            ));
+        }
+        crate::api::read_token_file(file).map_err(|e| format!("{at}: api_token_file: {e}"))?;
+    }
+    Ok(())
 }
 
 /// A workload's `cgroup`: an absolute path to an existing cgroup v2 directory.
@@ -914,6 +975,59 @@ mod tests {
 
     fn message(r: Result<Config, ConfigError>) -> String {
         r.expect_err("config must be rejected").to_string()
+    }
+
+    #[test]
+    fn an_api_off_loopback_needs_a_private_token_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = Fixture::new();
+        // Loopback (the default, or set): no token needed.
+        assert!(f.load("").is_ok());
+        assert!(f.load("[flows]\napi = \"[::1]:15090\"\n").is_ok());
+        let m = message(f.load("[flows]\napi = \"10.0.0.1:15090\"\n"));
+        assert!(
+            m.contains("flows.api: 10.0.0.1:15090 is not a loopback address")
+                && m.contains("set flows.api_token_file"),
+            "{m}"
+        );
+        assert!(
+            message(f.load("[flows]\napi = \"0.0.0.0:15090\"\n")).contains("flows.api_token_file")
+        );
+        let token = f.dir.path().join("api.token");
+        std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let set_mode = |m| std::fs::set_permissions(&token, std::fs::Permissions::from_mode(m));
+        set_mode(0o644).unwrap();
+        let with_token = "[flows]\napi = \"10.0.0.1:15090\"\napi_token_file = \"api.token\"\n";
+        let m = message(f.load(with_token));
+        assert!(
+            m.contains(&format!(
+                "flows.api_token_file: {} is mode 0644: it must be 0600 or stricter",
+                token.display()
+            )),
+            "{m}"
+        );
+        set_mode(0o600).unwrap();
+        let c = f.load(with_token).unwrap();
+        assert_eq!(c.flows.api_token_file, Some(token.clone()), "resolved");
+        // A peer's API: its token file only with its address, and private too.
+        let peer =
+            "[[peer]]\nname = \"b\"\ntunnel = \"10.0.0.2:15008\"\nserves = [\"10.0.0.2/32\"]\n";
+        let m = message(f.load(&format!("{peer}api_token_file = \"api.token\"\n")));
+        assert!(
+            m.contains("peer[0] \"b\": api_token_file: set only with api"),
+            "{m}"
+        );
+        let ok = format!("{peer}api = \"10.0.0.2:15090\"\napi_token_file = \"api.token\"\n");
+        assert_eq!(
+            f.load(&ok).unwrap().peers[0].api,
+            Some("10.0.0.2:15090".parse().unwrap())
+        );
+        set_mode(0o604).unwrap();
+        assert!(message(f.load(&ok)).contains("peer[0] \"b\": api_token_file:"));
+        assert!(
+            message(f.load(&format!("{peer}api = \"0.0.0.0:15090\"\n")))
+                .contains("peer[0] \"b\": api: 0.0.0.0:15090 is not a reachable address")
+        );
     }
 
     #[test]

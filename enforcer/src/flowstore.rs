@@ -51,12 +51,7 @@ impl FlowStore {
         let db = match db_path {
             None => None,
             Some(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("cannot create {}", dir.display()))?;
-                }
-                let db = Database::create(path)
-                    .with_context(|| format!("flows.map_db: cannot open {}", path.display()))?;
+                let db = open_db(path)?;
                 load(&db, &mut map)
                     .with_context(|| format!("flows.map_db: cannot read {}", path.display()))?;
                 Some(db)
@@ -141,6 +136,42 @@ impl FlowStore {
             if let Err(e) = self.flush() {
                 tracing::warn!(error = format!("{e:#}"), "cannot persist the flow map");
             }
+        }
+    }
+}
+
+/// Opens (or creates) the map database: a file private to the enforcer's user (0600, its
+/// missing directories 0700; a looser existing file is tightened, a symbolic link or another
+/// user's file refused), locked for this process alone. A lock someone else holds (another
+/// enforcer with the same `map_db`, or any process holding `flock` on it) is an error at
+/// once, never a wait.
+fn open_db(path: &Path) -> Result<Database> {
+    use tessera_proxy::flow::{create_private_dirs, open_private_file};
+    let at = |e: std::io::Error| anyhow::anyhow!("flows.map_db: {e}");
+    if let Some(dir) = path.parent() {
+        create_private_dirs(dir).map_err(at)?;
+    }
+    let file = open_private_file(
+        path,
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+    )
+    .map_err(at)?;
+    // redb takes `flock(LOCK_EX | LOCK_NB)` on the file: a held lock fails here at once.
+    match redb::Builder::new().create_file(file) {
+        Ok(db) => Ok(db),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(anyhow::anyhow!(
+            "flows.map_db: {} is locked by another process (another enforcer using the same \
+             map_db, or a process holding a lock on it; `fuser -v {}` names it)",
+            path.display(),
+            path.display()
+        )),
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("flows.map_db: cannot open {}", path.display())))
         }
     }
 }
@@ -242,6 +273,33 @@ mod tests {
             bytes_received: bytes * 2,
             pooled: None,
         }
+    }
+
+    #[test]
+    fn the_database_is_private_and_a_held_lock_is_named() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state/map.redb");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        let metrics = Arc::new(Metrics::new());
+        let store = FlowStore::open("host-b".into(), Some(&db), 2, metrics.clone()).unwrap();
+        assert_eq!((mode(&db), mode(db.parent().unwrap())), (0o600, 0o700));
+        // A second open of a database this process holds: the lock is taken.
+        let e = FlowStore::open("host-b".into(), Some(&db), 2, metrics.clone())
+            .err()
+            .expect("locked");
+        assert_eq!(
+            e.to_string().split(" (").next().unwrap(),
+            format!(
+                "flows.map_db: {} is locked by another process",
+                db.display()
+            )
+        );
+        drop(store);
+        // A world-readable database (as older versions made it) is tightened on open.
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        FlowStore::open("host-b".into(), Some(&db), 2, metrics).unwrap();
+        assert_eq!(mode(&db), 0o600);
     }
 
     #[test]

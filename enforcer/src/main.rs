@@ -77,6 +77,9 @@ enum Command {
         /// Only records since this time (Unix ms).
         #[arg(long)]
         since: Option<u64>,
+        /// The APIs' bearer token (`[flows] api_token_file`; mode 0600, yours).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// The connectivity map of one or more enforcers, merged into one.
     Map {
@@ -86,6 +89,9 @@ enum Command {
         logs: Vec<PathBuf>,
         #[arg(long, default_value = "table", value_parser = ["table", "json", "dot"])]
         format: String,
+        /// The APIs' bearer token (`[flows] api_token_file`; mode 0600, yours).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -200,15 +206,26 @@ fn run(cli: Cli) -> Result<()> {
             verdict,
             workload,
             since,
+            token_file,
         } => {
             let filter = flowstore::FlowFilter {
                 workload,
                 verdict,
                 since,
             };
-            client::flows(client::Sources::new(apis, logs), filter, follow, json)
+            let sources =
+                client::Sources::new(apis, logs).with_token_file(token_file.as_deref())?;
+            client::flows(sources, filter, follow, json)
         }
-        Command::Map { apis, logs, format } => show_map(apis, logs, &format),
+        Command::Map {
+            apis,
+            logs,
+            format,
+            token_file,
+        } => show_map(
+            client::Sources::new(apis, logs).with_token_file(token_file.as_deref())?,
+            &format,
+        ),
     }
 }
 
@@ -365,8 +382,8 @@ fn identity_command(command: IdentityCommand) -> Result<()> {
 }
 
 /// `tessera map`: the merged connectivity map as a table, JSON or Graphviz dot.
-fn show_map(apis: Vec<std::net::SocketAddr>, logs: Vec<PathBuf>, format: &str) -> Result<()> {
-    let map = client::map(client::Sources::new(apis, logs))?;
+fn show_map(sources: client::Sources, format: &str) -> Result<()> {
+    let map = client::map(sources)?;
     match format {
         "json" => println!("{}", serde_json::to_string_pretty(&map)?),
         "dot" => print!("{}", map::dot(&map)),

@@ -8,8 +8,11 @@
 //! channel drops the record and counts it ([`FlowLog::dropped`]) instead of growing.
 use std::{
     collections::BTreeMap,
+    fs::{File, OpenOptions},
+    io,
     net::SocketAddr,
-    path::PathBuf,
+    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -434,19 +437,18 @@ pub struct FlowLog {
 
 impl FlowLog {
     /// Starts the writer task; `path` of `None` keeps records in logs only. Every record
-    /// also goes to `sink` (the enforcer's flow store), if any.
+    /// also goes to `sink` (the enforcer's flow store), if any. The file is private to this
+    /// process's user ([`open_private_file`]), its missing directories 0700.
     pub fn start(path: Option<PathBuf>, sink: Option<Arc<dyn FlowSink>>) -> std::io::Result<Self> {
         let file = match &path {
             Some(p) => {
                 if let Some(dir) = p.parent() {
-                    std::fs::create_dir_all(dir)?;
+                    create_private_dirs(dir)?;
                 }
-                Some(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(p)?,
-                )
+                Some(open_private_file(
+                    p,
+                    std::fs::OpenOptions::new().create(true).append(true),
+                )?)
             }
             None => None,
         };
@@ -518,5 +520,118 @@ impl FlowLog {
     /// Records dropped because the writer could not keep up.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Creates `dir` and whichever of its parents are missing with mode 0700. Directories that
+/// already exist are left as they are: they belong to whoever made them (`/var/lib`, `/tmp`),
+/// and what the enforcer keeps in them is protected by the files' own modes.
+pub fn create_private_dirs(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))
+}
+
+/// Opens `path` with `options` as a file only this process's user can read or write:
+///
+/// * a new file is created with mode 0600;
+/// * an existing file with group or other permission bits is tightened to 0600 (files of
+///   older versions were 0644), with a warning;
+/// * a symbolic link, something that is not a regular file, or a file another user owns is
+///   refused: someone who could make it could also keep it open, or point it elsewhere.
+pub fn open_private_file(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    let named = |e: io::Error, what: &str| {
+        io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()))
+    };
+    let file = options
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} is a symbolic link: refusing to follow it (point the setting at the file itself)",
+                        path.display()
+                    ),
+                )
+            } else {
+                named(e, "cannot open")
+            }
+        })?;
+    let meta = file.metadata().map_err(|e| named(e, "cannot stat"))?;
+    if !meta.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is owned by uid {}, not by this process's user (uid {me}): refusing to write \
+                 to a file someone else made (remove it, or chown it)",
+                path.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| named(e, "cannot tighten its mode to 0600"))?;
+        tracing::warn!(
+            file = %path.display(),
+            was = format!("{mode:04o}"),
+            "tightened to mode 0600: only the enforcer's user may read it"
+        );
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod private_file_tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn new_files_are_0600_in_new_directories_0700() {
+        let dir = std::env::temp_dir().join(format!("tessera-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let deep = dir.join("a/b");
+        create_private_dirs(&deep).unwrap();
+        assert_eq!((mode(&dir.join("a")), mode(&deep)), (0o700, 0o700));
+        let f = deep.join("flows.jsonl");
+        open_private_file(&f, OpenOptions::new().create(true).append(true)).unwrap();
+        assert_eq!(mode(&f), 0o600);
+        // An existing, world-readable file is tightened.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        open_private_file(&f, OpenOptions::new().create(true).append(true)).unwrap();
+        assert_eq!(mode(&f), 0o600);
+        // A symbolic link is refused, whatever it points at.
+        let link = deep.join("link.jsonl");
+        std::os::unix::fs::symlink(&f, &link).unwrap();
+        let e = open_private_file(&link, OpenOptions::new().create(true).append(true))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a symbolic link"), "{e}");
+        // So is a directory.
+        let e = open_private_file(&deep, OpenOptions::new().read(true))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -67,6 +67,15 @@ pub struct EnforcerOptions {
     pub pass_through: bool,
     /// `[handshake] key_reuse_ms` (None: the default).
     pub key_reuse_ms: Option<u64>,
+    /// `[flows] api` on 127.0.0.1 (reachable from the host itself only) instead of the
+    /// host's address.
+    pub api_loopback: bool,
+    /// `[flows] api_token_file` (and each `[[peer]] api_token_file`): the test net's token
+    /// ([`TestNet::api_token_file`]). Required by an API off loopback.
+    pub api_token: bool,
+    /// Where the flow log and the map database go: this subdirectory of the test directory
+    /// (the enforcer creates it), or the test directory itself.
+    pub state_subdir: Option<String>,
 }
 
 impl Default for EnforcerOptions {
@@ -81,12 +90,16 @@ impl Default for EnforcerOptions {
             fail_open: false,
             pass_through: false,
             key_reuse_ms: None,
+            api_loopback: false,
+            api_token: true,
+            state_subdir: None,
         }
     }
 }
 
 pub const TUNNEL_PORT: u16 = 15008;
-/// Each enforcer's HTTP API listens on its host's address at this port.
+/// Each enforcer's HTTP API listens on its host's address at this port (with the test net's
+/// bearer token), or on 127.0.0.1 ([`EnforcerOptions::api_loopback`]).
 pub const API_PORT: u16 = 15090;
 
 impl TestNet {
@@ -98,8 +111,58 @@ impl TestNet {
         PathBuf::from(format!("/sys/fs/bpf/tessera/{}-{}", self.id, host.name))
     }
 
+    /// Where the enforcers keep their flow logs and map databases.
+    pub fn state_dir(&self) -> PathBuf {
+        match &self.options.lock().unwrap().state_subdir {
+            Some(sub) => self.dir.join(sub),
+            None => self.dir.clone(),
+        }
+    }
+
     pub fn flow_log(&self, host: &Host) -> PathBuf {
-        self.dir.join(format!("{}-flows.jsonl", host.name))
+        self.state_dir().join(format!("{}-flows.jsonl", host.name))
+    }
+
+    pub fn map_db(&self, host: &Host) -> PathBuf {
+        self.state_dir().join(format!("{}-map.redb", host.name))
+    }
+
+    /// The API address of `host`'s enforcer (as configured: loopback or the host's address).
+    pub fn api_addr(&self, host: &Host) -> SocketAddr {
+        if self.options.lock().unwrap().api_loopback {
+            SocketAddr::from(([127, 0, 0, 1], API_PORT))
+        } else {
+            SocketAddr::from((host.addr, API_PORT))
+        }
+    }
+
+    /// The bearer token file every enforcer of this net uses for its API (and its peers'),
+    /// made on first use: a random token, mode 0600, owned by the test (root).
+    pub fn api_token_file(&self) -> Result<PathBuf> {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        let path = self.dir.join("api.token");
+        if !path.exists() {
+            let mut random = [0u8; 16];
+            fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+                .context("/dev/urandom")?;
+            let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| writeln!(f, "{hex}"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(path)
+    }
+
+    /// The token in [`TestNet::api_token_file`].
+    pub fn api_token(&self) -> Result<String> {
+        Ok(fs::read_to_string(self.api_token_file()?)?
+            .trim()
+            .to_owned())
     }
 
     pub fn log_path(&self, host: &Host) -> PathBuf {
@@ -203,6 +266,16 @@ impl TestNet {
                 observe: false,
             })
             .collect();
+        let token_file = if opts.api_token {
+            Some(self.api_token_file()?)
+        } else {
+            None
+        };
+        // Peers' APIs are reachable (and so declared) only on their hosts' addresses.
+        let peer_api = |peer: &Host| {
+            (!opts.api_loopback)
+                .then(|| (SocketAddr::from((peer.addr, API_PORT)), token_file.clone()))
+        };
         let peers = self
             .hosts
             .iter()
@@ -215,6 +288,8 @@ impl TestNet {
                     IpNet::from(IpAddr::from(peer.addr6)),
                 ],
                 cert: Some(format!("ca/{}.pem", peer.name).into()),
+                api: peer_api(peer).map(|(addr, _)| addr),
+                api_token_file: peer_api(peer).and_then(|(_, token)| token),
             })
             .collect();
         Ok(Config {
@@ -245,8 +320,9 @@ impl TestNet {
             },
             flows: Flows {
                 log: Some(self.flow_log(host)),
-                api: format!("{}:{API_PORT}", host.addr),
-                map_db: Some(self.dir.join(format!("{}-map.redb", host.name))),
+                api: self.api_addr(host).to_string(),
+                api_token_file: token_file,
+                map_db: Some(self.map_db(host)),
                 ..Flows::default()
             },
             policy,

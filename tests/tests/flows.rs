@@ -11,11 +11,15 @@ use tessera_tests::{API_PORT, TestNet, tessera_bin};
 
 const T: Duration = Duration::from_secs(30);
 
-/// Runs `tessera ARGS` inside `host`'s namespace (the API listens on the host's address).
+/// Runs `tessera ARGS --token-file ...` inside `host`'s namespace (the API listens on the
+/// host's address, with the test net's token).
 fn cli(net: &TestNet, host: &str, args: &[&str]) -> String {
     let bin = tessera_bin().unwrap();
+    let token = net.api_token_file().unwrap();
+    let mut full = args.to_vec();
+    full.extend(["--token-file", token.to_str().unwrap()]);
     let out = net
-        .run(net.host(host), None, bin.to_str().unwrap(), args, T)
+        .run(net.host(host), None, bin.to_str().unwrap(), &full, T)
         .unwrap();
     assert!(
         out.status.success(),
@@ -55,11 +59,20 @@ fn flows_follow_map_and_metrics_through_the_api_and_cli() {
     // A follower on host-b, started before the traffic.
     let bin = tessera_bin().unwrap();
     let api_b = api(&net, "host-b");
+    let token_file = net.api_token_file().unwrap();
     net.spawn(
         net.host("host-b"),
         None,
         bin.to_str().unwrap(),
-        &["flows", "--api", &api_b, "--follow", "--json"],
+        &[
+            "flows",
+            "--api",
+            &api_b,
+            "--follow",
+            "--json",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
     )
     .unwrap();
     thread::sleep(Duration::from_millis(500));
@@ -155,7 +168,12 @@ fn flows_follow_map_and_metrics_through_the_api_and_cli() {
             net.host("host-b"),
             None,
             "curl",
-            &["-sS", &format!("http://{api_b}/metrics")],
+            &[
+                "-sS",
+                "-H",
+                &format!("Authorization: Bearer {}", net.api_token().unwrap()),
+                &format!("http://{api_b}/metrics"),
+            ],
             T,
         )
         .unwrap();

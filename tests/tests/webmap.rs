@@ -57,6 +57,8 @@ fn the_web_map_draws_the_merged_map_and_shows_an_edge_on_click() {
                 shot.to_str().unwrap(),
                 "web@host-a",
                 "api@host-b",
+                // The API's bearer token: the browser sends it with every request.
+                net.api_token_file().unwrap().to_str().unwrap(),
             ],
             T,
         )

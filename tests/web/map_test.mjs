@@ -1,17 +1,23 @@
 // Loads an enforcer's web map in Debian's Chromium (headless), reports what is drawn,
 // clicks an edge, reports the details shown, and saves a screenshot.
 //
-// node map_test.mjs URL SCREENSHOT EDGE_SRC EDGE_DST
+// node map_test.mjs URL SCREENSHOT EDGE_SRC EDGE_DST [TOKEN_FILE]
+//
+// With TOKEN_FILE (the API's bearer token), every request carries it.
 import { chromium } from "playwright-core";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-const [url, screenshot, edgeSrc, edgeDst] = process.argv.slice(2);
+const [url, screenshot, edgeSrc, edgeDst, tokenFile] = process.argv.slice(2);
+const extraHTTPHeaders = tokenFile
+  ? { Authorization: `Bearer ${readFileSync(tokenFile, "utf8").trim()}` }
+  : {};
 const browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "tessera-chromium-")), {
   executablePath: "/usr/bin/chromium",
   headless: true,
   viewport: { width: 1400, height: 900 },
+  extraHTTPHeaders,
   args: [
     "--no-sandbox",
     "--disable-gpu",

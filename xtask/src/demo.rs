@@ -239,11 +239,13 @@ pub fn run(bin: &Path) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let bin = tessera_tests::tessera_bin()?;
     let api_b = format!("{}:{}", b.addr, tessera_tests::API_PORT);
+    // The APIs listen on the hosts' addresses: they need the test net's bearer token.
+    let token_file = net.api_token_file()?.to_string_lossy().into_owned();
     let out = net.run(
         b,
         None,
         bin.to_str().unwrap(),
-        &["flows", "--api", &api_b],
+        &["flows", "--api", &api_b, "--token-file", &token_file],
         T,
     )?;
     println!("\nhost-b's flows since it restarted in handshake mode (`tessera flows`):\n");
@@ -259,7 +261,7 @@ pub fn run(bin: &Path) -> Result<()> {
         .iter()
         .map(|h| format!("{}:{}", h.addr, tessera_tests::API_PORT))
         .collect();
-    let mut args = vec!["map"];
+    let mut args = vec!["map", "--token-file", &token_file];
     for api in &apis {
         args.extend(["--api", api.as_str()]);
     }
