@@ -219,12 +219,18 @@ fn handshake_mode_never_runs_system_programs_from_path_or_with_the_callers_envir
     assert_eq!(f.mode, Mode::Handshake);
 
     // The metrics say no revocation failed.
+    let auth = format!("Authorization: Bearer {}", net.api_token().unwrap());
     let out = net
         .run(
             net.host("host-b"),
             None,
             "curl",
-            &["-sS", &format!("http://10.77.0.2:{API_PORT}/metrics")],
+            &[
+                "-sS",
+                "-H",
+                &auth,
+                &format!("http://10.77.0.2:{API_PORT}/metrics"),
+            ],
             SECS_30,
         )
         .unwrap();
