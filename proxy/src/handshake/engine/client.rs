@@ -12,9 +12,9 @@ use crate::{
     handshake::{
         message::Message,
         packet::{self, Segment},
-        proof::{self, Ephemeral, Proof, PublicKey, Role, Transcript},
+        proof::{self, Ephemeral, Proof, ProofKey, PublicKey, Role, Transcript},
     },
-    identity::token::KeyId,
+    identity::{Identity, token::KeyId},
     route::{self, Route},
 };
 
@@ -247,53 +247,18 @@ impl Engine {
             (out, None)
         };
         let mut flow = *flow;
-        let SynAck {
-            clean,
-            message,
-            server_key,
-            proof: server_proof,
-            token,
-        } = match parse_synack(detached, &peer) {
-            Ok(p) => p,
-            Err((code, reason)) => return reset(flow, code, reason),
-        };
-        let transcript = Transcript {
-            client: seg.dst,
-            server: seg.src,
-            client_isn: isn,
-            server_isn: seg.seq,
+        let pending = Pending {
             syn_token,
             client_key,
-            synack_token: token,
-            server_key,
+            ephemeral,
+            peer: &peer,
+            peer_key,
         };
-        let digest = transcript.digest();
-        let Ok(proof_key) = self.client_keys.agree(&ephemeral, &server_key) else {
-            return reset(flow, Code::BadProof, format!("SYN-ACK of {peer}: bad key"));
-        };
-        if proof_key
-            .check_digest(Role::Server, &digest, &server_proof)
-            .is_err()
-        {
-            let reason = format!("the SYN-ACK proof of {peer} does not verify");
-            return reset(flow, Code::BadProof, reason);
-        }
-        let binding = proof::synack_binding(&transcript);
-        let tokens = &self.setup.tokens;
-        let dst_identity = match tokens.check_token(
-            &transcript.synack_token,
-            &peer,
-            &peer_key,
-            seg.dst,
-            &binding,
-            now_ms,
-        ) {
-            Ok(id) => id,
-            Err(e) => {
-                let reason = format!("destination {e} ({}) in the SYN-ACK of {peer}", e.code());
-                return reset(flow, e.code(), reason);
-            }
-        };
+        let (synack, dst_identity, proof_key, digest) =
+            match self.check_synack(seg, isn, detached, pending, now_ms) {
+                Ok(checked) => checked,
+                Err((code, reason)) => return reset(flow, code, reason),
+            };
         flow.dst.identified_by_peer(&dst_identity);
         let plan = route::plan(&captured, &self.setup.peers);
         let attempt = plan.attempt(Party::workload(dst_identity.labels, Some(seg.src.ip())));
@@ -317,11 +282,66 @@ impl Engine {
         };
         let proven = ClientStep::Proven {
             server_isn: seg.seq,
-            synack_message: message,
+            synack_message: synack.message,
             ack_message,
             proof_sent: false,
         };
-        (Outcome::rewrite(clean).with_live(live), Some(proven))
+        (Outcome::rewrite(synack.clean).with_live(live), Some(proven))
+    }
+
+    /// The SYN-ACK's message, the server's proof over the transcript, and the destination
+    /// workload's token (bound to the transcript): the parsed SYN-ACK, who the destination
+    /// is, and the key and digest our own proof is made with.
+    fn check_synack(
+        &self,
+        seg: &Segment,
+        isn: u32,
+        detached: Detached,
+        pending: Pending<'_>,
+        now_ms: u64,
+    ) -> Result<(SynAck, Identity, ProofKey, [u8; 32]), Refused> {
+        let peer = pending.peer;
+        let synack = parse_synack(detached, peer)?;
+        let transcript = Transcript {
+            client: seg.dst,
+            server: seg.src,
+            client_isn: isn,
+            server_isn: seg.seq,
+            syn_token: pending.syn_token,
+            client_key: pending.client_key,
+            synack_token: synack.token.clone(),
+            server_key: synack.server_key,
+        };
+        let digest = transcript.digest();
+        let Ok(proof_key) = self
+            .client_keys
+            .agree(&pending.ephemeral, &synack.server_key)
+        else {
+            return Err((Code::BadProof, format!("SYN-ACK of {peer}: bad key")));
+        };
+        if proof_key
+            .check_digest(Role::Server, &digest, &synack.proof)
+            .is_err()
+        {
+            let reason = format!("the SYN-ACK proof of {peer} does not verify");
+            return Err((Code::BadProof, reason));
+        }
+        let binding = proof::synack_binding(&transcript);
+        let tokens = &self.setup.tokens;
+        let dst_identity = tokens
+            .check_token(
+                &transcript.synack_token,
+                peer,
+                &pending.peer_key,
+                seg.dst,
+                &binding,
+                now_ms,
+            )
+            .map_err(|e| {
+                let reason = format!("destination {e} ({}) in the SYN-ACK of {peer}", e.code());
+                (e.code(), reason)
+            })?;
+        Ok((synack, dst_identity, proof_key, digest))
     }
 
     /// A packet of a marked connection before its first ACK was handled: the first carries
@@ -352,6 +372,15 @@ impl Engine {
 
 /// A SYN-ACK split from its message, as `packet::detach` gives it.
 type Detached = Result<Option<packet::Detached>, packet::PacketError>;
+
+/// What our SYN left to check the SYN-ACK against.
+struct Pending<'a> {
+    syn_token: Vec<u8>,
+    client_key: PublicKey,
+    ephemeral: Arc<Ephemeral>,
+    peer: &'a str,
+    peer_key: KeyId,
+}
 
 /// A SYN-ACK with its message taken apart.
 struct SynAck {
