@@ -36,6 +36,24 @@ while True:
         c.close()
 "#;
 
+/// `setpriv`'s arguments that run the system python as `nobody` with `script` and `args`
+/// (root's own python may not be runnable by others).
+fn python_as_nobody<'a>(script: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec![
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        script,
+    ];
+    all.extend_from_slice(args);
+    all
+}
+
+/// A listener as `nobody` on [::1] only.
+const IPV6_SQUATTER: &str = "import socket,sys,time\ns=socket.socket(socket.AF_INET6)\ns.bind(('::1',int(sys.argv[1])))\ns.listen(8)\nprint('listening',flush=True)\ntime.sleep(600)";
+
 fn two_hosts() -> TestNet {
     let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
     net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
@@ -53,15 +71,7 @@ fn squat(net: &TestNet, host: &str) -> std::path::PathBuf {
         h,
         None,
         "setpriv",
-        &[
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-            SQUATTER,
-            OUTBOUND_PORT,
-        ],
+        &python_as_nobody(SQUATTER, &[OUTBOUND_PORT]),
     )
     .unwrap();
     let log = net.dir.join(format!("{host}-other-setpriv.log"));
@@ -161,15 +171,7 @@ fn an_enforcer_that_cannot_bind_the_ipv6_loopback_does_not_start() {
             h,
             None,
             "setpriv",
-            &[
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-                "import socket,sys,time\ns=socket.socket(socket.AF_INET6)\ns.bind(('::1',int(sys.argv[1])))\ns.listen(8)\nprint('listening',flush=True)\ntime.sleep(600)",
-                OUTBOUND_PORT,
-            ],
+            &python_as_nobody(IPV6_SQUATTER, &[OUTBOUND_PORT]),
         )
         .unwrap();
         net.dir.join("host-a-other-setpriv.log")
@@ -255,17 +257,7 @@ fn capture_records_of_failed_connects_cannot_be_claimed_after_a_restart() {
             net.host("host-a"),
             None,
             "setpriv",
-            &[
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-                SWEEP,
-                "40000",
-                "40009",
-                OUTBOUND_PORT,
-            ],
+            &python_as_nobody(SWEEP, &["40000", "40009", OUTBOUND_PORT]),
             Duration::from_secs(60),
         )
         .unwrap();
