@@ -124,6 +124,32 @@ fn assemble(v6: bool, ip: &[u8], tcp_header: &[u8], data: &[&[u8]]) -> Vec<u8> {
     out
 }
 
+/// The packet without its payload (lengths and checksums fixed): a SYN's data (TCP Fast
+/// Open) must not reach an application before its sender proved itself. The sender's
+/// kernel sends it again once the connection is established.
+pub fn without_payload(packet: &[u8]) -> Result<Vec<u8>, PacketError> {
+    let p = split(packet)?;
+    if p.data.is_empty() {
+        return Ok(packet.to_vec());
+    }
+    Ok(assemble(p.v6, p.ip, p.tcp, &[]))
+}
+
+/// The packet with its lengths and checksums made right again (tests: a packet an attacker
+/// edited as a whole, checksums included).
+#[cfg(any(test, feature = "testkit"))]
+pub fn with_checksums_fixed(packet: &[u8]) -> Vec<u8> {
+    let p = split(packet).expect("a TCP packet");
+    assemble(p.v6, p.ip, p.tcp, &[p.data])
+}
+
+/// The packet with `data` appended to its payload (tests: a SYN carrying TCP Fast Open data).
+#[cfg(any(test, feature = "testkit"))]
+pub fn with_payload(packet: &[u8], data: &[u8]) -> Vec<u8> {
+    let p = split(packet).expect("a TCP packet");
+    assemble(p.v6, p.ip, p.tcp, &[p.data, data])
+}
+
 /// The packet with `message` attached (option block first among the TCP options, message
 /// after any payload the packet already carries).
 pub fn attach(packet: &[u8], message: &[u8]) -> Result<Vec<u8>, PacketError> {

@@ -216,6 +216,11 @@ impl Engine {
         let Ok(seg) = packet::segment(packet) else {
             return Outcome::drop();
         };
+        // The kernel would drop a packet whose checksums are wrong; rewriting it would fix
+        // them and hand it a packet nobody sent. Checked before anything else is done.
+        if !packet::checksums_ok(packet) {
+            return Outcome::drop();
+        }
         if has(seg.flags, TcpFlags::RST) {
             self.reset_in(&seg, now_ms)
         } else if has(seg.flags, TcpFlags::SYN | TcpFlags::ACK) {

@@ -51,7 +51,7 @@ impl Engine {
             // A retransmitted (or duplicated) SYN: accepted again only with the very same
             // message, which was verified already.
             return match detached {
-                Ok(Some((clean, m))) if m == h.syn_message => Outcome::rewrite(clean),
+                Ok(Some((clean, m))) if m == h.syn_message => syn_without_data(&clean),
                 _ => Outcome::drop(),
             };
         }
@@ -76,7 +76,7 @@ impl Engine {
                         // passes before its proof.
                         self.lock_proven().remove(&key);
                         servers.insert(key, h);
-                        Outcome::rewrite(clean)
+                        syn_without_data(&clean)
                     }
                     Err(refused) => refused,
                 }
@@ -286,6 +286,16 @@ impl Engine {
         Ok((synack_message, digest, proof_key))
     }
 
+    /// The pending handshake `seg` acknowledges (its ack number is our SYN-ACK's ISN + 1),
+    /// taken out; any other handshake on the 4-tuple stays as it was.
+    fn take_acked(&self, key: &super::FourTuple, seg: &Segment) -> Option<ServerHandshake> {
+        let mut servers = self.lock_servers();
+        let acked = servers.get(key).is_some_and(|h| {
+            matches!(&h.step, ServerStep::AwaitAck { server_isn, .. } if seg.ack == server_isn.wrapping_add(1))
+        });
+        if acked { servers.remove(key) } else { None }
+    }
+
     pub(super) fn server_ack(&self, packet: &[u8], seg: &Segment, now_ms: u64) -> Outcome {
         let key = (seg.src, seg.dst);
         let (clean, message) = match packet::detach(packet) {
@@ -305,7 +315,9 @@ impl Engine {
                 };
             }
             Err(e) => {
-                let Some(h) = self.lock_servers().remove(&key) else {
+                // Only an ACK of our SYN-ACK may end the handshake: a blind packet (which
+                // cannot know our ISN) is dropped and changes nothing.
+                let Some(h) = self.take_acked(&key, seg) else {
                     return Outcome::drop();
                 };
                 let reason = format!("ACK from {}: {e}", seg.src);
@@ -316,10 +328,7 @@ impl Engine {
                 };
             }
         };
-        let pending = self.lock_servers().remove(&key).filter(|h| {
-            matches!(&h.step, ServerStep::AwaitAck { server_isn, .. } if seg.ack == server_isn.wrapping_add(1))
-        });
-        let Some(h) = pending else {
+        let Some(h) = self.take_acked(&key, seg) else {
             // A proof for no handshake of ours (a replay, or a stray): never passed on.
             let mut rec = self.track(Direction::Inbound, seg.src, seg.dst, now_ms);
             rec.dst.enforcer = Some(self.setup.admission.name().to_owned());
@@ -395,4 +404,13 @@ fn refuse_syn(
 ) -> Outcome {
     flow.refuse_at(code, reason, now_ms);
     reset_client(seg)
+}
+
+/// A verified SYN as the kernel gets it: without data it may carry (TCP Fast Open), which
+/// must not reach the application before the client's proof.
+fn syn_without_data(clean: &[u8]) -> Outcome {
+    match packet::without_payload(clean) {
+        Ok(p) => Outcome::rewrite(p),
+        Err(_) => Outcome::drop(),
+    }
 }

@@ -142,6 +142,8 @@ fn forged_garbage_and_truncated_syns_are_refused_with_their_reason() {
     let mut cut = cut.to_vec();
     let total = cut.len() as u16;
     cut[2..4].copy_from_slice(&total.to_be_bytes());
+    // (with checksums right, as an attacker would send it)
+    let cut = packet::with_checksums_fixed(&cut);
     let o = p.b.ingress(&cut, NOW);
     assert_eq!(o.verdict, PacketVerdict::Drop);
     refused(&p.b, &o, "malformed");
@@ -296,4 +298,69 @@ fn egress_and_ingress_policy_each_refuse_at_their_end() {
     assert_eq!(o.verdict, PacketVerdict::Drop);
     let rec = refused(&p.b, &o, "policy");
     assert_eq!(rec.src.workload.as_deref(), Some("web"));
+}
+
+#[test]
+fn a_blind_ack_cannot_end_a_pending_handshake() {
+    // An off-path attacker knows the 4-tuple but not the server's ISN: its ACKs (with a
+    // garbage option, or a well-formed one) must not discard the handshake it aims at.
+    let p = pair("api");
+    let (_, synack_wire) = up_to_synack(&p);
+    p.a.ingress(&synack_wire, NOW);
+    let ack_wire = wire(&p.a.egress(&ack(), NOW));
+    let (clean, message) = packet::detach(&ack_wire).unwrap().unwrap();
+    let mut blind = clean.clone();
+    // A wrong acknowledgment number (IPv4 header of 20 bytes; TCP ack at offset 8).
+    blind[28] ^= 0x40;
+    let well_formed = packet::attach(&blind, &message).unwrap();
+    let garbage = packet::attach(&blind, &[0xA5; 20]).unwrap();
+    for spoofed in [&well_formed, &garbage] {
+        let o = p.b.ingress(spoofed, NOW);
+        assert_eq!(o.verdict, PacketVerdict::Drop);
+        assert_eq!(o.mark, 0);
+        assert!(o.send.is_empty(), "no reset for a blind packet: {o:?}");
+        assert_eq!(p.b.pending(), (0, 1), "the handshake is still pending");
+    }
+    // The honest proof still completes it.
+    let at_b = p.b.ingress(&ack_wire, NOW);
+    assert_eq!(at_b.mark, PROVEN);
+    assert_eq!(wire(&at_b), ack());
+}
+
+#[test]
+fn data_in_a_syn_never_reaches_the_server_before_the_proof() {
+    // TCP Fast Open: the client's first bytes ride in its SYN. The server's kernel must not
+    // get them (and hand them to the application) before the client proved itself.
+    let p = pair("api");
+    let syn_with_data = packet::with_payload(&syn(), b"GET /secret HTTP/1.1\r\n\r\n");
+    let syn_wire = wire(&p.a.egress(&syn_with_data, NOW));
+    let at_b = p.b.ingress(&syn_wire, NOW);
+    assert_eq!(wire(&at_b), syn(), "the SYN without its data");
+    // A retransmission of it, too.
+    assert_eq!(wire(&p.b.ingress(&syn_wire, NOW)), syn());
+    // The handshake then completes as usual.
+    let synack_wire = wire(&p.b.egress(&synack(), NOW));
+    p.a.ingress(&synack_wire, NOW);
+    let ack_wire = wire(&p.a.egress(&ack(), NOW));
+    assert_eq!(p.b.ingress(&ack_wire, NOW).mark, PROVEN);
+}
+
+#[test]
+fn a_packet_with_wrong_checksums_is_dropped_not_repaired() {
+    // Rewriting recomputes checksums: a corrupted packet must be refused as the kernel would
+    // refuse it, not turned into a valid one.
+    let p = pair("api");
+    let syn_wire = wire(&p.a.egress(&syn(), NOW));
+    let mut corrupted = syn_wire.clone();
+    let last = corrupted.len() - 1;
+    corrupted[last] ^= 0x01; // inside the message: the TCP checksum no longer matches
+    let o = p.b.ingress(&corrupted, NOW);
+    assert_eq!(o.verdict, PacketVerdict::Drop);
+    assert_eq!(p.b.pending(), (0, 0), "nothing was taken from it");
+    assert!(
+        p.b.records().is_empty(),
+        "not even a refusal: it never arrived"
+    );
+    // The intact one still passes.
+    assert_eq!(wire(&p.b.ingress(&syn_wire, NOW)), syn());
 }
