@@ -38,24 +38,24 @@ async fn ss(program: &Path, args: &[&str]) -> std::io::Result<Output> {
         .await
 }
 
+/// `ss` arguments listing open TCP sockets (any state but LISTEN and TIME_WAIT), numeric,
+/// without a header.
+const OPEN_SOCKETS: &[&str] = &[
+    "-t",
+    "-n",
+    "-H",
+    "exclude",
+    "time-wait",
+    "exclude",
+    "listening",
+];
+
 /// Sockets of this network namespace that are open (any state but LISTEN and TIME_WAIT),
 /// as (local, remote), IPv4-mapped addresses as IPv4. Through `ss` (netlink sock_diag):
 /// the kernel skips TIME_WAIT sockets itself, where /proc/net/tcp formats every one of
 /// them (tens of thousands at a high connection rate).
 async fn open_sockets(program: &Path) -> Option<HashSet<(SocketAddr, SocketAddr)>> {
-    let out = ss(
-        program,
-        &[
-            "-t",
-            "-n",
-            "-H",
-            "exclude",
-            "time-wait",
-            "exclude",
-            "listening",
-        ],
-    )
-    .await;
+    let out = ss(program, OPEN_SOCKETS).await;
     match out {
         Ok(out) if out.status.success() => Some(
             String::from_utf8_lossy(&out.stdout)
@@ -179,23 +179,12 @@ async fn destroy(
         kill_result(program, form, out)?;
     }
     for (l, r) in &forms {
-        let out = ss(
-            program,
-            &[
-                "-t",
-                "-n",
-                "-H",
-                "exclude",
-                "time-wait",
-                "exclude",
-                "listening",
-                "src",
-                l,
-                "dst",
-                r,
-            ],
-        )
-        .await;
+        let args: Vec<&str> = OPEN_SOCKETS
+            .iter()
+            .copied()
+            .chain(["src", l.as_str(), "dst", r.as_str()])
+            .collect();
+        let out = ss(program, &args).await;
         gone_result(program, out)?;
     }
     Ok(())
