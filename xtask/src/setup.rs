@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("chromium", "chromium"),
     // The handshake-mode adversarial tests craft packets with scapy (Debian's python3).
     ("/usr/lib/python3/dist-packages/scapy", "python3-scapy"),
+    // Non-TCP policy is tested with the tools users reach for: dig, nc -u, ping.
+    ("dig", "bind9-dnsutils"),
+    ("nc", "netcat-openbsd"),
+    ("ping", "iputils-ping"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
