@@ -1,0 +1,16 @@
+//! Tessera's control plane, as a library: what `tessera server` runs.
+//!
+//! * [`store`]: all state behind one trait — an embedded file by default, etcd for a fleet.
+//! * [`authority`]: the CA; short-lived enforcer certificates carrying name and [`scope`].
+//! * [`tokens`] and [`document`]: the two ways an enforcer proves it may join.
+//! * [`registry`]: enrolled enforcers, what they serve, and the directory peers receive.
+//! * [`policy`]: the central policy, validated and versioned.
+//! * [`plane`]: the operations (enrol, renew, report, revoke) tying these together.
+pub mod authority;
+pub mod document;
+pub mod plane;
+pub mod policy;
+pub mod registry;
+pub mod scope;
+pub mod store;
+pub mod tokens;
