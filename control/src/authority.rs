@@ -264,22 +264,21 @@ pub fn certified(cert_der: &[u8]) -> Result<Certified, AuthorityError> {
     let bad = |e: String| AuthorityError::Certificate(e);
     let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| bad(e.to_string()))?;
     let mut name = None;
-    let mut spiffe = None;
+    let mut spiffes = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
             match n {
                 GeneralName::DNSName(d) if name.is_none() => name = Some(d.to_string()),
-                GeneralName::URI(u) if u.starts_with("spiffe://") => {
-                    if spiffe.replace(u.to_string()).is_some() {
-                        return Err(bad("more than one SPIFFE name".into()));
-                    }
-                }
+                GeneralName::URI(u) if u.starts_with("spiffe://") => spiffes.push(u.to_string()),
                 _ => {}
             }
         }
     }
     let name = name.ok_or_else(|| bad("no DNS name".into()))?;
-    let spiffe = spiffe.ok_or_else(|| bad("no SPIFFE name".into()))?;
+    if spiffes.len() > 1 {
+        return Err(bad("more than one SPIFFE name".into()));
+    }
+    let spiffe = spiffes.pop().ok_or_else(|| bad("no SPIFFE name".into()))?;
     if !spiffe.ends_with(&format!("/enforcer/{name}")) {
         return Err(bad(format!(
             "SPIFFE name {spiffe} does not name enforcer {name}"
