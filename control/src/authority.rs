@@ -251,6 +251,49 @@ impl Authority {
     }
 }
 
+impl Authority {
+    /// A certificate for the control plane's own API, for a key made here (kept in memory
+    /// by the server, made anew at each start): server authentication only, so it can
+    /// never pass as an enforcer (those need client authentication and a SPIFFE name
+    /// under `/enforcer/`). Names may be DNS names or IP addresses.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<(Vec<u8>, Vec<u8>), AuthorityError> {
+        let cert_err = |e: rcgen::Error| AuthorityError::Certificate(e.to_string());
+        let key = KeyPair::generate_for(&PKCS_ED25519).map_err(cert_err)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+        for n in names {
+            params
+                .subject_alt_names
+                .push(match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(n.as_str().try_into().map_err(cert_err)?),
+                });
+        }
+        params.subject_alt_names.push(SanType::URI(
+            format!("spiffe://{}/control", self.trust_domain)
+                .as_str()
+                .try_into()
+                .map_err(cert_err)?,
+        ));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Tessera control plane");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = offset(now - BACKDATE)?;
+        params.not_after = offset(now + lifetime)?;
+        let issuer =
+            Issuer::from_ca_cert_der(&self.cert_der.clone().into(), &self.key).map_err(cert_err)?;
+        let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
+        Ok((cert.der().to_vec(), key.serialize_der()))
+    }
+}
+
 /// The DER of the first certificate in `pem`.
 pub fn pem_der(pem: &str) -> Result<Vec<u8>, String> {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| e.to_string())?;

@@ -6,11 +6,17 @@
 //! * [`registry`]: enrolled enforcers, what they serve, and the directory peers receive.
 //! * [`policy`]: the central policy, validated and versioned.
 //! * [`plane`]: the operations (enrol, renew, report, revoke) tying these together.
+//! * [`api`], [`server`] and [`client`]: the HTTPS API over those operations, both ends.
+//! * [`admin`]: administrator tokens.
+pub mod admin;
+pub mod api;
 pub mod authority;
+pub mod client;
 pub mod document;
 pub mod plane;
 pub mod policy;
 pub mod registry;
 pub mod scope;
+pub mod server;
 pub mod store;
 pub mod tokens;
