@@ -8,6 +8,7 @@
 //!   API and web map);
 //! * flows: [`flowstore`] (recent records and the persisted map), [`map`], [`metrics`],
 //!   [`flowlog`] (flow log files and tables), [`client`] (`tessera flows` / `tessera map`);
+//! * the control plane: [`server`] (`tessera server`: the daemon and its administration);
 //! * tools: [`ca`] (the cluster CA), [`identity_show`].
 //!
 //! The eBPF object and the web map are built and embedded only with the `embed` feature
@@ -29,4 +30,5 @@ pub mod identity_show;
 pub mod map;
 pub mod metrics;
 pub mod policy;
+pub mod server;
 pub mod workloads;

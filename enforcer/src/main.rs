@@ -8,7 +8,9 @@ use std::{
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use tessera_enforcer::{ca, client, config, daemon, flowlog, flowstore, identity_show, map};
+use tessera_enforcer::{
+    ca, client, config, daemon, flowlog, flowstore, identity_show, map, server,
+};
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +42,13 @@ enum Command {
     },
     /// Validate a configuration file without running it.
     Check { config: PathBuf },
-    /// The cluster certificate authority.
+    /// The control plane: enrols enforcers, issues their short-lived certificates, and
+    /// distributes the directory of enforcers and the policy.
+    Server {
+        #[command(subcommand)]
+        command: ServerCommand,
+    },
+    /// The cluster certificate authority (static configuration without a control plane).
     Ca {
         #[command(subcommand)]
         command: CaCommand,
@@ -112,6 +120,12 @@ enum IdentityCommand {
 enum PolicyCommand {
     /// Validate a policy file: every error with file, line and column; non-zero exit on error.
     Check { file: PathBuf },
+    /// Validate a policy file and make it the policy of every enforcer (control plane).
+    Apply {
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Print the decision for a connection and the rule that led to it.
     Explain {
         #[arg(long)]
@@ -129,6 +143,139 @@ enum PolicyCommand {
         to_addr: Option<IpAddr>,
         #[arg(long)]
         port: u16,
+    },
+}
+
+/// Where administration commands find the control plane.
+#[derive(clap::Args, Clone)]
+struct AdminArgs {
+    /// The control plane's address (repeatable: tried in turn).
+    #[arg(long = "server", default_value = "https://127.0.0.1:15100")]
+    servers: Vec<String>,
+    /// The control plane's CA certificate (`ca.pem` in its state directory).
+    #[arg(long, default_value = "/var/lib/tessera/server/ca.pem")]
+    ca: PathBuf,
+    /// The administrator token file (`admin.token` in its state directory; mode 0600).
+    #[arg(long, default_value = "/var/lib/tessera/server/admin.token")]
+    admin_token_file: PathBuf,
+}
+
+impl AdminArgs {
+    fn target(&self) -> server::AdminTarget {
+        server::AdminTarget {
+            servers: self.servers.clone(),
+            ca: self.ca.clone(),
+            admin_token_file: self.admin_token_file.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// Run the control plane (embedded store in --state-dir).
+    Run {
+        #[arg(long, default_value = server::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long, default_value = server::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "tessera.local")]
+        trust_domain: String,
+        /// A DNS name or IP address enforcers use to reach this server (repeatable; default:
+        /// localhost, 127.0.0.1 and the listen address).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Lifetime of enforcer certificates (renewed at about half of it).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        lifetime: std::time::Duration,
+        /// Trust instance identity documents signed by these provider certificates (PEM).
+        #[arg(long)]
+        document_trust: Option<PathBuf>,
+        /// How old an identity document may be.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        document_max_age: std::time::Duration,
+        /// An instance tag carried into the enforcer's scope (repeatable), e.g. `site`.
+        #[arg(long = "scope-tag")]
+        scope_tags: Vec<String>,
+        /// Enrolment attempts per second from one address.
+        #[arg(long, default_value_t = 5)]
+        enrol_rate: u32,
+        /// Write the server's pid to this file once it is serving.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// One-time join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Every enforcer: scope, addresses, certificate expiry, policy in force, last contact.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke or remove an enforcer.
+    Enforcer {
+        #[command(subcommand)]
+        command: EnforcerCommand,
+    },
+    /// Instance identity documents, as a cloud provider makes them (for tests and demos).
+    Document {
+        #[command(subcommand)]
+        command: DocumentCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new join token (once) for one enforcer.
+    Create {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The enforcer's scope, `k=v,k2=v2` (e.g. `site=paris,tenant=acme`).
+        #[arg(long, default_value = "")]
+        scope: String,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnforcerCommand {
+    /// Every peer drops it within about a second, and it cannot renew.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Forget a revoked enforcer (its name, or its cloud instance, may enrol again).
+    Remove {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DocumentCommand {
+    /// Create a provider key and certificate in DIR (provider.key, provider.pem).
+    ProviderInit { dir: PathBuf },
+    /// Print a signed identity document for an instance, dated now.
+    Make {
+        #[arg(long)]
+        provider_key: PathBuf,
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long, default_value = "ami-tessera")]
+        image: String,
+        /// An instance tag, `k=v` (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
     },
 }
 
@@ -195,6 +342,7 @@ fn run(cli: Cli) -> Result<()> {
             },
         ),
         Command::Check { config } => check(&cli.log_format, &config),
+        Command::Server { command } => server_command(&cli.log_format, command),
         Command::Ca { command } => ca_command(command),
         Command::Policy { command } => policy_command(command),
         Command::Identity { command } => identity_command(command),
@@ -257,6 +405,95 @@ fn check(log_format: &str, config: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `tessera server ...`: the control plane and its administration.
+fn server_command(log_format: &str, command: ServerCommand) -> Result<()> {
+    match command {
+        ServerCommand::Run {
+            state_dir,
+            listen,
+            trust_domain,
+            names,
+            lifetime,
+            document_trust,
+            document_max_age,
+            scope_tags,
+            enrol_rate,
+            ready_file,
+        } => {
+            init_tracing(log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let result = runtime.block_on(server::run(server::RunOptions {
+                state_dir,
+                listen,
+                trust_domain,
+                names,
+                lifetime,
+                document_trust,
+                document_max_age,
+                scope_tags,
+                enrol_per_source: enrol_rate,
+                ready_file,
+            }));
+            if let Err(e) = &result {
+                tracing::error!(error = format!("{e:#}"), "control plane stopped");
+            }
+            result
+        }
+        ServerCommand::Token {
+            command: TokenCommand::Create { admin, scope, ttl },
+        } => {
+            println!("{}", server::token_create(&admin.target(), &scope, ttl)?);
+            Ok(())
+        }
+        ServerCommand::Status { admin, json } => {
+            print!("{}", server::status(&admin.target(), json)?);
+            Ok(())
+        }
+        ServerCommand::Enforcer { command } => match command {
+            EnforcerCommand::Revoke { name, admin } => {
+                server::enforcer(&admin.target(), &name, false)?;
+                println!("{name}: revoked");
+                Ok(())
+            }
+            EnforcerCommand::Remove { name, admin } => {
+                server::enforcer(&admin.target(), &name, true)?;
+                println!("{name}: removed");
+                Ok(())
+            }
+        },
+        ServerCommand::Document { command } => match command {
+            DocumentCommand::ProviderInit { dir } => {
+                let (key, cert) = server::provider_init(&dir)?;
+                println!("{}\n{}", key.display(), cert.display());
+                Ok(())
+            }
+            DocumentCommand::Make {
+                provider_key,
+                instance,
+                account,
+                region,
+                image,
+                tags,
+            } => {
+                println!(
+                    "{}",
+                    server::document_make(
+                        &provider_key,
+                        &instance,
+                        &account,
+                        &region,
+                        &image,
+                        &tags
+                    )?
+                );
+                Ok(())
+            }
+        },
+    }
+}
+
 /// `tessera ca init|issue`: the cluster certificate authority.
 fn ca_command(command: CaCommand) -> Result<()> {
     match command {
@@ -281,6 +518,11 @@ fn ca_command(command: CaCommand) -> Result<()> {
 fn policy_command(command: PolicyCommand) -> Result<()> {
     match command {
         PolicyCommand::Check { file } => policy_check(&file),
+        PolicyCommand::Apply { file, admin } => {
+            let version = server::policy_apply(&admin.target(), &file)?;
+            println!("{}: applied as version {version}", file.display());
+            Ok(())
+        }
         PolicyCommand::Explain {
             policy,
             from,
