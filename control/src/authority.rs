@@ -69,6 +69,7 @@ pub struct Certified {
     pub name: String,
     pub spiffe: String,
     pub scope: Scope,
+    pub not_before_ms: u64,
     pub not_after_ms: u64,
     pub public_key: Vec<u8>,
 }
@@ -341,6 +342,7 @@ pub fn certified(cert_der: &[u8]) -> Result<Certified, AuthorityError> {
         name,
         spiffe,
         scope,
+        not_before_ms: cert.validity().not_before.timestamp().max(0) as u64 * 1000,
         not_after_ms: cert.validity().not_after.timestamp() as u64 * 1000,
         public_key: cert.public_key().subject_public_key.data.to_vec(),
     })

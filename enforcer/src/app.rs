@@ -39,11 +39,11 @@ use tessera_proxy::{
     inbound::Inbound,
     local::{LocalAddrs, LocalServices, LocalWorkload},
     outbound::Outbound,
-    peers::{Peer, PeerTable},
+    peers::{Directory, Peer, PeerTable},
     pool::{TunnelDialer, TunnelPool},
     registry::ConnectionRegistry,
     socket::listen,
-    tls::Credentials,
+    tls::{CertSlot, Credentials},
 };
 use tokio::{
     net::TcpListener,
@@ -60,6 +60,7 @@ use crate::{
     workloads::{BpfCaptureLookup, WorkloadIndex},
 };
 
+mod control;
 mod supervise;
 use supervise::{GaveUp, Supervisor, TaskFuture};
 
@@ -70,7 +71,8 @@ pub struct HostState {
     /// Workloads by the port they serve.
     pub services: LocalServices,
     pub ports: Vec<u16>,
-    pub peers: PeerTable,
+    /// Routes to peers; under a control plane also who may open tunnels, in which scope.
+    pub peers: Arc<Directory>,
 }
 
 impl HostState {
@@ -85,13 +87,19 @@ impl HostState {
             .iter()
             .flat_map(|w| w.ports.iter().map(|&p| (p, identities[&w.name].clone())))
             .collect();
-        let peers = PeerTable::new(config.peers.iter().flat_map(|p| {
-            let peer = Peer {
-                name: p.name.clone(),
-                tunnel: p.tunnel,
-            };
-            p.serves.iter().map(move |net| (*net, peer.clone()))
-        }));
+        let peers = if config.control.is_some() {
+            Arc::new(Directory::managed(control::members(&config.peers)))
+        } else {
+            Arc::new(Directory::fixed(PeerTable::new(
+                config.peers.iter().flat_map(|p| {
+                    let peer = Peer {
+                        name: p.name.clone(),
+                        tunnel: p.tunnel,
+                    };
+                    p.serves.iter().map(move |net| (*net, peer.clone()))
+                }),
+            )))
+        };
         Self {
             ports: served.iter().map(|(p, _)| *p).collect(),
             services: LocalServices::new(served),
@@ -109,6 +117,8 @@ pub struct Running {
     mode: DataPathMode,
     /// A serving task could not be restarted: capture stays attached at exit.
     fail_closed: bool,
+    /// What the control plane's changes are applied to.
+    live: Arc<control::Live>,
 }
 
 /// Shared by both data paths: decisions, live connections, records.
@@ -136,6 +146,8 @@ impl Core {
 /// Builds and starts the enforcer `config` describes.
 pub async fn build(config: &Config) -> Result<Running> {
     let identity = Credentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    // What TLS presents, replaceable when the control plane renews the certificate.
+    let cert = CertSlot::new(&identity)?;
     let host = HostState::new(config);
     let core = core(config, &identity)?;
     let mut tasks = Supervisor::default();
@@ -167,10 +179,20 @@ pub async fn build(config: &Config) -> Result<Running> {
     };
     let mut capture = Capture::start(config)?;
     let lookup = capture_lookup(config, &host, &mut capture)?;
+    let mut live = control::Live {
+        registry: core.registry.clone(),
+        metrics: core.metrics.clone(),
+        directory: host.peers.clone(),
+        tokens: core.tokens.clone(),
+        pool: None,
+        cert: cert.clone(),
+        peer_keys: Default::default(),
+    };
     match tunnel_listeners {
         Some(listeners) => {
             capture.set_inbound_listeners(&listeners.in_v4, listeners.in_v6.as_ref())?;
-            let pool = pool(config, &identity, &core, &host)?;
+            let pool = pool(config, &identity, &cert, &core, &host)?;
+            live.pool = Some(pool.clone());
             let outbound = Arc::new(Outbound {
                 admission: core.admission(config, Mode::Tunnel),
                 lookup,
@@ -179,7 +201,7 @@ pub async fn build(config: &Config) -> Result<Running> {
                 tokens: core.tokens.clone(),
                 mark: config.bpf.proxy_mark,
             });
-            let inbound = inbound(config, &identity, &core, &host)?;
+            let inbound = inbound(config, &identity, &cert, &core, &host)?;
             listeners.serve(&mut tasks, outbound, inbound)?;
         }
         None => {
@@ -212,6 +234,7 @@ pub async fn build(config: &Config) -> Result<Running> {
         store: core.store,
         mode: config.mode(),
         fail_closed: false,
+        live: Arc::new(live),
     })
 }
 
@@ -417,11 +440,12 @@ where
 fn pool(
     config: &Config,
     identity: &Credentials,
+    cert: &Arc<CertSlot>,
     core: &Core,
     host: &HostState,
 ) -> Result<Arc<TunnelPool>> {
     let dialer = TunnelDialer::new(
-        identity.client_config()?,
+        identity.client_config_with(cert.clone())?,
         core.tokens.clone(),
         config.bpf.proxy_mark,
         Duration::from_secs(5),
@@ -431,20 +455,21 @@ fn pool(
         config.tunnel.pool_size,
         Duration::from_secs(config.tunnel.pool_max_idle_secs),
     );
-    pool.warm(host.peers.peers());
+    pool.warm(host.peers.table().peers());
     Ok(pool)
 }
 
 fn inbound(
     config: &Config,
     identity: &Credentials,
+    cert: &Arc<CertSlot>,
     core: &Core,
     host: &HostState,
 ) -> Result<Arc<Inbound>> {
     Ok(Arc::new(Inbound {
         admission: core.admission(config, Mode::Tunnel),
         tokens: core.tokens.clone(),
-        acceptor: TlsAcceptor::from(identity.server_config()?),
+        acceptor: TlsAcceptor::from(identity.server_config_with(cert.clone())?),
         services: host.services.clone(),
         addrs: LocalAddrs::default(),
         mark: config.bpf.proxy_mark,
@@ -463,7 +488,8 @@ fn handshake_setup(
     Setup {
         admission: core.admission(config, Mode::Handshake),
         tokens: core.tokens.clone(),
-        peers: host.peers.clone(),
+        // (Routes at start-up: handshake mode does not follow directory changes yet.)
+        peers: (*host.peers.table()).clone(),
         peer_keys,
         lookup,
         services: host.services.clone(),
@@ -555,6 +581,12 @@ async fn serve_until(
 }
 
 impl Running {
+    /// Follows the control plane: its directory, policy and renewals reach the data path.
+    pub fn follow_control(&self, agent: crate::control::Agent) {
+        let live = self.live.clone();
+        tokio::spawn(agent.run(live));
+    }
+
     /// Serves until SIGTERM or SIGINT (Ok), restarting serving tasks that fail, panic or
     /// end; a task that cannot be restarted is the error (and capture then stays attached
     /// at [`Running::shutdown`]).

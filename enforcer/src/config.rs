@@ -30,7 +30,14 @@ pub struct Config {
     pub mode: Option<DataPathMode>,
     #[serde(default)]
     pub listen: Listen,
+    /// Certificate, key and CA (static configuration); under `[control]` the control plane
+    /// issues them and this section must be left out.
+    #[serde(default, skip_serializing_if = "Tls::is_unset")]
     pub tls: Tls,
+    /// The control plane this enforcer enrols with and follows (instead of `[tls]`,
+    /// `[[peer]]` and `policy.file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<crate::control::ControlConfig>,
     #[serde(default)]
     pub bpf: Bpf,
     #[serde(default, rename = "workload", skip_serializing_if = "Vec::is_empty")]
@@ -155,12 +162,19 @@ impl Default for Listen {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl Tls {
+    /// Not given (under `[control]`).
+    pub fn is_unset(&self) -> bool {
+        *self == Tls::default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -349,7 +363,13 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
+        if let Some(c) = self.control.as_mut() {
+            c.resolve_paths(base);
+        }
         for p in [&mut self.tls.ca, &mut self.tls.cert, &mut self.tls.key] {
+            if p.as_os_str().is_empty() {
+                continue;
+            }
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -406,6 +426,7 @@ impl Config {
             ));
         }
         self.validate_listen()?;
+        self.validate_control()?;
         self.validate_tls()?;
         self.validate_policy()?;
         self.validate_flows()?;
@@ -434,8 +455,42 @@ impl Config {
         Ok(())
     }
 
+    /// `[control]`: what the control plane gives is not also given here.
+    fn validate_control(&self) -> Result<(), String> {
+        let Some(c) = &self.control else {
+            return Ok(());
+        };
+        c.validate()?;
+        // (After bootstrap these are the control plane's own files and peers.)
+        let bootstrapped = self.tls.cert.starts_with(&c.state_dir);
+        if !bootstrapped {
+            if !self.tls.is_unset() {
+                return Err("tls: the control plane issues the certificate; remove [tls]".into());
+            }
+            if !self.peers.is_empty() {
+                return Err(
+                    "peer: the control plane's directory lists the peers; remove [[peer]]".into(),
+                );
+            }
+            if self.policy.file.is_some() {
+                return Err(
+                    "policy.file: the control plane distributes the policy; remove it".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks again after the control plane's state was filled in (see `control`).
+    pub fn revalidate(&self) -> Result<(), String> {
+        self.validate()
+    }
+
     /// `[tls]`: the CA, certificate and key files can be opened.
     fn validate_tls(&self) -> Result<(), String> {
+        if self.control.is_some() && self.tls.is_unset() {
+            return Ok(());
+        }
         for (field, path) in [
             ("tls.ca", &self.tls.ca),
             ("tls.cert", &self.tls.cert),

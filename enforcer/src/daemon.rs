@@ -36,8 +36,16 @@ fn raise_fd_limit() {
 
 pub async fn run(opts: RunOptions) -> Result<()> {
     raise_fd_limit();
-    let config = Config::load(&opts.config)?;
+    let mut config = Config::load(&opts.config)?;
+    // Under a control plane: its state (cached, or from enrolling now) as configuration.
+    let agent = crate::control::bootstrap(&mut config).await?;
+    config
+        .revalidate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.config.display()))?;
     let mut running = app::build(&config).await?;
+    if let Some(agent) = agent {
+        running.follow_control(agent);
+    }
     if let Some(ready) = &opts.ready_file {
         std::fs::write(ready, std::process::id().to_string())
             .with_context(|| format!("cannot write {}", ready.display()))?;

@@ -8,7 +8,8 @@
 //!   API and web map);
 //! * flows: [`flowstore`] (recent records and the persisted map), [`map`], [`metrics`],
 //!   [`flowlog`] (flow log files and tables), [`client`] (`tessera flows` / `tessera map`);
-//! * the control plane: [`server`] (`tessera server`: the daemon and its administration);
+//! * the control plane: [`server`] (`tessera server`: the daemon and its administration),
+//!   [`control`] (an enforcer under a control plane: enrolment, cache, renewal, following);
 //! * tools: [`ca`] (the cluster CA), [`identity_show`].
 //!
 //! The eBPF object and the web map are built and embedded only with the `embed` feature
@@ -22,6 +23,7 @@ pub mod ca;
 pub mod capture;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod flowlog;
 pub mod flowstore;

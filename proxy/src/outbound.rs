@@ -24,7 +24,7 @@ use crate::{
         Identity,
         session::{Refusal, Tokens},
     },
-    peers::{Peer, PeerTable},
+    peers::{Directory, Peer},
     pool::{Tunnel, TunnelPool},
     route::{self, Plan, Route},
     socket::{connect_marked, reset_on_close},
@@ -34,7 +34,7 @@ use crate::{
 pub struct Outbound {
     pub admission: Arc<Admission>,
     pub lookup: Arc<dyn CaptureLookup>,
-    pub peers: PeerTable,
+    pub peers: Arc<Directory>,
     pub pool: Arc<TunnelPool>,
     pub tokens: Arc<Tokens>,
     pub mark: u32,
@@ -86,7 +86,8 @@ impl Outbound {
         };
         flow.src.captured(&captured, self.admission.name());
         flow.dst = Endpoint::addr(captured.dst);
-        let plan = route::plan(&captured, &self.peers);
+        let table = self.peers.table();
+        let plan = route::plan(&captured, &table);
         match plan.route {
             Route::Peer(peer) => self.via_tunnel(app, &captured, &plan, peer, flow).await,
             Route::External => self.external(app, &captured, &plan, flow).await,

@@ -1,8 +1,20 @@
-//! Which enforcer serves which destination addresses (from configuration for now; the
-//! control plane will distribute it later). Longest prefix wins.
-use std::net::{IpAddr, SocketAddr};
+//! Which enforcer serves which destination addresses (longest prefix wins), and — under a
+//! control plane — which enforcers exist at all.
+//!
+//! [`Directory`] is what the data path holds: the routing table and the members, swapped
+//! whole when the configuration or the control plane's directory changes, with a watch
+//! channel so that holders of live tunnels can re-check them. A *managed* directory (the
+//! control plane's) admits tunnels only from its members, in their scope; a static one (a
+//! hand-written `[[peer]]` list) admits any enforcer the cluster CA certified, as before.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
+use tokio::sync::watch;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Peer {
@@ -41,6 +53,120 @@ impl PeerTable {
     }
 }
 
+/// An enforcer as the directory knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub tunnel: Option<SocketAddr>,
+    pub serves: Vec<IpNet>,
+    /// The labels its certificate's scope stamps on every identity it vouches for.
+    pub scope: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+struct Snapshot {
+    table: Arc<PeerTable>,
+    members: HashMap<String, Member>,
+    managed: bool,
+}
+
+/// Why a tunnel's peer is not admitted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("enforcer {0} is not in the control plane's directory")]
+pub struct NotMember(pub String);
+
+#[derive(Debug)]
+pub struct Directory {
+    now: ArcSwap<Snapshot>,
+    generation: watch::Sender<u64>,
+}
+
+fn table_of<'a>(members: impl IntoIterator<Item = &'a Member>) -> PeerTable {
+    PeerTable::new(members.into_iter().flat_map(|m| {
+        m.tunnel.into_iter().flat_map(move |tunnel| {
+            let peer = Peer {
+                name: m.name.clone(),
+                tunnel,
+            };
+            m.serves.iter().map(move |net| (*net, peer.clone()))
+        })
+    }))
+}
+
+impl Directory {
+    fn with(snapshot: Snapshot) -> Self {
+        Self {
+            now: ArcSwap::from_pointee(snapshot),
+            generation: watch::channel(0).0,
+        }
+    }
+
+    /// A hand-written peer list: routes only; any certified enforcer may open tunnels.
+    pub fn fixed(table: PeerTable) -> Self {
+        Self::with(Snapshot {
+            table: Arc::new(table),
+            members: HashMap::new(),
+            managed: false,
+        })
+    }
+
+    /// The control plane's directory: routes, and only members may open tunnels.
+    pub fn managed(members: impl IntoIterator<Item = Member>) -> Self {
+        let members: HashMap<_, _> = members.into_iter().map(|m| (m.name.clone(), m)).collect();
+        Self::with(Snapshot {
+            table: Arc::new(table_of(members.values())),
+            members,
+            managed: true,
+        })
+    }
+
+    /// Replaces the members (managed directories); the names that left.
+    pub fn replace(&self, members: impl IntoIterator<Item = Member>) -> Vec<String> {
+        let members: HashMap<_, _> = members.into_iter().map(|m| (m.name.clone(), m)).collect();
+        let old = self.now.load();
+        let gone = old
+            .members
+            .keys()
+            .filter(|n| !members.contains_key(*n))
+            .cloned()
+            .collect();
+        self.now.store(Arc::new(Snapshot {
+            table: Arc::new(table_of(members.values())),
+            members,
+            managed: true,
+        }));
+        self.generation.send_modify(|g| *g += 1);
+        gone
+    }
+
+    /// The routing table now.
+    pub fn table(&self) -> Arc<PeerTable> {
+        self.now.load().table.clone()
+    }
+
+    pub fn is_managed(&self) -> bool {
+        self.now.load().managed
+    }
+
+    /// Whether enforcer `name` may open tunnels to us, and the scope its identities get:
+    /// `Ok(None)` for a static directory (no scope), `Ok(Some)` for a member.
+    pub fn admit(&self, name: &str) -> Result<Option<BTreeMap<String, String>>, NotMember> {
+        let now = self.now.load();
+        if !now.managed {
+            return Ok(None);
+        }
+        now.members
+            .get(name)
+            .map(|m| Some(m.scope.clone()))
+            .ok_or_else(|| NotMember(name.to_string()))
+    }
+
+    /// Changes: a new value after every [`Directory::replace`].
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +202,44 @@ mod tests {
         );
         assert_eq!(table.lookup("fd00::5".parse().unwrap()).unwrap().name, "v6");
         assert!(table.lookup("192.0.2.1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_managed_directory_admits_members_only_and_routes_change_with_it() {
+        let m = |name: &str, net: &str, scope: &[(&str, &str)]| Member {
+            name: name.into(),
+            tunnel: Some("10.0.0.9:15008".parse().unwrap()),
+            serves: vec![net.parse().unwrap()],
+            scope: scope
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let fixed = Directory::fixed(PeerTable::default());
+        assert_eq!(fixed.admit("anyone"), Ok(None));
+        let d = Directory::managed([m("a", "10.1.0.0/24", &[("site", "paris")])]);
+        let mut changes = d.changes();
+        assert_eq!(
+            d.admit("a")
+                .unwrap()
+                .unwrap()
+                .get("site")
+                .map(String::as_str),
+            Some("paris")
+        );
+        assert_eq!(d.admit("b"), Err(NotMember("b".into())));
+        assert_eq!(
+            d.table().lookup("10.1.0.5".parse().unwrap()).unwrap().name,
+            "a"
+        );
+        let gone = d.replace([m("b", "10.2.0.0/24", &[])]);
+        assert_eq!(gone, ["a"]);
+        assert!(changes.has_changed().unwrap());
+        assert!(d.admit("a").is_err());
+        assert!(d.table().lookup("10.1.0.5".parse().unwrap()).is_none());
+        assert_eq!(
+            d.table().lookup("10.2.0.5".parse().unwrap()).unwrap().name,
+            "b"
+        );
     }
 }

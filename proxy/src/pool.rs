@@ -10,7 +10,7 @@ use std::{
     io,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -98,6 +98,8 @@ struct PeerPool {
     /// After failed dials, no background dial until this instant; the delay doubles with
     /// each failure (a down peer is not hammered) and resets on success.
     backoff: Mutex<(Option<Instant>, Duration)>,
+    /// A task keeps this pool warm.
+    warmed: AtomicBool,
 }
 
 pub struct TunnelPool {
@@ -188,11 +190,28 @@ impl TunnelPool {
             return;
         }
         for peer in peers {
+            {
+                let mut pools = self.peers.lock().expect("lock");
+                if pools
+                    .get(peer)
+                    .is_some_and(|p| p.warmed.load(Ordering::Relaxed))
+                {
+                    continue;
+                }
+                pools
+                    .entry(peer.clone())
+                    .or_default()
+                    .warmed
+                    .store(true, Ordering::Relaxed);
+            }
             let (this, peer) = (Arc::downgrade(self), peer.clone());
             tokio::spawn(async move {
                 loop {
                     let Some(this) = this.upgrade() else { return };
-                    let pool = this.peer_pool(&peer);
+                    // Forgotten (left the directory): stop keeping it warm.
+                    let Some(pool) = this.peers.lock().expect("lock").get(&peer).cloned() else {
+                        return;
+                    };
                     pool.idle
                         .lock()
                         .expect("lock")
@@ -242,6 +261,14 @@ impl TunnelPool {
                 pool.dialing.fetch_sub(1, Ordering::Relaxed);
             });
         }
+    }
+
+    /// Drops the idle tunnels to enforcer `name` and stops keeping its pool warm.
+    pub fn forget(&self, name: &str) {
+        self.peers
+            .lock()
+            .expect("lock")
+            .retain(|p, _| p.name != name);
     }
 
     /// Idle tunnels per peer name (for status and tests).

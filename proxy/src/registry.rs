@@ -113,6 +113,30 @@ impl ConnectionRegistry {
         closed
     }
 
+    /// Revokes the live connections with a workload that enforcer `name` vouched for (it
+    /// left the directory: revoked or removed by the control plane); returns how many.
+    pub fn revoke_enforcer(&self, name: &str) -> usize {
+        let reason = format!("closed: enforcer {name} left the directory");
+        let by = |p: &crate::authz::Party| {
+            p.labels
+                .as_ref()
+                .and_then(|l| l.get(crate::identity::reserved::ENFORCER))
+                == Some(name)
+        };
+        let mut live = self.lock();
+        let mut closed = 0;
+        live.retain(|_, conn| {
+            if by(&conn.attempt.src) || by(&conn.attempt.dst) {
+                let _ = conn.close.send(Some(reason.clone()));
+                closed += 1;
+                false
+            } else {
+                true
+            }
+        });
+        closed
+    }
+
     pub fn live_count(&self) -> usize {
         self.lock().len()
     }

@@ -91,6 +91,89 @@ impl Credentials {
     }
 }
 
+/// This enforcer's certificate and key as handshakes use them, replaceable while running:
+/// a renewed certificate (same key) is presented from the next handshake on, without
+/// touching live tunnels. Both the tunnel server and client resolve through it.
+#[derive(Debug)]
+pub struct CertSlot {
+    now: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+    key: Arc<dyn rustls::sign::SigningKey>,
+}
+
+impl CertSlot {
+    pub fn new(creds: &Credentials) -> Result<Arc<Self>, TlsError> {
+        let key = Credentials::provider()
+            .key_provider
+            .load_private_key(creds.key.clone_key())?;
+        let certified = rustls::sign::CertifiedKey::new(creds.chain.clone(), key.clone());
+        certified.keys_match()?;
+        Ok(Arc::new(Self {
+            now: arc_swap::ArcSwap::from_pointee(certified),
+            key,
+        }))
+    }
+
+    /// Presents `chain` from now on; it must be for the same key.
+    pub fn replace(&self, chain: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
+        let certified = rustls::sign::CertifiedKey::new(chain, self.key.clone());
+        certified.keys_match()?;
+        self.now.store(Arc::new(certified));
+        Ok(())
+    }
+
+    /// The certificate presented now.
+    pub fn current(&self) -> CertificateDer<'static> {
+        self.now.load().cert[0].clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.now.load_full())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertSlot {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.now.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl Credentials {
+    /// [`Credentials::server_config`], presenting whatever `slot` holds at each handshake.
+    pub fn server_config_with(&self, slot: Arc<CertSlot>) -> Result<Arc<ServerConfig>, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider()).build()?;
+        let mut config = ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(slot);
+        config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// [`Credentials::client_config`], presenting whatever `slot` holds at each handshake.
+    pub fn client_config_with(&self, slot: Arc<CertSlot>) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut config = ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots()?)
+            .with_client_cert_resolver(slot);
+        config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
 /// The enforcer name in a verified peer certificate: its first DNS subject-alternative name.
 pub fn peer_name(cert: &CertificateDer<'_>) -> Option<String> {
     use x509_parser::prelude::*;

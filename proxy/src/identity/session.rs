@@ -187,6 +187,12 @@ impl Tokens {
         ))
     }
 
+    /// Forgets a peer enforcer's key, its pair key and what it vouched for (it left the
+    /// control plane's directory): its tokens are refused from now on.
+    pub fn forget_peer(&self, id: &KeyId) {
+        self.verifier.forget(id);
+    }
+
     /// A cold token for `identity`, meant for `dst` (served by the enforcer with key `peer`),
     /// bound to `binding` (a TCP handshake's keys and sequence numbers), sealed with the pair
     /// key of that enforcer and this one. Handshake mode requires tokens.

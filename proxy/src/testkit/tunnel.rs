@@ -58,7 +58,7 @@ use crate::{
     inbound::Inbound,
     local::{LocalAddrs, LocalServices, LocalWorkload},
     outbound::Outbound,
-    peers::{Peer, PeerTable},
+    peers::{Directory, Peer, PeerTable},
     pool::{TunnelDialer, TunnelPool},
     registry::ConnectionRegistry,
     socket, tls,
@@ -326,7 +326,7 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
     let outbound = Arc::new(Outbound {
         admission: admission.clone(),
         lookup,
-        peers,
+        peers: Arc::new(Directory::fixed(peers)),
         pool: pool.clone(),
         tokens: tokens.clone(),
         mark: MARK,
