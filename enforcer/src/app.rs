@@ -36,11 +36,13 @@ use tessera_proxy::{
     flow::{FlowLog, Mode},
     handshake::engine::{Engine, Setup},
     identity::{session::Tokens, token::KeyId},
-    inbound::Inbound,
+    inbound::{Inbound, TlsGate},
+    limits::Limit,
     local::{LocalAddrs, LocalServices, LocalWorkload},
     outbound::Outbound,
     peers::{Directory, Peer, PeerTable},
     pool::{TunnelDialer, TunnelPool},
+    refusals::Refusals,
     registry::ConnectionRegistry,
     socket::listen,
     tls::{CertSlot, Credentials},
@@ -255,8 +257,15 @@ fn core(config: &Config, identity: &Credentials) -> Result<Core> {
         config.flows.recent,
         metrics.clone(),
     )?;
-    let flows = FlowLog::start(config.flows.log.clone(), Some(store.clone()))
-        .map_err(|e| anyhow::anyhow!("flows.log: {e}"))?;
+    // Unauthenticated refusals are aggregated per source prefix and interval: a flood
+    // costs a bounded number of records (tessera_proxy::refusals).
+    let refusals = Arc::new(Refusals::new(metrics.drops.clone()));
+    let flows = FlowLog::start_with(
+        config.flows.log.clone(),
+        Some(store.clone()),
+        Some(refusals),
+    )
+    .map_err(|e| anyhow::anyhow!("flows.log: {e}"))?;
     Ok(Core {
         registry,
         dns,
@@ -475,6 +484,7 @@ fn inbound(
         mark: config.bpf.proxy_mark,
         delivery_src4: config.bpf.delivery_source,
         idle_timeout: Duration::from_secs(config.tunnel.idle_timeout_secs),
+        gate: TlsGate::new(core.metrics.drops.clone()),
     }))
 }
 
@@ -497,6 +507,7 @@ fn handshake_setup(
         acked_mark: config.handshake.acked_bit,
         pending_ms: u64::from(config.identity.token_lifetime_ms) + config.identity.clock_skew_ms,
         key_reuse_ms: config.handshake.key_reuse_ms,
+        drops: core.metrics.drops.clone(),
     }
 }
 
@@ -541,6 +552,12 @@ fn serve_common(
     let flows = core.flows.clone();
     core.metrics
         .count_dropped_flows_with(move || flows.dropped());
+    let registry = core.registry.clone();
+    core.metrics
+        .count_limit_with(Limit::Interner, move || registry.decisions().uninterned());
+    let tokens = core.tokens.clone();
+    core.metrics
+        .count_limit_with(Limit::WarmIdentities, move || tokens.evicted_identities());
     if let Some(file) = config.policy.file.clone() {
         let (registry, metrics) = (core.registry.clone(), core.metrics.clone());
         tasks.spawn("policy reloads", move || {

@@ -110,6 +110,7 @@ mod tests {
                 spiffe: None,
                 dns_name: None,
                 labels: Default::default(),
+                prefix: None,
             },
             dst: Endpoint {
                 addr: "10.77.0.2:8080".parse().unwrap(),
@@ -120,6 +121,7 @@ mod tests {
                 spiffe: None,
                 dns_name: None,
                 labels: Default::default(),
+                prefix: None,
             },
             protocol: Default::default(),
             mode: Default::default(),
@@ -134,6 +136,7 @@ mod tests {
             bytes_sent: bytes,
             bytes_received: 2 * bytes,
             pooled: None,
+            count: None,
         }
     }
 

@@ -13,6 +13,8 @@ use redb::{Database, ReadableTable, TableDefinition};
 use tessera_proxy::flow::{FlowRecord, FlowSink};
 use tokio::sync::broadcast;
 
+use tessera_proxy::limits::{Drops, Limit};
+
 use crate::{
     map::{Aggregate, EdgeKey, EdgeStats, Map, Node},
     metrics::Metrics,
@@ -23,11 +25,53 @@ const EDGES: TableDefinition<&str, &[u8]> = TableDefinition::new("edges");
 /// Node name -> node (JSON).
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 
+/// Unauthenticated sources (addresses or prefixes) the map and the metrics name at most;
+/// later ones are counted under [`OTHER_SOURCES`]. Each costs a node, its edges, a row in
+/// the database and metric series: 1024 keeps the map readable and its file small (a few
+/// hundred KB) whatever a flood of spoofed sources does, and is far more outsiders than a
+/// map is useful for.
+pub const MAX_UNAUTHENTICATED_SOURCES: usize = 1024;
+
+/// Edges from unauthenticated sources at most; past that their port is recorded as 0 (a
+/// flood to random ports cannot make an edge per port).
+pub const MAX_UNAUTHENTICATED_EDGES: usize = 4096;
+
+/// The node unauthenticated sources past the bound are counted under.
+pub const OTHER_SOURCES: &str = "other sources (unauthenticated)";
+
+/// Whether a map node name is that of a source without an identity.
+fn unauthenticated_source(name: &str) -> bool {
+    name.ends_with(" (unauthenticated)")
+}
+
 struct Inner {
     recent: VecDeque<Arc<FlowRecord>>,
     map: Aggregate,
     dirty_edges: HashSet<EdgeKey>,
     dirty_nodes: HashSet<String>,
+    /// The unauthenticated source nodes on the map (at most the bound, and `other`).
+    outsiders: HashSet<String>,
+    /// Edges from them.
+    outsider_edges: usize,
+}
+
+impl Inner {
+    /// The source node name a record is counted under: its own, unless it is a new
+    /// unauthenticated source past the bound (counted in `drops`).
+    fn bounded(&mut self, src: String, drops: &Drops) -> String {
+        if !unauthenticated_source(&src) {
+            return src;
+        }
+        if self.outsiders.contains(&src) {
+            src
+        } else if self.outsiders.len() < MAX_UNAUTHENTICATED_SOURCES {
+            self.outsiders.insert(src.clone());
+            src
+        } else {
+            drops.hit(Limit::MapSources);
+            OTHER_SOURCES.to_owned()
+        }
+    }
 }
 
 pub struct FlowStore {
@@ -63,6 +107,17 @@ impl FlowStore {
             capacity,
             inner: Mutex::new(Inner {
                 recent: VecDeque::with_capacity(capacity.min(4096)),
+                outsiders: map
+                    .nodes
+                    .keys()
+                    .filter(|n| unauthenticated_source(n))
+                    .cloned()
+                    .collect(),
+                outsider_edges: map
+                    .edges
+                    .keys()
+                    .filter(|k| unauthenticated_source(&k.src))
+                    .count(),
                 map,
                 dirty_edges: HashSet::new(),
                 dirty_nodes: HashSet::new(),
@@ -199,22 +254,44 @@ fn load(db: &Database, map: &mut Aggregate) -> Result<()> {
 impl FlowSink for FlowStore {
     fn record(&self, rec: Arc<FlowRecord>) {
         // Node names are made once and serve both the metrics and the map.
-        let names = crate::map::node_names(&rec);
-        self.metrics.observe(&rec, &names[0], &names[1]);
-        {
+        let [src, dst] = crate::map::node_names(&rec);
+        let drops = &self.metrics.drops;
+        let [src, dst] = {
             let mut inner = self.inner.lock().expect("lock");
             if inner.recent.len() == self.capacity {
                 inner.recent.pop_front();
             }
             inner.recent.push_back(rec.clone());
-            let (key, [src, dst]) = inner.map.add_named(&rec, names);
-            inner.dirty_edges.insert(key);
-            for n in [src, dst] {
+            let src = inner.bounded(src, drops);
+            let mut port = rec.dst.addr.port();
+            if unauthenticated_source(&src) {
+                let key = EdgeKey {
+                    src: src.clone(),
+                    dst: dst.clone(),
+                    port,
+                    verdict: crate::map::verdict_name(rec.verdict).into(),
+                };
+                if !inner.map.edges.contains_key(&key) {
+                    if inner.outsider_edges >= MAX_UNAUTHENTICATED_EDGES {
+                        drops.hit(Limit::MapSources);
+                        port = 0;
+                    }
+                    let zero = EdgeKey { port, ..key };
+                    if !inner.map.edges.contains_key(&zero) {
+                        inner.outsider_edges += 1;
+                    }
+                }
+            }
+            let (key, names) = inner.map.add_keyed(&rec, [src, dst], port);
+            inner.dirty_edges.insert(key.clone());
+            for n in names.clone() {
                 if !inner.dirty_nodes.contains(&n) {
                     inner.dirty_nodes.insert(n);
                 }
             }
-        }
+            names
+        };
+        self.metrics.observe(&rec, &src, &dst);
         let _ = self.live.send(rec);
     }
 }
@@ -272,6 +349,7 @@ mod tests {
             bytes_sent: bytes,
             bytes_received: bytes * 2,
             pooled: None,
+            count: None,
         }
     }
 

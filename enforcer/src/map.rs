@@ -23,9 +23,11 @@ pub fn node_name(e: &Endpoint, role: Role) -> String {
         (Some(w), Some(enf), _) => format!("{w}@{enf}"),
         (Some(w), None, _) => w.clone(),
         // No workload behind it: a peer nobody vouched for, or a destination without an enforcer.
-        (None, _, Role::Source) => match &e.dns_name {
-            Some(name) => format!("{name} {} (unauthenticated)", e.addr.ip()),
-            None => format!("{} (unauthenticated)", e.addr.ip()),
+        (None, _, Role::Source) => match (&e.prefix, &e.dns_name) {
+            // A summary of refusals from a whole prefix (tessera_proxy::refusals).
+            (Some(prefix), _) => format!("{prefix} (unauthenticated)"),
+            (None, Some(name)) => format!("{name} {} (unauthenticated)", e.addr.ip()),
+            (None, None) => format!("{} (unauthenticated)", e.addr.ip()),
         },
         (None, Some(enf), Role::Destination) => format!("{} (via {enf})", e.addr.ip()),
         (None, None, Role::Destination) => match &e.dns_name {
@@ -120,7 +122,18 @@ impl Aggregate {
     }
 
     /// [`Aggregate::add`] with the record's node names already made (see [`node_names`]).
-    pub fn add_named(&mut self, r: &FlowRecord, [src, dst]: [String; 2]) -> (EdgeKey, [String; 2]) {
+    pub fn add_named(&mut self, r: &FlowRecord, names: [String; 2]) -> (EdgeKey, [String; 2]) {
+        self.add_keyed(r, names, r.dst.addr.port())
+    }
+
+    /// [`Aggregate::add_named`] on the edge of destination port `port` (the flow store
+    /// folds the ports of unauthenticated sources past its bound into 0).
+    pub fn add_keyed(
+        &mut self,
+        r: &FlowRecord,
+        [src, dst]: [String; 2],
+        port: u16,
+    ) -> (EdgeKey, [String; 2]) {
         for (name, e) in [(&src, &r.src), (&dst, &r.dst)] {
             let node = self.nodes.entry(name.clone()).or_insert_with(|| Node {
                 name: name.clone(),
@@ -149,7 +162,7 @@ impl Aggregate {
         let key = EdgeKey {
             src: src.clone(),
             dst: dst.clone(),
-            port: r.dst.addr.port(),
+            port,
             verdict: verdict_name(r.verdict).into(),
         };
         let s = self.edges.entry(key.clone()).or_default();
@@ -158,7 +171,7 @@ impl Aggregate {
             s.first_seen_ms = r.start_ms;
         }
         s.last_seen_ms = s.last_seen_ms.max(end);
-        s.connections += 1;
+        s.connections += r.attempts();
         s.bytes_sent += r.bytes_sent;
         s.bytes_received += r.bytes_received;
         s.rules.extend(r.rule.clone());

@@ -4,9 +4,12 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use std::sync::Arc;
+
 use tessera_proxy::{
     code::{Code, Kind},
     flow::FlowRecord,
+    limits::{Drops, Limit},
 };
 
 use crate::map::verdict_name;
@@ -42,9 +45,18 @@ struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    /// One of the closed set [`Limit::ALL`].
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reload {
     result: String,
 }
+
+/// The source label of connections from sources without an identity.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 pub struct Metrics {
     registry: Registry,
@@ -61,6 +73,13 @@ pub struct Metrics {
     count_dropped_flows: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
     /// Connections a policy reload revoked that could not be closed (handshake mode).
     revocation_failures: Counter,
+    /// How often each bound on state or work was hit; the parts that enforce them count
+    /// here, the counters are read at scrape time.
+    pub drops: Arc<Drops>,
+    limit_drops: Family<LimitLabel, Counter>,
+    /// Bounds counted by parts that keep their own counter (the policy interner, the
+    /// token verifier): read at scrape time.
+    counted_elsewhere: std::sync::Mutex<Vec<(Limit, Box<dyn Fn() -> u64 + Send + Sync>)>>,
 }
 
 impl Default for Metrics {
@@ -120,8 +139,20 @@ impl Metrics {
             "Live connections a policy reload revoked that could not be closed (ss -K failed or the socket stayed open): they go on despite the policy",
             revocation_failures.clone(),
         );
+        let limit_drops = Family::<LimitLabel, Counter>::default();
+        registry.register(
+            "limit_drops",
+            "Times a bound on what unauthenticated traffic can make the enforcer keep or do was hit, by bound (refusals aggregated, keys folded, caches full, handshakes refused, rate limits)",
+            limit_drops.clone(),
+        );
+        for l in Limit::ALL {
+            let _ = limit_drops.get_or_create(&LimitLabel { limit: l.as_str() });
+        }
         Self {
             registry,
+            drops: Arc::default(),
+            limit_drops,
+            counted_elsewhere: Default::default(),
             connections,
             refusals,
             bytes,
@@ -141,15 +172,23 @@ impl Metrics {
     }
 
     /// Counts a record whose source and destination nodes are named `src` and `dst`.
+    /// A source without an identity is labelled `unauthenticated`, whatever its address:
+    /// label values are never chosen by whoever can send a packet.
     pub fn observe(&self, r: &FlowRecord, src: &str, dst: &str) {
+        let src = if src.ends_with(" (unauthenticated)") {
+            UNAUTHENTICATED
+        } else {
+            src
+        };
         let (src, dst) = (src.to_owned(), dst.to_owned());
+        let n = r.attempts();
         self.connections
             .get_or_create(&Connection {
                 src: src.clone(),
                 dst: dst.clone(),
                 verdict: verdict_name(r.verdict).into(),
             })
-            .inc();
+            .inc_by(n);
         for (direction, n) in [("sent", r.bytes_sent), ("received", r.bytes_received)] {
             if n > 0 {
                 self.bytes
@@ -165,9 +204,9 @@ impl Metrics {
             let reason = Reason {
                 reason: CodeLabel(r.code),
             };
-            self.refusals.get_or_create(&reason).inc();
+            self.refusals.get_or_create(&reason).inc_by(n);
             if r.code.kind() == Kind::Token {
-                self.token_failures.get_or_create(&reason).inc();
+                self.token_failures.get_or_create(&reason).inc_by(n);
             }
         }
     }
@@ -180,6 +219,15 @@ impl Metrics {
     /// Where the dropped-flow-records counter comes from (read at each scrape).
     pub fn count_dropped_flows_with(&self, f: impl Fn() -> u64 + Send + Sync + 'static) {
         let _ = self.count_dropped_flows.set(Box::new(f));
+    }
+
+    /// Where the count of `limit` comes from, for a part that keeps its own counter (read
+    /// at each scrape).
+    pub fn count_limit_with(&self, limit: Limit, f: impl Fn() -> u64 + Send + Sync + 'static) {
+        self.counted_elsewhere
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((limit, Box::new(f)));
     }
 
     pub fn policy_reload(&self, ok: bool) {
@@ -199,6 +247,21 @@ impl Metrics {
             let now = count();
             self.dropped_flows
                 .inc_by(now.saturating_sub(self.dropped_flows.get()));
+        }
+        for (limit, count) in self
+            .counted_elsewhere
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let (now, have) = (count(), self.drops.get(*limit));
+            self.drops.add(*limit, now.saturating_sub(have));
+        }
+        for (l, now) in self.drops.all() {
+            let c = self
+                .limit_drops
+                .get_or_create(&LimitLabel { limit: l.as_str() });
+            c.inc_by(now.saturating_sub(c.get()));
         }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

@@ -22,20 +22,57 @@ pub type SubjectId = u32;
 /// What identifies a subject: its labels (if it has an identity) and its address.
 type SubjectKey = (Option<Labels>, Option<IpAddr>);
 
-#[derive(Default)]
+/// The id of a subject the interner had no room for: its decisions are never cached.
+pub const UNINTERNED: SubjectId = SubjectId::MAX;
+
+/// Subjects interned at most. Interned ids live as long as the process, and every
+/// external address is a subject of its own: without a bound, a flood of spoofed sources
+/// would grow the interner forever. 65,536 subjects (a few MB) cover every workload
+/// identity and many external peers; later ones are decided without the cache.
+pub const MAX_SUBJECTS: usize = 65_536;
+
 pub struct Interner {
     ids: RwLock<HashMap<SubjectKey, SubjectId>>,
+    max: usize,
+    /// Subjects not interned because the interner was full.
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Interner {
+    fn default() -> Self {
+        Self::with_capacity(MAX_SUBJECTS)
+    }
 }
 
 impl Interner {
+    /// An interner of at most `max` subjects.
+    pub fn with_capacity(max: usize) -> Self {
+        Self {
+            ids: RwLock::default(),
+            max: max.min(UNINTERNED as usize),
+            refused: Default::default(),
+        }
+    }
+
+    /// The subject's id; [`UNINTERNED`] when it is new and the interner is full.
     pub fn intern(&self, labels: Option<&Labels>, addr: Option<IpAddr>) -> SubjectId {
         let key = (labels.cloned(), addr);
         if let Some(id) = self.ids.read().expect("lock").get(&key) {
             return *id;
         }
         let mut ids = self.ids.write().expect("lock");
-        let next = ids.len() as SubjectId;
-        *ids.entry(key).or_insert(next)
+        let next = ids.len();
+        if next >= self.max && !ids.contains_key(&key) {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return UNINTERNED;
+        }
+        *ids.entry(key).or_insert(next as SubjectId)
+    }
+
+    /// Subjects not interned because the interner was full.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn len(&self) -> usize {
@@ -74,6 +111,10 @@ impl DecisionCache {
             return self.policy.expand(d);
         }
         let decision = self.policy.decide_compact(src, dst, port, resolved);
+        if src_id == UNINTERNED || dst_id == UNINTERNED {
+            // Not interned: no key to cache it under.
+            return self.policy.expand(decision);
+        }
         let mut map = self.map.write().expect("lock");
         if map.len() >= self.max_entries {
             map.clear(); // bounded memory; the hot pairs come back at once
@@ -140,5 +181,40 @@ mod tests {
         assert!(!cache.decide((a, &sa), (w, &sw), 80, &no_dns).allowed());
         cache.decide((w, &sw), (a, &sa), 81, &no_dns);
         assert!(cache.len() <= 2);
+    }
+
+    #[test]
+    fn the_interner_is_bounded_and_uninterned_subjects_are_decided_uncached() {
+        let policy = crate::load("p.yaml", "rules:\n  - {name: a, action: allow, from: {cidr: 10.0.0.0/8}, to: {labels: [app=api]}}\n").unwrap();
+        let cache = DecisionCache::new(policy, 1 << 10);
+        let interner = Interner::with_capacity(3);
+        let api = Labels::parse("app=api").unwrap();
+        let a = interner.intern(Some(&api), None);
+        let ids: Vec<_> = (0..100u8)
+            .map(|i| interner.intern(None, Some(IpAddr::from([10, 0, 0, i]))))
+            .collect();
+        assert_eq!(interner.len(), 3);
+        assert_eq!(interner.refused(), 98);
+        assert_eq!(ids[50], UNINTERNED);
+        assert_eq!(
+            interner.intern(Some(&api), None),
+            a,
+            "known subjects keep their id"
+        );
+        let sa = Subject {
+            labels: Some(&api),
+            addr: None,
+        };
+        let addr = IpAddr::from([10, 0, 0, 50]);
+        let src = Subject {
+            labels: None,
+            addr: Some(addr),
+        };
+        assert!(
+            cache
+                .decide((UNINTERNED, &src), (a, &sa), 80, &no_dns)
+                .allowed()
+        );
+        assert_eq!(cache.len(), 0, "nothing cached under the uninterned id");
     }
 }

@@ -119,6 +119,11 @@ impl Decisions {
         }
     }
 
+    /// Policy subjects the interner had no room for (decided without the cache).
+    pub fn uninterned(&self) -> u64 {
+        self.interner.refused()
+    }
+
     pub fn rule_count(&self) -> usize {
         self.current.load().policy.rule_count()
     }

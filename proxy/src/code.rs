@@ -114,6 +114,11 @@ codes! {
     NoCapture => "no-capture", Transport;
     /// The connection broke (or its path ended without saying why).
     Broken => "broken", Transport;
+    /// The source's prefix was over its rate of expensive work (signature checks, TLS
+    /// handshakes).
+    RateLimited => "rate-limited", Transport;
+    /// A bounded table or the bound on concurrent TLS handshakes was full.
+    Overloaded => "overloaded", Transport;
 }
 
 impl Code {

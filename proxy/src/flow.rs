@@ -23,9 +23,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::{io::AsyncWriteExt, sync::mpsc};
 
-use crate::{authz::Ruling, capture::Captured, code::Code, identity::Identity};
+use crate::{authz::Ruling, capture::Captured, code::Code, identity::Identity, refusals::Refusals};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Direction {
     /// A local workload's connection, captured and carried to a peer enforcer.
@@ -64,7 +64,7 @@ impl Mode {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
     Allowed,
@@ -97,6 +97,11 @@ pub struct Endpoint {
     /// Its identity labels (declared and derived), as policy saw them.
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub labels: BTreeMap<String, String>,
+    /// For a summary of unauthenticated refusals ([`crate::refusals`]): the source prefix
+    /// it counts (`203.0.113.0/24`; `0.0.0.0/0` for the overflow of a flood); `addr` is
+    /// then its network address with port 0.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub prefix: Option<String>,
 }
 
 /// Labels as flow records carry them.
@@ -144,6 +149,7 @@ impl Endpoint {
             spiffe: None,
             dns_name: None,
             labels: BTreeMap::new(),
+            prefix: None,
         }
     }
 }
@@ -172,7 +178,7 @@ pub struct FlowRecord {
     /// `policy-reload`, a token refusal (`no-token`, `bad-signature`, `expired`, `replay`,
     /// `wrong-session`, ...), `unauthenticated` (a direct connection), `not-served`,
     /// `peer-unreachable`, `workload-unreachable`, `bad-header`, `tls-handshake`,
-    /// `no-capture`, `broken`. Empty when allowed and clean.
+    /// `no-capture`, `broken`, `rate-limited`, `overloaded`. Empty when allowed and clean.
     #[serde(skip_serializing_if = "Code::is_clean", default)]
     pub code: Code,
     /// The policy rule that decided at this end (none: default deny, or no policy step).
@@ -184,6 +190,11 @@ pub struct FlowRecord {
     /// Whether the tunnel came warm from the pool (outbound only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub pooled: Option<bool>,
+    /// How many connection attempts the record stands for: set on unauthenticated
+    /// refusals, which are aggregated ([`crate::refusals`]): 1 for the first of its kind in
+    /// an interval, the number of the others for the interval's summary. Absent: one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub count: Option<u64>,
 }
 
 impl FlowRecord {
@@ -213,7 +224,13 @@ impl FlowRecord {
             bytes_sent: 0,
             bytes_received: 0,
             pooled: None,
+            count: None,
         }
+    }
+
+    /// How many connection attempts the record stands for (see [`FlowRecord::count`]).
+    pub fn attempts(&self) -> u64 {
+        self.count.unwrap_or(1)
     }
 
     /// Policy's ruling on the connection at this end: the rule, the verdict and, for a
@@ -433,6 +450,8 @@ pub const QUEUE: usize = 65_536;
 pub struct FlowLog {
     tx: mpsc::Sender<FlowRecord>,
     dropped: Arc<AtomicU64>,
+    /// Aggregates unauthenticated refusals (None: every record as it is).
+    refusals: Option<Arc<Refusals>>,
 }
 
 impl FlowLog {
@@ -440,6 +459,16 @@ impl FlowLog {
     /// also goes to `sink` (the enforcer's flow store), if any. The file is private to this
     /// process's user ([`open_private_file`]), its missing directories 0700.
     pub fn start(path: Option<PathBuf>, sink: Option<Arc<dyn FlowSink>>) -> std::io::Result<Self> {
+        Self::start_with(path, sink, None)
+    }
+
+    /// [`FlowLog::start`], unauthenticated refusals aggregated by `refusals` (their
+    /// summaries written when each interval ends, and at the end).
+    pub fn start_with(
+        path: Option<PathBuf>,
+        sink: Option<Arc<dyn FlowSink>>,
+        refusals: Option<Arc<Refusals>>,
+    ) -> std::io::Result<Self> {
         let file = match &path {
             Some(p) => {
                 if let Some(dir) = p.parent() {
@@ -453,13 +482,29 @@ impl FlowLog {
             None => None,
         };
         let (tx, mut rx) = mpsc::channel::<FlowRecord>(QUEUE);
+        let summaries = refusals.clone();
         tokio::spawn(async move {
             let mut file = file.map(tokio::fs::File::from_std);
             let mut batch = Vec::with_capacity(BATCH);
             let mut lines = Vec::with_capacity(512 * BATCH);
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Records that arrive together are written together: one write (and one trip to
             // the blocking pool) per batch, not per record.
-            while rx.recv_many(&mut batch, BATCH).await > 0 {
+            loop {
+                let ended = tokio::select! {
+                    n = rx.recv_many(&mut batch, BATCH) => n == 0,
+                    _ = tick.tick() => false,
+                };
+                if let Some(agg) = &summaries {
+                    batch.extend(agg.drain(now_ms(), ended));
+                }
+                if batch.is_empty() {
+                    if ended {
+                        break;
+                    }
+                    continue;
+                }
                 lines.clear();
                 for rec in &batch {
                     // Per record at debug only: the flow log and the API are the record.
@@ -491,6 +536,9 @@ impl FlowLog {
                         sink.record(Arc::new(rec));
                     }
                 }
+                if ended {
+                    break;
+                }
                 // Let the next records gather: at a high connection rate every send would
                 // otherwise wake this task (a futex and an eventfd write per record).
                 tokio::time::sleep(COALESCE).await;
@@ -499,6 +547,7 @@ impl FlowLog {
         Ok(Self {
             tx,
             dropped: Arc::default(),
+            refusals,
         })
     }
 
@@ -507,11 +556,20 @@ impl FlowLog {
         Self {
             tx,
             dropped: Arc::default(),
+            refusals: None,
         }
     }
 
-    /// Queues a record for the writer; never waits. A full queue drops it (counted).
+    /// Queues a record for the writer; never waits. A full queue drops it (counted). An
+    /// unauthenticated refusal may instead be counted into its interval's summary.
     pub fn record(&self, rec: FlowRecord) {
+        let rec = match &self.refusals {
+            Some(agg) => match agg.add(rec) {
+                Some(rec) => rec,
+                None => return,
+            },
+            None => rec,
+        };
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(rec) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }

@@ -17,6 +17,7 @@ use std::{
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
+    sync::OwnedSemaphorePermit,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
@@ -27,6 +28,7 @@ use crate::{
     copy::{Buffers, Ended, send_reset, splice, splice_plain},
     flow::{Direction, Endpoint, FlowRecord, FlowTracker, now_ms},
     identity::session::{Proof, Tokens, TunnelSession, session_binding},
+    limits::{Drops, Limit, RateLimiter},
     local::{LocalAddrs, LocalServices, LocalWorkload},
     registry::ConnectionGuard,
     socket::{connect_marked, reset_on_close},
@@ -45,9 +47,60 @@ pub struct Inbound {
     pub delivery_src4: Ipv4Addr,
     /// How long a tunnel may stay idle before its header (pooled tunnels wait here).
     pub idle_timeout: Duration,
+    /// Bounds on the TLS handshakes strangers can make us do.
+    pub gate: TlsGate,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS handshakes in progress at most. A handshake holds a task, buffers and, for a peer
+/// that stalls, up to [`HANDSHAKE_TIMEOUT`]: without a bound, connections that never finish
+/// their hello grow memory without limit. Peers keep warm pooled tunnels, so 256 at once
+/// is far above what they need; past it a connection is closed at once (and counted).
+pub const MAX_TLS_HANDSHAKES: usize = 256;
+
+/// TLS handshakes a source prefix (/24, /64) may start per second, and at once. A
+/// handshake costs ~1 ms of CPU (key exchange, certificate check); a peer opens a pool's
+/// worth at start and a few after, so 200/s with a burst of 400 never slows a peer and
+/// holds one prefix's flood to a fraction of a core.
+pub const TLS_RATE: u32 = 200;
+pub const TLS_BURST: u32 = 400;
+/// Prefixes with a TLS rate bucket of their own at most.
+const TLS_BUCKETS: usize = 4_096;
+
+/// The bounds on tunnel TLS handshakes: concurrent ones, and their rate per source prefix.
+pub struct TlsGate {
+    slots: Arc<tokio::sync::Semaphore>,
+    rate: RateLimiter,
+    drops: Arc<Drops>,
+}
+
+impl TlsGate {
+    /// Counts the bounds it hits in `drops`.
+    pub fn new(drops: Arc<Drops>) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES)),
+            rate: RateLimiter::new(TLS_RATE, TLS_BURST, TLS_BUCKETS),
+            drops,
+        }
+    }
+
+    /// A slot for a TLS handshake from `remote`, or why there is none.
+    fn admit(&self, remote: SocketAddr) -> Result<OwnedSemaphorePermit, (Code, String)> {
+        if !self.rate.allow(remote.ip(), now_ms(), &self.drops) {
+            let reason = format!(
+                "{} is over its rate of TLS handshakes ({TLS_RATE} a second)",
+                remote.ip()
+            );
+            return Err((Code::RateLimited, reason));
+        }
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            self.drops.hit(Limit::TlsHandshakes);
+            let reason = format!("{MAX_TLS_HANDSHAKES} TLS handshakes are in progress already");
+            (Code::Overloaded, reason)
+        })
+    }
+}
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Inbound {
@@ -61,9 +114,18 @@ impl Inbound {
                     continue;
                 }
             };
+            let permit = match self.gate.admit(remote) {
+                Ok(p) => p,
+                Err((code, reason)) => {
+                    reset_on_close(&tcp);
+                    let flow = self.handshake_flow(&tcp, remote);
+                    flow.refuse(code, reason);
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
-            tokio::spawn(async move { this.handle_tunnel(tcp, remote).await });
+            tokio::spawn(async move { this.handle_tunnel(tcp, remote, permit).await });
         }
     }
 
@@ -72,13 +134,25 @@ impl Inbound {
         self.admission.name()
     }
 
-    async fn handle_tunnel(&self, tcp: TcpStream, remote: SocketAddr) {
+    /// The record of a tunnel's TLS handshake: from `remote` to our tunnel port (never
+    /// keyed by the remote's ephemeral port).
+    fn handshake_flow(&self, tcp: &TcpStream, remote: SocketAddr) -> FlowTracker {
+        let local = tcp.local_addr().unwrap_or(remote);
+        let mut dst = Endpoint::addr(local);
+        dst.enforcer = Some(self.name().to_owned());
+        self.admission
+            .track(Direction::Inbound, Endpoint::addr(remote), dst)
+    }
+
+    async fn handle_tunnel(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
         // A failed handshake is recorded; a tunnel that carries requests records each one.
-        let flow = self.admission.track(
-            Direction::Inbound,
-            Endpoint::addr(remote),
-            Endpoint::addr(remote),
-        );
+        let flow = self.handshake_flow(&tcp, remote);
+        let local = flow.dst.addr;
         let refuse_handshake = |flow: FlowTracker, reason: String| {
             flow.refuse(
                 Code::TlsHandshake,
@@ -91,6 +165,7 @@ impl Inbound {
             Ok(Err(e)) => return refuse_handshake(flow, e.to_string()),
             Err(_) => return refuse_handshake(flow, "TLS handshake timed out".into()),
         };
+        drop(permit);
         let conn = tls.get_ref().1;
         let cert = conn.peer_certificates().and_then(|c| c.first());
         let peer = cert
@@ -123,11 +198,11 @@ impl Inbound {
                     // connection attempt.
                     Ok(Err(WireError::Truncated("preamble") | WireError::Io(_))) | Err(_) => break,
                     Ok(Err(e)) => {
-                        let mut flow = self.admission.track(
-                            Direction::Inbound,
-                            Endpoint::addr(remote),
-                            Endpoint::addr(remote),
-                        );
+                        let mut dst = Endpoint::addr(local);
+                        dst.enforcer = Some(self.name().to_owned());
+                        let mut flow =
+                            self.admission
+                                .track(Direction::Inbound, Endpoint::addr(remote), dst);
                         flow.src.enforcer = Some(peer);
                         let reason = format!("bad tunnel header: {e}");
                         let refused = Refused::new(Status::BadRequest, Code::BadHeader, reason);

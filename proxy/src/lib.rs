@@ -15,6 +15,8 @@
 //! * [`flow`]: flow records, each written exactly once by its tracker; [`code`]: the closed
 //!   set of refusal codes.
 //! * [`handshake`]: TCP-handshake mode (tokens in the handshake, data in the kernel).
+//! * [`limits`]: bounds on what floods can make us keep or do, and their counters;
+//!   [`refusals`]: unauthenticated refusals aggregated per source prefix and interval.
 //! * [`tls`], [`peers`], [`socket`], [`local`]: certificates, routing table, socket
 //!   options, host-address checks.
 pub mod admission;
@@ -27,10 +29,12 @@ pub mod flow;
 pub mod handshake;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
 pub mod local;
 pub mod outbound;
 pub mod peers;
 pub mod pool;
+pub mod refusals;
 pub mod registry;
 pub mod route;
 pub mod socket;

@@ -1,4 +1,4 @@
-//! The traffic programs (tests/tools/tessera_tool.py), written next to a test's files.
+//! The traffic and attack programs (tests/tools/*.py), written next to a test's files.
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -18,5 +18,14 @@ const ATTACK: &str = include_str!("../tools/handshake_attack.py");
 pub fn install_attack(dir: &Path) -> Result<PathBuf> {
     let path = dir.join("handshake_attack.py");
     std::fs::write(&path, ATTACK)?;
+    Ok(path)
+}
+
+const FLOOD: &str = include_str!("../tools/flood.py");
+
+/// Writes the spoofed handshake flood (scapy, a raw socket) into `dir` and returns its path.
+pub fn install_flood(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("flood.py");
+    std::fs::write(&path, FLOOD)?;
     Ok(path)
 }

@@ -124,6 +124,11 @@ impl Tokens {
         })
     }
 
+    /// Identities evicted from the warm-token cache because it was full.
+    pub fn evicted_identities(&self) -> u64 {
+        self.verifier.evicted_identities()
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }

@@ -8,8 +8,18 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Mutex, RwLock},
+    sync::{
+        Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
+
+/// Verified identities kept for warm tokens at most. Only tokens a certified peer signed
+/// get here, but a peer (or a compromised one) with ever-changing identities must not grow
+/// it forever. 16,384 is far more workload identities than a cluster's peers vouch for;
+/// past it an arbitrary one is evicted (counted): a warm token for it is refused
+/// (`unknown-identity`) and its sender goes back to cold tokens.
+pub const MAX_IDENTITIES: usize = 16_384;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use ring::hmac;
@@ -45,6 +55,8 @@ pub struct Verifier {
     /// Verified identities by (issuer, digest): a warm token only names an identity that the
     /// same issuer vouched for in full before.
     identities: RwLock<HashMap<(KeyId, Digest), Identity>>,
+    /// Identities evicted from `identities` because it was full.
+    evicted: AtomicU64,
     seen: Mutex<SeenNonces>,
     skew_ms: u64,
     max_lifetime_ms: u32,
@@ -84,15 +96,22 @@ impl Verifier {
             keys: RwLock::default(),
             pairs: RwLock::default(),
             identities: RwLock::default(),
+            evicted: AtomicU64::new(0),
             seen: Mutex::default(),
             skew_ms,
             max_lifetime_ms,
         }
     }
 
+    /// Identities evicted from the warm-token cache because it was full.
+    pub fn evicted_identities(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
     /// Trusts a public key the cluster CA certified (see [`certified_key`]) until
     /// `until_ms`, the end of its certificate's validity. Keys of a rotated certificate are
     /// added beside the old one, so live peers keep working.
+
     pub fn trust_until(&self, public_key: &[u8; 32], until_ms: u64) -> Result<KeyId, TokenError> {
         let key = VerifyingKey::from_bytes(public_key)
             .map_err(|_| TokenError::Uncertified("not a valid Ed25519 public key".into()))?;
@@ -285,10 +304,16 @@ impl Verifier {
         match claim {
             Claim::Cold(identity) => {
                 if keep_identity {
-                    self.identities
-                        .write()
-                        .expect("lock")
-                        .insert((issuer, identity_digest(&identity)), identity.clone());
+                    let key = (issuer, identity_digest(&identity));
+                    let mut known = self.identities.write().expect("lock");
+                    if known.len() >= MAX_IDENTITIES
+                        && !known.contains_key(&key)
+                        && let Some(old) = known.keys().next().copied()
+                    {
+                        known.remove(&old);
+                        self.evicted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    known.insert(key, identity.clone());
                 }
                 Ok(Verified {
                     identity,

@@ -340,6 +340,7 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
         mark: MARK,
         delivery_src4: DELIVERY_SRC,
         idle_timeout: Duration::from_secs(60),
+        gate: crate::inbound::TlsGate::new(Default::default()),
     });
     let mut tasks = JoinSet::new();
     tasks.spawn(outbound.serve(outbound_l));

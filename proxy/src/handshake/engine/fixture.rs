@@ -145,6 +145,7 @@ fn engine(
         acked_mark: ACKED,
         pending_ms: 11_000,
         key_reuse_ms,
+        drops: Default::default(),
     });
     End {
         engine,

@@ -41,6 +41,7 @@ use crate::{
     code::Code,
     flow::{Direction, Endpoint, FlowTracker},
     identity::{session::Tokens, token::KeyId},
+    limits::{Drops, RateLimiter},
     local::LocalServices,
     peers::PeerTable,
 };
@@ -141,6 +142,8 @@ pub struct Setup {
     pub pending_ms: u64,
     /// How long one ephemeral X25519 key serves (ms; 0: a new key per connection).
     pub key_reuse_ms: u64,
+    /// Where the engine counts the bounds it hits (pending handshakes, rate limits).
+    pub drops: Arc<Drops>,
 }
 
 type FourTuple = (SocketAddr, SocketAddr);
@@ -152,6 +155,20 @@ type Refused = (Code, String);
 /// behind its proof).
 const PROVEN_KEPT_MS: u64 = 2_000;
 
+/// Server handshakes pending at most (each waits for its proof up to `pending_ms`). Only
+/// SYNs whose token verified get one, so a flood cannot fill it without tokens; the bound
+/// is there for a peer that sends SYNs and never proves them. 65,536 × ~1 KB at most.
+pub const MAX_PENDING: usize = 65_536;
+
+/// Token signature checks a source prefix (/24, /64) may cost per second, and at once. A
+/// check is ~50 µs: 5,000/s is a quarter of a core, several times what one peer host opens
+/// in handshake mode on the benchmark. Only SYNs from a configured peer's address get this
+/// far (the cheap checks come first).
+pub const VERIFY_RATE: u32 = 5_000;
+pub const VERIFY_BURST: u32 = 10_000;
+/// Prefixes with a verification bucket of their own at most.
+const VERIFY_BUCKETS: usize = 4_096;
+
 pub struct Engine {
     setup: Setup,
     /// Ephemeral keys of this end as a client and as a server.
@@ -162,6 +179,8 @@ pub struct Engine {
     /// Connections proven at this (server) end lately, and when: packets queued behind the
     /// proof pass.
     proven: Mutex<HashMap<FourTuple, u64>>,
+    /// Token checks per source prefix.
+    verify_rate: RateLimiter,
 }
 
 fn has(flags: u8, bits: u8) -> bool {
@@ -177,6 +196,7 @@ impl Engine {
             clients: Mutex::default(),
             servers: Mutex::default(),
             proven: Mutex::default(),
+            verify_rate: RateLimiter::new(VERIFY_RATE, VERIFY_BURST, VERIFY_BUCKETS),
         }
     }
 

@@ -12,6 +12,7 @@ use crate::{
         proof::{self, ProofKey, PublicKey, Role, Transcript},
     },
     identity::token::KeyId,
+    limits::Limit,
     local::LocalWorkload,
 };
 
@@ -68,6 +69,15 @@ impl Engine {
             Err(e) => {
                 let reason = format!("SYN from {}: {e}", seg.src);
                 refuse_syn(seg, flow, Code::Malformed, reason, now_ms)
+            }
+            Ok(Some(_)) if servers.len() >= super::MAX_PENDING => {
+                self.setup.drops.hit(Limit::PendingHandshakes);
+                let reason = format!(
+                    "{} handshakes are pending already: the SYN from {} is refused",
+                    servers.len(),
+                    seg.src
+                );
+                refuse_syn(seg, flow, Code::Overloaded, reason, now_ms)
             }
             Ok(Some((clean, message))) => {
                 match self.syn_with_token(seg, flow, workload, message, now_ms) {
@@ -150,6 +160,17 @@ impl Engine {
             let reason = format!("no certificate configured for peer {}", peer.name);
             return refused(flow, Code::UntrustedIssuer, reason);
         };
+        if !self
+            .verify_rate
+            .allow(seg.src.ip(), now_ms, &self.setup.drops)
+        {
+            let reason = format!(
+                "{} is over its rate of token checks ({} a second)",
+                seg.src.ip(),
+                super::VERIFY_RATE
+            );
+            return refused(flow, Code::RateLimited, reason);
+        }
         let binding = proof::syn_binding(&client_key, seg.seq);
         let tokens = &self.setup.tokens;
         let src_identity =
