@@ -32,6 +32,7 @@ use tessera_proxy::{
     admission::Admission,
     authz::Decisions,
     capture::CaptureLookup,
+    delivery::{Delivery, DeliverySource},
     dns::DnsTable,
     flow::{FlowLog, Mode},
     handshake::engine::{Engine, Setup},
@@ -53,7 +54,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     capture::Capture,
-    config::{Config, DataPathMode},
+    config::{Config, DataPathMode, DeliveryMode},
+    delivery::{DeliveryMap, Routing},
     flowstore::FlowStore,
     metrics::Metrics,
     policy,
@@ -105,6 +107,8 @@ impl HostState {
 pub struct Running {
     tasks: Supervisor,
     capture: Capture,
+    /// Original-source delivery's routing, removed at shutdown.
+    routing: Option<Routing>,
     store: Arc<FlowStore>,
     mode: DataPathMode,
     /// A serving task could not be restarted: capture stays attached at exit.
@@ -167,9 +171,23 @@ pub async fn build(config: &Config) -> Result<Running> {
     };
     let mut capture = Capture::start(config)?;
     let lookup = capture_lookup(config, &host, &mut capture)?;
+    let mut routing = None;
     match tunnel_listeners {
         Some(listeners) => {
             capture.set_inbound_listeners(&listeners.in_v4, listeners.in_v6.as_ref())?;
+            let gate = Arc::new(DeliveryMap::new(capture.take_delivery_map()?));
+            let source = match config.bpf.delivery {
+                DeliveryMode::OriginalSource => {
+                    routing = Some(Routing::install(&config.bpf)?);
+                    DeliverySource::OriginalSource
+                }
+                DeliveryMode::Localhost => DeliverySource::Localhost(config.bpf.delivery_source),
+            };
+            let delivery = Delivery {
+                source,
+                mark: config.bpf.delivery_mark,
+                gate,
+            };
             let pool = pool(config, &identity, &core, &host)?;
             let outbound = Arc::new(Outbound {
                 admission: core.admission(config, Mode::Tunnel),
@@ -179,7 +197,7 @@ pub async fn build(config: &Config) -> Result<Running> {
                 tokens: core.tokens.clone(),
                 mark: config.bpf.proxy_mark,
             });
-            let inbound = inbound(config, &identity, &core, &host)?;
+            let inbound = inbound(config, &identity, &core, &host, delivery)?;
             listeners.serve(&mut tasks, outbound, inbound)?;
         }
         None => {
@@ -209,6 +227,7 @@ pub async fn build(config: &Config) -> Result<Running> {
     Ok(Running {
         tasks,
         capture,
+        routing,
         store: core.store,
         mode: config.mode(),
         fail_closed: false,
@@ -440,6 +459,7 @@ fn inbound(
     identity: &Credentials,
     core: &Core,
     host: &HostState,
+    delivery: Delivery,
 ) -> Result<Arc<Inbound>> {
     Ok(Arc::new(Inbound {
         admission: core.admission(config, Mode::Tunnel),
@@ -447,8 +467,8 @@ fn inbound(
         acceptor: TlsAcceptor::from(identity.server_config()?),
         services: host.services.clone(),
         addrs: LocalAddrs::default(),
-        mark: config.bpf.proxy_mark,
-        delivery_src4: config.bpf.delivery_source,
+        delivery,
+        peers: host.peers.clone(),
         idle_timeout: Duration::from_secs(config.tunnel.idle_timeout_secs),
     }))
 }
@@ -599,6 +619,10 @@ impl Running {
         self.tasks.abort_all();
         if self.mode == DataPathMode::Handshake && !keep_attached {
             crate::handshake::remove_rules();
+        }
+        // No proxy delivers any more: its routing goes, whatever stays attached.
+        if let Some(routing) = self.routing.take() {
+            routing.remove();
         }
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = format!("{e:#}"), "cannot persist the flow map");

@@ -22,6 +22,7 @@ pub mod capture;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod delivery;
 pub mod flowlog;
 pub mod flowstore;
 pub mod handshake;

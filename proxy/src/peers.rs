@@ -36,6 +36,17 @@ impl PeerTable {
             .map(|(_, peer)| peer)
     }
 
+    /// The address of family `v6` that the enforcer `name` serves as a single host (a /32
+    /// or /128 among its routes): its own address of that family, when the one its tunnel
+    /// came from is of the other.
+    pub fn host_address(&self, name: &str, v6: bool) -> Option<IpAddr> {
+        self.routes
+            .iter()
+            .filter(|(net, peer)| peer.name == name && net.addr().is_ipv6() == v6)
+            .find(|(net, _)| net.prefix_len() == net.max_prefix_len())
+            .map(|(net, _)| net.addr())
+    }
+
     pub fn peers(&self) -> impl Iterator<Item = &Peer> {
         self.routes.iter().map(|(_, p)| p)
     }
@@ -76,5 +87,24 @@ mod tests {
         );
         assert_eq!(table.lookup("fd00::5".parse().unwrap()).unwrap().name, "v6");
         assert!(table.lookup("192.0.2.1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_peers_host_address_is_a_single_address_route_of_the_family() {
+        let table = PeerTable::new([
+            ("fd00::/64".parse().unwrap(), peer("b")),
+            ("10.77.0.2/32".parse().unwrap(), peer("b")),
+            ("fd77::2/128".parse().unwrap(), peer("b")),
+            ("fd77::3/128".parse().unwrap(), peer("c")),
+        ]);
+        assert_eq!(
+            table.host_address("b", true),
+            Some("fd77::2".parse().unwrap())
+        );
+        assert_eq!(
+            table.host_address("b", false),
+            Some("10.77.0.2".parse().unwrap())
+        );
+        assert_eq!(table.host_address("c", false), None);
     }
 }
