@@ -17,6 +17,7 @@ pub mod names {
     pub const PROTECTED_PORTS: &str = "TESSERA_PROTECTED_PORTS";
     pub const INBOUND_LISTENER: &str = "TESSERA_INBOUND_LISTENER";
     pub const CLOSED: &str = "TESSERA_CLOSED";
+    pub const DELIVERY: &str = "TESSERA_DELIVERY";
     pub const PROG_CONNECT4: &str = "capture_connect4";
     pub const PROG_CONNECT6: &str = "capture_connect6";
     pub const PROG_SOCKOPS: &str = "track_connect";
@@ -35,6 +36,8 @@ pub const PROTECTED_PORT_ENTRIES: u32 = 1_024;
 pub const CLOSED_RING_BYTES: u32 = 1 << 20;
 /// Sockets in FIN_WAIT2 remembered at once (LRU).
 pub const FIN_WAIT2_ENTRIES: u32 = 65_536;
+/// Deliveries being connected at once (each entry lives from bind() to connect()'s end).
+pub const DELIVERY_ENTRIES: u32 = 16_384;
 
 /// Per-enforcer settings, written by user space into a one-element array before any
 /// program is attached.
@@ -46,8 +49,8 @@ pub struct Settings {
     pub _pad0: u16,
     /// `SO_MARK` carried by the proxy's own sockets: never captured (no loops).
     pub proxy_mark: u32,
-    /// Source address (network byte order) the proxy uses to deliver tunnelled
-    /// connections to local workloads; `sk_lookup` lets exactly these through.
+    /// The `localhost` delivery source (network byte order). Informational: `sk_lookup`
+    /// lets deliveries through by registration (`TESSERA_DELIVERY`), never by address.
     pub delivery_src4: u32,
     /// 1 once user space has filled the settings; programs do nothing before that.
     pub ready: u32,
@@ -95,6 +98,24 @@ pub struct ClientKey {
     pub family: u16,
 }
 
+/// A connection the proxy is opening to a local workload (a delivery), as `sk_lookup` sees
+/// its SYN: the proxy registers it between bind() and connect(), so that exactly its own
+/// sockets pass the inbound guard. Never a source address alone: anyone local can send from
+/// a loopback address, and only the proxy holds this bound (address, port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    /// The delivery's source address (network byte order; IPv4 in `addr[0]`).
+    pub addr: [u32; 4],
+    /// `AF_INET` or `AF_INET6` (of the connection as `sk_lookup` sees it).
+    pub family: u16,
+    /// The delivery's source port (host byte order).
+    pub port: u16,
+    /// The workload port it connects to (host byte order).
+    pub dst_port: u16,
+    pub _pad: u16,
+}
+
 /// A connection of an enrolled workload that closed (handshake mode), from `sock_ops`'
 /// state callback: what the enforcer needs to finish its flow record.
 #[repr(C)]
@@ -130,4 +151,5 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::ClosedConn {}
+    unsafe impl aya::Pod for super::DeliveryKey {}
 }

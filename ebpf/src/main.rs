@@ -15,8 +15,12 @@
 //!   for state callbacks on established connections and reports each one's close, with its
 //!   byte counts, in the `TESSERA_CLOSED` ring buffer (flow records, live-connection watch).
 //! * `steer_inbound` (sk_lookup), attached to the host's network namespace: a connection to a
-//!   protected port that does not come from the proxy's delivery address is handed to the
-//!   proxy's inbound listener, never to the application. With no listener it is dropped.
+//!   protected port that is not one of the proxy's own deliveries (registered by the proxy in
+//!   `TESSERA_DELIVERY` by its bound source address and port, which only the proxy holds) is
+//!   handed to the proxy's inbound listener, never to the application. With no listener it
+//!   is dropped. A source address proves nothing: any local user can send from 127.0.0.77 or
+//!   ::1. In handshake mode (iptables guards what arrives from other hosts) it guards the
+//!   connections made on this host (arriving on `lo`): only registered deliveries pass.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
@@ -38,9 +42,9 @@ mod programs {
         programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     };
     use tessera_common::{
-        AF_INET, AF_INET6, CLOSED_RING_BYTES, ClientKey, ClosedConn, FIN_WAIT2_ENTRIES,
-        INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE, ORIG_MAP_ENTRIES, OrigDst,
-        PROTECTED_PORT_ENTRIES, Settings,
+        AF_INET, AF_INET6, CLOSED_RING_BYTES, ClientKey, ClosedConn, DELIVERY_ENTRIES, DeliveryKey,
+        FIN_WAIT2_ENTRIES, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE,
+        ORIG_MAP_ENTRIES, OrigDst, PROTECTED_PORT_ENTRIES, Settings,
     };
 
     const IPPROTO_TCP: u32 = 6;
@@ -72,6 +76,10 @@ mod programs {
     /// Local TCP ports whose listeners only the proxy may reach from outside. Value unused.
     #[map(name = "TESSERA_PROTECTED_PORTS")]
     static PROTECTED_PORTS: HashMap<u32, u32> = HashMap::pinned(PROTECTED_PORT_ENTRIES, 0);
+
+    /// The proxy's deliveries being connected (see [`DeliveryKey`]); value unused.
+    #[map(name = "TESSERA_DELIVERY")]
+    static DELIVERY: HashMap<DeliveryKey, u32> = HashMap::pinned(DELIVERY_ENTRIES, 0);
 
     #[map(name = "TESSERA_INBOUND_LISTENER")]
     static INBOUND_LISTENER: SockMap = SockMap::pinned(2, 0);
@@ -441,17 +449,23 @@ mod programs {
         }
     }
 
+    /// The loopback device's index (1 in every network namespace): what a connection made on
+    /// this host arrives on, whichever local address it was sent to.
+    const LOOPBACK_IFINDEX: u32 = 1;
+
     #[sk_lookup]
     pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
         let lookup = ctx.lookup;
         // SAFETY: reading sk_lookup context fields.
-        let (protocol, family, local_port, remote4, remote6) = unsafe {
+        let (protocol, family, local_port, remote4, remote6, remote_port, ifindex) = unsafe {
             (
                 (*lookup).protocol,
                 (*lookup).family,
                 (*lookup).local_port,
                 (*lookup).remote_ip4,
                 (*lookup).remote_ip6,
+                (*lookup).remote_port,
+                (*lookup).ingress_ifindex,
             )
         };
         if protocol != IPPROTO_TCP {
@@ -464,24 +478,26 @@ mod programs {
         let Some(settings) = settings() else {
             return sk_action::SK_DROP;
         };
-        let index = if family == u32::from(AF_INET) {
-            if remote4 == settings.delivery_src4 {
-                return sk_action::SK_PASS;
-            }
-            INBOUND_LISTENER_V4
+        // Handshake mode: what comes from other hosts is iptables' to guard.
+        if settings.mode == MODE_HANDSHAKE && ifindex != LOOPBACK_IFINDEX {
+            return sk_action::SK_PASS;
+        }
+        let (addr, index) = if family == u32::from(AF_INET) {
+            ([remote4, 0, 0, 0], INBOUND_LISTENER_V4)
         } else {
-            if remote6 == [0, 0, 0, V6_LOOPBACK_LAST] {
-                return sk_action::SK_PASS;
-            }
-            if remote6[0] == 0
-                && remote6[1] == 0
-                && remote6[2] == V4_MAPPED_PREFIX
-                && remote6[3] == settings.delivery_src4
-            {
-                return sk_action::SK_PASS;
-            }
-            INBOUND_LISTENER_V6
+            (remote6, INBOUND_LISTENER_V6)
         };
+        let key = DeliveryKey {
+            addr,
+            family: family as u16,
+            port: u16::from_be(remote_port),
+            dst_port: local_port as u16,
+            _pad: 0,
+        };
+        // SAFETY: lookup in a plain hash map.
+        if unsafe { DELIVERY.get(&key) }.is_some() {
+            return sk_action::SK_PASS;
+        }
         // Fail closed: a protected port is never reached around the proxy.
         match INBOUND_LISTENER.redirect_sk_lookup(&ctx, index, 0) {
             Ok(()) => sk_action::SK_PASS,

@@ -32,6 +32,7 @@ use tessera_proxy::{
     admission::Admission,
     authz::Decisions,
     capture::CaptureLookup,
+    delivery::{Delivery, DeliverySource},
     dns::DnsTable,
     flow::{FlowLog, Mode},
     handshake::engine::{Engine, Setup},
@@ -55,7 +56,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     capture::Capture,
-    config::{Config, DataPathMode},
+    config::{Config, DataPathMode, DeliveryMode},
+    delivery::{DeliveryMap, Routing},
     flowstore::FlowStore,
     metrics::Metrics,
     policy,
@@ -115,6 +117,8 @@ impl HostState {
 pub struct Running {
     tasks: Supervisor,
     capture: Capture,
+    /// Original-source delivery's routing, removed at shutdown.
+    routing: Option<Routing>,
     store: Arc<FlowStore>,
     mode: DataPathMode,
     /// A serving task could not be restarted: capture stays attached at exit.
@@ -190,9 +194,23 @@ pub async fn build(config: &Config) -> Result<Running> {
         cert: cert.clone(),
         peer_keys: Default::default(),
     };
+    let mut routing = None;
     match tunnel_listeners {
         Some(listeners) => {
             capture.set_inbound_listeners(&listeners.in_v4, listeners.in_v6.as_ref())?;
+            let gate = Arc::new(DeliveryMap::new(capture.take_delivery_map()?));
+            let source = match config.bpf.delivery {
+                DeliveryMode::OriginalSource => {
+                    routing = Some(Routing::install(&config.bpf)?);
+                    DeliverySource::OriginalSource
+                }
+                DeliveryMode::Localhost => DeliverySource::Localhost(config.bpf.delivery_source),
+            };
+            let delivery = Delivery {
+                source,
+                mark: config.bpf.delivery_mark,
+                gate,
+            };
             let pool = pool(config, &identity, &cert, &core, &host)?;
             live.pool = Some(pool.clone());
             let outbound = Arc::new(Outbound {
@@ -203,7 +221,7 @@ pub async fn build(config: &Config) -> Result<Running> {
                 tokens: core.tokens.clone(),
                 mark: config.bpf.proxy_mark,
             });
-            let inbound = inbound(config, &identity, &cert, &core, &host)?;
+            let inbound = inbound(config, &identity, &cert, &core, &host, delivery)?;
             listeners.serve(&mut tasks, outbound, inbound)?;
         }
         None => {
@@ -233,6 +251,7 @@ pub async fn build(config: &Config) -> Result<Running> {
     Ok(Running {
         tasks,
         capture,
+        routing,
         store: core.store,
         mode: config.mode(),
         fail_closed: false,
@@ -474,6 +493,7 @@ fn inbound(
     cert: &Arc<CertSlot>,
     core: &Core,
     host: &HostState,
+    delivery: Delivery,
 ) -> Result<Arc<Inbound>> {
     Ok(Arc::new(Inbound {
         admission: core.admission(config, Mode::Tunnel),
@@ -481,8 +501,8 @@ fn inbound(
         acceptor: TlsAcceptor::from(identity.server_config_with(cert.clone())?),
         services: host.services.clone(),
         addrs: LocalAddrs::default(),
-        mark: config.bpf.proxy_mark,
-        delivery_src4: config.bpf.delivery_source,
+        delivery,
+        peers: host.peers.clone(),
         idle_timeout: Duration::from_secs(config.tunnel.idle_timeout_secs),
         gate: TlsGate::new(core.metrics.drops.clone()),
     }))
@@ -648,6 +668,10 @@ impl Running {
         self.tasks.abort_all();
         if self.mode == DataPathMode::Handshake && !keep_attached {
             crate::handshake::remove_rules();
+        }
+        // No proxy delivers any more: its routing goes, whatever stays attached.
+        if let Some(routing) = self.routing.take() {
+            routing.remove();
         }
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = format!("{e:#}"), "cannot persist the flow map");

@@ -23,8 +23,8 @@ use aya::{
     },
 };
 use tessera_common::{
-    ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE, MODE_TUNNEL, OrigDst,
-    Settings, names,
+    ClientKey, DeliveryKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE, MODE_TUNNEL,
+    OrigDst, Settings, names,
 };
 use tokio::net::TcpListener;
 
@@ -236,6 +236,15 @@ impl Capture {
         Ok(HashMap::try_from(map)?)
     }
 
+    /// The map where the proxy registers its deliveries for `sk_lookup` to let through.
+    pub fn take_delivery_map(&mut self) -> Result<HashMap<MapData, DeliveryKey, u32>> {
+        let map = self
+            .ebpf
+            .take_map(names::DELIVERY)
+            .context("delivery map")?;
+        Ok(HashMap::try_from(map)?)
+    }
+
     /// The ring buffer where `sock_ops` reports closed connections (handshake mode).
     pub fn take_closed_ring(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map(names::CLOSED).context("closed ring")?;
@@ -283,7 +292,7 @@ fn pinned_generations(pin_dir: &Path, links_dir: &Path) -> Result<Vec<PathBuf>> 
     Ok(old_generations)
 }
 
-/// Writes the settings the programs read (ports, marks, delivery source, mode), marking
+/// Writes the settings the programs read (ports, marks, mode), marking
 /// them ready.
 fn write_settings(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
     let settings = Settings {
@@ -313,16 +322,13 @@ fn set_protected_ports(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
         ebpf.map_mut(names::PROTECTED_PORTS)
             .context("protected ports map")?,
     )?;
-    // In handshake mode connections reach workload ports directly (the iptables rules
-    // guard them), so sk_lookup steers nothing.
-    let wanted: Vec<u32> = match config.mode() {
-        DataPathMode::Tunnel => config
-            .workloads
-            .iter()
-            .flat_map(|w| w.ports.iter().map(|&p| u32::from(p)))
-            .collect(),
-        DataPathMode::Handshake => Vec::new(),
-    };
+    // Both modes: in handshake mode `sk_lookup` guards only the connections made on this
+    // host (iptables the others), letting none through (the proxy delivers nothing there).
+    let wanted: Vec<u32> = config
+        .workloads
+        .iter()
+        .flat_map(|w| w.ports.iter().map(|&p| u32::from(p)))
+        .collect();
     let stale: Vec<u32> = ports
         .keys()
         .filter_map(Result::ok)

@@ -187,8 +187,27 @@ pub struct Bpf {
     pub netns: PathBuf,
     /// `SO_MARK` on the proxy's own sockets, so they are never captured.
     pub proxy_mark: u32,
-    /// Source address for deliveries to local workloads (must be in 127.0.0.0/8).
+    /// Where tunnel mode's deliveries to local workloads come from: the peer's own
+    /// address (`original-source`, the default: applications see the real peer) or
+    /// `delivery_source` / ::1 (`localhost`: every peer looks like a local client).
+    pub delivery: DeliveryMode,
+    /// Source address for `localhost` deliveries (must be in 127.0.0.0/8).
     pub delivery_source: Ipv4Addr,
+    /// `original-source`: `SO_MARK` of delivery sockets; the replies of their connections
+    /// get it too (connmark) and are routed back to this host by `delivery_table`.
+    pub delivery_mark: u32,
+    /// `original-source`: the routing table (and `ip rule` priority) that sends packets
+    /// with `delivery_mark` to this host (`local default dev lo`).
+    pub delivery_table: u32,
+}
+
+/// `[bpf] delivery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryMode {
+    #[default]
+    OriginalSource,
+    Localhost,
 }
 
 impl Default for Bpf {
@@ -197,7 +216,10 @@ impl Default for Bpf {
             pin_dir: None,
             netns: "/proc/self/ns/net".into(),
             proxy_mark: 0x7e55_0001,
+            delivery: DeliveryMode::OriginalSource,
             delivery_source: Ipv4Addr::new(127, 0, 0, 77),
+            delivery_mark: 0x7e55_0003,
+            delivery_table: 7755,
         }
     }
 }
@@ -571,12 +593,29 @@ impl Config {
         Ok(())
     }
 
-    /// `[bpf]`: the delivery source is a loopback address.
+    /// `[bpf]`: the delivery source is a loopback address; the delivery mark is no other
+    /// mark of ours; the delivery table is not one of the kernel's own.
     fn validate_bpf(&self) -> Result<(), String> {
-        if !self.bpf.delivery_source.is_loopback() {
+        let b = &self.bpf;
+        if !b.delivery_source.is_loopback() {
             return Err(format!(
                 "bpf.delivery_source: {} is not in 127.0.0.0/8",
-                self.bpf.delivery_source
+                b.delivery_source
+            ));
+        }
+        if b.delivery_mark == 0
+            || b.delivery_mark == b.proxy_mark
+            || b.delivery_mark == self.handshake.socket_mark
+        {
+            return Err(format!(
+                "bpf.delivery_mark: {:#x} must be non-zero and differ from bpf.proxy_mark and handshake.socket_mark",
+                b.delivery_mark
+            ));
+        }
+        if b.delivery_table == 0 || b.delivery_table >= 32_766 {
+            return Err(format!(
+                "bpf.delivery_table: {} must be between 1 and 32765 (a table and rule priority of our own)",
+                b.delivery_table
             ));
         }
         Ok(())
@@ -997,6 +1036,7 @@ mod tests {
                 cert: "ca/host-c.pem".into(),
                 key: "ca/host-c.key".into(),
             },
+            control: None,
             bpf: Bpf::default(),
             workloads: Vec::new(),
             peers: Vec::new(),

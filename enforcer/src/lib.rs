@@ -25,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod delivery;
 pub mod flowlog;
 pub mod flowstore;
 pub mod handshake;

@@ -2,14 +2,14 @@
 //!
 //! * The tunnel listener terminates mutual TLS from peer enforcers, reads the request
 //!   header, checks that the destination is a workload port of this host (a tunnel is never
-//!   a relay to a third host), connects to the workload from the delivery address, answers,
-//!   and splices.
+//!   a relay to a third host), connects to the workload (from the peer's own address by
+//!   default: [`crate::delivery`]), answers, and splices.
 //! * The direct listener receives connections that `sk_lookup` steered away from a
 //!   protected port because they did not come through a tunnel. They come from an
 //!   unauthenticated peer and are refused (later policy may allow external sources).
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -26,12 +26,14 @@ use crate::{
     authz::{Attempt, Party, Side},
     code::Code,
     copy::{Buffers, Ended, send_reset, splice, splice_plain},
+    delivery::Delivery,
     flow::{Direction, Endpoint, FlowRecord, FlowTracker, now_ms},
     identity::session::{Proof, Tokens, TunnelSession, session_binding},
     limits::{Drops, Limit, RateLimiter},
     local::{LocalAddrs, LocalServices, LocalWorkload},
+    peers::Directory,
     registry::ConnectionGuard,
-    socket::{connect_marked, reset_on_close},
+    socket::reset_on_close,
     tls::peer_name,
     wire::{Request, Response, Status, WireError},
 };
@@ -42,9 +44,11 @@ pub struct Inbound {
     pub acceptor: TlsAcceptor,
     pub services: LocalServices,
     pub addrs: LocalAddrs,
-    pub mark: u32,
-    /// Source address of deliveries to local workloads; `sk_lookup` lets it through.
-    pub delivery_src4: Ipv4Addr,
+    /// How connections are delivered to local workloads (and let through `sk_lookup`).
+    pub delivery: Delivery,
+    /// Peers' addresses: a peer's own address of the other family than its tunnel's, to
+    /// deliver from (original source).
+    pub peers: Arc<Directory>,
     /// How long a tunnel may stay idle before its header (pooled tunnels wait here).
     pub idle_timeout: Duration,
     /// Bounds on the TLS handshakes strangers can make us do.
@@ -247,7 +251,8 @@ impl Inbound {
             proof,
             mut guard,
         } = admitted;
-        let mut delivered = match self.deliver(request.dst).await {
+        let peer_addr = self.peer_address(&session.peer, remote, request.dst);
+        let mut delivered = match self.deliver(peer_addr, request.dst).await {
             Ok(s) => s,
             Err(e) => {
                 let reason = format!("workload unreachable: {e}");
@@ -382,13 +387,22 @@ impl Inbound {
         answer.write(tls).await.is_ok()
     }
 
-    /// Connects to a local workload from the delivery address (`sk_lookup` lets it through).
-    async fn deliver(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let bind = match dst.ip() {
-            IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(self.delivery_src4), 0),
-            IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
-        };
-        connect_marked(dst, self.mark, Some(bind), DELIVERY_TIMEOUT).await
+    /// Connects to a local workload for a connection from `peer` (the tunnel's, or the
+    /// direct client's, address): registered with `sk_lookup`, which lets it through.
+    async fn deliver(&self, peer: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
+        self.delivery.connect(peer, dst, DELIVERY_TIMEOUT).await
+    }
+
+    /// The address of the peer enforcer `name` in `dst`'s family: where its tunnel came
+    /// from (the TCP handshake vouches for it; never a header field the peer chose), or, for
+    /// the other family, its single address in our peer table.
+    fn peer_address(&self, name: &str, remote: SocketAddr, dst: SocketAddr) -> Option<IpAddr> {
+        let ip = remote.ip().to_canonical();
+        if ip.is_ipv4() == dst.is_ipv4() {
+            Some(ip)
+        } else {
+            self.peers.table().host_address(name, dst.is_ipv6())
+        }
     }
 
     /// Connections steered here by `sk_lookup` because they tried to reach a protected port
@@ -447,7 +461,7 @@ impl Inbound {
             reset_on_close(&stream);
             return flow.finish();
         };
-        let mut delivered = match self.deliver(dst_addr).await {
+        let mut delivered = match self.deliver(Some(remote.ip()), dst_addr).await {
             Ok(s) => s,
             Err(e) => {
                 reset_on_close(&stream);

@@ -3,7 +3,8 @@
 //! * [`outbound`]: accepts connections the eBPF programs redirected, finds the enforcer that
 //!   serves the original destination and carries the bytes there through a tunnel.
 //! * [`inbound`]: terminates tunnels from peer enforcers and delivers to local workloads;
-//!   refuses connections that tried to reach a protected port around the tunnel.
+//!   refuses connections that tried to reach a protected port around the tunnel;
+//!   [`delivery`]: how it connects to the workload (from the peer's own address).
 //! * [`pool`]: keeps warm mutual-TLS connections per peer so that a new application
 //!   connection does not pay a TLS handshake.
 //! * [`wire`]: the tunnel's request/response header, a small versioned binary layout.
@@ -24,6 +25,7 @@ pub mod authz;
 pub mod capture;
 pub mod code;
 pub mod copy;
+pub mod delivery;
 pub mod dns;
 pub mod flow;
 pub mod handshake;

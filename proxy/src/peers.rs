@@ -48,6 +48,17 @@ impl PeerTable {
             .map(|(_, peer)| peer)
     }
 
+    /// The address of family `v6` that the enforcer `name` serves as a single host (a /32
+    /// or /128 among its routes): its own address of that family, when the one its tunnel
+    /// came from is of the other.
+    pub fn host_address(&self, name: &str, v6: bool) -> Option<IpAddr> {
+        self.routes
+            .iter()
+            .filter(|(net, peer)| peer.name == name && net.addr().is_ipv6() == v6)
+            .find(|(net, _)| net.prefix_len() == net.max_prefix_len())
+            .map(|(net, _)| net.addr())
+    }
+
     pub fn peers(&self) -> impl Iterator<Item = &Peer> {
         self.routes.iter().map(|(_, p)| p)
     }
@@ -218,7 +229,7 @@ mod tests {
         let fixed = Directory::fixed(PeerTable::default());
         assert_eq!(fixed.admit("anyone"), Ok(None));
         let d = Directory::managed([m("a", "10.1.0.0/24", &[("site", "paris")])]);
-        let mut changes = d.changes();
+        let changes = d.changes();
         assert_eq!(
             d.admit("a")
                 .unwrap()
@@ -241,5 +252,24 @@ mod tests {
             d.table().lookup("10.2.0.5".parse().unwrap()).unwrap().name,
             "b"
         );
+    }
+
+    #[test]
+    fn a_peers_host_address_is_a_single_address_route_of_the_family() {
+        let table = PeerTable::new([
+            ("fd00::/64".parse().unwrap(), peer("b")),
+            ("10.77.0.2/32".parse().unwrap(), peer("b")),
+            ("fd77::2/128".parse().unwrap(), peer("b")),
+            ("fd77::3/128".parse().unwrap(), peer("c")),
+        ]);
+        assert_eq!(
+            table.host_address("b", true),
+            Some("fd77::2".parse().unwrap())
+        );
+        assert_eq!(
+            table.host_address("b", false),
+            Some("10.77.0.2".parse().unwrap())
+        );
+        assert_eq!(table.host_address("c", false), None);
     }
 }

@@ -18,8 +18,8 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use ipnet::IpNet;
 use tessera_enforcer::config::{
-    Bpf, Config, DataPathMode, Flows, HandshakeConfig, IdentityConfig, Listen, PeerConfig,
-    PolicyConfig, Tls, Tunnel, Workload,
+    Bpf, Config, DataPathMode, DeliveryMode, Flows, HandshakeConfig, IdentityConfig, Listen,
+    PeerConfig, PolicyConfig, Tls, Tunnel, Workload,
 };
 use tessera_proxy::flow::FlowRecord;
 
@@ -76,6 +76,9 @@ pub struct EnforcerOptions {
     /// Where the flow log and the map database go: this subdirectory of the test directory
     /// (the enforcer creates it), or the test directory itself.
     pub state_subdir: Option<String>,
+    /// `[bpf] delivery = "localhost"` (deliveries from 127.0.0.77 / ::1) instead of the
+    /// default `"original-source"`.
+    pub localhost_delivery: bool,
 }
 
 impl Default for EnforcerOptions {
@@ -93,6 +96,7 @@ impl Default for EnforcerOptions {
             api_loopback: false,
             api_token: true,
             state_subdir: None,
+            localhost_delivery: false,
         }
     }
 }
@@ -308,8 +312,14 @@ impl TestNet {
                 cert: format!("ca/{}.pem", host.name).into(),
                 key: format!("ca/{}.key", host.name).into(),
             },
+            control: None,
             bpf: Bpf {
                 pin_dir: Some(self.pin_dir(host)),
+                delivery: if opts.localhost_delivery {
+                    DeliveryMode::Localhost
+                } else {
+                    DeliveryMode::OriginalSource
+                },
                 ..Bpf::default()
             },
             workloads,

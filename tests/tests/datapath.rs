@@ -65,9 +65,10 @@ fn http_request_crosses_the_tunnel_and_both_ends_record_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, b"hello from api\n");
-    // The workload was reached by the proxy's delivery address, not by host-a directly.
+    // The workload was reached through the proxy, which delivers from host-a's own address
+    // (original source): the application sees the real peer, not a loopback address.
     assert!(
-        server_log(&net).contains("127.0.0.77 - -"),
+        server_log(&net).contains("10.77.0.1 - -"),
         "server log: {}",
         server_log(&net)
     );
@@ -242,8 +243,8 @@ fn redis_works_unmodified_through_the_tunnel() {
     };
     assert_eq!(cli(&["SET", "tessera", "tessera-token"]), "OK");
     assert_eq!(cli(&["GET", "tessera"]), "tessera-token");
-    // The server saw the proxy's delivery address as its client.
-    assert!(cli(&["CLIENT", "LIST"]).contains("addr=127.0.0.77:"));
+    // The server saw the real client host's address (original-source delivery).
+    assert!(cli(&["CLIENT", "LIST"]).contains("addr=10.77.0.1:"));
 }
 
 #[test]

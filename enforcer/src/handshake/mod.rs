@@ -38,7 +38,7 @@ mod tools;
 mod worker;
 
 pub use rules::{install_rules, remove_rules};
-pub use tools::{SYSTEM_DIRS, ToolError, Tools, tools};
+pub use tools::{ENV, SYSTEM_DIRS, ToolError, Tools, find, tools};
 use worker::{Handler, Queue, RawSender, worker};
 
 /// Connections handed over to the watcher, and close reports, waiting at most (both

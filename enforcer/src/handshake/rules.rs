@@ -13,6 +13,9 @@
 //!   SYN-ACKs from workload ports go to the egress queue; the engine's acked bit is saved in
 //!   the connmark, after which nothing of the connection is queued.
 //!
+//! * `raw PREROUTING`, too: a SYN to a workload port that arrives on `lo` (made on this
+//!   host, to any of its addresses) is dropped: nothing local reaches a protected port.
+//!
 //! Fail closed: while no enforcer reads the queues, queued packets are dropped (only
 //! SYN-ACKs and resets bypass: they only answer SYNs that an enforcer sent). `fail_open` lets SYNs
 //! to workload ports through instead. No sysctl is changed.
@@ -90,6 +93,12 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
     for p in ports {
         r.push(format!(
             "-t raw -A {raw} ! -i lo -p tcp --syn --dport {p} -j NFQUEUE --queue-num {ingress}{syn_bypass}"
+        ));
+        // A connection made on this host (to a loopback address or to one of the host's
+        // own, all over `lo`) carries no proof and has no proxy to come through: a protected
+        // port is not reachable that way (issue 12 item 7). `sk_lookup` refuses the same.
+        r.push(format!(
+            "-t raw -A {raw} -i lo -p tcp --syn --dport {p} -j DROP"
         ));
     }
     r.push(format!(
@@ -209,6 +218,11 @@ mod tests {
         assert!(r.iter().any(|l| l.contains("--dport 8080")
             && l.contains("! --mark 0x100/0x100")
             && l.ends_with("-j NFQUEUE --queue-num 7701")));
+        // Local connections to the port never reach it (nor bypass the guard).
+        assert!(
+            r.iter()
+                .any(|l| l.ends_with("-i lo -p tcp --syn --dport 8080 -j DROP"))
+        );
         // Nothing is queued by payload size or per packet beyond the handshake.
         assert!(r.iter().all(|l| !l.contains("connbytes")));
         let open = HandshakeConfig {

@@ -47,6 +47,7 @@ use crate::{
     admission::Admission,
     authz::{Decisions, PolicyMode},
     capture::{Capture, CaptureLookup, Captured, Origin},
+    delivery::{Delivery, DeliverySource, NoGate},
     flow::{FlowLog, FlowRecord, FlowSink, Mode},
     identity::{
         Identity,
@@ -337,8 +338,12 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
         acceptor: TlsAcceptor::from(tls.server_config().expect("server TLS")),
         services: LocalServices::new(services),
         addrs: LocalAddrs::default(),
-        mark: MARK,
-        delivery_src4: DELIVERY_SRC,
+        delivery: Delivery {
+            source: DeliverySource::Localhost(DELIVERY_SRC),
+            mark: MARK,
+            gate: Arc::new(NoGate),
+        },
+        peers: Arc::new(Directory::fixed(PeerTable::default())),
         idle_timeout: Duration::from_secs(60),
         gate: crate::inbound::TlsGate::new(Default::default()),
     });

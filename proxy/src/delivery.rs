@@ -1,0 +1,215 @@
+//! Delivering an admitted connection to a local workload, and proving to the inbound guard
+//! (`sk_lookup`) that the connection is the proxy's.
+//!
+//! A source address proves nothing on this host: any local user can connect from 127.0.0.77
+//! or ::1. So each delivery socket is bound first (to an address and port that only it then
+//! holds: no `SO_REUSEADDR`), registered by that bound address and port and the workload
+//! port in the guard's map ([`DeliveryGate`]), connected, and unregistered: the guard lets
+//! exactly the registered SYN through.
+//!
+//! Where the delivery comes from ([`DeliverySource`]):
+//! * `OriginalSource` (the default): from the peer's own address (the tunnel's remote
+//!   address, which the TCP handshake vouches for, not a header field a peer could choose),
+//!   on a transparent socket (`IP_TRANSPARENT`), so the application sees the real peer and
+//!   never mistakes it for a local client. The socket carries `mark`, and the enforcer's
+//!   routing sends the application's replies back to this host (see
+//!   `tessera_enforcer::delivery`).
+//! * `Localhost`: from 127.0.0.77 / ::1, as before (the application sees every peer as a
+//!   local client: only for applications that trust no source address).
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Where deliveries come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliverySource {
+    /// The peer's address, on a transparent socket.
+    OriginalSource,
+    /// This IPv4 loopback address (IPv6: ::1).
+    Localhost(Ipv4Addr),
+}
+
+/// The inbound guard's list of deliveries being connected.
+pub trait DeliveryGate: Send + Sync + 'static {
+    /// Lets the SYN from `src` to the local `dst_port` through the guard.
+    fn open(&self, src: SocketAddr, dst_port: u16) -> io::Result<()>;
+    /// Forgets it (the connection is established or failed).
+    fn close(&self, src: SocketAddr, dst_port: u16);
+}
+
+/// No guard to tell (in-process tests, which run without eBPF).
+pub struct NoGate;
+
+impl DeliveryGate for NoGate {
+    fn open(&self, _: SocketAddr, _: u16) -> io::Result<()> {
+        Ok(())
+    }
+    fn close(&self, _: SocketAddr, _: u16) {}
+}
+
+/// How the proxy connects to local workloads.
+#[derive(Clone)]
+pub struct Delivery {
+    pub source: DeliverySource,
+    /// `SO_MARK` of delivery sockets (0: none). In original-source mode the enforcer routes
+    /// the replies of connections with this mark back to this host.
+    pub mark: u32,
+    pub gate: Arc<dyn DeliveryGate>,
+}
+
+/// Unregisters a delivery however its connect ends.
+struct Registered<'a> {
+    gate: &'a dyn DeliveryGate,
+    src: SocketAddr,
+    dst_port: u16,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.gate.close(self.src, self.dst_port);
+    }
+}
+
+impl Delivery {
+    /// The address a delivery to `dst` comes from, for a connection from `peer` (the
+    /// peer's address of `dst`'s family, if known), and whether it needs a transparent
+    /// socket. Original source without a peer address of that family is an error: never a
+    /// loopback address in its place.
+    pub fn source_for(&self, peer: Option<IpAddr>, dst: SocketAddr) -> io::Result<(IpAddr, bool)> {
+        match self.source {
+            DeliverySource::Localhost(v4) => Ok((
+                match dst {
+                    SocketAddr::V4(_) => IpAddr::V4(v4),
+                    SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                },
+                false,
+            )),
+            DeliverySource::OriginalSource => match peer.map(|p| p.to_canonical()) {
+                Some(peer) if peer.is_ipv4() == dst.is_ipv4() => Ok((peer, true)),
+                _ => Err(io::Error::other(format!(
+                    "no address of the peer in {dst}'s family to deliver from (list it as a single \
+                     address in the peer's `serves`, or set bpf.delivery = \"localhost\")"
+                ))),
+            },
+        }
+    }
+
+    /// Connects to the local workload at `dst` for a connection from `peer` (its address of
+    /// `dst`'s family).
+    pub async fn connect(
+        &self,
+        peer: Option<IpAddr>,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
+        let (src, transparent) = self.source_for(peer, dst)?;
+        let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+        if self.mark != 0 {
+            socket.set_mark(self.mark)?;
+        }
+        if transparent {
+            match dst {
+                SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+                SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+            }
+        }
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        // No SO_REUSEADDR: while this socket holds the address and port, nobody else can
+        // bind them and so pass the guard as this delivery.
+        socket.bind(&SocketAddr::new(src, 0).into())?;
+        let bound = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("delivery socket has no address"))?;
+        self.gate.open(bound, dst.port())?;
+        let _registered = Registered {
+            gate: self.gate.as_ref(),
+            src: bound,
+            dst_port: dst.port(),
+        };
+        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+        match tokio::time::timeout(timeout, socket.connect(dst)).await {
+            Ok(stream) => stream,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {dst} from {bound} timed out"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Records what the gate was told, in order.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<(bool, SocketAddr, u16)>>);
+
+    impl DeliveryGate for Recording {
+        fn open(&self, src: SocketAddr, dst_port: u16) -> io::Result<()> {
+            self.0.lock().unwrap().push((true, src, dst_port));
+            Ok(())
+        }
+        fn close(&self, src: SocketAddr, dst_port: u16) {
+            self.0.lock().unwrap().push((false, src, dst_port));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_is_registered_by_its_bound_address_until_connected() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        let gate = Arc::new(Recording::default());
+        let delivery = Delivery {
+            source: DeliverySource::Localhost(Ipv4Addr::new(127, 0, 0, 77)),
+            mark: 0,
+            gate: gate.clone(),
+        };
+        let peer = Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)));
+        let stream = delivery
+            .connect(peer, dst, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (_accepted, seen) = listener.accept().await.unwrap();
+        assert_eq!(seen, stream.local_addr().unwrap());
+        assert_eq!(seen.ip(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 77)));
+        let told = gate.0.lock().unwrap().clone();
+        assert_eq!(
+            told,
+            vec![(true, seen, dst.port()), (false, seen, dst.port())]
+        );
+    }
+
+    #[test]
+    fn original_source_is_the_peer_and_never_loopback_in_its_place() {
+        let delivery = Delivery {
+            source: DeliverySource::OriginalSource,
+            mark: 0,
+            gate: Arc::new(NoGate),
+        };
+        let v4dst: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let v6dst: SocketAddr = "[fd00::2]:80".parse().unwrap();
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(
+            delivery.source_for(Some(peer), v4dst).unwrap(),
+            (peer, true)
+        );
+        assert_eq!(
+            delivery.source_for(Some(mapped), v4dst).unwrap(),
+            (peer, true)
+        );
+        assert!(delivery.source_for(Some(peer), v6dst).is_err());
+        assert!(delivery.source_for(None, v6dst).is_err());
+    }
+}
