@@ -90,6 +90,11 @@ codes! {
     NoToken => "no-token", Token;
     IssuerNotPeer => "issuer-not-peer", Token;
     ForeignIdentity => "foreign-identity", Token;
+    /// A claim that contradicts its enforcer's scope (e.g. `site=london` from a Paris one).
+    OutOfScope => "out-of-scope", Token;
+    /// A tunnel from an enforcer the control plane's directory does not list (revoked,
+    /// removed, or never enrolled).
+    NotInDirectory => "not-in-directory", Token;
     /// Handshake mode: a proof that does not verify.
     BadProof => "bad-proof", Handshake;
     /// Handshake mode: the client never sent its proof.

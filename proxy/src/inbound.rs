@@ -189,31 +189,56 @@ impl Inbound {
                 return refuse_handshake(flow, format!("{peer}: {e}"));
             }
         };
+        // Under a control plane only the directory's enforcers may open tunnels.
+        if let Err(e) = self.peers.admit(&peer) {
+            tracing::warn!(%peer, %remote, "tunnel from an enforcer not in the directory refused");
+            let _ = shutdown_quietly(&mut tls).await;
+            return flow.refuse(Code::NotInDirectory, e.to_string());
+        }
         // The tunnel is up: not a connection attempt of its own (each request is).
         flow.discard();
         let mut buffers = Buffers::default();
+        let mut directory = self.peers.changes();
         // One tunnel carries one connection at a time, as many as the source sends.
         loop {
-            // An idle (pooled) tunnel waits here until an application connection needs it.
-            let request =
-                match tokio::time::timeout(self.idle_timeout, Request::read(&mut tls)).await {
-                    Ok(Ok(request)) => request,
-                    // The source closed (or reset) an idle tunnel, or it idled out: not a
-                    // connection attempt.
-                    Ok(Err(WireError::Truncated("preamble") | WireError::Io(_))) | Err(_) => break,
-                    Ok(Err(e)) => {
-                        let mut dst = Endpoint::addr(local);
-                        dst.enforcer = Some(self.name().to_owned());
-                        let mut flow =
-                            self.admission
-                                .track(Direction::Inbound, Endpoint::addr(remote), dst);
-                        flow.src.enforcer = Some(peer);
-                        let reason = format!("bad tunnel header: {e}");
-                        let refused = Refused::new(Status::BadRequest, Code::BadHeader, reason);
-                        self.answer_refusal(&mut tls, refused, flow).await;
-                        break;
+            // An idle (pooled) tunnel waits here until an application connection needs it,
+            // or until its enforcer leaves the directory (then it is closed at once).
+            let read = {
+                let read = tokio::time::timeout(self.idle_timeout, Request::read(&mut tls));
+                tokio::pin!(read);
+                loop {
+                    tokio::select! {
+                        r = &mut read => break Some(r),
+                        changed = directory.changed() => {
+                            if changed.is_err() || self.peers.admit(&peer).is_err() {
+                                break None;
+                            }
+                        }
                     }
-                };
+                }
+            };
+            let Some(read) = read else {
+                tracing::warn!(%peer, "closing an idle tunnel: its enforcer left the directory");
+                break;
+            };
+            let request = match read {
+                Ok(Ok(request)) => request,
+                // The source closed (or reset) an idle tunnel, or it idled out: not a
+                // connection attempt.
+                Ok(Err(WireError::Truncated("preamble") | WireError::Io(_))) | Err(_) => break,
+                Ok(Err(e)) => {
+                    let mut dst = Endpoint::addr(local);
+                    dst.enforcer = Some(self.name().to_owned());
+                    let mut flow =
+                        self.admission
+                            .track(Direction::Inbound, Endpoint::addr(remote), dst);
+                    flow.src.enforcer = Some(peer);
+                    let reason = format!("bad tunnel header: {e}");
+                    let refused = Refused::new(Status::BadRequest, Code::BadHeader, reason);
+                    self.answer_refusal(&mut tls, refused, flow).await;
+                    break;
+                }
+            };
             if !self
                 .handle_request(&mut tls, &mut session, &mut buffers, remote, request)
                 .await
@@ -300,7 +325,12 @@ impl Inbound {
         flow: &mut FlowTracker,
     ) -> Result<Admitted, Refused> {
         // Who is asking comes first: an unauthenticated request learns nothing, not even
-        // whether the port is served.
+        // whether the port is served. Its enforcer must (still) be in the directory, and
+        // the identity it vouches for gets that enforcer's scope from its certificate.
+        let scope = self.peers.admit(&session.peer).map_err(|e| {
+            Refused::new(Status::Unauthenticated, Code::NotInDirectory, e.to_string())
+                .answer(format!("{}: {e}", self.name()))
+        })?;
         let src_identity = self
             .tokens
             .check(session, &request.proof, request.dst, now_ms())
@@ -313,6 +343,18 @@ impl Inbound {
                 )
                 .answer(format!("{}: {refusal} ({})", self.name(), refusal.code()))
             })?;
+        let src_identity = match scope {
+            Some(scope) => crate::identity::scope::stamp(src_identity, &scope).map_err(|e| {
+                tracing::warn!(peer = %session.peer, error = %e, "refused a claim outside its enforcer's scope");
+                Refused::new(
+                    Status::Unauthenticated,
+                    Code::OutOfScope,
+                    format!("source {e} ({})", Code::OutOfScope),
+                )
+                .answer(format!("{}: {e} ({})", self.name(), Code::OutOfScope))
+            })?,
+            None => src_identity,
+        };
         flow.src.identified(&src_identity);
         let workload = self.workload_for(request.dst)?;
         flow.dst.workload = Some(workload.name.clone());

@@ -5,8 +5,10 @@
 //! * [`signer`]: an enforcer's Ed25519 key, certified by the cluster CA, signing tokens.
 //! * [`verifier`]: checks a token against certified keys, time, destination, TLS session and
 //!   replay, and caches verified identities so later tokens can carry just a digest.
+//! * [`scope`]: the vouching enforcer's scope stamped on (and checked against) identities.
 //! * [`session`]: tokens on a tunnel: the TLS session binding, the peer's certified key,
 //!   cold-then-warm signing, and the rule that an enforcer vouches only for its workloads.
+pub mod scope;
 pub mod session;
 pub mod signer;
 pub mod token;
