@@ -80,12 +80,21 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub fn new(config: &Config) -> Self {
-        let identities: HashMap<String, Arc<LocalWorkload>> = config
+    /// Under a control plane every workload's identity carries this enforcer's scope (from
+    /// its certificate), as peers will stamp it; a workload declaring a scope label with
+    /// another value is a configuration error.
+    pub fn new(config: &Config) -> Result<Self> {
+        let scope = control::own_scope(config)?;
+        let identities = config
             .workloads
             .iter()
-            .map(|w| (w.name.clone(), Arc::new(policy::identity(config, w))))
-            .collect();
+            .map(|w| {
+                let mut local = policy::identity(config, w);
+                local.identity = tessera_proxy::identity::scope::stamp(local.identity, &scope)
+                    .map_err(|e| anyhow::anyhow!("workload {:?}: label {e}", w.name))?;
+                Ok((w.name.clone(), Arc::new(local)))
+            })
+            .collect::<Result<HashMap<String, Arc<LocalWorkload>>>>()?;
         let served: Vec<(u16, Arc<LocalWorkload>)> = config
             .workloads
             .iter()
@@ -104,12 +113,12 @@ impl HostState {
                 }),
             )))
         };
-        Self {
+        Ok(Self {
             ports: served.iter().map(|(p, _)| *p).collect(),
             services: LocalServices::new(served),
             identities,
             peers,
-        }
+        })
     }
 }
 
@@ -154,7 +163,7 @@ pub async fn build(config: &Config) -> Result<Running> {
     let identity = Credentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     // What TLS presents, replaceable when the control plane renews the certificate.
     let cert = CertSlot::new(&identity)?;
-    let host = HostState::new(config);
+    let host = HostState::new(config)?;
     let core = core(config, &identity)?;
     let mut tasks = Supervisor::default();
     // Everything that can fail without touching the kernel comes first: listeners (a port
@@ -578,7 +587,13 @@ fn serve_common(
     let tokens = core.tokens.clone();
     core.metrics
         .count_limit_with(Limit::WarmIdentities, move || tokens.evicted_identities());
-    if let Some(file) = config.policy.file.clone() {
+    // (Under a control plane the policy arrives from it, not by watching the file.)
+    if let Some(file) = config
+        .policy
+        .file
+        .clone()
+        .filter(|_| config.control.is_none())
+    {
         let (registry, metrics) = (core.registry.clone(), core.metrics.clone());
         tasks.spawn("policy reloads", move || {
             let watching = policy::watch(file.clone(), registry.clone(), metrics.clone());

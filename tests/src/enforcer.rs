@@ -21,6 +21,7 @@ use tessera_enforcer::config::{
     Bpf, Config, DataPathMode, DeliveryMode, Flows, HandshakeConfig, IdentityConfig, Listen,
     PeerConfig, PolicyConfig, Tls, Tunnel, Workload,
 };
+use tessera_enforcer::control::ControlConfig;
 use tessera_proxy::flow::FlowRecord;
 
 use crate::{Host, TestNet, sh};
@@ -79,6 +80,9 @@ pub struct EnforcerOptions {
     /// `[bpf] delivery = "localhost"` (deliveries from 127.0.0.77 / ::1) instead of the
     /// default `"original-source"`.
     pub localhost_delivery: bool,
+    /// Enrol with a control plane (`[control]`) instead of the test net's CA, peer list and
+    /// policy files (see [`TestNet::join`]).
+    pub control: Option<crate::control::ControlOptions>,
 }
 
 impl Default for EnforcerOptions {
@@ -97,6 +101,7 @@ impl Default for EnforcerOptions {
             api_token: true,
             state_subdir: None,
             localhost_delivery: false,
+            control: None,
         }
     }
 }
@@ -296,7 +301,7 @@ impl TestNet {
                 api_token_file: peer_api(peer).and_then(|(_, token)| token),
             })
             .collect();
-        Ok(Config {
+        let mut config = Config {
             name: host.name.clone(),
             mode: Some(if opts.handshake {
                 DataPathMode::Handshake
@@ -341,7 +346,29 @@ impl TestNet {
                 ..IdentityConfig::default()
             },
             handshake,
-        })
+        };
+        if let Some(c) = &opts.control {
+            // The control plane issues the certificate, lists the peers, sends the policy.
+            config.tls = Tls::default();
+            config.peers = Vec::new();
+            config.policy.file = None;
+            let document = c.documents.get(&host.name);
+            config.control = Some(ControlConfig {
+                servers: c.servers.clone(),
+                ca: c.ca.clone(),
+                join_token_file: c.tokens.get(&host.name).cloned(),
+                identity_document_file: document.map(|(f, _)| f.clone()),
+                instance_id: document.map(|(_, i)| i.clone()),
+                state_dir: self.control_state(host),
+                advertise: Some(SocketAddr::from((host.addr, TUNNEL_PORT))),
+                serves: vec![
+                    IpNet::from(IpAddr::from(host.addr)),
+                    IpNet::from(IpAddr::from(host.addr6)),
+                ],
+                report_secs: 2,
+            });
+        }
+        Ok(config)
     }
 
     /// Starts `host`'s enforcer and waits until it serves.

@@ -12,14 +12,17 @@
 //! * [`enforcer`]: enforcer configurations, start and stop, the flow records they write;
 //! * [`apps`]: real programs on the hosts (curl, http servers, redis, the traffic tool, the
 //!   handshake adversary), spawned or run to completion;
+//! * [`control`]: the control plane (`tessera server`) and enforcers that enrol with it;
 //! * [`tools`]: the traffic and attack scripts the tests carry.
 //!
 //! Everything a test uses is re-exported here.
 pub mod apps;
+pub mod control;
 pub mod enforcer;
 pub mod network;
 pub mod tools;
 
 pub use apps::{handshake_attack, which};
+pub use control::{CONTROL_PORT, ControlOptions, ControlServer};
 pub use enforcer::{API_PORT, EnforcerOptions, TUNNEL_PORT, WorkloadSpec, tessera_bin};
 pub use network::{Host, PacketCapture, TestNet, cgroup2_mount, require_root, sh, sweep_leftovers};

@@ -41,6 +41,23 @@ pub fn members(peers: &[PeerConfig]) -> Vec<Member> {
         .collect()
 }
 
+/// This enforcer's own scope (under a control plane: from its certificate; else none).
+pub fn own_scope(
+    config: &crate::config::Config,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    if config.control.is_none() {
+        return Ok(Default::default());
+    }
+    let path = &config.tls.cert;
+    let pem = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let der = authority::pem_der(&pem).map_err(anyhow::Error::msg)?;
+    let c = authority::certified(&der)?;
+    Ok(c.scope
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
 fn scope_of(p: &PeerConfig) -> Result<std::collections::BTreeMap<String, String>> {
     let Some(path) = &p.cert else {
         return Ok(Default::default());

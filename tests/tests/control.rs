@@ -1,0 +1,324 @@
+//! The control plane end to end on test hosts: `tessera server` on a host of its own,
+//! enforcers that start with only its address and a join token (or a cloud identity
+//! document), a policy applied centrally, scope stamped from certificates, revocation cutting
+//! live connections, single-use tokens, fail-static restarts without the server, and a
+//! renewal under a long-lived connection.
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tessera_proxy::flow::{Direction, Verdict};
+use tessera_tests::{ControlServer, TestNet};
+
+const T: Duration = Duration::from_secs(30);
+
+/// web may reach api only from the Paris site: `site` is not something a workload or its
+/// enforcer can claim, it comes from the enforcer's certificate.
+const WEB_PARIS_TO_API: &str = "\
+rules:
+  - name: paris-web-to-api
+    action: allow
+    from: [{labels: [app=web, site=paris]}]
+    to: [{labels: [app=api]}]
+";
+
+/// host-a (web), host-b (api, echo on 7000) and `control` (the server, no enforcer).
+fn hosts(server_args: &[&str]) -> (TestNet, ControlServer) {
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["control"]).expect("test hosts");
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[7000])
+        .unwrap();
+    let srv = net
+        .start_control(net.host("control"), server_args)
+        .expect("control plane");
+    (net, srv)
+}
+
+fn echo_ok(net: &TestNet) -> bool {
+    let out = net
+        .run_tool(
+            net.host("host-a"),
+            Some("web"),
+            &["echo-many", "10.77.0.2", "7000", "1"],
+            T,
+        )
+        .unwrap();
+    let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or(Value::Null);
+    v["ok"] == 1
+}
+
+/// Polls `f` every 200 ms until it holds or `within` passes; whether it held.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn apply_policy(net: &TestNet, srv: &ControlServer, text: &str) -> anyhow::Result<String> {
+    let file = net.dir.join(format!("central-{}.yaml", text.len()));
+    fs::write(&file, text).unwrap();
+    net.control_admin(srv, &["policy", "apply", file.to_str().unwrap()])
+}
+
+fn status(net: &TestNet, srv: &ControlServer) -> Value {
+    serde_json::from_str(
+        &net.control_admin(srv, &["server", "status", "--json"])
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn enforcer<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["enforcers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {status}"))
+}
+
+#[test]
+fn enrolment_central_policy_scope_and_revocation() {
+    let (net, srv) = hosts(&[]);
+    net.join(net.host("host-a"), &srv, "site=paris").unwrap();
+    net.join(net.host("host-b"), &srv, "site=london").unwrap();
+    net.start_enforcers().unwrap();
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
+        .unwrap();
+
+    // Enrolled, but no policy yet: nothing is allowed.
+    assert!(!echo_ok(&net), "no central policy yet: default deny");
+
+    // A broken policy is refused with its position and changes nothing.
+    let err = apply_policy(
+        &net,
+        &srv,
+        "rules:\n  - name: x\n    action: allow\n    ports: [nope]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains(":4:13:"), "{err}");
+
+    // The policy applied centrally reaches both enforcers.
+    let out = apply_policy(&net, &srv, WEB_PARIS_TO_API).unwrap();
+    assert!(out.contains("version 1"), "{out}");
+    assert!(
+        eventually(Duration::from_secs(10), || echo_ok(&net)),
+        "web@host-a -> api@host-b once the central policy is in force\n{}",
+        net.enforcer_log(net.host("host-b"))
+    );
+    // host-b saw web with the scope of host-a's certificate, stamped: site=paris.
+    let seen = net
+        .flows(net.host("host-b"))
+        .into_iter()
+        .find(|f| f.direction == Direction::Inbound && f.verdict == Verdict::Allowed)
+        .expect("an allowed inbound record at host-b");
+    assert_eq!(
+        seen.src.labels.get("site").map(String::as_str),
+        Some("paris")
+    );
+    assert_eq!(seen.rule.as_deref(), Some("paris-web-to-api"));
+
+    // Status: both active, in their scopes, enforcing version 1, certificates valid.
+    assert!(eventually(Duration::from_secs(10), || {
+        let s = status(&net, &srv);
+        ["host-a", "host-b"]
+            .iter()
+            .all(|n| enforcer(&s, n)["policy_version"] == 1)
+    }));
+    let s = status(&net, &srv);
+    assert_eq!(enforcer(&s, "host-a")["scope"], "site=paris");
+    assert_eq!(enforcer(&s, "host-b")["state"], "active");
+
+    // Revocation: a live connection from host-a is cut within about a second, and no new
+    // one gets through.
+    let holder = net
+        .spawn_holder(net.host("host-a"), "web", "10.77.0.2", 7000)
+        .unwrap();
+    let t0 = Instant::now();
+    net.control_admin(&srv, &["server", "enforcer", "revoke", "host-a"])
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let log = fs::read_to_string(&holder).unwrap_or_default();
+            log.contains("reset") || log.contains("eof")
+        }),
+        "the live connection of a revoked enforcer is cut:\n{}",
+        fs::read_to_string(&holder).unwrap_or_default()
+    );
+    let cut = t0.elapsed();
+    assert!(cut < Duration::from_secs(3), "cut after {cut:?}");
+    assert!(
+        !echo_ok(&net),
+        "a revoked enforcer's connections are refused"
+    );
+    let refused = net
+        .flows(net.host("host-b"))
+        .into_iter()
+        .filter(|f| f.code.as_str() == "not-in-directory")
+        .count();
+    assert!(refused > 0, "host-b records why host-a is refused");
+    assert_eq!(enforcer(&status(&net, &srv), "host-a")["state"], "revoked");
+}
+
+#[test]
+fn tokens_work_once_documents_once_per_instance_and_enforcers_fail_static() {
+    let provider = std::env::temp_dir().join(format!("tessera-provider-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&provider);
+    // The demo cloud: a provider key whose certificate the server trusts.
+    let bin = tessera_tests::tessera_bin().unwrap();
+    tessera_tests::sh(
+        bin.to_str().unwrap(),
+        &[
+            "server",
+            "document",
+            "provider-init",
+            provider.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let trust = provider.join("provider.pem");
+    let (net, srv) = hosts(&[
+        "--document-trust",
+        trust.to_str().unwrap(),
+        "--scope-tag",
+        "site",
+    ]);
+    let (a, b) = (net.host("host-a"), net.host("host-b"));
+    // host-a joins with a token; host-b tries the same token: refused, naming host-a.
+    let token = net.join(a, &srv, "site=paris").unwrap();
+    net.start_enforcer(a).unwrap();
+    let copy = net.dir.join("host-b.join-token");
+    fs::copy(&token, &copy).unwrap();
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o600)).unwrap();
+    net.options
+        .lock()
+        .unwrap()
+        .control
+        .as_mut()
+        .unwrap()
+        .tokens
+        .insert("host-b".into(), copy);
+    let err = net.start_enforcer(b).unwrap_err().to_string();
+    assert!(err.contains("already used by enforcer host-a"), "{err}");
+
+    // host-b enrols with a cloud instance identity document instead.
+    let doc = net
+        .tessera(&[
+            "server",
+            "document",
+            "make",
+            "--provider-key",
+            provider.join("provider.key").to_str().unwrap(),
+            "--instance",
+            "i-0b",
+            "--account",
+            "111122223333",
+            "--region",
+            "eu-west-3",
+            "--tag",
+            "site=london",
+        ])
+        .unwrap();
+    let doc_file = net.dir.join("host-b.document.json");
+    fs::write(&doc_file, doc.trim()).unwrap();
+    {
+        let mut o = net.options.lock().unwrap();
+        let c = o.control.as_mut().unwrap();
+        c.tokens.remove("host-b");
+        c.documents
+            .insert("host-b".into(), (doc_file.clone(), "i-0b".into()));
+    }
+    let _ = fs::remove_dir_all(net.control_state(b));
+    net.start_enforcer(b).unwrap();
+    let s = status(&net, &srv);
+    assert_eq!(
+        enforcer(&s, "host-b")["scope"],
+        "account=111122223333,region=eu-west-3,site=london"
+    );
+    net.serve_tool(b, Some("api"), "serve-echo", 7000).unwrap();
+    apply_policy(&net, &srv, WEB_PARIS_TO_API).unwrap();
+    assert!(eventually(Duration::from_secs(10), || echo_ok(&net)));
+
+    // Everything cached is private.
+    for host in [a, b] {
+        let dir = net.control_state(host);
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o077, 0);
+        for f in ["key.pem", "cert.pem", "policy.yaml", "directory.json"] {
+            let mode = fs::metadata(dir.join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{}/{f}: {mode:o}", dir.display());
+        }
+    }
+
+    // The server goes away: enforcement goes on, and an enforcer restarted without it
+    // comes up from its cache with the same directory and policy.
+    net.stop_control(&srv).unwrap();
+    assert!(echo_ok(&net), "enforcing while the server is down");
+    net.stop_enforcer(b, false).unwrap();
+    net.start_enforcer(b).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || echo_ok(&net)),
+        "host-b restarted from its cache\n{}",
+        net.enforcer_log(b)
+    );
+    assert!(
+        net.enforcer_log(b)
+            .contains("starting from the cached identity")
+    );
+    let _ = fs::remove_dir_all(&provider);
+}
+
+#[test]
+fn a_renewal_under_a_long_connection_keeps_it_and_new_ones_use_the_new_certificate() {
+    // 20-second certificates: renewed at about 10 s, the first one expired at 20 s.
+    let (net, srv) = hosts(&["--lifetime", "20s"]);
+    net.join(net.host("host-a"), &srv, "site=paris").unwrap();
+    net.join(net.host("host-b"), &srv, "site=london").unwrap();
+    net.start_enforcers().unwrap();
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
+        .unwrap();
+    apply_policy(&net, &srv, WEB_PARIS_TO_API).unwrap();
+    assert!(eventually(Duration::from_secs(10), || echo_ok(&net)));
+    let first = enforcer(&status(&net, &srv), "host-a")["cert_serial"].clone();
+    // A connection held for 20 s across the renewal (pings every 50 ms).
+    let holder = net
+        .spawn_holder(net.host("host-a"), "web", "10.77.0.2", 7000)
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || fs::read_to_string(&holder)
+            .unwrap_or_default()
+            .contains("still open")),
+        "held across the renewal:\n{}",
+        fs::read_to_string(&holder).unwrap_or_default()
+    );
+    let log = fs::read_to_string(&holder).unwrap();
+    assert!(!log.contains("reset") && !log.contains("eof"), "{log}");
+    for h in ["host-a", "host-b"] {
+        assert!(
+            net.enforcer_log(net.host(h))
+                .contains("certificate renewed"),
+            "{h} renewed"
+        );
+    }
+    assert_ne!(
+        enforcer(&status(&net, &srv), "host-a")["cert_serial"],
+        first
+    );
+    // Past the first certificate's end: new connections work on the renewed one.
+    assert!(
+        echo_ok(&net),
+        "a new connection after the first certificate expired"
+    );
+}
