@@ -123,6 +123,25 @@ pub struct BpfCaptureLookup {
     pub attestor: Arc<ProcessAttestor>,
 }
 
+impl BpfCaptureLookup {
+    /// Forgets the records a previous run left (pinned): their connections died with its
+    /// listener, and none may be claimed by whoever connects from the same address and port
+    /// later. Done once this run is in force, before it serves.
+    pub fn forget_stale(&self) {
+        let mut map = self.map.lock().expect("lock");
+        let stale: Vec<_> = map.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            let _ = map.remove(key);
+        }
+        if !stale.is_empty() {
+            tracing::info!(
+                records = stale.len(),
+                "forgot the capture records of a previous run"
+            );
+        }
+    }
+}
+
 impl CaptureLookup for BpfCaptureLookup {
     fn take(&self, client: SocketAddr) -> Capture {
         let key = client_key(client);
