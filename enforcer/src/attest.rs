@@ -244,16 +244,24 @@ impl ProcessAttestor {
     /// which was in the cgroup `dir` when it connected (None: the one it is in now).
     pub fn facts(&self, pid: u32, uid: u32, root: &Path, dir: Option<&Path>) -> ProcessFacts {
         let proc = PathBuf::from(format!("/proc/{pid}"));
-        let dir = dir.map(Path::to_path_buf).or_else(|| {
+        // The cgroup it is in now, if that is the workload's (or below it).
+        let now = || {
             let own = std::fs::read_to_string(proc.join("cgroup")).ok()?;
             let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
             cgroup2_mounts()
                 .into_iter()
                 .map(|m| m.join(rel.trim_start_matches('/')))
                 .find(|d| d.starts_with(root))
-        });
+        };
+        let now = now();
+        // The executable is read after the fact, through the pid: a pid that now belongs
+        // to a process outside the workload (the connecting one exited, its pid reused)
+        // would describe someone else, so nothing is said of it.
+        let ours = now.is_some();
+        let dir = dir.map(Path::to_path_buf).or(now);
         let exe = std::fs::read_link(proc.join("exe"))
             .ok()
+            .filter(|_| ours)
             .map(|p| p.display().to_string());
         ProcessFacts {
             cgroup: dir.as_deref().map(cgroup_path),
@@ -262,7 +270,11 @@ impl ProcessAttestor {
                 .map(|d| trusted_container_facts(root, d, uid))
                 .unwrap_or_default(),
             user: None,
-            exe_sha256: self.exe_hash(&proc.join("exe")),
+            exe_sha256: if ours {
+                self.exe_hash(&proc.join("exe"))
+            } else {
+                None
+            },
             exe,
         }
     }
@@ -593,6 +605,29 @@ mod tests {
         assert_eq!(
             trusted_level(root, Path::new(&runtime), 1000, |_| None),
             root
+        );
+    }
+
+    #[test]
+    fn a_pid_that_is_no_longer_the_workloads_says_nothing_of_its_executable() {
+        let a = ProcessAttestor::default();
+        let me = std::process::id();
+        // This process, as if recorded connecting from a workload enrolled elsewhere: the
+        // pid is now someone else's (as a reused pid would be).
+        let elsewhere = Path::new("/nonexistent-tessera/web");
+        let facts = a.facts(me, 1000, elsewhere, Some(&elsewhere.join("sub")));
+        assert_eq!((facts.exe, facts.exe_sha256), (None, None));
+        // The recorded cgroup still names where the connect came from.
+        assert_eq!(
+            facts.cgroup.as_deref(),
+            Some("/nonexistent-tessera/web/sub")
+        );
+        // Its own workload (every cgroup is below the mount): the executable is reported.
+        let mount = cgroup2_mounts().into_iter().next().expect("cgroup v2");
+        let facts = a.facts(me, 1000, &mount, None);
+        assert!(
+            facts.exe.is_some() && facts.exe_sha256.is_some(),
+            "{facts:?}"
         );
     }
 
