@@ -8,9 +8,16 @@
 //! configuration names, and **only that data path is started**: tunnel mode's listeners
 //! and pool, or handshake mode's queues and rules.
 //!
-//! Order matters for failing safely: everything that can fail without touching the kernel
-//! (keys, certificates, listeners, the flow store, the system programs handshake mode runs)
-//! comes before capture is attached.
+//! Start-up is all or nothing. It first **prepares** everything that can fail: keys,
+//! certificates (also peers'), the policy, the flow store (its lock) and log, listeners,
+//! the system programs handshake mode runs, the eBPF programs with a new generation of
+//! links attached beside the previous run's (the pinned settings and protected ports left
+//! as they are), the NFQUEUE workers, and the new iptables rules in chains nothing jumps to
+//! yet. Only then does it **commit**, in an order without a gap: in tunnel mode the
+//! protected ports (steered to the new listeners) before the settings, then the previous
+//! run's handshake rules, if any, go; in handshake mode the new rules in force before the
+//! protected ports are emptied. A start that fails leaves the previous run's capture and
+//! rules in force exactly as they were.
 //!
 //! Serving tasks are supervised ([`supervise`]): one that fails, panics or ends is logged
 //! and restarted with backoff, listeners on the socket bound at start-up. One that cannot
@@ -192,8 +199,11 @@ pub async fn build(config: &Config) -> Result<Running> {
         }
         None => None,
     };
-    let mut capture = Capture::start(config)?;
-    let lookup = capture_lookup(config, &host, &mut capture)?;
+    // Capture's new generation, attached beside the previous run's with the pinned maps
+    // (settings, protected ports) left as they are: nothing in force changes yet.
+    let mut capture = Capture::prepare(config)?;
+    let client_map = capture.take_client_map()?;
+    let lookup = capture_lookup(config, &host, client_map);
     let mut live = control::Live {
         registry: core.registry.clone(),
         metrics: core.metrics.clone(),
@@ -204,9 +214,10 @@ pub async fn build(config: &Config) -> Result<Running> {
         peer_keys: Default::default(),
     };
     let mut routing = None;
+    // Commit: the new run goes in force in an order without a gap, and nothing after it
+    // can fail in a way that needs undoing.
     match tunnel_listeners {
         Some(listeners) => {
-            capture.set_inbound_listeners(&listeners.in_v4, listeners.in_v6.as_ref())?;
             let gate = Arc::new(DeliveryMap::new(capture.take_delivery_map()?));
             let source = match config.bpf.delivery {
                 DeliveryMode::OriginalSource => {
@@ -224,18 +235,27 @@ pub async fn build(config: &Config) -> Result<Running> {
             live.pool = Some(pool.clone());
             let outbound = Arc::new(Outbound {
                 admission: core.admission(config, Mode::Tunnel),
-                lookup,
+                lookup: lookup.clone(),
                 peers: host.peers.clone(),
                 pool,
                 tokens: core.tokens.clone(),
                 mark: config.bpf.proxy_mark,
             });
             let inbound = inbound(config, &identity, &cert, &core, &host, delivery)?;
+            let previous = capture.previous_mode();
+            // Protected ports (sk_lookup to our inbound listeners) in before anything goes.
+            capture.commit(config, Some((&listeners.in_v4, listeners.in_v6.as_ref())))?;
+            if previous == Some(DataPathMode::Handshake) {
+                // The ports are guarded by sk_lookup now: the previous run's rules go.
+                crate::handshake::remove_rules();
+            }
+            lookup.forget_stale();
             listeners.serve(&mut tasks, outbound, inbound)?;
         }
         None => {
-            let setup = handshake_setup(config, &core, &host, lookup, peer_keys);
-            // Workers first: once the rules are in, queued packets need a reader.
+            let setup = handshake_setup(config, &core, &host, lookup.clone(), peer_keys);
+            // Workers first (binding the queues can fail): once the rules are in, queued
+            // packets need a reader.
             crate::handshake::start(
                 config,
                 Arc::new(Engine::new(setup)),
@@ -243,7 +263,11 @@ pub async fn build(config: &Config) -> Result<Running> {
                 capture.take_closed_ring()?,
                 core.metrics.clone(),
             )?;
-            crate::handshake::install_rules(&config.handshake, &host.ports)?;
+            let rules = crate::handshake::prepare_rules(&config.handshake, &host.ports)?;
+            // The rules in force first; only then may sk_lookup stop guarding the ports.
+            rules.commit()?;
+            capture.commit(config, None)?;
+            lookup.forget_stale();
         }
     }
     serve_common(config, &core, api, &mut tasks)?;
@@ -353,32 +377,19 @@ fn peer_keys(config: &Config, tokens: &Tokens) -> Result<HashMap<String, KeyId>>
 fn capture_lookup(
     config: &Config,
     host: &HostState,
-    capture: &mut Capture,
-) -> Result<Arc<dyn CaptureLookup>> {
+    map: aya::maps::HashMap<aya::maps::MapData, tessera_common::ClientKey, tessera_common::OrigDst>,
+) -> Arc<BpfCaptureLookup> {
     let roots = config
         .workloads
         .iter()
         .map(|w| (w.name.clone(), w.cgroup.clone()))
         .collect();
-    let mut map = capture.take_client_map()?;
-    // Records a previous run left (pinned): their connections died with its listener, and
-    // none may be claimed by whoever connects from the same address and port later.
-    let stale: Vec<_> = map.keys().filter_map(Result::ok).collect();
-    for key in &stale {
-        let _ = map.remove(key);
-    }
-    if !stale.is_empty() {
-        tracing::info!(
-            records = stale.len(),
-            "forgot the capture records of a previous run"
-        );
-    }
-    Ok(Arc::new(BpfCaptureLookup {
+    Arc::new(BpfCaptureLookup {
         map: Mutex::new(map),
         workloads: WorkloadIndex::new(roots),
         identities: host.identities.clone(),
         attestor: Arc::default(),
-    }))
+    })
 }
 
 /// Tunnel mode's listeners, bound before anything in the kernel changes.

@@ -3,11 +3,18 @@
 //!
 //! * For every enrolled workload: `tessera.io/workload`, `tessera.io/enforcer`,
 //!   `tessera.io/host`, `tessera.io/cgroup` (its path below the cgroup v2 root), and the
-//!   container and pod facts the cgroup path reveals (`container-id`, `container-runtime`,
-//!   `pod-uid`).
-//! * For each connection, from the pid and uid the eBPF connect hook recorded: the
-//!   process's own `cgroup` (a sub-cgroup of the workload's), `uid`, `user`, and its
-//!   executable's path `exe` and `exe-sha256` (hashed once per file version).
+//!   container and pod facts its **configured** cgroup path reveals (`container-id`,
+//!   `container-runtime`, `pod-uid`).
+//! * For each connection, from what the eBPF connect hook recorded (pid, uid and cgroup id
+//!   at connect): the cgroup the process was in (`cgroup`, found by that id, not read from
+//!   /proc after accept), `uid`, `user`, and its executable's path `exe` and `exe-sha256`
+//!   (read through /proc/<pid>/exe; hashed once per file version, off the accept path).
+//!
+//! Container and pod facts are never taken from a cgroup level the workload could have made
+//! itself: with cgroup v2 delegation it can create sub-cgroups named as it likes
+//! (`docker-<any id>.scope`). A level below the enrolment cgroup counts only if the workload
+//! could not have created it: its parent is owned by root and writable by nobody else, and
+//! the workload's process is not root ([`trusted_level`]).
 //!
 //! A value longer than a token can carry (255 bytes) is left out rather than cut: a cut
 //! value would claim something that is not true.
@@ -16,13 +23,17 @@ use std::{
     io::Read,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use sha2::{Digest, Sha256};
 use tessera_policy::Labels;
 use tessera_proxy::identity::{Identity, spiffe_id};
 
+use crate::workloads::Place;
 use tessera_proxy::identity::reserved;
 pub use tessera_proxy::identity::reserved::PREFIX;
 const MAX_VALUE: usize = 255;
@@ -108,6 +119,46 @@ pub fn container_facts(path: &str) -> Vec<(&'static str, String)> {
     out
 }
 
+/// The deepest cgroup from `root` down to `dir` that a process of uid `uid` in it could not
+/// have created: each level's parent owned by root and writable by no one else, and `uid`
+/// not root (root can make any cgroup). `owner_mode` gives a directory's owner and mode.
+/// `root` itself when no level below it counts (or `dir` is not below it).
+pub fn trusted_level(
+    root: &Path,
+    dir: &Path,
+    uid: u32,
+    owner_mode: impl Fn(&Path) -> Option<(u32, u32)>,
+) -> PathBuf {
+    let mut trusted = root.to_path_buf();
+    let Ok(below) = dir.strip_prefix(root) else {
+        return trusted;
+    };
+    if uid == 0 {
+        return trusted;
+    }
+    for level in below.components() {
+        // Whoever can write the parent can create (or rename) this level.
+        match owner_mode(&trusted) {
+            Some((0, mode)) if mode & 0o022 == 0 => trusted.push(level),
+            _ => break,
+        }
+    }
+    trusted
+}
+
+/// Container and pod facts of the cgroup levels below `root` down to `dir` that uid `uid`
+/// could not have made (see [`trusted_level`]); none from the levels it could.
+pub fn trusted_container_facts(root: &Path, dir: &Path, uid: u32) -> Vec<(&'static str, String)> {
+    let level = trusted_level(root, dir, uid, |p| {
+        std::fs::metadata(p).ok().map(|m| (m.uid(), m.mode()))
+    });
+    if level == root {
+        // The enrolment cgroup's facts are the workload's identity already.
+        return Vec::new();
+    }
+    container_facts(&cgroup_path(&level))
+}
+
 /// The identity of an enrolled workload, before any process is known.
 pub fn workload_identity(
     trust_domain: &str,
@@ -139,14 +190,19 @@ pub fn workload_identity(
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessFacts {
     pub cgroup: Option<String>,
+    /// Container and pod facts of levels below the enrolment cgroup the process could not
+    /// have made ([`trusted_container_facts`]).
+    pub container: Vec<(&'static str, String)>,
     pub user: Option<String>,
     pub exe: Option<String>,
     pub exe_sha256: Option<String>,
 }
 
 /// Derives per-process labels; caches executable hashes by file version and user names.
-/// One version of a file: (device, inode, size, mtime, mtime_nsec).
-type FileVersion = (u64, u64, u64, i64, i64);
+/// One version of a file: (device, inode, size, mtime, mtime_nsec, ctime, ctime_nsec). The
+/// ctime is in the key because a file's owner can set its mtime back after rewriting it;
+/// the ctime only the kernel sets.
+type FileVersion = (u64, u64, u64, i64, i64, i64, i64);
 
 /// What a connection's identity is a function of: the process, its user, its cgroup and
 /// the version of the executable it runs.
@@ -156,6 +212,8 @@ type ConnectionFacts = (u32, u32, u64, FileVersion);
 pub struct ProcessAttestor {
     /// Executable version -> SHA-256 hex.
     hashes: Mutex<HashMap<FileVersion, String>>,
+    /// Files read and hashed in full so far (the rest came from `hashes`).
+    hashed: AtomicU64,
     users: Mutex<HashMap<u32, Option<String>>>,
     /// Identities made for connections lately (a process connecting many times is attested
     /// once per executable it runs; bounded).
@@ -167,28 +225,56 @@ pub struct ProcessAttestor {
 const CONNECTIONS_KEPT: usize = 4096;
 
 fn file_version(m: &std::fs::Metadata) -> FileVersion {
-    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())
+    (
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
 }
 
 /// Larger executables are not hashed on the connection path (the label is left out).
 const MAX_HASHED: u64 = 512 << 20;
 
 impl ProcessAttestor {
-    pub fn facts(&self, pid: u32) -> ProcessFacts {
+    /// What can be observed of process `pid` (uid `uid`) of a workload enrolled at `root`,
+    /// which was in the cgroup `dir` when it connected (None: the one it is in now).
+    pub fn facts(&self, pid: u32, uid: u32, root: &Path, dir: Option<&Path>) -> ProcessFacts {
         let proc = PathBuf::from(format!("/proc/{pid}"));
-        let cgroup = std::fs::read_to_string(proc.join("cgroup"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
-            });
+        // The cgroup it is in now, if that is the workload's (or below it).
+        let now = || {
+            let own = std::fs::read_to_string(proc.join("cgroup")).ok()?;
+            let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+            cgroup2_mounts()
+                .into_iter()
+                .map(|m| m.join(rel.trim_start_matches('/')))
+                .find(|d| d.starts_with(root))
+        };
+        let now = now();
+        // The executable is read after the fact, through the pid: a pid that now belongs
+        // to a process outside the workload (the connecting one exited, its pid reused)
+        // would describe someone else, so nothing is said of it.
+        let ours = now.is_some();
+        let dir = dir.map(Path::to_path_buf).or(now);
         let exe = std::fs::read_link(proc.join("exe"))
             .ok()
+            .filter(|_| ours)
             .map(|p| p.display().to_string());
         ProcessFacts {
-            cgroup,
+            cgroup: dir.as_deref().map(cgroup_path),
+            container: dir
+                .as_deref()
+                .map(|d| trusted_container_facts(root, d, uid))
+                .unwrap_or_default(),
             user: None,
-            exe_sha256: self.exe_hash(&proc.join("exe")),
+            exe_sha256: if ours {
+                self.exe_hash(&proc.join("exe"))
+            } else {
+                None
+            },
             exe,
         }
     }
@@ -205,6 +291,7 @@ impl ProcessAttestor {
         if let Some(h) = self.hashes.lock().expect("lock").get(&key) {
             return Some(h.clone());
         }
+        self.hashed.fetch_add(1, Ordering::Relaxed);
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -262,24 +349,25 @@ impl ProcessAttestor {
     }
 
     /// The identity of a connection made by process `pid` (uid `uid`, in cgroup
-    /// `cgroup_id`) of a workload: [`ProcessAttestor::cached`], or a full attestation
-    /// (which may hash the executable and ask NSS for the user: run it where blocking is
-    /// allowed).
+    /// `cgroup_id`, at `place`) of a workload: [`ProcessAttestor::cached`], or a full
+    /// attestation (which may hash the executable and ask NSS for the user: run it where
+    /// blocking is allowed).
     pub fn attest_connection(
         &self,
         workload: &Identity,
         pid: u32,
         uid: u32,
         cgroup_id: u64,
+        place: &Place,
     ) -> Identity {
         if let Some(id) = self.cached(workload, pid, uid, cgroup_id) {
             return id;
         }
         let Ok(m) = std::fs::metadata(format!("/proc/{pid}/exe")) else {
-            return self.attest(workload, pid, uid);
+            return self.attest(workload, pid, uid, &place.root, Some(&place.dir));
         };
         let key = (pid, uid, cgroup_id, file_version(&m));
-        let id = self.attest(workload, pid, uid);
+        let id = self.attest(workload, pid, uid, &place.root, Some(&place.dir));
         let mut cache = self.connections.lock().expect("lock");
         if cache.len() >= CONNECTIONS_KEPT {
             cache.clear();
@@ -288,9 +376,17 @@ impl ProcessAttestor {
         id
     }
 
-    /// The identity of a connection made by process `pid` (uid `uid`) of a workload.
-    pub fn attest(&self, workload: &Identity, pid: u32, uid: u32) -> Identity {
-        let mut facts = self.facts(pid);
+    /// The identity of a connection made by process `pid` (uid `uid`) of a workload
+    /// enrolled at `root`, from cgroup `dir` (None: the one it is in now).
+    pub fn attest(
+        &self,
+        workload: &Identity,
+        pid: u32,
+        uid: u32,
+        root: &Path,
+        dir: Option<&Path>,
+    ) -> Identity {
+        let mut facts = self.facts(pid, uid, root, dir);
         facts.user = self.user(uid);
         with_process(workload, uid, &facts)
     }
@@ -307,10 +403,10 @@ pub fn with_process(workload: &Identity, uid: u32, facts: &ProcessFacts) -> Iden
     if let Some(user) = &facts.user {
         label(&mut labels, reserved::USER, user.clone());
     }
+    for (k, v) in &facts.container {
+        label(&mut labels, k, v.clone());
+    }
     if let Some(cgroup) = &facts.cgroup {
-        for (k, v) in container_facts(cgroup) {
-            label(&mut labels, k, v);
-        }
         label(&mut labels, reserved::CGROUP, cgroup.clone());
     }
     if let Some(exe) = &facts.exe {
@@ -381,6 +477,7 @@ mod tests {
                 user: Some("alice".into()),
                 exe: Some("/usr/bin/curl".into()),
                 exe_sha256: Some("00".repeat(32)),
+                container: Vec::new(),
             },
         );
         assert_eq!(p.labels.get("tessera.io/uid"), Some("1000"));
@@ -406,7 +503,7 @@ mod tests {
     #[test]
     fn this_process_is_attested_with_the_hash_of_its_executable() {
         let a = ProcessAttestor::default();
-        let facts = a.facts(std::process::id());
+        let facts = a.facts(std::process::id(), 0, Path::new("/"), None);
         let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         let want: String = Sha256::digest(&exe)
             .iter()
@@ -415,7 +512,11 @@ mod tests {
         assert_eq!(facts.exe_sha256.as_deref(), Some(want.as_str()));
         assert!(facts.cgroup.is_some_and(|c| c.starts_with('/')));
         // Second time from the cache, same answer.
-        assert_eq!(a.facts(std::process::id()).exe_sha256, Some(want));
+        assert_eq!(
+            a.facts(std::process::id(), 0, Path::new("/"), None)
+                .exe_sha256,
+            Some(want)
+        );
         assert_eq!(a.user(0).as_deref(), Some("root"));
     }
 
@@ -438,6 +539,7 @@ mod tests {
                 user: Some("root".into()),
                 exe: Some("/usr/bin/curl".into()),
                 exe_sha256: Some("ab".repeat(32)),
+                container: Vec::new(),
             },
         );
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
@@ -448,5 +550,146 @@ mod tests {
         assert!(cold.len() <= 512, "cold token of {} bytes", cold.len());
         assert_eq!(warm.len(), 157);
         eprintln!("cold {} bytes, warm {} bytes", cold.len(), warm.len());
+    }
+
+    /// A cgroup tree as (path, owner, mode).
+    fn tree<'a>(dirs: &'a [(&'a str, u32, u32)]) -> impl Fn(&Path) -> Option<(u32, u32)> + 'a {
+        move |p: &Path| {
+            dirs.iter()
+                .find(|(d, _, _)| Path::new(d) == p)
+                .map(|&(_, owner, mode)| (owner, mode))
+        }
+    }
+
+    #[test]
+    fn container_facts_come_only_from_levels_the_workload_could_not_make() {
+        let id = "a".repeat(64);
+        let forged = "f".repeat(64);
+        let root = Path::new("/cg/pods");
+        let runtime = format!("/cg/pods/docker-{id}.scope");
+        let own = format!("{runtime}/docker-{forged}.scope");
+        // The runtime (root) made the container's cgroup and delegated it to uid 1000.
+        let delegated = [
+            ("/cg/pods", 0, 0o40755),
+            (runtime.as_str(), 1000, 0o40755),
+            (own.as_str(), 1000, 0o40755),
+        ];
+        let at = |dir: &str, uid| trusted_level(root, Path::new(dir), uid, tree(&delegated));
+        // The container's own level: its parent is root's and no one else can write it.
+        assert_eq!(at(&runtime, 1000), PathBuf::from(&runtime));
+        // A level below it the workload made itself: not trusted, whatever its name.
+        assert_eq!(at(&own, 1000), PathBuf::from(&runtime));
+        assert_eq!(
+            container_facts(&at(&own, 1000).display().to_string()),
+            container_facts(&runtime)
+        );
+        // A root process could have made any level.
+        assert_eq!(at(&runtime, 0), root);
+        // The enrolment cgroup itself delegated to the workload, or writable by its group:
+        // nothing below it counts.
+        let mine = [
+            ("/cg/pods", 1000, 0o40755),
+            (runtime.as_str(), 1000, 0o40755),
+        ];
+        assert_eq!(
+            trusted_level(root, Path::new(&runtime), 1000, tree(&mine)),
+            root
+        );
+        let group = [("/cg/pods", 0, 0o40775), (runtime.as_str(), 0, 0o40755)];
+        assert_eq!(
+            trusted_level(root, Path::new(&runtime), 1000, tree(&group)),
+            root
+        );
+        // Not below the enrolment cgroup at all, or unreadable: nothing.
+        assert_eq!(at("/elsewhere/docker-x.scope", 1000), root);
+        assert_eq!(
+            trusted_level(root, Path::new(&runtime), 1000, |_| None),
+            root
+        );
+    }
+
+    #[test]
+    fn a_pid_that_is_no_longer_the_workloads_says_nothing_of_its_executable() {
+        let a = ProcessAttestor::default();
+        let me = std::process::id();
+        // This process, as if recorded connecting from a workload enrolled elsewhere: the
+        // pid is now someone else's (as a reused pid would be).
+        let elsewhere = Path::new("/nonexistent-tessera/web");
+        let facts = a.facts(me, 1000, elsewhere, Some(&elsewhere.join("sub")));
+        assert_eq!((facts.exe, facts.exe_sha256), (None, None));
+        // The recorded cgroup still names where the connect came from.
+        assert_eq!(
+            facts.cgroup.as_deref(),
+            Some("/nonexistent-tessera/web/sub")
+        );
+        // Its own workload (every cgroup is below the mount): the executable is reported.
+        let mount = cgroup2_mounts().into_iter().next().expect("cgroup v2");
+        let facts = a.facts(me, 1000, &mount, None);
+        assert!(
+            facts.exe.is_some() && facts.exe_sha256.is_some(),
+            "{facts:?}"
+        );
+    }
+
+    #[test]
+    fn a_process_in_a_sub_cgroup_gets_no_container_facts_from_its_name() {
+        let id = workload_identity(
+            "td",
+            "host-a",
+            "h",
+            "web",
+            Path::new("/nonexistent/web"),
+            [],
+        );
+        let forged = format!("/web/docker-{}.scope", "f".repeat(64));
+        let p = with_process(
+            &id,
+            1000,
+            &ProcessFacts {
+                cgroup: Some(forged.clone()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(p.labels.get("tessera.io/container-id"), None);
+        assert_eq!(p.labels.get("tessera.io/cgroup"), Some(forged.as_str()));
+    }
+
+    #[test]
+    fn executable_hashes_are_cached_by_file_version_and_a_rewrite_is_hashed_again() {
+        let hex = |b: &[u8]| -> String {
+            Sha256::digest(b)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("program");
+        std::fs::write(&file, b"version one").unwrap();
+        let a = ProcessAttestor::default();
+        assert_eq!(a.exe_hash(&file), Some(hex(b"version one")));
+        assert_eq!(a.exe_hash(&file), Some(hex(b"version one")));
+        assert_eq!(
+            a.hashed.load(Ordering::Relaxed),
+            1,
+            "the second from the cache"
+        );
+        // Rewritten in place, same size, its mtime set back as its owner can: the ctime
+        // (which only the kernel sets) moved, so it is a new version, hashed again.
+        let before = std::fs::metadata(&file).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file, b"version two").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(before.modified().unwrap())
+            .unwrap();
+        let after = std::fs::metadata(&file).unwrap();
+        assert_eq!(
+            (after.len(), after.mtime(), after.mtime_nsec()),
+            (before.len(), before.mtime(), before.mtime_nsec())
+        );
+        assert_eq!(a.exe_hash(&file), Some(hex(b"version two")));
+        assert_eq!(a.hashed.load(Ordering::Relaxed), 2);
     }
 }

@@ -4,8 +4,18 @@
 //! `<pin_dir>/links/<generation>/`, so capture survives the enforcer: while no proxy listens,
 //! a captured connect is refused (nothing listens on the outbound port) and a direct
 //! connection to a protected port is dropped (`sk_lookup` finds no listener): fail closed.
-//! A restarted enforcer reuses the pinned maps, attaches a new generation of links, then
-//! removes the old one, so there is no moment without capture.
+//!
+//! A start is in two steps, so that a start that fails leaves the previous run's capture
+//! exactly as it was:
+//! * [`Capture::prepare`] does everything that can fail: loads the object (reusing the
+//!   pinned maps), loads the programs and attaches a new generation of links beside the
+//!   previous one. The new links run the same programs on the same maps, with the settings
+//!   and protected ports still the previous run's: nothing in force changes. Dropped
+//!   without a commit, it takes its generation out again.
+//! * [`Capture::commit`] puts the new run in force, in an order with no gap: the proxy's
+//!   inbound listeners, then the protected ports to add, then the settings, then the ports
+//!   to drop (so the protected set is never short of a port both runs protect), then the
+//!   previous generation of links is retired.
 use std::{
     fs::{self, File},
     os::fd::AsRawFd,
@@ -24,7 +34,7 @@ use aya::{
 };
 use tessera_common::{
     ClientKey, DeliveryKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE, MODE_TUNNEL,
-    OrigDst, Settings, names,
+    OrigDst, PROTECTED_PORT_ENTRIES, Settings, names,
 };
 use tokio::net::TcpListener;
 
@@ -53,6 +63,14 @@ pub struct Capture {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     links: Vec<PinnedLink>,
+    /// Where this run's links are pinned.
+    generation: PathBuf,
+    /// The generations of links a previous run left, retired at [`Capture::commit`].
+    old_generations: Vec<PathBuf>,
+    /// The settings a previous run left in force (None: none, or not ready).
+    previous: Option<Settings>,
+    /// Set by [`Capture::commit`]; until then, dropping undoes [`Capture::prepare`].
+    committed: bool,
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless it is there already.
@@ -91,10 +109,12 @@ fn pin(link: FdLink, path: &Path) -> Result<PinnedLink> {
 }
 
 impl Capture {
-    /// Loads the eBPF object, configures its maps and attaches a new generation of links,
-    /// then retires the previous run's links: capture never lapses. If attaching fails, the
-    /// previous generation (if any) stays in force; without one, nothing is left behind.
-    pub fn start(config: &Config) -> Result<Self> {
+    /// Loads the eBPF object (reusing the pinned maps) and its programs and attaches a new
+    /// generation of links beside the previous run's: everything that can fail, with nothing
+    /// in force changed (the maps' contents are the previous run's until
+    /// [`Capture::commit`]). If it fails, or the result is dropped uncommitted, the new
+    /// generation is taken out again; without a previous run, nothing is left behind.
+    pub fn prepare(config: &Config) -> Result<Self> {
         // Before anything is touched: a build without the object changes nothing.
         let object = ebpf_object()?;
         ensure_bpffs()?;
@@ -104,38 +124,111 @@ impl Capture {
         create_dir(&maps_dir)?;
         create_dir(&links_dir)?;
         let old_generations = pinned_generations(&pin_dir, &links_dir)?;
-
-        let mut ebpf = EbpfLoader::new()
+        let fresh = || {
+            if old_generations.is_empty() {
+                let _ = fs::remove_dir_all(&pin_dir);
+            }
+        };
+        let loaded = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(object)
-            .context("loading the eBPF object")?;
-        write_settings(&mut ebpf, config)?;
-        set_protected_ports(&mut ebpf, config)?;
-
-        let generation = new_generation(&links_dir)?;
-        let mut links = Vec::new();
-        match Self::attach(&mut ebpf, config, &generation, &mut links) {
-            Ok(()) => {}
+            .context("loading the eBPF object");
+        let mut ebpf = match loaded {
+            Ok(ebpf) => ebpf,
             Err(e) => {
-                // Leave things as they were: the previous generation (if any) stays in force.
-                drop(links);
-                remove_links(&generation);
-                if old_generations.is_empty() {
-                    drop(ebpf);
-                    let _ = fs::remove_dir_all(&pin_dir);
-                }
+                fresh();
                 return Err(e);
             }
-        }
-        // The new generation is in place: retire the old one.
-        for old in old_generations {
-            remove_links(&old);
-        }
-        Ok(Self {
+        };
+        let checked = previous_settings(&mut ebpf)
+            .and_then(|previous| check_port_room(&mut ebpf, config).map(|()| previous));
+        let previous = match checked {
+            Ok(p) => p,
+            Err(e) => {
+                drop(ebpf);
+                fresh();
+                return Err(e);
+            }
+        };
+        let generation = match new_generation(&links_dir) {
+            Ok(g) => g,
+            Err(e) => {
+                drop(ebpf);
+                fresh();
+                return Err(e);
+            }
+        };
+        // From here on, dropping `capture` undoes what was made.
+        let mut capture = Self {
             ebpf,
             pin_dir,
-            links,
+            links: Vec::new(),
+            generation,
+            old_generations,
+            previous,
+            committed: false,
+        };
+        let mut links = Vec::new();
+        let attached = Self::attach(&mut capture.ebpf, config, &capture.generation, &mut links);
+        capture.links = links;
+        attached?;
+        Ok(capture)
+    }
+
+    /// The mode the previous run left in force, if one did.
+    pub fn previous_mode(&self) -> Option<DataPathMode> {
+        self.previous.map(|s| {
+            if s.mode == MODE_HANDSHAKE {
+                DataPathMode::Handshake
+            } else {
+                DataPathMode::Tunnel
+            }
         })
+    }
+
+    /// Puts this run in force: the proxy's inbound listeners (tunnel mode) into the sockmap
+    /// `sk_lookup` steers to, the protected ports this run adds, the settings, then the
+    /// removal of the ports it no longer protects, then the previous generation of links is
+    /// retired. At no point is a port both runs protect unprotected. In handshake mode the
+    /// caller puts the iptables rules in force first: only then are the protected ports
+    /// emptied.
+    pub fn commit(
+        &mut self,
+        config: &Config,
+        inbound: Option<(&TcpListener, Option<&TcpListener>)>,
+    ) -> Result<()> {
+        if let Some((v4, v6)) = inbound {
+            self.set_inbound_listeners(v4, v6)?;
+        }
+        let wanted = wanted_ports(config);
+        {
+            let mut ports = protected_ports(&mut self.ebpf)?;
+            for &p in &wanted {
+                ports
+                    .insert(p, 1, 0)
+                    .with_context(|| format!("protecting port {p}"))?;
+            }
+        }
+        write_settings(&mut self.ebpf, config)?;
+        {
+            let mut ports = protected_ports(&mut self.ebpf)?;
+            let stale: Vec<u32> = ports
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|p| !wanted.contains(p))
+                .collect();
+            for p in stale {
+                ports
+                    .remove(&p)
+                    .with_context(|| format!("unprotecting port {p}"))?;
+            }
+        }
+        self.committed = true;
+        // The new generation is in force: retire the old one.
+        for old in std::mem::take(&mut self.old_generations) {
+            remove_links(&old);
+        }
+        Ok(())
     }
 
     /// Loads the programs and attaches them (each workload's cgroup, then the network
@@ -208,11 +301,7 @@ impl Capture {
     }
 
     /// Puts the proxy's inbound (direct) listeners into the sockmap `sk_lookup` steers to.
-    pub fn set_inbound_listeners(
-        &mut self,
-        v4: &TcpListener,
-        v6: Option<&TcpListener>,
-    ) -> Result<()> {
+    fn set_inbound_listeners(&mut self, v4: &TcpListener, v6: Option<&TcpListener>) -> Result<()> {
         let mut map: SockMap<_> = SockMap::try_from(
             self.ebpf
                 .map_mut(names::INBOUND_LISTENER)
@@ -253,25 +342,43 @@ impl Capture {
 
     /// Detaches everything and removes the pins, unless `keep`: then capture stays in force
     /// (failing closed) until an enforcer starts again.
-    pub fn shutdown(self, keep: bool) {
-        let Self {
-            ebpf,
-            pin_dir,
-            links,
-        } = self;
+    pub fn shutdown(mut self, keep: bool) {
+        // What shutdown decides, the drop does not undo.
+        self.committed = true;
+        let pin_dir = self.pin_dir.clone();
         if keep {
             tracing::info!(pin_dir = %pin_dir.display(), "leaving capture attached (fail closed until restart)");
             return;
         }
-        for link in links {
+        for link in std::mem::take(&mut self.links) {
             if let Err(e) = link.unpin() {
                 tracing::warn!(error = %e, "cannot unpin a link");
             }
         }
         remove_links(&pin_dir.join("links"));
-        drop(ebpf);
+        drop(self);
         let _ = fs::remove_dir_all(&pin_dir);
         tracing::info!(pin_dir = %pin_dir.display(), "capture detached and unpinned");
+    }
+}
+
+impl Drop for Capture {
+    /// A capture prepared but never committed (a start that failed later): its generation
+    /// of links goes, and the previous one stays in force as it was; without a previous
+    /// one, nothing is left behind.
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        self.links.clear();
+        remove_links(&self.generation);
+        if self.old_generations.is_empty() {
+            let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+        tracing::info!(
+            pin_dir = %self.pin_dir.display(),
+            "start-up did not complete: the previous capture (if any) stays in force as it was"
+        );
     }
 }
 
@@ -315,32 +422,49 @@ fn write_settings(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Makes the (possibly pinned, reused) protected ports map hold exactly the workload ports
-/// `sk_lookup` guards: removes stale ones first, then adds the wanted ones.
-fn set_protected_ports(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
-    let mut ports: HashMap<_, u32, u32> = HashMap::try_from(
+/// The protected ports map (pinned, so possibly a previous run's, in force).
+fn protected_ports(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, u32, u32>> {
+    Ok(HashMap::try_from(
         ebpf.map_mut(names::PROTECTED_PORTS)
             .context("protected ports map")?,
-    )?;
-    // Both modes: in handshake mode `sk_lookup` guards only the connections made on this
-    // host (iptables the others), letting none through (the proxy delivers nothing there).
-    let wanted: Vec<u32> = config
+    )?)
+}
+
+/// The workload ports `sk_lookup` is to guard, in both modes: in tunnel mode it steers
+/// connections to them to the inbound proxy; in handshake mode it guards only connections
+/// made on this host over `lo` (iptables guards the others) and lets none through (the
+/// proxy delivers nothing there).
+fn wanted_ports(config: &Config) -> Vec<u32> {
+    config
         .workloads
         .iter()
         .flat_map(|w| w.ports.iter().map(|&p| u32::from(p)))
-        .collect();
-    let stale: Vec<u32> = ports
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|p| !wanted.contains(p))
-        .collect();
-    for p in stale {
-        ports.remove(&p)?;
-    }
-    for &p in &wanted {
-        ports.insert(p, 1, 0)?;
+        .collect()
+}
+
+/// The commit adds ports before it removes any: both runs' ports must fit the map at once.
+fn check_port_room(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
+    let ports = protected_ports(ebpf)?;
+    let mut all: Vec<u32> = ports.keys().filter_map(Result::ok).collect();
+    all.extend(wanted_ports(config));
+    all.sort_unstable();
+    all.dedup();
+    if all.len() > PROTECTED_PORT_ENTRIES as usize {
+        anyhow::bail!(
+            "workload ports: the {} ports protected now and those configured exceed the {PROTECTED_PORT_ENTRIES} \
+             the map holds; stop the enforcer without --keep-attached first",
+            all.len()
+        );
     }
     Ok(())
+}
+
+/// The settings a previous run wrote (pinned), if it did.
+fn previous_settings(ebpf: &mut Ebpf) -> Result<Option<Settings>> {
+    let settings_map: Array<_, Settings> =
+        Array::try_from(ebpf.map_mut(names::SETTINGS).context("settings map")?)?;
+    let s = settings_map.get(&0, 0).context("reading eBPF settings")?;
+    Ok((s.ready == 1).then_some(s))
 }
 
 /// Creates the directory for a new generation of links under `links_dir`, named by the

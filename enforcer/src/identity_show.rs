@@ -59,7 +59,7 @@ pub fn collect(config: &Config) -> Vec<ShownWorkload> {
                 .into_iter()
                 .filter_map(|pid| {
                     let uid = uid_of(pid)?;
-                    let id = attestor.attest(&local.identity, pid, uid);
+                    let id = attestor.attest(&local.identity, pid, uid, &w.cgroup, None);
                     let labels = id
                         .labels
                         .iter()

@@ -21,15 +21,26 @@ use tessera_proxy::{
 
 pub struct WorkloadIndex {
     roots: Vec<(String, PathBuf)>,
-    by_cgroup: RwLock<HashMap<u64, String>>,
+    /// cgroup id -> (workload, the cgroup's directory).
+    by_cgroup: RwLock<HashMap<u64, (String, PathBuf)>>,
+}
+
+/// Where a connecting process was, by the cgroup id the connect hook recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub workload: String,
+    /// The workload's enrolment cgroup (configured).
+    pub root: PathBuf,
+    /// The cgroup the process was in: the enrolment cgroup or one below it.
+    pub dir: PathBuf,
 }
 
 /// Depth limit of the rescan: cgroup trees are shallow; this bounds a pathological one.
 const MAX_DEPTH: usize = 16;
 
-fn scan(dir: &Path, name: &str, depth: usize, out: &mut HashMap<u64, String>) {
+fn scan(dir: &Path, name: &str, depth: usize, out: &mut HashMap<u64, (String, PathBuf)>) {
     if let Ok(meta) = std::fs::metadata(dir) {
-        out.insert(meta.ino(), name.to_owned());
+        out.insert(meta.ino(), (name.to_owned(), dir.to_owned()));
     }
     if depth >= MAX_DEPTH {
         return;
@@ -62,15 +73,26 @@ impl WorkloadIndex {
     }
 
     pub fn workload(&self, cgroup_id: u64) -> Option<String> {
-        if let Some(name) = self.by_cgroup.read().expect("lock").get(&cgroup_id) {
-            return Some(name.clone());
+        self.place(cgroup_id).map(|p| p.workload)
+    }
+
+    /// The workload a cgroup id (as the kernel recorded it at connect) belongs to, its
+    /// enrolment cgroup and the cgroup's own directory.
+    pub fn place(&self, cgroup_id: u64) -> Option<Place> {
+        let found = |map: &HashMap<u64, (String, PathBuf)>| {
+            let (name, dir) = map.get(&cgroup_id)?;
+            let root = self.roots.iter().find(|(n, _)| n == name)?.1.clone();
+            Some(Place {
+                workload: name.clone(),
+                root,
+                dir: dir.clone(),
+            })
+        };
+        if let Some(p) = found(&self.by_cgroup.read().expect("lock")) {
+            return Some(p);
         }
         self.rescan();
-        self.by_cgroup
-            .read()
-            .expect("lock")
-            .get(&cgroup_id)
-            .cloned()
+        found(&self.by_cgroup.read().expect("lock"))
     }
 }
 
@@ -123,6 +145,25 @@ pub struct BpfCaptureLookup {
     pub attestor: Arc<ProcessAttestor>,
 }
 
+impl BpfCaptureLookup {
+    /// Forgets the records a previous run left (pinned): their connections died with its
+    /// listener, and none may be claimed by whoever connects from the same address and port
+    /// later. Done once this run is in force, before it serves.
+    pub fn forget_stale(&self) {
+        let mut map = self.map.lock().expect("lock");
+        let stale: Vec<_> = map.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            let _ = map.remove(key);
+        }
+        if !stale.is_empty() {
+            tracing::info!(
+                records = stale.len(),
+                "forgot the capture records of a previous run"
+            );
+        }
+    }
+}
+
 impl CaptureLookup for BpfCaptureLookup {
     fn take(&self, client: SocketAddr) -> Capture {
         let key = client_key(client);
@@ -134,9 +175,12 @@ impl CaptureLookup for BpfCaptureLookup {
             let _ = map.remove(&key);
             orig
         };
-        let workload = self.workloads.workload(orig.cgroup_id).unwrap_or_default();
         // A capture record always comes from an enrolled cgroup; one that vanished between
         // connect and accept leaves nothing to vouch for.
+        let Some(place) = self.workloads.place(orig.cgroup_id) else {
+            return Capture::Missing;
+        };
+        let workload = place.workload.clone();
         let Some(local) = self.identities.get(&workload).cloned() else {
             return Capture::Missing;
         };
@@ -162,7 +206,7 @@ impl CaptureLookup for BpfCaptureLookup {
         let attestor = self.attestor.clone();
         let workload_identity = local.identity.clone();
         Capture::Pending(Box::new(move || {
-            let id = attestor.attest_connection(&workload_identity, pid, uid, cgroup);
+            let id = attestor.attest_connection(&workload_identity, pid, uid, cgroup, &place);
             Some(captured(id))
         }))
     }
@@ -214,6 +258,14 @@ mod tests {
         std::fs::create_dir(dir.path().join("child")).unwrap();
         let index = WorkloadIndex::new(vec![("web".into(), dir.path().to_owned())]);
         let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(
+            index.place(ino(&dir.path().join("child"))),
+            Some(Place {
+                workload: "web".into(),
+                root: dir.path().to_owned(),
+                dir: dir.path().join("child"),
+            })
+        );
         assert_eq!(
             index.workload(ino(&dir.path().join("child"))).as_deref(),
             Some("web")

@@ -37,7 +37,7 @@ mod rules;
 mod tools;
 mod worker;
 
-pub use rules::{install_rules, remove_rules};
+pub use rules::{PreparedRules, prepare_rules, remove_rules};
 pub use tools::{ENV, SYSTEM_DIRS, ToolError, Tools, find, tools};
 use worker::{Handler, Queue, RawSender, worker};
 

@@ -168,38 +168,82 @@ pub fn remove_rules() {
     }
 }
 
-/// Installs the rules for both families. Rules a previous run left stay in force until the
-/// new ones are in.
-pub fn install_rules(h: &HandshakeConfig, ports: &[u16]) -> Result<()> {
+/// The rules of a new generation, in chains of their own that nothing jumps to yet (so
+/// not in force): made by [`prepare_rules`], put in force by [`PreparedRules::commit`],
+/// removed again if dropped uncommitted.
+pub struct PreparedRules {
+    /// Per family: the program, the new generation, the one in force (if any).
+    families: Vec<(&'static Path, u8, Option<u8>)>,
+    committed: bool,
+}
+
+/// Makes the new generation's chains and fills them, for both families, beside the
+/// generation a previous run left in force (which stays in force, untouched). Fails
+/// without leaving anything of the new generation behind.
+pub fn prepare_rules(h: &HandshakeConfig, ports: &[u16]) -> Result<PreparedRules> {
+    let mut prepared = PreparedRules {
+        families: Vec::new(),
+        committed: false,
+    };
     for tool in programs()? {
         let old = installed_generation(tool);
         let new = if old == Some(1) { 2 } else { 1 };
+        // Leftovers of a start that did not complete (nothing jumps to them).
         remove_generation(tool, new);
-        let result = (|| -> Result<()> {
+        prepared.families.push((tool, new, old));
+        (|| -> Result<()> {
             for (table, _, chain) in chains(new) {
                 run(tool, &args(&format!("-t {table} -N {chain}")))?;
             }
             for rule in rules(h, ports, new) {
                 run(tool, &args(&rule))?;
             }
+            Ok(())
+        })()
+        .context("preparing the handshake-mode iptables rules")?;
+    }
+    Ok(prepared)
+}
+
+impl PreparedRules {
+    /// Puts the new generation in force (jumps to its chains first in each built-in chain),
+    /// then takes the previous generation out: there is no moment without rules. If a jump
+    /// cannot be made, the new generation's jumps go again and the previous one stays in
+    /// force as it was.
+    pub fn commit(mut self) -> Result<()> {
+        for (i, &(tool, new, _)) in self.families.iter().enumerate() {
             for (table, builtin, chain) in chains(new) {
-                run(
+                let jumped = run(
                     tool,
                     &args(&format!("-t {table} -I {builtin} 1 -j {chain}")),
-                )?;
+                );
+                if let Err(e) = jumped {
+                    for &(tool, new, _) in &self.families[..=i] {
+                        remove_generation(tool, new);
+                    }
+                    self.families.clear();
+                    return Err(e.context("installing the handshake-mode iptables rules"));
+                }
             }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            // What was in force stays in force.
-            remove_generation(tool, new);
-            return Err(e.context("installing the handshake-mode iptables rules"));
         }
-        if let Some(old) = old {
-            remove_generation(tool, old);
+        self.committed = true;
+        for &(tool, _, old) in &self.families {
+            if let Some(old) = old {
+                remove_generation(tool, old);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PreparedRules {
+    fn drop(&mut self) {
+        if !self.committed {
+            for &(tool, new, _) in &self.families {
+                remove_generation(tool, new);
+            }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
