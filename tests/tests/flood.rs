@@ -22,13 +22,14 @@ use tessera_tests::{API_PORT, EnforcerOptions, Host, PacketCapture, TUNNEL_PORT,
 const FLOOD_SECS: u64 = 30;
 const FLOOD_MAX_PACKETS: u64 = 100_000_000;
 
-/// The enforcer's resident memory may grow by this much over the flood. What it keeps for
-/// a flood is bounded by constants of the code (refusal keys per interval: 256; map
-/// sources: 1024 and edges: 4096; interner: 65,536 subjects; pending handshakes: 65,536;
-/// rate-limit buckets: 4,096 a table; the flow writer's queue: 65,536 records): tens of MB
-/// at most, with the allocator's own slack. Before the bounds, every refusal was a map
-/// node, a metric series and an interner entry, kept forever.
-const RSS_GROWTH_MAX: u64 = 96 << 20;
+/// The enforcer's resident memory may grow by this much over the flood. What this flood can
+/// make it keep is bounded by constants of the code: refusal keys (256 an interval), map
+/// sources (1,024) and their edges (4,096), interner subjects (65,536, ~100 B each) and the
+/// decisions cached for them, rate-limit buckets (4,096 a table): a few tens of MB at most,
+/// with the allocator's slack; measured here: ~6 MiB. Before the bounds every refusal was
+/// a flow record, a map node, a metric series and an interner entry, kept for good: the
+/// same flood grew it by ~100 MiB, and it grows with the flood's length.
+const RSS_GROWTH_MAX: u64 = 48 << 20;
 
 /// The flow log may grow by this much: at most 2 × (256 keys + overflow keys) records per
 /// 10-second interval of unauthenticated refusals (~700 B each), for the flood's four or
@@ -49,8 +50,9 @@ const RESTART_FACTOR: u32 = 3;
 const RESTART_SLACK: Duration = Duration::from_secs(2);
 
 /// Of the enrolled client's connections during the flood, at least this share must work
-/// (each may take a SYN retransmission when the flood fills the queue it shares).
-const LEGIT_MIN_SHARE: f64 = 0.9;
+/// (its SYN shares the kernel's queue with the flood and may need a retransmission; curl
+/// allows 5 s).
+const LEGIT_MIN_SHARE: f64 = 0.8;
 /// It tries this many times at most (a connection every 200 ms over the flood).
 const LEGIT_MAX_TRIES: u64 = 300;
 
