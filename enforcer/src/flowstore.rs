@@ -354,6 +354,63 @@ mod tests {
     }
 
     #[test]
+    fn unauthenticated_sources_are_bounded_on_the_map_and_never_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("map.redb");
+        let metrics = Arc::new(Metrics::new());
+        let store = FlowStore::open("host-b".into(), Some(&db), 2, metrics.clone()).unwrap();
+        let n = MAX_UNAUTHENTICATED_SOURCES as u32 + 500;
+        for i in 0..n {
+            let mut r = rec(Verdict::Denied, "not-served", 0);
+            r.src = Endpoint::addr(std::net::SocketAddr::new(
+                std::net::Ipv4Addr::from(0x0b00_0000u32 + (i << 8)).into(),
+                1024 + (i % 60_000) as u16,
+            ));
+            // A flood to random ports: edges past the bound go to port 0.
+            r.dst.addr.set_port((i % 60_000) as u16 + 1);
+            store.record(Arc::new(r));
+        }
+        store.flush().unwrap();
+        let map = store.map();
+        let outsiders = map
+            .nodes
+            .iter()
+            .filter(|n| unauthenticated_source(&n.name))
+            .count();
+        assert_eq!(outsiders, MAX_UNAUTHENTICATED_SOURCES + 1, "and `other`");
+        let other: u64 = map
+            .edges
+            .iter()
+            .filter(|e| e.key.src == OTHER_SOURCES)
+            .map(|e| e.stats.connections)
+            .sum();
+        assert_eq!(other, 500);
+        assert!(map.edges.len() <= MAX_UNAUTHENTICATED_EDGES + 2);
+        assert!(metrics.drops.get(Limit::MapSources) >= 500);
+        let text = metrics.render();
+        assert!(!text.contains("(unauthenticated)"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "tessera_connections_total{{src=\"unauthenticated\",dst=\"api@host-b\",verdict=\"denied\"}} {n}"
+            )),
+            "{text}"
+        );
+        // Reopened: the bound holds across a restart.
+        drop(store);
+        let store = FlowStore::open("host-b".into(), Some(&db), 2, metrics).unwrap();
+        let mut r = rec(Verdict::Denied, "not-served", 0);
+        r.src = Endpoint::addr("198.51.100.1:5".parse().unwrap());
+        store.record(Arc::new(r));
+        assert!(
+            store
+                .map()
+                .nodes
+                .iter()
+                .all(|n| !n.name.starts_with("198.51.100.1"))
+        );
+    }
+
+    #[test]
     fn the_database_is_private_and_a_held_lock_is_named() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let dir = tempfile::tempdir().unwrap();

@@ -55,6 +55,9 @@ struct Reload {
     result: String,
 }
 
+/// Reads a count kept elsewhere.
+type Counted = Box<dyn Fn() -> u64 + Send + Sync>;
+
 /// The source label of connections from sources without an identity.
 pub const UNAUTHENTICATED: &str = "unauthenticated";
 
@@ -79,7 +82,7 @@ pub struct Metrics {
     limit_drops: Family<LimitLabel, Counter>,
     /// Bounds counted by parts that keep their own counter (the policy interner, the
     /// token verifier): read at scrape time.
-    counted_elsewhere: std::sync::Mutex<Vec<(Limit, Box<dyn Fn() -> u64 + Send + Sync>)>>,
+    counted_elsewhere: std::sync::Mutex<Vec<(Limit, Counted)>>,
 }
 
 impl Default for Metrics {

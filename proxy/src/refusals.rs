@@ -18,7 +18,7 @@ use std::{
 
 use crate::{
     code::Code,
-    flow::{Direction, Endpoint, FlowRecord, Verdict},
+    flow::{Direction, Endpoint, FlowRecord, Mode, Verdict},
     limits::{Drops, Limit, prefix},
 };
 
@@ -64,12 +64,17 @@ pub struct Refusals {
     state: Mutex<State>,
 }
 
-/// Whether `r` is a refusal of a source that proved no identity.
+/// Whether `r` is a refusal of a source that proved no identity: inbound or direct,
+/// denied or failed, without a verified workload identity, and not a request on a tunnel
+/// whose peer enforcer mutual TLS authenticated (in tunnel mode a source enforcer is named
+/// only then; in handshake mode it is only the one the source address points at).
 pub fn unauthenticated(r: &FlowRecord) -> bool {
+    let peer_authenticated = r.mode == Mode::Tunnel && r.src.enforcer.is_some();
     matches!(r.direction, Direction::Inbound | Direction::Direct)
         && matches!(r.verdict, Verdict::Denied | Verdict::Error)
         && r.src.spiffe.is_none()
         && r.src.workload.is_none()
+        && !peer_authenticated
 }
 
 impl Refusals {
@@ -227,19 +232,30 @@ mod tests {
                     .is_none()
             );
         }
-        // An allowed or identified record is not aggregated.
+        // An identified source, or a request on a tunnel its enforcer authenticated, is
+        // not aggregated.
         let mut ok = refusal("203.0.113.7:40002", 8080, Code::Policy, 300);
         ok.src.spiffe = Some("spiffe://x".into());
         assert!(agg.add(ok).is_some());
+        for _ in 0..2 {
+            let mut tunnelled = refusal("203.0.113.7:40003", 8080, Code::Replay, 300);
+            tunnelled.mode = Mode::Tunnel;
+            tunnelled.src.enforcer = Some("host-a".into());
+            assert!(agg.add(tunnelled).is_some_and(|r| r.count.is_none()));
+        }
+        // In handshake mode the enforcer a source address points at proves nothing.
+        let mut claimed = refusal("203.0.113.8:40004", 8080, Code::NoHandshake, 300);
+        claimed.src.enforcer = Some("host-a".into());
+        assert!(agg.add(claimed).is_none(), "counted with the first");
         assert!(agg.drain(500, false).is_empty(), "interval not over");
         let out = agg.drain(1_200, false);
         assert_eq!(out.len(), 1, "{out:?}");
         let s = &out[0];
-        assert_eq!(s.count, Some(100));
+        assert_eq!(s.count, Some(101));
         assert_eq!(s.src.prefix.as_deref(), Some("203.0.113.0/24"));
         assert_eq!(s.src.addr.port(), 0, "no ephemeral port in a summary");
-        assert_eq!((s.start_ms, s.duration_ms), (200, 99));
-        assert_eq!(drops.get(Limit::RefusalsAggregated), 100);
+        assert_eq!((s.start_ms, s.duration_ms), (200, 100));
+        assert_eq!(drops.get(Limit::RefusalsAggregated), 101);
     }
 
     #[test]

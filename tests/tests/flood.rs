@@ -14,7 +14,10 @@ use std::{
 };
 
 use serde_json::Value;
-use tessera_proxy::flow::{FlowRecord, Verdict};
+use tessera_proxy::{
+    flow::{FlowRecord, Verdict},
+    inbound::MAX_TLS_HANDSHAKES,
+};
 use tessera_tests::{API_PORT, EnforcerOptions, Host, PacketCapture, TUNNEL_PORT, TestNet, sh};
 
 /// How long the flood lasts, and the most packets it may send (a bound on the loop even on
@@ -22,13 +25,14 @@ use tessera_tests::{API_PORT, EnforcerOptions, Host, PacketCapture, TUNNEL_PORT,
 const FLOOD_SECS: u64 = 30;
 const FLOOD_MAX_PACKETS: u64 = 100_000_000;
 
-/// The enforcer's resident memory may grow by this much over the flood. What it keeps for
-/// a flood is bounded by constants of the code (refusal keys per interval: 256; map
-/// sources: 1024 and edges: 4096; interner: 65,536 subjects; pending handshakes: 65,536;
-/// rate-limit buckets: 4,096 a table; the flow writer's queue: 65,536 records): tens of MB
-/// at most, with the allocator's own slack. Before the bounds, every refusal was a map
-/// node, a metric series and an interner entry, kept forever.
-const RSS_GROWTH_MAX: u64 = 96 << 20;
+/// The enforcer's resident memory may grow by this much over the flood. What this flood can
+/// make it keep is bounded by constants of the code: refusal keys (256 an interval), map
+/// sources (1,024) and their edges (4,096), interner subjects (65,536, ~100 B each) and the
+/// decisions cached for them, rate-limit buckets (4,096 a table): a few tens of MB at most,
+/// with the allocator's slack; measured here: ~6 MiB. Before the bounds every refusal was
+/// a flow record, a map node, a metric series and an interner entry, kept for good: the
+/// same flood grew it by ~100 MiB, and it grows with the flood's length.
+const RSS_GROWTH_MAX: u64 = 48 << 20;
 
 /// The flow log may grow by this much: at most 2 × (256 keys + overflow keys) records per
 /// 10-second interval of unauthenticated refusals (~700 B each), for the flood's four or
@@ -49,8 +53,9 @@ const RESTART_FACTOR: u32 = 3;
 const RESTART_SLACK: Duration = Duration::from_secs(2);
 
 /// Of the enrolled client's connections during the flood, at least this share must work
-/// (each may take a SYN retransmission when the flood fills the queue it shares).
-const LEGIT_MIN_SHARE: f64 = 0.9;
+/// (its SYN shares the kernel's queue with the flood and may need a retransmission; curl
+/// allows 5 s).
+const LEGIT_MIN_SHARE: f64 = 0.8;
 /// It tries this many times at most (a connection every 200 ms over the flood).
 const LEGIT_MAX_TRIES: u64 = 300;
 
@@ -213,10 +218,9 @@ fn a_spoofed_handshake_flood_grows_nothing_without_bound() {
     let log_growth = size(&flow_log).saturating_sub(log_before);
     let metrics = api_get(&net, host_b, "/metrics");
     let map: Value = serde_json::from_str(&api_get(&net, host_b, "/api/map")).unwrap();
-    // (flushed every second)
-    thread::sleep(Duration::from_millis(1500));
-    let map_size = size(&map_db);
     let restart_after = restart(&net, host_b);
+    // (what the restart reloaded: the database as the stopped enforcer left it)
+    let map_size = size(&map_db);
     let legit_after = curl_ok(&net);
     eprintln!(
         "flood: {flood}; legit {oks}/{tries}; rss {} -> {} MiB; flow log +{} KiB; map.redb {} KiB; \
@@ -305,11 +309,27 @@ fn a_spoofed_handshake_flood_grows_nothing_without_bound() {
 
 /// An outsider's connections to the tunnel port, each failing its TLS handshake.
 const TLS_FAILURES: u32 = 3_000;
+/// Before those, this many held open at once without a word (each a TLS handshake in
+/// progress): more than the enforcer takes at once.
+const TLS_HELD: u32 = 300;
 
+/// `HOST PORT N HELD`: HELD connections opened and held silent for 2 s, then N connections
+/// one after another, each sending a line that is not a TLS hello. Prints how many
+/// connected; the errors of those that did not, on stderr.
 const BAD_HELLOS: &str = r#"
-import collections, socket, sys
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import collections, socket, sys, time
+host, port, n, held = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 done, errors = 0, collections.Counter()
+holding = []
+for i in range(held):
+    try:
+        holding.append(socket.create_connection((host, port), timeout=5))
+        done += 1
+    except OSError as e:
+        errors[str(e)] += 1
+time.sleep(2)
+for s in holding:
+    s.close()
 for i in range(n):
     try:
         s = socket.create_connection((host, port), timeout=5)
@@ -334,19 +354,20 @@ fn failed_tls_handshakes_are_aggregated_and_not_keyed_by_ephemeral_port() {
     net.start_enforcers().unwrap();
     let host_b = net.host("host-b");
     let port = TUNNEL_PORT.to_string();
-    let n = TLS_FAILURES.to_string();
+    let (n, held) = (TLS_FAILURES.to_string(), TLS_HELD.to_string());
     let out = net
         .run(
             net.host("attacker"),
             None,
             "/usr/bin/python3",
-            &["-c", BAD_HELLOS, "10.77.0.2", &port, &n],
+            &["-c", BAD_HELLOS, "10.77.0.2", &port, &n, &held],
             Duration::from_secs(240),
         )
         .unwrap();
     let connected: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let attempts = u64::from(TLS_FAILURES + TLS_HELD);
     assert!(
-        connected >= u64::from(TLS_FAILURES) / 2,
+        connected >= attempts / 2,
         "only {connected} connections reached the tunnel port: {}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -380,8 +401,19 @@ fn failed_tls_handshakes_are_aggregated_and_not_keyed_by_ephemeral_port() {
     );
     // (a connection reset at once may fail the client's connect() yet have been accepted)
     assert!(
-        (connected..=u64::from(TLS_FAILURES)).contains(&counted),
-        "every failed handshake counted once: {counted} counted, {connected} connected of {TLS_FAILURES}"
+        (connected..=attempts).contains(&counted),
+        "every failed handshake counted once: {counted} counted, {connected} connected of {attempts}"
+    );
+    // The silent ones past the bound on handshakes in progress were refused at once.
+    let overloaded: u64 = records
+        .iter()
+        .filter(|r| r.code.as_str() == "overloaded")
+        .map(FlowRecord::attempts)
+        .sum();
+    eprintln!("{overloaded} refused as overloaded");
+    assert!(
+        overloaded >= u64::from(TLS_HELD) - MAX_TLS_HANDSHAKES as u64,
+        "{overloaded} connections refused as overloaded of {TLS_HELD} held at once"
     );
     assert!(
         records.len() <= 20,
@@ -395,7 +427,7 @@ fn failed_tls_handshakes_are_aggregated_and_not_keyed_by_ephemeral_port() {
             "{r:?}"
         );
     }
-    thread::sleep(Duration::from_millis(1500));
+    // (the API's map is the enforcer's own, in memory)
     let map: Value = serde_json::from_str(&api_get(&net, host_b, "/api/map")).unwrap();
     let edges: Vec<&Value> = map["edges"]
         .as_array()

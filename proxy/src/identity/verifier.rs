@@ -111,7 +111,6 @@ impl Verifier {
     /// Trusts a public key the cluster CA certified (see [`certified_key`]) until
     /// `until_ms`, the end of its certificate's validity. Keys of a rotated certificate are
     /// added beside the old one, so live peers keep working.
-
     pub fn trust_until(&self, public_key: &[u8; 32], until_ms: u64) -> Result<KeyId, TokenError> {
         let key = VerifyingKey::from_bytes(public_key)
             .map_err(|_| TokenError::Uncertified("not a valid Ed25519 public key".into()))?;
