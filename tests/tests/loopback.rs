@@ -209,3 +209,46 @@ fn localhost_delivery_is_an_option_and_still_guarded_by_registration() {
     remote_fetch(&net, "http://10.77.0.2:8080/index.txt");
     assert!(server_log(&net).contains("127.0.0.77 - -"));
 }
+
+/// `ip rule` (of `family`, "-4" or "-6") and `iptables -t mangle -S OUTPUT` on host-b.
+fn delivery_routing(net: &TestNet, family: &str) -> (String, String) {
+    let b = net.host("host-b");
+    let run = |program: &str, args: &[&str]| {
+        let out = net.run(b, None, program, args, SECS_30).unwrap();
+        assert!(out.status.success(), "{program} {args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tables = if family == "-4" {
+        "iptables"
+    } else {
+        "ip6tables"
+    };
+    (
+        run("ip", &[family, "rule"]),
+        run(tables, &["-w", "-t", "mangle", "-S", "OUTPUT"]),
+    )
+}
+
+#[test]
+fn the_reply_routing_is_replaced_after_a_crash_and_removed_at_shutdown() {
+    let net = two_hosts(false, false);
+    serve(&net);
+    let b = net.host("host-b");
+    // A crash leaves the routing behind; the next start replaces it (no duplicates).
+    net.stop_enforcer(b, true).unwrap();
+    net.start_enforcer(b).unwrap();
+    for family in ["-4", "-6"] {
+        let (rules, output) = delivery_routing(&net, family);
+        assert_eq!(rules.matches("lookup 7755").count(), 1, "{rules}");
+        assert_eq!(output.matches("-j TESSERA-DELIVER").count(), 1, "{output}");
+    }
+    remote_fetch(&net, "http://10.77.0.2:8080/index.txt");
+    remote_fetch(&net, "http://[fd77::2]:8080/index.txt");
+    // SIGTERM: nothing of it is left.
+    net.stop_enforcer(b, false).unwrap();
+    for family in ["-4", "-6"] {
+        let (rules, output) = delivery_routing(&net, family);
+        assert!(!rules.contains("lookup 7755"), "{rules}");
+        assert!(!output.contains("TESSERA-DELIVER"), "{output}");
+    }
+}

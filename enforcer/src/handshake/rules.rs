@@ -274,11 +274,17 @@ mod tests {
             ..HandshakeConfig::default()
         };
         let r = rules(&open, &[8080], 2);
-        // Fail open: what would be queued for a workload port passes while nobody reads.
+        // Fail open: what would be queued for a workload port passes while nobody reads
+        // (what arrives on lo is dropped whether or not anyone reads).
         assert!(
             r.iter()
                 .filter(|l| l.contains("--dport 8080") || l.contains("--sport 8080"))
+                .filter(|l| !l.contains(" -i lo "))
                 .all(|l| l.ends_with("--queue-bypass"))
+        );
+        assert!(
+            r.iter()
+                .any(|l| l.ends_with("-i lo -p tcp --syn --dport 8080 -j DROP"))
         );
         assert!(
             r.iter()
