@@ -322,3 +322,117 @@ fn a_renewal_under_a_long_connection_keeps_it_and_new_ones_use_the_new_certifica
         "a new connection after the first certificate expired"
     );
 }
+
+#[test]
+fn a_rogue_enforcer_cannot_claim_outside_its_scope_or_for_another_enforcer() {
+    let (net, srv) = hosts(&[]);
+    net.join(net.host("host-a"), &srv, "site=paris,tenant=acme")
+        .unwrap();
+    net.join(net.host("host-b"), &srv, "site=paris,tenant=acme")
+        .unwrap();
+    net.start_enforcers().unwrap();
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-blast", 7000)
+        .unwrap();
+    apply_policy(&net, &srv, WEB_PARIS_TO_API).unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        enforcer(&status(&net, &srv), "host-b")["policy_version"] == 1
+    }));
+    // host-a compromised: its own (valid, in scope) certificate and key, speaking the
+    // tunnel protocol with claims of its choosing.
+    let state = net.control_state(net.host("host-a"));
+    let path = |f: &str| state.join(f).display().to_string();
+    let out = net
+        .run(
+            net.host("host-a"),
+            None,
+            env!("CARGO_BIN_EXE_rogue_peer"),
+            &[
+                &path("ca.pem"),
+                &path("cert.pem"),
+                &path("key.pem"),
+                "host-a",
+                "host-b",
+                "10.77.0.2:15008",
+                "10.77.0.2:7000",
+                "tessera.local",
+                "site=london;tenant=globex;site=paris",
+            ],
+            T,
+        )
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rogue peer failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer = |case: &str| -> Value {
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|a| a["case"] == case)
+            .unwrap_or_else(|| panic!("no answer for {case}: {stdout}"))
+    };
+    // In scope (and repeating its own scope): accepted.
+    assert_eq!(answer("valid")["status"], "Connected", "{stdout}");
+    assert_eq!(
+        answer("claim:site=paris")["status"],
+        "Connected",
+        "{stdout}"
+    );
+    // Another site, another tenant: refused as out of scope; another enforcer's workload:
+    // refused as foreign.
+    for case in ["claim:site=london", "claim:tenant=globex"] {
+        let a = answer(case);
+        assert_ne!(a["status"], "Connected", "{case}: {stdout}");
+        assert!(
+            a["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("out-of-scope")),
+            "{case}: {a}"
+        );
+    }
+    assert!(
+        answer("foreign")["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("foreign-identity"))
+    );
+    // host-b recorded each refusal with its code.
+    let codes: Vec<String> = net
+        .flows(net.host("host-b"))
+        .iter()
+        .map(|f| f.code.as_str().to_string())
+        .collect();
+    assert_eq!(
+        codes.iter().filter(|c| *c == "out-of-scope").count(),
+        2,
+        "{codes:?}"
+    );
+}
+
+#[test]
+fn an_expired_certificate_fails_closed() {
+    // 20-second certificates, and the server gone before anyone renews.
+    let (net, srv) = hosts(&["--lifetime", "20s"]);
+    net.join(net.host("host-a"), &srv, "site=paris").unwrap();
+    net.join(net.host("host-b"), &srv, "site=london").unwrap();
+    net.start_enforcers().unwrap();
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
+        .unwrap();
+    apply_policy(&net, &srv, WEB_PARIS_TO_API).unwrap();
+    assert!(eventually(Duration::from_secs(10), || echo_ok(&net)));
+    net.stop_control(&srv).unwrap();
+    let stopped = Instant::now();
+    // Fail static while the certificates are valid...
+    assert!(echo_ok(&net), "enforcing on while the server is away");
+    // ...and closed once they expire without renewal.
+    assert!(
+        eventually(Duration::from_secs(40), || !echo_ok(&net)),
+        "new connections refused after the certificates expired"
+    );
+    assert!(stopped.elapsed() > Duration::from_secs(2));
+    assert!(
+        net.enforcer_log(net.host("host-a"))
+            .contains("certificate renewal failed")
+    );
+}

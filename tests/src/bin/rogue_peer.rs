@@ -5,6 +5,10 @@
 //! per request: the case, the status and reason of the answer.
 //!
 //! `rogue_peer CA CERT KEY NAME PEER TUNNEL DST TRUST_DOMAIN`
+//!
+//! With a ninth argument `k=v;k2=v2` it also sends, for each, a genuine token for its own
+//! workload that claims that label (case `claim:k=v`): under a control plane, a claim
+//! outside the enforcer's scope (`site=london` from a Paris enforcer) must be refused.
 use std::{net::SocketAddr, path::Path, time::SystemTime};
 
 use anyhow::{Context, Result, bail};
@@ -114,8 +118,8 @@ fn report(case: &str, r: &Response) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    let [ca, cert, key, name, peer, tunnel, dst, td] = a.as_slice() else {
-        bail!("usage: rogue_peer CA CERT KEY NAME PEER TUNNEL DST TRUST_DOMAIN");
+    let [ca, cert, key, name, peer, tunnel, dst, td, claims @ ..] = a.as_slice() else {
+        bail!("usage: rogue_peer CA CERT KEY NAME PEER TUNNEL DST TRUST_DOMAIN [k=v;k2=v2]");
     };
     let id = tls::Credentials::load(Path::new(ca), Path::new(cert), Path::new(key))?;
     let PrivateKeyDer::Pkcs8(pkcs8) = &id.key else {
@@ -207,5 +211,24 @@ async fn main() -> Result<()> {
     let mut cut = token(&mut t2, &me(name));
     cut.truncate(cut.len() / 2);
     report("truncated", &ask(&mut t2, dst, Proof::Token(cut)).await?);
+
+    // 8. Genuine tokens whose labels claim what the configuration asks (scope tests).
+    for claim in claims
+        .first()
+        .map(String::as_str)
+        .unwrap_or_default()
+        .split(';')
+        .filter(|c| !c.is_empty())
+    {
+        let (k, v) = claim.split_once('=').context("claims: k=v;k2=v2")?;
+        let mut who = me(name);
+        who.labels = Labels::new(who.labels.iter().chain([(k, v)]));
+        let mut t = p.dial().await?;
+        let claimed = token(&mut t, &who);
+        report(
+            &format!("claim:{claim}"),
+            &ask(&mut t, dst, Proof::Token(claimed)).await?,
+        );
+    }
     Ok(())
 }
