@@ -211,7 +211,7 @@ pub async fn build(config: &Config) -> Result<Running> {
         tokens: core.tokens.clone(),
         pool: None,
         cert: cert.clone(),
-        peer_keys: Default::default(),
+        peer_keys: Arc::new(std::sync::RwLock::new(peer_keys)),
     };
     let mut routing = None;
     // Commit: the new run goes in force in an order without a gap, and nothing after it
@@ -253,7 +253,8 @@ pub async fn build(config: &Config) -> Result<Running> {
             listeners.serve(&mut tasks, outbound, inbound)?;
         }
         None => {
-            let setup = handshake_setup(config, &core, &host, lookup.clone(), peer_keys);
+            let setup =
+                handshake_setup(config, &core, &host, lookup.clone(), live.peer_keys.clone());
             // Workers first (binding the queues can fail): once the rules are in, queued
             // packets need a reader.
             crate::handshake::start(
@@ -533,13 +534,12 @@ fn handshake_setup(
     core: &Core,
     host: &HostState,
     lookup: Arc<dyn CaptureLookup>,
-    peer_keys: HashMap<String, KeyId>,
+    peer_keys: Arc<std::sync::RwLock<HashMap<String, KeyId>>>,
 ) -> Setup {
     Setup {
         admission: core.admission(config, Mode::Handshake),
         tokens: core.tokens.clone(),
-        // (Routes at start-up: handshake mode does not follow directory changes yet.)
-        peers: (*host.peers.table()).clone(),
+        peers: host.peers.clone(),
         peer_keys,
         lookup,
         services: host.services.clone(),

@@ -120,11 +120,13 @@ fn enrolment_central_policy_scope_and_revocation() {
         net.enforcer_log(net.host("host-b"))
     );
     // host-b saw web with the scope of host-a's certificate, stamped: site=paris.
-    let seen = net
-        .flows(net.host("host-b"))
-        .into_iter()
-        .find(|f| f.direction == Direction::Inbound && f.verdict == Verdict::Allowed)
-        .expect("an allowed inbound record at host-b");
+    let allowed = || {
+        net.flows(net.host("host-b"))
+            .into_iter()
+            .find(|f| f.direction == Direction::Inbound && f.verdict == Verdict::Allowed)
+    };
+    assert!(eventually(Duration::from_secs(10), || allowed().is_some()));
+    let seen = allowed().unwrap();
     assert_eq!(
         seen.src.labels.get("site").map(String::as_str),
         Some("paris")
@@ -434,5 +436,43 @@ fn an_expired_certificate_fails_closed() {
     assert!(
         net.enforcer_log(net.host("host-a"))
             .contains("certificate renewal failed")
+    );
+}
+
+#[test]
+fn handshake_mode_follows_the_directory_while_running() {
+    let (net, srv) = hosts(&[]);
+    net.options.lock().unwrap().handshake = true;
+    let (a, b) = (net.host("host-a"), net.host("host-b"));
+    // host-b first: it learns of host-a only from the directory, while running.
+    net.join(b, &srv, "site=london").unwrap();
+    net.start_enforcer(b).unwrap();
+    net.serve_tool(b, Some("api"), "serve-echo", 7000).unwrap();
+    apply_policy(&net, &srv, WEB_PARIS_TO_API).unwrap();
+    net.join(a, &srv, "site=paris").unwrap();
+    net.start_enforcer(a).unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || echo_ok(&net)),
+        "web@host-a -> api@host-b in handshake mode, host-b never restarted\n{}",
+        net.enforcer_log(b)
+    );
+    // (Handshake mode writes a record when its connection ends.)
+    let allowed = || {
+        net.flows(b)
+            .into_iter()
+            .find(|f| f.direction == Direction::Inbound && f.verdict == Verdict::Allowed)
+    };
+    assert!(eventually(Duration::from_secs(10), || allowed().is_some()));
+    let seen = allowed().unwrap();
+    assert_eq!(
+        seen.src.labels.get("site").map(String::as_str),
+        Some("paris")
+    );
+    // Revoked: host-b forgets host-a's routes and keys; its handshakes are refused.
+    net.control_admin(&srv, &["server", "enforcer", "revoke", "host-a"])
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || !echo_ok(&net)),
+        "a revoked enforcer's handshakes are refused"
     );
 }

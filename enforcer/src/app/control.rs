@@ -3,7 +3,7 @@
 //! in force like a reloaded file, a renewed certificate is used for new handshakes.
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, RwLock},
 };
 
 use anyhow::{Context, Result};
@@ -85,15 +85,16 @@ pub struct Live {
     pub pool: Option<Arc<TunnelPool>>,
     /// The certificate TLS presents.
     pub cert: Arc<CertSlot>,
-    /// Peers' certified keys, trusted for tokens that arrive without TLS (handshake mode).
-    pub peer_keys: Mutex<HashMap<String, KeyId>>,
+    /// Peers' certified keys, trusted for tokens that arrive without TLS (handshake mode);
+    /// shared with the handshake engine, which seals and checks with them.
+    pub peer_keys: Arc<RwLock<HashMap<String, KeyId>>>,
 }
 
 impl Live {
     /// Trusts each peer's current certificate for tokens (a renewal extends the trust) and
     /// forgets the keys of those that left.
     fn trust(&self, peers: &[PeerConfig], gone: &[String]) {
-        let mut keys = self.peer_keys.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keys = self.peer_keys.write().unwrap_or_else(|e| e.into_inner());
         for name in gone {
             if let Some(id) = keys.remove(name) {
                 self.tokens.forget_peer(&id);

@@ -76,12 +76,19 @@ impl Engine {
             return refused(rec, Code::NoCapture, reason);
         };
         rec.src.captured(&captured, self.setup.admission.name());
-        let plan = route::plan(&captured, &self.setup.peers);
+        let table = self.setup.peers.table();
+        let plan = route::plan(&captured, &table);
         let Route::Peer(peer) = plan.route else {
             return self.syn_to_external(seg, rec, &captured, &plan, now_ms);
         };
         rec.dst.enforcer = Some(peer.name.clone());
-        let Some(peer_key) = self.setup.peer_keys.get(&peer.name).copied() else {
+        let peer_key = self
+            .setup
+            .peer_keys
+            .read()
+            .ok()
+            .and_then(|k| k.get(&peer.name).copied());
+        let Some(peer_key) = peer_key else {
             let reason = format!("no certificate configured for peer {}", peer.name);
             return refused(rec, Code::UntrustedIssuer, reason);
         };
@@ -260,7 +267,8 @@ impl Engine {
                 Err((code, reason)) => return reset(flow, code, reason),
             };
         flow.dst.identified_by_peer(&dst_identity);
-        let plan = route::plan(&captured, &self.setup.peers);
+        let table = self.setup.peers.table();
+        let plan = route::plan(&captured, &table);
         let attempt = plan.attempt(Party::workload(dst_identity.labels, Some(seg.src.ip())));
         let admission = &self.setup.admission;
         let Some(ruling) =

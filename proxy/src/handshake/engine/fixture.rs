@@ -16,7 +16,7 @@ use crate::{
     handshake::packet,
     identity::{Identity, reserved, session::Tokens, spiffe_id, test_ca},
     local::{LocalServices, LocalWorkload},
-    peers::{Peer, PeerTable},
+    peers::{Directory, Peer, PeerTable},
     registry::ConnectionRegistry,
 };
 
@@ -121,14 +121,17 @@ fn engine(
     let engine = Engine::new(Setup {
         admission: Arc::new(admission),
         tokens,
-        peers: PeerTable::new([(
+        peers: Arc::new(Directory::fixed(PeerTable::new([(
             peer_net.parse().unwrap(),
             Peer {
                 name: peer.into(),
                 tunnel: addr("10.0.0.9:15008"),
             },
-        )]),
-        peer_keys: HashMap::from([(peer.to_owned(), peer_key)]),
+        )]))),
+        peer_keys: Arc::new(std::sync::RwLock::new(HashMap::from([(
+            peer.to_owned(),
+            peer_key,
+        )]))),
         lookup: Arc::new(WebCaptures(Captured {
             dst: addr(S),
             origin: Origin {

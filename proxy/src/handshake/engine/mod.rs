@@ -43,7 +43,7 @@ use crate::{
     identity::{session::Tokens, token::KeyId},
     limits::{Drops, RateLimiter},
     local::LocalServices,
-    peers::PeerTable,
+    peers::Directory,
 };
 
 mod client;
@@ -129,9 +129,11 @@ pub struct Setup {
     /// Decides and starts records (this enforcer's name, handshake mode).
     pub admission: Arc<Admission>,
     pub tokens: Arc<Tokens>,
-    pub peers: PeerTable,
-    /// The certified key of each peer enforcer, by name (from its configured certificate).
-    pub peer_keys: HashMap<String, KeyId>,
+    /// Routes to peers (the control plane's directory changes them while running).
+    pub peers: Arc<Directory>,
+    /// The certified key of each peer enforcer, by name (from its certificate; the control
+    /// plane's directory changes them while running).
+    pub peer_keys: Arc<std::sync::RwLock<HashMap<String, KeyId>>>,
     pub lookup: Arc<dyn CaptureLookup>,
     pub services: LocalServices,
     /// Mark bit given to an inbound packet whose connection is proven.

@@ -148,7 +148,8 @@ impl Engine {
             }
             Err(e) => return refused(flow, Code::Malformed, format!("SYN from {}: {e}", seg.src)),
         };
-        let Some(peer) = self.setup.peers.lookup(seg.src.ip()) else {
+        let table = self.setup.peers.table();
+        let Some(peer) = table.lookup(seg.src.ip()) else {
             let reason = format!(
                 "a token from {}, which no configured enforcer serves",
                 seg.src.ip()
@@ -156,7 +157,13 @@ impl Engine {
             return refused(flow, Code::IssuerNotPeer, reason);
         };
         flow.src.enforcer = Some(peer.name.clone());
-        let Some(peer_key) = self.setup.peer_keys.get(&peer.name) else {
+        let peer_key = self
+            .setup
+            .peer_keys
+            .read()
+            .ok()
+            .and_then(|k| k.get(&peer.name).copied());
+        let Some(peer_key) = peer_key else {
             let reason = format!("no certificate configured for peer {}", peer.name);
             return refused(flow, Code::UntrustedIssuer, reason);
         };
@@ -174,13 +181,29 @@ impl Engine {
         let binding = proof::syn_binding(&client_key, seg.seq);
         let tokens = &self.setup.tokens;
         let src_identity =
-            match tokens.check_token(&token, &peer.name, peer_key, seg.dst, &binding, now_ms) {
+            match tokens.check_token(&token, &peer.name, &peer_key, seg.dst, &binding, now_ms) {
                 Ok(id) => id,
                 Err(e) => {
                     let reason = format!("source {e} ({}) in the SYN from {}", e.code(), peer.name);
                     return refused(flow, e.code(), reason);
                 }
             };
+        // Under a control plane: the peer's scope, from its certificate, on what it vouches.
+        let src_identity = match self.setup.peers.admit(&peer.name) {
+            Ok(Some(scope)) => match crate::identity::scope::stamp(src_identity, &scope) {
+                Ok(id) => id,
+                Err(e) => {
+                    let reason = format!(
+                        "source {e} ({}) in the SYN from {}",
+                        Code::OutOfScope,
+                        peer.name
+                    );
+                    return refused(flow, Code::OutOfScope, reason);
+                }
+            },
+            Ok(None) => src_identity,
+            Err(e) => return refused(flow, Code::NotInDirectory, e.to_string()),
+        };
         flow.src.identified_by_peer(&src_identity);
         flow.src.enforcer = Some(peer.name.clone());
         let src = Party::workload(src_identity.labels, Some(seg.src.ip()));
@@ -205,7 +228,7 @@ impl Engine {
             syn_message: message,
             live,
             step: ServerStep::AwaitSynAck {
-                peer_key: *peer_key,
+                peer_key,
                 client_key,
                 syn_token: token,
                 workload,
