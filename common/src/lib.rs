@@ -21,6 +21,7 @@ pub mod names {
     pub const PROG_CONNECT6: &str = "capture_connect6";
     pub const PROG_SOCKOPS: &str = "track_connect";
     pub const PROG_SK_LOOKUP: &str = "steer_inbound";
+    pub const PROG_SETSOCKOPT: &str = "guard_setsockopt";
 }
 
 /// Index of the inbound listener sockets in the `INBOUND_LISTENER` sockmap.
@@ -56,6 +57,10 @@ pub struct Settings {
     /// `SO_MARK` the connect hooks give an enrolled workload's socket in handshake mode, so
     /// that iptables queues its handshake packets (and only those) to the enforcer.
     pub handshake_mark: u32,
+    /// Process id (thread-group id, as the init pid namespace numbers it) of the enforcer,
+    /// whose proxy sockets alone the connect hooks leave alone: the proxy's mark is not
+    /// enough on its own.
+    pub proxy_tgid: u32,
 }
 
 /// Connects are redirected to the outbound proxy (tunnel mode).

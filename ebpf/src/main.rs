@@ -17,6 +17,13 @@
 //! * `steer_inbound` (sk_lookup), attached to the host's network namespace: a connection to a
 //!   protected port that does not come from the proxy's delivery address is handed to the
 //!   proxy's inbound listener, never to the application. With no listener it is dropped.
+//! * `guard_setsockopt` (cgroup/setsockopt), attached to each enrolled workload's cgroup:
+//!   refuses (EPERM) the options that would let a privileged workload forge what the
+//!   programs and the host trust: `SO_MARK` (the proxy's mark exempts a socket from capture
+//!   and marks its listener as the proxy's), `IP_HDRINCL`/`IPV6_HDRINCL` (hand-made headers)
+//!   and `IP_TRANSPARENT`/`IPV6_TRANSPARENT` (foreign source addresses). The proxy and the
+//!   enforcer run outside enrolled cgroups, and marks set by eBPF (`bpf_setsockopt`) do not
+//!   pass through this hook.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
@@ -33,9 +40,9 @@ mod programs {
             bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_lookup_tcp,
             bpf_sk_release,
         },
-        macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+        macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
         maps::{Array, HashMap, LruHashMap, RingBuf, SockMap},
-        programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+        programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
     };
     use tessera_common::{
         AF_INET, AF_INET6, CLOSED_RING_BYTES, ClientKey, ClosedConn, FIN_WAIT2_ENTRIES,
@@ -98,8 +105,14 @@ mod programs {
         }
     }
 
-    /// Whether this socket belongs to the proxy itself (it carries the proxy's mark).
+    /// Whether this socket belongs to the proxy itself: it carries the proxy's mark (which
+    /// `guard_setsockopt` forbids enrolled workloads to set) *and* the enforcer's own
+    /// process calls connect() (a pid a workload cannot take while the enforcer lives).
     fn is_proxy_socket(sa: *mut bpf_sock_addr, settings: &Settings) -> bool {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if settings.proxy_tgid == 0 || tgid != settings.proxy_tgid {
+            return false;
+        }
         // SAFETY: `sk` is a valid socket pointer for cgroup/connect programs.
         unsafe {
             let sk = (*sa).__bindgen_anon_1.sk;
@@ -486,6 +499,39 @@ mod programs {
         match INBOUND_LISTENER.redirect_sk_lookup(&ctx, index, 0) {
             Ok(()) => sk_action::SK_PASS,
             Err(_) => sk_action::SK_DROP,
+        }
+    }
+
+    const SOL_IP: i32 = 0;
+    const SOL_IPV6: i32 = 41;
+    const IP_HDRINCL: i32 = 3;
+    const IP_TRANSPARENT: i32 = 19;
+    const IPV6_HDRINCL: i32 = 36;
+    const IPV6_TRANSPARENT: i32 = 75;
+    /// cgroup/setsockopt verdicts: 1 lets the kernel apply the option, 0 fails it (EPERM).
+    const SOCKOPT_PROCEED: i32 = 1;
+    const SOCKOPT_REFUSE: i32 = 0;
+
+    /// Options an enrolled workload may never set, whatever its capabilities.
+    pub(crate) fn forbidden_option(level: i32, optname: i32) -> bool {
+        matches!(
+            (level, optname),
+            (SOL_SOCKET, SO_MARK)
+                | (SOL_IP, IP_HDRINCL)
+                | (SOL_IP, IP_TRANSPARENT)
+                | (SOL_IPV6, IPV6_HDRINCL)
+                | (SOL_IPV6, IPV6_TRANSPARENT)
+        )
+    }
+
+    #[cgroup_sockopt(setsockopt)]
+    pub fn guard_setsockopt(ctx: SockoptContext) -> i32 {
+        // SAFETY: level and optname are readable in every cgroup/setsockopt program.
+        let (level, optname) = unsafe { ((*ctx.sockopt).level, (*ctx.sockopt).optname) };
+        if forbidden_option(level, optname) {
+            SOCKOPT_REFUSE
+        } else {
+            SOCKOPT_PROCEED
         }
     }
 

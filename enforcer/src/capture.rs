@@ -8,7 +8,7 @@
 //! removes the old one, so there is no moment without capture.
 use std::{
     fs::{self, File},
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf, SockMap},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -158,6 +158,9 @@ impl Capture {
         program::<SkLookup>(ebpf, names::PROG_SK_LOOKUP)?
             .load()
             .context("loading sk_lookup")?;
+        program::<CgroupSockopt>(ebpf, names::PROG_SETSOCKOPT)?
+            .load()
+            .context("loading the setsockopt guard")?;
 
         // Links (bpf_link_create) always allow other programs beside ours on the cgroup;
         // `Single` only means "no legacy attach flags".
@@ -194,6 +197,19 @@ impl Capture {
                 link,
                 &generation.join(format!("{}_{}", w.name, names::PROG_SOCKOPS)),
             )?);
+            // A workload must not forge the proxy's mark (or packet headers).
+            let prog = program::<CgroupSockopt>(ebpf, names::PROG_SETSOCKOPT)?;
+            let path = generation.join(format!("{}_{}", w.name, names::PROG_SETSOCKOPT));
+            links.push(
+                link_and_pin(prog.fd()?.as_fd(), &cgroup, BPF_CGROUP_SETSOCKOPT, &path)
+                    .with_context(|| {
+                        format!(
+                            "workload {}: attaching the setsockopt guard to {}",
+                            w.name,
+                            w.cgroup.display()
+                        )
+                    })?,
+            );
         }
 
         let netns = File::open(&config.bpf.netns)
@@ -297,6 +313,10 @@ fn write_settings(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
             DataPathMode::Handshake => MODE_HANDSHAKE,
         },
         handshake_mark: config.handshake.socket_mark,
+        // The proxy runs in this process. (Inside a pid namespace of its own this is not
+        // the pid eBPF sees, and the enforcer's sockets would be captured should it share
+        // an enrolled cgroup: fail closed.)
+        proxy_tgid: std::process::id(),
     };
     let mut settings_map: Array<_, Settings> =
         Array::try_from(ebpf.map_mut(names::SETTINGS).context("settings map")?)?;
@@ -335,6 +355,62 @@ fn set_protected_ports(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
         ports.insert(p, 1, 0)?;
     }
     Ok(())
+}
+
+/// `BPF_CGROUP_SETSOCKOPT`, the attach type of `cgroup/setsockopt` programs.
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// Links `prog` to `cgroup` (`bpf_link_create`) and pins the link at `path`. (aya's
+/// `CgroupSockopt` links cannot become pinnable `FdLink`s, so this one is made directly.)
+fn link_and_pin(
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup: &File,
+    attach_type: u32,
+    path: &Path,
+) -> Result<PinnedLink> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // union bpf_attr, link_create: prog_fd, target_fd, attach_type, flags; the rest zero.
+    let mut attr = [0u32; 16];
+    attr[0] = prog.as_raw_fd() as u32;
+    attr[1] = cgroup.as_raw_fd() as u32;
+    attr[2] = attach_type;
+    // SAFETY: the bpf syscall reads `size_of_val(&attr)` bytes of `attr`, which lives.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("bpf_link_create");
+    }
+    // SAFETY: the syscall returned a new file descriptor that nothing else owns.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .context("a link path with a NUL byte")?;
+    // union bpf_attr, obj_pin: pathname (u64), bpf_fd, file_flags; the rest zero.
+    let mut attr = [0u64; 8];
+    attr[0] = c_path.as_ptr() as u64;
+    attr[1] = link.as_raw_fd() as u64;
+    // SAFETY: as above; `c_path` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot pin link at {}", path.display()));
+    }
+    PinnedLink::from_pin(path)
+        .with_context(|| format!("cannot open pinned link {}", path.display()))
 }
 
 /// Creates the directory for a new generation of links under `links_dir`, named by the
