@@ -82,6 +82,7 @@ fn record(i: usize) -> FlowRecord {
         bytes_sent: 512,
         bytes_received: 4096,
         pooled: Some(true),
+        packets: None,
     }
 }
 

@@ -16,15 +16,16 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, RingBuf, SockMap},
+    maps::{Array, HashMap, MapData, RingBuf, SockMap, lpm_trie::LpmTrie},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use tessera_common::{
-    ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE, MODE_TUNNEL, OrigDst,
-    Settings, names,
+    ClientKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE, MODE_TUNNEL, NonTcpAllow,
+    NonTcpFlowCount, NonTcpFlowKey, NonTcpKey, OrigDst, Settings, names,
 };
 use tokio::net::TcpListener;
 
@@ -161,6 +162,14 @@ impl Capture {
         program::<CgroupSockopt>(ebpf, names::PROG_SETSOCKOPT)?
             .load()
             .context("loading the setsockopt guard")?;
+        program::<CgroupSock>(ebpf, names::PROG_SOCK_CREATE)?
+            .load()
+            .context("loading the socket-creation guard")?;
+        for name in [names::PROG_EGRESS, names::PROG_INGRESS] {
+            program::<CgroupSkb>(ebpf, name)?
+                .load()
+                .with_context(|| format!("loading {name}"))?;
+        }
 
         // Links (bpf_link_create) always allow other programs beside ours on the cgroup;
         // `Single` only means "no legacy attach flags".
@@ -210,6 +219,34 @@ impl Capture {
                         )
                     })?,
             );
+            // Raw and ICMP sockets, and every packet that is not TCP: default deny.
+            let attaching = |what: &str| {
+                format!(
+                    "workload {}: attaching {what} to {}",
+                    w.name,
+                    w.cgroup.display()
+                )
+            };
+            let prog = program::<CgroupSock>(ebpf, names::PROG_SOCK_CREATE)?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| attaching(names::PROG_SOCK_CREATE))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            links.push(pin(
+                link,
+                &generation.join(format!("{}_{}", w.name, names::PROG_SOCK_CREATE)),
+            )?);
+            for (name, attach_type) in [
+                (names::PROG_EGRESS, CgroupSkbAttachType::Egress),
+                (names::PROG_INGRESS, CgroupSkbAttachType::Ingress),
+            ] {
+                let prog = program::<CgroupSkb>(ebpf, name)?;
+                let id = prog
+                    .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                    .with_context(|| attaching(name))?;
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                links.push(pin(link, &generation.join(format!("{}_{name}", w.name)))?);
+            }
         }
 
         let netns = File::open(&config.bpf.netns)
@@ -250,6 +287,34 @@ impl Capture {
             .take_map(names::CLIENT_ORIG)
             .context("client map")?;
         Ok(HashMap::try_from(map)?)
+    }
+
+    /// The non-TCP maps: allow entries, workload flags, flow counters.
+    #[allow(clippy::type_complexity)]
+    pub fn take_nontcp_maps(
+        &mut self,
+    ) -> Result<(
+        LpmTrie<MapData, NonTcpKey, NonTcpAllow>,
+        HashMap<MapData, u64, u32>,
+        HashMap<MapData, NonTcpFlowKey, NonTcpFlowCount>,
+    )> {
+        let allow = self
+            .ebpf
+            .take_map(names::NONTCP_ALLOW)
+            .context("non-TCP allow map")?;
+        let workloads = self
+            .ebpf
+            .take_map(names::NONTCP_WORKLOADS)
+            .context("non-TCP workloads map")?;
+        let flows = self
+            .ebpf
+            .take_map(names::NONTCP_FLOWS)
+            .context("non-TCP flows map")?;
+        Ok((
+            LpmTrie::try_from(allow)?,
+            HashMap::try_from(workloads)?,
+            HashMap::try_from(flows)?,
+        ))
     }
 
     /// The ring buffer where `sock_ops` reports closed connections (handshake mode).

@@ -134,6 +134,7 @@ mod tests {
             bytes_sent: bytes,
             bytes_received: 2 * bytes,
             pooled: None,
+            packets: None,
         }
     }
 

@@ -272,6 +272,7 @@ mod tests {
             bytes_sent: bytes,
             bytes_received: bytes * 2,
             pooled: None,
+            packets: None,
         }
     }
 

@@ -39,8 +39,15 @@ pub enum Direction {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// A connection (records written before the field existed are TCP).
     #[default]
     Tcp,
+    /// Datagrams between a workload and one peer address and port, over an interval.
+    Udp,
+    /// ICMP (or ICMPv6) packets between a workload and one peer address, over an interval.
+    Icmp,
+    /// A raw socket the workload tried to open (refused): no peer yet.
+    Raw,
 }
 
 /// Which data path carried the connection.
@@ -158,7 +165,9 @@ pub struct FlowRecord {
     pub direction: Direction,
     pub src: Endpoint,
     pub dst: Endpoint,
-    /// Always `tcp` today.
+    /// `tcp` (a connection: the default, also for records written before the field
+    /// existed), `udp` or `icmp` (the packets of one workload to or from one peer and
+    /// port over an interval), `raw` (a refused raw socket).
     #[serde(default)]
     pub protocol: Protocol,
     /// The data path that carried it.
@@ -184,6 +193,10 @@ pub struct FlowRecord {
     /// Whether the tunnel came warm from the pool (outbound only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub pooled: Option<bool>,
+    /// For `udp`/`icmp`/`raw` records: how many packets (or refused sockets) the record
+    /// stands for (one record per workload, peer, port and verdict per interval).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub packets: Option<u64>,
 }
 
 impl FlowRecord {
@@ -213,6 +226,7 @@ impl FlowRecord {
             bytes_sent: 0,
             bytes_received: 0,
             pooled: None,
+            packets: None,
         }
     }
 
