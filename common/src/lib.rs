@@ -145,6 +145,9 @@ pub const DIR_EGRESS: u8 = 0;
 pub const DIR_INGRESS: u8 = 1;
 /// IP protocol numbers as the programs use them (ICMPv6 is keyed as ICMP).
 pub const PROTO_ICMP: u8 = 1;
+/// In the allow map: a port a workload declares (any source may connect; the proxy or the
+/// handshake decides). In flow counts: a connection refused at an undeclared port.
+pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 /// Not a protocol: a raw socket the socket-creation guard refused (no address yet).
@@ -170,7 +173,7 @@ pub struct NonTcpKey {
     pub cgroup_id: [u8; 8],
     /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
     pub direction: u8,
-    /// [`PROTO_UDP`] or [`PROTO_ICMP`].
+    /// [`PROTO_UDP`], [`PROTO_ICMP`] or [`PROTO_TCP`] (declared ports, ingress only).
     pub protocol: u8,
     /// Big-endian: the peer's port when sending, the workload's own when receiving; 0
     /// stands for every port.

@@ -32,7 +32,8 @@
 //!   and the proxy's) must be allowed by `TESSERA_NONTCP_ALLOW`, which the enforcer computes
 //!   from the `udp`/`icmp` rules (networks, resolved names, the configured resolvers).
 //!   Received datagrams are also allowed from a peer and port the workload may send to
-//!   (replies). Each decision is counted per workload, direction, protocol, peer, port and
+//!   (replies). A TCP SYN arriving at a workload's socket passes only to a port it declares
+//!   or over loopback (undeclared ports are closed to other hosts). Each decision is counted per workload, direction, protocol, peer, port and
 //!   verdict in `TESSERA_NONTCP_FLOWS`, which the enforcer drains into flow records.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
@@ -681,9 +682,21 @@ mod programs {
         }
     }
 
+    const TCP_SYN: u8 = 0x02;
+    const TCP_ACK: u8 = 0x10;
+
+    /// 127.0.0.0/8 (IPv4-mapped), ::1.
+    fn is_loopback(addr: &[u8; 16]) -> bool {
+        let zero10 = addr[..10].iter().all(|b| *b == 0);
+        (zero10 && addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127)
+            || (zero10 && addr[10..15].iter().all(|b| *b == 0) && addr[15] == 1)
+    }
+
     /// The parts of an IP packet the guards decide on.
     struct Packet {
         protocol: u8,
+        /// A TCP segment with SYN and without ACK: a connection's first packet.
+        syn: bool,
         src: [u8; 16],
         dst: [u8; 16],
         sport: u16,
@@ -696,6 +709,7 @@ mod programs {
         let first: u8 = ctx.load(0).ok()?;
         let mut p = Packet {
             protocol: 0,
+            syn: false,
             src: [0; 16],
             dst: [0; 16],
             sport: 0,
@@ -730,10 +744,14 @@ mod programs {
             }
             _ => return None,
         };
-        if p.protocol == IPPROTO_UDP {
+        if p.protocol == IPPROTO_UDP || p.protocol == IPPROTO_TCP8 {
             let ports: [u8; 4] = ctx.load(l4).ok()?;
             p.sport = u16::from_be_bytes([ports[0], ports[1]]);
             p.dport = u16::from_be_bytes([ports[2], ports[3]]);
+        }
+        if p.protocol == IPPROTO_TCP8 {
+            let flags: u8 = ctx.load(l4 + 13).ok()?;
+            p.syn = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
         }
         Some(p)
     }
@@ -775,14 +793,17 @@ mod programs {
             // Not IP, or a fragment past the first: nothing we could decide on.
             return SK_REFUSE;
         };
-        if p.protocol == IPPROTO_TCP8 {
+        let egress = direction == DIR_EGRESS;
+        // TCP is the connect hooks' and the proxy's, except a connection arriving at a
+        // workload's listener: only on a port it declares, or over loopback (the proxy's
+        // deliveries, local processes).
+        if p.protocol == IPPROTO_TCP8 && (egress || !p.syn || is_loopback(&p.src)) {
             return SK_ALLOW;
         }
         let skb = ctx.skb.skb;
         // SAFETY: a cgroup_skb program's context is an skb.
         let (cgroup_id, flags) =
             enrolled(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
-        let egress = direction == DIR_EGRESS;
         let (peer, peer_port, own_port) = if egress {
             (&p.dst, p.dport, p.sport)
         } else {
@@ -790,6 +811,13 @@ mod programs {
         };
         let udp_or_icmp =
             p.protocol == PROTO_UDP || p.protocol == PROTO_ICMP || p.protocol == PROTO_ICMPV6;
+        if p.protocol == IPPROTO_TCP8 {
+            // A connection to a declared port goes ahead unrecorded (the proxy or the
+            // handshake decides it); to any other, it is refused and counted.
+            if allowed(cgroup_id, DIR_INGRESS, IPPROTO_TCP8, own_port, peer) != NO_RULE {
+                return SK_ALLOW;
+            }
+        }
         let mut rule = NO_RULE;
         let port = if egress { peer_port } else { own_port };
         if udp_or_icmp {

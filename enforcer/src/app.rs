@@ -543,6 +543,7 @@ fn serve_nontcp(
                 .with_context(|| format!("workload {}", w.name))?,
             labels: host.identities[&w.name].identity.labels.clone(),
             observe: w.observe,
+            ports: w.ports.clone(),
         });
     }
     let (allow, flags, counts) = capture.take_nontcp_maps()?;

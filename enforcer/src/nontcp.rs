@@ -1,5 +1,6 @@
 //! Non-TCP policy in the kernel (issue 12 item 6): what the `udp` and `icmp` rules allow
-//! enrolled workloads, written into the eBPF allow map, and the programs' counts of what
+//! enrolled workloads (and the TCP ports they declare, the only ones a connection from
+//! outside may reach), written into the eBPF allow map, and the programs' counts of what
 //! they allowed and refused, drained into flow records.
 //!
 //! The programs (`guard_sock_create`, `guard_egress`, `guard_ingress`) decide every packet
@@ -25,8 +26,8 @@ use aya::maps::{
 use ipnet::IpNet;
 use tessera_common::{
     DIR_EGRESS, DIR_INGRESS, NONTCP_ALLOW_ENTRIES, NONTCP_KEY_FIXED_BITS, NonTcpAllow,
-    NonTcpFlowCount, NonTcpFlowKey, NonTcpKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_RAW, PROTO_UDP,
-    VERDICT_ALLOWED, VERDICT_OBSERVED, WL_ICMP, WL_OBSERVE,
+    NonTcpFlowCount, NonTcpFlowKey, NonTcpKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_RAW, PROTO_TCP,
+    PROTO_UDP, VERDICT_ALLOWED, VERDICT_OBSERVED, WL_ICMP, WL_OBSERVE,
 };
 use tessera_policy::{
     CompiledPolicy, Labels,
@@ -44,6 +45,8 @@ pub const INTERVAL: Duration = Duration::from_millis(500);
 
 /// The rule name flow records cite for DNS to the configured resolvers.
 pub const RESOLVERS_RULE: &str = "policy.dns_servers";
+/// The "rule" of a workload's declared TCP ports (never cited: allowed SYNs are not counted).
+pub const DECLARED_PORTS_RULE: &str = "workload.ports";
 
 /// An enrolled workload as the non-TCP programs know it.
 #[derive(Clone, Debug)]
@@ -52,6 +55,8 @@ pub struct Enrolled {
     pub cgroup_id: u64,
     pub labels: Labels,
     pub observe: bool,
+    /// The TCP ports it declares: the only ones a connection from outside may reach.
+    pub ports: Vec<u16>,
 }
 
 /// The cgroup v2 id of the cgroup at `path` (its directory's inode number).
@@ -145,6 +150,14 @@ pub fn wanted(
                     &IpNet::from(r.ip()),
                     rule,
                 );
+            }
+        }
+        if !wl.ports.is_empty() {
+            let rule = rule_index(&mut w, &Arc::from(DECLARED_PORTS_RULE));
+            let any = IpNet::V6(ipnet::Ipv6Net::default());
+            for &port in &wl.ports {
+                // `::/0` covers IPv4 too (as `::ffff:a.b.c.d`).
+                add(&mut w, DIR_INGRESS, PROTO_TCP, port, &any, rule);
             }
         }
         for a in policy.nontcp_allows(&wl.labels) {
@@ -373,6 +386,7 @@ impl NonTcp {
             now_ms.saturating_sub(age_ms),
         );
         r.protocol = match key.protocol {
+            PROTO_TCP => flow::Protocol::Tcp,
             PROTO_UDP => flow::Protocol::Udp,
             PROTO_ICMP | PROTO_ICMPV6 => flow::Protocol::Icmp,
             PROTO_RAW => flow::Protocol::Raw,
@@ -386,6 +400,7 @@ impl NonTcp {
             r.bytes_sent = bytes;
         }
         let what = match key.protocol {
+            PROTO_TCP => "a connection to a port the workload does not declare",
             PROTO_UDP => "udp",
             PROTO_ICMP | PROTO_ICMPV6 => "icmp",
             PROTO_RAW => "a raw socket",
@@ -453,6 +468,7 @@ mod tests {
             cgroup_id: 42,
             labels: Labels::parse("app=web").unwrap(),
             observe: false,
+            ports: vec![8080],
         }]
     }
 
@@ -479,8 +495,8 @@ mod tests {
             &["10.0.0.53:53".parse().unwrap()],
             &resolve,
         );
-        // resolver + 2 networks x 3 ports + 1 icmp network + 1 inbound source.
-        assert_eq!(w.allow.len(), 1 + 6 + 1 + 1, "{:?}", w.allow);
+        // resolver + declared port + 2 networks x 3 ports + 1 icmp network + 1 inbound source.
+        assert_eq!(w.allow.len(), 1 + 1 + 6 + 1 + 1, "{:?}", w.allow);
         assert_eq!(w.workloads.get(&42), Some(&WL_ICMP));
         let key = |dir, proto, port: u16, ip: &str, bits| {
             let net: IpNet = format!("{ip}/{bits}").parse().unwrap();
@@ -520,7 +536,9 @@ mod tests {
         let p = policy(
             "rules:\n- {name: t, action: allow, from: {labels: [app=web]}, to: {cidr: 0.0.0.0/0}}\n",
         );
-        let w = wanted(&p, PolicyMode::Observe, &web(), &[], &|_| Vec::new());
+        let mut web = web();
+        web[0].ports.clear();
+        let w = wanted(&p, PolicyMode::Observe, &web, &[], &|_| Vec::new());
         assert!(w.allow.is_empty());
         assert_eq!(w.workloads.get(&42), Some(&WL_OBSERVE));
     }

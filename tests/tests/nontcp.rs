@@ -531,3 +531,40 @@ fn inbound_udp_to_a_workload_is_denied_unless_a_rule_allows_the_source() {
             && f.src.addr.ip().to_string() == "10.77.0.3"
     });
 }
+
+#[test]
+fn a_workloads_undeclared_tcp_port_is_closed_to_other_hosts() {
+    let net = web_and_two_outsiders(NOTHING_FOR_WEB);
+    net.start_enforcers().unwrap();
+    let root = net.dir.join("www");
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("index.txt"), "undeclared\n").unwrap();
+    // web serves on 8081, a port its [[workload]] does not declare.
+    net.serve_http(net.host("host-a"), Some("web"), "0.0.0.0", 8081, &root)
+        .unwrap();
+    let out = net
+        .curl("outsider", None, "http://10.77.0.1:8081/index.txt")
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "another host reached a workload's undeclared port: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Over loopback (local processes, the proxy's deliveries) it stays reachable.
+    let out = net
+        .curl("host-a", None, "http://127.0.0.1:8081/index.txt")
+        .unwrap();
+    assert_eq!(
+        out.stdout,
+        b"undeclared\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f = flow_on_a(&net, "refused connection to an undeclared port", |f| {
+        f.protocol == Protocol::Tcp
+            && f.verdict == Verdict::Denied
+            && f.dst.addr.port() == 8081
+            && f.src.addr.ip().to_string() == "10.77.0.2"
+    });
+    assert_eq!(f.dst.workload.as_deref(), Some("web"));
+}
