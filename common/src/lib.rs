@@ -22,6 +22,13 @@ pub mod names {
     pub const PROG_CONNECT6: &str = "capture_connect6";
     pub const PROG_SOCKOPS: &str = "track_connect";
     pub const PROG_SK_LOOKUP: &str = "steer_inbound";
+    pub const PROG_SETSOCKOPT: &str = "guard_setsockopt";
+    pub const PROG_SOCK_CREATE: &str = "guard_sock_create";
+    pub const PROG_EGRESS: &str = "guard_egress";
+    pub const PROG_INGRESS: &str = "guard_ingress";
+    pub const NONTCP_ALLOW: &str = "TESSERA_NONTCP_ALLOW";
+    pub const NONTCP_WORKLOADS: &str = "TESSERA_NONTCP_WORKLOADS";
+    pub const NONTCP_FLOWS: &str = "TESSERA_NONTCP_FLOWS";
 }
 
 /// Index of the inbound listener sockets in the `INBOUND_LISTENER` sockmap.
@@ -59,6 +66,10 @@ pub struct Settings {
     /// `SO_MARK` the connect hooks give an enrolled workload's socket in handshake mode, so
     /// that iptables queues its handshake packets (and only those) to the enforcer.
     pub handshake_mark: u32,
+    /// Process id (thread-group id, as the init pid namespace numbers it) of the enforcer,
+    /// whose proxy sockets alone the connect hooks leave alone: the proxy's mark is not
+    /// enough on its own.
+    pub proxy_tgid: u32,
 }
 
 /// Connects are redirected to the outbound proxy (tunnel mode).
@@ -144,6 +155,100 @@ pub struct ClosedConn {
     pub received_at_fin_wait2: u64,
 }
 
+/// Capacity of the non-TCP allow map (addresses and networks, per workload, direction,
+/// protocol and port), of the workloads map, and of the non-TCP flow counters (LRU).
+pub const NONTCP_ALLOW_ENTRIES: u32 = 65_536;
+pub const NONTCP_WORKLOAD_ENTRIES: u32 = 1_024;
+pub const NONTCP_FLOW_ENTRIES: u32 = 65_536;
+
+/// [`NonTcpKey::direction`]: what the workload sends, and what it receives.
+pub const DIR_EGRESS: u8 = 0;
+pub const DIR_INGRESS: u8 = 1;
+/// IP protocol numbers as the programs use them (ICMPv6 is keyed as ICMP).
+pub const PROTO_ICMP: u8 = 1;
+/// In the allow map: a port a workload declares (any source may connect; the proxy or the
+/// handshake decides). In flow counts: a connection refused at an undeclared port.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+/// Not a protocol: a raw socket the socket-creation guard refused (no address yet).
+pub const PROTO_RAW: u8 = 255;
+
+/// [`NONTCP_WORKLOADS`](names::NONTCP_WORKLOADS) flags, by cgroup id.
+/// The workload may open ICMP sockets (some `icmp` rule allows it something).
+pub const WL_ICMP: u32 = 1;
+/// Denials are only recorded (observe mode).
+pub const WL_OBSERVE: u32 = 2;
+
+/// Bits of [`NonTcpKey`] before its address: an allow entry for a network of `n` bits has
+/// prefix length `NONTCP_KEY_FIXED_BITS + 96 + n` (IPv4, as `::ffff:a.b.c.d`) or
+/// `NONTCP_KEY_FIXED_BITS + n` (IPv6).
+pub const NONTCP_KEY_FIXED_BITS: u32 = 96;
+
+/// The data of a key of the non-TCP allow map (an LPM trie matching on the address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NonTcpKey {
+    /// cgroup v2 id of the enrolled workload, native byte order (bytes: no padding
+    /// anywhere in the key).
+    pub cgroup_id: [u8; 8],
+    /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
+    pub direction: u8,
+    /// [`PROTO_UDP`], [`PROTO_ICMP`] or [`PROTO_TCP`] (declared ports, ingress only).
+    pub protocol: u8,
+    /// Big-endian: the peer's port when sending, the workload's own when receiving; 0
+    /// stands for every port.
+    pub port: [u8; 2],
+    /// The peer's address; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+}
+
+/// What an allow entry says: the rule that allowed it (index into the enforcer's table of
+/// non-TCP rules, for flow records).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NonTcpAllow {
+    pub rule: u32,
+    pub _pad: u32,
+}
+
+/// [`NonTcpFlowKey::verdict`].
+pub const VERDICT_DENIED: u8 = 0;
+pub const VERDICT_ALLOWED: u8 = 1;
+/// Denied by policy, let through because the workload or policy only observes.
+pub const VERDICT_OBSERVED: u8 = 2;
+
+/// A non-TCP flow as the programs count it: per workload, direction, protocol, peer,
+/// port and verdict. The enforcer drains the counts into flow records on an interval.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NonTcpFlowKey {
+    pub cgroup_id: u64,
+    /// The peer; IPv4 as `::ffff:a.b.c.d`; all zero for a refused socket.
+    pub addr: [u8; 16],
+    /// Host byte order: the peer's port (egress) or the workload's (ingress).
+    pub port: u16,
+    pub direction: u8,
+    /// [`PROTO_UDP`], [`PROTO_ICMP`], [`PROTO_ICMPV6`], [`PROTO_RAW`] or another IP protocol.
+    pub protocol: u8,
+    pub verdict: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Counts of a [`NonTcpFlowKey`] since the programs first saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NonTcpFlowCount {
+    pub packets: u64,
+    pub bytes: u64,
+    /// The allowing rule (as in [`NonTcpAllow`]); `u32::MAX`: none.
+    pub rule: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the first and the last packet.
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `repr(C)` structs of integers with explicit padding fields.
@@ -152,4 +257,8 @@ mod pod {
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::ClosedConn {}
     unsafe impl aya::Pod for super::DeliveryKey {}
+    unsafe impl aya::Pod for super::NonTcpKey {}
+    unsafe impl aya::Pod for super::NonTcpAllow {}
+    unsafe impl aya::Pod for super::NonTcpFlowKey {}
+    unsafe impl aya::Pod for super::NonTcpFlowCount {}
 }

@@ -21,6 +21,24 @@
 //!   is dropped. A source address proves nothing: any local user can send from 127.0.0.77 or
 //!   ::1. In handshake mode (iptables guards what arrives from other hosts) it guards the
 //!   connections made on this host (arriving on `lo`): only registered deliveries pass.
+//! * `guard_setsockopt` (cgroup/setsockopt), attached to each enrolled workload's cgroup:
+//!   refuses (EPERM) the options that would let a privileged workload forge what the
+//!   programs and the host trust: `SO_MARK` (the proxy's mark exempts a socket from capture
+//!   and marks its listener as the proxy's), `IP_HDRINCL`/`IPV6_HDRINCL` (hand-made headers)
+//!   and `IP_TRANSPARENT`/`IPV6_TRANSPARENT` (foreign source addresses). The proxy and the
+//!   enforcer run outside enrolled cgroups, and marks set by eBPF (`bpf_setsockopt`) do not
+//!   pass through this hook.
+//! * `guard_sock_create` (cgroup/sock_create): an enrolled workload may not open a raw IP
+//!   socket, except an ICMP one (raw or ping socket) when some `icmp` rule allows it
+//!   something. Where its packets may go is `guard_egress`'s to decide.
+//! * `guard_egress` / `guard_ingress` (cgroup_skb egress/ingress): every IP packet an
+//!   enrolled workload's sockets send or receive that is not TCP (TCP is the connect hooks'
+//!   and the proxy's) must be allowed by `TESSERA_NONTCP_ALLOW`, which the enforcer computes
+//!   from the `udp`/`icmp` rules (networks, resolved names, the configured resolvers).
+//!   Received datagrams are also allowed from a peer and port the workload may send to
+//!   (replies). A TCP SYN arriving at a workload's socket passes only to a port it declares
+//!   or over loopback (undeclared ports are closed to other hosts). Each decision is counted per workload, direction, protocol, peer, port and
+//!   verdict in `TESSERA_NONTCP_FLOWS`, which the enforcer drains into flow records.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
@@ -33,18 +51,30 @@ mod programs {
             sk_action,
         },
         helpers::{
-            bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_lookup_tcp,
-            bpf_sk_release,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
+            bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
+            bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_lookup_tcp, bpf_sk_release,
+            bpf_skb_ancestor_cgroup_id,
         },
-        macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-        maps::{Array, HashMap, LruHashMap, RingBuf, SockMap},
-        programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+        macros::{
+            cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops,
+        },
+        maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SockMap, lpm_trie::Key as LpmKey},
+        programs::{
+            SkBuffContext, SkLookupContext, SockAddrContext, SockContext, SockOpsContext,
+            SockoptContext,
+        },
     };
     use tessera_common::{
         AF_INET, AF_INET6, CLOSED_RING_BYTES, ClientKey, ClosedConn, DELIVERY_ENTRIES, DeliveryKey,
         FIN_WAIT2_ENTRIES, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE,
         ORIG_MAP_ENTRIES, OrigDst, PROTECTED_PORT_ENTRIES, Settings,
+    };
+    use tessera_common::{
+        DIR_EGRESS, DIR_INGRESS, NONTCP_ALLOW_ENTRIES, NONTCP_FLOW_ENTRIES, NONTCP_KEY_FIXED_BITS,
+        NONTCP_WORKLOAD_ENTRIES, NonTcpAllow, NonTcpFlowCount, NonTcpFlowKey, NonTcpKey,
+        PROTO_ICMP, PROTO_ICMPV6, PROTO_RAW, PROTO_UDP, VERDICT_ALLOWED, VERDICT_DENIED,
+        VERDICT_OBSERVED, WL_ICMP, WL_OBSERVE,
     };
 
     const IPPROTO_TCP: u32 = 6;
@@ -106,8 +136,14 @@ mod programs {
         }
     }
 
-    /// Whether this socket belongs to the proxy itself (it carries the proxy's mark).
+    /// Whether this socket belongs to the proxy itself: it carries the proxy's mark (which
+    /// `guard_setsockopt` forbids enrolled workloads to set) *and* the enforcer's own
+    /// process calls connect() (a pid a workload cannot take while the enforcer lives).
     fn is_proxy_socket(sa: *mut bpf_sock_addr, settings: &Settings) -> bool {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if settings.proxy_tgid == 0 || tgid != settings.proxy_tgid {
+            return false;
+        }
         // SAFETY: `sk` is a valid socket pointer for cgroup/connect programs.
         unsafe {
             let sk = (*sa).__bindgen_anon_1.sk;
@@ -503,6 +539,346 @@ mod programs {
             Ok(()) => sk_action::SK_PASS,
             Err(_) => sk_action::SK_DROP,
         }
+    }
+
+    const SOL_IP: i32 = 0;
+    const SOL_IPV6: i32 = 41;
+    const IP_HDRINCL: i32 = 3;
+    const IP_TRANSPARENT: i32 = 19;
+    const IPV6_HDRINCL: i32 = 36;
+    const IPV6_TRANSPARENT: i32 = 75;
+    /// cgroup/setsockopt verdicts: 1 lets the kernel apply the option, 0 fails it (EPERM).
+    const SOCKOPT_PROCEED: i32 = 1;
+    const SOCKOPT_REFUSE: i32 = 0;
+
+    /// Options an enrolled workload may never set, whatever its capabilities.
+    pub(crate) fn forbidden_option(level: i32, optname: i32) -> bool {
+        matches!(
+            (level, optname),
+            (SOL_SOCKET, SO_MARK)
+                | (SOL_IP, IP_HDRINCL)
+                | (SOL_IP, IP_TRANSPARENT)
+                | (SOL_IPV6, IPV6_HDRINCL)
+                | (SOL_IPV6, IPV6_TRANSPARENT)
+        )
+    }
+
+    #[cgroup_sockopt(setsockopt)]
+    pub fn guard_setsockopt(ctx: SockoptContext) -> i32 {
+        // SAFETY: level and optname are readable in every cgroup/setsockopt program.
+        let (level, optname) = unsafe { ((*ctx.sockopt).level, (*ctx.sockopt).optname) };
+        if forbidden_option(level, optname) {
+            SOCKOPT_REFUSE
+        } else {
+            SOCKOPT_PROCEED
+        }
+    }
+
+    /// What enrolled workloads may send and receive besides TCP (see `NonTcpKey`).
+    #[map(name = "TESSERA_NONTCP_ALLOW")]
+    static NONTCP_ALLOW: LpmTrie<NonTcpKey, NonTcpAllow> = LpmTrie::pinned(NONTCP_ALLOW_ENTRIES, 0);
+
+    /// Enrolled workloads by cgroup id: `WL_*` flags. A sub-cgroup of an enrolled one is
+    /// that workload's (the deepest enrolled ancestor decides).
+    #[map(name = "TESSERA_NONTCP_WORKLOADS")]
+    static NONTCP_WORKLOADS: HashMap<u64, u32> = HashMap::pinned(NONTCP_WORKLOAD_ENTRIES, 0);
+
+    /// Non-TCP decisions, counted.
+    #[map(name = "TESSERA_NONTCP_FLOWS")]
+    static NONTCP_FLOWS: LruHashMap<NonTcpFlowKey, NonTcpFlowCount> =
+        LruHashMap::pinned(NONTCP_FLOW_ENTRIES, 0);
+
+    const SOCK_RAW: u32 = 3;
+    const IPPROTO_ICMP: u32 = 1;
+    const IPPROTO_ICMPV6: u32 = 58;
+    const IPPROTO_UDP: u8 = 17;
+    const IPPROTO_TCP8: u8 = 6;
+    /// cgroup/sock_create and cgroup_skb verdicts.
+    const SK_ALLOW: i32 = 1;
+    const SK_REFUSE: i32 = 0;
+    const NO_RULE: u32 = u32::MAX;
+
+    /// Flags of an enrolled cgroup; `NOT_ENROLLED` for any other. (Sentinels rather than
+    /// `Option`s: the payload of a `None` is undefined, and the verifier refuses code that
+    /// stores an undefined register.)
+    fn workload_flags(cgroup_id: u64) -> u32 {
+        // SAFETY: lookup in a plain hash map; the value is copied out.
+        match unsafe { NONTCP_WORKLOADS.get(&cgroup_id) } {
+            Some(flags) => *flags,
+            None => NOT_ENROLLED,
+        }
+    }
+
+    const NOT_ENROLLED: u32 = u32::MAX;
+
+    /// How deep below the root an enrolled cgroup's descendants are looked for.
+    const MAX_CGROUP_DEPTH: i32 = 16;
+
+    /// The enrolled workload a cgroup belongs to (its processes and its sub-cgroups'): the
+    /// deepest enrolled cgroup among its ancestors and itself, and its flags; `(0, 0)` if
+    /// none. `ancestor(level)` is the id of the ancestor at `level` (0 past the cgroup).
+    fn enrolled(ancestor: impl Fn(i32) -> u64) -> (u64, u32) {
+        let mut found = (0, 0);
+        for level in 1..=MAX_CGROUP_DEPTH {
+            let id = ancestor(level);
+            if id == 0 {
+                break;
+            }
+            let flags = workload_flags(id);
+            if flags != NOT_ENROLLED {
+                found = (id, flags);
+            }
+        }
+        found
+    }
+
+    /// Adds one packet of `bytes` to the counters of `key`.
+    fn count(key: &NonTcpFlowKey, bytes: u64, rule: u32) {
+        // SAFETY: a helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if let Some(c) = NONTCP_FLOWS.get_ptr_mut(key) {
+            // SAFETY: `c` points into the map's value. (Plain adds: the BPF target has no
+            // atomics in `core`; two CPUs counting the same flow at once may lose a count,
+            // which only makes the record's numbers approximate.)
+            unsafe {
+                (*c).packets += 1;
+                (*c).bytes += bytes;
+                (*c).last_ns = now;
+                (*c).rule = rule;
+            }
+            return;
+        }
+        let fresh = NonTcpFlowCount {
+            packets: 1,
+            bytes,
+            rule,
+            _pad: 0,
+            first_ns: now,
+            last_ns: now,
+        };
+        let _ = NONTCP_FLOWS.insert(key, &fresh, 0);
+    }
+
+    #[cgroup_sock(sock_create)]
+    pub fn guard_sock_create(ctx: SockContext) -> i32 {
+        // SAFETY: type and protocol are readable in cgroup/sock_create programs.
+        let (ty, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
+        let icmp = protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6;
+        if ty != SOCK_RAW && !icmp {
+            return SK_ALLOW;
+        }
+        // SAFETY: a helper with a plain integer argument.
+        let (cgroup_id, flags) =
+            enrolled(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
+        // Any raw protocol but ICMP could forge what no rule allows: never.
+        let allowed = icmp && flags & WL_ICMP != 0;
+        let verdict = if allowed {
+            VERDICT_ALLOWED
+        } else if flags & WL_OBSERVE != 0 {
+            VERDICT_OBSERVED
+        } else {
+            VERDICT_DENIED
+        };
+        if verdict != VERDICT_ALLOWED {
+            let key = NonTcpFlowKey {
+                cgroup_id,
+                addr: [0; 16],
+                port: 0,
+                direction: DIR_EGRESS,
+                protocol: if icmp { protocol as u8 } else { PROTO_RAW },
+                verdict,
+                _pad: [0; 3],
+            };
+            count(&key, 0, NO_RULE);
+        }
+        if verdict == VERDICT_DENIED {
+            SK_REFUSE
+        } else {
+            SK_ALLOW
+        }
+    }
+
+    const TCP_SYN: u8 = 0x02;
+    const TCP_ACK: u8 = 0x10;
+
+    /// 127.0.0.0/8 (IPv4-mapped), ::1.
+    fn is_loopback(addr: &[u8; 16]) -> bool {
+        let zero10 = addr[..10].iter().all(|b| *b == 0);
+        (zero10 && addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127)
+            || (zero10 && addr[10..15].iter().all(|b| *b == 0) && addr[15] == 1)
+    }
+
+    /// The parts of an IP packet the guards decide on.
+    struct Packet {
+        protocol: u8,
+        /// A TCP segment with SYN and without ACK: a connection's first packet.
+        syn: bool,
+        src: [u8; 16],
+        dst: [u8; 16],
+        sport: u16,
+        dport: u16,
+    }
+
+    /// Reads the IP header (and the UDP ports) of a packet; `None` for what is not IPv4 or
+    /// IPv6, a non-first fragment, or too short.
+    fn parse(ctx: &SkBuffContext) -> Option<Packet> {
+        let first: u8 = ctx.load(0).ok()?;
+        let mut p = Packet {
+            protocol: 0,
+            syn: false,
+            src: [0; 16],
+            dst: [0; 16],
+            sport: 0,
+            dport: 0,
+        };
+        let l4 = match first >> 4 {
+            4 => {
+                let ihl = usize::from(first & 0x0f) * 4;
+                if ihl < 20 {
+                    return None;
+                }
+                let frag: [u8; 2] = ctx.load(6).ok()?;
+                if u16::from_be_bytes(frag) & 0x1fff != 0 {
+                    return None;
+                }
+                p.protocol = ctx.load(9).ok()?;
+                let src: [u8; 4] = ctx.load(12).ok()?;
+                let dst: [u8; 4] = ctx.load(16).ok()?;
+                p.src[10] = 0xff;
+                p.src[11] = 0xff;
+                p.dst[10] = 0xff;
+                p.dst[11] = 0xff;
+                p.src[12..].copy_from_slice(&src);
+                p.dst[12..].copy_from_slice(&dst);
+                ihl
+            }
+            6 => {
+                p.protocol = ctx.load(6).ok()?;
+                p.src = ctx.load(8).ok()?;
+                p.dst = ctx.load(24).ok()?;
+                40
+            }
+            _ => return None,
+        };
+        if p.protocol == IPPROTO_UDP || p.protocol == IPPROTO_TCP8 {
+            let ports: [u8; 4] = ctx.load(l4).ok()?;
+            p.sport = u16::from_be_bytes([ports[0], ports[1]]);
+            p.dport = u16::from_be_bytes([ports[2], ports[3]]);
+        }
+        if p.protocol == IPPROTO_TCP8 {
+            let flags: u8 = ctx.load(l4 + 13).ok()?;
+            p.syn = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
+        }
+        Some(p)
+    }
+
+    /// The rule of the allow entry for sending `protocol` to `addr`:`port` (or receiving on
+    /// `port` from `addr`), an entry for every port included; `NO_RULE` if none.
+    fn allowed(cgroup_id: u64, direction: u8, protocol: u8, port: u16, addr: &[u8; 16]) -> u32 {
+        let protocol = if protocol == PROTO_ICMPV6 {
+            PROTO_ICMP
+        } else {
+            protocol
+        };
+        let mut key = LpmKey::new(
+            NONTCP_KEY_FIXED_BITS + 128,
+            NonTcpKey {
+                cgroup_id: cgroup_id.to_ne_bytes(),
+                direction,
+                protocol,
+                port: port.to_be_bytes(),
+                addr: *addr,
+            },
+        );
+        if let Some(a) = NONTCP_ALLOW.get(&key) {
+            return a.rule;
+        }
+        if port == 0 {
+            return NO_RULE;
+        }
+        key.data.port = [0, 0];
+        match NONTCP_ALLOW.get(&key) {
+            Some(a) => a.rule,
+            None => NO_RULE,
+        }
+    }
+
+    /// The non-TCP guard of an enrolled workload's packets (`direction`: sent or received).
+    fn guard(ctx: &SkBuffContext, direction: u8) -> i32 {
+        let Some(p) = parse(ctx) else {
+            // Not IP, or a fragment past the first: nothing we could decide on.
+            return SK_REFUSE;
+        };
+        let egress = direction == DIR_EGRESS;
+        // TCP is the connect hooks' and the proxy's, except a connection arriving at a
+        // workload's listener: only on a port it declares, or over loopback (the proxy's
+        // deliveries, local processes).
+        if p.protocol == IPPROTO_TCP8 && (egress || !p.syn || is_loopback(&p.src)) {
+            return SK_ALLOW;
+        }
+        let skb = ctx.skb.skb;
+        // SAFETY: a cgroup_skb program's context is an skb.
+        let (cgroup_id, flags) =
+            enrolled(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
+        let (peer, peer_port, own_port) = if egress {
+            (&p.dst, p.dport, p.sport)
+        } else {
+            (&p.src, p.sport, p.dport)
+        };
+        let udp_or_icmp =
+            p.protocol == PROTO_UDP || p.protocol == PROTO_ICMP || p.protocol == PROTO_ICMPV6;
+        if p.protocol == IPPROTO_TCP8 {
+            // A connection to a declared port goes ahead unrecorded (the proxy or the
+            // handshake decides it); to any other, it is refused and counted.
+            if allowed(cgroup_id, DIR_INGRESS, IPPROTO_TCP8, own_port, peer) != NO_RULE {
+                return SK_ALLOW;
+            }
+        }
+        let mut rule = NO_RULE;
+        let port = if egress { peer_port } else { own_port };
+        if udp_or_icmp {
+            rule = allowed(cgroup_id, direction, p.protocol, port, peer);
+            if rule == NO_RULE
+                && !egress
+                && allowed(cgroup_id, DIR_EGRESS, p.protocol, peer_port, peer) != NO_RULE
+            {
+                // A reply: from a peer and port the workload may send to. Counted with the
+                // sending side's flow (it is part of that exchange).
+                return SK_ALLOW;
+            }
+        }
+        let verdict = if rule != NO_RULE {
+            VERDICT_ALLOWED
+        } else if flags & WL_OBSERVE != 0 {
+            VERDICT_OBSERVED
+        } else {
+            VERDICT_DENIED
+        };
+        let key = NonTcpFlowKey {
+            cgroup_id,
+            addr: *peer,
+            port,
+            direction,
+            protocol: p.protocol,
+            verdict,
+            _pad: [0; 3],
+        };
+        count(&key, u64::from(ctx.len()), rule);
+        if verdict == VERDICT_DENIED {
+            SK_REFUSE
+        } else {
+            SK_ALLOW
+        }
+    }
+
+    #[cgroup_skb(egress)]
+    pub fn guard_egress(ctx: SkBuffContext) -> i32 {
+        guard(&ctx, DIR_EGRESS)
+    }
+
+    #[cgroup_skb(ingress)]
+    pub fn guard_ingress(ctx: SkBuffContext) -> i32 {
+        guard(&ctx, DIR_INGRESS)
     }
 
     #[panic_handler]

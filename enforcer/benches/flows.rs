@@ -83,6 +83,7 @@ fn record(i: usize) -> FlowRecord {
         bytes_received: 4096,
         pooled: Some(true),
         count: None,
+        packets: None,
     }
 }
 

@@ -272,6 +272,7 @@ pub async fn build(config: &Config) -> Result<Running> {
         }
     }
     serve_common(config, &core, api, &mut tasks)?;
+    serve_nontcp(config, &core, &host, &mut capture, &mut tasks)?;
     tracing::info!(
         name = %config.name,
         workloads = config.workloads.len(),
@@ -611,6 +612,59 @@ fn serve_common(
             Ok(Box::pin(watching.map(|r| r.map_err(io::Error::other))) as TaskFuture)
         });
     }
+    Ok(())
+}
+
+/// Non-TCP policy (issue 12 item 6): keeps the eBPF allow map in step with the policy and
+/// drains the programs' counts into flow records.
+fn serve_nontcp(
+    config: &Config,
+    core: &Core,
+    host: &HostState,
+    capture: &mut Capture,
+    tasks: &mut Supervisor,
+) -> Result<()> {
+    let mut workloads = Vec::new();
+    for w in &config.workloads {
+        workloads.push(crate::nontcp::Enrolled {
+            name: w.name.clone(),
+            cgroup_id: crate::nontcp::cgroup_id(&w.cgroup)
+                .with_context(|| format!("workload {}", w.name))?,
+            labels: host.identities[&w.name].identity.labels.clone(),
+            observe: w.observe,
+            ports: w.ports.clone(),
+        });
+    }
+    let (allow, flags, counts) = capture.take_nontcp_maps()?;
+    let mode = match config.mode() {
+        DataPathMode::Tunnel => Mode::Tunnel,
+        DataPathMode::Handshake => Mode::Handshake,
+    };
+    let nontcp =
+        crate::nontcp::NonTcp::new(allow, flags, counts, &workloads, config.name.clone(), mode);
+    // One owner of the maps: the task keeps them for its life (it never ends by itself).
+    let state = Arc::new(Mutex::new(Some(nontcp)));
+    let (registry, dns, flows) = (core.registry.clone(), core.dns.clone(), core.flows.clone());
+    let (resolvers, policy_mode) = (config.policy.dns_servers.clone(), config.policy.mode);
+    tasks.spawn("non-TCP policy", move || {
+        let nontcp = state
+            .lock()
+            .expect("lock")
+            .take()
+            .ok_or_else(|| io::Error::other("the non-TCP maps went with a previous run"))?;
+        Ok(Box::pin(
+            crate::nontcp::keep_in_force(
+                nontcp,
+                registry.clone(),
+                dns.clone(),
+                workloads.clone(),
+                resolvers.clone(),
+                policy_mode,
+                flows.clone(),
+            )
+            .map(Ok),
+        ) as TaskFuture)
+    });
     Ok(())
 }
 

@@ -18,7 +18,7 @@
 //!   previous generation of links is retired.
 use std::{
     fs::{self, File},
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -26,15 +26,17 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, RingBuf, SockMap},
+    maps::{Array, HashMap, MapData, RingBuf, SockMap, lpm_trie::LpmTrie},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use tessera_common::{
     ClientKey, DeliveryKey, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE, MODE_TUNNEL,
-    OrigDst, PROTECTED_PORT_ENTRIES, Settings, names,
+    NonTcpAllow, NonTcpFlowCount, NonTcpFlowKey, NonTcpKey, OrigDst, PROTECTED_PORT_ENTRIES,
+    Settings, names,
 };
 use tokio::net::TcpListener;
 
@@ -251,6 +253,17 @@ impl Capture {
         program::<SkLookup>(ebpf, names::PROG_SK_LOOKUP)?
             .load()
             .context("loading sk_lookup")?;
+        program::<CgroupSockopt>(ebpf, names::PROG_SETSOCKOPT)?
+            .load()
+            .context("loading the setsockopt guard")?;
+        program::<CgroupSock>(ebpf, names::PROG_SOCK_CREATE)?
+            .load()
+            .context("loading the socket-creation guard")?;
+        for name in [names::PROG_EGRESS, names::PROG_INGRESS] {
+            program::<CgroupSkb>(ebpf, name)?
+                .load()
+                .with_context(|| format!("loading {name}"))?;
+        }
 
         // Links (bpf_link_create) always allow other programs beside ours on the cgroup;
         // `Single` only means "no legacy attach flags".
@@ -287,6 +300,47 @@ impl Capture {
                 link,
                 &generation.join(format!("{}_{}", w.name, names::PROG_SOCKOPS)),
             )?);
+            // A workload must not forge the proxy's mark (or packet headers).
+            let prog = program::<CgroupSockopt>(ebpf, names::PROG_SETSOCKOPT)?;
+            let path = generation.join(format!("{}_{}", w.name, names::PROG_SETSOCKOPT));
+            links.push(
+                link_and_pin(prog.fd()?.as_fd(), &cgroup, BPF_CGROUP_SETSOCKOPT, &path)
+                    .with_context(|| {
+                        format!(
+                            "workload {}: attaching the setsockopt guard to {}",
+                            w.name,
+                            w.cgroup.display()
+                        )
+                    })?,
+            );
+            // Raw and ICMP sockets, and every packet that is not TCP: default deny.
+            let attaching = |what: &str| {
+                format!(
+                    "workload {}: attaching {what} to {}",
+                    w.name,
+                    w.cgroup.display()
+                )
+            };
+            let prog = program::<CgroupSock>(ebpf, names::PROG_SOCK_CREATE)?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| attaching(names::PROG_SOCK_CREATE))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            links.push(pin(
+                link,
+                &generation.join(format!("{}_{}", w.name, names::PROG_SOCK_CREATE)),
+            )?);
+            for (name, attach_type) in [
+                (names::PROG_EGRESS, CgroupSkbAttachType::Egress),
+                (names::PROG_INGRESS, CgroupSkbAttachType::Ingress),
+            ] {
+                let prog = program::<CgroupSkb>(ebpf, name)?;
+                let id = prog
+                    .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                    .with_context(|| attaching(name))?;
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                links.push(pin(link, &generation.join(format!("{}_{name}", w.name)))?);
+            }
         }
 
         let netns = File::open(&config.bpf.netns)
@@ -332,6 +386,34 @@ impl Capture {
             .take_map(names::DELIVERY)
             .context("delivery map")?;
         Ok(HashMap::try_from(map)?)
+    }
+
+    /// The non-TCP maps: allow entries, workload flags, flow counters.
+    #[allow(clippy::type_complexity)]
+    pub fn take_nontcp_maps(
+        &mut self,
+    ) -> Result<(
+        LpmTrie<MapData, NonTcpKey, NonTcpAllow>,
+        HashMap<MapData, u64, u32>,
+        HashMap<MapData, NonTcpFlowKey, NonTcpFlowCount>,
+    )> {
+        let allow = self
+            .ebpf
+            .take_map(names::NONTCP_ALLOW)
+            .context("non-TCP allow map")?;
+        let workloads = self
+            .ebpf
+            .take_map(names::NONTCP_WORKLOADS)
+            .context("non-TCP workloads map")?;
+        let flows = self
+            .ebpf
+            .take_map(names::NONTCP_FLOWS)
+            .context("non-TCP flows map")?;
+        Ok((
+            LpmTrie::try_from(allow)?,
+            HashMap::try_from(workloads)?,
+            HashMap::try_from(flows)?,
+        ))
     }
 
     /// The ring buffer where `sock_ops` reports closed connections (handshake mode).
@@ -413,6 +495,10 @@ fn write_settings(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
             DataPathMode::Handshake => MODE_HANDSHAKE,
         },
         handshake_mark: config.handshake.socket_mark,
+        // The proxy runs in this process. (Inside a pid namespace of its own this is not
+        // the pid eBPF sees, and the enforcer's sockets would be captured should it share
+        // an enrolled cgroup: fail closed.)
+        proxy_tgid: std::process::id(),
     };
     let mut settings_map: Array<_, Settings> =
         Array::try_from(ebpf.map_mut(names::SETTINGS).context("settings map")?)?;
@@ -465,6 +551,62 @@ fn previous_settings(ebpf: &mut Ebpf) -> Result<Option<Settings>> {
         Array::try_from(ebpf.map_mut(names::SETTINGS).context("settings map")?)?;
     let s = settings_map.get(&0, 0).context("reading eBPF settings")?;
     Ok((s.ready == 1).then_some(s))
+}
+
+/// `BPF_CGROUP_SETSOCKOPT`, the attach type of `cgroup/setsockopt` programs.
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// Links `prog` to `cgroup` (`bpf_link_create`) and pins the link at `path`. (aya's
+/// `CgroupSockopt` links cannot become pinnable `FdLink`s, so this one is made directly.)
+fn link_and_pin(
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup: &File,
+    attach_type: u32,
+    path: &Path,
+) -> Result<PinnedLink> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // union bpf_attr, link_create: prog_fd, target_fd, attach_type, flags; the rest zero.
+    let mut attr = [0u32; 16];
+    attr[0] = prog.as_raw_fd() as u32;
+    attr[1] = cgroup.as_raw_fd() as u32;
+    attr[2] = attach_type;
+    // SAFETY: the bpf syscall reads `size_of_val(&attr)` bytes of `attr`, which lives.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("bpf_link_create");
+    }
+    // SAFETY: the syscall returned a new file descriptor that nothing else owns.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .context("a link path with a NUL byte")?;
+    // union bpf_attr, obj_pin: pathname (u64), bpf_fd, file_flags; the rest zero.
+    let mut attr = [0u64; 8];
+    attr[0] = c_path.as_ptr() as u64;
+    attr[1] = link.as_raw_fd() as u64;
+    // SAFETY: as above; `c_path` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot pin link at {}", path.display()));
+    }
+    PinnedLink::from_pin(path)
+        .with_context(|| format!("cannot open pinned link {}", path.display()))
 }
 
 /// Creates the directory for a new generation of links under `links_dir`, named by the

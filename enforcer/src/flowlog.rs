@@ -137,6 +137,7 @@ mod tests {
             bytes_received: 2 * bytes,
             pooled: None,
             count: None,
+            packets: None,
         }
     }
 

@@ -350,6 +350,7 @@ mod tests {
             bytes_received: bytes * 2,
             pooled: None,
             count: None,
+            packets: None,
         }
     }
 

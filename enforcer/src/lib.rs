@@ -3,7 +3,7 @@
 //!
 //! * the daemon: [`daemon`] (`tessera run`), [`app`] (the one place that wires an enforcer:
 //!   `build(Config) -> Running`), [`config`], [`capture`] (eBPF load, attach,
-//!   pin), [`workloads`], [`attest`] (derived identity labels), [`policy`] (loading and
+//!   pin), [`nontcp`] (udp/icmp policy in eBPF maps), [`workloads`], [`attest`] (derived identity labels), [`policy`] (loading and
 //!   reloading), [`handshake`] (TCP-handshake mode in the kernel), [`api`] (the local HTTP
 //!   API and web map);
 //! * flows: [`flowstore`] (recent records and the persisted map), [`map`], [`metrics`],
@@ -32,6 +32,7 @@ pub mod handshake;
 pub mod identity_show;
 pub mod map;
 pub mod metrics;
+pub mod nontcp;
 pub mod policy;
 pub mod server;
 pub mod workloads;

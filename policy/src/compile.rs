@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap;
 
 use crate::{
     labels::Labels,
-    parse::{Action, Mode, Peer, Policy},
+    parse::{Action, Mode, Peer, Policy, Protocol},
     selector::{Expr, Value},
 };
 
@@ -62,6 +62,25 @@ struct CompiledRule {
     action: Action,
     mode: Mode,
     ports: Vec<(u16, u16)>,
+    protocol: Protocol,
+    /// Kept for `udp`/`icmp` rules only, which eBPF enforces from addresses
+    /// ([`CompiledPolicy::nontcp_allows`]).
+    from: Vec<Peer>,
+    to: Vec<Peer>,
+}
+
+/// What one `udp`/`icmp` rule allows one enrolled workload (by its labels): to send to
+/// `peers` (`inbound == false`) or to receive from them (`inbound == true`), on `ports`
+/// (the workload's own ports when inbound; empty: every port).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NonTcpAllow {
+    pub rule: Arc<str>,
+    pub protocol: Protocol,
+    pub inbound: bool,
+    /// `Cidr` and `Dns` peers only (the parser refuses labels on both sides).
+    pub peers: Vec<Peer>,
+    pub ports: Vec<(u16, u16)>,
+    pub mode: Mode,
 }
 
 /// Label keys and exact values, as small integers: selectors compare integers held in
@@ -303,11 +322,15 @@ impl CompiledPolicy {
                     c.dns_names.push(n.clone());
                 }
             }
+            let nontcp = r.protocol != Protocol::Tcp;
             c.rules.push(CompiledRule {
                 name: r.name.as_str().into(),
                 action: r.action,
                 mode: r.mode,
                 ports: r.ports.clone(),
+                protocol: r.protocol,
+                from: if nontcp { r.from.clone() } else { Vec::new() },
+                to: if nontcp { r.to.clone() } else { Vec::new() },
             });
         }
         c.from.build();
@@ -317,6 +340,44 @@ impl CompiledPolicy {
 
     pub fn rule_count(&self) -> usize {
         self.rules.len()
+    }
+
+    /// What the `udp`/`icmp` rules allow a workload with `labels`: sending to the `to` side's
+    /// addresses of rules whose `from` selects it, receiving from the `from` side's
+    /// addresses of rules whose `to` selects it. In file order.
+    pub fn nontcp_allows(&self, labels: &Labels) -> Vec<NonTcpAllow> {
+        let selects = |peers: &[Peer]| {
+            peers
+                .iter()
+                .any(|p| matches!(p, Peer::Labels(s) if s.matches(labels)))
+        };
+        let addressed = |peers: &[Peer]| -> Vec<Peer> {
+            peers
+                .iter()
+                .filter(|p| !matches!(p, Peer::Labels(_)))
+                .cloned()
+                .collect()
+        };
+        let mut out = Vec::new();
+        for r in &self.rules {
+            if r.protocol == Protocol::Tcp || r.action != Action::Allow {
+                continue;
+            }
+            for (inbound, own, other) in [(false, &r.from, &r.to), (true, &r.to, &r.from)] {
+                let peers = addressed(other);
+                if selects(own) && !peers.is_empty() {
+                    out.push(NonTcpAllow {
+                        rule: r.name.clone(),
+                        protocol: r.protocol,
+                        inbound,
+                        peers,
+                        ports: r.ports.clone(),
+                        mode: r.mode,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Decides a connection from `src` to `dst` on `port`. `resolved(name, addr)` says
@@ -396,7 +457,12 @@ impl CompiledPolicy {
                 std::cmp::Ordering::Equal => {
                     let id = from[i];
                     let r = &self.rules[id as usize];
-                    if r.ports.is_empty() || r.ports.iter().any(|&(a, b)| a <= port && port <= b) {
+                    // Connections are TCP: `udp`/`icmp` rules decide packets in eBPF.
+                    let tcp = r.protocol == Protocol::Tcp;
+                    if tcp
+                        && (r.ports.is_empty()
+                            || r.ports.iter().any(|&(a, b)| a <= port && port <= b))
+                    {
                         match (r.action, r.mode) {
                             // Deny wins.
                             (Action::Deny, Mode::Enforce) => {
@@ -674,5 +740,82 @@ rules:
             let got = compiled.decide(&Subject { labels: Some(&src), addr: None }, &Subject { labels: Some(&dst), addr: None }, port, &no_dns);
             prop_assert_eq!(got.verdict, scan(&policy, &src, &dst, port), "policy:\n{}", text);
         }
+
+        /// A `udp` or `icmp` rule never changes a TCP decision, whatever it selects.
+        #[test]
+        fn nontcp_rules_never_decide_tcp(text in arb_policy(), src in arb_labels(), dst in arb_labels(), port in 1u16..4, icmp in any::<bool>()) {
+            let policy = parse("p.yaml", &text).unwrap();
+            let mut with = policy.clone();
+            for (i, r) in policy.rules.iter().enumerate() {
+                let mut extra = r.clone();
+                extra.name = format!("nontcp-{i}");
+                extra.action = Action::Allow;
+                extra.protocol = if icmp { Protocol::Icmp } else { Protocol::Udp };
+                with.rules.insert(0, extra);
+            }
+            let subject = |l| Subject { labels: Some(l), addr: None };
+            let before = CompiledPolicy::new(policy).decide(&subject(&src), &subject(&dst), port, &no_dns);
+            let after = CompiledPolicy::new(with).decide(&subject(&src), &subject(&dst), port, &no_dns);
+            prop_assert_eq!(before, after, "policy:\n{}", text);
+        }
+    }
+
+    #[test]
+    fn nontcp_allows_name_the_rules_addressed_side_for_a_workload() {
+        let text = "\
+rules:
+  - {name: dns, action: allow, protocol: udp, from: {labels: [app=web]}, to: [{cidr: 10.0.0.53}, {dns: ns.example.com}], ports: [53]}
+  - {name: ping, action: allow, protocol: icmp, from: {labels: [app=web]}, to: {cidr: 10.0.0.0/8}}
+  - {name: syslog-in, action: allow, protocol: udp, from: {cidr: 192.0.2.0/24}, to: {labels: [app=web]}, ports: [514]}
+  - {name: api-udp, action: allow, protocol: udp, from: {labels: [app=api]}, to: {cidr: 10.0.0.9}}
+  - {name: tcp-any, action: allow, from: {labels: [app=web]}, to: {cidr: 0.0.0.0/0}}
+";
+        let p = CompiledPolicy::new(parse("p.yaml", text).unwrap());
+        let web = p.nontcp_allows(&Labels::parse("app=web").unwrap());
+        let got: Vec<_> = web
+            .iter()
+            .map(|a| {
+                (
+                    a.rule.as_ref(),
+                    a.protocol,
+                    a.inbound,
+                    a.peers.len(),
+                    a.ports.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("dns", Protocol::Udp, false, 2, vec![(53, 53)]),
+                ("ping", Protocol::Icmp, false, 1, vec![]),
+                ("syslog-in", Protocol::Udp, true, 1, vec![(514, 514)]),
+            ]
+        );
+        assert_eq!(
+            web[1].peers,
+            vec![Peer::Cidr("10.0.0.0/8".parse().unwrap())]
+        );
+        // The udp rule to 10.0.0.9 is api's; nothing for a workload no rule selects.
+        assert!(
+            p.nontcp_allows(&Labels::parse("app=db").unwrap())
+                .is_empty()
+        );
+        // A udp rule does not allow TCP: the tcp-any rule decides a TCP connection to the
+        // udp rule's address and port.
+        let web = Labels::parse("app=web").unwrap();
+        let d = p.decide(
+            &Subject {
+                labels: Some(&web),
+                addr: None,
+            },
+            &Subject {
+                labels: None,
+                addr: Some("10.0.0.53".parse().unwrap()),
+            },
+            53,
+            &no_dns,
+        );
+        assert_eq!(d.rule.as_deref(), Some("tcp-any"), "{d:?}");
     }
 }

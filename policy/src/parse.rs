@@ -15,8 +15,12 @@
 //!       - labels: [app=api]
 //!       - dns: api.example.com   # external destinations by name
 //!     ports: [8080, "9000-9100"] # default: every port
-//!     protocol: tcp              # default and only value for now
+//!     protocol: tcp              # tcp (default) | udp | icmp
 //! ```
+//!
+//! `udp` and `icmp` rules only allow (anything they do not allow is denied), name their
+//! peers by `cidr` or `dns`, and `icmp` rules have no ports. An enrolled workload's UDP,
+//! ICMP and raw traffic is denied unless such a rule allows it.
 use std::{collections::HashSet, fmt};
 
 use ipnet::IpNet;
@@ -41,6 +45,26 @@ pub enum Mode {
     Observe,
 }
 
+/// The transport a rule is about. TCP connects are decided per connection by the proxy;
+/// UDP and ICMP by eBPF on each packet, from addresses computed out of the rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Peer {
     /// Workloads whose identity matches.
@@ -60,6 +84,8 @@ pub struct Rule {
     pub to: Vec<Peer>,
     /// Inclusive ranges; empty means every port.
     pub ports: Vec<(u16, u16)>,
+    /// `tcp` unless the rule says otherwise.
+    pub protocol: Protocol,
     /// Line of the rule in its file (for `explain`).
     pub line: usize,
 }
@@ -329,10 +355,26 @@ fn rule(ctx: &mut Ctx, node: &Node<'_>, index: usize) -> Option<Rule> {
             Mode::Enforce
         }
     };
-    if let Some(p) = field("protocol")
-        && scalar_str(p) != Some("tcp")
+    let protocol = match field("protocol").map(|p| (p, scalar_str(p))) {
+        None | Some((_, Some("tcp"))) => Protocol::Tcp,
+        Some((_, Some("udp"))) => Protocol::Udp,
+        Some((_, Some("icmp"))) => Protocol::Icmp,
+        Some((p, _)) => {
+            ctx.err(p, "protocol must be tcp, udp or icmp");
+            Protocol::Tcp
+        }
+    };
+    if protocol != Protocol::Tcp
+        && action == Action::Deny
+        && let Some(a) = field("action")
     {
-        ctx.err(p, "protocol: only tcp is supported");
+        ctx.err(
+            a,
+            format!(
+                "a {} rule can only allow (what no rule allows is denied)",
+                protocol.as_str()
+            ),
+        );
     }
     let from = match field("from") {
         Some(f) => peers(ctx, f, "from"),
@@ -349,6 +391,14 @@ fn rule(ctx: &mut Ctx, node: &Node<'_>, index: usize) -> Option<Rule> {
         }
     };
     let ports = field("ports").map(|p| ports(ctx, p)).unwrap_or_default();
+    if protocol == Protocol::Icmp
+        && let Some(p) = field("ports")
+    {
+        ctx.err(p, "an icmp rule has no ports");
+    }
+    if protocol != Protocol::Tcp {
+        nontcp_peers(ctx, protocol, field("from"), field("to"));
+    }
     (ctx.errors.len() == before).then_some(Rule {
         name,
         action,
@@ -356,8 +406,42 @@ fn rule(ctx: &mut Ctx, node: &Node<'_>, index: usize) -> Option<Rule> {
         from,
         to,
         ports,
+        protocol,
         line: node.span.start.line(),
     })
+}
+
+/// A `udp`/`icmp` rule names enrolled workloads by labels on one side and the other side
+/// by `cidr` or `dns`: eBPF decides on addresses, and which remote workload an address
+/// carries is not known to it. Labels on both sides are refused (at the `to` side's key).
+fn nontcp_peers(ctx: &mut Ctx, protocol: Protocol, from: Option<&Node<'_>>, to: Option<&Node<'_>>) {
+    let labels_keys = |ctx: &mut Ctx, side: Option<&Node<'_>>| -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for item in side.map(|s| ctx.list(s, "peer")).unwrap_or_default() {
+            if let YamlData::Mapping(map) = &item.data {
+                for (k, _) in map.iter() {
+                    if scalar_str(k) == Some("labels") {
+                        out.push((k.span.start.line(), k.span.start.col() + 1));
+                    }
+                }
+            }
+        }
+        out
+    };
+    let from_labels = labels_keys(ctx, from);
+    let to_labels = labels_keys(ctx, to);
+    if !from_labels.is_empty() {
+        for (line, column) in to_labels {
+            ctx.errors.push(PolicyError {
+                line,
+                column,
+                message: format!(
+                    "a {} rule between workloads (labels on both sides) is not supported: name one side by cidr or dns",
+                    protocol.as_str()
+                ),
+            });
+        }
+    }
 }
 
 /// Parses a policy file's text; `file` names it in errors.
@@ -488,7 +572,7 @@ rules:
   - action: deny
     from: [{dns: \"bad name\"}]
     to: [{labels: [a], cidr: 10.0.0.0/8}]
-    protocol: udp
+    protocol: sctp
 ";
         let err = parse("policy.yaml", bad).unwrap_err();
         let want = "\
@@ -504,8 +588,73 @@ policy.yaml:12:22: expected a set like (a, b), found \"prod\"
 policy.yaml:13:5: rule 3 has no name
 policy.yaml:14:18: \"bad name\" is not a DNS name
 policy.yaml:15:10: a to entry has exactly one of: labels, cidr, dns
-policy.yaml:16:15: protocol: only tcp is supported";
+policy.yaml:16:15: protocol must be tcp, udp or icmp";
         assert_eq!(err.to_string(), want);
+    }
+
+    #[test]
+    fn udp_and_icmp_rules_parse_and_tcp_is_the_default() {
+        let text = "\
+rules:
+  - name: dns
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{cidr: 10.0.0.53}]
+    ports: [53]
+    protocol: udp
+  - name: ping
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{dns: gw.example.com}]
+    protocol: icmp
+  - name: syslog-in
+    action: allow
+    from: [{cidr: 10.0.0.0/24}]
+    to: [{labels: [app=web]}]
+    ports: [514]
+    protocol: udp
+  - name: web
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{labels: [app=api]}]
+";
+        let p = parse("p.yaml", text).unwrap();
+        let protocols: Vec<_> = p.rules.iter().map(|r| r.protocol).collect();
+        assert_eq!(
+            protocols,
+            [Protocol::Udp, Protocol::Icmp, Protocol::Udp, Protocol::Tcp]
+        );
+        assert_eq!(p.rules[0].ports, vec![(53, 53)]);
+    }
+
+    /// Golden test of what a `udp`/`icmp` rule may not say, each error positioned.
+    #[test]
+    fn nontcp_rules_only_allow_and_name_one_side_by_address() {
+        let bad = "\
+rules:
+  - name: a
+    action: deny
+    from: [{labels: [app=web]}]
+    to: [{cidr: 10.0.0.0/8}]
+    protocol: udp
+  - name: b
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{labels: [app=api]}]
+    protocol: udp
+  - name: c
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{cidr: 10.0.0.1}]
+    ports: [7]
+    protocol: icmp
+";
+        let err = parse("p.yaml", bad).unwrap_err().to_string();
+        let want = "\
+p.yaml:3:13: a udp rule can only allow (what no rule allows is denied)
+p.yaml:10:11: a udp rule between workloads (labels on both sides) is not supported: name one side by cidr or dns
+p.yaml:16:12: an icmp rule has no ports";
+        assert_eq!(err, want);
     }
 
     #[test]

@@ -65,6 +65,17 @@ impl DnsTable {
         true
     }
 
+    /// The addresses `name` currently resolves to (none if unresolved).
+    pub fn addrs(&self, name: &str) -> Vec<IpAddr> {
+        let names = self.names.read().expect("lock");
+        let mut addrs: Vec<IpAddr> = names
+            .get(name)
+            .map(|a| a.iter().copied().collect())
+            .unwrap_or_default();
+        addrs.sort();
+        addrs
+    }
+
     /// A policy name that currently resolves to `addr`, if any (for flow records).
     pub fn name_of(&self, addr: IpAddr) -> Option<String> {
         let names = self.names.read().expect("lock");

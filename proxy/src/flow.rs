@@ -39,8 +39,15 @@ pub enum Direction {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// A connection (records written before the field existed are TCP).
     #[default]
     Tcp,
+    /// Datagrams between a workload and one peer address and port, over an interval.
+    Udp,
+    /// ICMP (or ICMPv6) packets between a workload and one peer address, over an interval.
+    Icmp,
+    /// A raw socket the workload tried to open (refused): no peer yet.
+    Raw,
 }
 
 /// Which data path carried the connection.
@@ -164,7 +171,9 @@ pub struct FlowRecord {
     pub direction: Direction,
     pub src: Endpoint,
     pub dst: Endpoint,
-    /// Always `tcp` today.
+    /// `tcp` (a connection: the default, also for records written before the field
+    /// existed), `udp` or `icmp` (the packets of one workload to or from one peer and
+    /// port over an interval), `raw` (a refused raw socket).
     #[serde(default)]
     pub protocol: Protocol,
     /// The data path that carried it.
@@ -195,6 +204,10 @@ pub struct FlowRecord {
     /// an interval, the number of the others for the interval's summary. Absent: one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub count: Option<u64>,
+    /// For `udp`/`icmp`/`raw` records: how many packets (or refused sockets) the record
+    /// stands for (one record per workload, peer, port and verdict per interval).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub packets: Option<u64>,
 }
 
 impl FlowRecord {
@@ -225,6 +238,7 @@ impl FlowRecord {
             bytes_received: 0,
             pooled: None,
             count: None,
+            packets: None,
         }
     }
 

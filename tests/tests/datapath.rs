@@ -419,14 +419,15 @@ fn capture_survives_an_enforcer_restart_failing_closed_meanwhile() {
     assert_eq!(web_fetches_index(&net).stdout, b"v1\n");
     let links_before = pinned_links(&net.pin_dir(a));
     assert_eq!(
-        links_before, 4,
-        "connect4, connect6, sock_ops for web, and sk_lookup"
+        links_before, 8,
+        "connect4, connect6, sock_ops, setsockopt, sock_create, skb egress and ingress for \
+         web, and sk_lookup"
     );
 
     // Both enforcers go down (one politely, one killed). Capture stays: nothing leaks around.
     net.stop_enforcer(a, false).unwrap();
     net.stop_enforcer(b, true).unwrap();
-    assert_eq!(pinned_links(&net.pin_dir(a)), 4);
+    assert_eq!(pinned_links(&net.pin_dir(a)), 8);
     let out = web_fetches_index(&net);
     assert!(
         !out.status.success(),
@@ -451,7 +452,7 @@ fn capture_survives_an_enforcer_restart_failing_closed_meanwhile() {
     assert_eq!(web_fetches_index(&net).stdout, b"v1\n");
     assert_eq!(
         pinned_links(&net.pin_dir(a)),
-        4,
+        8,
         "old link generation not retired"
     );
     assert_eq!(server_log(&net).matches("GET /index.txt").count(), 2);
