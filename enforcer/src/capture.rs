@@ -379,13 +379,27 @@ impl Capture {
         Ok(HashMap::try_from(map)?)
     }
 
-    /// The map where the proxy registers its deliveries for `sk_lookup` to let through.
+    /// The map where the proxy registers its deliveries for `sk_lookup` to let through,
+    /// emptied: an entry a previous run left (it died mid-connect) would let through
+    /// whoever binds that address and port now.
     pub fn take_delivery_map(&mut self) -> Result<HashMap<MapData, DeliveryKey, u32>> {
         let map = self
             .ebpf
             .take_map(names::DELIVERY)
             .context("delivery map")?;
-        Ok(HashMap::try_from(map)?)
+        let mut map: HashMap<MapData, DeliveryKey, u32> = HashMap::try_from(map)?;
+        let stale: Vec<DeliveryKey> = map.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            map.remove(key)
+                .context("forgetting a previous run's delivery")?;
+        }
+        if !stale.is_empty() {
+            tracing::info!(
+                count = stale.len(),
+                "forgot the deliveries of a previous run"
+            );
+        }
+        Ok(map)
     }
 
     /// The non-TCP maps: allow entries, workload flags, flow counters.

@@ -252,3 +252,35 @@ fn the_reply_routing_is_replaced_after_a_crash_and_removed_at_shutdown() {
         assert!(!output.contains("TESSERA-DELIVER"), "{output}");
     }
 }
+
+#[test]
+fn a_direct_client_that_policy_allows_is_delivered_from_its_own_address() {
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["outsider"]).unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[PORT])
+        .unwrap();
+    let policy = "rules:\n  - name: outsider-to-api\n    action: allow\n    from: [{cidr: 10.77.0.3/32}, {cidr: \"fd77::3/128\"}]\n    to: [{labels: [app=api]}]\n";
+    net.write_policy(None, policy).unwrap();
+    net.start_enforcers().unwrap();
+    serve(&net);
+    // A host without an enforcer, allowed by address: the application sees that address
+    // (its replies are routed back through the proxy, which answers from it).
+    for url in [
+        "http://10.77.0.2:8080/index.txt",
+        "http://[fd77::2]:8080/index.txt",
+    ] {
+        let out = net.curl("outsider", None, url).unwrap();
+        assert_eq!(
+            out.stdout,
+            b"api\n",
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let log = server_log(&net);
+    assert!(log.contains("10.77.0.3 - -"), "{log}");
+    assert!(log.contains("fd77::3 - -"), "{log}");
+    assert!(
+        !log.contains("127.0.0.77") && !log.contains("::1 - -"),
+        "{log}"
+    );
+}

@@ -96,7 +96,9 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
         ));
         // A connection made on this host (to a loopback address or to one of the host's
         // own, all over `lo`) carries no proof and has no proxy to come through: a protected
-        // port is not reachable that way (issue 12 item 7). `sk_lookup` refuses the same.
+        // port is not reachable that way (issue 12 item 7). `sk_lookup` refuses those to
+        // loopback addresses too, but not those to the host's own addresses: their
+        // `ingress_ifindex` is the address's device, not `lo`; only this rule stops them.
         r.push(format!(
             "-t raw -A {raw} -i lo -p tcp --syn --dport {p} -j DROP"
         ));
