@@ -59,9 +59,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TLS handshakes in progress at most. A handshake holds a task, buffers and, for a peer
 /// that stalls, up to [`HANDSHAKE_TIMEOUT`]: without a bound, connections that never finish
-/// their hello grow memory without limit. Peers keep warm pooled tunnels, so 256 at once
-/// is far above what they need; past it a connection is closed at once (and counted).
-pub const MAX_TLS_HANDSHAKES: usize = 256;
+/// their hello grow memory without limit. Peers keep warm pooled tunnels, but a burst of
+/// hundreds of concurrent connections from one peer dials hundreds of tunnels at once
+/// (the datapath test opens 300): 1,024 at once leaves room for that; past it a
+/// connection is closed at once (and counted).
+pub const MAX_TLS_HANDSHAKES: usize = 1024;
 
 /// TLS handshakes a source prefix (/24, /64) may start per second, and at once. A
 /// handshake costs ~1 ms of CPU (key exchange, certificate check); a peer opens a pool's

@@ -311,7 +311,7 @@ fn a_spoofed_handshake_flood_grows_nothing_without_bound() {
 const TLS_FAILURES: u32 = 3_000;
 /// Before those, this many held open at once without a word (each a TLS handshake in
 /// progress): more than the enforcer takes at once.
-const TLS_HELD: u32 = 300;
+const TLS_HELD: u32 = 1_200;
 
 /// `HOST PORT N HELD`: HELD connections opened and held silent for 2 s, then N connections
 /// one after another, each sending a line that is not a TLS hello. Prints how many
