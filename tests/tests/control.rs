@@ -39,6 +39,20 @@ fn hosts(server_args: &[&str]) -> (TestNet, ControlServer) {
     (net, srv)
 }
 
+/// [`hosts`], host-a enrolled in `site=paris` and host-b in `site=london`, the echo server
+/// up, the central policy applied and web -> api working.
+fn working(server_args: &[&str]) -> (TestNet, ControlServer) {
+    let (net, srv) = hosts(server_args);
+    net.join(net.host("host-a"), &srv, "site=paris").unwrap();
+    net.join(net.host("host-b"), &srv, "site=london").unwrap();
+    net.start_enforcers().unwrap();
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
+        .unwrap();
+    apply_policy(&net, &srv, WEB_PARIS_TO_API).unwrap();
+    assert!(eventually(Duration::from_secs(10), || echo_ok(&net)));
+    (net, srv)
+}
+
 fn echo_ok(net: &TestNet) -> bool {
     let out = net
         .run_tool(
@@ -285,14 +299,7 @@ fn tokens_work_once_documents_once_per_instance_and_enforcers_fail_static() {
 #[test]
 fn a_renewal_under_a_long_connection_keeps_it_and_new_ones_use_the_new_certificate() {
     // 20-second certificates: renewed at about 10 s, the first one expired at 20 s.
-    let (net, srv) = hosts(&["--lifetime", "20s"]);
-    net.join(net.host("host-a"), &srv, "site=paris").unwrap();
-    net.join(net.host("host-b"), &srv, "site=london").unwrap();
-    net.start_enforcers().unwrap();
-    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
-        .unwrap();
-    apply_policy(&net, &srv, WEB_PARIS_TO_API).unwrap();
-    assert!(eventually(Duration::from_secs(10), || echo_ok(&net)));
+    let (net, srv) = working(&["--lifetime", "20s"]);
     let first = enforcer(&status(&net, &srv), "host-a")["cert_serial"].clone();
     // A connection held for 20 s across the renewal (pings every 50 ms).
     let holder = net
@@ -415,14 +422,7 @@ fn a_rogue_enforcer_cannot_claim_outside_its_scope_or_for_another_enforcer() {
 #[test]
 fn an_expired_certificate_fails_closed() {
     // 20-second certificates, and the server gone before anyone renews.
-    let (net, srv) = hosts(&["--lifetime", "20s"]);
-    net.join(net.host("host-a"), &srv, "site=paris").unwrap();
-    net.join(net.host("host-b"), &srv, "site=london").unwrap();
-    net.start_enforcers().unwrap();
-    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
-        .unwrap();
-    apply_policy(&net, &srv, WEB_PARIS_TO_API).unwrap();
-    assert!(eventually(Duration::from_secs(10), || echo_ok(&net)));
+    let (net, srv) = working(&["--lifetime", "20s"]);
     net.stop_control(&srv).unwrap();
     let stopped = Instant::now();
     // Fail static while the certificates are valid...
