@@ -81,6 +81,24 @@ pub struct Authority {
     cert_der: Vec<u8>,
 }
 
+/// A Tessera CA's certificate parameters (validity left to the caller): issues enforcer
+/// certificates only (path length 0). Shared by the control plane's authority and the
+/// static configuration's `tessera ca init`.
+pub fn ca_params(common_name: &str) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "Tessera");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
 /// Whether `name` can name an enforcer: it becomes a DNS name and a SPIFFE path segment.
 pub fn check_name(name: &str) -> Result<(), AuthorityError> {
     let ok = !name.is_empty()
@@ -128,21 +146,8 @@ impl Authority {
         }
         let key = KeyPair::generate_for(&PKCS_ED25519)
             .map_err(|e| AuthorityError::Certificate(e.to_string()))?;
-        let mut params = CertificateParams::new(Vec::<String>::new())
+        let mut params = ca_params(&format!("Tessera control plane CA ({trust_domain})"))
             .map_err(|e| AuthorityError::Certificate(e.to_string()))?;
-        let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            format!("Tessera control plane CA ({trust_domain})"),
-        );
-        dn.push(DnType::OrganizationName, "Tessera");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
         let now = SystemTime::now();
         params.not_before = offset(now - BACKDATE)?;
         params.not_after = offset(now + Duration::from_secs(10 * 365 * 24 * 3600))?;

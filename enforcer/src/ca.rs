@@ -10,8 +10,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ED25519, SanType, date_time_ymd,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ED25519, SanType, date_time_ymd,
 };
 
 pub const CA_CERT: &str = "ca.pem";
@@ -45,20 +45,8 @@ pub fn init(dir: &Path, trust_domain: &str) -> Result<PathBuf> {
         );
     }
     let key = KeyPair::generate_for(&PKCS_ED25519).context("generating the CA key")?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    let mut dn = DistinguishedName::new();
-    dn.push(
-        DnType::CommonName,
-        format!("Tessera cluster CA ({trust_domain})"),
-    );
-    dn.push(DnType::OrganizationName, "Tessera");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let mut params =
+        tessera_control::authority::ca_params(&format!("Tessera cluster CA ({trust_domain})"))?;
     validity(&mut params, 20);
     let cert = params.self_signed(&key)?;
     write(&dir.join(CA_KEY), &key.serialize_pem(), 0o600)?;
