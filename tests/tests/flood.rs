@@ -404,16 +404,18 @@ fn failed_tls_handshakes_are_aggregated_and_not_keyed_by_ephemeral_port() {
         (connected..=attempts).contains(&counted),
         "every failed handshake counted once: {counted} counted, {connected} connected of {attempts}"
     );
-    // The silent ones past the bound on handshakes in progress were refused at once.
-    let overloaded: u64 = records
+    // The silent ones past the bounds were refused at once: from one /24 the per-prefix
+    // burst ends it before the bound on handshakes in progress (which takes many prefixes
+    // to reach); either way no more than MAX_TLS_HANDSHAKES are ever in progress.
+    let refused_at_once: u64 = records
         .iter()
-        .filter(|r| r.code.as_str() == "overloaded")
+        .filter(|r| ["overloaded", "rate-limited"].contains(&r.code.as_str()))
         .map(FlowRecord::attempts)
         .sum();
-    eprintln!("{overloaded} refused as overloaded");
+    eprintln!("{refused_at_once} refused at once (overloaded or rate-limited)");
     assert!(
-        overloaded >= u64::from(TLS_HELD) - MAX_TLS_HANDSHAKES as u64,
-        "{overloaded} connections refused as overloaded of {TLS_HELD} held at once"
+        refused_at_once >= u64::from(TLS_HELD) - MAX_TLS_HANDSHAKES as u64,
+        "{refused_at_once} connections refused at once of {TLS_HELD} held"
     );
     assert!(
         records.len() <= 20,
