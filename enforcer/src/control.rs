@@ -205,7 +205,13 @@ pub struct Agent {
     directory: BTreeMap<String, DirectoryEntry>,
     policy_version: u64,
     serves: Serves,
+    /// The watch opened at start-up (its snapshot already taken), for [`Agent::run`].
+    /// (In a mutex only so that the agent is `Sync`: the stream is used by one task.)
+    watching: std::sync::Mutex<Option<(Client, Watching)>>,
 }
+
+type Watching =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<WatchMessage, ClientError>> + Send>>;
 
 fn key_pkcs8(pem: &str) -> Result<Vec<u8>> {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
@@ -313,14 +319,6 @@ pub async fn bootstrap(config: &mut Config) -> Result<Option<Agent>> {
     if !paths.policy.exists() {
         write_private(&paths.policy, NO_POLICY_YET.as_bytes())?;
     }
-    // The rest of the enforcer reads the control plane's state as configuration.
-    config.tls = crate::config::Tls {
-        ca: paths.ca.clone(),
-        cert: paths.cert.clone(),
-        key: paths.key.clone(),
-    };
-    config.peers = peers_of(&paths, &config.name, &directory)?;
-    config.policy.file = Some(paths.policy.clone());
     let advertise = cc
         .advertise
         .or_else(|| (!config.listen.tunnel.ip().is_unspecified()).then_some(config.listen.tunnel));
@@ -330,7 +328,7 @@ pub async fn bootstrap(config: &mut Config) -> Result<Option<Agent>> {
         api: config.flows.api.parse().ok(),
         workloads: config.workloads.iter().map(|w| w.name.clone()).collect(),
     };
-    Ok(Some(Agent {
+    let mut agent = Agent {
         config: cc,
         name: config.name.clone(),
         paths,
@@ -340,7 +338,21 @@ pub async fn bootstrap(config: &mut Config) -> Result<Option<Agent>> {
         directory,
         policy_version,
         serves,
-    }))
+        watching: Default::default(),
+    };
+    // Before anything serves, the directory and policy as they are now, when the server
+    // answers: a peer that saw this enforcer join dials it at once and must be admitted,
+    // and the first connections must be decided under the policy in force.
+    agent.first_snapshot().await;
+    // The rest of the enforcer reads the control plane's state as configuration.
+    config.tls = crate::config::Tls {
+        ca: agent.paths.ca.clone(),
+        cert: agent.paths.cert.clone(),
+        key: agent.paths.key.clone(),
+    };
+    config.peers = peers_of(&agent.paths, &config.name, &agent.directory)?;
+    config.policy.file = Some(agent.paths.policy.clone());
+    Ok(Some(agent))
 }
 
 fn certified(cert_pem: &str) -> Result<authority::Certified> {
@@ -420,6 +432,65 @@ fn save_identity(paths: &Paths, key_pkcs8: &[u8], e: &Enrolment) -> Result<()> {
 }
 
 impl Agent {
+    /// Opens the watch and takes its snapshot into the cache (within a few seconds, else
+    /// the cache stays as it is: fail static).
+    async fn first_snapshot(&mut self) {
+        let attempt = async {
+            let client = self.client()?;
+            let (server, stream) = client.watch().await?;
+            let mut stream: Watching = Box::pin(stream);
+            match futures_util::StreamExt::next(&mut stream).await {
+                Some(Ok(WatchMessage::Snapshot {
+                    directory, policy, ..
+                })) => Ok((client, stream, directory, policy)),
+                Some(Err(e)) => Err(e),
+                other => Err(ClientError::Protocol {
+                    server,
+                    error: format!("the watch did not start with a snapshot: {other:?}"),
+                }),
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok((client, stream, directory, policy))) => {
+                self.directory = directory.into_iter().map(|e| (e.name.clone(), e)).collect();
+                if let Err(e) = self.save_directory() {
+                    tracing::warn!(error = format!("{e:#}"), "directory cache not written");
+                }
+                if let Some(p) = policy.filter(|p| p.version > self.policy_version) {
+                    match tessera_policy::load(
+                        &format!("control plane policy v{}", p.version),
+                        &p.text,
+                    ) {
+                        Ok(_) => self.save_policy(&p),
+                        Err(e) => {
+                            tracing::error!(version = p.version, error = %e, "policy from the control plane refused: the cached one stays")
+                        }
+                    }
+                }
+                tracing::info!(
+                    peers = self.directory.len(),
+                    policy_version = self.policy_version,
+                    "directory and policy from the control plane"
+                );
+                *self.watching.get_mut().unwrap_or_else(|e| e.into_inner()) =
+                    Some((client, stream));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "control plane unreachable at start-up: starting from the cache")
+            }
+            Err(_) => tracing::warn!("control plane slow at start-up: starting from the cache"),
+        }
+    }
+
+    fn save_policy(&mut self, p: &PolicyVersion) {
+        self.policy_version = p.version;
+        let saved = write_private(&self.paths.policy, p.text.as_bytes())
+            .and_then(|_| write_private(&self.paths.policy_meta, &serde_json::to_vec(p)?));
+        if let Err(e) = saved {
+            tracing::warn!(error = format!("{e:#}"), "policy cache not written");
+        }
+    }
+
     fn client(&self) -> Result<Client, ClientError> {
         Client::new(
             &self.config.servers,
@@ -465,12 +536,7 @@ impl Agent {
         }
         match apply.policy(p) {
             Ok(()) => {
-                self.policy_version = p.version;
-                let saved = write_private(&self.paths.policy, p.text.as_bytes())
-                    .and_then(|_| write_private(&self.paths.policy_meta, &serde_json::to_vec(p)?));
-                if let Err(e) = saved {
-                    tracing::warn!(error = format!("{e:#}"), "policy cache not written");
-                }
+                self.save_policy(p);
                 tracing::info!(version = p.version, by = %p.by, "policy from the control plane in force");
             }
             Err(e) => tracing::error!(
@@ -529,10 +595,19 @@ impl Agent {
         let mut revoked = false;
         loop {
             // A watch session: snapshot, then changes, until it breaks.
+            let opened = self
+                .watching
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             let session = async {
+                if let Some(w) = opened {
+                    return Ok(w);
+                }
                 let client = self.client()?;
                 let (server, stream) = client.watch().await?;
                 tracing::info!(%server, "following the control plane");
+                let stream: Watching = Box::pin(stream);
                 Ok::<_, ClientError>((client, stream))
             };
             let (client, stream) = match session.await {
@@ -549,7 +624,7 @@ impl Agent {
             };
             backoff = Duration::from_millis(250);
             self.report(&client).await;
-            let mut stream = Box::pin(stream);
+            let mut stream = stream;
             let mut report = tokio::time::interval(Duration::from_secs(self.config.report_secs));
             report.tick().await;
             loop {

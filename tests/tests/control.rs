@@ -158,6 +158,17 @@ fn enrolment_central_policy_scope_and_revocation() {
     assert_eq!(enforcer(&s, "host-a")["scope"], "site=paris");
     assert_eq!(enforcer(&s, "host-b")["state"], "active");
 
+    // Each enforcer had the directory before it served (its first snapshot comes before
+    // start-up ends): a peer that saw it join was never refused as unknown.
+    for h in ["host-a", "host-b"] {
+        let unknown: Vec<_> = net
+            .flows(net.host(h))
+            .into_iter()
+            .filter(|f| f.code.as_str() == "not-in-directory")
+            .collect();
+        assert!(unknown.is_empty(), "{h}: {unknown:?}");
+    }
+
     // Revocation: a live connection from host-a is cut within about a second, and no new
     // one gets through.
     let holder = net
