@@ -467,6 +467,9 @@ impl Agent {
                         }
                     }
                 }
+                // What we serve, known to peers before we serve it (they admit our tunnels
+                // from the moment they see us).
+                self.report(&client).await;
                 tracing::info!(
                     peers = self.directory.len(),
                     policy_version = self.policy_version,
