@@ -1,19 +1,30 @@
-//! `cargo xtask demo`: three hosts behind Tessera and one outsider, real unmodified programs
-//! (python3 http.server, redis-server, curl, redis-cli), traffic through the tunnels and
-//! attempts around them; then two hosts in TCP-handshake mode; then the connectivity map
-//! built from both ends' flow records.
-use std::{fs, path::Path, time::Duration};
+//! `cargo xtask demo`: a control plane and three hosts behind Tessera, plus one outsider.
+//! The enforcers start with only the server's address, its CA and a one-time join token;
+//! they enrol, get their certificates (with a scope: site=paris or site=lyon) and follow the
+//! directory and the policy, which is applied once at the server. Then real unmodified
+//! programs (python3 http.server, redis-server, curl, redis-cli) send traffic through the
+//! tunnels and attempts around them; two hosts switch to TCP-handshake mode (starting from
+//! their control-plane caches); host-a is revoked centrally; and the connectivity map is
+//! built from all enforcers' flow records.
+use std::{
+    fs,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
-use tessera_tests::TestNet;
+use serde_json::Value;
+use tessera_tests::{ControlServer, TestNet};
 
 const T: Duration = Duration::from_secs(20);
 
+/// Applied once, at the server. `site` is not something a workload or its enforcer can
+/// claim: every enforcer's certificate carries its scope, stamped on its workloads.
 const DEMO_POLICY: &str = "\
 rules:
-  - name: web-to-api
+  - name: paris-web-to-api
     action: allow
-    from: [{labels: [app=web]}]
+    from: [{labels: [app=web, site=paris]}]
     to: [{labels: [app=api]}]
     ports: [8080]
   - name: api-to-db
@@ -23,20 +34,59 @@ rules:
     ports: [6379]
 ";
 
+/// An edit with a mistake, which the server must refuse without changing anything.
+fn broken_policy() -> String {
+    DEMO_POLICY.replacen("ports: [8080]", "ports: [8080, http]", 1)
+}
+
 fn step(n: usize, what: &str, ok: bool, detail: &str) {
     println!(
-        "  {n}. {what:<58} {} {detail}",
+        "  {n:>2}. {what:<58} {} {detail}",
         if ok { "ok  " } else { "FAIL" }
     );
+}
+
+fn indented(text: &str) {
+    for line in text.lines() {
+        println!("    {line}");
+    }
+}
+
+/// `tessera server status --json`.
+fn status_json(net: &TestNet, srv: &ControlServer) -> Result<Value> {
+    let text = net.control_admin(srv, &["server", "status", "--json"])?;
+    serde_json::from_str(&text).context("tessera server status --json")
+}
+
+fn enforcer_field<'a>(status: &'a Value, name: &str, field: &str) -> &'a Value {
+    status["enforcers"]
+        .as_array()
+        .and_then(|list| list.iter().find(|e| e["name"] == name))
+        .map_or(&Value::Null, |e| &e[field])
+}
+
+/// Polls `f` every 200 ms until it holds or `within` passes; whether it held.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 pub fn run(bin: &Path) -> Result<()> {
     // SAFETY: single-threaded at this point; the harness reads it when starting enforcers.
     unsafe { std::env::set_var("TESSERA_BIN", bin) };
     println!(
-        "Tessera demo: hosts 10.77.0.1-3 behind enforcers, 10.77.0.4 an outsider without one\n"
+        "Tessera demo: a control plane on 10.77.0.5; hosts 10.77.0.1-3 behind enforcers that start \
+         with only\nits address, its CA and a join token; 10.77.0.4 an outsider without an enforcer\n"
     );
-    let net = TestNet::with_plain_hosts(&["host-a", "host-b", "host-c"], &["outsider"])?;
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b", "host-c"], &["outsider", "control"])?;
     let (a, b, c, o) = (
         net.host("host-a"),
         net.host("host-b"),
@@ -46,19 +96,112 @@ pub fn run(bin: &Path) -> Result<()> {
     net.add_workload(a, "web", &[("app", "web"), ("tier", "frontend")], &[])?;
     net.add_workload(b, "api", &[("app", "api"), ("tier", "backend")], &[8080])?;
     net.add_workload(c, "db", &[("app", "db"), ("tier", "data")], &[6379])?;
-    let policy = net.write_policy(None, DEMO_POLICY)?;
-    net.start_enforcers()?;
-    println!("  host-a 10.77.0.1  web (curl, redis-cli)");
-    println!("  host-b 10.77.0.2  api (python3 -m http.server :8080; also a redis client)");
-    println!("  host-c 10.77.0.3  db  (redis-server :6379)");
-    println!("  outsider 10.77.0.4 (no enforcer: python3 -m http.server :8000, curl)\n");
+    // Another web, at the Lyon site: the same labels, another scope.
+    net.add_workload(c, "web", &[("app", "web"), ("tier", "frontend")], &[])?;
+    println!("  host-a   10.77.0.1  site=paris  web (curl, redis-cli)");
     println!(
-        "Policy ({}), enforced by every enforcer at both ends:\n",
-        policy.display()
+        "  host-b   10.77.0.2  site=lyon   api (python3 -m http.server :8080; also a redis client)"
     );
-    for line in DEMO_POLICY.lines() {
-        println!("    {line}");
+    println!("  host-c   10.77.0.3  site=lyon   db (redis-server :6379), and another web (curl)");
+    println!("  outsider 10.77.0.4              no enforcer: python3 -m http.server :8000, curl");
+    println!(
+        "  control  10.77.0.5              no enforcer: `tessera server run` (CA, enrolment, directory, policy)\n"
+    );
+
+    let srv = net.start_control(net.host("control"), &[])?;
+    let mut failures = 0;
+    let mut check = |n: usize, what: &str, ok: bool, detail: String| {
+        step(n, what, ok, &detail);
+        if !ok {
+            failures += 1;
+        }
+    };
+
+    println!(
+        "Enrolment: one join token per host (`tessera server token create --scope ...`, single use);\n\
+         each enforcer's configuration has only [control]: the server's URL, its CA, the token file.\n"
+    );
+    for (h, scope) in [(a, "site=paris"), (b, "site=lyon"), (c, "site=lyon")] {
+        let file = net.join(h, &srv, scope)?;
+        println!(
+            "    {}: tessera server token create --scope {scope:<10} > {}",
+            h.name,
+            file.file_name().unwrap().to_string_lossy()
+        );
     }
+    net.start_enforcers()?;
+    println!("\n`tessera server status` after enrolment:\n");
+    indented(&net.control_admin(&srv, &["server", "status"])?);
+    println!();
+    let s = status_json(&net, &srv)?;
+    let enrolled = [
+        ("host-a", "site=paris"),
+        ("host-b", "site=lyon"),
+        ("host-c", "site=lyon"),
+    ]
+    .iter()
+    .all(|(n, scope)| {
+        enforcer_field(&s, n, "state") == "active" && enforcer_field(&s, n, "scope") == *scope
+    });
+    check(
+        1,
+        "host-a, host-b, host-c enrolled with their join tokens",
+        enrolled,
+        "active, each in its token's scope".into(),
+    );
+
+    // The policy: applied once at the server, never written on the hosts.
+    let policy_file = net.dir.join("demo-policy.yaml");
+    fs::write(&policy_file, DEMO_POLICY)?;
+    println!(
+        "\nPolicy, applied once at the server (`tessera policy apply demo-policy.yaml --server {}`),\n\
+         enforced by every enforcer at both ends:\n",
+        srv.url
+    );
+    indented(DEMO_POLICY);
+    let out = net.control_admin(&srv, &["policy", "apply", policy_file.to_str().unwrap()])?;
+    println!();
+    indented(out.trim());
+    let in_force = eventually(Duration::from_secs(15), || {
+        status_json(&net, &srv).is_ok_and(|s| {
+            ["host-a", "host-b", "host-c"]
+                .iter()
+                .all(|n| enforcer_field(&s, n, "policy_version") == 1)
+        })
+    });
+    println!();
+    check(
+        2,
+        "policy version 1 in force at host-a, host-b, host-c",
+        in_force,
+        "reported back to the server".into(),
+    );
+    let broken = net.dir.join("demo-policy-edit.yaml");
+    fs::write(&broken, broken_policy())?;
+    let refused = net.control_admin(&srv, &["policy", "apply", broken.to_str().unwrap()]);
+    let error = match &refused {
+        Ok(out) => format!("accepted: {}", out.trim()),
+        Err(e) => e.to_string(),
+    };
+    // `tessera policy apply FILE: error: FILE:LINE:COL: what`: shown from the second FILE.
+    let error = error
+        .split_once("error: ")
+        .map_or(&*error, |(_, e)| e)
+        .trim()
+        .to_owned();
+    let line = 1 + broken_policy()
+        .lines()
+        .position(|l| l.contains("http"))
+        .unwrap_or(0);
+    let at = format!("{}:{line}:", broken.display());
+    let version = status_json(&net, &srv)?["policy_version"].clone();
+    check(
+        3,
+        "a broken edit (`ports: [8080, http]`) is refused",
+        refused.is_err() && error.contains(&at) && version == 1,
+        "nothing changes: still version 1".into(),
+    );
+    indented(&format!("      {error}"));
     println!();
 
     let www = net.dir.join("www");
@@ -77,20 +220,14 @@ pub fn run(bin: &Path) -> Result<()> {
     let shown = net
         .tessera(&["identity", "show", "--config", config.to_str().unwrap()])
         .context("tessera identity show")?;
-    println!("Identity of api@host-b (`tessera identity show`), carried in signed tokens:\n");
-    for line in shown.lines() {
-        println!("    {line}");
-    }
+    println!(
+        "Identity of api@host-b (`tessera identity show`), carried in signed tokens with its\n\
+         enforcer's scope (site=lyon, from host-b's certificate):\n"
+    );
+    indented(&shown);
     println!();
 
-    println!("Traffic:");
-    let mut failures = 0;
-    let mut check = |n: usize, what: &str, ok: bool, detail: String| {
-        step(n, what, ok, &detail);
-        if !ok {
-            failures += 1;
-        }
-    };
+    println!("Traffic (tunnel mode):");
     let status = |_| {
         net.run(
             a,
@@ -118,7 +255,7 @@ pub fn run(bin: &Path) -> Result<()> {
     };
     let out = (0..4).map(status).last().expect("four requests")?;
     check(
-        1,
+        4,
         "web@host-a -> api@host-b  curl GET /status.json (x4)",
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).trim().to_owned(),
@@ -141,10 +278,31 @@ pub fn run(bin: &Path) -> Result<()> {
         T,
     )?;
     check(
-        2,
+        5,
         "web@host-a -> api@host-b  curl GET /bulk.bin (8 MiB)",
         String::from_utf8_lossy(&out.stdout) == "8388608",
         format!("{} bytes", String::from_utf8_lossy(&out.stdout)),
+    );
+    let out = net.run(
+        c,
+        Some("web"),
+        "curl",
+        &["-sS", "-m", "5", "http://10.77.0.2:8080/status.json"],
+        T,
+    )?;
+    // host-b saw web@host-c with host-c's scope, stamped from its certificate, and denied it.
+    let seen_lyon = eventually(Duration::from_secs(5), || {
+        net.flows_json(b).iter().any(|f| {
+            f["src"]["labels"]["app"] == "web"
+                && f["src"]["labels"]["site"] == "lyon"
+                && f["verdict"] == "denied"
+        })
+    });
+    check(
+        6,
+        "web@host-c -> api@host-b  curl (site=lyon, not paris)",
+        !out.status.success() && seen_lyon,
+        "refused by policy at host-b".into(),
     );
     let redis = |host, wl, args: &[&str]| -> Result<String> {
         let mut full = vec!["-h", "10.77.0.3", "-p", "6379"];
@@ -155,21 +313,21 @@ pub fn run(bin: &Path) -> Result<()> {
     let set = redis(b, Some("api"), &["SET", "orders", "42"])?;
     let get = redis(b, Some("api"), &["GET", "orders"])?;
     check(
-        3,
+        7,
         "api@host-b -> db@host-c   redis-cli SET/GET orders",
         set == "OK" && get == "42",
         format!("SET {set}, GET {get}"),
     );
     let ping = redis(a, Some("web"), &["PING"])?;
     check(
-        4,
+        8,
         "web@host-a -> db@host-c   redis-cli PING (no rule allows)",
         ping != "PONG",
         "refused by policy".into(),
     );
     let out = api_direct(o)?;
     check(
-        5,
+        9,
         "outsider   -> api@host-b  direct curl (no tunnel)",
         !out.status.success(),
         "refused".into(),
@@ -183,7 +341,7 @@ pub fn run(bin: &Path) -> Result<()> {
     )?;
     let refused = !String::from_utf8_lossy(&out.stdout).contains("PONG");
     check(
-        6,
+        10,
         "unenrolled process on host-a -> db@host-c direct",
         refused,
         "refused".into(),
@@ -196,14 +354,15 @@ pub fn run(bin: &Path) -> Result<()> {
         T,
     )?;
     check(
-        7,
+        11,
         "web@host-a -> outsider:8000 (no enforcer serves it)",
         !out.status.success(),
         "refused".into(),
     );
 
     println!(
-        "\nhost-a and host-b switch to TCP-handshake mode (tokens in SYN / SYN-ACK / ACK, data in the kernel):"
+        "\nhost-a and host-b restart in TCP-handshake mode (tokens in SYN / SYN-ACK / ACK, data in the kernel),\n\
+         from their control-plane caches (certificate, directory, policy):"
     );
     for h in [a, b] {
         net.stop_enforcer(h, false)?;
@@ -215,21 +374,21 @@ pub fn run(bin: &Path) -> Result<()> {
     let out = status(0)?;
     let server_log = fs::read_to_string(net.dir.join("host-b-api-python3.log")).unwrap_or_default();
     check(
-        8,
+        12,
         "web@host-a -> api@host-b  curl GET /status.json",
         out.status.success() && server_log.contains("10.77.0.1 - -"),
         "served to 10.77.0.1 itself: no proxy in the path".into(),
     );
     let out = api_direct(a)?;
     check(
-        9,
+        13,
         "unenrolled process on host-a -> api@host-b (no token)",
         !out.status.success(),
         "refused".into(),
     );
     let out = api_direct(o)?;
     check(
-        10,
+        14,
         "outsider   -> api@host-b  direct curl (no token)",
         !out.status.success(),
         "refused".into(),
@@ -237,26 +396,78 @@ pub fn run(bin: &Path) -> Result<()> {
 
     // Both ends write their records asynchronously; give them a moment.
     std::thread::sleep(Duration::from_millis(300));
-    let bin = tessera_tests::tessera_bin()?;
+    let tessera = tessera_tests::tessera_bin()?;
+    let tessera = tessera.to_str().unwrap();
     let api_b = format!("{}:{}", b.addr, tessera_tests::API_PORT);
     // The APIs listen on the hosts' addresses: they need the test net's bearer token.
     let token_file = net.api_token_file()?.to_string_lossy().into_owned();
-    let out = net.run(
-        b,
-        None,
-        bin.to_str().unwrap(),
-        &["flows", "--api", &api_b, "--token-file", &token_file],
-        T,
-    )?;
-    println!("\nhost-b's flows since it restarted in handshake mode (`tessera flows`):\n");
-    let lines: Vec<&str> = std::str::from_utf8(&out.stdout)?.lines().collect();
-    if let Some((header, rows)) = lines.split_first() {
-        println!("{header}");
-        for row in &rows[rows.len().saturating_sub(5)..] {
-            println!("{row}");
+    let flows_b = |last: usize| -> Result<()> {
+        let out = net.run(
+            b,
+            None,
+            tessera,
+            &["flows", "--api", &api_b, "--token-file", &token_file],
+            T,
+        )?;
+        let lines: Vec<&str> = std::str::from_utf8(&out.stdout)?.lines().collect();
+        if let Some((header, rows)) = lines.split_first() {
+            println!("{header}");
+            for row in &rows[rows.len().saturating_sub(last)..] {
+                println!("{row}");
+            }
         }
+        Ok(())
+    };
+    println!("\nhost-b's flows since it restarted in handshake mode (`tessera flows`):\n");
+    flows_b(3)?;
+
+    println!(
+        "\nRevocation: host-a and host-b back in tunnel mode, then `tessera server enforcer revoke host-a`:"
+    );
+    for h in [a, b] {
+        net.stop_enforcer(h, false)?;
     }
-    println!("\nConnectivity map (`tessera map`, merged from the APIs of all three enforcers):\n");
+    net.options.lock().unwrap().handshake = false;
+    for h in [a, b] {
+        net.start_enforcer(h)?;
+    }
+    let back = eventually(Duration::from_secs(10), || {
+        status(0).is_ok_and(|o| o.status.success())
+    });
+    check(
+        15,
+        "web@host-a -> api@host-b  curl GET /status.json",
+        back,
+        "allowed (before the revocation)".into(),
+    );
+    net.control_admin(&srv, &["server", "enforcer", "revoke", "host-a"])?;
+    // The directory change reaches host-b in about a second; until then it may still admit.
+    let cut = eventually(Duration::from_secs(10), || {
+        status(0).is_ok_and(|o| !o.status.success())
+    });
+    let out = status(0)?;
+    let why = eventually(Duration::from_secs(5), || {
+        net.flows_json(b)
+            .iter()
+            .any(|f| f["code"] == "not-in-directory")
+    });
+    check(
+        16,
+        "web@host-a -> api@host-b  after host-a's revocation",
+        cut && !out.status.success() && why,
+        "refused: host-b records not-in-directory".into(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    println!("\nhost-b's last flow record (`tessera flows`):\n");
+    flows_b(1)?;
+    println!("\n`tessera server status`:\n");
+    indented(&net.control_admin(&srv, &["server", "status"])?);
+
+    println!(
+        "\nConnectivity map (`tessera map`, merged from the APIs of all three enforcers). Rows to port\n\
+         15008 are tunnels refused as not in the directory: host-a's after its revocation, and peers\n\
+         dialling a newly enrolled enforcer before its first directory arrived (they retry):\n"
+    );
     let apis: Vec<String> = [a, b, c]
         .iter()
         .map(|h| format!("{}:{}", h.addr, tessera_tests::API_PORT))
@@ -266,7 +477,7 @@ pub fn run(bin: &Path) -> Result<()> {
         args.extend(["--api", api.as_str()]);
     }
     // From inside host-b's namespace, which reaches every host over the bridge.
-    let out = net.run(b, None, bin.to_str().unwrap(), &args, T)?;
+    let out = net.run(b, None, tessera, &args, T)?;
     if !out.status.success() {
         bail!("tessera map: {}", String::from_utf8_lossy(&out.stderr));
     }
