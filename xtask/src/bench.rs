@@ -25,6 +25,17 @@
 //! * `memory.{idle_rss_kib,loaded_rss_kib,per_connection_kib}.{host-a,host-b}` and
 //!   `memory.open_connections`: enforcer resident memory idle and holding that many
 //!   tunnelled connections.
+//! * `control.enforcer_start_ms.{enrolling,from_cache}`: enforcer process spawn to its
+//!   `enforcer ready` log line, with enrolment (no cache, a new join token) and restarted from
+//!   the cache; `control.enrolment_round_trip_ms`: the enrolment request alone (the control
+//!   client's first connection to `enrolled with the control plane`, enforcer log);
+//!   `control.policy_in_force_ms.{logged,probed,apply_command}`: from the start of `tessera
+//!   policy apply` to the last enforcer's `policy from the control plane in force` line of
+//!   that version, to a probe's first connection the new policy allows, and the command's
+//!   own run time; `control.server_rss_kib.{idle,with_watchers,per_watcher,watchers}`.
+//!   Each timing is `{median,min,max,n}` in ms.
+//! * `cpu_steal_pct.{tunnel,handshake,control,memory}`: the share of the machine's CPU time
+//!   the hypervisor took (steal, `/proc/stat`) while each section ran.
 use std::{
     fs,
     path::Path,
@@ -34,7 +45,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use tessera_tests::{Host, TestNet};
+use tessera_tests::{ControlServer, Host, TestNet};
 
 fn out_json(out: &std::process::Output, what: &str) -> Result<Value> {
     if !out.status.success() {
@@ -236,6 +247,7 @@ pub enum Section {
     Tunnel,
     Handshake,
     Memory,
+    Control,
 }
 
 pub struct Options<'a> {
@@ -311,20 +323,37 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     });
     let mut cpu = serde_json::Map::new();
+    let mut steal = serde_json::Map::new();
     if wants(Section::Tunnel) {
+        let t = CpuTimes::now()?;
         let (tunnel, cpu_ms) = tunnel_mode(&bench)?;
+        steal.insert("tunnel".into(), json!(t.steal_pct_since()?));
         merge(&mut result, tunnel);
         cpu.insert("tunnel".into(), json!(cpu_ms));
     }
     if wants(Section::Handshake) {
+        let t = CpuTimes::now()?;
         let (handshake, cpu_ms) = handshake_mode(&bench, opts.perf)?;
+        steal.insert("handshake".into(), json!(t.steal_pct_since()?));
         result["handshake"] = handshake;
         cpu.insert("handshake".into(), json!(cpu_ms));
     }
     result["cpu_ms_per_1000_connections"] = cpu.into();
-    if wants(Section::Memory) {
-        result["memory"] = memory(&bench, quick)?;
+    if wants(Section::Control) {
+        // Test hosts of its own; the data-path enforcers stay out of its way.
+        for h in [a, b] {
+            net.stop_enforcer(h, false)?;
+        }
+        let t = CpuTimes::now()?;
+        result["control"] = control(&bench.load, quick)?;
+        steal.insert("control".into(), json!(t.steal_pct_since()?));
     }
+    if wants(Section::Memory) {
+        let t = CpuTimes::now()?;
+        result["memory"] = memory(&bench, quick)?;
+        steal.insert("memory".into(), json!(t.steal_pct_since()?));
+    }
+    result["cpu_steal_pct"] = steal.into();
     print_table(&result);
     if let Some(path) = opts.json {
         fs::write(path, serde_json::to_string_pretty(&result)? + "\n")
@@ -517,6 +546,19 @@ fn memory(bench: &Bench, quick: bool) -> Result<Value> {
 
 fn print_table(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let ms = |v: &Value| {
+        if v["n"].as_u64().unwrap_or(0) == 0 {
+            "not measured".to_string()
+        } else {
+            format!(
+                "{:>8.1} ms  ({:.1} - {:.1}, n={})",
+                f(&v["median"]),
+                f(&v["min"]),
+                f(&v["max"]),
+                v["n"]
+            )
+        }
+    };
     let row = |name: &str, fig: &Value, scale: f64, prec: usize, then: &str, target: &str| {
         let (d, t) = (f(&fig["direct"]), f(&fig[then]));
         println!(
@@ -640,7 +682,9 @@ fn print_table(r: &Value) {
         );
     }
     let cpu = &r["cpu_ms_per_1000_connections"];
-    println!("\nenforcer CPU per 1,000 new connections (both ends):");
+    if cpu.as_object().is_some_and(|c| !c.is_empty()) {
+        println!("\nenforcer CPU per 1,000 new connections (both ends):");
+    }
     for mode in ["tunnel", "handshake"] {
         if let Some(ms) = cpu.get(mode) {
             println!("  {mode:<10} {:.0} ms", f(ms));
@@ -658,4 +702,545 @@ fn print_table(r: &Value) {
             f(&m["per_connection_kib"]["host-b"])
         );
     }
+    if let Some(c) = r.get("control") {
+        let p = &c["policy_in_force_ms"];
+        let m = &c["server_rss_kib"];
+        println!("\ncontrol plane (median, min - max)");
+        println!(
+            "{:<44} {}",
+            "enforcer start to ready, enrolling",
+            ms(&c["enforcer_start_ms"]["enrolling"])
+        );
+        println!(
+            "{:<44} {}",
+            "enforcer start to ready, from the cache",
+            ms(&c["enforcer_start_ms"]["from_cache"])
+        );
+        println!(
+            "{:<44} {}",
+            "enrolment request (round trip)",
+            ms(&c["enrolment_round_trip_ms"])
+        );
+        println!(
+            "{:<44} {}",
+            format!("policy apply -> in force at all {} (log)", p["enforcers"]),
+            ms(&p["logged"])
+        );
+        println!(
+            "{:<44} {}",
+            "policy apply -> allowed connection works",
+            ms(&p["probed"])
+        );
+        println!(
+            "{:<44} {}",
+            "`tessera policy apply` command itself",
+            ms(&p["apply_command"])
+        );
+        println!(
+            "{:<44} {:>8} KiB idle, {} KiB with {} more watch streams ({:.1} KiB each)",
+            "server RSS",
+            m["idle"],
+            m["with_watchers"],
+            m["watchers"],
+            f(&m["per_watcher"])
+        );
+    }
+    if let Some(Value::Object(steal)) = r.get("cpu_steal_pct") {
+        let parts: Vec<String> = steal
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1}%", f(v)))
+            .collect();
+        if !parts.is_empty() {
+            println!("\nCPU steal during each section: {}", parts.join(", "));
+        }
+    }
+}
+
+/// Host-wide CPU time counters (`/proc/stat`, the `cpu` line): the share a hypervisor took
+/// from this VM (steal) while a section ran says how far its figures can be trusted.
+#[derive(Clone, Copy)]
+struct CpuTimes {
+    steal: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn now() -> Result<Self> {
+        let stat = fs::read_to_string("/proc/stat")?;
+        let line = stat.lines().next().context("/proc/stat is empty")?;
+        // cpu user nice system idle iowait irq softirq steal guest guest_nice
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        if f.len() < 8 {
+            bail!("/proc/stat: unexpected cpu line {line:?}");
+        }
+        Ok(Self {
+            steal: f[7],
+            total: f.iter().sum(),
+        })
+    }
+
+    /// Percent of all CPU time stolen since `self`.
+    fn steal_pct_since(&self) -> Result<f64> {
+        let now = Self::now()?;
+        let total = now.total.saturating_sub(self.total);
+        Ok(if total == 0 {
+            0.0
+        } else {
+            100.0 * now.steal.saturating_sub(self.steal) as f64 / total as f64
+        })
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `2026-11-30T10:20:00.123456Z` (the enforcer's and server's log timestamps, UTC) as Unix
+/// seconds.
+fn parse_timestamp(s: &str) -> Option<f64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|v| v.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.splitn(3, ':');
+    let (hh, mm) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let ss: f64 = t.next()?.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + hh * 3_600 + mm * 60) as f64 + ss)
+}
+
+/// A log's lines (colour codes removed) with their timestamps.
+fn log_lines(text: &str) -> Vec<(f64, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut plain = String::with_capacity(l.len());
+            let mut chars = l.chars();
+            while let Some(c) = chars.next() {
+                if c == '\x1b' {
+                    // CSI: ESC [ parameters final-byte
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    plain.push(c);
+                }
+            }
+            let ts = parse_timestamp(plain.split_whitespace().next()?)?;
+            Some((ts, plain))
+        })
+        .collect()
+}
+
+fn first_line<'a>(lines: &'a [(f64, String)], needle: &str) -> Option<&'a (f64, String)> {
+    lines.iter().find(|(_, l)| l.contains(needle))
+}
+
+/// The log `path` from byte `from` on.
+fn log_since(path: &Path, from: u64) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned()
+}
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Median, min and max (ms) of some samples.
+fn spread(samples: &[f64]) -> Value {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return json!({"n": 0});
+    }
+    let median = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    json!({"median": median, "min": s[0], "max": s[s.len() - 1], "n": s.len()})
+}
+
+/// One timed enforcer start (from just before the process is spawned).
+struct Start {
+    /// Spawn to the `enforcer ready` log line.
+    ready_ms: f64,
+    /// The enrolment request: the control client's first connection attempt to the
+    /// `enrolled with the control plane` line (None on a start from the cache).
+    enrol_ms: Option<f64>,
+}
+
+/// The enforcer's log lines that mark enrolment; `reqwest::connect=debug` adds the line
+/// where the control client opens its first connection (the enrolment request's start).
+const CONTROL_START_LOG: &str = "info,reqwest::connect=debug";
+
+fn timed_start(net: &TestNet, host: &Host, cold: bool) -> Result<Start> {
+    let log = net.log_path(host);
+    let from = file_len(&log);
+    let t0 = unix_now();
+    net.start_enforcer_with_env(host, &[("RUST_LOG", CONTROL_START_LOG)])?;
+    let lines = log_lines(&log_since(&log, from));
+    let ready = first_line(&lines, "enforcer ready")
+        .with_context(|| format!("{}: no 'enforcer ready' line", host.name))?
+        .0;
+    let enrolled = first_line(&lines, "enrolled with the control plane");
+    let cached = first_line(&lines, "starting from the cached identity");
+    if cold != enrolled.is_some() || cold == cached.is_some() {
+        bail!(
+            "{}: expected a start {} but the log says otherwise:\n{}",
+            host.name,
+            if cold {
+                "with enrolment"
+            } else {
+                "from the cache"
+            },
+            log_since(&log, from)
+        );
+    }
+    let enrol_ms = match (enrolled, first_line(&lines, "starting new connection")) {
+        (Some(done), Some(start)) => Some((done.0 - start.0) * 1e3),
+        _ => None,
+    };
+    Ok(Start {
+        ready_ms: (ready - t0) * 1e3,
+        enrol_ms,
+    })
+}
+
+/// web may reach api (the probe's connection); the other version allows nothing it uses.
+const POLICY_ALLOW: &str = "\
+rules:
+  - name: bench-web-to-api
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{labels: [app=api]}]
+";
+const POLICY_DENY: &str = "\
+rules:
+  - name: bench-nothing-used
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{labels: [app=nobody]}]
+";
+
+/// Applies `text` centrally; the version, and when the command started (Unix seconds).
+fn apply_policy(net: &TestNet, srv: &ControlServer, text: &str) -> Result<(u64, f64)> {
+    let file = net.dir.join("bench-policy.yaml");
+    fs::write(&file, text)?;
+    let t0 = unix_now();
+    let out = net.control_admin(srv, &["policy", "apply", file.to_str().unwrap()])?;
+    let version = out
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .with_context(|| format!("policy apply printed no version: {out}"))?;
+    Ok((version, t0))
+}
+
+/// When each enforcer logged that `version` is in force (Unix seconds), waiting for it.
+fn in_force(net: &TestNet, hosts: &[&Host], offsets: &[u64], version: u64) -> Result<Vec<f64>> {
+    let needle = format!("version={version} ");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    hosts
+        .iter()
+        .zip(offsets)
+        .map(|(h, from)| {
+            loop {
+                let lines = log_lines(&log_since(&net.log_path(h), *from));
+                if let Some((ts, _)) = lines.iter().find(|(_, l)| {
+                    l.contains("policy from the control plane in force") && l.contains(&needle)
+                }) {
+                    break Ok(*ts);
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{}: policy version {version} not in force within 20 s:\n{}",
+                        h.name,
+                        log_since(&net.log_path(h), *from)
+                    );
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .collect()
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// An Ed25519 private key in PEM (PKCS#8 v1 or v2) as PKCS#8 v1 PEM.
+fn ed25519_pkcs8_v1(pem: &str) -> Result<String> {
+    let b64: Vec<u8> = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .flat_map(|l| l.trim().bytes())
+        .filter(|c| *c != b'=')
+        .collect();
+    let mut der = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in b64 {
+        let v = B64
+            .iter()
+            .position(|x| *x == c)
+            .context("key.pem: not base64")? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            der.push((acc >> bits) as u8);
+        }
+    }
+    // SEQUENCE { INTEGER v, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } ...
+    const HEAD: [u8; 11] = [
+        0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
+    let at = der
+        .windows(11)
+        .position(|w| w == HEAD)
+        .context("key.pem: not an Ed25519 PKCS#8 key")?;
+    let seed = der
+        .get(at + 11..at + 43)
+        .context("key.pem: truncated Ed25519 key")?;
+    let mut v1 = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    v1.extend_from_slice(seed);
+    let mut out = String::new();
+    for chunk in v1.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                B64[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    Ok(format!(
+        "-----BEGIN PRIVATE KEY-----\n{out}\n-----END PRIVATE KEY-----\n"
+    ))
+}
+
+/// Established TCP connections to the control plane's port (in its host's namespace).
+fn control_connections(net: &TestNet, srv: &ControlServer) -> Result<usize> {
+    let out = tessera_tests::sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &net.host(&srv.host).netns,
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            &format!("( sport = :{} )", tessera_tests::CONTROL_PORT),
+        ],
+    )?;
+    Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// The control plane (`tessera server`) on a host of its own and two enforcers that enrol
+/// with it: start-up with enrolment vs from the cache, the enrolment request, how long a
+/// policy change takes to be in force everywhere, and the server's memory.
+fn control(load: &str, quick: bool) -> Result<Value> {
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["control"])?;
+    let (a, b) = (net.host("host-a"), net.host("host-b"));
+    net.add_workload(a, "web", &[("app", "web")], &[])?;
+    net.add_workload(b, "api", &[("app", "api")], &[7000])?;
+    let echo = net.spawn(b, Some("api"), load, &["load", "serve-echo", "7000"])?;
+    net.wait_listening(echo, 7000)?;
+    let srv = net.start_control(net.host("control"), &[])?;
+
+    // Enrolment: every round removes both enforcers from the control plane and their
+    // caches, joins them again with new tokens and starts them (enrolment), then restarts
+    // each (from the cache).
+    let rounds = if quick { 2 } else { 3 };
+    eprintln!("bench: control plane, {rounds} rounds of enrolment and restart from the cache");
+    let (mut cold, mut cached, mut enrol) = (vec![], vec![], vec![]);
+    for round in 0..rounds {
+        for h in [a, b] {
+            if round > 0 {
+                net.stop_enforcer(h, false)?;
+                // Removal needs a revoked enforcer (which is stopped already).
+                for what in ["revoke", "remove"] {
+                    net.control_admin(&srv, &["server", "enforcer", what, &h.name])?;
+                }
+                fs::remove_dir_all(net.control_state(h))?;
+            }
+            net.join(h, &srv, "site=bench")?;
+            let s = timed_start(&net, h, true)?;
+            cold.push(s.ready_ms);
+            enrol.extend(s.enrol_ms);
+        }
+        for h in [a, b] {
+            net.stop_enforcer(h, false)?;
+            cached.push(timed_start(&net, h, false)?.ready_ms);
+        }
+    }
+    if enrol.is_empty() {
+        eprintln!(
+            "bench: the enforcer logged no 'starting new connection' line: enrolment round trip not measured"
+        );
+    }
+    // Both follow the control plane (their watches are open) before a policy is applied.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while control_connections(&net, &srv)? < 2 {
+        if Instant::now() > deadline {
+            bail!("the enforcers did not open their watches within 20 s");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    // Policy changes: each iteration applies a policy that denies web -> api, then (timed)
+    // one that allows it, with a probe from web retrying every 5 ms. Figures: from the start
+    // of `tessera policy apply` to the last enforcer's log line of that version in force,
+    // and to the probe's first echo (the change in force on the path, end to end).
+    let iterations = if quick { 3 } else { 6 };
+    eprintln!("bench: control plane, {iterations} policy changes");
+    let hosts = [a, b];
+    let (mut logged, mut probed, mut command) = (vec![], vec![], vec![]);
+    for i in 0..iterations {
+        let offsets: Vec<u64> = hosts.iter().map(|h| file_len(&net.log_path(h))).collect();
+        let (v, _) = apply_policy(&net, &srv, POLICY_DENY)?;
+        in_force(&net, &hosts, &offsets, v)?;
+        let ready = net.dir.join(format!("probe-{i}.ready"));
+        let out = net.dir.join(format!("probe-{i}.json"));
+        net.spawn(
+            a,
+            Some("web"),
+            load,
+            &[
+                "load",
+                "probe",
+                "10.77.0.2:7000",
+                "20",
+                "5",
+                ready.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            if Instant::now() > deadline {
+                bail!("the probe did not start failing within 10 s (denied policy in force?)");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let offsets: Vec<u64> = hosts.iter().map(|h| file_len(&net.log_path(h))).collect();
+        let (v, t0) = apply_policy(&net, &srv, POLICY_ALLOW)?;
+        command.push((unix_now() - t0) * 1e3);
+        let when = in_force(&net, &hosts, &offsets, v)?;
+        let last = when.iter().copied().fold(f64::MIN, f64::max);
+        logged.push((last - t0) * 1e3);
+        let deadline = Instant::now() + Duration::from_secs(25);
+        while !out.exists() {
+            if Instant::now() > deadline {
+                bail!("the probe never got through after policy version {v}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let r: Value = serde_json::from_str(&fs::read_to_string(&out)?)?;
+        let at = r["unix_us"].as_f64().context("probe result")? / 1e6;
+        probed.push((at - t0) * 1e3);
+    }
+
+    // Server memory: idle with the two enforcers enrolled and watching, then with more
+    // watch streams (curl with host-a's certificate, as an enforcer would) held open.
+    thread::sleep(Duration::from_millis(500));
+    let idle_rss = rss_kib(srv.pid)?;
+    let watchers = if quick { 50 } else { 100 };
+    eprintln!("bench: control plane memory, idle and with {watchers} more watch streams");
+    let cache = net.control_state(a);
+    let cert = cache.join("cert.pem");
+    // curl's OpenSSL 3.0 does not read the PKCS#8 v2 form (with the public key) of the
+    // cached Ed25519 key: the same key as PKCS#8 v1.
+    let key = net.dir.join("watcher-key.pem");
+    fs::write(
+        &key,
+        ed25519_pkcs8_v1(&fs::read_to_string(cache.join("key.pem"))?)?,
+    )?;
+    let server_ca = srv.state.join("ca.pem");
+    let watch_url = format!("{}/v1/watch", srv.url);
+    let before = control_connections(&net, &srv)?;
+    let mut curls = Vec::with_capacity(watchers);
+    for _ in 0..watchers {
+        curls.push(net.spawn(
+            net.host("control"),
+            None,
+            "curl",
+            &[
+                "-sS",
+                "-N",
+                "-o",
+                "/dev/null",
+                "-m",
+                "120",
+                "--cacert",
+                server_ca.to_str().unwrap(),
+                "--cert",
+                cert.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+                &watch_url,
+            ],
+        )?);
+    }
+    // Each curl holds one connection (counted at the server's end).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while control_connections(&net, &srv)? < before + watchers {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {watchers} watch streams open within 30 s:\n{}",
+                control_connections(&net, &srv)?.saturating_sub(before),
+                fs::read_to_string(net.dir.join("control-other-curl.log")).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let watched_rss = rss_kib(srv.pid)?;
+    for pid in curls {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    Ok(json!({
+        "enforcer_start_ms": {"enrolling": spread(&cold), "from_cache": spread(&cached)},
+        "enrolment_round_trip_ms": spread(&enrol),
+        "policy_in_force_ms": {
+            "logged": spread(&logged),
+            "probed": spread(&probed),
+            "apply_command": spread(&command),
+            "enforcers": hosts.len(),
+        },
+        "server_rss_kib": {
+            "idle": idle_rss,
+            "watchers": watchers,
+            "with_watchers": watched_rss,
+            "per_watcher": (watched_rss.saturating_sub(idle_rss)) as f64 / watchers as f64,
+        },
+    }))
 }

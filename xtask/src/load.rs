@@ -37,6 +37,17 @@ pub enum LoadCommand {
         ready_file: std::path::PathBuf,
         seconds: u64,
     },
+    /// Until a connection to ADDR echoes a byte (at most SECONDS; an attempt every
+    /// INTERVAL_MS): write READY_FILE once an attempt has failed, then the wall-clock time
+    /// (Unix microseconds) of the first success to OUT_FILE. Fails if the first attempt
+    /// already succeeds (nothing to wait for).
+    Probe {
+        addr: SocketAddr,
+        seconds: f64,
+        interval_ms: u64,
+        ready_file: std::path::PathBuf,
+        out_file: std::path::PathBuf,
+    },
 }
 
 fn raise_fd_limit() {
@@ -61,6 +72,13 @@ pub fn run(cmd: LoadCommand) -> Result<()> {
             ready_file,
             seconds,
         } => hold(addr, n, &ready_file, seconds),
+        LoadCommand::Probe {
+            addr,
+            seconds,
+            interval_ms,
+            ready_file,
+            out_file,
+        } => probe(addr, seconds, interval_ms, &ready_file, &out_file),
     }
 }
 
@@ -186,4 +204,47 @@ fn hold(addr: SocketAddr, n: usize, ready_file: &std::path::Path, seconds: u64) 
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// One attempt: connect, echo one byte, each step bounded by `timeout`.
+fn echo_once(addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"p")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    Ok(())
+}
+
+fn probe(
+    addr: SocketAddr,
+    seconds: f64,
+    interval_ms: u64,
+    ready_file: &std::path::Path,
+    out_file: &std::path::Path,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut attempts = 0u64;
+    loop {
+        attempts += 1;
+        if echo_once(addr, Duration::from_millis(300)).is_ok() {
+            if attempts == 1 {
+                bail!("{addr}: the first attempt already succeeded");
+            }
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            std::fs::write(
+                out_file,
+                json!({"unix_us": now.as_micros() as u64, "attempts": attempts}).to_string(),
+            )?;
+            return Ok(());
+        }
+        if attempts == 1 {
+            std::fs::write(ready_file, "failing")?;
+        }
+        if Instant::now() > deadline {
+            bail!("{addr}: no echo within {seconds} s ({attempts} attempts)");
+        }
+        std::thread::sleep(Duration::from_millis(interval_ms));
+    }
 }
