@@ -464,9 +464,8 @@ pub fn run(bin: &Path) -> Result<()> {
     indented(&net.control_admin(&srv, &["server", "status"])?);
 
     println!(
-        "\nConnectivity map (`tessera map`, merged from the APIs of all three enforcers). Rows to port\n\
-         15008 are tunnels refused as not in the directory: host-a's after its revocation, and peers\n\
-         dialling a newly enrolled enforcer before its first directory arrived (they retry):\n"
+        "\nConnectivity map (`tessera map`, merged from the APIs of all three enforcers). The row to port\n\
+         15008 is host-a's tunnel refused after its revocation (not in the directory):\n"
     );
     let apis: Vec<String> = [a, b, c]
         .iter()
