@@ -91,8 +91,18 @@ impl TlsGate {
         }
     }
 
-    /// A slot for a TLS handshake from `remote`, or why there is none.
-    fn admit(&self, remote: SocketAddr) -> Result<OwnedSemaphorePermit, (Code, String)> {
+    /// A slot for a TLS handshake from `remote`, or why there is none. A known peer's
+    /// address (one a peer enforcer serves: it completed a TCP handshake from there, which
+    /// an off-path spoofer cannot) is held to neither bound: a burst of its workloads'
+    /// connections dials as many tunnels at once, and must not be refused as a flood.
+    fn admit(
+        &self,
+        remote: SocketAddr,
+        known_peer: bool,
+    ) -> Result<Option<OwnedSemaphorePermit>, (Code, String)> {
+        if known_peer {
+            return Ok(None);
+        }
         if !self.rate.allow(remote.ip(), now_ms(), &self.drops) {
             let reason = format!(
                 "{} is over its rate of TLS handshakes ({TLS_RATE} a second)",
@@ -100,11 +110,15 @@ impl TlsGate {
             );
             return Err((Code::RateLimited, reason));
         }
-        self.slots.clone().try_acquire_owned().map_err(|_| {
-            self.drops.hit(Limit::TlsHandshakes);
-            let reason = format!("{MAX_TLS_HANDSHAKES} TLS handshakes are in progress already");
-            (Code::Overloaded, reason)
-        })
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map(Some)
+            .map_err(|_| {
+                self.drops.hit(Limit::TlsHandshakes);
+                let reason = format!("{MAX_TLS_HANDSHAKES} TLS handshakes are in progress already");
+                (Code::Overloaded, reason)
+            })
     }
 }
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -120,7 +134,8 @@ impl Inbound {
                     continue;
                 }
             };
-            let permit = match self.gate.admit(remote) {
+            let known_peer = self.peers.table().lookup(remote.ip()).is_some();
+            let permit = match self.gate.admit(remote, known_peer) {
                 Ok(p) => p,
                 Err((code, reason)) => {
                     reset_on_close(&tcp);
@@ -154,7 +169,7 @@ impl Inbound {
         &self,
         tcp: TcpStream,
         remote: SocketAddr,
-        permit: OwnedSemaphorePermit,
+        permit: Option<OwnedSemaphorePermit>,
     ) {
         // A failed handshake is recorded; a tunnel that carries requests records each one.
         let flow = self.handshake_flow(&tcp, remote);
