@@ -339,6 +339,12 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         cpu.insert("handshake".into(), json!(cpu_ms));
     }
     result["cpu_ms_per_1000_connections"] = cpu.into();
+    // Memory before the control plane: that section stops the data-path enforcers.
+    if wants(Section::Memory) {
+        let t = CpuTimes::now()?;
+        result["memory"] = memory(&bench, quick)?;
+        steal.insert("memory".into(), json!(t.steal_pct_since()?));
+    }
     if wants(Section::Control) {
         // Test hosts of its own; the data-path enforcers stay out of its way.
         for h in [a, b] {
@@ -347,11 +353,6 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         let t = CpuTimes::now()?;
         result["control"] = control(&bench.load, quick)?;
         steal.insert("control".into(), json!(t.steal_pct_since()?));
-    }
-    if wants(Section::Memory) {
-        let t = CpuTimes::now()?;
-        result["memory"] = memory(&bench, quick)?;
-        steal.insert("memory".into(), json!(t.steal_pct_since()?));
     }
     result["cpu_steal_pct"] = steal.into();
     print_table(&result);
