@@ -121,8 +121,15 @@ impl Delivery {
         }
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
-        // No SO_REUSEADDR: while this socket holds the address and port, nobody else can
-        // bind them and so pass the guard as this delivery.
+        // While this socket holds the address and port nobody else may bind them, or they
+        // would pass the guard as this delivery. From the peer's address (original source)
+        // that takes IP_TRANSPARENT, which no unprivileged process has, so SO_REUSEADDR is
+        // safe there, and needed: it lets ports whose earlier deliveries sit in TIME_WAIT be
+        // bound again (thousands of connections a second exhaust the range otherwise).
+        // From 127.0.0.77 anyone may bind: no SO_REUSEADDR, so nobody can share the port.
+        if transparent {
+            socket.set_reuse_address(true)?;
+        }
         socket.bind(&SocketAddr::new(src, 0).into())?;
         let bound = socket
             .local_addr()?
