@@ -25,6 +25,9 @@ use crate::{
     handshake::{ENV, SYSTEM_DIRS, find, tools},
 };
 
+/// `bpf_map_update_elem` flag: insert only, never replace (linux/bpf.h).
+const BPF_NOEXIST: u64 = 1;
+
 /// The `sk_lookup` guard's map of deliveries being connected.
 pub struct DeliveryMap(Mutex<HashMap<MapData, DeliveryKey, u32>>);
 
@@ -56,8 +59,21 @@ pub fn key(src: SocketAddr, dst_port: u16) -> DeliveryKey {
 impl DeliveryGate for DeliveryMap {
     fn open(&self, src: SocketAddr, dst_port: u16) -> io::Result<()> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(key(src, dst_port), 1, 0)
-            .map_err(|e| io::Error::other(format!("cannot register the delivery from {src}: {e}")))
+        // BPF_NOEXIST: a concurrent delivery that shares the address and port (SO_REUSEADDR
+        // lets two transparent sockets bind it) must not share the registration, or the
+        // first to finish would unregister the other's SYN. The proxy takes another port.
+        map.insert(key(src, dst_port), 1, BPF_NOEXIST)
+            .map_err(|e| match e {
+                aya::maps::MapError::SyscallError(s)
+                    if s.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("a delivery from {src} is already being connected"),
+                    )
+                }
+                e => io::Error::other(format!("cannot register the delivery from {src}: {e}")),
+            })
     }
 
     fn close(&self, src: SocketAddr, dst_port: u16) {

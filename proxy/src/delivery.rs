@@ -100,15 +100,8 @@ impl Delivery {
         }
     }
 
-    /// Connects to the local workload at `dst` for a connection from `peer` (its address of
-    /// `dst`'s family).
-    pub async fn connect(
-        &self,
-        peer: Option<IpAddr>,
-        dst: SocketAddr,
-        timeout: Duration,
-    ) -> io::Result<TcpStream> {
-        let (src, transparent) = self.source_for(peer, dst)?;
+    /// A delivery socket for `dst`, not yet bound.
+    fn socket(&self, dst: SocketAddr, transparent: bool) -> io::Result<Socket> {
         let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
         if self.mark != 0 {
             socket.set_mark(self.mark)?;
@@ -130,7 +123,53 @@ impl Delivery {
         if transparent {
             socket.set_reuse_address(true)?;
         }
-        socket.bind(&SocketAddr::new(src, 0).into())?;
+        Ok(socket)
+    }
+
+    /// Connects to the local workload at `dst` for a connection from `peer` (its address of
+    /// `dst`'s family).
+    ///
+    /// The source port is chosen here, at random in the host's ephemeral range, and bound
+    /// explicitly: the guard needs it before the SYN, and `bind(port 0)` searches the whole
+    /// range under the kernel's bind-hash locks, which with thousands of deliveries in
+    /// TIME_WAIT cost most of the enforcer's CPU (the tunnel's connection rate halved). A
+    /// port that is taken (bound, registered by a concurrent delivery, or a 4-tuple still in
+    /// TIME_WAIT) is skipped; after [`PORT_TRIES`] of them the kernel chooses.
+    pub async fn connect(
+        &self,
+        peer: Option<IpAddr>,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
+        let (src, transparent) = self.source_for(peer, dst)?;
+        let ports = ports::ephemeral();
+        let mut last = None;
+        for attempt in 0..=PORT_TRIES {
+            let port = if attempt < PORT_TRIES {
+                ports.random()
+            } else {
+                0
+            };
+            match self
+                .connect_from(SocketAddr::new(src, port), transparent, dst, timeout)
+                .await
+            {
+                Err(e) if port != 0 && taken(&e) => last = Some(e),
+                done => return done,
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("no delivery port")))
+    }
+
+    async fn connect_from(
+        &self,
+        src: SocketAddr,
+        transparent: bool,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
+        let socket = self.socket(dst, transparent)?;
+        socket.bind(&src.into())?;
         let bound = socket
             .local_addr()?
             .as_socket()
@@ -148,6 +187,79 @@ impl Delivery {
                 io::ErrorKind::TimedOut,
                 format!("connect to {dst} from {bound} timed out"),
             )),
+        }
+    }
+}
+
+/// Random source ports tried before the kernel's own search.
+pub const PORT_TRIES: usize = 16;
+
+/// Whether a delivery failed only because its source port was taken.
+fn taken(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+    )
+}
+
+/// The host's ephemeral port range, without its reserved ports.
+mod ports {
+    use std::{ops::RangeInclusive, sync::OnceLock};
+
+    pub struct Ephemeral {
+        range: RangeInclusive<u16>,
+        reserved: Vec<RangeInclusive<u16>>,
+    }
+
+    /// Read once from `/proc/sys/net/ipv4` (the enforcer's network namespace; the kernel's
+    /// defaults if unreadable).
+    pub fn ephemeral() -> &'static Ephemeral {
+        static PORTS: OnceLock<Ephemeral> = OnceLock::new();
+        PORTS.get_or_init(|| {
+            let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}"));
+            parse(
+                &read("ip_local_port_range").unwrap_or_default(),
+                &read("ip_local_reserved_ports").unwrap_or_default(),
+            )
+        })
+    }
+
+    pub fn parse(range: &str, reserved: &str) -> Ephemeral {
+        let mut bounds = range.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+        let range = match (bounds.next(), bounds.next()) {
+            (Some(lo), Some(hi)) if 0 < lo && lo <= hi => lo..=hi,
+            _ => 32768..=60999,
+        };
+        let reserved = reserved
+            .trim()
+            .split(',')
+            .filter_map(|r| match r.split_once('-') {
+                Some((lo, hi)) => Some(lo.trim().parse().ok()?..=hi.trim().parse().ok()?),
+                None => {
+                    let p = r.trim().parse().ok()?;
+                    Some(p..=p)
+                }
+            })
+            .collect();
+        Ephemeral { range, reserved }
+    }
+
+    impl Ephemeral {
+        /// A port of the range that is not reserved (0 if none could be found).
+        pub fn random(&self) -> u16 {
+            let span = u32::from(self.range.end() - self.range.start()) + 1;
+            for _ in 0..8 {
+                let mut b = [0u8; 4];
+                if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err()
+                {
+                    return 0;
+                }
+                let p = self.range.start() + (u32::from_ne_bytes(b) % span) as u16;
+                if !self.reserved.iter().any(|r| r.contains(&p)) {
+                    return p;
+                }
+            }
+            0
         }
     }
 }
@@ -218,5 +330,19 @@ mod tests {
         );
         assert!(delivery.source_for(Some(peer), v6dst).is_err());
         assert!(delivery.source_for(None, v6dst).is_err());
+    }
+
+    #[test]
+    fn delivery_ports_are_random_in_the_ephemeral_range_and_never_reserved() {
+        let ports = ports::parse("1024\t1100\n", "1024-1090,1095\n");
+        let seen: std::collections::HashSet<u16> = (0..2_000).map(|_| ports.random()).collect();
+        assert!(seen.iter().all(|p| (1091..=1100).contains(p) && *p != 1095 || *p == 0));
+        // All nine free ports come up (a fixed or sequential choice would not).
+        assert_eq!(seen.iter().filter(|p| **p != 0).count(), 9, "{seen:?}");
+        // Unreadable or nonsense: the kernel's defaults.
+        let d = ports::parse("", "");
+        assert!((32768..=60999).contains(&d.random()));
+        let d = ports::parse("9000 8000", "x");
+        assert!((32768..=60999).contains(&d.random()));
     }
 }

@@ -255,8 +255,8 @@ pub struct Options<'a> {
     pub quick: bool,
     /// Sections to run; empty: all.
     pub only: Vec<Section>,
-    /// Record a CPU profile (`perf record -g`) of both enforcers during the handshake-mode
-    /// connection-rate run into this file.
+    /// Record CPU profiles (`perf record -g`) of both enforcers during each mode's
+    /// connection-rate CPU run, into this file with the section as extension.
     pub perf: Option<&'a Path>,
 }
 
@@ -326,7 +326,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
     let mut steal = serde_json::Map::new();
     if wants(Section::Tunnel) {
         let t = CpuTimes::now()?;
-        let (tunnel, cpu_ms) = tunnel_mode(&bench)?;
+        let (tunnel, cpu_ms) = tunnel_mode(&bench, opts.perf)?;
         steal.insert("tunnel".into(), json!(t.steal_pct_since()?));
         merge(&mut result, tunnel);
         cpu.insert("tunnel".into(), json!(cpu_ms));
@@ -393,7 +393,7 @@ fn rate_and_cpu(bench: &Bench) -> Result<(f64, f64, f64)> {
 }
 
 /// Tunnel mode: throughput, connection rate, latency, pool and token costs, CPU.
-fn tunnel_mode(bench: &Bench) -> Result<(Value, f64)> {
+fn tunnel_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     let secs = bench.secs;
     restart(bench, |o| {
         o.handshake = false;
@@ -417,7 +417,7 @@ fn tunnel_mode(bench: &Bench) -> Result<(Value, f64)> {
     let cr_notokens = bench.connrate(true)?;
     eprintln!("bench: enforcer CPU per 1,000 connections, tunnel mode");
     restart(bench, |o| o.tokens = true)?;
-    let (_, cpu_ms, _) = rate_and_cpu(bench)?;
+    let (_, cpu_ms, _) = profiled(bench, perf, "tunnel", || rate_and_cpu(bench))?;
     // Wall time per connection at saturation (4 client threads on this machine's cores).
     let token_cost_us = if cr_t > 0.0 && cr_notokens > 0.0 {
         1e6 / cr_t - 1e6 / cr_notokens
@@ -450,16 +450,7 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     let tp_d = bench.iperf(false)?;
     let tp = bench.iperf(true)?;
     let cr_d = bench.connrate(false)?;
-    let profiler = perf.map(|out| start_perf(bench, out)).transpose()?;
-    let (cr, cpu_ms, queued_per_conn) = rate_and_cpu(bench)?;
-    if let Some(mut p) = profiler {
-        // SIGINT makes perf write its file and exit.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        p.wait()?;
-    }
+    let (cr, cpu_ms, queued_per_conn) = profiled(bench, perf, "handshake", || rate_and_cpu(bench))?;
     let (p50_d, p99_d) = bench.latency(false)?;
     let (p50, p99) = bench.latency(true)?;
     // The queues alone: the same rules and workers, every packet passed unverified. What
@@ -496,6 +487,29 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
         }),
         cpu_ms,
     ))
+}
+
+/// Runs `f` under `perf record -g` of both enforcers when asked (`--perf FILE`: the profile
+/// of section `name` goes to `FILE.name`).
+fn profiled<T>(
+    bench: &Bench,
+    perf: Option<&Path>,
+    name: &str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let profiler = perf
+        .map(|out| start_perf(bench, &out.with_extension(name)))
+        .transpose()?;
+    let result = f();
+    if let Some(mut p) = profiler {
+        // SIGINT makes perf write its file and exit.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        p.wait()?;
+    }
+    result
 }
 
 fn start_perf(bench: &Bench, out: &Path) -> Result<std::process::Child> {

@@ -45,8 +45,8 @@ enum Command {
         /// Run only these sections (repeatable); default: all.
         #[arg(long, value_enum)]
         only: Vec<bench::Section>,
-        /// Record a CPU profile (perf record -g) of both enforcers during the handshake-mode
-        /// connection-rate run into this file.
+        /// Record CPU profiles (perf record -g) of both enforcers during each mode's
+        /// connection-rate CPU run, into this file with the section name as extension.
         #[arg(long)]
         perf: Option<PathBuf>,
     },
