@@ -259,6 +259,7 @@ pub async fn build(config: &Config) -> Result<Running> {
             // packets need a reader.
             crate::handshake::start(
                 config,
+                host.peers.clone(),
                 Arc::new(Engine::new(setup)),
                 core.registry.clone(),
                 capture.take_closed_ring()?,

@@ -69,7 +69,8 @@ pub struct HandshakeConfig {
     /// it to the top-level [`Config::mode`], so a loaded config never has it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<DataPathMode>,
-    /// First of the two NFQUEUE numbers used (egress, then ingress).
+    /// First of the three NFQUEUE numbers used (egress, ingress, then the peers' lane of
+    /// ingress: packets from the directory's peer addresses).
     pub queue: u16,
     /// `SO_MARK` the connect hooks give enrolled workloads' sockets (queued handshakes).
     pub socket_mark: u32,
@@ -723,12 +724,14 @@ impl Config {
         Ok(())
     }
 
-    /// `[handshake]`: two queue numbers, single distinct mark bits that overlap neither
+    /// `[handshake]`: three queue numbers, single distinct mark bits that overlap neither
     /// socket mark, a bounded key reuse window, and a socket mark of its own.
     fn validate_handshake(&self) -> Result<(), String> {
         let h = &self.handshake;
-        if h.queue == u16::MAX {
-            return Err("handshake.queue: needs two queue numbers (queue and queue + 1)".into());
+        if h.queue >= u16::MAX - 1 {
+            return Err(
+                "handshake.queue: needs three queue numbers (queue, queue + 1, queue + 2)".into(),
+            );
         }
         for (field, bit) in [("proven_bit", h.proven_bit), ("acked_bit", h.acked_bit)] {
             if bit.count_ones() != 1 {

@@ -225,7 +225,9 @@ mod ports {
     }
 
     pub fn parse(range: &str, reserved: &str) -> Ephemeral {
-        let mut bounds = range.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+        let mut bounds = range
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u16>().ok());
         let range = match (bounds.next(), bounds.next()) {
             (Some(lo), Some(hi)) if 0 < lo && lo <= hi => lo..=hi,
             _ => 32768..=60999,
@@ -336,7 +338,10 @@ mod tests {
     fn delivery_ports_are_random_in_the_ephemeral_range_and_never_reserved() {
         let ports = ports::parse("1024\t1100\n", "1024-1090,1095\n");
         let seen: std::collections::HashSet<u16> = (0..2_000).map(|_| ports.random()).collect();
-        assert!(seen.iter().all(|p| (1091..=1100).contains(p) && *p != 1095 || *p == 0));
+        assert!(
+            seen.iter()
+                .all(|p| (1091..=1100).contains(p) && *p != 1095 || *p == 0)
+        );
         // All nine free ports come up (a fixed or sequential choice would not).
         assert_eq!(seen.iter().filter(|p| **p != 0).count(), 9, "{seen:?}");
         // Unreadable or nonsense: the kernel's defaults.

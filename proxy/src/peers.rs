@@ -59,6 +59,11 @@ impl PeerTable {
             .map(|(net, _)| net.addr())
     }
 
+    /// Each address range with the peer that serves it, longest prefix first.
+    pub fn routes(&self) -> impl Iterator<Item = (&IpNet, &Peer)> {
+        self.routes.iter().map(|(net, peer)| (net, peer))
+    }
+
     pub fn peers(&self) -> impl Iterator<Item = &Peer> {
         self.routes.iter().map(|(_, p)| p)
     }

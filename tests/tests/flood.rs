@@ -53,9 +53,9 @@ const RESTART_FACTOR: u32 = 3;
 const RESTART_SLACK: Duration = Duration::from_secs(2);
 
 /// Of the enrolled client's connections during the flood, at least this share must work
-/// (its SYN shares the kernel's queue with the flood and may need a retransmission; curl
-/// allows 5 s).
-const LEGIT_MIN_SHARE: f64 = 0.8;
+/// (curl allows 5 s). Its packets come from a peer's address and wait in the peers' lane,
+/// not in the queue the flood fills (which at 450,000 packets/s left 17 of 22 through).
+const LEGIT_MIN_SHARE: f64 = 0.95;
 /// It tries this many times at most (a connection every 200 ms over the flood).
 const LEGIT_MAX_TRIES: u64 = 300;
 

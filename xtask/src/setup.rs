@@ -8,6 +8,8 @@ use tessera_tests::which;
 const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("iptables", "iptables"),
+    // Handshake mode's peers' lane (an ipset of the directory's addresses).
+    ("ipset", "ipset"),
     ("nsenter", "util-linux"),
     ("tcpdump", "tcpdump"),
     ("curl", "curl"),

@@ -16,6 +16,9 @@
 //!   SYN-ACKs from workload ports go to the egress queue; the engine's acked bit is saved in
 //!   the connmark, after which nothing of the connection is queued.
 //!
+//! * Ingress has two queues: packets from the directory's peer addresses go to a lane of
+//!   their own (`lane`), so that a flood from spoofed strangers fills only theirs.
+//!
 //! Fail closed: while no enforcer reads the queues, queued packets are dropped (only
 //! SYN-ACKs and resets bypass: they only answer SYNs that an enforcer sent). `fail_open` lets SYNs
 //! to workload ports through instead. No sysctl is changed.
@@ -32,6 +35,7 @@ use tokio::sync::mpsc;
 use crate::{config::Config, metrics::Metrics};
 
 mod closed;
+mod lane;
 mod live;
 mod rules;
 mod tools;
@@ -45,10 +49,12 @@ use worker::{Handler, Queue, RawSender, worker};
 /// channels apply backpressure rather than drop: see `worker` and `closed`).
 const WATCH_QUEUE: usize = 16_384;
 
-/// Starts the workers (a thread per queue), the watch of live connections and the expiry
-/// of unfinished handshakes.
+/// Starts the peers' lane (its sets filled from `directory`, and following it), the
+/// workers (a thread per queue), the watch of live connections and the expiry of
+/// unfinished handshakes.
 pub fn start(
     config: &Config,
+    directory: Arc<tessera_proxy::peers::Directory>,
     engine: Arc<Engine>,
     registry: Arc<ConnectionRegistry>,
     closed: RingBuf<MapData>,
@@ -56,6 +62,11 @@ pub fn start(
 ) -> Result<()> {
     let h = &config.handshake;
     let ss = tools()?.ss.clone();
+    // The sets before the rules that name them.
+    let lane = Arc::new(lane::Lane::new()?);
+    let addresses = lane.sync(&directory.table())?;
+    tracing::debug!(addresses, "peers' lane");
+    lane.follow(directory);
     let sender = Arc::new(RawSender::new(config.bpf.proxy_mark)?);
     let (live_tx, live_rx) = mpsc::channel(WATCH_QUEUE);
     let (closed_tx, closed_rx) = mpsc::channel(WATCH_QUEUE);
@@ -75,6 +86,7 @@ pub fn start(
     for (num, side, name) in [
         (h.queue, Queue::Egress, "tessera-hs-egress"),
         (h.queue + 1, Queue::Ingress, "tessera-hs-ingress"),
+        (h.queue + 2, Queue::Ingress, "tessera-hs-peers"),
     ] {
         let (handler, sender) = (handler.clone(), sender.clone());
         let live_tx = live_tx.clone();

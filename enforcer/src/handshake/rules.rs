@@ -73,32 +73,54 @@ fn args(s: &str) -> Vec<String> {
 }
 
 /// The rules of one family and generation, in order, as `-t TABLE -A CHAIN ...` strings.
-fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
+/// `set`: the family's ipset of peers' addresses ([`super::lane`]): each rule that queues to
+/// the ingress queue has a twin before it that sends the same packets from those addresses
+/// to the peers' lane instead.
+fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<String> {
     let [(_, _, raw), (_, _, input), (_, _, local), (_, _, output)] = chains(generation);
-    let (egress, ingress) = (h.queue, h.queue + 1);
+    let (egress, ingress, lane) = (h.queue, h.queue + 1, h.queue + 2);
     let syn_bypass = if h.fail_open { " --queue-bypass" } else { "" };
     let (sm, pb, ab) = (h.socket_mark, h.proven_bit, h.acked_bit);
-    let mut r = vec![
-        format!(
-            "-t raw -A {raw} ! -i lo -p tcp -m tcp --tcp-option 253 -j NFQUEUE --queue-num {ingress}{syn_bypass}"
-        ),
-        format!(
-            "-t raw -A {raw} ! -i lo -p tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {ingress} --queue-bypass"
-        ),
-        // Resets: a peer refusing one of our handshakes is recorded at once.
-        format!(
-            "-t raw -A {raw} ! -i lo -p tcp --tcp-flags RST RST -j NFQUEUE --queue-num {ingress} --queue-bypass"
-        ),
-    ];
-    for p in ports {
+    let mut r = Vec::new();
+    // `-t TABLE -A CHAIN MATCHES` to the ingress queue, after its peers' twin.
+    let mut to_ingress = |head: String, matches: String, bypass: &str| {
         r.push(format!(
-            "-t raw -A {raw} ! -i lo -p tcp --syn --dport {p} -j NFQUEUE --queue-num {ingress}{syn_bypass}"
+            "{head} {matches} -m set --match-set {set} src -j NFQUEUE --queue-num {lane}{bypass}"
         ));
-        // A connection made on this host (to a loopback address or to one of the host's
-        // own, all over `lo`) carries no proof and has no proxy to come through: a protected
-        // port is not reachable that way (issue 12 item 7). `sk_lookup` refuses those to
-        // loopback addresses too, but not those to the host's own addresses: their
-        // `ingress_ifindex` is the address's device, not `lo`; only this rule stops them.
+        r.push(format!(
+            "{head} {matches} -j NFQUEUE --queue-num {ingress}{bypass}"
+        ));
+    };
+    let raw_head = format!("-t raw -A {raw}");
+    to_ingress(
+        raw_head.clone(),
+        "! -i lo -p tcp -m tcp --tcp-option 253".into(),
+        syn_bypass,
+    );
+    to_ingress(
+        raw_head.clone(),
+        "! -i lo -p tcp --tcp-flags SYN,ACK SYN,ACK".into(),
+        " --queue-bypass",
+    );
+    // Resets: a peer refusing one of our handshakes is recorded at once.
+    to_ingress(
+        raw_head.clone(),
+        "! -i lo -p tcp --tcp-flags RST RST".into(),
+        " --queue-bypass",
+    );
+    for p in ports {
+        to_ingress(
+            raw_head.clone(),
+            format!("! -i lo -p tcp --syn --dport {p}"),
+            syn_bypass,
+        );
+    }
+    // A connection made on this host (to a loopback address or to one of the host's
+    // own, all over `lo`) carries no proof and has no proxy to come through: a protected
+    // port is not reachable that way (issue 12 item 7). `sk_lookup` refuses those to
+    // loopback addresses too, but not those to the host's own addresses: their
+    // `ingress_ifindex` is the address's device, not `lo`; only this rule stops them.
+    for p in ports {
         r.push(format!(
             "-t raw -A {raw} -i lo -p tcp --syn --dport {p} -j DROP"
         ));
@@ -107,12 +129,26 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8) -> Vec<String> {
         "-t mangle -A {input} -m mark --mark {pb:#x}/{pb:#x} -j CONNMARK --set-xmark {pb:#x}/{pb:#x}"
     ));
     // A packet of a connection that has not proven itself (yet) goes to the engine, behind
-    // the proof it may have overtaken in the queue; the engine drops the rest.
+    // the proof it may have overtaken in the queue (the same queue: all of a connection's
+    // packets come from one source); the engine drops the rest.
+    let mut tail = Vec::new();
     for p in ports {
-        r.push(format!(
-            "-t mangle -A {input} ! -i lo -p tcp --dport {p} --tcp-flags SYN,RST NONE -m connmark ! --mark {pb:#x}/{pb:#x} -j NFQUEUE --queue-num {ingress}{syn_bypass}"
-        ));
+        let mut to_ingress = |head: String, matches: String| {
+            tail.push(format!(
+                "{head} {matches} -m set --match-set {set} src -j NFQUEUE --queue-num {lane}{syn_bypass}"
+            ));
+            tail.push(format!(
+                "{head} {matches} -j NFQUEUE --queue-num {ingress}{syn_bypass}"
+            ));
+        };
+        to_ingress(
+            format!("-t mangle -A {input}"),
+            format!(
+                "! -i lo -p tcp --dport {p} --tcp-flags SYN,RST NONE -m connmark ! --mark {pb:#x}/{pb:#x}"
+            ),
+        );
     }
+    r.extend(tail);
     // Client: everything after the SYN until the first ACK went, in OUTPUT: the acked bit the
     // engine sets is saved in the connmark at POSTROUTING, and packets behind the first ACK
     // wait behind it in the queue instead of overtaking its proof.
@@ -151,7 +187,7 @@ fn installed_generation(tool: &Path) -> Option<u8> {
     })
 }
 
-/// Removes our rules (both generations, both families).
+/// Removes our rules (both generations, both families) and the peers' lane's sets.
 pub fn remove_rules() {
     let programs = match programs() {
         Ok(p) => p,
@@ -168,6 +204,8 @@ pub fn remove_rules() {
             remove_generation(tool, generation);
         }
     }
+    // Then the peers' sets, which only the rules referenced.
+    super::lane::remove_sets();
 }
 
 /// The rules of a new generation, in chains of their own that nothing jumps to yet (so
@@ -187,7 +225,7 @@ pub fn prepare_rules(h: &HandshakeConfig, ports: &[u16]) -> Result<PreparedRules
         families: Vec::new(),
         committed: false,
     };
-    for tool in programs()? {
+    for (tool, v6) in programs()?.into_iter().zip([false, true]) {
         let old = installed_generation(tool);
         let new = if old == Some(1) { 2 } else { 1 };
         // Leftovers of a start that did not complete (nothing jumps to them).
@@ -197,7 +235,7 @@ pub fn prepare_rules(h: &HandshakeConfig, ports: &[u16]) -> Result<PreparedRules
             for (table, _, chain) in chains(new) {
                 run(tool, &args(&format!("-t {table} -N {chain}")))?;
             }
-            for rule in rules(h, ports, new) {
+            for rule in rules(h, ports, new, super::lane::set_name(v6)) {
                 run(tool, &args(&rule))?;
             }
             Ok(())
@@ -255,7 +293,7 @@ mod tests {
     #[test]
     fn rules_queue_handshakes_only_and_fail_closed_by_default() {
         let h = HandshakeConfig::default();
-        let r = rules(&h, &[8080], 1);
+        let r = rules(&h, &[8080], 1, "tessera-peers4");
         assert!(r.iter().any(
             |l| l.contains("--syn --dport 8080 -j NFQUEUE --queue-num 7701")
                 && !l.contains("bypass")
@@ -269,13 +307,26 @@ mod tests {
             r.iter()
                 .any(|l| l.ends_with("-i lo -p tcp --syn --dport 8080 -j DROP"))
         );
+        // Every rule to the ingress queue has its twin for the peers' lane right before it,
+        // matching the same packets from the peers' addresses.
+        let ingress: Vec<usize> = (0..r.len())
+            .filter(|&i| r[i].contains("--queue-num 7701"))
+            .collect();
+        assert_eq!(ingress.len(), 5);
+        for i in ingress {
+            let twin = r[i].replace(
+                " -j NFQUEUE --queue-num 7701",
+                " -m set --match-set tessera-peers4 src -j NFQUEUE --queue-num 7702",
+            );
+            assert_eq!(r[i - 1], twin);
+        }
         // Nothing is queued by payload size or per packet beyond the handshake.
         assert!(r.iter().all(|l| !l.contains("connbytes")));
         let open = HandshakeConfig {
             fail_open: true,
             ..HandshakeConfig::default()
         };
-        let r = rules(&open, &[8080], 2);
+        let r = rules(&open, &[8080], 2, "tessera-peers4");
         // Fail open: what would be queued for a workload port passes while nobody reads
         // (what arrives on lo is dropped whether or not anyone reads).
         assert!(

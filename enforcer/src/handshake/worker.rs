@@ -53,7 +53,7 @@ impl RawSender {
     }
 }
 
-/// Which of the two queues a worker reads.
+/// Which side a worker's queue is on (ingress has two queues: strangers and peers' lane).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Queue {
     /// Packets leaving this host (our clients' SYNs and ACKs, our servers' SYN-ACKs).
