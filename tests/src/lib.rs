@@ -13,16 +13,35 @@
 //! * [`apps`]: real programs on the hosts (curl, http servers, redis, the traffic tool, the
 //!   handshake adversary), spawned or run to completion;
 //! * [`control`]: the control plane (`tessera server`) and enforcers that enrol with it;
+//! * [`rogue`]: the hostile peer with a real enforcer's key material, and its answers;
 //! * [`tools`]: the traffic and attack scripts the tests carry.
 //!
 //! Everything a test uses is re-exported here.
+use std::time::{Duration, Instant};
+
 pub mod apps;
 pub mod control;
 pub mod enforcer;
 pub mod network;
+pub mod rogue;
 pub mod tools;
 
 pub use apps::{handshake_attack, which};
 pub use control::{CONTROL_PORT, ControlOptions, ControlServer};
 pub use enforcer::{API_PORT, EnforcerOptions, TUNNEL_PORT, WorkloadSpec, tessera_bin};
 pub use network::{Host, PacketCapture, TestNet, cgroup2_mount, require_root, sh, sweep_leftovers};
+pub use rogue::RogueAnswers;
+
+/// Polls `f` every 200 ms until it holds or `within` passes; whether it held.
+pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -205,6 +205,21 @@ impl TestNet {
         Ok(net)
     }
 
+    /// `web` (app=web) on host-a and `api` (app=api) on host-b taking `port`, and for every
+    /// enforcer the policy that web may reach api on `port` and nothing else. The enforcers
+    /// are not started: a test sets its options first.
+    pub fn add_web_to_api(&self, port: u16) -> Result<()> {
+        self.add_workload(self.host("host-a"), "web", &[("app", "web")], &[])?;
+        self.add_workload(self.host("host-b"), "api", &[("app", "api")], &[port])?;
+        self.write_policy(
+            None,
+            &format!(
+                "rules:\n  - name: web-api\n    action: allow\n    from: [{{labels: [app=web]}}]\n    to: [{{labels: [app=api]}}]\n    ports: [{port}]\n"
+            ),
+        )?;
+        Ok(())
+    }
+
     fn ip(&self, netns: &str, args: &[&str]) -> Result<String> {
         let mut full = vec!["-n", netns];
         full.extend_from_slice(args);

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tessera_tests::{API_PORT, TestNet, tessera_bin};
+use tessera_tests::{API_PORT, Host, TestNet, tessera_bin};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -44,8 +44,16 @@ fn curl(net: &TestNet, host: &str, args: &[&str]) -> Answer {
     }
 }
 
-fn bearer(net: &TestNet) -> String {
-    format!("Authorization: Bearer {}", net.api_token().unwrap())
+/// [`curl`] of `url` on `host` with the API's bearer token.
+fn authed(net: &TestNet, host: &str, url: &str) -> Answer {
+    let bearer = format!("Authorization: Bearer {}", net.api_token().unwrap());
+    curl(net, host, &["-H", &bearer, url])
+}
+
+/// Starts `host`'s enforcer, which must refuse to, with an error that says `want`.
+fn start_refused(net: &TestNet, host: &Host, want: &str) {
+    let e = net.start_enforcer(host).expect_err(want).to_string();
+    assert!(e.contains(want), "{e}");
 }
 
 fn mode(p: &Path) -> u32 {
@@ -154,17 +162,9 @@ fn an_api_off_loopback_needs_the_bearer_token() {
         let a = curl(&net, "host-b", &["-H", &auth, &format!("{base}/api/flows")]);
         assert_eq!(a.status, 401, "{auth}");
     }
-    let a = curl(
-        &net,
-        "host-b",
-        &["-H", &bearer(&net), &format!("{base}/api/flows")],
-    );
+    let a = authed(&net, "host-b", &format!("{base}/api/flows"));
     assert_eq!((a.status, a.body.as_str()), (200, "[]"));
-    let a = curl(
-        &net,
-        "host-b",
-        &["-H", &bearer(&net), &format!("{base}/metrics")],
-    );
+    let a = authed(&net, "host-b", &format!("{base}/metrics"));
     assert_eq!(a.status, 200);
     assert!(a.body.contains("tessera_open_connections"), "{}", a.body);
 
@@ -223,23 +223,23 @@ fn an_api_off_loopback_without_a_private_token_file_does_not_start() {
     net.options.lock().unwrap().api_token = true;
     let file = net.api_token_file().unwrap();
     fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
-    let e = net.start_enforcer(host).expect_err("0644").to_string();
-    assert!(
-        e.contains(&format!(
+    start_refused(
+        &net,
+        host,
+        &format!(
             "flows.api_token_file: {} is mode 0644: it must be 0600 or stricter",
             file.display()
-        )),
-        "{e}"
+        ),
     );
     fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
-    let e = net.start_enforcer(host).expect_err("not ours").to_string();
-    assert!(
-        e.contains(&format!(
+    start_refused(
+        &net,
+        host,
+        &format!(
             "flows.api_token_file: {} is owned by uid 65534, not by the enforcer's user",
             file.display()
-        )),
-        "{e}"
+        ),
     );
     std::os::unix::fs::chown(&file, Some(root_uid()), None).unwrap();
     net.start_enforcer(host).unwrap();
@@ -277,14 +277,10 @@ fn peers_outside_the_configuration_are_refused() {
         .unwrap();
     net.wait_listening(pid, 9999).unwrap();
     let map = |peers: &str| {
-        curl(
+        authed(
             &net,
             "host-b",
-            &[
-                "-H",
-                &bearer(&net),
-                &format!("http://10.77.0.2:{API_PORT}/api/map?peers={peers}"),
-            ],
+            &format!("http://10.77.0.2:{API_PORT}/api/map?peers={peers}"),
         )
     };
     // Not configured peers' APIs: refused, naming the address, and nothing is connected to.
@@ -393,14 +389,10 @@ fn a_peer_that_floods_drips_or_stalls_is_cut_off_within_the_limits() {
     net.wait_listening(pid, API_PORT).unwrap();
     let log = net.dir.join("host-a-other-python3.log");
     let fetch = || {
-        curl(
+        authed(
             &net,
             "host-b",
-            &[
-                "-H",
-                &bearer(&net),
-                &format!("http://10.77.0.2:{API_PORT}/api/map?peers=10.77.0.1:{API_PORT}"),
-            ],
+            &format!("http://10.77.0.2:{API_PORT}/api/map?peers=10.77.0.1:{API_PORT}"),
         )
     };
     // The fake's line about the connection that just ended.
@@ -460,14 +452,10 @@ fn a_peer_that_floods_drips_or_stalls_is_cut_off_within_the_limits() {
     }
 
     // The enforcer is unharmed: its own map is served at once.
-    let a = curl(
+    let a = authed(
         &net,
         "host-b",
-        &[
-            "-H",
-            &bearer(&net),
-            &format!("http://10.77.0.2:{API_PORT}/api/map"),
-        ],
+        &format!("http://10.77.0.2:{API_PORT}/api/map"),
     );
     assert_eq!(a.status, 200, "{}", a.body);
 }
@@ -534,13 +522,13 @@ fn the_enforcer_keeps_its_files_private() {
     fs::remove_file(&log).unwrap();
     fs::write(&log, "").unwrap();
     std::os::unix::fs::chown(&log, Some(65534), Some(65534)).unwrap();
-    let e = net.start_enforcer(host).expect_err("not ours").to_string();
-    assert!(
-        e.contains(&format!(
+    start_refused(
+        &net,
+        host,
+        &format!(
             "flows.log: {} is owned by uid 65534, not by this process's user (uid {me})",
             log.display()
-        )),
-        "{e}"
+        ),
     );
     // A symbolic link in the database's place (made to write elsewhere): refused.
     fs::remove_file(&log).unwrap();
@@ -548,13 +536,13 @@ fn the_enforcer_keeps_its_files_private() {
     fs::write(&elsewhere, "precious").unwrap();
     fs::rename(&db, net.dir.join("map.redb.saved")).unwrap();
     std::os::unix::fs::symlink(&elsewhere, &db).unwrap();
-    let e = net.start_enforcer(host).expect_err("a link").to_string();
-    assert!(
-        e.contains(&format!(
+    start_refused(
+        &net,
+        host,
+        &format!(
             "flows.map_db: {} is a symbolic link: refusing to follow it",
             db.display()
-        )),
-        "{e}"
+        ),
     );
     assert_eq!(fs::read_to_string(&elsewhere).unwrap(), "precious");
 }
@@ -613,8 +601,7 @@ fn a_map_db_locked_by_another_process_stops_the_start_naming_the_file() {
         thread::sleep(Duration::from_millis(20));
     }
     let start = Instant::now();
-    let e = net.start_enforcer(host).expect_err("locked").to_string();
-    assert!(e.contains(&want), "{e}");
+    start_refused(&net, host, &want);
     assert!(
         start.elapsed() < Duration::from_secs(5),
         "{:?}",

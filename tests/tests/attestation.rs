@@ -52,17 +52,7 @@ fn nobody() -> (u32, u32) {
 #[test]
 fn a_sub_cgroup_named_like_a_container_does_not_forge_a_container_id() {
     let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
-    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
-        .unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[PORT])
-        .unwrap();
-    net.write_policy(
-        None,
-        &format!(
-            "rules:\n  - name: web-api\n    action: allow\n    from: [{{labels: [app=web]}}]\n    to: [{{labels: [app=api]}}]\n    ports: [{PORT}]\n"
-        ),
-    )
-    .unwrap();
+    net.add_web_to_api(PORT).unwrap();
     net.start_enforcers().unwrap();
     net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", PORT)
         .unwrap();

@@ -6,13 +6,12 @@
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
-    thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tessera_proxy::flow::{Direction, Verdict};
-use tessera_tests::{ControlServer, TestNet};
+use tessera_tests::{ControlServer, TestNet, eventually};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -64,20 +63,6 @@ fn echo_ok(net: &TestNet) -> bool {
         .unwrap();
     let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or(Value::Null);
     v["ok"] == 1
-}
-
-/// Polls `f` every 200 ms until it holds or `within` passes; whether it held.
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn apply_policy(net: &TestNet, srv: &ControlServer, text: &str) -> anyhow::Result<String> {
@@ -360,50 +345,32 @@ fn a_rogue_enforcer_cannot_claim_outside_its_scope_or_for_another_enforcer() {
     // host-a compromised: its own (valid, in scope) certificate and key, speaking the
     // tunnel protocol with claims of its choosing.
     let state = net.control_state(net.host("host-a"));
-    let path = |f: &str| state.join(f).display().to_string();
-    let out = net
-        .run(
-            net.host("host-a"),
-            None,
+    let rogue = net
+        .rogue_peer(
             env!("CARGO_BIN_EXE_rogue_peer"),
-            &[
-                &path("ca.pem"),
-                &path("cert.pem"),
-                &path("key.pem"),
-                "host-a",
-                "host-b",
-                "10.77.0.2:15008",
-                "10.77.0.2:7000",
-                "tessera.local",
-                "site=london;tenant=globex;site=paris",
+            net.host("host-a"),
+            [
+                &state.join("ca.pem"),
+                &state.join("cert.pem"),
+                &state.join("key.pem"),
             ],
-            T,
+            net.host("host-b"),
+            7000,
+            Some("site=london;tenant=globex;site=paris"),
         )
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "rogue peer failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer = |case: &str| -> Value {
-        stdout
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .find(|a| a["case"] == case)
-            .unwrap_or_else(|| panic!("no answer for {case}: {stdout}"))
-    };
+        .expect("rogue peer");
+    let stdout = &rogue.stdout;
     // In scope (and repeating its own scope): accepted.
-    assert_eq!(answer("valid")["status"], "Connected", "{stdout}");
+    assert_eq!(rogue.answer("valid")["status"], "Connected", "{stdout}");
     assert_eq!(
-        answer("claim:site=paris")["status"],
+        rogue.answer("claim:site=paris")["status"],
         "Connected",
         "{stdout}"
     );
     // Another site, another tenant: refused as out of scope; another enforcer's workload:
     // refused as foreign.
     for case in ["claim:site=london", "claim:tenant=globex"] {
-        let a = answer(case);
+        let a = rogue.answer(case);
         assert_ne!(a["status"], "Connected", "{case}: {stdout}");
         assert!(
             a["reason"]
@@ -413,7 +380,7 @@ fn a_rogue_enforcer_cannot_claim_outside_its_scope_or_for_another_enforcer() {
         );
     }
     assert!(
-        answer("foreign")["reason"]
+        rogue.answer("foreign")["reason"]
             .as_str()
             .is_some_and(|r| r.contains("foreign-identity"))
     );

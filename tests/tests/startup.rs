@@ -93,17 +93,7 @@ time.sleep(120)
 fn setup() -> TestNet {
     let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["outsider"]).expect("test hosts");
     net.options.lock().unwrap().keep_attached = true;
-    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
-        .unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[PORT])
-        .unwrap();
-    net.write_policy(
-        None,
-        &format!(
-            "rules:\n  - name: web-api\n    action: allow\n    from: [{{labels: [app=web]}}]\n    to: [{{labels: [app=api]}}]\n    ports: [{PORT}]\n"
-        ),
-    )
-    .unwrap();
+    net.add_web_to_api(PORT).unwrap();
     net.start_enforcers().unwrap();
     let pid = net
         .spawn(

@@ -27,46 +27,25 @@ fn hostile_tokens_are_refused_with_their_reason_and_never_reach_the_application(
     let net = TestNet::web_and_api("serve-blast", None).expect("test hosts");
 
     let ca = net.dir.join("ca");
-    let path = |f: &str| ca.join(f).display().to_string();
-    let out = net
-        .run(
-            net.host("host-a"),
-            None,
+    let rogue = net
+        .rogue_peer(
             env!("CARGO_BIN_EXE_rogue_peer"),
-            &[
-                &path("ca.pem"),
-                &path("host-a.pem"),
-                &path("host-a.key"),
-                "host-a",
-                "host-b",
-                "10.77.0.2:15008",
-                "10.77.0.2:7000",
-                "tessera.local",
+            net.host("host-a"),
+            [
+                &ca.join("ca.pem"),
+                &ca.join("host-a.pem"),
+                &ca.join("host-a.key"),
             ],
-            T,
+            net.host("host-b"),
+            7000,
+            None,
         )
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "rogue peer failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answers: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let answer = |case: &str| {
-        answers
-            .iter()
-            .find(|a| a["case"] == case)
-            .unwrap_or_else(|| panic!("no answer for {case}: {stdout}"))
-            .clone()
-    };
+        .expect("rogue peer");
+    let stdout = &rogue.stdout;
     // The control: a genuine token from the same peer is accepted and the bytes flow.
-    assert_eq!(answer("valid")["status"], "Connected", "{stdout}");
+    assert_eq!(rogue.answer("valid")["status"], "Connected", "{stdout}");
     assert!(
-        answer("valid-exchange")["answer"]
+        rogue.answer("valid-exchange")["answer"]
             .as_str()
             .is_some_and(|a| a.len() == 65),
         "the application answered the genuine request: {stdout}"
@@ -80,7 +59,7 @@ fn hostile_tokens_are_refused_with_their_reason_and_never_reach_the_application(
         ("foreign", "foreign-identity"),
         ("truncated", "truncated"),
     ] {
-        let a = answer(case);
+        let a = rogue.answer(case);
         assert_eq!(a["status"], "Unauthenticated", "{case}: {a}");
         assert!(
             a["reason"]

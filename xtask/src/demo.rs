@@ -6,15 +6,11 @@
 //! tunnels and attempts around them; two hosts switch to TCP-handshake mode (starting from
 //! their control-plane caches); host-a is revoked centrally; and the connectivity map is
 //! built from all enforcers' flow records.
-use std::{
-    fs,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{fs, path::Path, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use tessera_tests::{ControlServer, TestNet};
+use tessera_tests::{ControlServer, TestNet, eventually};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -63,20 +59,6 @@ fn enforcer_field<'a>(status: &'a Value, name: &str, field: &str) -> &'a Value {
         .as_array()
         .and_then(|list| list.iter().find(|e| e["name"] == name))
         .map_or(&Value::Null, |e| &e[field])
-}
-
-/// Polls `f` every 200 ms until it holds or `within` passes; whether it held.
-fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 pub fn run(bin: &Path) -> Result<()> {
