@@ -13,16 +13,16 @@
 //!   in table T (IPv4 and IPv6) delivers them to this host, to the proxy's socket.
 //!   Installed at start-up after removing whatever a previous run left, removed at shutdown;
 //!   a failure half-way removes what was put in.
-use std::{io, net::SocketAddr, path::Path, process::Command, sync::Mutex};
+use std::{io, net::SocketAddr, path::Path, sync::Mutex};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use aya::maps::{HashMap, MapData};
 use tessera_common::{AF_INET, AF_INET6, DeliveryKey};
 use tessera_proxy::delivery::DeliveryGate;
 
 use crate::{
     config::Bpf,
-    handshake::{ENV, SYSTEM_DIRS, find, tools},
+    handshake::{SYSTEM_DIRS, find, run_program, tools},
 };
 
 /// `bpf_map_update_elem` flag: insert only, never replace (linux/bpf.h).
@@ -94,21 +94,8 @@ pub struct Routing {
 }
 
 fn run(tool: &Path, args: &[String]) -> Result<()> {
-    let out = Command::new(tool)
-        .env_clear()
-        .envs(ENV)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {}", tool.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} {}: {}",
-            tool.display(),
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_program(tool, &args, None).map(drop)
 }
 
 fn words(s: &str) -> Vec<String> {

@@ -15,18 +15,16 @@
 //! atomically (`ipset restore` into a scratch set, then `swap`) at start-up and on each
 //! directory change. `ipset` runs by absolute path, like `iptables` ([`super::tools`]).
 use std::{
-    io::Write,
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::Arc,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use ipnet::IpNet;
 use tessera_proxy::peers::{Directory, PeerTable};
 
-use super::tools::{ENV, SYSTEM_DIRS, find};
+use super::tools::{SYSTEM_DIRS, find, run_program as run};
 
 /// The ipsets the rules match on: (iptables family, set name).
 pub const SETS: [(&str, &str); 2] = [("inet", "tessera-peers4"), ("inet6", "tessera-peers6")];
@@ -66,30 +64,7 @@ impl Lane {
     }
 
     fn restore(&self, script: &str) -> Result<()> {
-        let mut child = Command::new(&self.ipset)
-            .env_clear()
-            .envs(ENV)
-            .args(["restore"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot run {}", self.ipset.display()))?;
-        child
-            .stdin
-            .take()
-            .context("ipset restore: no stdin")?
-            .write_all(script.as_bytes())
-            .with_context(|| format!("{} restore: cannot write", self.ipset.display()))?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "{} restore: {}",
-                self.ipset.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        run(&self.ipset, &["restore"], Some(script)).map(drop)
     }
 
     /// Follows the directory: the sets change with it, until the enforcer stops. A failure
@@ -122,12 +97,7 @@ pub fn remove_sets() {
         return;
     };
     for (_, name) in SETS {
-        let _ = Command::new(&ipset)
-            .env_clear()
-            .envs(ENV)
-            .args(["destroy", name])
-            .stderr(Stdio::null())
-            .status();
+        let _ = run(&ipset, &["destroy", name], None);
     }
 }
 

@@ -42,7 +42,7 @@ mod tools;
 mod worker;
 
 pub use rules::{PreparedRules, prepare_rules, remove_rules};
-pub use tools::{ENV, SYSTEM_DIRS, ToolError, Tools, find, tools};
+pub use tools::{ENV, SYSTEM_DIRS, ToolError, Tools, find, run_program, tools};
 use worker::{Handler, Queue, RawSender, worker};
 
 /// Connections handed over to the watcher, and close reports, waiting at most (both

@@ -19,11 +19,11 @@
 //! Fail closed: while no enforcer reads the queues, queued packets are dropped (only
 //! SYN-ACKs and resets bypass: they only answer SYNs that an enforcer sent). `fail_open` lets SYNs
 //! to workload ports through instead. No sysctl is changed.
-use std::{path::Path, process::Command};
+use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
-use super::tools::{ENV, tools};
+use super::tools::tools;
 use crate::config::HandshakeConfig;
 
 /// Our chains: (table, built-in chain that jumps to it, name). Two generations, so that a
@@ -49,23 +49,12 @@ fn programs() -> Result<[&'static Path; 2]> {
     Ok([t.iptables.as_path(), t.ip6tables.as_path()])
 }
 
+/// `iptables -w ARGS` (waiting for the xtables lock).
 fn run(tool: &Path, args: &[String]) -> Result<String> {
-    let out = Command::new(tool)
-        .env_clear()
-        .envs(ENV)
-        .arg("-w")
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {}", tool.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} {}: {}",
-            tool.display(),
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let args: Vec<&str> = std::iter::once("-w")
+        .chain(args.iter().map(String::as_str))
+        .collect();
+    super::tools::run_program(tool, &args, None)
 }
 
 fn args(s: &str) -> Vec<String> {

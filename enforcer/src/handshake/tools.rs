@@ -5,11 +5,14 @@
 //! that someone other than root (or this daemon's user) could replace, is a start-up error
 //! naming it.
 use std::{
+    io::Write,
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
+    process::{Command, Stdio},
     sync::OnceLock,
 };
 
+use anyhow::{Context, bail};
 use thiserror::Error;
 
 /// Where the programs are looked for, in this order. Nothing else: not `$PATH`, not
@@ -46,6 +49,41 @@ pub enum ToolError {
 }
 
 static RESOLVED: OnceLock<Tools> = OnceLock::new();
+
+/// Runs a program found by [`find`] with `args` (and `stdin`, if any) in the clean
+/// environment [`ENV`], and returns what it printed. A failure is an error naming the
+/// command and carrying what it said.
+pub fn run_program(tool: &Path, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    let command = || format!("{} {}", tool.display(), args.join(" "));
+    let mut child = Command::new(tool)
+        .env_clear()
+        .envs(ENV)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", tool.display()))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .with_context(|| format!("{}: cannot write its input", command()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("{}: cannot wait for it", command()))?;
+    if !out.status.success() {
+        bail!(
+            "{}: {}",
+            command(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
 
 /// The programs, resolved on the first call (start-up) and the same ones ever after.
 pub fn tools() -> Result<&'static Tools, ToolError> {
