@@ -5,7 +5,7 @@
 //! API), which policy version it enforces and when it was last heard from. The directory
 //! that every enforcer watches is the active records' public part; a revoked enforcer
 //! leaves it, so its peers drop it, and it can no longer renew.
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,10 @@ pub const PREFIX: &str = "enforcers/";
 /// At most this many networks and workloads an enforcer may register.
 pub const MAX_SERVES: usize = 256;
 pub const MAX_WORKLOADS: usize = 4096;
+/// At most this many labels per workload, and this long (keys, values).
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_KEY: usize = 63;
+pub const MAX_LABEL_VALUE: usize = 253;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -53,6 +57,11 @@ pub struct Serves {
     /// Its workloads' names.
     #[serde(default)]
     pub workloads: Vec<String>,
+    /// Their declared labels, by name (a workload not listed has none). Peers stamp the
+    /// enforcer's scope over them (from its certificate): `udp`/`icmp` rules that name
+    /// workloads on other enforcers match these.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +102,10 @@ pub struct DirectoryEntry {
     pub api: Option<SocketAddr>,
     pub cert_pem: String,
     pub cert_not_after_ms: u64,
+    /// Its workloads' labels as it registered them (each peer stamps the scope of the
+    /// enforcer's certificate over them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +154,12 @@ impl EnforcerRecord {
             api: self.serves.api,
             cert_pem: self.cert_pem.clone(),
             cert_not_after_ms: self.cert_not_after_ms,
+            workloads: self
+                .serves
+                .workloads
+                .iter()
+                .map(|w| self.serves.labels.get(w).cloned().unwrap_or_default())
+                .collect(),
         })
     }
 }
@@ -230,6 +249,23 @@ pub fn check_serves(
     for w in &serves.workloads {
         if w.is_empty() || w.len() > 63 || w.contains('/') {
             return Err(invalid(format!("workload name {w:?}")));
+        }
+    }
+    for (w, labels) in &serves.labels {
+        if !serves.workloads.contains(w) {
+            return Err(invalid(format!(
+                "labels of {w:?}, which is not among its workloads"
+            )));
+        }
+        if labels.len() > MAX_LABELS {
+            return Err(invalid(format!(
+                "workload {w:?}: more than {MAX_LABELS} labels"
+            )));
+        }
+        for (k, v) in labels {
+            if k.is_empty() || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE {
+                return Err(invalid(format!("workload {w:?}: label {k:?}={v:?}")));
+            }
         }
     }
     for net in &serves.serves {
@@ -334,6 +370,46 @@ mod tests {
             .collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert!(check_serves("b", &claim(&many), &others).is_err());
+    }
+
+    #[test]
+    fn workload_labels_are_bounded_and_only_for_listed_workloads() {
+        let label = |n: usize| -> BTreeMap<String, String> {
+            (0..n).map(|i| (format!("k{i}"), "v".to_string())).collect()
+        };
+        let with = |name: &str, labels: BTreeMap<String, String>| Serves {
+            serves: vec!["10.0.3.0/24".parse().unwrap()],
+            workloads: vec!["api".into()],
+            labels: BTreeMap::from([(name.to_string(), labels)]),
+            ..Default::default()
+        };
+        check_serves("b", &with("api", label(MAX_LABELS)), &[]).unwrap();
+        for (bad, why) in [
+            (with("api", label(MAX_LABELS + 1)), "labels"),
+            (with("ghost", label(1)), "not among its workloads"),
+            (
+                with("api", BTreeMap::from([(String::new(), "v".into())])),
+                "label",
+            ),
+            (
+                with(
+                    "api",
+                    BTreeMap::from([("k".into(), "v".repeat(MAX_LABEL_VALUE + 1))]),
+                ),
+                "label",
+            ),
+        ] {
+            let e = check_serves("b", &bad, &[]).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("enforcer b"), "{e}");
+        }
+        // The directory lists each workload's labels, in order, none for a workload without.
+        let mut r = active("b", &["10.0.3.0/24"]);
+        r.serves.workloads = vec!["api".into(), "db".into()];
+        r.serves.labels = BTreeMap::from([("api".into(), label(1))]);
+        assert_eq!(
+            r.entry().unwrap().workloads,
+            vec![label(1), BTreeMap::new()]
+        );
     }
 
     #[tokio::test]

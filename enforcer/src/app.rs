@@ -110,15 +110,24 @@ impl HostState {
         let peers = if config.control.is_some() {
             Arc::new(Directory::managed(control::members(&config.peers)))
         } else {
-            Arc::new(Directory::fixed(PeerTable::new(
-                config.peers.iter().flat_map(|p| {
+            Arc::new(Directory::fixed(
+                PeerTable::new(config.peers.iter().flat_map(|p| {
                     let peer = Peer {
                         name: p.name.clone(),
                         tunnel: p.tunnel,
                     };
                     p.serves.iter().map(move |net| (*net, peer.clone()))
-                }),
-            )))
+                })),
+                config
+                    .peers
+                    .iter()
+                    .flat_map(|p| {
+                        p.workloads
+                            .iter()
+                            .map(|l| (tessera_policy::Labels::new(l.clone()), p.serves.clone()))
+                    })
+                    .collect(),
+            ))
         };
         Ok(Self {
             ports: served.iter().map(|(p, _)| *p).collect(),
@@ -646,6 +655,7 @@ fn serve_nontcp(
     // One owner of the maps: the task keeps them for its life (it never ends by itself).
     let state = Arc::new(Mutex::new(Some(nontcp)));
     let (registry, dns, flows) = (core.registry.clone(), core.dns.clone(), core.flows.clone());
+    let directory = host.peers.clone();
     let (resolvers, policy_mode) = (config.policy.dns_servers.clone(), config.policy.mode);
     tasks.spawn("non-TCP policy", move || {
         let nontcp = state
@@ -658,6 +668,7 @@ fn serve_nontcp(
                 nontcp,
                 registry.clone(),
                 dns.clone(),
+                directory.clone(),
                 workloads.clone(),
                 resolvers.clone(),
                 policy_mode,

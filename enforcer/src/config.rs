@@ -261,6 +261,11 @@ pub struct PeerConfig {
     /// only to this peer. Same rules as ours: mode 0600 or stricter, owned by our user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_token_file: Option<PathBuf>,
+    /// The labels of its workloads (each a table, e.g. `[{app = "metrics"}]`): a `udp` or
+    /// `icmp` rule that names such workloads stands for the addresses this peer `serves`.
+    /// Under a control plane, the directory fills it (with the peer's scope stamped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -689,6 +694,9 @@ impl Config {
                 return Err(format!(
                     "{at}: serves: list at least one address or network"
                 ));
+            }
+            for (j, labels) in p.workloads.iter().enumerate() {
+                validate_labels(&format!("{at}: workloads[{j}]"), labels)?;
             }
             if p.tunnel.port() == 0 || p.tunnel.ip().is_unspecified() {
                 return Err(format!(

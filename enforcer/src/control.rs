@@ -260,6 +260,7 @@ fn peers_of(
             cert: Some(cert),
             api: e.api,
             api_token_file: None,
+            workloads: e.workloads.clone(),
         });
     }
     Ok(out)
@@ -327,6 +328,12 @@ pub async fn bootstrap(config: &mut Config) -> Result<Option<Agent>> {
         serves: cc.serves.clone(),
         api: config.flows.api.parse().ok(),
         workloads: config.workloads.iter().map(|w| w.name.clone()).collect(),
+        labels: config
+            .workloads
+            .iter()
+            .filter(|w| !w.labels.is_empty())
+            .map(|w| (w.name.clone(), w.labels.clone()))
+            .collect(),
     };
     let mut agent = Agent {
         config: cc,

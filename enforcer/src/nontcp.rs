@@ -32,11 +32,13 @@ use tessera_common::{
 use tessera_policy::{
     CompiledPolicy, Labels,
     parse::{Mode as PolicyMode, Peer, Protocol},
+    selector::Selector,
 };
 use tessera_proxy::{
     code::Code,
     dns::DnsTable,
     flow::{self, Direction, Endpoint, FlowLog, FlowRecord, Verdict},
+    peers::Directory,
     registry::ConnectionRegistry,
 };
 
@@ -97,15 +99,22 @@ fn prefix(net: &IpNet) -> (u32, [u8; 16]) {
     (NONTCP_KEY_FIXED_BITS + bits, mapped(net.network()))
 }
 
-/// The map's contents for `policy` in force over `workloads`; `resolve(name)` gives a DNS
-/// name's current addresses. `resolvers` may be reached with UDP on their port by every
-/// workload.
+/// How a rule's other side becomes addresses: `dns(name)` gives a DNS name's current
+/// addresses, `serving(selector)` the addresses served by the other enforcers whose
+/// workloads it selects (the directory's, see `Directory::nets_serving`).
+pub struct Resolve<'a> {
+    pub dns: &'a dyn Fn(&str) -> Vec<IpAddr>,
+    pub serving: &'a dyn Fn(&Selector) -> Vec<IpNet>,
+}
+
+/// The map's contents for `policy` in force over `workloads`. `resolvers` may be reached
+/// with UDP on their port by every workload.
 pub fn wanted(
     policy: &CompiledPolicy,
     policy_mode: PolicyMode,
     workloads: &[Enrolled],
     resolvers: &[SocketAddr],
-    resolve: &dyn Fn(&str) -> Vec<IpAddr>,
+    resolve: &Resolve<'_>,
 ) -> Wanted {
     let mut w = Wanted::default();
     let rule_index = |w: &mut Wanted, name: &Arc<str>| -> u32 {
@@ -177,8 +186,11 @@ pub fn wanted(
             for p in &a.peers {
                 match p {
                     Peer::Cidr(net) => nets.push(*net),
-                    Peer::Dns(name) => nets.extend(resolve(name).into_iter().map(IpNet::from)),
-                    Peer::Labels(_) => {}
+                    Peer::Dns(name) => {
+                        nets.extend((resolve.dns)(name).into_iter().map(IpNet::from))
+                    }
+                    // Workloads on other enforcers: the addresses those enforcers serve.
+                    Peer::Labels(selector) => nets.extend((resolve.serving)(selector)),
                 }
             }
             // An entry per port (the map matches ports exactly; 0 stands for every port).
@@ -435,10 +447,12 @@ fn ktime_ns() -> u64 {
 
 /// Keeps the maps in step with the policy in force and DNS answers, and drains the
 /// counts into flow records, every [`INTERVAL`].
+#[allow(clippy::too_many_arguments)]
 pub async fn keep_in_force(
     mut nontcp: NonTcp,
     registry: Arc<ConnectionRegistry>,
     dns: Arc<DnsTable>,
+    directory: Arc<Directory>,
     workloads: Vec<Enrolled>,
     resolvers: Vec<SocketAddr>,
     policy_mode: PolicyMode,
@@ -448,9 +462,11 @@ pub async fn keep_in_force(
     loop {
         tick.tick().await;
         let policy = registry.decisions().policy();
-        let w = wanted(&policy, policy_mode, &workloads, &resolvers, &|n| {
-            dns.addrs(n)
-        });
+        let resolve = Resolve {
+            dns: &|n| dns.addrs(n),
+            serving: &|s| directory.nets_serving(|l| s.matches(l)),
+        };
+        let w = wanted(&policy, policy_mode, &workloads, &resolvers, &resolve);
         if let Err(e) = nontcp.sync(w) {
             tracing::error!(error = format!("{e:#}"), "non-TCP policy not updated");
         }
@@ -482,21 +498,35 @@ mod tests {
             "rules:\n\
              - {name: dns, action: allow, protocol: udp, from: {labels: [app=web]}, to: [{cidr: 10.0.0.0/24}, {dns: ns.test}], ports: [53, \"60-61\"]}\n\
              - {name: ping, action: allow, protocol: icmp, from: {labels: [app=web]}, to: {cidr: \"fd00::/64\"}}\n\
-             - {name: in, action: allow, protocol: udp, from: {cidr: 192.0.2.7}, to: {labels: [app=web]}, ports: [514]}\n",
+             - {name: in, action: allow, protocol: udp, from: {cidr: 192.0.2.7}, to: {labels: [app=web]}, ports: [514]}\n\
+             - {name: statsd, action: allow, protocol: udp, from: {labels: [app=web]}, to: {labels: [app=metrics]}, ports: [8125]}\n\
+             - {name: nobody, action: allow, protocol: udp, from: {labels: [app=web]}, to: {labels: [app=none]}}\n",
         );
         let resolve = |n: &str| {
             assert_eq!(n, "ns.test");
             vec!["10.9.9.9".parse().unwrap()]
+        };
+        // Workloads on other enforcers: the addresses their enforcers serve.
+        let serving = |s: &Selector| {
+            if s.matches(&Labels::parse("app=metrics").unwrap()) {
+                vec!["10.1.0.2/32".parse().unwrap()]
+            } else {
+                Vec::new()
+            }
         };
         let w = wanted(
             &p,
             PolicyMode::Enforce,
             &web(),
             &["10.0.0.53:53".parse().unwrap()],
-            &resolve,
+            &Resolve {
+                dns: &resolve,
+                serving: &serving,
+            },
         );
-        // resolver + declared port + 2 networks x 3 ports + 1 icmp network + 1 inbound source.
-        assert_eq!(w.allow.len(), 1 + 1 + 6 + 1 + 1, "{:?}", w.allow);
+        // resolver + declared port + 2 networks x 3 ports + 1 icmp network + 1 inbound
+        // source + 1 workload elsewhere (another selector matching no one adds nothing).
+        assert_eq!(w.allow.len(), 1 + 1 + 6 + 1 + 1 + 1, "{:?}", w.allow);
         assert_eq!(w.workloads.get(&42), Some(&WL_ICMP));
         let key = |dir, proto, port: u16, ip: &str, bits| {
             let net: IpNet = format!("{ip}/{bits}").parse().unwrap();
@@ -524,6 +554,10 @@ mod tests {
             rule(key(DIR_INGRESS, PROTO_UDP, 514, "192.0.2.7", 32)),
             "in"
         );
+        assert_eq!(
+            rule(key(DIR_EGRESS, PROTO_UDP, 8125, "10.1.0.2", 32)),
+            "statsd"
+        );
         // IPv4 networks sit under ::ffff:0:0/96.
         assert_eq!(
             key(DIR_EGRESS, PROTO_UDP, 61, "10.0.0.0", 24).0,
@@ -538,7 +572,16 @@ mod tests {
         );
         let mut web = web();
         web[0].ports.clear();
-        let w = wanted(&p, PolicyMode::Observe, &web, &[], &|_| Vec::new());
+        let w = wanted(
+            &p,
+            PolicyMode::Observe,
+            &web,
+            &[],
+            &Resolve {
+                dns: &|_| Vec::new(),
+                serving: &|_| Vec::new(),
+            },
+        );
         assert!(w.allow.is_empty());
         assert_eq!(w.workloads.get(&42), Some(&WL_OBSERVE));
     }

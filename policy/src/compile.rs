@@ -77,7 +77,8 @@ pub struct NonTcpAllow {
     pub rule: Arc<str>,
     pub protocol: Protocol,
     pub inbound: bool,
-    /// `Cidr` and `Dns` peers only (the parser refuses labels on both sides).
+    /// The other side: `Cidr`, `Dns`, or `Labels` of workloads on other enforcers (which
+    /// the enforcer turns into the addresses those enforcers serve).
     pub peers: Vec<Peer>,
     pub ports: Vec<(u16, u16)>,
     pub mode: Mode,
@@ -342,21 +343,14 @@ impl CompiledPolicy {
         self.rules.len()
     }
 
-    /// What the `udp`/`icmp` rules allow a workload with `labels`: sending to the `to` side's
-    /// addresses of rules whose `from` selects it, receiving from the `from` side's
-    /// addresses of rules whose `to` selects it. In file order.
+    /// What the `udp`/`icmp` rules allow a workload with `labels`: sending to the `to` side
+    /// of rules whose `from` selects it, receiving from the `from` side of rules whose `to`
+    /// selects it. In file order.
     pub fn nontcp_allows(&self, labels: &Labels) -> Vec<NonTcpAllow> {
         let selects = |peers: &[Peer]| {
             peers
                 .iter()
                 .any(|p| matches!(p, Peer::Labels(s) if s.matches(labels)))
-        };
-        let addressed = |peers: &[Peer]| -> Vec<Peer> {
-            peers
-                .iter()
-                .filter(|p| !matches!(p, Peer::Labels(_)))
-                .cloned()
-                .collect()
         };
         let mut out = Vec::new();
         for r in &self.rules {
@@ -364,7 +358,7 @@ impl CompiledPolicy {
                 continue;
             }
             for (inbound, own, other) in [(false, &r.from, &r.to), (true, &r.to, &r.from)] {
-                let peers = addressed(other);
+                let peers = other.clone();
                 if selects(own) && !peers.is_empty() {
                     out.push(NonTcpAllow {
                         rule: r.name.clone(),
@@ -760,14 +754,19 @@ rules:
         }
     }
 
+    fn web_labels() -> Labels {
+        Labels::parse("app=web").unwrap()
+    }
+
     #[test]
-    fn nontcp_allows_name_the_rules_addressed_side_for_a_workload() {
+    fn nontcp_allows_name_the_rules_other_side_for_a_workload() {
         let text = "\
 rules:
   - {name: dns, action: allow, protocol: udp, from: {labels: [app=web]}, to: [{cidr: 10.0.0.53}, {dns: ns.example.com}], ports: [53]}
   - {name: ping, action: allow, protocol: icmp, from: {labels: [app=web]}, to: {cidr: 10.0.0.0/8}}
   - {name: syslog-in, action: allow, protocol: udp, from: {cidr: 192.0.2.0/24}, to: {labels: [app=web]}, ports: [514]}
   - {name: api-udp, action: allow, protocol: udp, from: {labels: [app=api]}, to: {cidr: 10.0.0.9}}
+  - {name: statsd, action: allow, protocol: udp, from: {labels: [app=web]}, to: {labels: [app=metrics]}, ports: [8125]}
   - {name: tcp-any, action: allow, from: {labels: [app=web]}, to: {cidr: 0.0.0.0/0}}
 ";
         let p = CompiledPolicy::new(parse("p.yaml", text).unwrap());
@@ -790,7 +789,17 @@ rules:
                 ("dns", Protocol::Udp, false, 2, vec![(53, 53)]),
                 ("ping", Protocol::Icmp, false, 1, vec![]),
                 ("syslog-in", Protocol::Udp, true, 1, vec![(514, 514)]),
+                ("statsd", Protocol::Udp, false, 1, vec![(8125, 8125)]),
             ]
+        );
+        // Between workloads: each end gets the other's selector (the enforcer turns it into
+        // the addresses of the enforcers that serve such workloads).
+        let metrics = p.nontcp_allows(&Labels::parse("app=metrics").unwrap());
+        assert_eq!(metrics.len(), 1);
+        assert!(metrics[0].inbound);
+        assert!(matches!(&metrics[0].peers[..], [Peer::Labels(s)] if s.matches(&web_labels())));
+        assert!(
+            matches!(&web[3].peers[..], [Peer::Labels(s)] if s.matches(&Labels::parse("app=metrics").unwrap()))
         );
         assert_eq!(
             web[1].peers,

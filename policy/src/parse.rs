@@ -18,9 +18,12 @@
 //!     protocol: tcp              # tcp (default) | udp | icmp
 //! ```
 //!
-//! `udp` and `icmp` rules only allow (anything they do not allow is denied), name their
-//! peers by `cidr` or `dns`, and `icmp` rules have no ports. An enrolled workload's UDP,
-//! ICMP and raw traffic is denied unless such a rule allows it.
+//! `udp` and `icmp` rules only allow (anything they do not allow is denied), and `icmp`
+//! rules have no ports. Their local side is enrolled workloads by labels; the other side is
+//! `cidr`, `dns`, or `labels` of workloads on other enforcers, which stand for the addresses
+//! those enforcers serve (as the control plane's directory lists them: packets carry no
+//! token). An enrolled workload's UDP, ICMP and raw traffic is denied unless such a rule
+//! allows it.
 use std::{collections::HashSet, fmt};
 
 use ipnet::IpNet;
@@ -396,9 +399,6 @@ fn rule(ctx: &mut Ctx, node: &Node<'_>, index: usize) -> Option<Rule> {
     {
         ctx.err(p, "an icmp rule has no ports");
     }
-    if protocol != Protocol::Tcp {
-        nontcp_peers(ctx, protocol, field("from"), field("to"));
-    }
     (ctx.errors.len() == before).then_some(Rule {
         name,
         action,
@@ -409,39 +409,6 @@ fn rule(ctx: &mut Ctx, node: &Node<'_>, index: usize) -> Option<Rule> {
         protocol,
         line: node.span.start.line(),
     })
-}
-
-/// A `udp`/`icmp` rule names enrolled workloads by labels on one side and the other side
-/// by `cidr` or `dns`: eBPF decides on addresses, and which remote workload an address
-/// carries is not known to it. Labels on both sides are refused (at the `to` side's key).
-fn nontcp_peers(ctx: &mut Ctx, protocol: Protocol, from: Option<&Node<'_>>, to: Option<&Node<'_>>) {
-    let labels_keys = |ctx: &mut Ctx, side: Option<&Node<'_>>| -> Vec<(usize, usize)> {
-        let mut out = Vec::new();
-        for item in side.map(|s| ctx.list(s, "peer")).unwrap_or_default() {
-            if let YamlData::Mapping(map) = &item.data {
-                for (k, _) in map.iter() {
-                    if scalar_str(k) == Some("labels") {
-                        out.push((k.span.start.line(), k.span.start.col() + 1));
-                    }
-                }
-            }
-        }
-        out
-    };
-    let from_labels = labels_keys(ctx, from);
-    let to_labels = labels_keys(ctx, to);
-    if !from_labels.is_empty() {
-        for (line, column) in to_labels {
-            ctx.errors.push(PolicyError {
-                line,
-                column,
-                message: format!(
-                    "a {} rule between workloads (labels on both sides) is not supported: name one side by cidr or dns",
-                    protocol.as_str()
-                ),
-            });
-        }
-    }
 }
 
 /// Parses a policy file's text; `file` names it in errors.
@@ -627,9 +594,10 @@ rules:
         assert_eq!(p.rules[0].ports, vec![(53, 53)]);
     }
 
-    /// Golden test of what a `udp`/`icmp` rule may not say, each error positioned.
+    /// Golden test of what a `udp`/`icmp` rule may not say, each error positioned; labels on
+    /// both sides (workloads on other enforcers) are allowed.
     #[test]
-    fn nontcp_rules_only_allow_and_name_one_side_by_address() {
+    fn nontcp_rules_only_allow_and_icmp_has_no_ports() {
         let bad = "\
 rules:
   - name: a
@@ -652,9 +620,10 @@ rules:
         let err = parse("p.yaml", bad).unwrap_err().to_string();
         let want = "\
 p.yaml:3:13: a udp rule can only allow (what no rule allows is denied)
-p.yaml:10:11: a udp rule between workloads (labels on both sides) is not supported: name one side by cidr or dns
 p.yaml:16:12: an icmp rule has no ports";
         assert_eq!(err, want);
+        let between = "rules:\n  - {name: b, action: allow, protocol: udp, from: {labels: [app=web]}, to: {labels: [app=api]}}\n";
+        assert_eq!(parse("p.yaml", between).unwrap().rules.len(), 1);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
+use tessera_policy::Labels;
 use tokio::sync::watch;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -77,13 +78,28 @@ pub struct Member {
     pub serves: Vec<IpNet>,
     /// The labels its certificate's scope stamps on every identity it vouches for.
     pub scope: BTreeMap<String, String>,
+    /// Its workloads' labels (scope stamped), for `udp`/`icmp` rules that name workloads
+    /// on other enforcers: such a rule stands for the addresses this enforcer serves.
+    pub workloads: Vec<Labels>,
 }
 
 #[derive(Debug)]
 struct Snapshot {
     table: Arc<PeerTable>,
     members: HashMap<String, Member>,
+    /// Each peer workload's labels with the addresses its enforcer serves.
+    served: Vec<(Labels, Arc<[IpNet]>)>,
     managed: bool,
+}
+
+fn served_of<'a>(members: impl IntoIterator<Item = &'a Member>) -> Vec<(Labels, Arc<[IpNet]>)> {
+    members
+        .into_iter()
+        .flat_map(|m| {
+            let nets: Arc<[IpNet]> = m.serves.clone().into();
+            m.workloads.iter().map(move |l| (l.clone(), nets.clone()))
+        })
+        .collect()
 }
 
 /// Why a tunnel's peer is not admitted.
@@ -117,11 +133,14 @@ impl Directory {
         }
     }
 
-    /// A hand-written peer list: routes only; any certified enforcer may open tunnels.
-    pub fn fixed(table: PeerTable) -> Self {
+    /// A hand-written peer list: routes (and, for `udp`/`icmp` rules, the labels of the
+    /// workloads each route serves, as the operator wrote them); any certified enforcer may
+    /// open tunnels.
+    pub fn fixed(table: PeerTable, served: Vec<(Labels, Vec<IpNet>)>) -> Self {
         Self::with(Snapshot {
             table: Arc::new(table),
             members: HashMap::new(),
+            served: served.into_iter().map(|(l, n)| (l, n.into())).collect(),
             managed: false,
         })
     }
@@ -131,6 +150,7 @@ impl Directory {
         let members: HashMap<_, _> = members.into_iter().map(|m| (m.name.clone(), m)).collect();
         Self::with(Snapshot {
             table: Arc::new(table_of(members.values())),
+            served: served_of(members.values()),
             members,
             managed: true,
         })
@@ -148,6 +168,7 @@ impl Directory {
             .collect();
         self.now.store(Arc::new(Snapshot {
             table: Arc::new(table_of(members.values())),
+            served: served_of(members.values()),
             members,
             managed: true,
         }));
@@ -175,6 +196,22 @@ impl Directory {
             .get(name)
             .map(|m| Some(m.scope.clone()))
             .ok_or_else(|| NotMember(name.to_string()))
+    }
+
+    /// The addresses served by enforcers that have a workload whose labels `selects`
+    /// (sorted, without repeats): what a `udp`/`icmp` rule naming workloads on other
+    /// enforcers stands for.
+    pub fn nets_serving(&self, selects: impl Fn(&Labels) -> bool) -> Vec<IpNet> {
+        let now = self.now.load();
+        let mut nets: Vec<IpNet> = now
+            .served
+            .iter()
+            .filter(|(labels, _)| selects(labels))
+            .flat_map(|(_, nets)| nets.iter().copied())
+            .collect();
+        nets.sort();
+        nets.dedup();
+        nets
     }
 
     /// Changes: a new value after every [`Directory::replace`].
@@ -230,8 +267,9 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            workloads: vec![Labels::new([("app", name)])],
         };
-        let fixed = Directory::fixed(PeerTable::default());
+        let fixed = Directory::fixed(PeerTable::default(), Vec::new());
         assert_eq!(fixed.admit("anyone"), Ok(None));
         let d = Directory::managed([m("a", "10.1.0.0/24", &[("site", "paris")])]);
         let changes = d.changes();
@@ -248,7 +286,19 @@ mod tests {
             d.table().lookup("10.1.0.5".parse().unwrap()).unwrap().name,
             "a"
         );
+        // Workloads on other enforcers stand for the addresses their enforcer serves.
+        assert_eq!(
+            d.nets_serving(|l| l.get("app") == Some("a")),
+            ["10.1.0.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert!(d.nets_serving(|l| l.get("app") == Some("b")).is_empty());
         let gone = d.replace([m("b", "10.2.0.0/24", &[])]);
+        // ...and follow the directory: a member gone takes its addresses with it.
+        assert!(d.nets_serving(|l| l.get("app") == Some("a")).is_empty());
+        assert_eq!(
+            d.nets_serving(|l| l.get("app") == Some("b")),
+            ["10.2.0.0/24".parse::<IpNet>().unwrap()]
+        );
         assert_eq!(gone, ["a"]);
         assert!(changes.has_changed().unwrap());
         assert!(d.admit("a").is_err());

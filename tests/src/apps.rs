@@ -31,6 +31,38 @@ pub fn which(tool: &str) -> Option<PathBuf> {
 }
 
 impl TestNet {
+    /// A UDP listener (python3) on `host` (in `workload`'s cgroup, or none) at `port`,
+    /// logging each datagram and its sender; returns the log.
+    pub fn udp_listener(&self, host: &str, workload: Option<&str>, port: u16) -> PathBuf {
+        let script = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',int(sys.argv[1])))\nprint('listening',flush=True)\nwhile True:\n    d,a=s.recvfrom(2048)\n    print('got',d.decode(errors='replace').strip(),'from',a[0],flush=True)\n";
+        let h = self.host(host);
+        let log = self.dir.join(format!("udp-{host}-{port}.log"));
+        // Through sh, for a log of its own (several listeners run on one host).
+        let wrapper = format!("exec python3 -c \"$0\" {port} >{} 2>&1", log.display());
+        self.spawn(h, workload, "sh", &["-c", &wrapper, script])
+            .unwrap();
+        assert!(
+            crate::wait_for(&log, "listening", Duration::from_secs(10)),
+            "the UDP listener on {host}:{port} did not start"
+        );
+        log
+    }
+
+    /// `nc -u` from `workload` on `host` (None: outside any enrolled cgroup) sending `text`
+    /// to `ip`:`port`.
+    pub fn nc_udp(&self, host: &str, workload: Option<&str>, ip: &str, port: u16, text: &str) {
+        let _ = self
+            .run_with_input(
+                self.host(host),
+                workload,
+                "nc",
+                &["-u", "-w", "1", ip, &port.to_string()],
+                format!("{text}\n").as_bytes(),
+                Duration::from_secs(30),
+            )
+            .unwrap();
+    }
+
     /// The traffic tool, written into this net's directory.
     pub fn tool(&self) -> Result<String> {
         Ok(tools::install(&self.dir)?.to_string_lossy().into_owned())

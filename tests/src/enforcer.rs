@@ -299,6 +299,13 @@ impl TestNet {
                 cert: Some(format!("ca/{}.pem", peer.name).into()),
                 api: peer_api(peer).map(|(addr, _)| addr),
                 api_token_file: peer_api(peer).and_then(|(_, token)| token),
+                workloads: peer
+                    .workloads
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|w| w.labels.clone())
+                    .collect(),
             })
             .collect();
         let mut config = Config {

@@ -32,8 +32,21 @@ pub use enforcer::{API_PORT, EnforcerOptions, TUNNEL_PORT, WorkloadSpec, tessera
 pub use network::{Host, PacketCapture, TestNet, cgroup2_mount, require_root, sh, sweep_leftovers};
 pub use rogue::RogueAnswers;
 
+/// Waits until the file at `path` contains `text`, for at most `limit`.
+pub fn wait_for(path: &std::path::Path, text: &str, limit: Duration) -> bool {
+    poll(limit, Duration::from_millis(50), || {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(text)
+    })
+}
+
 /// Polls `f` every 200 ms until it holds or `within` passes; whether it held.
-pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub fn eventually(within: Duration, f: impl FnMut() -> bool) -> bool {
+    poll(within, Duration::from_millis(200), f)
+}
+
+fn poll(within: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
     loop {
         if f() {
@@ -42,6 +55,6 @@ pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
         if Instant::now() > deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(every);
     }
 }

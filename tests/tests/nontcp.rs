@@ -14,7 +14,7 @@ use std::{
 };
 
 use tessera_proxy::flow::{Protocol, Verdict};
-use tessera_tests::TestNet;
+use tessera_tests::{TestNet, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -115,18 +115,6 @@ fn a_workload_with_cap_net_admin_cannot_forge_the_proxys_mark_to_escape_capture(
         "no denied flow record for the captured connect: {:?}",
         net.flows(host)
     );
-}
-
-/// Waits until `path` contains `text`, for at most `limit`.
-fn wait_for(path: &std::path::Path, text: &str, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if fs::read_to_string(path).unwrap_or_default().contains(text) {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 /// Waits (bounded) for a flow record on host-a matching `pred`; panics with the records.
@@ -325,38 +313,6 @@ fn dnsmasq(net: &TestNet, host: &str) -> PathBuf {
     log
 }
 
-/// A UDP listener on `host` (in `workload`'s cgroup, or none) at `port`, logging each
-/// datagram and its sender; returns the log.
-fn udp_listener(net: &TestNet, host: &str, workload: Option<&str>, port: u16) -> PathBuf {
-    let script = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',int(sys.argv[1])))\nprint('listening',flush=True)\nwhile True:\n    d,a=s.recvfrom(2048)\n    print('got',d.decode(errors='replace').strip(),'from',a[0],flush=True)\n";
-    let h = net.host(host);
-    let log = net.dir.join(format!("udp-{host}-{port}.log"));
-    // Through sh, for a log of its own (several listeners run on one host).
-    let wrapper = format!("exec python3 -c \"$0\" {port} >{} 2>&1", log.display());
-    net.spawn(h, workload, "sh", &["-c", &wrapper, script])
-        .unwrap();
-    assert!(
-        wait_for(&log, "listening", Duration::from_secs(10)),
-        "the UDP listener on {host}:{port} did not start"
-    );
-    log
-}
-
-/// `nc -u` from `workload` on `host` (None: outside any enrolled cgroup) sending `text` to
-/// `ip`:`port`.
-fn nc_udp(net: &TestNet, host: &str, workload: Option<&str>, ip: &str, port: u16, text: &str) {
-    let _ = net
-        .run_with_input(
-            net.host(host),
-            workload,
-            "nc",
-            &["-u", "-w", "1", ip, &port.to_string()],
-            format!("{text}\n").as_bytes(),
-            T,
-        )
-        .unwrap();
-}
-
 /// `dig` from web asking `server` for sink.test: the answer, if any.
 fn dig(net: &TestNet, server: &str) -> Option<String> {
     let at = format!("@{server}");
@@ -413,8 +369,8 @@ fn udp_egress_is_denied_unless_a_rule_or_the_configured_resolver_allows_it() {
     );
     // The rule names sink.test (which resolves to `other`) and port 9999: datagrams there
     // arrive, to another port of the same host they do not.
-    let allowed = udp_listener(&net, "other", None, 9999);
-    let denied = udp_listener(&net, "other", None, 9998);
+    let allowed = net.udp_listener("other", None, 9999);
+    let denied = net.udp_listener("other", None, 9998);
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut n = 0;
     while !fs::read_to_string(&allowed)
@@ -427,8 +383,7 @@ fn udp_egress_is_denied_unless_a_rule_or_the_configured_resolver_allows_it() {
             "nc -u to the rule's name and port never arrived"
         );
         n += 1;
-        nc_udp(
-            &net,
+        net.nc_udp(
             "host-a",
             Some("web"),
             "10.77.0.3",
@@ -437,7 +392,7 @@ fn udp_egress_is_denied_unless_a_rule_or_the_configured_resolver_allows_it() {
         );
         thread::sleep(Duration::from_millis(200));
     }
-    nc_udp(&net, "host-a", Some("web"), "10.77.0.3", 9998, "sneaky");
+    net.nc_udp("host-a", Some("web"), "10.77.0.3", 9998, "sneaky");
     assert!(
         !wait_for(&denied, "sneaky", Duration::from_secs(2)),
         "a datagram to a port no rule allows arrived"
@@ -488,7 +443,7 @@ fn inbound_udp_to_a_workload_is_denied_unless_a_rule_allows_the_source() {
     );
     let net = web_and_two_outsiders(UDP_INBOUND);
     net.start_enforcers().unwrap();
-    let log = udp_listener(&net, "host-a", Some("web"), 5514);
+    let log = net.udp_listener("host-a", Some("web"), 5514);
     // From the rule's source: delivered (poll: the entries follow the enforcer's start).
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut n = 0;
@@ -501,18 +456,11 @@ fn inbound_udp_to_a_workload_is_denied_unless_a_rule_allows_the_source() {
             "the allowed source's datagram never arrived"
         );
         n += 1;
-        nc_udp(
-            &net,
-            "outsider",
-            None,
-            "10.77.0.1",
-            5514,
-            &format!("allowed {n}"),
-        );
+        net.nc_udp("outsider", None, "10.77.0.1", 5514, &format!("allowed {n}"));
         thread::sleep(Duration::from_millis(200));
     }
     // From another host: never delivered to the workload.
-    nc_udp(&net, "other", None, "10.77.0.1", 5514, "intruder");
+    net.nc_udp("other", None, "10.77.0.1", 5514, "intruder");
     assert!(
         !wait_for(&log, "intruder", Duration::from_secs(2)),
         "a datagram from a source no rule allows reached the workload"

@@ -2,7 +2,7 @@
 //! peers (and whoever left loses its tunnels and live connections at once), a policy is put
 //! in force like a reloaded file, a renewed certificate is used for new handshakes.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, RwLock},
 };
 
@@ -15,6 +15,8 @@ use tessera_proxy::{
     registry::ConnectionRegistry,
     tls::CertSlot,
 };
+
+use tessera_policy::Labels;
 
 use crate::{config::PeerConfig, metrics::Metrics};
 
@@ -31,20 +33,29 @@ pub fn members(peers: &[PeerConfig]) -> Vec<Member> {
                     return None;
                 }
             };
+            let workloads = p.workloads.iter().map(|l| stamped(l, &scope)).collect();
             Some(Member {
                 name: p.name.clone(),
                 tunnel: Some(p.tunnel),
                 serves: p.serves.clone(),
                 scope,
+                workloads,
             })
         })
         .collect()
 }
 
+/// A peer workload's labels as the directory lists them, with the scope of its enforcer's
+/// certificate over whatever they say (a rogue enforcer cannot register a workload in
+/// another site or tenant).
+fn stamped(labels: &BTreeMap<String, String>, scope: &BTreeMap<String, String>) -> Labels {
+    let mut l = labels.clone();
+    l.extend(scope.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Labels::new(l)
+}
+
 /// This enforcer's own scope (under a control plane: from its certificate; else none).
-pub fn own_scope(
-    config: &crate::config::Config,
-) -> Result<std::collections::BTreeMap<String, String>> {
+pub fn own_scope(config: &crate::config::Config) -> Result<BTreeMap<String, String>> {
     if config.control.is_none() {
         return Ok(Default::default());
     }
@@ -58,7 +69,7 @@ pub fn own_scope(
         .collect())
 }
 
-fn scope_of(p: &PeerConfig) -> Result<std::collections::BTreeMap<String, String>> {
+fn scope_of(p: &PeerConfig) -> Result<BTreeMap<String, String>> {
     let Some(path) = &p.cert else {
         return Ok(Default::default());
     };
@@ -159,5 +170,30 @@ impl crate::control::Apply for Live {
             .replace(vec![der.into()])
             .context("the renewed certificate is not for our key")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_workloads_scope_labels_come_from_its_certificate_not_its_claim() {
+        let pairs = |p: &[(&str, &str)]| -> BTreeMap<String, String> {
+            p.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let claimed = pairs(&[("app", "api"), ("site", "paris"), ("tenant", "other")]);
+        let scope = pairs(&[("site", "london"), ("tenant", "acme")]);
+        let l = stamped(&claimed, &scope);
+        assert_eq!(l.get("app"), Some("api"));
+        assert_eq!(l.get("site"), Some("london"));
+        assert_eq!(l.get("tenant"), Some("acme"));
+        // Without a scope (a static peer list): as written.
+        assert_eq!(
+            stamped(&claimed, &BTreeMap::new()).get("site"),
+            Some("paris")
+        );
     }
 }

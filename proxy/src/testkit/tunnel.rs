@@ -327,7 +327,7 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
     let outbound = Arc::new(Outbound {
         admission: admission.clone(),
         lookup,
-        peers: Arc::new(Directory::fixed(peers)),
+        peers: Arc::new(Directory::fixed(peers, Vec::new())),
         pool: pool.clone(),
         tokens: tokens.clone(),
         mark: MARK,
@@ -343,7 +343,7 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
             mark: MARK,
             gate: Arc::new(NoGate),
         },
-        peers: Arc::new(Directory::fixed(PeerTable::default())),
+        peers: Arc::new(Directory::fixed(PeerTable::default(), Vec::new())),
         idle_timeout: Duration::from_secs(60),
         gate: crate::inbound::TlsGate::new(Default::default()),
     });

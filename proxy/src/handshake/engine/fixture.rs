@@ -121,13 +121,16 @@ fn engine(
     let engine = Engine::new(Setup {
         admission: Arc::new(admission),
         tokens,
-        peers: Arc::new(Directory::fixed(PeerTable::new([(
-            peer_net.parse().unwrap(),
-            Peer {
-                name: peer.into(),
-                tunnel: addr("10.0.0.9:15008"),
-            },
-        )]))),
+        peers: Arc::new(Directory::fixed(
+            PeerTable::new([(
+                peer_net.parse().unwrap(),
+                Peer {
+                    name: peer.into(),
+                    tunnel: addr("10.0.0.9:15008"),
+                },
+            )]),
+            Vec::new(),
+        )),
         peer_keys: Arc::new(std::sync::RwLock::new(HashMap::from([(
             peer.to_owned(),
             peer_key,
