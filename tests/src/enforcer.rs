@@ -156,13 +156,24 @@ impl TestNet {
                 .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
                 .context("/dev/urandom")?;
             let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+            // Written whole beside it, then linked into place: enforcers started at the same
+            // moment (from threads) all get the one token, never a half-written file.
+            let tmp = self.dir.join(format!("api.token.{hex}"));
             fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&path)
+                .open(&tmp)
                 .and_then(|mut f| writeln!(f, "{hex}"))
-                .with_context(|| format!("cannot write {}", path.display()))?;
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            let linked = fs::hard_link(&tmp, &path);
+            let _ = fs::remove_file(&tmp);
+            match linked {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(e).with_context(|| format!("cannot write {}", path.display()));
+                }
+                _ => {}
+            }
         }
         Ok(path)
     }

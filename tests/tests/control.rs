@@ -568,3 +568,49 @@ fn udp_between_workloads_follows_the_directory_scopes_and_revocation() {
 fn thread_sleep_for_policy() {
     std::thread::sleep(Duration::from_secs(2));
 }
+
+/// Two enforcers started at the same moment with one join token: exactly one enrols; the
+/// other is refused, naming the winner.
+#[test]
+fn two_enforcers_racing_with_one_token_exactly_one_enrols() {
+    let (net, srv) = hosts(&[]);
+    let (a, b) = (net.host("host-a"), net.host("host-b"));
+    let token = net.join(a, &srv, "site=paris").unwrap();
+    let copy = net.dir.join("host-b.join-token");
+    fs::copy(&token, &copy).unwrap();
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o600)).unwrap();
+    net.options
+        .lock()
+        .unwrap()
+        .control
+        .as_mut()
+        .unwrap()
+        .tokens
+        .insert("host-b".into(), copy);
+    let barrier = std::sync::Barrier::new(2);
+    let start = |h| {
+        barrier.wait();
+        net.start_enforcer(h).map_err(|e| format!("{e:#}"))
+    };
+    let (ra, rb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| start(a));
+        let tb = s.spawn(|| start(b));
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    let (winner, loser) = match (&ra, &rb) {
+        (Ok(()), Err(e)) => ("host-a", e),
+        (Err(e), Ok(())) => ("host-b", e),
+        _ => panic!("not exactly one enrolment: host-a {ra:?}, host-b {rb:?}"),
+    };
+    assert!(
+        loser.contains(&format!("already used by enforcer {winner}")),
+        "{loser}"
+    );
+    let st = status(&net, &srv);
+    assert_eq!(
+        st["enforcers"].as_array().unwrap().len(),
+        1,
+        "two enforcers registered: {st}"
+    );
+    assert_eq!(enforcer(&st, winner)["state"], "active");
+}
