@@ -161,6 +161,13 @@ impl TestNet {
     /// `host`'s enforcer enrols with `srv` (no `[tls]`, `[[peer]]` or policy file).
     pub fn join(&self, host: &Host, srv: &ControlServer, scope: &str) -> Result<PathBuf> {
         let token = self.control_admin(srv, &["server", "token", "create", "--scope", scope])?;
+        self.use_control(srv);
+        self.give_token(host, token.trim())
+    }
+
+    /// `host`'s enforcer enrols with `token` (written to its token file, 0600), e.g. a token
+    /// another host already has.
+    pub fn give_token(&self, host: &Host, token: &str) -> Result<PathBuf> {
         let path = self.dir.join(format!("{}.join-token", host.name));
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -168,14 +175,13 @@ impl TestNet {
             .truncate(true)
             .mode(0o600)
             .open(&path)?;
-        std::io::Write::write_all(&mut f, token.trim().as_bytes())?;
-        self.use_control(srv);
+        std::io::Write::write_all(&mut f, token.as_bytes())?;
         self.options
             .lock()
             .unwrap()
             .control
             .as_mut()
-            .unwrap()
+            .context("give_token: no control plane in use (join or use_control first)")?
             .tokens
             .insert(host.name.clone(), path.clone());
         Ok(path)

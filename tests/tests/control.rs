@@ -212,17 +212,8 @@ fn tokens_work_once_documents_once_per_instance_and_enforcers_fail_static() {
     // host-a joins with a token; host-b tries the same token: refused, naming host-a.
     let token = net.join(a, &srv, "site=paris").unwrap();
     net.start_enforcer(a).unwrap();
-    let copy = net.dir.join("host-b.join-token");
-    fs::copy(&token, &copy).unwrap();
-    fs::set_permissions(&copy, fs::Permissions::from_mode(0o600)).unwrap();
-    net.options
-        .lock()
-        .unwrap()
-        .control
-        .as_mut()
-        .unwrap()
-        .tokens
-        .insert("host-b".into(), copy);
+    net.give_token(b, &fs::read_to_string(&token).unwrap())
+        .unwrap();
     let err = net.start_enforcer(b).unwrap_err().to_string();
     assert!(err.contains("already used by enforcer host-a"), "{err}");
 
@@ -576,17 +567,8 @@ fn two_enforcers_racing_with_one_token_exactly_one_enrols() {
     let (net, srv) = hosts(&[]);
     let (a, b) = (net.host("host-a"), net.host("host-b"));
     let token = net.join(a, &srv, "site=paris").unwrap();
-    let copy = net.dir.join("host-b.join-token");
-    fs::copy(&token, &copy).unwrap();
-    fs::set_permissions(&copy, fs::Permissions::from_mode(0o600)).unwrap();
-    net.options
-        .lock()
-        .unwrap()
-        .control
-        .as_mut()
-        .unwrap()
-        .tokens
-        .insert("host-b".into(), copy);
+    net.give_token(b, &fs::read_to_string(&token).unwrap())
+        .unwrap();
     let barrier = std::sync::Barrier::new(2);
     let start = |h| {
         barrier.wait();
