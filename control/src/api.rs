@@ -17,6 +17,10 @@ pub const ENROL: &str = "/v1/enrol";
 pub const RENEW: &str = "/v1/renew";
 pub const REPORT: &str = "/v1/report";
 pub const WATCH: &str = "/v1/watch";
+/// An enforcer's own map (POST, its certificate): see [`crate::fleet`].
+pub const MAP: &str = "/v1/map";
+/// The fleet's map (GET, administrator).
+pub const ADMIN_MAP: &str = "/v1/admin/map";
 pub const ADMIN_TOKENS: &str = "/v1/admin/tokens";
 pub const ADMIN_POLICY: &str = "/v1/admin/policy";
 pub const ADMIN_STATUS: &str = "/v1/admin/status";

@@ -204,6 +204,12 @@ impl Client {
             .await
     }
 
+    /// Sends this enforcer's own map (the server keeps its latest).
+    pub async fn report_map(&self, map: &tessera_proxy::map::Map) -> Result<(), ClientError> {
+        self.call(reqwest::Method::POST, api::MAP, Some(map), None)
+            .await
+    }
+
     /// The watch stream of the first server that accepts it: messages until it ends.
     pub async fn watch(
         &self,
@@ -307,6 +313,12 @@ impl Client {
             Some(admin),
         )
         .await
+    }
+
+    /// The fleet's map: every enforcer's latest, merged.
+    pub async fn fleet_map(&self, admin: &str) -> Result<tessera_proxy::map::Map, ClientError> {
+        self.call::<(), _>(reqwest::Method::GET, api::ADMIN_MAP, None, Some(admin))
+            .await
     }
 
     pub async fn status(&self, admin: &str) -> Result<api::Status, ClientError> {

@@ -5,6 +5,7 @@
 //! * [`tokens`] and [`document`]: the two ways an enforcer proves it may join.
 //! * [`registry`]: enrolled enforcers, what they serve, and the directory peers receive.
 //! * [`policy`]: the central policy, validated and versioned.
+//! * [`fleet`]: the fleet's map, merged from every enforcer's own.
 //! * [`plane`]: the operations (enrol, renew, report, revoke) tying these together.
 //! * [`api`], [`server`] and [`client`]: the HTTPS API over those operations, both ends.
 //! * [`admin`]: administrator tokens.
@@ -13,6 +14,7 @@ pub mod api;
 pub mod authority;
 pub mod client;
 pub mod document;
+pub mod fleet;
 pub mod plane;
 pub mod policy;
 pub mod registry;

@@ -228,6 +228,42 @@ async fn report(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// An enforcer's own map, kept as its latest (see [`crate::fleet`]).
+async fn map(
+    State(plane): State<AppState>,
+    Extension(peer): Extension<Peer>,
+    Json(m): Json<tessera_proxy::map::Map>,
+) -> Result<StatusCode, ApiError> {
+    let cert = peer.enforcer()?;
+    plane.check_enforcer(cert).await?;
+    crate::fleet::ingest(
+        plane.store(),
+        &cert.name,
+        m,
+        crate::authority::unix_ms(SystemTime::now()),
+    )
+    .await
+    .map_err(|e| match e {
+        crate::fleet::FleetError::Store(s) => s.into(),
+        e => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e),
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The fleet's map.
+async fn fleet_map(
+    State(plane): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<tessera_proxy::map::Map>, ApiError> {
+    require_admin(&plane, &headers).await?;
+    Ok(Json(crate::fleet::fleet_map(plane.store()).await.map_err(
+        |e| match e {
+            crate::fleet::FleetError::Store(s) => s.into(),
+            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+    )?))
+}
+
 fn line(m: &WatchMessage) -> bytes::Bytes {
     let mut v = serde_json::to_vec(m).expect("serialisable");
     v.push(b'\n');
@@ -470,6 +506,7 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         .route(api::WATCH, get(watch))
         .route(api::ADMIN_TOKENS, post(create_token))
         .route(api::ADMIN_STATUS, get(status))
+        .route(api::ADMIN_MAP, get(fleet_map))
         .route(
             &format!("{}/{{name}}/revoke", api::ADMIN_ENFORCERS),
             post(revoke),
@@ -484,6 +521,12 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
             Router::new()
                 .route(api::ADMIN_POLICY, post(apply_policy))
                 .layer(DefaultBodyLimit::max(policy::MAX_SIZE * 2 + SMALL_BODY)),
+        )
+        // ...and the map route, bounded by the fleet's own limits.
+        .merge(
+            Router::new()
+                .route(api::MAP, post(map))
+                .layer(DefaultBodyLimit::max(crate::fleet::MAX_BODY)),
         )
         .with_state(plane)
 }

@@ -221,6 +221,7 @@ pub async fn build(config: &Config) -> Result<Running> {
         pool: None,
         cert: cert.clone(),
         peer_keys: Arc::new(std::sync::RwLock::new(peer_keys)),
+        flows: core.store.clone(),
     };
     let mut routing = None;
     // Commit: the new run goes in force in an order without a gap, and nothing after it

@@ -192,6 +192,8 @@ pub trait Apply: Send + Sync + 'static {
     fn policy(&self, policy: &PolicyVersion) -> Result<()>;
     /// This enforcer's certificate was renewed (same key).
     fn certificate(&self, cert_pem: &str) -> Result<()>;
+    /// This enforcer's own map now (what it saw), for the fleet's map at the control plane.
+    fn map(&self) -> tessera_proxy::map::Map;
 }
 
 /// The state [`Agent::run`] carries on with.
@@ -205,6 +207,8 @@ pub struct Agent {
     directory: BTreeMap<String, DirectoryEntry>,
     policy_version: u64,
     serves: Serves,
+    /// A digest of the map last sent (a map is sent again only when it changed).
+    map_sent: Option<[u8; 32]>,
     /// The watch opened at start-up (its snapshot already taken), for [`Agent::run`].
     /// (In a mutex only so that the agent is `Sync`: the stream is used by one task.)
     watching: std::sync::Mutex<Option<(Client, Watching)>>,
@@ -345,6 +349,7 @@ pub async fn bootstrap(config: &mut Config) -> Result<Option<Agent>> {
         directory,
         policy_version,
         serves,
+        map_sent: None,
         watching: Default::default(),
     };
     // Before anything serves, the directory and policy as they are now, when the server
@@ -633,7 +638,7 @@ impl Agent {
                 }
             };
             backoff = Duration::from_millis(250);
-            self.report(&client).await;
+            self.report_all(&client, &*apply).await;
             let mut stream = stream;
             let mut report = tokio::time::interval(Duration::from_secs(self.config.report_secs));
             report.tick().await;
@@ -660,7 +665,7 @@ impl Agent {
                             break;
                         }
                     },
-                    _ = report.tick() => self.report(&client).await,
+                    _ = report.tick() => self.report_all(&client, &*apply).await,
                     _ = wait_renew => {
                         if self.renew_due(&mut renew_at, &*apply).await {
                             // New certificate: a new session presents it.
@@ -697,9 +702,29 @@ impl Agent {
         }
     }
 
+    /// Reports what it serves and the policy in force.
     async fn report(&self, client: &Client) {
         if let Err(e) = client.report(&self.serves, self.policy_version).await {
             tracing::warn!(error = %e, "report to the control plane failed");
+        }
+    }
+
+    /// Reports as [`Agent::report`] does, and sends its map if it changed since last sent.
+    async fn report_all(&mut self, client: &Client, apply: &dyn Apply) {
+        self.report(client).await;
+        let map = apply.map();
+        let digest: [u8; 32] =
+            <sha2::Sha256 as sha2::Digest>::digest(serde_json::to_vec(&map).unwrap_or_default())
+                .into();
+        if self.map_sent == Some(digest) {
+            return;
+        }
+        match client.report_map(&map).await {
+            Ok(()) => {
+                self.map_sent = Some(digest);
+                tracing::debug!(edges = map.edges.len(), "map sent to the control plane");
+            }
+            Err(e) => tracing::warn!(error = %e, "sending the map to the control plane failed"),
         }
     }
 }

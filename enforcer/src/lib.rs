@@ -30,7 +30,7 @@ pub mod flowlog;
 pub mod flowstore;
 pub mod handshake;
 pub mod identity_show;
-pub mod map;
+pub use tessera_proxy::map;
 pub mod metrics;
 pub mod nontcp;
 pub mod policy;

@@ -89,8 +89,19 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
-    /// The connectivity map of one or more enforcers, merged into one.
+    /// The connectivity map of one or more enforcers, merged into one; with `--server`, the
+    /// fleet's map from the control plane.
     Map {
+        /// The control plane (repeatable: tried in turn): its fleet map, every enforcer's
+        /// latest merged.
+        #[arg(long = "server")]
+        servers: Vec<String>,
+        /// With --server: the control plane's CA certificate.
+        #[arg(long, default_value = "/var/lib/tessera/server/ca.pem")]
+        ca: PathBuf,
+        /// With --server: the administrator token file (mode 0600).
+        #[arg(long, default_value = "/var/lib/tessera/server/admin.token")]
+        admin_token_file: PathBuf,
         #[arg(long = "api")]
         apis: Vec<std::net::SocketAddr>,
         #[arg(long = "log")]
@@ -366,14 +377,30 @@ fn run(cli: Cli) -> Result<()> {
             client::flows(sources, filter, follow, json)
         }
         Command::Map {
+            servers,
+            ca,
+            admin_token_file,
             apis,
             logs,
             format,
             token_file,
-        } => show_map(
-            client::Sources::new(apis, logs).with_token_file(token_file.as_deref())?,
-            &format,
-        ),
+        } => {
+            let map = if servers.is_empty() {
+                client::map(
+                    client::Sources::new(apis, logs).with_token_file(token_file.as_deref())?,
+                )?
+            } else {
+                if !apis.is_empty() || !logs.is_empty() {
+                    anyhow::bail!("--server shows the fleet's map: without --api or --log");
+                }
+                server::fleet_map(&server::AdminTarget {
+                    servers,
+                    ca,
+                    admin_token_file,
+                })?
+            };
+            show_map(&map, &format)
+        }
     }
 }
 
@@ -624,12 +651,11 @@ fn identity_command(command: IdentityCommand) -> Result<()> {
 }
 
 /// `tessera map`: the merged connectivity map as a table, JSON or Graphviz dot.
-fn show_map(sources: client::Sources, format: &str) -> Result<()> {
-    let map = client::map(sources)?;
+fn show_map(map: &map::Map, format: &str) -> Result<()> {
     match format {
-        "json" => println!("{}", serde_json::to_string_pretty(&map)?),
-        "dot" => print!("{}", map::dot(&map)),
-        _ => print!("{}", flowlog::table(&map)),
+        "json" => println!("{}", serde_json::to_string_pretty(map)?),
+        "dot" => print!("{}", map::dot(map)),
+        _ => print!("{}", flowlog::table(map)),
     }
     Ok(())
 }

@@ -230,6 +230,12 @@ pub fn status(t: &AdminTarget, json: bool) -> Result<String> {
     Ok(out)
 }
 
+/// `tessera map --server URL`: the fleet's map (every enforcer's latest, merged).
+pub fn fleet_map(t: &AdminTarget) -> Result<tessera_proxy::map::Map> {
+    let (client, admin) = t.connect()?;
+    Ok(runtime()?.block_on(client.fleet_map(&admin))?)
+}
+
 /// `tessera server enforcer revoke|remove NAME`.
 pub fn enforcer(t: &AdminTarget, name: &str, remove: bool) -> Result<()> {
     let (client, admin) = t.connect()?;

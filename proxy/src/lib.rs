@@ -14,7 +14,8 @@
 //! * [`capture`]: what the eBPF hooks captured; [`route`]: where a captured connection
 //!   goes (pure).
 //! * [`flow`]: flow records, each written exactly once by its tracker; [`code`]: the closed
-//!   set of refusal codes.
+//!   set of refusal codes; [`map`]: flow records aggregated into the connectivity map (one
+//!   enforcer's, merged across enforcers, and the control plane's fleet map).
 //! * [`handshake`]: TCP-handshake mode (tokens in the handshake, data in the kernel).
 //! * [`limits`]: bounds on what floods can make us keep or do, and their counters;
 //!   [`refusals`]: unauthenticated refusals aggregated per source prefix and interval.
@@ -33,6 +34,7 @@ pub mod identity;
 pub mod inbound;
 pub mod limits;
 pub mod local;
+pub mod map;
 pub mod outbound;
 pub mod peers;
 pub mod pool;

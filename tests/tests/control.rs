@@ -596,3 +596,88 @@ fn two_enforcers_racing_with_one_token_exactly_one_enrols() {
     );
     assert_eq!(enforcer(&st, winner)["state"], "active");
 }
+
+/// The fleet's map at the control plane: both enforcers send their own maps, the server
+/// merges them (a connection both ends saw counts once), names every edge's reporters by
+/// their certificates, and still serves it after a restart.
+#[test]
+fn the_fleet_map_merges_both_ends_once_and_survives_a_server_restart() {
+    let (net, srv) = working(&[]);
+    let out = net
+        .run_tool(
+            net.host("host-a"),
+            Some("web"),
+            &["echo-many", "10.77.0.2", "7000", "5"],
+            T,
+        )
+        .unwrap();
+    let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert_eq!(v["ok"], 5, "{v}");
+    // Refused at host-b: a connection of an unenrolled process, recorded by host-b only.
+    let fleet = |net: &TestNet, srv: &ControlServer| -> Value {
+        serde_json::from_str(
+            &net.control_admin(srv, &["map", "--format", "json"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let allowed = |m: &Value| -> Option<Value> {
+        m["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| {
+                e["src"] == "web@host-a"
+                    && e["dst"] == "api@host-b"
+                    && e["port"] == 7000
+                    && e["verdict"] == "allowed"
+            })
+            .cloned()
+    };
+    // Both enforcers report within their report interval (2 s in tests); the echo
+    // connections count once, whatever each end counted (echo_ok's own connection too).
+    let mut seen = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            seen = fleet(&net, &srv);
+            allowed(&seen).is_some_and(|e| e["reporters"].as_array().map_or(0, Vec::len) == 2)
+        }),
+        "the fleet map has no edge web -> api reported by both ends: {seen}"
+    );
+    let edge = allowed(&seen).unwrap();
+    let n = edge["connections"].as_u64().unwrap();
+    assert!((5..=7).contains(&n), "counted {n} connections: {edge}");
+    assert_eq!(edge["reporters"], serde_json::json!(["host-a", "host-b"]));
+    assert_eq!(edge["rules"], serde_json::json!(["paris-web-to-api"]));
+    // The table form names the same edge.
+    let table = net.control_admin(&srv, &["map"]).unwrap();
+    assert!(
+        table.contains("web@host-a") && table.contains("api@host-b"),
+        "{table}"
+    );
+    // Without the administrator token: refused.
+    let bin = tessera_tests::tessera_bin().unwrap();
+    let no_token = net
+        .run(
+            net.host("control"),
+            None,
+            bin.to_str().unwrap(),
+            &[
+                "map",
+                "--server",
+                &srv.url,
+                "--ca",
+                srv.state.join("ca.pem").to_str().unwrap(),
+                "--admin-token-file",
+                "/nonexistent",
+            ],
+            T,
+        )
+        .unwrap();
+    assert!(!no_token.status.success());
+
+    // A restart of the server: the map is still there (from the store), unchanged.
+    net.stop_control(&srv).unwrap();
+    let srv = net.start_control(net.host("control"), &[]).unwrap();
+    let after = fleet(&net, &srv);
+    assert_eq!(allowed(&after), Some(edge), "{after}");
+}

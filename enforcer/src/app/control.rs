@@ -99,6 +99,8 @@ pub struct Live {
     /// Peers' certified keys, trusted for tokens that arrive without TLS (handshake mode);
     /// shared with the handshake engine, which seals and checks with them.
     pub peer_keys: Arc<RwLock<HashMap<String, KeyId>>>,
+    /// The flow store: its map goes to the control plane.
+    pub flows: Arc<crate::flowstore::FlowStore>,
 }
 
 impl Live {
@@ -149,6 +151,10 @@ impl crate::control::Apply for Live {
             pool.warm(self.directory.table().peers());
         }
         tracing::info!(peers = members.len(), "directory in force");
+    }
+
+    fn map(&self) -> tessera_proxy::map::Map {
+        self.flows.map()
     }
 
     fn policy(&self, p: &PolicyVersion) -> Result<()> {

@@ -5,11 +5,11 @@
 //! one reporter gives, not their sum.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde::{Deserialize, Serialize};
-use tessera_proxy::{
+use crate::{
     code::Code,
     flow::{Endpoint, FlowRecord, Verdict},
 };
+use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy)]
 pub enum Role {

@@ -1,0 +1,184 @@
+//! The fleet's map at the control plane (issue 14): every enforcer sends its own map (what
+//! it saw, aggregated per edge: identities, port, verdict, counts, bytes, first and last
+//! seen, rules, codes), the server keeps each enforcer's latest in the store, and serves
+//! their merge: one map of the whole fleet that survives a server restart and that every
+//! replica on a shared store serves alike.
+//!
+//! * Both ends of a connection report it; the merge takes the larger view of each edge, so
+//!   a connection counts once ([`tessera_proxy::map::merge`]).
+//! * An edge's reporter is the enforcer whose certificate sent it, never a claim in the
+//!   body: a rogue enforcer can add what it says it saw, under its own name only.
+//! * Bounded: a map of more than [`MAX_EDGES`] edges or [`MAX_NODES`] nodes is refused whole
+//!   (an enforcer's own map is bounded well below: its unauthenticated sources are folded).
+use serde::{Deserialize, Serialize};
+use tessera_proxy::map::{self, Map};
+
+use crate::store::{Store, StoreError};
+
+/// Each enforcer's latest map, under its name.
+pub const PREFIX: &str = "fleet/maps/";
+pub const MAX_EDGES: usize = 16_384;
+pub const MAX_NODES: usize = 16_384;
+/// The largest body the map route takes.
+pub const MAX_BODY: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "the map of {reporter} has {edges} edges and {nodes} nodes: at most {MAX_EDGES} and {MAX_NODES}"
+    )]
+    TooLarge {
+        reporter: String,
+        edges: usize,
+        nodes: usize,
+    },
+    #[error("the stored map of {reporter} is unreadable: {error}")]
+    Corrupt { reporter: String, error: String },
+}
+
+/// What the store keeps per enforcer.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    received_ms: u64,
+    map: Map,
+}
+
+/// Keeps `reporter`'s map (replacing its previous one), each edge reported by it alone.
+pub async fn ingest(
+    store: &dyn Store,
+    reporter: &str,
+    mut map: Map,
+    now_ms: u64,
+) -> Result<(), FleetError> {
+    if map.edges.len() > MAX_EDGES || map.nodes.len() > MAX_NODES {
+        return Err(FleetError::TooLarge {
+            reporter: reporter.to_string(),
+            edges: map.edges.len(),
+            nodes: map.nodes.len(),
+        });
+    }
+    for e in &mut map.edges {
+        e.reporters = [reporter.to_string()].into();
+    }
+    let value = serde_json::to_vec(&Stored {
+        received_ms: now_ms,
+        map,
+    })
+    .expect("serialisable");
+    store.put(&format!("{PREFIX}{reporter}"), value).await?;
+    Ok(())
+}
+
+/// The fleet's map: every enforcer's latest, merged.
+pub async fn fleet_map(store: &dyn Store) -> Result<Map, FleetError> {
+    let mut maps = Vec::new();
+    for entry in store.list(PREFIX).await? {
+        let reporter = entry.key.trim_start_matches(PREFIX).to_string();
+        let stored: Stored =
+            serde_json::from_slice(&entry.value).map_err(|e| FleetError::Corrupt {
+                reporter,
+                error: e.to_string(),
+            })?;
+        maps.push(stored.map);
+    }
+    Ok(map::merge(maps))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use tessera_proxy::map::{Edge, EdgeKey, EdgeStats, Node};
+
+    use super::*;
+    use crate::store::Embedded;
+
+    fn edge(connections: u64, reporter: &str) -> Edge {
+        Edge {
+            key: EdgeKey {
+                src: "web@host-a".into(),
+                dst: "api@host-b".into(),
+                port: 8080,
+                verdict: "allowed".into(),
+            },
+            stats: EdgeStats {
+                connections,
+                bytes_sent: 10 * connections,
+                first_seen_ms: 100,
+                last_seen_ms: 200 + connections,
+                rules: BTreeSet::from(["web-to-api".to_string()]),
+                ..Default::default()
+            },
+            reporters: BTreeSet::from([reporter.to_string()]),
+        }
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn both_ends_count_once_reporters_are_the_senders_and_it_survives_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("c.redb");
+        {
+            let s = Embedded::open(&path).unwrap();
+            let a = Map {
+                nodes: vec![node("web@host-a"), node("api@host-b")],
+                edges: vec![edge(5, "host-a")],
+            };
+            // host-b saw the same 5 connections (and claims someone else reported them).
+            let b = Map {
+                nodes: vec![node("api@host-b")],
+                edges: vec![edge(5, "host-z")],
+            };
+            ingest(&s, "host-a", a, 1).await.unwrap();
+            ingest(&s, "host-b", b, 2).await.unwrap();
+            // A newer map from host-a replaces its older one.
+            let a2 = Map {
+                nodes: vec![node("web@host-a")],
+                edges: vec![edge(7, "host-a")],
+            };
+            ingest(&s, "host-a", a2, 3).await.unwrap();
+        }
+        let s = Embedded::open(&path).unwrap();
+        let m = fleet_map(&s).await.unwrap();
+        assert_eq!(m.edges.len(), 1, "{m:?}");
+        let e = &m.edges[0];
+        assert_eq!(e.stats.connections, 7, "the larger view, not the sum");
+        assert_eq!(e.stats.bytes_sent, 70);
+        assert_eq!(
+            e.reporters,
+            BTreeSet::from(["host-a".to_string(), "host-b".to_string()])
+        );
+        assert_eq!(m.nodes.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_map_is_refused_whole_and_the_previous_one_stays() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Embedded::open(&d.path().join("c.redb")).unwrap();
+        let small = Map {
+            nodes: vec![node("web@host-a")],
+            edges: vec![edge(1, "host-a")],
+        };
+        ingest(&s, "host-a", small, 1).await.unwrap();
+        let mut big = Map::default();
+        for i in 0..=MAX_EDGES {
+            let mut e = edge(1, "host-a");
+            e.key.port = (i % 65_535) as u16;
+            e.key.src = format!("n{i}");
+            big.edges.push(e);
+        }
+        let err = ingest(&s, "host-a", big, 2).await.unwrap_err();
+        assert!(err.to_string().contains("host-a"), "{err}");
+        let m = fleet_map(&s).await.unwrap();
+        assert_eq!(m.edges.len(), 1);
+        assert_eq!(m.edges[0].stats.connections, 1);
+    }
+}
