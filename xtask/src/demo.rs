@@ -445,24 +445,46 @@ pub fn run(bin: &Path) -> Result<()> {
     println!("\n`tessera server status`:\n");
     indented(&net.control_admin(&srv, &["server", "status"])?);
 
-    println!(
-        "\nConnectivity map (`tessera map`, merged from the APIs of all three enforcers). The row to port\n\
-         15008 is host-a's tunnel refused after its revocation (not in the directory):\n"
+    // Every enforcer sends its own map with its report (every 2 s here): the control plane
+    // merges them into the fleet's.
+    let fleet_json = || -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &net.control_admin(&srv, &["map", "--format", "json"])?,
+        )?)
+    };
+    // web -> api seen by both ends, and host-b's refusal of the revoked host-a's tunnel
+    // (sent with host-b's next report).
+    let both_ends = |m: &serde_json::Value| {
+        m["edges"].as_array().is_some_and(|edges| {
+            edges.iter().any(|e| {
+                e["src"] == "web@host-a"
+                    && e["dst"] == "api@host-b"
+                    && e["verdict"] == "allowed"
+                    && e["reporters"].as_array().map_or(0, Vec::len) == 2
+            }) && edges
+                .iter()
+                .any(|e| e["port"] == 15008 && e["verdict"] == "denied")
+        })
+    };
+    let fleet_ok = tessera_tests::eventually(Duration::from_secs(15), || {
+        fleet_json().is_ok_and(|m| both_ends(&m))
+    });
+    check(
+        17,
+        "the fleet's map at the control plane",
+        fleet_ok,
+        if fleet_ok {
+            "web -> api from both ends (once); host-a's refused tunnel".into()
+        } else {
+            "no edge web -> api reported by both ends, or no refused tunnel of host-a".into()
+        },
     );
-    let apis: Vec<String> = [a, b, c]
-        .iter()
-        .map(|h| format!("{}:{}", h.addr, tessera_tests::API_PORT))
-        .collect();
-    let mut args = vec!["map", "--token-file", &token_file];
-    for api in &apis {
-        args.extend(["--api", api.as_str()]);
-    }
-    // From inside host-b's namespace, which reaches every host over the bridge.
-    let out = net.run(b, None, tessera, &args, T)?;
-    if !out.status.success() {
-        bail!("tessera map: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    println!(
+        "\nConnectivity map of the fleet (`tessera map --server`: every enforcer's own map, sent\n\
+         with its reports and merged at the control plane). The row to port 15008 is host-a's\n\
+         tunnel refused after its revocation (not in the directory):\n"
+    );
+    print!("{}", net.control_admin(&srv, &["map"])?);
     if failures > 0 {
         bail!("{failures} demo step(s) did not behave as expected");
     }
