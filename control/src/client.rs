@@ -315,6 +315,21 @@ impl Client {
         .await
     }
 
+    /// The policy in force, if any was applied.
+    pub async fn current_policy(
+        &self,
+        admin: &str,
+    ) -> Result<Option<crate::policy::PolicyVersion>, ClientError> {
+        match self
+            .call::<(), _>(reqwest::Method::GET, api::ADMIN_POLICY, None, Some(admin))
+            .await
+        {
+            Ok(p) => Ok(Some(p)),
+            Err(ClientError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The fleet's map: every enforcer's latest, merged.
     pub async fn fleet_map(&self, admin: &str) -> Result<tessera_proxy::map::Map, ClientError> {
         self.call::<(), _>(reqwest::Method::GET, api::ADMIN_MAP, None, Some(admin))

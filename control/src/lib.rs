@@ -5,7 +5,8 @@
 //! * [`tokens`] and [`document`]: the two ways an enforcer proves it may join.
 //! * [`registry`]: enrolled enforcers, what they serve, and the directory peers receive.
 //! * [`policy`]: the central policy, validated and versioned.
-//! * [`fleet`]: the fleet's map, merged from every enforcer's own.
+//! * [`fleet`]: the fleet's map, merged from every enforcer's own; [`suggest`]: an allow
+//!   policy written from it.
 //! * [`plane`]: the operations (enrol, renew, report, revoke) tying these together.
 //! * [`api`], [`server`] and [`client`]: the HTTPS API over those operations, both ends.
 //! * [`admin`]: administrator tokens.
@@ -21,4 +22,5 @@ pub mod registry;
 pub mod scope;
 pub mod server;
 pub mod store;
+pub mod suggest;
 pub mod tokens;

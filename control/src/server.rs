@@ -250,6 +250,22 @@ async fn map(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The policy in force (404 before the first).
+async fn current_policy(
+    State(plane): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<crate::policy::PolicyVersion>, ApiError> {
+    require_admin(&plane, &headers).await?;
+    match policy::current(plane.store()).await {
+        Ok(Some(p)) => Ok(Json(p)),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no policy applied yet",
+        )),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)),
+    }
+}
+
 /// The fleet's map.
 async fn fleet_map(
     State(plane): State<AppState>,
@@ -519,7 +535,7 @@ pub fn router(plane: Arc<ControlPlane>) -> Router {
         // The policy route alone takes large bodies.
         .merge(
             Router::new()
-                .route(api::ADMIN_POLICY, post(apply_policy))
+                .route(api::ADMIN_POLICY, post(apply_policy).get(current_policy))
                 .layer(DefaultBodyLimit::max(policy::MAX_SIZE * 2 + SMALL_BODY)),
         )
         // ...and the map route, bounded by the fleet's own limits.

@@ -137,6 +137,20 @@ enum PolicyCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Write an allow policy covering what the fleet's map saw (allowed, and denied only in
+    /// observe mode), grouped by labels, each rule with its evidence and whether the policy
+    /// in force already allows it. Printed on stdout; check it, then `policy apply` it.
+    Suggest {
+        /// Label keys that name a group (repeatable); a workload without them is named by
+        /// all its declared labels.
+        #[arg(long = "group-by", default_value = "app")]
+        group_by: Vec<String>,
+        /// Only what was seen within this long.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Print the decision for a connection and the rule that led to it.
     Explain {
         #[arg(long)]
@@ -545,6 +559,19 @@ fn ca_command(command: CaCommand) -> Result<()> {
 fn policy_command(command: PolicyCommand) -> Result<()> {
     match command {
         PolicyCommand::Check { file } => policy_check(&file),
+        PolicyCommand::Suggest {
+            group_by,
+            since,
+            admin,
+        } => {
+            let s = server::policy_suggest(&admin.target(), group_by, since)?;
+            for why in &s.skipped {
+                eprintln!("left out: {why}");
+            }
+            eprintln!("{} rules from {} edges", s.rules, s.edges);
+            print!("{}", s.text);
+            Ok(())
+        }
         PolicyCommand::Apply { file, admin } => {
             let version = server::policy_apply(&admin.target(), &file)?;
             println!("{}: applied as version {version}", file.display());

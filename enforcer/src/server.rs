@@ -236,6 +236,34 @@ pub fn fleet_map(t: &AdminTarget) -> Result<tessera_proxy::map::Map> {
     Ok(runtime()?.block_on(client.fleet_map(&admin))?)
 }
 
+/// `tessera policy suggest`: an allow policy from the fleet's map of the last `since`,
+/// each rule compared with the policy in force.
+pub fn policy_suggest(
+    t: &AdminTarget,
+    group_by: Vec<String>,
+    since: Duration,
+) -> Result<tessera_control::suggest::Suggestion> {
+    let (client, admin) = t.connect()?;
+    let rt = runtime()?;
+    let map = rt.block_on(client.fleet_map(&admin))?;
+    let in_force = match rt.block_on(client.current_policy(&admin))? {
+        Some(p) => Some(tessera_policy::load(
+            &format!("policy version {}", p.version),
+            &p.text,
+        )?),
+        None => None,
+    };
+    let since_ms = unix_ms(SystemTime::now()).saturating_sub(since.as_millis() as u64);
+    Ok(tessera_control::suggest::suggest(
+        &map,
+        &tessera_control::suggest::Options {
+            group_by,
+            since_ms,
+            in_force,
+        },
+    ))
+}
+
 /// `tessera server enforcer revoke|remove NAME`.
 pub fn enforcer(t: &AdminTarget, name: &str, remove: bool) -> Result<()> {
     let (client, admin) = t.connect()?;

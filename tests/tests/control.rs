@@ -675,6 +675,23 @@ fn the_fleet_map_merges_both_ends_once_and_survives_a_server_restart() {
         .unwrap();
     assert!(!no_token.status.success());
 
+    // A policy suggested from what was seen: it parses, covers web -> api on 7000, and says
+    // the policy in force already allows it (rule paris-web-to-api).
+    let suggested = net
+        .control_admin(&srv, &["policy", "suggest", "--group-by", "app"])
+        .unwrap();
+    assert!(
+        suggested.contains("labels: [\"app=web\"]")
+            && suggested.contains("labels: [\"app=api\"]")
+            && suggested.contains("ports: [7000]")
+            && suggested.contains("in force already: allowed by paris-web-to-api"),
+        "{suggested}"
+    );
+    let file = net.dir.join("suggested.yaml");
+    fs::write(&file, &suggested).unwrap();
+    net.tessera(&["policy", "check", file.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("the suggested policy does not check: {e}\n{suggested}"));
+
     // A restart of the server: the map is still there (from the store), unchanged.
     net.stop_control(&srv).unwrap();
     let srv = net.start_control(net.host("control"), &[]).unwrap();
