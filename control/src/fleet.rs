@@ -112,6 +112,7 @@ mod tests {
                 ..Default::default()
             },
             reporters: BTreeSet::from([reporter.to_string()]),
+            new: false,
         }
     }
 

@@ -198,6 +198,7 @@ pub fn suggest(map: &Map, o: &Options) -> Suggestion {
         key,
         stats,
         reporters,
+        ..
     } in &map.edges
     {
         if key.verdict != "allowed" && key.verdict != "observed-would-deny" {
@@ -355,6 +356,7 @@ mod tests {
                 ..Default::default()
             },
             reporters: BTreeSet::from(["host-a".to_string()]),
+            new: false,
         }
     }
 

@@ -322,6 +322,7 @@ fn core(config: &Config, identity: &Credentials) -> Result<Core> {
         config.flows.recent,
         metrics.clone(),
     )?;
+    store.set_baseline(config.flows.baseline_secs.saturating_mul(1000));
     // Unauthenticated refusals are aggregated per source prefix and interval: a flood
     // costs a bounded number of records (tessera_proxy::refusals).
     let refusals = Arc::new(Refusals::new(metrics.drops.clone()));

@@ -310,6 +310,9 @@ pub struct Flows {
     pub map_db: Option<PathBuf>,
     /// Recent flow records kept in memory for the API.
     pub recent: usize,
+    /// The baseline window: an edge of the map first seen more than this long after the
+    /// map's first edge is new (`tessera_map_new_edges_total`).
+    pub baseline_secs: u64,
 }
 
 impl Default for Flows {
@@ -320,6 +323,7 @@ impl Default for Flows {
             api_token_file: None,
             map_db: None,
             recent: 10_000,
+            baseline_secs: 86_400,
         }
     }
 }

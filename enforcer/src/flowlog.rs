@@ -48,7 +48,11 @@ pub fn table(map: &Map) -> String {
                 e.key.src.clone(),
                 e.key.dst.clone(),
                 e.key.port.to_string(),
-                e.key.verdict.clone(),
+                if e.new {
+                    format!("{} NEW", e.key.verdict)
+                } else {
+                    e.key.verdict.clone()
+                },
                 e.stats.connections.to_string(),
                 e.stats.bytes_sent.to_string(),
                 e.stats.bytes_received.to_string(),

@@ -81,9 +81,28 @@ pub struct FlowStore {
     db: Option<Database>,
     live: broadcast::Sender<Arc<FlowRecord>>,
     pub metrics: Arc<Metrics>,
+    /// The end of the baseline window (Unix ms): an edge first seen later is new.
+    baseline_end_ms: std::sync::atomic::AtomicU64,
 }
 
 impl FlowStore {
+    /// Edges first seen more than `window_ms` after the map's first edge (or, for an empty
+    /// map, after now) are counted as new.
+    pub fn set_baseline(&self, window_ms: u64) {
+        let inner = self.inner.lock().expect("lock");
+        let start = inner
+            .map
+            .edges
+            .values()
+            .map(|s| s.first_seen_ms)
+            .min()
+            .unwrap_or_else(tessera_proxy::flow::now_ms);
+        self.baseline_end_ms.store(
+            start.saturating_add(window_ms),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     /// Opens (or creates) the map database at `db_path` and loads the map it holds.
     pub fn open(
         name: String,
@@ -125,6 +144,7 @@ impl FlowStore {
             db,
             live,
             metrics,
+            baseline_end_ms: u64::MAX.into(),
         }))
     }
 
@@ -283,6 +303,14 @@ impl FlowSink for FlowStore {
                 }
             }
             let (key, names) = inner.map.add_keyed(&rec, [src, dst], port);
+            if inner.map.last_was_new
+                && rec.start_ms
+                    > self
+                        .baseline_end_ms
+                        .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                self.metrics.new_edge();
+            }
             inner.dirty_edges.insert(key.clone());
             for n in names.clone() {
                 if !inner.dirty_nodes.contains(&n) {
@@ -352,6 +380,56 @@ mod tests {
             count: None,
             packets: None,
         }
+    }
+
+    #[test]
+    fn edges_first_seen_after_the_baseline_window_are_counted_new_once_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("map.redb");
+        let new_edges = |m: &Metrics| {
+            let text = m.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix("tessera_map_new_edges_total "))
+                .unwrap_or_else(|| panic!("no counter: {text}"))
+                .trim()
+                .to_string()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let store = FlowStore::open("host-b".into(), Some(&db), 2, metrics.clone()).unwrap();
+        // The baseline: web -> api at t=1,000 (the map's first edge), window 10 s.
+        store.record(Arc::new(rec(Verdict::Allowed, "", 1)));
+        store.set_baseline(10_000);
+        // Within the window: a new edge, but part of the baseline.
+        let mut r = rec(Verdict::Denied, "policy", 0);
+        r.start_ms = 5_000;
+        store.record(Arc::new(r));
+        assert_eq!(new_edges(&metrics), "0");
+        // After it: new, counted once however often it is seen again.
+        for t in [20_000, 21_000] {
+            let mut r = rec(Verdict::Allowed, "", 1);
+            r.dst.addr.set_port(9090);
+            r.start_ms = t;
+            store.record(Arc::new(r));
+        }
+        assert_eq!(new_edges(&metrics), "1");
+        // An old edge seen again later is not new.
+        let mut r = rec(Verdict::Allowed, "", 1);
+        r.start_ms = 30_000;
+        store.record(Arc::new(r));
+        assert_eq!(new_edges(&metrics), "1");
+        store.flush().unwrap();
+        drop(store);
+        // After a restart the baseline is still the map's first edge (reloaded).
+        let metrics = Arc::new(Metrics::new());
+        let store = FlowStore::open("host-b".into(), Some(&db), 2, metrics.clone()).unwrap();
+        store.set_baseline(10_000);
+        let mut r = rec(Verdict::Allowed, "", 1);
+        r.dst.addr.set_port(7070);
+        r.start_ms = 40_000;
+        store.record(Arc::new(r));
+        assert_eq!(new_edges(&metrics), "1");
+        let mut m = store.map();
+        assert_eq!(tessera_proxy::map::mark_new(&mut m, 10_000), 2);
     }
 
     #[test]

@@ -108,6 +108,10 @@ enum Command {
         logs: Vec<PathBuf>,
         #[arg(long, default_value = "table", value_parser = ["table", "json", "dot"])]
         format: String,
+        /// Mark as NEW the edges first seen more than this long after the map's first edge
+        /// (the baseline window), e.g. `24h`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        new_after: Option<std::time::Duration>,
         /// The APIs' bearer token (`[flows] api_token_file`; mode 0600, yours).
         #[arg(long)]
         token_file: Option<PathBuf>,
@@ -397,9 +401,10 @@ fn run(cli: Cli) -> Result<()> {
             apis,
             logs,
             format,
+            new_after,
             token_file,
         } => {
-            let map = if servers.is_empty() {
+            let mut map = if servers.is_empty() {
                 client::map(
                     client::Sources::new(apis, logs).with_token_file(token_file.as_deref())?,
                 )?
@@ -413,6 +418,13 @@ fn run(cli: Cli) -> Result<()> {
                     admin_token_file,
                 })?
             };
+            if let Some(window) = new_after {
+                let n = map::mark_new(&mut map, window.as_millis() as u64);
+                eprintln!(
+                    "{n} new edges (first seen after the first {})",
+                    humantime::format_duration(window)
+                );
+            }
             show_map(&map, &format)
         }
     }

@@ -76,6 +76,8 @@ pub struct Metrics {
     count_dropped_flows: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
     /// Connections a policy reload revoked that could not be closed (handshake mode).
     revocation_failures: Counter,
+    /// Map edges first seen after the baseline window.
+    new_edges: Counter,
     /// How often each bound on state or work was hit; the parts that enforce them count
     /// here, the counters are read at scrape time.
     pub drops: Arc<Drops>,
@@ -142,6 +144,12 @@ impl Metrics {
             "Live connections a policy reload revoked that could not be closed (ss -K failed or the socket stayed open): they go on despite the policy",
             revocation_failures.clone(),
         );
+        let new_edges = Counter::default();
+        registry.register(
+            "map_new_edges",
+            "Edges of the connectivity map first seen after the baseline window ([flows] baseline_secs after the map's first edge): who talks to whom that did not before",
+            new_edges.clone(),
+        );
         let limit_drops = Family::<LimitLabel, Counter>::default();
         registry.register(
             "limit_drops",
@@ -166,7 +174,13 @@ impl Metrics {
             dropped_flows,
             count_dropped_flows: std::sync::OnceLock::new(),
             revocation_failures,
+            new_edges,
         }
+    }
+
+    /// A map edge appeared after the baseline window.
+    pub fn new_edge(&self) {
+        self.new_edges.inc();
     }
 
     /// A revoked connection could not be closed.

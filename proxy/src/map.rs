@@ -100,6 +100,10 @@ pub struct Edge {
     #[serde(flatten)]
     pub stats: EdgeStats,
     pub reporters: BTreeSet<String>,
+    /// First seen after the baseline window ([`mark_new`]): a connection nobody made while
+    /// the baseline was taken.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +117,8 @@ pub struct Map {
 pub struct Aggregate {
     pub edges: HashMap<EdgeKey, EdgeStats>,
     pub nodes: HashMap<String, Node>,
+    /// Whether the last record added made a new edge.
+    pub last_was_new: bool,
 }
 
 impl Aggregate {
@@ -165,6 +171,7 @@ impl Aggregate {
             port,
             verdict: verdict_name(r.verdict).into(),
         };
+        self.last_was_new = !self.edges.contains_key(&key);
         let s = self.edges.entry(key.clone()).or_default();
         let end = r.start_ms + r.duration_ms;
         if s.connections == 0 || r.start_ms < s.first_seen_ms {
@@ -193,6 +200,7 @@ impl Aggregate {
                 key: k.clone(),
                 stats: s.clone(),
                 reporters: BTreeSet::from([reporter.to_owned()]),
+                new: false,
             })
             .collect();
         edges.sort_by(|a, b| a.key.cmp(&b.key));
@@ -245,6 +253,21 @@ pub fn merge(maps: impl IntoIterator<Item = Map>) -> Map {
     }
 }
 
+/// Marks the edges first seen more than `window_ms` after the map's earliest edge was: what
+/// appeared after a baseline of that long. How many.
+pub fn mark_new(map: &mut Map, window_ms: u64) -> usize {
+    let Some(start) = map.edges.iter().map(|e| e.stats.first_seen_ms).min() else {
+        return 0;
+    };
+    let end = start.saturating_add(window_ms);
+    let mut n = 0;
+    for e in &mut map.edges {
+        e.new = e.stats.first_seen_ms > end;
+        n += usize::from(e.new);
+    }
+    n
+}
+
 /// The map of a set of records (from flow log files), grouped by reporter and merged.
 pub fn from_records(records: &[FlowRecord]) -> Map {
     let mut by_reporter: BTreeMap<&str, Aggregate> = BTreeMap::new();
@@ -274,4 +297,50 @@ pub fn dot(map: &Map) -> String {
     }
     out.push_str("}\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edges_first_seen_after_the_baseline_window_are_new() {
+        let edge = |src: &str, first: u64| Edge {
+            key: EdgeKey {
+                src: src.into(),
+                dst: "api@b".into(),
+                port: 80,
+                verdict: "allowed".into(),
+            },
+            stats: EdgeStats {
+                first_seen_ms: first,
+                last_seen_ms: first + 5,
+                connections: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut m = Map {
+            nodes: vec![],
+            edges: vec![
+                edge("web@a", 1_000),
+                edge("old@a", 60_000),
+                edge("late@a", 61_001),
+            ],
+        };
+        assert_eq!(mark_new(&mut m, 60_000), 1);
+        assert_eq!(
+            m.edges
+                .iter()
+                .filter(|e| e.new)
+                .map(|e| e.key.src.as_str())
+                .collect::<Vec<_>>(),
+            ["late@a"]
+        );
+        // Serialised only when set.
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json.matches("\"new\":true").count(), 1);
+        assert_eq!(json.matches("\"new\"").count(), 1);
+        assert_eq!(mark_new(&mut Map::default(), 0), 0);
+    }
 }

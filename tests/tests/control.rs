@@ -675,6 +675,43 @@ fn the_fleet_map_merges_both_ends_once_and_survives_a_server_restart() {
         .unwrap();
     assert!(!no_token.status.success());
 
+    // New edges: a process outside any workload on host-a tries api (refused at host-b),
+    // after web's connections. With a baseline of an hour nothing is new; with none, that
+    // refusal is (the map's first edge, web -> api, is not).
+    std::thread::sleep(Duration::from_millis(20));
+    let _ = net.run_tool(
+        net.host("host-a"),
+        None,
+        &["echo-many", "10.77.0.2", "7000", "1"],
+        T,
+    );
+    let refused = |m: &Value| -> Option<Value> {
+        m["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| e["dst"] == "api@host-b" && e["verdict"] == "denied")
+            .cloned()
+    };
+    let marked = |window: &str| -> Value {
+        serde_json::from_str(
+            &net.control_admin(&srv, &["map", "--format", "json", "--new-after", window])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || refused(&marked("1h")).is_some()),
+        "host-b's refusal never reached the fleet map: {}",
+        marked("1h")
+    );
+    assert!(
+        !marked("1h").to_string().contains("\"new\""),
+        "an edge marked new within the first hour"
+    );
+    let m = marked("0s");
+    assert_eq!(refused(&m).unwrap()["new"], true, "{m}");
+    assert!(allowed(&m).unwrap().get("new").is_none(), "{m}");
+
     // A policy suggested from what was seen: it parses, covers web -> api on 7000, and says
     // the policy in force already allows it (rule paris-web-to-api).
     let suggested = net
@@ -695,6 +732,21 @@ fn the_fleet_map_merges_both_ends_once_and_survives_a_server_restart() {
     // A restart of the server: the map is still there (from the store), unchanged.
     net.stop_control(&srv).unwrap();
     let srv = net.start_control(net.host("control"), &[]).unwrap();
+    // (its last-seen may have moved on: a record that closed a connection came later.)
+    let stable = |e: &Value| {
+        [
+            "src",
+            "dst",
+            "port",
+            "verdict",
+            "connections",
+            "reporters",
+            "rules",
+            "first_seen_ms",
+        ]
+        .map(|k| e[k].clone())
+    };
     let after = fleet(&net, &srv);
-    assert_eq!(allowed(&after), Some(edge), "{after}");
+    let again = allowed(&after).unwrap_or_else(|| panic!("gone after a restart: {after}"));
+    assert_eq!(stable(&again), stable(&edge), "{after}");
 }
