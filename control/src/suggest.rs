@@ -482,47 +482,35 @@ mod tests {
         );
     }
 
-    #[test]
-    fn each_rule_says_whether_the_policy_in_force_already_allows_what_it_covers() {
-        let in_force = tessera_policy::load(
-            "in-force.yaml",
-            "rules:\n  - {name: web-api, action: allow, from: {labels: [app=web]}, to: {labels: [app=api]}, ports: [8080]}\n",
-        )
-        .unwrap();
-        let s = suggest(
+    /// The suggestion for [`fleet`] against the policy `in_force` (its text).
+    fn against(in_force: &str) -> String {
+        let policy = tessera_policy::load("in-force.yaml", in_force).unwrap();
+        suggest(
             &fleet(),
             &Options {
                 group_by: vec!["app".into()],
                 since_ms: 1_000,
-                in_force: Some(in_force),
+                in_force: Some(policy),
             },
+        )
+        .text
+    }
+
+    #[test]
+    fn each_rule_says_whether_the_policy_in_force_already_allows_what_it_covers() {
+        let s = against(
+            "rules:\n  - {name: web-api, action: allow, from: {labels: [app=web]}, to: {labels: [app=api]}, ports: [8080]}\n",
         );
         // web -> api: 8080 allowed by web-api, 9090 (observe) not: NEW.
         assert!(
-            s.text
-                .contains("# NEW: 1 of its 3 edges are not allowed by the policy in force"),
-            "{}",
-            s.text
+            s.contains("# NEW: 1 of its 3 edges are not allowed by the policy in force"),
+            "{s}"
         );
         // api -> db: nothing in force allows it.
-        assert!(s.text.contains("# NEW: 1 of its 1 edges"), "{}", s.text);
-        let all_in_force = tessera_policy::load(
-            "in-force.yaml",
+        assert!(s.contains("# NEW: 1 of its 1 edges"), "{s}");
+        let s = against(
             "rules:\n  - {name: any, action: allow, from: {labels: []}, to: {labels: []}}\n",
-        )
-        .unwrap();
-        let s = suggest(
-            &fleet(),
-            &Options {
-                group_by: vec!["app".into()],
-                since_ms: 1_000,
-                in_force: Some(all_in_force),
-            },
         );
-        assert!(
-            s.text.contains("in force already: allowed by any"),
-            "{}",
-            s.text
-        );
+        assert!(s.contains("in force already: allowed by any"), "{s}");
     }
 }
