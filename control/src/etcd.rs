@@ -105,6 +105,8 @@ impl std::fmt::Display for EtcdUrl {
 #[derive(Clone)]
 pub struct EtcdStore {
     clients: Arc<Vec<Client>>,
+    /// `host:port` of each client's member.
+    endpoints: Arc<Vec<String>>,
     current: Arc<AtomicUsize>,
     prefix: String,
     /// For errors: the endpoints, as given.
@@ -136,6 +138,7 @@ impl EtcdStore {
         }
         let store = Self {
             clients: Arc::new(clients),
+            endpoints: Arc::new(url.endpoints.clone()),
             current: Arc::new(AtomicUsize::new(0)),
             prefix: url.prefix.clone(),
             name: name.clone(),
@@ -194,7 +197,7 @@ impl EtcdStore {
                     });
                 }
             };
-            tracing::warn!(error = %err, "etcd member unreachable, trying the next");
+            tracing::warn!(member = %self.endpoints[i], error = %err, "etcd member unreachable, trying the next");
             // Move on, unless another request already did.
             let _ =
                 self.current
