@@ -43,6 +43,7 @@ contract!(revisions_grow_and_put_if_is_exactly_once);
 contract!(racing_conditional_writes_have_one_winner);
 contract!(list_is_by_prefix_in_key_order);
 contract!(a_watch_misses_nothing_between_snapshot_and_changes);
+contract!(a_watch_opened_during_writes_sees_each_write_once);
 
 #[tokio::test]
 async fn installations_sharing_an_etcd_do_not_see_each_other() {
@@ -59,11 +60,11 @@ async fn installations_sharing_an_etcd_do_not_see_each_other() {
     assert_eq!(b.get("policy/current").await.unwrap().unwrap().value, b"b");
     assert_eq!(a.list("").await.unwrap().len(), 1);
     assert!(a.get("enforcers/x").await.unwrap().is_none());
-    let ev = wa.next().await.unwrap();
+    let ev = next(&mut wa).await;
     assert_eq!(ev.key(), "policy/current");
     // b's writes never reach a's watch: the next thing it sees is a's own write.
     a.put("last", vec![]).await.unwrap();
-    assert_eq!(wa.next().await.unwrap().key(), "last");
+    assert_eq!(next(&mut wa).await.key(), "last");
 }
 
 #[tokio::test]
@@ -95,7 +96,7 @@ async fn losing_etcd_ends_watches_and_fails_requests() {
     let s = etcd.store("/t").await;
     let mut w = s.watch("").await.unwrap();
     s.put("a", vec![]).await.unwrap();
-    assert_eq!(w.next().await.unwrap().key(), "a");
+    assert_eq!(next(&mut w).await.key(), "a");
     etcd.kill(0);
     // The watch ends with an error (the caller watches anew) rather than going quiet.
     let ended = tokio::time::timeout(Duration::from_secs(30), w.next())
@@ -121,7 +122,7 @@ async fn a_watch_from_compacted_history_is_lagged() {
     // Resuming after the latest revision works...
     let mut w = s.changes("", now).await.unwrap();
     s.put("b", vec![]).await.unwrap();
-    assert_eq!(w.next().await.unwrap().key(), "b");
+    assert_eq!(next(&mut w).await.key(), "b");
     // ...but once history is compacted, resuming from before it says "resynchronise".
     let mut c =
         etcd_client::Client::connect([format!("http://{}", etcd.url("/t").endpoints[0])], None)
@@ -141,4 +142,11 @@ async fn a_watch_from_compacted_history_is_lagged() {
         matches!(lagged, Err(StoreError::Lagged(n)) if n > 0),
         "{lagged:?}"
     );
+}
+
+async fn next(w: &mut tessera_control::store::Watch) -> tessera_control::store::Event {
+    tokio::time::timeout(Duration::from_secs(20), w.next())
+        .await
+        .expect("a change within 20 s")
+        .unwrap()
 }

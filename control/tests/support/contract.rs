@@ -85,8 +85,8 @@ pub async fn a_watch_misses_nothing_between_snapshot_and_changes(s: Arc<dyn Stor
     assert_eq!(w.snapshot[0].key, "dir/a");
     let at = w.revision;
     assert!(at >= w.snapshot[0].version);
-    s.put("other", b"-".to_vec()).await.unwrap();
     let rb = s.put("dir/b", b"2".to_vec()).await.unwrap();
+    s.put("other", b"-".to_vec()).await.unwrap();
     s.delete("dir/a").await.unwrap();
     let e1 = next(&mut w).await;
     assert!(
@@ -107,6 +107,44 @@ pub async fn a_watch_misses_nothing_between_snapshot_and_changes(s: Arc<dyn Stor
     for want in written {
         assert_eq!(next(&mut w).await.revision(), want);
     }
+}
+
+/// A watch opened while another task writes sees every write exactly once: in its
+/// snapshot or as a change, never both, never neither.
+pub async fn a_watch_opened_during_writes_sees_each_write_once(s: Arc<dyn Store>) {
+    const N: usize = 300;
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                s.put(&format!("w/{i:04}"), vec![]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    // Open it somewhere in the middle of the writes.
+    while s.list("w/").await.unwrap().len() < 20 {
+        tokio::task::yield_now().await;
+    }
+    let mut w = s.watch("w/").await.unwrap();
+    let mut seen: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for e in &w.snapshot {
+        *seen.entry(e.key.clone()).or_default() += 1;
+    }
+    assert!(
+        w.snapshot.len() < N,
+        "the watch opened after the writes: nothing tested"
+    );
+    let mut last = w.revision;
+    for _ in w.snapshot.len()..N {
+        let ev = next(&mut w).await;
+        assert!(ev.revision() > last, "{} after {last}", ev.revision());
+        last = ev.revision();
+        *seen.entry(ev.key().to_string()).or_default() += 1;
+    }
+    writer.await.unwrap();
+    assert_eq!(seen.len(), N);
+    assert!(seen.values().all(|&n| n == 1), "{seen:?}");
 }
 
 async fn next(w: &mut tessera_control::store::Watch) -> Event {
