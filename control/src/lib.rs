@@ -16,9 +16,9 @@ pub mod api;
 pub mod authority;
 pub mod client;
 pub mod document;
-pub mod fleet;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod fleet;
 pub mod plane;
 pub mod policy;
 pub mod registry;
