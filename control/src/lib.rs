@@ -1,6 +1,7 @@
 //! Tessera's control plane, as a library: what `tessera server` runs.
 //!
-//! * [`store`]: all state behind one trait — an embedded file by default, etcd for a fleet.
+//! * [`store`]: all state behind one trait — an embedded file by default, etcd for a fleet
+//!   (`etcd`, with the `etcd` feature).
 //! * [`authority`]: the CA; short-lived enforcer certificates carrying name and [`scope`].
 //! * [`tokens`] and [`document`]: the two ways an enforcer proves it may join.
 //! * [`registry`]: enrolled enforcers, what they serve, and the directory peers receive.
@@ -15,6 +16,8 @@ pub mod api;
 pub mod authority;
 pub mod client;
 pub mod document;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod fleet;
 pub mod plane;
 pub mod policy;

@@ -61,6 +61,9 @@ pub enum StoreError {
     Lagged(u64),
     #[error("store closed")]
     Closed,
+    /// A store on the network (etcd) did not answer: names the endpoints.
+    #[error("store {endpoints}: unreachable: {reason}")]
+    Unreachable { endpoints: String, reason: String },
 }
 
 /// The control plane's state.
@@ -91,7 +94,26 @@ pub struct Watch {
     /// The revision the snapshot is at; events at or below it are already in it.
     pub revision: u64,
     prefix: String,
-    rx: broadcast::Receiver<Event>,
+    feed: Feed,
+}
+
+/// Where a watch's changes come from: the embedded store's broadcast of every write, or a
+/// channel a backend's task fills with the changes under the prefix (etcd).
+enum Feed {
+    Broadcast(broadcast::Receiver<Event>),
+    Channel {
+        rx: tokio::sync::mpsc::Receiver<Result<Event, StoreError>>,
+        _task: AbortOnDrop,
+    },
+}
+
+/// Stops the task feeding a watch when the watch is dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Watch {
@@ -106,21 +128,50 @@ impl Watch {
             snapshot,
             revision,
             prefix: prefix.to_string(),
-            rx,
+            feed: Feed::Broadcast(rx),
+        }
+    }
+
+    /// A watch fed by `task` through `rx`: the changes after `revision`, in order, then an
+    /// error if they stop (the task ends with the watch).
+    pub fn from_channel(
+        prefix: &str,
+        snapshot: Vec<Entry>,
+        revision: u64,
+        rx: tokio::sync::mpsc::Receiver<Result<Event, StoreError>>,
+        task: tokio::task::AbortHandle,
+    ) -> Self {
+        Self {
+            snapshot,
+            revision,
+            prefix: prefix.to_string(),
+            feed: Feed::Channel {
+                rx,
+                _task: AbortOnDrop(task),
+            },
         }
     }
 
     /// The next change under the prefix. [`StoreError::Lagged`]: changes were lost, watch anew.
     pub async fn next(&mut self) -> Result<Event, StoreError> {
         loop {
-            match self.rx.recv().await {
-                Ok(ev) if ev.revision() > self.revision && ev.key().starts_with(&self.prefix) => {
-                    self.revision = ev.revision();
-                    return Ok(ev);
-                }
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(n)) => return Err(StoreError::Lagged(n)),
-                Err(broadcast::error::RecvError::Closed) => return Err(StoreError::Closed),
+            let ev = match &mut self.feed {
+                Feed::Broadcast(rx) => match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        return Err(StoreError::Lagged(n));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Err(StoreError::Closed),
+                },
+                Feed::Channel { rx, .. } => match rx.recv().await {
+                    Some(Ok(ev)) => ev,
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(StoreError::Closed),
+                },
+            };
+            if ev.revision() > self.revision && ev.key().starts_with(&self.prefix) {
+                self.revision = ev.revision();
+                return Ok(ev);
             }
         }
     }
@@ -356,53 +407,8 @@ impl Store for Embedded {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, Embedded) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Embedded::open(&dir.path().join("control.redb")).unwrap();
-        (dir, s)
-    }
-
-    #[tokio::test]
-    async fn revisions_grow_and_put_if_is_exactly_once() {
-        let (_d, s) = store();
-        assert_eq!(s.get("a").await.unwrap(), None);
-        assert_eq!(s.put_if("a", b"1".to_vec(), None).await.unwrap(), Some(1));
-        // A second create of the same key loses.
-        assert_eq!(s.put_if("a", b"2".to_vec(), None).await.unwrap(), None);
-        let e = s.get("a").await.unwrap().unwrap();
-        assert_eq!((e.value.as_slice(), e.version), (b"1".as_slice(), 1));
-        // Only the writer that read version 1 wins; the other finds version 2.
-        assert_eq!(
-            s.put_if("a", b"3".to_vec(), Some(1)).await.unwrap(),
-            Some(2)
-        );
-        assert_eq!(s.put_if("a", b"4".to_vec(), Some(1)).await.unwrap(), None);
-        assert_eq!(s.get("a").await.unwrap().unwrap().value, b"3");
-        assert!(s.delete("a").await.unwrap());
-        assert!(!s.delete("a").await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn racing_conditional_writes_have_one_winner() {
-        let (_d, s) = store();
-        let v = s.put("token", b"unused".to_vec()).await.unwrap();
-        let tasks: Vec<_> = (0..16)
-            .map(|i| {
-                let s = s.clone();
-                tokio::spawn(async move {
-                    s.put_if("token", format!("used by {i}").into_bytes(), Some(v))
-                        .await
-                        .unwrap()
-                        .is_some()
-                })
-            })
-            .collect();
-        let mut winners = 0;
-        for t in tasks {
-            winners += t.await.unwrap() as usize;
-        }
-        assert_eq!(winners, 1);
-    }
+    // The contract every store keeps (put_if exactly once, racing writers, watches) is
+    // tested against this one and etcd alike in control/tests/store.rs.
 
     #[tokio::test]
     async fn list_is_by_prefix_and_survives_reopen() {
@@ -434,26 +440,5 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "the store holds the CA key: {mode:o}");
-    }
-
-    #[tokio::test]
-    async fn a_watch_misses_nothing_between_snapshot_and_changes() {
-        let (_d, s) = store();
-        s.put("dir/a", b"1".to_vec()).await.unwrap();
-        let mut w = s.watch("dir/").await.unwrap();
-        assert_eq!(w.snapshot.len(), 1);
-        s.put("other", b"-".to_vec()).await.unwrap();
-        s.put("dir/b", b"2".to_vec()).await.unwrap();
-        s.delete("dir/a").await.unwrap();
-        let e1 = w.next().await.unwrap();
-        assert!(matches!(&e1, Event::Put(e) if e.key == "dir/b"));
-        let e2 = w.next().await.unwrap();
-        assert_eq!(
-            e2,
-            Event::Delete {
-                key: "dir/a".into(),
-                revision: 4
-            }
-        );
     }
 }

@@ -201,10 +201,15 @@ impl AdminArgs {
 
 #[derive(Subcommand)]
 enum ServerCommand {
-    /// Run the control plane (embedded store in --state-dir).
+    /// Run the control plane (embedded store in --state-dir, or etcd with --store).
     Run {
         #[arg(long, default_value = server::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Keep the state in etcd, shared by every server given the same URL:
+        /// `etcd://host:port[,host:port...][/prefix]` (prefix default `/tessera`).
+        /// Default: the embedded file in --state-dir.
+        #[arg(long)]
+        store: Option<String>,
         #[arg(long, default_value = server::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
         #[arg(long, default_value = "tessera.local")]
@@ -463,6 +468,7 @@ fn server_command(log_format: &str, command: ServerCommand) -> Result<()> {
     match command {
         ServerCommand::Run {
             state_dir,
+            store,
             listen,
             trust_domain,
             names,
@@ -479,6 +485,7 @@ fn server_command(log_format: &str, command: ServerCommand) -> Result<()> {
                 .build()?;
             let result = runtime.block_on(server::run(server::RunOptions {
                 state_dir,
+                store,
                 listen,
                 trust_domain,
                 names,

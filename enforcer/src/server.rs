@@ -5,6 +5,10 @@
 //! administrators trust; public) and, made on first start, `admin.token` (0600: whoever
 //! can read it administers the control plane). The administration commands talk to a
 //! running server over its API with that token, so they work from another machine too.
+//!
+//! With `--store etcd://host:port[,host:port...][/prefix]` the state lives in etcd instead
+//! (the state directory then keeps only `ca.pem` and `admin.token`), so that several
+//! servers share it: see docs/control-plane.md.
 use std::{
     net::SocketAddr,
     num::NonZeroU32,
@@ -23,7 +27,7 @@ use tessera_control::{
     plane::{ControlPlane, Settings},
     scope::Scope,
     server,
-    store::Embedded,
+    store::{Embedded, Store},
     tokens,
 };
 
@@ -37,6 +41,8 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:15100";
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub state_dir: PathBuf,
+    /// `etcd://...`: the store is in etcd; `None`: the embedded file in `state_dir`.
+    pub store: Option<String>,
     pub listen: SocketAddr,
     pub trust_domain: String,
     /// Names (DNS or IP) the server's certificate carries: what enforcers dial.
@@ -68,11 +74,34 @@ fn private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The embedded store in the state directory, or etcd if `--store` names it.
+async fn open_store(o: &RunOptions) -> Result<Arc<dyn Store>> {
+    let Some(url) = &o.store else {
+        return Ok(Arc::new(Embedded::open(&o.state_dir.join(STORE_FILE))?));
+    };
+    open_etcd(url).await
+}
+
+#[cfg(feature = "etcd")]
+async fn open_etcd(url: &str) -> Result<Arc<dyn Store>> {
+    use tessera_control::etcd::{EtcdStore, EtcdUrl};
+    let url: EtcdUrl = url.parse().context("--store")?;
+    let store = EtcdStore::connect(&url)
+        .await
+        .with_context(|| format!("--store {url}: cannot reach etcd"))?;
+    tracing::info!(store = %url, "store: etcd");
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(url: &str) -> Result<Arc<dyn Store>> {
+    bail!("--store {url}: this build has no etcd support (built without the `etcd` feature)")
+}
+
 /// Runs the control plane until SIGTERM or SIGINT.
 pub async fn run(o: RunOptions) -> Result<()> {
     private_dir(&o.state_dir)?;
-    let store_path = o.state_dir.join(STORE_FILE);
-    let store = Arc::new(Embedded::open(&store_path)?);
+    let store = open_store(&o).await?;
     let mut settings = Settings::new(&o.trust_domain);
     settings.lifetime = o.lifetime;
     settings.enrol_per_source =
@@ -126,6 +155,7 @@ pub async fn run(o: RunOptions) -> Result<()> {
         lifetime_s = o.lifetime.as_secs(),
         documents = o.document_trust.is_some(),
         state = %o.state_dir.display(),
+        store = o.store.as_deref().unwrap_or("embedded"),
         "control plane ready"
     );
     if let Some(f) = &o.ready_file {

@@ -30,6 +30,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("dig", "bind9-dnsutils"),
     ("nc", "netcat-openbsd"),
     ("ping", "iputils-ping"),
+    // `tessera-enforcer`'s default `etcd` feature generates its etcd client with protoc;
+    // the control plane's etcd tests run Debian's etcd.
+    ("protoc", "protobuf-compiler"),
+    ("etcd", "etcd-server"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.4";

@@ -1,0 +1,253 @@
+//! Two control plane replicas on one real etcd, each serving its API over TLS on loopback:
+//! they share one CA and one state, a join token enrols once across both, and a change
+//! made through one reaches the watches opened on the other. Then a three-member etcd
+//! loses a member and the replicas keep working.
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use rcgen::{CertificateParams, KeyPair, PKCS_ED25519};
+use support::etcd::Etcd;
+use tessera_control::{
+    admin,
+    api::WatchMessage,
+    client::{Client, ClientError, Identity},
+    etcd::{EtcdStore, EtcdUrl},
+    plane::{ControlPlane, Credential, EnrolRequest, Enrolment, Settings},
+    server,
+};
+
+struct Replica {
+    url: String,
+    ca: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn plane(url: &EtcdUrl) -> Arc<ControlPlane> {
+    let store = Arc::new(EtcdStore::connect(url).await.unwrap());
+    Arc::new(ControlPlane::new(store, Settings::new("td")).await.unwrap())
+}
+
+async fn serve(plane: Arc<ControlPlane>) -> Replica {
+    let tls = server::tls_config(&plane, &["127.0.0.1".into()]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let ca = plane.authority().ca_pem().to_string();
+    let task = tokio::spawn(async move {
+        server::serve(listener, tls, plane, std::future::pending())
+            .await
+            .unwrap()
+    });
+    Replica { url, ca, task }
+}
+
+fn anon(r: &Replica) -> Client {
+    Client::new(std::slice::from_ref(&r.url), &r.ca, None).unwrap()
+}
+
+fn csr(key: &KeyPair) -> String {
+    CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
+async fn enrol(r: &Replica, name: &str, token: &str) -> Result<(KeyPair, Enrolment), ClientError> {
+    let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+    let e = anon(r)
+        .enrol(&EnrolRequest {
+            name: name.into(),
+            csr: csr(&key),
+            credential: Credential::Token(token.into()),
+        })
+        .await?;
+    Ok((key, e))
+}
+
+fn client(r: &Replica, key: &KeyPair, e: &Enrolment) -> Client {
+    Client::new(
+        std::slice::from_ref(&r.url),
+        &r.ca,
+        Some(Identity {
+            cert_pem: &e.cert,
+            key_pkcs8: &key.serialize_der(),
+        }),
+    )
+    .unwrap()
+}
+
+async fn next(
+    w: &mut (impl futures_util::Stream<Item = Result<WatchMessage, ClientError>> + Unpin),
+) -> WatchMessage {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), w.next())
+            .await
+            .expect("a watch message within 20 s")
+            .expect("stream open")
+            .unwrap();
+        if !matches!(m, WatchMessage::Ping { .. }) {
+            return m;
+        }
+    }
+}
+
+const POLICY: &str = "rules:\n  - name: web-to-api\n    action: allow\n    from:\n      - labels: [app=web]\n    to:\n      - labels: [app=api]\n    ports: [8080]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_etcd_share_tokens_directory_and_policy() {
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let url = etcd.url("/tessera");
+    // Both start at once on an empty etcd: they must agree on one CA, not make two.
+    let (pa, pb) = tokio::join!(plane(&url), plane(&url));
+    assert_eq!(pa.authority().ca_pem(), pb.authority().ca_pem());
+    let admin_token = admin::create(pa.store(), "test-admin", 0).await.unwrap();
+    let (a, b) = (serve(pa).await, serve(pb).await);
+    // A token made through one replica is good through the other, exactly once: race
+    // two enrolments with it, one through each replica.
+    for round in 0..5 {
+        let t = anon(&a)
+            .create_token(
+                &admin_token,
+                &"site=paris".parse().unwrap(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        let (na, nb) = (format!("via-a-{round}"), format!("via-b-{round}"));
+        let (ra, rb) = tokio::join!(enrol(&a, &na, &t.token), enrol(&b, &nb, &t.token));
+        let wins = ra.is_ok() as usize + rb.is_ok() as usize;
+        assert_eq!(wins, 1, "round {round}: {:?} / {:?}", ra.err(), rb.err());
+        let lost = ra.err().or(rb.err()).unwrap();
+        assert!(
+            matches!(
+                lost,
+                ClientError::Refused {
+                    status: 400..500,
+                    ..
+                }
+            ),
+            "round {round}: {lost}"
+        );
+    }
+    // An enforcer enrolled through a watches through b; what a learns reaches it.
+    let t = anon(&a)
+        .create_token(
+            &admin_token,
+            &"site=paris".parse().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let (key, e) = enrol(&a, "watcher", &t.token).await.unwrap();
+    let (_, w) = client(&b, &key, &e).watch().await.unwrap();
+    let mut w = Box::pin(w);
+    match next(&mut w).await {
+        WatchMessage::Snapshot { directory, .. } => {
+            assert!(
+                directory.iter().any(|d| d.name == "watcher"),
+                "{directory:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    anon(&a)
+        .apply_policy(&admin_token, "p.yaml", POLICY)
+        .await
+        .unwrap();
+    match next(&mut w).await {
+        WatchMessage::Policy { policy, .. } => assert_eq!(policy.version, 1),
+        other => panic!("{other:?}"),
+    }
+    let t = anon(&b)
+        .create_token(
+            &admin_token,
+            &"site=oslo".parse().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    enrol(&a, "newcomer", &t.token).await.unwrap();
+    match next(&mut w).await {
+        WatchMessage::Upsert { entry, .. } => assert_eq!(entry.name, "newcomer"),
+        other => panic!("{other:?}"),
+    }
+    // Revoked through a: its own stream on b says so.
+    anon(&a).revoke(&admin_token, "watcher").await.unwrap();
+    loop {
+        match next(&mut w).await {
+            WatchMessage::Revoked { name } => {
+                assert_eq!(name, "watcher");
+                break;
+            }
+            WatchMessage::Upsert { .. } | WatchMessage::Remove { .. } => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_etcd_keeps_the_replicas_working_when_one_member_dies() {
+    let Some(mut etcd) = Etcd::cluster(3).await else {
+        return;
+    };
+    // Each replica knows every member.
+    let url = etcd.url("/tessera");
+    let p = plane(&url).await;
+    let admin_token = admin::create(p.store(), "test-admin", 0).await.unwrap();
+    let a = serve(p).await;
+    let t = anon(&a)
+        .create_token(
+            &admin_token,
+            &"site=paris".parse().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    enrol(&a, "before", &t.token).await.unwrap();
+    etcd.kill(0);
+    // Writes go on through the two members left (a request may need a retry while the
+    // client notices the dead member; bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let t = loop {
+        match anon(&a)
+            .create_token(
+                &admin_token,
+                &"site=paris".parse().unwrap(),
+                Duration::from_secs(60),
+            )
+            .await
+        {
+            Ok(t) => break t,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no write after losing a member: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    enrol(&a, "after", &t.token).await.unwrap();
+    // And the token is still single-use.
+    assert!(enrol(&a, "again", &t.token).await.is_err());
+    let status = anon(&a).status(&admin_token).await.unwrap();
+    let names: Vec<_> = status.enforcers.iter().map(|e| e.name.as_str()).collect();
+    assert!(
+        names.contains(&"before") && names.contains(&"after"),
+        "{names:?}"
+    );
+}

@@ -1,0 +1,213 @@
+//! Real etcd servers for tests: Debian's `etcd` on loopback with free ports and a
+//! temporary data directory, killed and removed when the guard drops (and killed by the
+//! kernel if the test process dies first). Without the binary a test skips, unless
+//! `CI=true`, where that is a failure.
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tessera_control::etcd::{EtcdStore, EtcdUrl};
+
+pub const ETCD: &str = "/usr/bin/etcd";
+
+struct Member {
+    name: String,
+    client: String,
+    peer: String,
+    child: Option<Child>,
+}
+
+/// One etcd member or a cluster of them.
+pub struct Etcd {
+    members: Vec<Member>,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether etcd can run here; panics in CI when it cannot.
+pub fn available() -> bool {
+    let present = std::path::Path::new(ETCD).exists();
+    if !present {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{ETCD} is missing (cargo xtask setup installs etcd-server)");
+        }
+        eprintln!("skipped: {ETCD} is missing (cargo xtask setup installs etcd-server)");
+    }
+    present
+}
+
+impl Etcd {
+    /// A single member, serving once this returns; `None` (skip) if etcd is not installed.
+    pub async fn start() -> Option<Self> {
+        Self::cluster(1).await
+    }
+
+    /// `n` members forming one cluster, all serving once this returns.
+    pub async fn cluster(n: usize) -> Option<Self> {
+        if !available() {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: format!("127.0.0.1:{}", free_port()),
+                peer: format!("127.0.0.1:{}", free_port()),
+                child: None,
+            })
+            .collect();
+        let mut etcd = Etcd { members, dir };
+        for i in 0..n {
+            etcd.spawn(i);
+        }
+        etcd.wait_ready().await;
+        Some(etcd)
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let initial: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://{}", m.name, m.peer))
+            .collect();
+        let token = format!(
+            "tessera-test-{}-{}",
+            std::process::id(),
+            self.dir.path().display()
+        );
+        let m = &self.members[i];
+        let data = self.dir.path().join(&m.name);
+        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name))).unwrap();
+        let mut cmd = Command::new(ETCD);
+        cmd.args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", &format!("http://{}", m.client)])
+            .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+            .args(["--listen-peer-urls", &format!("http://{}", m.peer)])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://{}", m.peer),
+            ])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &token])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // If the test process dies without dropping the guard, the kernel kills etcd.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {ETCD}: {e}"));
+        self.members[i].child = Some(child);
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for i in 0..self.members.len() {
+            let url = self.url_of(&[i], "/ready/");
+            loop {
+                if let Some(c) = self.members[i].child.as_mut()
+                    && let Ok(Some(status)) = c.try_wait()
+                {
+                    panic!(
+                        "etcd {} exited ({status}): {}",
+                        self.members[i].name,
+                        self.log(i)
+                    );
+                }
+                if let Ok(s) = EtcdStore::connect(&url).await
+                    && tessera_control::store::Store::put(&s, "ready", vec![])
+                        .await
+                        .is_ok()
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd {} not ready in 60 s: {}",
+                    self.members[i].name,
+                    self.log(i)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("{}.log", self.members[i].name)),
+        )
+        .unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// The store URL for some members, with a key prefix.
+    pub fn url_of(&self, members: &[usize], prefix: &str) -> EtcdUrl {
+        format!(
+            "etcd://{}{}",
+            members
+                .iter()
+                .map(|&i| self.members[i].client.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            prefix.trim_end_matches('/')
+        )
+        .parse()
+        .unwrap()
+    }
+
+    /// The store URL for every member.
+    pub fn url(&self, prefix: &str) -> EtcdUrl {
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        self.url_of(&all, prefix)
+    }
+
+    pub async fn store(&self, prefix: &str) -> EtcdStore {
+        EtcdStore::connect(&self.url(prefix)).await.unwrap()
+    }
+
+    /// Kills member `i` (SIGKILL) and waits for it to be gone.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
