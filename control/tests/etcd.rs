@@ -6,9 +6,8 @@ mod support;
 
 use std::{sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
-use rcgen::{CertificateParams, KeyPair, PKCS_ED25519};
-use support::etcd::Etcd;
+use rcgen::{KeyPair, PKCS_ED25519};
+use support::{csr, etcd::Etcd};
 use tessera_control::{
     admin,
     api::WatchMessage,
@@ -55,13 +54,19 @@ fn anon(r: &Replica) -> Client {
     Client::new(std::slice::from_ref(&r.url), &r.ca, None).unwrap()
 }
 
-fn csr(key: &KeyPair) -> String {
-    CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(key)
-        .unwrap()
-        .pem()
-        .unwrap()
+/// A join token in scope `site=SITE`, made through replica `r`.
+async fn token(
+    r: &Replica,
+    admin: &str,
+    site: &str,
+) -> Result<tessera_control::api::TokenResponse, ClientError> {
+    anon(r)
+        .create_token(
+            admin,
+            &format!("site={site}").parse().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await
 }
 
 async fn enrol(r: &Replica, name: &str, token: &str) -> Result<(KeyPair, Enrolment), ClientError> {
@@ -91,16 +96,7 @@ fn client(r: &Replica, key: &KeyPair, e: &Enrolment) -> Client {
 async fn next(
     w: &mut (impl futures_util::Stream<Item = Result<WatchMessage, ClientError>> + Unpin),
 ) -> WatchMessage {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), w.next())
-            .await
-            .expect("a watch message within 20 s")
-            .expect("stream open")
-            .unwrap();
-        if !matches!(m, WatchMessage::Ping { .. }) {
-            return m;
-        }
-    }
+    support::next_within(w, Duration::from_secs(20)).await
 }
 
 const POLICY: &str = "rules:\n  - name: web-to-api\n    action: allow\n    from:\n      - labels: [app=web]\n    to:\n      - labels: [app=api]\n    ports: [8080]\n";
@@ -119,14 +115,7 @@ async fn two_replicas_on_one_etcd_share_tokens_directory_and_policy() {
     // A token made through one replica is good through the other, exactly once: race
     // two enrolments with it, one through each replica.
     for round in 0..5 {
-        let t = anon(&a)
-            .create_token(
-                &admin_token,
-                &"site=paris".parse().unwrap(),
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
+        let t = token(&a, &admin_token, "paris").await.unwrap();
         let (na, nb) = (format!("via-a-{round}"), format!("via-b-{round}"));
         let (ra, rb) = tokio::join!(enrol(&a, &na, &t.token), enrol(&b, &nb, &t.token));
         let wins = ra.is_ok() as usize + rb.is_ok() as usize;
@@ -144,14 +133,7 @@ async fn two_replicas_on_one_etcd_share_tokens_directory_and_policy() {
         );
     }
     // An enforcer enrolled through a watches through b; what a learns reaches it.
-    let t = anon(&a)
-        .create_token(
-            &admin_token,
-            &"site=paris".parse().unwrap(),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
+    let t = token(&a, &admin_token, "paris").await.unwrap();
     let (key, e) = enrol(&a, "watcher", &t.token).await.unwrap();
     let (_, w) = client(&b, &key, &e).watch().await.unwrap();
     let mut w = Box::pin(w);
@@ -172,14 +154,7 @@ async fn two_replicas_on_one_etcd_share_tokens_directory_and_policy() {
         WatchMessage::Policy { policy, .. } => assert_eq!(policy.version, 1),
         other => panic!("{other:?}"),
     }
-    let t = anon(&b)
-        .create_token(
-            &admin_token,
-            &"site=oslo".parse().unwrap(),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
+    let t = token(&b, &admin_token, "oslo").await.unwrap();
     enrol(&a, "newcomer", &t.token).await.unwrap();
     match next(&mut w).await {
         WatchMessage::Upsert { entry, .. } => assert_eq!(entry.name, "newcomer"),
@@ -209,28 +184,14 @@ async fn a_three_member_etcd_keeps_the_replicas_working_when_one_member_dies() {
     let p = plane(&url).await;
     let admin_token = admin::create(p.store(), "test-admin", 0).await.unwrap();
     let a = serve(p).await;
-    let t = anon(&a)
-        .create_token(
-            &admin_token,
-            &"site=paris".parse().unwrap(),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
+    let t = token(&a, &admin_token, "paris").await.unwrap();
     enrol(&a, "before", &t.token).await.unwrap();
     etcd.kill(0);
     // Writes go on through the two members left (a request may need a retry while the
     // client notices the dead member; bounded).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let t = loop {
-        match anon(&a)
-            .create_token(
-                &admin_token,
-                &"site=paris".parse().unwrap(),
-                Duration::from_secs(60),
-            )
-            .await
-        {
+        match token(&a, &admin_token, "paris").await {
             Ok(t) => break t,
             Err(e) => {
                 assert!(

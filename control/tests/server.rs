@@ -1,9 +1,11 @@
 //! The control plane's API end to end over real TLS on loopback: enrolment, the directory
 //! watch, renewal, revocation reaching watchers, and the refusals an attacker meets.
+mod support;
+
 use std::{sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
-use rcgen::{CertificateParams, KeyPair, PKCS_ED25519};
+use rcgen::{KeyPair, PKCS_ED25519};
+use support::csr;
 use tessera_control::{
     admin,
     api::WatchMessage,
@@ -73,15 +75,6 @@ impl Enforcer {
     }
 }
 
-fn csr(key: &KeyPair) -> String {
-    CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(key)
-        .unwrap()
-        .pem()
-        .unwrap()
-}
-
 async fn enrol(s: &Server, name: &str, scope: &str) -> Enforcer {
     let anon = Client::new(std::slice::from_ref(&s.url), &s.ca, None).unwrap();
     let t = anon
@@ -103,16 +96,7 @@ async fn enrol(s: &Server, name: &str, scope: &str) -> Enforcer {
 async fn next(
     w: &mut (impl futures_util::Stream<Item = Result<WatchMessage, ClientError>> + Unpin),
 ) -> WatchMessage {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), w.next())
-            .await
-            .expect("a watch message within 10 s")
-            .expect("stream open")
-            .unwrap();
-        if !matches!(m, WatchMessage::Ping { .. }) {
-            return m;
-        }
-    }
+    support::next_within(w, Duration::from_secs(10)).await
 }
 
 #[tokio::test]
