@@ -48,6 +48,27 @@ impl TestNet {
         log
     }
 
+    /// A real DNS server (dnsmasq) on `host`'s address, port 53, without any file of the
+    /// system's (no resolv.conf, no hosts), answering as `extra` says (`--address=...`);
+    /// its pid.
+    pub fn spawn_dnsmasq(&self, host: &str, extra: &[&str]) -> u32 {
+        let h = self.host(host);
+        let listen = format!("--listen-address={}", h.addr);
+        let mut args = vec![
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+            "--pid-file=",
+            "--bind-interfaces",
+            listen.as_str(),
+            "--port=53",
+        ];
+        args.extend_from_slice(extra);
+        self.spawn(h, None, "dnsmasq", &args).unwrap()
+    }
+
     /// `nc -u` from `workload` on `host` (None: outside any enrolled cgroup) sending `text`
     /// to `ip`:`port`.
     pub fn nc_udp(&self, host: &str, workload: Option<&str>, ip: &str, port: u16, text: &str) {

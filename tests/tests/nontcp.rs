@@ -282,28 +282,14 @@ fn icmp_and_raw_sockets_are_denied_unless_an_icmp_rule_allows_the_destination() 
 
 /// dnsmasq on `host` answering `sink.test` with 10.77.0.3, logging queries to its log.
 fn dnsmasq(net: &TestNet, host: &str) -> PathBuf {
-    let h = net.host(host);
-    let listen = format!("--listen-address={}", h.addr);
-    net.spawn(
-        h,
-        None,
-        "dnsmasq",
+    net.spawn_dnsmasq(
+        host,
         &[
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--user=root",
-            "--pid-file=",
-            "--bind-interfaces",
-            &listen,
-            "--port=53",
             "--log-facility=-",
             "--log-queries",
             "--address=/sink.test/10.77.0.3",
         ],
-    )
-    .unwrap();
+    );
     let log = net.dir.join(format!("{host}-other-dnsmasq.log"));
     assert!(
         wait_for(&log, "started", Duration::from_secs(10)),

@@ -258,28 +258,9 @@ fn a_live_connection_that_a_new_policy_denies_is_closed() {
 /// A real DNS server (dnsmasq) on the outsider host answering `registry.test` with `addr`,
 /// TTL 1 s.
 fn dns_server(net: &TestNet, addr: &str) -> u32 {
-    let o = net.host("outsider");
-
-    net.spawn(
-        o,
-        None,
-        "dnsmasq",
-        &[
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--user=root",
-            "--pid-file=",
-            "--bind-interfaces",
-            "--listen-address=10.77.0.3",
-            "--port=53",
-            "--local-ttl=1",
-            &format!("--address=/registry.test/{addr}"),
-            "--log-queries",
-        ],
-    )
-    .unwrap()
+    // The outsider host is 10.77.0.3, the address the tests query.
+    let address = format!("--address=/registry.test/{addr}");
+    net.spawn_dnsmasq("outsider", &["--local-ttl=1", &address, "--log-queries"])
 }
 
 #[test]
