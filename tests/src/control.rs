@@ -21,6 +21,8 @@ pub const CONTROL_PORT: u16 = 15100;
 #[derive(Clone, Debug, Default)]
 pub struct ControlOptions {
     pub servers: Vec<String>,
+    /// Hosts that follow other servers than `servers` (by host name).
+    pub servers_of: std::collections::BTreeMap<String, Vec<String>>,
     /// The control plane's CA certificate (its `ca.pem`).
     pub ca: PathBuf,
     /// Join token files, by host name.
@@ -37,14 +39,24 @@ pub struct ControlServer {
     pub state: PathBuf,
     pub host: String,
     pub pid: u32,
+    /// Its log (stdout and stderr).
+    pub log: PathBuf,
 }
 
 impl TestNet {
     /// Starts `tessera server run` on `host` (extra arguments appended, e.g. a short
-    /// `--lifetime`) and waits until it serves.
+    /// `--lifetime` or an etcd `--store`) and waits until it serves. A server on the host
+    /// named `control` keeps its state in `control/`, any other (a replica) in
+    /// `<host>-server/`; a restart on the same host reuses it.
     pub fn start_control(&self, host: &Host, extra: &[&str]) -> Result<ControlServer> {
-        let state = self.dir.join("control");
-        let ready = self.dir.join("control.ready");
+        let stem = if host.name == "control" {
+            "control".to_string()
+        } else {
+            format!("{}-server", host.name)
+        };
+        let state = self.dir.join(&stem);
+        let ready = self.dir.join(format!("{stem}.ready"));
+        let log_path = self.dir.join(format!("{stem}.log"));
         let _ = fs::remove_file(&ready);
         let listen = format!("{}:{CONTROL_PORT}", host.addr);
         let name = host.addr.to_string();
@@ -64,7 +76,7 @@ impl TestNet {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("control.log"))?;
+            .open(&log_path)?;
         let child = self
             .command(
                 host,
@@ -84,14 +96,16 @@ impl TestNet {
         while !ready.exists() {
             if Instant::now() > deadline {
                 bail!(
-                    "tessera server not ready within 30 s:\n{}",
-                    self.control_log()
+                    "tessera server on {} not ready within 30 s:\n{}",
+                    host.name,
+                    fs::read_to_string(&log_path).unwrap_or_default()
                 );
             }
             if unsafe { libc::kill(pid as i32, 0) } != 0 {
                 bail!(
-                    "tessera server exited during start-up:\n{}",
-                    self.control_log()
+                    "tessera server on {} exited during start-up:\n{}",
+                    host.name,
+                    fs::read_to_string(&log_path).unwrap_or_default()
                 );
             }
             thread::sleep(Duration::from_millis(20));
@@ -101,16 +115,27 @@ impl TestNet {
             state,
             host: host.name.clone(),
             pid,
+            log: log_path,
         })
     }
 
+    /// The log of the server on the host named `control`.
     pub fn control_log(&self) -> String {
         fs::read_to_string(self.dir.join("control.log")).unwrap_or_default()
     }
 
     /// Stops the server (SIGTERM) and waits for it to exit.
     pub fn stop_control(&self, srv: &ControlServer) -> Result<()> {
-        unsafe { libc::kill(srv.pid as i32, libc::SIGTERM) };
+        self.signal_control(srv, libc::SIGTERM)
+    }
+
+    /// Kills the server outright (SIGKILL: a crashed replica) and waits for it to be gone.
+    pub fn kill_control(&self, srv: &ControlServer) -> Result<()> {
+        self.signal_control(srv, libc::SIGKILL)
+    }
+
+    fn signal_control(&self, srv: &ControlServer, signal: i32) -> Result<()> {
+        unsafe { libc::kill(srv.pid as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while unsafe { libc::kill(srv.pid as i32, 0) } == 0 {
             let mut children = self.children.lock().unwrap();
@@ -119,7 +144,7 @@ impl TestNet {
             }
             drop(children);
             if Instant::now() > deadline {
-                bail!("tessera server ignored SIGTERM for 10 s");
+                bail!("tessera server ignored signal {signal} for 10 s");
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -189,10 +214,26 @@ impl TestNet {
 
     /// Enforcers of this net follow `srv` (its URL and CA).
     pub fn use_control(&self, srv: &ControlServer) {
+        self.use_replicas(&[srv]);
+    }
+
+    /// Enforcers of this net follow these replicas of one control plane (tried in this
+    /// order; the CA is the first one's `ca.pem`, which every replica on one store shares).
+    pub fn use_replicas(&self, servers: &[&ControlServer]) {
         let mut opts = self.options.lock().unwrap();
         let c = opts.control.get_or_insert_with(ControlOptions::default);
-        c.servers = vec![srv.url.clone()];
-        c.ca = srv.state.join("ca.pem");
+        c.servers = servers.iter().map(|s| s.url.clone()).collect();
+        c.ca = servers[0].state.join("ca.pem");
+    }
+
+    /// `host`'s enforcer follows only these servers (after [`TestNet::use_replicas`]).
+    pub fn use_replicas_for(&self, host: &Host, servers: &[&ControlServer]) {
+        let mut opts = self.options.lock().unwrap();
+        let c = opts.control.get_or_insert_with(ControlOptions::default);
+        c.servers_of.insert(
+            host.name.clone(),
+            servers.iter().map(|s| s.url.clone()).collect(),
+        );
     }
 
     /// Where `host`'s enforcer keeps its control-plane cache.

@@ -372,7 +372,7 @@ impl TestNet {
             config.policy.file = None;
             let document = c.documents.get(&host.name);
             config.control = Some(ControlConfig {
-                servers: c.servers.clone(),
+                servers: c.servers_of.get(&host.name).unwrap_or(&c.servers).clone(),
                 ca: c.ca.clone(),
                 join_token_file: c.tokens.get(&host.name).cloned(),
                 identity_document_file: document.map(|(f, _)| f.clone()),

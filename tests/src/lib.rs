@@ -13,6 +13,7 @@
 //! * [`apps`]: real programs on the hosts (curl, http servers, redis, the traffic tool, the
 //!   handshake adversary), spawned or run to completion;
 //! * [`control`]: the control plane (`tessera server`) and enforcers that enrol with it;
+//! * [`etcd`]: a real etcd cluster on a test host, for the control plane's replicas;
 //! * [`rogue`]: the hostile peer with a real enforcer's key material, and its answers;
 //! * [`tools`]: the traffic and attack scripts the tests carry.
 //!
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 pub mod apps;
 pub mod control;
 pub mod enforcer;
+pub mod etcd;
 pub mod network;
 pub mod rogue;
 pub mod tools;
@@ -29,6 +31,7 @@ pub mod tools;
 pub use apps::{handshake_attack, which};
 pub use control::{CONTROL_PORT, ControlOptions, ControlServer};
 pub use enforcer::{API_PORT, EnforcerOptions, TUNNEL_PORT, WorkloadSpec, tessera_bin};
+pub use etcd::EtcdCluster;
 pub use network::{Host, PacketCapture, TestNet, cgroup2_mount, require_root, sh, sweep_leftovers};
 pub use rogue::RogueAnswers;
 
