@@ -101,6 +101,7 @@ mod tests {
                 src: "web@host-a".into(),
                 dst: "api@host-b".into(),
                 port: 8080,
+                protocol: Default::default(),
                 verdict: "allowed".into(),
             },
             stats: EdgeStats {

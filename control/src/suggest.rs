@@ -11,15 +11,21 @@
 //! checked with the policy parser before it is returned, and every edge it came from is
 //! allowed by it (tested).
 //!
-//! What it cannot know: the map's edges do not say whether a flow was TCP, UDP or ICMP, so
-//! every rule is a TCP rule; a review before `tessera policy apply` is expected.
+//! Edges carry their protocol: UDP and ICMP edges become `protocol: udp` / `protocol: icmp`
+//! rules (ICMP without ports), checked against the policy in force as eBPF enforces them
+//! (the rules' addresses and labels, [`tessera_policy::CompiledPolicy::nontcp_allows`]).
+//! Refused raw sockets are left out (no policy allows them). A review before
+//! `tessera policy apply` is expected.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write,
     net::IpAddr,
 };
 
-use tessera_proxy::map::{Edge, Map, Node};
+use tessera_proxy::{
+    flow::Protocol,
+    map::{Edge, Map, Node},
+};
 
 /// How to group and which edges to take.
 #[derive(Clone)]
@@ -171,6 +177,14 @@ fn allowed_by(
         address_of(name).and_then(|(_, c)| c.split('/').next()?.parse().ok())
     };
     let (ls, ld) = (labels(&key.src), labels(&key.dst));
+    if !key.protocol.is_tcp() {
+        return nontcp_allowed_by(
+            policy,
+            key,
+            [ls.as_ref(), ld.as_ref()],
+            [addr(&key.src), addr(&key.dst)],
+        );
+    }
     let dns: Option<String> = address_of(&key.dst).and_then(|(d, _)| d);
     let d = policy.decide(
         &tessera_policy::Subject {
@@ -188,10 +202,55 @@ fn allowed_by(
         .then(|| d.rule.map(|r| r.to_string()).unwrap_or_default())
 }
 
+/// [`allowed_by`] for a UDP or ICMP edge, as eBPF enforces it: a rule of that protocol
+/// selecting one side by its labels and naming the other (labels, or an address in a
+/// `cidr:`), on the edge's port (ICMP: any). Either end may hold the workload.
+fn nontcp_allowed_by(
+    policy: &tessera_policy::CompiledPolicy,
+    key: &tessera_proxy::map::EdgeKey,
+    [ls, ld]: [Option<&tessera_policy::Labels>; 2],
+    [as_, ad]: [Option<IpAddr>; 2],
+) -> Option<String> {
+    let want = match key.protocol {
+        Protocol::Udp => tessera_policy::parse::Protocol::Udp,
+        Protocol::Icmp => tessera_policy::parse::Protocol::Icmp,
+        Protocol::Tcp | Protocol::Raw => return None,
+    };
+    let names = |peers: &[tessera_policy::parse::Peer],
+                 labels: Option<&tessera_policy::Labels>,
+                 addr: Option<IpAddr>| {
+        peers.iter().any(|p| match p {
+            tessera_policy::parse::Peer::Labels(sel) => labels.is_some_and(|l| sel.matches(l)),
+            tessera_policy::parse::Peer::Cidr(net) => addr.is_some_and(|a| net.contains(&a)),
+            tessera_policy::parse::Peer::Dns(_) => false,
+        })
+    };
+    let port_ok = |ports: &[(u16, u16)]| {
+        want == tessera_policy::parse::Protocol::Icmp
+            || ports.is_empty()
+            || ports.iter().any(|&(lo, hi)| (lo..=hi).contains(&key.port))
+    };
+    // From the source workload's rules (sending), else the destination's (receiving).
+    let sides = [(ls, false, ld, ad), (ld, true, ls, as_)];
+    for (own, inbound, other_labels, other_addr) in sides {
+        let Some(own) = own else { continue };
+        if let Some(a) = policy.nontcp_allows(own).into_iter().find(|a| {
+            a.protocol == want
+                && a.inbound == inbound
+                && a.mode == tessera_policy::parse::Mode::Enforce
+                && port_ok(&a.ports)
+                && names(&a.peers, other_labels, other_addr)
+        }) {
+            return Some(a.rule.to_string());
+        }
+    }
+    None
+}
+
 /// The allow policy that covers the map's allowed and would-deny edges.
 pub fn suggest(map: &Map, o: &Options) -> Suggestion {
     let nodes: BTreeMap<&str, &Node> = map.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let mut groups: BTreeMap<(Side, Side), Evidence> = BTreeMap::new();
+    let mut groups: BTreeMap<(Protocol, Side, Side), Evidence> = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut used = 0;
     for Edge {
@@ -202,6 +261,13 @@ pub fn suggest(map: &Map, o: &Options) -> Suggestion {
     } in &map.edges
     {
         if key.verdict != "allowed" && key.verdict != "observed-would-deny" {
+            continue;
+        }
+        if key.protocol == Protocol::Raw {
+            skipped.push(format!(
+                "{} -> {}: a raw socket, which no policy allows",
+                key.src, key.dst
+            ));
             continue;
         }
         if stats.last_seen_ms < o.since_ms {
@@ -218,10 +284,12 @@ pub fn suggest(map: &Map, o: &Options) -> Suggestion {
             continue;
         };
         used += 1;
-        let e = groups.entry((from, to)).or_insert_with(|| Evidence {
-            first_ms: u64::MAX,
-            ..Default::default()
-        });
+        let e = groups
+            .entry((key.protocol, from, to))
+            .or_insert_with(|| Evidence {
+                first_ms: u64::MAX,
+                ..Default::default()
+            });
         e.ports.insert(key.port);
         e.connections += stats.connections;
         e.first_ms = e.first_ms.min(stats.first_seen_ms);
@@ -255,8 +323,11 @@ pub fn suggest(map: &Map, o: &Options) -> Suggestion {
         text.push_str("rules:\n");
     }
     let mut names = BTreeSet::new();
-    for ((from, to), e) in &groups {
-        let base = format!("{}-to-{}", from.name(), to.name());
+    for ((protocol, from, to), e) in &groups {
+        let base = match protocol {
+            Protocol::Tcp => format!("{}-to-{}", from.name(), to.name()),
+            p => format!("{}-to-{}-{}", from.name(), to.name(), p.as_str()),
+        };
         let mut name = base.clone();
         let mut i = 2;
         while !names.insert(name.clone()) {
@@ -299,13 +370,14 @@ pub fn suggest(map: &Map, o: &Options) -> Suggestion {
             );
         }
         let ports: Vec<String> = e.ports.iter().map(u16::to_string).collect();
-        let _ = write!(
-            text,
-            "  - name: {name}\n    action: allow\n    from: {}\n    to: {}\n    ports: [{}]\n",
-            from.yaml(),
-            to.yaml(),
-            ports.join(", ")
-        );
+        let _ = write!(text, "  - name: {name}\n    action: allow\n",);
+        if *protocol != Protocol::Tcp {
+            let _ = writeln!(text, "    protocol: {}", protocol.as_str());
+        }
+        let _ = write!(text, "    from: {}\n    to: {}\n", from.yaml(), to.yaml(),);
+        if *protocol != Protocol::Icmp {
+            let _ = writeln!(text, "    ports: [{}]", ports.join(", "));
+        }
     }
     Suggestion {
         rules: groups.len(),
@@ -347,6 +419,7 @@ mod tests {
                 src: src.into(),
                 dst: dst.into(),
                 port,
+                protocol: Protocol::Tcp,
                 verdict: verdict.into(),
             },
             stats: EdgeStats {
@@ -512,5 +585,99 @@ mod tests {
             "rules:\n  - {name: any, action: allow, from: {labels: []}, to: {labels: []}}\n",
         );
         assert!(s.contains("in force already: allowed by any"), "{s}");
+    }
+
+    #[test]
+    fn udp_and_icmp_edges_become_rules_of_their_protocol_checked_as_ebpf_checks_them() {
+        let t = 1_700_000_100_000;
+        let on = |mut e: Edge, p: Protocol| {
+            e.key.protocol = p;
+            e
+        };
+        let map = Map {
+            nodes: vec![
+                node("web@host-a", &[("app", "web")]),
+                node("metrics@host-b", &[("app", "metrics")]),
+            ],
+            edges: vec![
+                on(
+                    edge("web@host-a", "metrics@host-b", 8125, "allowed", 40, t),
+                    Protocol::Udp,
+                ),
+                on(
+                    edge("web@host-a", "10.0.0.53 (external)", 53, "allowed", 9, t),
+                    Protocol::Udp,
+                ),
+                on(
+                    edge("web@host-a", "10.0.0.1 (external)", 0, "allowed", 3, t),
+                    Protocol::Icmp,
+                ),
+                on(
+                    edge("web@host-a", "10.0.0.1 (external)", 0, "allowed", 1, t),
+                    Protocol::Raw,
+                ),
+                edge("web@host-a", "metrics@host-b", 8125, "allowed", 2, t),
+            ],
+        };
+        let policy = tessera_policy::load(
+            "in-force.yaml",
+            "rules:\n  - {name: statsd, action: allow, protocol: udp, from: {labels: [app=web]}, to: {labels: [app=metrics]}, ports: [8125]}\n",
+        )
+        .unwrap();
+        let s = suggest(
+            &map,
+            &Options {
+                group_by: vec!["app".into()],
+                since_ms: 0,
+                in_force: Some(policy),
+            },
+        );
+        let parsed = tessera_policy::parse::parse("suggested.yaml", &s.text)
+            .unwrap_or_else(|e| panic!("{e}\n{}", s.text));
+        // TCP and UDP to metrics are two rules; DNS over UDP; ICMP without ports; the raw
+        // socket left out with a reason.
+        assert_eq!(parsed.rules.len(), 4, "{}", s.text);
+        use tessera_policy::parse::Protocol as P;
+        let by = |name: &str| {
+            parsed
+                .rules
+                .iter()
+                .find(|r| r.name == name)
+                .unwrap_or_else(|| panic!("{name}: {}", s.text))
+        };
+        assert_eq!(by("web-to-metrics-udp").protocol, P::Udp);
+        assert_eq!(by("web-to-metrics").protocol, P::Tcp);
+        assert_eq!(by("web-to-10-0-0-53-32-udp").protocol, P::Udp);
+        assert_eq!(by("web-to-10-0-0-1-32-icmp").protocol, P::Icmp);
+        assert!(by("web-to-10-0-0-1-32-icmp").ports.is_empty(), "{}", s.text);
+        assert_eq!(s.skipped.len(), 1, "{:?}", s.skipped);
+        assert!(s.skipped[0].contains("raw socket"));
+        // The policy in force allows statsd over UDP (rule statsd), not over TCP, and not DNS.
+        let comment_of = |rule: &str| {
+            let i = s.text.find(&format!("  - name: {rule}\n")).unwrap();
+            s.text[..i].lines().last().unwrap().to_string()
+        };
+        assert_eq!(
+            comment_of("web-to-metrics-udp"),
+            "  # in force already: allowed by statsd"
+        );
+        assert!(comment_of("web-to-metrics").contains("NEW"), "{}", s.text);
+        assert!(
+            comment_of("web-to-10-0-0-53-32-udp").contains("NEW"),
+            "{}",
+            s.text
+        );
+        // Everything suggested, compiled, allows what it came from (the UDP/ICMP rules as
+        // eBPF reads them).
+        let compiled = CompiledPolicy::new(parsed);
+        let nodes: BTreeMap<&str, &Node> = map.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+        for e in map.edges.iter().filter(|e| e.key.protocol != Protocol::Raw) {
+            assert!(
+                allowed_by(&compiled, &nodes, &e.key).is_some(),
+                "{:?} not allowed by the suggestion:\n{}",
+                e.key,
+                s.text
+            );
+        }
     }
 }

@@ -47,7 +47,7 @@ pub fn table(map: &Map) -> String {
             [
                 e.key.src.clone(),
                 e.key.dst.clone(),
-                e.key.port.to_string(),
+                e.key.port_label(),
                 if e.new {
                     format!("{} NEW", e.key.verdict)
                 } else {

@@ -289,6 +289,7 @@ impl FlowSink for FlowStore {
                     src: src.clone(),
                     dst: dst.clone(),
                     port,
+                    protocol: rec.protocol,
                     verdict: crate::map::verdict_name(rec.verdict).into(),
                 };
                 if !inner.map.edges.contains_key(&key) {

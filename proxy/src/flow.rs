@@ -36,7 +36,9 @@ pub enum Direction {
     Direct,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// A connection (records written before the field existed are TCP).
@@ -48,6 +50,21 @@ pub enum Protocol {
     Icmp,
     /// A raw socket the workload tried to open (refused): no peer yet.
     Raw,
+}
+
+impl Protocol {
+    pub fn is_tcp(&self) -> bool {
+        *self == Protocol::Tcp
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+            Protocol::Raw => "raw",
+        }
+    }
 }
 
 /// Which data path carried the connection.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::{
     code::Code,
-    flow::{Endpoint, FlowRecord, Verdict},
+    flow::{Endpoint, FlowRecord, Protocol, Verdict},
 };
 use serde::{Deserialize, Serialize};
 
@@ -59,7 +59,22 @@ pub struct EdgeKey {
     pub src: String,
     pub dst: String,
     pub port: u16,
+    /// `tcp` (connections; left out of the JSON, as in maps stored before the field
+    /// existed), `udp` or `icmp` (packets over an interval), `raw` (refused raw sockets).
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
     pub verdict: String,
+}
+
+impl EdgeKey {
+    /// The port as people write it: `7000` for TCP, `53/udp`, `icmp` (no port).
+    pub fn port_label(&self) -> String {
+        match self.protocol {
+            Protocol::Tcp => self.port.to_string(),
+            Protocol::Icmp | Protocol::Raw => self.protocol.as_str().to_string(),
+            Protocol::Udp => format!("{}/udp", self.port),
+        }
+    }
 }
 
 /// What one reporter saw on one edge.
@@ -169,6 +184,7 @@ impl Aggregate {
             src: src.clone(),
             dst: dst.clone(),
             port,
+            protocol: r.protocol,
             verdict: verdict_name(r.verdict).into(),
         };
         self.last_was_new = !self.edges.contains_key(&key);
@@ -292,7 +308,10 @@ pub fn dot(map: &Map) -> String {
         };
         out += &format!(
             "  {:?} -> {:?} [label=\"{}: {} conns\", color={colour}];\n",
-            e.key.src, e.key.dst, e.key.port, e.stats.connections
+            e.key.src,
+            e.key.dst,
+            e.key.port_label(),
+            e.stats.connections
         );
     }
     out.push_str("}\n");
@@ -310,6 +329,7 @@ mod tests {
                 src: src.into(),
                 dst: "api@b".into(),
                 port: 80,
+                protocol: Default::default(),
                 verdict: "allowed".into(),
             },
             stats: EdgeStats {
