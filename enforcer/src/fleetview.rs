@@ -169,3 +169,50 @@ pub async fn serve(o: Options) -> Result<()> {
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(listen: &str, token: Option<&str>) -> Options {
+        Options {
+            servers: vec!["https://127.0.0.1:15100".into()],
+            ca: "/nonexistent/ca.pem".into(),
+            admin_token_file: "/nonexistent/admin.token".into(),
+            listen: listen.parse().unwrap(),
+            token: token.map(str::to_owned),
+            new_after: None,
+        }
+    }
+
+    #[test]
+    fn off_loopback_the_viewer_needs_a_token_of_its_own() {
+        let e = router(&options("0.0.0.0:15190", None)).unwrap_err();
+        assert!(e.to_string().contains("needs --token-file"), "{e}");
+        // With one (or on loopback) it goes on to read the credentials: here missing.
+        for o in [
+            options("0.0.0.0:15190", Some("0123456789abcdef0123")),
+            options("127.0.0.1:15190", None),
+        ] {
+            let e = router(&o).unwrap_err();
+            assert!(e.to_string().contains("--ca: cannot read"), "{e}");
+        }
+    }
+
+    #[test]
+    fn new_after_is_a_duration_or_none() {
+        let w = |s: Option<&str>| {
+            NewAfter {
+                new_after: s.map(str::to_owned),
+            }
+            .window_ms()
+        };
+        assert_eq!(w(None).unwrap(), None);
+        assert_eq!(w(Some("")).unwrap(), None);
+        assert_eq!(w(Some("1h")).unwrap(), Some(3_600_000));
+        assert_eq!(w(Some("2s")).unwrap(), Some(2_000));
+        let (status, body) = w(Some("soon")).unwrap_err();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("new_after: \"soon\""), "{body}");
+    }
+}

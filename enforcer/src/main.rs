@@ -418,7 +418,9 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             if let Some(listen) = serve {
                 if servers.is_empty() || !apis.is_empty() || !logs.is_empty() {
-                    anyhow::bail!("--serve shows the fleet's map: it needs --server, without --api or --log");
+                    anyhow::bail!(
+                        "--serve shows the fleet's map: it needs --server, without --api or --log"
+                    );
                 }
                 let token = match &token_file {
                     Some(f) => Some(
