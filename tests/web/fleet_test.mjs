@@ -115,7 +115,19 @@ try {
       );
       break;
     } catch (e) {
-      if (attempt === 5) throw e;
+      if (attempt === 5) {
+        await page.screenshot({ path: screenshot, fullPage: true });
+        const state = await page.evaluate(
+          ([name, x, y]) => ({
+            details: { ...document.getElementById("details").dataset },
+            text: document.getElementById("details").textContent,
+            at: window.tesseraNodePosition(name),
+            element: document.elementFromPoint(x, y)?.outerHTML?.slice(0, 200),
+          }),
+          [nodeName, at.x, at.y],
+        );
+        throw new Error(`no details of ${nodeName} after clicking at ${JSON.stringify(at)}: ${JSON.stringify(state)} (${e})`);
+      }
     }
   }
   const details = await page.evaluate(() => {

@@ -173,7 +173,8 @@ const cy = cytoscape({
       selector: "edge.new",
       style: { "line-style": "dashed", width: 4, color: "#6a1b9a", "font-weight": "bold" },
     },
-    { selector: ":selected", style: { "border-width": 3, "border-color": "#000", width: 4 } },
+    { selector: "node:selected", style: { "border-width": 3, "border-color": "#000" } },
+    { selector: "edge:selected", style: { width: 5 } },
   ],
 });
 
@@ -325,6 +326,9 @@ async function load() {
   }
   fillSelect($("group"), keys, state.groupBy, null);
   fillSelect($("f-label"), pairs, state.filters.label, "any");
+  // New options may have changed the header's height, and so where the graph is: cytoscape
+  // must know, or clicks land where things were.
+  cy.resize();
   render();
 }
 
@@ -393,8 +397,10 @@ function recentEdges(n) {
       lastSeen: String(e.last_seen_ms),
       new: String(Boolean(e.new)),
     });
+    const seen = text("td", when(e.last_seen_ms).slice(11));
+    seen.title = when(e.last_seen_ms);
     tr.append(
-      text("td", when(e.last_seen_ms)),
+      seen,
       text("td", out ? "→" : "←"),
       text("td", out ? e.dst : e.src),
       text("td", `:${e.port}`),
