@@ -332,6 +332,22 @@ fn the_fleet_page_filters_shows_an_identity_and_marks_new_edges() {
     );
     assert_eq!(curl(&[&format!("{url}v1/admin/status")]), "404");
     assert_eq!(curl(&[&format!("{url}api/map?new_after=soon")]), "400");
+    // The page may load only its own script and is never framed.
+    let head = net
+        .run(
+            net.host("control"),
+            None,
+            "curl",
+            &["-sS", "-m", "10", "-D", "-", "-o", "/dev/null", &url],
+            T,
+        )
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).to_ascii_lowercase();
+    assert!(
+        head.contains("content-security-policy: default-src 'self';")
+            && head.contains("frame-ancestors 'none'"),
+        "{head}"
+    );
 
     let steps = serde_json::json!([
         {"select": "#f-verdict", "value": "allowed"},
