@@ -3,7 +3,10 @@
 //! * `GET /api/flows?workload=W&verdict=V&since=MS&limit=N`: recent flow records (JSON).
 //! * `GET /api/flows/follow?...`: the same filters, live, as server-sent events (one
 //!   `flow` event per record, its data the record's JSON).
-//! * `GET /api/map`: this enforcer's connectivity map (nodes and edges, JSON).
+//! * `GET /api/map`: this enforcer's connectivity map (nodes and edges, JSON);
+//!   `?new_after=1h` marks the edges first seen after that baseline window as new.
+//! * `GET /api/source`: what the page shows (`{"kind":"enforcer"}`; the fleet viewer,
+//!   [`crate::fleetview`], serves the same page with `"fleet"`).
 //! * `GET /metrics`: Prometheus text format.
 //! * `GET /`: the web map (`web/`, bundled into the binary at build time).
 //!
@@ -187,7 +190,8 @@ impl Guard {
     }
 }
 
-async fn guard(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+/// The [`Guard`] as middleware.
+pub async fn guard(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
     match guard.check(req.headers()) {
         Ok(()) => next.run(req).await,
         Err((status, body)) => {
@@ -424,6 +428,7 @@ fn router_with(
         .route("/api/flows", get(flows))
         .route("/api/flows/follow", get(follow))
         .route("/api/map", get(map))
+        .route("/api/source", get(source))
         .route("/metrics", get(metrics))
         .route("/", get(page))
         .route("/map.js", get(script))
@@ -467,6 +472,35 @@ async fn follow(
 struct MapQuery {
     /// Configured peers' API addresses (or names), comma-separated.
     peers: Option<String>,
+    #[serde(flatten)]
+    new: NewAfter,
+}
+
+/// `?new_after=DURATION` (`1h`, `90s`): the baseline window of [`crate::map::mark_new`].
+#[derive(Debug, Default, Deserialize)]
+pub struct NewAfter {
+    pub new_after: Option<String>,
+}
+
+impl NewAfter {
+    /// The window in milliseconds, if one was asked for; a bad one is the 400 to send.
+    pub fn window_ms(&self) -> Result<Option<u64>, (StatusCode, String)> {
+        let Some(text) = self.new_after.as_deref().filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        humantime::parse_duration(text)
+            .map(|d| Some(d.as_millis().min(u64::MAX as u128) as u64))
+            .map_err(|e| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("new_after: {text:?} is not a duration (e.g. 1h, 90s): {e}\n"),
+                )
+            })
+    }
+}
+
+async fn source() -> impl IntoResponse {
+    Json(serde_json::json!({ "kind": "enforcer" }))
 }
 
 async fn map(
@@ -475,6 +509,7 @@ async fn map(
 ) -> Result<Json<Map>, (StatusCode, String)> {
     let peers = resolve_peers(q.peers.as_deref().unwrap_or(""), &api.peers)
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))?;
+    let new_after = q.new.window_ms()?;
     let fetched = futures_util::future::join_all(
         peers
             .iter()
@@ -492,7 +527,11 @@ async fn map(
     if !errors.is_empty() {
         return Err((StatusCode::BAD_GATEWAY, format!("{}\n", errors.join("\n"))));
     }
-    Ok(Json(crate::map::merge(maps)))
+    let mut merged = crate::map::merge(maps);
+    if let Some(window) = new_after {
+        crate::map::mark_new(&mut merged, window);
+    }
+    Ok(Json(merged))
 }
 
 const PAGE: &str = include_str!("../web/src/index.html");
@@ -502,11 +541,26 @@ const SCRIPT: Option<&str> = Some(include_str!(concat!(env!("OUT_DIR"), "/map.js
 #[cfg(not(feature = "embed"))]
 const SCRIPT: Option<&str> = None;
 
-async fn page() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE)
+/// The web map's page (also served by [`crate::fleetview`]).
+pub async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Only its own script; never framed (no clickjacking of the filters).
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
+                 frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PAGE,
+    )
 }
 
-async fn script() -> axum::response::Response {
+/// The web map's bundled script (also served by [`crate::fleetview`]).
+pub async fn script() -> axum::response::Response {
     match SCRIPT {
         Some(script) => (
             [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],

@@ -9,6 +9,7 @@
 //! * flows: [`flowstore`] (recent records and the persisted map), [`map`], [`metrics`],
 //!   [`flowlog`] (flow log files and tables), [`client`] (`tessera flows` / `tessera map`);
 //! * the control plane: [`server`] (`tessera server`: the daemon and its administration),
+//!   [`fleetview`] (`tessera map --server --serve`: the fleet's web map, locally),
 //!   [`control`] (an enforcer under a control plane: enrolment, cache, renewal, following);
 //! * tools: [`ca`] (the cluster CA), [`identity_show`].
 //!
@@ -26,6 +27,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod delivery;
+pub mod fleetview;
 pub mod flowlog;
 pub mod flowstore;
 pub mod handshake;

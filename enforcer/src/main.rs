@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use tessera_enforcer::{
-    ca, client, config, daemon, flowlog, flowstore, identity_show, map, server,
+    ca, client, config, daemon, fleetview, flowlog, flowstore, identity_show, map, server,
 };
 
 #[derive(Parser)]
@@ -112,9 +112,15 @@ enum Command {
         /// (the baseline window), e.g. `24h`.
         #[arg(long, value_parser = humantime::parse_duration)]
         new_after: Option<std::time::Duration>,
-        /// The APIs' bearer token (`[flows] api_token_file`; mode 0600, yours).
+        /// The APIs' bearer token (`[flows] api_token_file`; mode 0600, yours). With
+        /// --serve: the token browsers must send the viewer (required off loopback).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// With --server: serve the fleet's web map on this address (e.g. 127.0.0.1:15190)
+        /// until stopped, instead of printing it. The administrator token stays in this
+        /// process; browsers get a read-only map.
+        #[arg(long)]
+        serve: Option<std::net::SocketAddr>,
     },
 }
 
@@ -408,7 +414,34 @@ fn run(cli: Cli) -> Result<()> {
             format,
             new_after,
             token_file,
+            serve,
         } => {
+            if let Some(listen) = serve {
+                if servers.is_empty() || !apis.is_empty() || !logs.is_empty() {
+                    anyhow::bail!(
+                        "--serve shows the fleet's map: it needs --server, without --api or --log"
+                    );
+                }
+                let token = match &token_file {
+                    Some(f) => Some(
+                        tessera_enforcer::api::read_token_file(f)
+                            .map_err(|e| anyhow::anyhow!("--token-file: {e}"))?,
+                    ),
+                    None => None,
+                };
+                init_tracing(&cli.log_format);
+                return tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(fleetview::serve(fleetview::Options {
+                        servers,
+                        ca,
+                        admin_token_file,
+                        listen,
+                        token,
+                        new_after,
+                    }));
+            }
             let mut map = if servers.is_empty() {
                 client::map(
                     client::Sources::new(apis, logs).with_token_file(token_file.as_deref())?,

@@ -1,5 +1,6 @@
 // Loads an enforcer's web map in Debian's Chromium (headless), reports what is drawn,
-// clicks an edge, reports the details shown, and saves a screenshot.
+// clicks an edge, reports the details shown, saves a screenshot, and reports what is drawn
+// with the verdict filter on denied.
 //
 // node map_test.mjs URL SCREENSHOT EDGE_SRC EDGE_DST [TOKEN_FILE]
 //
@@ -62,7 +63,12 @@ try {
   const details = await page.textContent("#details");
   const drawn = await page.evaluate(() => window.tesseraMap);
   await page.screenshot({ path: screenshot, fullPage: true });
-  console.log(JSON.stringify({ drawn, details, errors }));
+  // The verdict filter: what is drawn with only denied edges asked for.
+  const before = await page.evaluate(() => window.tesseraLastRender);
+  await page.selectOption("#f-verdict", "denied");
+  await page.waitForFunction((t) => window.tesseraLastRender !== t, before, { timeout: 10000 });
+  const deniedOnly = await page.evaluate(() => window.tesseraMap.edges);
+  console.log(JSON.stringify({ drawn, details, errors, denied_only: deniedOnly }));
 } finally {
   await browser.close();
 }

@@ -1,6 +1,10 @@
 // Tessera's connectivity map: identities as nodes (grouped by a chosen label), flows as
-// edges coloured by verdict. Data: GET /api/map (merged with ?peers=...), live updates
-// from the flow follow stream, details and recent flows on click.
+// edges coloured by verdict, new edges (first seen after a baseline window) marked. Data:
+// GET /api/map (merged with ?peers=...). The same page is served by an enforcer (its map,
+// live from the flow follow stream) and by `tessera map --server --serve` (the fleet's map,
+// polled): GET /api/source says which. Filters (verdict, label, time window, search) narrow
+// what is drawn and are kept in the address (shareable); a click shows details: an
+// identity's SPIFFE name, labels, enforcers and recent flows, an edge's counts and rules.
 import cytoscape from "cytoscape";
 
 const COLOURS = {
@@ -10,9 +14,26 @@ const COLOURS = {
   error: "#757575",
 };
 
+const WINDOWS = { "5m": 5 * 60e3, "1h": 3600e3, "24h": 24 * 3600e3 };
+const FLEET_POLL_MS = 5000;
+const RECENT_FLOWS = 50;
+
 const params = new URLSearchParams(location.search);
 const peers = params.get("peers") || "";
-const state = { map: { nodes: [], edges: [] }, groupBy: params.get("group") || "app" };
+const state = {
+  map: { nodes: [], edges: [] },
+  source: { kind: "enforcer" },
+  groupBy: params.get("group") || "app",
+  filters: {
+    verdict: params.get("verdict") || "",
+    label: params.get("label") || "",
+    window: params.get("window") || "",
+    q: params.get("q") || "",
+  },
+  // The baseline window for new edges (null: the source's default).
+  newAfter: params.get("new_after"),
+  loaded: "",
+};
 
 const $ = (id) => document.getElementById(id);
 
@@ -25,6 +46,46 @@ function text(tag, content, cls) {
 
 function edgeId(e) {
   return `e|${e.src}|${e.dst}|${e.port}|${e.verdict}`;
+}
+
+function labelPairs(n) {
+  return Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`);
+}
+
+function nodeText(n) {
+  return [n.name, n.spiffe, n.workload, n.enforcer, ...labelPairs(n)].filter(Boolean).join("\n").toLowerCase();
+}
+
+// What the filters leave of a map: edges of the verdict, last seen within the window, with
+// an end matching the label and the search; the nodes at their ends (and, when only node
+// filters are set, matching nodes without any edge).
+function filtered(map, f, now) {
+  const byName = new Map(map.nodes.map((n) => [n.name, n]));
+  const q = f.q.trim().toLowerCase();
+  const eq = f.label.indexOf("=");
+  const [lk, lv] = eq < 0 ? [f.label, ""] : [f.label.slice(0, eq), f.label.slice(eq + 1)];
+  const nodeOk = (name) => {
+    const n = byName.get(name) || { name };
+    if (f.label && (n.labels || {})[lk] !== lv) return false;
+    return !q || nodeText(n).includes(q);
+  };
+  const since = WINDOWS[f.window] ? now - WINDOWS[f.window] : -Infinity;
+  const nodeFilter = Boolean(f.label || q);
+  const edges = map.edges.filter(
+    (e) =>
+      (!f.verdict || e.verdict === f.verdict) &&
+      e.last_seen_ms >= since &&
+      (!nodeFilter || nodeOk(e.src) || nodeOk(e.dst)),
+  );
+  const ends = new Set(edges.flatMap((e) => [e.src, e.dst]));
+  const connected = new Set(map.edges.flatMap((e) => [e.src, e.dst]));
+  const edgeFilter = Boolean(f.verdict || WINDOWS[f.window]);
+  const nodes = map.nodes.filter(
+    (n) => ends.has(n.name) || (!connected.has(n.name) && !edgeFilter && nodeOk(n.name)),
+  );
+  // An edge's end the map has no node for (it should not happen): drawn bare.
+  for (const name of ends) if (!byName.has(name)) nodes.push({ name });
+  return { nodes, edges };
 }
 
 function elements(map, groupBy) {
@@ -50,11 +111,12 @@ function elements(map, groupBy) {
   for (const e of map.edges) {
     out.push({
       group: "edges",
+      classes: e.new ? "new" : "",
       data: {
         id: edgeId(e),
         source: `n|${e.src}`,
         target: `n|${e.dst}`,
-        label: `:${e.port} ×${e.connections}`,
+        label: `${e.new ? "NEW " : ""}:${e.port} ×${e.connections}`,
         verdict: e.verdict,
         colour: COLOURS[e.verdict] || COLOURS.error,
         edge: e,
@@ -107,7 +169,12 @@ const cy = cytoscape({
         "text-background-opacity": 0.8,
       },
     },
-    { selector: ":selected", style: { "border-width": 3, "border-color": "#000", width: 4 } },
+    {
+      selector: "edge.new",
+      style: { "line-style": "dashed", width: 4, color: "#6a1b9a", "font-weight": "bold" },
+    },
+    { selector: "node:selected", style: { "border-width": 3, "border-color": "#000" } },
+    { selector: "edge:selected", style: { width: 5 } },
   ],
 });
 
@@ -153,8 +220,9 @@ function render({ relayout = false } = {}) {
   // view its pan and zoom): only a new node (or a new grouping) lays the map out again.
   const placed = new Map(cy.nodes().filter((n) => !n.isParent()).map((n) => [n.id(), { ...n.position() }]));
   const view = { pan: { ...cy.pan() }, zoom: cy.zoom() };
+  const shown = filtered(state.map, state.filters, Date.now());
   cy.elements().remove();
-  cy.add(elements(state.map, state.groupBy));
+  cy.add(elements(shown, state.groupBy));
   const leaves = cy.nodes().filter((n) => !n.isParent());
   if (!relayout && placed.size > 0 && leaves.every((n) => placed.has(n.id()))) {
     leaves.forEach((n) => {
@@ -164,12 +232,23 @@ function render({ relayout = false } = {}) {
   } else {
     layout();
   }
-  $("summary").textContent = `${state.map.nodes.length} nodes, ${state.map.edges.length} edges`;
+  const newCount = cy.edges(".new").length;
+  const all = state.map;
+  $("summary").textContent =
+    shown.edges.length === all.edges.length && shown.nodes.length === all.nodes.length
+      ? `${all.nodes.length} nodes, ${all.edges.length} edges`
+      : `${shown.nodes.length} of ${all.nodes.length} nodes, ${shown.edges.length} of ${all.edges.length} edges`;
+  $("new-count").textContent = String(newCount);
   // The browser test (and curious people) can read what is drawn.
   window.tesseraMap = {
     nodes: cy.nodes('[kind != "group"]').map((n) => n.data("label")),
-    edges: cy.edges().map((e) => e.data("edge")),
+    edges: cy.edges().map((e) => ({ ...e.data("edge"), drawn_new: e.hasClass("new") })),
   };
+  Object.assign($("graph").dataset, {
+    nodes: String(shown.nodes.length),
+    edges: String(shown.edges.length),
+    newEdges: String(newCount),
+  });
   window.tesseraLastRender = performance.now();
   document.body.dataset.ready = "true";
 }
@@ -186,23 +265,81 @@ window.tesseraEdgePosition = (src, dst) => {
   return { x: box.left + p.x, y: box.top + p.y };
 };
 
+// Where a node is on the page (for the browser test's click).
+window.tesseraNodePosition = (name) => {
+  const node = cy.getElementById(`n|${name}`);
+  if (!node || node.empty()) return null;
+  const p = node.renderedPosition();
+  if (!p || !Number.isFinite(p.x) || !Number.isFinite(p.y)) return { pending: true };
+  const box = document.getElementById("graph").getBoundingClientRect();
+  return { x: box.left + p.x, y: box.top + p.y };
+};
+
+function option(value, label, selected) {
+  const o = document.createElement("option");
+  o.value = value;
+  o.textContent = label;
+  o.selected = selected;
+  return o;
+}
+
+// A select's options, `current` among them even if the map no longer has it.
+function fillSelect(select, values, current, any) {
+  const all = [...new Set([...values, ...(current ? [current] : [])])].sort();
+  select.replaceChildren(
+    ...(any ? [option("", any, !current)] : []),
+    ...all.map((v) => option(v, v, v === current)),
+  );
+}
+
+function ensureOption(select, value) {
+  if (value && ![...select.options].some((o) => o.value === value)) select.append(option(value, value, false));
+  select.value = value;
+}
+
+async function loadSource() {
+  const res = await fetch("/api/source");
+  if (res.ok) state.source = await res.json();
+  if (state.newAfter === null) state.newAfter = state.source.new_after || "";
+  const s = state.source;
+  $("source").textContent = s.kind === "fleet" ? `fleet map (${(s.servers || []).join(", ")})` : "this enforcer";
+  document.body.dataset.source = s.kind;
+  ensureOption($("f-new"), state.newAfter);
+}
+
 async function load() {
-  const q = peers ? `?peers=${encodeURIComponent(peers)}` : "";
-  const res = await fetch(`/api/map${q}`);
-  if (!res.ok) throw new Error(`/api/map: ${res.status}`);
-  state.map = await res.json();
+  const q = new URLSearchParams();
+  if (peers) q.set("peers", peers);
+  q.set("new_after", state.newAfter || "");
+  const res = await fetch(`/api/map?${q}`);
+  if (!res.ok) throw new Error(`/api/map: ${res.status} ${await res.text()}`);
+  const text = await res.text();
+  // A poll that brings nothing new leaves the page (and the user's view) alone.
+  if (text === state.loaded) return;
+  state.loaded = text;
+  state.map = JSON.parse(text);
   const keys = new Set();
-  for (const n of state.map.nodes) for (const k of Object.keys(n.labels || {})) keys.add(k);
-  const select = $("group");
-  const current = state.groupBy;
-  select.replaceChildren(...[...keys].sort().map((k) => {
-    const o = document.createElement("option");
-    o.value = k;
-    o.textContent = k;
-    o.selected = k === current;
-    return o;
-  }));
+  const pairs = new Set();
+  for (const n of state.map.nodes) {
+    for (const k of Object.keys(n.labels || {})) keys.add(k);
+    for (const p of labelPairs(n)) pairs.add(p);
+  }
+  fillSelect($("group"), keys, state.groupBy, null);
+  fillSelect($("f-label"), pairs, state.filters.label, "any");
+  // New options may have changed the header's height, and so where the graph is: cytoscape
+  // must know, or clicks land where things were.
+  cy.resize();
   render();
+}
+
+// The filters in the address, so a view can be shared (nothing is sent anywhere).
+function remember() {
+  const p = new URLSearchParams(location.search);
+  const set = (k, v) => (v ? p.set(k, v) : p.delete(k));
+  set("group", state.groupBy);
+  for (const [k, v] of Object.entries(state.filters)) set(k, v);
+  set("new_after", state.newAfter);
+  history.replaceState(null, "", `${location.pathname}?${p}`);
 }
 
 function table(rows) {
@@ -233,23 +370,84 @@ function flowList(flows) {
   return ul;
 }
 
+function when(ms) {
+  return new Date(ms).toISOString().replace("T", " ").slice(0, 19);
+}
+
+// An identity's flows on the map: the edges touching it, most recently seen first.
+function recentEdges(n) {
+  const touching = state.map.edges
+    .filter((e) => e.src === n.name || e.dst === n.name)
+    .sort((a, b) => b.last_seen_ms - a.last_seen_ms)
+    .slice(0, RECENT_FLOWS);
+  const t = document.createElement("table");
+  t.className = "recent";
+  const head = document.createElement("tr");
+  for (const h of ["last seen", "", "peer", "port", "verdict", "conns", ""]) head.append(text("th", h));
+  t.append(head);
+  for (const e of touching) {
+    const out = e.src === n.name;
+    const tr = document.createElement("tr");
+    Object.assign(tr.dataset, {
+      flow: "",
+      peer: out ? e.dst : e.src,
+      direction: out ? "out" : "in",
+      port: String(e.port),
+      verdict: e.verdict,
+      lastSeen: String(e.last_seen_ms),
+      new: String(Boolean(e.new)),
+    });
+    const seen = text("td", when(e.last_seen_ms).slice(11));
+    seen.title = when(e.last_seen_ms);
+    tr.append(
+      seen,
+      text("td", out ? "→" : "←"),
+      text("td", out ? e.dst : e.src),
+      text("td", `:${e.port}`),
+      text("td", e.verdict, e.verdict),
+      text("td", `×${e.connections}`),
+      text("td", e.new ? "NEW" : "", "new-mark"),
+    );
+    t.append(tr);
+  }
+  return t;
+}
+
 async function showNode(n) {
   const d = $("details");
+  d.dataset.kind = "node";
+  d.dataset.name = n.name;
   d.replaceChildren(text("h2", n.name));
-  const rows = [["SPIFFE", n.spiffe || "(no identity)"], ["enforcer", n.enforcer || "-"]];
-  for (const [k, v] of Object.entries(n.labels || {})) rows.push([k, v]);
-  d.append(table(rows));
-  if (n.workload) {
-    d.append(text("h3", "Recent flows"), flowList(await recentFlows(`&workload=${encodeURIComponent(n.workload)}`)));
+  const reporters = new Set();
+  for (const e of state.map.edges) {
+    if (e.src === n.name || e.dst === n.name) for (const r of e.reporters || []) reporters.add(r);
+  }
+  const rows = [
+    ["SPIFFE", n.spiffe || "(no identity)"],
+    ["workload", n.workload || "-"],
+    ["on enforcer", n.enforcer || "-"],
+    ["reported by", [...reporters].sort().join(", ") || "-"],
+  ];
+  const labels = table(Object.entries(n.labels || {}));
+  labels.className = "labels";
+  d.append(table(rows), text("h3", "Labels"), labels, text("h3", "Recent flows"), recentEdges(n));
+  if (n.workload && state.source.kind === "enforcer") {
+    d.append(
+      text("h3", "Recent connections (this enforcer)"),
+      flowList(await recentFlows(`&workload=${encodeURIComponent(n.workload)}`)),
+    );
   }
 }
 
 async function showEdge(e) {
   const d = $("details");
+  d.dataset.kind = "edge";
+  d.dataset.name = edgeId(e);
   d.replaceChildren(text("h2", `${e.src} → ${e.dst}:${e.port}`));
   d.append(
     table([
       ["verdict", e.verdict],
+      ["new", e.new ? `yes: first seen after the first ${state.newAfter} of the map` : "no"],
       ["connections", String(e.connections)],
       ["bytes out / back", `${e.bytes_sent} / ${e.bytes_received}`],
       ["rules", (e.rules || []).join(", ") || "(none: default deny)"],
@@ -260,7 +458,7 @@ async function showEdge(e) {
     ]),
   );
   const srcWorkload = (state.map.nodes.find((n) => n.name === e.src) || {}).workload;
-  if (srcWorkload) {
+  if (srcWorkload && state.source.kind === "enforcer") {
     const flows = (await recentFlows(`&workload=${encodeURIComponent(srcWorkload)}&verdict=${e.verdict}`))
       .filter((f) => f.dst.addr.endsWith(`:${e.port}`));
     d.append(text("h3", "Recent flows"), flowList(flows));
@@ -272,20 +470,56 @@ cy.on("tap", "node", (ev) => {
   if (n) showNode(n);
 });
 cy.on("tap", "edge", (ev) => showEdge(ev.target.data("edge")));
+const failed = (e) => ($("summary").textContent = String(e));
+
 $("group").addEventListener("change", (ev) => {
   state.groupBy = ev.target.value;
+  remember();
   render({ relayout: true });
 });
-
-// Live: each new flow may change the map; refetch at most twice a second.
-let pending = null;
-const follow = new EventSource("/api/flows/follow");
-follow.addEventListener("flow", () => {
-  if (pending) return;
-  pending = setTimeout(() => {
-    pending = null;
-    load().catch((e) => ($("summary").textContent = String(e)));
-  }, 500);
+for (const [id, key] of [
+  ["f-verdict", "verdict"],
+  ["f-label", "label"],
+  ["f-window", "window"],
+]) {
+  ensureOption($(id), state.filters[key]);
+  $(id).addEventListener("change", (ev) => {
+    state.filters[key] = ev.target.value;
+    remember();
+    render();
+  });
+}
+$("f-search").value = state.filters.q;
+$("f-search").addEventListener("input", (ev) => {
+  state.filters.q = ev.target.value;
+  remember();
+  render();
+});
+$("f-new").addEventListener("change", (ev) => {
+  state.newAfter = ev.target.value;
+  remember();
+  load().catch(failed);
 });
 
-load().catch((e) => ($("summary").textContent = String(e)));
+// Live: on an enforcer each new flow may change the map (refetched at most twice a
+// second); the fleet's map changes as enforcers report, polled.
+function live() {
+  if (state.source.kind === "fleet") {
+    setInterval(() => load().catch(failed), FLEET_POLL_MS);
+    return;
+  }
+  let pending = null;
+  const follow = new EventSource("/api/flows/follow");
+  follow.addEventListener("flow", () => {
+    if (pending) return;
+    pending = setTimeout(() => {
+      pending = null;
+      load().catch(failed);
+    }, 500);
+  });
+}
+
+loadSource()
+  .then(load)
+  .then(live)
+  .catch(failed);

@@ -1,0 +1,218 @@
+//! `tessera map --server URL --serve 127.0.0.1:PORT`: the fleet's map in a browser.
+//!
+//! The control plane already merges every enforcer's map (`GET /v1/admin/map`). This
+//! viewer serves the enforcer's web map page (the same page and script as [`crate::api`],
+//! not a copy) on a local address, with `/api/map` answering the fleet map fetched from
+//! the control plane, so the page's filters, details and new-edge marks work on the fleet.
+//!
+//! Why a local viewer and not the page on the control plane's own port, with the browser
+//! holding the administrator token: that token administers the control plane (join tokens,
+//! policy, revocation). In a browser it would sit in page memory or storage, reachable by
+//! any script, extension or XSS on that origin, and the control plane's fleet-facing port
+//! would grow an unauthenticated route (the page) and a browser client it was not built
+//! for (its CA is private: browsers warn). Here the token stays where it is, in its 0600
+//! file, read by this process, which alone talks to the control plane (over TLS, verifying
+//! the control plane's CA) and only ever asks it for the map. The browser gets a read-only
+//! view: no route of this viewer reaches anything but the map, and it holds no credential
+//! of the control plane at all. A remote analyst reaches it through an SSH tunnel, like any
+//! loopback-only admin page.
+//!
+//! Who may ask is [`crate::api::Guard`], as for the enforcer's API: on loopback, only
+//! requests addressed to an IP address or `localhost` (DNS rebinding); off loopback a bearer
+//! token is required (`--token-file`), compared in constant time. The fleet map is fetched
+//! at most once per [`REFRESH`] whatever the page asks, so a page (or many) cannot load the
+//! control plane.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::StatusCode,
+    middleware,
+    routing::get,
+};
+use tessera_control::{admin, client::Client};
+use tokio::sync::Mutex;
+
+use crate::{
+    api::{self, Guard, NewAfter},
+    map::{self, Map},
+};
+
+/// The fleet map is fetched from the control plane at most this often.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// `tessera map --server ... --serve ADDR`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub servers: Vec<String>,
+    /// The control plane's CA certificate.
+    pub ca: PathBuf,
+    /// The administrator token file (0600): read here, never sent to the browser.
+    pub admin_token_file: PathBuf,
+    pub listen: SocketAddr,
+    /// The bearer token browsers must send (required off loopback).
+    pub token: Option<String>,
+    /// The baseline window marking edges new, unless the page asks for another.
+    pub new_after: Option<Duration>,
+}
+
+struct Viewer {
+    client: Client,
+    admin: String,
+    servers: Vec<String>,
+    new_after: Option<Duration>,
+    /// The latest fleet map and when it was fetched.
+    cache: Mutex<Option<(Instant, Map)>>,
+}
+
+impl Viewer {
+    async fn fleet_map(&self) -> Result<Map, (StatusCode, String)> {
+        let mut cache = self.cache.lock().await;
+        if let Some((at, m)) = &*cache
+            && at.elapsed() < REFRESH
+        {
+            return Ok(m.clone());
+        }
+        let m = self.client.fleet_map(&self.admin).await.map_err(|e| {
+            tracing::warn!(servers = ?self.servers, error = %e, "fleet map");
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("the control plane's map: {e}\n"),
+            )
+        })?;
+        *cache = Some((Instant::now(), m.clone()));
+        Ok(m)
+    }
+}
+
+/// The viewer's routes (behind the [`Guard`]), credentials read and checked.
+pub fn router(o: &Options) -> Result<Router> {
+    if !api::is_loopback(o.listen) && o.token.is_none() {
+        bail!(
+            "--serve {}: off loopback the viewer needs --token-file (the bearer token \
+             browsers must send); or serve on 127.0.0.1 and reach it through an SSH tunnel",
+            o.listen
+        );
+    }
+    let ca = std::fs::read_to_string(&o.ca)
+        .with_context(|| format!("--ca: cannot read {}", o.ca.display()))?;
+    let admin = admin::read_file(&o.admin_token_file)?;
+    let viewer = Arc::new(Viewer {
+        client: Client::new(&o.servers, &ca, None)?,
+        admin,
+        servers: o.servers.clone(),
+        new_after: o.new_after,
+        cache: Mutex::new(None),
+    });
+    let guard = Arc::new(Guard::new(o.listen, o.token.as_deref()));
+    Ok(Router::new()
+        .route("/", get(api::page))
+        .route("/map.js", get(api::script))
+        .route("/api/map", get(fleet_map))
+        .route("/api/source", get(source))
+        .with_state(viewer)
+        .layer(middleware::from_fn_with_state(guard, api::guard)))
+}
+
+/// `?new_after=` as the page asks (empty: none), else the viewer's `--new-after`.
+async fn fleet_map(
+    State(v): State<Arc<Viewer>>,
+    Query(q): Query<NewAfter>,
+) -> Result<Json<Map>, (StatusCode, String)> {
+    let window = match &q.new_after {
+        Some(_) => q.window_ms()?,
+        None => v.new_after.map(|d| d.as_millis() as u64),
+    };
+    let mut m = v.fleet_map().await?;
+    if let Some(w) = window {
+        map::mark_new(&mut m, w);
+    }
+    Ok(Json(m))
+}
+
+async fn source(State(v): State<Arc<Viewer>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "kind": "fleet",
+        "servers": v.servers,
+        "new_after": v.new_after.map(|d| humantime::format_duration(d).to_string()),
+    }))
+}
+
+/// Serves the viewer until SIGTERM or SIGINT.
+pub async fn serve(o: Options) -> Result<()> {
+    let routes = router(&o)?;
+    let listener = tokio::net::TcpListener::bind(o.listen)
+        .await
+        .with_context(|| format!("--serve: cannot listen on {}", o.listen))?;
+    tracing::info!(
+        listen = %o.listen,
+        servers = ?o.servers,
+        token = o.token.is_some(),
+        "fleet map viewer ready: open http://{}/",
+        o.listen
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    axum::serve(listener, routes)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        })
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(listen: &str, token: Option<&str>) -> Options {
+        Options {
+            servers: vec!["https://127.0.0.1:15100".into()],
+            ca: "/nonexistent/ca.pem".into(),
+            admin_token_file: "/nonexistent/admin.token".into(),
+            listen: listen.parse().unwrap(),
+            token: token.map(str::to_owned),
+            new_after: None,
+        }
+    }
+
+    #[test]
+    fn off_loopback_the_viewer_needs_a_token_of_its_own() {
+        let e = router(&options("0.0.0.0:15190", None)).unwrap_err();
+        assert!(e.to_string().contains("needs --token-file"), "{e}");
+        // With one (or on loopback) it goes on to read the credentials: here missing.
+        for o in [
+            options("0.0.0.0:15190", Some("0123456789abcdef0123")),
+            options("127.0.0.1:15190", None),
+        ] {
+            let e = router(&o).unwrap_err();
+            assert!(e.to_string().contains("--ca: cannot read"), "{e}");
+        }
+    }
+
+    #[test]
+    fn new_after_is_a_duration_or_none() {
+        let w = |s: Option<&str>| {
+            NewAfter {
+                new_after: s.map(str::to_owned),
+            }
+            .window_ms()
+        };
+        assert_eq!(w(None).unwrap(), None);
+        assert_eq!(w(Some("")).unwrap(), None);
+        assert_eq!(w(Some("1h")).unwrap(), Some(3_600_000));
+        assert_eq!(w(Some("2s")).unwrap(), Some(2_000));
+        let (status, body) = w(Some("soon")).unwrap_err();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("new_after: \"soon\""), "{body}");
+    }
+}
