@@ -17,6 +17,12 @@
 //! of the control plane at all. A remote analyst reaches it through an SSH tunnel, like any
 //! loopback-only admin page.
 //!
+//! The control server serves the same viewer itself with `tessera server run --map-listen
+//! ADDR` ([`store_router`]): there the map comes straight from the store (every replica on
+//! one store serves the same fleet map), so no credential of the control plane is involved
+//! at all, and the page listens on its own address (loopback by default), never on the
+//! port enforcers use.
+//!
 //! Who may ask is [`crate::api::Guard`], as for the enforcer's API: on loopback, only
 //! requests addressed to an IP address or `localhost` (DNS rebinding); off loopback a bearer
 //! token is required (`--token-file`), compared in constant time. The fleet map is fetched
@@ -37,7 +43,7 @@ use axum::{
     middleware,
     routing::get,
 };
-use tessera_control::{admin, client::Client};
+use tessera_control::{admin, client::Client, store::Store};
 use tokio::sync::Mutex;
 
 use crate::{
@@ -63,9 +69,16 @@ pub struct Options {
     pub new_after: Option<Duration>,
 }
 
+/// Where the viewer's fleet map comes from.
+enum Source {
+    /// A control plane's admin API (`tessera map --serve`).
+    Control { client: Client, admin: String },
+    /// The control plane's own store (`tessera server run --map-listen`).
+    Store(Arc<dyn Store>),
+}
+
 struct Viewer {
-    client: Client,
-    admin: String,
+    source: Source,
     servers: Vec<String>,
     new_after: Option<Duration>,
     /// The latest fleet map and when it was fetched.
@@ -80,13 +93,24 @@ impl Viewer {
         {
             return Ok(m.clone());
         }
-        let m = self.client.fleet_map(&self.admin).await.map_err(|e| {
-            tracing::warn!(servers = ?self.servers, error = %e, "fleet map");
-            (
-                StatusCode::BAD_GATEWAY,
-                format!("the control plane's map: {e}\n"),
-            )
-        })?;
+        let m = match &self.source {
+            Source::Control { client, admin } => client.fleet_map(admin).await.map_err(|e| {
+                tracing::warn!(servers = ?self.servers, error = %e, "fleet map");
+                (
+                    StatusCode::BAD_GATEWAY,
+                    format!("the control plane's map: {e}\n"),
+                )
+            })?,
+            Source::Store(store) => tessera_control::fleet::fleet_map(store.as_ref())
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "fleet map from the store");
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("the fleet map: {e}\n"),
+                    )
+                })?,
+        };
         *cache = Some((Instant::now(), m.clone()));
         Ok(m)
     }
@@ -104,21 +128,52 @@ pub fn router(o: &Options) -> Result<Router> {
     let ca = std::fs::read_to_string(&o.ca)
         .with_context(|| format!("--ca: cannot read {}", o.ca.display()))?;
     let admin = admin::read_file(&o.admin_token_file)?;
-    let viewer = Arc::new(Viewer {
-        client: Client::new(&o.servers, &ca, None)?,
-        admin,
+    let viewer = Viewer {
+        source: Source::Control {
+            client: Client::new(&o.servers, &ca, None)?,
+            admin,
+        },
         servers: o.servers.clone(),
         new_after: o.new_after,
         cache: Mutex::new(None),
-    });
-    let guard = Arc::new(Guard::new(o.listen, o.token.as_deref()));
-    Ok(Router::new()
+    };
+    Ok(routes(viewer, o.listen, o.token.as_deref()))
+}
+
+/// The viewer inside `tessera server run --map-listen LISTEN`: the fleet map read from the
+/// control plane's `store`; `token` required off loopback, as for [`router`].
+pub fn store_router(
+    store: Arc<dyn Store>,
+    listen: SocketAddr,
+    token: Option<&str>,
+    new_after: Option<Duration>,
+) -> Result<Router> {
+    if !api::is_loopback(listen) && token.is_none() {
+        bail!(
+            "--map-listen {listen}: off loopback the map page needs --map-token-file (the \
+             bearer token browsers must send); or serve it on 127.0.0.1 and reach it through \
+             an SSH tunnel"
+        );
+    }
+    let viewer = Viewer {
+        source: Source::Store(store),
+        servers: vec!["this server".into()],
+        new_after,
+        cache: Mutex::new(None),
+    };
+    Ok(routes(viewer, listen, token))
+}
+
+fn routes(viewer: Viewer, listen: SocketAddr, token: Option<&str>) -> Router {
+    let viewer = Arc::new(viewer);
+    let guard = Arc::new(Guard::new(listen, token));
+    Router::new()
         .route("/", get(api::page))
         .route("/map.js", get(api::script))
         .route("/api/map", get(fleet_map))
         .route("/api/source", get(source))
         .with_state(viewer)
-        .layer(middleware::from_fn_with_state(guard, api::guard)))
+        .layer(middleware::from_fn_with_state(guard, api::guard))
 }
 
 /// `?new_after=` as the page asks (empty: none), else the viewer's `--new-after`.

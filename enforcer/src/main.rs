@@ -242,6 +242,14 @@ enum ServerCommand {
         /// Write the server's pid to this file once it is serving.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Serve the fleet map's web page (read-only, filters, new edges) on this address,
+        /// e.g. 127.0.0.1:15180; never on the enforcers' port.
+        #[arg(long)]
+        map_listen: Option<std::net::SocketAddr>,
+        /// A bearer token file (0600) browsers must present to the map page; required when
+        /// --map-listen is not a loopback address.
+        #[arg(long)]
+        map_token_file: Option<PathBuf>,
     },
     /// One-time join tokens.
     Token {
@@ -511,6 +519,8 @@ fn server_command(log_format: &str, command: ServerCommand) -> Result<()> {
             scope_tags,
             enrol_rate,
             ready_file,
+            map_listen,
+            map_token_file,
         } => {
             init_tracing(log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -528,6 +538,8 @@ fn server_command(log_format: &str, command: ServerCommand) -> Result<()> {
                 scope_tags,
                 enrol_per_source: enrol_rate,
                 ready_file,
+                map_listen,
+                map_token_file,
             }));
             if let Err(e) = &result {
                 tracing::error!(error = format!("{e:#}"), "control plane stopped");

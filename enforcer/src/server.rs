@@ -55,6 +55,11 @@ pub struct RunOptions {
     pub enrol_per_source: u32,
     /// Written once the server is serving.
     pub ready_file: Option<PathBuf>,
+    /// Serve the fleet map's web page (read-only) on this address ([`crate::fleetview`]).
+    pub map_listen: Option<SocketAddr>,
+    /// The bearer token (file, 0600) browsers must send to the map page; required off
+    /// loopback.
+    pub map_token_file: Option<PathBuf>,
 }
 
 fn private_dir(dir: &Path) -> Result<()> {
@@ -114,7 +119,7 @@ pub async fn run(o: RunOptions) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--document-trust: {}: {e}", path.display()))?,
         );
     }
-    let plane = Arc::new(ControlPlane::new(store, settings).await?);
+    let plane = Arc::new(ControlPlane::new(store.clone(), settings).await?);
     let ca_path = o.state_dir.join(CA_FILE);
     std::fs::write(&ca_path, plane.authority().ca_pem())
         .with_context(|| format!("cannot write {}", ca_path.display()))?;
@@ -136,6 +141,27 @@ pub async fn run(o: RunOptions) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(o.listen)
         .await
         .with_context(|| format!("--listen: cannot listen on {}", o.listen))?;
+    if let Some(addr) = o.map_listen {
+        let token = match &o.map_token_file {
+            Some(f) => Some(admin::read_file(f).context("--map-token-file")?),
+            None => None,
+        };
+        let routes = crate::fleetview::store_router(
+            store.clone(),
+            addr,
+            token.as_deref(),
+            None,
+        )?;
+        let page = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--map-listen: cannot listen on {addr}"))?;
+        tracing::info!(listen = %addr, token = token.is_some(), "fleet map page: open http://{addr}/");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(page, routes).await {
+                tracing::error!(error = %e, "fleet map page stopped");
+            }
+        });
+    }
     let prune_plane = plane.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(600));

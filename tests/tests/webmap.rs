@@ -145,6 +145,8 @@ fn the_web_map_draws_the_merged_map_and_shows_an_edge_on_click() {
 
 /// Where the fleet viewer listens, in the control host's namespace.
 const VIEWER: &str = "127.0.0.1:15190";
+/// The control server's own map page (`tessera server run --map-listen`).
+const SERVER_PAGE: &str = "127.0.0.1:15180";
 
 const WEB_PARIS_TO_API: &str = "\
 rules:
@@ -163,7 +165,7 @@ fn fleet() -> (TestNet, ControlServer) {
     net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[7000])
         .unwrap();
     let srv = net
-        .start_control(net.host("control"), &[])
+        .start_control(net.host("control"), &["--map-listen", SERVER_PAGE])
         .expect("control plane");
     net.join(net.host("host-a"), &srv, "site=paris").unwrap();
     net.join(net.host("host-b"), &srv, "site=london").unwrap();
@@ -349,180 +351,235 @@ fn the_fleet_page_filters_shows_an_identity_and_marks_new_edges() {
         "{head}"
     );
 
-    let steps = serde_json::json!([
-        {"select": "#f-verdict", "value": "allowed"},
-        {"select": "#f-label", "value": "site=paris"},
-        {"select": "#f-window", "value": "5m"},
-        {"select": "#f-window", "value": "1h"},
-        {"fill": "#f-search", "value": web_spiffe},
-        {"fill": "#f-search", "value": "UNAUTHENTICATED"},
-    ]);
-    let shot = artifact("webmap-fleet.png");
+    // The control server's own page: the same guard, and the fleet map from its store.
+    let page = format!("http://{SERVER_PAGE}/");
+    assert_eq!(
+        curl(&["-H", "Host: attacker.example", &format!("{page}api/map")]),
+        "403"
+    );
+    assert_eq!(curl(&[&format!("{page}v1/admin/status")]), "404");
+    let served = net
+        .run(
+            net.host("control"),
+            None,
+            "curl",
+            &["-sS", "-m", "10", &format!("{page}api/map")],
+            T,
+        )
+        .unwrap();
+    let served: Value = serde_json::from_slice(&served.stdout).unwrap();
+    assert_eq!(pairs(&edges(&served)), pairs(&all), "{served}");
+    // Off loopback, the server will not serve the page without a token of its own.
+    let other = net.dir.join("other-server");
+    fs::create_dir_all(&other).unwrap();
+    fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let out = net
         .run(
             net.host("control"),
             None,
-            "node",
+            bin.to_str().unwrap(),
             &[
-                web_tests.join("fleet_test.mjs").to_str().unwrap(),
-                &url,
-                shot.to_str().unwrap(),
-                &now.to_string(),
-                &steps.to_string(),
-                "api@host-b",
-                admin_token.to_str().unwrap(),
+                "server",
+                "run",
+                "--state-dir",
+                other.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:15101",
+                "--map-listen",
+                &format!("{}:15180", net.host("control").addr),
             ],
-            Duration::from_secs(120),
+            T,
         )
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success(),
-        "browser test failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(v["errors"], serde_json::json!([]), "page errors: {v}");
-    assert_eq!(
-        v["secret_seen"],
-        serde_json::json!([]),
-        "the administrator token reached the browser"
+        !out.status.success() && err.contains("--map-token-file"),
+        "an off-loopback map page without a token: {err}"
     );
 
-    // Unfiltered: the fleet's edges, as the control plane merged them.
-    let drawn = edges(&v["all"]);
-    assert!(
-        v["all"]["source"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("fleet map ({})", srv.url)),
-        "{}",
-        v["all"]
-    );
-    assert_eq!(pairs(&drawn), pairs(&all), "drawn: {drawn:?}");
-    assert_eq!(
-        v["all"]["graph"]["edges"],
-        all.len().to_string(),
-        "{}",
-        v["all"]
-    );
-    let step = |i: usize| -> Vec<Value> { edges(&v["steps"][i]) };
-    let has = |edges: &[Value], f: &dyn Fn(&Value) -> bool| edges.iter().any(f);
+    // The same page and checks twice: through the viewer, and served by the control server
+    // itself (`--map-listen`, the map read from its store; the baseline in the address).
+    let server_page = format!("http://{SERVER_PAGE}/?new_after=2s");
+    for (url, source) in [
+        (url.clone(), format!("fleet map ({})", srv.url)),
+        (server_page, "fleet map (this server)".to_string()),
+    ] {
+        let shot = artifact(if source.contains("this server") {
+            "webmap-fleet-server.png"
+        } else {
+            "webmap-fleet.png"
+        });
+        let steps = serde_json::json!([
+            {"select": "#f-verdict", "value": "allowed"},
+            {"select": "#f-label", "value": "site=paris"},
+            {"select": "#f-window", "value": "5m"},
+            {"select": "#f-window", "value": "1h"},
+            {"fill": "#f-search", "value": web_spiffe},
+            {"fill": "#f-search", "value": "UNAUTHENTICATED"},
+        ]);
+        let out = net
+            .run(
+                net.host("control"),
+                None,
+                "node",
+                &[
+                    web_tests.join("fleet_test.mjs").to_str().unwrap(),
+                    &url,
+                    shot.to_str().unwrap(),
+                    &now.to_string(),
+                    &steps.to_string(),
+                    "api@host-b",
+                    admin_token.to_str().unwrap(),
+                ],
+                Duration::from_secs(120),
+            )
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "browser test failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(v["errors"], serde_json::json!([]), "page errors: {v}");
+        assert_eq!(
+            v["secret_seen"],
+            serde_json::json!([]),
+            "the administrator token reached the browser"
+        );
 
-    // verdict=allowed: the refusal is hidden, web -> api stays, nothing but allowed edges.
-    let s = step(0);
-    assert!(has(&s, &is_allowed) && !has(&s, &is_refused), "{s:?}");
-    assert!(s.iter().all(|e| e["verdict"] == "allowed"), "{s:?}");
-    // label site=paris: only edges with an end at the Paris site (web's).
-    let s = step(1);
-    assert!(has(&s, &is_allowed) && !has(&s, &is_refused), "{s:?}");
-    assert!(
-        s.iter()
-            .all(|e| e["src"] == "web@host-a" || e["dst"] == "web@host-a"),
-        "{s:?}"
-    );
-    // Seen in the last 5 minutes (the page's clock fixed after web -> api's last
-    // connection by more than that): only the refusal. The last hour: both.
-    let s = step(2);
-    assert!(has(&s, &is_refused) && !has(&s, &is_allowed), "{s:?}");
-    assert!(
-        s.iter()
-            .all(|e| e["last_seen_ms"].as_u64().unwrap() + 5 * 60_000 >= now),
-        "{s:?}"
-    );
-    let s = step(3);
-    assert!(has(&s, &is_refused) && has(&s, &is_allowed), "{s:?}");
-    // Search by web's SPIFFE name: web's edges; by "unauthenticated" (any case): the
-    // refusal's source.
-    let s = step(4);
-    assert!(has(&s, &is_allowed) && !has(&s, &is_refused), "{s:?}");
-    let s = step(5);
-    assert!(has(&s, &is_refused) && !has(&s, &is_allowed), "{s:?}");
-    for i in 0..6 {
-        let n = step(i).len();
-        assert!(n < drawn.len() || i == 3, "step {i} narrowed nothing");
-        assert_eq!(v["steps"][i]["graph"]["edges"], n.to_string());
+        // Unfiltered: the fleet's edges, as the control plane merged them.
+        let drawn = edges(&v["all"]);
+        assert!(
+            v["all"]["source"].as_str().unwrap().contains(&source),
+            "{}",
+            v["all"]
+        );
+        assert_eq!(pairs(&drawn), pairs(&all), "drawn: {drawn:?}");
+        assert_eq!(
+            v["all"]["graph"]["edges"],
+            all.len().to_string(),
+            "{}",
+            v["all"]
+        );
+        let step = |i: usize| -> Vec<Value> { edges(&v["steps"][i]) };
+        let has = |edges: &[Value], f: &dyn Fn(&Value) -> bool| edges.iter().any(f);
+
+        // verdict=allowed: the refusal is hidden, web -> api stays, nothing but allowed edges.
+        let s = step(0);
+        assert!(has(&s, &is_allowed) && !has(&s, &is_refused), "{s:?}");
+        assert!(s.iter().all(|e| e["verdict"] == "allowed"), "{s:?}");
+        // label site=paris: only edges with an end at the Paris site (web's).
+        let s = step(1);
+        assert!(has(&s, &is_allowed) && !has(&s, &is_refused), "{s:?}");
+        assert!(
+            s.iter()
+                .all(|e| e["src"] == "web@host-a" || e["dst"] == "web@host-a"),
+            "{s:?}"
+        );
+        // Seen in the last 5 minutes (the page's clock fixed after web -> api's last
+        // connection by more than that): only the refusal. The last hour: both.
+        let s = step(2);
+        assert!(has(&s, &is_refused) && !has(&s, &is_allowed), "{s:?}");
+        assert!(
+            s.iter()
+                .all(|e| e["last_seen_ms"].as_u64().unwrap() + 5 * 60_000 >= now),
+            "{s:?}"
+        );
+        let s = step(3);
+        assert!(has(&s, &is_refused) && has(&s, &is_allowed), "{s:?}");
+        // Search by web's SPIFFE name: web's edges; by "unauthenticated" (any case): the
+        // refusal's source.
+        let s = step(4);
+        assert!(has(&s, &is_allowed) && !has(&s, &is_refused), "{s:?}");
+        let s = step(5);
+        assert!(has(&s, &is_refused) && !has(&s, &is_allowed), "{s:?}");
+        for i in 0..6 {
+            let n = step(i).len();
+            assert!(n < drawn.len() || i == 3, "step {i} narrowed nothing");
+            assert_eq!(v["steps"][i]["graph"]["edges"], n.to_string());
+        }
+        // The filters are in the address (a view can be shared).
+        assert!(
+            v["steps"][0]["address"]
+                .as_str()
+                .unwrap()
+                .contains("verdict=allowed"),
+            "{}",
+            v["steps"][0]["address"]
+        );
+
+        // New edges (baseline: the map's first 2 s): the refusal, made 4 s after web's first
+        // connections, is marked and drawn as new; the map's first edge is not; the legend
+        // counts what is marked.
+        let start = drawn
+            .iter()
+            .map(|e| e["first_seen_ms"].as_u64().unwrap())
+            .min()
+            .unwrap();
+        let refused_drawn = drawn.iter().find(|e| is_refused(e)).unwrap();
+        assert_eq!(refused_drawn["new"], true, "{refused_drawn}");
+        assert_eq!(refused_drawn["drawn_new"], true, "{refused_drawn}");
+        for e in &drawn {
+            let want = e["first_seen_ms"].as_u64().unwrap() > start + 2_000;
+            assert_eq!(e["drawn_new"], want, "{e}");
+        }
+        let marked = drawn.iter().filter(|e| e["drawn_new"] == true).count();
+        assert!(marked < drawn.len());
+        assert_eq!(v["all"]["new_count"], marked.to_string());
+        assert_eq!(v["all"]["graph"]["newEdges"], marked.to_string());
+
+        // The click on api: its SPIFFE name, labels, enforcers, and its flows, most recent
+        // first (the refusal, then web's connections).
+        let d = &v["details"];
+        assert_eq!(d["heading"], "api@host-b");
+        assert_eq!(d["rows"]["SPIFFE"], api_spiffe.as_str(), "{d}");
+        assert_eq!(d["rows"]["on enforcer"], "host-b", "{d}");
+        assert_eq!(d["rows"]["reported by"], "host-a, host-b", "{d}");
+        assert_eq!(d["labels"]["app"], "api", "{d}");
+        assert_eq!(d["labels"]["site"], "london", "{d}");
+        let flows = d["flows"].as_array().unwrap();
+        let touching = all
+            .iter()
+            .filter(|e| e["src"] == "api@host-b" || e["dst"] == "api@host-b")
+            .count();
+        assert_eq!(flows.len(), touching, "{d}");
+        let seen: Vec<u64> = flows
+            .iter()
+            .map(|f| f["lastSeen"].as_str().unwrap().parse().unwrap())
+            .collect();
+        assert!(
+            seen.windows(2).all(|w| w[0] >= w[1]),
+            "not most recent first: {d}"
+        );
+        let first = &flows[0];
+        assert!(
+            first["peer"]
+                .as_str()
+                .unwrap()
+                .contains("(unauthenticated)")
+                && first["direction"] == "in"
+                && first["verdict"] == "denied"
+                && first["port"] == "7000"
+                && first["new"] == "true",
+            "{d}"
+        );
+        let web_flow = flows
+            .iter()
+            .find(|f| f["peer"] == "web@host-a" && f["verdict"] == "allowed")
+            .unwrap_or_else(|| panic!("web's flows not shown: {d}"));
+        assert!(
+            web_flow["text"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("×{}", allowed["connections"])),
+            "{d}"
+        );
+        assert!(
+            fs::metadata(&shot)
+                .map(|m| m.len() > 10_000)
+                .unwrap_or(false),
+            "screenshot saved"
+        );
     }
-    // The filters are in the address (a view can be shared).
-    assert!(
-        v["steps"][0]["address"]
-            .as_str()
-            .unwrap()
-            .contains("verdict=allowed"),
-        "{}",
-        v["steps"][0]["address"]
-    );
-
-    // New edges (baseline: the map's first 2 s): the refusal, made 4 s after web's first
-    // connections, is marked and drawn as new; the map's first edge is not; the legend
-    // counts what is marked.
-    let start = drawn
-        .iter()
-        .map(|e| e["first_seen_ms"].as_u64().unwrap())
-        .min()
-        .unwrap();
-    let refused_drawn = drawn.iter().find(|e| is_refused(e)).unwrap();
-    assert_eq!(refused_drawn["new"], true, "{refused_drawn}");
-    assert_eq!(refused_drawn["drawn_new"], true, "{refused_drawn}");
-    for e in &drawn {
-        let want = e["first_seen_ms"].as_u64().unwrap() > start + 2_000;
-        assert_eq!(e["drawn_new"], want, "{e}");
-    }
-    let marked = drawn.iter().filter(|e| e["drawn_new"] == true).count();
-    assert!(marked < drawn.len());
-    assert_eq!(v["all"]["new_count"], marked.to_string());
-    assert_eq!(v["all"]["graph"]["newEdges"], marked.to_string());
-
-    // The click on api: its SPIFFE name, labels, enforcers, and its flows, most recent
-    // first (the refusal, then web's connections).
-    let d = &v["details"];
-    assert_eq!(d["heading"], "api@host-b");
-    assert_eq!(d["rows"]["SPIFFE"], api_spiffe.as_str(), "{d}");
-    assert_eq!(d["rows"]["on enforcer"], "host-b", "{d}");
-    assert_eq!(d["rows"]["reported by"], "host-a, host-b", "{d}");
-    assert_eq!(d["labels"]["app"], "api", "{d}");
-    assert_eq!(d["labels"]["site"], "london", "{d}");
-    let flows = d["flows"].as_array().unwrap();
-    let touching = all
-        .iter()
-        .filter(|e| e["src"] == "api@host-b" || e["dst"] == "api@host-b")
-        .count();
-    assert_eq!(flows.len(), touching, "{d}");
-    let seen: Vec<u64> = flows
-        .iter()
-        .map(|f| f["lastSeen"].as_str().unwrap().parse().unwrap())
-        .collect();
-    assert!(
-        seen.windows(2).all(|w| w[0] >= w[1]),
-        "not most recent first: {d}"
-    );
-    let first = &flows[0];
-    assert!(
-        first["peer"]
-            .as_str()
-            .unwrap()
-            .contains("(unauthenticated)")
-            && first["direction"] == "in"
-            && first["verdict"] == "denied"
-            && first["port"] == "7000"
-            && first["new"] == "true",
-        "{d}"
-    );
-    let web_flow = flows
-        .iter()
-        .find(|f| f["peer"] == "web@host-a" && f["verdict"] == "allowed")
-        .unwrap_or_else(|| panic!("web's flows not shown: {d}"));
-    assert!(
-        web_flow["text"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("×{}", allowed["connections"])),
-        "{d}"
-    );
-    assert!(
-        fs::metadata(&shot)
-            .map(|m| m.len() > 10_000)
-            .unwrap_or(false),
-        "screenshot saved"
-    );
 }

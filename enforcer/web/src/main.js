@@ -44,8 +44,17 @@ function text(tag, content, cls) {
   return el;
 }
 
+// How a port reads: ":7000" for TCP (edges without a protocol are TCP), ":53/udp",
+// "icmp" (no port).
+function portLabel(e) {
+  const p = e.protocol || "tcp";
+  if (p === "tcp") return `:${e.port}`;
+  if (p === "udp") return `:${e.port}/udp`;
+  return p;
+}
+
 function edgeId(e) {
-  return `e|${e.src}|${e.dst}|${e.port}|${e.verdict}`;
+  return `e|${e.src}|${e.dst}|${e.port}|${e.protocol || "tcp"}|${e.verdict}`;
 }
 
 function labelPairs(n) {
@@ -116,7 +125,7 @@ function elements(map, groupBy) {
         id: edgeId(e),
         source: `n|${e.src}`,
         target: `n|${e.dst}`,
-        label: `${e.new ? "NEW " : ""}:${e.port} ×${e.connections}`,
+        label: `${e.new ? "NEW " : ""}${portLabel(e)} ×${e.connections}`,
         verdict: e.verdict,
         colour: COLOURS[e.verdict] || COLOURS.error,
         edge: e,
@@ -403,7 +412,7 @@ function recentEdges(n) {
       seen,
       text("td", out ? "→" : "←"),
       text("td", out ? e.dst : e.src),
-      text("td", `:${e.port}`),
+      text("td", portLabel(e)),
       text("td", e.verdict, e.verdict),
       text("td", `×${e.connections}`),
       text("td", e.new ? "NEW" : "", "new-mark"),
@@ -443,7 +452,8 @@ async function showEdge(e) {
   const d = $("details");
   d.dataset.kind = "edge";
   d.dataset.name = edgeId(e);
-  d.replaceChildren(text("h2", `${e.src} → ${e.dst}:${e.port}`));
+  const port = portLabel(e);
+  d.replaceChildren(text("h2", `${e.src} → ${e.dst}${port.startsWith(":") ? "" : " "}${port}`));
   d.append(
     table([
       ["verdict", e.verdict],
