@@ -35,17 +35,39 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Changes a watch may hold for a slow reader; past that the feed waits (etcd buffers).
 const WATCH_BUFFER: usize = 1024;
 
-/// Where the store is: `etcd://host:port[,host:port...][/prefix]`.
+/// Where the store is: `etcd://host:port[,host:port...][/prefix]`, or `etcds://...` for
+/// etcd over TLS with a client certificate ([`EtcdTls`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdUrl {
     /// `host:port` of each member.
     pub endpoints: Vec<String>,
     /// Ends with `/`.
     pub prefix: String,
+    /// `etcds://`: TLS, etcd's certificate checked against a CA, ours presented.
+    pub tls: bool,
+}
+
+/// TLS to etcd (`etcds://`): the CA that signed the members' certificates, and this
+/// server's client certificate and key, which etcd started with `--client-cert-auth`
+/// requires. The store holds the control plane's CA key: it must never cross a network in
+/// the clear, nor be readable by whoever can reach etcd's port.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdTls { .. }")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("store URL {url:?}: {reason} (expected etcd://host:port[,host:port...][/prefix])")]
+#[error(
+    "store URL {url:?}: {reason} (expected etcd://host:port[,host:port...][/prefix], or etcds:// for TLS)"
+)]
 pub struct UrlError {
     url: String,
     reason: &'static str,
@@ -59,7 +81,11 @@ impl std::str::FromStr for EtcdUrl {
             url: url.to_string(),
             reason,
         };
-        let rest = url.strip_prefix("etcd://").ok_or(bad("not etcd://"))?;
+        let (tls, rest) = match (url.strip_prefix("etcd://"), url.strip_prefix("etcds://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err(bad("not etcd:// or etcds://")),
+        };
         let (hosts, prefix) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, DEFAULT_PREFIX),
@@ -82,7 +108,11 @@ impl std::str::FromStr for EtcdUrl {
         if !prefix.ends_with('/') {
             prefix.push('/');
         }
-        Ok(Self { endpoints, prefix })
+        Ok(Self {
+            endpoints,
+            prefix,
+            tls,
+        })
     }
 }
 
@@ -90,7 +120,8 @@ impl std::fmt::Display for EtcdUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "etcd://{}{}",
+            "{}://{}{}",
+            if self.tls { "etcds" } else { "etcd" },
             self.endpoints.join(","),
             self.prefix.trim_end_matches('/')
         )
@@ -116,7 +147,31 @@ pub struct EtcdStore {
 impl EtcdStore {
     /// Connects and checks that etcd answers: an unreachable etcd is an error naming it.
     pub async fn connect(url: &EtcdUrl) -> Result<Self, StoreError> {
+        Self::connect_with(url, None).await
+    }
+
+    /// [`EtcdStore::connect`], over TLS for an `etcds://` URL (which needs `tls`; a plain
+    /// `etcd://` URL refuses it, so that TLS files are never silently unused).
+    pub async fn connect_with(url: &EtcdUrl, tls: Option<&EtcdTls>) -> Result<Self, StoreError> {
         let name = url.endpoints.join(",");
+        let config = |reason: &str| StoreError::Unreachable {
+            endpoints: name.clone(),
+            reason: reason.to_string(),
+        };
+        let tls = match (url.tls, tls) {
+            (true, Some(t)) => Some(t),
+            (false, None) => None,
+            (true, None) => {
+                return Err(config(
+                    "etcds:// needs the CA, a client certificate and its key (--etcd-ca, --etcd-cert, --etcd-key)",
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(config(
+                    "TLS files given for a plaintext etcd:// URL: use etcds://",
+                ));
+            }
+        };
         let unreachable = |reason: String| StoreError::Unreachable {
             endpoints: name.clone(),
             reason,
@@ -128,7 +183,22 @@ impl EtcdStore {
             .with_require_leader(true);
         let mut clients = Vec::new();
         for e in &url.endpoints {
-            let client = Client::connect([format!("http://{e}")], Some(options.clone()))
+            let mut options = options.clone();
+            let scheme = match tls {
+                Some(t) => {
+                    let host = e.rsplit_once(':').map_or(e.as_str(), |(h, _)| h);
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    options = options.with_tls(
+                        etcd_client::TlsOptions::new()
+                            .ca_certificate(etcd_client::Certificate::from_pem(&t.ca_pem))
+                            .identity(etcd_client::Identity::from_pem(&t.cert_pem, &t.key_pem))
+                            .domain_name(host),
+                    );
+                    "https"
+                }
+                None => "http",
+            };
+            let client = Client::connect([format!("{scheme}://{e}")], Some(options))
                 .await
                 .map_err(|err| StoreError::Unreachable {
                     endpoints: e.clone(),

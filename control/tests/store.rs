@@ -150,3 +150,45 @@ async fn next(w: &mut tessera_control::store::Watch) -> tessera_control::store::
         .expect("a change within 20 s")
         .unwrap()
 }
+
+/// etcd over TLS with client certificates (`etcds://`, etcd's `--client-cert-auth`): the
+/// store works with a certificate of etcd's CA. In the clear, with a certificate of another
+/// CA, without certificates for an `etcds://` URL, or with certificates for an `etcd://`
+/// one, it is refused with an error naming the endpoint, and never falls back to plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_needs_a_client_certificate_of_its_ca() {
+    let Some((etcd, files)) = Etcd::start_tls().await else {
+        return;
+    };
+    let url = etcd.url("/tls");
+    assert!(url.to_string().starts_with("etcds://"), "{url}");
+    let s = etcd.store("/tls").await;
+    s.put("k", b"v".to_vec()).await.unwrap();
+    assert_eq!(s.get("k").await.unwrap().unwrap().value, b"v");
+    let endpoint = url.endpoints[0].clone();
+    let refused = |r: Result<EtcdStore, StoreError>, what: &str| {
+        let err = r.err().unwrap_or_else(|| panic!("{what}: connected"));
+        assert!(
+            err.to_string().contains(&endpoint),
+            "{what}: the error does not name {endpoint}: {err}"
+        );
+        err.to_string()
+    };
+    let mut plain = url.clone();
+    plain.tls = false;
+    refused(EtcdStore::connect(&plain).await, "in the clear");
+    refused(
+        EtcdStore::connect_with(&url, Some(&files.stranger)).await,
+        "another CA's certificate",
+    );
+    let e = refused(
+        EtcdStore::connect(&url).await,
+        "etcds:// without certificates",
+    );
+    assert!(e.contains("--etcd-cert"), "{e}");
+    let e = refused(
+        EtcdStore::connect_with(&plain, Some(&files.client)).await,
+        "certificates for etcd://",
+    );
+    assert!(e.contains("etcds://"), "{e}");
+}

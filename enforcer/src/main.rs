@@ -216,6 +216,15 @@ enum ServerCommand {
         /// Default: the embedded file in --state-dir.
         #[arg(long)]
         store: Option<String>,
+        /// With `--store etcds://...`: the CA (PEM) that signed etcd's certificates.
+        #[arg(long, requires_all = ["etcd_cert", "etcd_key"])]
+        etcd_ca: Option<PathBuf>,
+        /// With `--store etcds://...`: this server's client certificate (PEM) for etcd.
+        #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
+        etcd_cert: Option<PathBuf>,
+        /// With `--store etcds://...`: the client certificate's key (PEM, mode 0600).
+        #[arg(long, requires_all = ["etcd_ca", "etcd_cert"])]
+        etcd_key: Option<PathBuf>,
         #[arg(long, default_value = server::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
         #[arg(long, default_value = "tessera.local")]
@@ -510,6 +519,9 @@ fn server_command(log_format: &str, command: ServerCommand) -> Result<()> {
         ServerCommand::Run {
             state_dir,
             store,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
             listen,
             trust_domain,
             names,
@@ -540,6 +552,10 @@ fn server_command(log_format: &str, command: ServerCommand) -> Result<()> {
                 ready_file,
                 map_listen,
                 map_token_file,
+                etcd_tls: match (etcd_ca, etcd_cert, etcd_key) {
+                    (Some(ca), Some(cert), Some(key)) => Some([ca, cert, key]),
+                    _ => None,
+                },
             }));
             if let Err(e) = &result {
                 tracing::error!(error = format!("{e:#}"), "control plane stopped");

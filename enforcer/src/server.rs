@@ -55,6 +55,8 @@ pub struct RunOptions {
     pub enrol_per_source: u32,
     /// Written once the server is serving.
     pub ready_file: Option<PathBuf>,
+    /// TLS to etcd (`--store etcds://...`): the CA, the client certificate, its key (0600).
+    pub etcd_tls: Option<[PathBuf; 3]>,
     /// Serve the fleet map's web page (read-only) on this address ([`crate::fleetview`]).
     pub map_listen: Option<SocketAddr>,
     /// The bearer token (file, 0600) browsers must send to the map page; required off
@@ -84,14 +86,40 @@ async fn open_store(o: &RunOptions) -> Result<Arc<dyn Store>> {
     let Some(url) = &o.store else {
         return Ok(Arc::new(Embedded::open(&o.state_dir.join(STORE_FILE))?));
     };
-    open_etcd(url).await
+    open_etcd(url, o.etcd_tls.as_ref()).await
 }
 
 #[cfg(feature = "etcd")]
-async fn open_etcd(url: &str) -> Result<Arc<dyn Store>> {
-    use tessera_control::etcd::{EtcdStore, EtcdUrl};
+async fn open_etcd(url: &str, tls: Option<&[PathBuf; 3]>) -> Result<Arc<dyn Store>> {
+    use tessera_control::etcd::{EtcdStore, EtcdTls, EtcdUrl};
     let url: EtcdUrl = url.parse().context("--store")?;
-    let store = EtcdStore::connect(&url)
+    let tls = match tls {
+        Some([ca, cert, key]) => {
+            let read = |flag: &str, path: &Path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("{flag}: cannot read {}", path.display()))
+            };
+            let mode = std::fs::metadata(key)
+                .with_context(|| format!("--etcd-key: cannot read {}", key.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                bail!(
+                    "--etcd-key {}: mode {:o}: the key to the store (which holds the CA key) \
+                     must be private (chmod 600)",
+                    key.display(),
+                    mode & 0o777
+                );
+            }
+            Some(EtcdTls {
+                ca_pem: read("--etcd-ca", ca)?,
+                cert_pem: read("--etcd-cert", cert)?,
+                key_pem: read("--etcd-key", key)?,
+            })
+        }
+        None => None,
+    };
+    let store = EtcdStore::connect_with(&url, tls.as_ref())
         .await
         .with_context(|| format!("--store {url}: cannot reach etcd"))?;
     tracing::info!(store = %url, "store: etcd");
@@ -99,7 +127,7 @@ async fn open_etcd(url: &str) -> Result<Arc<dyn Store>> {
 }
 
 #[cfg(not(feature = "etcd"))]
-async fn open_etcd(url: &str) -> Result<Arc<dyn Store>> {
+async fn open_etcd(url: &str, _tls: Option<&[PathBuf; 3]>) -> Result<Arc<dyn Store>> {
     bail!("--store {url}: this build has no etcd support (built without the `etcd` feature)")
 }
 
@@ -146,12 +174,7 @@ pub async fn run(o: RunOptions) -> Result<()> {
             Some(f) => Some(admin::read_file(f).context("--map-token-file")?),
             None => None,
         };
-        let routes = crate::fleetview::store_router(
-            store.clone(),
-            addr,
-            token.as_deref(),
-            None,
-        )?;
+        let routes = crate::fleetview::store_router(store.clone(), addr, token.as_deref(), None)?;
         let page = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--map-listen: cannot listen on {addr}"))?;

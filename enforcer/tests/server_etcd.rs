@@ -37,6 +37,10 @@ impl Drop for Server {
 }
 
 fn start(dir: &Path, name: &str, store: &str) -> Server {
+    start_with(dir, name, store, &[])
+}
+
+fn start_with(dir: &Path, name: &str, store: &str, extra: &[&str]) -> Server {
     let state = dir.join(name);
     let ready = dir.join(format!("{name}.ready"));
     let log = dir.join(format!("{name}.log"));
@@ -46,6 +50,7 @@ fn start(dir: &Path, name: &str, store: &str) -> Server {
         .arg(&state)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--ready-file"])
         .arg(&ready)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
@@ -157,6 +162,71 @@ fn an_unreachable_etcd_stops_the_server_with_an_error_naming_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("--store") && err.contains("etcd://nowhere"),
+        "{err}"
+    );
+}
+
+/// `--store etcds://...` with `--etcd-ca/cert/key`: the server keeps its state in an etcd
+/// that takes only TLS clients with a certificate of its CA; a world-readable key is refused
+/// before anything is sent, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_etcd_over_tls_with_a_client_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some((etcd, files)) = etcd::Etcd::start_tls().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("client.pem");
+    let key = dir.path().join("client.key");
+    std::fs::write(&cert, &files.client.cert_pem).unwrap();
+    std::fs::write(&key, &files.client.key_pem).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let store = etcd.url("/tessera").to_string();
+    assert!(store.starts_with("etcds://"), "{store}");
+    let tls = [
+        "--etcd-ca",
+        files.ca.to_str().unwrap(),
+        "--etcd-cert",
+        cert.to_str().unwrap(),
+        "--etcd-key",
+        key.to_str().unwrap(),
+    ];
+    let a = start_with(dir.path(), "a", &store, &tls);
+    let token = ok(admin(
+        &a,
+        &a,
+        &["server", "token", "create", "--scope", "site=paris"],
+    ));
+    assert!(token.trim().len() > 20, "{token}");
+    // What the server wrote is in that etcd (read over TLS with the same certificate).
+    let s = etcd.store("/tessera").await;
+    assert!(
+        !tessera_control::store::Store::list(&s, "")
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing in etcd"
+    );
+    // A key others can read: refused, naming it.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "server",
+            "run",
+            "--store",
+            &store,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(tls)
+        .arg("--state-dir")
+        .arg(dir.path().join("b"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--etcd-key") && err.contains("chmod 600"),
         "{err}"
     );
 }

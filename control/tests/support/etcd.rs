@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tessera_control::etcd::{EtcdStore, EtcdUrl};
+use tessera_control::etcd::{EtcdStore, EtcdTls, EtcdUrl};
 
 pub const ETCD: &str = "/usr/bin/etcd";
 
@@ -27,6 +27,65 @@ struct Member {
 pub struct Etcd {
     members: Vec<Member>,
     dir: tempfile::TempDir,
+    /// Client TLS (etcd with `--client-cert-auth`): what a store needs to connect.
+    pub tls: Option<EtcdTls>,
+}
+
+/// Certificates for an etcd served over TLS: a CA, the member's certificate (for
+/// 127.0.0.1), a client certificate of that CA, and one of another CA (a stranger).
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client: EtcdTls,
+    pub stranger: EtcdTls,
+}
+
+fn make_tls(dir: &std::path::Path) -> TlsFiles {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_string());
+        let cert = p.self_signed(&key).unwrap();
+        (cert.pem(), Issuer::new(p, key))
+    };
+    let leaf = |issuer: &Issuer<'_, KeyPair>, sans: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let p = CertificateParams::new(sans).unwrap();
+        (
+            p.signed_by(&key, issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let (ca_pem, issuer) = ca("test etcd CA");
+    let (other_pem, other) = ca("another CA");
+    let (server_cert, server_key) = leaf(&issuer, vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf(&issuer, vec!["tessera-server".into()]);
+    let (stranger_cert, stranger_key) = leaf(&other, vec!["tessera-server".into()]);
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client: EtcdTls {
+            ca_pem: ca_pem.clone(),
+            cert_pem: client_cert,
+            key_pem: client_key,
+        },
+        // Trusts the right CA, but its own certificate is from another.
+        stranger: EtcdTls {
+            ca_pem: ca_pem.clone(),
+            cert_pem: stranger_cert,
+            key_pem: stranger_key,
+        },
+    };
+    let _ = other_pem;
+    std::fs::write(&files.ca, &ca_pem).unwrap();
+    std::fs::write(&files.server_cert, server_cert).unwrap();
+    std::fs::write(&files.server_key, server_key).unwrap();
+    files
 }
 
 fn free_port() -> u16 {
@@ -69,15 +128,43 @@ impl Etcd {
                 child: None,
             })
             .collect();
-        let mut etcd = Etcd { members, dir };
+        let mut etcd = Etcd {
+            members,
+            dir,
+            tls: None,
+        };
         for i in 0..n {
-            etcd.spawn(i);
+            etcd.spawn(i, None);
         }
         etcd.wait_ready().await;
         Some(etcd)
     }
 
-    fn spawn(&mut self, i: usize) {
+    /// One member serving clients over TLS only, requiring a client certificate of its CA
+    /// (`--client-cert-auth`); `None` (skip) if etcd is not installed.
+    pub async fn start_tls() -> Option<(Self, TlsFiles)> {
+        if !available() {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let files = make_tls(dir.path());
+        let members = vec![Member {
+            name: "m0".into(),
+            client: format!("127.0.0.1:{}", free_port()),
+            peer: format!("127.0.0.1:{}", free_port()),
+            child: None,
+        }];
+        let mut etcd = Etcd {
+            members,
+            dir,
+            tls: Some(files.client.clone()),
+        };
+        etcd.spawn(0, Some(&files));
+        etcd.wait_ready().await;
+        Some((etcd, files))
+    }
+
+    fn spawn(&mut self, i: usize, tls: Option<&TlsFiles>) {
         let initial: Vec<String> = self
             .members
             .iter()
@@ -91,12 +178,16 @@ impl Etcd {
         let m = &self.members[i];
         let data = self.dir.path().join(&m.name);
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name))).unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut cmd = Command::new(ETCD);
         cmd.args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
-            .args(["--listen-client-urls", &format!("http://{}", m.client)])
-            .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+            .args(["--listen-client-urls", &format!("{scheme}://{}", m.client)])
+            .args([
+                "--advertise-client-urls",
+                &format!("{scheme}://{}", m.client),
+            ])
             .args(["--listen-peer-urls", &format!("http://{}", m.peer)])
             .args([
                 "--initial-advertise-peer-urls",
@@ -108,6 +199,15 @@ impl Etcd {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if let Some(t) = tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
         // If the test process dies without dropping the guard, the kernel kills etcd.
         unsafe {
             cmd.pre_exec(|| {
@@ -137,7 +237,7 @@ impl Etcd {
                         self.log(i)
                     );
                 }
-                if let Ok(s) = EtcdStore::connect(&url).await
+                if let Ok(s) = EtcdStore::connect_with(&url, self.tls.as_ref()).await
                     && tessera_control::store::Store::put(&s, "ready", vec![])
                         .await
                         .is_ok()
@@ -169,7 +269,8 @@ impl Etcd {
     /// The store URL for some members, with a key prefix.
     pub fn url_of(&self, members: &[usize], prefix: &str) -> EtcdUrl {
         format!(
-            "etcd://{}{}",
+            "{}://{}{}",
+            if self.tls.is_some() { "etcds" } else { "etcd" },
             members
                 .iter()
                 .map(|&i| self.members[i].client.as_str())
@@ -188,7 +289,9 @@ impl Etcd {
     }
 
     pub async fn store(&self, prefix: &str) -> EtcdStore {
-        EtcdStore::connect(&self.url(prefix)).await.unwrap()
+        EtcdStore::connect_with(&self.url(prefix), self.tls.as_ref())
+            .await
+            .unwrap()
     }
 
     /// Kills member `i` (SIGKILL) and waits for it to be gone.
