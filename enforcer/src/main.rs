@@ -205,6 +205,8 @@ impl AdminArgs {
     }
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum ServerCommand {
     /// Run the control plane (embedded store in --state-dir, or etcd with --store).
