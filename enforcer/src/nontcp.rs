@@ -220,7 +220,8 @@ pub struct NonTcp {
     rules: Vec<Arc<str>>,
     /// Counts already recorded, per flow.
     recorded: HashMap<NonTcpFlowKey, (u64, u64)>,
-    names: HashMap<u64, String>,
+    /// Each workload's name and identity labels, for its records.
+    names: HashMap<u64, (String, std::collections::BTreeMap<String, String>)>,
     reporter: String,
     mode: flow::Mode,
 }
@@ -259,7 +260,14 @@ impl NonTcp {
             recorded,
             names: workloads
                 .iter()
-                .map(|w| (w.cgroup_id, w.name.clone()))
+                .map(|w| {
+                    let labels = w
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    (w.cgroup_id, (w.name.clone(), labels))
+                })
                 .collect(),
             reporter,
             mode,
@@ -373,7 +381,10 @@ impl NonTcp {
                 0
             },
         ));
-        workload.workload = self.names.get(&key.cgroup_id).cloned();
+        if let Some((name, labels)) = self.names.get(&key.cgroup_id) {
+            workload.workload = Some(name.clone());
+            workload.labels = labels.clone();
+        }
         workload.enforcer = Some(self.reporter.clone());
         let peer = Endpoint::addr(SocketAddr::new(
             peer_ip,

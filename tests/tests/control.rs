@@ -524,6 +524,33 @@ fn udp_between_workloads_follows_the_directory_scopes_and_revocation() {
         "no allowed inbound udp record on host-b: {:?}",
         net.flows(b)
     );
+    // The fleet's map has the UDP edge as UDP, and a policy suggested from it allows it
+    // with a udp rule. (Datagrams carry no token: the receiver names the sender by its
+    // address, so the suggestion does too.)
+    let mut map = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            map = serde_json::from_str(
+                &net.control_admin(&srv, &["map", "--format", "json"])
+                    .unwrap(),
+            )
+            .unwrap();
+            map["edges"].as_array().unwrap().iter().any(|e| {
+                e["protocol"] == "udp"
+                    && e["port"] == 8125
+                    && e["dst"] == "api@host-b"
+                    && e["verdict"] == "allowed"
+            })
+        }),
+        "no udp edge to api:8125 in the fleet map: {map}"
+    );
+    let suggested = net
+        .control_admin(&srv, &["policy", "suggest", "--group-by", "app"])
+        .unwrap();
+    assert!(
+        suggested.contains("protocol: udp") && suggested.contains("ports: [8125]"),
+        "{suggested}\nfrom {map}"
+    );
     // A host the directory does not list for web gets nothing through to api.
     net.nc_udp("control", None, "10.77.0.2", 8125, "outsider");
     assert!(
