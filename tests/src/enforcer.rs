@@ -462,6 +462,25 @@ impl TestNet {
         Ok(())
     }
 
+    /// Starts two hosts' enforcers at the same moment (a race, e.g. for one join token);
+    /// each one's start-up result, errors as text.
+    pub fn start_enforcers_racing(
+        &self,
+        a: &Host,
+        b: &Host,
+    ) -> (Result<(), String>, Result<(), String>) {
+        let barrier = std::sync::Barrier::new(2);
+        let start = |h| {
+            barrier.wait();
+            self.start_enforcer(h).map_err(|e| format!("{e:#}"))
+        };
+        thread::scope(|s| {
+            let ta = s.spawn(|| start(a));
+            let tb = s.spawn(|| start(b));
+            (ta.join().unwrap(), tb.join().unwrap())
+        })
+    }
+
     /// Stops `host`'s enforcer with SIGTERM (or SIGKILL) and waits for it.
     pub fn stop_enforcer(&self, host: &Host, kill: bool) -> Result<()> {
         let Some(mut child) = host.enforcer.lock().unwrap().take() else {

@@ -596,16 +596,7 @@ fn two_enforcers_racing_with_one_token_exactly_one_enrols() {
     let token = net.join(a, &srv, "site=paris").unwrap();
     net.give_token(b, &fs::read_to_string(&token).unwrap())
         .unwrap();
-    let barrier = std::sync::Barrier::new(2);
-    let start = |h| {
-        barrier.wait();
-        net.start_enforcer(h).map_err(|e| format!("{e:#}"))
-    };
-    let (ra, rb) = std::thread::scope(|s| {
-        let ta = s.spawn(|| start(a));
-        let tb = s.spawn(|| start(b));
-        (ta.join().unwrap(), tb.join().unwrap())
-    });
+    let (ra, rb) = net.start_enforcers_racing(a, b);
     let (winner, loser) = match (&ra, &rb) {
         (Ok(()), Err(e)) => ("host-a", e),
         (Err(e), Ok(())) => ("host-b", e),

@@ -250,16 +250,7 @@ fn across_replicas_one_token_enrols_once_the_map_merges_three_enforcers_and_sugg
     net.use_replicas_for(d, &[&r2]);
     net.give_token(c, token.trim()).unwrap();
     net.give_token(d, token.trim()).unwrap();
-    let barrier = std::sync::Barrier::new(2);
-    let start = |h| {
-        barrier.wait();
-        net.start_enforcer(h).map_err(|e| format!("{e:#}"))
-    };
-    let (rc, rd) = std::thread::scope(|s| {
-        let tc = s.spawn(|| start(c));
-        let td = s.spawn(|| start(d));
-        (tc.join().unwrap(), td.join().unwrap())
-    });
+    let (rc, rd) = net.start_enforcers_racing(c, d);
     let (winner, loser) = match (&rc, &rd) {
         (Ok(()), Err(e)) => ("host-c", e),
         (Err(e), Ok(())) => ("host-d", e),

@@ -7,28 +7,13 @@
 // STEPS_JSON: [{"select": "#f-verdict", "value": "allowed"} | {"fill": "#f-search",
 // "value": "..."}, ...], each applied alone (the filters reset in between). SECRET_FILE:
 // the administrator token, which must appear in no request or response of the page.
-import { chromium } from "playwright-core";
-import { mkdtempSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { launch } from "./browser.mjs";
+import { readFileSync } from "node:fs";
 
 const [url, screenshot, nowMs, stepsJson, nodeName, secretFile] = process.argv.slice(2);
 const steps = JSON.parse(stepsJson);
 const secret = readFileSync(secretFile, "utf8").trim();
-const browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "tessera-chromium-")), {
-  executablePath: "/usr/bin/chromium",
-  headless: true,
-  viewport: { width: 1400, height: 900 },
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-  ],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage();
   // The page's "now" for the time window filter: fixed, so that which edges fall in the

@@ -5,30 +5,14 @@
 // node map_test.mjs URL SCREENSHOT EDGE_SRC EDGE_DST [TOKEN_FILE]
 //
 // With TOKEN_FILE (the API's bearer token), every request carries it.
-import { chromium } from "playwright-core";
-import { mkdtempSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { launch } from "./browser.mjs";
+import { readFileSync } from "node:fs";
 
 const [url, screenshot, edgeSrc, edgeDst, tokenFile] = process.argv.slice(2);
 const extraHTTPHeaders = tokenFile
   ? { Authorization: `Bearer ${readFileSync(tokenFile, "utf8").trim()}` }
   : {};
-const browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "tessera-chromium-")), {
-  executablePath: "/usr/bin/chromium",
-  headless: true,
-  viewport: { width: 1400, height: 900 },
-  extraHTTPHeaders,
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-  ],
-});
+const browser = await launch({ extraHTTPHeaders });
 try {
   const page = await browser.newPage();
   const errors = [];
