@@ -212,3 +212,53 @@ async fn a_three_member_etcd_keeps_the_replicas_working_when_one_member_dies() {
         "{names:?}"
     );
 }
+
+/// A replica follows etcd with a fixed number of watches however many enforcers watch it
+/// (issue 14): with one etcd watch per enforcer stream, each sent every write of the whole
+/// installation (maps, tokens, reports), the etcd traffic of a fleet grew with N × writes.
+/// Twenty streams on one replica add no etcd watch, and every stream still gets the
+/// snapshot, the enforcers joining after it, and a policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforcer_streams_share_the_replicas_own_etcd_watches() {
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let p = plane(&etcd.url("/tessera")).await;
+    let admin_token = admin::create(p.store(), "test-admin", 0).await.unwrap();
+    let a = serve(p).await;
+    let before = etcd.watchers();
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let t = token(&a, &admin_token, "paris").await.unwrap();
+        let (key, e) = enrol(&a, &format!("host-{i}"), &t.token).await.unwrap();
+        let (_, w) = client(&a, &key, &e).watch().await.unwrap();
+        let mut w = Box::pin(w);
+        match next(&mut w).await {
+            WatchMessage::Snapshot { directory, .. } => {
+                assert!(directory.iter().any(|d| d.name == format!("host-{i}")));
+                assert_eq!(directory.len(), i + 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        streams.push(w);
+    }
+    anon(&a)
+        .apply_policy(&admin_token, "p.yaml", POLICY)
+        .await
+        .unwrap();
+    for (i, w) in streams.iter_mut().enumerate() {
+        // Those who joined later, in order, then the policy.
+        for j in i + 1..20 {
+            match next(w).await {
+                WatchMessage::Upsert { entry, .. } => assert_eq!(entry.name, format!("host-{j}")),
+                other => panic!("stream {i}: {other:?}"),
+            }
+        }
+        assert!(matches!(next(w).await, WatchMessage::Policy { .. }));
+    }
+    let after = etcd.watchers();
+    assert!(
+        after <= before.max(2),
+        "20 enforcer streams: etcd holds {after} watches, {before} before them"
+    );
+}

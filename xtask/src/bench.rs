@@ -34,8 +34,13 @@
 //!   that version, to a probe's first connection the new policy allows, and the command's
 //!   own run time; `control.server_rss_kib.{idle,with_watchers,per_watcher,watchers}`.
 //!   Each timing is `{median,min,max,n}` in ms.
-//! * `cpu_steal_pct.{tunnel,handshake,control,memory}`: the share of the machine's CPU time
-//!   the hypervisor took (steal, `/proc/stat`) while each section ran.
+//! * `fleet.n{N}_r{R}.{summary,rounds}` (`--only fleet`, N = 100 and `--fleet-n`, R = 1 and 3
+//!   replicas; see `fleet.rs`): each round's figures (enrolments/s, policy and directory
+//!   propagation p50/p99/max in ms, stored flow records/s, per-replica CPU and memory, etcd
+//!   writes, the round's CPU steal) and, in `summary`, each figure's `{median,min,max,n}`
+//!   over the rounds.
+//! * `cpu_steal_pct.{tunnel,handshake,control,memory,fleet}`: the share of the machine's CPU
+//!   time the hypervisor took (steal, `/proc/stat`) while each section ran.
 use std::{
     fs,
     path::Path,
