@@ -286,6 +286,16 @@ fn etcd_revision(addr: &str) -> Result<u64> {
         .context("etcd range: no revision")
 }
 
+/// The watches etcd member `addr` holds (its `etcd_debugging_mvcc_watcher_total` gauge).
+fn etcd_watchers(addr: &str) -> Result<u64> {
+    let text = http(addr, "GET", "/metrics", "")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .context("etcd metrics: no watcher gauge")
+}
+
 fn etcd_db_size(addr: &str) -> Result<u64> {
     let v: Value = serde_json::from_str(&http(addr, "POST", "/v3/maintenance/status", "{}")?)?;
     v["dbSize"]
@@ -460,6 +470,7 @@ pub fn run_child(a: FleetArgs) -> Result<()> {
         servers,
         server_pids: server_pids.clone(),
         etcd: members[0].0.clone(),
+        etcd_all: members.iter().map(|(c, _)| c.clone()).collect(),
         ca,
         admin_token,
     };
@@ -486,6 +497,7 @@ struct Env {
     servers: Vec<String>,
     server_pids: Vec<u32>,
     etcd: String,
+    etcd_all: Vec<String>,
     ca: String,
     admin_token: String,
 }
@@ -683,6 +695,11 @@ async fn measure(env: &Env) -> Result<Value> {
     let enrol_s = t0.elapsed().as_secs_f64();
     let cpu1 = env.cpu()?;
     let rev1 = etcd_revision(&env.etcd)?;
+    let mem_enrolled: Vec<(u64, u64)> = env
+        .server_pids
+        .iter()
+        .map(|p| memory_kib(*p))
+        .collect::<Result<_>>()?;
     let retries: u64 = enrolled.iter().map(|(_, r)| r).sum();
 
     // Watches, each followed by the enforcer's report.
@@ -924,7 +941,8 @@ async fn measure(env: &Env) -> Result<Value> {
                 "rss_kib": mem[r].0,
                 "hwm_kib": mem_end[r].1,
                 "rss_kib_after_ingest": mem_end[r].0,
-                "rss_kib_per_1000_watchers": per_k(mem[r].0 as f64, watchers[r]),
+                "rss_kib_before_watches": mem_enrolled[r].0,
+                "rss_kib_per_1000_watchers": per_k(mem[r].0.saturating_sub(mem_enrolled[r].0) as f64, watchers[r]),
                 "cpu_ms": {
                     "enrolment": cpu_ms(&cpu0, &cpu1)[r],
                     "watch_and_report": cpu_ms(&cpu1, &cpu2)[r],
@@ -963,6 +981,7 @@ async fn measure(env: &Env) -> Result<Value> {
         },
         "servers": replicas,
         "watch_messages": messages,
+        "etcd_watches_with_fleet_watching": etcd_watches,
         "watches_broken": broken,
         "etcd": {},
     }))
