@@ -851,6 +851,11 @@ async fn measure(env: &Env) -> Result<Value> {
         .iter()
         .map(|p| memory_kib(*p))
         .collect::<Result<_>>()?;
+    let etcd_watches = env
+        .etcd_all
+        .iter()
+        .map(|m| etcd_watchers(m))
+        .sum::<Result<u64>>()?;
 
     // Map ingestion.
     eprintln!(
