@@ -232,14 +232,14 @@ async fn report(
 async fn map(
     State(plane): State<AppState>,
     Extension(peer): Extension<Peer>,
-    Json(m): Json<tessera_proxy::map::Map>,
+    Json(m): Json<crate::fleet::WireMap>,
 ) -> Result<StatusCode, ApiError> {
     let cert = peer.enforcer()?;
     plane.check_enforcer(cert).await?;
     crate::fleet::ingest(
         plane.store(),
         &cert.name,
-        m,
+        m.into(),
         crate::authority::unix_ms(SystemTime::now()),
     )
     .await
