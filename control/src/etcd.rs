@@ -315,26 +315,38 @@ impl EtcdStore {
         })
     }
 
-    /// Every key under `prefix` and the revision the read is at.
+    /// Every key under `prefix` and the revision the read is at: read in pages of
+    /// [`PAGE`] keys, all at the first page's revision (one consistent view), so that no
+    /// answer outgrows a gRPC message however many keys there are (a thousand enforcers'
+    /// maps were 26 MB in one answer).
     async fn range(&self, prefix: &str) -> Result<(Vec<Entry>, u64), StoreError> {
-        let key = self.full(prefix);
-        let resp = self
-            .call(Retry::Read, |c| {
-                let key = key.clone();
-                async move {
-                    c.kv_client()
-                        .get(key, Some(GetOptions::new().with_prefix()))
-                        .await
+        let end = prefix_end(self.full(prefix).into_bytes());
+        let mut from = self.full(prefix).into_bytes();
+        let mut at: Option<i64> = None;
+        let mut entries = Vec::new();
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if let Some(r) = at {
+                options = options.with_revision(r);
+            }
+            let resp = self
+                .call(Retry::Read, |c| {
+                    let (from, options) = (from.clone(), options.clone());
+                    async move { kv(&c).get(from, Some(options)).await }
+                })
+                .await?;
+            let rev = *at.get_or_insert(resp.header().map(|h| h.revision()).unwrap_or(0));
+            for kv in resp.kvs() {
+                entries.push(self.entry(kv)?);
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
                 }
-            })
-            .await?;
-        let at = resp.header().map(|h| revision(h.revision())).unwrap_or(0);
-        let entries = resp
-            .kvs()
-            .iter()
-            .map(|kv| self.entry(kv))
-            .collect::<Result<_, _>>()?;
-        Ok((entries, at))
+                _ => return Ok((entries, revision(rev))),
+            }
+        }
     }
 
     /// The changes under `prefix` after revision `after`, as a watch with an empty
@@ -350,8 +362,12 @@ impl EtcdStore {
                 let key = key.clone();
                 async move {
                     let options = WatchOptions::new().with_prefix().with_start_revision(start);
-                    let (sender, mut stream) =
-                        c.watch_client().watch(key, Some(options)).await?.split();
+                    let (sender, mut stream) = c
+                        .watch_client()
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .watch(key, Some(options))
+                        .await?
+                        .split();
                     let first = stream.message().await?;
                     Ok((sender, stream, first))
                 }
@@ -424,6 +440,29 @@ impl EtcdStore {
     }
 }
 
+/// Keys per page of a range read.
+const PAGE: i64 = 256;
+/// Largest answer (or watch message) taken from etcd: a page of large values (an
+/// enforcer's map may be up to 16 MiB; etcd bounds each write by its --max-request-bytes).
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// A KV client that takes answers up to [`MAX_MESSAGE`] (gRPC's default is 4 MiB).
+fn kv(c: &Client) -> etcd_client::KvClient {
+    c.kv_client().max_decoding_message_size(MAX_MESSAGE)
+}
+
+/// The first key after every key starting with `prefix` (etcd's range end for a prefix).
+fn prefix_end(mut prefix: Vec<u8>) -> Vec<u8> {
+    while let Some(last) = prefix.pop() {
+        if last < 0xff {
+            prefix.push(last + 1);
+            return prefix;
+        }
+    }
+    // Every key (etcd's "\0" range end).
+    vec![0]
+}
+
 /// gRPC's status code for "the service is unavailable" (no leader, member down).
 const GRPC_UNAVAILABLE: i32 = 14;
 
@@ -469,7 +508,7 @@ impl Store for EtcdStore {
         let resp = self
             .call(Retry::Read, |c| {
                 let key = key.clone();
-                async move { c.kv_client().get(key, None).await }
+                async move { kv(&c).get(key, None).await }
             })
             .await?;
         resp.kvs().first().map(|kv| self.entry(kv)).transpose()

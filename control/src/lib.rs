@@ -9,7 +9,8 @@
 //! * [`fleet`]: the fleet's map, merged from every enforcer's own; [`suggest`]: an allow
 //!   policy written from it.
 //! * [`plane`]: the operations (enrol, renew, report, revoke) tying these together.
-//! * [`api`], [`server`] and [`client`]: the HTTPS API over those operations, both ends.
+//! * [`api`], [`server`] and [`client`]: the HTTPS API over those operations, both ends;
+//!   [`feed`]: one store watch per server, fanned out to every enforcer's watch stream.
 //! * [`admin`]: administrator tokens.
 pub mod admin;
 pub mod api;
@@ -18,6 +19,7 @@ pub mod client;
 pub mod document;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod feed;
 pub mod fleet;
 pub mod plane;
 pub mod policy;

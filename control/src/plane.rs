@@ -150,6 +150,11 @@ impl ControlPlane {
         self.store.as_ref()
     }
 
+    /// The store, shared (for tasks that outlive a request).
+    pub fn store_arc(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
     pub fn authority(&self) -> &Authority {
         &self.authority
     }
@@ -330,9 +335,13 @@ impl ControlPlane {
         policy_version: u64,
         now: SystemTime,
     ) -> Result<(), EnrolError> {
-        self.check_enforcer(cert).await?;
-        let all = registry::all(self.store()).await?;
-        registry::check_serves(&cert.name, serves, &all)?;
+        let current = self.check_enforcer(cert).await?;
+        // Reading every record is O(fleet): only when what it serves changed (a periodic
+        // report usually says the same again).
+        if current.serves != *serves {
+            let all = registry::all(self.store()).await?;
+            registry::check_serves(&cert.name, serves, &all)?;
+        }
         let key = hex(&cert.public_key);
         let now_ms = unix_ms(now);
         registry::update(self.store(), &cert.name, |r| {

@@ -7,7 +7,6 @@
 //! is the enforcer's *current* certificate, so a revoked or superseded one gets nothing even
 //! before it expires. Connections are bounded in number and in handshake time.
 use std::{
-    collections::HashMap,
     future::Future,
     net::SocketAddr,
     sync::Arc,
@@ -38,10 +37,11 @@ use crate::{
     admin::{self, AdminError},
     api::{self, ErrorBody, WatchMessage},
     authority::{Certified, certified},
+    feed::{Feed, Line},
     plane::{ControlPlane, EnrolError, EnrolRequest},
     policy::{self, PolicyError},
-    registry::{self, DirectoryEntry, RegistryError},
-    store::{Event, StoreError},
+    registry::{self, RegistryError},
+    store::StoreError,
     tokens::{self, TokenError},
 };
 
@@ -232,14 +232,14 @@ async fn report(
 async fn map(
     State(plane): State<AppState>,
     Extension(peer): Extension<Peer>,
-    Json(m): Json<tessera_proxy::map::Map>,
+    Json(m): Json<crate::fleet::WireMap>,
 ) -> Result<StatusCode, ApiError> {
     let cert = peer.enforcer()?;
     plane.check_enforcer(cert).await?;
     crate::fleet::ingest(
         plane.store(),
         &cert.name,
-        m,
+        m.into(),
         crate::authority::unix_ms(SystemTime::now()),
     )
     .await
@@ -281,134 +281,54 @@ async fn fleet_map(
 }
 
 fn line(m: &WatchMessage) -> bytes::Bytes {
-    let mut v = serde_json::to_vec(m).expect("serialisable");
-    v.push(b'\n');
-    v.into()
+    crate::feed::line(m)
 }
 
-/// What a watch stream has told its enforcer, so that it only sends changes.
-struct Sent {
-    me: String,
-    entries: HashMap<String, DirectoryEntry>,
-}
-
-enum Step {
-    Send(WatchMessage),
-    Nothing,
-    /// The watcher itself was revoked or removed.
-    End(WatchMessage),
-}
-
-impl Sent {
-    fn apply(&mut self, ev: &Event) -> Step {
-        let revision = ev.revision();
-        let key = ev.key();
-        if key == policy::CURRENT {
-            return match ev {
-                Event::Put(e) => match serde_json::from_slice(&e.value) {
-                    Ok(policy) => Step::Send(WatchMessage::Policy { revision, policy }),
-                    Err(err) => {
-                        tracing::error!(error = %err, "stored policy unreadable");
-                        Step::Nothing
-                    }
-                },
-                Event::Delete { .. } => Step::Nothing,
-            };
-        }
-        let Some(name) = key.strip_prefix(registry::PREFIX) else {
-            return Step::Nothing;
-        };
-        let entry = match ev {
-            Event::Put(e) => match registry::decode(e) {
-                Ok(r) => {
-                    if r.name == self.me && r.state == registry::State::Revoked {
-                        return Step::End(WatchMessage::Revoked { name: r.name });
-                    }
-                    r.entry()
-                }
-                Err(_) => None,
-            },
-            Event::Delete { .. } => {
-                if name == self.me {
-                    return Step::End(WatchMessage::Revoked {
-                        name: name.to_string(),
-                    });
-                }
-                None
-            }
-        };
-        match entry {
-            Some(entry) if self.entries.get(name) != Some(&entry) => {
-                self.entries.insert(name.to_string(), entry.clone());
-                Step::Send(WatchMessage::Upsert { revision, entry })
-            }
-            Some(_) => Step::Nothing,
-            None if self.entries.remove(name).is_some() => Step::Send(WatchMessage::Remove {
-                revision,
-                name: name.to_string(),
-            }),
-            None => Step::Nothing,
-        }
-    }
-}
-
+/// The watch stream: the server's feed's snapshot, then its changes (see [`crate::feed`]).
 async fn watch(
     State(plane): State<AppState>,
     Extension(peer): Extension<Peer>,
+    Extension(feed): Extension<Arc<Feed>>,
 ) -> Result<Response, ApiError> {
     let cert = peer.enforcer()?;
     plane.check_enforcer(cert).await?;
-    let mut w = plane.store().watch("").await?;
-    let mut sent = Sent {
-        me: cert.name.clone(),
-        entries: HashMap::new(),
+    let Some(sub) = feed.subscribe() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the control plane is reconnecting to its store: watch again shortly",
+        ));
     };
-    let mut policy = None;
-    for e in &w.snapshot {
-        if e.key == policy::CURRENT {
-            policy = serde_json::from_slice(&e.value).ok();
-        } else if e.key.starts_with(registry::PREFIX)
-            && let Ok(r) = registry::decode(e)
-            && let Some(entry) = r.entry()
-        {
-            sent.entries.insert(r.name.clone(), entry);
-        }
-    }
-    let mut directory: Vec<_> = sent.entries.values().cloned().collect();
-    directory.sort_by(|a, b| a.name.cmp(&b.name));
-    let first = WatchMessage::Snapshot {
-        revision: w.revision,
-        directory,
-        policy,
-    };
+    let mut changes = sub.changes;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(256);
-    tx.send(Ok(line(&first))).await.ok();
+    tx.send(Ok(sub.snapshot)).await.ok();
     let who = cert.name.clone();
     tokio::spawn(async move {
         let mut ping = tokio::time::interval(PING);
         ping.tick().await;
         loop {
-            let msg = tokio::select! {
-                ev = w.next() => match ev {
-                    Ok(ev) => match sent.apply(&ev) {
-                        Step::Send(m) => m,
-                        Step::Nothing => continue,
-                        Step::End(m) => {
-                            tx.send(Ok(line(&m))).await.ok();
-                            break;
-                        }
-                    },
+            let out = tokio::select! {
+                l = changes.recv() => match l {
+                    Ok(Line::Message { left: Some(name), .. }) if name == who => {
+                        // The watcher itself was revoked or removed: say so and end.
+                        tx.send(Ok(line(&WatchMessage::Revoked { name }))).await.ok();
+                        break;
+                    }
+                    Ok(Line::Message { line, .. }) => line,
+                    Ok(Line::Reset) => {
+                        tracing::warn!(enforcer = %who, "watch ended: the server lost its store");
+                        break;
+                    }
                     Err(e) => {
-                        // Lagged or closed: end the stream; the enforcer watches anew and
-                        // gets a fresh snapshot.
+                        // Lagged: end the stream; the enforcer watches anew and gets a
+                        // fresh snapshot.
                         tracing::warn!(enforcer = %who, error = %e, "watch ended");
                         break;
                     }
                 },
-                _ = ping.tick() => WatchMessage::Ping { revision: w.revision },
+                _ = ping.tick() => line(&WatchMessage::Ping { revision: feed.revision() }),
                 _ = tx.closed() => break,
             };
-            if tx.send(Ok(line(&msg))).await.is_err() {
+            if tx.send(Ok(out)).await.is_err() {
                 break;
             }
         }
@@ -555,7 +475,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let routes = router(plane);
+    // One store watch for every stream this server serves; it stops with the server.
+    let (feed, _feed_task) = Feed::start(plane.clone().store_arc()).await;
+    let routes = router(plane).layer(Extension(feed));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {

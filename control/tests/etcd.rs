@@ -212,3 +212,84 @@ async fn a_three_member_etcd_keeps_the_replicas_working_when_one_member_dies() {
         "{names:?}"
     );
 }
+
+/// A replica follows etcd with a fixed number of watches however many enforcers watch it
+/// (issue 14): with one etcd watch per enforcer stream, each sent every write of the whole
+/// installation (maps, tokens, reports), the etcd traffic of a fleet grew with N × writes.
+/// Twenty streams on one replica add no etcd watch, and every stream still gets the
+/// snapshot, the enforcers joining after it, and a policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforcer_streams_share_the_replicas_own_etcd_watches() {
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let p = plane(&etcd.url("/tessera")).await;
+    let admin_token = admin::create(p.store(), "test-admin", 0).await.unwrap();
+    let a = serve(p).await;
+    let before = etcd.watchers();
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let t = token(&a, &admin_token, "paris").await.unwrap();
+        let (key, e) = enrol(&a, &format!("host-{i}"), &t.token).await.unwrap();
+        let (_, w) = client(&a, &key, &e).watch().await.unwrap();
+        let mut w = Box::pin(w);
+        match next(&mut w).await {
+            WatchMessage::Snapshot { directory, .. } => {
+                assert!(directory.iter().any(|d| d.name == format!("host-{i}")));
+                assert_eq!(directory.len(), i + 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        streams.push(w);
+    }
+    anon(&a)
+        .apply_policy(&admin_token, "p.yaml", POLICY)
+        .await
+        .unwrap();
+    for (i, w) in streams.iter_mut().enumerate() {
+        // Those who joined later, in order, then the policy.
+        for j in i + 1..20 {
+            match next(w).await {
+                WatchMessage::Upsert { entry, .. } => assert_eq!(entry.name, format!("host-{j}")),
+                other => panic!("stream {i}: {other:?}"),
+            }
+        }
+        assert!(matches!(next(w).await, WatchMessage::Policy { .. }));
+    }
+    let after = etcd.watchers();
+    assert!(
+        after <= before.max(2),
+        "20 enforcer streams: etcd holds {after} watches, {before} before them"
+    );
+}
+
+/// A list larger than one gRPC message (4 MiB by default) comes back whole and at one
+/// revision: a thousand enforcers' maps (26 MB) made the fleet's map fail with "decoded
+/// message length too large" when read in one answer (issue 14, fleet bench).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_larger_than_a_grpc_message_is_read_whole() {
+    use futures_util::StreamExt;
+    use tessera_control::store::Store;
+    let Some(etcd) = Etcd::start().await else {
+        return;
+    };
+    let s = etcd.store("/tessera").await;
+    let value = vec![b'x'; 20_000];
+    futures_util::stream::iter(0..600)
+        .map(|i| {
+            let (s, v) = (s.clone(), value.clone());
+            async move { s.put(&format!("fleet/maps/e{i:04}"), v).await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    s.put("fleet/mapsz", b"not under the prefix".to_vec())
+        .await
+        .unwrap();
+    let all = s.list("fleet/maps/").await.unwrap();
+    assert_eq!(all.len(), 600);
+    assert!(all.windows(2).all(|w| w[0].key < w[1].key));
+    assert!(all.iter().all(|e| e.value == value));
+    let w = s.watch("fleet/maps/").await.unwrap();
+    assert_eq!(w.snapshot.len(), 600);
+}

@@ -34,8 +34,13 @@
 //!   that version, to a probe's first connection the new policy allows, and the command's
 //!   own run time; `control.server_rss_kib.{idle,with_watchers,per_watcher,watchers}`.
 //!   Each timing is `{median,min,max,n}` in ms.
-//! * `cpu_steal_pct.{tunnel,handshake,control,memory}`: the share of the machine's CPU time
-//!   the hypervisor took (steal, `/proc/stat`) while each section ran.
+//! * `fleet.n{N}_r{R}.{summary,rounds}` (`--only fleet`, N = 100 and `--fleet-n`, R = 1 and 3
+//!   replicas; see `fleet.rs`): each round's figures (enrolments/s, policy and directory
+//!   propagation p50/p99/max in ms, stored flow records/s, per-replica CPU and memory, etcd
+//!   writes, the round's CPU steal) and, in `summary`, each figure's `{median,min,max,n}`
+//!   over the rounds.
+//! * `cpu_steal_pct.{tunnel,handshake,control,memory,fleet}`: the share of the machine's CPU
+//!   time the hypervisor took (steal, `/proc/stat`) while each section ran.
 use std::{
     fs,
     path::Path,
@@ -248,6 +253,8 @@ pub enum Section {
     Handshake,
     Memory,
     Control,
+    /// The control plane under a simulated fleet (see `fleet.rs`).
+    Fleet,
 }
 
 pub struct Options<'a> {
@@ -258,6 +265,8 @@ pub struct Options<'a> {
     /// Record CPU profiles (`perf record -g`) of both enforcers during each mode's
     /// connection-rate CPU run, into this file with the section as extension.
     pub perf: Option<&'a Path>,
+    /// Simulated enforcers in the fleet section (also run with 100).
+    pub fleet_n: usize,
 }
 
 pub fn run(bin: &Path, opts: &Options) -> Result<()> {
@@ -268,6 +277,20 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
     let secs = if quick { 2 } else { 5 };
     let wants = |s: Section| opts.only.is_empty() || opts.only.contains(&s);
 
+    let mut result = json!({
+        "schema": 1,
+        "quick": quick,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    });
+    let mut steal = serde_json::Map::new();
+    // The fleet needs no test hosts: loopback only.
+    if opts.only == [Section::Fleet] {
+        let t = CpuTimes::now()?;
+        result["fleet"] = crate::fleet::section(&load, bin, opts.fleet_n, quick)?;
+        steal.insert("fleet".into(), json!(t.steal_pct_since()?));
+        result["cpu_steal_pct"] = steal.into();
+        return report(&result, opts);
+    }
     let net = TestNet::new(&["host-a", "host-b"])?;
     let (a, b) = (net.host("host-a"), net.host("host-b"));
     // The load generator's host only (a test namespace): reuse TIME_WAIT ports, so that the
@@ -317,13 +340,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         secs,
     };
 
-    let mut result = json!({
-        "schema": 1,
-        "quick": quick,
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-    });
     let mut cpu = serde_json::Map::new();
-    let mut steal = serde_json::Map::new();
     if wants(Section::Tunnel) {
         let t = CpuTimes::now()?;
         let (tunnel, cpu_ms) = tunnel_mode(&bench, opts.perf)?;
@@ -354,10 +371,22 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         result["control"] = control(&bench.load, quick)?;
         steal.insert("control".into(), json!(t.steal_pct_since()?));
     }
+    if wants(Section::Fleet) {
+        let t = CpuTimes::now()?;
+        result["fleet"] = crate::fleet::section(&bench.load, bin, opts.fleet_n, quick)?;
+        steal.insert("fleet".into(), json!(t.steal_pct_since()?));
+    }
     result["cpu_steal_pct"] = steal.into();
-    print_table(&result);
+    report(&result, opts)
+}
+
+fn report(result: &Value, opts: &Options) -> Result<()> {
+    print_table(result);
+    if let Some(f) = result.get("fleet") {
+        crate::fleet::print_table(f);
+    }
     if let Some(path) = opts.json {
-        fs::write(path, serde_json::to_string_pretty(&result)? + "\n")
+        fs::write(path, serde_json::to_string_pretty(result)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("\nJSON written to {}", path.display());
     }
@@ -774,13 +803,13 @@ fn print_table(r: &Value) {
 /// Host-wide CPU time counters (`/proc/stat`, the `cpu` line): the share a hypervisor took
 /// from this VM (steal) while a section ran says how far its figures can be trusted.
 #[derive(Clone, Copy)]
-struct CpuTimes {
+pub(crate) struct CpuTimes {
     steal: u64,
     total: u64,
 }
 
 impl CpuTimes {
-    fn now() -> Result<Self> {
+    pub(crate) fn now() -> Result<Self> {
         let stat = fs::read_to_string("/proc/stat")?;
         let line = stat.lines().next().context("/proc/stat is empty")?;
         // cpu user nice system idle iowait irq softirq steal guest guest_nice
@@ -800,7 +829,7 @@ impl CpuTimes {
     }
 
     /// Percent of all CPU time stolen since `self`.
-    fn steal_pct_since(&self) -> Result<f64> {
+    pub(crate) fn steal_pct_since(&self) -> Result<f64> {
         let now = Self::now()?;
         let total = now.total.saturating_sub(self.total);
         Ok(if total == 0 {
@@ -880,7 +909,7 @@ fn file_len(path: &Path) -> u64 {
 }
 
 /// Median, min and max (ms) of some samples.
-fn spread(samples: &[f64]) -> Value {
+pub(crate) fn spread(samples: &[f64]) -> Value {
     let mut s = samples.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() {

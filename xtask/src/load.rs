@@ -48,6 +48,8 @@ pub enum LoadCommand {
         ready_file: std::path::PathBuf,
         out_file: std::path::PathBuf,
     },
+    /// One run of the fleet bench (see fleet.rs); its figures as JSON.
+    Fleet(crate::fleet::FleetArgs),
 }
 
 fn raise_fd_limit() {
@@ -79,6 +81,7 @@ pub fn run(cmd: LoadCommand) -> Result<()> {
             ready_file,
             out_file,
         } => probe(addr, seconds, interval_ms, &ready_file, &out_file),
+        LoadCommand::Fleet(args) => crate::fleet::run_child(args),
     }
 }
 

@@ -3,7 +3,8 @@
 //! * `setup`  installs what a fresh machine lacks (idempotent).
 //! * `test`   setup, build, and every test of the workspace (unit and end-to-end).
 //! * `demo`   setup, build, then real workloads on test hosts behind Tessera; prints the map.
-//! * `bench`  direct vs through-Tessera throughput, connection rate, latency, memory.
+//! * `bench`  direct vs through-Tessera throughput, connection rate, latency, memory; the
+//!   control plane under a simulated fleet (`--only fleet`).
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod build;
 mod demo;
+mod fleet;
 mod load;
 mod setup;
 
@@ -49,6 +51,9 @@ enum Command {
         /// connection-rate CPU run, into this file with the section name as extension.
         #[arg(long)]
         perf: Option<PathBuf>,
+        /// Simulated enforcers in the fleet section (`--only fleet`; it also runs 100).
+        #[arg(long, default_value_t = 1000)]
+        fleet_n: usize,
     },
     /// Traffic programs the bench runs inside test hosts (not for direct use).
     #[command(hide = true)]
@@ -75,6 +80,7 @@ fn main() -> Result<()> {
             quick,
             only,
             perf,
+            fleet_n,
         } => {
             setup::run()?;
             let bin = build::release()?;
@@ -85,6 +91,7 @@ fn main() -> Result<()> {
                     quick,
                     only,
                     perf: perf.as_deref(),
+                    fleet_n,
                 },
             )
         }

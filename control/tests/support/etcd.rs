@@ -302,6 +302,25 @@ impl Etcd {
         }
     }
 
+    /// The watches etcd holds open, summed over the members that are up (its
+    /// `etcd_debugging_mvcc_watcher_total` gauge).
+    pub fn watchers(&self) -> u64 {
+        use std::io::{Read, Write};
+        let mut total = 0;
+        for m in self.members.iter().filter(|m| m.child.is_some()) {
+            let mut s = std::net::TcpStream::connect(&m.client).unwrap();
+            write!(s, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", m.client).unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .expect("etcd reports its watchers") as u64;
+        }
+        total
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
