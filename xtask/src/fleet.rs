@@ -633,6 +633,7 @@ fn map_of(name: &str, i: usize, edges: usize, round: u64) -> Map {
                     src: format!("w{j}@{name}"),
                     dst: format!("api{}@sim-{:05}", j % 16, (i + 1 + j) % 100_000),
                     port: 8080,
+                    protocol: Default::default(),
                     verdict: "allowed".into(),
                 },
                 stats: EdgeStats {
