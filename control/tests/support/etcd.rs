@@ -88,6 +88,19 @@ fn make_tls(dir: &std::path::Path) -> TlsFiles {
     files
 }
 
+/// A directory for members' data: in memory (`/dev/shm`) where there is one, since each
+/// member preallocates 64 MB of write-ahead log and syncs it on every write — on a CI
+/// machine's small disk, a few clusters at once filled it.
+fn data_dir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -119,7 +132,7 @@ impl Etcd {
         if !available() {
             return None;
         }
-        let dir = tempfile::tempdir().unwrap();
+        let dir = data_dir();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -146,7 +159,7 @@ impl Etcd {
         if !available() {
             return None;
         }
-        let dir = tempfile::tempdir().unwrap();
+        let dir = data_dir();
         let files = make_tls(dir.path());
         let members = vec![Member {
             name: "m0".into(),
