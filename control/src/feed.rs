@@ -185,8 +185,17 @@ impl Feed {
         let Some(name) = key.strip_prefix(registry::PREFIX) else {
             return;
         };
+        // A record this server cannot read (e.g. written by a newer replica) changes
+        // nothing: only a readable record that is no longer active, or a delete, takes an
+        // enforcer out (and tells it it was revoked).
         let entry = match ev {
-            Event::Put(e) => registry::decode(e).ok().and_then(|r| r.entry()),
+            Event::Put(e) => match registry::decode(e) {
+                Ok(r) => r.entry(),
+                Err(err) => {
+                    tracing::error!(enforcer = %name, error = %err, "stored enforcer record unreadable: the previous entry stays");
+                    return;
+                }
+            },
             Event::Delete { .. } => None,
         };
         let msg = match entry {
@@ -243,5 +252,62 @@ impl Feed {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .revision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{registry, store::Embedded};
+
+    /// The next change line, skipping nothing (the feed sends only changes).
+    async fn next(rx: &mut broadcast::Receiver<Line>) -> Option<(String, Option<String>)> {
+        match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+            Ok(Ok(Line::Message { line, left })) => {
+                Some((String::from_utf8_lossy(&line).into_owned(), left))
+            }
+            _ => None,
+        }
+    }
+
+    /// A record this server cannot read leaves the enforcer in the directory (its stream is
+    /// not told it was revoked); a delete takes it out and says who left.
+    #[tokio::test]
+    async fn an_unreadable_record_changes_nothing_and_a_delete_says_who_left() {
+        let d = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(Embedded::open(&d.path().join("c.redb")).unwrap());
+        let rec = registry::tests::active("host-a", &["10.0.0.1/32"]);
+        store
+            .put(&registry::key("host-a"), serde_json::to_vec(&rec).unwrap())
+            .await
+            .unwrap();
+        let (feed, _task) = Feed::start(store.clone()).await;
+        let mut sub = None;
+        for _ in 0..100 {
+            sub = feed.subscribe();
+            if sub.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let sub = sub.expect("the feed never synced");
+        assert!(String::from_utf8_lossy(&sub.snapshot).contains("host-a"));
+        let mut rx = sub.changes;
+        store
+            .put(&registry::key("host-a"), b"{not a record".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut rx).await,
+            None,
+            "an unreadable record was sent as a change"
+        );
+        store.delete(&registry::key("host-a")).await.unwrap();
+        let (line, left) = next(&mut rx).await.expect("the delete was not sent");
+        assert!(
+            line.contains("\"remove\"") || line.contains("host-a"),
+            "{line}"
+        );
+        assert_eq!(left.as_deref(), Some("host-a"));
     }
 }

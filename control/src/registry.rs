@@ -314,11 +314,11 @@ pub fn silent(r: &EnforcerRecord, now_ms: u64, after: Duration) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::Embedded;
 
-    fn active(name: &str, nets: &[&str]) -> EnforcerRecord {
+    pub(crate) fn active(name: &str, nets: &[&str]) -> EnforcerRecord {
         EnforcerRecord {
             name: name.into(),
             scope: Scope::default(),

@@ -14,7 +14,7 @@ pub struct RunOptions {
 
 /// Each proxied connection holds two descriptors (application side and tunnel side), so the
 /// default limit would cap an enforcer far below the connections a host makes.
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     const WANT: u64 = 1 << 20;
     if setrlimit(Resource::RLIMIT_NOFILE, WANT, WANT).is_err()

@@ -23,6 +23,13 @@
 //! at all, and the page listens on its own address (loopback by default), never on the
 //! port enforcers use.
 //!
+//! Whoever can reach the page's port can hold connections to it: at most
+//! [`MAX_CONNECTIONS`] are served at once (more are closed at accept), a request's headers
+//! must arrive within [`HEADER_TIMEOUT`] and a connection lasts at most [`CONN_LIFETIME`], so
+//! the page can never take the descriptors the control server's enforcer port needs.
+//! Failures of the map's source are cached like answers, so a failing store is asked no
+//! more often than a healthy one.
+//!
 //! Who may ask is [`crate::api::Guard`], as for the enforcer's API: on loopback, only
 //! requests addressed to an IP address or `localhost` (DNS rebinding); off loopback a bearer
 //! token is required (`--token-file`), compared in constant time. The fleet map is fetched
@@ -53,6 +60,12 @@ use crate::{
 
 /// The fleet map is fetched from the control plane at most this often.
 pub const REFRESH: Duration = Duration::from_secs(2);
+/// Connections served at once; more are closed as they are accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection is closed after this, whatever it does (the page reconnects).
+pub const CONN_LIFETIME: Duration = Duration::from_secs(60);
 
 /// `tessera map --server ... --serve ADDR`.
 #[derive(Clone, Debug)]
@@ -69,6 +82,9 @@ pub struct Options {
     pub new_after: Option<Duration>,
 }
 
+/// A fetch of the fleet map: the map, or the answer that says why there is none.
+type Fetched = Result<Map, (StatusCode, String)>;
+
 /// Where the viewer's fleet map comes from.
 enum Source {
     /// A control plane's admin API (`tessera map --serve`).
@@ -81,8 +97,8 @@ struct Viewer {
     source: Source,
     servers: Vec<String>,
     new_after: Option<Duration>,
-    /// The latest fleet map and when it was fetched.
-    cache: Mutex<Option<(Instant, Map)>>,
+    /// The latest fleet map (or why it could not be had) and when it was fetched.
+    cache: Mutex<Option<(Instant, Fetched)>>,
 }
 
 impl Viewer {
@@ -91,7 +107,7 @@ impl Viewer {
         if let Some((at, m)) = &*cache
             && at.elapsed() < REFRESH
         {
-            return Ok(m.clone());
+            return m.clone();
         }
         let m = match &self.source {
             Source::Control { client, admin } => client.fleet_map(admin).await.map_err(|e| {
@@ -100,7 +116,7 @@ impl Viewer {
                     StatusCode::BAD_GATEWAY,
                     format!("the control plane's map: {e}\n"),
                 )
-            })?,
+            }),
             Source::Store(store) => tessera_control::fleet::fleet_map(store.as_ref())
                 .await
                 .map_err(|e| {
@@ -109,10 +125,10 @@ impl Viewer {
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("the fleet map: {e}\n"),
                     )
-                })?,
+                }),
         };
         *cache = Some((Instant::now(), m.clone()));
-        Ok(m)
+        m
     }
 }
 
@@ -214,15 +230,51 @@ pub async fn serve(o: Options) -> Result<()> {
         o.listen
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    axum::serve(listener, routes)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = tokio::signal::ctrl_c() => {},
-            }
-        })
-        .await?;
+    tokio::select! {
+        _ = serve_limited(listener, routes) => {},
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
     Ok(())
+}
+
+/// Serves `routes` on `listener` within [`MAX_CONNECTIONS`], [`HEADER_TIMEOUT`] and
+/// [`CONN_LIFETIME`] (the page's port must not be able to starve its process of
+/// descriptors); runs until dropped.
+pub async fn serve_limited(listener: tokio::net::TcpListener, routes: Router) {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo, TokioTimer},
+        server::conn::auto,
+        service::TowerToHyperService,
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "map page: accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(from = %addr, "map page: too many connections, closed");
+            continue;
+        };
+        let svc = TowerToHyperService::new(routes.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            if tokio::time::timeout(CONN_LIFETIME, conn).await.is_err() {
+                tracing::debug!(from = %addr, "map page: connection closed after its lifetime");
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -269,5 +321,46 @@ mod tests {
         let (status, body) = w(Some("soon")).unwrap_err();
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(body.contains("new_after: \"soon\""), "{body}");
+    }
+
+    /// Held connections (headers never finished) cannot pile up: past [`MAX_CONNECTIONS`]
+    /// new ones are closed at once, held ones are closed after [`HEADER_TIMEOUT`], and the
+    /// page serves again afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn held_connections_are_bounded_and_timed_out() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = Router::new().route("/", get(|| async { "ok" }));
+        let server = tokio::spawn(serve_limited(listener, routes));
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 16 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                .await
+                .unwrap();
+            held.push(c);
+        }
+        // Each connection is closed by the server (EOF or reset) within the header
+        // timeout, plus slack for a loaded machine; the extra ones at once.
+        let deadline = HEADER_TIMEOUT + Duration::from_secs(5);
+        let mut closed = 0;
+        for mut c in held {
+            let mut buf = [0u8; 256];
+            match tokio::time::timeout(deadline, c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+                Ok(Ok(_)) => closed += 1, // a 408 answer, then the close
+                Err(_) => {}
+            }
+        }
+        assert_eq!(closed, MAX_CONNECTIONS + 16, "held connections stayed open");
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        server.abort();
     }
 }

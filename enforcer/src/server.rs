@@ -84,6 +84,11 @@ fn private_dir(dir: &Path) -> Result<()> {
 /// The embedded store in the state directory, or etcd if `--store` names it.
 async fn open_store(o: &RunOptions) -> Result<Arc<dyn Store>> {
     let Some(url) = &o.store else {
+        if o.etcd_tls.is_some() {
+            bail!(
+                "--etcd-ca/--etcd-cert/--etcd-key without --store etcds://...: nothing would use them"
+            );
+        }
         return Ok(Arc::new(Embedded::open(&o.state_dir.join(STORE_FILE))?));
     };
     open_etcd(url, o.etcd_tls.as_ref()).await
@@ -134,6 +139,8 @@ async fn open_etcd(url: &str, _tls: Option<&[PathBuf; 3]>) -> Result<Arc<dyn Sto
 /// Runs the control plane until SIGTERM or SIGINT.
 pub async fn run(o: RunOptions) -> Result<()> {
     private_dir(&o.state_dir)?;
+    // One descriptor per enforcer's watch stream (up to server::MAX_CONNECTIONS).
+    crate::daemon::raise_fd_limit();
     let store = open_store(&o).await?;
     let mut settings = Settings::new(&o.trust_domain);
     settings.lifetime = o.lifetime;
@@ -171,7 +178,10 @@ pub async fn run(o: RunOptions) -> Result<()> {
         .with_context(|| format!("--listen: cannot listen on {}", o.listen))?;
     if let Some(addr) = o.map_listen {
         let token = match &o.map_token_file {
-            Some(f) => Some(admin::read_file(f).context("--map-token-file")?),
+            Some(f) => Some(
+                crate::api::read_token_file(f)
+                    .map_err(|e| anyhow::anyhow!("--map-token-file: {e}"))?,
+            ),
             None => None,
         };
         let routes = crate::fleetview::store_router(store.clone(), addr, token.as_deref(), None)?;
@@ -179,11 +189,7 @@ pub async fn run(o: RunOptions) -> Result<()> {
             .await
             .with_context(|| format!("--map-listen: cannot listen on {addr}"))?;
         tracing::info!(listen = %addr, token = token.is_some(), "fleet map page: open http://{addr}/");
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(page, routes).await {
-                tracing::error!(error = %e, "fleet map page stopped");
-            }
-        });
+        tokio::spawn(crate::fleetview::serve_limited(page, routes));
     }
     let prune_plane = plane.clone();
     tokio::spawn(async move {

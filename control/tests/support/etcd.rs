@@ -93,10 +93,10 @@ fn make_tls(dir: &std::path::Path) -> TlsFiles {
 /// machine's small disk, a few clusters at once filled it.
 fn data_dir() -> tempfile::TempDir {
     let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(d) = tempfile::tempdir_in(shm) {
-            return d;
-        }
+    if shm.is_dir()
+        && let Ok(d) = tempfile::tempdir_in(shm)
+    {
+        return d;
     }
     tempfile::tempdir().unwrap()
 }
