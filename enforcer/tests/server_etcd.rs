@@ -87,6 +87,16 @@ fn admin(s: &Server, creds: &Server, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The stderr of a command that must have failed.
+fn refused(o: &Output) -> String {
+    assert!(
+        !o.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 fn ok(o: Output) -> String {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap()
@@ -145,8 +155,7 @@ fn an_unreachable_etcd_stops_the_server_with_an_error_naming_it() {
         .arg(dir.path().join("state"))
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&out);
     assert!(
         err.contains(&format!("127.0.0.1:{port}")) && err.contains("unreachable"),
         "{err}"
@@ -158,8 +167,7 @@ fn an_unreachable_etcd_stops_the_server_with_an_error_naming_it() {
         .arg(dir.path().join("state"))
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&out);
     assert!(
         err.contains("--store") && err.contains("etcd://nowhere"),
         "{err}"
@@ -223,8 +231,7 @@ async fn a_server_on_etcd_over_tls_with_a_client_certificate() {
         .arg(dir.path().join("b"))
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&out);
     assert!(
         err.contains("--etcd-key") && err.contains("chmod 600"),
         "{err}"
