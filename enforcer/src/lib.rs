@@ -37,4 +37,5 @@ pub mod metrics;
 pub mod nontcp;
 pub mod policy;
 pub mod server;
+pub mod sources;
 pub mod workloads;

@@ -32,6 +32,15 @@ pub mod reserved {
     pub const CONTAINER_ID: &str = "tessera.io/container-id";
     pub const CONTAINER_RUNTIME: &str = "tessera.io/container-runtime";
     pub const POD_UID: &str = "tessera.io/pod-uid";
+    /// What a container runtime or the Kubernetes API says of a workload that a source
+    /// (`enforcer/src/sources/`) enrolled: never what the workload itself declares.
+    pub const CONTAINER_NAME: &str = "tessera.io/container-name";
+    pub const IMAGE: &str = "tessera.io/image";
+    /// `sha256:<hex>`: the image's manifest digest as the runtime resolved it.
+    pub const IMAGE_DIGEST: &str = "tessera.io/image-digest";
+    pub const POD_NAME: &str = "tessera.io/pod";
+    pub const NAMESPACE: &str = "tessera.io/namespace";
+    pub const SERVICE_ACCOUNT: &str = "tessera.io/service-account";
 
     /// Whether `key` is one of the reserved names' namespace.
     pub fn is_reserved(key: &str) -> bool {
