@@ -42,6 +42,9 @@ pub struct Config {
     pub bpf: Bpf,
     #[serde(default, rename = "workload", skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<Workload>,
+    /// Containers a runtime starts, enrolled as they start (see [`Containers`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<Containers>,
     #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
     #[serde(default)]
@@ -239,6 +242,86 @@ pub struct Workload {
     /// Record this workload's policy denials without enforcing them.
     #[serde(default)]
     pub observe: bool,
+}
+
+/// `[containers]`: a container runtime's containers, enrolled as the runtime starts them
+/// (`enforcer/src/sources/`).
+///
+/// The rule that selects them is where the runtime puts them: every container whose cgroup
+/// is under `cgroup` (`podman run --cgroup-parent`, or `cgroup_parent` in containers.conf
+/// for all of them). Capture is attached to that parent before any container starts, so a
+/// container is under Tessera from its first instruction; its identity comes from the
+/// runtime's API. `select` narrows it further: a container under the parent without those
+/// labels is refused every connection, as any cgroup under an enrolled one is that no
+/// identity can be found for.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Containers {
+    /// The runtime's Docker-compatible API socket (podman: `podman system service`).
+    #[serde(default = "default_container_socket")]
+    pub socket: PathBuf,
+    /// The parent cgroup v2 directory of the containers to enrol (created at start-up if
+    /// its own parent exists).
+    pub cgroup: PathBuf,
+    /// The name flow records give connections of processes in the parent itself (none
+    /// normally) and the UDP/ICMP policy the containers share.
+    #[serde(default = "default_containers_name")]
+    pub name: String,
+    /// Labels a container must have been started with to be given an identity.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub select: BTreeMap<String, String>,
+    /// Record the containers' policy denials without enforcing them.
+    #[serde(default)]
+    pub observe: bool,
+    /// How long a container's first connection waits for the runtime to say who it is
+    /// before it is refused.
+    #[serde(default = "default_container_wait_ms")]
+    pub wait_ms: u64,
+}
+
+fn default_container_socket() -> PathBuf {
+    PathBuf::from("/run/podman/podman.sock")
+}
+fn default_containers_name() -> String {
+    "containers".into()
+}
+fn default_container_wait_ms() -> u64 {
+    5_000
+}
+
+impl Containers {
+    /// The pseudo-workload capture is attached with: the parent cgroup, no declared labels.
+    pub fn parent_workload(&self) -> Workload {
+        Workload {
+            name: self.name.clone(),
+            cgroup: self.cgroup.clone(),
+            labels: BTreeMap::new(),
+            ports: Vec::new(),
+            observe: self.observe,
+        }
+    }
+}
+
+impl Config {
+    /// This configuration with the containers' parent cgroup enrolled like a workload
+    /// (created first if missing): what capture attaches to and the daemon runs.
+    pub fn with_container_parent(&self) -> Result<Config, String> {
+        let Some(c) = &self.containers else {
+            return Ok(self.clone());
+        };
+        if !c.cgroup.is_dir() {
+            std::fs::create_dir(&c.cgroup).map_err(|e| {
+                format!(
+                    "containers: cgroup: cannot create {}: {e}",
+                    c.cgroup.display()
+                )
+            })?;
+        }
+        validate_cgroup("containers", &c.cgroup)?;
+        let mut expanded = self.clone();
+        expanded.workloads.push(c.parent_workload());
+        Ok(expanded)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -465,6 +548,7 @@ impl Config {
         self.validate_identity()?;
         self.validate_bpf()?;
         self.validate_workloads()?;
+        self.validate_containers()?;
         self.validate_peers()?;
         self.validate_handshake()
     }
@@ -649,6 +733,67 @@ impl Config {
             validate_cgroup(&at, &w.cgroup)?;
             validate_labels(&at, &w.labels)?;
             self.validate_workload_ports(&at, &w.ports, &mut served_ports)?;
+        }
+        Ok(())
+    }
+
+    /// `[containers]`: an absolute socket path, a parent cgroup that is (or can be made) a
+    /// cgroup v2 directory and is no workload's, a name no workload has, valid selectors.
+    fn validate_containers(&self) -> Result<(), String> {
+        let Some(c) = &self.containers else {
+            return Ok(());
+        };
+        if !c.socket.is_absolute() {
+            return Err(format!(
+                "containers: socket: {} must be an absolute path",
+                c.socket.display()
+            ));
+        }
+        if !valid_name(&c.name) {
+            return Err(format!(
+                "containers: name: {:?} must be 1-63 letters, digits, '-', '.' or '_'",
+                c.name
+            ));
+        }
+        if let Some(w) = self.workloads.iter().find(|w| w.name == c.name) {
+            return Err(format!(
+                "containers: name: {:?} is the name of a [[workload]]; choose another",
+                w.name
+            ));
+        }
+        if c.cgroup.is_dir() {
+            validate_cgroup("containers", &c.cgroup)?;
+        } else {
+            let parent = c.cgroup.parent().filter(|_| c.cgroup.is_absolute());
+            match parent {
+                Some(p) if is_cgroup2_dir(p) => {}
+                _ => {
+                    return Err(format!(
+                        "containers: cgroup: {} must be an absolute path to a cgroup v2 \
+                         directory or to a new one in an existing cgroup v2 directory",
+                        c.cgroup.display()
+                    ));
+                }
+            }
+        }
+        if let Some(w) = self
+            .workloads
+            .iter()
+            .find(|w| c.cgroup.starts_with(&w.cgroup) || w.cgroup.starts_with(&c.cgroup))
+        {
+            return Err(format!(
+                "containers: cgroup: {} overlaps workload {:?}'s cgroup {}",
+                c.cgroup.display(),
+                w.name,
+                w.cgroup.display()
+            ));
+        }
+        validate_labels("containers: select", &c.select)?;
+        if c.wait_ms == 0 || c.wait_ms > 60_000 {
+            return Err(format!(
+                "containers: wait_ms: {} must be 1-60000",
+                c.wait_ms
+            ));
         }
         Ok(())
     }
@@ -1052,6 +1197,7 @@ mod tests {
                 key: "ca/host-c.key".into(),
             },
             control: None,
+            containers: None,
             bpf: Bpf::default(),
             workloads: Vec::new(),
             peers: Vec::new(),
