@@ -195,13 +195,16 @@ impl CaptureLookup for BpfCaptureLookup {
                 return Capture::Missing;
             };
             return match containers.get(&dir) {
-                Some(entry) => self.attested(entry_local(entry, &dir), orig, place),
+                Some(entry) => match entry_local(entry, &dir) {
+                    Ok(local) => self.attested(Some(local), orig, place),
+                    Err(why) => Capture::Refused(why),
+                },
                 None => {
                     let (containers, wait) = (containers.clone(), *wait);
                     let attestor = self.attestor.clone();
                     Capture::Pending(Box::new(move || {
                         let local = entry_local(containers.resolve(&dir, wait), &dir)?;
-                        Some(attest(&attestor, &local, orig, place))
+                        Ok(attest(&attestor, &local, orig, place))
                     }))
                 }
             };
@@ -211,13 +214,13 @@ impl CaptureLookup for BpfCaptureLookup {
     }
 }
 
-/// The identity of an entry, or `None` (refused: said why).
-fn entry_local(entry: Entry, dir: &Path) -> Option<Arc<LocalWorkload>> {
+/// The identity of an entry, or why it has none.
+fn entry_local(entry: Entry, dir: &Path) -> Result<Arc<LocalWorkload>, String> {
     match entry {
-        Entry::Enrolled(w) => Some(w),
+        Entry::Enrolled(w) => Ok(w),
         Entry::Refused(why) => {
             tracing::info!(cgroup = %dir.display(), reason = %why, "connection of a container without identity refused");
-            None
+            Err(format!("container without identity: {why}"))
         }
     }
 }
@@ -269,9 +272,7 @@ impl BpfCaptureLookup {
         // A first contact of this process and executable: hashing and NSS, where the
         // caller may block.
         let attestor = self.attestor.clone();
-        Capture::Pending(Box::new(move || {
-            Some(attest(&attestor, &local, orig, place))
-        }))
+        Capture::Pending(Box::new(move || Ok(attest(&attestor, &local, orig, place))))
     }
 }
 

@@ -190,10 +190,14 @@ fn containers_are_under_policy_from_their_first_instruction_with_the_runtimes_id
         f.code == Code::NoCapture && f.direction == Direction::Outbound
     });
     assert_eq!(refused.len(), 1, "{:?}", net.flows(net.host("host-a")));
+    assert_eq!(refused[0].verdict, Verdict::Error);
     assert!(
-        net.enforcer_log(net.host("host-a"))
-            .contains("was not started with the label team=blue"),
-        "the refusal's reason is not in the log"
+        refused[0].reason.contains(&unselected)
+            && refused[0]
+                .reason
+                .contains("was not started with the label team=blue"),
+        "the record does not say why: {:?}",
+        refused[0].reason
     );
     let web_served = net
         .flows(net.host("host-b"))
@@ -291,6 +295,11 @@ fn without_the_runtimes_api_new_containers_are_refused() {
     ));
     let refused = net.wait_flows(net.host("host-a"), 1, |f| f.code == Code::NoCapture);
     assert_eq!(refused.len(), 1, "{:?}", net.flows(net.host("host-a")));
+    assert!(
+        refused[0].reason.contains("did not say who is in"),
+        "{:?}",
+        refused[0].reason
+    );
     assert!(started.elapsed() < T);
     assert!(
         net.flows(net.host("host-b"))
