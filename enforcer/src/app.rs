@@ -103,9 +103,12 @@ impl HostState {
                 Ok((w.name.clone(), Arc::new(local)))
             })
             .collect::<Result<HashMap<String, Arc<LocalWorkload>>>>()?;
+        // The containers' ports are served by containers, never by their parent cgroup.
+        let containers = config.containers.as_ref().map(|c| c.name.as_str());
         let served: Vec<(u16, Arc<LocalWorkload>)> = config
             .workloads
             .iter()
+            .filter(|w| Some(w.name.as_str()) != containers)
             .flat_map(|w| w.ports.iter().map(|&p| (p, identities[&w.name].clone())))
             .collect();
         let peers = if config.control.is_some() {
@@ -130,8 +133,13 @@ impl HostState {
                     .collect(),
             ))
         };
+        let containers_ports = config.containers.iter().flat_map(|c| c.ports.clone());
         Ok(Self {
-            ports: served.iter().map(|(p, _)| *p).collect(),
+            ports: served
+                .iter()
+                .map(|(p, _)| *p)
+                .chain(containers_ports)
+                .collect(),
             services: LocalServices::new(served),
             identities,
             peers,
@@ -183,7 +191,7 @@ pub async fn build(config: &Config) -> Result<Running> {
     let identity = Credentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     // What TLS presents, replaceable when the control plane renews the certificate.
     let cert = CertSlot::new(&identity)?;
-    let host = HostState::new(config)?;
+    let mut host = HostState::new(config)?;
     let core = core(config, &identity)?;
     let mut tasks = Supervisor::default();
     // Everything that can fail without touching the kernel comes first: listeners (a port
@@ -217,6 +225,9 @@ pub async fn build(config: &Config) -> Result<Running> {
     let mut capture = Capture::prepare(config)?;
     let client_map = capture.take_client_map()?;
     let containers = containers(config)?;
+    if let Some(c) = &containers {
+        host.services = host.services.clone().with_dynamic(c.registry.clone());
+    }
     let lookup = capture_lookup(config, &host, client_map, &containers);
     let mut live = control::Live {
         registry: core.registry.clone(),

@@ -277,6 +277,13 @@ pub struct Containers {
     /// before it is refused.
     #[serde(default = "default_container_wait_ms")]
     pub wait_ms: u64,
+    /// TCP ports containers may serve: protected from start-up (reachable only through
+    /// Tessera, before any container listens); a connection to one is delivered to the
+    /// enrolled container whose runtime says it exposes the port (`--expose`) or that was
+    /// started with the label `tessera.ports` listing it (podman drops `--expose` for a
+    /// container on the host's network), refused as not served if none does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
 }
 
 fn default_container_socket() -> PathBuf {
@@ -296,7 +303,7 @@ impl Containers {
             name: self.name.clone(),
             cgroup: self.cgroup.clone(),
             labels: BTreeMap::new(),
-            ports: Vec::new(),
+            ports: self.ports.clone(),
             observe: self.observe,
         }
     }
@@ -789,6 +796,12 @@ impl Config {
             ));
         }
         validate_labels("containers: select", &c.select)?;
+        let mut served: HashSet<u16> = self
+            .workloads
+            .iter()
+            .flat_map(|w| w.ports.clone())
+            .collect();
+        self.validate_workload_ports("containers", &c.ports, &mut served)?;
         if c.wait_ms == 0 || c.wait_ms > 60_000 {
             return Err(format!(
                 "containers: wait_ms: {} must be 1-60000",
@@ -1293,6 +1306,60 @@ mod tests {
             "[[workload]]\nname = \"web\"\ncgroup = \"/sys/fs/cgroup/unified/nope-tessera\"\n",
         ));
         assert!(m.contains("host-a.toml: workload[0] \"web\": cgroup: /sys/fs/cgroup/unified/nope-tessera does not exist"), "{m}");
+    }
+
+    #[test]
+    fn containers_settings_are_checked_field_by_field() {
+        let f = Fixture::new();
+        let cg = "/sys/fs/cgroup/unified";
+        if !is_cgroup2_dir(Path::new(cg)) {
+            return; // Hosts with cgroup v2 elsewhere: the e2e tests cover them.
+        }
+        let section =
+            |extra: &str| format!("[containers]\ncgroup = \"{cg}/tessera-new-parent\"\n{extra}");
+        let ok = f
+            .load(&section("ports = [9000]\nselect = { team = \"blue\" }\n"))
+            .unwrap();
+        let c = ok.containers.unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/podman/podman.sock"));
+        assert_eq!((c.name.as_str(), c.wait_ms), ("containers", 5_000));
+        for (extra, want) in [
+            (
+                "socket = \"podman.sock\"\n",
+                "containers: socket: podman.sock must be an absolute path",
+            ),
+            ("name = \"a b\"\n", "containers: name: \"a b\" must be"),
+            (
+                "select = { \"tessera.io/image\" = \"x\" }\n",
+                "containers: select: labels: \"tessera.io/image\" is reserved",
+            ),
+            ("wait_ms = 0\n", "containers: wait_ms: 0 must be 1-60000"),
+            ("ports = [15008]\n", "containers: ports: 15008"),
+        ] {
+            let m = message(f.load(&section(extra)));
+            assert!(m.contains(want), "{extra}: {m}");
+        }
+        let m = message(f.load(&format!(
+            "[containers]\ncgroup = \"{}/x/y\"\n",
+            f.dir.path().display()
+        )));
+        assert!(
+            m.contains("containers: cgroup:") && m.contains("cgroup v2"),
+            "{m}"
+        );
+        // The parent is no workload's, and its name no workload's either.
+        let m = message(f.load(&format!(
+            "[containers]\ncgroup = \"{cg}\"\nname = \"web\"\n\
+             [[workload]]\nname = \"web\"\ncgroup = \"{cg}\"\n"
+        )));
+        assert!(
+            m.contains("containers: name: \"web\" is the name of a [[workload]]"),
+            "{m}"
+        );
+        let m = message(f.load(&format!(
+            "[containers]\ncgroup = \"{cg}\"\n[[workload]]\nname = \"web\"\ncgroup = \"{cg}\"\n"
+        )));
+        assert!(m.contains("overlaps workload \"web\""), "{m}");
     }
 
     #[test]

@@ -81,6 +81,9 @@ impl Podman {
         for applet in ["sh", "wget", "nc", "sleep", "httpd", "cat", "echo"] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
         }
+        // What `httpd -h /www` serves.
+        fs::create_dir_all(root.join("www"))?;
+        fs::write(root.join("www/index.html"), "hello from a container\n")?;
         let tar = net.dir.join("image.tar");
         sh(
             "tar",
@@ -160,7 +163,7 @@ impl Podman {
         cmd: &[&str],
         limit: Duration,
     ) -> Result<Output> {
-        let args = self.run_args(host, parent, name, labels, false, cmd)?;
+        let args = self.run_args(host, parent, name, labels, false, &[], cmd)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut child = Command::new("podman")
             .args(&args)
@@ -191,7 +194,20 @@ impl Podman {
         labels: &[(&str, &str)],
         cmd: &[&str],
     ) -> Result<String> {
-        let args = self.run_args(host, parent, name, labels, true, cmd)?;
+        self.start_exposing(host, parent, name, labels, &[], cmd)
+    }
+
+    /// Like [`Self::start_detached`], the container saying it serves `ports` (`--expose`).
+    pub fn start_exposing(
+        &self,
+        host: &Host,
+        parent: &Path,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[u16],
+        cmd: &[&str],
+    ) -> Result<String> {
+        let args = self.run_args(host, parent, name, labels, true, ports, cmd)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         podman_ok(&args)
     }
@@ -208,6 +224,7 @@ impl Podman {
         podman(&args)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_args(
         &self,
         host: &Host,
@@ -215,6 +232,7 @@ impl Podman {
         name: &str,
         labels: &[(&str, &str)],
         detached: bool,
+        expose: &[u16],
         cmd: &[&str],
     ) -> Result<Vec<String>> {
         let mut args: Vec<String> = vec!["run".into()];
@@ -234,6 +252,10 @@ impl Podman {
             "--cgroup-parent".into(),
             Self::cgroup_parent(parent)?,
         ]);
+        for p in expose {
+            args.push("--expose".into());
+            args.push(p.to_string());
+        }
         for (k, v) in labels {
             args.push("--label".into());
             args.push(format!("{k}={v}"));

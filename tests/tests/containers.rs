@@ -30,6 +30,10 @@ rules:
     action: allow
     from: [{labels: [app=client]}]
     to: [{labels: [app=web]}]
+  - name: web-to-store
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{labels: [app=store]}]
 ";
 
 /// host-a: containers under its parent cgroup (those labelled team=blue enrolled); host-b:
@@ -54,6 +58,7 @@ fn containers(podman: &Podman, parent: &Path) -> Containers {
         select: BTreeMap::from([("team".to_string(), "blue".to_string())]),
         observe: false,
         wait_ms: 3_000,
+        ports: vec![9000, 9001],
     }
 }
 
@@ -306,5 +311,91 @@ fn without_the_runtimes_api_new_containers_are_refused() {
             .iter()
             .all(|f| f.verdict != Verdict::Allowed),
         "a container nobody could identify reached web"
+    );
+}
+
+#[test]
+fn a_container_serves_the_ports_its_runtime_says_it_exposes_under_policy() {
+    let (net, parent) = setup();
+    let podman = Podman::start(&net).expect("podman");
+    net.options
+        .lock()
+        .unwrap()
+        .containers
+        .insert("host-a".into(), containers(&podman, &parent));
+    net.start_enforcers().unwrap();
+    let store = format!("{}-store", net.id);
+    podman
+        .start_exposing(
+            net.host("host-a"),
+            &parent,
+            &store,
+            &[
+                ("app", "store"),
+                ("team", "blue"),
+                ("tessera.ports", "9000"),
+            ],
+            &[9000],
+            &["httpd", "-f", "-p", "9000", "-h", "/www"],
+        )
+        .unwrap();
+    let digest = podman.image_digest().unwrap();
+    // web on host-b may reach the store (policy), through Tessera: the record at host-a
+    // names the container as the destination, with its image's digest.
+    let got = || {
+        net.curl("host-b", Some("web"), "http://10.77.0.1:9000/index.html")
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("hello from a container"))
+            .unwrap_or(false)
+    };
+    assert!(
+        eventually(T, got),
+        "web could not reach the container; host-a log:\n{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let recs = net.wait_flows(net.host("host-a"), 1, |f| {
+        f.direction == Direction::Inbound && f.verdict == Verdict::Allowed
+    });
+    assert!(!recs.is_empty(), "{:?}", net.flows(net.host("host-a")));
+    let dst = &recs[0].dst.labels;
+    assert_eq!(dst["tessera.io/container-name"], store, "{dst:?}");
+    assert_eq!(dst["tessera.io/image-digest"], digest);
+    assert_eq!(recs[0].dst.workload.as_deref(), Some(store.as_str()));
+
+    // A process of host-b outside any workload: no identity, refused by host-a (the port
+    // is protected although no configured workload serves it).
+    let out = net
+        .curl("host-b", None, "http://10.77.0.1:9000/index.html")
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("hello"),
+        "an unauthenticated client reached the container"
+    );
+    // A protected port no container exposes: not served.
+    let out = net
+        .curl("host-b", Some("web"), "http://10.77.0.1:9001/")
+        .unwrap();
+    assert!(!out.status.success());
+    let not_served = net.wait_flows(net.host("host-a"), 1, |f| {
+        f.code == Code::NotServed && f.dst.addr.port() == 9001
+    });
+    assert_eq!(not_served.len(), 1, "{:?}", net.flows(net.host("host-a")));
+
+    // Stopped: its port is served by nobody.
+    podman.remove(&store).unwrap();
+    assert!(eventually(T, || {
+        net.enforcer_log(net.host("host-a"))
+            .contains("workload unenrolled")
+    }));
+    let before = net
+        .flows(net.host("host-a"))
+        .iter()
+        .filter(|f| f.code == Code::NotServed)
+        .count();
+    let _ = net.curl("host-b", Some("web"), "http://10.77.0.1:9000/index.html");
+    assert_eq!(
+        net.wait_flows(net.host("host-a"), before + 1, |f| f.code
+            == Code::NotServed)
+            .len(),
+        before + 1
     );
 }

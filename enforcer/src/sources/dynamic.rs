@@ -50,7 +50,8 @@ pub struct Base {
 
 #[derive(Default)]
 struct State {
-    by_dir: HashMap<PathBuf, (String, Entry)>,
+    /// (key, what it is, the TCP ports its runtime says it serves).
+    by_dir: HashMap<PathBuf, (String, Entry, Vec<u16>)>,
     by_key: HashMap<String, PathBuf>,
     /// Cgroups the source was asked about and knows nothing of, with when and why: a
     /// waiting connection is refused at once rather than at the end of its wait.
@@ -135,14 +136,16 @@ impl DynamicWorkloads {
                         "workload not enrolled"
                     ),
                 }
-                if let Some((old_key, _)) = state.by_dir.get(&found.cgroup)
+                if let Some((old_key, _, _)) = state.by_dir.get(&found.cgroup)
                     && *old_key != found.key
                 {
                     let old_key = old_key.clone();
                     state.by_key.remove(&old_key);
                 }
                 state.by_key.insert(found.key.clone(), found.cgroup.clone());
-                state.by_dir.insert(found.cgroup, (found.key, entry));
+                state
+                    .by_dir
+                    .insert(found.cgroup, (found.key, entry, found.ports));
             }
             SourceEvent::Down { key } => {
                 if let Some(dir) = state.by_key.remove(&key) {
@@ -221,7 +224,7 @@ impl DynamicWorkloads {
     /// What is known of the workload in `dir` (a directory from [`Self::workload_dir`]).
     pub fn get(&self, dir: &Path) -> Option<Entry> {
         let state = self.state.lock().expect("lock");
-        state.by_dir.get(dir).map(|(_, e)| e.clone())
+        state.by_dir.get(dir).map(|(_, e, _)| e.clone())
     }
 
     /// The workload in `dir`, asking the source and waiting up to `wait` if nobody has
@@ -237,7 +240,7 @@ impl DynamicWorkloads {
         let deadline = asked + wait;
         let mut state = self.state.lock().expect("lock");
         loop {
-            if let Some((_, e)) = state.by_dir.get(dir) {
+            if let Some((_, e, _)) = state.by_dir.get(dir) {
                 return e.clone();
             }
             if let Some((at, why)) = state.unknown.get(dir)
@@ -257,6 +260,25 @@ impl DynamicWorkloads {
         }
     }
 
+    /// The enrolled workload that serves `port`: the one whose runtime says it exposes it,
+    /// if exactly one does (two claiming one port: neither, refused as not served).
+    pub fn serving(&self, port: u16) -> Option<Arc<LocalWorkload>> {
+        let state = self.state.lock().expect("lock");
+        let mut found = state.by_dir.values().filter_map(|(_, e, ports)| match e {
+            Entry::Enrolled(w) if ports.contains(&port) => Some(w.clone()),
+            _ => None,
+        });
+        let first = found.next()?;
+        if found.next().is_some() {
+            tracing::warn!(
+                port,
+                "several containers say they serve this port: none is delivered to"
+            );
+            return None;
+        }
+        Some(first)
+    }
+
     /// How many workloads are known (enrolled or refused).
     pub fn len(&self) -> usize {
         self.state.lock().expect("lock").by_dir.len()
@@ -271,6 +293,12 @@ impl DynamicWorkloads {
         while let Some(event) = events.recv().await {
             self.apply(event);
         }
+    }
+}
+
+impl tessera_proxy::local::DynamicServices for DynamicWorkloads {
+    fn workload(&self, port: u16) -> Option<Arc<LocalWorkload>> {
+        self.serving(port)
     }
 }
 
@@ -390,6 +418,28 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_port_is_served_by_the_one_enrolled_container_that_exposes_it() {
+        let (reg, _q) = DynamicWorkloads::new("/cg/p".into(), base());
+        let mut a = found("a", "/cg/p/a", &[("tier", "web")]);
+        a.ports = vec![8080];
+        reg.apply(SourceEvent::Up(a.clone()));
+        assert_eq!(reg.serving(8080).unwrap().name, "ctr-a");
+        assert!(reg.serving(9090).is_none());
+        // Not selected: serves nothing.
+        let mut b = found("b", "/cg/p/b", &[]);
+        b.ports = vec![9090];
+        reg.apply(SourceEvent::Up(b));
+        assert!(reg.serving(9090).is_none());
+        // Two claim one port: neither is delivered to.
+        let mut c = found("c", "/cg/p/c", &[("tier", "web")]);
+        c.ports = vec![8080];
+        reg.apply(SourceEvent::Up(c));
+        assert!(reg.serving(8080).is_none());
+        reg.apply(SourceEvent::Down { key: "c".into() });
+        assert_eq!(reg.serving(8080).unwrap().name, "ctr-a");
     }
 
     #[test]

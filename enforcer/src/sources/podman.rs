@@ -327,6 +327,41 @@ fn workload_name(name: &str, id: &str) -> String {
     }
 }
 
+/// The label a container is started with to say which TCP ports it serves
+/// (`--label tessera.ports=9000,9001`), for runtimes that report no exposed ports for a
+/// container on the host's network (podman drops `--expose` there).
+pub const PORTS_LABEL: &str = "tessera.ports";
+
+/// The TCP ports a container serves: what the runtime says it exposes ("8080/tcp", or
+/// "8080": TCP is the default; "53/udp" is not TCP) and what [`PORTS_LABEL`] lists.
+fn served_ports(
+    exposed: Option<&BTreeMap<String, serde_json::Value>>,
+    labels: &BTreeMap<String, String>,
+) -> Vec<u16> {
+    let exposed =
+        exposed
+            .into_iter()
+            .flat_map(|m| m.keys())
+            .filter_map(|p| match p.split_once('/') {
+                Some((port, "tcp")) => Some(port),
+                Some(_) => None,
+                None => Some(p.as_str()),
+            });
+    let labelled = labels
+        .get(PORTS_LABEL)
+        .into_iter()
+        .flat_map(|l| l.split(','))
+        .map(str::trim);
+    let mut ports: Vec<u16> = exposed
+        .chain(labelled)
+        .filter_map(|p| p.parse::<u16>().ok())
+        .filter(|p| *p != 0)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 fn discovered(c: Inspect, cgroup: PathBuf, digest: Option<String>) -> Discovered {
     let mut derived = BTreeMap::from([
         (reserved::CONTAINER_ID, c.id.clone()),
@@ -341,25 +376,13 @@ fn discovered(c: Inspect, cgroup: PathBuf, digest: Option<String>) -> Discovered
     if let Some(d) = digest {
         derived.insert(reserved::IMAGE_DIGEST, d);
     }
-    let ports = c
-        .config
-        .exposed_ports
-        .unwrap_or_default()
-        .keys()
-        // "8080/tcp", or "8080" (TCP is the default); "53/udp" is not a TCP port.
-        .filter_map(|p| match p.split_once('/') {
-            Some((port, "tcp")) => Some(port),
-            Some(_) => None,
-            None => Some(p.as_str()),
-        })
-        .filter_map(|p| p.parse::<u16>().ok())
-        .filter(|p| *p != 0)
-        .collect();
+    let labels = c.config.labels.unwrap_or_default();
+    let ports = served_ports(c.config.exposed_ports.as_ref(), &labels);
     Discovered::new(
         format!("container:{}", c.id),
         workload_name(&c.name, &c.id),
         cgroup,
-        c.config.labels.unwrap_or_default(),
+        labels,
         derived,
         ports,
     )
@@ -547,7 +570,7 @@ mod tests {
             "State": {"Pid": 42},
             "Config": {
                 "Image": "localhost/web:1",
-                "Labels": {"app": "web", "tessera.io/image-digest": "sha256:forged"},
+                "Labels": {"app": "web", "tessera.io/image-digest": "sha256:forged", "tessera.ports": "7000, x,9000"},
                 "ExposedPorts": {"8080/tcp": {}, "53/udp": {}, "9000": {}}
             }
         }))
@@ -557,11 +580,9 @@ mod tests {
             PathBuf::from("/cg/p/libpod-x"),
             Some("sha256:real".into()),
         );
-        assert_eq!(d.ports, vec![8080, 9000]);
-        assert_eq!(
-            d.labels,
-            BTreeMap::from([("app".to_string(), "web".to_string())])
-        );
+        assert_eq!(d.ports, vec![7000, 8080, 9000]);
+        assert_eq!(d.labels["app"], "web");
+        assert!(!d.labels.contains_key(reserved::IMAGE_DIGEST));
         assert_eq!(d.derived[reserved::IMAGE_DIGEST], "sha256:real");
         assert_eq!(d.derived[reserved::IMAGE], "localhost/web:1");
         assert_eq!(d.key, format!("container:{id}"));
