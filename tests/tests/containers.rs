@@ -399,3 +399,63 @@ fn a_container_serves_the_ports_its_runtime_says_it_exposes_under_policy() {
         before + 1
     );
 }
+
+#[test]
+fn in_handshake_mode_a_containers_identity_rides_in_its_handshake() {
+    let (net, parent) = setup();
+    let podman = Podman::start(&net).expect("podman");
+    {
+        let mut opts = net.options.lock().unwrap();
+        opts.handshake = true;
+        opts.containers
+            .insert("host-a".into(), containers(&podman, &parent));
+    }
+    net.start_enforcers().unwrap();
+    let digest = podman.image_digest().unwrap();
+    let allowed = format!("{}-hs-client", net.id);
+    assert!(
+        fetch(
+            &podman,
+            &net,
+            &parent,
+            &allowed,
+            &[("app", "client"), ("team", "blue")]
+        ),
+        "host-a log:\n{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let recs = net.wait_flows(net.host("host-b"), 1, |f| {
+        of(&allowed)(f) && f.verdict == Verdict::Allowed
+    });
+    assert_eq!(recs.len(), 1, "{:?}", net.flows(net.host("host-b")));
+    assert_eq!(recs[0].src.labels["tessera.io/image-digest"], digest);
+    let denied = format!("{}-hs-other", net.id);
+    assert!(!fetch(
+        &podman,
+        &net,
+        &parent,
+        &denied,
+        &[("app", "other"), ("team", "blue")]
+    ));
+    assert!(
+        net.flows(net.host("host-b"))
+            .iter()
+            .filter(|f| of(&denied)(f))
+            .all(|f| f.verdict != Verdict::Allowed)
+    );
+    let unselected = format!("{}-hs-stranger", net.id);
+    assert!(!fetch(
+        &podman,
+        &net,
+        &parent,
+        &unselected,
+        &[("app", "client")]
+    ));
+    let refused = net.wait_flows(net.host("host-a"), 1, |f| f.code == Code::NoCapture);
+    assert_eq!(refused.len(), 1, "{:?}", net.flows(net.host("host-a")));
+    assert!(
+        refused[0].reason.contains("team=blue"),
+        "{}",
+        refused[0].reason
+    );
+}

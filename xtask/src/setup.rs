@@ -34,6 +34,11 @@ const PACKAGES: &[(&str, &str)] = &[
     // the control plane's etcd tests run Debian's etcd.
     ("protoc", "protobuf-compiler"),
     ("etcd", "etcd-server"),
+    // Containers enrolled as they start: podman (with runc: crun refuses hybrid cgroups),
+    // and busybox-static, the whole root filesystem of the tests' image (no registry).
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("/bin/busybox", "busybox-static"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
