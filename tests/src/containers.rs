@@ -163,7 +163,21 @@ impl Podman {
         cmd: &[&str],
         limit: Duration,
     ) -> Result<Output> {
-        let args = self.run_args(host, parent, name, labels, false, &[], cmd)?;
+        let network = format!("ns:/run/netns/{}", host.netns);
+        self.run_with_network(parent, name, labels, &network, cmd, limit)
+    }
+
+    /// Like [`Self::run`], on podman's `--network` `network` (`none`, `ns:…`).
+    pub fn run_with_network(
+        &self,
+        parent: &Path,
+        name: &str,
+        labels: &[(&str, &str)],
+        network: &str,
+        cmd: &[&str],
+        limit: Duration,
+    ) -> Result<Output> {
+        let args = self.run_args(network, parent, name, labels, false, &[], cmd)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut child = Command::new("podman")
             .args(&args)
@@ -207,7 +221,21 @@ impl Podman {
         ports: &[u16],
         cmd: &[&str],
     ) -> Result<String> {
-        let args = self.run_args(host, parent, name, labels, true, ports, cmd)?;
+        let network = format!("ns:/run/netns/{}", host.netns);
+        self.start_on(&network, parent, name, labels, ports, cmd)
+    }
+
+    /// Starts a detached container on podman's `--network` `network`; its id.
+    pub fn start_on(
+        &self,
+        network: &str,
+        parent: &Path,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[u16],
+        cmd: &[&str],
+    ) -> Result<String> {
+        let args = self.run_args(network, parent, name, labels, true, ports, cmd)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         podman_ok(&args)
     }
@@ -227,7 +255,7 @@ impl Podman {
     #[allow(clippy::too_many_arguments)]
     fn run_args(
         &self,
-        host: &Host,
+        network: &str,
         parent: &Path,
         name: &str,
         labels: &[(&str, &str)],
@@ -248,7 +276,7 @@ impl Podman {
             "--label".into(),
             format!("tessera-test={}", self.tag),
             "--network".into(),
-            format!("ns:/run/netns/{}", host.netns),
+            network.into(),
             "--cgroup-parent".into(),
             Self::cgroup_parent(parent)?,
         ]);

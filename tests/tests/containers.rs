@@ -459,3 +459,37 @@ fn in_handshake_mode_a_containers_identity_rides_in_its_handshake() {
         refused[0].reason
     );
 }
+
+#[test]
+fn a_container_with_a_network_namespace_of_its_own_is_refused_with_the_reason() {
+    let (net, parent) = setup();
+    let podman = Podman::start(&net).expect("podman");
+    net.options
+        .lock()
+        .unwrap()
+        .containers
+        .insert("host-a".into(), containers(&podman, &parent));
+    net.start_enforcers().unwrap();
+    // `--network none`: a namespace of its own (no route out at all, so nothing is sent
+    // anywhere). The runtime's report is refused, with the reason, and so is its connect.
+    let name = format!("{}-isolated", net.id);
+    podman
+        .start_on(
+            "none",
+            &parent,
+            &name,
+            &[("app", "client"), ("team", "blue")],
+            &[],
+            &["sleep", "600"],
+        )
+        .unwrap();
+    assert!(
+        eventually(T, || net
+            .enforcer_log(net.host("host-a"))
+            .contains("it has a network namespace of its own")),
+        "{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let out = podman.exec(&name, &GET).unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hello"));
+}

@@ -98,62 +98,75 @@ impl DynamicWorkloads {
         Some(self.root.join(first))
     }
 
+    /// A workload the source found but will not vouch for, and why: its connections are
+    /// refused with that reason until it is gone (reported down).
+    pub fn refuse(&self, found: Discovered, why: String) {
+        self.put(found, |found| {
+            Entry::Refused(format!("{} is not enrolled: {why}", found.name))
+        });
+    }
+
     /// Applies a source's report.
     pub fn apply(&self, event: SourceEvent) {
-        let mut state = self.state.lock().expect("lock");
         match event {
-            SourceEvent::Up(found) => {
-                if self.workload_dir(&found.cgroup).as_deref() != Some(found.cgroup.as_path()) {
-                    tracing::warn!(
-                        key = %found.key,
-                        cgroup = %found.cgroup.display(),
-                        parent = %self.root.display(),
-                        "a source reported a workload outside its parent cgroup: ignored"
-                    );
-                    return;
-                }
-                let known = state.by_key.get(&found.key).cloned();
-                if known.is_none() && state.by_dir.len() >= MAX_ENTRIES {
-                    tracing::warn!(key = %found.key, limit = MAX_ENTRIES, "too many workloads from sources: not enrolled");
-                    return;
-                }
-                if let Some(old) = known.filter(|d| *d != found.cgroup) {
-                    state.by_dir.remove(&old);
-                }
-                let entry = self.entry(&found);
-                match &entry {
-                    Entry::Enrolled(w) => tracing::info!(
-                        key = %found.key,
-                        workload = %found.name,
-                        cgroup = %found.cgroup.display(),
-                        identity = %w.identity.labels,
-                        "workload enrolled"
-                    ),
-                    Entry::Refused(why) => tracing::info!(
-                        key = %found.key,
-                        workload = %found.name,
-                        reason = %why,
-                        "workload not enrolled"
-                    ),
-                }
-                if let Some((old_key, _, _)) = state.by_dir.get(&found.cgroup)
-                    && *old_key != found.key
-                {
-                    let old_key = old_key.clone();
-                    state.by_key.remove(&old_key);
-                }
-                state.by_key.insert(found.key.clone(), found.cgroup.clone());
-                state
-                    .by_dir
-                    .insert(found.cgroup, (found.key, entry, found.ports));
-            }
+            SourceEvent::Up(found) => self.put(found, |found| self.entry(found)),
             SourceEvent::Down { key } => {
+                let mut state = self.state.lock().expect("lock");
                 if let Some(dir) = state.by_key.remove(&key) {
                     state.by_dir.remove(&dir);
                     tracing::info!(key = %key, cgroup = %dir.display(), "workload unenrolled");
                 }
+                drop(state);
+                self.changed.notify_all();
             }
         }
+    }
+
+    fn put(&self, found: Discovered, entry: impl FnOnce(&Discovered) -> Entry) {
+        let mut state = self.state.lock().expect("lock");
+        if self.workload_dir(&found.cgroup).as_deref() != Some(found.cgroup.as_path()) {
+            tracing::warn!(
+                key = %found.key,
+                cgroup = %found.cgroup.display(),
+                parent = %self.root.display(),
+                "a source reported a workload outside its parent cgroup: ignored"
+            );
+            return;
+        }
+        let known = state.by_key.get(&found.key).cloned();
+        if known.is_none() && state.by_dir.len() >= MAX_ENTRIES {
+            tracing::warn!(key = %found.key, limit = MAX_ENTRIES, "too many workloads from sources: not enrolled");
+            return;
+        }
+        if let Some(old) = known.filter(|d| *d != found.cgroup) {
+            state.by_dir.remove(&old);
+        }
+        let entry = entry(&found);
+        match &entry {
+            Entry::Enrolled(w) => tracing::info!(
+                key = %found.key,
+                workload = %found.name,
+                cgroup = %found.cgroup.display(),
+                identity = %w.identity.labels,
+                "workload enrolled"
+            ),
+            Entry::Refused(why) => tracing::warn!(
+                key = %found.key,
+                workload = %found.name,
+                reason = %why,
+                "workload not enrolled"
+            ),
+        }
+        if let Some((old_key, _, _)) = state.by_dir.get(&found.cgroup)
+            && *old_key != found.key
+        {
+            let old_key = old_key.clone();
+            state.by_key.remove(&old_key);
+        }
+        state.by_key.insert(found.key.clone(), found.cgroup.clone());
+        state
+            .by_dir
+            .insert(found.cgroup, (found.key, entry, found.ports));
         drop(state);
         self.changed.notify_all();
     }

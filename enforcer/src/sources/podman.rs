@@ -214,13 +214,14 @@ impl Runtime {
             .map_err(|_| RuntimeError::Timeout { path: path.into() })?
     }
 
-    /// The container `id` as a workload under `parent`; `None` if the runtime does not
-    /// know it, it has no process (yet, or any more), or its cgroup is not under `parent`.
+    /// The container `id` as a workload under `parent`, and why it may not be enrolled if
+    /// so (its own network namespace); `None` if the runtime does not know it, it has no
+    /// process (yet, or any more), or its cgroup is not under `parent`.
     pub async fn inspect(
         &self,
         id: &str,
         parent: &Path,
-    ) -> Result<Option<Discovered>, RuntimeError> {
+    ) -> Result<Option<(Discovered, Option<String>)>, RuntimeError> {
         if !is_container_id(id) {
             return Ok(None);
         }
@@ -255,7 +256,12 @@ impl Runtime {
             Some(img) => image_digest(&c.config.image, img.repo_digests.as_deref().unwrap_or(&[])),
             None => None,
         };
-        Ok(Some(discovered(c, cgroup, digest)))
+        let refusal = own_netns(c.state.pid).then(|| {
+            "it has a network namespace of its own: Tessera enforces containers on the host's \
+             network (podman run --network host, or ns:/run/netns/<name> of the enforcer's)"
+                .to_string()
+        });
+        Ok(Some((discovered(c, cgroup, digest), refusal)))
     }
 
     /// Ids of the containers running now.
@@ -274,6 +280,19 @@ impl Runtime {
         let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
         let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
         Some(self.cgroup_mount.join(rel.trim_start_matches('/')))
+    }
+}
+
+/// Whether process `pid` is in another network namespace than the enforcer. Its connects
+/// would then be captured where the proxy does not listen (tunnel mode refuses them), or
+/// leave through a namespace without the handshake's rules: it gets no identity.
+fn own_netns(pid: i64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    match (ns(&format!("/proc/{pid}/ns/net")), ns("/proc/self/ns/net")) {
+        (Some(theirs), Some(ours)) => theirs != ours,
+        // Gone or unreadable: nothing to vouch for.
+        _ => true,
     }
 }
 
@@ -419,9 +438,13 @@ async fn report(
     id: &str,
 ) -> Result<(), RuntimeError> {
     match runtime.inspect(id, registry.root()).await? {
-        Some(found) => {
+        Some((found, None)) => {
             known.insert(found.key.clone());
             registry.apply(SourceEvent::Up(found));
+        }
+        Some((found, Some(why))) => {
+            known.insert(found.key.clone());
+            registry.refuse(found, why);
         }
         None => tracing::debug!(
             id,
