@@ -126,6 +126,20 @@ impl Podman {
         Ok(me)
     }
 
+    /// An enforcer's `[containers]` section following this podman for containers under
+    /// `parent` (every one of them: no `select`, no ports).
+    pub fn section(&self, parent: &Path) -> tessera_enforcer::config::Containers {
+        tessera_enforcer::config::Containers {
+            socket: self.socket.clone(),
+            cgroup: parent.to_owned(),
+            name: "containers".into(),
+            select: Default::default(),
+            observe: false,
+            wait_ms: 5_000,
+            ports: Vec::new(),
+        }
+    }
+
     /// Stops the API service (the runtime "goes away"); containers keep running.
     pub fn stop_service(&mut self) {
         if let Some(mut c) = self.service.take() {

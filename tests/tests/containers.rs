@@ -52,13 +52,10 @@ fn setup() -> (TestNet, PathBuf) {
 
 fn containers(podman: &Podman, parent: &Path) -> Containers {
     Containers {
-        socket: podman.socket.clone(),
-        cgroup: parent.to_owned(),
-        name: "containers".into(),
         select: BTreeMap::from([("team".to_string(), "blue".to_string())]),
-        observe: false,
         wait_ms: 3_000,
         ports: vec![9000, 9001],
+        ..podman.section(parent)
     }
 }
 
