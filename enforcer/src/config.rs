@@ -454,6 +454,9 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate().map_err(err)?;
+        for ignored in config.ignored_by_handshake_mode() {
+            tracing::warn!("{file}: {ignored}");
+        }
         Ok(config)
     }
 
@@ -619,6 +622,13 @@ impl Config {
             ("tls.cert", &self.tls.cert),
             ("tls.key", &self.tls.key),
         ] {
+            if path.as_os_str().is_empty() {
+                return Err(format!(
+                    "{field}: missing: both modes need [tls] ca, cert and key (in handshake \
+                     mode the key seals this host's tokens and the CA checks the peers' \
+                     certificates), unless [control] issues them"
+                ));
+            }
             std::fs::File::open(path)
                 .map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
         }
@@ -929,6 +939,68 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// In handshake mode: the settings given (other than their defaults) that only tunnel
+    /// mode reads, each named with why it is ignored (warnings: the file still works).
+    /// What handshake mode needs is checked where it is validated: `[tls]` (or `[control]`)
+    /// and each `[[peer]] cert`.
+    pub fn ignored_by_handshake_mode(&self) -> Vec<String> {
+        if self.mode() != DataPathMode::Handshake {
+            return Vec::new();
+        }
+        let (l, listen) = (&self.listen, Listen::default());
+        let (t, tunnel) = (&self.tunnel, Tunnel::default());
+        let (b, bpf) = (&self.bpf, Bpf::default());
+        [
+            (
+                "listen.tunnel",
+                l.tunnel != listen.tunnel,
+                "no tunnel listener",
+            ),
+            (
+                "listen.outbound_port",
+                l.outbound_port != listen.outbound_port,
+                "connections are not redirected to a proxy",
+            ),
+            (
+                "listen.inbound_port",
+                l.inbound_port != listen.inbound_port,
+                "no proxy takes direct connections",
+            ),
+            (
+                "tunnel.pool_size",
+                t.pool_size != tunnel.pool_size,
+                "no tunnels",
+            ),
+            (
+                "tunnel.pool_max_idle_secs",
+                t.pool_max_idle_secs != tunnel.pool_max_idle_secs,
+                "no tunnels",
+            ),
+            (
+                "tunnel.idle_timeout_secs",
+                t.idle_timeout_secs != tunnel.idle_timeout_secs,
+                "no tunnels",
+            ),
+            ("bpf.delivery", b.delivery != bpf.delivery, "no deliveries"),
+            (
+                "bpf.delivery_source",
+                b.delivery_source != bpf.delivery_source,
+                "no deliveries",
+            ),
+            (
+                "bpf.delivery_table",
+                b.delivery_table != bpf.delivery_table,
+                "no deliveries",
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, set, _)| *set)
+        .map(|(field, _, why)| {
+            format!("{field}: ignored in handshake mode ({why}: it is read in tunnel mode only)")
+        })
+        .collect()
     }
 }
 
@@ -1455,5 +1527,38 @@ mod tests {
         assert!(message(f.load(&two)).contains("already served"));
         let peer = "[[peer]]\nname = \"b\"\ntunnel = \"10.0.0.2:15008\"\nserves = []\n";
         assert!(message(f.load(peer)).contains("peer[0] \"b\": serves"));
+    }
+
+    /// Handshake mode says what it ignores (tunnel-only settings given: a warning naming
+    /// the file and the field) and what it lacks (`[tls]`, a peer's `cert`: errors naming
+    /// the field); tunnel mode, or handshake mode with the defaults, warns of nothing.
+    #[test]
+    fn handshake_mode_names_the_settings_it_ignores_and_those_it_lacks() {
+        let f = Fixture::new();
+        let tunnel_only = "[listen]\ntunnel = \"0.0.0.0:16008\"\n[tunnel]\npool_size = 4\n\
+                           [bpf]\ndelivery = \"localhost\"\n";
+        let (c, log) = logged(|| f.load_with("mode = \"handshake\"\n", tunnel_only));
+        assert_eq!(c.unwrap().mode(), DataPathMode::Handshake);
+        for field in ["listen.tunnel", "tunnel.pool_size", "bpf.delivery"] {
+            assert!(
+                log.contains(&format!("host-a.toml: {field}: ignored in handshake mode")),
+                "{field}: {log}"
+            );
+        }
+        assert_eq!(log.matches("ignored in handshake mode").count(), 3, "{log}");
+        let (c, log) = logged(|| f.load_with("mode = \"tunnel\"\n", tunnel_only));
+        assert_eq!(c.unwrap().mode(), DataPathMode::Tunnel);
+        assert!(log.is_empty(), "{log}");
+        let (c, log) = logged(|| f.load_with("mode = \"handshake\"\n", ""));
+        assert!(c.is_ok());
+        assert!(log.is_empty(), "{log}");
+        // No [tls] (and no [control]): the field, and that handshake mode needs it too.
+        let path = f.dir.path().join("host-a.toml");
+        std::fs::write(&path, "name = \"host-a\"\nmode = \"handshake\"\n").unwrap();
+        let m = message(Config::load(&path));
+        assert!(
+            m.contains("host-a.toml") && m.contains("tls.ca: missing") && m.contains("handshake"),
+            "{m}"
+        );
     }
 }
