@@ -509,8 +509,13 @@ fn check(log_format: &str, config: &Path) -> Result<()> {
     // Warnings (an old key, say) are part of the check.
     init_tracing(log_format);
     let c = config::Config::load(config)?;
+    let containers = c
+        .containers
+        .as_ref()
+        .map(|k| format!(", containers under {}", k.cgroup.display()))
+        .unwrap_or_default();
     println!(
-        "{}: ok ({} workloads, {} peers)",
+        "{}: ok ({} workloads, {} peers{containers})",
         config.display(),
         c.workloads.len(),
         c.peers.len()
