@@ -426,6 +426,8 @@ fn containers(config: &Config) -> Result<Option<Containers>> {
         scope: control::own_scope(config)?,
         select: c.select.clone(),
         observe: c.observe,
+        ports: c.ports.clone(),
+        taken_names: config.workloads.iter().map(|w| w.name.clone()).collect(),
     };
     let (registry, questions) = DynamicWorkloads::new(c.cgroup.clone(), base);
     let mount = crate::attest::cgroup2_mounts()

@@ -19,6 +19,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use tessera_common::{AF_INET, AF_INET6, ClientKey, OrigDst};
 use tessera_proxy::{
     capture::{Capture, CaptureLookup, Captured, Origin},
+    identity::Identity,
     local::LocalWorkload,
 };
 
@@ -196,7 +197,7 @@ impl CaptureLookup for BpfCaptureLookup {
             };
             return match containers.get(&dir) {
                 Some(entry) => match entry_local(entry, &dir) {
-                    Ok(local) => self.attested(Some(local), orig, place),
+                    Ok(local) => self.attested(Some(local), orig, place, true),
                     Err(why) => Capture::Refused(why),
                 },
                 None => {
@@ -204,13 +205,13 @@ impl CaptureLookup for BpfCaptureLookup {
                     let attestor = self.attestor.clone();
                     Capture::Pending(Box::new(move || {
                         let local = entry_local(containers.resolve(&dir, wait), &dir)?;
-                        Ok(attest(&attestor, &local, orig, place))
+                        Ok(attest(&attestor, &local, orig, place, true))
                     }))
                 }
             };
         }
         let local = self.identities.get(&place.workload).cloned();
-        self.attested(local, orig, place)
+        self.attested(local, orig, place, false)
     }
 }
 
@@ -225,12 +226,35 @@ fn entry_local(entry: Entry, dir: &Path) -> Result<Arc<LocalWorkload>, String> {
     }
 }
 
+/// The container facts a runtime gave (`runtime`: a source's workload) win over those a
+/// process's cgroup path suggests: inside a container, root may make a sub-cgroup named
+/// like another container's.
+fn runtime_facts_win(id: Identity, local: &Identity, runtime: bool) -> Identity {
+    if !runtime {
+        return id;
+    }
+    use tessera_proxy::identity::reserved::{CONTAINER_ID, CONTAINER_RUNTIME, POD_UID};
+    let keys = [CONTAINER_ID, CONTAINER_RUNTIME, POD_UID];
+    let labels = tessera_policy::Labels::new(
+        id.labels
+            .iter()
+            .filter(|(k, _)| !keys.contains(k))
+            .chain(local.labels.iter().filter(|(k, _)| keys.contains(k)))
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    Identity {
+        spiffe: id.spiffe,
+        labels,
+    }
+}
+
 /// What a connection of `local`'s process is: its workload's identity and the process's.
 fn attest(
     attestor: &ProcessAttestor,
     local: &LocalWorkload,
     orig: OrigDst,
     place: Place,
+    runtime: bool,
 ) -> Captured {
     let origin = Origin {
         workload: local.name.clone(),
@@ -240,6 +264,7 @@ fn attest(
     };
     let identity =
         attestor.attest_connection(&local.identity, orig.pid, orig.uid, orig.cgroup_id, &place);
+    let identity = runtime_facts_win(identity, &local.identity, runtime);
     Captured {
         dst: orig_dst(&orig),
         identity,
@@ -249,7 +274,13 @@ fn attest(
 }
 
 impl BpfCaptureLookup {
-    fn attested(&self, local: Option<Arc<LocalWorkload>>, orig: OrigDst, place: Place) -> Capture {
+    fn attested(
+        &self,
+        local: Option<Arc<LocalWorkload>>,
+        orig: OrigDst,
+        place: Place,
+        runtime: bool,
+    ) -> Capture {
         let Some(local) = local else {
             return Capture::Missing;
         };
@@ -264,7 +295,7 @@ impl BpfCaptureLookup {
         if let Some(id) = self.attestor.cached(&local.identity, pid, uid, cgroup) {
             return Capture::Ready(Captured {
                 dst,
-                identity: id,
+                identity: runtime_facts_win(id, &local.identity, runtime),
                 observe,
                 origin,
             });
@@ -272,7 +303,9 @@ impl BpfCaptureLookup {
         // A first contact of this process and executable: hashing and NSS, where the
         // caller may block.
         let attestor = self.attestor.clone();
-        Capture::Pending(Box::new(move || Ok(attest(&attestor, &local, orig, place))))
+        Capture::Pending(Box::new(move || {
+            Ok(attest(&attestor, &local, orig, place, runtime))
+        }))
     }
 }
 
@@ -314,6 +347,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(orig_dst(&v6), "[fd00::2]:443".parse().unwrap());
+    }
+
+    #[test]
+    fn a_containers_runtime_facts_win_over_its_processes_cgroup_path() {
+        use tessera_proxy::identity::reserved::{CONTAINER_ID, POD_UID, USER};
+        let local = Identity {
+            spiffe: "s".into(),
+            labels: tessera_policy::Labels::new([(CONTAINER_ID, "real"), ("app", "a")]),
+        };
+        let attested = Identity {
+            spiffe: "s".into(),
+            labels: tessera_policy::Labels::new([
+                (CONTAINER_ID, "victim"),
+                (POD_UID, "made-up"),
+                (USER, "root"),
+                ("app", "a"),
+            ]),
+        };
+        let out = runtime_facts_win(attested.clone(), &local, true);
+        assert_eq!(out.labels.get(CONTAINER_ID), Some("real"));
+        assert_eq!(out.labels.get(POD_UID), None);
+        assert_eq!(out.labels.get(USER), Some("root"));
+        // A configured workload keeps what its process's path says.
+        assert_eq!(runtime_facts_win(attested.clone(), &local, false), attested);
     }
 
     #[test]

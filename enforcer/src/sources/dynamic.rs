@@ -46,7 +46,20 @@ pub struct Base {
     /// Labels a workload must carry to be enrolled.
     pub select: BTreeMap<String, String>,
     pub observe: bool,
+    /// The ports workloads of this source may serve (`[containers] ports`): a claim of any
+    /// other port is ignored.
+    pub ports: Vec<u16>,
+    /// Names a workload of this source may not take (configured workloads', the parent's).
+    pub taken_names: Vec<String>,
 }
+
+/// At most this many bytes of labels (keys and values) in a source's workload identity:
+/// a token (1,024 bytes) carries them with the rest.
+pub const LABEL_BUDGET: usize = 640;
+/// At most this many labels of its own.
+pub const MAX_LABELS: usize = 32;
+/// At most this many bytes in one label value (as configuration allows).
+pub const MAX_VALUE: usize = 253;
 
 #[derive(Default)]
 struct State {
@@ -173,6 +186,9 @@ impl DynamicWorkloads {
 
     /// The identity of a reported workload, or why it has none.
     fn entry(&self, found: &Discovered) -> Entry {
+        if let Err(why) = self.admissible(found) {
+            return Entry::Refused(format!("{} is not enrolled: {why}", found.name));
+        }
         if let Some((k, v)) = self
             .base
             .select
@@ -192,6 +208,56 @@ impl DynamicWorkloads {
             })),
             Err(e) => Entry::Refused(e),
         }
+    }
+
+    /// What a token can carry and policy can read: well-formed labels within bounds, and a
+    /// name no configured workload has.
+    fn admissible(&self, found: &Discovered) -> Result<(), String> {
+        if self.base.taken_names.contains(&found.name) {
+            return Err(format!(
+                "its name {:?} is a configured workload's",
+                found.name
+            ));
+        }
+        if found.labels.len() > MAX_LABELS {
+            return Err(format!("more than {MAX_LABELS} labels"));
+        }
+        for (k, v) in &found.labels {
+            let key_ok = !k.is_empty()
+                && k.len() <= 63
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+            if !key_ok {
+                return Err(format!(
+                    "label key {:?} is not 1-63 letters, digits, '-', '_', '.', '/'",
+                    k.escape_debug().to_string()
+                ));
+            }
+            if v.len() > MAX_VALUE || v.chars().any(char::is_control) {
+                return Err(format!(
+                    "the value of label {k:?} is longer than {MAX_VALUE} bytes or holds control characters"
+                ));
+            }
+        }
+        for (k, v) in &found.derived {
+            if v.len() > MAX_VALUE || v.chars().any(char::is_control) {
+                return Err(format!(
+                    "the runtime's {k} is longer than {MAX_VALUE} bytes or holds control characters"
+                ));
+            }
+        }
+        let size: usize = found
+            .labels
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .chain(found.derived.iter().map(|(k, v)| k.len() + v.len()))
+            .sum();
+        if size > LABEL_BUDGET {
+            return Err(format!(
+                "its labels take {size} bytes, more than the {LABEL_BUDGET} an identity token carries"
+            ));
+        }
+        Ok(())
     }
 
     fn identity(&self, found: &Discovered) -> Result<Identity, String> {
@@ -276,6 +342,9 @@ impl DynamicWorkloads {
     /// The enrolled workload that serves `port`: the one whose runtime says it exposes it,
     /// if exactly one does (two claiming one port: neither, refused as not served).
     pub fn serving(&self, port: u16) -> Option<Arc<LocalWorkload>> {
+        if !self.base.ports.contains(&port) {
+            return None;
+        }
         let state = self.state.lock().expect("lock");
         let mut found = state.by_dir.values().filter_map(|(_, e, ports)| match e {
             Entry::Enrolled(w) if ports.contains(&port) => Some(w.clone()),
@@ -328,6 +397,8 @@ mod tests {
             scope: BTreeMap::from([("site".to_string(), "paris".to_string())]),
             select: BTreeMap::from([("tier".to_string(), "web".to_string())]),
             observe: false,
+            ports: vec![8080, 9090],
+            taken_names: vec!["web".into()],
         }
     }
 
@@ -437,10 +508,12 @@ mod tests {
     fn a_port_is_served_by_the_one_enrolled_container_that_exposes_it() {
         let (reg, _q) = DynamicWorkloads::new("/cg/p".into(), base());
         let mut a = found("a", "/cg/p/a", &[("tier", "web")]);
-        a.ports = vec![8080];
+        a.ports = vec![8080, 22];
         reg.apply(SourceEvent::Up(a.clone()));
         assert_eq!(reg.serving(8080).unwrap().name, "ctr-a");
         assert!(reg.serving(9090).is_none());
+        // A port outside [containers] ports is nobody's to claim.
+        assert!(reg.serving(22).is_none());
         // Not selected: serves nothing.
         let mut b = found("b", "/cg/p/b", &[]);
         b.ports = vec![9090];
@@ -453,6 +526,40 @@ mod tests {
         assert!(reg.serving(8080).is_none());
         reg.apply(SourceEvent::Down { key: "c".into() });
         assert_eq!(reg.serving(8080).unwrap().name, "ctr-a");
+    }
+
+    #[test]
+    fn labels_a_token_cannot_carry_or_a_taken_name_refuse_the_workload() {
+        let (reg, _q) = DynamicWorkloads::new("/cg/p".into(), base());
+        let refused = |f: Discovered| {
+            let dir = f.cgroup.clone();
+            reg.apply(SourceEvent::Up(f));
+            match reg.get(&dir) {
+                Some(Entry::Refused(why)) => why,
+                other => panic!("{other:?}"),
+            }
+        };
+        let long = "a".repeat(300);
+        let why = refused(found("l", "/cg/p/l", &[("tier", "web"), ("note", &long)]));
+        assert!(why.contains("\"note\" is longer than 253"), "{why}");
+        let why = refused(found("k", "/cg/p/k", &[("tier", "web"), ("bad key", "x")]));
+        assert!(why.contains("label key \"bad key\""), "{why}");
+        let why = refused(found(
+            "n",
+            "/cg/p/n",
+            &[("tier", "web"), ("x", "a\nfake log line")],
+        ));
+        assert!(why.contains("control characters"), "{why}");
+        let many: Vec<(String, String)> =
+            (0..20).map(|i| (format!("k{i}"), "v".repeat(40))).collect();
+        let mut big = found("b", "/cg/p/b", &[("tier", "web")]);
+        big.labels.extend(many);
+        let why = refused(big);
+        assert!(why.contains("more than the 640"), "{why}");
+        let mut named = found("w", "/cg/p/w", &[("tier", "web")]);
+        named.name = "web".into();
+        let why = refused(named);
+        assert!(why.contains("is a configured workload's"), "{why}");
     }
 
     #[test]

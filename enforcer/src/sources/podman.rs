@@ -36,6 +36,8 @@ use super::{
 
 /// An answer larger than this is refused (an inspect is a few kB).
 const MAX_ANSWER: usize = 4 << 20;
+/// The listing of what runs holds every container's labels: room for 10,000 of them.
+const MAX_LISTING: usize = 256 << 20;
 /// One request to the runtime may take this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The event stream, containers only.
@@ -96,6 +98,15 @@ struct InspectConfig {
 struct ImageInspect {
     #[serde(default)]
     repo_digests: Option<Vec<String>>,
+    #[serde(default)]
+    config: Option<ImageConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ImageConfig {
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,6 +193,15 @@ impl Runtime {
         &self,
         path: &str,
     ) -> Result<Option<T>, RuntimeError> {
+        self.get_limited(path, MAX_ANSWER).await
+    }
+
+    /// `GET path` as JSON, an answer of at most `limit` bytes; `None` for 404.
+    async fn get_limited<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        limit: usize,
+    ) -> Result<Option<T>, RuntimeError> {
         let fetch = async {
             let resp = self.request(path).await?;
             let status = resp.status();
@@ -194,7 +214,7 @@ impl Runtime {
                     status,
                 });
             }
-            let body = Limited::new(resp.into_body(), MAX_ANSWER)
+            let body = Limited::new(resp.into_body(), limit)
                 .collect()
                 .await
                 .map_err(|e| RuntimeError::Http {
@@ -248,14 +268,29 @@ impl Runtime {
             .and_then(|r| r.components().next())
             .map(|c| parent.join(c));
         let Some(cgroup) = first else { return Ok(None) };
-        // Who the image is: its manifest digest as the runtime resolved it.
-        let digest = match self
+        // The runtime names the container's own cgroup after it (`libpod-<id>`): anything
+        // else is a process that is not the container's any more (its pid reused) or a
+        // layout whose levels are not containers (podman pods): not vouched for.
+        if id_of_cgroup(&cgroup).as_deref() != Some(c.id.as_str()) {
+            tracing::warn!(id, cgroup = %cgroup.display(), "the container's process is in a cgroup not named after it (a reused pid, or a pod): not enrolled");
+            return Ok(None);
+        }
+        // Who the image is: its manifest digest as the runtime resolved it; the labels it
+        // carries are its author's, not the operator's: they do not count.
+        let (digest, image_labels) = match self
             .get::<ImageInspect>(&format!("/images/{}/json", c.image))
             .await?
         {
-            Some(img) => image_digest(&c.config.image, img.repo_digests.as_deref().unwrap_or(&[])),
-            None => None,
+            Some(img) => (
+                image_digest(&c.config.image, img.repo_digests.as_deref().unwrap_or(&[])),
+                img.config.and_then(|c| c.labels).unwrap_or_default(),
+            ),
+            None => (None, BTreeMap::new()),
         };
+        let mut c = c;
+        if let Some(labels) = c.config.labels.as_mut() {
+            labels.retain(|k, v| image_labels.get(k) != Some(v));
+        }
         let refusal = own_netns(c.state.pid).then(|| {
             "it has a network namespace of its own: Tessera enforces containers on the host's \
              network (podman run --network host, or ns:/run/netns/<name> of the enforcer's)"
@@ -267,7 +302,7 @@ impl Runtime {
     /// Ids of the containers running now.
     pub async fn running(&self) -> Result<Vec<String>, RuntimeError> {
         Ok(self
-            .get::<Vec<Listed>>("/containers/json")
+            .get_limited::<Vec<Listed>>("/containers/json", MAX_LISTING)
             .await?
             .unwrap_or_default()
             .into_iter()
@@ -431,13 +466,24 @@ pub async fn follow(
     }
 }
 
+/// Reports container `id`. Only a runtime that cannot be reached is an error (the session
+/// starts again); one container the runtime cannot describe is skipped, and stays without
+/// identity.
 async fn report(
     runtime: &Runtime,
     registry: &DynamicWorkloads,
     known: &mut HashSet<String>,
     id: &str,
 ) -> Result<(), RuntimeError> {
-    match runtime.inspect(id, registry.root()).await? {
+    let inspected = match runtime.inspect(id, registry.root()).await {
+        Ok(i) => i,
+        Err(e @ (RuntimeError::Connect { .. } | RuntimeError::Timeout { .. })) => return Err(e),
+        Err(e) => {
+            tracing::warn!(id, error = %e, "container not enrolled: the runtime's answer about it is unusable");
+            return Ok(());
+        }
+    };
+    match inspected {
         Some((found, None)) => {
             known.insert(found.key.clone());
             registry.apply(SourceEvent::Up(found));
@@ -492,9 +538,12 @@ async fn session(
                 let Ok(data) = frame.into_data() else { continue };
                 for &b in data.iter() {
                     if b != b'\n' {
-                        if line.len() < MAX_EVENT_LINE {
-                            line.push(b);
+                        if line.len() >= MAX_EVENT_LINE {
+                            // An event we cannot read may be a stop: start again from a
+                            // fresh listing rather than miss it.
+                            return Err(RuntimeError::Parse { path, error: format!("an event longer than {MAX_EVENT_LINE} bytes") });
                         }
+                        line.push(b);
                         continue;
                     }
                     let taken = std::mem::take(&mut line);
