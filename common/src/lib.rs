@@ -18,6 +18,7 @@ pub mod names {
     pub const INBOUND_LISTENER: &str = "TESSERA_INBOUND_LISTENER";
     pub const CLOSED: &str = "TESSERA_CLOSED";
     pub const DELIVERY: &str = "TESSERA_DELIVERY";
+    pub const HOST_NETNS: &str = "TESSERA_HOST_NETNS";
     pub const PROG_CONNECT4: &str = "capture_connect4";
     pub const PROG_CONNECT6: &str = "capture_connect6";
     pub const PROG_SOCKOPS: &str = "track_connect";

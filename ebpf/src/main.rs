@@ -52,9 +52,9 @@ mod programs {
         },
         helpers::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
-            bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
-            bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_lookup_tcp, bpf_sk_release,
-            bpf_skb_ancestor_cgroup_id,
+            bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie,
+            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_lookup_tcp,
+            bpf_sk_release, bpf_skb_ancestor_cgroup_id,
         },
         macros::{
             cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops,
@@ -97,6 +97,13 @@ mod programs {
     #[map(name = "TESSERA_SETTINGS")]
     static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 
+    /// The cookie of the network namespace the enforcer serves (0: not written yet). An
+    /// enrolled workload's connect from any other namespace (a container with a network of
+    /// its own) is refused: its packets would meet neither the proxy nor the handshake's
+    /// rules, which live in this one.
+    #[map(name = "TESSERA_HOST_NETNS")]
+    static HOST_NETNS: Array<u64> = Array::pinned(1, 0);
+
     #[map(name = "TESSERA_COOKIE_ORIG")]
     static COOKIE_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_MAP_ENTRIES, 0);
 
@@ -122,6 +129,17 @@ mod programs {
     /// peer's FIN is in the count at close depends on what happened since.
     #[map(name = "TESSERA_FIN_WAIT2")]
     static FIN_WAIT2: LruHashMap<u64, u64> = LruHashMap::pinned(FIN_WAIT2_ENTRIES, 0);
+
+    /// Whether the connecting socket is in another network namespace than the enforcer's.
+    fn foreign_netns(ctx: &SockAddrContext) -> bool {
+        let want = HOST_NETNS.get(0).copied().unwrap_or(0);
+        if want == 0 {
+            return false;
+        }
+        // SAFETY: bpf_get_netns_cookie is allowed in cgroup/connect programs, on their context.
+        let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) };
+        cookie != want
+    }
 
     /// Connect hooks return 1 to let connect() proceed (with the address we may have
     /// rewritten); 0 would fail it with EPERM.
@@ -271,6 +289,9 @@ mod programs {
             if ip.to_ne_bytes()[0] == 127 {
                 return CONNECT_PROCEED;
             }
+            if foreign_netns(&ctx) {
+                return 0;
+            }
             let port = u16::from_be((*sa).user_port as u16);
             let tunnel = settings.mode != MODE_HANDSHAKE;
             if tunnel && !proxy_listens4(&ctx, &settings) {
@@ -314,6 +335,9 @@ mod programs {
                 if ip[3].to_ne_bytes()[0] == 127 {
                     return CONNECT_PROCEED;
                 }
+                if foreign_netns(&ctx) {
+                    return 0;
+                }
                 let tunnel = settings.mode != MODE_HANDSHAKE;
                 // It will reach the IPv4 listener (as ::ffff:127.0.0.1).
                 if tunnel && !proxy_listens4(&ctx, &settings) {
@@ -329,6 +353,9 @@ mod programs {
             } else {
                 if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == V6_LOOPBACK_LAST {
                     return CONNECT_PROCEED;
+                }
+                if foreign_netns(&ctx) {
+                    return 0;
                 }
                 let tunnel = settings.mode != MODE_HANDSHAKE;
                 if tunnel && !proxy_listens6(&ctx, &settings) {

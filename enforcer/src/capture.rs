@@ -519,7 +519,37 @@ fn write_settings(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
     settings_map
         .set(0, settings, 0)
         .context("writing eBPF settings")?;
+    let mut netns: Array<_, u64> =
+        Array::try_from(ebpf.map_mut(names::HOST_NETNS).context("netns map")?)?;
+    netns
+        .set(0, own_netns_cookie()?, 0)
+        .context("writing the enforcer's network namespace")?;
     Ok(())
+}
+
+/// The cookie of the network namespace this process (and so its proxy) is in.
+fn own_netns_cookie() -> Result<u64> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .context("a socket to read the network namespace's cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || cookie == 0 {
+        anyhow::bail!(
+            "reading the network namespace's cookie (SO_NETNS_COOKIE): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(cookie)
 }
 
 /// The protected ports map (pinned, so possibly a previous run's, in force).

@@ -457,29 +457,59 @@ fn in_handshake_mode_a_containers_identity_rides_in_its_handshake() {
     );
 }
 
-#[test]
-fn a_container_with_a_network_namespace_of_its_own_is_refused_with_the_reason() {
-    let (net, parent) = setup();
+/// A container in another network namespace than its enforcer's, one with a route to the
+/// other hosts (the outsider's): its packets would meet neither the proxy nor the
+/// handshake's rules. In both modes its connect is refused at the hook, and the runtime's
+/// report of it is refused with the reason.
+fn a_container_with_a_network_namespace_of_its_own_is_refused(handshake: bool) {
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["outsider"]).expect("hosts");
+    net.write_policy(None, POLICY).unwrap();
+    std::fs::write(net.dir.join("index.html"), "hello from web\n").unwrap();
+    // A plain server on host-b, on a port no workload serves: reachable by anyone.
+    net.serve_http(net.host("host-b"), None, "0.0.0.0", 8000, &net.dir)
+        .unwrap();
+    let parent = net.cgroup(net.host("host-a"), Some("containers"));
     let podman = Podman::start(&net).expect("podman");
-    net.options
-        .lock()
-        .unwrap()
-        .containers
-        .insert("host-a".into(), containers(&podman, &parent));
+    {
+        let mut opts = net.options.lock().unwrap();
+        opts.handshake = handshake;
+        opts.containers
+            .insert("host-a".into(), containers(&podman, &parent));
+    }
     net.start_enforcers().unwrap();
-    // `--network none`: a namespace of its own (no route out at all, so nothing is sent
-    // anywhere). The runtime's report is refused, with the reason, and so is its connect.
-    let name = format!("{}-isolated", net.id);
-    podman
-        .start_on(
-            "none",
+    let get = "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.77.0.2 8000";
+    // The path works for a container outside the parent (the control).
+    let outside = net.cgroup(net.host("outsider"), None);
+    let network = format!("ns:/run/netns/{}", net.host("outsider").netns);
+    let control = podman
+        .run_with_network(
+            &outside,
+            &format!("{}-free", net.id),
+            &[],
+            &network,
+            &["sh", "-c", get],
+            T,
+        )
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&control.stdout).contains("hello from web"),
+        "the control container could not reach host-b: {control:?}"
+    );
+    let name = format!("{}-elsewhere", net.id);
+    let out = podman
+        .run_with_network(
             &parent,
             &name,
             &[("app", "client"), ("team", "blue")],
-            &[],
-            &["sleep", "600"],
+            &network,
+            &["sh", "-c", &format!("sleep 1; {get}")],
+            T,
         )
         .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("hello"),
+        "a container in another network namespace reached host-b around Tessera: {out:?}"
+    );
     assert!(
         eventually(T, || net
             .enforcer_log(net.host("host-a"))
@@ -487,6 +517,14 @@ fn a_container_with_a_network_namespace_of_its_own_is_refused_with_the_reason() 
         "{}",
         net.enforcer_log(net.host("host-a"))
     );
-    let out = podman.exec(&name, &GET).unwrap();
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("hello"));
+}
+
+#[test]
+fn in_tunnel_mode_a_container_with_a_network_namespace_of_its_own_is_refused() {
+    a_container_with_a_network_namespace_of_its_own_is_refused(false);
+}
+
+#[test]
+fn in_handshake_mode_a_container_with_a_network_namespace_of_its_own_is_refused() {
+    a_container_with_a_network_namespace_of_its_own_is_refused(true);
 }
