@@ -61,6 +61,28 @@ fn podman_ok(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// Runs `podman ARGS` (a `run` of container `name`) to its end, at most `limit`.
+fn run_to_end(args: &[String], name: &str, limit: Duration) -> Result<Output> {
+    let mut child = Command::new("podman")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = podman(&["rm", "-f", "-t", "0", name]);
+            let _ = child.kill();
+            bail!("container {name} still running after {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl Podman {
     /// Imports the test image and starts the API service on a socket in the net's
     /// directory. Fails (never skips) when podman or busybox-static is missing.
@@ -124,6 +146,42 @@ impl Podman {
             thread::sleep(Duration::from_millis(50));
         }
         Ok(me)
+    }
+
+    /// Another image of the same root filesystem whose author set `labels` (`LABEL`); its
+    /// name. Removed with the guard.
+    pub fn image_with_labels(&self, net: &TestNet, labels: &[(&str, &str)]) -> Result<String> {
+        let image = format!("localhost/{}-labelled:1", self.tag);
+        let mut args = vec!["import".to_string()];
+        for (k, v) in labels {
+            args.push("--change".into());
+            args.push(format!("LABEL {k}={v}"));
+        }
+        args.push(net.dir.join("image.tar").display().to_string());
+        args.push(image.clone());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        podman_ok(&args)?;
+        Ok(image)
+    }
+
+    /// Like [`Self::run`], from `image`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_image(
+        &self,
+        image: &str,
+        host: &Host,
+        parent: &Path,
+        name: &str,
+        labels: &[(&str, &str)],
+        cmd: &[&str],
+        limit: Duration,
+    ) -> Result<Output> {
+        let network = format!("ns:/run/netns/{}", host.netns);
+        let mut args = self.run_args(&network, parent, name, labels, false, &[], cmd)?;
+        // The image is the argument before the command.
+        let at = args.len() - cmd.len() - 1;
+        args[at] = image.to_owned();
+        run_to_end(&args, name, limit)
     }
 
     /// An enforcer's `[containers]` section following this podman for containers under
@@ -192,25 +250,7 @@ impl Podman {
         limit: Duration,
     ) -> Result<Output> {
         let args = self.run_args(network, parent, name, labels, false, &[], cmd)?;
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut child = Command::new("podman")
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let deadline = Instant::now() + limit;
-        loop {
-            if child.try_wait()?.is_some() {
-                return Ok(child.wait_with_output()?);
-            }
-            if Instant::now() > deadline {
-                let _ = podman(&["rm", "-f", "-t", "0", name]);
-                let _ = child.kill();
-                bail!("container {name} still running after {limit:?}");
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        run_to_end(&args, name, limit)
     }
 
     /// Starts `cmd` in a detached container `name`; its id.
@@ -322,6 +362,7 @@ impl Drop for Podman {
             }
         }
         let _ = podman(&["rmi", "-f", &self.image]);
+        let _ = podman(&["rmi", "-f", &format!("localhost/{}-labelled:1", self.tag)]);
         self.stop_service();
     }
 }

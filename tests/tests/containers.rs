@@ -201,6 +201,33 @@ fn containers_are_under_policy_from_their_first_instruction_with_the_runtimes_id
         "the record does not say why: {:?}",
         refused[0].reason
     );
+    // Labels its image's author set do not count: an image labelled team=blue, app=client
+    // run without those labels is not selected.
+    let labelled = podman
+        .image_with_labels(&net, &[("team", "blue"), ("app", "client")])
+        .unwrap();
+    let authored = name("authored");
+    let out = podman
+        .run_image(
+            &labelled,
+            net.host("host-a"),
+            &parent,
+            &authored,
+            &[],
+            &GET,
+            T,
+        )
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hello from web"));
+    let refused = net.wait_flows(net.host("host-a"), 1, |f| {
+        f.code == Code::NoCapture && f.reason.contains(&authored)
+    });
+    assert_eq!(refused.len(), 1, "{:?}", net.flows(net.host("host-a")));
+    assert!(
+        refused[0].reason.contains("team=blue"),
+        "{}",
+        refused[0].reason
+    );
     let web_served = net
         .flows(net.host("host-b"))
         .iter()
