@@ -292,8 +292,22 @@ fn containers_are_enrolled_while_they_run_and_unenrolled_when_they_stop() {
             &["sleep", "600"],
         )
         .unwrap();
+    let enrolled = |net: &TestNet| {
+        log(net)
+            .lines()
+            .filter(|l| l.contains("workload enrolled") && l.contains(late.as_str()))
+            .count()
+    };
+    assert!(eventually(T, || enrolled(&net) >= 1), "{}", log(&net));
+    let before = enrolled(&net);
     net.stop_enforcer(net.host("host-a"), false).unwrap();
     net.start_enforcer(net.host("host-a")).unwrap();
+    // Enrolled by the new run's listing, before any connection of it asks.
+    assert!(
+        eventually(T, || enrolled(&net) > before),
+        "the running container was not enrolled by the listing after the restart:\n{}",
+        log(&net)
+    );
     let out = podman.exec(&late, &GET).unwrap();
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("hello from web"),
