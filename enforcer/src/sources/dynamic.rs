@@ -69,6 +69,8 @@ struct State {
     /// Cgroups the source was asked about and knows nothing of, with when and why: a
     /// waiting connection is refused at once rather than at the end of its wait.
     unknown: HashMap<PathBuf, (Instant, String)>,
+    /// When each cgroup was last asked about (at most [`MAX_QUESTIONS`] remembered).
+    asked: HashMap<PathBuf, Instant>,
 }
 
 /// At most this many answers "unknown" are kept, each for [`UNKNOWN_FOR`].
@@ -312,18 +314,39 @@ impl DynamicWorkloads {
         if let Some(e) = self.get(dir) {
             return e;
         }
-        if self.ask.try_send(dir.to_owned()).is_err() {
+        let asked = Instant::now();
+        // One question per cgroup a second: a burst of connections from a new container
+        // asks once, and all of them wait for the one answer.
+        let ask = {
+            let mut state = self.state.lock().expect("lock");
+            let recent = state
+                .asked
+                .get(dir)
+                .is_some_and(|at| asked.duration_since(*at) < Duration::from_secs(1));
+            if !recent {
+                if state.asked.len() >= MAX_QUESTIONS {
+                    state
+                        .asked
+                        .retain(|_, at| asked.duration_since(*at) < Duration::from_secs(1));
+                }
+                if state.asked.len() < MAX_QUESTIONS {
+                    state.asked.insert(dir.to_owned(), asked);
+                }
+            }
+            !recent
+        };
+        if ask && self.ask.try_send(dir.to_owned()).is_err() {
             tracing::debug!(cgroup = %dir.display(), "source busy: waiting for its reports only");
         }
-        let asked = Instant::now();
         let deadline = asked + wait;
         let mut state = self.state.lock().expect("lock");
         loop {
             if let Some((_, e, _)) = state.by_dir.get(dir) {
                 return e.clone();
             }
+            // An answer to this question, or to one asked for this cgroup just before.
             if let Some((at, why)) = state.unknown.get(dir)
-                && *at >= asked
+                && *at + Duration::from_secs(1) >= asked
             {
                 return Entry::Refused(why.clone());
             }
@@ -560,6 +583,15 @@ mod tests {
         named.name = "web".into();
         let why = refused(named);
         assert!(why.contains("is a configured workload's"), "{why}");
+    }
+
+    #[test]
+    fn a_burst_from_one_cgroup_asks_once() {
+        let (reg, q) = DynamicWorkloads::new("/cg/p".into(), base());
+        for _ in 0..50 {
+            let _ = reg.resolve(Path::new("/cg/p/libpod-burst"), Duration::from_millis(0));
+        }
+        assert_eq!(q.len(), 1);
     }
 
     #[test]
