@@ -34,6 +34,13 @@ const PACKAGES: &[(&str, &str)] = &[
     // the control plane's etcd tests run Debian's etcd.
     ("protoc", "protobuf-compiler"),
     ("etcd", "etcd-server"),
+    // `cargo xtask package` (dpkg-deb, readelf, objcopy) and its test (systemd-analyze,
+    // systemd-sysusers, setpriv).
+    ("dpkg-deb", "dpkg"),
+    ("readelf", "binutils"),
+    ("objcopy", "binutils"),
+    ("systemd-analyze", "systemd"),
+    ("setpriv", "util-linux"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
