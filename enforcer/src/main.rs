@@ -84,9 +84,12 @@ Needs root or the capabilities of tessera-enforcer.service (CAP_BPF, CAP_NET_ADM
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
-    /// Take capture off this host for good: with the enforcer stopped, detach the eBPF
-    /// programs it left attached (`run --keep-attached`, as under systemd) and remove their
-    /// pins, and in handshake mode its netfilter rules. Refused while an enforcer runs.
+    /// Take capture off this host for good (with the enforcer stopped).
+    ///
+    /// Detaches the eBPF programs a stopped enforcer left attached (`run --keep-attached`,
+    /// as tessera-enforcer.service runs it) and removes their pins, and in handshake mode
+    /// its netfilter rules: the workloads' connections are no longer captured. Refused
+    /// while the enforcer of this configuration runs. The package's removal runs it.
     Detach {
         /// The enforcer's configuration (its name and `[bpf] pin_dir` say where the pins are).
         #[arg(long, default_value = "/etc/tessera/enforcer.toml")]
