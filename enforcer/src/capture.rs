@@ -667,6 +667,17 @@ fn new_generation(links_dir: &Path) -> Result<PathBuf> {
     Ok(generation)
 }
 
+/// Takes off the capture a stopped enforcer left pinned in `pin_dir` (`--keep-attached`):
+/// its links (detaching the programs), then its maps. `None`: nothing was pinned there.
+pub fn remove_pinned(pin_dir: &Path) -> Result<Option<PathBuf>> {
+    if !pin_dir.exists() {
+        return Ok(None);
+    }
+    remove_links(&pin_dir.join("links"));
+    fs::remove_dir_all(pin_dir).with_context(|| format!("cannot remove {}", pin_dir.display()))?;
+    Ok(Some(pin_dir.to_path_buf()))
+}
+
 /// Unpins (and so detaches) every link pinned under `dir`, then removes it.
 fn remove_links(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {

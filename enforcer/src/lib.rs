@@ -11,7 +11,7 @@
 //! * the control plane: [`server`] (`tessera server`: the daemon and its administration),
 //!   [`fleetview`] (`tessera map --server --serve`: the fleet's web map, locally),
 //!   [`control`] (an enforcer under a control plane: enrolment, cache, renewal, following);
-//! * tools: [`ca`] (the cluster CA), [`identity_show`].
+//! * tools: [`ca`] (the cluster CA), [`identity_show`], [`detach`] (capture off the host).
 //!
 //! The eBPF object and the web map are built and embedded only with the `embed` feature
 //! (default). Without it (the test harness, which needs [`config`]) build.rs builds nothing,
@@ -27,6 +27,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod delivery;
+pub mod detach;
 pub mod fleetview;
 pub mod flowlog;
 pub mod flowstore;

@@ -16,7 +16,16 @@ use tessera_enforcer::{
 #[command(
     name = "tessera",
     version,
-    about = "Transparent, identity-aware network enforcer"
+    about = "Transparent, identity-aware network enforcer",
+    long_about = "Tessera captures the TCP connections of enrolled workloads (cgroups) with eBPF, \
+decides each by policy on the identities at both ends, and carries the allowed ones to the \
+peer enforcer through mutual-TLS tunnels (tunnel mode) or proves them in the TCP handshake \
+(handshake mode). Applications are unchanged; connections that cannot be decided are \
+refused (fail closed).\n\n\
+One binary is the enforcer daemon (`tessera run`), its control plane (`tessera server run`) \
+and the tools to administer and inspect both. `tessera COMMAND --help` describes each \
+command.",
+    after_long_help = AFTER_HELP
 )]
 struct Cli {
     /// Log format of the daemon.
@@ -26,22 +35,71 @@ struct Cli {
     command: Command,
 }
 
+/// The FILES, ENVIRONMENT and EXAMPLES of `tessera --help` (and of its manual page).
+const AFTER_HELP: &str = "\
+Files:
+  /etc/tessera/enforcer.toml      the enforcer's configuration (`tessera run --config`)
+  /etc/tessera/server.env         the control plane's arguments under systemd
+  /var/lib/tessera/control/       the enforcer's key, certificate, cached directory, policy
+  /var/lib/tessera/<name>/        the enforcer's flow map database (map.redb)
+  /var/lib/tessera/server/        the control plane's store, ca.pem and admin.token
+  /sys/fs/bpf/tessera/<name>/     pinned eBPF maps and links (capture across restarts)
+
+Environment:
+  RUST_LOG    log filter of the daemons (default `info`), e.g. `tessera=debug`
+
+Examples:
+  tessera check /etc/tessera/enforcer.toml
+  tessera run --config /etc/tessera/enforcer.toml --keep-attached
+  tessera server token create --scope site=paris
+  tessera policy apply policy.yaml
+  tessera flows --verdict denied
+  tessera map --server https://10.0.0.10:15100
+
+Under systemd: tessera-enforcer.service and tessera-server.service.";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the enforcer: capture enrolled workloads' connections and carry them through tunnels.
+    #[command(
+        long_about = "Run the enforcer daemon until SIGTERM or SIGINT: load the eBPF capture \
+programs onto the enrolled workloads' cgroups, enrol with the control plane if the \
+configuration has a [control] section (a join token at the first start, the cached \
+certificate after), and carry every captured connection by policy.\n\n\
+A new run attaches beside the capture a previous run left pinned and takes over without a \
+gap. With --keep-attached the capture stays in force when this run exits, so captured \
+connections are refused (fail closed) until an enforcer is back: a restart or an upgrade \
+never lets a connection through uncaptured. Without it, exit detaches capture.\n\n\
+Needs root or the capabilities of tessera-enforcer.service (CAP_BPF, CAP_NET_ADMIN, ...)."
+    )]
     Run {
-        #[arg(long)]
+        /// The enforcer's configuration (TOML).
+        #[arg(long, default_value = "/etc/tessera/enforcer.toml")]
         config: PathBuf,
         /// On exit, leave the eBPF programs attached and pinned: captured connections then
-        /// fail closed until an enforcer starts again.
+        /// fail closed until an enforcer starts again (what tessera-enforcer.service does).
         #[arg(long)]
         keep_attached: bool,
         /// Write the daemon's pid to this file once it is serving.
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// Take capture off this host for good (with the enforcer stopped).
+    ///
+    /// Detaches the eBPF programs a stopped enforcer left attached (`run --keep-attached`,
+    /// as tessera-enforcer.service runs it) and removes their pins, and in handshake mode
+    /// its netfilter rules: the workloads' connections are no longer captured. Refused
+    /// while the enforcer of this configuration runs. The package's removal runs it.
+    Detach {
+        /// The enforcer's configuration (its name and `[bpf] pin_dir` say where the pins are).
+        #[arg(long, default_value = "/etc/tessera/enforcer.toml")]
+        config: PathBuf,
+    },
     /// Validate a configuration file without running it.
-    Check { config: PathBuf },
+    Check {
+        /// The enforcer's configuration (TOML), e.g. /etc/tessera/enforcer.toml.
+        config: PathBuf,
+    },
     /// The control plane: enrols enforcers, issues their short-lived certificates, and
     /// distributes the directory of enforcers and the policy.
     Server {
@@ -104,11 +162,14 @@ enum Command {
         /// With --server: the administrator token file (mode 0600).
         #[arg(long, default_value = "/var/lib/tessera/server/admin.token")]
         admin_token_file: PathBuf,
+        /// Enforcer API addresses (`[flows] api`); several merge.
         #[arg(long = "api")]
         apis: Vec<std::net::SocketAddr>,
+        /// Flow log files (JSON lines, `[flows] log`) instead of an API.
         #[arg(long = "log")]
         logs: Vec<PathBuf>,
-        /// `json`: one JSON document (`nodes` and `edges`; fields: docs/flows.md).
+        /// `table`, `json` (one document: `nodes` and `edges`; fields: docs/flows.md), or
+        /// Graphviz `dot` (e.g. `| dot -Tsvg > map.svg`).
         #[arg(long, default_value = "table", value_parser = ["table", "json", "dot"])]
         format: String,
         /// Mark as NEW the edges first seen more than this long after the map's first edge
@@ -125,6 +186,9 @@ enum Command {
         #[arg(long)]
         serve: Option<std::net::SocketAddr>,
     },
+    /// Write the manual pages (tessera.1 and one per command) into DIR (for packaging).
+    #[command(hide = true)]
+    Man { out_dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -133,7 +197,8 @@ enum IdentityCommand {
     /// and, for each of its processes now, the labels its connections add: what policy
     /// matches on.
     Show {
-        #[arg(long)]
+        /// The enforcer's configuration (TOML).
+        #[arg(long, default_value = "/etc/tessera/enforcer.toml")]
         config: PathBuf,
         #[arg(long)]
         json: bool,
@@ -166,6 +231,7 @@ enum PolicyCommand {
     },
     /// Print the decision for a connection and the rule that led to it.
     Explain {
+        /// The policy file (YAML).
         #[arg(long)]
         policy: PathBuf,
         /// Source identity labels, `k=v,k2=v2`.
@@ -177,8 +243,10 @@ enum PolicyCommand {
         /// Destination identity labels, `k=v,k2=v2`.
         #[arg(long, default_value = "")]
         to: String,
+        /// Destination address.
         #[arg(long)]
         to_addr: Option<IpAddr>,
+        /// Destination TCP port.
         #[arg(long)]
         port: u16,
     },
@@ -213,7 +281,16 @@ impl AdminArgs {
 #[derive(Subcommand)]
 enum ServerCommand {
     /// Run the control plane (embedded store in --state-dir, or etcd with --store).
+    #[command(
+        long_about = "Run the control plane until SIGTERM or SIGINT: the fleet's CA, enrolment \
+of enforcers with join tokens or instance identity documents, their short-lived \
+certificates, and the directory of enforcers and the policy every enforcer follows. The \
+first start creates the CA, the store and the administrator token in --state-dir \
+(ca.pem, admin.token: what `tessera server token create`, `tessera policy apply` and \
+`tessera server status` read by default). Needs no privileges."
+    )]
     Run {
+        /// The server's state: its embedded store, CA key, ca.pem and admin.token.
         #[arg(long, default_value = server::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// Keep the state in etcd, shared by every server given the same URL:
@@ -230,8 +307,10 @@ enum ServerCommand {
         /// With `--store etcds://...`: the client certificate's key (PEM, mode 0600).
         #[arg(long, requires_all = ["etcd_ca", "etcd_cert"])]
         etcd_key: Option<PathBuf>,
+        /// Where enforcers and administrators reach the control plane (HTTPS).
         #[arg(long, default_value = server::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
+        /// The SPIFFE trust domain of the fleet (fixed when the CA is created).
         #[arg(long, default_value = "tessera.local")]
         trust_domain: String,
         /// A DNS name or IP address enforcers use to reach this server (repeatable; default:
@@ -298,6 +377,7 @@ enum TokenCommand {
         /// The enforcer's scope, `k=v,k2=v2` (e.g. `site=paris,tenant=acme`).
         #[arg(long, default_value = "")]
         scope: String,
+        /// How long the token can be used (once).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
     },
@@ -345,13 +425,16 @@ enum DocumentCommand {
 enum CaCommand {
     /// Create a new cluster CA in DIR (ca.pem, ca.key).
     Init {
+        /// Where ca.pem and ca.key (mode 0600) are written.
         #[arg(long)]
         dir: PathBuf,
+        /// The SPIFFE trust domain of the cluster.
         #[arg(long, default_value = "tessera.local")]
         trust_domain: String,
     },
     /// Issue an enforcer certificate signed by the CA in --ca-dir.
     Issue {
+        /// The CA's directory (`ca init --dir`).
         #[arg(long)]
         ca_dir: PathBuf,
         /// The enforcer's name (becomes the certificate's DNS name).
@@ -360,6 +443,7 @@ enum CaCommand {
         /// Extra IP subject-alternative names.
         #[arg(long = "ip")]
         ips: Vec<IpAddr>,
+        /// Where `<name>.pem` and `<name>.key` are written.
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -404,6 +488,19 @@ fn run(cli: Cli) -> Result<()> {
             },
         ),
         Command::Check { config } => check(&cli.log_format, &config),
+        Command::Man { out_dir } => man_pages(&out_dir),
+        Command::Detach { config } => {
+            init_tracing(&cli.log_format);
+            let d = tessera_enforcer::detach::detach(&config::Config::load(&config)?)?;
+            match d.pin_dir {
+                Some(dir) => println!("capture detached ({} removed)", dir.display()),
+                None => println!("no capture pinned"),
+            }
+            if d.handshake_rules {
+                println!("handshake-mode rules removed");
+            }
+            Ok(())
+        }
         Command::Server { command } => server_command(&cli.log_format, command),
         Command::Ca { command } => ca_command(command),
         Command::Policy { command } => policy_command(command),
@@ -502,6 +599,16 @@ fn run_daemon(log_format: &str, options: daemon::RunOptions) -> Result<()> {
         tracing::error!(error = format!("{e:#}"), "enforcer stopped");
     }
     result
+}
+
+/// `tessera man DIR`: the manual pages, made from this command line (help texts as written
+/// here), one per command.
+fn man_pages(out_dir: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), out_dir)
+        .with_context(|| format!("cannot write manual pages in {}", out_dir.display()))
 }
 
 /// `tessera check`: loads (and so validates) a configuration file.

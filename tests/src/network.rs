@@ -97,6 +97,17 @@ impl TestNet {
         Self::with_plain_hosts(names, &[])
     }
 
+    /// The `tessera` binary this net runs from now on (enforcers, servers, administration):
+    /// e.g. one a package installed, or a wrapper that runs it as its systemd unit would.
+    pub fn set_bin(&mut self, bin: PathBuf) {
+        self.bin = bin;
+    }
+
+    /// The `tessera` binary this net runs.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
     /// Like [`TestNet::new`], plus `plain` hosts that have no enforcer (outsiders).
     pub fn with_plain_hosts(enforced: &[&str], plain: &[&str]) -> Result<Self> {
         let names: Vec<&str> = enforced.iter().chain(plain).copied().collect();

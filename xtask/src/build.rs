@@ -3,11 +3,11 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-fn workspace() -> PathBuf {
+pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn cargo(args: &[&str]) -> Result<()> {
+pub fn cargo(args: &[&str]) -> Result<()> {
     let s = Command::new(env!("CARGO"))
         .args(args)
         .current_dir(workspace())
@@ -19,7 +19,7 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"))
@@ -38,9 +38,11 @@ pub fn release() -> Result<PathBuf> {
     Ok(target_dir().join("release/tessera"))
 }
 
-/// Every test of the workspace, against a freshly built `tessera`.
+/// Every test of the workspace, against a freshly built `tessera`; the package test
+/// (tests/tests/package.rs) against a freshly built Debian package.
 pub fn test(extra: &[String]) -> Result<()> {
     cargo(&["build", "-p", "tessera-enforcer"])?;
+    let deb = crate::package::run()?;
     let bin = target_dir().join("debug/tessera");
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     if !extra.is_empty() {
@@ -50,6 +52,7 @@ pub fn test(extra: &[String]) -> Result<()> {
     let s = Command::new(env!("CARGO"))
         .args(&args)
         .env("TESSERA_BIN", &bin)
+        .env("TESSERA_DEB", &deb)
         .current_dir(workspace())
         .status()
         .context("cannot run cargo test")?;

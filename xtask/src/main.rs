@@ -2,6 +2,7 @@
 //!
 //! * `setup`  installs what a fresh machine lacks (idempotent).
 //! * `test`   setup, build, and every test of the workspace (unit and end-to-end).
+//! * `package` the Debian package of a host install (`target/debian/*.deb`).
 //! * `demo`   setup, build, then real workloads on test hosts behind Tessera; prints the map.
 //! * `bench`  direct vs through-Tessera throughput, connection rate, latency, memory; the
 //!   control plane under a simulated fleet (`--only fleet`).
@@ -15,6 +16,7 @@ mod build;
 mod demo;
 mod fleet;
 mod load;
+mod package;
 mod setup;
 
 #[derive(Parser)]
@@ -34,6 +36,9 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Setup, build the release binary and the Debian package of a host install
+    /// (target/debian/tessera_<version>_<arch>.deb).
+    Package,
     /// Setup, build, and run the demo: three test hosts, real programs, the map.
     Demo,
     /// Measure direct vs through-Tessera performance on test hosts.
@@ -69,6 +74,10 @@ fn main() -> Result<()> {
         Command::Test { args } => {
             setup::run()?;
             build::test(&args)
+        }
+        Command::Package => {
+            setup::run()?;
+            package::run().map(drop)
         }
         Command::Demo => {
             setup::run()?;

@@ -39,6 +39,13 @@ const PACKAGES: &[(&str, &str)] = &[
     ("podman", "podman"),
     ("runc", "runc"),
     ("/bin/busybox", "busybox-static"),
+    // `cargo xtask package` (dpkg-deb, readelf, objcopy) and its test (systemd-analyze,
+    // systemd-sysusers, setpriv).
+    ("dpkg-deb", "dpkg"),
+    ("readelf", "binutils"),
+    ("objcopy", "binutils"),
+    ("systemd-analyze", "systemd"),
+    ("setpriv", "util-linux"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
