@@ -24,6 +24,7 @@ pub mod apps;
 pub mod control;
 pub mod enforcer;
 pub mod etcd;
+pub mod image;
 pub mod network;
 pub mod rogue;
 pub mod tools;

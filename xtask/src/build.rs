@@ -19,7 +19,7 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"))

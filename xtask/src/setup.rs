@@ -34,6 +34,11 @@ const PACKAGES: &[(&str, &str)] = &[
     // the control plane's etcd tests run Debian's etcd.
     ("protoc", "protobuf-compiler"),
     ("etcd", "etcd-server"),
+    // `cargo xtask image` and its test: the image is committed with buildah, run with
+    // podman, and carries busybox for the Kubernetes start script.
+    ("buildah", "buildah"),
+    ("podman", "podman"),
+    ("/bin/busybox", "busybox-static"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
