@@ -55,6 +55,8 @@ struct Script {
     watches: VecDeque<Reply>,
     /// Every request's query string, as sent.
     requests: Vec<String>,
+    /// Every request's `Authorization` header ("" if none).
+    auths: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Script>>;
@@ -72,6 +74,7 @@ fn on_node(pod: &Value, node: Option<&str>) -> bool {
 
 async fn pods(
     State(script): State<Shared>,
+    headers: axum::http::HeaderMap,
     RawQuery(raw): RawQuery,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -80,6 +83,8 @@ async fn pods(
     let reply = {
         let mut s = script.lock().unwrap();
         s.requests.push(raw.unwrap_or_default());
+        let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+        s.auths.push(auth.unwrap_or_default().to_owned());
         if watch {
             s.watches.pop_front()
         } else {
@@ -122,12 +127,69 @@ async fn pods(
     }
 }
 
+fn app(shared: &Shared) -> Router {
+    Router::new()
+        .route("/api/v1/pods", get(pods))
+        .with_state(shared.clone())
+}
+
+/// The replaying API server over HTTPS (its certificate for 127.0.0.1 from a throwaway
+/// CA), and a kube-rs client that trusts that CA and presents a bearer token, as a pod's
+/// service account does in a cluster.
+async fn tls_api_server(script: Script, token: &str) -> (kube::Client, Shared) {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::conn::auto,
+        service::TowerToHyperService,
+    };
+    let shared: Shared = Arc::new(Mutex::new(script));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let der = cert.der().to_vec();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![der.clone().into()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app(&shared);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, router) = (acceptor.clone(), router.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(router))
+                    .await;
+            });
+        }
+    });
+    let mut config = kube::Config::new(format!("https://{addr}").parse().unwrap());
+    config.root_cert = Some(vec![der]);
+    config.auth_info.token = Some(token.to_owned().into());
+    (kube::Client::try_from(config).unwrap(), shared)
+}
+
 /// The replaying API server on a free loopback port, and a kube-rs client for it.
 async fn api_server(script: Script) -> (kube::Client, Shared) {
     let shared: Shared = Arc::new(Mutex::new(script));
-    let app = Router::new()
-        .route("/api/v1/pods", get(pods))
-        .with_state(shared.clone());
+    let app = app(&shared);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -216,7 +278,7 @@ async fn the_watcher_reports_this_nodes_pods_as_the_api_server_says() {
             lines: lines(&fixture("watch-1.jsonl")),
             hang: false,
         }]),
-        requests: vec![],
+        ..Script::default()
     };
     let (client, shared) = api_server(script).await;
     let (tx, mut rx) = mpsc::channel(4);
@@ -339,7 +401,7 @@ async fn a_flood_of_events_stays_bounded() {
             lines: events,
             hang: true,
         }]),
-        requests: vec![],
+        ..Script::default()
     };
     let (client, shared) = api_server(script).await;
     let (tx, mut rx) = mpsc::channel(4);
@@ -376,4 +438,27 @@ async fn the_source_ends_when_its_consumer_is_gone() {
         .await
         .expect("the source did not end");
     assert!(ended.unwrap().is_err());
+}
+
+/// In a cluster the source speaks HTTPS to the API server, trusting the cluster's CA and
+/// presenting its service account's token: the same watch over TLS (rustls with ring, the
+/// enforcer's provider) carries the token on every request.
+#[tokio::test]
+async fn the_source_speaks_https_with_a_bearer_token() {
+    let script = Script {
+        lists: VecDeque::from([Reply::Json(StatusCode::OK, fixture("pods-list.json"))]),
+        ..Script::default()
+    };
+    let (client, shared) = tls_api_server(script, "sa-token-0123456789").await;
+    let (tx, mut rx) = mpsc::channel(4);
+    let source = tokio::spawn(run(client, NODE.into(), settings(), tx));
+    let got = until(&mut rx, &up(2)).await;
+    assert_eq!(short(&got), [up(1), up(2)]);
+    let auths = shared.lock().unwrap().auths.clone();
+    assert!(!auths.is_empty());
+    assert!(
+        auths.iter().all(|a| a == "Bearer sa-token-0123456789"),
+        "{auths:?}"
+    );
+    source.abort();
 }

@@ -46,14 +46,14 @@ use kube::{
     Api, Client,
     runtime::{WatchStreamExt, watcher},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tessera_proxy::identity::reserved;
 use tokio::sync::mpsc;
 
 use super::{Discovered, SourceEvent};
 
 /// How the kubelet names pod cgroups (its `--cgroup-driver`).
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupDriver {
     /// `kubepods-<qos>.slice/kubepods-<qos>-pod<uid with _ for ->.slice` (kubeadm's
@@ -65,12 +65,12 @@ pub enum CgroupDriver {
 }
 
 /// The optional `[kubernetes]` section of the enforcer's configuration.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct KubeSettings {
     /// This node's name (`spec.nodeName` of its pods). Default: `$NODE_NAME`, which the
     /// DaemonSet sets from the downward API.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// The kubelet's pod cgroup root as the enforcer sees it: `kubepods.slice` (systemd) or
     /// `kubepods` (cgroupfs) under the cgroup v2 mount.
@@ -79,7 +79,7 @@ pub struct KubeSettings {
     #[serde(default)]
     pub cgroup_driver: CgroupDriver,
     /// Only pods matching this label selector (the API server's syntax) are enrolled.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_selector: Option<String>,
     /// At most this many pods are enrolled at once (kubelet's default `--max-pods` is 110);
     /// more are refused with a warning, and stay captured but unenrolled (refused).
@@ -704,5 +704,7 @@ mod tests {
         );
         assert_eq!(s.node_name().unwrap(), "node-a");
         assert_eq!(s.cgroup_driver, CgroupDriver::Cgroupfs);
+        // Written back (the enforcer's configuration is serialisable), read the same.
+        assert_eq!(parse(&toml::to_string(&s).unwrap()), s);
     }
 }
