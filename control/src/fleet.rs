@@ -5,7 +5,8 @@
 //! replica on a shared store serves alike.
 //!
 //! * Both ends of a connection report it; the merge takes the larger view of each edge, so
-//!   a connection counts once ([`tessera_proxy::map::merge`]).
+//!   a connection counts once ([`tessera_proxy::map::merge`]); a handshake-mode refusal
+//!   the source saw only as `ADDR (via host-b)` folds into host-b's identity edge.
 //! * An edge's reporter is the enforcer whose certificate sent it, never a claim in the
 //!   body: a rogue enforcer can add what it says it saw, under its own name only.
 //! * Bounded: a map of more than [`MAX_EDGES`] edges or [`MAX_NODES`] nodes is refused whole
@@ -273,5 +274,62 @@ mod tests {
         let m = fleet_map(&s).await.unwrap();
         assert_eq!(m.edges.len(), 1);
         assert_eq!(m.edges[0].stats.connections, 1);
+    }
+
+    /// A handshake-mode refusal as each end's map has it (the source saw only host-b's
+    /// address) is one denied edge of the fleet map, with both reporters.
+    #[tokio::test]
+    async fn a_refusal_seen_by_both_ends_is_one_denied_edge_of_the_fleet_map() {
+        use tessera_proxy::code::Code;
+        let d = tempfile::tempdir().unwrap();
+        let s = Embedded::open(&d.path().join("c.redb")).unwrap();
+        let who = |name: &str, workload: Option<&str>, enforcer: &str| Node {
+            name: name.into(),
+            workload: workload.map(Into::into),
+            enforcer: Some(enforcer.into()),
+            ..Default::default()
+        };
+        let refusal = |dst: &str, code: Code, reporter: &str| {
+            let mut e = edge(1, reporter);
+            e.key.dst = dst.into();
+            e.key.port = 9000;
+            e.key.verdict = "denied".into();
+            e.stats.codes = BTreeSet::from([code]);
+            e.stats.rules.clear();
+            e
+        };
+        let via = "10.77.0.2 (via host-b)";
+        let a = Map {
+            nodes: vec![
+                who("web@host-a", Some("web"), "host-a"),
+                who(via, None, "host-b"),
+            ],
+            edges: vec![refusal(via, Code::PeerRefused, "host-a")],
+        };
+        let b = Map {
+            nodes: vec![
+                who("web@host-a", Some("web"), "host-a"),
+                who("api@host-b", Some("api"), "host-b"),
+            ],
+            edges: vec![refusal("api@host-b", Code::Policy, "host-b")],
+        };
+        ingest(&s, "host-a", a, 1).await.unwrap();
+        ingest(&s, "host-b", b, 2).await.unwrap();
+        let m = fleet_map(&s).await.unwrap();
+        assert_eq!(m.edges.len(), 1, "{m:#?}");
+        let e = &m.edges[0];
+        assert_eq!(
+            (e.key.src.as_str(), e.key.dst.as_str()),
+            ("web@host-a", "api@host-b")
+        );
+        assert_eq!(
+            e.reporters,
+            BTreeSet::from(["host-a".to_string(), "host-b".to_string()])
+        );
+        assert_eq!(
+            e.stats.codes,
+            BTreeSet::from([Code::Policy, Code::PeerRefused])
+        );
+        assert!(m.nodes.iter().all(|n| n.name != via), "{m:#?}");
     }
 }

@@ -298,6 +298,9 @@ async fn watch(
             "the control plane is reconnecting to its store: watch again shortly",
         ));
     };
+    // A revocation between the check above and the subscription would be in neither the
+    // changes nor the answer: check again, now that the changes are followed.
+    plane.check_enforcer(cert).await?;
     let mut changes = sub.changes;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(256);
     tx.send(Ok(sub.snapshot)).await.ok();

@@ -68,6 +68,7 @@ use crate::{
     flowstore::FlowStore,
     metrics::Metrics,
     policy,
+    sources::dynamic::DynamicWorkloads,
     workloads::{BpfCaptureLookup, WorkloadIndex},
 };
 
@@ -102,9 +103,12 @@ impl HostState {
                 Ok((w.name.clone(), Arc::new(local)))
             })
             .collect::<Result<HashMap<String, Arc<LocalWorkload>>>>()?;
+        // The containers' ports are served by containers, never by their parent cgroup.
+        let containers = config.containers.as_ref().map(|c| c.name.as_str());
         let served: Vec<(u16, Arc<LocalWorkload>)> = config
             .workloads
             .iter()
+            .filter(|w| Some(w.name.as_str()) != containers)
             .flat_map(|w| w.ports.iter().map(|&p| (p, identities[&w.name].clone())))
             .collect();
         let peers = if config.control.is_some() {
@@ -129,8 +133,13 @@ impl HostState {
                     .collect(),
             ))
         };
+        let containers_ports = config.containers.iter().flat_map(|c| c.ports.clone());
         Ok(Self {
-            ports: served.iter().map(|(p, _)| *p).collect(),
+            ports: served
+                .iter()
+                .map(|(p, _)| *p)
+                .chain(containers_ports)
+                .collect(),
             services: LocalServices::new(served),
             identities,
             peers,
@@ -176,10 +185,13 @@ impl Core {
 
 /// Builds and starts the enforcer `config` describes.
 pub async fn build(config: &Config) -> Result<Running> {
+    // `[containers]`: their parent cgroup is enrolled like a workload (made if missing).
+    let expanded = config.with_container_parent().map_err(anyhow::Error::msg)?;
+    let config = &expanded;
     let identity = Credentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     // What TLS presents, replaceable when the control plane renews the certificate.
     let cert = CertSlot::new(&identity)?;
-    let host = HostState::new(config)?;
+    let mut host = HostState::new(config)?;
     let core = core(config, &identity)?;
     let mut tasks = Supervisor::default();
     // Everything that can fail without touching the kernel comes first: listeners (a port
@@ -212,7 +224,11 @@ pub async fn build(config: &Config) -> Result<Running> {
     // (settings, protected ports) left as they are: nothing in force changes yet.
     let mut capture = Capture::prepare(config)?;
     let client_map = capture.take_client_map()?;
-    let lookup = capture_lookup(config, &host, client_map);
+    let containers = containers(config)?;
+    if let Some(c) = &containers {
+        host.services = host.services.clone().with_dynamic(c.registry.clone());
+    }
+    let lookup = capture_lookup(config, &host, client_map, &containers);
     let mut live = control::Live {
         registry: core.registry.clone(),
         metrics: core.metrics.clone(),
@@ -283,6 +299,7 @@ pub async fn build(config: &Config) -> Result<Running> {
         }
     }
     serve_common(config, &core, api, &mut tasks)?;
+    serve_containers(containers, &mut tasks);
     serve_nontcp(config, &core, &host, &mut capture, &mut tasks)?;
     tracing::info!(
         name = %config.name,
@@ -387,11 +404,70 @@ fn peer_keys(config: &Config, tokens: &Tokens) -> Result<HashMap<String, KeyId>>
     Ok(keys)
 }
 
+/// `[containers]`: the registry of the containers' identities, its questions, the runtime.
+struct Containers {
+    registry: Arc<DynamicWorkloads>,
+    questions: tokio::sync::mpsc::Receiver<std::path::PathBuf>,
+    runtime: crate::sources::podman::Runtime,
+    wait: Duration,
+}
+
+fn containers(config: &Config) -> Result<Option<Containers>> {
+    let Some(c) = &config.containers else {
+        return Ok(None);
+    };
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let base = crate::sources::dynamic::Base {
+        trust_domain: config.identity.trust_domain.clone(),
+        enforcer: config.name.clone(),
+        host,
+        scope: control::own_scope(config)?,
+        select: c.select.clone(),
+        observe: c.observe,
+    };
+    let (registry, questions) = DynamicWorkloads::new(c.cgroup.clone(), base);
+    let mount = crate::attest::cgroup2_mounts()
+        .into_iter()
+        .filter(|m| c.cgroup.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len())
+        .with_context(|| {
+            format!(
+                "containers: cgroup: {} is in no cgroup v2 mount",
+                c.cgroup.display()
+            )
+        })?;
+    Ok(Some(Containers {
+        registry,
+        questions,
+        runtime: crate::sources::podman::Runtime::new(c.socket.clone(), mount),
+        wait: Duration::from_millis(c.wait_ms),
+    }))
+}
+
+/// Follows the container runtime (restarted like any task if it ends).
+fn serve_containers(containers: Option<Containers>, tasks: &mut Supervisor) {
+    let Some(c) = containers else { return };
+    let questions = Arc::new(tokio::sync::Mutex::new(c.questions));
+    let (registry, runtime) = (c.registry, c.runtime);
+    tasks.spawn("container runtime", move || {
+        let (registry, runtime, questions) = (registry.clone(), runtime.clone(), questions.clone());
+        let following = async move {
+            let mut questions = questions.lock().await;
+            crate::sources::podman::follow(runtime, registry, &mut questions).await;
+            Ok(())
+        };
+        Ok(Box::pin(following) as TaskFuture)
+    });
+}
+
 /// The capture records the connect hooks leave, with the workloads they belong to.
 fn capture_lookup(
     config: &Config,
     host: &HostState,
     map: aya::maps::HashMap<aya::maps::MapData, tessera_common::ClientKey, tessera_common::OrigDst>,
+    containers: &Option<Containers>,
 ) -> Arc<BpfCaptureLookup> {
     let roots = config
         .workloads
@@ -403,6 +479,7 @@ fn capture_lookup(
         workloads: WorkloadIndex::new(roots),
         identities: host.identities.clone(),
         attestor: Arc::default(),
+        containers: containers.as_ref().map(|c| (c.registry.clone(), c.wait)),
     })
 }
 

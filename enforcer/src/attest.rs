@@ -48,7 +48,7 @@ fn label(out: &mut Vec<(String, String)>, key: &str, value: impl Into<String>) {
 }
 
 /// The cgroup v2 mount points of this host (from /proc/self/mounts).
-fn cgroup2_mounts() -> Vec<PathBuf> {
+pub fn cgroup2_mounts() -> Vec<PathBuf> {
     std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()

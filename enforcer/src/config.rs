@@ -42,6 +42,9 @@ pub struct Config {
     pub bpf: Bpf,
     #[serde(default, rename = "workload", skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<Workload>,
+    /// Containers a runtime starts, enrolled as they start (see [`Containers`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<Containers>,
     #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
     #[serde(default)]
@@ -241,6 +244,93 @@ pub struct Workload {
     pub observe: bool,
 }
 
+/// `[containers]`: a container runtime's containers, enrolled as the runtime starts them
+/// (`enforcer/src/sources/`).
+///
+/// The rule that selects them is where the runtime puts them: every container whose cgroup
+/// is under `cgroup` (`podman run --cgroup-parent`, or `cgroup_parent` in containers.conf
+/// for all of them). Capture is attached to that parent before any container starts, so a
+/// container is under Tessera from its first instruction; its identity comes from the
+/// runtime's API. `select` narrows it further: a container under the parent without those
+/// labels is refused every connection, as any cgroup under an enrolled one is that no
+/// identity can be found for.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Containers {
+    /// The runtime's Docker-compatible API socket (podman: `podman system service`).
+    #[serde(default = "default_container_socket")]
+    pub socket: PathBuf,
+    /// The parent cgroup v2 directory of the containers to enrol (created at start-up if
+    /// its own parent exists).
+    pub cgroup: PathBuf,
+    /// The name flow records give connections of processes in the parent itself (none
+    /// normally) and the UDP/ICMP policy the containers share.
+    #[serde(default = "default_containers_name")]
+    pub name: String,
+    /// Labels a container must have been started with to be given an identity.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub select: BTreeMap<String, String>,
+    /// Record the containers' policy denials without enforcing them.
+    #[serde(default)]
+    pub observe: bool,
+    /// How long a container's first connection waits for the runtime to say who it is
+    /// before it is refused.
+    #[serde(default = "default_container_wait_ms")]
+    pub wait_ms: u64,
+    /// TCP ports containers may serve: protected from start-up (reachable only through
+    /// Tessera, before any container listens); a connection to one is delivered to the
+    /// enrolled container whose runtime says it exposes the port (`--expose`) or that was
+    /// started with the label `tessera.ports` listing it (podman drops `--expose` for a
+    /// container on the host's network), refused as not served if none does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+fn default_container_socket() -> PathBuf {
+    PathBuf::from("/run/podman/podman.sock")
+}
+fn default_containers_name() -> String {
+    "containers".into()
+}
+fn default_container_wait_ms() -> u64 {
+    5_000
+}
+
+impl Containers {
+    /// The pseudo-workload capture is attached with: the parent cgroup, no declared labels.
+    pub fn parent_workload(&self) -> Workload {
+        Workload {
+            name: self.name.clone(),
+            cgroup: self.cgroup.clone(),
+            labels: BTreeMap::new(),
+            ports: self.ports.clone(),
+            observe: self.observe,
+        }
+    }
+}
+
+impl Config {
+    /// This configuration with the containers' parent cgroup enrolled like a workload
+    /// (created first if missing): what capture attaches to and the daemon runs.
+    pub fn with_container_parent(&self) -> Result<Config, String> {
+        let Some(c) = &self.containers else {
+            return Ok(self.clone());
+        };
+        if !c.cgroup.is_dir() {
+            std::fs::create_dir(&c.cgroup).map_err(|e| {
+                format!(
+                    "containers: cgroup: cannot create {}: {e}",
+                    c.cgroup.display()
+                )
+            })?;
+        }
+        validate_cgroup("containers", &c.cgroup)?;
+        let mut expanded = self.clone();
+        expanded.workloads.push(c.parent_workload());
+        Ok(expanded)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
@@ -364,6 +454,9 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate().map_err(err)?;
+        for ignored in config.ignored_by_handshake_mode() {
+            tracing::warn!("{file}: {ignored}");
+        }
         Ok(config)
     }
 
@@ -465,6 +558,7 @@ impl Config {
         self.validate_identity()?;
         self.validate_bpf()?;
         self.validate_workloads()?;
+        self.validate_containers()?;
         self.validate_peers()?;
         self.validate_handshake()
     }
@@ -528,6 +622,13 @@ impl Config {
             ("tls.cert", &self.tls.cert),
             ("tls.key", &self.tls.key),
         ] {
+            if path.as_os_str().is_empty() {
+                return Err(format!(
+                    "{field}: missing: both modes need [tls] ca, cert and key (in handshake \
+                     mode the key seals this host's tokens and the CA checks the peers' \
+                     certificates), unless [control] issues them"
+                ));
+            }
             std::fs::File::open(path)
                 .map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
         }
@@ -653,6 +754,73 @@ impl Config {
         Ok(())
     }
 
+    /// `[containers]`: an absolute socket path, a parent cgroup that is (or can be made) a
+    /// cgroup v2 directory and is no workload's, a name no workload has, valid selectors.
+    fn validate_containers(&self) -> Result<(), String> {
+        let Some(c) = &self.containers else {
+            return Ok(());
+        };
+        if !c.socket.is_absolute() {
+            return Err(format!(
+                "containers: socket: {} must be an absolute path",
+                c.socket.display()
+            ));
+        }
+        if !valid_name(&c.name) {
+            return Err(format!(
+                "containers: name: {:?} must be 1-63 letters, digits, '-', '.' or '_'",
+                c.name
+            ));
+        }
+        if let Some(w) = self.workloads.iter().find(|w| w.name == c.name) {
+            return Err(format!(
+                "containers: name: {:?} is the name of a [[workload]]; choose another",
+                w.name
+            ));
+        }
+        if c.cgroup.is_dir() {
+            validate_cgroup("containers", &c.cgroup)?;
+        } else {
+            let parent = c.cgroup.parent().filter(|_| c.cgroup.is_absolute());
+            match parent {
+                Some(p) if is_cgroup2_dir(p) => {}
+                _ => {
+                    return Err(format!(
+                        "containers: cgroup: {} must be an absolute path to a cgroup v2 \
+                         directory or to a new one in an existing cgroup v2 directory",
+                        c.cgroup.display()
+                    ));
+                }
+            }
+        }
+        if let Some(w) = self
+            .workloads
+            .iter()
+            .find(|w| c.cgroup.starts_with(&w.cgroup) || w.cgroup.starts_with(&c.cgroup))
+        {
+            return Err(format!(
+                "containers: cgroup: {} overlaps workload {:?}'s cgroup {}",
+                c.cgroup.display(),
+                w.name,
+                w.cgroup.display()
+            ));
+        }
+        validate_labels("containers: select", &c.select)?;
+        let mut served: HashSet<u16> = self
+            .workloads
+            .iter()
+            .flat_map(|w| w.ports.clone())
+            .collect();
+        self.validate_workload_ports("containers", &c.ports, &mut served)?;
+        if c.wait_ms == 0 || c.wait_ms > 60_000 {
+            return Err(format!(
+                "containers: wait_ms: {} must be 1-60000",
+                c.wait_ms
+            ));
+        }
+        Ok(())
+    }
+
     /// One workload's `ports`: real ports, not the enforcer's listeners, not already taken
     /// by an earlier workload (`served_ports` collects them).
     fn validate_workload_ports(
@@ -771,6 +939,68 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// In handshake mode: the settings given (other than their defaults) that only tunnel
+    /// mode reads, each named with why it is ignored (warnings: the file still works).
+    /// What handshake mode needs is checked where it is validated: `[tls]` (or `[control]`)
+    /// and each `[[peer]] cert`.
+    pub fn ignored_by_handshake_mode(&self) -> Vec<String> {
+        if self.mode() != DataPathMode::Handshake {
+            return Vec::new();
+        }
+        let (l, listen) = (&self.listen, Listen::default());
+        let (t, tunnel) = (&self.tunnel, Tunnel::default());
+        let (b, bpf) = (&self.bpf, Bpf::default());
+        [
+            (
+                "listen.tunnel",
+                l.tunnel != listen.tunnel,
+                "no tunnel listener",
+            ),
+            (
+                "listen.outbound_port",
+                l.outbound_port != listen.outbound_port,
+                "connections are not redirected to a proxy",
+            ),
+            (
+                "listen.inbound_port",
+                l.inbound_port != listen.inbound_port,
+                "no proxy takes direct connections",
+            ),
+            (
+                "tunnel.pool_size",
+                t.pool_size != tunnel.pool_size,
+                "no tunnels",
+            ),
+            (
+                "tunnel.pool_max_idle_secs",
+                t.pool_max_idle_secs != tunnel.pool_max_idle_secs,
+                "no tunnels",
+            ),
+            (
+                "tunnel.idle_timeout_secs",
+                t.idle_timeout_secs != tunnel.idle_timeout_secs,
+                "no tunnels",
+            ),
+            ("bpf.delivery", b.delivery != bpf.delivery, "no deliveries"),
+            (
+                "bpf.delivery_source",
+                b.delivery_source != bpf.delivery_source,
+                "no deliveries",
+            ),
+            (
+                "bpf.delivery_table",
+                b.delivery_table != bpf.delivery_table,
+                "no deliveries",
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, set, _)| *set)
+        .map(|(field, _, why)| {
+            format!("{field}: ignored in handshake mode ({why}: it is read in tunnel mode only)")
+        })
+        .collect()
     }
 }
 
@@ -1052,6 +1282,7 @@ mod tests {
                 key: "ca/host-c.key".into(),
             },
             control: None,
+            containers: None,
             bpf: Bpf::default(),
             workloads: Vec::new(),
             peers: Vec::new(),
@@ -1150,6 +1381,60 @@ mod tests {
     }
 
     #[test]
+    fn containers_settings_are_checked_field_by_field() {
+        let f = Fixture::new();
+        let cg = "/sys/fs/cgroup/unified";
+        if !is_cgroup2_dir(Path::new(cg)) {
+            return; // Hosts with cgroup v2 elsewhere: the e2e tests cover them.
+        }
+        let section =
+            |extra: &str| format!("[containers]\ncgroup = \"{cg}/tessera-new-parent\"\n{extra}");
+        let ok = f
+            .load(&section("ports = [9000]\nselect = { team = \"blue\" }\n"))
+            .unwrap();
+        let c = ok.containers.unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/podman/podman.sock"));
+        assert_eq!((c.name.as_str(), c.wait_ms), ("containers", 5_000));
+        for (extra, want) in [
+            (
+                "socket = \"podman.sock\"\n",
+                "containers: socket: podman.sock must be an absolute path",
+            ),
+            ("name = \"a b\"\n", "containers: name: \"a b\" must be"),
+            (
+                "select = { \"tessera.io/image\" = \"x\" }\n",
+                "containers: select: labels: \"tessera.io/image\" is reserved",
+            ),
+            ("wait_ms = 0\n", "containers: wait_ms: 0 must be 1-60000"),
+            ("ports = [15008]\n", "containers: ports: 15008"),
+        ] {
+            let m = message(f.load(&section(extra)));
+            assert!(m.contains(want), "{extra}: {m}");
+        }
+        let m = message(f.load(&format!(
+            "[containers]\ncgroup = \"{}/x/y\"\n",
+            f.dir.path().display()
+        )));
+        assert!(
+            m.contains("containers: cgroup:") && m.contains("cgroup v2"),
+            "{m}"
+        );
+        // The parent is no workload's, and its name no workload's either.
+        let m = message(f.load(&format!(
+            "[containers]\ncgroup = \"{cg}\"\nname = \"web\"\n\
+             [[workload]]\nname = \"web\"\ncgroup = \"{cg}\"\n"
+        )));
+        assert!(
+            m.contains("containers: name: \"web\" is the name of a [[workload]]"),
+            "{m}"
+        );
+        let m = message(f.load(&format!(
+            "[containers]\ncgroup = \"{cg}\"\n[[workload]]\nname = \"web\"\ncgroup = \"{cg}\"\n"
+        )));
+        assert!(m.contains("overlaps workload \"web\""), "{m}");
+    }
+
+    #[test]
     fn a_directory_that_is_not_a_cgroup_is_named() {
         let f = Fixture::new();
         let m = message(f.load(&format!(
@@ -1242,5 +1527,38 @@ mod tests {
         assert!(message(f.load(&two)).contains("already served"));
         let peer = "[[peer]]\nname = \"b\"\ntunnel = \"10.0.0.2:15008\"\nserves = []\n";
         assert!(message(f.load(peer)).contains("peer[0] \"b\": serves"));
+    }
+
+    /// Handshake mode says what it ignores (tunnel-only settings given: a warning naming
+    /// the file and the field) and what it lacks (`[tls]`, a peer's `cert`: errors naming
+    /// the field); tunnel mode, or handshake mode with the defaults, warns of nothing.
+    #[test]
+    fn handshake_mode_names_the_settings_it_ignores_and_those_it_lacks() {
+        let f = Fixture::new();
+        let tunnel_only = "[listen]\ntunnel = \"0.0.0.0:16008\"\n[tunnel]\npool_size = 4\n\
+                           [bpf]\ndelivery = \"localhost\"\n";
+        let (c, log) = logged(|| f.load_with("mode = \"handshake\"\n", tunnel_only));
+        assert_eq!(c.unwrap().mode(), DataPathMode::Handshake);
+        for field in ["listen.tunnel", "tunnel.pool_size", "bpf.delivery"] {
+            assert!(
+                log.contains(&format!("host-a.toml: {field}: ignored in handshake mode")),
+                "{field}: {log}"
+            );
+        }
+        assert_eq!(log.matches("ignored in handshake mode").count(), 3, "{log}");
+        let (c, log) = logged(|| f.load_with("mode = \"tunnel\"\n", tunnel_only));
+        assert_eq!(c.unwrap().mode(), DataPathMode::Tunnel);
+        assert!(log.is_empty(), "{log}");
+        let (c, log) = logged(|| f.load_with("mode = \"handshake\"\n", ""));
+        assert!(c.is_ok());
+        assert!(log.is_empty(), "{log}");
+        // No [tls] (and no [control]): the field, and that handshake mode needs it too.
+        let path = f.dir.path().join("host-a.toml");
+        std::fs::write(&path, "name = \"host-a\"\nmode = \"handshake\"\n").unwrap();
+        let m = message(Config::load(&path));
+        assert!(
+            m.contains("host-a.toml") && m.contains("tls.ca: missing") && m.contains("handshake"),
+            "{m}"
+        );
     }
 }

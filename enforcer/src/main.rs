@@ -74,6 +74,8 @@ enum Command {
         /// Keep printing new records as they happen (one API).
         #[arg(long)]
         follow: bool,
+        /// Print each record as one JSON object per line (JSON lines, for streaming and
+        /// `jq`; `jq -s .` makes an array), not a table. Fields: docs/flows.md.
         #[arg(long)]
         json: bool,
         /// allowed | denied | observed-would-deny | error
@@ -106,6 +108,7 @@ enum Command {
         apis: Vec<std::net::SocketAddr>,
         #[arg(long = "log")]
         logs: Vec<PathBuf>,
+        /// `json`: one JSON document (`nodes` and `edges`; fields: docs/flows.md).
         #[arg(long, default_value = "table", value_parser = ["table", "json", "dot"])]
         format: String,
         /// Mark as NEW the edges first seen more than this long after the map's first edge
@@ -506,8 +509,13 @@ fn check(log_format: &str, config: &Path) -> Result<()> {
     // Warnings (an old key, say) are part of the check.
     init_tracing(log_format);
     let c = config::Config::load(config)?;
+    let containers = c
+        .containers
+        .as_ref()
+        .map(|k| format!(", containers under {}", k.cgroup.display()))
+        .unwrap_or_default();
     println!(
-        "{}: ok ({} workloads, {} peers)",
+        "{}: ok ({} workloads, {} peers{containers})",
         config.display(),
         c.workloads.len(),
         c.peers.len()

@@ -11,7 +11,10 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use crate::attest::ProcessAttestor;
+use crate::{
+    attest::ProcessAttestor,
+    sources::dynamic::{DynamicWorkloads, Entry},
+};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use tessera_common::{AF_INET, AF_INET6, ClientKey, OrigDst};
 use tessera_proxy::{
@@ -143,6 +146,9 @@ pub struct BpfCaptureLookup {
     /// Identities of the enrolled workloads, by name.
     pub identities: HashMap<String, Arc<LocalWorkload>>,
     pub attestor: Arc<ProcessAttestor>,
+    /// Containers under an enrolled parent cgroup, with the identities their runtime gave
+    /// them, and how long a connection may wait for one it has not reported yet.
+    pub containers: Option<(Arc<DynamicWorkloads>, std::time::Duration)>,
 }
 
 impl BpfCaptureLookup {
@@ -180,35 +186,93 @@ impl CaptureLookup for BpfCaptureLookup {
         let Some(place) = self.workloads.place(orig.cgroup_id) else {
             return Capture::Missing;
         };
-        let workload = place.workload.clone();
-        let Some(local) = self.identities.get(&workload).cloned() else {
+        // A container under the enrolled parent: its own identity, from its runtime.
+        if let Some((containers, wait)) = &self.containers
+            && place.root == containers.root()
+        {
+            let Some(dir) = containers.workload_dir(&place.dir) else {
+                tracing::warn!(pid = orig.pid, cgroup = %place.dir.display(), "a process in the containers' parent cgroup itself: refused");
+                return Capture::Missing;
+            };
+            return match containers.get(&dir) {
+                Some(entry) => match entry_local(entry, &dir) {
+                    Ok(local) => self.attested(Some(local), orig, place),
+                    Err(why) => Capture::Refused(why),
+                },
+                None => {
+                    let (containers, wait) = (containers.clone(), *wait);
+                    let attestor = self.attestor.clone();
+                    Capture::Pending(Box::new(move || {
+                        let local = entry_local(containers.resolve(&dir, wait), &dir)?;
+                        Ok(attest(&attestor, &local, orig, place))
+                    }))
+                }
+            };
+        }
+        let local = self.identities.get(&place.workload).cloned();
+        self.attested(local, orig, place)
+    }
+}
+
+/// The identity of an entry, or why it has none.
+fn entry_local(entry: Entry, dir: &Path) -> Result<Arc<LocalWorkload>, String> {
+    match entry {
+        Entry::Enrolled(w) => Ok(w),
+        Entry::Refused(why) => {
+            tracing::info!(cgroup = %dir.display(), reason = %why, "connection of a container without identity refused");
+            Err(format!("container without identity: {why}"))
+        }
+    }
+}
+
+/// What a connection of `local`'s process is: its workload's identity and the process's.
+fn attest(
+    attestor: &ProcessAttestor,
+    local: &LocalWorkload,
+    orig: OrigDst,
+    place: Place,
+) -> Captured {
+    let origin = Origin {
+        workload: local.name.clone(),
+        pid: orig.pid,
+        uid: orig.uid,
+        cgroup_id: orig.cgroup_id,
+    };
+    let identity =
+        attestor.attest_connection(&local.identity, orig.pid, orig.uid, orig.cgroup_id, &place);
+    Captured {
+        dst: orig_dst(&orig),
+        identity,
+        observe: local.observe,
+        origin,
+    }
+}
+
+impl BpfCaptureLookup {
+    fn attested(&self, local: Option<Arc<LocalWorkload>>, orig: OrigDst, place: Place) -> Capture {
+        let Some(local) = local else {
             return Capture::Missing;
         };
         let origin = Origin {
-            workload,
+            workload: local.name.clone(),
             pid: orig.pid,
             uid: orig.uid,
             cgroup_id: orig.cgroup_id,
         };
         let (dst, observe) = (orig_dst(&orig), local.observe);
-        let captured = move |identity| Captured {
-            dst,
-            identity,
-            observe,
-            origin,
-        };
         let (pid, uid, cgroup) = (orig.pid, orig.uid, orig.cgroup_id);
         if let Some(id) = self.attestor.cached(&local.identity, pid, uid, cgroup) {
-            return Capture::Ready(captured(id));
+            return Capture::Ready(Captured {
+                dst,
+                identity: id,
+                observe,
+                origin,
+            });
         }
         // A first contact of this process and executable: hashing and NSS, where the
         // caller may block.
         let attestor = self.attestor.clone();
-        let workload_identity = local.identity.clone();
-        Capture::Pending(Box::new(move || {
-            let id = attestor.attest_connection(&workload_identity, pid, uid, cgroup, &place);
-            Some(captured(id))
-        }))
+        Capture::Pending(Box::new(move || Ok(attest(&attestor, &local, orig, place))))
     }
 }
 

@@ -33,13 +33,20 @@ pub struct Captured {
     pub observe: bool,
 }
 
-/// Attestation work left to do before a capture is complete (may block).
-pub type Attest = Box<dyn FnOnce() -> Option<Captured> + Send>;
+/// Attestation work left to do before a capture is complete (may block); `Err` says why
+/// the connection has no identity.
+pub type Attest = Box<dyn FnOnce() -> Result<Captured, String> + Send>;
+
+/// Why a connection without a capture record is refused.
+pub const NO_RECORD: &str = "no capture record for this connection";
 
 /// The result of a lookup.
 pub enum Capture {
     /// No capture record: the connection was not captured (or its record is gone).
     Missing,
+    /// Captured, but whoever made it has no identity here: why (a container its runtime
+    /// does not vouch for, or one not selected).
+    Refused(String),
     Ready(Captured),
     /// Found, but attesting the process may block: run it off the async workers and
     /// outside locks ([`Capture::resolve_blocking`] does it on tokio's blocking pool).
@@ -48,18 +55,21 @@ pub enum Capture {
 
 impl Capture {
     /// Completes the lookup here (on a thread that may block).
-    pub fn resolve(self) -> Option<Captured> {
+    pub fn resolve(self) -> Result<Captured, String> {
         match self {
-            Capture::Missing => None,
-            Capture::Ready(c) => Some(c),
+            Capture::Missing => Err(NO_RECORD.into()),
+            Capture::Refused(why) => Err(why),
+            Capture::Ready(c) => Ok(c),
             Capture::Pending(attest) => attest(),
         }
     }
 
     /// Completes the lookup without blocking an async worker.
-    pub async fn resolve_blocking(self) -> Option<Captured> {
+    pub async fn resolve_blocking(self) -> Result<Captured, String> {
         match self {
-            Capture::Pending(attest) => tokio::task::spawn_blocking(attest).await.ok().flatten(),
+            Capture::Pending(attest) => tokio::task::spawn_blocking(attest)
+                .await
+                .unwrap_or_else(|e| Err(format!("attestation failed: {e}"))),
             other => other.resolve(),
         }
     }

@@ -414,7 +414,6 @@ impl Inbound {
         local
             .then(|| self.services.workload(dst.port()))
             .flatten()
-            .cloned()
             .ok_or_else(|| {
                 let reason = if local {
                     format!("no workload of {} serves port {}", self.name(), dst.port())
@@ -491,7 +490,7 @@ impl Inbound {
             Endpoint::addr(dst_addr),
         );
         flow.dst.enforcer = Some(self.name().to_owned());
-        let Some(workload) = self.services.workload(dst_addr.port()).cloned() else {
+        let Some(workload) = self.services.workload(dst_addr.port()) else {
             reset_on_close(&stream);
             let reason = format!(
                 "no workload of {} serves port {}",

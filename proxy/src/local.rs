@@ -63,20 +63,48 @@ pub struct LocalWorkload {
     pub observe: bool,
 }
 
-/// Local workloads by the TCP port they serve.
-#[derive(Clone, Debug, Default)]
+/// Workloads that come and go (containers a runtime starts): which one serves a port now.
+pub trait DynamicServices: Send + Sync + 'static {
+    fn workload(&self, port: u16) -> Option<Arc<LocalWorkload>>;
+}
+
+/// Local workloads by the TCP port they serve: configured ones, then those of a
+/// [`DynamicServices`] (whose ports the configuration protects, and whose workloads say
+/// which of them they serve).
+#[derive(Clone, Default)]
 pub struct LocalServices {
     by_port: HashMap<u16, Arc<LocalWorkload>>,
+    dynamic: Option<Arc<dyn DynamicServices>>,
+}
+
+impl std::fmt::Debug for LocalServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalServices")
+            .field("by_port", &self.by_port)
+            .field("dynamic", &self.dynamic.is_some())
+            .finish()
+    }
 }
 
 impl LocalServices {
     pub fn new(services: impl IntoIterator<Item = (u16, Arc<LocalWorkload>)>) -> Self {
         Self {
             by_port: services.into_iter().collect(),
+            dynamic: None,
         }
     }
-    pub fn workload(&self, port: u16) -> Option<&Arc<LocalWorkload>> {
-        self.by_port.get(&port)
+
+    /// These services, and those `dynamic` says are served now.
+    pub fn with_dynamic(mut self, dynamic: Arc<dyn DynamicServices>) -> Self {
+        self.dynamic = Some(dynamic);
+        self
+    }
+
+    pub fn workload(&self, port: u16) -> Option<Arc<LocalWorkload>> {
+        if let Some(w) = self.by_port.get(&port) {
+            return Some(w.clone());
+        }
+        self.dynamic.as_ref()?.workload(port)
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! Each enforcer aggregates what it saw ([`Aggregate`]); maps of several enforcers merge
 //! ([`merge`]): both ends of a connection report it, so an edge's counts are the largest any
-//! one reporter gives, not their sum.
+//! one reporter gives, not their sum; a refusal the source saw only as an address behind
+//! the destination's enforcer folds into the destination's identity edge
+//! (`fold_refusals_via`). The JSON of every type here is documented in `docs/flows.md`.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::{
@@ -245,27 +247,88 @@ pub fn merge(maps: impl IntoIterator<Item = Map>) -> Map {
                 None => {
                     edges.insert(edge.key.clone(), edge);
                 }
-                Some(e) => {
-                    let (a, b) = (&mut e.stats, &edge.stats);
-                    // Both ends count the same connections: the larger view wins.
-                    a.connections = a.connections.max(b.connections);
-                    a.bytes_sent = a.bytes_sent.max(b.bytes_sent);
-                    a.bytes_received = a.bytes_received.max(b.bytes_received);
-                    a.first_seen_ms = a.first_seen_ms.min(b.first_seen_ms);
-                    a.last_seen_ms = a.last_seen_ms.max(b.last_seen_ms);
-                    a.rules.extend(b.rules.iter().cloned());
-                    a.codes.extend(b.codes.iter().cloned());
-                    if a.reason.is_empty() {
-                        a.reason = b.reason.clone();
-                    }
-                    e.reporters.extend(edge.reporters);
-                }
+                // Both ends count the same connections: the larger view wins.
+                Some(e) => absorb(e, &edge),
             }
         }
     }
+    fold_refusals_via(&mut edges, &mut nodes);
     Map {
         nodes: nodes.into_values().collect(),
         edges: edges.into_values().collect(),
+    }
+}
+
+/// Folds the merged stats and reporters of `from` into `into` (the same connections seen
+/// by both ends: the larger view of each count).
+fn absorb(into: &mut Edge, from: &Edge) {
+    let (a, b) = (&mut into.stats, &from.stats);
+    a.connections = a.connections.max(b.connections);
+    a.bytes_sent = a.bytes_sent.max(b.bytes_sent);
+    a.bytes_received = a.bytes_received.max(b.bytes_received);
+    a.first_seen_ms = a.first_seen_ms.min(b.first_seen_ms);
+    a.last_seen_ms = a.last_seen_ms.max(b.last_seen_ms);
+    a.rules.extend(b.rules.iter().cloned());
+    a.codes.extend(b.codes.iter().cloned());
+    if a.reason.is_empty() {
+        a.reason = b.reason.clone();
+    }
+    into.reporters.extend(from.reporters.iter().cloned());
+}
+
+/// The enforcer `E` of a destination node `ADDR (via E)`: an address behind an enforcer
+/// whose workload this reporter did not learn (handshake mode: the destination refused the
+/// SYN before sending its identity).
+fn via_enforcer<'a>(name: &str, nodes: &'a BTreeMap<String, Node>) -> Option<&'a str> {
+    let node = nodes.get(name)?;
+    let enforcer = node.enforcer.as_deref()?;
+    (node.workload.is_none() && name.ends_with(&format!(" (via {enforcer})"))).then_some(enforcer)
+}
+
+/// One refusal is one edge between identities. In handshake mode the destination refuses
+/// the SYN before the source learns who is behind the address: the source reports the edge
+/// `web@host-a -> 10.0.0.2 (via host-b)` (`peer-refused`), the destination
+/// `web@host-a -> api@host-b` with its own reason. When a merged map holds both, the
+/// address edge folds into the identity edge, which then has both reporters:
+///
+/// the identity edge must have the same source, port, protocol and verdict, a destination
+/// vouched for by that enforcer, and that enforcer among its reporters; and it must be the
+/// only such edge (two workloads of `host-b` refusing `web` on the same port: which one
+/// the address was is not known, so both edges stay). The address node goes when no edge
+/// is left on it.
+fn fold_refusals_via(edges: &mut BTreeMap<EdgeKey, Edge>, nodes: &mut BTreeMap<String, Node>) {
+    let mut folds = Vec::new();
+    for (key, edge) in edges.iter() {
+        let Some(enforcer) = via_enforcer(&key.dst, nodes) else {
+            continue;
+        };
+        if edge.reporters.contains(enforcer) {
+            continue;
+        }
+        let mut matches = edges.iter().filter(|(k, e)| {
+            k.src == key.src
+                && k.port == key.port
+                && k.protocol == key.protocol
+                && k.verdict == key.verdict
+                && e.reporters.contains(enforcer)
+                && nodes.get(&k.dst).is_some_and(|n| {
+                    n.workload.is_some() && n.enforcer.as_deref() == Some(enforcer)
+                })
+        });
+        if let (Some((target, _)), None) = (matches.next(), matches.next()) {
+            folds.push((key.clone(), target.clone()));
+        }
+    }
+    for (from, into) in folds {
+        let Some(from_edge) = edges.remove(&from) else {
+            continue;
+        };
+        if let Some(target) = edges.get_mut(&into) {
+            absorb(target, &from_edge);
+        }
+        if !edges.keys().any(|k| k.src == from.dst || k.dst == from.dst) {
+            nodes.remove(&from.dst);
+        }
     }
 }
 
@@ -320,7 +383,10 @@ pub fn dot(map: &Map) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
+    use crate::flow::{Direction, Mode};
 
     #[test]
     fn edges_first_seen_after_the_baseline_window_are_new() {
@@ -362,5 +428,120 @@ mod tests {
         assert_eq!(json.matches("\"new\":true").count(), 1);
         assert_eq!(json.matches("\"new\"").count(), 1);
         assert_eq!(mark_new(&mut Map::default(), 0), 0);
+    }
+
+    /// What each end of a handshake-mode refusal writes: the source (host-a) saw a reset
+    /// from host-b's address; the destination (host-b) refused `web@host-a` by policy.
+    fn refusal_at_both_ends(dst_workload: &str, dst_ip: &str, port: u16) -> [FlowRecord; 2] {
+        let src = || Endpoint {
+            workload: Some("web".into()),
+            enforcer: Some("host-a".into()),
+            ..Endpoint::addr("10.77.0.1:40000".parse().unwrap())
+        };
+        let to: SocketAddr = format!("{dst_ip}:{port}").parse().unwrap();
+        let mut at_a = FlowRecord::new(
+            "host-a",
+            Mode::Handshake,
+            Direction::Outbound,
+            src(),
+            Endpoint {
+                enforcer: Some("host-b".into()),
+                ..Endpoint::addr(to)
+            },
+            1_000,
+        );
+        at_a.refuse(
+            Code::PeerRefused,
+            format!("{to} refused the connection (reset)"),
+        );
+        let mut at_b = FlowRecord::new(
+            "host-b",
+            Mode::Handshake,
+            Direction::Inbound,
+            src(),
+            Endpoint {
+                workload: Some(dst_workload.into()),
+                enforcer: Some("host-b".into()),
+                ..Endpoint::addr(to)
+            },
+            1_001,
+        );
+        at_b.refuse(Code::Policy, "ingress: no rule allows it".into());
+        [at_a, at_b]
+    }
+
+    fn denied(m: &Map) -> Vec<&Edge> {
+        m.edges
+            .iter()
+            .filter(|e| e.key.verdict == "denied")
+            .collect()
+    }
+
+    #[test]
+    fn a_refusal_seen_as_an_address_at_the_source_folds_into_the_identity_edge() {
+        let [a, b] = refusal_at_both_ends("api", "10.77.0.2", 9000);
+        // Each end alone: its own view.
+        assert_eq!(
+            denied(&from_records(std::slice::from_ref(&a)))[0].key.dst,
+            "10.77.0.2 (via host-b)"
+        );
+        // Both (in either order of the maps): one denied edge between identities.
+        for records in [[a.clone(), b.clone()], [b.clone(), a.clone()]] {
+            let m = from_records(&records);
+            let d = denied(&m);
+            assert_eq!(d.len(), 1, "{m:#?}");
+            let e = d[0];
+            assert_eq!(
+                (e.key.src.as_str(), e.key.dst.as_str()),
+                ("web@host-a", "api@host-b")
+            );
+            assert_eq!(e.key.port, 9000);
+            assert_eq!(
+                e.reporters,
+                BTreeSet::from(["host-a".into(), "host-b".into()])
+            );
+            assert_eq!(
+                e.stats.codes,
+                BTreeSet::from([Code::Policy, Code::PeerRefused])
+            );
+            assert_eq!(e.stats.connections, 1, "one refusal, counted once");
+            assert_eq!(
+                e.stats.reason, "ingress: no rule allows it",
+                "the decider's reason"
+            );
+            assert!(
+                m.nodes.iter().all(|n| !n.name.contains("(via")),
+                "the address node went with its edge: {m:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_address_edge_stays_when_the_identity_edge_is_not_the_only_candidate() {
+        let [a, b] = refusal_at_both_ends("api", "10.77.0.2", 9000);
+        // host-b refused web on 9000 at two workloads: which one was 10.77.0.2 is not known.
+        let [_, other] = refusal_at_both_ends("db", "10.77.0.3", 9000);
+        let m = from_records(&[a.clone(), b.clone(), other]);
+        assert_eq!(denied(&m).len(), 3, "{m:#?}");
+        assert!(
+            m.edges
+                .iter()
+                .any(|e| e.key.dst == "10.77.0.2 (via host-b)")
+        );
+        // Another port, another verdict or another source: not the same refusal.
+        let [a2, mut b2] = refusal_at_both_ends("api", "10.77.0.2", 9000);
+        b2.dst.addr.set_port(8080);
+        let mut a3 = a2.clone();
+        a3.verdict = Verdict::Error;
+        let mut b3 = b.clone();
+        b3.src.workload = Some("cron".into());
+        for pair in [[a2, b2], [a3, b.clone()], [a.clone(), b3]] {
+            let m = from_records(&pair);
+            assert_eq!(m.edges.len(), 2, "{m:#?}");
+        }
+        // The address edge reported by host-b itself is not a source's view: left alone.
+        let [mut a4, b4] = refusal_at_both_ends("api", "10.77.0.2", 9000);
+        a4.reporter = "host-b".into();
+        assert_eq!(from_records(&[a4, b4]).edges.len(), 2);
     }
 }

@@ -77,12 +77,12 @@ impl Outbound {
             Endpoint::addr(client),
         );
         // Attesting the process may block (hashing, NSS): never on this worker.
-        let Some(captured) = self.lookup.take(client).resolve_blocking().await else {
-            reset_on_close(&app);
-            return flow.fail(
-                Code::NoCapture,
-                "no capture record for this connection".into(),
-            );
+        let captured = match self.lookup.take(client).resolve_blocking().await {
+            Ok(captured) => captured,
+            Err(why) => {
+                reset_on_close(&app);
+                return flow.fail(Code::NoCapture, why);
+            }
         };
         flow.src.captured(&captured, self.admission.name());
         flow.dst = Endpoint::addr(captured.dst);

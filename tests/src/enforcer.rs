@@ -83,6 +83,8 @@ pub struct EnforcerOptions {
     /// Enrol with a control plane (`[control]`) instead of the test net's CA, peer list and
     /// policy files (see [`TestNet::join`]).
     pub control: Option<crate::control::ControlOptions>,
+    /// `[containers]` by host name.
+    pub containers: BTreeMap<String, tessera_enforcer::config::Containers>,
 }
 
 impl Default for EnforcerOptions {
@@ -102,6 +104,7 @@ impl Default for EnforcerOptions {
             state_subdir: None,
             localhost_delivery: false,
             control: None,
+            containers: BTreeMap::new(),
         }
     }
 }
@@ -336,6 +339,7 @@ impl TestNet {
                 key: format!("ca/{}.key", host.name).into(),
             },
             control: None,
+            containers: opts.containers.get(&host.name).cloned(),
             bpf: Bpf {
                 pin_dir: Some(self.pin_dir(host)),
                 delivery: if opts.localhost_delivery {

@@ -12,6 +12,7 @@
 //! * [`enforcer`]: enforcer configurations, start and stop, the flow records they write;
 //! * [`apps`]: real programs on the hosts (curl, http servers, redis, the traffic tool, the
 //!   handshake adversary), spawned or run to completion;
+//! * [`containers`]: podman, its API socket and real containers on the test hosts;
 //! * [`control`]: the control plane (`tessera server`) and enforcers that enrol with it;
 //! * [`etcd`]: a real etcd cluster on a test host, for the control plane's replicas;
 //! * [`rogue`]: the hostile peer with a real enforcer's key material, and its answers;
@@ -21,6 +22,7 @@
 use std::time::{Duration, Instant};
 
 pub mod apps;
+pub mod containers;
 pub mod control;
 pub mod enforcer;
 pub mod etcd;
@@ -30,6 +32,7 @@ pub mod rogue;
 pub mod tools;
 
 pub use apps::{handshake_attack, which};
+pub use containers::Podman;
 pub use control::{CONTROL_PORT, ControlOptions, ControlServer};
 pub use enforcer::{API_PORT, EnforcerOptions, TUNNEL_PORT, WorkloadSpec, tessera_bin};
 pub use etcd::EtcdCluster;

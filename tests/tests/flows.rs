@@ -242,3 +242,27 @@ fn flows_follow_map_and_metrics_through_the_api_and_cli() {
         "map after restart: {map:?}"
     );
 }
+
+/// `tessera flows --json` prints JSON lines (the tests above parse it line by line), and
+/// its help says so, as the README and docs/flows.md do.
+#[test]
+fn the_help_says_flows_json_is_one_object_per_line() {
+    let out = std::process::Command::new(tessera_bin().unwrap())
+        .args(["flows", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    let json = help
+        .split("--json")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no --json in: {help}"));
+    let json = json.split("\n  -").next().unwrap();
+    let words = json.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(words.contains("one JSON object per line"), "{help}");
+    let readme = include_str!("../../README.md");
+    assert!(
+        readme.contains("`tessera flows --json` prints the same records as JSON lines"),
+        "the README's API section says what --json prints"
+    );
+}

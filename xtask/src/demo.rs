@@ -4,13 +4,14 @@
 //! directory and the policy, which is applied once at the server. Then real unmodified
 //! programs (python3 http.server, redis-server, curl, redis-cli) send traffic through the
 //! tunnels and attempts around them; two hosts switch to TCP-handshake mode (starting from
-//! their control-plane caches); host-a is revoked centrally; and the connectivity map is
-//! built from all enforcers' flow records.
+//! their control-plane caches); a container podman starts on host-b is enrolled as it
+//! starts, with its image's digest; host-a is revoked centrally; and the connectivity map
+//! is built from all enforcers' flow records.
 use std::{fs, path::Path, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use tessera_tests::{ControlServer, TestNet, eventually};
+use tessera_tests::{ControlServer, Podman, TestNet, eventually};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -88,6 +89,19 @@ pub fn run(bin: &Path) -> Result<()> {
     println!("  outsider 10.77.0.4              no enforcer: python3 -m http.server :8000, curl");
     println!(
         "  control  10.77.0.5              no enforcer: `tessera server run` (CA, enrolment, directory, policy)\n"
+    );
+
+    // host-b also enrols the containers podman starts under its parent cgroup.
+    let podman = Podman::start(&net)?;
+    let containers = net.cgroup(b, Some("containers"));
+    net.options
+        .lock()
+        .unwrap()
+        .containers
+        .insert("host-b".into(), podman.section(&containers));
+    println!(
+        "  host-b also enrols the containers podman starts (`[containers]`, parent cgroup {})\n",
+        containers.display()
     );
 
     let srv = net.start_control(net.host("control"), &[])?;
@@ -445,6 +459,40 @@ pub fn run(bin: &Path) -> Result<()> {
     println!("\n`tessera server status`:\n");
     indented(&net.control_admin(&srv, &["server", "status"])?);
 
+    // A container, enrolled as podman starts it: its only process talks to the db at once.
+    let name = "report";
+    println!(
+        "\nA container on host-b: `podman run --cgroup-parent=... --network ns:host-b --label app=api`\n\
+         (image {} imported from busybox-static); its first instruction sends a redis PING to db@host-c:",
+        podman.image
+    );
+    let out = podman.run(
+        b,
+        &containers,
+        name,
+        &[("app", "api")],
+        &["sh", "-c", "printf 'PING\\r\\n' | nc -w 5 10.77.0.3 6379"],
+        T,
+    )?;
+    let digest = podman.image_digest()?;
+    let answered = String::from_utf8_lossy(&out.stdout).contains("PONG");
+    let recorded = eventually(Duration::from_secs(5), || {
+        net.flows_json(c).iter().any(|f| {
+            f["src"]["workload"] == name
+                && f["verdict"] == "allowed"
+                && f["src"]["labels"]["tessera.io/image-digest"] == digest.as_str()
+        })
+    });
+    check(
+        17,
+        "report (container) @host-b -> db@host-c  redis PING",
+        answered && recorded,
+        format!(
+            "+PONG; host-c records its identity from podman: image-digest {}…",
+            &digest[..19.min(digest.len())]
+        ),
+    );
+
     // Every enforcer sends its own map with its report (every 2 s here): the control plane
     // merges them into the fleet's.
     let fleet_json = || -> Result<serde_json::Value> {
@@ -470,7 +518,7 @@ pub fn run(bin: &Path) -> Result<()> {
         fleet_json().is_ok_and(|m| both_ends(&m))
     });
     check(
-        17,
+        18,
         "the fleet's map at the control plane",
         fleet_ok,
         if fleet_ok {

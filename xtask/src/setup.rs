@@ -34,10 +34,13 @@ const PACKAGES: &[(&str, &str)] = &[
     // the control plane's etcd tests run Debian's etcd.
     ("protoc", "protobuf-compiler"),
     ("etcd", "etcd-server"),
-    // `cargo xtask image` and its test: the image is committed with buildah, run with
-    // podman, and carries busybox for the Kubernetes start script.
-    ("buildah", "buildah"),
+    // Containers enrolled as they start: podman (with runc: crun refuses hybrid cgroups),
+    // and busybox-static, the whole root filesystem of the tests' image (no registry).
     ("podman", "podman"),
+    ("runc", "runc"),
+    // `cargo xtask image` commits the image with buildah (busybox-static, below, is also
+    // the image's shell for the Kubernetes start script; podman runs it in the image test).
+    ("buildah", "buildah"),
     ("/bin/busybox", "busybox-static"),
 ];
 

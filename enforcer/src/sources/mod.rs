@@ -72,3 +72,6 @@ pub enum SourceEvent {
     /// The workload with this key is gone.
     Down { key: String },
 }
+
+pub mod dynamic;
+pub mod podman;

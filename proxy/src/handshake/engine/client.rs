@@ -71,9 +71,9 @@ impl Engine {
             reset_app()
         };
         // Attestation may take a while on a first contact: outside the engine's locks.
-        let Some(captured) = self.setup.lookup.take(seg.src).resolve() else {
-            let reason = "no capture record for this connection".into();
-            return refused(rec, Code::NoCapture, reason);
+        let captured = match self.setup.lookup.take(seg.src).resolve() {
+            Ok(captured) => captured,
+            Err(reason) => return refused(rec, Code::NoCapture, reason),
         };
         rec.src.captured(&captured, self.setup.admission.name());
         let table = self.setup.peers.table();

@@ -58,7 +58,7 @@ impl Engine {
         }
         let mut flow = self.track(Direction::Inbound, seg.src, seg.dst, now_ms);
         flow.dst.enforcer = Some(self.setup.admission.name().to_owned());
-        let Some(workload) = self.setup.services.workload(seg.dst.port()).cloned() else {
+        let Some(workload) = self.setup.services.workload(seg.dst.port()) else {
             let reason = format!("no workload serves port {}", seg.dst.port());
             return refuse_syn(seg, flow, Code::NotServed, reason, now_ms);
         };

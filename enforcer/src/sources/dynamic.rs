@@ -1,0 +1,483 @@
+//! The workloads sources found, by cgroup: what capture asks when a connection comes from a
+//! cgroup below a source's parent.
+//!
+//! A source's report ([`SourceEvent`]) becomes an identity here, built the way a configured
+//! workload's is (declared labels, then the enforcer's derived ones, the scope stamped last)
+//! with the runtime's facts added under their reserved keys. A container the selector does
+//! not take is remembered as refused, with the reason, so its connections fail with words.
+//!
+//! A connection from a cgroup nobody has reported yet (a container started a moment ago)
+//! asks the source about that cgroup and waits, bounded, for the answer ([`Self::resolve`]).
+//! State is bounded: one entry per container the runtime says exists, at most
+//! [`MAX_ENTRIES`], and a bounded queue of questions.
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use tessera_policy::Labels;
+use tessera_proxy::{identity::Identity, local::LocalWorkload};
+
+use super::{Discovered, SourceEvent};
+
+/// At most this many workloads from sources on one host.
+pub const MAX_ENTRIES: usize = 10_000;
+/// At most this many unanswered questions to a source.
+pub const MAX_QUESTIONS: usize = 256;
+
+/// What an enforcer knows of the workload in one cgroup under a source's parent.
+#[derive(Clone, Debug)]
+pub enum Entry {
+    Enrolled(Arc<LocalWorkload>),
+    /// The runtime reported it but it may not connect: the reason.
+    Refused(String),
+}
+
+/// The facts every identity carries, fixed for a run.
+#[derive(Clone, Debug)]
+pub struct Base {
+    pub trust_domain: String,
+    pub enforcer: String,
+    pub host: String,
+    /// The enforcer's scope (from its certificate under a control plane), stamped last.
+    pub scope: BTreeMap<String, String>,
+    /// Labels a workload must carry to be enrolled.
+    pub select: BTreeMap<String, String>,
+    pub observe: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// (key, what it is, the TCP ports its runtime says it serves).
+    by_dir: HashMap<PathBuf, (String, Entry, Vec<u16>)>,
+    by_key: HashMap<String, PathBuf>,
+    /// Cgroups the source was asked about and knows nothing of, with when and why: a
+    /// waiting connection is refused at once rather than at the end of its wait.
+    unknown: HashMap<PathBuf, (Instant, String)>,
+}
+
+/// At most this many answers "unknown" are kept, each for [`UNKNOWN_FOR`].
+const MAX_UNKNOWN: usize = 1024;
+const UNKNOWN_FOR: Duration = Duration::from_secs(5);
+
+pub struct DynamicWorkloads {
+    /// The parent cgroup capture is attached to.
+    root: PathBuf,
+    base: Base,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Questions to the source: "who is in this cgroup?".
+    ask: tokio::sync::mpsc::Sender<PathBuf>,
+}
+
+impl DynamicWorkloads {
+    /// A registry for the workloads under `root`, and the receiving end of its questions.
+    pub fn new(root: PathBuf, base: Base) -> (Arc<Self>, tokio::sync::mpsc::Receiver<PathBuf>) {
+        let (ask, questions) = tokio::sync::mpsc::channel(MAX_QUESTIONS);
+        let me = Arc::new(Self {
+            root,
+            base,
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            ask,
+        });
+        (me, questions)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The cgroup directly below the parent that `dir` is in or below (a container's own
+    /// cgroup holds its processes and any it makes), `None` for the parent itself or a
+    /// directory elsewhere.
+    pub fn workload_dir(&self, dir: &Path) -> Option<PathBuf> {
+        let first = dir.strip_prefix(&self.root).ok()?.components().next()?;
+        Some(self.root.join(first))
+    }
+
+    /// A workload the source found but will not vouch for, and why: its connections are
+    /// refused with that reason until it is gone (reported down).
+    pub fn refuse(&self, found: Discovered, why: String) {
+        self.put(found, |found| {
+            Entry::Refused(format!("{} is not enrolled: {why}", found.name))
+        });
+    }
+
+    /// Applies a source's report.
+    pub fn apply(&self, event: SourceEvent) {
+        match event {
+            SourceEvent::Up(found) => self.put(found, |found| self.entry(found)),
+            SourceEvent::Down { key } => {
+                let mut state = self.state.lock().expect("lock");
+                if let Some(dir) = state.by_key.remove(&key) {
+                    state.by_dir.remove(&dir);
+                    tracing::info!(key = %key, cgroup = %dir.display(), "workload unenrolled");
+                }
+                drop(state);
+                self.changed.notify_all();
+            }
+        }
+    }
+
+    fn put(&self, found: Discovered, entry: impl FnOnce(&Discovered) -> Entry) {
+        let mut state = self.state.lock().expect("lock");
+        if self.workload_dir(&found.cgroup).as_deref() != Some(found.cgroup.as_path()) {
+            tracing::warn!(
+                key = %found.key,
+                cgroup = %found.cgroup.display(),
+                parent = %self.root.display(),
+                "a source reported a workload outside its parent cgroup: ignored"
+            );
+            return;
+        }
+        let known = state.by_key.get(&found.key).cloned();
+        if known.is_none() && state.by_dir.len() >= MAX_ENTRIES {
+            tracing::warn!(key = %found.key, limit = MAX_ENTRIES, "too many workloads from sources: not enrolled");
+            return;
+        }
+        if let Some(old) = known.filter(|d| *d != found.cgroup) {
+            state.by_dir.remove(&old);
+        }
+        let entry = entry(&found);
+        match &entry {
+            Entry::Enrolled(w) => tracing::info!(
+                key = %found.key,
+                workload = %found.name,
+                cgroup = %found.cgroup.display(),
+                identity = %w.identity.labels,
+                "workload enrolled"
+            ),
+            Entry::Refused(why) => tracing::warn!(
+                key = %found.key,
+                workload = %found.name,
+                reason = %why,
+                "workload not enrolled"
+            ),
+        }
+        if let Some((old_key, _, _)) = state.by_dir.get(&found.cgroup)
+            && *old_key != found.key
+        {
+            let old_key = old_key.clone();
+            state.by_key.remove(&old_key);
+        }
+        state.by_key.insert(found.key.clone(), found.cgroup.clone());
+        state
+            .by_dir
+            .insert(found.cgroup, (found.key, entry, found.ports));
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// The identity of a reported workload, or why it has none.
+    fn entry(&self, found: &Discovered) -> Entry {
+        if let Some((k, v)) = self
+            .base
+            .select
+            .iter()
+            .find(|(k, v)| found.labels.get(*k) != Some(*v))
+        {
+            return Entry::Refused(format!(
+                "{} was not started with the label {k}={v} that [containers] select asks for",
+                found.name
+            ));
+        }
+        match self.identity(found) {
+            Ok(identity) => Entry::Enrolled(Arc::new(LocalWorkload {
+                name: found.name.clone(),
+                identity,
+                observe: self.base.observe,
+            })),
+            Err(e) => Entry::Refused(e),
+        }
+    }
+
+    fn identity(&self, found: &Discovered) -> Result<Identity, String> {
+        let b = &self.base;
+        let mut id = crate::attest::workload_identity(
+            &b.trust_domain,
+            &b.enforcer,
+            &b.host,
+            &found.name,
+            &found.cgroup,
+            found.labels.clone(),
+        );
+        let mut labels: BTreeMap<String, String> = id
+            .labels
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        for (k, v) in &found.derived {
+            labels.insert((*k).to_owned(), v.clone());
+        }
+        id.labels = Labels::new(labels);
+        tessera_proxy::identity::scope::stamp(id, &b.scope)
+            .map_err(|e| format!("{}: label {e}", found.name))
+    }
+
+    /// The source's answer for a cgroup it knows nothing of: connections waiting on it are
+    /// refused now, with `why`.
+    pub fn refuse_unknown(&self, dir: &Path, why: &str) {
+        let mut state = self.state.lock().expect("lock");
+        let now = Instant::now();
+        state
+            .unknown
+            .retain(|_, (at, _)| now.duration_since(*at) < UNKNOWN_FOR);
+        if state.unknown.len() < MAX_UNKNOWN {
+            state
+                .unknown
+                .insert(dir.to_owned(), (now, format!("{}: {why}", dir.display())));
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// What is known of the workload in `dir` (a directory from [`Self::workload_dir`]).
+    pub fn get(&self, dir: &Path) -> Option<Entry> {
+        let state = self.state.lock().expect("lock");
+        state.by_dir.get(dir).map(|(_, e, _)| e.clone())
+    }
+
+    /// The workload in `dir`, asking the source and waiting up to `wait` if nobody has
+    /// reported it yet. Blocks: call it where blocking is allowed.
+    pub fn resolve(&self, dir: &Path, wait: Duration) -> Entry {
+        if let Some(e) = self.get(dir) {
+            return e;
+        }
+        if self.ask.try_send(dir.to_owned()).is_err() {
+            tracing::debug!(cgroup = %dir.display(), "source busy: waiting for its reports only");
+        }
+        let asked = Instant::now();
+        let deadline = asked + wait;
+        let mut state = self.state.lock().expect("lock");
+        loop {
+            if let Some((_, e, _)) = state.by_dir.get(dir) {
+                return e.clone();
+            }
+            if let Some((at, why)) = state.unknown.get(dir)
+                && *at >= asked
+            {
+                return Entry::Refused(why.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Entry::Refused(format!(
+                    "the container runtime did not say who is in {} within {} ms",
+                    dir.display(),
+                    wait.as_millis()
+                ));
+            }
+            state = self.changed.wait_timeout(state, left).expect("lock").0;
+        }
+    }
+
+    /// The enrolled workload that serves `port`: the one whose runtime says it exposes it,
+    /// if exactly one does (two claiming one port: neither, refused as not served).
+    pub fn serving(&self, port: u16) -> Option<Arc<LocalWorkload>> {
+        let state = self.state.lock().expect("lock");
+        let mut found = state.by_dir.values().filter_map(|(_, e, ports)| match e {
+            Entry::Enrolled(w) if ports.contains(&port) => Some(w.clone()),
+            _ => None,
+        });
+        let first = found.next()?;
+        if found.next().is_some() {
+            tracing::warn!(
+                port,
+                "several containers say they serve this port: none is delivered to"
+            );
+            return None;
+        }
+        Some(first)
+    }
+
+    /// How many workloads are known (enrolled or refused).
+    pub fn len(&self) -> usize {
+        self.state.lock().expect("lock").by_dir.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies every report from `events` until the sources are gone.
+    pub async fn follow(self: Arc<Self>, mut events: tokio::sync::mpsc::Receiver<SourceEvent>) {
+        while let Some(event) = events.recv().await {
+            self.apply(event);
+        }
+    }
+}
+
+impl tessera_proxy::local::DynamicServices for DynamicWorkloads {
+    fn workload(&self, port: u16) -> Option<Arc<LocalWorkload>> {
+        self.serving(port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_proxy::identity::reserved;
+
+    fn base() -> Base {
+        Base {
+            trust_domain: "td".into(),
+            enforcer: "host-a".into(),
+            host: "h".into(),
+            scope: BTreeMap::from([("site".to_string(), "paris".to_string())]),
+            select: BTreeMap::from([("tier".to_string(), "web".to_string())]),
+            observe: false,
+        }
+    }
+
+    fn found(key: &str, dir: &str, labels: &[(&str, &str)]) -> Discovered {
+        Discovered::new(
+            key.into(),
+            format!("ctr-{key}"),
+            PathBuf::from(dir),
+            labels.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            BTreeMap::from([(reserved::IMAGE_DIGEST, "sha256:abc".to_string())]),
+            vec![],
+        )
+    }
+
+    #[test]
+    fn runtime_facts_win_over_declared_labels_and_the_scope_is_stamped() {
+        let (reg, _q) = DynamicWorkloads::new("/cg/p".into(), base());
+        reg.apply(SourceEvent::Up(found(
+            "a",
+            "/cg/p/libpod-a",
+            &[
+                ("tier", "web"),
+                ("tessera.io/image-digest", "sha256:forged"),
+                ("tessera.io/workload", "admin"),
+            ],
+        )));
+        let Some(Entry::Enrolled(w)) = reg.get(Path::new("/cg/p/libpod-a")) else {
+            panic!("not enrolled")
+        };
+        let l = &w.identity.labels;
+        assert_eq!(l.get(reserved::IMAGE_DIGEST), Some("sha256:abc"));
+        assert_eq!(l.get(reserved::WORKLOAD), Some("ctr-a"));
+        assert_eq!(l.get("site"), Some("paris"));
+        assert_eq!(l.get("tier"), Some("web"));
+    }
+
+    #[test]
+    fn unselected_containers_are_refused_with_the_reason_and_go_when_down() {
+        let (reg, _q) = DynamicWorkloads::new("/cg/p".into(), base());
+        reg.apply(SourceEvent::Up(found("b", "/cg/p/libpod-b", &[])));
+        match reg.get(Path::new("/cg/p/libpod-b")) {
+            Some(Entry::Refused(why)) => assert!(why.contains("tier=web"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        reg.apply(SourceEvent::Down { key: "b".into() });
+        assert!(reg.is_empty());
+        // A declared scope label with another value is out of scope: refused, not enrolled.
+        reg.apply(SourceEvent::Up(found(
+            "c",
+            "/cg/p/libpod-c",
+            &[("tier", "web"), ("site", "tokyo")],
+        )));
+        assert!(matches!(
+            reg.get(Path::new("/cg/p/libpod-c")),
+            Some(Entry::Refused(_))
+        ));
+    }
+
+    #[test]
+    fn reports_outside_the_parent_are_ignored_and_sub_cgroups_map_to_their_container() {
+        let (reg, _q) = DynamicWorkloads::new("/cg/p".into(), base());
+        reg.apply(SourceEvent::Up(found(
+            "x",
+            "/cg/other/libpod-x",
+            &[("tier", "web")],
+        )));
+        reg.apply(SourceEvent::Up(found(
+            "y",
+            "/cg/p/libpod-y/inner",
+            &[("tier", "web")],
+        )));
+        assert!(reg.is_empty());
+        assert_eq!(
+            reg.workload_dir(Path::new("/cg/p/libpod-y/inner/deeper")),
+            Some(PathBuf::from("/cg/p/libpod-y"))
+        );
+        assert_eq!(reg.workload_dir(Path::new("/cg/p")), None);
+        assert_eq!(reg.workload_dir(Path::new("/cg/q/x")), None);
+    }
+
+    #[test]
+    fn an_unknown_cgroup_asks_the_source_and_waits_bounded() {
+        let (reg, mut q) = DynamicWorkloads::new("/cg/p".into(), base());
+        let r = reg.clone();
+        let answer = std::thread::spawn(move || {
+            let asked = q.blocking_recv().expect("a question");
+            r.apply(SourceEvent::Up(found(
+                "z",
+                asked.to_str().unwrap(),
+                &[("tier", "web")],
+            )));
+            q
+        });
+        let e = reg.resolve(Path::new("/cg/p/libpod-z"), Duration::from_secs(10));
+        assert!(matches!(e, Entry::Enrolled(_)), "{e:?}");
+        let _q = answer.join().unwrap();
+        // Nobody answers: refused once the wait is over, with the reason.
+        let started = Instant::now();
+        match reg.resolve(Path::new("/cg/p/libpod-none"), Duration::from_millis(100)) {
+            Entry::Refused(why) => assert!(why.contains("did not say"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_port_is_served_by_the_one_enrolled_container_that_exposes_it() {
+        let (reg, _q) = DynamicWorkloads::new("/cg/p".into(), base());
+        let mut a = found("a", "/cg/p/a", &[("tier", "web")]);
+        a.ports = vec![8080];
+        reg.apply(SourceEvent::Up(a.clone()));
+        assert_eq!(reg.serving(8080).unwrap().name, "ctr-a");
+        assert!(reg.serving(9090).is_none());
+        // Not selected: serves nothing.
+        let mut b = found("b", "/cg/p/b", &[]);
+        b.ports = vec![9090];
+        reg.apply(SourceEvent::Up(b));
+        assert!(reg.serving(9090).is_none());
+        // Two claim one port: neither is delivered to.
+        let mut c = found("c", "/cg/p/c", &[("tier", "web")]);
+        c.ports = vec![8080];
+        reg.apply(SourceEvent::Up(c));
+        assert!(reg.serving(8080).is_none());
+        reg.apply(SourceEvent::Down { key: "c".into() });
+        assert_eq!(reg.serving(8080).unwrap().name, "ctr-a");
+    }
+
+    #[test]
+    fn a_flood_of_questions_and_reports_stays_bounded() {
+        let (reg, q) = DynamicWorkloads::new("/cg/p".into(), base());
+        for i in 0..(MAX_QUESTIONS + 50) {
+            let _ = reg.resolve(
+                Path::new(&format!("/cg/p/libpod-{i}")),
+                Duration::from_millis(0),
+            );
+        }
+        assert_eq!(q.len(), MAX_QUESTIONS);
+        for i in 0..(MAX_ENTRIES + 10) {
+            reg.apply(SourceEvent::Up(found(
+                &format!("k{i}"),
+                &format!("/cg/p/c{i}"),
+                &[("tier", "web")],
+            )));
+        }
+        assert_eq!(reg.len(), MAX_ENTRIES);
+        // A known workload's update still applies at the limit.
+        reg.apply(SourceEvent::Up(found("k0", "/cg/p/c0", &[])));
+        assert!(matches!(
+            reg.get(Path::new("/cg/p/c0")),
+            Some(Entry::Refused(_))
+        ));
+    }
+}

@@ -1,0 +1,492 @@
+//! End-to-end tests of containers enrolled as podman starts them (`[containers]`): real
+//! containers from an image imported from Debian's busybox-static, in a test host's
+//! network namespace, under a parent cgroup the enforcer captures; their identity from
+//! podman's API (labels, name, image, image digest), never from what they claim.
+//!
+//! * a container's very first instruction connects, and is already under policy (allowed
+//!   when its labels say so, denied otherwise), recorded with the image's real digest;
+//! * forged `tessera.io/` labels give way to the runtime's truth;
+//! * a container without the labels `select` asks for is refused every connection;
+//! * a container stopped is unenrolled; one running when the enforcer starts is enrolled;
+//! * with the runtime's API away, a new container's connections are refused (fail closed).
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tessera_enforcer::config::Containers;
+use tessera_proxy::{
+    code::Code,
+    flow::{Direction, FlowRecord, Verdict},
+};
+use tessera_tests::{Podman, TestNet, eventually};
+
+const T: Duration = Duration::from_secs(60);
+
+const POLICY: &str = "\
+rules:
+  - name: clients-to-web
+    action: allow
+    from: [{labels: [app=client]}]
+    to: [{labels: [app=web]}]
+  - name: web-to-store
+    action: allow
+    from: [{labels: [app=web]}]
+    to: [{labels: [app=store]}]
+";
+
+/// host-a: containers under its parent cgroup (those labelled team=blue enrolled); host-b:
+/// `web` (app=web) serving http on 8080. Enforcers started with [`POLICY`].
+fn setup() -> (TestNet, PathBuf) {
+    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
+    net.add_workload(net.host("host-b"), "web", &[("app", "web")], &[8080])
+        .unwrap();
+    let parent = net.cgroup(net.host("host-a"), Some("containers"));
+    net.write_policy(None, POLICY).unwrap();
+    std::fs::write(net.dir.join("index.html"), "hello from web\n").unwrap();
+    net.serve_http(net.host("host-b"), Some("web"), "0.0.0.0", 8080, &net.dir)
+        .unwrap();
+    (net, parent)
+}
+
+fn containers(podman: &Podman, parent: &Path) -> Containers {
+    Containers {
+        select: BTreeMap::from([("team".to_string(), "blue".to_string())]),
+        wait_ms: 3_000,
+        ports: vec![9000, 9001],
+        ..podman.section(parent)
+    }
+}
+
+/// An HTTP GET of web's page with busybox's `nc` (Debian's busybox `wget` crashes on its
+/// own, outside any container too).
+const GET: [&str; 3] = [
+    "sh",
+    "-c",
+    "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 10 10.77.0.2 8080",
+];
+
+/// The page fetched by the container's first and only process.
+fn fetch(
+    podman: &Podman,
+    net: &TestNet,
+    parent: &Path,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> bool {
+    let out = podman
+        .run(net.host("host-a"), parent, name, labels, &GET, T)
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "container {name}: {} stdout {body:?} stderr {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    body.contains("hello from web")
+}
+
+fn of(name: &str) -> impl Fn(&FlowRecord) -> bool + '_ {
+    move |f| {
+        f.src
+            .labels
+            .get("tessera.io/container-name")
+            .map(String::as_str)
+            == Some(name)
+    }
+}
+
+#[test]
+fn containers_are_under_policy_from_their_first_instruction_with_the_runtimes_identity() {
+    let (net, parent) = setup();
+    let podman = Podman::start(&net).expect("podman");
+    net.options
+        .lock()
+        .unwrap()
+        .containers
+        .insert("host-a".into(), containers(&podman, &parent));
+    net.start_enforcers().unwrap();
+    let digest = podman.image_digest().unwrap();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    let name = |s: &str| format!("{}-{s}", net.id);
+
+    // Allowed: labels app=client, team=blue — and forged tessera.io/ labels.
+    let forged = format!("sha256:{}", "0".repeat(64));
+    let allowed = name("client");
+    assert!(
+        fetch(
+            &podman,
+            &net,
+            &parent,
+            &allowed,
+            &[
+                ("app", "client"),
+                ("team", "blue"),
+                ("tessera.io/image-digest", &forged),
+                ("tessera.io/workload", "web"),
+                ("tessera.io/container-name", "someone-else"),
+            ],
+        ),
+        "the allowed container's first connection failed; host-a log:\n{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    // Both ends recorded it with the runtime's truth.
+    for host in ["host-a", "host-b"] {
+        let recs = net.wait_flows(net.host(host), 1, |f| {
+            of(&allowed)(f) && f.verdict == Verdict::Allowed
+        });
+        assert_eq!(recs.len(), 1, "{host}: {:?}", net.flows(net.host(host)));
+        let l = &recs[0].src.labels;
+        assert_eq!(l["tessera.io/image-digest"], digest, "{host}: {l:?}");
+        assert_eq!(l["tessera.io/image"], podman.image, "{host}");
+        assert_eq!(
+            l["tessera.io/workload"], allowed,
+            "{host}: forged workload name won"
+        );
+        assert_eq!(l["tessera.io/container-runtime"], "podman", "{host}");
+        assert_eq!(l["app"], "client");
+        assert_eq!(l["tessera.io/enforcer"], "host-a");
+        assert!(
+            l["tessera.io/cgroup"].contains("/containers/libpod-"),
+            "{l:?}"
+        );
+        assert_eq!(recs[0].src.workload.as_deref(), Some(allowed.as_str()));
+    }
+    let inbound = net.wait_flows(net.host("host-b"), 1, of(&allowed));
+    assert_eq!(inbound[0].direction, Direction::Inbound);
+
+    // Denied by policy (app=other), at its first instruction too: recorded by host-a with
+    // its identity (so it was captured and identified), never let through by web's end.
+    let denied = name("other");
+    assert!(!fetch(
+        &podman,
+        &net,
+        &parent,
+        &denied,
+        &[("app", "other"), ("team", "blue")]
+    ));
+    let recs = net.wait_flows(net.host("host-a"), 1, of(&denied));
+    assert_eq!(recs.len(), 1, "{:?}", net.flows(net.host("host-a")));
+    assert_eq!(recs[0].verdict, Verdict::Denied);
+    assert_eq!(recs[0].code, Code::Policy);
+    assert_eq!(recs[0].src.labels["tessera.io/image-digest"], digest);
+    assert!(
+        net.flows(net.host("host-b"))
+            .iter()
+            .filter(|f| of(&denied)(f))
+            .all(|f| f.verdict == Verdict::Denied),
+        "a denied container reached web"
+    );
+
+    // Not selected (no team=blue): refused, whatever policy would say of app=client.
+    let unselected = name("stranger");
+    assert!(!fetch(
+        &podman,
+        &net,
+        &parent,
+        &unselected,
+        &[("app", "client")]
+    ));
+    let refused = net.wait_flows(net.host("host-a"), 1, |f| {
+        f.code == Code::NoCapture && f.direction == Direction::Outbound
+    });
+    assert_eq!(refused.len(), 1, "{:?}", net.flows(net.host("host-a")));
+    assert_eq!(refused[0].verdict, Verdict::Error);
+    assert!(
+        refused[0].reason.contains(&unselected)
+            && refused[0]
+                .reason
+                .contains("was not started with the label team=blue"),
+        "the record does not say why: {:?}",
+        refused[0].reason
+    );
+    let web_served = net
+        .flows(net.host("host-b"))
+        .iter()
+        .filter(|f| f.verdict == Verdict::Allowed)
+        .count();
+    assert_eq!(web_served, 1, "only the allowed container reached web");
+}
+
+#[test]
+fn containers_are_enrolled_while_they_run_and_unenrolled_when_they_stop() {
+    let (net, parent) = setup();
+    let podman = Podman::start(&net).expect("podman");
+    net.options
+        .lock()
+        .unwrap()
+        .containers
+        .insert("host-a".into(), containers(&podman, &parent));
+    // Started before the enforcer: found by listing what runs.
+    let early = format!("{}-early", net.id);
+    podman
+        .start_detached(
+            net.host("host-a"),
+            &parent,
+            &early,
+            &[("app", "client"), ("team", "blue")],
+            &["sleep", "600"],
+        )
+        .unwrap();
+    net.start_enforcers().unwrap();
+    let log = |net: &TestNet| net.enforcer_log(net.host("host-a"));
+    assert!(
+        eventually(T, || log(&net).contains(&format!("workload=\"{early}\""))
+            || log(&net).contains(&format!("workload={early}"))),
+        "the running container was not enrolled:\n{}",
+        log(&net)
+    );
+    let out = podman.exec(&early, &GET).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello from web"),
+        "exec in the running container: {out:?}"
+    );
+    let recs = net.wait_flows(net.host("host-b"), 1, of(&early));
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].verdict, Verdict::Allowed);
+
+    // Stopped: unenrolled (the runtime's events say so).
+    podman.remove(&early).unwrap();
+    assert!(
+        eventually(T, || log(&net).contains("workload unenrolled")),
+        "not unenrolled:\n{}",
+        log(&net)
+    );
+
+    // The enforcer restarts while a container runs: enrolled again by the listing.
+    let late = format!("{}-late", net.id);
+    podman
+        .start_detached(
+            net.host("host-a"),
+            &parent,
+            &late,
+            &[("app", "client"), ("team", "blue")],
+            &["sleep", "600"],
+        )
+        .unwrap();
+    net.stop_enforcer(net.host("host-a"), false).unwrap();
+    net.start_enforcer(net.host("host-a")).unwrap();
+    let out = podman.exec(&late, &GET).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello from web"),
+        "after the enforcer's restart: {out:?}"
+    );
+    assert_eq!(net.wait_flows(net.host("host-b"), 1, of(&late)).len(), 1);
+}
+
+#[test]
+fn without_the_runtimes_api_new_containers_are_refused() {
+    let (net, parent) = setup();
+    let mut podman = Podman::start(&net).expect("podman");
+    net.options
+        .lock()
+        .unwrap()
+        .containers
+        .insert("host-a".into(), containers(&podman, &parent));
+    net.start_enforcers().unwrap();
+    podman.stop_service();
+    let name = format!("{}-blind", net.id);
+    let started = Instant::now();
+    assert!(!fetch(
+        &podman,
+        &net,
+        &parent,
+        &name,
+        &[("app", "client"), ("team", "blue")]
+    ));
+    let refused = net.wait_flows(net.host("host-a"), 1, |f| f.code == Code::NoCapture);
+    assert_eq!(refused.len(), 1, "{:?}", net.flows(net.host("host-a")));
+    assert!(
+        refused[0].reason.contains("did not say who is in"),
+        "{:?}",
+        refused[0].reason
+    );
+    assert!(started.elapsed() < T);
+    assert!(
+        net.flows(net.host("host-b"))
+            .iter()
+            .all(|f| f.verdict != Verdict::Allowed),
+        "a container nobody could identify reached web"
+    );
+}
+
+#[test]
+fn a_container_serves_the_ports_its_runtime_says_it_exposes_under_policy() {
+    let (net, parent) = setup();
+    let podman = Podman::start(&net).expect("podman");
+    net.options
+        .lock()
+        .unwrap()
+        .containers
+        .insert("host-a".into(), containers(&podman, &parent));
+    net.start_enforcers().unwrap();
+    let store = format!("{}-store", net.id);
+    podman
+        .start_exposing(
+            net.host("host-a"),
+            &parent,
+            &store,
+            &[
+                ("app", "store"),
+                ("team", "blue"),
+                ("tessera.ports", "9000"),
+            ],
+            &[9000],
+            &["httpd", "-f", "-p", "9000", "-h", "/www"],
+        )
+        .unwrap();
+    let digest = podman.image_digest().unwrap();
+    // web on host-b may reach the store (policy), through Tessera: the record at host-a
+    // names the container as the destination, with its image's digest.
+    let got = || {
+        net.curl("host-b", Some("web"), "http://10.77.0.1:9000/index.html")
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("hello from a container"))
+            .unwrap_or(false)
+    };
+    assert!(
+        eventually(T, got),
+        "web could not reach the container; host-a log:\n{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let recs = net.wait_flows(net.host("host-a"), 1, |f| {
+        f.direction == Direction::Inbound && f.verdict == Verdict::Allowed
+    });
+    assert!(!recs.is_empty(), "{:?}", net.flows(net.host("host-a")));
+    let dst = &recs[0].dst.labels;
+    assert_eq!(dst["tessera.io/container-name"], store, "{dst:?}");
+    assert_eq!(dst["tessera.io/image-digest"], digest);
+    assert_eq!(recs[0].dst.workload.as_deref(), Some(store.as_str()));
+
+    // A process of host-b outside any workload: no identity, refused by host-a (the port
+    // is protected although no configured workload serves it).
+    let out = net
+        .curl("host-b", None, "http://10.77.0.1:9000/index.html")
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("hello"),
+        "an unauthenticated client reached the container"
+    );
+    // A protected port no container exposes: not served.
+    let out = net
+        .curl("host-b", Some("web"), "http://10.77.0.1:9001/")
+        .unwrap();
+    assert!(!out.status.success());
+    let not_served = net.wait_flows(net.host("host-a"), 1, |f| {
+        f.code == Code::NotServed && f.dst.addr.port() == 9001
+    });
+    assert_eq!(not_served.len(), 1, "{:?}", net.flows(net.host("host-a")));
+
+    // Stopped: its port is served by nobody.
+    podman.remove(&store).unwrap();
+    assert!(eventually(T, || {
+        net.enforcer_log(net.host("host-a"))
+            .contains("workload unenrolled")
+    }));
+    let before = net
+        .flows(net.host("host-a"))
+        .iter()
+        .filter(|f| f.code == Code::NotServed)
+        .count();
+    let _ = net.curl("host-b", Some("web"), "http://10.77.0.1:9000/index.html");
+    assert_eq!(
+        net.wait_flows(net.host("host-a"), before + 1, |f| f.code
+            == Code::NotServed)
+            .len(),
+        before + 1
+    );
+}
+
+#[test]
+fn in_handshake_mode_a_containers_identity_rides_in_its_handshake() {
+    let (net, parent) = setup();
+    let podman = Podman::start(&net).expect("podman");
+    {
+        let mut opts = net.options.lock().unwrap();
+        opts.handshake = true;
+        opts.containers
+            .insert("host-a".into(), containers(&podman, &parent));
+    }
+    net.start_enforcers().unwrap();
+    let digest = podman.image_digest().unwrap();
+    let allowed = format!("{}-hs-client", net.id);
+    assert!(
+        fetch(
+            &podman,
+            &net,
+            &parent,
+            &allowed,
+            &[("app", "client"), ("team", "blue")]
+        ),
+        "host-a log:\n{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let recs = net.wait_flows(net.host("host-b"), 1, |f| {
+        of(&allowed)(f) && f.verdict == Verdict::Allowed
+    });
+    assert_eq!(recs.len(), 1, "{:?}", net.flows(net.host("host-b")));
+    assert_eq!(recs[0].src.labels["tessera.io/image-digest"], digest);
+    let denied = format!("{}-hs-other", net.id);
+    assert!(!fetch(
+        &podman,
+        &net,
+        &parent,
+        &denied,
+        &[("app", "other"), ("team", "blue")]
+    ));
+    assert!(
+        net.flows(net.host("host-b"))
+            .iter()
+            .filter(|f| of(&denied)(f))
+            .all(|f| f.verdict != Verdict::Allowed)
+    );
+    let unselected = format!("{}-hs-stranger", net.id);
+    assert!(!fetch(
+        &podman,
+        &net,
+        &parent,
+        &unselected,
+        &[("app", "client")]
+    ));
+    let refused = net.wait_flows(net.host("host-a"), 1, |f| f.code == Code::NoCapture);
+    assert_eq!(refused.len(), 1, "{:?}", net.flows(net.host("host-a")));
+    assert!(
+        refused[0].reason.contains("team=blue"),
+        "{}",
+        refused[0].reason
+    );
+}
+
+#[test]
+fn a_container_with_a_network_namespace_of_its_own_is_refused_with_the_reason() {
+    let (net, parent) = setup();
+    let podman = Podman::start(&net).expect("podman");
+    net.options
+        .lock()
+        .unwrap()
+        .containers
+        .insert("host-a".into(), containers(&podman, &parent));
+    net.start_enforcers().unwrap();
+    // `--network none`: a namespace of its own (no route out at all, so nothing is sent
+    // anywhere). The runtime's report is refused, with the reason, and so is its connect.
+    let name = format!("{}-isolated", net.id);
+    podman
+        .start_on(
+            "none",
+            &parent,
+            &name,
+            &[("app", "client"), ("team", "blue")],
+            &[],
+            &["sleep", "600"],
+        )
+        .unwrap();
+    assert!(
+        eventually(T, || net
+            .enforcer_log(net.host("host-a"))
+            .contains("it has a network namespace of its own")),
+        "{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let out = podman.exec(&name, &GET).unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hello"));
+}
