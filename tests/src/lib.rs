@@ -26,6 +26,7 @@ pub mod containers;
 pub mod control;
 pub mod enforcer;
 pub mod etcd;
+pub mod image;
 pub mod network;
 pub mod rogue;
 pub mod tools;

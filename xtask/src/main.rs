@@ -4,6 +4,7 @@
 //! * `test`   setup, build, and every test of the workspace (unit and end-to-end).
 //! * `package` the Debian package of a host install (`target/debian/*.deb`).
 //! * `demo`   setup, build, then real workloads on test hosts behind Tessera; prints the map.
+//! * `image`  the release binary in a container image (buildah), for deploy/kubernetes/.
 //! * `bench`  direct vs through-Tessera throughput, connection rate, latency, memory; the
 //!   control plane under a simulated fleet (`--only fleet`).
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ mod bench;
 mod build;
 mod demo;
 mod fleet;
+mod image;
 mod load;
 mod package;
 mod setup;
@@ -41,6 +43,16 @@ enum Command {
     Package,
     /// Setup, build, and run the demo: three test hosts, real programs, the map.
     Demo,
+    /// Build the container image `localhost/tessera:<version>` (buildah, from scratch)
+    /// with the release binary, for deploy/kubernetes/.
+    Image {
+        /// Use this `tessera` binary instead of building the release one.
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// Tag it so instead of `localhost/tessera:<version>`.
+        #[arg(long)]
+        tag: Option<String>,
+    },
     /// Measure direct vs through-Tessera performance on test hosts.
     Bench {
         /// Also write the results as JSON to this file.
@@ -83,6 +95,10 @@ fn main() -> Result<()> {
             setup::run()?;
             let bin = build::release()?;
             demo::run(&bin)
+        }
+        Command::Image { bin, tag } => {
+            setup::run()?;
+            image::run(bin.as_deref(), tag.as_deref())
         }
         Command::Bench {
             json,

@@ -38,6 +38,9 @@ const PACKAGES: &[(&str, &str)] = &[
     // and busybox-static, the whole root filesystem of the tests' image (no registry).
     ("podman", "podman"),
     ("runc", "runc"),
+    // `cargo xtask image` commits the image with buildah (busybox-static, below, is also
+    // the image's shell for the Kubernetes start script; podman runs it in the image test).
+    ("buildah", "buildah"),
     ("/bin/busybox", "busybox-static"),
     // `cargo xtask package` (dpkg-deb, readelf, objcopy) and its test (systemd-analyze,
     // systemd-sysusers, setpriv).

@@ -13,6 +13,9 @@
 //! container's connections are captured from its first instruction; a connection from a
 //! cgroup the source has not reported yet waits (bounded) for the source's answer and is
 //! refused if none comes: there is no window in which a new container is unenrolled.
+#[cfg(feature = "kube")]
+pub mod kube;
+
 use std::{collections::BTreeMap, path::PathBuf};
 
 use tessera_proxy::identity::reserved;
