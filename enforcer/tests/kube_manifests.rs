@@ -24,7 +24,7 @@ use k8s_openapi::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
-use tessera_enforcer::{config::Config, sources::kube::KubeSettings};
+use tessera_enforcer::config::Config;
 
 const NAMESPACE: &str = "tessera-system";
 
@@ -501,16 +501,10 @@ fn the_rendered_enforcer_configuration_is_valid() {
         .replace("@ADVERTISE@", "10.0.0.11:15008")
         .replace("@POD_CIDR@", "10.244.1.0/24");
     assert!(!rendered.contains('@'), "every placeholder is filled");
-    let mut table: toml::Table = toml::from_str(&rendered).unwrap();
-    let kube: KubeSettings = table
-        .remove("kubernetes")
-        .expect("[kubernetes]")
-        .try_into()
-        .unwrap();
-    kube.validate().unwrap();
+    // Loaded as rendered, verbatim.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("enforcer.toml");
-    std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+    std::fs::write(&path, &rendered).unwrap();
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.name, "node-a");
     let control = config.control.as_ref().unwrap();
