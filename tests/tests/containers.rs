@@ -50,6 +50,17 @@ fn setup() -> (TestNet, PathBuf) {
     (net, parent)
 }
 
+/// podman for `net`, and host-a's enforcer following it for containers under `parent`
+/// (handshake mode if asked), not yet started.
+fn follow_podman(net: &TestNet, parent: &Path, handshake: bool) -> Podman {
+    let podman = Podman::start(net).expect("podman");
+    let mut opts = net.options.lock().unwrap();
+    opts.handshake = handshake;
+    opts.containers
+        .insert("host-a".into(), containers(&podman, parent));
+    podman
+}
+
 fn containers(podman: &Podman, parent: &Path) -> Containers {
     Containers {
         select: BTreeMap::from([("team".to_string(), "blue".to_string())]),
@@ -100,12 +111,7 @@ fn of(name: &str) -> impl Fn(&FlowRecord) -> bool + '_ {
 #[test]
 fn containers_are_under_policy_from_their_first_instruction_with_the_runtimes_identity() {
     let (net, parent) = setup();
-    let podman = Podman::start(&net).expect("podman");
-    net.options
-        .lock()
-        .unwrap()
-        .containers
-        .insert("host-a".into(), containers(&podman, &parent));
+    let podman = follow_podman(&net, &parent, false);
     net.start_enforcers().unwrap();
     let digest = podman.image_digest().unwrap();
     assert!(digest.starts_with("sha256:"), "{digest}");
@@ -239,12 +245,7 @@ fn containers_are_under_policy_from_their_first_instruction_with_the_runtimes_id
 #[test]
 fn containers_are_enrolled_while_they_run_and_unenrolled_when_they_stop() {
     let (net, parent) = setup();
-    let podman = Podman::start(&net).expect("podman");
-    net.options
-        .lock()
-        .unwrap()
-        .containers
-        .insert("host-a".into(), containers(&podman, &parent));
+    let podman = follow_podman(&net, &parent, false);
     // Started before the enforcer: found by listing what runs.
     let early = format!("{}-early", net.id);
     podman
@@ -319,12 +320,7 @@ fn containers_are_enrolled_while_they_run_and_unenrolled_when_they_stop() {
 #[test]
 fn without_the_runtimes_api_new_containers_are_refused() {
     let (net, parent) = setup();
-    let mut podman = Podman::start(&net).expect("podman");
-    net.options
-        .lock()
-        .unwrap()
-        .containers
-        .insert("host-a".into(), containers(&podman, &parent));
+    let mut podman = follow_podman(&net, &parent, false);
     net.start_enforcers().unwrap();
     podman.stop_service();
     let name = format!("{}-blind", net.id);
@@ -355,12 +351,7 @@ fn without_the_runtimes_api_new_containers_are_refused() {
 #[test]
 fn a_container_serves_the_ports_its_runtime_says_it_exposes_under_policy() {
     let (net, parent) = setup();
-    let podman = Podman::start(&net).expect("podman");
-    net.options
-        .lock()
-        .unwrap()
-        .containers
-        .insert("host-a".into(), containers(&podman, &parent));
+    let podman = follow_podman(&net, &parent, false);
     net.start_enforcers().unwrap();
     let store = format!("{}-store", net.id);
     podman
@@ -441,13 +432,7 @@ fn a_container_serves_the_ports_its_runtime_says_it_exposes_under_policy() {
 #[test]
 fn in_handshake_mode_a_containers_identity_rides_in_its_handshake() {
     let (net, parent) = setup();
-    let podman = Podman::start(&net).expect("podman");
-    {
-        let mut opts = net.options.lock().unwrap();
-        opts.handshake = true;
-        opts.containers
-            .insert("host-a".into(), containers(&podman, &parent));
-    }
+    let podman = follow_podman(&net, &parent, true);
     net.start_enforcers().unwrap();
     let digest = podman.image_digest().unwrap();
     let allowed = format!("{}-hs-client", net.id);
@@ -510,13 +495,7 @@ fn a_container_with_a_network_namespace_of_its_own_is_refused(handshake: bool) {
     net.serve_http(net.host("host-b"), None, "0.0.0.0", 8000, &net.dir)
         .unwrap();
     let parent = net.cgroup(net.host("host-a"), Some("containers"));
-    let podman = Podman::start(&net).expect("podman");
-    {
-        let mut opts = net.options.lock().unwrap();
-        opts.handshake = handshake;
-        opts.containers
-            .insert("host-a".into(), containers(&podman, &parent));
-    }
+    let podman = follow_podman(&net, &parent, handshake);
     net.start_enforcers().unwrap();
     let get = "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.77.0.2 8000";
     // The path works for a container outside the parent (the control).
