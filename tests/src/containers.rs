@@ -177,10 +177,7 @@ impl Podman {
         limit: Duration,
     ) -> Result<Output> {
         let network = format!("ns:/run/netns/{}", host.netns);
-        let mut args = self.run_args(&network, parent, name, labels, false, &[], cmd)?;
-        // The image is the argument before the command.
-        let at = args.len() - cmd.len() - 1;
-        args[at] = image.to_owned();
+        let args = self.run_args(image, &network, parent, name, labels, false, &[], cmd)?;
         run_to_end(&args, name, limit)
     }
 
@@ -249,7 +246,7 @@ impl Podman {
         cmd: &[&str],
         limit: Duration,
     ) -> Result<Output> {
-        let args = self.run_args(network, parent, name, labels, false, &[], cmd)?;
+        let args = self.run_args(&self.image, network, parent, name, labels, false, &[], cmd)?;
         run_to_end(&args, name, limit)
     }
 
@@ -289,7 +286,7 @@ impl Podman {
         ports: &[u16],
         cmd: &[&str],
     ) -> Result<String> {
-        let args = self.run_args(network, parent, name, labels, true, ports, cmd)?;
+        let args = self.run_args(&self.image, network, parent, name, labels, true, ports, cmd)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         podman_ok(&args)
     }
@@ -309,6 +306,7 @@ impl Podman {
     #[allow(clippy::too_many_arguments)]
     fn run_args(
         &self,
+        image: &str,
         network: &str,
         parent: &Path,
         name: &str,
@@ -342,7 +340,7 @@ impl Podman {
             args.push("--label".into());
             args.push(format!("{k}={v}"));
         }
-        args.push(self.image.clone());
+        args.push(image.to_owned());
         args.extend(cmd.iter().map(|s| s.to_string()));
         Ok(args)
     }
