@@ -19,6 +19,8 @@ pub mod names {
     pub const CLOSED: &str = "TESSERA_CLOSED";
     pub const DELIVERY: &str = "TESSERA_DELIVERY";
     pub const HOST_NETNS: &str = "TESSERA_HOST_NETNS";
+    pub const ADOPTED_NETNS: &str = "TESSERA_ADOPTED_NETNS";
+    pub const PROG_GUARD_ADOPTED: &str = "guard_adopted";
     pub const PROG_CONNECT4: &str = "capture_connect4";
     pub const PROG_CONNECT6: &str = "capture_connect6";
     pub const PROG_SOCKOPS: &str = "track_connect";
@@ -44,6 +46,9 @@ pub const PROTECTED_PORT_ENTRIES: u32 = 1_024;
 pub const CLOSED_RING_BYTES: u32 = 1 << 20;
 /// Sockets in FIN_WAIT2 remembered at once (LRU).
 pub const FIN_WAIT2_ENTRIES: u32 = 65_536;
+/// Network namespaces of workloads with a network of their own (pods, containers) that the
+/// enforcer serves at once.
+pub const ADOPTED_NETNS_ENTRIES: u32 = 4_096;
 /// Deliveries being connected at once (each entry lives from bind() to connect()'s end).
 pub const DELIVERY_ENTRIES: u32 = 16_384;
 
@@ -98,8 +103,10 @@ pub struct OrigDst {
 }
 
 /// The client end of a redirected connection, as the proxy sees it after accept():
-/// its source address and port. Unique while the connection lives, because every
-/// redirected connection has the same destination (the outbound listener).
+/// its source address and port, and the network namespace it connected in. Unique while
+/// the connection lives, because every redirected connection in one namespace has the same
+/// destination (the outbound listener there); two pods' loopback addresses are the same
+/// numbers, so the namespace is part of the key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClientKey {
@@ -108,6 +115,9 @@ pub struct ClientKey {
     /// Host byte order.
     pub port: u16,
     pub family: u16,
+    pub _pad: u32,
+    /// The network namespace's cookie (`SO_NETNS_COOKIE`, `bpf_get_netns_cookie`).
+    pub netns: u64,
 }
 
 /// A connection the proxy is opening to a local workload (a delivery), as `sk_lookup` sees

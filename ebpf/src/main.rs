@@ -66,9 +66,9 @@ mod programs {
         },
     };
     use tessera_common::{
-        AF_INET, AF_INET6, CLOSED_RING_BYTES, ClientKey, ClosedConn, DELIVERY_ENTRIES, DeliveryKey,
-        FIN_WAIT2_ENTRIES, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, MODE_HANDSHAKE,
-        ORIG_MAP_ENTRIES, OrigDst, PROTECTED_PORT_ENTRIES, Settings,
+        ADOPTED_NETNS_ENTRIES, AF_INET, AF_INET6, CLOSED_RING_BYTES, ClientKey, ClosedConn,
+        DELIVERY_ENTRIES, DeliveryKey, FIN_WAIT2_ENTRIES, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6,
+        MODE_HANDSHAKE, ORIG_MAP_ENTRIES, OrigDst, PROTECTED_PORT_ENTRIES, Settings,
     };
     use tessera_common::{
         DIR_EGRESS, DIR_INGRESS, NONTCP_ALLOW_ENTRIES, NONTCP_FLOW_ENTRIES, NONTCP_KEY_FIXED_BITS,
@@ -104,6 +104,13 @@ mod programs {
     #[map(name = "TESSERA_HOST_NETNS")]
     static HOST_NETNS: Array<u64> = Array::pinned(1, 0);
 
+    /// Network namespaces of enrolled workloads with a network of their own (pods,
+    /// containers) where the enforcer keeps an outbound listener (key: the namespace's
+    /// cookie; value unused). Tunnel mode only: their connects are captured there like the
+    /// host's.
+    #[map(name = "TESSERA_ADOPTED_NETNS")]
+    static ADOPTED_NETNS: HashMap<u64, u32> = HashMap::pinned(ADOPTED_NETNS_ENTRIES, 0);
+
     #[map(name = "TESSERA_COOKIE_ORIG")]
     static COOKIE_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_MAP_ENTRIES, 0);
 
@@ -130,15 +137,17 @@ mod programs {
     #[map(name = "TESSERA_FIN_WAIT2")]
     static FIN_WAIT2: LruHashMap<u64, u64> = LruHashMap::pinned(FIN_WAIT2_ENTRIES, 0);
 
-    /// Whether the connecting socket is in another network namespace than the enforcer's.
-    fn foreign_netns(ctx: &SockAddrContext) -> bool {
+    /// Whether the connecting socket is in a network namespace the enforcer does not serve:
+    /// neither its own nor (tunnel mode) one it adopted, where its listener waits.
+    fn foreign_netns(ctx: &SockAddrContext, tunnel: bool) -> bool {
         let want = HOST_NETNS.get(0).copied().unwrap_or(0);
         if want == 0 {
             return false;
         }
         // SAFETY: bpf_get_netns_cookie is allowed in cgroup/connect programs, on their context.
         let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) };
-        cookie != want
+        // SAFETY: lookup in a plain hash map.
+        cookie != want && !(tunnel && unsafe { ADOPTED_NETNS.get(&cookie) }.is_some())
     }
 
     /// Connect hooks return 1 to let connect() proceed (with the address we may have
@@ -289,7 +298,7 @@ mod programs {
             if ip.to_ne_bytes()[0] == 127 {
                 return CONNECT_PROCEED;
             }
-            if foreign_netns(&ctx) {
+            if foreign_netns(&ctx, settings.mode != MODE_HANDSHAKE) {
                 return 0;
             }
             let port = u16::from_be((*sa).user_port as u16);
@@ -335,7 +344,7 @@ mod programs {
                 if ip[3].to_ne_bytes()[0] == 127 {
                     return CONNECT_PROCEED;
                 }
-                if foreign_netns(&ctx) {
+                if foreign_netns(&ctx, settings.mode != MODE_HANDSHAKE) {
                     return 0;
                 }
                 let tunnel = settings.mode != MODE_HANDSHAKE;
@@ -354,7 +363,7 @@ mod programs {
                 if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == V6_LOOPBACK_LAST {
                     return CONNECT_PROCEED;
                 }
-                if foreign_netns(&ctx) {
+                if foreign_netns(&ctx, settings.mode != MODE_HANDSHAKE) {
                     return 0;
                 }
                 let tunnel = settings.mode != MODE_HANDSHAKE;
@@ -509,6 +518,9 @@ mod programs {
             addr,
             port: ctx.local_port() as u16,
             family,
+            _pad: 0,
+            // SAFETY: bpf_get_netns_cookie is allowed in sock_ops programs, on their context.
+            netns: unsafe { bpf_get_netns_cookie(ctx.ops as *mut _) },
         }
     }
 
@@ -566,6 +578,48 @@ mod programs {
             Ok(()) => sk_action::SK_PASS,
             Err(_) => sk_action::SK_DROP,
         }
+    }
+
+    /// `sk_lookup` in the network namespace of a workload with a network of its own: a
+    /// protected port there is reached only from a loopback address, which is how the
+    /// enforcer delivers what its tunnels carry (and how the workload's own processes talk
+    /// to each other); the kernel drops a loopback source arriving on any other interface
+    /// as a martian. Anything else addressed to it is refused: it would reach the workload
+    /// around the tunnel.
+    #[sk_lookup]
+    pub fn guard_adopted(ctx: SkLookupContext) -> u32 {
+        let lookup = ctx.lookup;
+        // SAFETY: reading sk_lookup context fields.
+        let (protocol, family, local_port, remote4, remote6) = unsafe {
+            (
+                (*lookup).protocol,
+                (*lookup).family,
+                (*lookup).local_port,
+                (*lookup).remote_ip4,
+                (*lookup).remote_ip6,
+            )
+        };
+        if protocol != IPPROTO_TCP {
+            return sk_action::SK_PASS;
+        }
+        let loopback = if family == u32::from(AF_INET) {
+            remote4.to_ne_bytes()[0] == 127
+        } else {
+            let mapped = remote6[0] == 0 && remote6[1] == 0 && remote6[2] == V4_MAPPED_PREFIX;
+            (mapped && remote6[3].to_ne_bytes()[0] == 127)
+                || (remote6[0] == 0
+                    && remote6[1] == 0
+                    && remote6[2] == 0
+                    && remote6[3] == V6_LOOPBACK_LAST)
+        };
+        if loopback {
+            return sk_action::SK_PASS;
+        }
+        // SAFETY: lookup in a plain hash map.
+        if unsafe { PROTECTED_PORTS.get(&local_port) }.is_none() {
+            return sk_action::SK_PASS;
+        }
+        sk_action::SK_DROP
     }
 
     const SOL_IP: i32 = 0;

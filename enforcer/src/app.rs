@@ -228,7 +228,7 @@ pub async fn build(config: &Config) -> Result<Running> {
     if let Some(c) = &containers {
         host.services = host.services.clone().with_dynamic(c.registry.clone());
     }
-    let lookup = capture_lookup(config, &host, client_map, &containers);
+    let lookup = capture_lookup(config, &host, client_map, &containers)?;
     let mut live = control::Live {
         registry: core.registry.clone(),
         metrics: core.metrics.clone(),
@@ -252,7 +252,8 @@ pub async fn build(config: &Config) -> Result<Running> {
                 }
                 DeliveryMode::Localhost => DeliverySource::Localhost(config.bpf.delivery_source),
             };
-            let delivery = Delivery {
+            let mut delivery = Delivery {
+                namespaces: None,
                 source,
                 mark: config.bpf.delivery_mark,
                 gate,
@@ -267,6 +268,19 @@ pub async fn build(config: &Config) -> Result<Running> {
                 tokens: core.tokens.clone(),
                 mark: config.bpf.proxy_mark,
             });
+            if let Some(c) = &containers {
+                // Containers with a network of their own are served in it.
+                let adopted = crate::netns::Adopted::new(
+                    config.listen.outbound_port,
+                    config.bpf.proxy_mark,
+                    capture.take_adopted()?,
+                    config.pin_dir().join("adopted"),
+                    outbound.clone(),
+                    tokio::runtime::Handle::current(),
+                )?;
+                c.registry.serve_networks(adopted.clone());
+                delivery.namespaces = Some(adopted);
+            }
             let inbound = inbound(config, &identity, &cert, &core, &host, delivery)?;
             let previous = capture.previous_mode();
             // Protected ports (sk_lookup to our inbound listeners) in before anything goes.
@@ -470,19 +484,21 @@ fn capture_lookup(
     host: &HostState,
     map: aya::maps::HashMap<aya::maps::MapData, tessera_common::ClientKey, tessera_common::OrigDst>,
     containers: &Option<Containers>,
-) -> Arc<BpfCaptureLookup> {
+) -> Result<Arc<BpfCaptureLookup>> {
+    let host_netns = crate::capture::own_netns_cookie()?;
     let roots = config
         .workloads
         .iter()
         .map(|w| (w.name.clone(), w.cgroup.clone()))
         .collect();
-    Arc::new(BpfCaptureLookup {
+    Ok(Arc::new(BpfCaptureLookup {
         map: Mutex::new(map),
         workloads: WorkloadIndex::new(roots),
         identities: host.identities.clone(),
         attestor: Arc::default(),
         containers: containers.as_ref().map(|c| (c.registry.clone(), c.wait)),
-    })
+        host_netns,
+    }))
 }
 
 /// Tunnel mode's listeners, bound before anything in the kernel changes.

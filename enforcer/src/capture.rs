@@ -18,7 +18,7 @@
 //!   previous generation of links is retired.
 use std::{
     fs::{self, File},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -253,6 +253,9 @@ impl Capture {
         program::<SkLookup>(ebpf, names::PROG_SK_LOOKUP)?
             .load()
             .context("loading sk_lookup")?;
+        program::<SkLookup>(ebpf, names::PROG_GUARD_ADOPTED)?
+            .load()
+            .context("loading the guard of workloads' own networks")?;
         program::<CgroupSockopt>(ebpf, names::PROG_SETSOCKOPT)?
             .load()
             .context("loading the setsockopt guard")?;
@@ -368,6 +371,23 @@ impl Capture {
                 .context("registering the IPv6 inbound listener")?;
         }
         Ok(())
+    }
+
+    /// What serving workloads with a network namespace of their own takes (tunnel mode):
+    /// the map of the namespaces served (whose entries a previous run left stay until the
+    /// workloads are reported again: their connects fail meanwhile, no listener of ours
+    /// waits there), and the inbound guard each such namespace gets.
+    pub fn take_adopted(&mut self) -> Result<(HashMap<MapData, u64, u32>, OwnedFd)> {
+        let map = self
+            .ebpf
+            .take_map(names::ADOPTED_NETNS)
+            .context("adopted namespaces map")?;
+        let guard = program::<SkLookup>(&mut self.ebpf, names::PROG_GUARD_ADOPTED)?
+            .fd()?
+            .as_fd()
+            .try_clone_to_owned()
+            .context("the guard program's descriptor")?;
+        Ok((HashMap::try_from(map)?, guard))
     }
 
     /// The map where `sock_ops` leaves each redirected connection's original destination.
@@ -528,7 +548,7 @@ fn write_settings(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
 }
 
 /// The cookie of the network namespace this process (and so its proxy) is in.
-fn own_netns_cookie() -> Result<u64> {
+pub fn own_netns_cookie() -> Result<u64> {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
         .context("a socket to read the network namespace's cookie")?;
     let mut cookie: u64 = 0;
@@ -604,7 +624,12 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 
 /// Links `prog` to `cgroup` (`bpf_link_create`) and pins the link at `path`. (aya's
 /// `CgroupSockopt` links cannot become pinnable `FdLink`s, so this one is made directly.)
-fn link_and_pin(
+/// `BPF_SK_LOOKUP`, the attach type of `sk_lookup` programs (on a network namespace).
+pub const BPF_SK_LOOKUP: u32 = 36;
+
+/// Attaches `prog` to `target` (a cgroup or network namespace) as `attach_type` through a
+/// link, pinned at `path`.
+pub fn link_and_pin(
     prog: std::os::fd::BorrowedFd<'_>,
     cgroup: &File,
     attach_type: u32,

@@ -35,6 +35,7 @@ pub mod handshake;
 pub mod identity_show;
 pub use tessera_proxy::map;
 pub mod metrics;
+pub mod netns;
 pub mod nontcp;
 pub mod policy;
 pub mod server;

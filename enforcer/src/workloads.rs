@@ -100,8 +100,9 @@ impl WorkloadIndex {
     }
 }
 
-/// The eBPF map key for a client address as the proxy sees it after accept().
-pub fn client_key(client: SocketAddr) -> ClientKey {
+/// The eBPF map key for a client address as the proxy sees it after accept(), in the
+/// network namespace with cookie `netns`.
+pub fn client_key(client: SocketAddr, netns: u64) -> ClientKey {
     let ip = match client.ip() {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -114,6 +115,8 @@ pub fn client_key(client: SocketAddr) -> ClientKey {
             addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
             port: client.port(),
             family: AF_INET,
+            _pad: 0,
+            netns,
         },
         IpAddr::V6(v6) => {
             let o = v6.octets();
@@ -122,6 +125,8 @@ pub fn client_key(client: SocketAddr) -> ClientKey {
                 addr: [w(0), w(4), w(8), w(12)],
                 port: client.port(),
                 family: AF_INET6,
+                _pad: 0,
+                netns,
             }
         }
     }
@@ -150,6 +155,9 @@ pub struct BpfCaptureLookup {
     /// Containers under an enrolled parent cgroup, with the identities their runtime gave
     /// them, and how long a connection may wait for one it has not reported yet.
     pub containers: Option<(Arc<DynamicWorkloads>, std::time::Duration)>,
+    /// The cookie of the enforcer's own network namespace (where the proxy's own listeners
+    /// are).
+    pub host_netns: u64,
 }
 
 impl BpfCaptureLookup {
@@ -172,8 +180,8 @@ impl BpfCaptureLookup {
 }
 
 impl CaptureLookup for BpfCaptureLookup {
-    fn take(&self, client: SocketAddr) -> Capture {
-        let key = client_key(client);
+    fn take(&self, client: SocketAddr, netns: Option<u64>) -> Capture {
+        let key = client_key(client, netns.unwrap_or(self.host_netns));
         let orig = {
             let mut map = self.map.lock().expect("lock");
             let Ok(orig) = map.get(&key, 0) else {
@@ -316,12 +324,17 @@ mod tests {
     #[test]
     fn keys_match_what_the_ebpf_programs_write() {
         // sock_ops writes local_ip4 as the kernel holds it (network order) and the port in host order.
-        let k = client_key("127.0.0.1:40000".parse().unwrap());
+        let k = client_key("127.0.0.1:40000".parse().unwrap(), 7);
         assert_eq!(k.addr[0].to_ne_bytes(), [127, 0, 0, 1]);
-        assert_eq!((k.port, k.family), (40000, AF_INET));
+        assert_eq!((k.port, k.family, k.netns), (40000, AF_INET, 7));
         // A v4-mapped peer on a v6 socket is the same connection as its v4 form.
-        assert_eq!(client_key("[::ffff:127.0.0.1]:40000".parse().unwrap()), k);
-        let k6 = client_key("[::1]:5".parse().unwrap());
+        assert_eq!(
+            client_key("[::ffff:127.0.0.1]:40000".parse().unwrap(), 7),
+            k
+        );
+        // The same loopback address and port in another namespace is another connection.
+        assert_ne!(client_key("127.0.0.1:40000".parse().unwrap(), 8), k);
+        let k6 = client_key("[::1]:5".parse().unwrap(), 7);
         assert_eq!(
             (k6.addr[3].to_ne_bytes(), k6.family),
             ([0, 0, 0, 1], AF_INET6)

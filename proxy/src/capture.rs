@@ -81,7 +81,9 @@ impl From<Option<Captured>> for Capture {
     }
 }
 
-/// Finds (and forgets) the capture record of a connection by its client address.
+/// Finds (and forgets) the capture record of a connection by its client address and the
+/// network namespace it was made in (`None`: the enforcer's own; `Some(cookie)`: a pod's or
+/// container's own network, where the enforcer keeps a listener).
 pub trait CaptureLookup: Send + Sync + 'static {
-    fn take(&self, client: SocketAddr) -> Capture;
+    fn take(&self, client: SocketAddr, netns: Option<u64>) -> Capture;
 }

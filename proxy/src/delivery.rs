@@ -16,6 +16,10 @@
 //!   `tessera_enforcer::delivery`).
 //! * `Localhost`: from 127.0.0.77 / ::1, as before (the application sees every peer as a
 //!   local client: only for applications that trust no source address).
+//!
+//! A workload with a network namespace of its own (a pod, a container on a bridge) is
+//! delivered to inside that namespace ([`Namespaces`]): from its loopback, the one way in
+//! that namespace's guard (`guard_adopted`) leaves open to its served ports.
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -53,9 +57,18 @@ impl DeliveryGate for NoGate {
     fn close(&self, _: SocketAddr, _: u16) {}
 }
 
+/// The network namespaces of local workloads with a network of their own.
+pub trait Namespaces: Send + Sync + 'static {
+    /// A new TCP socket (of `dst`'s family) in the namespace of the workload that has the
+    /// address `dst`; `None` if no such workload is served here.
+    fn socket_for(&self, dst: IpAddr) -> Option<io::Result<Socket>>;
+}
+
 /// How the proxy connects to local workloads.
 #[derive(Clone)]
 pub struct Delivery {
+    /// Workloads with a network of their own, if any are served.
+    pub namespaces: Option<Arc<dyn Namespaces>>,
     pub source: DeliverySource,
     /// `SO_MARK` of delivery sockets (0: none). In original-source mode the enforcer routes
     /// the replies of connections with this mark back to this host.
@@ -141,6 +154,13 @@ impl Delivery {
         dst: SocketAddr,
         timeout: Duration,
     ) -> io::Result<TcpStream> {
+        if let Some(socket) = self
+            .namespaces
+            .as_ref()
+            .and_then(|n| n.socket_for(dst.ip()))
+        {
+            return self.connect_in_namespace(socket?, dst, timeout).await;
+        }
         let (src, transparent) = self.source_for(peer, dst)?;
         let ports = ports::ephemeral();
         let mut last = None;
@@ -159,6 +179,43 @@ impl Delivery {
             }
         }
         Err(last.unwrap_or_else(|| io::Error::other("no delivery port")))
+    }
+
+    /// Delivers to a workload in a network namespace of its own, over that namespace's
+    /// loopback (from 127.0.0.77 or ::1): the namespace's guard lets loopback through and
+    /// nothing else to a served port, so no registration is needed, and none is made (the
+    /// host's guard must not learn an address and port bound in another namespace).
+    async fn connect_in_namespace(
+        &self,
+        socket: Socket,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
+        let src = match (dst, self.source) {
+            (SocketAddr::V4(_), DeliverySource::Localhost(v4)) => IpAddr::V4(v4),
+            (SocketAddr::V4(_), DeliverySource::OriginalSource) => {
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, 77))
+            }
+            (SocketAddr::V6(_), _) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        if self.mark != 0 {
+            socket.set_mark(self.mark)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        socket.bind(&SocketAddr::new(src, 0).into())?;
+        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+        match tokio::time::timeout(timeout, socket.connect(dst)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(io::Error::new(
+                e.kind(),
+                format!("connect to {dst} in its network namespace: {e}"),
+            )),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {dst} in its network namespace timed out"),
+            )),
+        }
     }
 
     async fn connect_from(
@@ -292,6 +349,7 @@ mod tests {
         let dst = listener.local_addr().unwrap();
         let gate = Arc::new(Recording::default());
         let delivery = Delivery {
+            namespaces: None,
             source: DeliverySource::Localhost(Ipv4Addr::new(127, 0, 0, 77)),
             mark: 0,
             gate: gate.clone(),
@@ -314,6 +372,7 @@ mod tests {
     #[test]
     fn original_source_is_the_peer_and_never_loopback_in_its_place() {
         let delivery = Delivery {
+            namespaces: None,
             source: DeliverySource::OriginalSource,
             mark: 0,
             gate: Arc::new(NoGate),

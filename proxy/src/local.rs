@@ -66,6 +66,11 @@ pub struct LocalWorkload {
 /// Workloads that come and go (containers a runtime starts): which one serves a port now.
 pub trait DynamicServices: Send + Sync + 'static {
     fn workload(&self, port: u16) -> Option<Arc<LocalWorkload>>;
+    /// The workload with a network namespace of its own that has `dst`'s address and
+    /// serves its port (pods, containers on a bridge: reached at their own address).
+    fn at_address(&self, _dst: std::net::SocketAddr) -> Option<Arc<LocalWorkload>> {
+        None
+    }
 }
 
 /// Local workloads by the TCP port they serve: configured ones, then those of a
@@ -105,6 +110,11 @@ impl LocalServices {
             return Some(w.clone());
         }
         self.dynamic.as_ref()?.workload(port)
+    }
+
+    /// The workload with a network of its own at `dst` (address and port), if any.
+    pub fn at_address(&self, dst: std::net::SocketAddr) -> Option<Arc<LocalWorkload>> {
+        self.dynamic.as_ref()?.at_address(dst)
     }
 }
 

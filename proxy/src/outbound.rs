@@ -54,6 +54,17 @@ pub struct Unreachable {
 
 impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        self.serve_in(listener, None).await
+    }
+
+    /// Serves a listener in another network namespace than the enforcer's (`netns`: its
+    /// cookie), one a workload with a network of its own connects in: its capture records
+    /// are that namespace's.
+    pub async fn serve_in(
+        self: Arc<Self>,
+        listener: TcpListener,
+        netns: Option<u64>,
+    ) -> io::Result<()> {
         loop {
             let (app, client) = match listener.accept().await {
                 Ok(conn) => conn,
@@ -66,18 +77,18 @@ impl Outbound {
             };
             let _ = app.set_nodelay(true);
             let this = self.clone();
-            tokio::spawn(async move { this.handle(app, client).await });
+            tokio::spawn(async move { this.handle(app, client, netns).await });
         }
     }
 
-    async fn handle(&self, app: TcpStream, client: SocketAddr) {
+    async fn handle(&self, app: TcpStream, client: SocketAddr, netns: Option<u64>) {
         let mut flow = self.admission.track(
             Direction::Outbound,
             Endpoint::addr(client),
             Endpoint::addr(client),
         );
         // Attesting the process may block (hashing, NSS): never on this worker.
-        let captured = match self.lookup.take(client).resolve_blocking().await {
+        let captured = match self.lookup.take(client, netns).resolve_blocking().await {
             Ok(captured) => captured,
             Err(why) => {
                 reset_on_close(&app);

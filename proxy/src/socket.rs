@@ -48,6 +48,12 @@ pub async fn connect_marked(
 /// A listener with the proxy's mark, a large backlog, and `SO_REUSEADDR` so that a
 /// restarted enforcer can bind again at once.
 pub fn listen(addr: SocketAddr, mark: u32) -> io::Result<TcpListener> {
+    TcpListener::from_std(listen_std(addr, mark)?)
+}
+
+/// [`listen`] without a runtime (non-blocking): for a thread that makes sockets in another
+/// network namespace, handed to the runtime afterwards.
+pub fn listen_std(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
@@ -57,7 +63,7 @@ pub fn listen(addr: SocketAddr, mark: u32) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Marks `socket` with `mark`; 0 leaves it unmarked (see the module documentation).

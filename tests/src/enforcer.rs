@@ -85,6 +85,9 @@ pub struct EnforcerOptions {
     pub control: Option<crate::control::ControlOptions>,
     /// `[containers]` by host name.
     pub containers: BTreeMap<String, tessera_enforcer::config::Containers>,
+    /// Addresses a host serves besides its own (its containers' own networks), in the
+    /// `[[peer]] serves` the other hosts get for it.
+    pub serves_extra: BTreeMap<String, Vec<IpNet>>,
 }
 
 impl Default for EnforcerOptions {
@@ -105,6 +108,7 @@ impl Default for EnforcerOptions {
             localhost_delivery: false,
             control: None,
             containers: BTreeMap::new(),
+            serves_extra: BTreeMap::new(),
         }
     }
 }
@@ -306,10 +310,19 @@ impl TestNet {
             .map(|peer| PeerConfig {
                 name: peer.name.clone(),
                 tunnel: SocketAddr::from((peer.addr, TUNNEL_PORT)),
-                serves: vec![
+                serves: [
                     IpNet::from(IpAddr::from(peer.addr)),
                     IpNet::from(IpAddr::from(peer.addr6)),
-                ],
+                ]
+                .into_iter()
+                .chain(
+                    opts.serves_extra
+                        .get(&peer.name)
+                        .into_iter()
+                        .flatten()
+                        .copied(),
+                )
+                .collect(),
                 cert: Some(format!("ca/{}.pem", peer.name).into()),
                 api: peer_api(peer).map(|(addr, _)| addr),
                 api_token_file: peer_api(peer).and_then(|(_, token)| token),

@@ -540,11 +540,158 @@ fn a_container_with_a_network_namespace_of_its_own_is_refused(handshake: bool) {
 }
 
 #[test]
-fn in_tunnel_mode_a_container_with_a_network_namespace_of_its_own_is_refused() {
-    a_container_with_a_network_namespace_of_its_own_is_refused(false);
-}
-
-#[test]
 fn in_handshake_mode_a_container_with_a_network_namespace_of_its_own_is_refused() {
     a_container_with_a_network_namespace_of_its_own_is_refused(true);
+}
+
+/// Tunnel mode serves a container in a network namespace of its own (as a pod has): `pod`
+/// is that namespace (10.77.0.3 on the test switch, no enforcer of its own), its containers
+/// in host-a's parent cgroup. Outbound, the enforcer listens inside it; inbound, it delivers
+/// inside it, and its guard there drops what comes around the tunnel.
+#[test]
+fn in_tunnel_mode_a_container_with_a_network_namespace_of_its_own_is_served_in_it() {
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["pod"]).expect("hosts");
+    net.add_workload(net.host("host-b"), "web", &[("app", "web")], &[8080])
+        .unwrap();
+    net.write_policy(None, POLICY).unwrap();
+    std::fs::write(net.dir.join("index.html"), "hello from web\n").unwrap();
+    net.serve_http(net.host("host-b"), Some("web"), "0.0.0.0", 8080, &net.dir)
+        .unwrap();
+    let parent = net.cgroup(net.host("host-a"), Some("containers"));
+    let podman = follow_podman(&net, &parent, false);
+    // host-b reaches the pod's address through host-a's enforcer.
+    net.options
+        .lock()
+        .unwrap()
+        .serves_extra
+        .insert("host-a".into(), vec!["10.77.0.3/32".parse().unwrap()]);
+    net.start_enforcers().unwrap();
+    let network = format!("ns:/run/netns/{}", net.host("pod").netns);
+    let digest = podman.image_digest().unwrap();
+
+    // A store in the pod on 9000 (a [containers] port: protected).
+    let store = format!("{}-pod-store", net.id);
+    podman
+        .start_on(
+            &network,
+            &parent,
+            &store,
+            &[
+                ("app", "store"),
+                ("team", "blue"),
+                ("tessera.ports", "9000"),
+            ],
+            &[9000],
+            &["httpd", "-f", "-p", "9000", "-h", "/www"],
+        )
+        .unwrap();
+    assert!(
+        eventually(T, || net
+            .enforcer_log(net.host("host-a"))
+            .contains("serving a workload's own network namespace")),
+        "{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+
+    // Outbound, from a second container in the same namespace (a pod's second container),
+    // its first instruction: allowed with its runtime's identity, recorded by host-b.
+    let client = format!("{}-pod-client", net.id);
+    let get = "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 10 10.77.0.2 8080";
+    let out = podman
+        .run_with_network(
+            &parent,
+            &client,
+            &[("app", "client"), ("team", "blue")],
+            &network,
+            &["sh", "-c", get],
+            T,
+        )
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello from web"),
+        "the pod's client did not reach web: {out:?}\nhost-a log:\n{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let recs = net.wait_flows(net.host("host-b"), 1, |f| {
+        of(&client)(f) && f.verdict == Verdict::Allowed
+    });
+    assert_eq!(recs.len(), 1, "{:?}", net.flows(net.host("host-b")));
+    assert_eq!(recs[0].src.labels["tessera.io/image-digest"], digest);
+    assert_eq!(recs[0].src.labels["app"], "client");
+    // Denied by policy: app=other may not reach web.
+    let other = format!("{}-pod-other", net.id);
+    let out = podman
+        .run_with_network(
+            &parent,
+            &other,
+            &[("app", "other"), ("team", "blue")],
+            &network,
+            &["sh", "-c", get],
+            T,
+        )
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("hello"),
+        "{out:?}"
+    );
+    let denied = net.wait_flows(net.host("host-a"), 1, |f| {
+        of(&other)(f) && f.verdict == Verdict::Denied
+    });
+    assert_eq!(denied.len(), 1, "{:?}", net.flows(net.host("host-a")));
+
+    // Inbound: web reaches the store at the pod's own address, through the tunnel; host-a
+    // records the container as the destination.
+    let got = || {
+        net.curl("host-b", Some("web"), "http://10.77.0.3:9000/index.html")
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("hello from a container"))
+            .unwrap_or(false)
+    };
+    assert!(
+        eventually(T, got),
+        "web could not reach the pod's store; host-a log:\n{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let recs = net.wait_flows(net.host("host-a"), 1, |f| {
+        f.direction == Direction::Inbound && f.verdict == Verdict::Allowed
+    });
+    assert_eq!(
+        recs[0].dst.labels["tessera.io/container-name"], store,
+        "{:?}",
+        recs[0]
+    );
+    // Around the tunnel: a process of host-b outside any workload goes straight to the
+    // pod's address and is refused by the guard in the pod's namespace (without it, the
+    // port's listener would answer: the workload declares the port). The pod's own
+    // processes still reach it over their loopback.
+    let direct = net
+        .curl("host-b", None, "http://10.77.0.3:9000/index.html")
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&direct.stdout).contains("hello"),
+        "a client reached the pod's protected port around the tunnel"
+    );
+    let inside = podman
+        .exec(
+            &store,
+            &[
+                "sh",
+                "-c",
+                "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 5 127.0.0.1 9000",
+            ],
+        )
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&inside.stdout).contains("hello from a container"),
+        "the pod's own loopback: {inside:?}"
+    );
+
+    // The pod's last container stops: its namespace is no longer served.
+    podman.remove(&store).unwrap();
+    assert!(
+        eventually(T, || net
+            .enforcer_log(net.host("host-a"))
+            .contains("no longer serving a workload's network namespace")),
+        "{}",
+        net.enforcer_log(net.host("host-a"))
+    );
 }

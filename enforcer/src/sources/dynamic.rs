@@ -12,8 +12,9 @@
 //! [`MAX_ENTRIES`], and a bounded queue of questions.
 use std::{
     collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Condvar, Mutex},
+    sync::{Arc, Condvar, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -61,10 +62,29 @@ pub const MAX_LABELS: usize = 32;
 /// At most this many bytes in one label value (as configuration allows).
 pub const MAX_VALUE: usize = 253;
 
+/// The network namespaces of workloads with a network of their own, served by the
+/// enforcer (`crate::netns`): capture, delivery and the inbound guard there.
+pub trait Networks: Send + Sync + 'static {
+    /// Serves the network namespace process `pid` is in, for workload `key` (again: no
+    /// change): the namespace's addresses, or why it cannot be served.
+    fn adopt(&self, key: &str, pid: u32) -> Result<Vec<IpAddr>, String>;
+    /// Workload `key` no longer needs its namespace served.
+    fn release(&self, key: &str);
+}
+
+/// One reported workload.
+struct Slot {
+    key: String,
+    entry: Entry,
+    /// The TCP ports its runtime says it serves.
+    ports: Vec<u16>,
+    /// Its own network namespace's addresses (empty: it is on the host's network).
+    addrs: Vec<IpAddr>,
+}
+
 #[derive(Default)]
 struct State {
-    /// (key, what it is, the TCP ports its runtime says it serves).
-    by_dir: HashMap<PathBuf, (String, Entry, Vec<u16>)>,
+    by_dir: HashMap<PathBuf, Slot>,
     by_key: HashMap<String, PathBuf>,
     /// Cgroups the source was asked about and knows nothing of, with when and why: a
     /// waiting connection is refused at once rather than at the end of its wait.
@@ -85,6 +105,9 @@ pub struct DynamicWorkloads {
     changed: Condvar,
     /// Questions to the source: "who is in this cgroup?".
     ask: tokio::sync::mpsc::Sender<PathBuf>,
+    /// Where workloads with a network of their own are served (tunnel mode, once its
+    /// proxy runs); without it they are refused.
+    networks: OnceLock<Arc<dyn Networks>>,
 }
 
 impl DynamicWorkloads {
@@ -97,8 +120,14 @@ impl DynamicWorkloads {
             state: Mutex::default(),
             changed: Condvar::new(),
             ask,
+            networks: OnceLock::new(),
         });
         (me, questions)
+    }
+
+    /// Workloads with a network of their own are served by `networks` from now on.
+    pub fn serve_networks(&self, networks: Arc<dyn Networks>) {
+        let _ = self.networks.set(networks);
     }
 
     pub fn root(&self) -> &Path {
@@ -116,15 +145,45 @@ impl DynamicWorkloads {
     /// A workload the source found but will not vouch for, and why: its connections are
     /// refused with that reason until it is gone (reported down).
     pub fn refuse(&self, found: Discovered, why: String) {
-        self.put(found, |found| {
-            Entry::Refused(format!("{} is not enrolled: {why}", found.name))
-        });
+        let entry = Entry::Refused(format!("{} is not enrolled: {why}", found.name));
+        self.release(&found.key);
+        self.put(found, entry, Vec::new());
     }
 
     /// Applies a source's report.
     pub fn apply(&self, event: SourceEvent) {
         match event {
-            SourceEvent::Up(found) => self.put(found, |found| self.entry(found)),
+            SourceEvent::Up(found) => {
+                let mut entry = self.entry(&found);
+                let mut addrs = Vec::new();
+                match (&entry, found.netns_pid) {
+                    (Entry::Enrolled(_), Some(pid)) => match self.networks.get() {
+                        Some(networks) => match networks.adopt(&found.key, pid) {
+                            Ok(a) => addrs = a,
+                            Err(why) => {
+                                entry = Entry::Refused(format!(
+                                    "{} is not enrolled: its network namespace cannot be \
+                                     served: {why}",
+                                    found.name
+                                ))
+                            }
+                        },
+                        None => {
+                            entry = Entry::Refused(format!(
+                                "{} is not enrolled: it has a network namespace of its own, \
+                                 which only tunnel mode serves (handshake mode enforces \
+                                 workloads on the host's network)",
+                                found.name
+                            ))
+                        }
+                    },
+                    _ => self.release(&found.key),
+                }
+                let key = found.key.clone();
+                if !self.put(found, entry, addrs) {
+                    self.release(&key);
+                }
+            }
             SourceEvent::Down { key } => {
                 let mut state = self.state.lock().expect("lock");
                 if let Some(dir) = state.by_key.remove(&key) {
@@ -132,12 +191,20 @@ impl DynamicWorkloads {
                     tracing::info!(key = %key, cgroup = %dir.display(), "workload unenrolled");
                 }
                 drop(state);
+                self.release(&key);
                 self.changed.notify_all();
             }
         }
     }
 
-    fn put(&self, found: Discovered, entry: impl FnOnce(&Discovered) -> Entry) {
+    fn release(&self, key: &str) {
+        if let Some(networks) = self.networks.get() {
+            networks.release(key);
+        }
+    }
+
+    /// Stores a report; false if it was ignored.
+    fn put(&self, found: Discovered, entry: Entry, addrs: Vec<IpAddr>) -> bool {
         let mut state = self.state.lock().expect("lock");
         if self.workload_dir(&found.cgroup).as_deref() != Some(found.cgroup.as_path()) {
             tracing::warn!(
@@ -146,23 +213,23 @@ impl DynamicWorkloads {
                 parent = %self.root.display(),
                 "a source reported a workload outside its parent cgroup: ignored"
             );
-            return;
+            return false;
         }
         let known = state.by_key.get(&found.key).cloned();
         if known.is_none() && state.by_dir.len() >= MAX_ENTRIES {
             tracing::warn!(key = %found.key, limit = MAX_ENTRIES, "too many workloads from sources: not enrolled");
-            return;
+            return false;
         }
         if let Some(old) = known.filter(|d| *d != found.cgroup) {
             state.by_dir.remove(&old);
         }
-        let entry = entry(&found);
         match &entry {
             Entry::Enrolled(w) => tracing::info!(
                 key = %found.key,
                 workload = %found.name,
                 cgroup = %found.cgroup.display(),
                 identity = %w.identity.labels,
+                addresses = ?addrs,
                 "workload enrolled"
             ),
             Entry::Refused(why) => tracing::warn!(
@@ -172,18 +239,30 @@ impl DynamicWorkloads {
                 "workload not enrolled"
             ),
         }
-        if let Some((old_key, _, _)) = state.by_dir.get(&found.cgroup)
-            && *old_key != found.key
+        let mut replaced = None;
+        if let Some(old) = state.by_dir.get(&found.cgroup)
+            && old.key != found.key
         {
-            let old_key = old_key.clone();
+            let old_key = old.key.clone();
             state.by_key.remove(&old_key);
+            replaced = Some(old_key);
         }
         state.by_key.insert(found.key.clone(), found.cgroup.clone());
-        state
-            .by_dir
-            .insert(found.cgroup, (found.key, entry, found.ports));
+        state.by_dir.insert(
+            found.cgroup,
+            Slot {
+                key: found.key,
+                entry,
+                ports: found.ports,
+                addrs,
+            },
+        );
         drop(state);
+        if let Some(old_key) = replaced {
+            self.release(&old_key);
+        }
         self.changed.notify_all();
+        true
     }
 
     /// The identity of a reported workload, or why it has none.
@@ -305,7 +384,7 @@ impl DynamicWorkloads {
     /// What is known of the workload in `dir` (a directory from [`Self::workload_dir`]).
     pub fn get(&self, dir: &Path) -> Option<Entry> {
         let state = self.state.lock().expect("lock");
-        state.by_dir.get(dir).map(|(_, e, _)| e.clone())
+        state.by_dir.get(dir).map(|s| s.entry.clone())
     }
 
     /// The workload in `dir`, asking the source and waiting up to `wait` if nobody has
@@ -341,8 +420,8 @@ impl DynamicWorkloads {
         let deadline = asked + wait;
         let mut state = self.state.lock().expect("lock");
         loop {
-            if let Some((_, e, _)) = state.by_dir.get(dir) {
-                return e.clone();
+            if let Some(s) = state.by_dir.get(dir) {
+                return s.entry.clone();
             }
             // An answer to this question, or to one asked for this cgroup just before.
             if let Some((at, why)) = state.unknown.get(dir)
@@ -362,15 +441,16 @@ impl DynamicWorkloads {
         }
     }
 
-    /// The enrolled workload that serves `port`: the one whose runtime says it exposes it,
-    /// if exactly one does (two claiming one port: neither, refused as not served).
+    /// The enrolled workload on the host's network that serves `port`: the one whose
+    /// runtime says it exposes it, if exactly one does (two claiming one port: neither,
+    /// refused as not served).
     pub fn serving(&self, port: u16) -> Option<Arc<LocalWorkload>> {
         if !self.base.ports.contains(&port) {
             return None;
         }
         let state = self.state.lock().expect("lock");
-        let mut found = state.by_dir.values().filter_map(|(_, e, ports)| match e {
-            Entry::Enrolled(w) if ports.contains(&port) => Some(w.clone()),
+        let mut found = state.by_dir.values().filter_map(|s| match &s.entry {
+            Entry::Enrolled(w) if s.addrs.is_empty() && s.ports.contains(&port) => Some(w.clone()),
             _ => None,
         });
         let first = found.next()?;
@@ -382,6 +462,22 @@ impl DynamicWorkloads {
             return None;
         }
         Some(first)
+    }
+
+    /// The enrolled workload with a network of its own that has `dst`'s address and says it
+    /// serves its port (one of `[containers] ports`).
+    pub fn serving_at(&self, dst: SocketAddr) -> Option<Arc<LocalWorkload>> {
+        if !self.base.ports.contains(&dst.port()) {
+            return None;
+        }
+        let ip = dst.ip().to_canonical();
+        let state = self.state.lock().expect("lock");
+        state.by_dir.values().find_map(|s| match &s.entry {
+            Entry::Enrolled(w) if s.addrs.contains(&ip) && s.ports.contains(&dst.port()) => {
+                Some(w.clone())
+            }
+            _ => None,
+        })
     }
 
     /// How many workloads are known (enrolled or refused).
@@ -404,6 +500,10 @@ impl DynamicWorkloads {
 impl tessera_proxy::local::DynamicServices for DynamicWorkloads {
     fn workload(&self, port: u16) -> Option<Arc<LocalWorkload>> {
         self.serving(port)
+    }
+
+    fn at_address(&self, dst: SocketAddr) -> Option<Arc<LocalWorkload>> {
+        self.serving_at(dst)
     }
 }
 

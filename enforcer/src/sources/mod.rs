@@ -36,6 +36,9 @@ pub struct Discovered {
     pub derived: BTreeMap<&'static str, String>,
     /// TCP ports it serves (what the runtime says it exposes).
     pub ports: Vec<u16>,
+    /// A process of the workload, if the workload has a network namespace of its own
+    /// (a pod, a container on a bridge): the enforcer serves it in that namespace.
+    pub netns_pid: Option<u32>,
 }
 
 impl Discovered {
@@ -60,7 +63,14 @@ impl Discovered {
             labels,
             derived,
             ports,
+            netns_pid: None,
         }
+    }
+
+    /// The workload has a network namespace of its own, the one process `pid` is in.
+    pub fn in_netns_of(mut self, pid: u32) -> Self {
+        self.netns_pid = Some(pid);
+        self
     }
 }
 

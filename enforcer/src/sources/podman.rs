@@ -234,14 +234,14 @@ impl Runtime {
             .map_err(|_| RuntimeError::Timeout { path: path.into() })?
     }
 
-    /// The container `id` as a workload under `parent`, and why it may not be enrolled if
-    /// so (its own network namespace); `None` if the runtime does not know it, it has no
-    /// process (yet, or any more), or its cgroup is not under `parent`.
+    /// The container `id` as a workload under `parent` (with its process if it has a network
+    /// namespace of its own); `None` if the runtime does not know it, it has no process
+    /// (yet, or any more), or its cgroup is not under `parent`.
     pub async fn inspect(
         &self,
         id: &str,
         parent: &Path,
-    ) -> Result<Option<(Discovered, Option<String>)>, RuntimeError> {
+    ) -> Result<Option<Discovered>, RuntimeError> {
         if !is_container_id(id) {
             return Ok(None);
         }
@@ -291,12 +291,13 @@ impl Runtime {
         if let Some(labels) = c.config.labels.as_mut() {
             labels.retain(|k, v| image_labels.get(k) != Some(v));
         }
-        let refusal = own_netns(c.state.pid).then(|| {
-            "it has a network namespace of its own: Tessera enforces containers on the host's \
-             network (podman run --network host, or ns:/run/netns/<name> of the enforcer's)"
-                .to_string()
-        });
-        Ok(Some((discovered(c, cgroup, digest), refusal)))
+        let pid = c.state.pid;
+        let found = discovered(c, cgroup, digest);
+        Ok(Some(if own_netns(pid) {
+            found.in_netns_of(pid as u32)
+        } else {
+            found
+        }))
     }
 
     /// Ids of the containers running now.
@@ -318,9 +319,9 @@ impl Runtime {
     }
 }
 
-/// Whether process `pid` is in another network namespace than the enforcer. Its connects
-/// would then be captured where the proxy does not listen (tunnel mode refuses them), or
-/// leave through a namespace without the handshake's rules: it gets no identity.
+/// Whether process `pid` is in another network namespace than the enforcer: the container
+/// is served in its own (tunnel mode), or refused (handshake mode's rules live in the
+/// host's). Unreadable counts as its own: it is then checked when adopted.
 fn own_netns(pid: i64) -> bool {
     use std::os::unix::fs::MetadataExt;
     let ns = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
@@ -484,13 +485,9 @@ async fn report(
         }
     };
     match inspected {
-        Some((found, None)) => {
+        Some(found) => {
             known.insert(found.key.clone());
             registry.apply(SourceEvent::Up(found));
-        }
-        Some((found, Some(why))) => {
-            known.insert(found.key.clone());
-            registry.refuse(found, why);
         }
         None => tracing::debug!(
             id,

@@ -214,7 +214,7 @@ impl Captures {
 }
 
 impl CaptureLookup for Captures {
-    fn take(&self, client: SocketAddr) -> Capture {
+    fn take(&self, client: SocketAddr, _netns: Option<u64>) -> Capture {
         self.0.lock().expect("lock").remove(&client).into()
     }
 }
@@ -339,6 +339,7 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
         services: LocalServices::new(services),
         addrs: LocalAddrs::default(),
         delivery: Delivery {
+            namespaces: None,
             source: DeliverySource::Localhost(DELIVERY_SRC),
             mark: MARK,
             gate: Arc::new(NoGate),

@@ -71,7 +71,7 @@ impl Engine {
             reset_app()
         };
         // Attestation may take a while on a first contact: outside the engine's locks.
-        let captured = match self.setup.lookup.take(seg.src).resolve() {
+        let captured = match self.setup.lookup.take(seg.src, None).resolve() {
             Ok(captured) => captured,
             Err(reason) => return refused(rec, Code::NoCapture, reason),
         };

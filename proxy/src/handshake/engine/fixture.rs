@@ -46,7 +46,7 @@ pub fn identity(enforcer: &str, workload: &str, app: &str) -> Identity {
 pub struct WebCaptures(Captured);
 
 impl CaptureLookup for WebCaptures {
-    fn take(&self, client: SocketAddr) -> Capture {
+    fn take(&self, client: SocketAddr, _netns: Option<u64>) -> Capture {
         (client == addr(C)).then(|| self.0.clone()).into()
     }
 }

@@ -1,0 +1,393 @@
+//! Serving workloads that have a network namespace of their own: a pod, a container on a
+//! bridge. Their connects are captured like the host's (the eBPF programs sit on their
+//! cgroups), but the rewritten connect lands on *their* loopback, and a packet they send
+//! never passes the host's rules. So, in tunnel mode, the enforcer goes to them, as Istio's
+//! in-pod ztunnel does:
+//!
+//! * **Outbound**: a listener of the proxy's (with its mark) on 127.0.0.1 and ::1 at the
+//!   outbound port *inside* the namespace, which the connect hooks check for as they do on
+//!   the host; the namespace's cookie goes in `TESSERA_ADOPTED_NETNS` only once that
+//!   listener serves, and capture records are keyed by namespace too (two pods' loopback
+//!   addresses are the same numbers).
+//! * **Inbound**: `guard_adopted` (`sk_lookup`, attached to the namespace, pinned so that it
+//!   outlives a restart) drops any connection to a protected port that does not come over
+//!   the namespace's loopback; the proxy delivers what its tunnels carry from inside the
+//!   namespace ([`tessera_proxy::delivery::Namespaces`]), over that loopback.
+//!
+//! Sockets belong to the namespace of the thread that makes them, so each namespace served
+//! has a thread of its own ([`Worker`]) that has entered it (`setns`, which takes
+//! CAP_SYS_ADMIN) and makes its sockets on request. Several workloads may share a namespace
+//! (a pod's containers): it is served while any of them is enrolled.
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    path::PathBuf,
+    sync::{Arc, Mutex, mpsc},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use socket2::{Domain, Socket, Type};
+use tessera_proxy::{delivery::Namespaces, outbound::Outbound};
+
+use crate::sources::dynamic::Networks;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread that has entered one network namespace and makes sockets there.
+struct Worker {
+    jobs: Mutex<mpsc::Sender<Job>>,
+}
+
+impl Worker {
+    fn start(ns: File, what: &str) -> io::Result<Worker> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready, entered) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name(format!("netns {what}"))
+            .spawn(move || {
+                let entered = nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from);
+                let ok = entered.is_ok();
+                let _ = ready.send(entered);
+                drop(ns);
+                if ok {
+                    // Ends when the namespace is no longer served (the sender dropped).
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                }
+            })?;
+        entered
+            .recv()
+            .map_err(|_| io::Error::other("the namespace's thread ended"))?
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("entering it (setns, which needs CAP_SYS_ADMIN): {e}"),
+                )
+            })?;
+        Ok(Worker {
+            jobs: Mutex::new(jobs),
+        })
+    }
+
+    /// Runs `f` in the namespace and waits for its result.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs
+            .lock()
+            .expect("lock")
+            .send(job)
+            .map_err(|_| io::Error::other("the namespace's thread ended"))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("the namespace's thread ended"))
+    }
+}
+
+/// What is made in a namespace when it is first served.
+struct Opened {
+    v4: std::net::TcpListener,
+    v6: Option<std::net::TcpListener>,
+    cookie: u64,
+    addrs: Vec<IpAddr>,
+}
+
+/// Runs in the namespace: the proxy's outbound listeners there, its cookie, its addresses.
+fn open(port: u16, mark: u32) -> io::Result<Opened> {
+    let v4_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let v4 = tessera_proxy::socket::listen_std(v4_addr, mark)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {v4_addr}: {e}")))?;
+    // Without IPv6 there (or ::1 down) its IPv6 connects find no listener of ours and fail.
+    let v6 = tessera_proxy::socket::listen_std(
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+        mark,
+    )
+    .ok();
+    let cookie = netns_cookie(&Socket::from(v4.try_clone()?))?;
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(io::Error::from)?
+        .filter_map(|i| {
+            let a = i.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .filter(|ip| !ip.is_loopback() && !is_link_local(ip))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    Ok(Opened {
+        v4,
+        v6,
+        cookie,
+        addrs,
+    })
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    }
+}
+
+/// The cookie of the network namespace `socket` is in.
+fn netns_cookie(socket: &Socket) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// One namespace served.
+struct Served {
+    /// The namespace file's inode: a restarted container gets a new namespace.
+    inode: u64,
+    cookie: u64,
+    keys: HashSet<String>,
+    worker: Arc<Worker>,
+    addrs: Vec<IpAddr>,
+    listeners: Vec<tokio::task::AbortHandle>,
+    pin: PathBuf,
+}
+
+#[derive(Default)]
+struct State {
+    by_inode: HashMap<u64, Served>,
+    by_key: HashMap<String, u64>,
+}
+
+/// The namespaces of workloads with a network of their own that this enforcer serves.
+pub struct Adopted {
+    port: u16,
+    mark: u32,
+    map: Mutex<BpfHashMap<MapData, u64, u32>>,
+    guard: OwnedFd,
+    pins: PathBuf,
+    outbound: Arc<Outbound>,
+    runtime: tokio::runtime::Handle,
+    state: Mutex<State>,
+}
+
+impl Adopted {
+    /// Serves namespaces with listeners at `port` (marked `mark`) handing their connections
+    /// to `outbound`; guard links are pinned under `pins`.
+    pub fn new(
+        port: u16,
+        mark: u32,
+        (map, guard): (BpfHashMap<MapData, u64, u32>, OwnedFd),
+        pins: PathBuf,
+        outbound: Arc<Outbound>,
+        runtime: tokio::runtime::Handle,
+    ) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(&pins)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", pins.display()))?;
+        Ok(Arc::new(Self {
+            port,
+            mark,
+            map: Mutex::new(map),
+            guard,
+            pins,
+            outbound,
+            runtime,
+            state: Mutex::default(),
+        }))
+    }
+
+    /// How many namespaces are served.
+    pub fn len(&self) -> usize {
+        self.state.lock().expect("lock").by_inode.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Serves the namespace in `ns` (inode `inode`) for the first time.
+    fn serve(&self, ns: File, inode: u64, key: &str) -> Result<Served, String> {
+        let guard_ns = ns.try_clone().map_err(|e| e.to_string())?;
+        let worker = Worker::start(ns, key).map_err(|e| e.to_string())?;
+        let (port, mark) = (self.port, self.mark);
+        let opened = worker
+            .run(move || open(port, mark))
+            .and_then(|r| r)
+            .map_err(|e| format!("in its network namespace: {e}"))?;
+        // The inbound guard first: its served ports are closed to everything but the
+        // namespace's loopback before anything of ours runs there.
+        let pin = self.pins.join(opened.cookie.to_string());
+        // (bpffs refuses names with a dot.)
+        let fresh = self.pins.join(format!("{}-new", opened.cookie));
+        let _ = std::fs::remove_file(&fresh);
+        crate::capture::link_and_pin(
+            self.guard.as_fd(),
+            &guard_ns,
+            crate::capture::BPF_SK_LOOKUP,
+            &fresh,
+        )
+        .map_err(|e| format!("attaching its inbound guard: {e:#}"))?;
+        // Replaces a previous run's link (which then detaches) without a gap.
+        std::fs::rename(&fresh, &pin).map_err(|e| {
+            let _ = std::fs::remove_file(&fresh);
+            format!("pinning its inbound guard at {}: {e}", pin.display())
+        })?;
+        let mut listeners = Vec::new();
+        let _entered = self.runtime.enter();
+        for l in std::iter::once(opened.v4).chain(opened.v6) {
+            let listener = match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => l,
+                Err(e) => {
+                    listeners.iter().for_each(tokio::task::AbortHandle::abort);
+                    let _ = std::fs::remove_file(&pin);
+                    return Err(format!("its listener: {e}"));
+                }
+            };
+            let outbound = self.outbound.clone();
+            let cookie = opened.cookie;
+            listeners.push(
+                self.runtime
+                    .spawn(async move {
+                        if let Err(e) = outbound.serve_in(listener, Some(cookie)).await {
+                            tracing::warn!(netns = cookie, error = %e, "outbound listener in a workload's namespace ended");
+                        }
+                    })
+                    .abort_handle(),
+            );
+        }
+        // Only now may its connects be captured: our listener waits there.
+        if let Err(e) = self.map.lock().expect("lock").insert(opened.cookie, 1, 0) {
+            listeners.iter().for_each(tokio::task::AbortHandle::abort);
+            let _ = std::fs::remove_file(&pin);
+            return Err(format!(
+                "registering it for capture (at most {} namespaces): {e}",
+                tessera_common::ADOPTED_NETNS_ENTRIES
+            ));
+        }
+        tracing::info!(
+            workload = key,
+            netns = opened.cookie,
+            addresses = ?opened.addrs,
+            "serving a workload's own network namespace"
+        );
+        Ok(Served {
+            inode,
+            cookie: opened.cookie,
+            keys: HashSet::new(),
+            worker: Arc::new(worker),
+            addrs: opened.addrs,
+            listeners,
+            pin,
+        })
+    }
+
+    /// Stops serving a namespace: capture there fails from now on (no listener of ours).
+    fn unserve(&self, served: Served) {
+        let _ = self.map.lock().expect("lock").remove(&served.cookie);
+        served
+            .listeners
+            .iter()
+            .for_each(tokio::task::AbortHandle::abort);
+        let _ = std::fs::remove_file(&served.pin);
+        tracing::info!(
+            netns = served.cookie,
+            "no longer serving a workload's network namespace"
+        );
+    }
+}
+
+impl Networks for Adopted {
+    fn adopt(&self, key: &str, pid: u32) -> Result<Vec<IpAddr>, String> {
+        let path = format!("/proc/{pid}/ns/net");
+        let ns = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        let inode = ns.metadata().map_err(|e| format!("{path}: {e}"))?.ino();
+        let own = std::fs::metadata("/proc/self/ns/net")
+            .map(|m| m.ino())
+            .map_err(|e| format!("/proc/self/ns/net: {e}"))?;
+        if inode == own {
+            return Err("its network is the enforcer's own, not one of its own".into());
+        }
+        let mut state = self.state.lock().expect("lock");
+        // The same workload in another namespace now (restarted): the old one goes.
+        if let Some(old) = state.by_key.get(key).copied()
+            && old != inode
+        {
+            drop(state);
+            self.release(key);
+            state = self.state.lock().expect("lock");
+        }
+        let served = match state.by_inode.entry(inode) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(self.serve(ns, inode, key)?),
+        };
+        served.keys.insert(key.to_owned());
+        let addrs = served.addrs.clone();
+        state.by_key.insert(key.to_owned(), inode);
+        Ok(addrs)
+    }
+
+    fn release(&self, key: &str) {
+        let mut state = self.state.lock().expect("lock");
+        let Some(inode) = state.by_key.remove(key) else {
+            return;
+        };
+        let last = match state.by_inode.get_mut(&inode) {
+            Some(served) => {
+                served.keys.remove(key);
+                served.keys.is_empty()
+            }
+            None => false,
+        };
+        if last && let Some(served) = state.by_inode.remove(&inode) {
+            debug_assert_eq!(served.inode, inode);
+            drop(state);
+            self.unserve(served);
+        }
+    }
+}
+
+impl Namespaces for Adopted {
+    fn socket_for(&self, dst: IpAddr) -> Option<io::Result<Socket>> {
+        let dst = dst.to_canonical();
+        let worker = {
+            let state = self.state.lock().expect("lock");
+            state
+                .by_inode
+                .values()
+                .find(|s| s.addrs.contains(&dst))?
+                .worker
+                .clone()
+        };
+        let domain = if dst.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        Some(
+            worker
+                .run(move || Socket::new(domain, Type::STREAM, None))
+                .and_then(|r| r),
+        )
+    }
+}
