@@ -422,8 +422,19 @@ fn peer_keys(config: &Config, tokens: &Tokens) -> Result<HashMap<String, KeyId>>
 struct Containers {
     registry: Arc<DynamicWorkloads>,
     questions: tokio::sync::mpsc::Receiver<std::path::PathBuf>,
-    runtime: crate::sources::podman::Runtime,
+    runtime: Source,
     wait: Duration,
+}
+
+/// Whom `[containers]` follows.
+enum Source {
+    Podman(crate::sources::podman::Runtime),
+    /// This node's pods (`node`), from the API server.
+    #[cfg(feature = "kube")]
+    Kubernetes {
+        settings: crate::sources::kube::KubeSettings,
+        node: String,
+    },
 }
 
 fn containers(config: &Config) -> Result<Option<Containers>> {
@@ -433,7 +444,13 @@ fn containers(config: &Config) -> Result<Option<Containers>> {
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let kubernetes = c.runtime == crate::config::ContainerRuntime::Kubernetes;
     let base = crate::sources::dynamic::Base {
+        layout: if kubernetes {
+            crate::sources::dynamic::Layout::Pods
+        } else {
+            crate::sources::dynamic::Layout::Containers
+        },
         trust_domain: config.identity.trust_domain.clone(),
         enforcer: config.name.clone(),
         host,
@@ -454,10 +471,27 @@ fn containers(config: &Config) -> Result<Option<Containers>> {
                 c.cgroup.display()
             )
         })?;
+    let runtime = if kubernetes {
+        #[cfg(feature = "kube")]
+        {
+            let settings = c.kube_settings();
+            let node = settings
+                .node_name()
+                .map_err(|e| anyhow::anyhow!("containers: {e}"))?;
+            Source::Kubernetes { settings, node }
+        }
+        #[cfg(not(feature = "kube"))]
+        anyhow::bail!("containers: runtime: this build has no Kubernetes support");
+    } else {
+        Source::Podman(crate::sources::podman::Runtime::new(
+            c.socket.clone(),
+            mount,
+        ))
+    };
     Ok(Some(Containers {
         registry,
         questions,
-        runtime: crate::sources::podman::Runtime::new(c.socket.clone(), mount),
+        runtime,
         wait: Duration::from_millis(c.wait_ms),
     }))
 }
@@ -466,16 +500,31 @@ fn containers(config: &Config) -> Result<Option<Containers>> {
 fn serve_containers(containers: Option<Containers>, tasks: &mut Supervisor) {
     let Some(c) = containers else { return };
     let questions = Arc::new(tokio::sync::Mutex::new(c.questions));
-    let (registry, runtime) = (c.registry, c.runtime);
-    tasks.spawn("container runtime", move || {
-        let (registry, runtime, questions) = (registry.clone(), runtime.clone(), questions.clone());
-        let following = async move {
-            let mut questions = questions.lock().await;
-            crate::sources::podman::follow(runtime, registry, &mut questions).await;
-            Ok(())
-        };
-        Ok(Box::pin(following) as TaskFuture)
-    });
+    let registry = c.registry;
+    match c.runtime {
+        Source::Podman(runtime) => tasks.spawn("container runtime", move || {
+            let (registry, runtime, questions) =
+                (registry.clone(), runtime.clone(), questions.clone());
+            let following = async move {
+                let mut questions = questions.lock().await;
+                crate::sources::podman::follow(runtime, registry, &mut questions).await;
+                Ok(())
+            };
+            Ok(Box::pin(following) as TaskFuture)
+        }),
+        #[cfg(feature = "kube")]
+        Source::Kubernetes { settings, node } => tasks.spawn("kubernetes pods", move || {
+            let (registry, questions) = (registry.clone(), questions.clone());
+            let (settings, node) = (settings.clone(), node.clone());
+            let following = async move {
+                let mut questions = questions.lock().await;
+                crate::sources::kube::follow(settings, node, registry, &mut questions)
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("{e:#}")))
+            };
+            Ok(Box::pin(following) as TaskFuture)
+        }),
+    }
 }
 
 /// The capture records the connect hooks leave, with the workloads they belong to.

@@ -257,6 +257,15 @@ pub struct Workload {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Containers {
+    /// Whose containers: `podman` (its API socket) or `kubernetes` (this node's pods, from
+    /// the API server; `cgroup` is then the kubelet's pod cgroup root).
+    #[serde(default, skip_serializing_if = "ContainerRuntime::is_podman")]
+    pub runtime: ContainerRuntime,
+    /// `runtime = "kubernetes"`: the pod source's settings (`[containers.kubernetes]`: node,
+    /// cgroup_driver, label_selector, max_pods).
+    #[cfg(feature = "kube")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::sources::kube::KubeSettings>,
     /// The runtime's Docker-compatible API socket (podman: `podman system service`).
     #[serde(default = "default_container_socket")]
     pub socket: PathBuf,
@@ -286,6 +295,21 @@ pub struct Containers {
     pub ports: Vec<u16>,
 }
 
+/// `[containers] runtime`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerRuntime {
+    #[default]
+    Podman,
+    Kubernetes,
+}
+
+impl ContainerRuntime {
+    fn is_podman(&self) -> bool {
+        *self == ContainerRuntime::Podman
+    }
+}
+
 fn default_container_socket() -> PathBuf {
     PathBuf::from("/run/podman/podman.sock")
 }
@@ -297,6 +321,15 @@ fn default_container_wait_ms() -> u64 {
 }
 
 impl Containers {
+    /// `runtime = "kubernetes"`: the pod source's settings, its cgroup root `cgroup`.
+    #[cfg(feature = "kube")]
+    pub fn kube_settings(&self) -> crate::sources::kube::KubeSettings {
+        crate::sources::kube::KubeSettings {
+            cgroup_root: self.cgroup.clone(),
+            ..self.kubernetes.clone().unwrap_or_default()
+        }
+    }
+
     /// The pseudo-workload capture is attached with: the parent cgroup, no declared labels.
     pub fn parent_workload(&self) -> Workload {
         Workload {
@@ -806,6 +839,7 @@ impl Config {
             ));
         }
         validate_labels("containers: select", &c.select)?;
+        self.validate_runtime(c)?;
         let mut served: HashSet<u16> = self
             .workloads
             .iter()
@@ -819,6 +853,41 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `[containers] runtime` and its section.
+    fn validate_runtime(&self, c: &Containers) -> Result<(), String> {
+        #[cfg(feature = "kube")]
+        if c.runtime == ContainerRuntime::Podman && c.kubernetes.is_some() {
+            return Err("containers: kubernetes: only with runtime = \"kubernetes\"".to_string());
+        }
+        if c.runtime != ContainerRuntime::Kubernetes {
+            return Ok(());
+        }
+        if self.mode() == DataPathMode::Handshake {
+            return Err(
+                "containers: runtime: \"kubernetes\" needs mode = \"tunnel\" (pods have \
+                 networks of their own, which only tunnel mode serves)"
+                    .to_string(),
+            );
+        }
+        #[cfg(feature = "kube")]
+        {
+            if let Some(k) = &c.kubernetes
+                && k.cgroup_root != crate::sources::kube::KubeSettings::default().cgroup_root
+            {
+                return Err(
+                    "containers: kubernetes: cgroup_root: set [containers] cgroup \
+                            (the kubelet's pod cgroup root) instead"
+                        .to_string(),
+                );
+            }
+            c.kube_settings()
+                .validate()
+                .map_err(|e| format!("containers: {e}"))
+        }
+        #[cfg(not(feature = "kube"))]
+        Err("containers: runtime: this build has no Kubernetes support (feature kube)".into())
     }
 
     /// One workload's `ports`: real ports, not the enforcer's listeners, not already taken

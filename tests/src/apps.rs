@@ -123,14 +123,28 @@ impl TestNet {
         program: &str,
         args: &[&str],
     ) -> Result<u32> {
+        self.spawn_in(host, &self.cgroup(host, workload), program, args)
+    }
+
+    /// Like [`Self::spawn`], in cgroup `cgroup` (any directory of this net's cgroups).
+    pub fn spawn_in(
+        &self,
+        host: &Host,
+        cgroup: &Path,
+        program: &str,
+        args: &[&str],
+    ) -> Result<u32> {
         let log = fs::File::create(self.dir.join(format!(
             "{}-{}-{}.log",
             host.name,
-            workload.unwrap_or("other"),
+            cgroup
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             program.replace('/', "_")
         )))?;
         let child = self
-            .command(host, &self.cgroup(host, workload), program, args)
+            .command(host, cgroup, program, args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

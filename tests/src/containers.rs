@@ -185,6 +185,8 @@ impl Podman {
     /// `parent` (every one of them: no `select`, no ports).
     pub fn section(&self, parent: &Path) -> tessera_enforcer::config::Containers {
         tessera_enforcer::config::Containers {
+            runtime: Default::default(),
+            kubernetes: None,
             socket: self.socket.clone(),
             cgroup: parent.to_owned(),
             name: "containers".into(),

@@ -36,9 +36,35 @@ pub enum Entry {
     Refused(String),
 }
 
+/// Where a workload's own cgroup is below the source's parent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// Directly below it (podman's `libpod-<id>`, `--cgroup-parent`).
+    #[default]
+    Containers,
+    /// The kubelet's pod level: `pod<uid>` (cgroupfs) or `kubepods-…-pod<uid>.slice`
+    /// (systemd), one level down for Guaranteed pods and two for the others (below the
+    /// QoS class's own); the pod's containers are below it.
+    Pods,
+}
+
+impl Layout {
+    /// Whether a directory below the parent, named `name`, is a workload's own cgroup.
+    fn is_workload(self, name: &str) -> bool {
+        match self {
+            Layout::Containers => true,
+            Layout::Pods => {
+                name.starts_with("pod") || (name.ends_with(".slice") && name.contains("-pod"))
+            }
+        }
+    }
+}
+
 /// The facts every identity carries, fixed for a run.
 #[derive(Clone, Debug)]
 pub struct Base {
+    /// Where workloads' cgroups are below the parent.
+    pub layout: Layout,
     pub trust_domain: String,
     pub enforcer: String,
     pub host: String,
@@ -134,12 +160,23 @@ impl DynamicWorkloads {
         &self.root
     }
 
-    /// The cgroup directly below the parent that `dir` is in or below (a container's own
-    /// cgroup holds its processes and any it makes), `None` for the parent itself or a
-    /// directory elsewhere.
+    /// The workload cgroup below the parent that `dir` is in or below (a container's or
+    /// pod's own cgroup holds its processes and any they make: the highest level the
+    /// layout names a workload), `None` for the parent itself, a level above the
+    /// workloads', or a directory elsewhere.
     pub fn workload_dir(&self, dir: &Path) -> Option<PathBuf> {
-        let first = dir.strip_prefix(&self.root).ok()?.components().next()?;
-        Some(self.root.join(first))
+        let mut at = self.root.clone();
+        for c in dir.strip_prefix(&self.root).ok()?.components().take(3) {
+            at.push(c);
+            if self
+                .base
+                .layout
+                .is_workload(&c.as_os_str().to_string_lossy())
+            {
+                return Some(at);
+            }
+        }
+        None
     }
 
     /// A workload the source found but will not vouch for, and why: its connections are
@@ -514,6 +551,7 @@ mod tests {
 
     fn base() -> Base {
         Base {
+            layout: Layout::Containers,
             trust_domain: "td".into(),
             enforcer: "host-a".into(),
             host: "h".into(),

@@ -507,6 +507,86 @@ pub fn watch_config(node: &str, settings: &KubeSettings) -> watcher::Config {
 #[error("the kubernetes source's consumer is gone")]
 pub struct Closed;
 
+/// Follows this node's pods for `registry` (the enforcer's `[containers] runtime =
+/// "kubernetes"`): a client for the API server from the environment (in a pod its service
+/// account, elsewhere `KUBECONFIG`), the watch ([`run`]), and each pod's network namespace
+/// (pods have their own) found from a process in its cgroup. A pod reported before any of
+/// its processes is in its cgroup is looked at again every second until one is. Questions
+/// about cgroups nobody reported are not answered here: a connection from a pod waits for
+/// the watch's report (bounded by `wait_ms`).
+pub async fn follow(
+    settings: KubeSettings,
+    node: String,
+    registry: std::sync::Arc<super::dynamic::DynamicWorkloads>,
+    questions: &mut mpsc::Receiver<PathBuf>,
+) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("kubernetes: no client for the API server: {e}"))?;
+    let (tx, mut rx) = mpsc::channel(256);
+    let max = settings.max_pods;
+    let watching = tokio::spawn(run(client, node, settings, tx));
+    let mut waiting: HashMap<String, Discovered> = HashMap::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let apply = |found: Discovered, waiting: &mut HashMap<String, Discovered>| match first_pid(
+        &found.cgroup,
+    ) {
+        Some(pid) => {
+            waiting.remove(&found.key);
+            registry.apply(SourceEvent::Up(found.in_netns_of(pid)));
+        }
+        None => {
+            if waiting.len() < max {
+                waiting.insert(found.key.clone(), found.clone());
+            }
+            registry.refuse(found, "no process is in its cgroup yet".into());
+        }
+    };
+    let ended = loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(SourceEvent::Up(found)) => apply(found, &mut waiting),
+                Some(SourceEvent::Down { key }) => {
+                    waiting.remove(&key);
+                    registry.apply(SourceEvent::Down { key });
+                }
+                None => break "the pod watch ended",
+            },
+            _ = tick.tick(), if !waiting.is_empty() => {
+                for found in waiting.values().cloned().collect::<Vec<_>>() {
+                    if first_pid(&found.cgroup).is_some() {
+                        apply(found, &mut waiting);
+                    }
+                }
+            }
+            Some(dir) = questions.recv() => {
+                tracing::debug!(cgroup = %dir.display(), "a connection waits for its pod's report");
+            }
+        }
+    };
+    watching.abort();
+    Err(anyhow::anyhow!("kubernetes: {ended}"))
+}
+
+/// A process in cgroup `dir` or below it (a pod's containers are one level down).
+fn first_pid(dir: &Path) -> Option<u32> {
+    fn walk(dir: &Path, depth: usize) -> Option<u32> {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
+            return Some(pid);
+        }
+        if depth == 0 {
+            return None;
+        }
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .find_map(|e| walk(&e.path(), depth - 1))
+    }
+    walk(dir, 2)
+}
+
 /// Watches this node's pods and reports them on `tx` until `tx` closes. Watch errors
 /// (API server unreachable, 410 Gone, a response that does not parse) are logged and the
 /// watcher lists again with exponential backoff (0.8 s doubling to 30 s); pods deleted
