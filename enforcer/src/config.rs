@@ -1476,6 +1476,23 @@ mod tests {
             ),
             ("wait_ms = 0\n", "containers: wait_ms: 0 must be 1-60000"),
             ("ports = [15008]\n", "containers: ports: 15008"),
+            ("runtime = \"docker\"\n", "unknown variant `docker`"),
+            (
+                "[containers.kubernetes]\nmax_pods = 5\n",
+                "containers: kubernetes: only with runtime = \"kubernetes\"",
+            ),
+            (
+                "runtime = \"kubernetes\"\n[containers.kubernetes]\nmax_pods = 0\n",
+                "containers: kubernetes: max_pods: must be between 1 and 65536",
+            ),
+            (
+                "runtime = \"kubernetes\"\n[containers.kubernetes]\ncgroup_root = \"/x\"\n",
+                "containers: kubernetes: cgroup_root: set [containers] cgroup",
+            ),
+            (
+                "runtime = \"kubernetes\"\n[containers.kubernetes]\nnode = \"A B\"\n",
+                "containers: kubernetes: node:",
+            ),
         ] {
             let m = message(f.load(&section(extra)));
             assert!(m.contains(want), "{extra}: {m}");
@@ -1501,6 +1518,21 @@ mod tests {
             "[containers]\ncgroup = \"{cg}\"\n[[workload]]\nname = \"web\"\ncgroup = \"{cg}\"\n"
         )));
         assert!(m.contains("overlaps workload \"web\""), "{m}");
+        // Pods: tunnel mode only (they have networks of their own).
+        let m = message(f.load_with(
+            "mode = \"handshake\"\n",
+            &section("runtime = \"kubernetes\"\n"),
+        ));
+        assert!(m.contains("needs mode = \"tunnel\""), "{m}");
+        let k = f
+            .load(&section(
+                "runtime = \"kubernetes\"\n[containers.kubernetes]\nnode = \"node-a\"\n",
+            ))
+            .unwrap()
+            .containers
+            .unwrap();
+        assert_eq!(k.runtime, ContainerRuntime::Kubernetes);
+        assert_eq!(k.kube_settings().cgroup_root, k.cgroup);
     }
 
     #[test]

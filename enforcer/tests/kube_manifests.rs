@@ -324,10 +324,10 @@ fn the_daemonset_runs_the_enforcer_on_every_node_with_what_it_needs() {
             "NET_ADMIN",
             "NET_RAW",
             "SYS_PTRACE",
-            "SYS_RESOURCE"
+            "SYS_RESOURCE",
+            "SYS_ADMIN"
         ])
     );
-    assert!(!caps.contains("SYS_ADMIN"));
     let mounts: BTreeMap<&str, &str> = c
         .volume_mounts
         .iter()
@@ -501,7 +501,22 @@ fn the_rendered_enforcer_configuration_is_valid() {
         .replace("@ADVERTISE@", "10.0.0.11:15008")
         .replace("@POD_CIDR@", "10.244.1.0/24");
     assert!(!rendered.contains('@'), "every placeholder is filled");
-    // Loaded as rendered, verbatim.
+    // The pod cgroup root is checked against the filesystem: a node with the unified
+    // hierarchy has cgroup v2 at /sys/fs/cgroup; this machine (hybrid) has it elsewhere.
+    let v2 = std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
+        })
+        .expect("a cgroup v2 mount");
+    assert!(rendered.contains("cgroup = \"/sys/fs/cgroup/kubepods.slice\""));
+    let rendered = rendered.replace(
+        "cgroup = \"/sys/fs/cgroup/kubepods.slice\"",
+        &format!("cgroup = \"{v2}/kubepods.slice\""),
+    );
+    // Loaded as rendered (that one path aside), verbatim.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("enforcer.toml");
     std::fs::write(&path, &rendered).unwrap();
@@ -510,6 +525,16 @@ fn the_rendered_enforcer_configuration_is_valid() {
     let control = config.control.as_ref().unwrap();
     assert_eq!(control.serves, vec!["10.244.1.0/24".parse().unwrap()]);
     assert_eq!(control.advertise, Some("10.0.0.11:15008".parse().unwrap()));
+    // This node's pods, followed through the API server.
+    let pods = config.containers.as_ref().expect("[containers]");
+    assert_eq!(
+        pods.runtime,
+        tessera_enforcer::config::ContainerRuntime::Kubernetes
+    );
+    assert_eq!(
+        pods.kube_settings().cgroup_driver,
+        tessera_enforcer::sources::kube::CgroupDriver::Systemd
+    );
     // The Secret holds a token for the example node the pod-cidrs list names.
     let secret = &o.secrets[0];
     let nodes: Vec<&str> = data["pod-cidrs"]

@@ -22,6 +22,7 @@
 use std::time::{Duration, Instant};
 
 pub mod apps;
+pub mod caps;
 pub mod containers;
 pub mod control;
 pub mod enforcer;

@@ -5,44 +5,15 @@
 //! what the enforcer does on these test hosts. Every other capability is dropped from the
 //! bounding set before the enforcer starts (root uid, as in the pod). Not covered: the
 //! container's seccomp and AppArmor profiles (no kubelet here).
-use std::{collections::BTreeMap, fs, path::Path, time::Duration};
+use std::{fs, path::Path, time::Duration};
 
-use tessera_tests::{TestNet, require_root, tessera_bin};
+use tessera_tests::{
+    TestNet,
+    caps::{capped_binary, check_capped, daemonset_capabilities},
+    require_root,
+};
 
 const T: Duration = Duration::from_secs(30);
-
-/// Linux capability numbers (linux/capability.h) of the names a manifest may list.
-const CAPS: &[(&str, u32)] = &[
-    ("NET_ADMIN", 12),
-    ("NET_RAW", 13),
-    ("SYS_PTRACE", 19),
-    ("SYS_RESOURCE", 24),
-    ("PERFMON", 38),
-    ("BPF", 39),
-];
-
-fn daemonset_capabilities() -> Vec<u32> {
-    let text = fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/enforcer.yaml"),
-    )
-    .unwrap();
-    let ds: serde_json::Value =
-        serde::Deserialize::deserialize(serde_yaml::Deserializer::from_str(&text).next().unwrap())
-            .unwrap();
-    assert_eq!(ds["kind"], "DaemonSet");
-    let table: BTreeMap<&str, u32> = CAPS.iter().copied().collect();
-    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
-        .as_array()
-        .expect("capabilities.add")
-        .iter()
-        .map(|c| {
-            let name = c.as_str().unwrap();
-            *table
-                .get(name)
-                .unwrap_or_else(|| panic!("capability {name}: add its number to CAPS"))
-        })
-        .collect()
-}
 
 fn sha256_hex(path: &Path) -> String {
     use sha2::Digest;
@@ -55,32 +26,9 @@ fn sha256_hex(path: &Path) -> String {
 #[test]
 fn the_enforcer_works_with_only_the_daemonsets_capabilities() {
     require_root().unwrap();
-    let keep = daemonset_capabilities();
+    let keep = daemonset_capabilities().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let wrapper = dir.path().join("tessera-capped");
-    let keep_list = keep
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    fs::write(
-        &wrapper,
-        format!(
-            "#!/usr/bin/python3\n\
-             import ctypes, os, sys\n\
-             keep = {{{keep_list}}}\n\
-             libc = ctypes.CDLL(None, use_errno=True)\n\
-             last = int(open('/proc/sys/kernel/cap_last_cap').read())\n\
-             for cap in range(last + 1):\n\
-             \x20   if cap not in keep and libc.prctl(24, cap, 0, 0, 0) != 0:\n\
-             \x20       sys.exit('PR_CAPBSET_DROP %d: %s' % (cap, os.strerror(ctypes.get_errno())))\n\
-             os.execv({bin:?}, ['tessera'] + sys.argv[1:])\n",
-            bin = tessera_bin().unwrap().display().to_string(),
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let wrapper = capped_binary(dir.path(), &keep).unwrap();
     // The only test in this file: the harness reads the binary from here.
     unsafe { std::env::set_var("TESSERA_BIN", &wrapper) };
 
@@ -101,15 +49,8 @@ fn the_enforcer_works_with_only_the_daemonsets_capabilities() {
         .iter()
         .map(|h| net.enforcer_pid(net.host(h)).expect("enforcer running"))
         .collect();
-    let want: u64 = keep.iter().map(|c| 1u64 << c).sum();
     for pid in pids {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let eff = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-            .unwrap();
-        assert_eq!(eff & !want, 0, "enforcer {pid} has more: {eff:x}");
+        check_capped(pid, &keep).unwrap();
     }
     let site = net.dir.join("site");
     fs::create_dir_all(&site).unwrap();

@@ -111,7 +111,16 @@ fn the_image_runs_and_renders_a_nodes_configuration() {
     assert!(out.status.success(), "{stderr}");
     let rendered = String::from_utf8(out.stdout).unwrap();
     assert!(rendered.contains("name = \"node-a\""), "{rendered}");
-    // The rendered configuration, verbatim, is one the enforcer loads.
+    // The rendered configuration is one the enforcer loads, verbatim but for the pod
+    // cgroup root, checked against the filesystem: a node with the unified hierarchy has
+    // cgroup v2 at /sys/fs/cgroup, this machine elsewhere.
+    let pods = "cgroup = \"/sys/fs/cgroup/kubepods.slice\"";
+    assert!(rendered.contains(pods), "{rendered}");
+    let v2 = tessera_tests::cgroup2_mount().unwrap();
+    let rendered = rendered.replace(
+        pods,
+        &format!("cgroup = \"{}/kubepods.slice\"", v2.display()),
+    );
     let path = dir.path().join("enforcer.toml");
     std::fs::write(&path, &rendered).unwrap();
     let c = tessera_enforcer::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));

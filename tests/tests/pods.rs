@@ -4,7 +4,8 @@
 //! recorded pod list and an open watch, while everything else is real: the kubelet's cgroup
 //! layout (systemd driver, a BestEffort pod's slice and a container scope below it), the
 //! pod's own network namespace (10.77.0.3, the `pod` test host, no enforcer of its own),
-//! real programs in it, real eBPF and the real daemon.
+//! real programs in it, real eBPF and the real daemon, run with exactly the capabilities
+//! the DaemonSet gives it (`deploy/kubernetes/enforcer.yaml`).
 //!
 //! * the pod's first connection is under policy with the API server's identity for it
 //!   (namespace, pod UID, SPIFFE-form service account, image digest, labels);
@@ -26,7 +27,11 @@ use tessera_proxy::{
     code::Code,
     flow::{Direction, Verdict},
 };
-use tessera_tests::{TestNet, eventually};
+use tessera_tests::{
+    TestNet,
+    caps::{capped_binary, check_capped, daemonset_capabilities},
+    eventually,
+};
 
 const T: Duration = Duration::from_secs(60);
 const API_PORT: u16 = 16_443;
@@ -84,7 +89,9 @@ fn pod_scope(root: &Path, uid: &str) -> PathBuf {
 
 #[test]
 fn pods_the_api_server_reports_are_served_in_their_own_network_with_its_identity() {
-    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["pod"]).expect("hosts");
+    let mut net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["pod"]).expect("hosts");
+    let keep = daemonset_capabilities().unwrap();
+    net.set_bin(capped_binary(&net.dir, &keep).unwrap());
     net.add_workload(net.host("host-b"), "web", &[("app", "web")], &[8080])
         .unwrap();
     net.write_policy(None, POLICY).unwrap();
@@ -151,6 +158,7 @@ fn pods_the_api_server_reports_are_served_in_their_own_network_with_its_identity
     )
     .unwrap();
     net.start_enforcer(net.host("host-b")).unwrap();
+    check_capped(net.enforcer_pid(net.host("host-a")).unwrap(), &keep).unwrap();
     assert!(
         eventually(T, || net
             .enforcer_log(net.host("host-a"))

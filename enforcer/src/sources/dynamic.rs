@@ -641,6 +641,98 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_processes_map_to_its_pod_level_whatever_the_qos_class_and_driver() {
+        let pods = Base {
+            layout: Layout::Pods,
+            ..base()
+        };
+        let (reg, _q) = DynamicWorkloads::new("/cg/kubepods.slice".into(), pods);
+        let dir = |p: &str| {
+            reg.workload_dir(Path::new(p))
+                .map(|d| d.display().to_string())
+        };
+        // systemd driver: Guaranteed one level down, the others below their QoS class.
+        assert_eq!(
+            dir("/cg/kubepods.slice/kubepods-pod1_2.slice/cri-containerd-a.scope"),
+            Some("/cg/kubepods.slice/kubepods-pod1_2.slice".into())
+        );
+        assert_eq!(
+            dir(
+                "/cg/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1_2.slice/cri-containerd-a.scope/sub"
+            ),
+            Some(
+                "/cg/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1_2.slice"
+                    .into()
+            )
+        );
+        // cgroupfs driver.
+        assert_eq!(
+            dir("/cg/kubepods.slice/besteffort/pod1-2/abc"),
+            Some("/cg/kubepods.slice/besteffort/pod1-2".into())
+        );
+        // A QoS class's own cgroup, the root, or a level no pod is at: nobody's.
+        assert_eq!(dir("/cg/kubepods.slice/kubepods-besteffort.slice"), None);
+        assert_eq!(dir("/cg/kubepods.slice"), None);
+        assert_eq!(dir("/cg/kubepods.slice/a/b/c/d"), None);
+    }
+
+    /// A network that records what it was asked to serve.
+    #[derive(Default)]
+    struct Served(Mutex<Vec<String>>);
+
+    impl Networks for Served {
+        fn adopt(&self, key: &str, pid: u32) -> Result<Vec<IpAddr>, String> {
+            if pid == 0 {
+                return Err("no such process".into());
+            }
+            self.0.lock().unwrap().push(format!("+{key}"));
+            Ok(vec!["10.1.0.7".parse().unwrap()])
+        }
+        fn release(&self, key: &str) {
+            self.0.lock().unwrap().push(format!("-{key}"));
+        }
+    }
+
+    #[test]
+    fn workloads_with_a_network_of_their_own_are_served_there_or_refused() {
+        let (reg, _q) = DynamicWorkloads::new("/cg/p".into(), base());
+        let tier = [("tier", "web")];
+        let mut own = found("x", "/cg/p/libpod-x", &tier).in_netns_of(42);
+        own.ports = vec![8080];
+        // Without a network server (handshake mode): refused, with the reason.
+        reg.apply(SourceEvent::Up(own.clone()));
+        match reg.get(Path::new("/cg/p/libpod-x")) {
+            Some(Entry::Refused(why)) => assert!(why.contains("only tunnel mode"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let served = Arc::new(Served::default());
+        reg.serve_networks(served.clone());
+        reg.apply(SourceEvent::Up(own.clone()));
+        assert!(matches!(
+            reg.get(Path::new("/cg/p/libpod-x")),
+            Some(Entry::Enrolled(_))
+        ));
+        // Reached at its own address only, not by port on the host's.
+        assert!(reg.serving_at("10.1.0.7:8080".parse().unwrap()).is_some());
+        assert!(reg.serving_at("10.1.0.8:8080".parse().unwrap()).is_none());
+        assert!(reg.serving(8080).is_none());
+        // Its namespace cannot be served: refused.
+        let gone = found("z", "/cg/p/libpod-z", &tier).in_netns_of(0);
+        reg.apply(SourceEvent::Up(gone));
+        assert!(matches!(
+            reg.get(Path::new("/cg/p/libpod-z")),
+            Some(Entry::Refused(_))
+        ));
+        // Down: released.
+        reg.apply(SourceEvent::Down {
+            key: own.key.clone(),
+        });
+        let log = served.0.lock().unwrap().clone();
+        assert_eq!(log.first().map(String::as_str), Some("+x"));
+        assert!(log.contains(&"-x".to_string()), "{log:?}");
+    }
+
+    #[test]
     fn an_unknown_cgroup_asks_the_source_and_waits_bounded() {
         let (reg, mut q) = DynamicWorkloads::new("/cg/p".into(), base());
         let r = reg.clone();
