@@ -559,12 +559,14 @@ fn in_tunnel_mode_a_container_with_a_network_namespace_of_its_own_is_served_in_i
         .unwrap();
     let parent = net.cgroup(net.host("host-a"), Some("containers"));
     let podman = follow_podman(&net, &parent, false);
-    // host-b reaches the pod's address through host-a's enforcer.
-    net.options
-        .lock()
-        .unwrap()
-        .serves_extra
-        .insert("host-a".into(), vec!["10.77.0.3/32".parse().unwrap()]);
+    {
+        let mut opts = net.options.lock().unwrap();
+        // host-b reaches the pod's address through host-a's enforcer.
+        opts.serves_extra
+            .insert("host-a".into(), vec!["10.77.0.3/32".parse().unwrap()]);
+        // Capture (and the namespace's guard) stay while host-a's enforcer restarts.
+        opts.keep_attached = true;
+    }
     net.start_enforcers().unwrap();
     let network = format!("ns:/run/netns/{}", net.host("pod").netns);
     let digest = podman.image_digest().unwrap();
@@ -683,6 +685,35 @@ fn in_tunnel_mode_a_container_with_a_network_namespace_of_its_own_is_served_in_i
     assert!(
         String::from_utf8_lossy(&inside.stdout).contains("hello from a container"),
         "the pod's own loopback: {inside:?}"
+    );
+
+    // host-a's enforcer restarts: while it is down the guard still refuses the direct
+    // client (pinned with capture); once up, the running container's namespace is served
+    // again (the runtime's listing) and web reaches it through the tunnel.
+    let served = |net: &TestNet| {
+        net.enforcer_log(net.host("host-a"))
+            .matches("serving a workload's own network namespace")
+            .count()
+    };
+    let before = served(&net);
+    net.stop_enforcer(net.host("host-a"), false).unwrap();
+    let direct = net
+        .curl("host-b", None, "http://10.77.0.3:9000/index.html")
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&direct.stdout).contains("hello"),
+        "the pod's protected port was reached while its enforcer was down"
+    );
+    net.start_enforcer(net.host("host-a")).unwrap();
+    assert!(
+        eventually(T, || served(&net) > before),
+        "{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    assert!(
+        eventually(T, got),
+        "web could not reach the pod's store after host-a's restart; host-a log:\n{}",
+        net.enforcer_log(net.host("host-a"))
     );
 
     // The pod's last container stops: its namespace is no longer served.
