@@ -368,6 +368,12 @@ impl Networks for Adopted {
 }
 
 impl Namespaces for Adopted {
+    fn serves(&self, dst: IpAddr) -> bool {
+        let dst = dst.to_canonical();
+        let state = self.state.lock().expect("lock");
+        state.by_inode.values().any(|s| s.addrs.contains(&dst))
+    }
+
     fn socket_for(&self, dst: IpAddr) -> Option<io::Result<Socket>> {
         let dst = dst.to_canonical();
         let worker = {

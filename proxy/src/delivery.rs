@@ -59,8 +59,12 @@ impl DeliveryGate for NoGate {
 
 /// The network namespaces of local workloads with a network of their own.
 pub trait Namespaces: Send + Sync + 'static {
+    /// Whether a workload with the address `dst` is served in a namespace of its own (a
+    /// cheap check, on the async workers).
+    fn serves(&self, dst: IpAddr) -> bool;
     /// A new TCP socket (of `dst`'s family) in the namespace of the workload that has the
-    /// address `dst`; `None` if no such workload is served here.
+    /// address `dst`; `None` if no such workload is served here. May block (the socket is
+    /// made by a thread in that namespace).
     fn socket_for(&self, dst: IpAddr) -> Option<io::Result<Socket>>;
 }
 
@@ -154,12 +158,14 @@ impl Delivery {
         dst: SocketAddr,
         timeout: Duration,
     ) -> io::Result<TcpStream> {
-        if let Some(socket) = self
-            .namespaces
-            .as_ref()
-            .and_then(|n| n.socket_for(dst.ip()))
-        {
-            return self.connect_in_namespace(socket?, dst, timeout).await;
+        if let Some(ns) = self.namespaces.as_ref().filter(|n| n.serves(dst.ip())) {
+            let (ns, ip) = (ns.clone(), dst.ip());
+            let made = tokio::task::spawn_blocking(move || ns.socket_for(ip))
+                .await
+                .map_err(io::Error::other)?;
+            if let Some(socket) = made {
+                return self.connect_in_namespace(socket?, dst, timeout).await;
+            }
         }
         let (src, transparent) = self.source_for(peer, dst)?;
         let ports = ports::ephemeral();
