@@ -279,6 +279,9 @@ pub async fn build(config: &Config) -> Result<Running> {
                     tokio::runtime::Handle::current(),
                 )?;
                 c.registry.serve_networks(adopted.clone());
+                if let Some(socket) = &c.hook {
+                    serve_hook(&mut tasks, socket, c, adopted.clone())?;
+                }
                 delivery.namespaces = Some(adopted);
             }
             let inbound = inbound(config, &identity, &cert, &core, &host, delivery)?;
@@ -424,6 +427,31 @@ struct Containers {
     questions: tokio::sync::mpsc::Receiver<std::path::PathBuf>,
     runtime: Source,
     wait: Duration,
+    /// The cgroup v2 mount the parent is in.
+    mount: std::path::PathBuf,
+    /// `hook_socket`.
+    hook: Option<std::path::PathBuf>,
+}
+
+/// Answers the runtime's hook (`tessera oci-hook`) on `socket`, bound now (a path that
+/// cannot be bound stops the start-up, naming it).
+fn serve_hook(
+    tasks: &mut Supervisor,
+    socket: &std::path::Path,
+    c: &Containers,
+    networks: Arc<crate::netns::Adopted>,
+) -> Result<()> {
+    let listener = crate::sources::hook::bind(socket)?;
+    tracing::info!(socket = %socket.display(), "serving the container runtime's hook");
+    let (parent, mount) = (c.registry.root().to_owned(), c.mount.clone());
+    tasks.spawn("container hook", move || {
+        let listener = listener.try_clone()?;
+        let (parent, mount, networks) = (parent.clone(), mount.clone(), networks.clone());
+        Ok(Box::pin(crate::sources::hook::serve(
+            listener, parent, mount, networks,
+        )) as TaskFuture)
+    });
+    Ok(())
 }
 
 /// Whom `[containers]` follows.
@@ -485,7 +513,7 @@ fn containers(config: &Config) -> Result<Option<Containers>> {
     } else {
         Source::Podman(crate::sources::podman::Runtime::new(
             c.socket.clone(),
-            mount,
+            mount.clone(),
         ))
     };
     Ok(Some(Containers {
@@ -493,6 +521,8 @@ fn containers(config: &Config) -> Result<Option<Containers>> {
         questions,
         runtime,
         wait: Duration::from_millis(c.wait_ms),
+        mount,
+        hook: c.hook_socket.clone(),
     }))
 }
 

@@ -269,6 +269,11 @@ pub struct Containers {
     /// The runtime's Docker-compatible API socket (podman: `podman system service`).
     #[serde(default = "default_container_socket")]
     pub socket: PathBuf,
+    /// Where the enforcer answers `tessera oci-hook` (the runtime's `prestart` hook), so
+    /// that a container with a network of its own is served before it runs (tunnel mode,
+    /// podman; see docs/containers.md). None: no hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_socket: Option<PathBuf>,
     /// The parent cgroup v2 directory of the containers to enrol (created at start-up if
     /// its own parent exists).
     pub cgroup: PathBuf,
@@ -857,6 +862,21 @@ impl Config {
 
     /// `[containers] runtime` and its section.
     fn validate_runtime(&self, c: &Containers) -> Result<(), String> {
+        if let Some(hook) = &c.hook_socket {
+            if !hook.is_absolute() {
+                return Err(format!(
+                    "containers: hook_socket: {} must be an absolute path",
+                    hook.display()
+                ));
+            }
+            if c.runtime != ContainerRuntime::Podman || self.mode() == DataPathMode::Handshake {
+                return Err(
+                    "containers: hook_socket: only for podman in tunnel mode (it \
+                            serves containers' own networks)"
+                        .to_string(),
+                );
+            }
+        }
         #[cfg(feature = "kube")]
         if c.runtime == ContainerRuntime::Podman && c.kubernetes.is_some() {
             return Err("containers: kubernetes: only with runtime = \"kubernetes\"".to_string());
@@ -1477,6 +1497,14 @@ mod tests {
             ("wait_ms = 0\n", "containers: wait_ms: 0 must be 1-60000"),
             ("ports = [15008]\n", "containers: ports: 15008"),
             ("runtime = \"docker\"\n", "unknown variant `docker`"),
+            (
+                "hook_socket = \"hook.sock\"\n",
+                "containers: hook_socket: hook.sock must be an absolute path",
+            ),
+            (
+                "runtime = \"kubernetes\"\nhook_socket = \"/run/h.sock\"\n",
+                "containers: hook_socket: only for podman in tunnel mode",
+            ),
             (
                 "[containers.kubernetes]\nmax_pods = 5\n",
                 "containers: kubernetes: only with runtime = \"kubernetes\"",

@@ -95,6 +95,19 @@ Needs root or the capabilities of tessera-enforcer.service (CAP_BPF, CAP_NET_ADM
         #[arg(long, default_value = "/etc/tessera/enforcer.toml")]
         config: PathBuf,
     },
+    /// The container runtime's `prestart` hook: serve a new container's own network first.
+    ///
+    /// Reads the OCI state (JSON: `id`, `pid`) on stdin, as runtimes give it to hooks, and
+    /// asks the enforcer at `--socket` (its `[containers] hook_socket`) to serve the
+    /// container's network namespace before the container runs; fails if the enforcer
+    /// could not serve a container of its own (the runtime then does not start it). An
+    /// enforcer that cannot be reached is a warning: its capture refuses the container's
+    /// connects until it serves it. Install it as an OCI hook (docs/containers.md).
+    OciHook {
+        /// The enforcer's hook socket.
+        #[arg(long, default_value = "/run/tessera/containers.sock")]
+        socket: PathBuf,
+    },
     /// Validate a configuration file without running it.
     Check {
         /// The enforcer's configuration (TOML), e.g. /etc/tessera/enforcer.toml.
@@ -488,6 +501,14 @@ fn run(cli: Cli) -> Result<()> {
             },
         ),
         Command::Check { config } => check(&cli.log_format, &config),
+        Command::OciHook { socket } => {
+            let mut state = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(std::io::stdin(), 1 << 20),
+                &mut state,
+            )?;
+            tessera_enforcer::sources::hook::run_hook(&socket, &state)
+        }
         Command::Man { out_dir } => man_pages(&out_dir),
         Command::Detach { config } => {
             init_tracing(&cli.log_format);

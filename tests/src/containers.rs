@@ -28,6 +28,8 @@ pub struct Podman {
     /// A label on every container of this test (for clean-up).
     tag: String,
     service: Option<Child>,
+    /// `--hooks-dir` of every container run from now on ([`Self::install_hook`]).
+    hooks_dir: Option<PathBuf>,
 }
 
 /// podman's flags that work in this sandbox: runc (crun refuses hybrid cgroups) and
@@ -122,6 +124,7 @@ impl Podman {
             image: image.clone(),
             tag,
             service: None,
+            hooks_dir: None,
         };
         podman_ok(&["import", tar.to_str().unwrap(), &image])?;
         let log = fs::File::create(net.dir.join("podman-service.log"))?;
@@ -187,6 +190,7 @@ impl Podman {
         tessera_enforcer::config::Containers {
             runtime: Default::default(),
             kubernetes: None,
+            hook_socket: None,
             socket: self.socket.clone(),
             cgroup: parent.to_owned(),
             name: "containers".into(),
@@ -195,6 +199,22 @@ impl Podman {
             wait_ms: 5_000,
             ports: Vec::new(),
         }
+    }
+
+    /// Installs `tessera oci-hook --socket SOCKET` (the binary `bin`) as a `prestart` OCI
+    /// hook of every container this guard runs from now on (`--hooks-dir`, in `dir`).
+    pub fn install_hook(&mut self, dir: &Path, bin: &Path, socket: &Path) -> Result<()> {
+        let hooks = dir.join("hooks.d");
+        fs::create_dir_all(&hooks)?;
+        let hook = serde_json::json!({
+            "version": "1.0.0",
+            "hook": {"path": bin, "args": ["tessera", "oci-hook", "--socket", socket]},
+            "when": {"always": true},
+            "stages": ["prestart"],
+        });
+        fs::write(hooks.join("tessera.json"), hook.to_string())?;
+        self.hooks_dir = Some(hooks);
+        Ok(())
     }
 
     /// Stops the API service (the runtime "goes away"); containers keep running.
@@ -317,7 +337,12 @@ impl Podman {
         expose: &[u16],
         cmd: &[&str],
     ) -> Result<Vec<String>> {
-        let mut args: Vec<String> = vec!["run".into()];
+        // `--hooks-dir` is podman's own option, before the command.
+        let mut args: Vec<String> = match &self.hooks_dir {
+            Some(hooks) => vec!["--hooks-dir".into(), hooks.display().to_string()],
+            None => Vec::new(),
+        };
+        args.push("run".into());
         if detached {
             args.push("-d".into());
         } else {
@@ -338,6 +363,7 @@ impl Podman {
             args.push("--expose".into());
             args.push(p.to_string());
         }
+
         for (k, v) in labels {
             args.push("--label".into());
             args.push(format!("{k}={v}"));

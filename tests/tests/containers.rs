@@ -726,3 +726,76 @@ fn in_tunnel_mode_a_container_with_a_network_namespace_of_its_own_is_served_in_i
         net.enforcer_log(net.host("host-a"))
     );
 }
+
+/// With the runtime's `prestart` hook (`tessera oci-hook`), a container with a network
+/// namespace of its own (`--network none`: a fresh one, only its loopback) is served in it
+/// before it runs: its very first instruction connects, under policy, every time. Without
+/// the hook it would race the runtime's report (its connects refused until served).
+#[test]
+fn the_runtimes_hook_serves_a_containers_own_network_before_its_first_instruction() {
+    let (net, parent) = setup();
+    let mut podman = follow_podman(&net, &parent, false);
+    let socket = net.dir.join("containers-hook.sock");
+    net.options
+        .lock()
+        .unwrap()
+        .containers
+        .get_mut("host-a")
+        .unwrap()
+        .hook_socket = Some(socket.clone());
+    podman.install_hook(&net.dir, net.bin(), &socket).unwrap();
+    net.start_enforcers().unwrap();
+    for i in 0..3 {
+        let name = format!("{}-own-{i}", net.id);
+        let out = podman
+            .run_with_network(
+                &parent,
+                &name,
+                &[("app", "client"), ("team", "blue")],
+                "none",
+                &GET,
+                T,
+            )
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("hello from web"),
+            "container {i}'s first instruction: {out:?}\nhost-a log:\n{}",
+            net.enforcer_log(net.host("host-a"))
+        );
+        let recs = net.wait_flows(net.host("host-b"), 1, |f| {
+            of(&name)(f) && f.verdict == Verdict::Allowed
+        });
+        assert_eq!(recs.len(), 1, "{:?}", net.flows(net.host("host-b")));
+    }
+    // Denied by policy, from its first instruction too.
+    let name = format!("{}-own-other", net.id);
+    let out = podman
+        .run_with_network(
+            &parent,
+            &name,
+            &[("app", "other"), ("team", "blue")],
+            "none",
+            &GET,
+            T,
+        )
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("hello"),
+        "{out:?}"
+    );
+    let denied = net.wait_flows(net.host("host-a"), 1, |f| {
+        of(&name)(f) && f.verdict == Verdict::Denied
+    });
+    assert_eq!(denied.len(), 1, "{:?}", net.flows(net.host("host-a")));
+    // Each container's namespace is released when it ends.
+    assert!(
+        eventually(T, || {
+            let log = net.enforcer_log(net.host("host-a"));
+            log.matches("no longer serving a workload's network namespace")
+                .count()
+                >= 4
+        }),
+        "{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+}

@@ -141,6 +141,7 @@ fn pods_the_api_server_reports_are_served_in_their_own_network_with_its_identity
                     ..KubeSettings::default()
                 }),
                 socket: PathBuf::from("/run/podman/podman.sock"),
+                hook_socket: None,
                 cgroup: root.clone(),
                 name: "pods".into(),
                 select: BTreeMap::new(),

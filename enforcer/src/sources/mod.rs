@@ -84,4 +84,5 @@ pub enum SourceEvent {
 }
 
 pub mod dynamic;
+pub mod hook;
 pub mod podman;

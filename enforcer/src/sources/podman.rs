@@ -578,7 +578,10 @@ async fn on_event(
         }
         "die" | "died" | "stop" | "kill" | "remove" | "cleanup" => {
             let key = format!("container:{}", ev.id);
-            if ev.action != "kill" && known.remove(&key) {
+            // Also for a container never reported: the runtime's hook may have had its
+            // namespace served before it ran (released here; a no-op otherwise).
+            if ev.action != "kill" {
+                known.remove(&key);
                 registry.apply(SourceEvent::Down { key });
             }
             Ok(())
