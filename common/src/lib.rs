@@ -190,6 +190,10 @@ pub const PROTO_RAW: u8 = 255;
 pub const WL_ICMP: u32 = 1;
 /// Denials are only recorded (observe mode).
 pub const WL_OBSERVE: u32 = 2;
+/// Not a workload although under an enrolled cgroup: the enforcer itself, a node agent on
+/// the host's network (a Kubernetes `hostNetwork` pod). Nothing of it is captured or
+/// guarded (the deepest entry decides, as for workloads).
+pub const WL_EXEMPT: u32 = 4;
 
 /// Bits of [`NonTcpKey`] before its address: an allow entry for a network of `n` bits has
 /// prefix length `NONTCP_KEY_FIXED_BITS + 96 + n` (IPv4, as `::ffff:a.b.c.d`) or

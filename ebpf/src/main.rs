@@ -74,7 +74,7 @@ mod programs {
         DIR_EGRESS, DIR_INGRESS, NONTCP_ALLOW_ENTRIES, NONTCP_FLOW_ENTRIES, NONTCP_KEY_FIXED_BITS,
         NONTCP_WORKLOAD_ENTRIES, NonTcpAllow, NonTcpFlowCount, NonTcpFlowKey, NonTcpKey,
         PROTO_ICMP, PROTO_ICMPV6, PROTO_RAW, PROTO_UDP, VERDICT_ALLOWED, VERDICT_DENIED,
-        VERDICT_OBSERVED, WL_ICMP, WL_OBSERVE,
+        VERDICT_OBSERVED, WL_EXEMPT, WL_ICMP, WL_OBSERVE,
     };
 
     const IPPROTO_TCP: u32 = 6;
@@ -148,6 +148,13 @@ mod programs {
         let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) };
         // SAFETY: lookup in a plain hash map.
         cookie != want && !(tunnel && unsafe { ADOPTED_NETNS.get(&cookie) }.is_some())
+    }
+
+    /// Whether the calling process is exempt from capture (`WL_EXEMPT`: the enforcer, a
+    /// node agent), though under an enrolled cgroup.
+    fn exempt_current() -> bool {
+        // SAFETY: a helper with a plain integer argument, valid in cgroup programs.
+        enrolled(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) }).1 & WL_EXEMPT != 0
     }
 
     /// Connect hooks return 1 to let connect() proceed (with the address we may have
@@ -290,7 +297,7 @@ mod programs {
         };
         // SAFETY: reading and writing the connect4 context fields the verifier allows.
         unsafe {
-            if (*sa).protocol != IPPROTO_TCP || is_proxy_socket(sa, &settings) {
+            if (*sa).protocol != IPPROTO_TCP || is_proxy_socket(sa, &settings) || exempt_current() {
                 return CONNECT_PROCEED;
             }
             let ip = (*sa).user_ip4;
@@ -328,7 +335,7 @@ mod programs {
         };
         // SAFETY: reading and writing the connect6 context fields the verifier allows.
         unsafe {
-            if (*sa).protocol != IPPROTO_TCP || is_proxy_socket(sa, &settings) {
+            if (*sa).protocol != IPPROTO_TCP || is_proxy_socket(sa, &settings) || exempt_current() {
                 return CONNECT_PROCEED;
             }
             let ip = [
@@ -648,7 +655,7 @@ mod programs {
     pub fn guard_setsockopt(ctx: SockoptContext) -> i32 {
         // SAFETY: level and optname are readable in every cgroup/setsockopt program.
         let (level, optname) = unsafe { ((*ctx.sockopt).level, (*ctx.sockopt).optname) };
-        if forbidden_option(level, optname) {
+        if forbidden_option(level, optname) && !exempt_current() {
             SOCKOPT_REFUSE
         } else {
             SOCKOPT_PROCEED
@@ -751,6 +758,9 @@ mod programs {
         // SAFETY: a helper with a plain integer argument.
         let (cgroup_id, flags) =
             enrolled(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
+        if flags & WL_EXEMPT != 0 {
+            return SK_ALLOW;
+        }
         // Any raw protocol but ICMP could forge what no rule allows: never.
         let allowed = icmp && flags & WL_ICMP != 0;
         let verdict = if allowed {
@@ -891,16 +901,28 @@ mod programs {
             return SK_REFUSE;
         };
         let egress = direction == DIR_EGRESS;
-        // TCP is the connect hooks' and the proxy's, except a connection arriving at a
-        // workload's listener: only on a port it declares, or over loopback (the proxy's
-        // deliveries, local processes).
-        if p.protocol == IPPROTO_TCP8 && (egress || !p.syn || is_loopback(&p.src)) {
-            return SK_ALLOW;
-        }
         let skb = ctx.skb.skb;
+        // TCP is the connect hooks' and the proxy's, except a connection arriving at a
+        // workload's listener. Tunnel mode: only over loopback (the proxy's deliveries come
+        // from this host, or from inside the workload's own namespace; what comes from
+        // elsewhere to a protected port is steered to the proxy before any workload socket
+        // sees it, so anything else went around it — a namespace not served yet, say).
+        // Handshake mode: on a port it declares (the handshake decides), or from a
+        // loopback address (local processes).
+        let tunnel = settings().is_some_and(|s| s.mode != MODE_HANDSHAKE);
+        if p.protocol == IPPROTO_TCP8 {
+            // SAFETY: ifindex is readable in cgroup_skb programs.
+            let via_loopback = unsafe { (*skb).ifindex } == LOOPBACK_IFINDEX;
+            if egress || !p.syn || (tunnel && via_loopback) || (!tunnel && is_loopback(&p.src)) {
+                return SK_ALLOW;
+            }
+        }
         // SAFETY: a cgroup_skb program's context is an skb.
         let (cgroup_id, flags) =
             enrolled(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
+        if flags & WL_EXEMPT != 0 {
+            return SK_ALLOW;
+        }
         let (peer, peer_port, own_port) = if egress {
             (&p.dst, p.dport, p.sport)
         } else {
@@ -908,9 +930,9 @@ mod programs {
         };
         let udp_or_icmp =
             p.protocol == PROTO_UDP || p.protocol == PROTO_ICMP || p.protocol == PROTO_ICMPV6;
-        if p.protocol == IPPROTO_TCP8 {
-            // A connection to a declared port goes ahead unrecorded (the proxy or the
-            // handshake decides it); to any other, it is refused and counted.
+        if p.protocol == IPPROTO_TCP8 && !tunnel {
+            // A connection to a declared port goes ahead unrecorded (the handshake decides
+            // it); to any other, it is refused and counted.
             if allowed(cgroup_id, DIR_INGRESS, IPPROTO_TCP8, own_port, peer) != NO_RULE {
                 return SK_ALLOW;
             }

@@ -188,6 +188,18 @@ pub async fn build(config: &Config) -> Result<Running> {
     // `[containers]`: their parent cgroup is enrolled like a workload (made if missing).
     let expanded = config.with_container_parent().map_err(anyhow::Error::msg)?;
     let config = &expanded;
+    // The enforcer under an enrolled cgroup (a DaemonSet's pod under the kubelet's pod
+    // root) is exempt from capture, before it makes any socket.
+    let exempt = Arc::new(crate::nontcp::Exempt::default());
+    if let Some(own) = own_cgroup_under_enrolled(config)? {
+        let pin = config
+            .pin_dir()
+            .join("maps")
+            .join(tessera_common::names::NONTCP_WORKLOADS);
+        crate::nontcp::exempt_in_pinned(&pin, crate::nontcp::cgroup_id(&own)?)?;
+        tracing::info!(cgroup = %own.display(), "the enforcer runs under an enrolled cgroup: exempt from capture");
+        exempt.insert("enforcer", own);
+    }
     let identity = Credentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     // What TLS presents, replaceable when the control plane renews the certificate.
     let cert = CertSlot::new(&identity)?;
@@ -223,8 +235,19 @@ pub async fn build(config: &Config) -> Result<Running> {
     // Capture's new generation, attached beside the previous run's with the pinned maps
     // (settings, protected ports) left as they are: nothing in force changes yet.
     let mut capture = Capture::prepare(config)?;
+    // Its maps are pinned now: the exemptions go in before anything is attached.
+    for id in exempt.ids() {
+        let pin = config
+            .pin_dir()
+            .join("maps")
+            .join(tessera_common::names::NONTCP_WORKLOADS);
+        crate::nontcp::exempt_in_pinned(&pin, id)?;
+    }
     let client_map = capture.take_client_map()?;
     let containers = containers(config)?;
+    if let Some(c) = &containers {
+        c.registry.serve_exemptions(exempt.clone());
+    }
     if let Some(c) = &containers {
         host.services = host.services.clone().with_dynamic(c.registry.clone());
     }
@@ -317,7 +340,7 @@ pub async fn build(config: &Config) -> Result<Running> {
     }
     serve_common(config, &core, api, &mut tasks)?;
     serve_containers(containers, &mut tasks);
-    serve_nontcp(config, &core, &host, &mut capture, &mut tasks)?;
+    serve_nontcp(config, &core, &host, &mut capture, &mut tasks, exempt)?;
     tracing::info!(
         name = %config.name,
         workloads = config.workloads.len(),
@@ -419,6 +442,34 @@ fn peer_keys(config: &Config, tokens: &Tokens) -> Result<HashMap<String, KeyId>>
         keys.insert(p.name.clone(), key);
     }
     Ok(keys)
+}
+
+/// The enforcer's own cgroup if it is below an enrolled one (it is then exempt from
+/// capture); an enrolled cgroup of its own is refused: the enforcer's sockets would be its
+/// workload's.
+fn own_cgroup_under_enrolled(config: &Config) -> Result<Option<std::path::PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").context("/proc/self/cgroup")?;
+    let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return Ok(None);
+    };
+    let rel = rel.trim().trim_start_matches('/');
+    for mount in crate::attest::cgroup2_mounts() {
+        let own = mount.join(rel);
+        for w in &config.workloads {
+            if own == w.cgroup {
+                anyhow::bail!(
+                    "workload {}: cgroup {} is the enforcer's own: run the enforcer outside \
+                     its workloads' cgroups",
+                    w.name,
+                    w.cgroup.display()
+                );
+            }
+            if own.starts_with(&w.cgroup) {
+                return Ok(Some(own));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// `[containers]`: the registry of the containers' identities, its questions, the runtime.
@@ -809,6 +860,7 @@ fn serve_nontcp(
     host: &HostState,
     capture: &mut Capture,
     tasks: &mut Supervisor,
+    exempt: Arc<crate::nontcp::Exempt>,
 ) -> Result<()> {
     let mut workloads = Vec::new();
     for w in &config.workloads {
@@ -849,6 +901,7 @@ fn serve_nontcp(
                 resolvers.clone(),
                 policy_mode,
                 flows.clone(),
+                exempt.clone(),
             )
             .map(Ok),
         ) as TaskFuture)

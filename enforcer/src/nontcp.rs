@@ -456,6 +456,46 @@ fn ktime_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// Cgroups under an enrolled one that are not workloads (`WL_EXEMPT`): the enforcer's
+/// own, node agents on the host's network (Kubernetes `hostNetwork` pods), by a key of
+/// who reported them. Paths, resolved to cgroup ids at each sync (a pod's cgroup may
+/// appear after its report).
+#[derive(Default)]
+pub struct Exempt(std::sync::Mutex<std::collections::BTreeMap<String, std::path::PathBuf>>);
+
+impl Exempt {
+    pub fn insert(&self, key: &str, cgroup: std::path::PathBuf) {
+        self.0.lock().expect("lock").insert(key.to_owned(), cgroup);
+    }
+
+    pub fn remove(&self, key: &str) {
+        self.0.lock().expect("lock").remove(key);
+    }
+
+    /// The cgroup ids of the exempt cgroups that exist now.
+    pub fn ids(&self) -> Vec<u64> {
+        let paths: Vec<std::path::PathBuf> =
+            self.0.lock().expect("lock").values().cloned().collect();
+        paths.iter().filter_map(|p| cgroup_id(p).ok()).collect()
+    }
+}
+
+/// Writes `id` as exempt into the pinned workloads map at `pin` (if an earlier run left
+/// one): capture a previous run left attached must not refuse the enforcer's own sockets
+/// (its marked listeners, its API client) before this run's maps are in step.
+pub fn exempt_in_pinned(pin: &Path, id: u64) -> Result<bool> {
+    if !pin.exists() {
+        return Ok(false);
+    }
+    let data =
+        aya::maps::MapData::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    let mut map: aya::maps::HashMap<_, u64, u32> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    map.insert(id, tessera_common::WL_EXEMPT, 0)
+        .with_context(|| format!("writing {}", pin.display()))?;
+    Ok(true)
+}
+
 /// Keeps the maps in step with the policy in force and DNS answers, and drains the
 /// counts into flow records, every [`INTERVAL`].
 #[allow(clippy::too_many_arguments)]
@@ -468,6 +508,7 @@ pub async fn keep_in_force(
     resolvers: Vec<SocketAddr>,
     policy_mode: PolicyMode,
     flows: FlowLog,
+    exempt: Arc<Exempt>,
 ) {
     let mut tick = tokio::time::interval(INTERVAL);
     loop {
@@ -477,7 +518,10 @@ pub async fn keep_in_force(
             dns: &|n| dns.addrs(n),
             serving: &|s| directory.nets_serving(|l| s.matches(l)),
         };
-        let w = wanted(&policy, policy_mode, &workloads, &resolvers, &resolve);
+        let mut w = wanted(&policy, policy_mode, &workloads, &resolvers, &resolve);
+        for id in exempt.ids() {
+            w.workloads.insert(id, tessera_common::WL_EXEMPT);
+        }
         if let Err(e) = nontcp.sync(w) {
             tracing::error!(error = format!("{e:#}"), "non-TCP policy not updated");
         }

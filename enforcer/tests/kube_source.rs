@@ -216,6 +216,10 @@ fn down(n: u32) -> String {
     format!("down pod:{}", uid(n))
 }
 
+fn exempt(n: u32) -> String {
+    format!("exempt pod:{}", uid(n))
+}
+
 /// Receives events until `last` (a short form, `up pod:…`/`down pod:…`) arrives.
 async fn until(rx: &mut mpsc::Receiver<SourceEvent>, last: &str) -> Vec<SourceEvent> {
     let mut got = Vec::new();
@@ -239,6 +243,7 @@ fn short(events: &[SourceEvent]) -> Vec<String> {
         .map(|e| match e {
             SourceEvent::Up(d) => format!("up {}", d.key),
             SourceEvent::Down { key } => format!("down {key}"),
+            SourceEvent::Exempt { key, .. } => format!("exempt {key}"),
         })
         .collect()
 }
@@ -288,9 +293,10 @@ async fn the_watcher_reports_this_nodes_pods_as_the_api_server_says() {
     assert_eq!(
         short(&got),
         [
-            up(1),   // list: web (pending, hostNetwork, no uid, no status: skipped)
-            up(2),   // list: api (two containers)
-            up(8),   // ADDED db
+            up(1),     // list: web (pending, hostNetwork, no uid, no status: skipped)
+            up(2),     // list: api (two containers)
+            exempt(4), // list: agent (hostNetwork, Running): a node agent, exempt from capture
+            up(8),     // ADDED db
             up(3), // MODIFIED worker: Pending -> Running (web's resourceVersion-only change: nothing)
             up(1), // MODIFIED web: a new label
             down(2), // DELETED api
@@ -334,7 +340,18 @@ async fn the_watcher_reports_this_nodes_pods_as_the_api_server_says() {
             .unwrap()
             .contains("kubepods-burstable.slice/")
     );
-    let SourceEvent::Up(db) = &got[2] else {
+    let SourceEvent::Exempt { cgroup, .. } = &got[2] else {
+        unreachable!()
+    };
+    assert!(
+        cgroup
+            .to_str()
+            .unwrap()
+            .contains(&format!("-pod{}.slice", uid(4).replace('-', "_"))),
+        "the node agent's pod cgroup: {}",
+        cgroup.display()
+    );
+    let SourceEvent::Up(db) = &got[3] else {
         unreachable!()
     };
     assert_eq!(
@@ -345,7 +362,7 @@ async fn the_watcher_reports_this_nodes_pods_as_the_api_server_says() {
         ),
         "Guaranteed pods sit directly under the root"
     );
-    let SourceEvent::Up(web2) = &got[4] else {
+    let SourceEvent::Up(web2) = &got[5] else {
         unreachable!()
     };
     assert_eq!(web2.labels["track"], "canary");
@@ -411,7 +428,7 @@ async fn a_flood_of_events_stays_bounded() {
     };
     let source = tokio::spawn(run(client, NODE.into(), s, tx));
     let got = short(&until(&mut rx, &up(100 + 999)).await);
-    let mut expected = vec![up(1), up(2)];
+    let mut expected = vec![up(1), up(2), exempt(4)];
     // web and api are up: 98 more fit under max_pods = 100; the rest are refused.
     expected.extend((0..98).map(|n| up(100 + n)));
     expected.push(down(1));

@@ -88,6 +88,9 @@ pub struct EnforcerOptions {
     /// Addresses a host serves besides its own (its containers' own networks), in the
     /// `[[peer]] serves` the other hosts get for it.
     pub serves_extra: BTreeMap<String, Vec<IpNet>>,
+    /// The cgroup a host's enforcer runs in, if not its own `enforcer` cgroup (e.g. a pod's
+    /// under the kubelet's root, as a DaemonSet's).
+    pub enforcer_cgroup: BTreeMap<String, PathBuf>,
 }
 
 impl Default for EnforcerOptions {
@@ -109,6 +112,7 @@ impl Default for EnforcerOptions {
             control: None,
             containers: BTreeMap::new(),
             serves_extra: BTreeMap::new(),
+            enforcer_cgroup: BTreeMap::new(),
         }
     }
 }
@@ -430,13 +434,16 @@ impl TestNet {
         if self.options.lock().unwrap().keep_attached {
             args.push("--keep-attached");
         }
+        let cgroup = self
+            .options
+            .lock()
+            .unwrap()
+            .enforcer_cgroup
+            .get(&host.name)
+            .cloned()
+            .unwrap_or_else(|| self.cgroup(host, Some("enforcer")));
         let mut child = self
-            .command(
-                host,
-                &self.cgroup(host, Some("enforcer")),
-                self.bin.to_str().unwrap(),
-                &args,
-            )
+            .command(host, &cgroup, self.bin.to_str().unwrap(), &args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -12,7 +12,9 @@
 //! * a peer reaches the pod's served port at the pod's own address through the tunnel, and
 //!   not around it;
 //! * a process in a pod cgroup the API server never reported, even in a namespace the
-//!   enforcer serves, gets no identity.
+//!   enforcer serves, gets no identity;
+//! * the enforcer runs under the kubelet's root, in a pod cgroup, as the DaemonSet's does,
+//!   and a `hostNetwork` pod (a node agent, like kube-proxy) is exempt from capture.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -36,6 +38,9 @@ use tessera_tests::{
 const T: Duration = Duration::from_secs(60);
 const API_PORT: u16 = 16_443;
 const UID: &str = "4f1b2c3d-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
+/// A node agent's pod (`hostNetwork`), and the enforcer's own.
+const AGENT_UID: &str = "a9e6f1c2-0000-4a7b-8c9d-0e1f2a3b4c5d";
+const ENFORCER_UID: &str = "e0f0e0f0-0000-4a7b-8c9d-0e1f2a3b4c5d";
 const DIGEST: &str = "sha256:7b3ccabffc97de872a30dfd234fd972a66d247c8cfc69b0550f276481852627c";
 
 const POLICY: &str = "\
@@ -54,11 +59,12 @@ rules:
 /// another node (which the source must not see).
 fn pod_list() -> serde_json::Value {
     let pod = |name: &str, uid: &str, node: &str| {
+        let host_network = uid == AGENT_UID || uid == ENFORCER_UID;
         serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "shop", "uid": uid, "resourceVersion": "90",
                          "labels": {"app": "shop", "tessera.io/service-account": "forged"}},
-            "spec": {"nodeName": node, "serviceAccountName": "shop",
+            "spec": {"nodeName": node, "serviceAccountName": "shop", "hostNetwork": host_network,
                      "containers": [{"name": "shop", "image": "registry.local/shop:1",
                                      "ports": [{"containerPort": 9000, "protocol": "TCP"}]}]},
             "status": {"phase": "Running", "qosClass": "BestEffort", "podIP": "10.77.0.3",
@@ -70,6 +76,8 @@ fn pod_list() -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "100"},
         "items": [pod("shop-5d8f7-abcde", UID, "host-a"),
+                  pod("kube-proxy-x1", AGENT_UID, "host-a"),
+                  pod("tessera-enforcer-x1", ENFORCER_UID, "host-a"),
                   pod("shop-5d8f7-zzzzz", "99999999-5e6f-4a7b-8c9d-0e1f2a3b4c5d", "host-z")]
     })
 }
@@ -97,6 +105,9 @@ fn pods_the_api_server_reports_are_served_in_their_own_network_with_its_identity
     net.write_policy(None, POLICY).unwrap();
     std::fs::write(net.dir.join("index.html"), "hello from web\n").unwrap();
     net.serve_http(net.host("host-b"), Some("web"), "0.0.0.0", 8080, &net.dir)
+        .unwrap();
+    // A plain server on host-b, no workload's (what a node agent talks to).
+    net.serve_http(net.host("host-b"), None, "0.0.0.0", 8000, &net.dir)
         .unwrap();
 
     // The API server, replayed on host-a's loopback.
@@ -129,6 +140,13 @@ fn pods_the_api_server_reports_are_served_in_their_own_network_with_its_identity
     let scope = pod_scope(&root, UID);
     net.spawn_in(net.host("pod"), &scope, "sleep", &["300"])
         .unwrap();
+    // The enforcer in a pod cgroup under the root, as the DaemonSet's runs; a node agent's.
+    let agent = pod_scope(&root, AGENT_UID);
+    net.options
+        .lock()
+        .unwrap()
+        .enforcer_cgroup
+        .insert("host-a".into(), pod_scope(&root, ENFORCER_UID));
     {
         let mut opts = net.options.lock().unwrap();
         opts.containers.insert(
@@ -173,6 +191,37 @@ fn pods_the_api_server_reports_are_served_in_their_own_network_with_its_identity
             .lines()
             .all(|r| r.contains("fieldSelector=spec.nodeName%3Dhost-a")),
         "the source asked for other nodes' pods: {requests}"
+    );
+
+    // The enforcer under the root exempted itself (else its own listeners and API client
+    // would be captured); the node agent is exempt once the API server says it is one.
+    assert!(
+        net.enforcer_log(net.host("host-a"))
+            .contains("exempt from capture"),
+        "{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let agent_gets = || {
+        net.command(
+            net.host("host-a"),
+            &agent,
+            "curl",
+            &["-sS", "-m", "5", "http://10.77.0.2:8000/index.html"],
+        )
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("hello from web"))
+        .unwrap_or(false)
+    };
+    assert!(
+        eventually(T, agent_gets),
+        "the node agent (hostNetwork) was captured; host-a log:\n{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    assert!(
+        net.flows(net.host("host-a"))
+            .iter()
+            .all(|f| f.dst.addr.port() != 8000),
+        "the node agent's connection was captured"
     );
 
     // The pod's connection: allowed with the API server's identity for it.

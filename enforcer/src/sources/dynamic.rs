@@ -134,6 +134,8 @@ pub struct DynamicWorkloads {
     /// Where workloads with a network of their own are served (tunnel mode, once its
     /// proxy runs); without it they are refused.
     networks: OnceLock<Arc<dyn Networks>>,
+    /// Cgroups under the parent a source says are not workloads (node agents).
+    exempt: OnceLock<Arc<crate::nontcp::Exempt>>,
 }
 
 impl DynamicWorkloads {
@@ -147,8 +149,14 @@ impl DynamicWorkloads {
             changed: Condvar::new(),
             ask,
             networks: OnceLock::new(),
+            exempt: OnceLock::new(),
         });
         (me, questions)
+    }
+
+    /// Cgroups a source exempts go into `exempt` from now on.
+    pub fn serve_exemptions(&self, exempt: Arc<crate::nontcp::Exempt>) {
+        let _ = self.exempt.set(exempt);
     }
 
     /// Workloads with a network of their own are served by `networks` from now on.
@@ -221,7 +229,20 @@ impl DynamicWorkloads {
                     self.release(&key);
                 }
             }
+            SourceEvent::Exempt { key, cgroup } => {
+                if self.workload_dir(&cgroup).as_deref() != Some(cgroup.as_path()) {
+                    tracing::warn!(key = %key, cgroup = %cgroup.display(), "a source exempted a cgroup that is no workload's level under the parent: ignored");
+                    return;
+                }
+                tracing::info!(key = %key, cgroup = %cgroup.display(), "exempt from capture (a node agent on the host's network)");
+                if let Some(exempt) = self.exempt.get() {
+                    exempt.insert(&key, cgroup);
+                }
+            }
             SourceEvent::Down { key } => {
+                if let Some(exempt) = self.exempt.get() {
+                    exempt.remove(&key);
+                }
                 let mut state = self.state.lock().expect("lock");
                 if let Some(dir) = state.by_key.remove(&key) {
                     state.by_dir.remove(&dir);

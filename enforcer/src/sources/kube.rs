@@ -383,6 +383,8 @@ pub struct Tracker {
     node: String,
     settings: KubeSettings,
     reported: HashMap<String, Discovered>,
+    /// `hostNetwork` pods reported exempt, by key: their cgroups.
+    exempt: HashMap<String, PathBuf>,
     /// During a (re-)list: the keys listed so far.
     listing: Option<HashSet<String>>,
 }
@@ -393,6 +395,7 @@ impl Tracker {
             node,
             settings,
             reported: HashMap::new(),
+            exempt: HashMap::new(),
             listing: None,
         }
     }
@@ -422,6 +425,7 @@ impl Tracker {
                 let mut gone: Vec<String> = self
                     .reported
                     .keys()
+                    .chain(self.exempt.keys())
                     .filter(|k| !listed.contains(*k))
                     .cloned()
                     .collect();
@@ -429,6 +433,7 @@ impl Tracker {
                 gone.into_iter()
                     .map(|key| {
                         self.reported.remove(&key);
+                        self.exempt.remove(&key);
                         SourceEvent::Down { key }
                     })
                     .collect()
@@ -456,6 +461,7 @@ impl Tracker {
                 self.reported.insert(d.key.clone(), d.clone());
                 vec![SourceEvent::Up(d)]
             }
+            Err(Skip::HostNetwork) => self.exempt_host_network(pod, listing),
             Err(skip) => {
                 if let Skip::Malformed(why) = &skip {
                     tracing::warn!(pod = %what, reason = %why, "pod skipped: malformed");
@@ -467,6 +473,37 @@ impl Tracker {
         }
     }
 
+    /// A `hostNetwork` pod of this node: a node agent, exempt from capture (its cgroup is
+    /// under the kubelet's root, where capture is attached).
+    fn exempt_host_network(&mut self, pod: &Pod, listing: bool) -> Vec<SourceEvent> {
+        let on_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&self.node);
+        let uid = pod.metadata.uid.as_deref().filter(|u| valid_uid(u));
+        let qos = pod.status.as_ref().and_then(|s| s.qos_class.as_deref());
+        let (Some(uid), Some(qos), true) = (uid, qos, on_node) else {
+            return vec![];
+        };
+        let Ok(cgroup) = pod_cgroup(
+            &self.settings.cgroup_root,
+            self.settings.cgroup_driver,
+            qos,
+            uid,
+        ) else {
+            return vec![];
+        };
+        let key = format!("pod:{uid}");
+        if listing && let Some(l) = self.listing.as_mut() {
+            l.insert(key.clone());
+        }
+        if self.exempt.get(&key) == Some(&cgroup)
+            || (!self.exempt.contains_key(&key) && self.exempt.len() >= self.settings.max_pods)
+        {
+            return vec![];
+        }
+        tracing::debug!(pod = %pod_ref(pod), key = %key, "hostNetwork pod: exempt");
+        self.exempt.insert(key.clone(), cgroup.clone());
+        vec![SourceEvent::Exempt { key, cgroup }]
+    }
+
     fn delete(&mut self, pod: &Pod) -> Vec<SourceEvent> {
         self.forget(pod)
     }
@@ -476,7 +513,7 @@ impl Tracker {
             return vec![];
         };
         let key = format!("pod:{uid}");
-        if self.reported.remove(&key).is_some() {
+        if self.reported.remove(&key).is_some() | self.exempt.remove(&key).is_some() {
             tracing::debug!(pod = %pod_ref(pod), key = %key, "pod down");
             vec![SourceEvent::Down { key }]
         } else {
@@ -550,6 +587,7 @@ pub async fn follow(
                     waiting.remove(&key);
                     registry.apply(SourceEvent::Down { key });
                 }
+                Some(exempt @ SourceEvent::Exempt { .. }) => registry.apply(exempt),
                 None => break "the pod watch ended",
             },
             _ = tick.tick(), if !waiting.is_empty() => {

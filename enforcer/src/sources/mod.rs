@@ -81,6 +81,9 @@ pub enum SourceEvent {
     Up(Discovered),
     /// The workload with this key is gone.
     Down { key: String },
+    /// Not a workload: a node agent on the host's network under the parent (a Kubernetes
+    /// `hostNetwork` pod), whose processes are neither captured nor guarded. `Down` ends it.
+    Exempt { key: String, cgroup: PathBuf },
 }
 
 pub mod dynamic;
