@@ -284,6 +284,7 @@ pub async fn build(config: &Config) -> Result<Running> {
             let pool = pool(config, &identity, &cert, &core, &host)?;
             live.pool = Some(pool.clone());
             let outbound = Arc::new(Outbound {
+                namespaces: std::sync::OnceLock::new(),
                 admission: core.admission(config, Mode::Tunnel),
                 lookup: lookup.clone(),
                 peers: host.peers.clone(),
@@ -302,6 +303,7 @@ pub async fn build(config: &Config) -> Result<Running> {
                     tokio::runtime::Handle::current(),
                 )?;
                 c.registry.serve_networks(adopted.clone());
+                let _ = outbound.namespaces.set(adopted.clone());
                 if let Some(socket) = &c.hook {
                     serve_hook(&mut tasks, socket, c, adopted.clone())?;
                 }

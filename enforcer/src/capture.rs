@@ -131,6 +131,7 @@ impl Capture {
                 let _ = fs::remove_dir_all(&pin_dir);
             }
         };
+        replace_changed_maps(&maps_dir)?;
         let loaded = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(object)
@@ -605,6 +606,38 @@ fn check_port_room(ebpf: &mut Ebpf, config: &Config) -> Result<()> {
              the map holds; stop the enforcer without --keep-attached first",
             all.len()
         );
+    }
+    Ok(())
+}
+
+/// Unpins a previous version's pinned maps whose layout this version changed (the loader
+/// would reuse a pin whatever its key and value sizes, and the programs would then read
+/// part of each key): the new run makes them afresh. The previous run's programs keep
+/// theirs until they are taken off; a connection captured in between has no record here
+/// and is refused (fail closed).
+fn replace_changed_maps(maps_dir: &Path) -> Result<()> {
+    let expected = [(
+        names::CLIENT_ORIG,
+        std::mem::size_of::<ClientKey>(),
+        std::mem::size_of::<OrigDst>(),
+    )];
+    for (name, key, value) in expected {
+        let pin = maps_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = aya::maps::MapData::from_pin(&pin)
+            .and_then(|m| m.info())
+            .with_context(|| format!("reading the pinned map {}", pin.display()))?;
+        if (info.key_size() as usize, info.value_size() as usize) != (key, value) {
+            tracing::warn!(
+                map = name,
+                pinned_key = info.key_size(),
+                key,
+                "a pinned map of another layout (an earlier version): made afresh"
+            );
+            fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
+        }
     }
     Ok(())
 }

@@ -27,7 +27,7 @@ use std::{
         fd::{AsFd, OwnedFd},
         unix::fs::MetadataExt,
     },
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, mpsc},
 };
 
@@ -67,10 +67,12 @@ impl Worker {
             .recv()
             .map_err(|_| io::Error::other("the namespace's thread ended"))?
             .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("entering it (setns, which needs CAP_SYS_ADMIN): {e}"),
-                )
+                let hint = if e.kind() == io::ErrorKind::PermissionDenied {
+                    " (setns needs CAP_SYS_ADMIN)"
+                } else {
+                    ""
+                };
+                io::Error::new(e.kind(), format!("entering it{hint}: {e}"))
             })?;
         Ok(Worker {
             jobs: Mutex::new(jobs),
@@ -317,10 +319,46 @@ impl Adopted {
     }
 }
 
+/// The addresses of the network namespace the calling thread is in.
+fn own_addresses() -> Vec<IpAddr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|it| {
+            it.filter_map(|i| {
+                let a = i.address?;
+                a.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether process `pid` is in `cgroup` or below it now.
+fn in_cgroup(pid: u32, cgroup: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return false;
+    };
+    let rel = rel.trim().trim_start_matches('/');
+    crate::attest::cgroup2_mounts()
+        .iter()
+        .any(|m| m.join(rel).starts_with(cgroup))
+}
+
 impl Networks for Adopted {
-    fn adopt(&self, key: &str, pid: u32) -> Result<Vec<IpAddr>, String> {
+    fn adopt(&self, key: &str, pid: u32, cgroup: &Path) -> Result<Vec<IpAddr>, String> {
         let path = format!("/proc/{pid}/ns/net");
         let ns = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        // Held now: the process must still be the workload's (not a reused pid).
+        if !in_cgroup(pid, cgroup) {
+            return Err(format!(
+                "process {pid} is not in {} (gone, or its pid reused)",
+                cgroup.display()
+            ));
+        }
         let inode = ns.metadata().map_err(|e| format!("{path}: {e}"))?.ino();
         let own = std::fs::metadata("/proc/self/ns/net")
             .map(|m| m.ino())
@@ -328,18 +366,59 @@ impl Networks for Adopted {
         if inode == own {
             return Err("its network is the enforcer's own, not one of its own".into());
         }
-        let mut state = self.state.lock().expect("lock");
-        // The same workload in another namespace now (restarted): the old one goes.
-        if let Some(old) = state.by_key.get(key).copied()
-            && old != inode
         {
-            drop(state);
-            self.release(key);
-            state = self.state.lock().expect("lock");
+            let state = self.state.lock().expect("lock");
+            match state.by_key.get(key) {
+                Some(old) if *old == inode => {
+                    return Ok(state.by_inode[&inode].addrs.clone());
+                }
+                _ => {}
+            }
         }
-        let served = match state.by_inode.entry(inode) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(self.serve(ns, inode, key)?),
+        // The same workload in another namespace now (restarted): the old one goes.
+        self.release(key);
+        let mut fresh = None;
+        if !self
+            .state
+            .lock()
+            .expect("lock")
+            .by_inode
+            .contains_key(&inode)
+        {
+            // Set up outside the lock (deliveries ask it meanwhile).
+            let mut served = self.serve(ns, inode, key)?;
+            // Never an address of this host's or of another namespace served: a workload
+            // that adds one to its interfaces does not draw what is meant for it.
+            let host = own_addresses();
+            let state = self.state.lock().expect("lock");
+            let claimed: HashSet<IpAddr> = state
+                .by_inode
+                .values()
+                .flat_map(|s| s.addrs.iter().copied())
+                .collect();
+            served.addrs.retain(|a| {
+                let ok = !host.contains(a) && !claimed.contains(a);
+                if !ok {
+                    tracing::warn!(workload = key, address = %a, "an address of the workload's namespace is this host's or another's: not served there");
+                }
+                ok
+            });
+            drop(state);
+            fresh = Some(served);
+        }
+        let mut state = self.state.lock().expect("lock");
+        if let Some(served) = fresh {
+            if state.by_inode.contains_key(&inode) {
+                // Served by a concurrent report meanwhile: ours goes.
+                drop(state);
+                self.unserve(served);
+                state = self.state.lock().expect("lock");
+            } else {
+                state.by_inode.insert(inode, served);
+            }
+        }
+        let Some(served) = state.by_inode.get_mut(&inode) else {
+            return Err("its namespace stopped being served meanwhile".into());
         };
         served.keys.insert(key.to_owned());
         let addrs = served.addrs.clone();
@@ -372,6 +451,23 @@ impl Namespaces for Adopted {
         let dst = dst.to_canonical();
         let state = self.state.lock().expect("lock");
         state.by_inode.values().any(|s| s.addrs.contains(&dst))
+    }
+
+    fn socket_in(&self, netns: u64, domain: Domain) -> Option<io::Result<Socket>> {
+        let worker = {
+            let state = self.state.lock().expect("lock");
+            state
+                .by_inode
+                .values()
+                .find(|s| s.cookie == netns)?
+                .worker
+                .clone()
+        };
+        Some(
+            worker
+                .run(move || Socket::new(domain, Type::STREAM, None))
+                .and_then(|r| r),
+        )
     }
 
     fn socket_for(&self, dst: IpAddr) -> Option<io::Result<Socket>> {

@@ -66,6 +66,10 @@ pub trait Namespaces: Send + Sync + 'static {
     /// address `dst`; `None` if no such workload is served here. May block (the socket is
     /// made by a thread in that namespace).
     fn socket_for(&self, dst: IpAddr) -> Option<io::Result<Socket>>;
+    /// A new TCP socket of `domain` in the served namespace with cookie `netns` (a
+    /// workload's connection to a destination no enforcer serves leaves from its own
+    /// network, never the host's); `None` if that namespace is not served. May block.
+    fn socket_in(&self, netns: u64, domain: socket2::Domain) -> Option<io::Result<Socket>>;
 }
 
 /// How the proxy connects to local workloads.
@@ -197,6 +201,8 @@ impl Delivery {
         dst: SocketAddr,
         timeout: Duration,
     ) -> io::Result<TcpStream> {
+        // The socket is of the canonical address's family (socket_for's).
+        let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
         let src = match (dst, self.source) {
             (SocketAddr::V4(_), DeliverySource::Localhost(v4)) => IpAddr::V4(v4),
             (SocketAddr::V4(_), DeliverySource::OriginalSource) => {

@@ -410,11 +410,12 @@ impl Inbound {
     /// The local workload a tunnel request is for: only this host's addresses and served
     /// ports (a tunnel is never a relay to a third host).
     fn workload_for(&self, dst: SocketAddr) -> Result<Arc<LocalWorkload>, Refused> {
-        // A workload with a network of its own (a pod), at its own address.
-        if let Some(w) = self.services.at_address(dst) {
+        let local = self.addrs.contains(dst.ip());
+        // A workload with a network of its own (a pod), at its own address (never one of
+        // this host's: those are the host's workloads').
+        if !local && let Some(w) = self.services.at_address(dst) {
             return Ok(w);
         }
-        let local = self.addrs.contains(dst.ip());
         local
             .then(|| self.services.workload(dst.port()))
             .flatten()

@@ -32,6 +32,9 @@ use crate::{
 };
 
 pub struct Outbound {
+    /// Workloads' own network namespaces (set once they are served): a connection captured
+    /// in one reaches a destination without an enforcer from there.
+    pub namespaces: std::sync::OnceLock<Arc<dyn crate::delivery::Namespaces>>,
     pub admission: Arc<Admission>,
     pub lookup: Arc<dyn CaptureLookup>,
     pub peers: Arc<Directory>,
@@ -101,7 +104,30 @@ impl Outbound {
         let plan = route::plan(&captured, &table);
         match plan.route {
             Route::Peer(peer) => self.via_tunnel(app, &captured, &plan, peer, flow).await,
-            Route::External => self.external(app, &captured, &plan, flow).await,
+            Route::External => self.external(app, &captured, &plan, flow, netns).await,
+        }
+    }
+
+    /// Connects to `dst` from the workload's own namespace (cookie `netns`), as the workload
+    /// itself would have: its routes, its source address, its network's filters.
+    async fn connect_from_namespace(&self, netns: u64, dst: SocketAddr) -> io::Result<TcpStream> {
+        let Some(ns) = self.namespaces.get().cloned() else {
+            return Err(io::Error::other("its network namespace is not served"));
+        };
+        let domain = socket2::Domain::for_address(dst);
+        let socket = tokio::task::spawn_blocking(move || ns.socket_in(netns, domain))
+            .await
+            .map_err(io::Error::other)?
+            .ok_or_else(|| io::Error::other("its network namespace is no longer served"))??;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+        match tokio::time::timeout(EXTERNAL_CONNECT_TIMEOUT, socket.connect(dst)).await {
+            Ok(s) => s,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {dst} from the workload's namespace timed out"),
+            )),
         }
     }
 
@@ -112,6 +138,7 @@ impl Outbound {
         captured: &Captured,
         plan: &Plan<'_>,
         mut flow: FlowTracker,
+        netns: Option<u64>,
     ) {
         let ip = captured.dst.ip();
         flow.dst.dns_name = self.admission.decisions().dns().name_of(ip);
@@ -122,17 +149,20 @@ impl Outbound {
             reset_on_close(&app);
             return flow.finish();
         };
-        let mut remote =
-            match connect_marked(captured.dst, self.mark, None, EXTERNAL_CONNECT_TIMEOUT).await {
-                Ok(s) => s,
-                Err(e) => {
-                    reset_on_close(&app);
-                    return flow.fail(
-                        Code::PeerUnreachable,
-                        format!("external destination unreachable: {e}"),
-                    );
-                }
-            };
+        let connected = match netns {
+            None => connect_marked(captured.dst, self.mark, None, EXTERNAL_CONNECT_TIMEOUT).await,
+            Some(netns) => self.connect_from_namespace(netns, captured.dst).await,
+        };
+        let mut remote = match connected {
+            Ok(s) => s,
+            Err(e) => {
+                reset_on_close(&app);
+                return flow.fail(
+                    Code::PeerUnreachable,
+                    format!("external destination unreachable: {e}"),
+                );
+            }
+        };
         let plain = async { splice_plain(&mut app, &mut remote).await.map(Ended::Clean) };
         let carried = carry(&mut guard, &mut flow, Facing::Source, plain, |e| {
             format!("connection broken: {e}")

@@ -550,10 +550,18 @@ fn in_handshake_mode_a_container_with_a_network_namespace_of_its_own_is_refused(
 /// inside it, and its guard there drops what comes around the tunnel.
 #[test]
 fn in_tunnel_mode_a_container_with_a_network_namespace_of_its_own_is_served_in_it() {
-    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], &["pod"]).expect("hosts");
+    let net =
+        TestNet::with_plain_hosts(&["host-a", "host-b"], &["pod", "outsider"]).expect("hosts");
     net.add_workload(net.host("host-b"), "web", &[("app", "web")], &[8080])
         .unwrap();
-    net.write_policy(None, POLICY).unwrap();
+    // Clients may also reach the outsider (no enforcer there) by its address.
+    net.write_policy(
+        None,
+        &format!(
+            "{POLICY}  - name: clients-to-outsider\n    action: allow\n    from: [{{labels: [app=client]}}]\n    to: [{{cidr: 10.77.0.4}}]\n"
+        ),
+    )
+    .unwrap();
     std::fs::write(net.dir.join("index.html"), "hello from web\n").unwrap();
     net.serve_http(net.host("host-b"), Some("web"), "0.0.0.0", 8080, &net.dir)
         .unwrap();
@@ -641,6 +649,40 @@ fn in_tunnel_mode_a_container_with_a_network_namespace_of_its_own_is_served_in_i
     });
     assert_eq!(denied.len(), 1, "{:?}", net.flows(net.host("host-a")));
 
+    // A destination without an enforcer, allowed by policy: reached from the container's
+    // own network (its address, 10.77.0.3), never from the host's (10.77.0.1).
+    std::fs::write(net.dir.join("outside.html"), "hello from outside\n").unwrap();
+    net.serve_http(net.host("outsider"), None, "0.0.0.0", 8000, &net.dir)
+        .unwrap();
+    let out = podman
+        .run_with_network(
+            &parent,
+            &format!("{}-pod-egress", net.id),
+            &[("app", "client"), ("team", "blue")],
+            &network,
+            &[
+                "sh",
+                "-c",
+                "printf 'GET /outside.html HTTP/1.0\\r\\n\\r\\n' | nc -w 10 10.77.0.4 8000",
+            ],
+            T,
+        )
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello from outside"),
+        "{out:?}\nhost-a log:\n{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let served = std::fs::read_to_string(net.dir.join("outsider-other-python3.log")).unwrap();
+    let line = served
+        .lines()
+        .find(|l| l.contains("outside.html"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("10.77.0.3 "),
+        "the outsider saw the request from {line:?}, not from the container's own address"
+    );
+
     // Inbound: web reaches the store at the pod's own address, through the tunnel; host-a
     // records the container as the destination.
     let got = || {
@@ -664,7 +706,17 @@ fn in_tunnel_mode_a_container_with_a_network_namespace_of_its_own_is_served_in_i
     // Around the tunnel: a process of host-b outside any workload goes straight to the
     // pod's address and is refused by the guard in the pod's namespace (without it, the
     // port's listener would answer: the workload declares the port). The pod's own
-    // processes still reach it over their loopback.
+    // processes still reach it over their loopback. The control: a server of no workload
+    // in the same namespace answers host-b directly (the path is there).
+    net.serve_http(net.host("pod"), None, "0.0.0.0", 9005, &net.dir)
+        .unwrap();
+    let control = net
+        .curl("host-b", None, "http://10.77.0.3:9005/index.html")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&control.stdout).contains("hello from web"),
+        "the control: {control:?}"
+    );
     let direct = net
         .curl("host-b", None, "http://10.77.0.3:9000/index.html")
         .unwrap();

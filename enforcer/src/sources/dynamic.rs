@@ -92,8 +92,10 @@ pub const MAX_VALUE: usize = 253;
 /// enforcer (`crate::netns`): capture, delivery and the inbound guard there.
 pub trait Networks: Send + Sync + 'static {
     /// Serves the network namespace process `pid` is in, for workload `key` (again: no
-    /// change): the namespace's addresses, or why it cannot be served.
-    fn adopt(&self, key: &str, pid: u32) -> Result<Vec<IpAddr>, String>;
+    /// change), provided the process is (still) in `cgroup` or below once its namespace is
+    /// held (a pid reused by another container's process is not taken for it): the
+    /// namespace's addresses, or why it cannot be served.
+    fn adopt(&self, key: &str, pid: u32, cgroup: &Path) -> Result<Vec<IpAddr>, String>;
     /// Workload `key` no longer needs its namespace served.
     fn release(&self, key: &str);
 }
@@ -104,8 +106,10 @@ struct Slot {
     entry: Entry,
     /// The TCP ports its runtime says it serves.
     ports: Vec<u16>,
-    /// Its own network namespace's addresses (empty: it is on the host's network).
+    /// Its own network namespace's addresses.
     addrs: Vec<IpAddr>,
+    /// It has a network namespace of its own (then never served by port on the host's).
+    own_netns: bool,
 }
 
 #[derive(Default)]
@@ -192,7 +196,8 @@ impl DynamicWorkloads {
     pub fn refuse(&self, found: Discovered, why: String) {
         let entry = Entry::Refused(format!("{} is not enrolled: {why}", found.name));
         self.release(&found.key);
-        self.put(found, entry, Vec::new());
+        let own_netns = found.netns_pid.is_some();
+        self.put(found, entry, Vec::new(), own_netns);
     }
 
     /// Applies a source's report.
@@ -203,7 +208,7 @@ impl DynamicWorkloads {
                 let mut addrs = Vec::new();
                 match (&entry, found.netns_pid) {
                     (Entry::Enrolled(_), Some(pid)) => match self.networks.get() {
-                        Some(networks) => match networks.adopt(&found.key, pid) {
+                        Some(networks) => match networks.adopt(&found.key, pid, &found.cgroup) {
                             Ok(a) => addrs = a,
                             Err(why) => {
                                 entry = Entry::Refused(format!(
@@ -225,7 +230,8 @@ impl DynamicWorkloads {
                     _ => self.release(&found.key),
                 }
                 let key = found.key.clone();
-                if !self.put(found, entry, addrs) {
+                let own_netns = found.netns_pid.is_some();
+                if !self.put(found, entry, addrs, own_netns) {
                     self.release(&key);
                 }
             }
@@ -262,7 +268,7 @@ impl DynamicWorkloads {
     }
 
     /// Stores a report; false if it was ignored.
-    fn put(&self, found: Discovered, entry: Entry, addrs: Vec<IpAddr>) -> bool {
+    fn put(&self, found: Discovered, entry: Entry, addrs: Vec<IpAddr>, own_netns: bool) -> bool {
         let mut state = self.state.lock().expect("lock");
         if self.workload_dir(&found.cgroup).as_deref() != Some(found.cgroup.as_path()) {
             tracing::warn!(
@@ -313,6 +319,7 @@ impl DynamicWorkloads {
                 entry,
                 ports: found.ports,
                 addrs,
+                own_netns,
             },
         );
         drop(state);
@@ -508,7 +515,7 @@ impl DynamicWorkloads {
         }
         let state = self.state.lock().expect("lock");
         let mut found = state.by_dir.values().filter_map(|s| match &s.entry {
-            Entry::Enrolled(w) if s.addrs.is_empty() && s.ports.contains(&port) => Some(w.clone()),
+            Entry::Enrolled(w) if !s.own_netns && s.ports.contains(&port) => Some(w.clone()),
             _ => None,
         });
         let first = found.next()?;
@@ -530,12 +537,15 @@ impl DynamicWorkloads {
         }
         let ip = dst.ip().to_canonical();
         let state = self.state.lock().expect("lock");
-        state.by_dir.values().find_map(|s| match &s.entry {
+        let mut found = state.by_dir.values().filter_map(|s| match &s.entry {
             Entry::Enrolled(w) if s.addrs.contains(&ip) && s.ports.contains(&dst.port()) => {
                 Some(w.clone())
             }
             _ => None,
-        })
+        });
+        let first = found.next()?;
+        // Two at one address and port (containers sharing a namespace): neither.
+        found.next().is_none().then_some(first)
     }
 
     /// How many workloads are known (enrolled or refused).
@@ -702,7 +712,7 @@ mod tests {
     struct Served(Mutex<Vec<String>>);
 
     impl Networks for Served {
-        fn adopt(&self, key: &str, pid: u32) -> Result<Vec<IpAddr>, String> {
+        fn adopt(&self, key: &str, pid: u32, _cgroup: &Path) -> Result<Vec<IpAddr>, String> {
             if pid == 0 {
                 return Err("no such process".into());
             }

@@ -169,7 +169,7 @@ pub fn handle(req: &Request, parent: &Path, mount: &Path, networks: &dyn Network
             error: None,
         };
     }
-    match networks.adopt(&format!("container:{}", req.id), req.pid) {
+    match networks.adopt(&format!("container:{}", req.id), req.pid, &cgroup) {
         Ok(_) => Answer {
             served: true,
             error: None,

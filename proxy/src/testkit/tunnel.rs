@@ -325,6 +325,7 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
             (port, Arc::new(workload))
         });
     let outbound = Arc::new(Outbound {
+        namespaces: std::sync::OnceLock::new(),
         admission: admission.clone(),
         lookup,
         peers: Arc::new(Directory::fixed(peers, Vec::new())),
