@@ -192,6 +192,8 @@ pub struct Adopted {
     outbound: Arc<Outbound>,
     runtime: tokio::runtime::Handle,
     state: Mutex<State>,
+    /// Held through one adoption.
+    setup: Mutex<()>,
 }
 
 impl Adopted {
@@ -216,6 +218,7 @@ impl Adopted {
             outbound,
             runtime,
             state: Mutex::default(),
+            setup: Mutex::default(),
         }))
     }
 
@@ -366,6 +369,9 @@ impl Networks for Adopted {
         if inode == own {
             return Err("its network is the enforcer's own, not one of its own".into());
         }
+        // One adoption at a time (a runtime's hook and its report of the same container
+        // may come together; two would both try to listen in the one namespace).
+        let _one = self.setup.lock().expect("lock");
         {
             let state = self.state.lock().expect("lock");
             match state.by_key.get(key) {
@@ -408,14 +414,8 @@ impl Networks for Adopted {
         }
         let mut state = self.state.lock().expect("lock");
         if let Some(served) = fresh {
-            if state.by_inode.contains_key(&inode) {
-                // Served by a concurrent report meanwhile: ours goes.
-                drop(state);
-                self.unserve(served);
-                state = self.state.lock().expect("lock");
-            } else {
-                state.by_inode.insert(inode, served);
-            }
+            // (Adoptions are one at a time: nobody served it meanwhile.)
+            state.by_inode.entry(inode).or_insert(served);
         }
         let Some(served) = state.by_inode.get_mut(&inode) else {
             return Err("its namespace stopped being served meanwhile".into());
