@@ -50,6 +50,8 @@ impl Worker {
         let (ready, entered) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(format!("netns {what}"))
+            // It makes sockets and nothing else.
+            .stack_size(128 * 1024)
             .spawn(move || {
                 let entered = nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(io::Error::from);
@@ -209,6 +211,19 @@ impl Adopted {
     ) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&pins)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", pins.display()))?;
+        // A previous run's namespaces: no listener of ours waits in them any more (their
+        // connects failed meanwhile); each is served again when its workload is reported.
+        let mut map = map;
+        let stale: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        for cookie in &stale {
+            let _ = map.remove(cookie);
+        }
+        if !stale.is_empty() {
+            tracing::info!(
+                namespaces = stale.len(),
+                "forgot the namespaces a previous run served"
+            );
+        }
         Ok(Arc::new(Self {
             port,
             mark,
