@@ -869,10 +869,10 @@ impl Config {
                     hook.display()
                 ));
             }
-            if c.runtime != ContainerRuntime::Podman || self.mode() == DataPathMode::Handshake {
+            if c.runtime != ContainerRuntime::Podman {
                 return Err(
-                    "containers: hook_socket: only for podman in tunnel mode (it \
-                            serves containers' own networks)"
+                    "containers: hook_socket: only for runtime = \"podman\" (the \
+                            runtime's OCI hook)"
                         .to_string(),
                 );
             }
@@ -1082,6 +1082,13 @@ impl Config {
                 "bpf.delivery_table",
                 b.delivery_table != bpf.delivery_table,
                 "no deliveries",
+            ),
+            (
+                "containers.hook_socket",
+                self.containers
+                    .as_ref()
+                    .is_some_and(|c| c.hook_socket.is_some()),
+                "containers' own networks are not served",
             ),
         ]
         .into_iter()
@@ -1503,7 +1510,7 @@ mod tests {
             ),
             (
                 "runtime = \"kubernetes\"\nhook_socket = \"/run/h.sock\"\n",
-                "containers: hook_socket: only for podman in tunnel mode",
+                "containers: hook_socket: only for runtime = \"podman\"",
             ),
             (
                 "[containers.kubernetes]\nmax_pods = 5\n",

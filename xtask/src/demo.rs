@@ -92,13 +92,19 @@ pub fn run(bin: &Path) -> Result<()> {
     );
 
     // host-b also enrols the containers podman starts under its parent cgroup.
-    let podman = Podman::start(&net)?;
+    let mut podman = Podman::start(&net)?;
     let containers = net.cgroup(b, Some("containers"));
+    // With the runtime's hook: a container with a network of its own is served in it
+    // before it runs.
+    let hook = net.dir.join("containers-hook.sock");
+    podman.install_hook(&net.dir, net.bin(), &hook)?;
+    let mut section = podman.section(&containers);
+    section.hook_socket = Some(hook);
     net.options
         .lock()
         .unwrap()
         .containers
-        .insert("host-b".into(), podman.section(&containers));
+        .insert("host-b".into(), section);
     println!(
         "  host-b also enrols the containers podman starts (`[containers]`, parent cgroup {})\n",
         containers.display()
@@ -462,15 +468,16 @@ pub fn run(bin: &Path) -> Result<()> {
     // A container, enrolled as podman starts it: its only process talks to the db at once.
     let name = "report";
     println!(
-        "\nA container on host-b: `podman run --cgroup-parent=... --network ns:host-b --label app=api`\n\
-         (image {} imported from busybox-static); its first instruction sends a redis PING to db@host-c:",
+        "\nA container on host-b with a network of its own: `podman run --network none --cgroup-parent=... --label app=api`\n\
+         (image {} imported from busybox-static; the runtime's hook has host-b serve its namespace before it runs);\n\
+         its first instruction sends a redis PING to db@host-c:",
         podman.image
     );
-    let out = podman.run(
-        b,
+    let out = podman.run_with_network(
         &containers,
         name,
         &[("app", "api")],
+        "none",
         &["sh", "-c", "printf 'PING\\r\\n' | nc -w 5 10.77.0.3 6379"],
         T,
     )?;
