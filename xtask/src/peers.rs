@@ -949,7 +949,8 @@ impl Peers<'_> {
         let _ = fs::remove_file(&ready);
         holder.0[0].wait()?;
         holder.0.clear();
-        let log = fs::read_to_string(self.dir.join("ztunnel-zt-a.log")).unwrap_or_default();
+        let log =
+            strip_ansi(&fs::read_to_string(self.dir.join("ztunnel-zt-a.log")).unwrap_or_default());
         let needle = format!("dst.hbone_addr={}:", self.server);
         if hbone == 0 || !log.contains(&needle) {
             bail!(
@@ -973,6 +974,24 @@ impl Peers<'_> {
         }
         Ok(())
     }
+}
+
+/// `text` without terminal colour codes (ESC [ ... letter).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// CPU time (user + system, seconds) `pids` have used so far.
