@@ -378,6 +378,8 @@ pub fn section(net: &TestNet, load: &str, quick: bool, ztunnel: &Path) -> Result
                 "attempt": attempt,
                 "steal_pct": steal,
                 "flagged": steal > STEAL_LIMIT_PCT,
+                // Not steal, but what else ran on this VM's cores (other builds, say).
+                "loadavg_1m": loadavg(),
                 "systems": systems,
             });
             rounds.push(r.clone());
@@ -976,6 +978,14 @@ impl Peers<'_> {
     }
 }
 
+/// The 1-minute load average (`/proc/loadavg`).
+fn loadavg() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// `text` without terminal colour codes (ESC [ ... letter).
 fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -1069,10 +1079,11 @@ pub fn print_table(p: &Value) {
         .flatten()
         .map(|r| {
             format!(
-                "{}.{} {:.1}%{}",
+                "{}.{} {:.1}% (load {:.1}){}",
                 r["round"],
                 r["attempt"],
                 f(&r["steal_pct"]),
+                f(&r["loadavg_1m"]),
                 if r["flagged"] == true {
                     " (over the limit)"
                 } else {
