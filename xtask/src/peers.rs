@@ -444,6 +444,7 @@ pub fn section(net: &TestNet, load: &str, quick: bool, ztunnel: &Path) -> Result
         "seconds_per_run": secs,
         "steal_limit_pct": STEAL_LIMIT_PCT,
         "steal_pct": spread(&steals),
+        "kept_attempts": used.iter().map(|r| format!("{}.{}", r["round"], r["attempt"])).collect::<Vec<_>>(),
         "flagged_rounds": used.iter().filter(|r| r["flagged"] == true).map(|r| r["round"].clone()).collect::<Vec<_>>(),
         "summary": summary,
         "ratio": ratios,
@@ -1097,6 +1098,20 @@ pub fn print_table(p: &Value) {
         p["steal_limit_pct"],
         rounds.join(", ")
     );
+    if p["rounds"].as_array().map_or(0, Vec::len)
+        > p["kept_attempts"].as_array().map_or(0, Vec::len)
+    {
+        let kept: Vec<&str> = p["kept_attempts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "attempts kept (the least steal of each round): {}",
+            kept.join(", ")
+        );
+    }
     let flagged = p["flagged_rounds"].as_array().map_or(0, Vec::len);
     if flagged > 0 {
         println!(
