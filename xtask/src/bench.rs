@@ -39,7 +39,11 @@
 //!   propagation p50/p99/max in ms, stored flow records/s, per-replica CPU and memory, etcd
 //!   writes, the round's CPU steal) and, in `summary`, each figure's `{median,min,max,n}`
 //!   over the rounds.
-//! * `cpu_steal_pct.{tunnel,handshake,control,memory,fleet}`: the share of the machine's CPU
+//! * `peers` (`--peers`; see `peers.rs`): direct, ztunnel (HBONE), stunnel (TLS 1.3) and
+//!   Tessera's two modes side by side, round by round: `peers.summary.<figure>.<system>` and
+//!   `peers.ratio.<figure>.<system>` (to direct in the same round) as `{median,min,max,n}`,
+//!   every round's figures and CPU steal in `peers.rounds`.
+//! * `cpu_steal_pct.{tunnel,handshake,control,memory,fleet,peers}`: the share of the machine's CPU
 //!   time the hypervisor took (steal, `/proc/stat`) while each section ran.
 use std::{
     fs,
@@ -52,7 +56,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tessera_tests::{ControlServer, Host, TestNet};
 
-fn out_json(out: &std::process::Output, what: &str) -> Result<Value> {
+pub(crate) fn out_json(out: &std::process::Output, what: &str) -> Result<Value> {
     if !out.status.success() {
         bail!(
             "{what} failed: {}{}",
@@ -64,7 +68,7 @@ fn out_json(out: &std::process::Output, what: &str) -> Result<Value> {
         .with_context(|| format!("{what}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -255,6 +259,8 @@ pub enum Section {
     Control,
     /// The control plane under a simulated fleet (see `fleet.rs`).
     Fleet,
+    /// Side by side with ztunnel and stunnel (see `peers.rs`; also `--peers`).
+    Peers,
 }
 
 pub struct Options<'a> {
@@ -267,6 +273,8 @@ pub struct Options<'a> {
     pub perf: Option<&'a Path>,
     /// Simulated enforcers in the fleet section (also run with 100).
     pub fleet_n: usize,
+    /// The ztunnel binary for the side-by-side section (None: that section does not run).
+    pub ztunnel: Option<&'a Path>,
 }
 
 pub fn run(bin: &Path, opts: &Options) -> Result<()> {
@@ -275,7 +283,8 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
     let load = bin.with_file_name("xtask").to_string_lossy().into_owned();
     let quick = opts.quick;
     let secs = if quick { 2 } else { 5 };
-    let wants = |s: Section| opts.only.is_empty() || opts.only.contains(&s);
+    let wants =
+        |s: Section| (opts.only.is_empty() && s != Section::Peers) || opts.only.contains(&s);
 
     let mut result = json!({
         "schema": 1,
@@ -291,7 +300,13 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         result["cpu_steal_pct"] = steal.into();
         return report(&result, opts);
     }
-    let net = TestNet::new(&["host-a", "host-b"])?;
+    let peers = opts.ztunnel;
+    let plain: &[&str] = if peers.is_some() {
+        &crate::peers::HOSTS
+    } else {
+        &[]
+    };
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b"], plain)?;
     let (a, b) = (net.host("host-a"), net.host("host-b"));
     // The load generator's host only (a test namespace): reuse TIME_WAIT ports, so that the
     // connection-rate runs measure connections, not the search for a free port (the direct
@@ -356,6 +371,11 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         cpu.insert("handshake".into(), json!(cpu_ms));
     }
     result["cpu_ms_per_1000_connections"] = cpu.into();
+    if let Some(ztunnel) = peers {
+        let t = CpuTimes::now()?;
+        result["peers"] = crate::peers::section(&net, &bench.load, quick, ztunnel)?;
+        steal.insert("peers".into(), json!(t.steal_pct_since()?));
+    }
     // Memory before the control plane: that section stops the data-path enforcers.
     if wants(Section::Memory) {
         let t = CpuTimes::now()?;
@@ -384,6 +404,9 @@ fn report(result: &Value, opts: &Options) -> Result<()> {
     print_table(result);
     if let Some(f) = result.get("fleet") {
         crate::fleet::print_table(f);
+    }
+    if let Some(p) = result.get("peers") {
+        crate::peers::print_table(p);
     }
     if let Some(path) = opts.json {
         fs::write(path, serde_json::to_string_pretty(result)? + "\n")

@@ -6,7 +6,8 @@
 //! * `demo`   setup, build, then real workloads on test hosts behind Tessera; prints the map.
 //! * `image`  the release binary in a container image (buildah), for deploy/kubernetes/.
 //! * `bench`  direct vs through-Tessera throughput, connection rate, latency, memory; the
-//!   control plane under a simulated fleet (`--only fleet`).
+//!   control plane under a simulated fleet (`--only fleet`); `--peers` adds ztunnel and
+//!   stunnel side by side (never in CI).
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -19,6 +20,7 @@ mod fleet;
 mod image;
 mod load;
 mod package;
+mod peers;
 mod setup;
 
 #[derive(Parser)]
@@ -71,6 +73,16 @@ enum Command {
         /// Simulated enforcers in the fleet section (`--only fleet`; it also runs 100).
         #[arg(long, default_value_t = 1000)]
         fleet_n: usize,
+        /// Also run the side-by-side section (`--only peers` runs it alone): direct,
+        /// ztunnel in HBONE mode, stunnel4 (TLS 1.3) and Tessera's two modes on test hosts,
+        /// 3 alternating rounds, median and min-max, CPU steal per round. Never in CI.
+        /// ztunnel is built once from ../shared/peers/ into $XDG_CACHE_HOME/tessera-peers
+        /// (or ~/.cache/tessera-peers) unless --ztunnel is given.
+        #[arg(long)]
+        peers: bool,
+        /// The ztunnel binary for --peers (instead of the cached build).
+        #[arg(long)]
+        ztunnel: Option<PathBuf>,
     },
     /// Traffic programs the bench runs inside test hosts (not for direct use).
     #[command(hide = true)]
@@ -106,8 +118,16 @@ fn main() -> Result<()> {
             only,
             perf,
             fleet_n,
+            peers,
+            ztunnel,
         } => {
             setup::run()?;
+            // Found (or built, once) before anything else starts.
+            let ztunnel = if peers || only.contains(&bench::Section::Peers) {
+                Some(peers::ztunnel_binary(ztunnel.as_deref())?)
+            } else {
+                None
+            };
             let bin = build::release()?;
             bench::run(
                 &bin,
@@ -117,6 +137,7 @@ fn main() -> Result<()> {
                     only,
                     perf: perf.as_deref(),
                     fleet_n,
+                    ztunnel: ztunnel.as_deref(),
                 },
             )
         }
