@@ -119,6 +119,10 @@ pub struct IdentityConfig {
     /// Sign identity tokens (default). `false` sends identities unsigned: only for measuring
     /// the tokens' cost (`cargo xtask bench`); an enforcer with tokens on refuses such peers.
     pub tokens: bool,
+    /// Sign tunnel tokens with this enforcer's Ed25519 key (version 1, a proof a third party
+    /// can check) instead of sealing them with the TLS session's key (version 3, the
+    /// default: the session already proves which enforcer speaks). Peers accept either.
+    pub signed_tunnel_tokens: bool,
 }
 
 impl Default for IdentityConfig {
@@ -128,6 +132,7 @@ impl Default for IdentityConfig {
             token_lifetime_ms: 10_000,
             clock_skew_ms: 5_000,
             tokens: true,
+            signed_tunnel_tokens: false,
         }
     }
 }
