@@ -891,6 +891,31 @@ mod tests {
             assert_eq!(b.tokens.remembered_nonces(), 500);
         }
 
+        /// A pooled tunnel lives on after its peer's certificate expired or the peer was
+        /// forgotten (left the directory): its session tokens are refused from then on, as
+        /// signed ones were.
+        #[test]
+        fn a_session_ends_with_its_peers_certificate_or_trust() {
+            let ca = ca();
+            let (a, b) = (host("a", &ca, true), host("b", &ca, true));
+            let (mut at_a, mut at_b) = pair(&a, &b, [1; 16]);
+            let web = workload("a", "web");
+            let t = token(a.tokens.prove(&mut at_a, &web, dst(), NOW).unwrap());
+            check(&b, &mut at_b, &t).unwrap();
+            // rcgen's certificates end in 4096; a token checked after that (plus skew).
+            let (_, not_after) = certified_key(&a.cert, &ca.1).unwrap();
+            let late = not_after + 10_000;
+            let t = token(a.tokens.prove(&mut at_a, &web, dst(), late).unwrap());
+            let err = b
+                .tokens
+                .check(&mut at_b, &Proof::Token(t), dst(), late)
+                .unwrap_err();
+            assert_eq!(err.code().as_str(), "untrusted-issuer", "{err}");
+            b.tokens.forget_peer(&at_b.peer_key);
+            let t = token(a.tokens.prove(&mut at_a, &web, dst(), NOW).unwrap());
+            assert_eq!(code(check(&b, &mut at_b, &t)), "untrusted-issuer");
+        }
+
         #[test]
         fn a_session_token_is_refused_outside_its_session() {
             let (a, b) = hosts();

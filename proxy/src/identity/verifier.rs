@@ -237,6 +237,9 @@ impl Verifier {
         if &claims.issuer != peer {
             return Err(TokenError::IssuerNotPeer);
         }
+        // The session outlives neither the peer's certificate nor its being forgotten (it
+        // left the directory): as for a signed token, its key must still be trusted.
+        self.check_trusted(peer, now_ms)?;
         self.check_time(&claims, now_ms)?;
         check_binding(&claims, dst, binding)?;
         let seq = u128::from_be_bytes(claims.nonce);
@@ -261,6 +264,19 @@ impl Verifier {
         signature: &[u8],
         now_ms: u64,
     ) -> Result<(), TokenError> {
+        let key = self.check_trusted(issuer, now_ms)?;
+        let signature = Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
+        // Plain (not strict) verification: keys are CA-certified, and a re-encoded
+        // signature over the same claims would carry the same nonce, so it cannot
+        // pass as a new token.
+        use ed25519_dalek::Verifier as _;
+        key.verify(signed, &signature)
+            .map_err(|_| TokenError::BadSignature)
+    }
+
+    /// The key of `issuer` if it is trusted and its certificate has not expired (give or
+    /// take the skew).
+    fn check_trusted(&self, issuer: &KeyId, now_ms: u64) -> Result<VerifyingKey, TokenError> {
         let (key, until) = *self
             .keys
             .read()
@@ -272,13 +288,7 @@ impl Verifier {
                 "the issuer's certificate expired".into(),
             ));
         }
-        let signature = Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
-        // Plain (not strict) verification: keys are CA-certified, and a re-encoded
-        // signature over the same claims would carry the same nonce, so it cannot
-        // pass as a new token.
-        use ed25519_dalek::Verifier as _;
-        key.verify(signed, &signature)
-            .map_err(|_| TokenError::BadSignature)
+        Ok(key)
     }
 
     /// The pair seal (version 2): `tag` is the HMAC of `signed` under the pair key shared
