@@ -420,6 +420,7 @@ fn tokens(config: &Config, identity: &Credentials) -> Result<Tokens> {
         id.clock_skew_ms,
         id.tokens,
     )
+    .map(|t| t.with_signed_tunnel_tokens(id.signed_tunnel_tokens))
     .map_err(|e| anyhow::anyhow!("tls.key: {}: {e}", config.tls.key.display()))
 }
 

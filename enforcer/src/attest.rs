@@ -24,7 +24,7 @@ use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -208,10 +208,15 @@ type FileVersion = (u64, u64, u64, i64, i64, i64, i64);
 /// the version of the executable it runs.
 type ConnectionFacts = (u32, u32, u64, FileVersion);
 
+/// One executable version's hash: computed once, by the first connection that needs it,
+/// while others for the same version wait (none while it is being read stays `None`).
+type HashSlot = Arc<Mutex<Option<String>>>;
+
 #[derive(Default)]
 pub struct ProcessAttestor {
-    /// Executable version -> SHA-256 hex.
-    hashes: Mutex<HashMap<FileVersion, String>>,
+    /// Executable version -> SHA-256 hex. Concurrent first connections of one program (a
+    /// load generator's workers, say) would otherwise each read and hash it in full.
+    hashes: Mutex<HashMap<FileVersion, HashSlot>>,
     /// Files read and hashed in full so far (the rest came from `hashes`).
     hashed: AtomicU64,
     users: Mutex<HashMap<u32, Option<String>>>,
@@ -288,7 +293,16 @@ impl ProcessAttestor {
             return None;
         }
         let key = file_version(&m);
-        if let Some(h) = self.hashes.lock().expect("lock").get(&key) {
+        let slot = {
+            let mut hashes = self.hashes.lock().expect("lock");
+            if hashes.len() >= CONNECTIONS_KEPT && !hashes.contains_key(&key) {
+                hashes.clear();
+            }
+            hashes.entry(key).or_default().clone()
+        };
+        // Held while hashing: callers for this version wait for the one result.
+        let mut done = slot.lock().expect("lock");
+        if let Some(h) = done.as_ref() {
             return Some(h.clone());
         }
         self.hashed.fetch_add(1, Ordering::Relaxed);
@@ -298,6 +312,7 @@ impl ProcessAttestor {
             match file.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => hasher.update(&buf[..n]),
+                // Left empty: the next caller tries again.
                 Err(_) => return None,
             }
         }
@@ -306,11 +321,7 @@ impl ProcessAttestor {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let mut hashes = self.hashes.lock().expect("lock");
-        if hashes.len() >= CONNECTIONS_KEPT {
-            hashes.clear();
-        }
-        hashes.insert(key, hex.clone());
+        *done = Some(hex.clone());
         Some(hex)
     }
 
@@ -652,6 +663,31 @@ mod tests {
         );
         assert_eq!(p.labels.get("tessera.io/container-id"), None);
         assert_eq!(p.labels.get("tessera.io/cgroup"), Some(forged.as_str()));
+    }
+
+    /// Connections of a program not hashed yet arriving together (a load generator's
+    /// workers, the first connections after a start): it is read and hashed once, not once
+    /// per connection in flight.
+    #[test]
+    fn concurrent_first_connections_hash_an_executable_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("program");
+        std::fs::write(&file, vec![7u8; 8 << 20]).unwrap();
+        let a = ProcessAttestor::default();
+        let start = std::sync::Barrier::new(8);
+        let hashes: Vec<_> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        a.exe_hash(&file)
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        assert!(hashes.iter().all(|h| h.is_some() && *h == hashes[0]));
+        assert_eq!(a.hashed.load(Ordering::Relaxed), 1);
     }
 
     #[test]

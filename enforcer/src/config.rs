@@ -119,6 +119,10 @@ pub struct IdentityConfig {
     /// Sign identity tokens (default). `false` sends identities unsigned: only for measuring
     /// the tokens' cost (`cargo xtask bench`); an enforcer with tokens on refuses such peers.
     pub tokens: bool,
+    /// Sign tunnel tokens with this enforcer's Ed25519 key (version 1, a proof a third party
+    /// can check) instead of sealing them with the TLS session's key (version 3, the
+    /// default: the session already proves which enforcer speaks). Peers accept either.
+    pub signed_tunnel_tokens: bool,
 }
 
 impl Default for IdentityConfig {
@@ -128,6 +132,7 @@ impl Default for IdentityConfig {
             token_lifetime_ms: 10_000,
             clock_skew_ms: 5_000,
             tokens: true,
+            signed_tunnel_tokens: false,
         }
     }
 }
@@ -1347,7 +1352,7 @@ mod tests {
                      [tunnel]\npool_size = 3\n\
                      [flows]\nlog = \"flows.jsonl\"\napi = \"\"\nrecent = 7\n\
                      [policy]\nfile = \"policy.yaml\"\nmode = \"observe\"\ndns_servers = [\"10.0.0.53:53\"]\n\
-                     [identity]\ntokens = false\n\
+                     [identity]\ntokens = false\nsigned_tunnel_tokens = true\n\
                      [handshake]\nfail_open = true\nkey_reuse_ms = 0\n\
                      [[workload]]\nname = \"web\"\ncgroup = \"{}\"\nlabels = {{ app = \"web\", \"x/y\" = \"z\" }}\nports = [8080, 9000]\nobserve = true\n\
                      [[peer]]\nname = \"host-b\"\ntunnel = \"10.77.0.2:15008\"\nserves = [\"10.77.0.2/32\", \"fd77::2/128\"]\ncert = \"b.pem\"\n",
@@ -1367,6 +1372,7 @@ mod tests {
         assert_eq!(again.peers[0].serves.len(), 2);
         assert_eq!(again.workloads[0].labels["x/y"], "z");
         assert!(again.handshake.fail_open && !again.identity.tokens);
+        assert!(again.identity.signed_tunnel_tokens);
         // A config made in code (relative paths, defaults) round-trips too, paths unchanged.
         let made = Config {
             name: "host-c".into(),

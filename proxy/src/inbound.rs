@@ -28,7 +28,7 @@ use crate::{
     copy::{Buffers, Ended, send_reset, splice, splice_plain},
     delivery::Delivery,
     flow::{Direction, Endpoint, FlowRecord, FlowTracker, now_ms},
-    identity::session::{Proof, Tokens, TunnelSession, session_binding},
+    identity::session::{Proof, Role, SessionSecrets, Tokens, TunnelSession},
     limits::{Drops, Limit, RateLimiter},
     local::{LocalAddrs, LocalServices, LocalWorkload},
     peers::Directory,
@@ -192,11 +192,11 @@ impl Inbound {
         let peer = cert
             .and_then(peer_name)
             .unwrap_or_else(|| "<unnamed>".into());
-        let session = session_binding(conn)
+        let session = SessionSecrets::of(conn)
             .map_err(|e| e.to_string())
-            .and_then(|binding| {
+            .and_then(|secrets| {
                 self.tokens
-                    .session(peer.clone(), cert, binding)
+                    .session(peer.clone(), cert, &secrets, Role::Server)
                     .map_err(|e| e.to_string())
             });
         let mut session = match session {
@@ -249,8 +249,11 @@ impl Inbound {
                     let mut flow =
                         self.admission
                             .track(Direction::Inbound, Endpoint::addr(remote), dst);
+                    if matches!(e, WireError::Version(_)) {
+                        tracing::warn!(%peer, error = %e, "tunnel protocol mismatch");
+                    }
+                    let reason = format!("bad tunnel header from {peer}: {e}");
                     flow.src.enforcer = Some(peer);
-                    let reason = format!("bad tunnel header: {e}");
                     let refused = Refused::new(Status::BadRequest, Code::BadHeader, reason);
                     self.answer_refusal(&mut tls, refused, flow).await;
                     break;

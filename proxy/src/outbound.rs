@@ -245,7 +245,7 @@ impl Outbound {
         // The answer's proof says who accepted (or refused) at the other end.
         let dst_identity = answer.proof.as_ref().map(|proof| {
             self.tokens
-                .check(&tunnel.session, proof, captured.dst, now_ms())
+                .check(&mut tunnel.session, proof, captured.dst, now_ms())
         });
         if let Some(Ok(id)) = &dst_identity {
             flow.dst.identified_by_peer(id);

@@ -21,7 +21,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use crate::{
     copy::Buffers,
-    identity::session::{Tokens, TunnelSession, session_binding},
+    identity::session::{Role, SessionSecrets, Tokens, TunnelSession},
     peers::Peer,
     socket::connect_marked,
 };
@@ -75,13 +75,13 @@ impl TunnelDialer {
                 }
             };
         // rustls checked the certificate against the CA and the peer's name; the session
-        // takes its Ed25519 key (tokens verify against it) and the exporter value.
+        // takes its Ed25519 key and the exporter values (binding, token keys).
         let conn = stream.get_ref().1;
-        let binding = session_binding(conn).map_err(io::Error::other)?;
+        let secrets = SessionSecrets::of(conn).map_err(io::Error::other)?;
         let cert = conn.peer_certificates().and_then(|c| c.first());
         let session = self
             .tokens
-            .session(peer.name.clone(), cert, binding)
+            .session(peer.name.clone(), cert, &secrets, Role::Client)
             .map_err(|e| io::Error::other(format!("peer {}: {e}", peer.name)))?;
         Ok(Tunnel {
             stream,

@@ -3,7 +3,7 @@
 //!
 //! Request (client → server), all integers big-endian:
 //! ```text
-//! magic "TSRA" | version u8 (=4) | body_len u16 | body
+//! magic "TSRA" | version u8 (=5) | body_len u16 | body
 //! body = dst_family u8 (4|6) | dst_addr [4|16] | dst_port u16
 //!      | src_workload_len u8 | src_workload utf-8 | src_pid u32 | src_uid u32 | src_cgroup u64
 //!      | proof
@@ -14,7 +14,11 @@
 //! workload's proof, when there is one).
 //!
 //! The workload name, pid, uid and cgroup id are hints for flow records; what policy
-//! decides on is the identity in the proof (a token signed by the source enforcer).
+//! decides on is the identity in the proof (a token sealed by the source enforcer).
+//!
+//! Version 5 (this one) differs from 4 in the proofs it carries: tokens sealed with the TLS
+//! session's key (token version 3, `docs/token.md`), which a version-4 enforcer cannot check.
+//! A peer of another version is refused with an error that names both versions.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use thiserror::Error;
@@ -27,7 +31,7 @@ use crate::identity::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 4] = *b"TSRA";
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 /// Largest body this version accepts; anything longer is refused before allocation.
 pub const MAX_BODY: usize = 8192;
 
@@ -35,7 +39,10 @@ pub const MAX_BODY: usize = 8192;
 pub enum WireError {
     #[error("bad magic: not a Tessera tunnel")]
     BadMagic,
-    #[error("unsupported tunnel header version {0}")]
+    #[error(
+        "the peer speaks tunnel protocol version {0}, this enforcer version {VERSION}: \
+         upgrade both ends"
+    )]
     Version(u8),
     #[error("header body of {0} bytes exceeds the {MAX_BODY}-byte limit")]
     TooLong(usize),

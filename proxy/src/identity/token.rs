@@ -13,6 +13,13 @@
 //! signature, a 16-byte tag, HMAC-SHA256 over every byte before it keyed by the *pair key*
 //! of the issuer and the receiver (see `Signer::pair_key`). Only those two enforcers hold
 //! it, and a verifier only accepts tags whose issuer is the other one.
+//!
+//! Version 3 (tunnel sessions) is again the same layout with a 16-byte HMAC-SHA256 tag, keyed
+//! by the *issuing side's key of one TLS session* (RFC 8446 exporter, see
+//! `session::SessionSecrets`): only the two ends of that session hold it, so the tag proves to
+//! the other end (and to nobody else) that this session's peer vouched for these claims. Its
+//! nonce is the issuer's sequence number on the session (a big-endian u128 from 1), so replay
+//! protection is one counter per session instead of a cache of nonces.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tessera_policy::Labels;
@@ -25,6 +32,9 @@ pub const VERSION: u8 = 1;
 /// Tokens sealed with a pair key (TCP-handshake mode).
 pub const VERSION_PAIR: u8 = 2;
 pub const PAIR_TAG_LEN: usize = 16;
+/// Tokens sealed with a key of one tunnel's TLS session.
+pub const VERSION_SESSION: u8 = 3;
+pub const SESSION_TAG_LEN: usize = 16;
 /// No token is larger; longer input is refused before parsing.
 /// Typical cold tokens are well under 512 bytes (see docs/token.md); the limit leaves room
 /// for Kubernetes-length cgroup paths and container ids among the derived labels.
@@ -86,6 +96,8 @@ pub enum TokenError {
     WrongSession,
     #[error("replayed token")]
     Replayed,
+    #[error("token issued by a key other than the one of the peer's TLS certificate")]
+    IssuerNotPeer,
     #[error("warm token for an identity not verified before")]
     UnknownIdentity,
 }
@@ -105,6 +117,7 @@ impl TokenError {
             Self::WrongDestination(_) => Code::WrongDestination,
             Self::WrongSession => Code::WrongSession,
             Self::Replayed => Code::Replay,
+            Self::IssuerNotPeer => Code::IssuerNotPeer,
             Self::UnknownIdentity => Code::UnknownIdentity,
         }
     }
@@ -136,6 +149,8 @@ pub enum Seal<'a> {
     Signature(&'a [u8]),
     /// HMAC tag keyed by the issuer's and receiver's pair key (version 2).
     PairTag(&'a [u8]),
+    /// HMAC tag keyed by the issuing side's key of one TLS session (version 3).
+    SessionTag(&'a [u8]),
 }
 
 /// Encodes everything but the signature (version 1).
@@ -248,16 +263,17 @@ pub fn decode(bytes: &[u8]) -> Result<(Claims, &[u8], Seal<'_>), TokenError> {
         None => return Err(TokenError::Truncated("version")),
         Some(&VERSION) => (SIGNATURE_LEN, "signature"),
         Some(&VERSION_PAIR) => (PAIR_TAG_LEN, "pair tag"),
+        Some(&VERSION_SESSION) => (SESSION_TAG_LEN, "session tag"),
         Some(&v) => return Err(TokenError::Version(v)),
     };
     if bytes.len() < seal_len {
         return Err(TokenError::Truncated(what));
     }
     let (signed, seal) = bytes.split_at(bytes.len() - seal_len);
-    let seal = if seal_len == SIGNATURE_LEN {
-        Seal::Signature(seal)
-    } else {
-        Seal::PairTag(seal)
+    let seal = match bytes[0] {
+        VERSION => Seal::Signature(seal),
+        VERSION_PAIR => Seal::PairTag(seal),
+        _ => Seal::SessionTag(seal),
     };
     let mut r = Reader(signed);
     r.u8("version")?;

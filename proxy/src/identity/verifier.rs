@@ -5,6 +5,12 @@
 //! TLS session, and last the nonce, so that forged tokens cannot fill the replay cache.
 //! Nonces are remembered until their token expires (plus skew): a replay within that window
 //! is refused, and after it the token is refused as expired anyway.
+//!
+//! Session tokens (version 3, [`Verifier::verify_session`]) are checked against one tunnel's
+//! TLS session instead: its binding, then the tag under the peer side's session key, time,
+//! destination, and last the sequence number, which must exceed the last one accepted on
+//! that session. They never touch the nonce cache: their replay state is one counter per
+//! session, whatever a peer sends.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -192,11 +198,61 @@ impl Verifier {
                 self.check_signature(&claims.issuer, signed, signature, now_ms)?
             }
             Seal::PairTag(tag) => self.check_pair_tag(&claims.issuer, signed, tag, now_ms)?,
+            // Only its own tunnel session can check it (`verify_session`).
+            Seal::SessionTag(_) => return Err(TokenError::WrongSession),
         }
         let expires = self.check_time(&claims, now_ms)?;
         check_binding(&claims, dst, binding)?;
         self.remember_nonce(claims.nonce, expires, now_ms)?;
         self.identity_of(claims.issuer, claims.claim, keep_identity)
+    }
+
+    /// Verifies a version-3 `token` received on one tunnel session: bound to `binding`,
+    /// sealed with `key` (the peer side's key of that session) by `peer` (the key id of the
+    /// session's certificate), meant for `dst`, and with a
+    /// sequence number above `last_seq` (the highest accepted on the session so far, updated
+    /// here). A token lifted from another session names another binding (`wrong-session`)
+    /// or, relabelled, fails the tag (`bad-signature`): the key is the session's.
+    pub fn verify_session(
+        &self,
+        token: &[u8],
+        now_ms: u64,
+        dst: SocketAddr,
+        binding: &Binding,
+        (peer, key): (&KeyId, &hmac::Key),
+        last_seq: &mut u128,
+    ) -> Result<Verified, TokenError> {
+        let (claims, sealed, seal) = decode(token)?;
+        let Seal::SessionTag(tag) = seal else {
+            return Err(TokenError::Malformed("not a session token"));
+        };
+        if &claims.binding != binding {
+            return Err(TokenError::WrongSession);
+        }
+        use subtle::ConstantTimeEq;
+        if !bool::from(pair_tag(key, sealed).ct_eq(tag)) {
+            return Err(TokenError::BadSignature);
+        }
+        // Checked before the identity is cached under the issuer it names.
+        if &claims.issuer != peer {
+            return Err(TokenError::IssuerNotPeer);
+        }
+        // The session outlives neither the peer's certificate nor its being forgotten (it
+        // left the directory): as for a signed token, its key must still be trusted.
+        self.check_trusted(peer, now_ms)?;
+        self.check_time(&claims, now_ms)?;
+        check_binding(&claims, dst, binding)?;
+        let seq = u128::from_be_bytes(claims.nonce);
+        if seq <= *last_seq {
+            return Err(TokenError::Replayed);
+        }
+        *last_seq = seq;
+        self.identity_of(claims.issuer, claims.claim, true)
+    }
+
+    /// Nonces remembered against replays (version-1 and 2 tokens; version 3 keeps none).
+    pub fn remembered_nonces(&self) -> usize {
+        self.seen.lock().expect("lock").nonces.len()
     }
 
     /// The Ed25519 seal (version 1): `issuer` is a trusted key whose certificate has not
@@ -208,6 +264,19 @@ impl Verifier {
         signature: &[u8],
         now_ms: u64,
     ) -> Result<(), TokenError> {
+        let key = self.check_trusted(issuer, now_ms)?;
+        let signature = Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
+        // Plain (not strict) verification: keys are CA-certified, and a re-encoded
+        // signature over the same claims would carry the same nonce, so it cannot
+        // pass as a new token.
+        use ed25519_dalek::Verifier as _;
+        key.verify(signed, &signature)
+            .map_err(|_| TokenError::BadSignature)
+    }
+
+    /// The key of `issuer` if it is trusted and its certificate has not expired (give or
+    /// take the skew).
+    fn check_trusted(&self, issuer: &KeyId, now_ms: u64) -> Result<VerifyingKey, TokenError> {
         let (key, until) = *self
             .keys
             .read()
@@ -219,13 +288,7 @@ impl Verifier {
                 "the issuer's certificate expired".into(),
             ));
         }
-        let signature = Signature::from_slice(signature).map_err(|_| TokenError::BadSignature)?;
-        // Plain (not strict) verification: keys are CA-certified, and a re-encoded
-        // signature over the same claims would carry the same nonce, so it cannot
-        // pass as a new token.
-        use ed25519_dalek::Verifier as _;
-        key.verify(signed, &signature)
-            .map_err(|_| TokenError::BadSignature)
+        Ok(key)
     }
 
     /// The pair seal (version 2): `tag` is the HMAC of `signed` under the pair key shared

@@ -51,10 +51,10 @@ use crate::{
     flow::{FlowLog, FlowRecord, FlowSink, Mode},
     identity::{
         Identity,
-        session::{Tokens, session_binding},
-        signer::Signer,
+        session::{Role, SessionSecrets, Tokens},
+        signer::{Signer, seal_session_claims, sequence_nonce},
         spiffe_id, test_ca,
-        token::Binding,
+        token::{Binding, Claim, Claims},
     },
     inbound::Inbound,
     local::{LocalAddrs, LocalServices, LocalWorkload},
@@ -238,6 +238,8 @@ pub struct Host {
     pub tunnel: SocketAddr,
     /// The direct listener: the port of its workload `guarded`.
     pub direct: SocketAddr,
+    /// Its tokens (signer and verifier), shared with its outbound and inbound sides.
+    pub tokens: Arc<Tokens>,
     flows: mpsc::UnboundedReceiver<FlowRecord>,
     _tasks: JoinSet<io::Result<()>>,
 }
@@ -335,7 +337,7 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
     });
     let inbound = Arc::new(Inbound {
         admission,
-        tokens,
+        tokens: tokens.clone(),
         acceptor: TlsAcceptor::from(tls.server_config().expect("server TLS")),
         services: LocalServices::new(services),
         addrs: LocalAddrs::default(),
@@ -360,6 +362,7 @@ fn start_host(ca: &TestCa, plan: Plan) -> Host {
         outbound: outbound_addr,
         tunnel,
         direct,
+        tokens,
         flows,
         _tasks: tasks,
     }
@@ -590,10 +593,12 @@ impl Fixture {
             .client_config()
             .expect("client TLS");
         let tls = self.dial_b(config).await.expect("TLS with host-b");
-        let binding = session_binding(tls.get_ref().1).expect("exporter");
+        let secrets = SessionSecrets::of(tls.get_ref().1).expect("exporter");
         Rogue {
             tls,
-            binding,
+            binding: secrets.binding,
+            secrets,
+            seq: 0,
             signer: Signer::from_pkcs8(&key).expect("an Ed25519 key"),
         }
     }
@@ -604,11 +609,44 @@ pub struct Rogue {
     pub tls: TlsStream<TcpStream>,
     /// The session's exporter value, which honest tokens are bound to.
     pub binding: Binding,
+    /// The session's exporter secrets: its key seals this side's session tokens.
+    pub secrets: SessionSecrets,
+    /// The sequence number of its last session token.
+    pub seq: u128,
     /// The key of its certificate.
     pub signer: Signer,
 }
 
 impl Rogue {
+    /// A session token (version 3) for `claims` with the next sequence number as nonce,
+    /// sealed with this session's client key, as an honest enforcer makes them.
+    pub fn seal(&mut self, claims: Claims) -> Vec<u8> {
+        self.seq += 1;
+        self.seal_as(self.seq, claims)
+    }
+
+    /// A session token with sequence number `seq` (tests replay or reorder them).
+    pub fn seal_as(&self, seq: u128, claims: Claims) -> Vec<u8> {
+        let claims = Claims {
+            nonce: sequence_nonce(seq),
+            ..claims
+        };
+        seal_session_claims(&self.secrets.key(Role::Client), &claims)
+    }
+
+    /// Honest claims for `identity` (cold) to `dst`, issued now by this enforcer on this session.
+    pub fn claims(&self, identity: &Identity, dst: SocketAddr, now_ms: u64) -> Claims {
+        Claims {
+            issuer: self.signer.key_id(),
+            issued_ms: now_ms,
+            lifetime_ms: 10_000,
+            nonce: [0; 16],
+            dst,
+            binding: self.binding,
+            claim: Claim::Cold(identity.clone()),
+        }
+    }
+
     /// Sends `bytes` and reads host-b's answer.
     pub async fn send(&mut self, bytes: &[u8]) -> Response {
         self.tls.write_all(bytes).await.expect("write");

@@ -305,7 +305,15 @@ async fn garbage_after_tls_is_a_bad_header() {
             b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             "bad magic: not a Tessera tunnel",
         ),
-        (header(99, &[]), "unsupported tunnel header version 99"),
+        (
+            header(99, &[]),
+            "the peer speaks tunnel protocol version 99, this enforcer version 5: upgrade both ends",
+        ),
+        // The version before session-sealed tokens: refused by name, not misparsed.
+        (
+            header(4, &[]),
+            "the peer speaks tunnel protocol version 4, this enforcer version 5: upgrade both ends",
+        ),
         (
             header(VERSION, &[9, 9, 9]),
             "malformed header: dst family is neither 4 nor 6",
@@ -321,7 +329,7 @@ async fn garbage_after_tls_is_a_bad_header() {
         );
         let b = fx.b.record().await;
         assert_outcome(&b, Verdict::Denied, "bad-header");
-        assert_eq!(b.reason, format!("bad tunnel header: {error}"));
+        assert_eq!(b.reason, format!("bad tunnel header from host-r: {error}"));
         assert_eq!(b.src.enforcer.as_deref(), Some("host-r"));
         // The tunnel is not used again.
         let mut rest = Vec::new();
@@ -508,6 +516,158 @@ async fn hostile_tokens_are_refused_each_with_its_code() {
         assert_outcome(&b, Verdict::Denied, expected);
         assert_eq!(b.src.enforcer.as_deref(), Some("host-r"));
     }
+}
+
+/// Session-sealed tokens (version 3, the default on a tunnel) over real TLS sessions: host-r
+/// holds a certificate of the cluster CA and both exporter keys of its own sessions, and
+/// still cannot make host-b accept a token outside the one session and direction it was
+/// sealed for, a changed claim, or a sequence number it used before.
+#[tokio::test]
+async fn hostile_session_tokens_are_refused_each_with_its_code() {
+    use crate::identity::{
+        session::Role,
+        signer::{seal_session_claims, sequence_nonce},
+        token::{Claim, Claims},
+    };
+    let mut fx = Fixture::start(Spec::default()).await;
+    let other = fx.rogue("host-s").await;
+    // Two sessions of the same enforcer: tokens of the first are offered on the second.
+    let mut first = fx.rogue("host-r").await;
+    let mut rogue = fx.rogue("host-r").await;
+    assert_ne!(first.binding, rogue.binding);
+    let own = identity("host-r", "web", "web");
+    let (dst, now) = (fx.unserved.addr, now_ms());
+    let honest = rogue.claims(&own, dst, now);
+    let good = rogue.seal(honest.clone());
+    let older = rogue.seal_as(1, honest.clone());
+    let lifted = first.seal(first.claims(&own, dst, now));
+    let mut relabelled = lifted.clone();
+    let at = relabelled
+        .windows(16)
+        .position(|w| w == first.binding)
+        .expect("the binding in the token");
+    relabelled[at..at + 16].copy_from_slice(&rogue.binding);
+    // Resealed for this session's binding with the first session's key.
+    let wrong_key = seal_session_claims(
+        &first.secrets.key(Role::Client),
+        &Claims {
+            nonce: sequence_nonce(50),
+            ..honest.clone()
+        },
+    );
+    // Sealed with this session's *server* key: what host-b's own answers carry.
+    let reflected = seal_session_claims(
+        &rogue.secrets.key(Role::Server),
+        &Claims {
+            nonce: sequence_nonce(51),
+            ..honest.clone()
+        },
+    );
+    let mut tampered = rogue.seal(honest.clone());
+    let at = tampered.windows(3).rposition(|w| w == b"web").unwrap();
+    tampered[at + 2] = b'x';
+    let mut flipped = rogue.seal(honest.clone());
+    *flipped.last_mut().unwrap() ^= 1;
+    let expired = rogue.seal(Claims {
+        issued_ms: now - 60_000,
+        ..honest.clone()
+    });
+    let elsewhere = rogue.seal(Claims {
+        dst: fx.echo.addr,
+        ..honest.clone()
+    });
+    let not_me = rogue.seal(Claims {
+        issuer: other.signer.key_id(),
+        ..honest.clone()
+    });
+    let foreign = rogue.seal(rogue.claims(&identity("host-a", "web", "web"), dst, now));
+    let never_sent = rogue.seal(Claims {
+        claim: Claim::Warm(crate::identity::signer::identity_digest(&identity(
+            "host-r", "never", "web",
+        ))),
+        ..honest.clone()
+    });
+    let mut overlong = rogue.seal(honest.clone());
+    overlong.push(0);
+    let truncated = rogue.seal(honest.clone())[..40].to_vec();
+    let token = Proof::Token;
+    let cases = [
+        // An honest token passes: the refusal is the port's.
+        ("not-served", token(good.clone())),
+        ("replay", token(good)),
+        ("replay", token(older)),
+        ("wrong-session", token(lifted)),
+        ("bad-signature", token(relabelled)),
+        ("bad-signature", token(wrong_key)),
+        ("bad-signature", token(reflected)),
+        ("bad-signature", token(tampered)),
+        ("bad-signature", token(flipped)),
+        ("expired", token(expired)),
+        ("wrong-destination", token(elsewhere)),
+        ("issuer-not-peer", token(not_me)),
+        ("foreign-identity", token(foreign)),
+        ("unknown-identity", token(never_sent)),
+        ("malformed", token(overlong)),
+        ("truncated", token(truncated)),
+    ];
+    for (i, (expected, proof)) in cases.into_iter().enumerate() {
+        if let Proof::Token(t) = &proof {
+            assert_eq!(t[0], 3, "case {i} is a session token");
+        }
+        let request = Request {
+            dst,
+            source: Origin {
+                workload: "web".into(),
+                ..Origin::default()
+            },
+            proof,
+        };
+        let answer = rogue.ask(&request).await;
+        let status = match expected {
+            "not-served" => Status::NotServed,
+            _ => Status::Unauthenticated,
+        };
+        assert_eq!(
+            (answer.status, answer.code.as_str()),
+            (status, expected),
+            "case {i}: {}",
+            answer.reason
+        );
+        let b = fx.b.record().await;
+        assert_outcome(&b, Verdict::Denied, expected);
+        assert_eq!(b.src.enforcer.as_deref(), Some("host-r"));
+    }
+    // The first session is untouched by what was tried on the second: its own token
+    // (sequence 2; its first was only ever offered elsewhere) passes there.
+    let own_token = first.seal(first.claims(&own, dst, now_ms()));
+    let answer = first
+        .ask(&Request {
+            dst,
+            source: Origin::default(),
+            proof: Proof::Token(own_token),
+        })
+        .await;
+    assert_eq!(answer.status, Status::NotServed, "{}", answer.reason);
+    let _ = fx.b.record().await;
+}
+
+/// Real connections carry session tokens both ways (the request's and the answer's), and
+/// the verifiers remember no nonce for them.
+#[tokio::test]
+async fn connections_carry_session_tokens_and_leave_no_replay_cache() {
+    let mut fx = Fixture::start(Spec::default()).await;
+    for _ in 0..20 {
+        let mut c = fx.connect(fx.reply.addr).await;
+        c.write_all(b"query").await.unwrap();
+        c.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut c).await, pattern(REPLY_LEN));
+        let (a, b) = records(&mut fx).await;
+        for rec in [&a, &b] {
+            assert_outcome(rec, Verdict::Allowed, "");
+        }
+    }
+    assert_eq!(fx.a.tokens.remembered_nonces(), 0);
+    assert_eq!(fx.b.tokens.remembered_nonces(), 0);
 }
 
 #[tokio::test]

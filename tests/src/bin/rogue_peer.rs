@@ -18,7 +18,7 @@ use tessera_proxy::{
     copy::{Buffers, Ended, splice},
     identity::{
         Identity,
-        session::{Proof, Tokens, TunnelSession, session_binding},
+        session::{Proof, Role, SessionSecrets, Tokens, TunnelSession},
         spiffe_id,
     },
     tls,
@@ -57,11 +57,11 @@ impl Peer {
             .connect(ServerName::try_from(self.peer.clone())?, tcp)
             .await?;
         let conn = stream.get_ref().1;
-        let binding = session_binding(conn)?;
+        let secrets = SessionSecrets::of(conn)?;
         let cert = conn.peer_certificates().and_then(|c| c.first());
         let session = self
             .tokens
-            .session(self.peer.clone(), cert, binding)
+            .session(self.peer.clone(), cert, &secrets, Role::Client)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Tunnel { stream, session })
     }
@@ -155,7 +155,8 @@ async fn main() -> Result<()> {
             other => panic!("expected a token: {other:?}"),
         };
 
-    // 1. A valid token, used; then the very same token again on the same tunnel: replay.
+    // 1. A valid token (sealed with this session's key, sequence number 1), used; then the
+    //    very same token again on the same tunnel: replay.
     let mut t1 = p.dial().await?;
     let valid = token(&mut t1, &me(name));
     let r = ask(&mut t1, dst, Proof::Token(valid.clone())).await?;
@@ -170,13 +171,13 @@ async fn main() -> Result<()> {
     let r = ask(&mut t1, dst, Proof::Token(valid.clone())).await?;
     report("replayed", &r);
 
-    // 2. Forged: the signature of a fresh token altered.
+    // 2. Forged: the seal (the session tag) of a fresh token altered.
     let mut forged = token(&mut t1, &me(name));
     let last = forged.len() - 1;
     forged[last] ^= 0x01;
     report("forged", &ask(&mut t1, dst, Proof::Token(forged)).await?);
 
-    // 3. Tampered: a label value changed after signing ("web" -> "wex" in the workload label).
+    // 3. Tampered: a label value changed after sealing ("web" -> "wex" in the workload label).
     t1.session.forget_sent(); // cold, so the labels are in the token
     let mut tampered = token(&mut t1, &me(name));
     let at = tampered
