@@ -7,27 +7,16 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use rcgen::{KeyPair, PKCS_ED25519};
-use support::{csr, etcd::Etcd};
+use support::{Served, csr, etcd::Etcd};
 use tessera_control::{
     admin,
     api::WatchMessage,
     client::{Client, ClientError, Identity},
     etcd::{EtcdStore, EtcdUrl},
     plane::{ControlPlane, Credential, EnrolRequest, Enrolment, Settings},
-    server,
 };
 
-struct Replica {
-    url: String,
-    ca: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+type Replica = Served;
 
 async fn plane(url: &EtcdUrl) -> Arc<ControlPlane> {
     let store = Arc::new(EtcdStore::connect(url).await.unwrap());
@@ -35,23 +24,11 @@ async fn plane(url: &EtcdUrl) -> Arc<ControlPlane> {
 }
 
 async fn serve(plane: Arc<ControlPlane>) -> Replica {
-    let tls = server::tls_config(&plane, &["127.0.0.1".into()]).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "https://127.0.0.1:{}",
-        listener.local_addr().unwrap().port()
-    );
-    let ca = plane.authority().ca_pem().to_string();
-    let task = tokio::spawn(async move {
-        server::serve(listener, tls, plane, std::future::pending())
-            .await
-            .unwrap()
-    });
-    Replica { url, ca, task }
+    Served::start(plane, &["127.0.0.1"]).await
 }
 
 fn anon(r: &Replica) -> Client {
-    Client::new(std::slice::from_ref(&r.url), &r.ca, None).unwrap()
+    r.anonymous()
 }
 
 /// A join token in scope `site=SITE`, made through replica `r`.

@@ -5,28 +5,27 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use rcgen::{KeyPair, PKCS_ED25519};
-use support::csr;
+use support::{Served, csr};
 use tessera_control::{
     admin,
     api::WatchMessage,
     client::{Client, ClientError, Identity},
     plane::{ControlPlane, Credential, EnrolRequest, Enrolment, Settings},
     registry::Serves,
-    server,
     store::Embedded,
 };
 
+/// A server on an embedded store, with its administrator's token.
 struct Server {
-    url: String,
-    ca: String,
+    served: Served,
     admin: String,
     _dir: tempfile::TempDir,
-    task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
+impl std::ops::Deref for Server {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.served
     }
 }
 
@@ -35,24 +34,10 @@ async fn start() -> Server {
     let store = Arc::new(Embedded::open(&dir.path().join("control.redb")).unwrap());
     let plane = Arc::new(ControlPlane::new(store, Settings::new("td")).await.unwrap());
     let admin = admin::create(plane.store(), "test-admin", 0).await.unwrap();
-    let tls = server::tls_config(&plane, &["127.0.0.1".into(), "localhost".into()]).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "https://127.0.0.1:{}",
-        listener.local_addr().unwrap().port()
-    );
-    let ca = plane.authority().ca_pem().to_string();
-    let task = tokio::spawn(async move {
-        server::serve(listener, tls, plane, std::future::pending())
-            .await
-            .unwrap()
-    });
     Server {
-        url,
-        ca,
+        served: Served::start(plane, &["127.0.0.1", "localhost"]).await,
         admin,
         _dir: dir,
-        task,
     }
 }
 

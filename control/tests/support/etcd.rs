@@ -101,13 +101,20 @@ fn data_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct free loopback ports: all listeners are held until every port is picked, so
+/// two members never get the same one. Another process may still take a port before etcd
+/// binds it; [`Etcd::cluster`] then starts again on new ports (see [`ATTEMPTS`]).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
+
+/// Starts tried before a port taken between picking and binding fails the test.
+const ATTEMPTS: usize = 3;
 
 /// Whether etcd can run here; panics in CI when it cannot.
 pub fn available() -> bool {
@@ -133,23 +140,12 @@ impl Etcd {
             return None;
         }
         let dir = data_dir();
-        let members: Vec<Member> = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client: format!("127.0.0.1:{}", free_port()),
-                peer: format!("127.0.0.1:{}", free_port()),
-                child: None,
-            })
-            .collect();
         let mut etcd = Etcd {
-            members,
+            members: Vec::new(),
             dir,
             tls: None,
         };
-        for i in 0..n {
-            etcd.spawn(i, None);
-        }
-        etcd.wait_ready().await;
+        etcd.launch(n, None).await;
         Some(etcd)
     }
 
@@ -161,20 +157,44 @@ impl Etcd {
         }
         let dir = data_dir();
         let files = make_tls(dir.path());
-        let members = vec![Member {
-            name: "m0".into(),
-            client: format!("127.0.0.1:{}", free_port()),
-            peer: format!("127.0.0.1:{}", free_port()),
-            child: None,
-        }];
         let mut etcd = Etcd {
-            members,
+            members: Vec::new(),
             dir,
             tls: Some(files.client.clone()),
         };
-        etcd.spawn(0, Some(&files));
-        etcd.wait_ready().await;
+        etcd.launch(1, Some(&files)).await;
         Some((etcd, files))
+    }
+
+    /// Picks ports, starts `n` members and waits until all serve; starts again on new ports
+    /// when a member lost its port to another process (etcd exits with "address already in
+    /// use"), at most [`ATTEMPTS`] times.
+    async fn launch(&mut self, n: usize, tls: Option<&TlsFiles>) {
+        for attempt in 1..=ATTEMPTS {
+            let ports = free_ports(2 * n);
+            self.members = (0..n)
+                .map(|i| Member {
+                    name: format!("m{i}"),
+                    client: format!("127.0.0.1:{}", ports[2 * i]),
+                    peer: format!("127.0.0.1:{}", ports[2 * i + 1]),
+                    child: None,
+                })
+                .collect();
+            for i in 0..n {
+                let _ = std::fs::remove_dir_all(self.dir.path().join(&self.members[i].name));
+                self.spawn(i, tls);
+            }
+            match self.wait_ready().await {
+                Ok(()) => return,
+                Err(e) if attempt < ATTEMPTS && e.contains("address already in use") => {
+                    eprintln!("etcd lost a port to another process, starting again: {e}");
+                    for i in 0..n {
+                        self.kill(i);
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     fn spawn(&mut self, i: usize, tls: Option<&TlsFiles>) {
@@ -236,7 +256,7 @@ impl Etcd {
         self.members[i].child = Some(child);
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         for i in 0..self.members.len() {
             let url = self.url_of(&[i], "/ready/");
@@ -244,11 +264,11 @@ impl Etcd {
                 if let Some(c) = self.members[i].child.as_mut()
                     && let Ok(Some(status)) = c.try_wait()
                 {
-                    panic!(
+                    return Err(format!(
                         "etcd {} exited ({status}): {}",
                         self.members[i].name,
                         self.log(i)
-                    );
+                    ));
                 }
                 if let Ok(s) = EtcdStore::connect_with(&url, self.tls.as_ref()).await
                     && tessera_control::store::Store::put(&s, "ready", vec![])
@@ -257,15 +277,17 @@ impl Etcd {
                 {
                     break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "etcd {} not ready in 60 s: {}",
-                    self.members[i].name,
-                    self.log(i)
-                );
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "etcd {} not ready in 60 s: {}",
+                        self.members[i].name,
+                        self.log(i)
+                    ));
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        Ok(())
     }
 
     pub fn log(&self, i: usize) -> String {
