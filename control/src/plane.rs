@@ -120,6 +120,9 @@ pub struct ControlPlane {
     settings: Settings,
     per_source: DefaultKeyedRateLimiter<IpAddr>,
     total: DefaultDirectRateLimiter,
+    /// Claims of networks go one at a time through this server (they are atomic in the
+    /// store anyway: this only spares retries, each of which reads the whole registry).
+    claims: tokio::sync::Mutex<()>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -138,6 +141,7 @@ impl ControlPlane {
         );
         let total = RateLimiter::direct(Quota::per_second(settings.enrol_total));
         Ok(Self {
+            claims: tokio::sync::Mutex::new(()),
             store,
             authority,
             settings,
@@ -339,8 +343,8 @@ impl ControlPlane {
         // Reading every record is O(fleet): only when what it serves changed (a periodic
         // report usually says the same again).
         if current.serves != *serves {
-            let all = registry::all(self.store()).await?;
-            registry::check_serves(&cert.name, serves, &all)?;
+            let _one_at_a_time = self.claims.lock().await;
+            registry::claim_serves(self.store(), &cert.name, serves).await?;
         }
         let key = hex(&cert.public_key);
         let now_ms = unix_ms(now);
@@ -642,5 +646,72 @@ mod tests {
         ));
         let (a, _) = registry::get(p.store(), "a").await.unwrap();
         assert_eq!(a.policy_version, 3);
+        // Once "a" is revoked its claim no longer holds the network.
+        p.revoke("a", now).await.unwrap();
+        p.report(&certs[1], &nets("10.1.0.9/32"), 3, now)
+            .await
+            .unwrap();
+    }
+
+    /// Two enforcers claiming overlapping networks at the same moment through two replicas
+    /// on one store: exactly one claim stands, whatever the interleaving.
+    #[tokio::test]
+    async fn racing_reports_of_overlapping_networks_leave_at_most_one_claim() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(Embedded::open(&d.path().join("c.redb")).unwrap());
+        let settings = || {
+            let mut s = Settings::new("td");
+            s.enrol_per_source = NonZeroU32::new(1000).unwrap();
+            s
+        };
+        let p = ControlPlane::new(store.clone(), settings()).await.unwrap();
+        let replica = ControlPlane::new(store, settings()).await.unwrap();
+        let now = SystemTime::now();
+        let nets = |n: &str| Serves {
+            serves: vec![n.parse().unwrap()],
+            ..Default::default()
+        };
+        for round in 0..8 {
+            let mut certs = Vec::new();
+            for name in [format!("a{round}"), format!("b{round}")] {
+                let (_k, csr) = request(&name);
+                let e = p
+                    .enrol(
+                        ip(),
+                        &EnrolRequest {
+                            name,
+                            csr,
+                            credential: Credential::Token(token(&p, "").await),
+                        },
+                        now,
+                    )
+                    .await
+                    .unwrap();
+                certs.push(certified_of(&e));
+            }
+            let net = format!("10.{}.0.0/24", 50 + round);
+            let claim = nets(&net);
+            let (a, b) = tokio::join!(
+                p.report(&certs[0], &claim, 1, now),
+                replica.report(&certs[1], &claim, 1, now)
+            );
+            let won = [a.is_ok(), b.is_ok()].iter().filter(|w| **w).count();
+            assert_eq!(won, 1, "round {round}: {a:?} {b:?}");
+            let loser = if a.is_ok() { b } else { a };
+            assert!(
+                matches!(
+                    loser,
+                    Err(EnrolError::Registry(RegistryError::Overlap { .. }))
+                ),
+                "{loser:?}"
+            );
+            let holders = registry::all(p.store())
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.serves.serves == nets(&net).serves)
+                .count();
+            assert_eq!(holders, 1, "round {round}");
+        }
     }
 }

@@ -294,6 +294,66 @@ pub fn check_serves(
     Ok(())
 }
 
+/// The store key holding every enforcer's claimed networks, name -> networks (see
+/// [`claim_serves`]); outside [`PREFIX`], so the directory's watches never see it.
+pub const CLAIMS_KEY: &str = "claims/serves";
+
+/// Checks `serves` for `name` with [`check_serves`] and claims its networks, atomically
+/// against every other claim: the check reads the claims key at a version and the claim is
+/// a conditional write at that version, so of two enforcers claiming overlapping networks
+/// at the same moment (through one server or two replicas) at most one succeeds; the other
+/// retries, sees the claim and is refused. Checking records alone could not do this: each
+/// claimant would read the other's record before either wrote. A network counts as taken
+/// if an active enforcer's record or claim holds it; claims of enforcers whose records are
+/// gone or no longer active are dropped on the way. The record itself is written after.
+pub async fn claim_serves(
+    store: &dyn Store,
+    name: &str,
+    serves: &Serves,
+) -> Result<(), RegistryError> {
+    for _ in 0..64 {
+        // Claims first, then records: an enforcer's record is active before it can claim,
+        // so every claim read here has its record among those read next.
+        let (mut claims, version): (BTreeMap<String, Vec<IpNet>>, Option<u64>) =
+            match store.get(CLAIMS_KEY).await? {
+                Some(e) => (
+                    serde_json::from_slice(&e.value).map_err(|err| {
+                        RegistryError::Corrupt(CLAIMS_KEY.into(), err.to_string())
+                    })?,
+                    Some(e.version),
+                ),
+                None => (BTreeMap::new(), None),
+            };
+        let mut records = all(store).await?;
+        claims.retain(|n, _| {
+            n == name
+                || records
+                    .iter()
+                    .any(|r| &r.name == n && r.state == State::Active)
+        });
+        for r in &mut records {
+            if let Some(claimed) = claims.get(&r.name) {
+                for net in claimed {
+                    if !r.serves.serves.contains(net) {
+                        r.serves.serves.push(*net);
+                    }
+                }
+            }
+        }
+        check_serves(name, serves, &records)?;
+        claims.insert(name.to_string(), serves.serves.clone());
+        let value = serde_json::to_vec(&claims)
+            .map_err(|e| RegistryError::Corrupt(CLAIMS_KEY.into(), e.to_string()))?;
+        if store.put_if(CLAIMS_KEY, value, version).await?.is_some() {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Backend(format!(
+        "enforcer {name}: too much contention claiming networks"
+    ))
+    .into())
+}
+
 /// Marks `name` revoked: it leaves the directory and cannot renew.
 pub async fn revoke(
     store: &dyn Store,
