@@ -224,6 +224,13 @@ impl Adopted {
                 "forgot the namespaces a previous run served"
             );
         }
+        let swept = sweep_gone(&pins);
+        if swept > 0 {
+            tracing::info!(
+                guards = swept,
+                "removed the pinned guards of namespaces that are gone"
+            );
+        }
         Ok(Arc::new(Self {
             port,
             mark,
@@ -335,6 +342,91 @@ impl Adopted {
             "no longer serving a workload's network namespace"
         );
     }
+}
+
+/// Removes the pins of guard links whose namespace is gone (it ended while no enforcer ran:
+/// the kernel detached the link, but its pin would stay for ever) and half-made pins of an
+/// interrupted adoption. The guards of namespaces that still exist stay, refusing as
+/// before, until their workloads are reported and served again. How many were removed.
+fn sweep_gone(pins: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(pins) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let half_made = path.to_string_lossy().ends_with("-new");
+        let gone = half_made
+            || match pinned_netns_link(&path) {
+                Ok(Some(0)) => true,
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::warn!(pin = %path.display(), error = %e, "cannot read a pinned guard link");
+                    false
+                }
+            };
+        if gone && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The namespace inode a pinned network-namespace link is attached to (`Some(0)`: its
+/// namespace is gone, the link detached), or `None` if the pin is another kind of link.
+fn pinned_netns_link(path: &Path) -> io::Result<Option<u32>> {
+    use std::os::fd::FromRawFd;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_NETNS: u32 = 5;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    // union bpf_attr, obj_get: pathname (u64), bpf_fd, file_flags; the rest zero.
+    let attr = [c_path.as_ptr() as u64, 0, 0, 0];
+    // SAFETY: the bpf syscall reads `size_of_val(&attr)` bytes of `attr`; `c_path` lives.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id (u32 each), then a union aligned to 8 whose
+    // `netns` member is netns_ino, attach_type (u32 each).
+    let mut info = [0u32; 16];
+    // union bpf_attr, info: bpf_fd (u32), info_len (u32), info (u64); the rest zero.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+        rest: [u64; 2],
+    }
+    let attr = InfoAttr {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&link) as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+        rest: [0; 2],
+    };
+    // SAFETY: the kernel writes at most info_len bytes into `info`, which lives.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info[0] == BPF_LINK_TYPE_NETNS).then_some(info[4]))
 }
 
 /// The addresses of the network namespace the calling thread is in.

@@ -796,6 +796,8 @@ fn the_runtimes_hook_serves_a_containers_own_network_before_its_first_instructio
         .unwrap()
         .hook_socket = Some(socket.clone());
     podman.install_hook(&net.dir, net.bin(), &socket).unwrap();
+    // Pins stay while host-a's enforcer restarts (the end of this test).
+    net.options.lock().unwrap().keep_attached = true;
     net.start_enforcers().unwrap();
     for i in 0..3 {
         let name = format!("{}-own-{i}", net.id);
@@ -849,5 +851,64 @@ fn the_runtimes_hook_serves_a_containers_own_network_before_its_first_instructio
         }),
         "{}",
         net.enforcer_log(net.host("host-a"))
+    );
+
+    // A namespace that ends while its enforcer is down: the kernel detaches its guard, but
+    // the pin would stay for ever; the next start removes it.
+    let served = |net: &TestNet| {
+        net.enforcer_log(net.host("host-a"))
+            .matches("serving a workload's own network namespace")
+            .count()
+    };
+    let before = served(&net);
+    let long = format!("{}-own-long", net.id);
+    podman
+        .start_on(
+            "none",
+            &parent,
+            &long,
+            &[("app", "client"), ("team", "blue")],
+            &[],
+            &["sleep", "600"],
+        )
+        .unwrap();
+    assert!(
+        eventually(T, || served(&net) > before),
+        "{}",
+        net.enforcer_log(net.host("host-a"))
+    );
+    let adopted = net.pin_dir(net.host("host-a")).join("adopted");
+    let pins = || -> Vec<String> {
+        std::fs::read_dir(&adopted)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let pinned = pins();
+    assert_eq!(
+        pinned.len(),
+        1,
+        "one guard pinned, for the running container"
+    );
+    net.stop_enforcer(net.host("host-a"), false).unwrap();
+    podman.remove(&long).unwrap();
+    assert_eq!(
+        pins(),
+        pinned,
+        "the pin outlives its namespace while no enforcer runs"
+    );
+    net.start_enforcer(net.host("host-a")).unwrap();
+    assert!(
+        eventually(T, || pins().is_empty()),
+        "the gone namespace's pin is still there: {:?}\n{}",
+        pins(),
+        net.enforcer_log(net.host("host-a"))
+    );
+    assert!(
+        net.enforcer_log(net.host("host-a"))
+            .contains("removed the pinned guards of namespaces that are gone")
     );
 }
