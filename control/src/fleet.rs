@@ -146,8 +146,12 @@ pub async fn ingest(
 
 /// The fleet's map: every enforcer's latest, merged.
 pub async fn fleet_map(store: &dyn Store) -> Result<Map, FleetError> {
-    let mut maps = Vec::new();
-    for entry in store.list(PREFIX).await? {
+    merged(&store.list(PREFIX).await?)
+}
+
+fn merged(entries: &[crate::store::Entry]) -> Result<Map, FleetError> {
+    let mut maps = Vec::with_capacity(entries.len());
+    for entry in entries {
         let reporter = entry.key.trim_start_matches(PREFIX).to_string();
         let stored: StoredWire =
             serde_json::from_slice(&entry.value).map_err(|e| FleetError::Corrupt {
@@ -157,6 +161,37 @@ pub async fn fleet_map(store: &dyn Store) -> Result<Map, FleetError> {
         maps.push(stored.map.into());
     }
     Ok(map::merge(maps))
+}
+
+/// The fleet map's JSON as last served, with what it was made from (each report's key and
+/// store version). A request that finds the same reports gets the same bytes, without
+/// decoding, merging and serialising every enforcer's map again: a security team's pages
+/// refresh the map far more often than a thousand enforcers' reports change it.
+#[derive(Default)]
+pub struct MapCache {
+    last: std::sync::Mutex<Option<(Vec<(String, u64)>, bytes::Bytes)>>,
+}
+
+impl MapCache {
+    /// The fleet map as JSON, made again only if a report changed since the last request.
+    pub async fn json(&self, store: &dyn Store) -> Result<bytes::Bytes, FleetError> {
+        let entries = store.list(PREFIX).await?;
+        let made_from: Vec<(String, u64)> =
+            entries.iter().map(|e| (e.key.clone(), e.version)).collect();
+        if let Some((from, body)) = &*self.last.lock().expect("lock")
+            && *from == made_from
+        {
+            return Ok(body.clone());
+        }
+        let body = bytes::Bytes::from(serde_json::to_vec(&merged(&entries)?).map_err(|e| {
+            FleetError::Corrupt {
+                reporter: "(the merged map)".into(),
+                error: e.to_string(),
+            }
+        })?);
+        *self.last.lock().expect("lock") = Some((made_from, body.clone()));
+        Ok(body)
+    }
 }
 
 #[cfg(test)]
@@ -331,5 +366,43 @@ mod tests {
             BTreeSet::from([Code::Policy, Code::PeerRefused])
         );
         assert!(m.nodes.iter().all(|n| n.name != via), "{m:#?}");
+    }
+
+    /// The cached JSON is the map's, is reused while no report changes (the same bytes,
+    /// not made again) and follows each new report, also one that only re-sends a map.
+    #[tokio::test]
+    async fn the_served_map_is_made_again_only_when_a_report_changed() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Embedded::open(&d.path().join("s.redb")).unwrap();
+        let cache = MapCache::default();
+        let one = Map {
+            edges: vec![edge(3, "host-a")],
+            ..Default::default()
+        };
+        ingest(&s, "host-a", one.clone(), 1_000).await.unwrap();
+        let first = cache.json(&s).await.unwrap();
+        let as_map: Map = serde_json::from_slice(&first).unwrap();
+        assert_eq!(as_map, fleet_map(&s).await.unwrap());
+        let again = cache.json(&s).await.unwrap();
+        assert_eq!(
+            first.as_ptr(),
+            again.as_ptr(),
+            "no report changed: the same bytes"
+        );
+        ingest(&s, "host-b", one.clone(), 2_000).await.unwrap();
+        let second = cache.json(&s).await.unwrap();
+        assert_ne!(first.as_ptr(), second.as_ptr());
+        let as_map: Map = serde_json::from_slice(&second).unwrap();
+        assert_eq!(as_map, fleet_map(&s).await.unwrap());
+        assert_eq!(as_map.edges[0].reporters.len(), 2);
+        // host-a reports more connections on the same edge.
+        let more = Map {
+            edges: vec![edge(7, "host-a")],
+            ..Default::default()
+        };
+        ingest(&s, "host-a", more, 3_000).await.unwrap();
+        let third: Map = serde_json::from_slice(&cache.json(&s).await.unwrap()).unwrap();
+        assert_eq!(third, fleet_map(&s).await.unwrap());
+        assert_eq!(third.edges[0].stats.connections, 7);
     }
 }

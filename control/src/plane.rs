@@ -123,6 +123,8 @@ pub struct ControlPlane {
     /// Claims of networks go one at a time through this server (they are atomic in the
     /// store anyway: this only spares retries, each of which reads the whole registry).
     claims: tokio::sync::Mutex<()>,
+    /// The fleet map as last served.
+    fleet_map: crate::fleet::MapCache,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -142,6 +144,7 @@ impl ControlPlane {
         let total = RateLimiter::direct(Quota::per_second(settings.enrol_total));
         Ok(Self {
             claims: tokio::sync::Mutex::new(()),
+            fleet_map: Default::default(),
             store,
             authority,
             settings,
@@ -329,6 +332,11 @@ impl ControlPlane {
         .await?;
         tracing::info!(enforcer = %r.name, not_after_ms = issued.not_after_ms, "renewed");
         Ok(self.enrolment(&r.name, r.scope, issued))
+    }
+
+    /// The fleet map as JSON (made again only when a report changed).
+    pub async fn fleet_map_json(&self) -> Result<bytes::Bytes, crate::fleet::FleetError> {
+        self.fleet_map.json(self.store()).await
     }
 
     /// Records what the enforcer presenting `cert` serves and the policy it enforces.

@@ -266,18 +266,20 @@ async fn current_policy(
     }
 }
 
-/// The fleet's map.
+/// The fleet's map (JSON made again only when a report changed).
 async fn fleet_map(
     State(plane): State<AppState>,
     headers: HeaderMap,
-) -> Result<Json<tessera_proxy::map::Map>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     require_admin(&plane, &headers).await?;
-    Ok(Json(crate::fleet::fleet_map(plane.store()).await.map_err(
-        |e| match e {
-            crate::fleet::FleetError::Store(s) => s.into(),
-            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e),
-        },
-    )?))
+    let body = plane.fleet_map_json().await.map_err(|e| match e {
+        crate::fleet::FleetError::Store(s) => s.into(),
+        e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e),
+    })?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    ))
 }
 
 fn line(m: &WatchMessage) -> bytes::Bytes {
