@@ -169,8 +169,11 @@ fn merged(entries: &[crate::store::Entry]) -> Result<Map, FleetError> {
 /// refresh the map far more often than a thousand enforcers' reports change it.
 #[derive(Default)]
 pub struct MapCache {
-    last: std::sync::Mutex<Option<(Vec<(String, u64)>, bytes::Bytes)>>,
+    last: std::sync::Mutex<Option<Made>>,
 }
+
+/// Each report's key and store version, and the JSON made from them.
+type Made = (Vec<(String, u64)>, bytes::Bytes);
 
 impl MapCache {
     /// The fleet map as JSON, made again only if a report changed since the last request.
