@@ -441,6 +441,24 @@ mod tests {
         authority::certified(&authority::pem_der(&e.cert).unwrap()).unwrap()
     }
 
+    /// Enforcer `name` enrolled with a fresh token, as its certificate presents it.
+    async fn enrolled(p: &ControlPlane, name: &str, now: SystemTime) -> Certified {
+        let (_k, csr) = request(name);
+        let e = p
+            .enrol(
+                ip(),
+                &EnrolRequest {
+                    name: name.into(),
+                    csr,
+                    credential: Credential::Token(token(p, "").await),
+                },
+                now,
+            )
+            .await
+            .unwrap();
+        certified_of(&e)
+    }
+
     #[tokio::test]
     async fn enrol_by_token_then_renew_rotates_the_key_and_the_old_one_is_dead() {
         let (_d, p, _) = plane(false).await;
@@ -624,23 +642,7 @@ mod tests {
     async fn an_enforcer_cannot_report_another_enforcers_networks() {
         let (_d, p, _) = plane(false).await;
         let now = SystemTime::now();
-        let mut certs = Vec::new();
-        for name in ["a", "b"] {
-            let (_k, csr) = request(name);
-            let e = p
-                .enrol(
-                    ip(),
-                    &EnrolRequest {
-                        name: name.into(),
-                        csr,
-                        credential: Credential::Token(token(&p, "").await),
-                    },
-                    now,
-                )
-                .await
-                .unwrap();
-            certs.push(certified_of(&e));
-        }
+        let certs = [enrolled(&p, "a", now).await, enrolled(&p, "b", now).await];
         let nets = |n: &str| Serves {
             serves: vec![n.parse().unwrap()],
             ..Default::default()
@@ -680,23 +682,10 @@ mod tests {
             ..Default::default()
         };
         for round in 0..8 {
-            let mut certs = Vec::new();
-            for name in [format!("a{round}"), format!("b{round}")] {
-                let (_k, csr) = request(&name);
-                let e = p
-                    .enrol(
-                        ip(),
-                        &EnrolRequest {
-                            name,
-                            csr,
-                            credential: Credential::Token(token(&p, "").await),
-                        },
-                        now,
-                    )
-                    .await
-                    .unwrap();
-                certs.push(certified_of(&e));
-            }
+            let certs = [
+                enrolled(&p, &format!("a{round}"), now).await,
+                enrolled(&p, &format!("b{round}"), now).await,
+            ];
             let net = format!("10.{}.0.0/24", 50 + round);
             let claim = nets(&net);
             let (a, b) = tokio::join!(
