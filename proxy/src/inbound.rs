@@ -32,7 +32,6 @@ use crate::{
     limits::{Drops, Limit, RateLimiter},
     local::{LocalAddrs, LocalServices, LocalWorkload},
     peers::Directory,
-    readahead::ReadAhead,
     registry::ConnectionGuard,
     socket::reset_on_close,
     tls::peer_name,
@@ -181,11 +180,7 @@ impl Inbound {
                 format!("TLS handshake failed: {reason}"),
             )
         };
-        let mut tls = match tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            self.acceptor.accept(ReadAhead::new(tcp)),
-        )
-        .await
+        let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await
         {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return refuse_handshake(flow, e.to_string()),
@@ -277,7 +272,7 @@ impl Inbound {
     /// Serves one request on a tunnel; returns whether the tunnel is clean for the next one.
     async fn handle_request(
         &self,
-        tls: &mut TlsStream<ReadAhead<TcpStream>>,
+        tls: &mut TlsStream<TcpStream>,
         session: &mut TunnelSession,
         buffers: &mut Buffers,
         remote: SocketAddr,
@@ -441,7 +436,7 @@ impl Inbound {
     /// is still clean for the next request.
     async fn answer_refusal(
         &self,
-        tls: &mut TlsStream<ReadAhead<TcpStream>>,
+        tls: &mut TlsStream<TcpStream>,
         refused: Refused,
         mut flow: FlowTracker,
     ) -> bool {
@@ -609,7 +604,7 @@ impl Refused {
     }
 }
 
-async fn shutdown_quietly(tls: &mut TlsStream<ReadAhead<TcpStream>>) -> io::Result<()> {
+async fn shutdown_quietly(tls: &mut TlsStream<TcpStream>) -> io::Result<()> {
     tokio::time::timeout(Duration::from_secs(1), tls.shutdown())
         .await
         .unwrap_or(Ok(()))

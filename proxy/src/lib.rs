@@ -38,7 +38,6 @@ pub mod map;
 pub mod outbound;
 pub mod peers;
 pub mod pool;
-pub mod readahead;
 pub mod refusals;
 pub mod registry;
 pub mod route;

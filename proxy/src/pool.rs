@@ -23,13 +23,12 @@ use crate::{
     copy::Buffers,
     identity::session::{Role, SessionSecrets, Tokens, TunnelSession},
     peers::Peer,
-    readahead::ReadAhead,
     socket::connect_marked,
 };
 
 /// A mutual-TLS connection to a peer enforcer, its token session and splice buffers.
 pub struct Tunnel {
-    pub stream: TlsStream<ReadAhead<TcpStream>>,
+    pub stream: TlsStream<TcpStream>,
     pub session: TunnelSession,
     pub buffers: Buffers,
 }
@@ -65,20 +64,16 @@ impl TunnelDialer {
                 format!("peer name {:?}: {e}", peer.name),
             )
         })?;
-        let stream = match tokio::time::timeout(
-            self.timeout,
-            self.connector.connect(name, ReadAhead::new(tcp)),
-        )
-        .await
-        {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("TLS handshake with {} timed out", peer.name),
-                ));
-            }
-        };
+        let stream =
+            match tokio::time::timeout(self.timeout, self.connector.connect(name, tcp)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("TLS handshake with {} timed out", peer.name),
+                    ));
+                }
+            };
         // rustls checked the certificate against the CA and the peer's name; the session
         // takes its Ed25519 key and the exporter values (binding, token keys).
         let conn = stream.get_ref().1;
