@@ -43,8 +43,12 @@
 //!   Tessera's two modes side by side, round by round: `peers.summary.<figure>.<system>` and
 //!   `peers.ratio.<figure>.<system>` (to direct in the same round) as `{median,min,max,n}`,
 //!   every round's figures and CPU steal in `peers.rounds`.
-//! * `cpu_steal_pct.{tunnel,handshake,control,memory,fleet,peers}`: the share of the machine's CPU
-//!   time the hypervisor took (steal, `/proc/stat`) while each section ran.
+//! * `latency_rounds.{p50_ratio,p99_ratio}` (`--only latency`): tunnel-mode request latency in
+//!   alternating direct/tunnel rounds for 30 s after a start, as `{median,min,max,n}`, and
+//!   every round's `load rr` report (p50, p90, p99, p99.9, max, how the slowest 1 % cluster)
+//!   with its CPU steal in `latency_rounds.rounds`.
+//! * `cpu_steal_pct.{tunnel,handshake,control,memory,fleet,peers,latency}`: the share of the
+//!   machine's CPU time the hypervisor took (steal, `/proc/stat`) while each section ran.
 use std::{
     fs,
     path::Path,
