@@ -29,9 +29,13 @@ use tokio::{
 
 use crate::socket::reset_on_close;
 
-/// Payload per frame: large enough that TLS records are filled in few reads.
+/// Payload per frame at most (what a receiver accepts).
 pub const MAX_FRAME: usize = 64 * 1024;
 const HEADER: usize = 4;
+/// Payload per frame a sender reads at most: header and payload fill exactly four TLS
+/// records (16 KiB of plaintext each). A 64 KiB payload would leave its last 4 bytes for a
+/// fifth record of their own: 22 bytes of TLS overhead and a seal for 4 bytes of data.
+const SEND_PAYLOAD: usize = 4 * 16 * 1024 - HEADER;
 const KIND_DATA: u32 = 0;
 const KIND_EOF: u32 = 1;
 const KIND_RESET: u32 = 2;
@@ -110,7 +114,7 @@ async fn app_to_tunnel<W: AsyncWrite + Unpin>(
     total: &AtomicU64,
 ) -> io::Result<UpEnd> {
     loop {
-        let n = match app.read(&mut buf[HEADER..]).await {
+        let n = match app.read(&mut buf[HEADER..HEADER + SEND_PAYLOAD]).await {
             Ok(n) => n,
             Err(e) => {
                 tunnel.write_all(&(KIND_RESET << 30).to_be_bytes()).await?;

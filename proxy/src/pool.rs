@@ -93,7 +93,10 @@ impl TunnelDialer {
 
 #[derive(Default)]
 struct PeerPool {
+    /// Idle tunnels, oldest first, each with the instant it must no longer be handed out.
     idle: Mutex<VecDeque<(Instant, Tunnel)>>,
+    /// Counts the tunnels stored, to spread their expiries (see [`TunnelPool::expiry`]).
+    stored: AtomicUsize,
     dialing: AtomicUsize,
     /// After failed dials, no background dial until this instant; the delay doubles with
     /// each failure (a down peer is not hammered) and resets on success.
@@ -115,6 +118,15 @@ pub struct TunnelPool {
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
+/// Replacements for tunnels that idled out, dialed per peer and tick at most. Tunnels warmed
+/// together would idle out together, and replacing a whole pool at once is a burst of TLS
+/// handshakes (a few ms of CPU each, at both ends) that stalls the connections carried on
+/// the same threads (docs/wire.md, "Latency"). Expiries are spread too (see
+/// [`TunnelPool::expiry`]); a burst of application connections that drains the pool still
+/// refills it at once.
+const MAINTENANCE_DIALS: usize = 1;
+/// Idle lifetimes are spread over `max_idle / 2 ..= max_idle` in this many steps.
+const EXPIRY_STEPS: u32 = 16;
 
 impl TunnelPool {
     pub fn new(dialer: TunnelDialer, size: usize, max_idle: Duration) -> Arc<Self> {
@@ -145,8 +157,9 @@ impl TunnelPool {
             let mut idle = pool.idle.lock().expect("lock");
             // Newest first: the most recently used tunnel is the most surely alive.
             let mut found = None;
-            while let Some((since, tunnel)) = idle.pop_back() {
-                if since.elapsed() < self.max_idle {
+            let now = Instant::now();
+            while let Some((expires, tunnel)) = idle.pop_back() {
+                if now < expires {
                     found = Some(tunnel);
                     break;
                 }
@@ -172,7 +185,7 @@ impl TunnelPool {
         }
         let pool = self.peer_pool(peer);
         let mut idle = pool.idle.lock().expect("lock");
-        idle.push_back((Instant::now(), tunnel));
+        idle.push_back((Self::expiry(self.max_idle, &pool), tunnel));
         while idle.len() > self.size {
             idle.pop_front();
         }
@@ -206,6 +219,9 @@ impl TunnelPool {
             }
             let (this, peer) = (Arc::downgrade(self), peer.clone());
             tokio::spawn(async move {
+                // The first pass fills the pool at once; later ones replace what idled out
+                // a few at a time.
+                let mut dials = usize::MAX;
                 loop {
                     let Some(this) = this.upgrade() else { return };
                     // Forgotten (left the directory): stop keeping it warm.
@@ -215,8 +231,9 @@ impl TunnelPool {
                     pool.idle
                         .lock()
                         .expect("lock")
-                        .retain(|(since, _)| since.elapsed() < this.max_idle);
-                    this.refill(&peer, &pool);
+                        .retain(|(expires, _)| Instant::now() < *expires);
+                    this.refill_at_most(&peer, &pool, dials);
+                    dials = MAINTENANCE_DIALS;
                     drop(this);
                     tokio::time::sleep(MAINTENANCE_TICK).await;
                 }
@@ -224,26 +241,41 @@ impl TunnelPool {
         }
     }
 
+    /// When a tunnel stored now must no longer be handed out: after `max_idle`, less a
+    /// step that each stored tunnel advances, so that tunnels stored together (a pool warmed
+    /// at start) do not all idle out, and need replacing, in the same instant.
+    fn expiry(max_idle: Duration, pool: &PeerPool) -> Instant {
+        let step = (pool.stored.fetch_add(1, Ordering::Relaxed) % EXPIRY_STEPS as usize) as u32;
+        Instant::now() + max_idle - max_idle * step / (2 * EXPIRY_STEPS)
+    }
+
     fn have(&self, pool: &PeerPool) -> usize {
         pool.idle.lock().expect("lock").len() + pool.dialing.load(Ordering::Relaxed)
     }
 
+    /// Dials up to the pool's size at once: a burst of connections drained it.
     fn refill(self: &Arc<Self>, peer: &Peer, pool: &Arc<PeerPool>) {
+        self.refill_at_most(peer, pool, usize::MAX);
+    }
+
+    /// Dials up to the pool's size, `most` at a time (counting dials still in progress).
+    fn refill_at_most(self: &Arc<Self>, peer: &Peer, pool: &Arc<PeerPool>, most: usize) {
         if let (Some(until), _) = *pool.backoff.lock().expect("lock")
             && Instant::now() < until
         {
             return;
         }
-        for _ in self.have(pool)..self.size {
+        let dialing = pool.dialing.load(Ordering::Relaxed);
+        let missing = self.size.saturating_sub(self.have(pool));
+        for _ in 0..missing.min(most.saturating_sub(dialing)) {
             pool.dialing.fetch_add(1, Ordering::Relaxed);
             let (dialer, pool, peer) = (self.dialer.clone(), pool.clone(), peer.clone());
+            let max_idle = self.max_idle;
             tokio::spawn(async move {
                 match dialer.dial(&peer).await {
                     Ok(tunnel) => {
-                        pool.idle
-                            .lock()
-                            .expect("lock")
-                            .push_back((Instant::now(), tunnel));
+                        let expires = Self::expiry(max_idle, &pool);
+                        pool.idle.lock().expect("lock").push_back((expires, tunnel));
                         *pool.backoff.lock().expect("lock") = (None, BACKOFF_MIN);
                     }
                     Err(e) => {
@@ -279,5 +311,100 @@ impl TunnelPool {
             .iter()
             .map(|(p, pool)| (p.name.clone(), pool.idle.lock().expect("lock").len()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::tunnel::{SKEW_MS, TRUST_DOMAIN, TestCa};
+    use tokio::net::TcpListener;
+
+    /// A pool of `size` to a peer that accepts TCP and never answers TLS: each dial stays in
+    /// progress until its (long) timeout, so the count of accepted connections is the count
+    /// of dials the pool started.
+    async fn pool_to_a_silent_peer(size: usize) -> (Arc<TunnelPool>, Peer, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = Peer {
+            name: "host-b".into(),
+            tunnel: listener.local_addr().unwrap(),
+        };
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let ca = TestCa::new();
+        let (key, cert) = ca.issue("host-a");
+        let tokens = Tokens::new(
+            TRUST_DOMAIN.into(),
+            &key,
+            vec![ca.der.clone()],
+            60_000,
+            SKEW_MS,
+            true,
+        )
+        .unwrap();
+        let dialer = TunnelDialer::new(
+            ca.tls(&key, &cert).client_config().unwrap(),
+            Arc::new(tokens),
+            0,
+            Duration::from_secs(60),
+        );
+        (
+            TunnelPool::new(dialer, size, Duration::from_secs(20)),
+            peer,
+            accepted,
+        )
+    }
+
+    async fn until_accepted(accepted: &AtomicUsize, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while accepted.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "only {accepted:?} of {n} dials");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn replacements_are_dialed_one_at_a_time_and_a_drained_pool_refills_at_once() {
+        let (pool, peer, accepted) = pool_to_a_silent_peer(8).await;
+        let p = pool.peer_pool(&peer);
+        // Maintenance ticks while a replacement is still being dialed start no other.
+        for _ in 0..3 {
+            pool.refill_at_most(&peer, &p, MAINTENANCE_DIALS);
+        }
+        until_accepted(&accepted, 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+        assert_eq!(p.dialing.load(Ordering::Relaxed), 1);
+        // A burst of connections that drains the pool refills the rest at once.
+        pool.refill(&peer, &p);
+        until_accepted(&accepted, 8).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(accepted.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn tunnels_stored_together_idle_out_at_different_times() {
+        let pool = PeerPool::default();
+        let max_idle = Duration::from_secs(16);
+        let before = Instant::now();
+        let mut lifetimes: Vec<Duration> = (0..EXPIRY_STEPS)
+            .map(|_| TunnelPool::expiry(max_idle, &pool) - before)
+            .collect();
+        lifetimes.sort();
+        lifetimes.dedup();
+        assert_eq!(lifetimes.len(), EXPIRY_STEPS as usize, "{lifetimes:?}");
+        assert!(lifetimes[0] >= max_idle / 2, "{lifetimes:?}");
+        assert!(*lifetimes.last().unwrap() <= max_idle + Duration::from_secs(1));
+        // Half a second apart at least: a pool of 16 needs one replacement per 2 ticks.
+        for w in lifetimes.windows(2) {
+            assert!(w[1] - w[0] >= Duration::from_millis(400), "{lifetimes:?}");
+        }
     }
 }

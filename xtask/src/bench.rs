@@ -43,8 +43,12 @@
 //!   Tessera's two modes side by side, round by round: `peers.summary.<figure>.<system>` and
 //!   `peers.ratio.<figure>.<system>` (to direct in the same round) as `{median,min,max,n}`,
 //!   every round's figures and CPU steal in `peers.rounds`.
-//! * `cpu_steal_pct.{tunnel,handshake,control,memory,fleet,peers}`: the share of the machine's CPU
-//!   time the hypervisor took (steal, `/proc/stat`) while each section ran.
+//! * `latency_rounds.{p50_ratio,p99_ratio}` (`--only latency`): tunnel-mode request latency in
+//!   alternating direct/tunnel rounds for 30 s after a start, as `{median,min,max,n}`, and
+//!   every round's `load rr` report (p50, p90, p99, p99.9, max, how the slowest 1 % cluster)
+//!   with its CPU steal in `latency_rounds.rounds`.
+//! * `cpu_steal_pct.{tunnel,handshake,control,memory,fleet,peers,latency}`: the share of the
+//!   machine's CPU time the hypervisor took (steal, `/proc/stat`) while each section ran.
 use std::{
     fs,
     path::Path,
@@ -181,6 +185,15 @@ impl Bench<'_> {
     }
 
     fn latency(&self, tessera: bool) -> Result<(f64, f64)> {
+        let v = self.latency_detail(tessera)?;
+        Ok((
+            v["p50_us"].as_f64().context("p50")?,
+            v["p99_us"].as_f64().context("p99")?,
+        ))
+    }
+
+    /// One `load rr` run's whole report (percentiles, how the slowest 1 % cluster in time).
+    fn latency_detail(&self, tessera: bool) -> Result<Value> {
         let addr = if tessera {
             "10.77.0.2:7001"
         } else {
@@ -194,11 +207,7 @@ impl Bench<'_> {
             &["load", "rr", addr, &count],
             Duration::from_secs(90),
         )?;
-        let v = out_json(&out, "rr")?;
-        Ok((
-            v["p50_us"].as_f64().context("p50")?,
-            v["p99_us"].as_f64().context("p99")?,
-        ))
+        out_json(&out, "rr")
     }
 
     fn memory(&self, n: usize) -> Result<(Value, Value, Value)> {
@@ -261,6 +270,10 @@ pub enum Section {
     Fleet,
     /// Side by side with ztunnel and stunnel (see `peers.rs`; also `--peers`).
     Peers,
+    /// Tunnel-mode request latency alone, in alternating rounds (direct, then Tessera) for
+    /// 30 s after the enforcers start (long enough for pooled tunnels to idle out and be
+    /// replaced), each round with its CPU steal: the tail, and whether it comes in bursts.
+    Latency,
 }
 
 pub struct Options<'a> {
@@ -283,8 +296,10 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
     let load = bin.with_file_name("xtask").to_string_lossy().into_owned();
     let quick = opts.quick;
     let secs = if quick { 2 } else { 5 };
-    let wants =
-        |s: Section| (opts.only.is_empty() && s != Section::Peers) || opts.only.contains(&s);
+    let wants = |s: Section| {
+        (opts.only.is_empty() && !matches!(s, Section::Peers | Section::Latency))
+            || opts.only.contains(&s)
+    };
 
     let mut result = json!({
         "schema": 1,
@@ -369,6 +384,11 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         steal.insert("handshake".into(), json!(t.steal_pct_since()?));
         result["handshake"] = handshake;
         cpu.insert("handshake".into(), json!(cpu_ms));
+    }
+    if wants(Section::Latency) {
+        let t = CpuTimes::now()?;
+        result["latency_rounds"] = latency_rounds(&bench)?;
+        steal.insert("latency".into(), json!(t.steal_pct_since()?));
     }
     result["cpu_ms_per_1000_connections"] = cpu.into();
     if let Some(ztunnel) = peers {
@@ -489,6 +509,36 @@ fn tunnel_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
         }),
         cpu_ms,
     ))
+}
+
+/// `--only latency`: tunnel-mode request latency in alternating rounds for 30 s after a
+/// fresh start (at least 3 rounds), each a ratio to its own direct run, with its steal.
+fn latency_rounds(bench: &Bench) -> Result<Value> {
+    restart(bench, |o| {
+        o.handshake = false;
+        o.pool_size = 16;
+        o.tokens = true;
+    })?;
+    let started = Instant::now();
+    let (mut rounds, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+    while rounds.len() < 3 || started.elapsed() < Duration::from_secs(30) {
+        let t = CpuTimes::now()?;
+        let d = bench.latency_detail(false)?;
+        let x = bench.latency_detail(true)?;
+        let steal = t.steal_pct_since()?;
+        let r = |q: &str| ratio(x[q].as_f64().unwrap_or(0.0), d[q].as_f64().unwrap_or(0.0));
+        eprintln!(
+            "bench: latency round {} at {:.0} s (steal {steal:.1} %): p50 {:.2}x p99 {:.2}x\n  direct  {d}\n  tessera {x}",
+            rounds.len() + 1,
+            started.elapsed().as_secs_f64(),
+            r("p50_us"),
+            r("p99_us"),
+        );
+        p50.push(r("p50_us"));
+        p99.push(r("p99_us"));
+        rounds.push(json!({"direct": d, "tessera": x, "steal_pct": steal}));
+    }
+    Ok(json!({"p50_ratio": spread(&p50), "p99_ratio": spread(&p99), "rounds": rounds}))
 }
 
 /// TCP-handshake mode: each figure right after its own direct baseline (this VM drifts over

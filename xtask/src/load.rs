@@ -165,17 +165,41 @@ fn rr(addr: SocketAddr, count: usize) -> Result<()> {
         s.read_exact(&mut buf)?;
     }
     let mut lat = Vec::with_capacity(count);
+    // When each round trip started (µs since the first): whether the slow ones come in
+    // bursts (something else took the CPU for a while) or spread out (the path itself).
+    let mut at = Vec::with_capacity(count);
+    let start = Instant::now();
     while lat.len() < count && Instant::now() < deadline {
         let t = Instant::now();
         s.write_all(&msg)?;
         s.read_exact(&mut buf)?;
         lat.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        at.push(t.duration_since(start).as_micros() as u64);
     }
-    lat.sort_by(f64::total_cmp);
-    let pick = |q: f64| lat[((q * lat.len() as f64) as usize).min(lat.len() - 1)];
+    let mut sorted = lat.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pick = |q: f64| sorted[((q * sorted.len() as f64) as usize).min(sorted.len() - 1)];
+    let p99 = pick(0.99);
+    // The slowest 1 %: in how many distinct 10 ms windows, and how long the run took.
+    let mut windows: Vec<u64> = lat
+        .iter()
+        .zip(&at)
+        .filter(|(l, _)| **l >= p99)
+        .map(|(_, t)| t / 10_000)
+        .collect();
+    windows.dedup();
     println!(
         "{}",
-        json!({"count": lat.len(), "p50_us": pick(0.50), "p99_us": pick(0.99)})
+        json!({
+            "count": lat.len(),
+            "p50_us": pick(0.50),
+            "p90_us": pick(0.90),
+            "p99_us": p99,
+            "p999_us": pick(0.999),
+            "max_us": sorted.last().copied().unwrap_or(0.0),
+            "slowest_1pct_in_10ms_windows": windows.len(),
+            "run_ms": at.last().copied().unwrap_or(0) / 1000,
+        })
     );
     Ok(())
 }
