@@ -5,6 +5,8 @@
 //! (network byte order, IPv4 in `addr[0]`); ports in host byte order.
 #![no_std]
 
+pub mod fast;
+
 /// `AF_INET` / `AF_INET6` as the kernel numbers them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -276,4 +278,7 @@ mod pod {
     unsafe impl aya::Pod for super::NonTcpAllow {}
     unsafe impl aya::Pod for super::NonTcpFlowKey {}
     unsafe impl aya::Pod for super::NonTcpFlowCount {}
+    unsafe impl aya::Pod for super::fast::FastClientKey {}
+    unsafe impl aya::Pod for super::fast::FastKey {}
+    unsafe impl aya::Pod for super::fast::FastServerEntry {}
 }

@@ -10,6 +10,7 @@ use crate::{
     code::Code,
     flow::{Direction, FlowTracker},
     handshake::{
+        fast::FastPair,
         message::Message,
         packet::{self, Segment},
         proof::{self, Ephemeral, Proof, ProofKey, PublicKey, Role, Transcript},
@@ -294,7 +295,9 @@ impl Engine {
             ack_message,
             proof_sent: false,
         };
-        (Outcome::rewrite(synack.clean).with_live(live), Some(proven))
+        let mut out = Outcome::rewrite(synack.clean).with_live(live);
+        out.fast = Some(FastPair::derive(&proof_key, &digest));
+        (out, Some(proven))
     }
 
     /// The SYN-ACK's message, the server's proof over the transcript, and the destination

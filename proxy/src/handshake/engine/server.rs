@@ -7,6 +7,7 @@ use crate::{
     code::Code,
     flow::{Direction, FlowTracker},
     handshake::{
+        fast::FastPair,
         message::Message,
         packet::{self, Segment},
         proof::{self, ProofKey, PublicKey, Role, Transcript},
@@ -410,12 +411,15 @@ impl Engine {
             };
         }
         self.lock_proven().insert(key, now_ms);
+        let fast = FastPair::derive(proof_key, transcript);
         let live = h.live;
-        Outcome {
+        let mut out = Outcome {
             mark: self.setup.proven_mark,
             ..Outcome::rewrite(clean)
         }
-        .with_live(live)
+        .with_live(live);
+        out.fast = Some(fast);
+        out
     }
 }
 
