@@ -170,30 +170,51 @@ pub fn decode_option(o: &[u8; FAST_OPT_LEN as usize]) -> Option<(u32, u64)> {
 /// Finds the fast-path option among a TCP header's options (`opts`: the bytes after the
 /// fixed 20-byte header) and decodes it. Bounded: at most 40 bytes are walked.
 pub fn find_option(opts: &[u8]) -> Option<(u32, u64)> {
-    let mut i = 0usize;
+    let mut buf = [0u8; 40];
     let n = if opts.len() < 40 { opts.len() } else { 40 };
+    let mut i = 0;
     while i < n {
-        match opts[i] {
-            0 => return None,
-            1 => i += 1,
-            _ => {
-                if i + 1 >= n {
-                    return None;
-                }
-                let len = opts[i + 1] as usize;
-                if len < 2 || i + len > n {
-                    return None;
-                }
-                if opts[i] == FAST_OPT_KIND && len == FAST_OPT_LEN as usize {
-                    let mut o = [0u8; FAST_OPT_LEN as usize];
-                    o.copy_from_slice(&opts[i..i + len]);
-                    if let Some(v) = decode_option(&o) {
-                        return Some(v);
-                    }
-                }
-                i += len;
+        buf[i] = opts[i];
+        i += 1;
+    }
+    find_option_in(&buf, n)
+}
+
+/// [`find_option`] over the first `n` bytes of a fixed buffer, without any operation that
+/// could panic (the eBPF verifier accepts no panic path): every access is checked with
+/// `get`, every loop bounded.
+#[inline(always)]
+pub fn find_option_in<const N: usize>(opts: &[u8; N], n: usize) -> Option<(u32, u64)> {
+    let n = if n < 40 { n } else { 40 };
+    let mut i = 0usize;
+    // Each step consumes at least one byte: at most 40 steps.
+    let mut steps = 0;
+    while steps < 40 && i < n {
+        steps += 1;
+        let kind = *opts.get(i)?;
+        if kind == 0 {
+            return None;
+        }
+        if kind == 1 {
+            i += 1;
+            continue;
+        }
+        let len = *opts.get(i + 1)? as usize;
+        if len < 2 || i + len > n {
+            return None;
+        }
+        if kind == FAST_OPT_KIND && len == FAST_OPT_LEN as usize {
+            let mut o = [0u8; FAST_OPT_LEN as usize];
+            let mut j = 0;
+            while j < FAST_OPT_LEN as usize {
+                o[j] = *opts.get(i + j)?;
+                j += 1;
+            }
+            if let Some(v) = decode_option(&o) {
+                return Some(v);
             }
         }
+        i += len;
     }
     None
 }
@@ -224,10 +245,6 @@ pub struct FastKey {
     pub epoch: u32,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) after which the key is not used.
     pub expires_ns: u64,
-    /// Index of the (client identity, server identity, port) triple in the verdict map:
-    /// the key is used only while that entry allows.
-    pub verdict: u32,
-    pub _pad: u32,
 }
 
 /// The server's entry for a key id: the key, and the client address it was agreed with
@@ -243,9 +260,67 @@ pub struct FastServerEntry {
     pub _pad: u32,
 }
 
-/// Verdict map value: 1 allows. Written by the enforcer from policy for each pair a full
-/// handshake allowed; the whole map is cleared on each policy reload.
-pub const FAST_ALLOW: u32 = 1;
+/// What the fast path's programs need from the configuration (a one-element array;
+/// `socket_mark` 0: the fast path is off).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastSettings {
+    /// `SO_MARK` of client sockets on the fast path (differs from the handshake mark, so
+    /// that no queueing rule matches them).
+    pub socket_mark: u32,
+    /// Packet mark bit `verify_fast` sets on a verified SYN (server) or SYN-ACK (client):
+    /// the raw rules let it pass, and it is saved in the connmark (the server's SYN-ACK is
+    /// then not queued).
+    pub fast_bit: u32,
+    /// The handshake's proven bit, set on a verified first ACK (server).
+    pub proven_bit: u32,
+    pub _pad: u32,
+}
+
+/// A connection's 4-tuple as one end sees it (local first); addresses as in
+/// [`FastClientKey`], IPv4-mapped ones as IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FastTuple {
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// A client socket on the fast path (by cookie): its key, and once its SYN went, its ISN
+/// and how many segments after it were tagged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastSock {
+    pub key: FastKey,
+    /// Where the key came from (forgotten if the server refuses it).
+    pub client: FastClientKey,
+    pub client_isn: u32,
+    pub tagged: u32,
+}
+
+/// A client connection whose SYN went out tagged, until its SYN-ACK.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastPending {
+    pub key: FastKey,
+    pub client: FastClientKey,
+    pub client_isn: u32,
+    pub _pad: u32,
+}
+
+/// Indexes of the fast path's counters (`TESSERA_FAST_STATS`).
+pub const STAT_SYN_OK: u32 = 0;
+pub const STAT_SYNACK_OK: u32 = 1;
+pub const STAT_ACK_OK: u32 = 2;
+/// A tag that did not verify, or an unknown / expired key id, or the wrong peer.
+pub const STAT_FAILED: u32 = 3;
+/// A SYN-ACK for a tagged SYN without a valid tag, dropped.
+pub const STAT_SYNACK_DROPPED: u32 = 4;
+pub const STATS: u32 = 5;
 
 /// Capacity of the fast-path maps.
 pub const FAST_CLIENT_ENTRIES: u32 = 16_384;

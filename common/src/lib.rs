@@ -34,6 +34,11 @@ pub mod names {
     pub const NONTCP_ALLOW: &str = "TESSERA_NONTCP_ALLOW";
     pub const NONTCP_WORKLOADS: &str = "TESSERA_NONTCP_WORKLOADS";
     pub const NONTCP_FLOWS: &str = "TESSERA_NONTCP_FLOWS";
+    pub const FAST_SETTINGS: &str = "TESSERA_FAST_SETTINGS";
+    pub const FAST_CLIENT: &str = "TESSERA_FAST_CLIENT";
+    pub const FAST_SERVER: &str = "TESSERA_FAST_SERVER";
+    pub const FAST_STATS: &str = "TESSERA_FAST_STATS";
+    pub const PROG_VERIFY_FAST: &str = "verify_fast";
 }
 
 /// Index of the inbound listener sockets in the `INBOUND_LISTENER` sockmap.
@@ -281,4 +286,8 @@ mod pod {
     unsafe impl aya::Pod for super::fast::FastClientKey {}
     unsafe impl aya::Pod for super::fast::FastKey {}
     unsafe impl aya::Pod for super::fast::FastServerEntry {}
+    unsafe impl aya::Pod for super::fast::FastSettings {}
+    unsafe impl aya::Pod for super::fast::FastTuple {}
+    unsafe impl aya::Pod for super::fast::FastSock {}
+    unsafe impl aya::Pod for super::fast::FastPending {}
 }

@@ -332,6 +332,8 @@ pub async fn build(config: &Config) -> Result<Running> {
                 core.registry.clone(),
                 capture.take_closed_ring()?,
                 core.metrics.clone(),
+                crate::handshake::fast::FastPath::start(capture.ebpf_mut(), &config.handshake)?
+                    .map(Arc::new),
             )?;
             let rules = crate::handshake::prepare_rules(&config.handshake, &host.ports)?;
             // The rules in force first; only then may sk_lookup stop guarding the ports.

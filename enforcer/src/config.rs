@@ -90,6 +90,25 @@ pub struct HandshakeConfig {
     /// Benchmark baseline only: queue as usual but let every handshake through unverified,
     /// to measure what the queues themselves cost (`cargo xtask bench`). Never in production.
     pub pass_through: bool,
+    /// The in-kernel fast path (docs/handshake.md, "Fast path"): how long the pair secret a
+    /// full handshake agrees proves the same workloads' later connections in the kernel
+    /// (seconds); 0 turns the fast path off (every connection takes the full handshake).
+    pub fast_path_secs: u64,
+}
+
+impl HandshakeConfig {
+    /// `SO_MARK` of client sockets on the fast path: the handshake mark with its lowest
+    /// bit flipped, so that the queueing rules (which match the handshake mark exactly)
+    /// never see them.
+    pub fn fast_socket_mark(&self) -> u32 {
+        self.socket_mark ^ 1
+    }
+
+    /// Packet / connmark bit of a connection whose SYN (server) or SYN-ACK (client) the
+    /// kernel verified: the bit above `acked_bit`.
+    pub fn fast_bit(&self) -> u32 {
+        self.acked_bit << 1
+    }
 }
 
 impl Default for HandshakeConfig {
@@ -103,6 +122,7 @@ impl Default for HandshakeConfig {
             fail_open: false,
             key_reuse_ms: 1_000,
             pass_through: false,
+            fast_path_secs: 300,
         }
     }
 }

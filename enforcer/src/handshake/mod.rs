@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use crate::{config::Config, metrics::Metrics};
 
 mod closed;
+pub mod fast;
 mod lane;
 mod live;
 mod rules;
@@ -59,6 +60,7 @@ pub fn start(
     registry: Arc<ConnectionRegistry>,
     closed: RingBuf<MapData>,
     metrics: Arc<Metrics>,
+    fast: Option<Arc<fast::FastPath>>,
 ) -> Result<()> {
     let h = &config.handshake;
     let ss = tools()?.ss.clone();
@@ -71,7 +73,24 @@ pub fn start(
     let (live_tx, live_rx) = mpsc::channel(WATCH_QUEUE);
     let (closed_tx, closed_rx) = mpsc::channel(WATCH_QUEUE);
     tokio::spawn(closed::read_closed(closed, closed_tx));
-    tokio::spawn(live::watch(registry, live_rx, closed_rx, ss, metrics));
+    tokio::spawn(live::watch(
+        registry.clone(),
+        live_rx,
+        closed_rx,
+        ss,
+        metrics,
+    ));
+    if let Some(fast) = &fast {
+        fast.run_delayed()?;
+        // Revoked whenever a policy is replaced: each pair is allowed again by a full
+        // handshake under the new policy before the kernel proves it again.
+        let (fast, mut reloads) = (fast.clone(), registry.reloads());
+        tokio::spawn(async move {
+            while reloads.changed().await.is_ok() {
+                fast.revoke_all();
+            }
+        });
+    }
     let handler = if h.pass_through {
         tracing::warn!(
             "handshake.pass_through: every handshake passes UNVERIFIED (a benchmark baseline, never for production)"
@@ -90,12 +109,13 @@ pub fn start(
     ] {
         let (handler, sender) = (handler.clone(), sender.clone());
         let live_tx = live_tx.clone();
+        let fast = fast.clone();
         // Bind in the thread but report a failure to bind here, before we say ready.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                let result = worker(num, side, handler, sender, live_tx);
+                let result = worker(num, side, handler, sender, live_tx, fast);
                 if let Err(e) = &result {
                     tracing::error!(
                         queue = num,

@@ -71,6 +71,15 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<S
     let syn_bypass = if h.fail_open { " --queue-bypass" } else { "" };
     let (sm, pb, ab) = (h.socket_mark, h.proven_bit, h.acked_bit);
     let mut r = Vec::new();
+    // The fast path (docs/handshake.md): a SYN (server) or SYN-ACK (client) whose tag the
+    // tc verifier checked carries the fast bit and skips the queues; its connection is
+    // stamped below, so that the server's SYN-ACK is not queued either.
+    let fb = h.fast_bit();
+    if h.fast_path_secs != 0 {
+        r.push(format!(
+            "-t raw -A {raw} ! -i lo -p tcp -m mark --mark {fb:#x}/{fb:#x} -j RETURN"
+        ));
+    }
     // `-t TABLE -A CHAIN MATCHES` to the ingress queue, after its peers' twin.
     let mut to_ingress = |head: String, matches: String, bypass: &str| {
         r.push(format!(
@@ -117,6 +126,11 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<S
     r.push(format!(
         "-t mangle -A {input} -m mark --mark {pb:#x}/{pb:#x} -j CONNMARK --set-xmark {pb:#x}/{pb:#x}"
     ));
+    if h.fast_path_secs != 0 {
+        r.push(format!(
+            "-t mangle -A {input} -m mark --mark {fb:#x}/{fb:#x} -j CONNMARK --set-xmark {fb:#x}/{fb:#x}"
+        ));
+    }
     // A packet of a connection that has not proven itself (yet) goes to the engine, behind
     // the proof it may have overtaken in the queue (the same queue: all of a connection's
     // packets come from one source); the engine drops the rest.
@@ -150,6 +164,12 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<S
     r.push(format!(
         "-t mangle -A {output} -m mark --mark {ab:#x}/{ab:#x} -j CONNMARK --set-xmark {ab:#x}/{ab:#x}"
     ));
+    if h.fast_path_secs != 0 {
+        // The SYN-ACK answering a verified fast SYN: its tag is the kernel's to write.
+        r.push(format!(
+            "-t mangle -A {output} ! -o lo -p tcp --tcp-flags SYN,ACK SYN,ACK -m connmark --mark {fb:#x}/{fb:#x} -j RETURN"
+        ));
+    }
     for p in ports {
         r.push(format!(
             "-t mangle -A {output} ! -o lo -p tcp --sport {p} --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {egress}{syn_bypass}"

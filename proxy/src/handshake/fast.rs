@@ -11,6 +11,8 @@
 //! (and so the proof key) are reused within `key_reuse_ms`. Both ends compute it from what
 //! they already hold, so nothing is added to the handshake's messages; the key id is
 //! random-looking (a collision at a server only sends a pair back to the slow path).
+use std::net::SocketAddr;
+
 use ring::hmac;
 use zeroize::Zeroizing;
 
@@ -51,10 +53,20 @@ impl FastPair {
     }
 }
 
+/// A pair secret one end agreed, with what its kernel needs to use it.
+#[derive(Clone, Debug)]
+pub struct FastGrant {
+    pub pair: FastPair,
+    /// This end and the other, as the handshake's packets carried them.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Client end: the calling process's cgroup id and uid, as the connect hook saw them
+    /// (the key serves only them, towards `remote`). None at the server end.
+    pub caller: Option<(u64, u32)>,
+}
+
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
-
     use ring::rand::SystemRandom;
 
     use super::*;

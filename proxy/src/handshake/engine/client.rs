@@ -10,7 +10,7 @@ use crate::{
     code::Code,
     flow::{Direction, FlowTracker},
     handshake::{
-        fast::FastPair,
+        fast::{FastGrant, FastPair},
         message::Message,
         packet::{self, Segment},
         proof::{self, Ephemeral, Proof, ProofKey, PublicKey, Role, Transcript},
@@ -296,7 +296,12 @@ impl Engine {
             proof_sent: false,
         };
         let mut out = Outcome::rewrite(synack.clean).with_live(live);
-        out.fast = Some(FastPair::derive(&proof_key, &digest));
+        out.fast = Some(FastGrant {
+            pair: FastPair::derive(&proof_key, &digest),
+            local: seg.dst,
+            remote: seg.src,
+            caller: Some((captured.origin.cgroup_id, captured.origin.uid)),
+        });
         (out, Some(proven))
     }
 

@@ -110,7 +110,10 @@ fn honest_handshake_is_proven_at_both_ends_and_restores_every_packet() {
     // Both ends agree the fast path's pair secret, and nothing else hands one out.
     let fast_a = at_a.fast.clone().expect("client end: pair secret");
     let fast_b = at_b.fast.clone().expect("server end: pair secret");
-    assert_eq!(fast_a, fast_b);
+    assert_eq!(fast_a.pair, fast_b.pair);
+    assert_eq!((fast_a.local, fast_a.remote), (addr(C), addr(S)));
+    assert_eq!((fast_b.local, fast_b.remote), (addr(S), addr(C)));
+    assert!(fast_a.caller.is_some() && fast_b.caller.is_none());
     assert!(at_a_ack.fast.is_none() && behind.fast.is_none());
 }
 

@@ -1,0 +1,599 @@
+//! The handshake fast path in the kernel (issue 16 item 5; docs/handshake.md, "Fast path").
+//!
+//! After a full handshake between two workloads (through the NFQUEUE engine), both
+//! enforcers hold a pair secret (`FAST_CLIENT` at the client, by caller and destination;
+//! `FAST_SERVER` at the server, by key id). A later connection of the pair is proven here,
+//! without any trip through user space:
+//! * `capture_connect4/6` find the caller's key and mark the socket with the fast mark
+//!   (not the handshake mark: none of the queueing rules match it) and remember it by cookie;
+//! * `track_connect` (sock_ops) writes a kind-254 option with a SipHash tag on the SYN (over
+//!   both ends and the client's ISN), on the server's SYN-ACK (adding the server's ISN) and
+//!   on the client's first segments after it (over both ISNs);
+//! * `verify_fast` (tc ingress, before netfilter) checks the tags of arriving SYNs (server),
+//!   SYN-ACKs (client) and first ACKs (server) and sets mark bits the iptables rules use to
+//!   skip the queues. Anything that fails is left unmarked and goes to the queues as today,
+//!   where the engine refuses it with a flow record (`bad-proof`); a SYN-ACK that fails for a
+//!   connection whose SYN we tagged is dropped here (the engine has no state for it).
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_load_hdr_opt, bpf_reserve_hdr_opt, bpf_store_hdr_opt,
+    },
+    macros::{classifier, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
+};
+use tessera_common::{
+    AF_INET, AF_INET6,
+    fast::{
+        FAST_CLIENT_ENTRIES, FAST_EXID, FAST_OPT_KIND, FAST_OPT_LEN, FAST_PENDING_ENTRIES,
+        FAST_SERVER_ENTRIES, FastClientKey, FastKey, FastPending, FastServerEntry, FastSettings,
+        FastSock, FastTuple, LABEL_ACK, LABEL_SYN, LABEL_SYNACK, STAT_ACK_OK, STAT_FAILED,
+        STAT_SYN_OK, STAT_SYNACK_DROPPED, STAT_SYNACK_OK, STATS, TagInput, encode_option,
+        find_option_in,
+    },
+};
+
+#[map(name = "TESSERA_FAST_SETTINGS")]
+static FAST_SETTINGS: Array<FastSettings> = Array::with_max_entries(1, 0);
+
+/// Client end: pair secrets by (caller's cgroup, uid, destination).
+#[map(name = "TESSERA_FAST_CLIENT")]
+static FAST_CLIENT: HashMap<FastClientKey, FastKey> =
+    HashMap::with_max_entries(FAST_CLIENT_ENTRIES, 0);
+
+/// Server end: pair secrets by key id.
+#[map(name = "TESSERA_FAST_SERVER")]
+static FAST_SERVER: HashMap<u32, FastServerEntry> =
+    HashMap::with_max_entries(FAST_SERVER_ENTRIES, 0);
+
+/// Client sockets on the fast path, by cookie, until their first segments are tagged.
+#[map(name = "TESSERA_FAST_SOCKS")]
+static FAST_SOCKS: LruHashMap<u64, FastSock> =
+    LruHashMap::with_max_entries(FAST_PENDING_ENTRIES, 0);
+
+/// Client connections whose SYN went out tagged, by 4-tuple (local first), for `verify_fast`
+/// to check their SYN-ACK.
+#[map(name = "TESSERA_FAST_PENDING")]
+static FAST_PENDING: LruHashMap<FastTuple, FastPending> =
+    LruHashMap::with_max_entries(FAST_PENDING_ENTRIES, 0);
+
+/// Server end: the ISNs of each SYN-ACK written for a fast SYN, by 4-tuple (local first),
+/// until the client's tagged ACK: a tag is accepted only over the server's *current* ISN,
+/// so an ACK replayed from an earlier connection of the same 4-tuple never proves a new one.
+#[map(name = "TESSERA_FAST_SYNACKS")]
+static FAST_SYNACKS: LruHashMap<FastTuple, [u32; 2]> =
+    LruHashMap::with_max_entries(FAST_PENDING_ENTRIES, 0);
+
+/// Counters per CPU ([`STATS`] of them): what the fast path verified and refused.
+#[map(name = "TESSERA_FAST_STATS")]
+static FAST_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS, 0);
+
+pub(super) const WRITE_HDR_OPT_CB_FLAG: i32 = 1 << 6;
+const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
+const BPF_SOCK_OPS_HDR_OPT_LEN_CB: u32 = 14;
+const BPF_SOCK_OPS_WRITE_HDR_OPT_CB: u32 = 15;
+const BPF_LOAD_HDR_OPT_TCP_SYN: u64 = 1;
+const TCP_FLAG_SYN: u32 = 0x02;
+const TCP_FLAG_RST: u32 = 0x04;
+const TCP_FLAG_ACK: u32 = 0x10;
+/// Segments of a client connection tagged at most after its SYN (the first ACK and its
+/// retransmissions, or the first data segment if that ACK was lost).
+const MAX_TAGGED: u32 = 4;
+
+fn count(stat: u32) {
+    if let Some(p) = FAST_STATS.get_ptr_mut(stat) {
+        // SAFETY: a pointer into this CPU's slot of a per-CPU array.
+        unsafe { *p += 1 };
+    }
+}
+
+pub(super) fn settings() -> Option<FastSettings> {
+    let s = *FAST_SETTINGS.get(0)?;
+    (s.socket_mark != 0).then_some(s)
+}
+
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Connect hook, handshake mode: the socket's fast mark if the caller holds a live pair
+/// secret for this destination (the socket then never meets the queues), else None.
+pub(super) fn client_mark(
+    ctx: &SockAddrContext,
+    addr: [u32; 4],
+    port: u16,
+    family: u16,
+) -> Option<u32> {
+    let s = settings()?;
+    // SAFETY: plain helpers valid in cgroup/connect programs.
+    let (cgroup_id, uid) = unsafe {
+        (
+            bpf_get_current_cgroup_id(),
+            bpf_get_current_uid_gid() as u32,
+        )
+    };
+    let key = FastClientKey {
+        cgroup_id,
+        uid,
+        family,
+        port,
+        addr,
+    };
+    // SAFETY: the value is copied out at once.
+    let k = unsafe { FAST_CLIENT.get(&key) }.copied()?;
+    if k.expires_ns <= now() {
+        let _ = FAST_CLIENT.remove(&key);
+        return None;
+    }
+    // SAFETY: valid helper for cgroup/connect programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let sock = FastSock {
+        key: k,
+        client: key,
+        client_isn: 0,
+        tagged: 0,
+    };
+    FAST_SOCKS.insert(&cookie, &sock, 0).ok()?;
+    Some(s.socket_mark)
+}
+
+/// The socket's own addresses (IPv4-mapped as IPv4), local first.
+fn tuple(ctx: &SockOpsContext) -> FastTuple {
+    let (local, remote, family) = if ctx.family() == u32::from(AF_INET) {
+        (
+            [ctx.local_ip4(), 0, 0, 0],
+            [ctx.remote_ip4(), 0, 0, 0],
+            AF_INET,
+        )
+    } else {
+        let (l, family) = super::unmapped(ctx.local_ip6());
+        (l, super::unmapped(ctx.remote_ip6()).0, family)
+    };
+    FastTuple {
+        local,
+        remote,
+        local_port: ctx.local_port() as u16,
+        remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+        family,
+        _pad: 0,
+    }
+}
+
+/// The outgoing segment's sequence and acknowledgment numbers (WRITE_HDR_OPT_CB: the
+/// header is written before the callback).
+fn seq_ack(ctx: &SockOpsContext) -> Option<(u32, u32)> {
+    // SAFETY: packet pointers of the sock_ops context, bounds-checked before the reads.
+    unsafe {
+        let data = (*ctx.ops).__bindgen_anon_3.skb_data as usize;
+        let end = (*ctx.ops).__bindgen_anon_4.skb_data_end as usize;
+        if data + 12 > end {
+            return None;
+        }
+        let seq = u32::from_be(core::ptr::read_unaligned((data + 4) as *const u32));
+        let ack = u32::from_be(core::ptr::read_unaligned((data + 8) as *const u32));
+        Some((seq, ack))
+    }
+}
+
+/// The SYN's fast option, read while answering it (SYN-ACK callbacks).
+fn syn_option(ctx: &SockOpsContext) -> Option<(u32, u64)> {
+    let mut o = [0u8; FAST_OPT_LEN as usize];
+    o[0] = FAST_OPT_KIND;
+    o[1] = 4;
+    let exid = FAST_EXID.to_be_bytes();
+    o[2] = exid[0];
+    o[3] = exid[1];
+    // SAFETY: the buffer lives on our stack, `len` is its size.
+    let rc = unsafe {
+        bpf_load_hdr_opt(
+            ctx.ops,
+            o.as_mut_ptr() as *mut core::ffi::c_void,
+            FAST_OPT_LEN as u32,
+            BPF_LOAD_HDR_OPT_TCP_SYN,
+        )
+    };
+    if rc != FAST_OPT_LEN as i64 {
+        return None;
+    }
+    tessera_common::fast::decode_option(&o)
+}
+
+fn store(ctx: &SockOpsContext, key_id: u32, tag: u64) {
+    let o = encode_option(key_id, tag);
+    // SAFETY: the option lives on our stack.
+    unsafe {
+        bpf_store_hdr_opt(
+            ctx.ops,
+            o.as_ptr() as *const core::ffi::c_void,
+            FAST_OPT_LEN as u32,
+            0,
+        )
+    };
+}
+
+fn reserve(ctx: &SockOpsContext) {
+    // SAFETY: valid in HDR_OPT_LEN_CB.
+    unsafe { bpf_reserve_hdr_opt(ctx.ops, FAST_OPT_LEN as u32, 0) };
+}
+
+fn stop_tagging(ctx: &SockOpsContext, cookie: u64) {
+    let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 & !WRITE_HDR_OPT_CB_FLAG);
+    let _ = FAST_SOCKS.remove(&cookie);
+}
+
+/// sock_ops callbacks of the fast path (handshake mode). Returns whether it handled `op`.
+pub(super) fn sock_ops(ctx: &SockOpsContext, op: u32) -> bool {
+    match op {
+        super::BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // SAFETY: valid helper for sock_ops programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: lookup only.
+            if unsafe { FAST_SOCKS.get(&cookie) }.is_some() {
+                let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | WRITE_HDR_OPT_CB_FLAG);
+            }
+            false
+        }
+        BPF_SOCK_OPS_TCP_LISTEN_CB => {
+            if settings().is_some() {
+                let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | WRITE_HDR_OPT_CB_FLAG);
+            }
+            true
+        }
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB | BPF_SOCK_OPS_WRITE_HDR_OPT_CB => {
+            // SAFETY: a field of the context every sock_ops program may read.
+            let flags = unsafe { (*ctx.ops).skb_tcp_flags };
+            let write = op == BPF_SOCK_OPS_WRITE_HDR_OPT_CB;
+            if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK {
+                server_synack(ctx, write);
+            } else {
+                client_segment(ctx, flags, write);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The server's SYN-ACK answering a fast SYN: tagged over both ISNs.
+fn server_synack(ctx: &SockOpsContext, write: bool) {
+    if ctx.arg(0) & 2 != 0 {
+        // A syncookie SYN-ACK: no state to come back to; the slow path decides.
+        return;
+    }
+    let Some((key_id, _)) = syn_option(ctx) else {
+        return;
+    };
+    // SAFETY: copied out at once.
+    let Some(e) = (unsafe { FAST_SERVER.get(&key_id) }).copied() else {
+        return;
+    };
+    if !write {
+        reserve(ctx);
+        return;
+    }
+    let Some((server_isn, ack)) = seq_ack(ctx) else {
+        return;
+    };
+    let t = tuple(ctx);
+    let input = TagInput {
+        label: LABEL_SYNACK,
+        epoch: e.key.epoch,
+        key_id,
+        client: t.remote,
+        server: t.local,
+        client_port: t.remote_port,
+        server_port: t.local_port,
+        family: t.family,
+        client_isn: ack.wrapping_sub(1),
+        server_isn,
+    };
+    let _ = FAST_SYNACKS.insert(&t, &[input.client_isn, server_isn], 0);
+    store(ctx, key_id, input.tag(&e.key.secret));
+}
+
+/// A client socket on the fast path: its SYN, then its first segments after the SYN-ACK.
+fn client_segment(ctx: &SockOpsContext, flags: u32, write: bool) {
+    // SAFETY: valid helper for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(sock) = FAST_SOCKS.get_ptr_mut(&cookie) else {
+        // A server's child (it inherits the listener's flags) or a finished client.
+        let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 & !WRITE_HDR_OPT_CB_FLAG);
+        return;
+    };
+    // SAFETY: an LRU map value, ours while this callback runs on the locked socket.
+    let sock = unsafe { &mut *sock };
+    let syn = flags & TCP_FLAG_SYN != 0;
+    if !write {
+        // SAFETY: a field readable from any sock_ops program on a full socket.
+        let snd_nxt = unsafe { (*ctx.ops).snd_nxt };
+        if syn
+            || (sock.client_isn != 0
+                && snd_nxt == sock.client_isn.wrapping_add(1)
+                && sock.tagged < MAX_TAGGED)
+        {
+            reserve(ctx);
+        } else if !syn && sock.client_isn != 0 {
+            stop_tagging(ctx, cookie);
+        }
+        return;
+    }
+    let Some((seq, ack)) = seq_ack(ctx) else {
+        return;
+    };
+    let t = tuple(ctx);
+    let mut input = TagInput {
+        label: LABEL_SYN,
+        epoch: sock.key.epoch,
+        key_id: sock.key.key_id,
+        client: t.local,
+        server: t.remote,
+        client_port: t.local_port,
+        server_port: t.remote_port,
+        family: t.family,
+        client_isn: seq,
+        server_isn: 0,
+    };
+    if syn {
+        sock.client_isn = seq;
+        let pending = FastPending {
+            key: sock.key,
+            client: sock.client,
+            client_isn: seq,
+            _pad: 0,
+        };
+        let _ = FAST_PENDING.insert(&t, &pending, 0);
+    } else {
+        if flags & TCP_FLAG_ACK == 0 || seq != sock.client_isn.wrapping_add(1) {
+            return;
+        }
+        input.label = LABEL_ACK;
+        input.client_isn = seq.wrapping_sub(1);
+        input.server_isn = ack.wrapping_sub(1);
+        sock.tagged += 1;
+        let _ = FAST_PENDING.remove(&t);
+    }
+    store(ctx, sock.key.key_id, input.tag(&sock.key.secret));
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+
+/// What `verify_fast` reads of a TCP segment.
+struct Seg {
+    src: [u32; 4],
+    dst: [u32; 4],
+    family: u16,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u32,
+    opt: Option<(u32, u64)>,
+}
+
+fn parse(ctx: &TcContext) -> Option<Seg> {
+    let proto: u16 = u16::from_be(ctx.load(12).ok()?);
+    let (src, dst, family, l4) = if proto == ETH_P_IP {
+        let vhl: u8 = ctx.load(ETH_HLEN).ok()?;
+        let p: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+        if p != IPPROTO_TCP {
+            return None;
+        }
+        let s: u32 = ctx.load(ETH_HLEN + 12).ok()?;
+        let d: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+        (
+            [s, 0, 0, 0],
+            [d, 0, 0, 0],
+            AF_INET,
+            ETH_HLEN + ((vhl & 0x0f) as usize) * 4,
+        )
+    } else if proto == ETH_P_IPV6 {
+        let next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+        if next != IPPROTO_TCP {
+            return None;
+        }
+        let s: [u32; 4] = ctx.load(ETH_HLEN + 8).ok()?;
+        let d: [u32; 4] = ctx.load(ETH_HLEN + 24).ok()?;
+        (s, d, AF_INET6, ETH_HLEN + 40)
+    } else {
+        return None;
+    };
+    let sport = u16::from_be(ctx.load(l4).ok()?);
+    let dport = u16::from_be(ctx.load(l4 + 2).ok()?);
+    let seq = u32::from_be(ctx.load(l4 + 4).ok()?);
+    let ack = u32::from_be(ctx.load(l4 + 8).ok()?);
+    let off: u8 = ctx.load(l4 + 12).ok()?;
+    let flags: u8 = ctx.load(l4 + 13).ok()?;
+    let opt_len = ((off >> 4) as usize * 4).saturating_sub(20);
+    // 64 bytes, the length masked to 6 bits after a volatile read: the verifier then
+    // knows the helper's length is within the buffer, whatever the compiler did with the
+    // arithmetic before.
+    let mut opts = [0u8; 64];
+    let opt_len = opt_len as u32;
+    // SAFETY: a read of a local.
+    let opt_len = (unsafe { core::ptr::read_volatile(&opt_len) } & 0x3f) as usize;
+    let opt = if opt_len >= FAST_OPT_LEN as usize {
+        // SAFETY: the buffer lives on our stack; `opt_len` is within its 64 bytes.
+        let rc = unsafe {
+            aya_ebpf::helpers::bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                (l4 + 20) as u32,
+                opts.as_mut_ptr() as *mut core::ffi::c_void,
+                opt_len as u32,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        find_option_in(&opts, opt_len)
+    } else {
+        None
+    };
+    Some(Seg {
+        src,
+        dst,
+        family,
+        sport,
+        dport,
+        seq,
+        ack,
+        flags: flags as u32,
+        opt,
+    })
+}
+
+fn set_mark(ctx: &TcContext, bits: u32) {
+    // SAFETY: reading the context's mark.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | bits);
+}
+
+/// tc ingress on the host's interfaces: the fast path's proofs, before netfilter.
+#[classifier]
+pub fn verify_fast(ctx: TcContext) -> i32 {
+    let Some(s) = settings() else {
+        return TC_ACT_OK as i32;
+    };
+    let Some(seg) = parse(&ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    let syn = seg.flags & TCP_FLAG_SYN != 0;
+    let ackf = seg.flags & TCP_FLAG_ACK != 0;
+    if seg.flags & TCP_FLAG_RST != 0 {
+        // A reset for a connection whose SYN we tagged: the server has no key for it (it
+        // restarted, or the key expired there). Forget ours: the next connection takes the
+        // full handshake.
+        let t = FastTuple {
+            local: seg.dst,
+            remote: seg.src,
+            local_port: seg.dport,
+            remote_port: seg.sport,
+            family: seg.family,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once.
+        if let Some(p) = unsafe { FAST_PENDING.get(&t) }.copied() {
+            let _ = FAST_CLIENT.remove(&p.client);
+            let _ = FAST_PENDING.remove(&t);
+        }
+        return TC_ACT_OK as i32;
+    }
+    if syn && ackf {
+        // Client end: the answer to a SYN we tagged must carry the server's tag.
+        let t = FastTuple {
+            local: seg.dst,
+            remote: seg.src,
+            local_port: seg.dport,
+            remote_port: seg.sport,
+            family: seg.family,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once.
+        let Some(p) = (unsafe { FAST_PENDING.get(&t) }).copied() else {
+            return TC_ACT_OK as i32;
+        };
+        let ok = match seg.opt {
+            Some((key_id, tag))
+                if key_id == p.key.key_id && seg.ack == p.client_isn.wrapping_add(1) =>
+            {
+                let input = TagInput {
+                    label: LABEL_SYNACK,
+                    epoch: p.key.epoch,
+                    key_id,
+                    client: seg.dst,
+                    server: seg.src,
+                    client_port: seg.dport,
+                    server_port: seg.sport,
+                    family: seg.family,
+                    client_isn: p.client_isn,
+                    server_isn: seg.seq,
+                };
+                input.tag(&p.key.secret) == tag
+            }
+            _ => false,
+        };
+        if ok {
+            count(STAT_SYNACK_OK);
+            set_mark(&ctx, s.fast_bit);
+            return TC_ACT_OK as i32;
+        }
+        // Not proven: dropped (the engine holds no state for this connection). A server
+        // that cannot tag (a listener older than the enforcer) costs this one connection:
+        // the key is forgotten and the next connection takes the full handshake.
+        count(STAT_SYNACK_DROPPED);
+        let _ = FAST_CLIENT.remove(&p.client);
+        return TC_ACT_SHOT as i32;
+    }
+    let Some((key_id, tag)) = seg.opt else {
+        return TC_ACT_OK as i32;
+    };
+    // Server end: a SYN or the client's first segments.
+    // SAFETY: copied out at once.
+    let Some(e) = (unsafe { FAST_SERVER.get(&key_id) }).copied() else {
+        count(STAT_FAILED);
+        return TC_ACT_OK as i32;
+    };
+    if e.key.expires_ns <= now()
+        || e.family != seg.family
+        || e.server_port != seg.dport
+        || e.client != seg.src
+    {
+        count(STAT_FAILED);
+        return TC_ACT_OK as i32;
+    }
+    let mut input = TagInput {
+        label: LABEL_SYN,
+        epoch: e.key.epoch,
+        key_id,
+        client: seg.src,
+        server: seg.dst,
+        client_port: seg.sport,
+        server_port: seg.dport,
+        family: seg.family,
+        client_isn: seg.seq,
+        server_isn: 0,
+    };
+    let t = FastTuple {
+        local: seg.dst,
+        remote: seg.src,
+        local_port: seg.dport,
+        remote_port: seg.sport,
+        family: seg.family,
+        _pad: 0,
+    };
+    let bit = if syn {
+        s.fast_bit
+    } else if ackf {
+        // Only over the ISNs of the SYN-ACK this host sent for the 4-tuple.
+        // SAFETY: copied out at once.
+        let Some([client_isn, server_isn]) = (unsafe { FAST_SYNACKS.get(&t) }).copied() else {
+            return TC_ACT_OK as i32;
+        };
+        if seg.seq != client_isn.wrapping_add(1) || seg.ack != server_isn.wrapping_add(1) {
+            count(STAT_FAILED);
+            return TC_ACT_OK as i32;
+        }
+        input.label = LABEL_ACK;
+        input.client_isn = client_isn;
+        input.server_isn = server_isn;
+        s.proven_bit
+    } else {
+        return TC_ACT_OK as i32;
+    };
+    if input.tag(&e.key.secret) == tag {
+        count(if syn { STAT_SYN_OK } else { STAT_ACK_OK });
+        if !syn {
+            let _ = FAST_SYNACKS.remove(&t);
+        }
+        set_mark(&ctx, bit);
+    } else {
+        count(STAT_FAILED);
+    }
+    TC_ACT_OK as i32
+}

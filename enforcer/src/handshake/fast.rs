@@ -1,0 +1,234 @@
+//! The handshake fast path, user-space half (issue 16 item 5; docs/handshake.md, "Fast
+//! path"): turns it on in the kernel (settings, the tc verifier on the host's interfaces),
+//! installs the pair secret each completed full handshake agrees, at both ends, and
+//! revokes them all when policy is replaced.
+//!
+//! The kernel half (`ebpf/src/programs/fast.rs`) proves later connections of the same pair
+//! with a SipHash tag in a TCP option and never asks user space; what it cannot prove goes
+//! to the NFQUEUE engine as before.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData},
+    programs::{SchedClassifier, TcAttachType},
+};
+use tessera_common::{
+    AF_INET, AF_INET6,
+    fast::{FastClientKey, FastKey, FastServerEntry, FastSettings},
+    names,
+};
+use tessera_proxy::handshake::fast::FastGrant;
+
+use super::closed::monotonic_ns;
+use crate::config::HandshakeConfig;
+
+/// The fast path's maps, shared by the NFQUEUE workers (installing) and the reload watch
+/// (revoking).
+pub struct FastPath {
+    client: Mutex<HashMap<MapData, FastClientKey, FastKey>>,
+    server: Mutex<HashMap<MapData, u32, FastServerEntry>>,
+    lifetime: Duration,
+    /// Policy replacements seen: a grant decided before one is never installed after it.
+    generation: AtomicU64,
+    /// Client grants waiting for [`CLIENT_DELAY`].
+    delayed: Mutex<Option<mpsc::Sender<(Instant, u64, FastGrant)>>>,
+}
+
+/// How long a client end waits before it uses a new pair secret: the server end installs
+/// its own when the client's proof (the first ACK) arrives, half a round trip and a queue
+/// later; a fast SYN that overtook it would be refused (and cost a connection).
+const CLIENT_DELAY: Duration = Duration::from_millis(100);
+
+/// An address as the programs store it: network byte order in each u32, IPv4 (also
+/// IPv4-mapped) in `[0]`.
+fn kernel_addr(a: &SocketAddr) -> ([u32; 4], u16) {
+    match a.ip().to_canonical() {
+        std::net::IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], AF_INET),
+        std::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes(o[i..i + 4].try_into().expect("4 bytes"));
+            ([w(0), w(4), w(8), w(12)], AF_INET6)
+        }
+    }
+}
+
+/// The host's interfaces the verifier runs on: all but loopback (connections over `lo`
+/// never reach a workload port in handshake mode). Asked of the kernel (`if_nameindex`),
+/// so it is this network namespace's list whatever /sys shows.
+fn interfaces() -> Result<Vec<String>> {
+    let list = nix::net::if_::if_nameindex().context("listing the network interfaces")?;
+    let mut out: Vec<String> = list
+        .iter()
+        .map(|i| i.name().to_string_lossy().into_owned())
+        .filter(|n| n != "lo")
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+impl FastPath {
+    /// Turns the fast path on: its settings, the tc verifier on every interface but `lo`
+    /// (links held by the loaded object: they go when the enforcer exits), and the maps.
+    /// None when `[handshake] fast_path_secs = 0`.
+    pub fn start(ebpf: &mut Ebpf, h: &HandshakeConfig) -> Result<Option<Self>> {
+        if h.fast_path_secs == 0 {
+            return Ok(None);
+        }
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(names::PROG_VERIFY_FAST)
+            .context("the fast path's tc program")?
+            .try_into()?;
+        prog.load().context("loading the fast path's tc program")?;
+        for iface in interfaces()? {
+            prog.attach(&iface, TcAttachType::Ingress)
+                .with_context(|| format!("attaching the fast path's verifier to {iface}"))?;
+            tracing::debug!(interface = iface, "fast path verifier attached");
+        }
+        let mut settings: Array<_, FastSettings> = Array::try_from(
+            ebpf.map_mut(names::FAST_SETTINGS)
+                .context("fast path settings map")?,
+        )?;
+        settings.set(
+            0,
+            FastSettings {
+                socket_mark: h.fast_socket_mark(),
+                fast_bit: h.fast_bit(),
+                proven_bit: h.proven_bit,
+                _pad: 0,
+            },
+            0,
+        )?;
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name).with_context(|| format!("map {name}"))
+        };
+        Ok(Some(Self {
+            client: Mutex::new(HashMap::try_from(take(ebpf, names::FAST_CLIENT)?)?),
+            server: Mutex::new(HashMap::try_from(take(ebpf, names::FAST_SERVER)?)?),
+            lifetime: Duration::from_secs(h.fast_path_secs),
+            generation: AtomicU64::new(0),
+            delayed: Mutex::new(None),
+        }))
+    }
+
+    /// Starts the thread that installs client grants once [`CLIENT_DELAY`] passed.
+    pub fn run_delayed(self: &Arc<Self>) -> Result<()> {
+        let (tx, rx) = mpsc::channel::<(Instant, u64, FastGrant)>();
+        *lock(&self.delayed) = Some(tx);
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name("tessera-fast".into())
+            .spawn(move || {
+                // FIFO with one delay: due times only grow.
+                for (due, generation, grant) in rx {
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    this.install(&grant, generation);
+                }
+            })?;
+        Ok(())
+    }
+
+    /// A pair secret a full handshake just agreed (called by the NFQUEUE workers right after
+    /// the handshake's decision): the server end's now, the client end's after
+    /// [`CLIENT_DELAY`].
+    pub fn grant(&self, grant: FastGrant) {
+        let generation = self.generation.load(Ordering::SeqCst);
+        if grant.caller.is_none() {
+            self.install(&grant, generation);
+            return;
+        }
+        if let Some(tx) = lock(&self.delayed).as_ref() {
+            let _ = tx.send((Instant::now() + CLIENT_DELAY, generation, grant));
+        }
+    }
+
+    /// Installs the pair secret of a completed full handshake at this end, unless policy
+    /// was replaced since it was decided (`generation`).
+    fn install(&self, grant: &FastGrant, generation: u64) {
+        let key = FastKey {
+            secret: grant.pair.secret,
+            key_id: grant.pair.key_id,
+            epoch: 1,
+            expires_ns: monotonic_ns().saturating_add(self.lifetime.as_nanos() as u64),
+        };
+        let (remote, family) = kernel_addr(&grant.remote);
+        // Checked under the map's lock, which revocation takes too.
+        let result = match grant.caller {
+            Some((cgroup_id, uid)) => {
+                let k = FastClientKey {
+                    cgroup_id,
+                    uid,
+                    family,
+                    port: grant.remote.port(),
+                    addr: remote,
+                };
+                let mut client = lock(&self.client);
+                if self.generation.load(Ordering::SeqCst) != generation {
+                    return;
+                }
+                client.insert(k, key, 0)
+            }
+            None => {
+                let e = FastServerEntry {
+                    key,
+                    client: remote,
+                    server_port: grant.local.port(),
+                    family,
+                    _pad: 0,
+                };
+                let mut server = lock(&self.server);
+                if self.generation.load(Ordering::SeqCst) != generation {
+                    return;
+                }
+                server.insert(grant.pair.key_id, e, 0)
+            }
+        };
+        match result {
+            Ok(()) => tracing::debug!(
+                key_id = grant.pair.key_id,
+                local = %grant.local,
+                remote = %grant.remote,
+                client = grant.caller.is_some(),
+                "fast path key installed"
+            ),
+            // A full map: this pair stays on the full handshake.
+            Err(e) => tracing::debug!(error = %e, "fast path key not installed"),
+        }
+    }
+
+    /// Forgets every pair secret (a policy was replaced: each pair must be allowed again by
+    /// a full handshake under it).
+    pub fn revoke_all(&self) {
+        let mut n = 0usize;
+        {
+            let mut client = lock(&self.client);
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            let keys: Vec<_> = client.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                n += usize::from(client.remove(&k).is_ok());
+            }
+        }
+        {
+            let mut server = lock(&self.server);
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            let keys: Vec<_> = server.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                n += usize::from(server.remove(&k).is_ok());
+            }
+        }
+        tracing::info!(revoked = n, "policy replaced: fast path keys revoked");
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
