@@ -312,6 +312,23 @@ pub struct FastPending {
     pub _pad: u32,
 }
 
+/// A connection the fast path let through, reported when it is established (client:
+/// `ACTIVE_ESTABLISHED`; server: `PASSIVE_ESTABLISHED`) in the `TESSERA_FAST_EVENTS` ring,
+/// so that the enforcer records and watches it like a connection of the full handshake.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastConn {
+    pub tuple: FastTuple,
+    pub key_id: u32,
+    /// 1 at the server end, 0 at the client end.
+    pub server: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when it was established.
+    pub at_ns: u64,
+}
+
+/// Size of the fast path's event ring (bytes; a power of two, whole pages).
+pub const FAST_EVENTS_BYTES: u32 = 1 << 20;
+
 /// Indexes of the fast path's counters (`TESSERA_FAST_STATS`).
 pub const STAT_SYN_OK: u32 = 0;
 pub const STAT_SYNACK_OK: u32 = 1;

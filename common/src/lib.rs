@@ -38,6 +38,7 @@ pub mod names {
     pub const FAST_CLIENT: &str = "TESSERA_FAST_CLIENT";
     pub const FAST_SERVER: &str = "TESSERA_FAST_SERVER";
     pub const FAST_STATS: &str = "TESSERA_FAST_STATS";
+    pub const FAST_EVENTS: &str = "TESSERA_FAST_EVENTS";
     pub const PROG_VERIFY_FAST: &str = "verify_fast";
 }
 
@@ -290,4 +291,5 @@ mod pod {
     unsafe impl aya::Pod for super::fast::FastTuple {}
     unsafe impl aya::Pod for super::fast::FastSock {}
     unsafe impl aya::Pod for super::fast::FastPending {}
+    unsafe impl aya::Pod for super::fast::FastConn {}
 }

@@ -6,7 +6,7 @@
 //! keys) goes to the engine, which refuses it with its flow record.
 use std::{fs, time::Duration};
 
-use tessera_proxy::flow::{FlowRecord, Mode, Verdict};
+use tessera_proxy::flow::{Direction, FlowRecord, Mode, Verdict};
 use tessera_tests::{EnforcerOptions, TestNet};
 
 const INDEX: &str = "http://10.77.0.2:8080/index.bin";
@@ -51,8 +51,15 @@ fn queued(net: &TestNet, host: &str) -> u64 {
         .sum()
 }
 
-/// curl from web; the body it received.
-fn fetch(net: &TestNet) -> Option<Vec<u8>> {
+/// What one curl from web did: the body received, and the bytes it sent and received on
+/// its connection (request; headers and body).
+struct Fetched {
+    body: Vec<u8>,
+    request: u64,
+    response: u64,
+}
+
+fn fetch(net: &TestNet) -> Option<Fetched> {
     let body = net.dir.join("body.bin");
     let _ = fs::remove_file(&body);
     let out = net
@@ -67,25 +74,39 @@ fn fetch(net: &TestNet) -> Option<Vec<u8>> {
                 "--fail",
                 "-o",
                 body.to_str().unwrap(),
+                "-w",
+                "%{size_request} %{size_header} %{size_download}",
                 INDEX,
             ],
             Duration::from_secs(30),
         )
         .unwrap();
-    out.status.success().then(|| fs::read(&body).unwrap())
+    if !out.status.success() {
+        return None;
+    }
+    let sizes: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    Some(Fetched {
+        body: fs::read(&body).unwrap(),
+        request: sizes[0],
+        response: sizes[1] + sizes[2],
+    })
 }
 
 /// Fetches until one connection goes through without a single packet in either host's
 /// queues (the client end installs its key 100 ms after the first handshake); at most 10 s.
-fn fetch_on_fast_path(net: &TestNet, content: &[u8]) {
+/// Returns that fetch.
+fn fetch_on_fast_path(net: &TestNet, content: &[u8]) -> Fetched {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let before = (queued(net, "host-a"), queued(net, "host-b"));
-        let body = fetch(net).expect("a fetch after the first handshake failed");
-        assert!(body == content, "the application received other bytes");
+        let f = fetch(net).expect("a fetch after the first handshake failed");
+        assert!(f.body == content, "the application received other bytes");
         let after = (queued(net, "host-a"), queued(net, "host-b"));
         if before == after {
-            return;
+            return f;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -93,6 +114,15 @@ fn fetch_on_fast_path(net: &TestNet, content: &[u8]) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The fast path's flow record at `host` (its reason says so), once written.
+fn fast_flow(net: &TestNet, host: &str) -> FlowRecord {
+    net.wait_flows(net.host(host), 1, |f| {
+        f.mode == Mode::Handshake && f.reason.contains("kernel fast path")
+    })
+    .pop()
+    .unwrap_or_else(|| panic!("no fast path flow on {host}: {:#?}", flows(net, host)))
 }
 
 fn flows(net: &TestNet, host: &str) -> Vec<FlowRecord> {
@@ -107,14 +137,28 @@ fn a_second_connection_of_a_pair_is_proven_in_the_kernel_without_the_queues() {
     let (net, content) = hosts();
     let before = (queued(&net, "host-a"), queued(&net, "host-b"));
     // The first connection takes the full handshake, through both hosts' queues.
-    let body = fetch(&net).expect("first fetch");
-    assert!(body == content);
+    let first = fetch(&net).expect("first fetch");
+    assert!(first.body == content);
     let after = (queued(&net, "host-a"), queued(&net, "host-b"));
     assert!(
         after.0 > before.0 && after.1 > before.1,
         "the first handshake was queued at both ends: {before:?} -> {after:?}"
     );
-    fetch_on_fast_path(&net, &content);
+    let fast = fetch_on_fast_path(&net, &content);
+    // Its records, at both ends, as exact as the full handshake's: identities from the
+    // pair's handshake, payload bytes from each kernel, exactly what curl counted.
+    let (out_flow, in_flow) = (fast_flow(&net, "host-a"), fast_flow(&net, "host-b"));
+    assert_eq!(out_flow.direction, Direction::Outbound, "{out_flow:?}");
+    assert_eq!(in_flow.direction, Direction::Inbound, "{in_flow:?}");
+    for f in [&out_flow, &in_flow] {
+        assert_eq!(f.verdict, Verdict::Allowed, "{f:?}");
+        assert_eq!(f.src.workload.as_deref(), Some("web"), "{f:?}");
+        assert_eq!(f.dst.workload.as_deref(), Some("api"), "{f:?}");
+        assert_eq!(f.dst.addr.to_string(), "10.77.0.2:8080", "{f:?}");
+        assert_eq!(f.bytes_sent, fast.request, "{f:?}");
+        assert_eq!(f.bytes_received, fast.response, "{f:?}");
+    }
+    assert_eq!(out_flow.src.addr, in_flow.src.addr, "the same connection");
     // Nothing refused on the way.
     for host in ["host-a", "host-b"] {
         let denied: Vec<_> = flows(&net, host)

@@ -22,17 +22,17 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_load_hdr_opt, bpf_reserve_hdr_opt, bpf_store_hdr_opt,
     },
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use tessera_common::{
     AF_INET, AF_INET6,
     fast::{
-        FAST_CLIENT_ENTRIES, FAST_EXID, FAST_OPT_KIND, FAST_OPT_LEN, FAST_PENDING_ENTRIES,
-        FAST_SERVER_ENTRIES, FastClientKey, FastKey, FastPending, FastServerEntry, FastSettings,
-        FastSock, FastTuple, LABEL_ACK, LABEL_SYN, LABEL_SYNACK, STAT_ACK_OK, STAT_FAILED,
-        STAT_SYN_OK, STAT_SYNACK_DROPPED, STAT_SYNACK_OK, STATS, TagInput, encode_option,
-        find_option_in,
+        FAST_CLIENT_ENTRIES, FAST_EVENTS_BYTES, FAST_EXID, FAST_OPT_KIND, FAST_OPT_LEN,
+        FAST_PENDING_ENTRIES, FAST_SERVER_ENTRIES, FastClientKey, FastConn, FastKey, FastPending,
+        FastServerEntry, FastSettings, FastSock, FastTuple, LABEL_ACK, LABEL_SYN, LABEL_SYNACK,
+        STAT_ACK_OK, STAT_FAILED, STAT_SYN_OK, STAT_SYNACK_DROPPED, STAT_SYNACK_OK, STATS,
+        TagInput, encode_option, find_option_in,
     },
 };
 
@@ -64,8 +64,12 @@ static FAST_PENDING: LruHashMap<FastTuple, FastPending> =
 /// until the client's tagged ACK: a tag is accepted only over the server's *current* ISN,
 /// so an ACK replayed from an earlier connection of the same 4-tuple never proves a new one.
 #[map(name = "TESSERA_FAST_SYNACKS")]
-static FAST_SYNACKS: LruHashMap<FastTuple, [u32; 2]> =
+static FAST_SYNACKS: LruHashMap<FastTuple, [u32; 3]> =
     LruHashMap::with_max_entries(FAST_PENDING_ENTRIES, 0);
+
+/// Connections the fast path let through, as they are established (for flow records).
+#[map(name = "TESSERA_FAST_EVENTS")]
+static FAST_EVENTS: RingBuf = RingBuf::with_byte_size(FAST_EVENTS_BYTES, 0);
 
 /// Counters per CPU ([`STATS`] of them): what the fast path verified and refused.
 #[map(name = "TESSERA_FAST_STATS")]
@@ -237,6 +241,24 @@ pub(super) fn sock_ops(ctx: &SockOpsContext, op: u32) -> bool {
             }
             false
         }
+        super::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // SAFETY: valid helper for sock_ops programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: copied out at once.
+            if let Some(sock) = unsafe { FAST_SOCKS.get(&cookie) }.copied() {
+                report(tuple(ctx), sock.key.key_id, 0);
+            }
+            false
+        }
+        super::BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let t = tuple(ctx);
+            // SAFETY: copied out at once.
+            if let Some([_, _, key_id]) = unsafe { FAST_SYNACKS.get(&t) }.copied() {
+                let _ = FAST_SYNACKS.remove(&t);
+                report(t, key_id, 1);
+            }
+            false
+        }
         BPF_SOCK_OPS_TCP_LISTEN_CB => {
             if settings().is_some() {
                 let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | WRITE_HDR_OPT_CB_FLAG);
@@ -256,6 +278,18 @@ pub(super) fn sock_ops(ctx: &SockOpsContext, op: u32) -> bool {
         }
         _ => false,
     }
+}
+
+/// Reports an established fast connection (no wake-up: the enforcer drains the ring on
+/// an interval, before the close reports, so a close never comes before its connection).
+fn report(tuple: FastTuple, key_id: u32, server: u32) {
+    let c = FastConn {
+        tuple,
+        key_id,
+        server,
+        at_ns: now(),
+    };
+    let _ = FAST_EVENTS.output::<FastConn>(&c, 1);
 }
 
 /// The server's SYN-ACK answering a fast SYN: tagged over both ISNs.
@@ -291,7 +325,7 @@ fn server_synack(ctx: &SockOpsContext, write: bool) {
         client_isn: ack.wrapping_sub(1),
         server_isn,
     };
-    let _ = FAST_SYNACKS.insert(&t, &[input.client_isn, server_isn], 0);
+    let _ = FAST_SYNACKS.insert(&t, &[input.client_isn, server_isn, key_id], 0);
     store(ctx, key_id, input.tag(&e.key.secret));
 }
 
@@ -572,7 +606,7 @@ pub fn verify_fast(ctx: TcContext) -> i32 {
     } else if ackf {
         // Only over the ISNs of the SYN-ACK this host sent for the 4-tuple.
         // SAFETY: copied out at once.
-        let Some([client_isn, server_isn]) = (unsafe { FAST_SYNACKS.get(&t) }).copied() else {
+        let Some([client_isn, server_isn, _]) = (unsafe { FAST_SYNACKS.get(&t) }).copied() else {
             return TC_ACT_OK as i32;
         };
         if seg.seq != client_isn.wrapping_add(1) || seg.ack != server_isn.wrapping_add(1) {
@@ -587,10 +621,9 @@ pub fn verify_fast(ctx: TcContext) -> i32 {
         return TC_ACT_OK as i32;
     };
     if input.tag(&e.key.secret) == tag {
+        // (the server's entry stays until its socket is established: `track_connect`
+        // takes it then, for the connection's record)
         count(if syn { STAT_SYN_OK } else { STAT_ACK_OK });
-        if !syn {
-            let _ = FAST_SYNACKS.remove(&t);
-        }
         set_mark(&ctx, bit);
     } else {
         count(STAT_FAILED);

@@ -19,17 +19,21 @@ use std::{
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, MapData, RingBuf},
     programs::{SchedClassifier, TcAttachType},
 };
 use tessera_common::{
     AF_INET, AF_INET6,
-    fast::{FastClientKey, FastKey, FastServerEntry, FastSettings},
+    fast::{FastClientKey, FastConn, FastKey, FastServerEntry, FastSettings},
     names,
 };
-use tessera_proxy::handshake::fast::FastGrant;
+use tessera_proxy::{
+    authz::{Attempt, Ruling},
+    flow::{Direction, FlowTemplate, now_ms},
+    handshake::{engine::LiveConnection, fast::FastGrant},
+};
 
-use super::closed::monotonic_ns;
+use super::{closed::monotonic_ns, live::Registered};
 use crate::config::HandshakeConfig;
 
 /// The fast path's maps, shared by the NFQUEUE workers (installing) and the reload watch
@@ -42,7 +46,34 @@ pub struct FastPath {
     generation: AtomicU64,
     /// Client grants waiting for [`CLIENT_DELAY`].
     delayed: Mutex<Option<mpsc::Sender<(Instant, u64, FastGrant)>>>,
+    /// What the full handshake of each installed key decided, by (server end?, key id):
+    /// the fast path's connections are recorded and watched with it.
+    templates: Mutex<std::collections::HashMap<(bool, u32), Template>>,
+    /// The ring of established fast connections, until the reader takes it.
+    events: Mutex<Option<RingBuf<MapData>>>,
 }
+
+/// A full handshake's decision, for the connections its pair secret proves later.
+#[derive(Clone)]
+pub struct Template {
+    attempt: Attempt,
+    ruling: Ruling,
+    flow: FlowTemplate,
+}
+
+impl Template {
+    /// The decision of the connection `live` (None once its record was written).
+    pub fn of(live: &LiveConnection) -> Option<Self> {
+        Some(Self {
+            attempt: live.attempt.clone(),
+            ruling: live.ruling.clone(),
+            flow: live.flow.template()?,
+        })
+    }
+}
+
+/// Templates kept at most (as many as keys at both ends).
+const TEMPLATES_KEPT: usize = 2 * tessera_common::fast::FAST_SERVER_ENTRIES as usize;
 
 /// How long a client end waits before it uses a new pair secret: the server end installs
 /// its own when the client's proof (the first ACK) arrives, half a round trip and a queue
@@ -117,7 +148,14 @@ impl FastPath {
             lifetime: Duration::from_secs(h.fast_path_secs),
             generation: AtomicU64::new(0),
             delayed: Mutex::new(None),
+            templates: Mutex::default(),
+            events: Mutex::new(Some(RingBuf::try_from(take(ebpf, names::FAST_EVENTS)?)?)),
         }))
+    }
+
+    /// The ring of established fast connections (once).
+    pub fn take_events(&self) -> Option<RingBuf<MapData>> {
+        lock(&self.events).take()
     }
 
     /// Starts the thread that installs client grants once [`CLIENT_DELAY`] passed.
@@ -140,8 +178,18 @@ impl FastPath {
     /// A pair secret a full handshake just agreed (called by the NFQUEUE workers right after
     /// the handshake's decision): the server end's now, the client end's after
     /// [`CLIENT_DELAY`].
-    pub fn grant(&self, grant: FastGrant) {
+    pub fn grant(&self, grant: FastGrant, template: Option<Template>) {
         let generation = self.generation.load(Ordering::SeqCst);
+        let Some(template) = template else {
+            return;
+        };
+        {
+            let mut templates = lock(&self.templates);
+            if templates.len() >= TEMPLATES_KEPT {
+                templates.clear();
+            }
+            templates.insert((grant.caller.is_none(), grant.pair.key_id), template);
+        }
         if grant.caller.is_none() {
             self.install(&grant, generation);
             return;
@@ -225,7 +273,51 @@ impl FastPath {
                 n += usize::from(server.remove(&k).is_ok());
             }
         }
+        lock(&self.templates).clear();
         tracing::info!(revoked = n, "policy replaced: fast path keys revoked");
+    }
+
+    /// A connection the kernel's fast path let through, as the live-connection watch takes
+    /// it: recorded with its key's full handshake's decision (re-decided there if policy
+    /// was replaced since). None for a key this run does not know.
+    pub fn registered(&self, c: &FastConn) -> Option<Registered> {
+        let t = lock(&self.templates)
+            .get(&(c.server == 1, c.key_id))
+            .cloned()?;
+        let addr = |a: [u32; 4], port: u16| -> SocketAddr {
+            let ip = if c.tuple.family == AF_INET {
+                std::net::IpAddr::from(a[0].to_ne_bytes())
+            } else {
+                let mut b = [0u8; 16];
+                for (i, w) in a.iter().enumerate() {
+                    b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                }
+                std::net::IpAddr::from(b)
+            };
+            SocketAddr::new(ip, port)
+        };
+        let local = addr(c.tuple.local, c.tuple.local_port);
+        let remote = addr(c.tuple.remote, c.tuple.remote_port);
+        let (src, dst) = match t.attempt.side {
+            tessera_proxy::authz::Side::Egress => (local, remote),
+            _ => (remote, local),
+        };
+        let how = format!("kernel fast path, key {:#010x}", c.key_id);
+        let flow = t.flow.start(src, dst, now_ms(), &how);
+        debug_assert!(matches!(
+            flow.direction,
+            Direction::Outbound | Direction::Inbound
+        ));
+        Some(Registered {
+            conn: LiveConnection {
+                local,
+                remote,
+                attempt: t.attempt,
+                ruling: t.ruling,
+                flow,
+            },
+            at_ns: c.at_ns,
+        })
     }
 }
 

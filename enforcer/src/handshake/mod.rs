@@ -72,7 +72,14 @@ pub fn start(
     let sender = Arc::new(RawSender::new(config.bpf.proxy_mark)?);
     let (live_tx, live_rx) = mpsc::channel(WATCH_QUEUE);
     let (closed_tx, closed_rx) = mpsc::channel(WATCH_QUEUE);
-    tokio::spawn(closed::read_closed(closed, closed_tx));
+    let fast_events = fast.as_ref().and_then(|f| {
+        Some(closed::FastEvents {
+            ring: f.take_events()?,
+            path: f.clone(),
+            live: live_tx.clone(),
+        })
+    });
+    tokio::spawn(closed::read_closed(closed, closed_tx, fast_events));
     tokio::spawn(live::watch(
         registry.clone(),
         live_rx,
