@@ -13,6 +13,11 @@ const INDEX: &str = "http://10.77.0.2:8080/index.bin";
 
 /// web@host-a, api@host-b serving 8080 (python3 http.server), both in handshake mode.
 fn hosts() -> (TestNet, Vec<u8>) {
+    hosts_with(&[8080])
+}
+
+/// [`hosts`], api declaring `ports` (8080 among them).
+fn hosts_with(ports: &[u16]) -> (TestNet, Vec<u8>) {
     let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
     *net.options.lock().unwrap() = EnforcerOptions {
         handshake: true,
@@ -20,8 +25,17 @@ fn hosts() -> (TestNet, Vec<u8>) {
     };
     net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
         .unwrap();
-    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080])
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], ports)
         .unwrap();
+    // A policy file at each end (a reload replaces it).
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let policy = format!(
+        "rules:\n  - name: web-api\n    action: allow\n    from: [{{labels: [app=web]}}]\n    to: [{{labels: [app=api]}}]\n    ports: [{}]\n",
+        list.join(", ")
+    );
+    for host in ["host-a", "host-b"] {
+        net.write_policy(Some(net.host(host)), &policy).unwrap();
+    }
     net.start_enforcers().unwrap();
     let root = net.dir.join("www");
     fs::create_dir_all(&root).unwrap();
@@ -167,4 +181,276 @@ fn a_second_connection_of_a_pair_is_proven_in_the_kernel_without_the_queues() {
             .collect();
         assert!(denied.is_empty(), "{host}: {denied:#?}");
     }
+}
+
+/// Drops the client host's own resets to the server while it lives (the replay below must
+/// be refused by the fast path itself, not by host-a's kernel resetting a SYN-ACK it did
+/// not expect).
+struct NoResets<'a> {
+    net: &'a TestNet,
+}
+
+impl<'a> NoResets<'a> {
+    fn start(net: &'a TestNet) -> Self {
+        Self::rule(net, "-A");
+        Self { net }
+    }
+
+    fn rule(net: &TestNet, op: &str) {
+        let ns = net.host("host-a").netns.clone();
+        let _ = tessera_tests::sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "iptables",
+                "-w",
+                op,
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                "10.77.0.2",
+                "--tcp-flags",
+                "RST",
+                "RST",
+                "-j",
+                "DROP",
+            ],
+        );
+    }
+}
+
+impl Drop for NoResets<'_> {
+    fn drop(&mut self) {
+        Self::rule(self.net, "-D");
+    }
+}
+
+#[test]
+fn forged_tampered_replayed_and_unknown_fast_path_tags_are_refused_with_their_flows() {
+    let (net, content) = hosts_with(&[8080, 7000]);
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
+        .unwrap();
+    let dump = tessera_tests::PacketCapture::start(&net, "p0", net.dir.join("fast.pcap")).unwrap();
+    assert!(echo_once(&net), "the first (full) handshake");
+    warm_echo(&net);
+    let pcap = dump.stop();
+    // The capture: the option (kind 253) on the full handshake only; the fast one carries
+    // kind 254, which the attack below reads from it.
+    let conns = tessera_tests::handshake_attack(
+        &net,
+        net.host("host-a"),
+        &["capture", pcap.to_str().unwrap()],
+    )
+    .unwrap();
+    let untagged = conns
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|c| c["tagged"].as_array().unwrap().is_empty())
+        .count();
+    assert!(
+        untagged >= 1,
+        "a connection without any kind-253 message: {conns}"
+    );
+
+    const FLOOD: usize = 300;
+    let results = {
+        let _no_resets = NoResets::start(&net);
+        tessera_tests::handshake_attack(
+            &net,
+            net.host("host-a"),
+            &[
+                "fast",
+                pcap.to_str().unwrap(),
+                "10.77.0.2",
+                "7000",
+                &FLOOD.to_string(),
+            ],
+        )
+        .unwrap()
+    };
+    for attack in ["tampered", "forged"] {
+        let answer = results[attack].as_str().unwrap_or("");
+        assert!(
+            answer.contains('R'),
+            "{attack}: the server answered {answer:?} (a SYN-ACK would mean it accepted): {results}"
+        );
+    }
+    // The verbatim replay of a valid SYN gets its SYN-ACK (a SYN's tag cannot know the
+    // server's fresh ISN), but the captured ACK's tag does not verify over that ISN: the
+    // connection never completes, and the request sent on it is never answered.
+    assert!(
+        results["replay_synack"]
+            .as_str()
+            .unwrap_or("")
+            .contains('S'),
+        "{results}"
+    );
+    let request = results["replay_request"].as_str().unwrap_or("");
+    assert!(
+        request.is_empty() || request.contains('R'),
+        "the replayed connection answered the request: {results}"
+    );
+    // Every one refused with its record (beyond the first of a kind, refusals from one
+    // source are summarised: "N refusals like: ...").
+    let refused = |f: &FlowRecord| -> usize {
+        f.reason
+            .split_once(" refusals like: ")
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or(1)
+    };
+    assert!(
+        tessera_tests::eventually(Duration::from_secs(20), || {
+            flows(&net, "host-b")
+                .iter()
+                .filter(|f| f.code.as_str() == "bad-proof")
+                .map(refused)
+                .sum::<usize>()
+                >= 3 + FLOOD
+        }),
+        "not every forged, tampered, replayed and unknown-key packet was refused: {:#?}",
+        flows(&net, "host-b")
+    );
+    let reasons: Vec<String> = flows(&net, "host-b")
+        .into_iter()
+        .filter(|f| f.code.as_str() == "bad-proof")
+        .map(|f| f.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("fast path ACK")),
+        "the replayed proof refused with its own record: {reasons:#?}"
+    );
+    // The flood left no state behind that stops the pair: a new connection still takes the
+    // fast path.
+    warm_echo(&net);
+    let body = fetch(&net).expect("http after the attacks");
+    assert!(body.body == content);
+}
+
+#[test]
+fn an_expired_pair_secret_is_not_used_and_the_next_connection_takes_the_full_handshake() {
+    let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
+    *net.options.lock().unwrap() = EnforcerOptions {
+        handshake: true,
+        fast_path_secs: Some(3),
+        ..EnforcerOptions::default()
+    };
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[8080])
+        .unwrap();
+    net.start_enforcers().unwrap();
+    let root = net.dir.join("www");
+    fs::create_dir_all(&root).unwrap();
+    let content = vec![7u8; 10_000];
+    fs::write(root.join("index.bin"), &content).unwrap();
+    net.serve_http(net.host("host-b"), Some("api"), "::", 8080, &root)
+        .unwrap();
+    fetch(&net).expect("first fetch");
+    let granted = std::time::Instant::now();
+    fetch_on_fast_path(&net, &content);
+    // Past the key's lifetime (the server's key was installed after the client's first
+    // handshake began, so it outlives `granted` + 3 s by at most the handshake's time).
+    std::thread::sleep(
+        (granted + Duration::from_secs(4)).saturating_duration_since(std::time::Instant::now()),
+    );
+    let before = (queued(&net, "host-a"), queued(&net, "host-b"));
+    let f = fetch(&net).expect("a fetch after expiry");
+    assert!(f.body == content);
+    let after = (queued(&net, "host-a"), queued(&net, "host-b"));
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "after expiry the connection took the full handshake through both queues: {before:?} -> {after:?}"
+    );
+}
+
+/// One echo connection from web to api's 7000; whether it worked.
+fn echo_once(net: &TestNet) -> bool {
+    let out = net
+        .run_tool(
+            net.host("host-a"),
+            Some("web"),
+            &["echo-many", "10.77.0.2", "7000", "1"],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or(serde_json::Value::Null);
+    v["ok"] == 1
+}
+
+/// Echo connections until one takes the fast path (nothing queued at either end); 10 s.
+fn warm_echo(net: &TestNet) {
+    assert!(
+        tessera_tests::eventually(Duration::from_secs(10), || {
+            let before = (queued(net, "host-a"), queued(net, "host-b"));
+            assert!(echo_once(net));
+            before == (queued(net, "host-a"), queued(net, "host-b"))
+        }),
+        "no echo connection took the fast path"
+    );
+}
+
+#[test]
+fn a_policy_reload_revokes_the_pair_closes_its_fast_connection_and_refuses_the_next() {
+    let (net, _) = hosts_with(&[8080, 7000]);
+    net.serve_tool(net.host("host-b"), Some("api"), "serve-echo", 7000)
+        .unwrap();
+    assert!(echo_once(&net), "the first (full) handshake");
+    warm_echo(&net);
+    // A held connection of the same workload to the same destination, on the fast path.
+    let before = (queued(&net, "host-a"), queued(&net, "host-b"));
+    let log = net
+        .spawn_holder(net.host("host-a"), "web", "10.77.0.2", 7000)
+        .unwrap();
+    let after = (queued(&net, "host-a"), queued(&net, "host-b"));
+    assert_eq!(before, after, "the held connection took the fast path");
+    // host-b's policy now denies everything: host-b closes the live fast connection, and
+    // the next connection is refused (the pair's keys are gone: a full handshake, denied).
+    net.write_policy(Some(net.host("host-b")), "rules: []\n")
+        .unwrap();
+    assert!(
+        tessera_tests::eventually(Duration::from_secs(10), || {
+            let out = fs::read_to_string(&log).unwrap_or_default();
+            out.contains("reset") || out.contains("eof")
+        }),
+        "the live fast connection was not closed"
+    );
+    let out = fs::read_to_string(&log).unwrap();
+    assert!(out.contains("reset"), "closed, but not with a reset: {out}");
+    let f = net
+        .wait_flows(net.host("host-b"), 1, |f| {
+            f.mode == Mode::Handshake && f.code.as_str() == "policy-reload"
+        })
+        .pop()
+        .expect("a revocation record");
+    assert!(
+        f.reason.contains("kernel fast path") || f.reason.contains("policy reload"),
+        "{f:?}"
+    );
+    // The next connection: host-a still holds its key (its policy did not change), host-b
+    // no longer: refused as a revoked key (`bad-proof`), and host-a forgets the key on that
+    // refusal; the one after takes the full handshake, which policy denies.
+    for _ in 0..2 {
+        assert!(
+            !echo_once(&net),
+            "a new connection got through after the reload"
+        );
+    }
+    let b = flows(&net, "host-b");
+    assert!(
+        b.iter()
+            .any(|f| f.code.as_str() == "bad-proof" && f.reason.starts_with("fast path SYN")),
+        "the revoked key refused with its record: {b:#?}"
+    );
+    let f = net
+        .wait_flows(net.host("host-b"), 1, |f| {
+            f.mode == Mode::Handshake && f.verdict == Verdict::Denied && f.code.as_str() == "policy"
+        })
+        .pop()
+        .expect("the refusal's record");
+    assert_eq!(f.src.workload.as_deref(), Some("web"), "{f:?}");
 }
