@@ -309,7 +309,9 @@ pub struct FastPending {
     pub key: FastKey,
     pub client: FastClientKey,
     pub client_isn: u32,
-    pub _pad: u32,
+    /// 1 once the server refused the fast SYN (a reset: it holds no key for it, or its
+    /// listener cannot tag): the SYN's retransmission goes the full handshake's way.
+    pub fallback: u32,
 }
 
 /// A connection the fast path let through, reported when it is established (client:

@@ -39,6 +39,7 @@ pub mod names {
     pub const FAST_SERVER: &str = "TESSERA_FAST_SERVER";
     pub const FAST_STATS: &str = "TESSERA_FAST_STATS";
     pub const FAST_EVENTS: &str = "TESSERA_FAST_EVENTS";
+    pub const FAST_NOFAST: &str = "TESSERA_FAST_NOFAST";
     pub const PROG_VERIFY_FAST: &str = "verify_fast";
 }
 

@@ -79,8 +79,8 @@ mod programs {
     };
 
     const IPPROTO_TCP: u32 = 6;
-    const SOL_SOCKET: i32 = 1;
-    const SO_MARK: i32 = 36;
+    pub(super) const SOL_SOCKET: i32 = 1;
+    pub(super) const SO_MARK: i32 = 36;
     const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
     const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
     const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;

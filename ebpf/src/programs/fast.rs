@@ -67,6 +67,19 @@ static FAST_PENDING: LruHashMap<FastTuple, FastPending> =
 static FAST_SYNACKS: LruHashMap<FastTuple, [u32; 3]> =
     LruHashMap::with_max_entries(FAST_PENDING_ENTRIES, 0);
 
+/// Server end: local ports whose listener was opened while the fast path ran (its
+/// SYN-ACKs can carry a tag). A fast SYN to any other port is left to the engine, which
+/// refuses it; the client then retries by the full handshake.
+#[map(name = "TESSERA_FAST_LISTENERS")]
+static FAST_LISTENERS: HashMap<u16, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Client end: destinations whose server refused a fast SYN, until when (ns): no key is
+/// installed for them (user space checks) until then, so a server that cannot take the
+/// fast path costs one delayed connection per pair, not every other one.
+#[map(name = "TESSERA_FAST_NOFAST")]
+static FAST_NOFAST: LruHashMap<FastClientKey, u64> =
+    LruHashMap::with_max_entries(FAST_CLIENT_ENTRIES, 0);
+
 /// Connections the fast path let through, as they are established (for flow records).
 #[map(name = "TESSERA_FAST_EVENTS")]
 static FAST_EVENTS: RingBuf = RingBuf::with_byte_size(FAST_EVENTS_BYTES, 0);
@@ -260,8 +273,12 @@ pub(super) fn sock_ops(ctx: &SockOpsContext, op: u32) -> bool {
             false
         }
         BPF_SOCK_OPS_TCP_LISTEN_CB => {
-            if settings().is_some() {
-                let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | WRITE_HDR_OPT_CB_FLAG);
+            if settings().is_some()
+                && ctx
+                    .set_cb_flags(ctx.cb_flags() as i32 | WRITE_HDR_OPT_CB_FLAG)
+                    .is_ok()
+            {
+                let _ = FAST_LISTENERS.insert(&(ctx.local_port() as u16), &1, 0);
             }
             true
         }
@@ -341,6 +358,32 @@ fn client_segment(ctx: &SockOpsContext, flags: u32, write: bool) {
     // SAFETY: an LRU map value, ours while this callback runs on the locked socket.
     let sock = unsafe { &mut *sock };
     let syn = flags & TCP_FLAG_SYN != 0;
+    if syn && !write {
+        let t = tuple(ctx);
+        // SAFETY: copied out at once.
+        if let Some(p) = unsafe { FAST_PENDING.get(&t) }.copied()
+            && p.fallback == 1
+        {
+            // The server refused our fast SYN: this retransmission takes the full
+            // handshake (the handshake mark: the queues' rules take it from here).
+            let _ = FAST_PENDING.remove(&t);
+            if let Some(mut mark) = super::settings().map(|s| s.handshake_mark) {
+                // SAFETY: SO_MARK on the socket this callback runs for; the value is a
+                // live u32 on our stack.
+                unsafe {
+                    aya_ebpf::helpers::bpf_setsockopt(
+                        ctx.ops as *mut _,
+                        super::SOL_SOCKET,
+                        super::SO_MARK,
+                        &mut mark as *mut u32 as *mut core::ffi::c_void,
+                        4,
+                    )
+                };
+            }
+            stop_tagging(ctx, cookie);
+            return;
+        }
+    }
     if !write {
         // SAFETY: a field readable from any sock_ops program on a full socket.
         let snd_nxt = unsafe { (*ctx.ops).snd_nxt };
@@ -377,7 +420,7 @@ fn client_segment(ctx: &SockOpsContext, flags: u32, write: bool) {
             key: sock.key,
             client: sock.client,
             client_isn: seq,
-            _pad: 0,
+            fallback: 0,
         };
         let _ = FAST_PENDING.insert(&t, &pending, 0);
     } else {
@@ -512,9 +555,17 @@ pub fn verify_fast(ctx: TcContext) -> i32 {
             _pad: 0,
         };
         // SAFETY: copied out at once.
-        if let Some(p) = unsafe { FAST_PENDING.get(&t) }.copied() {
+        if let Some(mut p) = unsafe { FAST_PENDING.get(&t) }.copied()
+            && p.fallback == 0
+            && seg.ack == p.client_isn.wrapping_add(1)
+        {
+            // The reset never reaches the socket, which retransmits its SYN by the full
+            // handshake (`client_segment`): a connection is delayed, not refused.
             let _ = FAST_CLIENT.remove(&p.client);
-            let _ = FAST_PENDING.remove(&t);
+            let _ = FAST_NOFAST.insert(&p.client, &p.key.expires_ns, 0);
+            p.fallback = 1;
+            let _ = FAST_PENDING.insert(&t, &p, 0);
+            return TC_ACT_SHOT as i32;
         }
         return TC_ACT_OK as i32;
     }
@@ -578,6 +629,11 @@ pub fn verify_fast(ctx: TcContext) -> i32 {
         || e.server_port != seg.dport
         || e.client != seg.src
     {
+        count(STAT_FAILED);
+        return TC_ACT_OK as i32;
+    }
+    if syn && unsafe { FAST_LISTENERS.get(&seg.dport) }.is_none() {
+        // Its listener cannot tag the SYN-ACK (opened before the fast path ran).
         count(STAT_FAILED);
         return TC_ACT_OK as i32;
     }

@@ -28,7 +28,7 @@ use tessera_common::{
     names,
 };
 use tessera_proxy::{
-    authz::{Attempt, Ruling},
+    authz::{Attempt, Decisions, Ruling},
     flow::{Direction, FlowTemplate, now_ms},
     handshake::{engine::LiveConnection, fast::FastGrant},
 };
@@ -41,6 +41,8 @@ use crate::config::HandshakeConfig;
 pub struct FastPath {
     client: Mutex<HashMap<MapData, FastClientKey, FastKey>>,
     server: Mutex<HashMap<MapData, u32, FastServerEntry>>,
+    /// Destinations whose server refused a fast SYN, until when (monotonic ns).
+    nofast: Mutex<HashMap<MapData, FastClientKey, u64>>,
     lifetime: Duration,
     /// Policy replacements seen: a grant decided before one is never installed after it.
     generation: AtomicU64,
@@ -48,7 +50,7 @@ pub struct FastPath {
     delayed: Mutex<Option<mpsc::Sender<(Instant, u64, FastGrant)>>>,
     /// What the full handshake of each installed key decided, by (server end?, key id):
     /// the fast path's connections are recorded and watched with it.
-    templates: Mutex<std::collections::HashMap<(bool, u32), Template>>,
+    templates: Mutex<std::collections::HashMap<(bool, u32), (Template, Option<FastClientKey>)>>,
     /// The ring of established fast connections, until the reader takes it.
     events: Mutex<Option<RingBuf<MapData>>>,
 }
@@ -145,6 +147,7 @@ impl FastPath {
         Ok(Some(Self {
             client: Mutex::new(HashMap::try_from(take(ebpf, names::FAST_CLIENT)?)?),
             server: Mutex::new(HashMap::try_from(take(ebpf, names::FAST_SERVER)?)?),
+            nofast: Mutex::new(HashMap::try_from(take(ebpf, names::FAST_NOFAST)?)?),
             lifetime: Duration::from_secs(h.fast_path_secs),
             generation: AtomicU64::new(0),
             delayed: Mutex::new(None),
@@ -188,7 +191,10 @@ impl FastPath {
             if templates.len() >= TEMPLATES_KEPT {
                 templates.clear();
             }
-            templates.insert((grant.caller.is_none(), grant.pair.key_id), template);
+            templates.insert(
+                (grant.caller.is_none(), grant.pair.key_id),
+                (template, client_key(&grant)),
+            );
         }
         if grant.caller.is_none() {
             self.install(&grant, generation);
@@ -210,15 +216,15 @@ impl FastPath {
         };
         let (remote, family) = kernel_addr(&grant.remote);
         // Checked under the map's lock, which revocation takes too.
-        let result = match grant.caller {
-            Some((cgroup_id, uid)) => {
-                let k = FastClientKey {
-                    cgroup_id,
-                    uid,
-                    family,
-                    port: grant.remote.port(),
-                    addr: remote,
-                };
+        let result = match client_key(grant) {
+            Some(k) => {
+                if lock(&self.nofast)
+                    .get(&k, 0)
+                    .is_ok_and(|until| until > monotonic_ns())
+                {
+                    // Its server refused a fast SYN lately: the full handshake it is.
+                    return;
+                }
                 let mut client = lock(&self.client);
                 if self.generation.load(Ordering::SeqCst) != generation {
                     return;
@@ -253,35 +259,40 @@ impl FastPath {
         }
     }
 
-    /// Forgets every pair secret (a policy was replaced: each pair must be allowed again by
-    /// a full handshake under it).
-    pub fn revoke_all(&self) {
-        let mut n = 0usize;
-        {
-            let mut client = lock(&self.client);
-            self.generation.fetch_add(1, Ordering::SeqCst);
-            let keys: Vec<_> = client.keys().filter_map(Result::ok).collect();
-            for k in keys {
-                n += usize::from(client.remove(&k).is_ok());
-            }
+    /// A policy was replaced: each pair's full-handshake decision is taken again under it,
+    /// and the keys of the pairs it no longer allows are forgotten at once (their next
+    /// connection is refused at this end). Pairs still allowed keep their keys: a reload
+    /// that does not concern them costs them nothing. Keys granted while this runs are not
+    /// installed (`generation`).
+    pub fn revoke_denied(&self, decisions: &Decisions) {
+        let mut client = lock(&self.client);
+        let mut server = lock(&self.server);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let mut templates = lock(&self.templates);
+        let denied: Vec<_> = templates
+            .iter()
+            .filter(|(_, (t, _))| !decisions.check(&t.attempt).allowed)
+            .map(|(k, (_, c))| (*k, *c))
+            .collect();
+        for ((at_server, key_id), c) in &denied {
+            templates.remove(&(*at_server, *key_id));
+            let _ = match c {
+                Some(c) => client.remove(c),
+                None => server.remove(key_id),
+            };
         }
-        {
-            let mut server = lock(&self.server);
-            self.generation.fetch_add(1, Ordering::SeqCst);
-            let keys: Vec<_> = server.keys().filter_map(Result::ok).collect();
-            for k in keys {
-                n += usize::from(server.remove(&k).is_ok());
-            }
-        }
-        lock(&self.templates).clear();
-        tracing::info!(revoked = n, "policy replaced: fast path keys revoked");
+        tracing::info!(
+            revoked = denied.len(),
+            kept = templates.len(),
+            "policy replaced: fast path keys of pairs it denies revoked"
+        );
     }
 
     /// A connection the kernel's fast path let through, as the live-connection watch takes
     /// it: recorded with its key's full handshake's decision (re-decided there if policy
     /// was replaced since). None for a key this run does not know.
     pub fn registered(&self, c: &FastConn) -> Option<Registered> {
-        let t = lock(&self.templates)
+        let (t, _) = lock(&self.templates)
             .get(&(c.server == 1, c.key_id))
             .cloned()?;
         let addr = |a: [u32; 4], port: u16| -> SocketAddr {
@@ -319,6 +330,19 @@ impl FastPath {
             at_ns: c.at_ns,
         })
     }
+}
+
+/// The client map's key of a client end's grant (None at the server end).
+fn client_key(grant: &FastGrant) -> Option<FastClientKey> {
+    let (cgroup_id, uid) = grant.caller?;
+    let (addr, family) = kernel_addr(&grant.remote);
+    Some(FastClientKey {
+        cgroup_id,
+        uid,
+        family,
+        port: grant.remote.port(),
+        addr,
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -89,12 +89,12 @@ pub fn start(
     ));
     if let Some(fast) = &fast {
         fast.run_delayed()?;
-        // Revoked whenever a policy is replaced: each pair is allowed again by a full
-        // handshake under the new policy before the kernel proves it again.
-        let (fast, mut reloads) = (fast.clone(), registry.reloads());
+        // Whenever a policy is replaced (or a peer revoked), the pairs it no longer allows
+        // lose their keys: their next connection is refused.
+        let (fast, mut reloads, registry) = (fast.clone(), registry.reloads(), registry.clone());
         tokio::spawn(async move {
             while reloads.changed().await.is_ok() {
-                fast.revoke_all();
+                fast.revoke_denied(registry.decisions());
             }
         });
     }
