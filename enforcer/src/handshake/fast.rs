@@ -50,10 +50,14 @@ pub struct FastPath {
     delayed: Mutex<Option<mpsc::Sender<(Instant, u64, FastGrant)>>>,
     /// What the full handshake of each installed key decided, by (server end?, key id):
     /// the fast path's connections are recorded and watched with it.
-    templates: Mutex<std::collections::HashMap<(bool, u32), (Template, Option<FastClientKey>)>>,
+    templates: Mutex<Templates>,
     /// The ring of established fast connections, until the reader takes it.
     events: Mutex<Option<RingBuf<MapData>>>,
 }
+
+/// Each installed key's decision and, at the client end, its map key, by (server end?,
+/// key id).
+type Templates = std::collections::HashMap<(bool, u32), (Template, Option<FastClientKey>)>;
 
 /// A full handshake's decision, for the connections its pair secret proves later.
 #[derive(Clone)]

@@ -300,6 +300,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_fast_path_skips_the_queues_only_for_kernel_verified_packets() {
+        let h = HandshakeConfig::default();
+        let r = rules(&h, &[8080], 1, "tessera-peers4");
+        // First in the raw chain: a packet tc verified (fast bit) is never queued there.
+        assert_eq!(
+            r[0],
+            "-t raw -A TESSERA-HS-RAW1 ! -i lo -p tcp -m mark --mark 0x400/0x400 -j RETURN"
+        );
+        assert!(
+            r.iter()
+                .any(|l| l
+                    .contains("-m mark --mark 0x400/0x400 -j CONNMARK --set-xmark 0x400/0x400"))
+        );
+        // The server's SYN-ACK of a fast connection is not queued; the skip comes before
+        // the SYN-ACK queue rule.
+        let skip = r
+            .iter()
+            .position(|l| l.contains("SYN,ACK SYN,ACK -m connmark --mark 0x400/0x400 -j RETURN"))
+            .expect("SYN-ACK skip");
+        let queue = r
+            .iter()
+            .position(|l| l.contains("--sport 8080 --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE"))
+            .expect("SYN-ACK queue");
+        assert!(skip < queue);
+        // The fast socket mark is not the handshake mark the egress rules match exactly.
+        assert_ne!(h.fast_socket_mark(), h.socket_mark);
+        assert!(
+            !r.iter()
+                .any(|l| l.contains(&format!("{:#x}", h.fast_socket_mark())))
+        );
+        // Off: none of it.
+        let off = HandshakeConfig {
+            fast_path_secs: 0,
+            ..HandshakeConfig::default()
+        };
+        assert!(
+            !rules(&off, &[8080], 1, "s")
+                .iter()
+                .any(|l| l.contains("0x400"))
+        );
+    }
+
+    #[test]
     fn rules_queue_handshakes_only_and_fail_closed_by_default() {
         let h = HandshakeConfig::default();
         let r = rules(&h, &[8080], 1, "tessera-peers4");

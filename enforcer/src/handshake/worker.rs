@@ -128,7 +128,7 @@ pub(super) fn worker(
         let mut outcome = handler.handle(side, msg.get_payload(), now);
         if let (Some(fast), Some(grant)) = (&fast, outcome.fast.take()) {
             let template = outcome.live.as_deref().and_then(super::fast::Template::of);
-            fast.grant(grant, template);
+            fast.grant(*grant, template);
         }
         if let Some(p) = outcome.packet {
             msg.set_payload(p);

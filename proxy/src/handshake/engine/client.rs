@@ -296,12 +296,12 @@ impl Engine {
             proof_sent: false,
         };
         let mut out = Outcome::rewrite(synack.clean).with_live(live);
-        out.fast = Some(FastGrant {
+        out.fast = Some(Box::new(FastGrant {
             pair: FastPair::derive(&proof_key, &digest),
             local: seg.dst,
             remote: seg.src,
             caller: Some((captured.origin.cgroup_id, captured.origin.uid)),
-        });
+        }));
         (out, Some(proven))
     }
 

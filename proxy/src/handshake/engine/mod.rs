@@ -80,7 +80,7 @@ pub struct Outcome {
     /// The fast path's pair secret this packet's completed handshake agreed (client: at
     /// the verified SYN-ACK; server: at the verified ACK), for the enforcer to install for
     /// the pair's later connections (`tessera_common::fast`).
-    pub fast: Option<crate::handshake::fast::FastGrant>,
+    pub fast: Option<Box<crate::handshake::fast::FastGrant>>,
 }
 
 /// An allowed connection, as policy reloads re-check it: if a new policy denies it, the

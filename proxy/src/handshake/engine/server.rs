@@ -441,7 +441,7 @@ impl Engine {
             ..Outcome::rewrite(clean)
         }
         .with_live(live);
-        out.fast = Some(fast);
+        out.fast = Some(Box::new(fast));
         out
     }
 }
