@@ -1002,6 +1002,11 @@ impl Running {
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = format!("{e:#}"), "cannot persist the flow map");
         }
+        if self.mode == DataPathMode::Handshake {
+            // Capture may stay attached (pinned connect hooks keep this run's maps alive)
+            // while our tc verifiers go with us: no socket may take the fast path then.
+            crate::handshake::fast::FastPath::disable(self.capture.ebpf_mut());
+        }
         self.capture.shutdown(keep_attached);
     }
 }

@@ -454,3 +454,45 @@ fn a_policy_reload_revokes_the_pair_closes_its_fast_connection_and_refuses_the_n
         .expect("the refusal's record");
     assert_eq!(f.src.workload.as_deref(), Some("web"), "{f:?}");
 }
+
+/// The client end accepts no SYN-ACK its verifier did not prove (fail closed whatever tc
+/// saw). host-a's enforcer is killed (SIGKILL): its tc verifiers go with it, while its
+/// pinned connect hooks (with the fast keys their maps hold) and its iptables rules stay.
+/// The warm client's next connection leaves on the fast path and host-b answers it; nothing
+/// at host-a proves that answer. Before the fix the SYN-ACK went to the queue with
+/// `--queue-bypass`, unread, so it passed and the connection completed with an
+/// unauthenticated server; now mangle PREROUTING drops it (the connection's fast-client
+/// connmark, no verified bit). A SYN-ACK that is a fragment, comes in on a device tc does
+/// not run on or whose pending entry was evicted meets the same rule.
+#[test]
+fn a_warm_clients_syn_ack_that_no_verifier_proved_never_completes_the_connection() {
+    let (net, content) = hosts();
+    fetch(&net).expect("first fetch");
+    fetch_on_fast_path(&net, &content);
+    net.stop_enforcer(net.host("host-a"), true).unwrap();
+    // The server end still answers fast SYNs (its enforcer runs): what reaches host-a is a
+    // SYN-ACK no one at host-a checked.
+    let before = queued(&net, "host-b");
+    assert!(
+        fetch(&net).is_none(),
+        "a connection completed on a SYN-ACK no verifier proved"
+    );
+    assert_eq!(
+        queued(&net, "host-b"),
+        before,
+        "the client's SYN was the fast one (host-b queued nothing for it)"
+    );
+    // The same pair works again once an enforcer runs at host-a.
+    net.start_enforcer(net.host("host-a")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(f) = fetch(&net) {
+            assert!(f.body == content);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fetch after host-a's enforcer restarted"
+        );
+    }
+}

@@ -452,32 +452,70 @@ struct Seg {
     ack: u32,
     flags: u32,
     opt: Option<(u32, u64)>,
+    /// Bytes of the L3 packet beyond the TCP header (a SYN with data: TCP Fast Open).
+    payload: bool,
+}
+
+/// Whether the packet starts with an Ethernet header: the device's L3 protocol equals the
+/// ethertype at byte 12 and the network header the kernel found is the one 14 bytes in
+/// (an L3 device — tun, WireGuard, ipip, gre — has no link header: nothing is read there).
+fn ethernet(ctx: &TcContext, proto: u16) -> bool {
+    if u16::from_be(ctx.skb.protocol() as u16) != proto {
+        return false;
+    }
+    let mut net = [0u8; 8];
+    // SAFETY: the buffer lives on our stack, 8 bytes long.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes_relative(
+            ctx.skb.skb as *const _,
+            0,
+            net.as_mut_ptr() as *mut core::ffi::c_void,
+            8,
+            aya_ebpf::bindings::bpf_hdr_start_off::BPF_HDR_START_NET,
+        )
+    };
+    let here: Result<[u8; 8], _> = ctx.load(ETH_HLEN);
+    rc == 0 && here.is_ok_and(|h| h == net)
 }
 
 fn parse(ctx: &TcContext) -> Option<Seg> {
     let proto: u16 = u16::from_be(ctx.load(12).ok()?);
-    let (src, dst, family, l4) = if proto == ETH_P_IP {
+    if !ethernet(ctx, proto) {
+        return None;
+    }
+    let (src, dst, family, l4, l3_len) = if proto == ETH_P_IP {
         let vhl: u8 = ctx.load(ETH_HLEN).ok()?;
         let p: u8 = ctx.load(ETH_HLEN + 9).ok()?;
         if p != IPPROTO_TCP {
             return None;
         }
+        // A fragment (more fragments, or an offset) is never marked: its TCP header and
+        // options may be incomplete; netfilter sees it reassembled, unmarked.
+        let frag: u16 = u16::from_be(ctx.load(ETH_HLEN + 6).ok()?);
+        if frag & 0x3fff != 0 {
+            return None;
+        }
         let s: u32 = ctx.load(ETH_HLEN + 12).ok()?;
         let d: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+        let total: u16 = u16::from_be(ctx.load(ETH_HLEN + 2).ok()?);
+        let ihl = ((vhl & 0x0f) as usize) * 4;
         (
             [s, 0, 0, 0],
             [d, 0, 0, 0],
             AF_INET,
-            ETH_HLEN + ((vhl & 0x0f) as usize) * 4,
+            ETH_HLEN + ihl,
+            (total as usize).saturating_sub(ihl),
         )
     } else if proto == ETH_P_IPV6 {
+        // Extension headers (fragments among them) are never parsed: not marked.
         let next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
         if next != IPPROTO_TCP {
             return None;
         }
         let s: [u32; 4] = ctx.load(ETH_HLEN + 8).ok()?;
         let d: [u32; 4] = ctx.load(ETH_HLEN + 24).ok()?;
-        (s, d, AF_INET6, ETH_HLEN + 40)
+        let plen: u16 = u16::from_be(ctx.load(ETH_HLEN + 4).ok()?);
+        (s, d, AF_INET6, ETH_HLEN + 40, plen as usize)
     } else {
         return None;
     };
@@ -522,6 +560,7 @@ fn parse(ctx: &TcContext) -> Option<Seg> {
         ack,
         flags: flags as u32,
         opt,
+        payload: l3_len > (off >> 4) as usize * 4,
     })
 }
 
@@ -531,12 +570,24 @@ fn set_mark(ctx: &TcContext, bits: u32) {
     ctx.set_mark(mark | bits);
 }
 
+/// Clears the fast and proven bits whoever set them (another tc or XDP program, a mark
+/// carried over a same-namespace veth): only this program's verdict sets them here.
+fn clear_bits(ctx: &TcContext, s: &FastSettings) {
+    // SAFETY: reading the context's mark.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    let bits = s.fast_bit | s.proven_bit;
+    if mark & bits != 0 {
+        ctx.set_mark(mark & !bits);
+    }
+}
+
 /// tc ingress on the host's interfaces: the fast path's proofs, before netfilter.
 #[classifier]
 pub fn verify_fast(ctx: TcContext) -> i32 {
     let Some(s) = settings() else {
         return TC_ACT_OK as i32;
     };
+    clear_bits(&ctx, &s);
     let Some(seg) = parse(&ctx) else {
         return TC_ACT_OK as i32;
     };
@@ -658,6 +709,12 @@ pub fn verify_fast(ctx: TcContext) -> i32 {
         _pad: 0,
     };
     let bit = if syn {
+        if seg.payload {
+            // A SYN with data (TCP Fast Open): the tag does not cover it; a replayed SYN
+            // must not deliver data of its own. Left to the queues.
+            count(STAT_FAILED);
+            return TC_ACT_OK as i32;
+        }
         s.fast_bit
     } else if ackf {
         // Only over the ISNs of the SYN-ACK this host sent for the 4-tuple.

@@ -160,6 +160,20 @@ impl FastPath {
         }))
     }
 
+    /// Turns the fast path off in the loaded object (its settings zeroed: the connect
+    /// hooks choose no fast mark, the verifiers mark nothing). At shutdown: pinned connect
+    /// hooks outlive the enforcer with this run's maps, its tc verifiers do not.
+    pub fn disable(ebpf: &mut Ebpf) {
+        let Some(map) = ebpf.map_mut(names::FAST_SETTINGS) else {
+            return;
+        };
+        let result = Array::<_, FastSettings>::try_from(map)
+            .and_then(|mut a| a.set(0, FastSettings::default(), 0));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot turn the fast path off");
+        }
+    }
+
     /// The ring of established fast connections (once).
     pub fn take_events(&self) -> Option<RingBuf<MapData>> {
         lock(&self.events).take()

@@ -123,6 +123,16 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<S
             "-t raw -A {raw} -i lo -p tcp --syn --dport {p} -j DROP"
         ));
     }
+    if h.fast_path_secs != 0 {
+        // Fail closed at the client whatever tc saw (a fragment, a device it does not
+        // run on, a pending entry evicted, no enforcer): a SYN-ACK of a connection whose
+        // SYN left on the fast path is dropped unless the verifier proved it. Mangle sees
+        // packets reassembled, with their connection's mark (set in OUTPUT below).
+        let (fc, fb) = (h.fast_client_bit, h.fast_bit());
+        r.push(format!(
+            "-t mangle -A {input} -p tcp --tcp-flags SYN,ACK SYN,ACK -m connmark --mark {fc:#x}/{fc:#x} -m mark ! --mark {fb:#x}/{fb:#x} -j DROP"
+        ));
+    }
     r.push(format!(
         "-t mangle -A {input} -m mark --mark {pb:#x}/{pb:#x} -j CONNMARK --set-xmark {pb:#x}/{pb:#x}"
     ));
@@ -152,6 +162,18 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<S
         );
     }
     r.extend(tail);
+    if h.fast_path_secs != 0 {
+        // Each SYN says which path its connection is on: the fast client bit set for a
+        // fast socket's SYN, cleared for any other (a fast SYN that falls back to the full
+        // handshake keeps its 4-tuple, so its conntrack entry).
+        let (fc, fsm) = (h.fast_client_bit, h.fast_socket_mark());
+        r.push(format!(
+            "-t mangle -A {local} -p tcp --syn -j CONNMARK --set-xmark 0x0/{fc:#x}"
+        ));
+        r.push(format!(
+            "-t mangle -A {local} -p tcp --syn -m mark --mark {fsm:#x} -j CONNMARK --set-xmark {fc:#x}/{fc:#x}"
+        ));
+    }
     // Client: everything after the SYN until the first ACK went, in OUTPUT: the acked bit the
     // engine sets is saved in the connmark at POSTROUTING, and packets behind the first ACK
     // wait behind it in the queue instead of overtaking its proof.
@@ -326,9 +348,17 @@ mod tests {
         assert!(skip < queue);
         // The fast socket mark is not the handshake mark the egress rules match exactly.
         assert_ne!(h.fast_socket_mark(), h.socket_mark);
-        assert!(
-            !r.iter()
-                .any(|l| l.contains(&format!("{:#x}", h.fast_socket_mark())))
+        let fsm = format!("--mark {:#x} ", h.fast_socket_mark());
+        assert!(!r.iter().any(|l| l.contains(&fsm) && l.contains("NFQUEUE")));
+        // Fail closed whatever tc saw: a fast socket's SYN stamps its connection, whose
+        // SYN-ACK is dropped in mangle PREROUTING unless it carries the verified bit.
+        assert!(r.contains(&format!(
+            "-t mangle -A TESSERA-HS-LOCAL1 -p tcp --syn -m mark --mark {:#x} -j CONNMARK --set-xmark 0x800/0x800",
+            h.fast_socket_mark()
+        )));
+        assert_eq!(
+            r.iter().find(|l| l.contains("-A TESSERA-HS-IN1")).unwrap(),
+            "-t mangle -A TESSERA-HS-IN1 -p tcp --tcp-flags SYN,ACK SYN,ACK -m connmark --mark 0x800/0x800 -m mark ! --mark 0x400/0x400 -j DROP"
         );
         // Off: none of it.
         let off = HandshakeConfig {
