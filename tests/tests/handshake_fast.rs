@@ -496,3 +496,38 @@ fn a_warm_clients_syn_ack_that_no_verifier_proved_never_completes_the_connection
         );
     }
 }
+
+/// A fast SYN answered by an untagged SYN-ACK (here: the server's kernel answers every SYN
+/// with a syncookie, `tcp_syncookies = 2`, as under a SYN flood; its sock_ops cannot tag
+/// one) falls back to the full handshake one RTO later, as after a reset, instead of
+/// hanging: before the fix the client dropped the SYN-ACK and retransmitted the same fast
+/// SYN until its retries ran out.
+#[test]
+fn a_fast_syn_answered_by_an_untagged_syncookie_syn_ack_falls_back_to_the_full_handshake() {
+    let (net, content) = hosts();
+    fetch(&net).expect("first fetch");
+    fetch_on_fast_path(&net, &content);
+    tessera_tests::sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            net.host("host-b").netns.as_str(),
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_syncookies=2",
+        ],
+    )
+    .unwrap();
+    let before = (queued(&net, "host-a"), queued(&net, "host-b"));
+    let f = fetch(&net).expect("a fetch answered by a syncookie SYN-ACK");
+    assert!(f.body == content);
+    let after = (queued(&net, "host-a"), queued(&net, "host-b"));
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "it took the full handshake through both queues: {before:?} -> {after:?}"
+    );
+    // And the pair stays on the full handshake (no key re-used that cannot work here).
+    let f = fetch(&net).expect("the next fetch");
+    assert!(f.body == content);
+}

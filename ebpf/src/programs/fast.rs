@@ -659,11 +659,22 @@ pub fn verify_fast(ctx: TcContext) -> i32 {
             set_mark(&ctx, s.fast_bit);
             return TC_ACT_OK as i32;
         }
-        // Not proven: dropped (the engine holds no state for this connection). A server
-        // that cannot tag (a listener older than the enforcer) costs this one connection:
-        // the key is forgotten and the next connection takes the full handshake.
+        // Not proven: dropped (the engine holds no state for this connection; mangle
+        // PREROUTING would drop it too). Only an answer to our SYN (its ack) forgets the
+        // key: an off-path SYN-ACK with any other ack costs nothing. An untagged answer
+        // (a syncookie, a listener older than the fast path, a key revoked or expired
+        // there meanwhile) is a server that cannot take this fast SYN: as for its reset,
+        // the socket's SYN retransmission takes the full handshake.
         count(STAT_SYNACK_DROPPED);
-        let _ = FAST_CLIENT.remove(&p.client);
+        if seg.ack == p.client_isn.wrapping_add(1) {
+            let _ = FAST_CLIENT.remove(&p.client);
+            if seg.opt.is_none() && p.fallback == 0 {
+                let _ = FAST_NOFAST.insert(&p.client, &p.key.expires_ns, 0);
+                let mut p = p;
+                p.fallback = 1;
+                let _ = FAST_PENDING.insert(&t, &p, 0);
+            }
+        }
         return TC_ACT_SHOT as i32;
     }
     let Some((key_id, tag)) = seg.opt else {

@@ -137,6 +137,12 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<S
         "-t mangle -A {input} -m mark --mark {pb:#x}/{pb:#x} -j CONNMARK --set-xmark {pb:#x}/{pb:#x}"
     ));
     if h.fast_path_secs != 0 {
+        // Each SYN says whether its connection is on the fast path: a fast SYN that falls
+        // back to the full handshake (same 4-tuple, so the same conntrack entry) must have
+        // its SYN-ACK queued again, for its token.
+        r.push(format!(
+            "-t mangle -A {input} -p tcp --syn -j CONNMARK --set-xmark 0x0/{fb:#x}"
+        ));
         r.push(format!(
             "-t mangle -A {input} -m mark --mark {fb:#x}/{fb:#x} -j CONNMARK --set-xmark {fb:#x}/{fb:#x}"
         ));
