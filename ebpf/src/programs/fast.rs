@@ -67,6 +67,14 @@ static FAST_PENDING: LruHashMap<FastTuple, FastPending> =
 static FAST_SYNACKS: LruHashMap<FastTuple, [u32; 3]> =
     LruHashMap::with_max_entries(FAST_PENDING_ENTRIES, 0);
 
+/// Server end: the SYNs `verify_fast` proved, by 4-tuple (local first): (client ISN, key
+/// id). The listener's `sock_ops` tags a SYN-ACK only for such a SYN, so a SYN that merely
+/// names a key id (a full-handshake SYN with a victim's id beside its token) gets no tag
+/// and no fast record.
+#[map(name = "TESSERA_FAST_VERIFIED")]
+static FAST_VERIFIED: LruHashMap<FastTuple, [u32; 2]> =
+    LruHashMap::with_max_entries(FAST_PENDING_ENTRIES, 0);
+
 /// Server end: local ports whose listener was opened while the fast path ran (its
 /// SYN-ACKs can carry a tag). A fast SYN to any other port is left to the engine, which
 /// refuses it; the client then retries by the full handshake.
@@ -268,6 +276,7 @@ pub(super) fn sock_ops(ctx: &SockOpsContext, op: u32) -> bool {
             // SAFETY: copied out at once.
             if let Some([_, _, key_id]) = unsafe { FAST_SYNACKS.get(&t) }.copied() {
                 let _ = FAST_SYNACKS.remove(&t);
+                let _ = FAST_VERIFIED.remove(&t);
                 report(t, key_id, 1);
             }
             false
@@ -318,10 +327,25 @@ fn server_synack(ctx: &SockOpsContext, write: bool) {
     let Some((key_id, _)) = syn_option(ctx) else {
         return;
     };
+    let t = tuple(ctx);
+    // SAFETY: copied out at once.
+    let Some([verified_isn, verified_id]) = (unsafe { FAST_VERIFIED.get(&t) }).copied() else {
+        return;
+    };
+    if verified_id != key_id {
+        return;
+    }
     // SAFETY: copied out at once.
     let Some(e) = (unsafe { FAST_SERVER.get(&key_id) }).copied() else {
         return;
     };
+    if e.key.expires_ns <= now()
+        || e.family != t.family
+        || e.server_port != t.local_port
+        || e.client != t.remote
+    {
+        return;
+    }
     if !write {
         reserve(ctx);
         return;
@@ -329,7 +353,9 @@ fn server_synack(ctx: &SockOpsContext, write: bool) {
     let Some((server_isn, ack)) = seq_ack(ctx) else {
         return;
     };
-    let t = tuple(ctx);
+    if ack.wrapping_sub(1) != verified_isn {
+        return;
+    }
     let input = TagInput {
         label: LABEL_SYNACK,
         epoch: e.key.epoch,
@@ -730,10 +756,14 @@ pub fn verify_fast(ctx: TcContext) -> i32 {
     } else if ackf {
         // Only over the ISNs of the SYN-ACK this host sent for the 4-tuple.
         // SAFETY: copied out at once.
-        let Some([client_isn, server_isn, _]) = (unsafe { FAST_SYNACKS.get(&t) }).copied() else {
+        let Some([client_isn, server_isn, synack_id]) = (unsafe { FAST_SYNACKS.get(&t) }).copied()
+        else {
             return TC_ACT_OK as i32;
         };
-        if seg.seq != client_isn.wrapping_add(1) || seg.ack != server_isn.wrapping_add(1) {
+        if synack_id != key_id
+            || seg.seq != client_isn.wrapping_add(1)
+            || seg.ack != server_isn.wrapping_add(1)
+        {
             count(STAT_FAILED);
             return TC_ACT_OK as i32;
         }
@@ -748,6 +778,10 @@ pub fn verify_fast(ctx: TcContext) -> i32 {
         // (the server's entry stays until its socket is established: `track_connect`
         // takes it then, for the connection's record)
         count(if syn { STAT_SYN_OK } else { STAT_ACK_OK });
+        if syn {
+            // For the listener's sock_ops: this SYN, and only it, gets a tagged SYN-ACK.
+            let _ = FAST_VERIFIED.insert(&t, &[seg.seq, key_id], 0);
+        }
         set_mark(&ctx, bit);
     } else {
         count(STAT_FAILED);
