@@ -18,6 +18,11 @@ fn hosts() -> (TestNet, Vec<u8>) {
 
 /// [`hosts`], api declaring `ports` (8080 among them).
 fn hosts_with(ports: &[u16]) -> (TestNet, Vec<u8>) {
+    hosts_with_from(ports, "[app=web]")
+}
+
+/// [`hosts_with`], the rule's client selector `from`.
+fn hosts_with_from(ports: &[u16], from: &str) -> (TestNet, Vec<u8>) {
     let net = TestNet::new(&["host-a", "host-b"]).expect("test hosts");
     *net.options.lock().unwrap() = EnforcerOptions {
         handshake: true,
@@ -30,7 +35,7 @@ fn hosts_with(ports: &[u16]) -> (TestNet, Vec<u8>) {
     // A policy file at each end (a reload replaces it).
     let list: Vec<String> = ports.iter().map(u16::to_string).collect();
     let policy = format!(
-        "rules:\n  - name: web-api\n    action: allow\n    from: [{{labels: [app=web]}}]\n    to: [{{labels: [app=api]}}]\n    ports: [{}]\n",
+        "rules:\n  - name: web-api\n    action: allow\n    from: [{{labels: {from}}}]\n    to: [{{labels: [app=api]}}]\n    ports: [{}]\n",
         list.join(", ")
     );
     for host in ["host-a", "host-b"] {
@@ -530,4 +535,49 @@ fn a_fast_syn_answered_by_an_untagged_syncookie_syn_ack_falls_back_to_the_full_h
     // And the pair stays on the full handshake (no key re-used that cannot work here).
     let f = fetch(&net).expect("the next fetch");
     assert!(f.body == content);
+}
+
+/// A policy that tells executables apart (`tessera.io/exe`) turns the fast path off: a key
+/// is per (cgroup, uid, destination), so another program of the same workload and uid
+/// would ride the key an allowed program's full handshake earned. Here only curl may reach
+/// api; after curl's connections, python3 in the same workload and uid must still be
+/// refused. Before the fix python3's connection carried curl's key and got through.
+#[test]
+fn a_policy_on_executables_grants_no_fast_key_another_program_could_ride() {
+    let curl = fs::canonicalize(
+        tessera_tests::sh("sh", &["-c", "command -v curl"])
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let (net, content) = hosts_with_from(
+        &[8080],
+        &format!("[app=web, 'tessera.io/exe={}']", curl.display()),
+    );
+    for _ in 0..3 {
+        let f = fetch(&net).expect("curl is allowed");
+        assert!(f.body == content);
+        // Past the client end's delay before it uses a key (100 ms).
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = net
+        .run(
+            net.host("host-a"),
+            Some("web"),
+            "python3",
+            &[
+                "-c",
+                &format!(
+                    "import urllib.request; urllib.request.urlopen('{INDEX}', timeout=5).read()"
+                ),
+            ],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "python3 reached api on curl's fast path key"
+    );
+    let log = net.enforcer_log(net.host("host-a"));
+    assert!(log.contains("fast path off"), "{log}");
 }

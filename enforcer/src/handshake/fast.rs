@@ -31,6 +31,7 @@ use tessera_proxy::{
     authz::{Attempt, Decisions, Ruling},
     flow::{Direction, FlowTemplate, now_ms},
     handshake::{engine::LiveConnection, fast::FastGrant},
+    identity::reserved,
 };
 
 use super::{closed::monotonic_ns, live::Registered};
@@ -46,6 +47,9 @@ pub struct FastPath {
     lifetime: Duration,
     /// Policy replacements seen: a grant decided before one is never installed after it.
     generation: AtomicU64,
+    /// The policy in force reads executable labels: no key is granted (C2: another
+    /// program of the same cgroup and uid would ride a key its executable was not allowed).
+    process_labels: std::sync::atomic::AtomicBool,
     /// Client grants waiting for [`CLIENT_DELAY`].
     delayed: Mutex<Option<mpsc::Sender<(Instant, u64, FastGrant)>>>,
     /// What the full handshake of each installed key decided, by (server end?, key id):
@@ -154,6 +158,7 @@ impl FastPath {
             nofast: Mutex::new(HashMap::try_from(take(ebpf, names::FAST_NOFAST)?)?),
             lifetime: Duration::from_secs(h.fast_path_secs),
             generation: AtomicU64::new(0),
+            process_labels: std::sync::atomic::AtomicBool::new(false),
             delayed: Mutex::new(None),
             templates: Mutex::default(),
             events: Mutex::new(Some(RingBuf::try_from(take(ebpf, names::FAST_EVENTS)?)?)),
@@ -204,6 +209,9 @@ impl FastPath {
         let Some(template) = template else {
             return;
         };
+        if self.process_labels.load(Ordering::SeqCst) {
+            return;
+        }
         {
             let mut templates = lock(&self.templates);
             if templates.len() >= TEMPLATES_KEPT {
@@ -277,6 +285,23 @@ impl FastPath {
         }
     }
 
+    /// Reads whether the policy in force has a rule whose selectors read executable
+    /// labels (`tessera.io/exe`, `tessera.io/exe-sha256`): then no key is granted, since a
+    /// key is per (cgroup, uid, destination), not per executable. Returns it.
+    pub fn set_policy(&self, decisions: &Decisions) -> bool {
+        let policy = decisions.policy();
+        let process = [reserved::EXE, reserved::EXE_SHA256]
+            .iter()
+            .any(|k| policy.mentions_label(k));
+        let was = self.process_labels.swap(process, Ordering::SeqCst);
+        if process && !was {
+            tracing::warn!(
+                "fast path off: the policy has rules on executable labels (tessera.io/exe, tessera.io/exe-sha256), which a per-workload key cannot tell apart"
+            );
+        }
+        process
+    }
+
     /// A policy was replaced: each pair's full-handshake decision is taken again under it,
     /// and the keys of the pairs it no longer allows are forgotten at once (their next
     /// connection is refused at this end). Pairs still allowed keep their keys: a reload
@@ -286,10 +311,11 @@ impl FastPath {
         let mut client = lock(&self.client);
         let mut server = lock(&self.server);
         self.generation.fetch_add(1, Ordering::SeqCst);
+        let process = self.set_policy(decisions);
         let mut templates = lock(&self.templates);
         let denied: Vec<_> = templates
             .iter()
-            .filter(|(_, (t, _))| !decisions.check(&t.attempt).allowed)
+            .filter(|(_, (t, _))| process || !decisions.check(&t.attempt).allowed)
             .map(|(k, (_, c))| (*k, *c))
             .collect();
         for ((at_server, key_id), c) in &denied {

@@ -91,6 +91,7 @@ pub fn start(
         fast.run_delayed()?;
         // Whenever a policy is replaced (or a peer revoked), the pairs it no longer allows
         // lose their keys: their next connection is refused.
+        fast.set_policy(registry.decisions());
         let (fast, mut reloads, registry) = (fast.clone(), registry.reloads(), registry.clone());
         tokio::spawn(async move {
             while reloads.changed().await.is_ok() {
