@@ -39,15 +39,17 @@ use tessera_common::{
 #[map(name = "TESSERA_FAST_SETTINGS")]
 static FAST_SETTINGS: Array<FastSettings> = Array::with_max_entries(1, 0);
 
-/// Client end: pair secrets by (caller's cgroup, uid, destination).
+/// Client end: pair secrets by (caller's cgroup, uid, destination). LRU: a full map
+/// forgets the least used key (that pair takes the full handshake), never refuses new ones.
 #[map(name = "TESSERA_FAST_CLIENT")]
-static FAST_CLIENT: HashMap<FastClientKey, FastKey> =
-    HashMap::with_max_entries(FAST_CLIENT_ENTRIES, 0);
+static FAST_CLIENT: LruHashMap<FastClientKey, FastKey> =
+    LruHashMap::with_max_entries(FAST_CLIENT_ENTRIES, 0);
 
-/// Server end: pair secrets by key id.
+/// Server end: pair secrets by key id (LRU, as `FAST_CLIENT`; user space also sweeps
+/// expired keys).
 #[map(name = "TESSERA_FAST_SERVER")]
-static FAST_SERVER: HashMap<u32, FastServerEntry> =
-    HashMap::with_max_entries(FAST_SERVER_ENTRIES, 0);
+static FAST_SERVER: LruHashMap<u32, FastServerEntry> =
+    LruHashMap::with_max_entries(FAST_SERVER_ENTRIES, 0);
 
 /// Client sockets on the fast path, by cookie, until their first segments are tagged.
 #[map(name = "TESSERA_FAST_SOCKS")]

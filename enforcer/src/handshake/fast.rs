@@ -57,11 +57,18 @@ pub struct FastPath {
     templates: Mutex<Templates>,
     /// The ring of established fast connections, until the reader takes it.
     events: Mutex<Option<RingBuf<MapData>>>,
+    /// When expired keys were last swept ([`FastPath::sweep`]).
+    swept: Mutex<Instant>,
 }
+
+/// How often expired keys and their templates are swept (at a grant, at most).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Each installed key's decision and, at the client end, its map key, by (server end?,
 /// key id).
-type Templates = std::collections::HashMap<(bool, u32), (Template, Option<FastClientKey>)>;
+/// By (server end?, key id): the decision, the client end's map key, and until when the
+/// key can prove a connection (then the template and its kernel entry are swept).
+type Templates = std::collections::HashMap<(bool, u32), (Template, Option<FastClientKey>, Instant)>;
 
 /// A full handshake's decision, for the connections its pair secret proves later.
 #[derive(Clone)]
@@ -161,6 +168,7 @@ impl FastPath {
             process_labels: std::sync::atomic::AtomicBool::new(false),
             delayed: Mutex::new(None),
             templates: Mutex::default(),
+            swept: Mutex::new(Instant::now()),
             events: Mutex::new(Some(RingBuf::try_from(take(ebpf, names::FAST_EVENTS)?)?)),
         }))
     }
@@ -212,14 +220,33 @@ impl FastPath {
         if self.process_labels.load(Ordering::SeqCst) {
             return;
         }
+        let full = lock(&self.templates).len() >= TEMPLATES_KEPT;
+        let due = lock(&self.swept).elapsed() >= SWEEP_EVERY;
+        if full || due {
+            self.sweep();
+        }
         {
             let mut templates = lock(&self.templates);
-            if templates.len() >= TEMPLATES_KEPT {
-                templates.clear();
+            let client = client_key(&grant);
+            if let Some(c) = client {
+                // A new handshake of the same caller and destination replaces its key
+                // (the kernel's entry is by caller and destination): its old template goes.
+                templates.retain(|(at_server, _), (_, old, _)| *at_server || *old != Some(c));
             }
+            if templates.len() >= TEMPLATES_KEPT {
+                // Full of live keys: this pair stays on the full handshake (never forget
+                // a live key's decision: it is what revocation and records need).
+                tracing::debug!(
+                    key_id = grant.pair.key_id,
+                    "fast path full: key not granted"
+                );
+                return;
+            }
+            // Until the key's expiry at the latest (the client end installs it later).
+            let until = Instant::now() + self.lifetime + CLIENT_DELAY + Duration::from_secs(1);
             templates.insert(
                 (grant.caller.is_none(), grant.pair.key_id),
-                (template, client_key(&grant)),
+                (template, client, until),
             );
         }
         if grant.caller.is_none() {
@@ -302,6 +329,38 @@ impl FastPath {
         process
     }
 
+    /// Forgets the keys past their expiry: their templates, and their kernel entries
+    /// (the client's only if it is still that key: a newer handshake may have replaced it).
+    fn sweep(&self) {
+        let mut client = lock(&self.client);
+        let mut server = lock(&self.server);
+        let mut templates = lock(&self.templates);
+        *lock(&self.swept) = Instant::now();
+        let now = Instant::now();
+        let expired: Vec<_> = templates
+            .iter()
+            .filter(|(_, (_, _, until))| *until <= now)
+            .map(|(k, (_, c, _))| (*k, *c))
+            .collect();
+        for ((at_server, key_id), c) in &expired {
+            templates.remove(&(*at_server, *key_id));
+            let _ = match c {
+                Some(c) => match client.get(c, 0) {
+                    Ok(k) if k.key_id == *key_id => client.remove(c),
+                    _ => Ok(()),
+                },
+                None => server.remove(key_id),
+            };
+        }
+        if !expired.is_empty() {
+            tracing::debug!(
+                swept = expired.len(),
+                kept = templates.len(),
+                "fast path keys expired"
+            );
+        }
+    }
+
     /// A policy was replaced: each pair's full-handshake decision is taken again under it,
     /// and the keys of the pairs it no longer allows are forgotten at once (their next
     /// connection is refused at this end). Pairs still allowed keep their keys: a reload
@@ -315,8 +374,8 @@ impl FastPath {
         let mut templates = lock(&self.templates);
         let denied: Vec<_> = templates
             .iter()
-            .filter(|(_, (t, _))| process || !decisions.check(&t.attempt).allowed)
-            .map(|(k, (_, c))| (*k, *c))
+            .filter(|(_, (t, _, _))| process || !decisions.check(&t.attempt).allowed)
+            .map(|(k, (_, c, _))| (*k, *c))
             .collect();
         for ((at_server, key_id), c) in &denied {
             templates.remove(&(*at_server, *key_id));
@@ -336,7 +395,7 @@ impl FastPath {
     /// it: recorded with its key's full handshake's decision (re-decided there if policy
     /// was replaced since). None for a key this run does not know.
     pub fn registered(&self, c: &FastConn) -> Option<Registered> {
-        let (t, _) = lock(&self.templates)
+        let (t, _, _) = lock(&self.templates)
             .get(&(c.server == 1, c.key_id))
             .cloned()?;
         let addr = |a: [u32; 4], port: u16| -> SocketAddr {
