@@ -5,6 +5,8 @@
 //! (network byte order, IPv4 in `addr[0]`); ports in host byte order.
 #![no_std]
 
+pub mod fast;
+
 /// `AF_INET` / `AF_INET6` as the kernel numbers them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -32,6 +34,13 @@ pub mod names {
     pub const NONTCP_ALLOW: &str = "TESSERA_NONTCP_ALLOW";
     pub const NONTCP_WORKLOADS: &str = "TESSERA_NONTCP_WORKLOADS";
     pub const NONTCP_FLOWS: &str = "TESSERA_NONTCP_FLOWS";
+    pub const FAST_SETTINGS: &str = "TESSERA_FAST_SETTINGS";
+    pub const FAST_CLIENT: &str = "TESSERA_FAST_CLIENT";
+    pub const FAST_SERVER: &str = "TESSERA_FAST_SERVER";
+    pub const FAST_STATS: &str = "TESSERA_FAST_STATS";
+    pub const FAST_EVENTS: &str = "TESSERA_FAST_EVENTS";
+    pub const FAST_NOFAST: &str = "TESSERA_FAST_NOFAST";
+    pub const PROG_VERIFY_FAST: &str = "verify_fast";
 }
 
 /// Index of the inbound listener sockets in the `INBOUND_LISTENER` sockmap.
@@ -276,4 +285,12 @@ mod pod {
     unsafe impl aya::Pod for super::NonTcpAllow {}
     unsafe impl aya::Pod for super::NonTcpFlowKey {}
     unsafe impl aya::Pod for super::NonTcpFlowCount {}
+    unsafe impl aya::Pod for super::fast::FastClientKey {}
+    unsafe impl aya::Pod for super::fast::FastKey {}
+    unsafe impl aya::Pod for super::fast::FastServerEntry {}
+    unsafe impl aya::Pod for super::fast::FastSettings {}
+    unsafe impl aya::Pod for super::fast::FastTuple {}
+    unsafe impl aya::Pod for super::fast::FastSock {}
+    unsafe impl aya::Pod for super::fast::FastPending {}
+    unsafe impl aya::Pod for super::fast::FastConn {}
 }

@@ -43,6 +43,7 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs {
+    mod fast;
     use aya_ebpf::{
         EbpfContext,
         bindings::{
@@ -78,8 +79,8 @@ mod programs {
     };
 
     const IPPROTO_TCP: u32 = 6;
-    const SOL_SOCKET: i32 = 1;
-    const SO_MARK: i32 = 36;
+    pub(super) const SOL_SOCKET: i32 = 1;
+    pub(super) const SO_MARK: i32 = 36;
     const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
     const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
     const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
@@ -188,8 +189,17 @@ mod programs {
     /// Handshake mode: the connect goes ahead unchanged, its socket marked so that iptables
     /// hands its handshake packets to the enforcer. Without the mark the connection would
     /// leave unauthenticated, so a failure fails the connect.
-    fn mark_for_handshake(ctx: &SockAddrContext, settings: &Settings) -> i32 {
-        let mut mark = settings.handshake_mark;
+    /// A caller holding a live pair secret for the destination takes the fast path
+    /// instead (`fast`): its socket gets the fast mark, which no queueing rule matches.
+    fn mark_for_handshake(
+        ctx: &SockAddrContext,
+        settings: &Settings,
+        addr: [u32; 4],
+        port: u16,
+        family: u16,
+    ) -> i32 {
+        let mut mark =
+            fast::client_mark(ctx, addr, port, family).unwrap_or(settings.handshake_mark);
         // SAFETY: bpf_setsockopt(SOL_SOCKET, SO_MARK) is allowed in cgroup/connect hooks;
         // the option value is a live u32 on our stack.
         let rc = unsafe {
@@ -319,7 +329,7 @@ mod programs {
                 return 0;
             }
             if !tunnel {
-                return mark_for_handshake(&ctx, &settings);
+                return mark_for_handshake(&ctx, &settings, [ip, 0, 0, 0], port, AF_INET);
             }
             (*sa).user_ip4 = LOOPBACK4_BE;
             (*sa).user_port = u32::from(settings.outbound_port.to_be());
@@ -363,7 +373,7 @@ mod programs {
                     return 0;
                 }
                 if !tunnel {
-                    return mark_for_handshake(&ctx, &settings);
+                    return mark_for_handshake(&ctx, &settings, [ip[3], 0, 0, 0], port, AF_INET);
                 }
                 (*sa).user_ip6[3] = LOOPBACK4_BE;
             } else {
@@ -381,7 +391,7 @@ mod programs {
                     return 0;
                 }
                 if !tunnel {
-                    return mark_for_handshake(&ctx, &settings);
+                    return mark_for_handshake(&ctx, &settings, ip, port, AF_INET6);
                 }
                 (*sa).user_ip6[0] = 0;
                 (*sa).user_ip6[1] = 0;
@@ -405,8 +415,15 @@ mod programs {
     /// Handshake mode: established connections of enrolled workloads report their close.
     fn watch_close(ctx: &SockOpsContext) -> u32 {
         match ctx.op() {
-            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
                 let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
+            }
+            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+                // An accepted socket inherits its listener's flags: it writes no options
+                // (the fast path's SYN-ACK tag is the listener's).
+                let flags = (ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG)
+                    & !fast::WRITE_HDR_OPT_CB_FLAG;
+                let _ = ctx.set_cb_flags(flags);
             }
             BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_FIN_WAIT2 => {
                 // SAFETY: a state callback runs on a full TCP socket.
@@ -468,9 +485,11 @@ mod programs {
 
     #[sock_ops]
     pub fn track_connect(ctx: SockOpsContext) -> u32 {
-        if settings().is_some_and(|s| s.mode == MODE_HANDSHAKE)
-            && ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB
-        {
+        let handshake = settings().is_some_and(|s| s.mode == MODE_HANDSHAKE);
+        if handshake && fast::sock_ops(&ctx, ctx.op()) {
+            return 1;
+        }
+        if handshake && ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
             return watch_close(&ctx);
         }
         if ctx.op() == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE {

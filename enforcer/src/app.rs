@@ -332,6 +332,8 @@ pub async fn build(config: &Config) -> Result<Running> {
                 core.registry.clone(),
                 capture.take_closed_ring()?,
                 core.metrics.clone(),
+                crate::handshake::fast::FastPath::start(capture.ebpf_mut(), &config.handshake)?
+                    .map(Arc::new),
             )?;
             let rules = crate::handshake::prepare_rules(&config.handshake, &host.ports)?;
             // The rules in force first; only then may sk_lookup stop guarding the ports.
@@ -999,6 +1001,11 @@ impl Running {
         }
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = format!("{e:#}"), "cannot persist the flow map");
+        }
+        if self.mode == DataPathMode::Handshake {
+            // Capture may stay attached (pinned connect hooks keep this run's maps alive)
+            // while our tc verifiers go with us: no socket may take the fast path then.
+            crate::handshake::fast::FastPath::disable(self.capture.ebpf_mut());
         }
         self.capture.shutdown(keep_attached);
     }

@@ -451,6 +451,12 @@ impl Capture {
         ))
     }
 
+    /// The loaded object, for the handshake fast path's maps and tc program
+    /// (`handshake::fast`).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     /// The ring buffer where `sock_ops` reports closed connections (handshake mode).
     pub fn take_closed_ring(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map(names::CLOSED).context("closed ring")?;

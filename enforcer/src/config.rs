@@ -90,6 +90,31 @@ pub struct HandshakeConfig {
     /// Benchmark baseline only: queue as usual but let every handshake through unverified,
     /// to measure what the queues themselves cost (`cargo xtask bench`). Never in production.
     pub pass_through: bool,
+    /// The in-kernel fast path (docs/handshake.md, "Fast path"): how long the pair secret a
+    /// full handshake agrees proves the same workloads' later connections in the kernel
+    /// (seconds); 0 turns the fast path off (every connection takes the full handshake).
+    pub fast_path_secs: u64,
+    /// `SO_MARK` of client sockets on the fast path: a mark of its own, which no queueing
+    /// rule matches (distinct from every other socket and delivery mark).
+    pub fast_socket_mark: u32,
+    /// Packet / connmark bit of a connection whose SYN (server) or SYN-ACK (client) the tc
+    /// verifier proved (a single bit, distinct from every other bit and mark).
+    pub fast_bit: u32,
+    /// Connmark bit of a client connection whose SYN left on the fast path: its SYN-ACK is
+    /// dropped unless the tc verifier proved it (fail closed whatever tc saw).
+    pub fast_client_bit: u32,
+}
+
+impl HandshakeConfig {
+    /// `SO_MARK` of client sockets on the fast path ([`Self::fast_socket_mark`]).
+    pub fn fast_socket_mark(&self) -> u32 {
+        self.fast_socket_mark
+    }
+
+    /// Packet / connmark bit of a kernel-verified fast connection ([`Self::fast_bit`]).
+    pub fn fast_bit(&self) -> u32 {
+        self.fast_bit
+    }
 }
 
 impl Default for HandshakeConfig {
@@ -103,6 +128,10 @@ impl Default for HandshakeConfig {
             fail_open: false,
             key_reuse_ms: 1_000,
             pass_through: false,
+            fast_path_secs: 300,
+            fast_socket_mark: 0x7e55_0004,
+            fast_bit: 0x0000_0400,
+            fast_client_bit: 0x0000_0800,
         }
     }
 }
@@ -1032,6 +1061,69 @@ impl Config {
                 h.socket_mark
             ));
         }
+        if h.fast_path_secs != 0 {
+            self.validate_fast_marks()?;
+        }
+        Ok(())
+    }
+
+    /// The fast path's marks: two single bits distinct from each other, from the proven and
+    /// acked bits and from every socket and delivery mark (a zero or shared bit would let
+    /// the raw table's `RETURN` match packets no verifier proved); a fast socket mark that
+    /// equals no other mark (no queueing or delivery rule may match it).
+    fn validate_fast_marks(&self) -> Result<(), String> {
+        let h = &self.handshake;
+        let marks = [
+            ("handshake.socket_mark", h.socket_mark),
+            ("bpf.proxy_mark", self.bpf.proxy_mark),
+            ("bpf.delivery_mark", self.bpf.delivery_mark),
+            ("handshake.fast_socket_mark", h.fast_socket_mark),
+        ];
+        let bits = [
+            ("handshake.proven_bit", h.proven_bit),
+            ("handshake.acked_bit", h.acked_bit),
+        ];
+        for (field, bit) in [
+            ("fast_bit", h.fast_bit),
+            ("fast_client_bit", h.fast_client_bit),
+        ] {
+            if bit.count_ones() != 1 {
+                return Err(format!(
+                    "handshake.{field}: {bit:#x} must be a single non-zero bit"
+                ));
+            }
+            for (other, b) in bits {
+                if b == bit {
+                    return Err(format!("handshake.{field}: {bit:#x} equals {other}"));
+                }
+            }
+            for (other, m) in marks {
+                if m & bit != 0 {
+                    return Err(format!(
+                        "handshake.{field}: {bit:#x} overlaps {other} ({m:#x})"
+                    ));
+                }
+            }
+        }
+        if h.fast_bit == h.fast_client_bit {
+            return Err("handshake.fast_client_bit: must differ from handshake.fast_bit".into());
+        }
+        let m = h.fast_socket_mark;
+        if m == 0 {
+            return Err("handshake.fast_socket_mark: must be non-zero".into());
+        }
+        for (other, o) in &marks[..3] {
+            if *o == m {
+                return Err(format!("handshake.fast_socket_mark: {m:#x} equals {other}"));
+            }
+        }
+        for (other, b) in bits {
+            if m & b != 0 {
+                return Err(format!(
+                    "handshake.fast_socket_mark: {m:#x} overlaps {other}"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -1300,6 +1392,60 @@ mod tests {
         let out = tracing::subscriber::with_default(subscriber, f);
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         (out, text)
+    }
+
+    #[test]
+    fn the_fast_path_marks_are_single_distinct_bits_and_a_mark_of_their_own() {
+        let f = Fixture::new();
+        let c = f.load_with("mode = \"handshake\"\n", "").unwrap();
+        let h = &c.handshake;
+        // The defaults: the fast socket mark is no other mark (it was the delivery mark).
+        for m in [h.socket_mark, c.bpf.proxy_mark, c.bpf.delivery_mark] {
+            assert_ne!(h.fast_socket_mark(), m);
+        }
+        let bits = [h.proven_bit, h.acked_bit, h.fast_bit, h.fast_client_bit];
+        assert!(bits.iter().all(|b| b.count_ones() == 1));
+        assert_eq!(bits.iter().fold(0, |a, b| a | b).count_ones(), 4);
+        for (text, field) in [
+            ("fast_bit = 0", "handshake.fast_bit"),
+            ("fast_bit = 0x300", "handshake.fast_bit"),
+            (
+                "fast_bit = 0x100",
+                "handshake.fast_bit: 0x100 equals handshake.proven_bit",
+            ),
+            (
+                "fast_bit = 0x200",
+                "handshake.fast_bit: 0x200 equals handshake.acked_bit",
+            ),
+            ("fast_bit = 0x2", "overlaps handshake.socket_mark"),
+            ("fast_client_bit = 0x400", "handshake.fast_client_bit"),
+            ("fast_client_bit = 0x1", "overlaps bpf.proxy_mark"),
+            (
+                "fast_socket_mark = 0x7e550003",
+                "fast_socket_mark: 0x7e550003 equals bpf.delivery_mark",
+            ),
+            (
+                "fast_socket_mark = 0x7e550002",
+                "equals handshake.socket_mark",
+            ),
+            ("fast_socket_mark = 0", "handshake.fast_socket_mark"),
+            (
+                "fast_socket_mark = 0x7e550104",
+                "overlaps handshake.proven_bit",
+            ),
+        ] {
+            let e = f
+                .load_with("mode = \"handshake\"\n", &format!("[handshake]\n{text}\n"))
+                .map(|_| ())
+                .expect_err(text);
+            assert!(format!("{e:#}").contains(field), "{text}: {e:#}");
+        }
+        // Off: not checked (nothing uses them).
+        f.load_with(
+            "mode = \"handshake\"\n",
+            "[handshake]\nfast_path_secs = 0\nfast_bit = 0\n",
+        )
+        .unwrap();
     }
 
     #[test]

@@ -297,6 +297,8 @@ pub struct CompiledPolicy {
     to: SideIndex,
     /// Every DNS name the policy mentions (the caller resolves them).
     pub dns_names: Vec<String>,
+    /// Every label key a rule's selectors read ([`Self::mentions_label`]).
+    label_keys: Vec<String>,
 }
 
 impl CompiledPolicy {
@@ -307,6 +309,7 @@ impl CompiledPolicy {
             from: SideIndex::default(),
             to: SideIndex::default(),
             dns_names: Vec::new(),
+            label_keys: Vec::new(),
         };
         for (i, r) in policy.rules.iter().enumerate() {
             let id = i as u32;
@@ -317,6 +320,13 @@ impl CompiledPolicy {
                 c.to.add(&mut c.symbols, id, p);
             }
             for p in r.from.iter().chain(&r.to) {
+                if let Peer::Labels(sel) = p {
+                    for k in sel.keys() {
+                        if !c.label_keys.iter().any(|x| x == k) {
+                            c.label_keys.push(k.to_owned());
+                        }
+                    }
+                }
                 if let Peer::Dns(n) = p
                     && !c.dns_names.contains(n)
                 {
@@ -337,6 +347,11 @@ impl CompiledPolicy {
         c.from.build();
         c.to.build();
         c
+    }
+
+    /// Whether any rule's selectors read the label `key` (on either side).
+    pub fn mentions_label(&self, key: &str) -> bool {
+        self.label_keys.iter().any(|k| k == key)
     }
 
     pub fn rule_count(&self) -> usize {
@@ -503,6 +518,19 @@ mod tests {
     use super::*;
     use crate::parse::parse;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_label_keys_a_policys_selectors_read_are_known() {
+        let p = crate::load(
+            "p.yaml",
+            "rules:\n  - {name: a, action: allow, from: {labels: [app=web, 'tessera.io/exe in (/usr/bin/curl)']}, to: {labels: [app=api]}}\n  - {name: b, action: deny, from: {cidr: 10.0.0.0/8}, to: {labels: ['!tessera.io/exe-sha256']}}\n",
+        )
+        .unwrap();
+        for k in ["app", "tessera.io/exe", "tessera.io/exe-sha256"] {
+            assert!(p.mentions_label(k), "{k}");
+        }
+        assert!(!p.mentions_label("tessera.io/uid"));
+    }
 
     const POLICY: &str = "\
 rules:

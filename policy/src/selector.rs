@@ -151,6 +151,18 @@ impl Selector {
     pub fn matches(&self, labels: &Labels) -> bool {
         self.0.iter().all(|e| e.matches(labels))
     }
+
+    /// The label keys its expressions read.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|e| match e {
+            Expr::Eq(k, _)
+            | Expr::NotEq(k, _)
+            | Expr::In(k, _)
+            | Expr::NotIn(k, _)
+            | Expr::Exists(k)
+            | Expr::NotExists(k) => k.as_str(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -442,6 +442,45 @@ impl std::ops::DerefMut for FlowTracker {
     }
 }
 
+/// A record other connections' records start from: the handshake fast path's later
+/// connections of a pair carry the identities, rule and verdict of the full handshake
+/// that allowed the pair (docs/handshake.md, "Fast path").
+#[derive(Clone)]
+pub struct FlowTemplate {
+    record: FlowRecord,
+    flows: FlowLog,
+}
+
+impl FlowTracker {
+    /// This tracker's record as a template (None once it was written).
+    pub fn template(&self) -> Option<FlowTemplate> {
+        Some(FlowTemplate {
+            record: self.record.clone()?,
+            flows: self.flows.clone(),
+        })
+    }
+}
+
+impl FlowTemplate {
+    /// The record of another connection between the same ends (`src` / `dst`: its
+    /// addresses), starting at `now_ms`, its reason noting `how` it was allowed.
+    pub fn start(&self, src: SocketAddr, dst: SocketAddr, now_ms: u64, how: &str) -> FlowTracker {
+        let mut r = self.record.clone();
+        r.src.addr = src;
+        r.dst.addr = dst;
+        r.start_ms = now_ms;
+        r.duration_ms = 0;
+        r.bytes_sent = 0;
+        r.bytes_received = 0;
+        r.reason = if r.reason.is_empty() {
+            how.to_owned()
+        } else {
+            format!("{} ({how})", r.reason)
+        };
+        FlowTracker::new(&self.flows, r)
+    }
+}
+
 impl Drop for FlowTracker {
     fn drop(&mut self) {
         // A path that returned (or panicked) without finishing: the record is still

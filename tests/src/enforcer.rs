@@ -68,6 +68,8 @@ pub struct EnforcerOptions {
     pub pass_through: bool,
     /// `[handshake] key_reuse_ms` (None: the default).
     pub key_reuse_ms: Option<u64>,
+    /// `[handshake] fast_path_secs` (None: the default; 0: the fast path off).
+    pub fast_path_secs: Option<u64>,
     /// `[flows] api` on 127.0.0.1 (reachable from the host itself only) instead of the
     /// host's address.
     pub api_loopback: bool,
@@ -105,6 +107,7 @@ impl Default for EnforcerOptions {
             fail_open: false,
             pass_through: false,
             key_reuse_ms: None,
+            fast_path_secs: None,
             api_loopback: false,
             api_token: true,
             state_subdir: None,
@@ -279,6 +282,7 @@ impl TestNet {
                 fail_open: opts.fail_open,
                 pass_through: opts.pass_through,
                 key_reuse_ms: opts.key_reuse_ms.unwrap_or(default.key_reuse_ms),
+                fast_path_secs: opts.fast_path_secs.unwrap_or(default.fast_path_secs),
                 ..default
             }
         } else {

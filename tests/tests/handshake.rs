@@ -611,7 +611,11 @@ impl Drop for OnPath<'_> {
 
 #[test]
 fn an_on_path_attacker_tampering_with_or_dropping_the_proofs_is_refused() {
-    let net = handshake_hosts(None);
+    // The full handshake's proofs, every connection: the fast path off (its own tags are
+    // attacked in tests/tests/handshake_fast.rs).
+    let net = web_and_api(&[8080, 9000]);
+    net.options.lock().unwrap().fast_path_secs = Some(0);
+    net.start_enforcers().unwrap();
     let content = serve_random(&net, 1000);
     let fetch = || curl(&net, "host-a", Some("web"), INDEX);
     assert!(fetch().status.success());

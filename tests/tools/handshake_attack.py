@@ -11,6 +11,15 @@
       client's address, spoofed), and a SYN without any token (from our own address). Prints,
       for each, the TCP flags of the answer we saw (null when none came back to us: answers to
       spoofed packets go to the spoofed address).
+  handshake_attack.py fast PCAP SERVER PORT FLOOD
+      Against the in-kernel fast path (kind 254, ExID 0x7E56), run from the client host's own
+      address (root there, but without the enforcer's keys): takes the last fast-path SYN to
+      SERVER:PORT from the capture and sends: the captured SYN again verbatim, then, on the
+      server's fresh SYN-ACK, the captured ACK's tag over it and a request ("replay": must
+      never complete); the SYN with its tag altered ("tampered"); a new SYN with the
+      captured key id and a random tag ("forged"); FLOOD SYNs with unknown key ids.
+      Prints the TCP flags of each answer (null: none) and, for the replay, whether a
+      SYN-ACK came and what answered the request.
 """
 import json
 import random
@@ -101,9 +110,75 @@ def attack(path, server, port):
     print(json.dumps(results))
 
 
+FAST_EXID = b"\x7e\x56"
+
+
+def fast_option(tcp):
+    for kind, value in tcp.options:
+        if kind == 254 and isinstance(value, bytes) and value[:2] == FAST_EXID and len(value) == 14:
+            return value
+    return None
+
+
+def with_fast(pkt, value):
+    """`pkt` with its fast option's value replaced (other options kept), sums redone."""
+    p = pkt.copy()
+    opts = []
+    for kind, v in p[TCP].options:
+        opts.append((254, value) if kind == 254 and isinstance(v, bytes) and v[:2] == FAST_EXID else (kind, v))
+    p[TCP].options = opts
+    del p[IP].len, p[IP].chksum, p[TCP].chksum, p[TCP].dataofs
+    return IP(bytes(p))
+
+
+def fast(path, server, port, flood):
+    pkts = [p[IP] for p in rdpcap(path) if IP in p and TCP in p]
+    syn = [p for p in pkts if p.dst == server and p[TCP].dport == port
+           and str(p[TCP].flags) == "S" and fast_option(p[TCP]) is not None][-1]
+    ack = next(p for p in pkts if p.dst == server and p[TCP].sport == syn[TCP].sport
+               and str(p[TCP].flags) == "A" and p[TCP].seq == syn[TCP].seq + 1
+               and fast_option(p[TCP]) is not None)
+    value = fast_option(syn[TCP])
+    results = {}
+    # The replay: the server answers the valid old SYN with a fresh ISN; the old ACK's tag
+    # (over the old ISN) is sent over the new one, then a request.
+    replay = syn.copy()
+    del replay[IP].chksum, replay[TCP].chksum
+    synack = sr1(IP(bytes(replay)), timeout=2)
+    results["replay_synack"] = None if synack is None or TCP not in synack else flags(synack[TCP])
+    if synack is not None and TCP in synack and "S" in flags(synack[TCP]):
+        a = ack.copy()
+        a[TCP].ack = synack[TCP].seq + 1
+        del a[IP].chksum, a[TCP].chksum
+        send_only(IP(bytes(a)))
+        req = a.copy()
+        req[TCP].flags = "PA"
+        req = req / Raw(b"GET /index.bin HTTP/1.0\r\n\r\n")
+        del req[IP].len, req[IP].chksum, req[TCP].chksum
+        reply = sr1(IP(bytes(req)), timeout=2)
+        results["replay_request"] = None if reply is None or TCP not in reply else flags(reply[TCP])
+    tampered = value[:-1] + bytes([value[-1] ^ 1])
+    results["tampered"] = answer(with_fast(syn, tampered))
+    forged = with_fast(fresh(syn), value[:6] + bytes(random.getrandbits(8) for _ in range(8)))
+    results["forged"] = answer(forged)
+    # Unknown key ids, each a new SYN from a new port.
+    for _ in range(flood):
+        key_id = bytes(random.getrandbits(8) for _ in range(4))
+        send_only(with_fast(fresh(syn), FAST_EXID + key_id + bytes(random.getrandbits(8) for _ in range(8))))
+    results["flood"] = flood
+    print(json.dumps(results))
+
+
+def send_only(pkt):
+    from scapy.all import send
+    send(pkt)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "capture":
         capture(sys.argv[2])
+    elif sys.argv[1] == "fast":
+        fast(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif sys.argv[1] == "attack":
         attack(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:

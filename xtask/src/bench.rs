@@ -17,6 +17,9 @@
 //!   each right after its own direct baseline; `handshake.queued_packets_per_connection`;
 //!   `handshake.key_per_connection.connections_per_second.{direct,handshake,ratio}`: with a
 //!   new ephemeral X25519 key for every connection (`key_reuse_ms = 0`);
+//!   `handshake.fast_path{,_key_per_connection}.{connections_per_second.{direct,handshake,ratio,ratio_spread},queued_packets_per_connection,cpu_ms_per_1000_connections}`:
+//!   the in-kernel fast path warm (median of 3 alternating repeats; the figures above are
+//!   with it off: the full handshake for every connection);
 //!   `handshake.queues_only.{connections_per_second.{direct,handshake,ratio},cpu_ms_per_1000_connections}`:
 //!   the same rules and NFQUEUE workers passing every packet unverified (`pass_through`):
 //!   what the queues alone cost, the ceiling for any engine behind them.
@@ -86,6 +89,9 @@ pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
 struct Bench<'a> {
     net: &'a TestNet,
     load: String,
+    /// The echo server on 7001 (in the server workload), restarted by the fast path's
+    /// section: a listener opened before the enforcer cannot tag SYN-ACKs.
+    echo_pid: std::cell::Cell<u32>,
     secs: u64,
 }
 
@@ -368,6 +374,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         net: &net,
         load,
         secs,
+        echo_pid: std::cell::Cell::new(servers[2]),
     };
 
     let mut cpu = serde_json::Map::new();
@@ -545,9 +552,11 @@ fn latency_rounds(bench: &Bench) -> Result<Value> {
 /// a run: TIME_WAIT build-up, neighbours; the ratios should compare like with like).
 fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     eprintln!("bench: TCP-handshake mode (tokens in SYN / SYN-ACK / ACK, data in the kernel)");
+    // The full handshake for every connection: the fast path off.
     restart(bench, |o| {
         o.handshake = true;
         o.tokens = true;
+        o.fast_path_secs = Some(0);
     })?;
     let tp_d = bench.iperf(false)?;
     let tp = bench.iperf(true)?;
@@ -569,9 +578,18 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     })?;
     let fresh_d = bench.connrate(false)?;
     let fresh = bench.connrate(true)?;
+    // The in-kernel fast path, warm: after one full handshake, the pair's connections are
+    // proven by sock_ops and tc (docs/handshake.md, "Fast path"). Alternating repeats, each
+    // a ratio to the direct run just before it; the median and the spread are reported.
+    eprintln!("bench: handshake mode, the fast path warm (3 alternating repeats)");
+    restart(bench, |o| o.fast_path_secs = None)?;
+    let fast_key_per_conn = fast_repeats(bench)?;
     restart(bench, |o| o.key_reuse_ms = None)?;
+    let fast = fast_repeats(bench)?;
     Ok((
         json!({
+            "fast_path": fast,
+            "fast_path_key_per_connection": fast_key_per_conn,
             "throughput_bps": {"direct": tp_d, "handshake": tp, "ratio": ratio(tp, tp_d)},
             "connections_per_second": {"direct": cr_d, "handshake": cr, "ratio": ratio(cr, cr_d)},
             "queued_packets_per_connection": queued_per_conn,
@@ -589,6 +607,63 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
         }),
         cpu_ms,
     ))
+}
+
+/// Connection rates with the fast path warm: 3 alternating (direct, Tessera) pairs; the
+/// median ratio with its spread, the packets queued per connection and the enforcers' CPU.
+fn fast_repeats(bench: &Bench) -> Result<Value> {
+    // A listener opened while the fast path runs (docs/handshake.md, "Limits").
+    let old = bench.echo_pid.get();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let b = bench.net.host("host-b");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Ok(pid) = bench.net.spawn(
+            b,
+            Some("server"),
+            &bench.load,
+            &["load", "serve-echo", "7001"],
+        ) && bench.net.wait_listening(pid, 7001).is_ok()
+        {
+            break pid;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "cannot restart the echo server");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    bench.echo_pid.set(pid);
+    // Warm: one connection of the pair takes the full handshake (and agrees the key).
+    let _ = bench.net.run(
+        bench.client(),
+        Bench::wl(true),
+        &bench.load,
+        &["load", "connrate", "10.77.0.2:7001", "1", "1", "1"],
+        Duration::from_secs(30),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut ratios, mut direct, mut tessera, mut queued, mut cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let d = bench.connrate(false)?;
+        let (t, cpu_ms, q) = rate_and_cpu(bench)?;
+        ratios.push(ratio(t, d));
+        direct.push(d);
+        tessera.push(t);
+        queued.push(q);
+        cpu.push(cpu_ms);
+    }
+    Ok(json!({
+        "connections_per_second": {
+            "direct": spread(&direct)["median"],
+            "handshake": spread(&tessera)["median"],
+            "ratio": spread(&ratios)["median"],
+            "ratio_spread": spread(&ratios),
+        },
+        "queued_packets_per_connection": spread(&queued)["median"],
+        "cpu_ms_per_1000_connections": spread(&cpu)["median"],
+    }))
 }
 
 /// Runs `f` under `perf record -g` of both enforcers when asked (`--perf FILE`: the profile
@@ -791,6 +866,30 @@ fn print_table(r: &Value) {
             0,
             "handshake",
             "(pass-through: the queues' own ceiling)",
+        );
+        row(
+            "new conns / s, fast path warm",
+            &h["fast_path"]["connections_per_second"],
+            1.0,
+            0,
+            "handshake",
+            ">= 0.9x (median of 3)",
+        );
+        row(
+            "  ... key per connection",
+            &h["fast_path_key_per_connection"]["connections_per_second"],
+            1.0,
+            0,
+            "handshake",
+            ">= 0.5x (median of 3)",
+        );
+        let sp = &h["fast_path"]["connections_per_second"]["ratio_spread"];
+        println!(
+            "fast path: ratio min-max {:.2}-{:.2}; packets through NFQUEUE per connection {:.3}; enforcer CPU per 1,000 connections {:.0} ms",
+            f(&sp["min"]),
+            f(&sp["max"]),
+            f(&h["fast_path"]["queued_packets_per_connection"]),
+            f(&h["fast_path"]["cpu_ms_per_1000_connections"])
         );
         println!(
             "packets through NFQUEUE per connection (both hosts): {:.2}; enforcer CPU per 1,000 connections with the queues only: {:.0} ms",

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use tessera_common::{AF_INET, ClosedConn};
+use tessera_common::{AF_INET, ClosedConn, fast::FastConn};
 use tokio::sync::mpsc;
 
 /// A connection that ended, as the kernel reported it.
@@ -87,10 +87,32 @@ impl From<&ClosedConn> for Closed {
 /// The channel is bounded: when the watcher lags, this reader waits, and the ring buffer
 /// (bounded in the kernel) fills and drops reports; the watcher's sweep then finds those
 /// connections gone (recorded without byte counts). Memory never grows.
-pub async fn read_closed(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Closed>) {
+pub async fn read_closed(
+    mut ring: RingBuf<MapData>,
+    tx: mpsc::Sender<Closed>,
+    mut fast: Option<FastEvents>,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     loop {
         tick.tick().await;
+        // The fast path's connections first: each is registered before its close is read.
+        if let Some(f) = &mut fast {
+            loop {
+                let Some(item) = f.ring.next() else { break };
+                if item.len() < std::mem::size_of::<FastConn>() {
+                    continue;
+                }
+                // SAFETY: the programs write exactly a `FastConn` (repr(C), integers).
+                let c: FastConn = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                drop(item);
+                if let Some(r) = f.path.registered(&c) {
+                    tracing::debug!(local = %r.conn.local, remote = %r.conn.remote, key_id = c.key_id, "fast path connection");
+                    if f.live.send(r).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
         loop {
             // (the item borrows the ring: copy it out before waiting on the channel)
             let Some(item) = ring.next() else { break };
@@ -108,6 +130,14 @@ pub async fn read_closed(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Closed>) {
             }
         }
     }
+}
+
+/// The fast path's ring of established connections, what makes them records, and where
+/// they go (the live-connection watch).
+pub struct FastEvents {
+    pub ring: RingBuf<MapData>,
+    pub path: std::sync::Arc<super::fast::FastPath>,
+    pub live: mpsc::Sender<super::live::Registered>,
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use crate::{config::Config, metrics::Metrics};
 
 mod closed;
+pub mod fast;
 mod lane;
 mod live;
 mod rules;
@@ -59,6 +60,7 @@ pub fn start(
     registry: Arc<ConnectionRegistry>,
     closed: RingBuf<MapData>,
     metrics: Arc<Metrics>,
+    fast: Option<Arc<fast::FastPath>>,
 ) -> Result<()> {
     let h = &config.handshake;
     let ss = tools()?.ss.clone();
@@ -70,8 +72,33 @@ pub fn start(
     let sender = Arc::new(RawSender::new(config.bpf.proxy_mark)?);
     let (live_tx, live_rx) = mpsc::channel(WATCH_QUEUE);
     let (closed_tx, closed_rx) = mpsc::channel(WATCH_QUEUE);
-    tokio::spawn(closed::read_closed(closed, closed_tx));
-    tokio::spawn(live::watch(registry, live_rx, closed_rx, ss, metrics));
+    let fast_events = fast.as_ref().and_then(|f| {
+        Some(closed::FastEvents {
+            ring: f.take_events()?,
+            path: f.clone(),
+            live: live_tx.clone(),
+        })
+    });
+    tokio::spawn(closed::read_closed(closed, closed_tx, fast_events));
+    tokio::spawn(live::watch(
+        registry.clone(),
+        live_rx,
+        closed_rx,
+        ss,
+        metrics,
+    ));
+    if let Some(fast) = &fast {
+        fast.run_delayed()?;
+        // Whenever a policy is replaced (or a peer revoked), the pairs it no longer allows
+        // lose their keys: their next connection is refused.
+        fast.set_policy(registry.decisions());
+        let (fast, mut reloads, registry) = (fast.clone(), registry.reloads(), registry.clone());
+        tokio::spawn(async move {
+            while reloads.changed().await.is_ok() {
+                fast.revoke_denied(registry.decisions());
+            }
+        });
+    }
     let handler = if h.pass_through {
         tracing::warn!(
             "handshake.pass_through: every handshake passes UNVERIFIED (a benchmark baseline, never for production)"
@@ -90,12 +117,13 @@ pub fn start(
     ] {
         let (handler, sender) = (handler.clone(), sender.clone());
         let live_tx = live_tx.clone();
+        let fast = fast.clone();
         // Bind in the thread but report a failure to bind here, before we say ready.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                let result = worker(num, side, handler, sender, live_tx);
+                let result = worker(num, side, handler, sender, live_tx, fast);
                 if let Err(e) = &result {
                     tracing::error!(
                         queue = num,

@@ -71,6 +71,15 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<S
     let syn_bypass = if h.fail_open { " --queue-bypass" } else { "" };
     let (sm, pb, ab) = (h.socket_mark, h.proven_bit, h.acked_bit);
     let mut r = Vec::new();
+    // The fast path (docs/handshake.md): a SYN (server) or SYN-ACK (client) whose tag the
+    // tc verifier checked carries the fast bit and skips the queues; its connection is
+    // stamped below, so that the server's SYN-ACK is not queued either.
+    let fb = h.fast_bit();
+    if h.fast_path_secs != 0 {
+        r.push(format!(
+            "-t raw -A {raw} ! -i lo -p tcp -m mark --mark {fb:#x}/{fb:#x} -j RETURN"
+        ));
+    }
     // `-t TABLE -A CHAIN MATCHES` to the ingress queue, after its peers' twin.
     let mut to_ingress = |head: String, matches: String, bypass: &str| {
         r.push(format!(
@@ -114,9 +123,30 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<S
             "-t raw -A {raw} -i lo -p tcp --syn --dport {p} -j DROP"
         ));
     }
+    if h.fast_path_secs != 0 {
+        // Fail closed at the client whatever tc saw (a fragment, a device it does not
+        // run on, a pending entry evicted, no enforcer): a SYN-ACK of a connection whose
+        // SYN left on the fast path is dropped unless the verifier proved it. Mangle sees
+        // packets reassembled, with their connection's mark (set in OUTPUT below).
+        let (fc, fb) = (h.fast_client_bit, h.fast_bit());
+        r.push(format!(
+            "-t mangle -A {input} -p tcp --tcp-flags SYN,ACK SYN,ACK -m connmark --mark {fc:#x}/{fc:#x} -m mark ! --mark {fb:#x}/{fb:#x} -j DROP"
+        ));
+    }
     r.push(format!(
         "-t mangle -A {input} -m mark --mark {pb:#x}/{pb:#x} -j CONNMARK --set-xmark {pb:#x}/{pb:#x}"
     ));
+    if h.fast_path_secs != 0 {
+        // Each SYN says whether its connection is on the fast path: a fast SYN that falls
+        // back to the full handshake (same 4-tuple, so the same conntrack entry) must have
+        // its SYN-ACK queued again, for its token.
+        r.push(format!(
+            "-t mangle -A {input} -p tcp --syn -j CONNMARK --set-xmark 0x0/{fb:#x}"
+        ));
+        r.push(format!(
+            "-t mangle -A {input} -m mark --mark {fb:#x}/{fb:#x} -j CONNMARK --set-xmark {fb:#x}/{fb:#x}"
+        ));
+    }
     // A packet of a connection that has not proven itself (yet) goes to the engine, behind
     // the proof it may have overtaken in the queue (the same queue: all of a connection's
     // packets come from one source); the engine drops the rest.
@@ -138,6 +168,18 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<S
         );
     }
     r.extend(tail);
+    if h.fast_path_secs != 0 {
+        // Each SYN says which path its connection is on: the fast client bit set for a
+        // fast socket's SYN, cleared for any other (a fast SYN that falls back to the full
+        // handshake keeps its 4-tuple, so its conntrack entry).
+        let (fc, fsm) = (h.fast_client_bit, h.fast_socket_mark());
+        r.push(format!(
+            "-t mangle -A {local} -p tcp --syn -j CONNMARK --set-xmark 0x0/{fc:#x}"
+        ));
+        r.push(format!(
+            "-t mangle -A {local} -p tcp --syn -m mark --mark {fsm:#x} -j CONNMARK --set-xmark {fc:#x}/{fc:#x}"
+        ));
+    }
     // Client: everything after the SYN until the first ACK went, in OUTPUT: the acked bit the
     // engine sets is saved in the connmark at POSTROUTING, and packets behind the first ACK
     // wait behind it in the queue instead of overtaking its proof.
@@ -150,6 +192,12 @@ fn rules(h: &HandshakeConfig, ports: &[u16], generation: u8, set: &str) -> Vec<S
     r.push(format!(
         "-t mangle -A {output} -m mark --mark {ab:#x}/{ab:#x} -j CONNMARK --set-xmark {ab:#x}/{ab:#x}"
     ));
+    if h.fast_path_secs != 0 {
+        // The SYN-ACK answering a verified fast SYN: its tag is the kernel's to write.
+        r.push(format!(
+            "-t mangle -A {output} ! -o lo -p tcp --tcp-flags SYN,ACK SYN,ACK -m connmark --mark {fb:#x}/{fb:#x} -j RETURN"
+        ));
+    }
     for p in ports {
         r.push(format!(
             "-t mangle -A {output} ! -o lo -p tcp --sport {p} --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num {egress}{syn_bypass}"
@@ -278,6 +326,57 @@ impl Drop for PreparedRules {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_path_skips_the_queues_only_for_kernel_verified_packets() {
+        let h = HandshakeConfig::default();
+        let r = rules(&h, &[8080], 1, "tessera-peers4");
+        // First in the raw chain: a packet tc verified (fast bit) is never queued there.
+        assert_eq!(
+            r[0],
+            "-t raw -A TESSERA-HS-RAW1 ! -i lo -p tcp -m mark --mark 0x400/0x400 -j RETURN"
+        );
+        assert!(
+            r.iter()
+                .any(|l| l
+                    .contains("-m mark --mark 0x400/0x400 -j CONNMARK --set-xmark 0x400/0x400"))
+        );
+        // The server's SYN-ACK of a fast connection is not queued; the skip comes before
+        // the SYN-ACK queue rule.
+        let skip = r
+            .iter()
+            .position(|l| l.contains("SYN,ACK SYN,ACK -m connmark --mark 0x400/0x400 -j RETURN"))
+            .expect("SYN-ACK skip");
+        let queue = r
+            .iter()
+            .position(|l| l.contains("--sport 8080 --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE"))
+            .expect("SYN-ACK queue");
+        assert!(skip < queue);
+        // The fast socket mark is not the handshake mark the egress rules match exactly.
+        assert_ne!(h.fast_socket_mark(), h.socket_mark);
+        let fsm = format!("--mark {:#x} ", h.fast_socket_mark());
+        assert!(!r.iter().any(|l| l.contains(&fsm) && l.contains("NFQUEUE")));
+        // Fail closed whatever tc saw: a fast socket's SYN stamps its connection, whose
+        // SYN-ACK is dropped in mangle PREROUTING unless it carries the verified bit.
+        assert!(r.contains(&format!(
+            "-t mangle -A TESSERA-HS-LOCAL1 -p tcp --syn -m mark --mark {:#x} -j CONNMARK --set-xmark 0x800/0x800",
+            h.fast_socket_mark()
+        )));
+        assert_eq!(
+            r.iter().find(|l| l.contains("-A TESSERA-HS-IN1")).unwrap(),
+            "-t mangle -A TESSERA-HS-IN1 -p tcp --tcp-flags SYN,ACK SYN,ACK -m connmark --mark 0x800/0x800 -m mark ! --mark 0x400/0x400 -j DROP"
+        );
+        // Off: none of it.
+        let off = HandshakeConfig {
+            fast_path_secs: 0,
+            ..HandshakeConfig::default()
+        };
+        assert!(
+            !rules(&off, &[8080], 1, "s")
+                .iter()
+                .any(|l| l.contains("0x400"))
+        );
+    }
 
     #[test]
     fn rules_queue_handshakes_only_and_fail_closed_by_default() {

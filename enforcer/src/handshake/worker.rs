@@ -104,6 +104,7 @@ pub(super) fn worker(
     handler: Handler,
     sender: Arc<RawSender>,
     live: mpsc::Sender<Registered>,
+    fast: Option<Arc<super::fast::FastPath>>,
 ) -> Result<()> {
     let mut queue = nfq::Queue::open().context("cannot open an NFQUEUE socket")?;
     queue
@@ -124,7 +125,11 @@ pub(super) fn worker(
             }
         };
         let now = now_ms();
-        let outcome = handler.handle(side, msg.get_payload(), now);
+        let mut outcome = handler.handle(side, msg.get_payload(), now);
+        if let (Some(fast), Some(grant)) = (&fast, outcome.fast.take()) {
+            let template = outcome.live.as_deref().and_then(super::fast::Template::of);
+            fast.grant(*grant, template);
+        }
         if let Some(p) = outcome.packet {
             msg.set_payload(p);
         }

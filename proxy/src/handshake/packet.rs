@@ -89,6 +89,13 @@ fn split(packet: &[u8]) -> Result<Parts<'_>, PacketError> {
     })
 }
 
+/// The key id and tag of the fast path's option (kind 254, `tessera_common::fast`) if the
+/// packet carries one. Such a packet reaching the engine is one the kernel could not verify.
+pub fn fast_option(packet: &[u8]) -> Option<(u32, u64)> {
+    let p = split(packet).ok()?;
+    tessera_common::fast::find_option(&p.tcp[20..])
+}
+
 /// Reassembles a packet from its parts and fixes lengths and checksums.
 fn assemble(v6: bool, ip: &[u8], tcp_header: &[u8], data: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ip.len() + tcp_header.len() + 512);

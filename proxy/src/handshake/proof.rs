@@ -277,6 +277,11 @@ pub enum Role {
 }
 
 impl ProofKey {
+    /// The HMAC key, for the fast path's derivation (`super::fast`).
+    pub(super) fn hmac_key(&self) -> &hmac::Key {
+        &self.0
+    }
+
     pub fn prove(&self, role: Role, t: &Transcript) -> Proof {
         self.prove_digest(role, &t.digest())
     }

@@ -10,6 +10,7 @@ use crate::{
     code::Code,
     flow::{Direction, FlowTracker},
     handshake::{
+        fast::{FastGrant, FastPair},
         message::Message,
         packet::{self, Segment},
         proof::{self, Ephemeral, Proof, ProofKey, PublicKey, Role, Transcript},
@@ -294,7 +295,14 @@ impl Engine {
             ack_message,
             proof_sent: false,
         };
-        (Outcome::rewrite(synack.clean).with_live(live), Some(proven))
+        let mut out = Outcome::rewrite(synack.clean).with_live(live);
+        out.fast = Some(Box::new(FastGrant {
+            pair: FastPair::derive(&proof_key, &digest),
+            local: seg.dst,
+            remote: seg.src,
+            caller: Some((captured.origin.cgroup_id, captured.origin.uid)),
+        }));
+        (out, Some(proven))
     }
 
     /// The SYN-ACK's message, the server's proof over the transcript, and the destination

@@ -77,6 +77,10 @@ pub struct Outcome {
     /// A connection this packet let through, to watch for policy reloads and to record
     /// when it ends.
     pub live: Option<Box<LiveConnection>>,
+    /// The fast path's pair secret this packet's completed handshake agreed (client: at
+    /// the verified SYN-ACK; server: at the verified ACK), for the enforcer to install for
+    /// the pair's later connections (`tessera_common::fast`).
+    pub fast: Option<Box<crate::handshake::fast::FastGrant>>,
 }
 
 /// An allowed connection, as policy reloads re-check it: if a new policy denies it, the
@@ -104,6 +108,7 @@ impl Outcome {
             mark: 0,
             send: Vec::new(),
             live: None,
+            fast: None,
         }
     }
     fn rewrite(packet: Vec<u8>) -> Self {

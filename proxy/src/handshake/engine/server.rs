@@ -7,6 +7,7 @@ use crate::{
     code::Code,
     flow::{Direction, FlowTracker},
     handshake::{
+        fast::{FastGrant, FastPair},
         message::Message,
         packet::{self, Segment},
         proof::{self, ProofKey, PublicKey, Role, Transcript},
@@ -65,6 +66,15 @@ impl Engine {
         flow.dst.identified_by_peer(&workload.identity);
         flow.dst.workload = Some(workload.name.clone());
         match detached {
+            Ok(None) if packet::fast_option(packet).is_some() => {
+                // The kernel's fast path did not verify it (unknown or expired key, wrong
+                // peer, or a forged tag): it never becomes a token-less SYN.
+                let reason = format!(
+                    "fast path SYN from {}: its tag does not verify (unknown, expired or revoked key, or forged)",
+                    seg.src
+                );
+                refuse_syn(seg, flow, Code::BadProof, reason, now_ms)
+            }
             Ok(None) => self.syn_without_token(seg, flow, &workload, now_ms),
             Err(e) => {
                 let reason = format!("SYN from {}: {e}", seg.src);
@@ -355,6 +365,15 @@ impl Engine {
                         ..Outcome::accept()
                     }
                 } else {
+                    if packet::fast_option(packet).is_some() && seg.ack != 0 {
+                        // A fast path ACK the kernel did not verify (a replay, a forged
+                        // tag, or one over another server ISN): recorded, dropped.
+                        let mut rec = self.track(Direction::Inbound, seg.src, seg.dst, now_ms);
+                        rec.dst.enforcer = Some(self.setup.admission.name().to_owned());
+                        let reason =
+                            format!("fast path ACK from {}: its tag does not verify", seg.src);
+                        rec.refuse_at(Code::BadProof, reason, now_ms);
+                    }
                     Outcome::drop()
                 };
             }
@@ -410,12 +429,20 @@ impl Engine {
             };
         }
         self.lock_proven().insert(key, now_ms);
+        let fast = FastGrant {
+            pair: FastPair::derive(proof_key, transcript),
+            local: seg.dst,
+            remote: seg.src,
+            caller: None,
+        };
         let live = h.live;
-        Outcome {
+        let mut out = Outcome {
             mark: self.setup.proven_mark,
             ..Outcome::rewrite(clean)
         }
-        .with_live(live)
+        .with_live(live);
+        out.fast = Some(Box::new(fast));
+        out
     }
 }
 

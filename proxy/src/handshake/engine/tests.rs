@@ -107,6 +107,38 @@ fn honest_handshake_is_proven_at_both_ends_and_restores_every_packet() {
         flow.src.spiffe.as_deref(),
         Some("spiffe://td/enforcer/host-a/workload/web")
     );
+    // Both ends agree the fast path's pair secret, and nothing else hands one out.
+    let fast_a = at_a.fast.clone().expect("client end: pair secret");
+    let fast_b = at_b.fast.clone().expect("server end: pair secret");
+    assert_eq!(fast_a.pair, fast_b.pair);
+    assert_eq!((fast_a.local, fast_a.remote), (addr(C), addr(S)));
+    assert_eq!((fast_b.local, fast_b.remote), (addr(S), addr(C)));
+    assert!(fast_a.caller.is_some() && fast_b.caller.is_none());
+    assert!(at_a_ack.fast.is_none() && behind.fast.is_none());
+}
+
+#[test]
+fn a_refused_or_unfinished_handshake_agrees_no_pair_secret() {
+    let p = pair("api");
+    let (_, synack_wire) = up_to_synack(&p);
+    // A tampered SYN-ACK: the client refuses it and derives nothing.
+    let bad = tamper(&synack_wire, |m| {
+        let n = m.len();
+        m[n - 1] ^= 1;
+    });
+    assert!(p.a.ingress(&bad, NOW).fast.is_none());
+    // A wrong ACK proof at the server: nothing either.
+    let p = pair("api");
+    let (_, synack_wire) = up_to_synack(&p);
+    wire(&p.a.ingress(&synack_wire, NOW));
+    let ack_wire = wire(&p.a.egress(&ack(), NOW));
+    let bad = tamper(&ack_wire, |m| {
+        let n = m.len();
+        m[n - 1] ^= 1;
+    });
+    let at_b = p.b.ingress(&bad, NOW);
+    assert_eq!(at_b.verdict, PacketVerdict::Drop);
+    assert!(at_b.fast.is_none());
 }
 
 #[test]
