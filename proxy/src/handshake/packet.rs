@@ -212,10 +212,41 @@ pub fn detach(packet: &[u8]) -> Result<Option<Detached>, PacketError> {
     let mut header = Vec::with_capacity(p.tcp.len() - BLOCK);
     header.extend_from_slice(&p.tcp[..20]);
     header.extend_from_slice(&opts[BLOCK..]);
+    // A full handshake's packet never carries the fast path's option as well: one that does
+    // (crafted, or written by a previous run's hooks) must not reach a listener, whose
+    // callback would answer it in the kernel (docs/handshake.md, "Fast path").
+    nop_fast_options(&mut header[20..]);
     Ok(Some((
         assemble(p.v6, p.ip, &header, &[data]),
         message.to_vec(),
     )))
+}
+
+/// Overwrites every fast path option (kind 254 with its ExID) in the TCP options `opts`
+/// with NOPs: the header keeps its length, the kernel skips them.
+fn nop_fast_options(opts: &mut [u8]) {
+    use tessera_common::fast::{FAST_EXID, FAST_OPT_KIND};
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => return,
+            1 => i += 1,
+            kind => {
+                let Some(&len) = opts.get(i + 1) else { return };
+                let len = len as usize;
+                if len < 2 || i + len > opts.len() {
+                    return;
+                }
+                if kind == FAST_OPT_KIND
+                    && len >= 4
+                    && opts[i + 2..i + 4] == FAST_EXID.to_be_bytes()
+                {
+                    opts[i..i + len].fill(1);
+                }
+                i += len;
+            }
+        }
+    }
 }
 
 /// Whether the TCP checksum (and for IPv4 the header checksum) of `packet` is right.
@@ -337,6 +368,11 @@ mod tests {
         let opts = [
             2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
         ];
+        tcp_segment_with(flags, &opts, data)
+    }
+
+    /// A segment with the TCP options `opts` (a multiple of 4 bytes).
+    fn tcp_segment_with(flags: u8, opts: &[u8], data: &[u8]) -> Vec<u8> {
         let mut seg = vec![0u8; 20 + opts.len() + data.len()];
         seg[20..20 + opts.len()].copy_from_slice(&opts);
         seg[20 + opts.len()..].copy_from_slice(data);
@@ -376,6 +412,44 @@ mod tests {
         h.set_source("fd77::1".parse::<Ipv6Addr>().unwrap());
         h.set_destination("fd77::2".parse::<Ipv6Addr>().unwrap());
         assemble(true, &pkt, &seg[..40], &[&seg[40..]])
+    }
+
+    /// A full handshake's SYN that also carries a fast path option (crafted: the kernel
+    /// never writes both) loses the fast option on its way to the kernel: its listener would
+    /// otherwise answer it with a tagged SYN-ACK. Other options stay as they were.
+    #[test]
+    fn a_fast_path_option_never_rides_through_the_engine_into_the_kernel() {
+        let fast = tessera_common::fast::encode_option(7, 0x1122_3344_5566_7788);
+        let mut opts = vec![2, 4, 0x05, 0xb4];
+        opts.extend_from_slice(&fast);
+        let seg = tcp_segment_with(TcpFlags::SYN, &opts, b"");
+        let mut ip = vec![0u8; 20];
+        let mut h = MutableIpv4Packet::new(&mut ip).unwrap();
+        h.set_version(4);
+        h.set_header_length(5);
+        h.set_ttl(64);
+        h.set_next_level_protocol(IpNextHeaderProtocols::Tcp);
+        h.set_source(Ipv4Addr::new(10, 77, 0, 1));
+        h.set_destination(Ipv4Addr::new(10, 77, 0, 2));
+        let syn = assemble(false, &ip, &seg, &[]);
+        assert_eq!(fast_option(&syn), Some((7, 0x1122_3344_5566_7788)));
+        let carried = attach(&syn, &[0xA5; 100]).unwrap();
+        let (restored, message) = detach(&carried).unwrap().expect("our message");
+        assert_eq!(message, vec![0xA5; 100]);
+        assert_eq!(fast_option(&restored), None, "the fast option went through");
+        assert!(checksums_ok(&restored));
+        let p = split(&restored).unwrap();
+        assert_eq!(
+            &p.tcp[20..24],
+            &[2, 4, 0x05, 0xb4],
+            "the MSS option is kept"
+        );
+        assert_eq!(
+            &p.tcp[24..],
+            &[1u8; 16][..],
+            "NOPs in the fast option's place"
+        );
+        assert_eq!(p.tcp.len(), seg.len(), "the header keeps its length");
     }
 
     #[test]
