@@ -374,7 +374,7 @@ mod tests {
     /// A segment with the TCP options `opts` (a multiple of 4 bytes).
     fn tcp_segment_with(flags: u8, opts: &[u8], data: &[u8]) -> Vec<u8> {
         let mut seg = vec![0u8; 20 + opts.len() + data.len()];
-        seg[20..20 + opts.len()].copy_from_slice(&opts);
+        seg[20..20 + opts.len()].copy_from_slice(opts);
         seg[20 + opts.len()..].copy_from_slice(data);
         let mut t = MutableTcpPacket::new(&mut seg).unwrap();
         t.set_source(40000);
