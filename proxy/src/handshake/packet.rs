@@ -387,19 +387,22 @@ mod tests {
         seg
     }
 
-    fn v4(flags: u8, data: &[u8]) -> Vec<u8> {
-        let seg = tcp_segment(flags, data);
-        let mut pkt = vec![0u8; 20];
-        pkt.extend_from_slice(&seg);
-        let mut h = MutableIpv4Packet::new(&mut pkt).unwrap();
+    /// An IPv4 header from 10.77.0.1 to 10.77.0.2 (lengths and checksum: `assemble`'s).
+    fn ipv4_header() -> Vec<u8> {
+        let mut ip = vec![0u8; 20];
+        let mut h = MutableIpv4Packet::new(&mut ip).unwrap();
         h.set_version(4);
         h.set_header_length(5);
         h.set_ttl(64);
         h.set_next_level_protocol(IpNextHeaderProtocols::Tcp);
         h.set_source(Ipv4Addr::new(10, 77, 0, 1));
         h.set_destination(Ipv4Addr::new(10, 77, 0, 2));
-        let hdr = pkt[..20].to_vec();
-        assemble(false, &hdr, &seg[..40], &[&seg[40..]])
+        ip
+    }
+
+    fn v4(flags: u8, data: &[u8]) -> Vec<u8> {
+        let seg = tcp_segment(flags, data);
+        assemble(false, &ipv4_header(), &seg[..40], &[&seg[40..]])
     }
 
     fn v6(flags: u8, data: &[u8]) -> Vec<u8> {
@@ -423,15 +426,7 @@ mod tests {
         let mut opts = vec![2, 4, 0x05, 0xb4];
         opts.extend_from_slice(&fast);
         let seg = tcp_segment_with(TcpFlags::SYN, &opts, b"");
-        let mut ip = vec![0u8; 20];
-        let mut h = MutableIpv4Packet::new(&mut ip).unwrap();
-        h.set_version(4);
-        h.set_header_length(5);
-        h.set_ttl(64);
-        h.set_next_level_protocol(IpNextHeaderProtocols::Tcp);
-        h.set_source(Ipv4Addr::new(10, 77, 0, 1));
-        h.set_destination(Ipv4Addr::new(10, 77, 0, 2));
-        let syn = assemble(false, &ip, &seg, &[]);
+        let syn = assemble(false, &ipv4_header(), &seg, &[]);
         assert_eq!(fast_option(&syn), Some((7, 0x1122_3344_5566_7788)));
         let carried = attach(&syn, &[0xA5; 100]).unwrap();
         let (restored, message) = detach(&carried).unwrap().expect("our message");
