@@ -375,17 +375,14 @@ fn a_rogue_enforcer_cannot_claim_outside_its_scope_or_for_another_enforcer() {
             .as_str()
             .is_some_and(|r| r.contains("foreign-identity"))
     );
-    // host-b recorded each refusal with its code.
+    // host-b recorded each refusal with its code (its flow writer batches: wait for them).
+    let out_of_scope = net.wait_flows(net.host("host-b"), 2, |f| f.code.as_str() == "out-of-scope");
     let codes: Vec<String> = net
         .flows(net.host("host-b"))
         .iter()
         .map(|f| f.code.as_str().to_string())
         .collect();
-    assert_eq!(
-        codes.iter().filter(|c| *c == "out-of-scope").count(),
-        2,
-        "{codes:?}"
-    );
+    assert_eq!(out_of_scope.len(), 2, "{codes:?}");
 }
 
 #[test]

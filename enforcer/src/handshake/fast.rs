@@ -391,6 +391,28 @@ impl FastPath {
         );
     }
 
+    /// The directory changed (a peer revoked, removed, or its certificate replaced): every
+    /// key is forgotten at once, since a key outlives nothing its full handshake relied on.
+    /// Each pair's next connection takes the full handshake again, under the new directory
+    /// (a revoked peer's is refused there). Keys granted while this runs are not installed.
+    pub fn revoke_all(&self) {
+        let mut client = lock(&self.client);
+        let mut server = lock(&self.server);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let mut templates = lock(&self.templates);
+        let revoked = templates.len();
+        for ((_, key_id), (_, c, _)) in templates.drain() {
+            let _ = match c {
+                Some(c) => client.remove(&c),
+                None => server.remove(&key_id),
+            };
+        }
+        tracing::info!(
+            revoked,
+            "directory changed: every fast path key revoked (pairs take the full handshake again)"
+        );
+    }
+
     /// A connection the kernel's fast path let through, as the live-connection watch takes
     /// it: recorded with its key's full handshake's decision (re-decided there if policy
     /// was replaced since). None for a key this run does not know.

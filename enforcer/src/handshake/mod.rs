@@ -68,7 +68,7 @@ pub fn start(
     let lane = Arc::new(lane::Lane::new()?);
     let addresses = lane.sync(&directory.table())?;
     tracing::debug!(addresses, "peers' lane");
-    lane.follow(directory);
+    lane.follow(directory.clone());
     let sender = Arc::new(RawSender::new(config.bpf.proxy_mark)?);
     let (live_tx, live_rx) = mpsc::channel(WATCH_QUEUE);
     let (closed_tx, closed_rx) = mpsc::channel(WATCH_QUEUE);
@@ -92,10 +92,19 @@ pub fn start(
         // Whenever a policy is replaced (or a peer revoked), the pairs it no longer allows
         // lose their keys: their next connection is refused.
         fast.set_policy(registry.decisions());
-        let (fast, mut reloads, registry) = (fast.clone(), registry.reloads(), registry.clone());
+        let (fast_, mut reloads, registry) = (fast.clone(), registry.reloads(), registry.clone());
         tokio::spawn(async move {
             while reloads.changed().await.is_ok() {
-                fast.revoke_denied(registry.decisions());
+                fast_.revoke_denied(registry.decisions());
+            }
+        });
+        // Whenever the directory changes (a peer revoked or removed, a certificate
+        // replaced), every key goes: no pair keeps a key its peer's standing no longer
+        // backs (`control::handshake_mode_follows_the_directory_while_running`).
+        let (fast, mut changes) = (fast.clone(), directory.changes());
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                fast.revoke_all();
             }
         });
     }
