@@ -1046,20 +1046,7 @@ fn parse_timestamp(s: &str) -> Option<f64> {
 fn log_lines(text: &str) -> Vec<(f64, String)> {
     text.lines()
         .filter_map(|l| {
-            let mut plain = String::with_capacity(l.len());
-            let mut chars = l.chars();
-            while let Some(c) = chars.next() {
-                if c == '\x1b' {
-                    // CSI: ESC [ parameters final-byte
-                    for c in chars.by_ref() {
-                        if c.is_ascii_alphabetic() {
-                            break;
-                        }
-                    }
-                } else {
-                    plain.push(c);
-                }
-            }
+            let plain = crate::peers::strip_ansi(l);
             let ts = parse_timestamp(plain.split_whitespace().next()?)?;
             Some((ts, plain))
         })

@@ -988,7 +988,7 @@ fn loadavg() -> f64 {
 }
 
 /// `text` without terminal colour codes (ESC [ ... letter).
-fn strip_ansi(text: &str) -> String {
+pub(crate) fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
