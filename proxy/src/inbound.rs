@@ -14,6 +14,8 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -25,12 +27,13 @@ use crate::{
     admission::{Admission, Carried, Facing, carry},
     authz::{Attempt, Party, Side},
     code::Code,
-    copy::{Buffers, Ended, send_reset, splice, splice_plain},
+    copy::{Ended, splice_plain},
     delivery::Delivery,
     flow::{Direction, Endpoint, FlowRecord, FlowTracker, now_ms},
     identity::session::{Proof, Role, SessionSecrets, Tokens, TunnelSession},
     limits::{Drops, Limit, RateLimiter},
     local::{LocalAddrs, LocalServices, LocalWorkload},
+    mux::{self, Counts, Stream, splice},
     peers::Directory,
     registry::ConnectionGuard,
     socket::reset_on_close,
@@ -166,7 +169,7 @@ impl Inbound {
     }
 
     async fn handle_tunnel(
-        &self,
+        self: &Arc<Self>,
         tcp: TcpStream,
         remote: SocketAddr,
         permit: Option<OwnedSemaphorePermit>,
@@ -214,36 +217,63 @@ impl Inbound {
         }
         // The tunnel is up: not a connection attempt of its own (each request is).
         flow.discard();
-        let mut buffers = Buffers::default();
+        let mut conn = match tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            mux::server_builder().handshake::<_, Bytes>(tls),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "tunnel closed before its HTTP/2 preface");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no HTTP/2 preface on a tunnel");
+                return;
+            }
+        };
         let mut directory = self.peers.changes();
-        // One tunnel carries one connection at a time, as many as the source sends.
+        let live = Arc::new(Live::default());
+        let mut ticks = tokio::time::interval(self.idle_timeout / 4);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing = false;
+        // Each stream is one application connection. Streams are admitted here, in the
+        // order they arrive (tokens carry the session's sequence numbers in that order),
+        // then delivered and carried by tasks of their own; this loop keeps the tunnel's
+        // I/O going.
         loop {
-            // An idle (pooled) tunnel waits here until an application connection needs it,
-            // or until its enforcer leaves the directory (then it is closed at once).
-            let read = {
-                let read = tokio::time::timeout(self.idle_timeout, Request::read(&mut tls));
-                tokio::pin!(read);
-                loop {
-                    tokio::select! {
-                        r = &mut read => break Some(r),
-                        changed = directory.changed() => {
-                            if changed.is_err() || self.peers.admit(&peer).is_err() {
-                                break None;
-                            }
-                        }
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                changed = directory.changed(), if !closing => {
+                    if changed.is_err() || self.peers.admit(&peer).is_err() {
+                        tracing::warn!(%peer, "closing a tunnel: its enforcer left the directory");
+                        conn.graceful_shutdown();
+                        closing = true;
                     }
+                    continue;
+                }
+                _ = ticks.tick(), if !closing => {
+                    // Idle for the timeout (the source's pool closes idle tunnels sooner).
+                    if live.idle_for() >= self.idle_timeout {
+                        conn.graceful_shutdown();
+                        closing = true;
+                    }
+                    continue;
                 }
             };
-            let Some(read) = read else {
-                tracing::warn!(%peer, "closing an idle tunnel: its enforcer left the directory");
-                break;
+            let (request, respond) = match next {
+                Some(Ok(stream)) => stream,
+                Some(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "tunnel failed");
+                    break;
+                }
+                None => break,
             };
-            let request = match read {
-                Ok(Ok(request)) => request,
-                // The source closed (or reset) an idle tunnel, or it idled out: not a
-                // connection attempt.
-                Ok(Err(WireError::Truncated("preamble") | WireError::Io(_))) | Err(_) => break,
-                Ok(Err(e)) => {
+            let (http, body) = request.into_parts();
+            let request = match mux::request_of(&http::Request::from_parts(http, ())) {
+                Ok(request) => request,
+                Err(e) => {
                     let mut dst = Endpoint::addr(local);
                     dst.enforcer = Some(self.name().to_owned());
                     let mut flow =
@@ -253,31 +283,46 @@ impl Inbound {
                         tracing::warn!(%peer, error = %e, "tunnel protocol mismatch");
                     }
                     let reason = format!("bad tunnel header from {peer}: {e}");
-                    flow.src.enforcer = Some(peer);
+                    flow.src.enforcer = Some(peer.clone());
                     let refused = Refused::new(Status::BadRequest, Code::BadHeader, reason);
-                    self.answer_refusal(&mut tls, refused, flow).await;
-                    break;
+                    self.answer_refusal(respond, refused, flow);
+                    // A peer that sends what no enforcer would is not served again.
+                    conn.graceful_shutdown();
+                    closing = true;
+                    continue;
                 }
             };
-            if !self
-                .handle_request(&mut tls, &mut session, &mut buffers, remote, request)
-                .await
-            {
-                break;
+            let mut flow = self.request_flow(&session, remote, &request);
+            match self.admit(&mut session, remote, &request, &mut flow) {
+                Ok(admitted) => {
+                    let (this, live) = (self.clone(), live.clone());
+                    let peer = session.peer.clone();
+                    live.start();
+                    tokio::spawn(async move {
+                        let delivered = Delivering {
+                            peer,
+                            remote,
+                            request,
+                            admitted,
+                            respond,
+                            body,
+                        };
+                        this.deliver_stream(delivered, flow).await;
+                        live.end();
+                    });
+                }
+                Err(refused) => self.answer_refusal(respond, refused, flow),
             }
         }
-        let _ = shutdown_quietly(&mut tls).await;
     }
 
-    /// Serves one request on a tunnel; returns whether the tunnel is clean for the next one.
-    async fn handle_request(
+    /// The record of one tunnel request.
+    fn request_flow(
         &self,
-        tls: &mut TlsStream<TcpStream>,
-        session: &mut TunnelSession,
-        buffers: &mut Buffers,
+        session: &TunnelSession,
         remote: SocketAddr,
-        request: Request,
-    ) -> bool {
+        request: &Request,
+    ) -> FlowTracker {
         let mut src = Endpoint::addr(remote);
         src.workload = Some(request.source.workload.clone()).filter(|w| !w.is_empty());
         src.enforcer = Some(session.peer.clone());
@@ -287,52 +332,61 @@ impl Inbound {
             .admission
             .track(Direction::Inbound, src, Endpoint::addr(request.dst));
         flow.dst.enforcer = Some(self.name().to_owned());
-        let admitted = match self.admit(session, remote, &request, &mut flow) {
-            Ok(admitted) => admitted,
-            Err(refused) => return self.answer_refusal(tls, refused, flow).await,
-        };
+        flow
+    }
+
+    /// Delivers an admitted stream to its workload, answers, and carries it.
+    async fn deliver_stream(&self, d: Delivering, mut flow: FlowTracker) {
+        let Delivering {
+            peer,
+            remote,
+            request,
+            admitted,
+            mut respond,
+            body,
+        } = d;
         let Admitted {
             workload,
             proof,
             mut guard,
         } = admitted;
-        let peer_addr = self.peer_address(&session.peer, remote, request.dst);
+        let peer_addr = self.peer_address(&peer, remote, request.dst);
         let mut delivered = match self.deliver(peer_addr, request.dst).await {
             Ok(s) => s,
             Err(e) => {
                 let reason = format!("workload unreachable: {e}");
                 let refused =
                     Refused::new(Status::Unreachable, Code::WorkloadUnreachable, reason).failure();
-                return self.answer_refusal(tls, refused, flow).await;
+                return self.answer_refusal(respond, refused, flow);
             }
         };
-        if let Err(e) = Response::new(Status::Connected, workload.name.clone())
-            .with_proof(proof)
-            .write(tls)
-            .await
-        {
-            reset_on_close(&delivered);
-            flow.fail(Code::Broken, format!("tunnel broke before delivery: {e}"));
-            return false;
-        }
+        let answer = Response::new(Status::Connected, workload.name.clone()).with_proof(proof);
+        let send = match respond.send_response(mux::response_for(&answer), false) {
+            Ok(send) => send,
+            Err(e) => {
+                reset_on_close(&delivered);
+                return flow.fail(Code::Broken, format!("tunnel broke before delivery: {e}"));
+            }
+        };
+        let mut stream = Stream { send, recv: body };
+        let counts = Counts::default();
         // `delivered` is the workload side: bytes from it are bytes the source received.
-        let spliced = splice(&mut delivered, tls, buffers);
+        let spliced = splice(&mut delivered, &mut stream, &counts);
         let carried = carry(&mut guard, &mut flow, Facing::Destination, spliced, |e| {
-            format!("tunnel from {} broke: {e}", session.peer)
+            format!("tunnel from {peer} broke: {e}")
         })
         .await;
         if matches!(carried, Carried::Revoked | Carried::Broken) {
-            // Cut short: the bytes moved so far are in the tunnel's buffers.
-            let (sent, received) = Facing::Destination.bytes(buffers.transferred());
+            // Cut short: the bytes moved so far are in the counts.
+            let (sent, received) = Facing::Destination.bytes(counts.transferred());
             flow.transferred(sent, received);
         }
         if carried == Carried::Revoked {
-            // Tell the source (it resets its side); the tunnel is not reused.
+            // Tell the source (it resets its side); the tunnel's other streams go on.
             reset_on_close(&delivered);
-            let _ = tokio::time::timeout(Duration::from_secs(1), send_reset(tls)).await;
+            stream.reset();
         }
         flow.finish();
-        carried == Carried::Clean
     }
 
     /// The admission phases of a tunnel request: who asks (its token), for which local
@@ -432,14 +486,13 @@ impl Inbound {
             })
     }
 
-    /// Answers a request that is not delivered and records it; returns whether the tunnel
-    /// is still clean for the next request.
-    async fn answer_refusal(
+    /// Answers a request that is not delivered (the stream ends there) and records it.
+    fn answer_refusal(
         &self,
-        tls: &mut TlsStream<TcpStream>,
+        mut respond: SendResponse<Bytes>,
         refused: Refused,
         mut flow: FlowTracker,
-    ) -> bool {
+    ) {
         let rec: &mut FlowRecord = &mut flow;
         if refused.denied {
             rec.refuse(refused.code, refused.reason);
@@ -450,7 +503,7 @@ impl Inbound {
         let mut answer = Response::new(refused.status, refused.answer).with_code(flow.code);
         answer.proof = refused.proof;
         flow.finish();
-        answer.write(tls).await.is_ok()
+        let _ = respond.send_response(mux::response_for(&answer), true);
     }
 
     /// Connects to a local workload for a connection from `peer` (the tunnel's, or the
@@ -551,6 +604,55 @@ impl Inbound {
             reset_on_close(&delivered);
         }
         flow.finish()
+    }
+}
+
+/// An admitted stream on its way to the workload.
+struct Delivering {
+    /// The source enforcer.
+    peer: String,
+    remote: SocketAddr,
+    request: Request,
+    admitted: Admitted,
+    respond: SendResponse<Bytes>,
+    body: RecvStream,
+}
+
+/// The streams a tunnel carries, and since when it carries none.
+struct Live {
+    active: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self {
+            active: Default::default(),
+            idle_since: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl Live {
+    fn start(&self) {
+        self.active
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+    fn end(&self) {
+        if self
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            *self.idle_since.lock().expect("lock") = std::time::Instant::now();
+        }
+    }
+    /// How long the tunnel has carried no stream (zero while it carries one).
+    fn idle_for(&self) -> Duration {
+        if self.active.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.idle_since.lock().expect("lock").elapsed()
     }
 }
 

@@ -35,6 +35,7 @@ pub mod inbound;
 pub mod limits;
 pub mod local;
 pub mod map;
+pub mod mux;
 pub mod outbound;
 pub mod peers;
 pub mod pool;
@@ -48,5 +49,7 @@ pub mod testkit;
 pub mod tls;
 pub mod wire;
 
-/// ALPN protocol spoken on the tunnel port.
-pub const TUNNEL_ALPN: &[u8] = b"tessera/1";
+/// ALPN protocol spoken on the tunnel port: tunnel protocol 6, application connections as
+/// HTTP/2 streams (`docs/wire.md`). An enforcer of another protocol version offers another
+/// name, and the TLS handshake fails with `no_application_protocol`.
+pub const TUNNEL_ALPN: &[u8] = b"tessera/6";

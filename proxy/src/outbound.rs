@@ -8,27 +8,25 @@
 //! policy allows it. Anything refused is reset: a captured connection never goes around us.
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     admission::{Admission, Carried, Facing, carry},
     authz::Party,
     capture::{CaptureLookup, Captured},
     code::Code,
-    copy::{Ended, send_reset, splice, splice_plain},
+    copy::{Ended, splice_plain},
     flow::{Direction, Endpoint, FlowRecord, FlowTracker, now_ms},
     identity::{
         Identity,
         session::{Refusal, Tokens},
     },
+    mux::{AskError, Counts, splice},
     peers::{Directory, Peer},
-    pool::{Tunnel, TunnelPool},
+    pool::{Carrying, Tunnel, TunnelPool},
     route::{self, Plan, Route},
     socket::{connect_marked, reset_on_close},
-    wire::{Request, Response, Status},
+    wire::{Response, Status},
 };
 
 pub struct Outbound {
@@ -184,7 +182,7 @@ impl Outbound {
         mut flow: FlowTracker,
     ) {
         flow.dst.enforcer = Some(peer.name.clone());
-        let Some((mut tunnel, dst_identity)) = self.answered(peer, captured, &mut flow).await
+        let Some((mut carrying, dst_identity)) = self.answered(peer, captured, &mut flow).await
         else {
             reset_on_close(&app);
             return flow.finish();
@@ -196,44 +194,39 @@ impl Outbound {
             .admit(attempt, &mut flow, Code::Policy, |r| format!("egress {r}"))
         else {
             // Egress denied: nothing was sent yet; the peer resets its delivered connection.
-            let _ = send_reset(&mut tunnel.stream).await;
+            carrying.stream.reset();
             reset_on_close(&app);
             return flow.finish();
         };
-        let spliced = splice(&mut app, &mut tunnel.stream, &mut tunnel.buffers);
+        let counts = Counts::default();
+        let spliced = splice(&mut app, &mut carrying.stream, &counts);
         let carried = carry(&mut guard, &mut flow, Facing::Source, spliced, |e| {
             format!("tunnel to {} broke: {e}", peer.name)
         })
         .await;
         if matches!(carried, Carried::Revoked | Carried::Broken) {
-            // Cut short: the bytes moved so far are in the tunnel's buffers.
-            let (sent, received) = Facing::Source.bytes(tunnel.buffers.transferred());
+            // Cut short: the bytes moved so far are in the counts.
+            let (sent, received) = Facing::Source.bytes(counts.transferred());
             flow.transferred(sent, received);
         }
-        match carried {
-            Carried::Revoked => {
-                // Tell the peer (it resets its side), then drop the tunnel.
-                reset_on_close(&app);
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), send_reset(&mut tunnel.stream))
-                        .await;
-            }
-            Carried::Clean => self.pool.put(peer, tunnel),
-            Carried::Reset | Carried::Broken => {}
+        if carried == Carried::Revoked {
+            // Tell the peer (it resets its side); the tunnel's other streams go on.
+            reset_on_close(&app);
+            carrying.stream.reset();
         }
         flow.finish()
     }
 
-    /// Opens a tunnel for the connection and reads the peer's answer: the tunnel and the
+    /// Opens a stream for the connection and reads the peer's answer: the stream and the
     /// destination workload's proven identity, or None with the refusal (or failure)
-    /// recorded in `flow`. A refusal leaves the tunnel clean: it goes back to the pool.
+    /// recorded in `flow`.
     async fn answered(
         &self,
         peer: &Peer,
         captured: &Captured,
         flow: &mut FlowRecord,
-    ) -> Option<(Tunnel, Identity)> {
-        let (mut tunnel, pooled, answer) = match self.open(peer, captured).await {
+    ) -> Option<(Carrying, Identity)> {
+        let (tunnel, pooled, answer, carrying) = match self.open(peer, captured).await {
             Ok(opened) => opened,
             Err(e) => {
                 // No decision was made: the verdict stays `error`.
@@ -243,20 +236,19 @@ impl Outbound {
         };
         flow.pooled = Some(pooled);
         // The answer's proof says who accepted (or refused) at the other end.
-        let dst_identity = answer.proof.as_ref().map(|proof| {
-            self.tokens
-                .check(&mut tunnel.session, proof, captured.dst, now_ms())
-        });
+        let dst_identity = answer
+            .proof
+            .as_ref()
+            .map(|proof| tunnel.check(&self.tokens, proof, captured.dst, now_ms()));
         if let Some(Ok(id)) = &dst_identity {
             flow.dst.identified_by_peer(id);
             flow.dst.enforcer = Some(peer.name.clone());
         }
-        if answer.status != Status::Connected {
+        let Some(mut carrying) = carrying.filter(|_| answer.status == Status::Connected) else {
             if answer.status == Status::Unauthenticated {
                 // The peer may not have cached what we sent: start cold again.
-                tunnel.session.forget_sent();
+                tunnel.forget_sent();
             }
-            self.pool.put(peer, tunnel);
             let reason = format!("{} refused: {}", peer.name, answer.reason);
             // The peer's refusal code, as its own flow record has it.
             match answer.status {
@@ -266,16 +258,16 @@ impl Outbound {
                 _ => flow.fail(answer.code, reason),
             }
             return None;
-        }
+        };
         match dst_identity {
-            Some(Ok(id)) => Some((tunnel, id)),
+            Some(Ok(id)) => Some((carrying, id)),
             refused => {
                 // We cannot tell who accepted: nothing was sent yet; reset the peer's side.
                 let refusal = match refused {
                     Some(Err(e)) => e,
                     _ => Refusal::NoToken,
                 };
-                let _ = send_reset(&mut tunnel.stream).await;
+                carrying.stream.reset();
                 let code = refusal.code();
                 let reason = format!(
                     "destination {refusal} ({code}) in the answer of {}",
@@ -287,60 +279,50 @@ impl Outbound {
         }
     }
 
-    /// Takes a tunnel and exchanges the header. A pooled tunnel that turns out dead (the
+    /// Takes a tunnel and asks on a stream of it. A pooled tunnel that turns out dead (the
     /// peer restarted, say) is retried once on a fresh one: no application byte has been
     /// sent yet, so the retry is invisible.
     async fn open(
         &self,
         peer: &Peer,
         captured: &Captured,
-    ) -> Result<(Tunnel, bool, Response), Unreachable> {
+    ) -> Result<(Arc<Tunnel>, bool, Response, Option<Carrying>), Unreachable> {
         let unreachable = |error: io::Error| Unreachable {
             peer: peer.name.clone(),
             error,
         };
-        let (mut tunnel, pooled) = self.pool.get(peer).await.map_err(unreachable)?;
-        match self.exchange(&mut tunnel, captured).await {
-            Ok(answer) => Ok((tunnel, pooled, answer)),
-            Err(e) if pooled => {
+        let (tunnel, pooled) = self.pool.get(peer).await.map_err(unreachable)?;
+        match self.exchange(&tunnel, captured).await {
+            Ok((answer, carrying)) => Ok((tunnel, pooled, answer, carrying)),
+            Err(e @ AskError::Tunnel(_)) if pooled => {
                 tracing::debug!(peer = %peer.name, error = %e, "pooled tunnel was dead; dialing a fresh one");
-                let mut tunnel = self.pool.dial(peer).await.map_err(unreachable)?;
-                let answer = self
-                    .exchange(&mut tunnel, captured)
+                let tunnel = self.pool.dial(peer).await.map_err(unreachable)?;
+                let (answer, carrying) = self
+                    .exchange(&tunnel, captured)
                     .await
-                    .map_err(unreachable)?;
-                Ok((tunnel, false, answer))
+                    .map_err(|e| unreachable(e.into_io()))?;
+                Ok((tunnel, false, answer, carrying))
             }
-            Err(e) => Err(unreachable(e)),
+            Err(e) => Err(unreachable(e.into_io())),
         }
     }
 
-    /// Sends the request, with a token for the source bound to this tunnel's session, and
-    /// reads the answer.
-    async fn exchange(&self, tunnel: &mut Tunnel, captured: &Captured) -> io::Result<Response> {
-        let proof = self
-            .tokens
-            .prove(
-                &mut tunnel.session,
+    /// Opens a stream with the request, with a token for the source bound to the tunnel's
+    /// session, and reads the answer.
+    async fn exchange(
+        &self,
+        tunnel: &Arc<Tunnel>,
+        captured: &Captured,
+    ) -> Result<(Response, Option<Carrying>), AskError> {
+        tunnel
+            .ask(
+                &self.tokens,
                 &captured.identity,
                 captured.dst,
+                &captured.origin,
                 now_ms(),
-            )
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        let request = Request {
-            dst: captured.dst,
-            source: captured.origin.clone(),
-            proof,
-        };
-        tunnel.stream.write_all(&request.encode()).await?;
-        tunnel.stream.flush().await?;
-        match tokio::time::timeout(ANSWER_TIMEOUT, Response::read(&mut tunnel.stream)).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) => Err(io::Error::other(e.to_string())),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no answer from the peer enforcer",
-            )),
-        }
+            )?
+            .answer(ANSWER_TIMEOUT)
+            .await
     }
 }

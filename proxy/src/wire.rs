@@ -31,7 +31,11 @@ use crate::identity::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: [u8; 4] = *b"TSRA";
-pub const VERSION: u8 = 5;
+pub const VERSION: u8 = 6;
+/// The HTTP/2 request header of a tunnel stream that carries the request (base64url).
+pub const REQUEST_HEADER: &str = "tessera-request";
+/// The HTTP/2 response header that carries the answer (base64url).
+pub const RESPONSE_HEADER: &str = "tessera-response";
 /// Largest body this version accepts; anything longer is refused before allocation.
 pub const MAX_BODY: usize = 8192;
 
@@ -301,6 +305,97 @@ impl Response {
         w.write_all(&self.encode()).await?;
         w.flush().await
     }
+}
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+
+impl Request {
+    /// Decodes a whole request (preamble and body); nothing may follow it.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader(bytes);
+        if r.take(4, "preamble")? != MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        let version = r.u8("preamble")?;
+        if version != VERSION {
+            return Err(WireError::Version(version));
+        }
+        let len = u16::from_be_bytes(r.array("preamble")?) as usize;
+        if len > MAX_BODY {
+            return Err(WireError::TooLong(len));
+        }
+        let body = r.take(len, "body")?;
+        if !r.0.is_empty() {
+            return Err(WireError::Malformed("trailing bytes after header body"));
+        }
+        Self::decode_body(body)
+    }
+
+    /// The request as the value of a stream's [`REQUEST_HEADER`].
+    pub fn to_header(&self) -> String {
+        B64.encode(self.encode())
+    }
+
+    /// The request carried in a stream's [`REQUEST_HEADER`].
+    pub fn from_header(value: &[u8]) -> Result<Self, WireError> {
+        Self::decode(&unbase64(value)?)
+    }
+}
+
+impl Response {
+    /// Decodes a whole answer; nothing may follow it.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader(bytes);
+        let version = r.u8("response")?;
+        if version != VERSION {
+            return Err(WireError::Version(version));
+        }
+        let status = Status::from_u8(r.u8("response")?)?;
+        let len = r.u8("response")? as usize;
+        let reason = std::str::from_utf8(r.take(len, "response reason")?)
+            .map_err(|_| WireError::Malformed("reason is not UTF-8"))?
+            .to_owned();
+        let len = r.u8("response code")? as usize;
+        let code = std::str::from_utf8(r.take(len, "response code")?)
+            .ok()
+            .and_then(|c| c.parse::<Code>().ok())
+            .ok_or(WireError::Malformed("unknown refusal code"))?;
+        let kind = r.u8("response proof")?;
+        let len = u16::from_be_bytes(r.array("response proof")?) as usize;
+        if len > MAX_TOKEN {
+            return Err(WireError::TooLong(len));
+        }
+        let proof = decode_proof(kind, r.take(len, "response proof")?)?;
+        if !r.0.is_empty() {
+            return Err(WireError::Malformed("trailing bytes after the answer"));
+        }
+        Ok(Self {
+            status,
+            reason,
+            code,
+            proof,
+        })
+    }
+
+    /// The answer as the value of a stream's [`RESPONSE_HEADER`].
+    pub fn to_header(&self) -> String {
+        B64.encode(self.encode())
+    }
+
+    /// The answer carried in a stream's [`RESPONSE_HEADER`].
+    pub fn from_header(value: &[u8]) -> Result<Self, WireError> {
+        Self::decode(&unbase64(value)?)
+    }
+}
+
+/// A header value's bytes; the length is checked before decoding (a header list is bounded
+/// by HTTP/2's own limit too).
+fn unbase64(value: &[u8]) -> Result<Vec<u8>, WireError> {
+    if value.len() > (7 + MAX_BODY).div_ceil(3) * 4 {
+        return Err(WireError::TooLong(value.len()));
+    }
+    B64.decode(value)
+        .map_err(|_| WireError::Malformed("header value is not base64url"))
 }
 
 async fn read_exact<R: AsyncRead + Unpin>(

@@ -8,6 +8,7 @@
 //! * [`scope`]: the vouching enforcer's scope stamped on (and checked against) identities.
 //! * [`session`]: tokens on a tunnel: the TLS session binding, the peer's certified key,
 //!   cold-then-warm signing, and the rule that an enforcer vouches only for its workloads.
+pub mod replay;
 pub mod scope;
 pub mod session;
 pub mod signer;

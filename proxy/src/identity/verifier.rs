@@ -11,6 +11,7 @@
 //! destination, and last the sequence number, which must exceed the last one accepted on
 //! that session. They never touch the nonce cache: their replay state is one counter per
 //! session, whatever a peer sends.
+use crate::identity::replay::ReplayWindow;
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -209,9 +210,8 @@ impl Verifier {
 
     /// Verifies a version-3 `token` received on one tunnel session: bound to `binding`,
     /// sealed with `key` (the peer side's key of that session) by `peer` (the key id of the
-    /// session's certificate), meant for `dst`, and with a
-    /// sequence number above `last_seq` (the highest accepted on the session so far, updated
-    /// here). A token lifted from another session names another binding (`wrong-session`)
+    /// session's certificate), meant for `dst`, and with a sequence number `window` has
+    /// not seen (marked here; see [`ReplayWindow`]). A token lifted from another session names another binding (`wrong-session`)
     /// or, relabelled, fails the tag (`bad-signature`): the key is the session's.
     pub fn verify_session(
         &self,
@@ -220,7 +220,7 @@ impl Verifier {
         dst: SocketAddr,
         binding: &Binding,
         (peer, key): (&KeyId, &hmac::Key),
-        last_seq: &mut u128,
+        window: &mut ReplayWindow,
     ) -> Result<Verified, TokenError> {
         let (claims, sealed, seal) = decode(token)?;
         let Seal::SessionTag(tag) = seal else {
@@ -242,11 +242,9 @@ impl Verifier {
         self.check_trusted(peer, now_ms)?;
         self.check_time(&claims, now_ms)?;
         check_binding(&claims, dst, binding)?;
-        let seq = u128::from_be_bytes(claims.nonce);
-        if seq <= *last_seq {
+        if !window.accept(u128::from_be_bytes(claims.nonce)) {
             return Err(TokenError::Replayed);
         }
-        *last_seq = seq;
         self.identity_of(claims.issuer, claims.claim, true)
     }
 

@@ -35,7 +35,6 @@ use rcgen::{Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tessera_policy::{CompiledPolicy, Labels};
 use tokio::{
-    io::AsyncWriteExt,
     net::{TcpListener, TcpSocket, TcpStream},
     sync::mpsc,
     task::JoinSet,
@@ -543,12 +542,12 @@ impl Fixture {
         stream
     }
 
-    /// Waits until host-a's pool holds `n` idle tunnels to host-b.
+    /// Waits until host-a's pool holds `n` open tunnels to host-b.
     pub async fn warm(&self, n: usize) {
         let idle = || {
             self.a
                 .pool
-                .idle_counts()
+                .open_counts()
                 .into_iter()
                 .find(|(peer, _)| peer == "host-b")
                 .map_or(0, |(_, idle)| idle)
@@ -594,8 +593,10 @@ impl Fixture {
             .expect("client TLS");
         let tls = self.dial_b(config).await.expect("TLS with host-b");
         let secrets = SessionSecrets::of(tls.get_ref().1).expect("exporter");
+        let (send, closed) = crate::mux::client(tls).await.expect("HTTP/2 with host-b");
         Rogue {
-            tls,
+            send,
+            closed,
             binding: secrets.binding,
             secrets,
             seq: 0,
@@ -606,7 +607,10 @@ impl Fixture {
 
 /// A tunnel to host-b driven by the test (see [`Fixture::rogue`]).
 pub struct Rogue {
-    pub tls: TlsStream<TcpStream>,
+    /// Opens streams on the tunnel.
+    pub send: h2::client::SendRequest<bytes::Bytes>,
+    /// Set once host-b closed the tunnel.
+    pub closed: Arc<std::sync::atomic::AtomicBool>,
     /// The session's exporter value, which honest tokens are bound to.
     pub binding: Binding,
     /// The session's exporter secrets: its key seals this side's session tokens.
@@ -647,13 +651,29 @@ impl Rogue {
         }
     }
 
-    /// Sends `bytes` and reads host-b's answer.
+    /// Opens a stream whose request header carries `bytes` (base64url, as an honest one
+    /// carries an encoded request) and reads host-b's answer.
     pub async fn send(&mut self, bytes: &[u8]) -> Response {
-        self.tls.write_all(bytes).await.expect("write");
-        self.tls.flush().await.expect("flush");
-        within("host-b's answer", Response::read(&mut self.tls))
-            .await
-            .expect("an answer")
+        use base64::Engine as _;
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let req = crate::mux::connect_with("127.0.0.1:1".into(), header.into_bytes());
+        let (response, send) = crate::mux::open(&mut self.send, req).expect("a stream");
+        within("host-b's answer", async {
+            crate::mux::answered(response, send, Duration::from_secs(30)).await
+        })
+        .await
+        .expect("an answer")
+        .0
+    }
+
+    /// Waits until host-b has closed the tunnel.
+    pub async fn until_closed(&self) {
+        within("host-b to close the tunnel", async {
+            while !self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
     }
 
     /// Sends `request` and reads host-b's answer.

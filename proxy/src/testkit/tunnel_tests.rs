@@ -307,12 +307,12 @@ async fn garbage_after_tls_is_a_bad_header() {
         ),
         (
             header(99, &[]),
-            "the peer speaks tunnel protocol version 99, this enforcer version 5: upgrade both ends",
+            "the peer speaks tunnel protocol version 99, this enforcer version 6: upgrade both ends",
         ),
-        // The version before session-sealed tokens: refused by name, not misparsed.
+        // The version before streams: refused by name, not misparsed.
         (
-            header(4, &[]),
-            "the peer speaks tunnel protocol version 4, this enforcer version 5: upgrade both ends",
+            header(5, &[]),
+            "the peer speaks tunnel protocol version 5, this enforcer version 6: upgrade both ends",
         ),
         (
             header(VERSION, &[9, 9, 9]),
@@ -332,9 +332,7 @@ async fn garbage_after_tls_is_a_bad_header() {
         assert_eq!(b.reason, format!("bad tunnel header from host-r: {error}"));
         assert_eq!(b.src.enforcer.as_deref(), Some("host-r"));
         // The tunnel is not used again.
-        let mut rest = Vec::new();
-        let _ = within("host-b to close", rogue.tls.read_to_end(&mut rest)).await;
-        assert!(rest.is_empty());
+        rogue.until_closed().await;
     }
 }
 

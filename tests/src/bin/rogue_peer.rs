@@ -15,12 +15,13 @@ use anyhow::{Context, Result, bail};
 use rustls::pki_types::{PrivateKeyDer, ServerName};
 use tessera_policy::Labels;
 use tessera_proxy::{
-    copy::{Buffers, Ended, splice},
+    copy::Ended,
     identity::{
         Identity,
         session::{Proof, Role, SessionSecrets, Tokens, TunnelSession},
         spiffe_id,
     },
+    mux::{self, Counts, Stream, splice},
     tls,
     wire::{Request, Response, Source},
 };
@@ -28,7 +29,6 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-use tokio_rustls::client::TlsStream;
 
 struct Peer {
     tokens: Tokens,
@@ -38,8 +38,10 @@ struct Peer {
 }
 
 struct Tunnel {
-    stream: TlsStream<TcpStream>,
+    send: h2::client::SendRequest<bytes::Bytes>,
     session: TunnelSession,
+    /// The stream of the last connected answer.
+    connected: Option<Stream>,
 }
 
 fn now_ms() -> u64 {
@@ -63,7 +65,12 @@ impl Peer {
             .tokens
             .session(self.peer.clone(), cert, &secrets, Role::Client)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(Tunnel { stream, session })
+        let (send, _closed) = mux::client(stream).await?;
+        Ok(Tunnel {
+            send,
+            session,
+            connected: None,
+        })
     }
 }
 
@@ -78,13 +85,15 @@ async fn ask(t: &mut Tunnel, dst: SocketAddr, proof: Proof) -> Result<Response> 
         },
         proof,
     };
-    t.stream.write_all(&req.encode()).await?;
-    t.stream.flush().await?;
-    Ok(Response::read(&mut t.stream).await?)
+    let (response, send) = mux::open(&mut t.send, mux::connect_request(&req))?;
+    let (answer, stream) =
+        mux::answered(response, send, std::time::Duration::from_secs(30)).await?;
+    t.connected = stream;
+    Ok(answer)
 }
 
-/// After a `Connected` answer: one exchange with the blast server through the tunnel, as an
-/// application would have it, so the tunnel is clean for the next request.
+/// After a `Connected` answer: one exchange with the blast server through its stream, as an
+/// application would have it.
 async fn use_connection(t: &mut Tunnel) -> Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let mut app = TcpStream::connect(listener.local_addr()?).await?;
@@ -96,8 +105,8 @@ async fn use_connection(t: &mut Tunnel) -> Result<String> {
         app.read_to_string(&mut answer).await?;
         anyhow::Ok(answer)
     });
-    let mut buffers = Buffers::default();
-    match splice(&mut ours, &mut t.stream, &mut buffers).await? {
+    let mut stream = t.connected.take().context("no connected stream")?;
+    match splice(&mut ours, &mut stream, &Counts::default()).await? {
         Ended::Clean(_) => {}
         Ended::Reset { reason, .. } => bail!("connection reset: {reason}"),
     }

@@ -1,0 +1,675 @@
+//! Several application connections per tunnel (tunnel protocol 6).
+//!
+//! A held connection used to cost a tunnel of its own: a descriptor and a TLS session at
+//! each end. Now a tunnel is one HTTP/2 connection inside the mutual-TLS session, and each
+//! application connection is one `CONNECT` stream on it, as ztunnel's HBONE does. The
+//! maintained `h2` crate brings what a framing of our own would have to get right again:
+//! per-stream and per-connection flow control, a bound on concurrent streams, a reset that
+//! stays on its stream, checked frame sizes, and the mitigations for HTTP/2's known floods
+//! (rapid reset, CONTINUATION, header lists).
+//!
+//! * The request (`docs/wire.md`: destination, hints, the source's token) rides in the
+//!   stream's [`REQUEST_HEADER`]; the answer (status, code, the destination's token) in the
+//!   response's [`RESPONSE_HEADER`], `200` when connected.
+//! * Application bytes are DATA frames; a half-close is END_STREAM on that direction; a
+//!   broken connection is `RST_STREAM` (CANCEL), which resets the other end's application
+//!   socket and leaves the tunnel's other streams alone.
+//! * A held, idle connection owns no buffer: its reader waits for readability first and
+//!   only then takes a buffer, and `h2` hands received data over as `Bytes`.
+//!
+//! The request is built as a value ([`connect_request`]) and the answer read from a
+//! response ([`answer_of`]), both testable without sockets.
+use std::{
+    future::poll_fn,
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream, client::SendRequest};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
+
+use crate::{
+    copy::{Ended, Transferred},
+    socket::reset_on_close,
+    wire::{REQUEST_HEADER, RESPONSE_HEADER, Request, Response, Status, WireError},
+};
+
+/// Concurrent streams a tunnel's server end accepts (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+/// Past it a stream waits for a slot (`h2` queues it); a source enforcer opens another
+/// tunnel well before ([`STREAMS_PER_TUNNEL`]).
+pub const MAX_STREAMS: u32 = 1_024;
+/// Streams a source enforcer puts on one tunnel before it opens another.
+pub const STREAMS_PER_TUNNEL: usize = 512;
+/// Per-stream receive window: what a peer may send ahead of the application reading it.
+/// One round trip on a LAN at 10 Gbit/s is well under this.
+pub const STREAM_WINDOW: u32 = 1 << 20;
+/// Per-tunnel receive window: bounds the bytes buffered for all streams of a tunnel whose
+/// applications do not read (memory per tunnel, whatever the number of streams).
+pub const TUNNEL_WINDOW: u32 = 16 << 20;
+/// Largest DATA frame either end sends: four TLS records of payload.
+pub const MAX_FRAME: u32 = 64 * 1024;
+/// Largest header list accepted: a request carries one token (at most `MAX_TOKEN` bytes,
+/// base64) and a few pseudo-headers.
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Bytes an application connection reads into one buffer at most.
+const READ_CHUNK: usize = 64 * 1024;
+/// Bytes queued for sending per stream beyond the peer's window, at most.
+const SEND_BUFFER: usize = 256 * 1024;
+/// Streams a peer may open and reset before we accept them (rapid-reset floods), and
+/// streams we may reset for its protocol errors, before the tunnel is closed.
+const PENDING_ACCEPT_RESETS: usize = 64;
+const LOCAL_ERROR_RESETS: usize = 256;
+
+/// The HTTP/2 settings of a tunnel's source end.
+pub fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(TUNNEL_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_concurrent_reset_streams(LOCAL_ERROR_RESETS)
+        .enable_push(false);
+    b
+}
+
+/// The HTTP/2 settings of a tunnel's destination end.
+pub fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(TUNNEL_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_pending_accept_reset_streams(PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(Some(LOCAL_ERROR_RESETS))
+        .max_concurrent_reset_streams(LOCAL_ERROR_RESETS);
+    b
+}
+
+/// The HTTP/2 request that opens a stream for `request`: `CONNECT` to the destination, the
+/// request (with its token) in [`REQUEST_HEADER`].
+pub fn connect_request(request: &Request) -> http::Request<()> {
+    connect_with(request.dst.to_string(), request.to_header().into_bytes())
+}
+
+/// A `CONNECT` request carrying `header` as-is (tests send what an honest enforcer never
+/// would).
+pub fn connect_with(authority: String, header: Vec<u8>) -> http::Request<()> {
+    let mut req = http::Request::new(());
+    *req.method_mut() = http::Method::CONNECT;
+    *req.version_mut() = http::Version::HTTP_2;
+    *req.uri_mut() = http::Uri::builder()
+        .authority(authority)
+        .build()
+        .unwrap_or_default();
+    if let Ok(value) = http::HeaderValue::from_bytes(&header) {
+        req.headers_mut().insert(REQUEST_HEADER, value);
+    }
+    req
+}
+
+/// The request a stream carries.
+pub fn request_of<B>(req: &http::Request<B>) -> Result<Request, WireError> {
+    if req.method() != http::Method::CONNECT {
+        return Err(WireError::Malformed("a tunnel stream must be CONNECT"));
+    }
+    let value = req
+        .headers()
+        .get(REQUEST_HEADER)
+        .ok_or(WireError::Truncated("tessera-request header"))?;
+    Request::from_header(value.as_bytes())
+}
+
+/// The HTTP/2 response carrying `answer`: `200` when connected, `403` for a refusal.
+pub fn response_for(answer: &Response) -> http::Response<()> {
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = if answer.status == Status::Connected {
+        http::StatusCode::OK
+    } else {
+        http::StatusCode::FORBIDDEN
+    };
+    if let Ok(value) = http::HeaderValue::from_str(&answer.to_header()) {
+        resp.headers_mut().insert(RESPONSE_HEADER, value);
+    }
+    resp
+}
+
+/// The answer a response carries (its HTTP status must agree with it).
+pub fn answer_of<B>(resp: &http::Response<B>) -> Result<Response, WireError> {
+    let value = resp
+        .headers()
+        .get(RESPONSE_HEADER)
+        .ok_or(WireError::Truncated("tessera-response header"))?;
+    let answer = Response::from_header(value.as_bytes())?;
+    if (answer.status == Status::Connected) != (resp.status() == http::StatusCode::OK) {
+        return Err(WireError::Malformed(
+            "HTTP status disagrees with the answer",
+        ));
+    }
+    Ok(answer)
+}
+
+/// An application connection's stream on a tunnel: both directions.
+pub struct Stream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+}
+
+impl Stream {
+    /// Resets the stream (the other end resets its application connection); the tunnel
+    /// and its other streams go on.
+    pub fn reset(&mut self) {
+        self.send.send_reset(Reason::CANCEL);
+    }
+}
+
+/// Bytes moved by a splice so far, kept outside it so that a splice cut short (revoked)
+/// still has its bytes counted.
+#[derive(Default)]
+pub struct Counts {
+    from_app: AtomicU64,
+    to_app: AtomicU64,
+}
+
+impl Counts {
+    pub fn transferred(&self) -> Transferred {
+        Transferred {
+            from_app: self.from_app.load(Relaxed),
+            to_app: self.to_app.load(Relaxed),
+        }
+    }
+}
+
+/// Why an ask got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    /// The tunnel is gone or refused the stream (a pooled tunnel that died, say): nothing
+    /// was delivered, the request may be sent again on another tunnel.
+    #[error("tunnel failed: {0}")]
+    Tunnel(#[from] h2::Error),
+    #[error("bad answer: {0}")]
+    Answer(#[from] WireError),
+    #[error("no answer from the peer enforcer")]
+    TimedOut,
+    /// No token could be made for the source (nothing was sent).
+    #[error("cannot prove the source's identity: {0}")]
+    Proof(String),
+}
+
+impl AskError {
+    pub fn into_io(self) -> io::Error {
+        match self {
+            AskError::TimedOut => io::Error::new(io::ErrorKind::TimedOut, self.to_string()),
+            AskError::Answer(_) | AskError::Proof(_) => {
+                io::Error::new(io::ErrorKind::InvalidData, self.to_string())
+            }
+            AskError::Tunnel(_) => io::Error::other(self.to_string()),
+        }
+    }
+}
+
+/// Opens a stream with `req` on `send` (the caller holds whatever ordering it needs while
+/// this runs: it only queues the HEADERS frame).
+pub fn open(
+    send: &mut SendRequest<Bytes>,
+    req: http::Request<()>,
+) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), h2::Error> {
+    send.send_request(req, false)
+}
+
+/// Waits for the answer to a stream opened with [`open`]: the answer and, when connected,
+/// the stream (a refused stream has ended).
+pub async fn answered(
+    response: h2::client::ResponseFuture,
+    send: SendStream<Bytes>,
+    timeout: Duration,
+) -> Result<(Response, Option<Stream>), AskError> {
+    let resp = match tokio::time::timeout(timeout, response).await {
+        Ok(r) => r?,
+        Err(_) => return Err(AskError::TimedOut),
+    };
+    let answer = answer_of(&resp)?;
+    let stream = (answer.status == Status::Connected).then(|| Stream {
+        send,
+        recv: resp.into_body(),
+    });
+    Ok((answer, stream))
+}
+
+/// Starts HTTP/2 on a tunnel's TLS session, source end: the handle that opens streams. The
+/// connection is driven by a task of its own, which ends (and fails every stream) when
+/// the tunnel closes; the flag returned is set then.
+pub async fn client<T>(io: T) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = client_builder().handshake(io).await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let flag = closed.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "tunnel closed");
+        }
+        flag.store(true, Relaxed);
+    });
+    Ok((send, closed))
+}
+
+enum UpEnd {
+    Eof,
+    /// The application read failed; the stream was reset.
+    Reset(String),
+}
+
+enum DownEnd {
+    Eof,
+    /// The peer reset the stream, or the application write failed.
+    Reset(String),
+}
+
+/// Whether an error ends only this stream (the peer's or our reset), not the tunnel.
+fn is_stream_reset(e: &h2::Error) -> bool {
+    e.is_reset() && !e.is_go_away() && !e.is_io()
+}
+
+fn tunnel_error(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().expect("an I/O error");
+    }
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        format!("tunnel failed: {e}"),
+    )
+}
+
+async fn app_to_stream(
+    app: &ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
+    total: &AtomicU64,
+) -> io::Result<UpEnd> {
+    loop {
+        // A buffer only once there is something to read: a held connection costs none.
+        if let Err(e) = app.readable().await {
+            send.send_reset(Reason::CANCEL);
+            return Ok(UpEnd::Reset(format!("application connection broke: {e}")));
+        }
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let n = match app.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                send.send_reset(Reason::CANCEL);
+                return Ok(UpEnd::Reset(format!("application connection broke: {e}")));
+            }
+        };
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(tunnel_error)?;
+            return Ok(UpEnd::Eof);
+        }
+        let mut chunk = buf.freeze();
+        // Only as much as the peer's windows allow: the rest waits here, not in `h2`.
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) if is_stream_reset(&e) => {
+                    return Ok(UpEnd::Reset("the peer reset the connection".into()));
+                }
+                Some(Err(e)) => return Err(tunnel_error(e)),
+                None => return Ok(UpEnd::Reset("the peer reset the connection".into())),
+            };
+            if granted == 0 {
+                continue;
+            }
+            let part = chunk.split_to(granted.min(chunk.len()));
+            let len = part.len() as u64;
+            match send.send_data(part, false) {
+                Ok(()) => total.fetch_add(len, Relaxed),
+                Err(e) if is_stream_reset(&e) => {
+                    return Ok(UpEnd::Reset("the peer reset the connection".into()));
+                }
+                Err(e) => return Err(tunnel_error(e)),
+            };
+        }
+    }
+}
+
+async fn stream_to_app(
+    recv: &mut RecvStream,
+    app: &mut WriteHalf<'_>,
+    total: &AtomicU64,
+) -> io::Result<DownEnd> {
+    loop {
+        match recv.data().await {
+            None => {
+                let _ = app.shutdown().await;
+                return Ok(DownEnd::Eof);
+            }
+            Some(Ok(bytes)) => {
+                let n = bytes.len();
+                if let Err(e) = app.write_all(&bytes).await {
+                    return Ok(DownEnd::Reset(format!("application write failed: {e}")));
+                }
+                // Window back to the peer only once delivered: backpressure end to end.
+                let _ = recv.flow_control().release_capacity(n);
+                total.fetch_add(n as u64, Relaxed);
+            }
+            Some(Err(e)) if is_stream_reset(&e) => {
+                return Ok(DownEnd::Reset("the peer's connection was reset".into()));
+            }
+            Some(Err(e)) => return Err(tunnel_error(e)),
+        }
+    }
+}
+
+/// Splices `app` with its stream until both directions end. On a reset (either side) the
+/// application socket is reset and the stream too; an error is the tunnel failing, which
+/// also resets the application socket.
+pub async fn splice(
+    app: &mut TcpStream,
+    stream: &mut Stream,
+    counts: &Counts,
+) -> io::Result<Ended> {
+    let reason = {
+        let (app_r, mut app_w) = app.split();
+        let Stream { send, recv } = stream;
+        let mut down = Box::pin(stream_to_app(recv, &mut app_w, &counts.to_app));
+        let mut up = Box::pin(app_to_stream(&app_r, send, &counts.from_app));
+        let ends = tokio::select! {
+            u = &mut up => match u {
+                Ok(u) => down.await.map(|d| (u, d)),
+                Err(e) => Err(e),
+            },
+            d = &mut down => match d {
+                Ok(DownEnd::Reset(reason)) => {
+                    // Nothing more can be delivered: stop reading the application.
+                    drop(up);
+                    Ok((UpEnd::Reset(reason.clone()), DownEnd::Reset(reason)))
+                }
+                Ok(d) => up.await.map(|u| (u, d)),
+                Err(e) => Err(e),
+            },
+        };
+        match ends {
+            Ok((UpEnd::Eof, DownEnd::Eof)) => None,
+            Ok((_, DownEnd::Reset(reason)) | (UpEnd::Reset(reason), _)) => Some(Ok(reason)),
+            Err(e) => Some(Err(e)),
+        }
+    };
+    let transferred = counts.transferred();
+    match reason {
+        None => Ok(Ended::Clean(transferred)),
+        Some(Ok(reason)) => {
+            stream.reset();
+            reset_on_close(app);
+            Ok(Ended::Reset {
+                transferred,
+                reason,
+            })
+        }
+        Some(Err(e)) => {
+            reset_on_close(app);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{capture::Origin, code::Code, identity::session::Proof};
+    use tokio::{io::AsyncReadExt, net::TcpListener};
+
+    fn sample() -> Request {
+        Request {
+            dst: "10.77.0.2:8080".parse().unwrap(),
+            source: Origin {
+                workload: "web".into(),
+                pid: 42,
+                uid: 1000,
+                cgroup_id: 7,
+            },
+            proof: Proof::Token(vec![3; 120]),
+        }
+    }
+
+    #[test]
+    fn a_request_and_its_answer_ride_in_headers_and_come_back_equal() {
+        let req = connect_request(&sample());
+        assert_eq!(req.method(), http::Method::CONNECT);
+        assert_eq!(req.uri().authority().unwrap().as_str(), "10.77.0.2:8080");
+        assert_eq!(request_of(&req).unwrap(), sample());
+        let answer = Response::new(Status::Denied, "no").with_code(Code::Policy);
+        let resp = response_for(&answer);
+        assert_eq!(resp.status(), http::StatusCode::FORBIDDEN);
+        let got = answer_of(&resp).unwrap();
+        assert_eq!(
+            (got.status, got.code, got.reason),
+            (Status::Denied, Code::Policy, "no".into())
+        );
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_with_their_reason() {
+        let mut not_connect = connect_request(&sample());
+        *not_connect.method_mut() = http::Method::GET;
+        let empty = connect_with("10.77.0.2:8080".into(), Vec::new());
+        let mut missing = connect_request(&sample());
+        missing.headers_mut().clear();
+        let garbage = connect_with("10.77.0.2:8080".into(), b"%%%".to_vec());
+        let huge = connect_with("10.77.0.2:8080".into(), vec![b'A'; 20_000]);
+        let mut truncated_bytes = sample().encode();
+        truncated_bytes.truncate(20);
+        use base64::Engine as _;
+        let truncated = connect_with(
+            "10.77.0.2:8080".into(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(truncated_bytes)
+                .into_bytes(),
+        );
+        let reasons: Vec<String> = [not_connect, missing, empty, garbage, huge, truncated]
+            .iter()
+            .map(|r| request_of(r).unwrap_err().to_string())
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "malformed header: a tunnel stream must be CONNECT",
+                "header truncated: tessera-request header",
+                "header truncated: preamble",
+                "malformed header: header value is not base64url",
+                "header body of 20000 bytes exceeds the 8192-byte limit",
+                "header truncated: body",
+            ]
+        );
+        // An answer whose HTTP status says connected but whose body refuses is refused.
+        let mut lying = response_for(&Response::new(Status::Denied, "no"));
+        *lying.status_mut() = http::StatusCode::OK;
+        assert!(answer_of(&lying).is_err());
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), server.unwrap().0)
+    }
+
+    /// An h2 tunnel over an in-memory pipe: the client handle and the server's accepted
+    /// streams (each answered connected).
+    async fn tunnel() -> (
+        SendRequest<Bytes>,
+        tokio::sync::mpsc::Receiver<Stream>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let server = tokio::spawn(async move {
+            let mut conn = server_builder().handshake::<_, Bytes>(b).await.unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let answer = match request_of(&req) {
+                    Ok(_) => Response::new(Status::Connected, "web"),
+                    Err(e) => Response::new(Status::BadRequest, e.to_string()),
+                };
+                let send = respond.send_response(response_for(&answer), false).unwrap();
+                let _ = tx
+                    .send(Stream {
+                        send,
+                        recv: req.into_body(),
+                    })
+                    .await;
+            }
+        });
+        let (send, _closed) = client(a).await.unwrap();
+        (send, rx, server)
+    }
+
+    async fn connect(send: &mut SendRequest<Bytes>) -> Stream {
+        let (resp, stream) = open(send, connect_request(&sample())).unwrap();
+        let (answer, stream) = answered(resp, stream, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, Status::Connected);
+        stream.unwrap()
+    }
+
+    /// client app <-> [splice] <-stream-> [splice] <-> server app.
+    async fn path(
+        send: &mut SendRequest<Bytes>,
+        accepted: &mut tokio::sync::mpsc::Receiver<Stream>,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(io::Result<Ended>, io::Result<Ended>)>,
+    ) {
+        let mut s1 = connect(send).await;
+        let mut s2 = accepted.recv().await.unwrap();
+        let (client, mut app1) = pair().await;
+        let (mut app2, server) = pair().await;
+        let ends = tokio::spawn(async move {
+            let (c1, c2) = (Counts::default(), Counts::default());
+            tokio::join!(
+                splice(&mut app1, &mut s1, &c1),
+                splice(&mut app2, &mut s2, &c2)
+            )
+        });
+        (client, server, ends)
+    }
+
+    #[tokio::test]
+    async fn many_connections_share_a_tunnel_with_half_close_and_exact_counts() {
+        let (mut send, mut accepted, _server) = tunnel().await;
+        let mut paths = Vec::new();
+        for i in 0..8u8 {
+            paths.push((i, path(&mut send, &mut accepted).await));
+        }
+        let mut tasks = Vec::new();
+        for (i, (mut client, mut server, ends)) in paths {
+            tasks.push(tokio::spawn(async move {
+                let payload = vec![i; 300_000 + i as usize];
+                let writer = {
+                    let payload = payload.clone();
+                    async move {
+                        client.write_all(&payload).await.unwrap();
+                        client.shutdown().await.unwrap(); // half-close
+                        client
+                    }
+                };
+                let reader = async {
+                    let mut got = Vec::new();
+                    server.read_to_end(&mut got).await.unwrap();
+                    got
+                };
+                let (mut client, got) = tokio::join!(writer, reader);
+                assert_eq!(got, payload);
+                server.write_all(b"reply after EOF").await.unwrap();
+                server.shutdown().await.unwrap();
+                let mut reply = Vec::new();
+                client.read_to_end(&mut reply).await.unwrap();
+                assert_eq!(reply, b"reply after EOF");
+                match ends.await.unwrap() {
+                    (Ok(Ended::Clean(x)), Ok(Ended::Clean(y))) => {
+                        assert_eq!((x.from_app, x.to_app), (payload.len() as u64, 15));
+                        assert_eq!((y.from_app, y.to_app), (15, payload.len() as u64));
+                    }
+                    other => panic!("not clean: {other:?}"),
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_resets_its_own_connection_and_leaves_the_others_exact() {
+        let (mut send, mut accepted, _server) = tunnel().await;
+        let (mut c1, s1, ends1) = path(&mut send, &mut accepted).await;
+        let (mut c2, mut s2, ends2) = path(&mut send, &mut accepted).await;
+        c1.write_all(b"hello").await.unwrap();
+        reset_on_close(&s1);
+        drop(s1);
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let _ = c1.write_all(&[1u8; 1024]).await;
+                match c1.read(&mut buf).await {
+                    Err(e) => break e.kind(),
+                    Ok(0) => panic!("a clean EOF instead of a reset"),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("the reset reaches the client");
+        assert_eq!(r, io::ErrorKind::ConnectionReset);
+        let (e1, e2) = ends1.await.unwrap();
+        assert!(matches!(e1, Ok(Ended::Reset { .. })), "{e1:?}");
+        assert!(matches!(e2, Ok(Ended::Reset { .. })), "{e2:?}");
+        // The other connection on the same tunnel is untouched.
+        c2.write_all(&[7u8; 100_000]).await.unwrap();
+        c2.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s2.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, vec![7u8; 100_000]);
+        s2.shutdown().await.unwrap();
+        match ends2.await.unwrap() {
+            (Ok(Ended::Clean(x)), Ok(Ended::Clean(_))) => assert_eq!(x.from_app, 100_000),
+            other => panic!("not clean: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_that_fails_resets_every_application_on_it() {
+        let (mut send, mut accepted, server) = tunnel().await;
+        let (mut c1, _s1, ends1) = path(&mut send, &mut accepted).await;
+        let (mut c2, _s2, ends2) = path(&mut send, &mut accepted).await;
+        server.abort(); // the server's end of the tunnel goes away
+        for c in [&mut c1, &mut c2] {
+            let mut buf = [0u8; 1];
+            let r = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+                .await
+                .expect("the failure reaches the application");
+            assert!(
+                matches!(r, Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset),
+                "{r:?}"
+            );
+        }
+        let (e1, _) = ends1.await.unwrap();
+        let (e2, _) = ends2.await.unwrap();
+        assert!(e1.is_err() && e2.is_err(), "{e1:?} {e2:?}");
+    }
+}
