@@ -27,7 +27,9 @@
 //!   1,000 new connections (from /proc/<pid>/stat during the connection-rate run).
 //! * `memory.{idle_rss_kib,loaded_rss_kib,per_connection_kib}.{host-a,host-b}` and
 //!   `memory.open_connections`: enforcer resident memory idle and holding that many
-//!   tunnelled connections.
+//!   tunnelled connections; `memory.descriptors_per_connection.{host-a,host-b}`: open
+//!   descriptors each enforcer gains per held connection (1 with streams multiplexed on a
+//!   few tunnels).
 //! * `control.enforcer_start_ms.{enrolling,from_cache}`: enforcer process spawn to its
 //!   `enforcer ready` log line, with enrolment (no cache, a new join token) and restarted from
 //!   the cache; `control.enrolment_round_trip_ms`: the enrolment request alone (the control
@@ -216,13 +218,14 @@ impl Bench<'_> {
         out_json(&out, "rr")
     }
 
-    fn memory(&self, n: usize) -> Result<(Value, Value, Value)> {
+    fn memory(&self, n: usize) -> Result<(Value, Value, Value, Value)> {
         let (a, b) = (self.net.host("host-a"), self.net.host("host-b"));
         let pids = [
             self.net.enforcer_pid(a).context("enforcer a")?,
             self.net.enforcer_pid(b).context("enforcer b")?,
         ];
         let idle = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+        let idle_fds = [open_fds(pids[0])?, open_fds(pids[1])?];
         let ready = self.net.dir.join("hold.ready");
         self.net.spawn(
             a,
@@ -246,6 +249,7 @@ impl Bench<'_> {
         }
         thread::sleep(Duration::from_millis(500));
         let loaded = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+        let loaded_fds = [open_fds(pids[0])?, open_fds(pids[1])?];
         let opened = fs::read_to_string(&ready)?;
         eprintln!(
             "bench: {n} connections opened in {} s",
@@ -253,12 +257,21 @@ impl Bench<'_> {
         );
         fs::remove_file(&ready)?; // tells the holder to close its connections and exit
         let per = |i: usize| (loaded[i].saturating_sub(idle[i])) as f64 / n as f64;
+        let fds = |i: usize| (loaded_fds[i].saturating_sub(idle_fds[i])) as f64 / n as f64;
         Ok((
             json!({"host-a": idle[0], "host-b": idle[1]}),
             json!({"host-a": loaded[0], "host-b": loaded[1]}),
             json!({"host-a": per(0), "host-b": per(1)}),
+            json!({"host-a": fds(0), "host-b": fds(1)}),
         ))
     }
+}
+
+/// Descriptors process `pid` has open.
+fn open_fds(pid: u32) -> Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("/proc/{pid}/fd"))?
+        .count())
 }
 
 fn ratio(t: f64, d: f64) -> f64 {
@@ -708,13 +721,14 @@ fn start_perf(bench: &Bench, out: &Path) -> Result<std::process::Child> {
 /// Memory last: holding thousands of connections leaves the host's TCP state (TIME_WAIT,
 /// ports) busy for a while, which would skew the rates measured after it.
 fn memory(bench: &Bench, quick: bool) -> Result<Value> {
-    // The source enforcer holds two descriptors per tunnelled connection; where the hard
-    // limit cannot be raised (no CAP_SYS_RESOURCE) it caps how many can be held.
+    // Each enforcer holds one descriptor per tunnelled connection (the streams share a few
+    // tunnels), and so does the load program; where the hard limit cannot be raised (no
+    // CAP_SYS_RESOURCE) it caps how many can be held.
     let fd_hard_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map(|(_, h)| h)
         .unwrap_or(0);
-    let open_connections = (if quick { 2_000 } else { 10_000 })
-        .min((fd_hard_limit.saturating_sub(1_000) / 2) as usize);
+    let open_connections =
+        (if quick { 2_000 } else { 10_000 }).min(fd_hard_limit.saturating_sub(1_000) as usize);
     if open_connections < 10_000 && !quick {
         eprintln!(
             "bench: holding {open_connections} connections, not 10000: the open-file hard limit here is {fd_hard_limit}"
@@ -726,11 +740,12 @@ fn memory(bench: &Bench, quick: bool) -> Result<Value> {
         o.tokens = true;
     })?;
     eprintln!("bench: memory with {open_connections} open tunnelled connections");
-    let (idle, loaded, per_conn) = bench.memory(open_connections)?;
+    let (idle, loaded, per_conn, fds) = bench.memory(open_connections)?;
     Ok(json!({
         "idle_rss_kib": idle,
         "loaded_rss_kib": loaded,
         "per_connection_kib": per_conn,
+        "descriptors_per_connection": fds,
         "open_connections": open_connections,
         "fd_hard_limit": fd_hard_limit,
     }))
@@ -916,6 +931,11 @@ fn print_table(r: &Value) {
             m["loaded_rss_kib"]["host-b"],
             f(&m["per_connection_kib"]["host-a"]),
             f(&m["per_connection_kib"]["host-b"])
+        );
+        println!(
+            "enforcer descriptors per open conn  host-a {:.2} host-b {:.2}  (target: 1, <= 20 KiB)",
+            f(&m["descriptors_per_connection"]["host-a"]),
+            f(&m["descriptors_per_connection"]["host-b"])
         );
     }
     if let Some(c) = r.get("control") {

@@ -1,10 +1,14 @@
 //! The applications at both ends of a tunnel: workloads, real TCP servers on loopback that
 //! report how each connection went, and helpers for the client side.
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 use std::{future::Future, io, net::SocketAddr, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     sync::mpsc,
     task::JoinSet,
 };
@@ -45,20 +49,32 @@ pub struct Seen {
 pub struct Workload {
     pub addr: SocketAddr,
     seen: mpsc::UnboundedReceiver<Seen>,
+    /// Connections open now.
+    open: Arc<AtomicUsize>,
     _tasks: JoinSet<()>,
 }
 
 impl Workload {
     pub async fn start(behaviour: Behaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        // A backlog above the tunnel's stream limit: a test delivering that many connections
+        // at once must not meet the kernel's accept queue instead of the enforcer's limits.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)))
+            .expect("bind");
+        let listener = socket.listen(4096).expect("listen");
         let addr = listener.local_addr().expect("local address");
         let (tx, seen) = mpsc::unbounded_channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        let counted = open.clone();
         let mut tasks = JoinSet::new();
         tasks.spawn(async move {
             while let Ok((stream, peer)) = listener.accept().await {
-                let tx = tx.clone();
+                let (tx, open) = (tx.clone(), counted.clone());
+                open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let (received, end) = serve(stream, behaviour).await;
+                    open.fetch_sub(1, Ordering::SeqCst);
                     let end = end.map_err(|e| e.kind());
                     let _ = tx.send(Seen {
                         peer,
@@ -71,8 +87,14 @@ impl Workload {
         Self {
             addr,
             seen,
+            open,
             _tasks: tasks,
         }
+    }
+
+    /// Connections open at the workload now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// What the workload saw on its next connection, once that connection ended.

@@ -12,4 +12,6 @@ pub mod apps;
 pub mod tunnel;
 
 #[cfg(test)]
+mod mux_tests;
+#[cfg(test)]
 mod tunnel_tests;

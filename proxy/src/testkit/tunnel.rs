@@ -42,6 +42,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 
 use super::apps::{Behaviour, STEP, Workload, within};
+use crate::flow::now_ms;
 use crate::{
     admission::Admission,
     authz::{Decisions, PolicyMode},
@@ -585,6 +586,14 @@ impl Fixture {
     /// An enforcer `name` with a certificate from the cluster CA that speaks the tunnel
     /// protocol by hand: to send what an honest enforcer never would.
     pub async fn rogue(&self, name: &str) -> Rogue {
+        let (tls, keys) = self.rogue_tls(name).await;
+        let (send, closed) = crate::mux::client(tls).await.expect("HTTP/2 with host-b");
+        Rogue { send, closed, keys }
+    }
+
+    /// A TLS session of enforcer `name` with host-b, before HTTP/2 (tests write raw frames
+    /// on it), and what seals its tokens.
+    pub async fn rogue_tls(&self, name: &str) -> (TlsStream<TcpStream>, Sealer) {
         let (key, cert) = self.ca.issue(name);
         let config = self
             .ca
@@ -593,24 +602,41 @@ impl Fixture {
             .expect("client TLS");
         let tls = self.dial_b(config).await.expect("TLS with host-b");
         let secrets = SessionSecrets::of(tls.get_ref().1).expect("exporter");
-        let (send, closed) = crate::mux::client(tls).await.expect("HTTP/2 with host-b");
-        Rogue {
-            send,
-            closed,
+        let keys = Sealer {
             binding: secrets.binding,
             secrets,
             seq: 0,
             signer: Signer::from_pkcs8(&key).expect("an Ed25519 key"),
-        }
+        };
+        (tls, keys)
     }
 }
 
-/// A tunnel to host-b driven by the test (see [`Fixture::rogue`]).
+/// A tunnel to host-b driven by the test (see [`Fixture::rogue`]); it seals tokens as its
+/// [`Sealer`] (`rogue.seal(..)`, `rogue.binding`).
 pub struct Rogue {
     /// Opens streams on the tunnel.
     pub send: h2::client::SendRequest<bytes::Bytes>,
     /// Set once host-b closed the tunnel.
     pub closed: Arc<std::sync::atomic::AtomicBool>,
+    pub keys: Sealer,
+}
+
+impl std::ops::Deref for Rogue {
+    type Target = Sealer;
+    fn deref(&self) -> &Sealer {
+        &self.keys
+    }
+}
+
+impl std::ops::DerefMut for Rogue {
+    fn deref_mut(&mut self) -> &mut Sealer {
+        &mut self.keys
+    }
+}
+
+/// What a test's enforcer seals its tokens with on one TLS session.
+pub struct Sealer {
     /// The session's exporter value, which honest tokens are bound to.
     pub binding: Binding,
     /// The session's exporter secrets: its key seals this side's session tokens.
@@ -621,7 +647,7 @@ pub struct Rogue {
     pub signer: Signer,
 }
 
-impl Rogue {
+impl Sealer {
     /// A session token (version 3) for `claims` with the next sequence number as nonce,
     /// sealed with this session's client key, as an honest enforcer makes them.
     pub fn seal(&mut self, claims: Claims) -> Vec<u8> {
@@ -651,6 +677,22 @@ impl Rogue {
         }
     }
 
+    /// An honest request from workload `web` of enforcer `enforcer` to `dst`, its token
+    /// sealed with the next sequence number.
+    pub fn request(&mut self, enforcer: &str, dst: SocketAddr) -> Request {
+        let claims = self.claims(&identity(enforcer, "web", "web"), dst, now_ms());
+        Request {
+            dst,
+            source: crate::capture::Origin {
+                workload: "web".into(),
+                ..Default::default()
+            },
+            proof: crate::identity::session::Proof::Token(self.seal(claims)),
+        }
+    }
+}
+
+impl Rogue {
     /// Opens a stream whose request header carries `bytes` (base64url, as an honest one
     /// carries an encoded request) and reads host-b's answer.
     pub async fn send(&mut self, bytes: &[u8]) -> Response {

@@ -538,7 +538,7 @@ async fn hostile_session_tokens_are_refused_each_with_its_code() {
     let honest = rogue.claims(&own, dst, now);
     let good = rogue.seal(honest.clone());
     let older = rogue.seal_as(1, honest.clone());
-    let lifted = first.seal(first.claims(&own, dst, now));
+    let lifted = first.keys.seal(first.keys.claims(&own, dst, now));
     let mut relabelled = lifted.clone();
     let at = relabelled
         .windows(16)
@@ -578,7 +578,11 @@ async fn hostile_session_tokens_are_refused_each_with_its_code() {
         issuer: other.signer.key_id(),
         ..honest.clone()
     });
-    let foreign = rogue.seal(rogue.claims(&identity("host-a", "web", "web"), dst, now));
+    let foreign = rogue.keys.seal(
+        rogue
+            .keys
+            .claims(&identity("host-a", "web", "web"), dst, now),
+    );
     let never_sent = rogue.seal(Claims {
         claim: Claim::Warm(crate::identity::signer::identity_digest(&identity(
             "host-r", "never", "web",
@@ -637,7 +641,7 @@ async fn hostile_session_tokens_are_refused_each_with_its_code() {
     }
     // The first session is untouched by what was tried on the second: its own token
     // (sequence 2; its first was only ever offered elsewhere) passes there.
-    let own_token = first.seal(first.claims(&own, dst, now_ms()));
+    let own_token = first.keys.seal(first.keys.claims(&own, dst, now_ms()));
     let answer = first
         .ask(&Request {
             dst,
