@@ -296,6 +296,7 @@ impl Outbound {
             Ok((answer, carrying)) => Ok((tunnel, pooled, answer, carrying)),
             Err(e @ AskError::Tunnel(_)) if pooled => {
                 tracing::debug!(peer = %peer.name, error = %e, "pooled tunnel was dead; dialing a fresh one");
+                tunnel.retire();
                 let tunnel = self.pool.dial(peer).await.map_err(unreachable)?;
                 let (answer, carrying) = self
                     .exchange(&tunnel, captured)
@@ -303,7 +304,12 @@ impl Outbound {
                     .map_err(|e| unreachable(e.into_io()))?;
                 Ok((tunnel, false, answer, carrying))
             }
-            Err(e) => Err(unreachable(e.into_io())),
+            Err(e) => {
+                if matches!(e, AskError::Tunnel(_)) {
+                    tunnel.retire();
+                }
+                Err(unreachable(e.into_io()))
+            }
         }
     }
 

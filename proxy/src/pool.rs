@@ -66,6 +66,12 @@ impl Tunnel {
         !self.closed.load(Ordering::Relaxed)
     }
 
+    /// Takes it out of use: it failed a stream (going away, or dead), so the pool drops it
+    /// and no later connection tries it first. Its live streams go on while it lasts.
+    pub fn retire(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
     /// Streams open on it now.
     pub fn streams(&self) -> usize {
         self.active.load(Ordering::Relaxed)
@@ -219,6 +225,8 @@ struct PeerPool {
     tunnels: Mutex<Vec<Arc<Tunnel>>>,
     /// Counts the tunnels stored, to spread their idle lifetimes (see [`TunnelPool::max_idle`]).
     stored: AtomicUsize,
+    /// Where the next search for the least loaded tunnel starts.
+    next: AtomicUsize,
     dialing: AtomicUsize,
     /// After failed dials, no background dial until this instant; the delay doubles with
     /// each failure (a down peer is not hammered) and resets on success.
@@ -278,8 +286,13 @@ impl TunnelPool {
             let mut tunnels = pool.tunnels.lock().expect("lock");
             let now = Instant::now();
             tunnels.retain(|t| t.is_open() && !t.idled_out(now));
-            tunnels
-                .iter()
+            // The least loaded; among equals, the next after the last one taken: sequential
+            // connections go round the tunnels, so none idles out (and needs replacing)
+            // while the peer is in use.
+            let start = pool.next.fetch_add(1, Ordering::Relaxed);
+            let n = tunnels.len().max(1);
+            (0..tunnels.len())
+                .map(|i| &tunnels[(start + i) % n])
                 .filter(|t| t.streams() < STREAMS_PER_TUNNEL)
                 .min_by_key(|t| t.streams())
                 .cloned()
