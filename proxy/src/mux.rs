@@ -52,20 +52,26 @@ pub const MAX_STREAMS: u32 = 1_024;
 /// Streams a source enforcer puts on one tunnel before it opens another.
 pub const STREAMS_PER_TUNNEL: usize = 512;
 /// Per-stream receive window: what a peer may send ahead of the application reading it.
-/// One round trip on a LAN at 10 Gbit/s is well under this.
+/// One round trip on a LAN at 10 Gbit/s is well under this. ztunnel uses 4 MiB; a smaller
+/// one means more streams must stall before they hold up the tunnel (below).
 pub const STREAM_WINDOW: u32 = 1 << 20;
 /// Per-tunnel receive window: bounds the bytes buffered for all streams of a tunnel whose
-/// applications do not read (memory per tunnel, whatever the number of streams).
-pub const TUNNEL_WINDOW: u32 = 16 << 20;
+/// applications do not read (memory per tunnel, whatever the number of streams). Bytes a
+/// stream holds count against it until its application takes them, so 32 streams whose
+/// applications stop reading would stall the tunnel's other streams (docs/threat-model.md).
+pub const TUNNEL_WINDOW: u32 = 32 << 20;
 /// Largest DATA frame either end sends: four TLS records of payload.
 pub const MAX_FRAME: u32 = 64 * 1024;
 /// Largest header list accepted: a request carries one token (at most `MAX_TOKEN` bytes,
 /// base64) and a few pseudo-headers.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
-/// Bytes an application connection reads into one buffer at most.
-const READ_CHUNK: usize = 64 * 1024;
-/// Bytes queued for sending per stream beyond the peer's window, at most.
-const SEND_BUFFER: usize = 256 * 1024;
+/// Bytes an application connection reads into one buffer: the first read of a burst takes
+/// the small size (a request, a reply), each read that fills its buffer doubles the next
+/// one up to the large size (a bulk transfer: fewer reads, frames and wakeups per byte).
+const READ_SMALL: usize = 16 * 1024;
+const READ_LARGE: usize = 256 * 1024;
+/// Bytes handed to `h2` per stream and not yet sent, at most (within the peer's window).
+const SEND_BUFFER: usize = 1 << 20;
 /// Streams a peer may open and reset before we accept them (rapid-reset floods), and
 /// streams we may reset for its protocol errors, before the tunnel is closed.
 const PENDING_ACCEPT_RESETS: usize = 64;
@@ -115,7 +121,10 @@ pub fn connect_with(authority: String, header: Vec<u8>) -> http::Request<()> {
         .authority(authority)
         .build()
         .unwrap_or_default();
-    if let Ok(value) = http::HeaderValue::from_bytes(&header) {
+    if let Ok(mut value) = http::HeaderValue::from_bytes(&header) {
+        // Never indexed (RFC 7541 §7.1.3): a token is different every time, and a value
+        // that must stay secret never enters a compression table.
+        value.set_sensitive(true);
         req.headers_mut().insert(REQUEST_HEADER, value);
     }
     req
@@ -141,7 +150,8 @@ pub fn response_for(answer: &Response) -> http::Response<()> {
     } else {
         http::StatusCode::FORBIDDEN
     };
-    if let Ok(value) = http::HeaderValue::from_str(&answer.to_header()) {
+    if let Ok(mut value) = http::HeaderValue::from_str(&answer.to_header()) {
+        value.set_sensitive(true);
         resp.headers_mut().insert(RESPONSE_HEADER, value);
     }
     resp
@@ -300,16 +310,20 @@ async fn app_to_stream(
     send: &mut SendStream<Bytes>,
     total: &AtomicU64,
 ) -> io::Result<UpEnd> {
+    let mut size = READ_SMALL;
     loop {
         // A buffer only once there is something to read: a held connection costs none.
         if let Err(e) = app.readable().await {
             send.send_reset(Reason::CANCEL);
             return Ok(UpEnd::Reset(format!("application connection broke: {e}")));
         }
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut buf = BytesMut::with_capacity(size);
         let n = match app.try_read_buf(&mut buf) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                size = READ_SMALL;
+                continue;
+            }
             Err(e) => {
                 send.send_reset(Reason::CANCEL);
                 return Ok(UpEnd::Reset(format!("application connection broke: {e}")));
@@ -319,6 +333,11 @@ async fn app_to_stream(
             send.send_data(Bytes::new(), true).map_err(tunnel_error)?;
             return Ok(UpEnd::Eof);
         }
+        size = if n == size {
+            (size * 2).min(READ_LARGE)
+        } else {
+            READ_SMALL
+        };
         let mut chunk = buf.freeze();
         // Only as much as the peer's windows allow: the rest waits here, not in `h2`.
         while !chunk.is_empty() {
