@@ -43,6 +43,8 @@ pub struct Tunnel {
     session: Mutex<TunnelSession>,
     /// Streams open on it.
     active: AtomicUsize,
+    /// Streams it carried since it was opened.
+    carried: AtomicUsize,
     /// Set when the HTTP/2 connection has ended.
     closed: Arc<AtomicBool>,
     /// When it last carried no stream, and how long it may stay so.
@@ -95,6 +97,7 @@ impl Tunnel {
     ) -> Result<Asked, AskError> {
         let slot = {
             self.active.fetch_add(1, Ordering::AcqRel);
+            self.carried.fetch_add(1, Ordering::Relaxed);
             Slot(self.clone())
         };
         let mut session = self.session.lock().expect("lock");
@@ -212,6 +215,7 @@ impl TunnelDialer {
             send,
             session: Mutex::new(session),
             active: AtomicUsize::new(0),
+            carried: AtomicUsize::new(0),
             closed,
             idle_since: Mutex::new(Some(Instant::now())),
             max_idle: Mutex::new(Duration::MAX),
@@ -426,6 +430,23 @@ impl TunnelPool {
             .lock()
             .expect("lock")
             .retain(|p, _| p.name != name);
+    }
+
+    /// How many streams each open tunnel to enforcer `name` carried (for tests).
+    pub fn carried(&self, name: &str) -> Vec<usize> {
+        let pools = self.peers.lock().expect("lock");
+        pools
+            .iter()
+            .filter(|(p, _)| p.name == name)
+            .flat_map(|(_, pool)| {
+                let tunnels = pool.tunnels.lock().expect("lock");
+                tunnels
+                    .iter()
+                    .filter(|t| t.is_open())
+                    .map(|t| t.carried.load(Ordering::Relaxed))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Open tunnels per peer name (for status and tests).

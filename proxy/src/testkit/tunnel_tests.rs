@@ -796,6 +796,28 @@ async fn a_dead_pooled_tunnel_is_retried_on_a_fresh_one_invisibly() {
     assert_eq!(echo_once(&mut fx).await.0.pooled, Some(true));
 }
 
+/// Sequential connections go round the pool's tunnels (the least loaded, ties in turn):
+/// none sits unused until it idles out and must be replaced by a new TLS handshake.
+#[tokio::test]
+async fn sequential_connections_go_round_the_tunnels() {
+    let mut fx = Fixture::start(Spec {
+        pool_size: 4,
+        ..Spec::default()
+    })
+    .await;
+    fx.warm(4).await;
+    for _ in 0..8 {
+        let mut c = fx.connect(fx.echo.addr).await;
+        c.write_all(b"hi").await.unwrap();
+        c.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut c).await, b"hi");
+        let _ = records(&mut fx).await;
+    }
+    let mut carried = fx.a.pool.carried("host-b");
+    carried.sort();
+    assert_eq!(carried, [2, 2, 2, 2]);
+}
+
 #[tokio::test]
 async fn a_tunnel_that_dies_under_a_live_connection_resets_both_applications() {
     let mut fx = Fixture::start(Spec::default()).await;
