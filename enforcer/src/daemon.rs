@@ -12,8 +12,9 @@ pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
 }
 
-/// Each proxied connection holds two descriptors (application side and tunnel side), so the
-/// default limit would cap an enforcer far below the connections a host makes.
+/// Each proxied connection holds a descriptor at each enforcer (its streams share a few
+/// tunnels), two for one to or from a peer without an enforcer, so the default limit would
+/// cap an enforcer far below the connections a host makes.
 pub(crate) fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     const WANT: u64 = 1 << 20;
@@ -28,8 +29,8 @@ pub(crate) fn raise_fd_limit() {
         // Without CAP_SYS_RESOURCE the hard limit cannot be raised.
         tracing::warn!(
             limit = soft,
-            max_connections = soft.saturating_sub(200) / 2,
-            "open file limit could not be raised: each proxied connection holds two descriptors"
+            max_tunnelled_connections = soft.saturating_sub(200),
+            "open file limit could not be raised: each tunnelled connection holds a descriptor (two without a peer enforcer)"
         );
     }
 }
