@@ -136,7 +136,7 @@ impl Facing {
 /// How carrying a connection ended (the caller cleans up accordingly).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Carried {
-    /// Both directions ended cleanly: a tunnel can carry the next connection.
+    /// Both directions ended cleanly.
     Clean,
     /// Reset by either end: the connection is gone, the tunnel not reusable.
     Reset,

@@ -792,7 +792,7 @@ async fn a_dead_pooled_tunnel_is_retried_on_a_fresh_one_invisibly() {
     // application, and is carried by a fresh tunnel instead.
     fx.link.cut().await;
     assert_eq!(echo_once(&mut fx).await.0.pooled, Some(false));
-    // The fresh tunnel went back to the pool.
+    // The fresh tunnel stays in the pool for later streams.
     assert_eq!(echo_once(&mut fx).await.0.pooled, Some(true));
 }
 
