@@ -98,15 +98,8 @@ pub fn start(
                 fast_.revoke_denied(registry.decisions());
             }
         });
-        // Whenever the directory changes (a peer revoked or removed, a certificate
-        // replaced), every key goes: no pair keeps a key its peer's standing no longer
-        // backs (`control::handshake_mode_follows_the_directory_while_running`).
-        let (fast, mut changes) = (fast.clone(), directory.changes());
-        tokio::spawn(async move {
-            while changes.changed().await.is_ok() {
-                fast.revoke_all();
-            }
-        });
+        // Directory changes revoke the keys of the peers they concern: called by whoever
+        // changes it, once the peers' keys are in force too (`app::control::Live::peers`).
     }
     let handler = if h.pass_through {
         tracing::warn!(
