@@ -25,7 +25,8 @@ use crate::{
 };
 
 struct Live {
-    attempt: Attempt,
+    /// Shared with whoever decided it (the fast path's connections share their key's).
+    attempt: Arc<Attempt>,
     close: watch::Sender<Option<String>>,
 }
 
@@ -67,7 +68,12 @@ impl ConnectionRegistry {
 
     /// Registers a connection that `ruling` allowed. If a policy was applied since that
     /// decision, it is decided again now: the guard then comes back already revoked.
-    pub fn register(self: &Arc<Self>, attempt: Attempt, ruling: &Ruling) -> ConnectionGuard {
+    pub fn register(
+        self: &Arc<Self>,
+        attempt: impl Into<Arc<Attempt>>,
+        ruling: &Ruling,
+    ) -> ConnectionGuard {
+        let attempt = attempt.into();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut live = self.lock();
         let revoked = (ruling.generation != self.decisions.generation())

@@ -80,8 +80,10 @@ type Templates = StdHashMap<(bool, u32), Installed>;
 
 /// An installed key (or one about to be, at the client end).
 struct Installed {
-    /// Its full handshake's decision.
-    template: Template,
+    /// Its full handshake's decision, shared by the records of its connections.
+    template: Arc<Template>,
+    /// Their records' reason (made once).
+    reason: String,
     /// The client end's map key (None at the server end).
     client: Option<FastClientKey>,
     /// Until when it can prove a connection (then it and its kernel entry are swept).
@@ -186,9 +188,8 @@ pub fn stands(peer: &FastPeer, standings: &Standings) -> bool {
 }
 
 /// A full handshake's decision, for the connections its pair secret proves later.
-#[derive(Clone)]
 pub struct Template {
-    attempt: Attempt,
+    attempt: Arc<Attempt>,
     ruling: Ruling,
     flow: FlowTemplate,
 }
@@ -197,7 +198,7 @@ impl Template {
     /// The decision of the connection `live` (None once its record was written).
     pub fn of(live: &LiveConnection) -> Option<Self> {
         Some(Self {
-            attempt: live.attempt.clone(),
+            attempt: Arc::new(live.attempt.clone()),
             ruling: live.ruling.clone(),
             flow: live.flow.template()?,
         })
@@ -370,10 +371,15 @@ impl FastPath {
             }
             // Until the key's expiry at the latest (the client end installs it later).
             let until = Instant::now() + self.lifetime + CLIENT_DELAY + Duration::from_secs(1);
+            let reason = template.flow.reason_noting(&format!(
+                "kernel fast path, key {:#010x}",
+                grant.pair.key_id
+            ));
             templates.insert(
                 (grant.caller.is_none(), grant.pair.key_id),
                 Installed {
-                    template,
+                    template: Arc::new(template),
+                    reason,
                     client,
                     until,
                     peer: grant.peer.clone(),
@@ -596,9 +602,9 @@ impl FastPath {
     /// it: recorded with its key's full handshake's decision (re-decided there if policy
     /// was replaced since). None for a key this run does not know.
     pub fn registered(&self, c: &FastConn) -> Option<Registered> {
-        let t = lock(&self.templates)
+        let (t, reason) = lock(&self.templates)
             .get(&(c.server == 1, c.key_id))
-            .map(|i| i.template.clone())?;
+            .map(|i| (i.template.clone(), i.reason.clone()))?;
         let addr = |a: [u32; 4], port: u16| -> SocketAddr {
             let ip = if c.tuple.family == AF_INET {
                 std::net::IpAddr::from(a[0].to_ne_bytes())
@@ -617,20 +623,17 @@ impl FastPath {
             tessera_proxy::authz::Side::Egress => (local, remote),
             _ => (remote, local),
         };
-        let how = format!("kernel fast path, key {:#010x}", c.key_id);
-        let flow = t.flow.start(src, dst, now_ms(), &how);
+        let flow = t.flow.start_as(src, dst, now_ms(), reason);
         debug_assert!(matches!(
             flow.direction,
             Direction::Outbound | Direction::Inbound
         ));
         Some(Registered {
-            conn: LiveConnection {
-                local,
-                remote,
-                attempt: t.attempt,
-                ruling: t.ruling,
-                flow,
-            },
+            local,
+            remote,
+            attempt: t.attempt.clone(),
+            ruling: t.ruling.clone(),
+            flow,
             at_ns: c.at_ns,
         })
     }
