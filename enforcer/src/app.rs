@@ -261,6 +261,7 @@ pub async fn build(config: &Config) -> Result<Running> {
         cert: cert.clone(),
         peer_keys: Arc::new(std::sync::RwLock::new(peer_keys)),
         flows: core.store.clone(),
+        fast: None,
     };
     let mut routing = None;
     // Commit: the new run goes in force in an order without a gap, and nothing after it
@@ -323,6 +324,15 @@ pub async fn build(config: &Config) -> Result<Running> {
         None => {
             let setup =
                 handshake_setup(config, &core, &host, lookup.clone(), live.peer_keys.clone());
+            let fast =
+                crate::handshake::fast::FastPath::start(capture.ebpf_mut(), &config.handshake)?
+                    .map(Arc::new);
+            if let Some(fast) = &fast {
+                // The peers' standings its keys will rely on; the control plane's changes
+                // to them revoke only the keys they concern (`control::Live::peers`).
+                fast.directory_changed(&host.peers, &live.peer_keys);
+                live.fast = Some(fast.clone());
+            }
             // Workers first (binding the queues can fail): once the rules are in, queued
             // packets need a reader.
             crate::handshake::start(
@@ -332,8 +342,7 @@ pub async fn build(config: &Config) -> Result<Running> {
                 core.registry.clone(),
                 capture.take_closed_ring()?,
                 core.metrics.clone(),
-                crate::handshake::fast::FastPath::start(capture.ebpf_mut(), &config.handshake)?
-                    .map(Arc::new),
+                fast,
             )?;
             let rules = crate::handshake::prepare_rules(&config.handshake, &host.ports)?;
             // The rules in force first; only then may sk_lookup stop guarding the ports.

@@ -465,6 +465,27 @@ impl FlowTemplate {
     /// The record of another connection between the same ends (`src` / `dst`: its
     /// addresses), starting at `now_ms`, its reason noting `how` it was allowed.
     pub fn start(&self, src: SocketAddr, dst: SocketAddr, now_ms: u64, how: &str) -> FlowTracker {
+        self.start_as(src, dst, now_ms, self.reason_noting(how))
+    }
+
+    /// The reason of the records [`FlowTemplate::start`] makes with `how` (made once, for
+    /// many connections: [`FlowTemplate::start_as`]).
+    pub fn reason_noting(&self, how: &str) -> String {
+        if self.record.reason.is_empty() {
+            how.to_owned()
+        } else {
+            format!("{} ({how})", self.record.reason)
+        }
+    }
+
+    /// [`FlowTemplate::start`] with the record's reason given.
+    pub fn start_as(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        now_ms: u64,
+        reason: String,
+    ) -> FlowTracker {
         let mut r = self.record.clone();
         r.src.addr = src;
         r.dst.addr = dst;
@@ -472,11 +493,7 @@ impl FlowTemplate {
         r.duration_ms = 0;
         r.bytes_sent = 0;
         r.bytes_received = 0;
-        r.reason = if r.reason.is_empty() {
-            how.to_owned()
-        } else {
-            format!("{} ({how})", r.reason)
-        };
+        r.reason = reason;
         FlowTracker::new(&self.flows, r)
     }
 }

@@ -214,6 +214,12 @@ impl Directory {
         nets
     }
 
+    /// How many times it was replaced. Read before a look-up, it is never newer than what
+    /// the look-up saw (the members are stored before the generation moves).
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     /// Changes: a new value after every [`Directory::replace`].
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()

@@ -25,7 +25,8 @@ use crate::{
 };
 
 struct Live {
-    attempt: Attempt,
+    /// Shared with whoever decided it (the fast path's connections share their key's).
+    attempt: Arc<Attempt>,
     close: watch::Sender<Option<String>>,
 }
 
@@ -67,7 +68,12 @@ impl ConnectionRegistry {
 
     /// Registers a connection that `ruling` allowed. If a policy was applied since that
     /// decision, it is decided again now: the guard then comes back already revoked.
-    pub fn register(self: &Arc<Self>, attempt: Attempt, ruling: &Ruling) -> ConnectionGuard {
+    pub fn register(
+        self: &Arc<Self>,
+        attempt: impl Into<Arc<Attempt>>,
+        ruling: &Ruling,
+    ) -> ConnectionGuard {
+        let attempt = attempt.into();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut live = self.lock();
         let revoked = (ruling.generation != self.decisions.generation())
@@ -134,6 +140,12 @@ impl ConnectionRegistry {
                 true
             }
         });
+        drop(live);
+        if closed > 0 {
+            // Handshake mode's watcher looks at its guards when told (it holds many): without
+            // this, a revoked enforcer's connections there stayed open.
+            self.reloads.send_modify(|n| *n += 1);
+        }
         closed
     }
 
@@ -314,5 +326,32 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(guard.revocation().is_some(), "told before the announcement");
+    }
+
+    /// Handshake mode's watcher looks at its guards only when reloads are announced: a
+    /// revoked enforcer's connections must be announced too (they stayed open before).
+    #[test]
+    fn revoking_an_enforcer_tells_its_connections_and_announces_it() {
+        let r = registry();
+        let mut reloads = r.reloads();
+        let by = |name: &str| {
+            attempt(
+                Side::Ingress,
+                &format!("app=web,{}={name}", crate::identity::reserved::ENFORCER),
+            )
+        };
+        let gone = admit(&r, by("host-c"));
+        let kept = admit(&r, by("host-a"));
+        assert_eq!(r.revoke_enforcer("host-c"), 1);
+        assert!(reloads.has_changed().unwrap(), "announced");
+        reloads.mark_unchanged();
+        assert_eq!(
+            gone.revocation().as_deref(),
+            Some("closed: enforcer host-c left the directory")
+        );
+        assert_eq!(kept.revocation(), None);
+        // Nothing of its left: nothing announced.
+        assert_eq!(r.revoke_enforcer("host-c"), 0);
+        assert!(!reloads.has_changed().unwrap());
     }
 }

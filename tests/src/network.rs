@@ -244,6 +244,26 @@ impl TestNet {
             .unwrap_or_else(|| panic!("no host {name}"))
     }
 
+    /// Packets `host`'s NFQUEUE queues have taken so far (handshake mode): the sum of each
+    /// queue's last packet id, from the kernel's `/proc/net/netfilter/nfnetlink_queue` in
+    /// its namespace.
+    pub fn queued(&self, host: &Host) -> u64 {
+        let out = sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                host.netns.as_str(),
+                "cat",
+                "/proc/net/netfilter/nfnetlink_queue",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{}: nfnetlink_queue unreadable: {e:#}", host.name));
+        out.lines()
+            .filter_map(|l| l.split_whitespace().nth(7)?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// The netns of the bridge that joins the hosts (for packet captures: host i is on port `p{i}`).
     pub fn switch_netns(&self) -> &str {
         &self.switch

@@ -443,6 +443,157 @@ fn handshake_mode_follows_the_directory_while_running() {
     );
 }
 
+/// Whether `host`'s enforcer put in force the directory change its control agent logged
+/// with `event` (`"joined or changed"`, `"removed"`) for `peer`: a "directory in force"
+/// line follows the last such event.
+fn directory_applied(net: &TestNet, host: &str, event: &str, peer: &str) -> bool {
+    let log = net.enforcer_log(net.host(host));
+    let lines: Vec<&str> = log.lines().collect();
+    let seen = lines
+        .iter()
+        .rposition(|l| l.contains(&format!("directory: enforcer {event}")) && l.contains(peer));
+    seen.is_some_and(|i| lines[i..].iter().any(|l| l.contains("directory in force")))
+}
+
+/// Runs `n` echo connections from web on `from` to api; returns how many succeeded and the
+/// packets host-b's and `from`'s NFQUEUE queues took meanwhile.
+fn echo_counting(net: &TestNet, from: &str, n: usize) -> (u64, u64, u64) {
+    let (f, b) = (net.host(from), net.host("host-b"));
+    let before = (net.queued(f), net.queued(b));
+    let out = net
+        .run_tool(
+            f,
+            Some("web"),
+            &["echo-many", "10.77.0.2", "7000", &n.to_string()],
+            T,
+        )
+        .unwrap();
+    let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or(Value::Null);
+    let ok = v["ok"].as_u64().unwrap_or(0);
+    (ok, net.queued(f) - before.0, net.queued(b) - before.1)
+}
+
+/// Connects web on `from` to api until a connection takes the fast path (no packet through
+/// either host's queues), within 15 s.
+fn warm(net: &TestNet, from: &str) {
+    assert!(
+        eventually(Duration::from_secs(15), || echo_counting(net, from, 1)
+            == (1, 0, 0)),
+        "web@{from} -> api@host-b never took the fast path\n{}",
+        net.enforcer_log(net.host("host-b"))
+    );
+}
+
+/// Handshake mode's fast path under a changing directory: a change that does not concern a
+/// warm pair (a third enforcer joining, then revoked) leaves it warm, every connection
+/// proven in the kernel with no packet through the queues at either end; the revoked
+/// enforcer's own pair loses its keys at once (its next connection is refused) and its live
+/// connection is cut. Revoking every key on every directory change (the old way) sent the
+/// unconcerned pair back to the full handshake at each change.
+#[test]
+fn a_directory_change_revokes_only_the_fast_path_keys_of_the_peer_it_concerns() {
+    let net = TestNet::with_plain_hosts(&["host-a", "host-b", "host-c"], &["control"])
+        .expect("test hosts");
+    net.options.lock().unwrap().handshake = true;
+    net.add_workload(net.host("host-a"), "web", &[("app", "web")], &[])
+        .unwrap();
+    net.add_workload(net.host("host-b"), "api", &[("app", "api")], &[7000])
+        .unwrap();
+    net.add_workload(net.host("host-c"), "web", &[("app", "web")], &[])
+        .unwrap();
+    let srv = net
+        .start_control(net.host("control"), &[])
+        .expect("control plane");
+    let (a, b, c) = (net.host("host-a"), net.host("host-b"), net.host("host-c"));
+    net.join(a, &srv, "site=paris").unwrap();
+    net.join(b, &srv, "site=london").unwrap();
+    net.start_enforcer(a).unwrap();
+    net.start_enforcer(b).unwrap();
+    net.serve_tool(b, Some("api"), "serve-echo", 7000).unwrap();
+    apply_policy(&net, &srv, WEB_PARIS_TO_API).unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || echo_ok(&net)),
+        "web@host-a -> api@host-b in handshake mode\n{}",
+        net.enforcer_log(b)
+    );
+    // The first connection took the full handshake through the queues (the counters
+    // count); then the pair is warm.
+    assert!(net.queued(a) > 0 && net.queued(b) > 0);
+    warm(&net, "host-a");
+
+    // A third enforcer joins: a directory change at both ends that concerns not them.
+    net.join(c, &srv, "site=paris").unwrap();
+    net.start_enforcer(c).unwrap();
+    for h in ["host-a", "host-b"] {
+        assert!(
+            eventually(Duration::from_secs(15), || directory_applied(
+                &net,
+                h,
+                "joined or changed",
+                "host-c"
+            )),
+            "{h} never applied host-c's arrival\n{}",
+            net.enforcer_log(net.host(h))
+        );
+    }
+    for round in 0..3 {
+        assert_eq!(
+            echo_counting(&net, "host-a", 4),
+            (4, 0, 0),
+            "round {round} after host-c joined: the warm pair's connections went through the \
+             queues (its keys were revoked by a change that does not concern it)\n{}",
+            net.enforcer_log(b)
+        );
+    }
+
+    // host-c's own pair gets warm, with a connection held open on it.
+    warm(&net, "host-c");
+    let holder = net.spawn_holder(c, "web", "10.77.0.2", 7000).unwrap();
+
+    // host-c revoked: its pair's keys go at once (and its live connection is cut); host-a's
+    // pair stays warm.
+    net.control_admin(&srv, &["server", "enforcer", "revoke", "host-c"])
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || directory_applied(
+            &net, "host-b", "removed", "host-c"
+        )),
+        "host-b never applied host-c's revocation\n{}",
+        net.enforcer_log(b)
+    );
+    let (ok, _, _) = echo_counting(&net, "host-c", 1);
+    assert_eq!(
+        ok,
+        0,
+        "a revoked enforcer's warm pair was let through after the directory dropped it\n{}",
+        net.enforcer_log(b)
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let log = fs::read_to_string(&holder).unwrap_or_default();
+            log.contains("reset") || log.contains("eof")
+        }),
+        "the revoked enforcer's live connection is still open:\n{}",
+        fs::read_to_string(&holder).unwrap_or_default()
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || directory_applied(
+            &net, "host-a", "removed", "host-c"
+        )),
+        "host-a never applied host-c's revocation\n{}",
+        net.enforcer_log(a)
+    );
+    for round in 0..3 {
+        assert_eq!(
+            echo_counting(&net, "host-a", 4),
+            (4, 0, 0),
+            "round {round} after host-c was revoked: the warm pair's connections went through \
+             the queues\n{}",
+            net.enforcer_log(b)
+        );
+    }
+}
+
 /// statsd from web (Paris) to api (London) over UDP: workloads on two enforcers, named by
 /// labels at both ends. Packets carry no token, so each end turns the other side into the
 /// addresses the directory says its enforcer serves, with the scope from certificates.

@@ -51,23 +51,9 @@ fn hosts_with_from(ports: &[u16], from: &str) -> (TestNet, Vec<u8>) {
     (net, content)
 }
 
-/// Packets the host's NFQUEUE queues have taken so far (the sum of each queue's last
-/// packet id, from the kernel's `/proc/net/netfilter/nfnetlink_queue` in its namespace).
+/// Packets the host's NFQUEUE queues have taken so far.
 fn queued(net: &TestNet, host: &str) -> u64 {
-    let out = tessera_tests::sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            net.host(host).netns.as_str(),
-            "cat",
-            "/proc/net/netfilter/nfnetlink_queue",
-        ],
-    )
-    .unwrap();
-    out.lines()
-        .filter_map(|l| l.split_whitespace().nth(7)?.parse::<u64>().ok())
-        .sum()
+    net.queued(net.host(host))
 }
 
 /// What one curl from web did: the body received, and the bytes it sent and received on

@@ -598,7 +598,7 @@ fn handshake_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     restart(bench, |o| o.fast_path_secs = None)?;
     let fast_key_per_conn = fast_repeats(bench)?;
     restart(bench, |o| o.key_reuse_ms = None)?;
-    let fast = fast_repeats(bench)?;
+    let fast = profiled(bench, perf, "fast", || fast_repeats(bench))?;
     Ok((
         json!({
             "fast_path": fast,

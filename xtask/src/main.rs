@@ -67,7 +67,8 @@ enum Command {
         #[arg(long, value_enum)]
         only: Vec<bench::Section>,
         /// Record CPU profiles (perf record -g) of both enforcers during each mode's
-        /// connection-rate CPU run, into this file with the section name as extension.
+        /// connection-rate CPU run (and the warm fast path's repeats: `.fast`), into this
+        /// file with the section name as extension.
         #[arg(long)]
         perf: Option<PathBuf>,
         /// Simulated enforcers in the fleet section (`--only fleet`; it also runs 100).

@@ -101,6 +101,9 @@ pub struct Live {
     pub peer_keys: Arc<RwLock<HashMap<String, KeyId>>>,
     /// The flow store: its map goes to the control plane.
     pub flows: Arc<crate::flowstore::FlowStore>,
+    /// Handshake mode's fast path, if on: a directory change revokes the keys of the peers
+    /// it concerns.
+    pub fast: Option<Arc<crate::handshake::fast::FastPath>>,
 }
 
 impl Live {
@@ -140,6 +143,10 @@ impl crate::control::Apply for Live {
         let members = members(peers);
         let gone = self.directory.replace(members.iter().cloned());
         self.trust(peers, &gone);
+        if let Some(fast) = &self.fast {
+            // Once both the directory and the peers' keys are in force.
+            fast.directory_changed(&self.directory, &self.peer_keys);
+        }
         for name in &gone {
             let closed = self.registry.revoke_enforcer(name);
             if let Some(pool) = &self.pool {

@@ -106,7 +106,7 @@ pub async fn read_closed(
                 let c: FastConn = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                 drop(item);
                 if let Some(r) = f.path.registered(&c) {
-                    tracing::debug!(local = %r.conn.local, remote = %r.conn.remote, key_id = c.key_id, "fast path connection");
+                    tracing::debug!(local = %r.local, remote = %r.remote, key_id = c.key_id, "fast path connection");
                     if f.live.send(r).await.is_err() {
                         return;
                     }

@@ -1,13 +1,15 @@
 //! The handshake fast path, user-space half (issue 16 item 5; docs/handshake.md, "Fast
 //! path"): turns it on in the kernel (settings, the tc verifier on the host's interfaces),
 //! installs the pair secret each completed full handshake agrees, at both ends, and
-//! revokes them all when policy is replaced.
+//! revokes those a replaced policy denies, and those whose peer enforcer a directory change
+//! concerns (removed, revoked, re-keyed, another scope, no longer serving the address).
 //!
 //! The kernel half (`ebpf/src/programs/fast.rs`) proves later connections of the same pair
 //! with a SipHash tag in a TCP option and never asks user space; what it cannot prove goes
 //! to the NFQUEUE engine as before.
 use std::{
-    net::SocketAddr,
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -22,6 +24,7 @@ use aya::{
     maps::{Array, HashMap, MapData, RingBuf},
     programs::{SchedClassifier, TcAttachType},
 };
+use ipnet::IpNet;
 use tessera_common::{
     AF_INET, AF_INET6,
     fast::{FastClientKey, FastConn, FastKey, FastServerEntry, FastSettings},
@@ -30,8 +33,12 @@ use tessera_common::{
 use tessera_proxy::{
     authz::{Attempt, Decisions, Ruling},
     flow::{Direction, FlowTemplate, now_ms},
-    handshake::{engine::LiveConnection, fast::FastGrant},
-    identity::reserved,
+    handshake::{
+        engine::LiveConnection,
+        fast::{FastGrant, FastPeer},
+    },
+    identity::{reserved, token::KeyId},
+    peers::{Directory, PeerTable},
 };
 
 use super::{closed::monotonic_ns, live::Registered};
@@ -59,21 +66,130 @@ pub struct FastPath {
     events: Mutex<Option<RingBuf<MapData>>>,
     /// When expired keys were last swept ([`FastPath::sweep`]).
     swept: Mutex<Instant>,
+    /// Each peer enforcer's standing as the directory last said (what a key agreed with
+    /// it relies on): a key is granted only with a peer in it, under the same key, by a
+    /// handshake that began after the standing last changed.
+    peers: Mutex<Standings>,
 }
 
 /// How often expired keys and their templates are swept (at a grant, at most).
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-/// Each installed key's decision and, at the client end, its map key, by (server end?,
-/// key id).
-/// By (server end?, key id): the decision, the client end's map key, and until when the
-/// key can prove a connection (then the template and its kernel entry are swept).
-type Templates = std::collections::HashMap<(bool, u32), (Template, Option<FastClientKey>, Instant)>;
+/// The installed keys by (server end?, key id).
+type Templates = StdHashMap<(bool, u32), Installed>;
+
+/// An installed key (or one about to be, at the client end).
+struct Installed {
+    /// Its full handshake's decision, shared by the records of its connections.
+    template: Arc<Template>,
+    /// Their records' reason (made once).
+    reason: String,
+    /// The client end's map key (None at the server end).
+    client: Option<FastClientKey>,
+    /// Until when it can prove a connection (then it and its kernel entry are swept).
+    until: Instant,
+    /// The peer enforcer its handshake proved, and the other end's address.
+    peer: FastPeer,
+    remote: IpAddr,
+}
+
+/// What the directory says of a peer enforcer that a key agreed with it relies on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Standing {
+    /// Its certified key.
+    key: KeyId,
+    /// The scope its certificate stamps on what it vouches for (None: a static directory).
+    scope: Option<BTreeMap<String, String>>,
+    /// The addresses it serves (sorted).
+    nets: Vec<IpNet>,
+    /// The directory generation at which this standing began (0: from the start).
+    since: u64,
+}
+
+/// Peer enforcers' standings, by name.
+pub type Standings = StdHashMap<String, Standing>;
+
+/// Each peer's standing as `directory` and `keys` (the peers' certified keys) say, at
+/// generation `generation`: a peer without a certified key, or not admitted, has none.
+/// A standing equal (but for `since`) to the one in `old` keeps its `since`.
+pub fn standings(
+    directory: &Directory,
+    keys: &StdHashMap<String, KeyId>,
+    generation: u64,
+    old: &Standings,
+) -> Standings {
+    let table = directory.table();
+    let mut nets: StdHashMap<&str, Vec<IpNet>> = StdHashMap::new();
+    for (net, peer) in table.routes() {
+        nets.entry(peer.name.as_str()).or_default().push(*net);
+    }
+    keys.iter()
+        .filter_map(|(name, key)| {
+            let scope = directory.admit(name).ok()?;
+            let mut nets = nets.remove(name.as_str()).unwrap_or_default();
+            nets.sort();
+            let mut s = Standing {
+                key: *key,
+                scope,
+                nets,
+                since: generation,
+            };
+            if let Some(o) = old.get(name) {
+                let same = Standing {
+                    since: o.since,
+                    ..s.clone()
+                };
+                if same == *o {
+                    s.since = o.since;
+                }
+            }
+            Some((name.clone(), s))
+        })
+        .collect()
+}
+
+/// Whether a key agreed with `peer` (the other end at `remote`) no longer stands under the
+/// directory's `new` standings: its peer left (removed, revoked), its key or scope changed,
+/// or `remote` is no longer an address it serves (`table`, looked up only if its addresses
+/// changed since `old`).
+pub fn stale(
+    peer: &FastPeer,
+    remote: IpAddr,
+    old: &Standings,
+    new: &Standings,
+    table: &PeerTable,
+) -> bool {
+    let Some(now) = new.get(&peer.name) else {
+        return true;
+    };
+    if now.key != peer.key {
+        return true;
+    }
+    match old.get(&peer.name) {
+        // (a key granted under a standing that changed since it was read: `grant` refuses
+        // those, but one may have been granted between the change and this call)
+        None => true,
+        Some(was) => {
+            was.key != now.key
+                || was.scope != now.scope
+                || (was.nets != now.nets
+                    && table.lookup(remote).map(|p| p.name.as_str()) != Some(peer.name.as_str()))
+        }
+    }
+}
+
+/// Whether a handshake with `peer` may be granted a key under `standings`: its peer is in
+/// the directory with the key the handshake used, and its standing has not changed since
+/// the handshake began.
+pub fn stands(peer: &FastPeer, standings: &Standings) -> bool {
+    standings
+        .get(&peer.name)
+        .is_some_and(|s| s.key == peer.key && peer.directory >= s.since)
+}
 
 /// A full handshake's decision, for the connections its pair secret proves later.
-#[derive(Clone)]
 pub struct Template {
-    attempt: Attempt,
+    attempt: Arc<Attempt>,
     ruling: Ruling,
     flow: FlowTemplate,
 }
@@ -82,7 +198,7 @@ impl Template {
     /// The decision of the connection `live` (None once its record was written).
     pub fn of(live: &LiveConnection) -> Option<Self> {
         Some(Self {
-            attempt: live.attempt.clone(),
+            attempt: Arc::new(live.attempt.clone()),
             ruling: live.ruling.clone(),
             flow: live.flow.template()?,
         })
@@ -170,6 +286,7 @@ impl FastPath {
             templates: Mutex::default(),
             swept: Mutex::new(Instant::now()),
             events: Mutex::new(Some(RingBuf::try_from(take(ebpf, names::FAST_EVENTS)?)?)),
+            peers: Mutex::default(),
         }))
     }
 
@@ -227,11 +344,21 @@ impl FastPath {
         }
         {
             let mut templates = lock(&self.templates);
+            if !stands(&grant.peer, &lock(&self.peers)) {
+                // Its peer left, or changed, since its handshake began: the directory
+                // change that did it may already have revoked the pair's keys.
+                tracing::debug!(
+                    key_id = grant.pair.key_id,
+                    peer = grant.peer.name,
+                    "fast path key not granted: its peer's standing changed"
+                );
+                return;
+            }
             let client = client_key(&grant);
             if let Some(c) = client {
                 // A new handshake of the same caller and destination replaces its key
                 // (the kernel's entry is by caller and destination): its old template goes.
-                templates.retain(|(at_server, _), (_, old, _)| *at_server || *old != Some(c));
+                templates.retain(|(at_server, _), old| *at_server || old.client != Some(c));
             }
             if templates.len() >= TEMPLATES_KEPT {
                 // Full of live keys: this pair stays on the full handshake (never forget
@@ -244,9 +371,20 @@ impl FastPath {
             }
             // Until the key's expiry at the latest (the client end installs it later).
             let until = Instant::now() + self.lifetime + CLIENT_DELAY + Duration::from_secs(1);
+            let reason = template.flow.reason_noting(&format!(
+                "kernel fast path, key {:#010x}",
+                grant.pair.key_id
+            ));
             templates.insert(
                 (grant.caller.is_none(), grant.pair.key_id),
-                (template, client, until),
+                Installed {
+                    template: Arc::new(template),
+                    reason,
+                    client,
+                    until,
+                    peer: grant.peer.clone(),
+                    remote: grant.remote.ip().to_canonical(),
+                },
             );
         }
         if grant.caller.is_none() {
@@ -279,7 +417,7 @@ impl FastPath {
                     return;
                 }
                 let mut client = lock(&self.client);
-                if self.generation.load(Ordering::SeqCst) != generation {
+                if !self.current(grant, generation) {
                     return;
                 }
                 client.insert(k, key, 0)
@@ -293,7 +431,7 @@ impl FastPath {
                     _pad: 0,
                 };
                 let mut server = lock(&self.server);
-                if self.generation.load(Ordering::SeqCst) != generation {
+                if !self.current(grant, generation) {
                     return;
                 }
                 server.insert(grant.pair.key_id, e, 0)
@@ -310,6 +448,16 @@ impl FastPath {
             // A full map: this pair stays on the full handshake.
             Err(e) => tracing::debug!(error = %e, "fast path key not installed"),
         }
+    }
+
+    /// Whether `grant` may still be installed (called under its map's lock, which revocation
+    /// takes first): no policy replaced since it was decided (`generation`), and its key
+    /// not revoked meanwhile (by a directory change, which forgets its template).
+    fn current(&self, grant: &FastGrant, generation: u64) -> bool {
+        self.generation.load(Ordering::SeqCst) == generation
+            && lock(&self.templates)
+                .get(&(grant.caller.is_none(), grant.pair.key_id))
+                .is_some_and(|i| i.peer == grant.peer)
     }
 
     /// Reads whether the policy in force has a rule whose selectors read executable
@@ -339,8 +487,8 @@ impl FastPath {
         let now = Instant::now();
         let expired: Vec<_> = templates
             .iter()
-            .filter(|(_, (_, _, until))| *until <= now)
-            .map(|(k, (_, c, _))| (*k, *c))
+            .filter(|(_, i)| i.until <= now)
+            .map(|(k, i)| (*k, i.client))
             .collect();
         for ((at_server, key_id), c) in &expired {
             templates.remove(&(*at_server, *key_id));
@@ -374,8 +522,8 @@ impl FastPath {
         let mut templates = lock(&self.templates);
         let denied: Vec<_> = templates
             .iter()
-            .filter(|(_, (t, _, _))| process || !decisions.check(&t.attempt).allowed)
-            .map(|(k, (_, c, _))| (*k, *c))
+            .filter(|(_, i)| process || !decisions.check(&i.template.attempt).allowed)
+            .map(|(k, i)| (*k, i.client))
             .collect();
         for ((at_server, key_id), c) in &denied {
             templates.remove(&(*at_server, *key_id));
@@ -391,35 +539,72 @@ impl FastPath {
         );
     }
 
-    /// The directory changed (a peer revoked, removed, or its certificate replaced): every
-    /// key is forgotten at once, since a key outlives nothing its full handshake relied on.
-    /// Each pair's next connection takes the full handshake again, under the new directory
-    /// (a revoked peer's is refused there). Keys granted while this runs are not installed.
-    pub fn revoke_all(&self) {
+    /// The directory is `directory`, the peers' certified keys `keys` (at start-up, and
+    /// after every change: called once both are in force). The keys whose peer the change
+    /// concerns are forgotten at once, at both ends ([`stale`]: the peer left, was revoked,
+    /// re-keyed, has another scope, or no longer serves the other end's address); their
+    /// pairs' next connection takes the full handshake under the new directory (a revoked
+    /// peer's is refused there). Every other key stays: a change elsewhere in the fleet (a
+    /// peer added, removed or renewed) costs this pair nothing. A renewal keeps the peer's
+    /// key and scope, so its own pairs keep theirs too. Returns how many were revoked.
+    pub fn directory_changed(
+        &self,
+        directory: &Directory,
+        keys: &std::sync::RwLock<StdHashMap<String, KeyId>>,
+    ) -> usize {
         let mut client = lock(&self.client);
         let mut server = lock(&self.server);
-        self.generation.fetch_add(1, Ordering::SeqCst);
         let mut templates = lock(&self.templates);
-        let revoked = templates.len();
-        for ((_, key_id), (_, c, _)) in templates.drain() {
+        let mut peers = lock(&self.peers);
+        let generation = directory.generation();
+        let new = {
+            let keys = keys.read().unwrap_or_else(|e| e.into_inner());
+            standings(directory, &keys, generation, &peers)
+        };
+        let table = directory.table();
+        let revoked: Vec<_> = templates
+            .iter()
+            .filter(|(_, i)| stale(&i.peer, i.remote, &peers, &new, &table))
+            .map(|(k, i)| (*k, i.client))
+            .collect();
+        let mut by_peer: BTreeMap<&str, usize> = BTreeMap::new();
+        for ((at_server, key_id), c) in &revoked {
+            if let Some(i) = templates.get(&(*at_server, *key_id)) {
+                *by_peer.entry(i.peer.name.as_str()).or_default() += 1;
+            }
             let _ = match c {
-                Some(c) => client.remove(&c),
-                None => server.remove(&key_id),
+                Some(c) => client.remove(c),
+                None => server.remove(key_id),
             };
         }
-        tracing::info!(
-            revoked,
-            "directory changed: every fast path key revoked (pairs take the full handshake again)"
-        );
+        let changed: HashSet<_> = peers
+            .iter()
+            .filter(|(n, s)| new.get(*n).is_none_or(|now| now.since != s.since))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !revoked.is_empty() || !changed.is_empty() {
+            tracing::info!(
+                revoked = revoked.len(),
+                by_peer = ?by_peer,
+                changed_peers = ?changed,
+                kept = templates.len() - revoked.len(),
+                "directory changed: the fast path keys of the peers it concerns revoked"
+            );
+        }
+        for (k, _) in &revoked {
+            templates.remove(k);
+        }
+        *peers = new;
+        revoked.len()
     }
 
     /// A connection the kernel's fast path let through, as the live-connection watch takes
     /// it: recorded with its key's full handshake's decision (re-decided there if policy
     /// was replaced since). None for a key this run does not know.
     pub fn registered(&self, c: &FastConn) -> Option<Registered> {
-        let (t, _, _) = lock(&self.templates)
+        let (t, reason) = lock(&self.templates)
             .get(&(c.server == 1, c.key_id))
-            .cloned()?;
+            .map(|i| (i.template.clone(), i.reason.clone()))?;
         let addr = |a: [u32; 4], port: u16| -> SocketAddr {
             let ip = if c.tuple.family == AF_INET {
                 std::net::IpAddr::from(a[0].to_ne_bytes())
@@ -438,20 +623,17 @@ impl FastPath {
             tessera_proxy::authz::Side::Egress => (local, remote),
             _ => (remote, local),
         };
-        let how = format!("kernel fast path, key {:#010x}", c.key_id);
-        let flow = t.flow.start(src, dst, now_ms(), &how);
+        let flow = t.flow.start_as(src, dst, now_ms(), reason);
         debug_assert!(matches!(
             flow.direction,
             Direction::Outbound | Direction::Inbound
         ));
         Some(Registered {
-            conn: LiveConnection {
-                local,
-                remote,
-                attempt: t.attempt,
-                ruling: t.ruling,
-                flow,
-            },
+            local,
+            remote,
+            attempt: t.attempt.clone(),
+            ruling: t.ruling.clone(),
+            flow,
             at_ns: c.at_ns,
         })
     }
@@ -472,4 +654,137 @@ fn client_key(grant: &FastGrant) -> Option<FastClientKey> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_policy::Labels;
+    use tessera_proxy::peers::Member;
+
+    use super::*;
+
+    fn member(name: &str, net: &str, site: &str) -> Member {
+        Member {
+            name: name.into(),
+            tunnel: Some("10.77.0.9:15008".parse().unwrap()),
+            serves: vec![net.parse().unwrap()],
+            scope: BTreeMap::from([("site".to_string(), site.to_string())]),
+            workloads: vec![Labels::new([("app", "web")])],
+        }
+    }
+
+    fn peer(name: &str, key: u8, directory: u64) -> FastPeer {
+        FastPeer {
+            name: name.into(),
+            key: [key; 8],
+            directory,
+        }
+    }
+
+    fn keys(list: &[(&str, u8)]) -> StdHashMap<String, KeyId> {
+        list.iter().map(|(n, k)| (n.to_string(), [*k; 8])).collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_directory_change_makes_stale_only_the_keys_of_the_peer_it_concerns() {
+        let a = member("host-a", "10.77.0.1/32", "paris");
+        let c = member("host-c", "10.77.0.3/32", "paris");
+        let d = Directory::managed([a.clone(), c.clone()]);
+        let k = keys(&[("host-a", 1), ("host-c", 3)]);
+        let old = standings(&d, &k, d.generation(), &Standings::new());
+        let key_a = peer("host-a", 1, 0);
+        let from_a = ip("10.77.0.1");
+        let check = |d: &Directory, k: &StdHashMap<String, KeyId>| {
+            let new = standings(d, k, d.generation(), &old);
+            (
+                stale(&key_a, from_a, &old, &new, &d.table()),
+                stands(&key_a, &new),
+            )
+        };
+        // Nothing changed; another peer added; another peer removed; another re-keyed:
+        // host-a's key stands.
+        assert_eq!(check(&d, &k), (false, true));
+        d.replace([a.clone(), c.clone(), member("host-d", "10.77.0.4/32", "x")]);
+        assert_eq!(
+            check(&d, &keys(&[("host-a", 1), ("host-c", 3), ("host-d", 4)])),
+            (false, true)
+        );
+        d.replace([a.clone()]);
+        assert_eq!(check(&d, &keys(&[("host-a", 1)])), (false, true));
+        d.replace([a.clone(), c.clone()]);
+        assert_eq!(
+            check(&d, &keys(&[("host-a", 1), ("host-c", 9)])),
+            (false, true)
+        );
+        // host-a gone (removed or revoked), or without a certified key: stale.
+        d.replace([c.clone()]);
+        assert_eq!(check(&d, &keys(&[("host-c", 3)])), (true, false));
+        d.replace([a.clone(), c.clone()]);
+        assert_eq!(check(&d, &keys(&[("host-c", 3)])), (true, false));
+        // Re-keyed (enrolled again), or in another scope: stale, and a handshake that
+        // began before the change gets no key.
+        assert_eq!(
+            check(&d, &keys(&[("host-a", 2), ("host-c", 3)])),
+            (true, false)
+        );
+        d.replace([member("host-a", "10.77.0.1/32", "london"), c.clone()]);
+        assert_eq!(check(&d, &k), (true, false));
+        // Serves other addresses: stale only if the pair's address is no longer its.
+        let mut wider = a.clone();
+        wider.serves.push("10.77.1.0/24".parse().unwrap());
+        d.replace([wider, c.clone()]);
+        assert!(!check(&d, &k).0);
+        let mut moved = a.clone();
+        moved.serves = vec!["10.77.1.0/24".parse().unwrap()];
+        d.replace([moved, c.clone()]);
+        assert!(check(&d, &k).0);
+    }
+
+    #[test]
+    fn a_key_is_granted_only_with_a_peer_in_the_directory_since_before_its_handshake() {
+        let d = Directory::managed([member("host-a", "10.77.0.1/32", "paris")]);
+        let k = keys(&[("host-a", 1)]);
+        let first = standings(&d, &k, d.generation(), &Standings::new());
+        assert!(stands(&peer("host-a", 1, 0), &first));
+        // Not a member, not under its key: no key.
+        assert!(!stands(&peer("host-b", 1, 0), &first));
+        assert!(!stands(&peer("host-a", 2, 0), &first));
+        // A change elsewhere keeps host-a's standing (and its `since`).
+        d.replace([
+            member("host-a", "10.77.0.1/32", "paris"),
+            member("host-c", "10.77.0.3/32", "paris"),
+        ]);
+        let k = keys(&[("host-a", 1), ("host-c", 3)]);
+        let second = standings(&d, &k, d.generation(), &first);
+        assert_eq!(second["host-a"].since, 0);
+        assert_eq!(second["host-c"].since, 1);
+        assert!(stands(&peer("host-a", 1, 0), &second));
+        // host-a's scope changes at generation 2: a handshake begun before gets no key,
+        // one begun after does.
+        d.replace([
+            member("host-a", "10.77.0.1/32", "london"),
+            member("host-c", "10.77.0.3/32", "paris"),
+        ]);
+        let third = standings(&d, &k, d.generation(), &second);
+        assert!(!stands(&peer("host-a", 1, 1), &third));
+        assert!(stands(&peer("host-a", 1, 2), &third));
+        // A static directory: every peer with a certified key, no scope.
+        let fixed = Directory::fixed(
+            PeerTable::new([(
+                "10.77.0.2/32".parse().unwrap(),
+                tessera_proxy::peers::Peer {
+                    name: "host-b".into(),
+                    tunnel: "10.77.0.2:15008".parse().unwrap(),
+                },
+            )]),
+            Vec::new(),
+        );
+        let s = standings(&fixed, &keys(&[("host-b", 2)]), 0, &Standings::new());
+        assert_eq!(s["host-b"].scope, None);
+        assert!(stands(&peer("host-b", 2, 0), &s));
+    }
 }

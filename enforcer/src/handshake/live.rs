@@ -12,7 +12,7 @@ use std::{
 };
 
 use tessera_proxy::{
-    authz::Side,
+    authz::{Attempt, Ruling, Side},
     flow::{FlowTracker, now_ms},
     handshake::engine::LiveConnection,
     registry::{ConnectionGuard, ConnectionRegistry},
@@ -22,10 +22,36 @@ use tokio::sync::mpsc;
 use super::{closed::Closed, tools::ENV};
 use crate::metrics::Metrics;
 
-/// A connection a handshake let through, and when (monotonic clock, ns).
+/// A connection a handshake let through, and when (monotonic clock, ns). The decision is
+/// shared: the fast path's connections of one key all register its full handshake's.
 pub struct Registered {
-    pub conn: LiveConnection,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub attempt: Arc<Attempt>,
+    pub ruling: Ruling,
+    pub flow: FlowTracker,
     pub at_ns: u64,
+}
+
+impl Registered {
+    /// The connection a full handshake let through at `at_ns`.
+    pub fn of(conn: LiveConnection, at_ns: u64) -> Self {
+        let LiveConnection {
+            local,
+            remote,
+            attempt,
+            ruling,
+            flow,
+        } = conn;
+        Self {
+            local,
+            remote,
+            attempt: Arc::new(attempt),
+            ruling,
+            flow,
+            at_ns,
+        }
+    }
 }
 
 /// `ss` (by the absolute path found at start-up) with `args`, in a clean environment.
@@ -257,14 +283,14 @@ struct Watcher {
 
 impl Watcher {
     async fn register(&mut self, r: Registered) {
-        let Registered { conn, at_ns } = r;
-        let LiveConnection {
+        let Registered {
             local,
             remote,
             attempt,
             ruling,
             flow,
-        } = conn;
+            at_ns,
+        } = r;
         let side = attempt.side;
         let key = (local, remote);
         tracing::debug!(%local, %remote, "watching a connection");

@@ -89,24 +89,23 @@ pub fn start(
     ));
     if let Some(fast) = &fast {
         fast.run_delayed()?;
-        // Whenever a policy is replaced (or a peer revoked), the pairs it no longer allows
-        // lose their keys: their next connection is refused.
+        // Whenever a policy is replaced, the pairs it no longer allows lose their keys:
+        // their next connection is refused. (The registry also announces a peer that left,
+        // whose keys the directory change revoked already: no policy changed then.)
         fast.set_policy(registry.decisions());
         let (fast_, mut reloads, registry) = (fast.clone(), registry.reloads(), registry.clone());
         tokio::spawn(async move {
+            let mut seen = registry.decisions().generation();
             while reloads.changed().await.is_ok() {
-                fast_.revoke_denied(registry.decisions());
+                let now = registry.decisions().generation();
+                if now != seen {
+                    seen = now;
+                    fast_.revoke_denied(registry.decisions());
+                }
             }
         });
-        // Whenever the directory changes (a peer revoked or removed, a certificate
-        // replaced), every key goes: no pair keeps a key its peer's standing no longer
-        // backs (`control::handshake_mode_follows_the_directory_while_running`).
-        let (fast, mut changes) = (fast.clone(), directory.changes());
-        tokio::spawn(async move {
-            while changes.changed().await.is_ok() {
-                fast.revoke_all();
-            }
-        });
+        // Directory changes revoke the keys of the peers they concern: called by whoever
+        // changes it, once the peers' keys are in force too (`app::control::Live::peers`).
     }
     let handler = if h.pass_through {
         tracing::warn!(

@@ -153,7 +153,7 @@ pub(super) fn worker(
         if let (Some(conn), Some(at_ns)) = (outcome.live, registered_ns) {
             // Bounded: a watcher that lags slows the handshakes down (this thread waits)
             // rather than losing a connection that a reload must be able to revoke.
-            let _ = live.blocking_send(Registered { conn: *conn, at_ns });
+            let _ = live.blocking_send(Registered::of(*conn, at_ns));
         }
     }
 }

@@ -17,6 +17,7 @@ use ring::hmac;
 use zeroize::Zeroizing;
 
 use super::proof::ProofKey;
+use crate::identity::token::KeyId;
 
 /// Label of the fast path's derivation (version 1).
 const LABEL: &[u8] = b"tessera-fast-v1";
@@ -53,10 +54,27 @@ impl FastPair {
     }
 }
 
-/// A pair secret one end agreed, with what its kernel needs to use it.
+/// The peer enforcer whose full handshake agreed a pair secret, as this end's directory
+/// knew it when the handshake began: what the key relies on, so that a directory change
+/// revokes only the keys of the peer it concerns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FastPeer {
+    /// Its name in the directory.
+    pub name: String,
+    /// Its certified key (the one its token was sealed or checked with).
+    pub key: KeyId,
+    /// The directory's generation ([`crate::peers::Directory::generation`]) read before
+    /// anything else of the handshake's directory look-ups.
+    pub directory: u64,
+}
+
+/// A pair secret one end agreed, with what its kernel needs to use it. Only a full
+/// handshake with a peer enforcer agrees one: external peers have no proof key.
 #[derive(Clone, Debug)]
 pub struct FastGrant {
     pub pair: FastPair,
+    /// Who the other end's enforcer is.
+    pub peer: FastPeer,
     /// This end and the other, as the handshake's packets carried them.
     pub local: SocketAddr,
     pub remote: SocketAddr,

@@ -10,7 +10,7 @@ use crate::{
     code::Code,
     flow::{Direction, FlowTracker},
     handshake::{
-        fast::{FastGrant, FastPair},
+        fast::{FastGrant, FastPair, FastPeer},
         message::Message,
         packet::{self, Segment},
         proof::{self, Ephemeral, Proof, ProofKey, PublicKey, Role, Transcript},
@@ -37,6 +37,8 @@ pub(super) enum ClientStep {
         ephemeral: Arc<Ephemeral>,
         peer: String,
         peer_key: KeyId,
+        /// The directory's generation when the SYN was sealed (for the fast path's key).
+        directory: u64,
         captured: Box<Captured>,
     },
     /// The SYN-ACK verified; the first ACK carries `ack_message`.
@@ -77,6 +79,7 @@ impl Engine {
             Err(reason) => return refused(rec, Code::NoCapture, reason),
         };
         rec.src.captured(&captured, self.setup.admission.name());
+        let directory = self.setup.peers.generation();
         let table = self.setup.peers.table();
         let plan = route::plan(&captured, &table);
         let Route::Peer(peer) = plan.route else {
@@ -126,6 +129,7 @@ impl Engine {
                         ephemeral,
                         peer: peer.name.clone(),
                         peer_key,
+                        directory,
                         captured: Box::new(captured),
                     },
                 },
@@ -233,6 +237,7 @@ impl Engine {
             ephemeral,
             peer,
             peer_key,
+            directory,
             captured,
             ..
         } = step
@@ -298,6 +303,11 @@ impl Engine {
         let mut out = Outcome::rewrite(synack.clean).with_live(live);
         out.fast = Some(Box::new(FastGrant {
             pair: FastPair::derive(&proof_key, &digest),
+            peer: FastPeer {
+                name: peer,
+                key: peer_key,
+                directory,
+            },
             local: seg.dst,
             remote: seg.src,
             caller: Some((captured.origin.cgroup_id, captured.origin.uid)),

@@ -7,7 +7,7 @@ use crate::{
     code::Code,
     flow::{Direction, FlowTracker},
     handshake::{
-        fast::{FastGrant, FastPair},
+        fast::{FastGrant, FastPair, FastPeer},
         message::Message,
         packet::{self, Segment},
         proof::{self, ProofKey, PublicKey, Role, Transcript},
@@ -25,6 +25,8 @@ pub(super) struct ServerHandshake {
     /// refusal or an expiry is written from.
     pub(super) live: LiveConnection,
     pub(super) step: ServerStep,
+    /// The client's enforcer, for the fast path's key.
+    pub(super) peer: FastPeer,
 }
 
 pub(super) enum ServerStep {
@@ -158,6 +160,7 @@ impl Engine {
             }
             Err(e) => return refused(flow, Code::Malformed, format!("SYN from {}: {e}", seg.src)),
         };
+        let directory = self.setup.peers.generation();
         let table = self.setup.peers.table();
         let Some(peer) = table.lookup(seg.src.ip()) else {
             let reason = format!(
@@ -237,6 +240,11 @@ impl Engine {
             started_ms: now_ms,
             syn_message: message,
             live,
+            peer: FastPeer {
+                name: peer.name.clone(),
+                key: peer_key,
+                directory,
+            },
             step: ServerStep::AwaitSynAck {
                 peer_key,
                 client_key,
@@ -431,6 +439,7 @@ impl Engine {
         self.lock_proven().insert(key, now_ms);
         let fast = FastGrant {
             pair: FastPair::derive(proof_key, transcript),
+            peer: h.peer.clone(),
             local: seg.dst,
             remote: seg.src,
             caller: None,
