@@ -327,6 +327,8 @@ struct Peers<'a> {
     server: Ipv4Addr,
     /// HBONE connections seen at peer-b's port 15008 while a ztunnel connection was open.
     hbone_seen: std::cell::Cell<usize>,
+    /// See [`section`].
+    restart_echo: &'a dyn Fn() -> Result<()>,
 }
 
 /// Where a system's client runs and what it connects to.
@@ -340,7 +342,17 @@ struct Route<'a> {
 /// Runs the side-by-side section on `net` (which has host-a, host-b and [`HOSTS`]); host-b
 /// already serves iperf3 on 5201 and the echo server on 7001 to the enrolled `server`
 /// workload, host-a has the enrolled `client`.
-pub fn section(net: &TestNet, load: &str, quick: bool, ztunnel: &Path) -> Result<Value> {
+///
+/// `restart_echo` restarts host-b's echo server and warms it with one connection: called
+/// once Tessera's handshake mode runs, so that the fast path serves it as in the handshake
+/// section.
+pub fn section(
+    net: &TestNet,
+    load: &str,
+    quick: bool,
+    ztunnel: &Path,
+    restart_echo: &dyn Fn() -> Result<()>,
+) -> Result<Value> {
     let started = Instant::now();
     let stunnel = ensure_stunnel()?;
     let secs = if quick { 2 } else { 5 };
@@ -358,6 +370,7 @@ pub fn section(net: &TestNet, load: &str, quick: bool, ztunnel: &Path) -> Result
         dir,
         server,
         hbone_seen: std::cell::Cell::new(0),
+        restart_echo,
     };
     let _rules = p.prepare()?;
 
@@ -812,6 +825,9 @@ impl Peers<'_> {
             System::Tunnel | System::Handshake => {
                 let (g, pids) = self.start_tessera(sys == System::Handshake)?;
                 tessera = Some(g);
+                if sys == System::Handshake {
+                    (self.restart_echo)()?;
+                }
                 pids
             }
         };
