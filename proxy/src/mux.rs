@@ -451,21 +451,8 @@ pub async fn splice(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{capture::Origin, code::Code, identity::session::Proof};
+    use crate::{code::Code, wire::tests::sample};
     use tokio::{io::AsyncReadExt, net::TcpListener};
-
-    fn sample() -> Request {
-        Request {
-            dst: "10.77.0.2:8080".parse().unwrap(),
-            source: Origin {
-                workload: "web".into(),
-                pid: 42,
-                uid: 1000,
-                cgroup_id: 7,
-            },
-            proof: Proof::Token(vec![3; 120]),
-        }
-    }
 
     #[test]
     fn a_request_and_its_answer_ride_in_headers_and_come_back_equal() {

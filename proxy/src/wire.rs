@@ -441,10 +441,11 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Request {
+    /// The request every protocol test starts from (`mux`'s tests share it).
+    pub(crate) fn sample() -> Request {
         Request {
             dst: "10.77.0.2:8080".parse().unwrap(),
             source: Source {
