@@ -23,6 +23,12 @@
 //! against the direct figure of its own round. The CPU steal (`/proc/stat`) is read for every
 //! round and every system in it; a round with steal above [`STEAL_LIMIT_PCT`] is run again
 //! (bounded) and, if the steal stays high, kept and flagged.
+//!
+//! Why a proxy costs what it costs per connection is counted, not guessed: after each
+//! proxy's measured connection-rate run, a second short one runs under `perf stat` attached
+//! to its processes (every thread, also those started during the run) and gives the system
+//! calls and context switches per connection, both ends together. The counting slows that
+//! run, which is why it is a separate one: no other figure is taken while perf watches.
 use std::{
     fs,
     net::Ipv4Addr,
@@ -103,11 +109,15 @@ const RATIO_FIGURES: [&str; 4] = [
     "latency_p99_us",
 ];
 /// Figures of the proxies themselves (none for direct).
-const OWN_FIGURES: [&str; 3] = [
+const OWN_FIGURES: [&str; 5] = [
     "cpu_ms_per_1000_connections",
+    "syscalls_per_connection",
+    "context_switches_per_connection",
     "idle_rss_kib_client",
     "idle_rss_kib_server",
 ];
+/// The counted connection-rate run (see the module's doc).
+const COUNTED_SECS: &str = "2";
 
 // ---------------------------------------------------------------------------------------
 // The ztunnel binary: found or built once, cached.
@@ -206,20 +216,21 @@ pub fn ztunnel_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Installs stunnel4 (Debian) if it is missing: only `--peers` needs it.
-fn ensure_stunnel() -> Result<PathBuf> {
-    if let Some(p) = tessera_tests::which("stunnel4") {
+/// Installs Debian's `package` if `program` is missing: only `--peers` needs stunnel4 and
+/// perf.
+fn ensure(program: &str, package: &str) -> Result<PathBuf> {
+    if let Some(p) = tessera_tests::which(program) {
         return Ok(p);
     }
-    eprintln!("bench: installing stunnel4 (Debian) for the side-by-side bench");
+    eprintln!("bench: installing {package} (Debian) for the side-by-side bench");
     let ok = Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends", "stunnel4"])
+        .args(["install", "-y", "-q", "--no-install-recommends", package])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
         .is_ok_and(|s| s.success());
-    match tessera_tests::which("stunnel4") {
+    match tessera_tests::which(program) {
         Some(p) if ok => Ok(p),
-        _ => bail!("stunnel4 is missing and could not be installed (apt-get install stunnel4)"),
+        _ => bail!("{program} is missing and could not be installed (apt-get install {package})"),
     }
 }
 
@@ -354,7 +365,8 @@ pub fn section(
     restart_echo: &dyn Fn() -> Result<()>,
 ) -> Result<Value> {
     let started = Instant::now();
-    let stunnel = ensure_stunnel()?;
+    let stunnel = ensure("stunnel4", "stunnel4")?;
+    ensure("perf", "linux-perf")?;
     let secs = if quick { 2 } else { 5 };
     let repeats = 3;
     let max_attempts = if quick { 1 } else { 2 };
@@ -838,6 +850,11 @@ impl Peers<'_> {
         let cpu0 = cpu_secs(&pids)?;
         let (cps, n) = self.connrate(&route, sys)?;
         let cpu = cpu_secs(&pids)? - cpu0;
+        let counted = if pids.is_empty() {
+            None
+        } else {
+            Some(self.counted(&route, sys, &pids)?)
+        };
         let (p50, p99) = self.latency(&route)?;
         match sys {
             System::Ztunnel => self.check_hbone(&route)?,
@@ -858,6 +875,10 @@ impl Peers<'_> {
             v["cpu_ms_per_1000_connections"] = json!(if n > 0.0 { cpu * 1e6 / n } else { 0.0 });
             v["idle_rss_kib_client"] = json!(rss[0]);
             v["idle_rss_kib_server"] = json!(rss[1]);
+        }
+        if let Some(c) = counted {
+            v["syscalls_per_connection"] = json!(c.syscalls);
+            v["context_switches_per_connection"] = json!(c.switches);
         }
         eprintln!(
             "bench: peers, {:<18} {:>6.2} Gbit/s {:>7.0} conn/s p50 {:>6.0} us p99 {:>6.0} us (steal {:.1}%)",
@@ -907,6 +928,49 @@ impl Peers<'_> {
             v["per_second"].as_f64().context("no rate")?,
             v["connections"].as_f64().context("no count")?,
         ))
+    }
+
+    /// A short connection-rate run with `perf stat` counting the system calls and context
+    /// switches of `pids` (every thread, also new ones), per connection.
+    fn counted(&self, r: &Route, sys: System, pids: &[u32]) -> Result<Counted> {
+        let out = self.dir.join(format!("perf-stat-{}.csv", sys.key()));
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let mut perf = Command::new("perf")
+            .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches"])
+            .args(["-p", &list.join(","), "-o"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start perf stat (apt-get install linux-perf)")?;
+        let perf_guard = PerfStat(Some(&mut perf));
+        thread::sleep(Duration::from_millis(200));
+        let run = self.net.run(
+            r.host,
+            r.workload,
+            self.load,
+            &["load", "connrate", &r.echo, COUNTED_SECS, "500000", "4"],
+            Duration::from_secs(40),
+        );
+        drop(perf_guard);
+        let n = out_json(&run?, "connrate")?["connections"]
+            .as_f64()
+            .context("counted connrate: no count")?;
+        let text = fs::read_to_string(&out)
+            .with_context(|| format!("perf stat wrote no {}", out.display()))?;
+        let count = |event: &str| -> Result<f64> {
+            text.lines()
+                .find(|l| l.split(',').nth(2) == Some(event))
+                .and_then(|l| l.split(',').next()?.parse::<f64>().ok())
+                .with_context(|| format!("{}: no count of {event}", out.display()))
+        };
+        if n <= 0.0 {
+            bail!("counted connrate ({}): no connection", sys.label());
+        }
+        Ok(Counted {
+            syscalls: count("raw_syscalls:sys_enter")? / n,
+            switches: count("context-switches")? / n,
+        })
     }
 
     fn latency(&self, r: &Route) -> Result<(f64, f64)> {
@@ -1021,6 +1085,27 @@ pub(crate) fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// Per connection, both ends of a proxy together.
+struct Counted {
+    syscalls: f64,
+    switches: f64,
+}
+
+/// Stops `perf stat` (SIGINT: it writes its counts and exits), also on failure.
+struct PerfStat<'a>(Option<&'a mut Child>);
+
+impl Drop for PerfStat<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let _ = p.wait();
+        }
+    }
+}
+
 /// CPU time (user + system, seconds) `pids` have used so far.
 fn cpu_secs(pids: &[u32]) -> Result<f64> {
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
@@ -1059,7 +1144,7 @@ pub fn print_table(p: &Value) {
         print!(" {:>21}", sys.label());
     }
     println!();
-    let rows: [(&str, &str, f64, usize); 7] = [
+    let rows: [(&str, &str, f64, usize); 9] = [
         ("throughput (Gbit/s; ratio)", "throughput_bps", 1e9, 2),
         (
             "new connections/s (ratio)",
@@ -1075,6 +1160,8 @@ pub fn print_table(p: &Value) {
             1.0,
             0,
         ),
+        ("syscalls / conn, both", "syscalls_per_connection", 1.0, 0),
+        ("context switches / conn, both", "context_switches_per_connection", 1.0, 1),
         ("idle RSS client (MiB)", "idle_rss_kib_client", 1024.0, 1),
         ("idle RSS server (MiB)", "idle_rss_kib_server", 1024.0, 1),
     ];
