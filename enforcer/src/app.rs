@@ -354,6 +354,10 @@ pub async fn build(config: &Config) -> Result<Running> {
     serve_common(config, &core, api, &mut tasks)?;
     serve_containers(containers, &mut tasks);
     serve_nontcp(config, &core, &host, &mut capture, &mut tasks, exempt)?;
+    // Starting's peak (the eBPF programs loaded against the kernel's BTF) is over.
+    if let Err(e) = crate::alloc::return_unused() {
+        tracing::debug!(error = %e, "returning the start's unused memory failed");
+    }
     tracing::info!(
         name = %config.name,
         workloads = config.workloads.len(),

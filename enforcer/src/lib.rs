@@ -17,6 +17,7 @@
 //! (default). Without it (the test harness, which needs [`config`]) build.rs builds nothing,
 //! so neither bpf-linker nor node is needed, and `tessera run` fails at start-up with "this
 //! build has no eBPF object" (the web map's script answers 501).
+pub mod alloc;
 pub mod api;
 pub mod app;
 pub mod attest;

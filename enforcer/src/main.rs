@@ -475,9 +475,8 @@ fn init_tracing(format: &str) {
     }
 }
 
-/// jemalloc, not glibc's malloc: flow records (and handshake-mode connections' state)
-/// are made on one thread and freed on another, which cost glibc's arenas a quarter of
-/// the enforcer's CPU on the fast path (docs/handshake.md, "Fast path: status").
+/// jemalloc, not glibc's malloc: why, and how it is told to give memory back, in
+/// `tessera_enforcer::alloc`.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -618,6 +617,9 @@ fn run(cli: Cli) -> Result<()> {
 /// is logged as well as returned.
 fn run_daemon(log_format: &str, options: daemon::RunOptions) -> Result<()> {
     init_tracing(log_format);
+    if let Err(e) = tessera_enforcer::alloc::purge_in_background() {
+        tracing::warn!(error = %e, "jemalloc's background purging is off: unused memory returns only while allocating");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -679,6 +681,9 @@ fn server_command(log_format: &str, command: ServerCommand) -> Result<()> {
             map_token_file,
         } => {
             init_tracing(log_format);
+            if let Err(e) = tessera_enforcer::alloc::purge_in_background() {
+                tracing::warn!(error = %e, "jemalloc's background purging is off: unused memory returns only while allocating");
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -123,7 +123,8 @@ impl Delivery {
 
     /// A delivery socket for `dst`, not yet bound.
     fn socket(&self, dst: SocketAddr, transparent: bool) -> io::Result<Socket> {
-        let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+        // Non-blocking from the start (SOCK_NONBLOCK): one system call fewer per delivery.
+        let socket = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), None)?;
         if self.mark != 0 {
             socket.set_mark(self.mark)?;
         }
@@ -133,7 +134,6 @@ impl Delivery {
                 SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
             }
         }
-        socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         // While this socket holds the address and port nobody else may bind them, or they
         // would pass the guard as this delivery. From the peer's address (original source)
@@ -239,10 +239,15 @@ impl Delivery {
     ) -> io::Result<TcpStream> {
         let socket = self.socket(dst, transparent)?;
         socket.bind(&src.into())?;
-        let bound = socket
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::other("delivery socket has no address"))?;
+        // A chosen port is what was bound; only the kernel's choice must be asked for.
+        let bound = if src.port() != 0 {
+            src
+        } else {
+            socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("delivery socket has no address"))?
+        };
         self.gate.open(bound, dst.port())?;
         let _registered = Registered {
             gate: self.gate.as_ref(),

@@ -936,7 +936,13 @@ impl Peers<'_> {
         let out = self.dir.join(format!("perf-stat-{}.csv", sys.key()));
         let list: Vec<String> = pids.iter().map(u32::to_string).collect();
         let mut perf = Command::new("perf")
-            .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches"])
+            .args([
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                "raw_syscalls:sys_enter,context-switches",
+            ])
             .args(["-p", &list.join(","), "-o"])
             .arg(&out)
             .stdout(Stdio::null())
@@ -1161,7 +1167,12 @@ pub fn print_table(p: &Value) {
             0,
         ),
         ("syscalls / conn, both", "syscalls_per_connection", 1.0, 0),
-        ("context switches / conn, both", "context_switches_per_connection", 1.0, 1),
+        (
+            "context switches / conn, both",
+            "context_switches_per_connection",
+            1.0,
+            1,
+        ),
         ("idle RSS client (MiB)", "idle_rss_kib_client", 1024.0, 1),
         ("idle RSS server (MiB)", "idle_rss_kib_server", 1024.0, 1),
     ];

@@ -36,7 +36,10 @@ const PACKAGES: &[(&str, &str)] = &[
     // protoc's well-known types (etcd's protos import google/protobuf/descriptor.proto):
     // only recommended by protobuf-compiler, so never there with --no-install-recommends
     // (or where protoc came without them).
-    ("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
+    (
+        "/usr/include/google/protobuf/descriptor.proto",
+        "libprotobuf-dev",
+    ),
     ("etcd", "etcd-server"),
     // Containers enrolled as they start: podman (with runc: crun refuses hybrid cgroups),
     // and busybox-static, the whole root filesystem of the tests' image (no registry).
