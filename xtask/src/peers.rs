@@ -25,10 +25,11 @@
 //! (bounded) and, if the steal stays high, kept and flagged.
 //!
 //! Why a proxy costs what it costs per connection is counted, not guessed: after each
-//! proxy's measured connection-rate run, a second short one runs under `perf stat` attached
-//! to its processes (every thread, also those started during the run) and gives the system
-//! calls and context switches per connection, both ends together. The counting slows that
-//! run, which is why it is a separate one: no other figure is taken while perf watches.
+//! proxy's measured connection-rate run, a second short one and a short round-trip run go
+//! under `perf stat` attached to its processes (every thread, also those started during the
+//! run) and give the system calls and context switches per connection and per round trip,
+//! both ends together. The counting slows those runs, which is why they are separate: no
+//! other figure is taken while perf watches.
 use std::{
     fs,
     net::Ipv4Addr,
@@ -109,15 +110,18 @@ const RATIO_FIGURES: [&str; 4] = [
     "latency_p99_us",
 ];
 /// Figures of the proxies themselves (none for direct).
-const OWN_FIGURES: [&str; 5] = [
+const OWN_FIGURES: [&str; 7] = [
     "cpu_ms_per_1000_connections",
     "syscalls_per_connection",
     "context_switches_per_connection",
+    "syscalls_per_round_trip",
+    "context_switches_per_round_trip",
     "idle_rss_kib_client",
     "idle_rss_kib_server",
 ];
-/// The counted connection-rate run (see the module's doc).
+/// The counted runs (see the module's doc): 2 s of new connections, 5,000 round trips.
 const COUNTED_SECS: &str = "2";
+const COUNTED_TRIPS: &str = "5000";
 
 // ---------------------------------------------------------------------------------------
 // The ztunnel binary: found or built once, cached.
@@ -853,7 +857,12 @@ impl Peers<'_> {
         let counted = if pids.is_empty() {
             None
         } else {
-            Some(self.counted(&route, sys, &pids)?)
+            let conns = ["load", "connrate", &route.echo, COUNTED_SECS, "500000", "4"];
+            let trips = ["load", "rr", &route.echo, COUNTED_TRIPS];
+            Some((
+                self.counted(&route, sys, &pids, &conns, "connections")?,
+                self.counted(&route, sys, &pids, &trips, "count")?,
+            ))
         };
         let (p50, p99) = self.latency(&route)?;
         match sys {
@@ -876,9 +885,11 @@ impl Peers<'_> {
             v["idle_rss_kib_client"] = json!(rss[0]);
             v["idle_rss_kib_server"] = json!(rss[1]);
         }
-        if let Some(c) = counted {
+        if let Some((c, t)) = counted {
             v["syscalls_per_connection"] = json!(c.syscalls);
             v["context_switches_per_connection"] = json!(c.switches);
+            v["syscalls_per_round_trip"] = json!(t.syscalls);
+            v["context_switches_per_round_trip"] = json!(t.switches);
         }
         eprintln!(
             "bench: peers, {:<18} {:>6.2} Gbit/s {:>7.0} conn/s p50 {:>6.0} us p99 {:>6.0} us (steal {:.1}%)",
@@ -930,10 +941,20 @@ impl Peers<'_> {
         ))
     }
 
-    /// A short connection-rate run with `perf stat` counting the system calls and context
-    /// switches of `pids` (every thread, also new ones), per connection.
-    fn counted(&self, r: &Route, sys: System, pids: &[u32]) -> Result<Counted> {
-        let out = self.dir.join(format!("perf-stat-{}.csv", sys.key()));
+    /// `load ARGS` with `perf stat` counting the system calls and context switches of
+    /// `pids` (every thread, also new ones), per unit of the load's JSON field `per` (its
+    /// connections, its round trips).
+    fn counted(
+        &self,
+        r: &Route,
+        sys: System,
+        pids: &[u32],
+        args: &[&str],
+        per: &str,
+    ) -> Result<Counted> {
+        let out = self
+            .dir
+            .join(format!("perf-stat-{}-{}.csv", sys.key(), args[1]));
         let list: Vec<String> = pids.iter().map(u32::to_string).collect();
         let mut perf = Command::new("perf")
             .args([
@@ -951,17 +972,13 @@ impl Peers<'_> {
             .context("cannot start perf stat (apt-get install linux-perf)")?;
         let perf_guard = PerfStat(Some(&mut perf));
         thread::sleep(Duration::from_millis(200));
-        let run = self.net.run(
-            r.host,
-            r.workload,
-            self.load,
-            &["load", "connrate", &r.echo, COUNTED_SECS, "500000", "4"],
-            Duration::from_secs(40),
-        );
+        let run = self
+            .net
+            .run(r.host, r.workload, self.load, args, Duration::from_secs(60));
         drop(perf_guard);
-        let n = out_json(&run?, "connrate")?["connections"]
+        let n = out_json(&run?, args[1])?[per]
             .as_f64()
-            .context("counted connrate: no count")?;
+            .with_context(|| format!("counted {}: no {per}", args[1]))?;
         let text = fs::read_to_string(&out)
             .with_context(|| format!("perf stat wrote no {}", out.display()))?;
         let count = |event: &str| -> Result<f64> {
@@ -971,7 +988,7 @@ impl Peers<'_> {
                 .with_context(|| format!("{}: no count of {event}", out.display()))
         };
         if n <= 0.0 {
-            bail!("counted connrate ({}): no connection", sys.label());
+            bail!("counted {} ({}): nothing done", args[1], sys.label());
         }
         Ok(Counted {
             syscalls: count("raw_syscalls:sys_enter")? / n,
@@ -1150,7 +1167,7 @@ pub fn print_table(p: &Value) {
         print!(" {:>21}", sys.label());
     }
     println!();
-    let rows: [(&str, &str, f64, usize); 9] = [
+    let rows: [(&str, &str, f64, usize); 11] = [
         ("throughput (Gbit/s; ratio)", "throughput_bps", 1e9, 2),
         (
             "new connections/s (ratio)",
@@ -1170,6 +1187,18 @@ pub fn print_table(p: &Value) {
         (
             "context switches / conn, both",
             "context_switches_per_connection",
+            1.0,
+            1,
+        ),
+        (
+            "syscalls / round trip, both",
+            "syscalls_per_round_trip",
+            1.0,
+            1,
+        ),
+        (
+            "ctx switches / round trip, both",
+            "context_switches_per_round_trip",
             1.0,
             1,
         ),
