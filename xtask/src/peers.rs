@@ -110,12 +110,13 @@ const RATIO_FIGURES: [&str; 4] = [
     "latency_p99_us",
 ];
 /// Figures of the proxies themselves (none for direct).
-const OWN_FIGURES: [&str; 7] = [
+const OWN_FIGURES: [&str; 8] = [
     "cpu_ms_per_1000_connections",
     "syscalls_per_connection",
     "context_switches_per_connection",
     "syscalls_per_round_trip",
     "context_switches_per_round_trip",
+    "cpu_us_per_round_trip",
     "idle_rss_kib_client",
     "idle_rss_kib_server",
 ];
@@ -890,6 +891,7 @@ impl Peers<'_> {
             v["context_switches_per_connection"] = json!(c.switches);
             v["syscalls_per_round_trip"] = json!(t.syscalls);
             v["context_switches_per_round_trip"] = json!(t.switches);
+            v["cpu_us_per_round_trip"] = json!(t.cpu_us);
         }
         eprintln!(
             "bench: peers, {:<18} {:>6.2} Gbit/s {:>7.0} conn/s p50 {:>6.0} us p99 {:>6.0} us (steal {:.1}%)",
@@ -962,7 +964,7 @@ impl Peers<'_> {
                 "-x",
                 ",",
                 "-e",
-                "raw_syscalls:sys_enter,context-switches",
+                "raw_syscalls:sys_enter,context-switches,task-clock",
             ])
             .args(["-p", &list.join(","), "-o"])
             .arg(&out)
@@ -993,6 +995,8 @@ impl Peers<'_> {
         Ok(Counted {
             syscalls: count("raw_syscalls:sys_enter")? / n,
             switches: count("context-switches")? / n,
+            // task-clock is in milliseconds.
+            cpu_us: count("task-clock")? * 1000.0 / n,
         })
     }
 
@@ -1112,6 +1116,9 @@ pub(crate) fn strip_ansi(text: &str) -> String {
 struct Counted {
     syscalls: f64,
     switches: f64,
+    /// CPU time (perf's task-clock), µs; per connection the unperturbed figure is
+    /// `cpu_ms_per_1000_connections`, from the measured run.
+    cpu_us: f64,
 }
 
 /// Stops `perf stat` (SIGINT: it writes its counts and exits), also on failure.
@@ -1167,7 +1174,7 @@ pub fn print_table(p: &Value) {
         print!(" {:>21}", sys.label());
     }
     println!();
-    let rows: [(&str, &str, f64, usize); 11] = [
+    let rows: [(&str, &str, f64, usize); 12] = [
         ("throughput (Gbit/s; ratio)", "throughput_bps", 1e9, 2),
         (
             "new connections/s (ratio)",
@@ -1190,6 +1197,7 @@ pub fn print_table(p: &Value) {
             1.0,
             1,
         ),
+        ("CPU us / round trip, both", "cpu_us_per_round_trip", 1.0, 1),
         (
             "syscalls / round trip, both",
             "syscalls_per_round_trip",
