@@ -511,6 +511,12 @@ fn tunnel_mode(bench: &Bench, perf: Option<&Path>) -> Result<(Value, f64)> {
     eprintln!("bench: enforcer CPU per 1,000 connections, tunnel mode");
     restart(bench, |o| o.tokens = true)?;
     let (_, cpu_ms, _) = profiled(bench, perf, "tunnel", || rate_and_cpu(bench))?;
+    if perf.is_some() {
+        // Where a bulk transfer's CPU goes (`FILE.tunnel-bytes`): a run of its own, since
+        // perf slows what it watches; its figure is not kept.
+        eprintln!("bench: profiling a tunnelled transfer (not a figure)");
+        profiled(bench, perf, "tunnel-bytes", || bench.iperf(true))?;
+    }
     // Wall time per connection at saturation (4 client threads on this machine's cores).
     let token_cost_us = if cr_t > 0.0 && cr_notokens > 0.0 {
         1e6 / cr_t - 1e6 / cr_notokens
