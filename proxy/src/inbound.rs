@@ -235,6 +235,8 @@ impl Inbound {
         };
         let mut directory = self.peers.changes();
         let live = Arc::new(Live::default());
+        // Grown while streams' applications stall (see `mux::Window`).
+        let window = mux::Window::new(&mux::STALL_BUDGET);
         let mut ticks = tokio::time::interval(self.idle_timeout / 4);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut closing = false;
@@ -251,6 +253,10 @@ impl Inbound {
                         conn.graceful_shutdown();
                         closing = true;
                     }
+                    continue;
+                }
+                _ = window.changed() => {
+                    conn.set_target_window_size(window.target());
                     continue;
                 }
                 _ = ticks.tick(), if !closing => {
@@ -295,7 +301,7 @@ impl Inbound {
             let mut flow = self.request_flow(&session, remote, &request);
             match self.admit(&mut session, remote, &request, &mut flow) {
                 Ok(admitted) => {
-                    let (this, live) = (self.clone(), live.clone());
+                    let (this, live, window) = (self.clone(), live.clone(), window.clone());
                     let peer = session.peer.clone();
                     live.start();
                     tokio::spawn(async move {
@@ -306,6 +312,7 @@ impl Inbound {
                             admitted,
                             respond,
                             body,
+                            window,
                         };
                         this.deliver_stream(delivered, flow).await;
                         live.end();
@@ -344,6 +351,7 @@ impl Inbound {
             admitted,
             mut respond,
             body,
+            window,
         } = d;
         let Admitted {
             workload,
@@ -368,7 +376,11 @@ impl Inbound {
                 return flow.fail(Code::Broken, format!("tunnel broke before delivery: {e}"));
             }
         };
-        let mut stream = Stream { send, recv: body };
+        let mut stream = Stream {
+            send,
+            recv: body,
+            window,
+        };
         let counts = Counts::default();
         // `delivered` is the workload side: bytes from it are bytes the source received.
         let spliced = splice(&mut delivered, &mut stream, &counts);
@@ -616,6 +628,8 @@ struct Delivering {
     admitted: Admitted,
     respond: SendResponse<Bytes>,
     body: RecvStream,
+    /// The tunnel's.
+    window: Arc<mux::Window>,
 }
 
 /// The streams a tunnel carries, and since when it carries none.

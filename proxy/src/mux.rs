@@ -20,12 +20,13 @@
 //! The request is built as a value ([`connect_request`]) and the answer read from a
 //! response ([`answer_of`]), both testable without sockets.
 use std::{
-    future::poll_fn,
+    future::{Future, poll_fn},
     io,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
+    task::Poll,
     time::Duration,
 };
 
@@ -56,10 +57,16 @@ pub const STREAMS_PER_TUNNEL: usize = 512;
 /// one means more streams must stall before they hold up the tunnel (below).
 pub const STREAM_WINDOW: u32 = 1 << 20;
 /// Per-tunnel receive window: bounds the bytes buffered for all streams of a tunnel whose
-/// applications do not read (memory per tunnel, whatever the number of streams). Bytes a
-/// stream holds count against it until its application takes them, so 32 streams whose
-/// applications stop reading would stall the tunnel's other streams (docs/threat-model.md).
+/// applications read (memory per tunnel, whatever the number of streams). Bytes a stream
+/// holds count against it until its application takes them, so 32 streams whose
+/// applications stop reading would stall the tunnel's other streams: a stalled stream
+/// therefore lends its tunnel a window's worth from [`STALL_BUDGET`] ([`Window`]).
 pub const TUNNEL_WINDOW: u32 = 32 << 20;
+/// A stream whose application has not taken a chunk for this long is stalled.
+pub const STALL_AFTER: Duration = Duration::from_millis(100);
+/// What stalled streams may hold beyond their tunnels' windows, all tunnels of this
+/// enforcer together: the memory a stalled application can pin, at most.
+pub static STALL_BUDGET: StallBudget = StallBudget::new(256 << 20);
 /// Largest DATA frame either end sends: four TLS records of payload.
 pub const MAX_FRAME: u32 = 64 * 1024;
 /// Largest header list accepted: a request carries one token (at most `MAX_TOKEN` bytes,
@@ -174,10 +181,117 @@ pub fn answer_of<B>(resp: &http::Response<B>) -> Result<Response, WireError> {
     Ok(answer)
 }
 
-/// An application connection's stream on a tunnel: both directions.
+/// HTTP/2's largest window (2^31 - 1).
+const MAX_WINDOW: u64 = (1 << 31) - 1;
+
+/// Bytes that stalled streams may hold beyond their tunnels' windows (see [`Window`]).
+pub struct StallBudget {
+    left: AtomicU64,
+    size: u64,
+}
+
+impl StallBudget {
+    pub const fn new(bytes: u64) -> Self {
+        StallBudget {
+            left: AtomicU64::new(bytes),
+            size: bytes,
+        }
+    }
+
+    /// Takes up to `want` bytes: what was left of them.
+    fn take(&self, want: u64) -> u64 {
+        let mut got = 0;
+        let _ = self.left.fetch_update(Relaxed, Relaxed, |left| {
+            got = left.min(want);
+            Some(left - got)
+        });
+        got
+    }
+
+    fn give(&self, n: u64) {
+        self.left.fetch_add(n, Relaxed);
+    }
+
+    /// Bytes not lent now.
+    pub fn left(&self) -> u64 {
+        self.left.load(Relaxed)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// A tunnel's receive window, grown by what its stalled streams may hold.
+///
+/// Bytes a stream has received count against the tunnel's window until its application
+/// takes them, so without this a few streams whose applications stop reading would stop
+/// every other stream of the tunnel. A stalled stream (its application has not taken a
+/// chunk for [`STALL_AFTER`]) lends the tunnel its own window's worth from the enforcer's
+/// [`StallBudget`], and the task that drives the tunnel raises the HTTP/2 connection window
+/// by it (`set_target_window_size`); the stream gives it back once its application reads
+/// again (or it ends). The other streams keep the whole [`TUNNEL_WINDOW`] until the budget
+/// is spent; the memory stalled applications can pin stays within the budget.
+pub struct Window {
+    budget: &'static StallBudget,
+    lent: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl Window {
+    pub fn new(budget: &'static StallBudget) -> Arc<Self> {
+        Arc::new(Window {
+            budget,
+            lent: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The connection window the tunnel should have now.
+    pub fn target(&self) -> u32 {
+        let lent = self.lent.load(Relaxed);
+        (TUNNEL_WINDOW as u64 + lent).min(MAX_WINDOW) as u32
+    }
+
+    /// Resolves when [`Window::target`] may have changed.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// A stalled stream's loan: a stream window's worth, or what is left of the budget.
+    fn lend(&self) -> Loan<'_> {
+        let n = self.budget.take(STREAM_WINDOW as u64);
+        if n > 0 {
+            self.lent.fetch_add(n, Relaxed);
+            self.changed.notify_one();
+        }
+        Loan { window: self, n }
+    }
+}
+
+/// Returned to the budget when dropped: the stream's application read again, or the
+/// stream ended.
+struct Loan<'a> {
+    window: &'a Window,
+    n: u64,
+}
+
+impl Drop for Loan<'_> {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            self.window.lent.fetch_sub(self.n, Relaxed);
+            self.window.budget.give(self.n);
+            self.window.changed.notify_one();
+        }
+    }
+}
+
+/// An application connection's stream on a tunnel: both directions, and its tunnel's
+/// window (which it grows while its application stalls).
 pub struct Stream {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
+    pub window: Arc<Window>,
 }
 
 impl Stream {
@@ -247,6 +361,7 @@ pub fn open(
 pub async fn answered(
     response: h2::client::ResponseFuture,
     send: SendStream<Bytes>,
+    window: &Arc<Window>,
     timeout: Duration,
 ) -> Result<(Response, Option<Stream>), AskError> {
     let resp = match tokio::time::timeout(timeout, response).await {
@@ -257,27 +372,54 @@ pub async fn answered(
     let stream = (answer.status == Status::Connected).then(|| Stream {
         send,
         recv: resp.into_body(),
+        window: window.clone(),
     });
     Ok((answer, stream))
 }
 
-/// Starts HTTP/2 on a tunnel's TLS session, source end: the handle that opens streams. The
-/// connection is driven by a task of its own, which ends (and fails every stream) when
-/// the tunnel closes; the flag returned is set then.
-pub async fn client<T>(io: T) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), h2::Error>
+/// The source end of a tunnel: opens streams; `closed` is set when the tunnel has closed.
+pub struct Client {
+    pub send: SendRequest<Bytes>,
+    pub closed: Arc<AtomicBool>,
+    pub window: Arc<Window>,
+}
+
+/// Starts HTTP/2 on a tunnel's TLS session, source end. The connection is driven by a task
+/// of its own, which keeps its receive window at [`Window::target`] and ends (failing every
+/// stream) when the tunnel closes.
+pub async fn client<T>(io: T) -> Result<Client, h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (send, conn) = client_builder().handshake(io).await?;
+    client_with(io, &STALL_BUDGET).await
+}
+
+/// [`client`] with another budget for stalled streams (tests).
+pub async fn client_with<T>(io: T, budget: &'static StallBudget) -> Result<Client, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, mut conn) = client_builder().handshake(io).await?;
     let closed = Arc::new(AtomicBool::new(false));
-    let flag = closed.clone();
+    let window = Window::new(budget);
+    let (flag, w) = (closed.clone(), window.clone());
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let result = loop {
+            tokio::select! {
+                r = &mut conn => break r,
+                _ = w.changed() => conn.set_target_window_size(w.target()),
+            }
+        };
+        if let Err(e) = result {
             tracing::debug!(error = %e, "tunnel closed");
         }
         flag.store(true, Relaxed);
     });
-    Ok((send, closed))
+    Ok(Client {
+        send,
+        closed,
+        window,
+    })
 }
 
 enum UpEnd {
@@ -371,6 +513,7 @@ async fn app_to_stream(
 async fn stream_to_app(
     recv: &mut RecvStream,
     app: &mut WriteHalf<'_>,
+    window: &Window,
     total: &AtomicU64,
 ) -> io::Result<DownEnd> {
     loop {
@@ -381,7 +524,7 @@ async fn stream_to_app(
             }
             Some(Ok(bytes)) => {
                 let n = bytes.len();
-                if let Err(e) = app.write_all(&bytes).await {
+                if let Err(e) = deliver(app, &bytes, window).await {
                     return Ok(DownEnd::Reset(format!("application write failed: {e}")));
                 }
                 // Window back to the peer only once delivered: backpressure end to end.
@@ -396,6 +539,23 @@ async fn stream_to_app(
     }
 }
 
+/// Writes a chunk to the application. Most writes complete at once (no timer is made for
+/// them); one that waits [`STALL_AFTER`] marks the stream stalled, and it lends its tunnel
+/// a window until the write completes (see [`Window`]).
+async fn deliver(app: &mut WriteHalf<'_>, bytes: &[u8], window: &Window) -> io::Result<()> {
+    let mut write = std::pin::pin!(app.write_all(bytes));
+    if let Poll::Ready(r) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        return r;
+    }
+    match tokio::time::timeout(STALL_AFTER, write.as_mut()).await {
+        Ok(r) => r,
+        Err(_) => {
+            let _loan = window.lend();
+            write.await
+        }
+    }
+}
+
 /// Splices `app` with its stream until both directions end. On a reset (either side) the
 /// application socket is reset and the stream too; an error is the tunnel failing, which
 /// also resets the application socket.
@@ -406,8 +566,8 @@ pub async fn splice(
 ) -> io::Result<Ended> {
     let reason = {
         let (mut app_r, mut app_w) = app.split();
-        let Stream { send, recv } = stream;
-        let mut down = Box::pin(stream_to_app(recv, &mut app_w, &counts.to_app));
+        let Stream { send, recv, window } = stream;
+        let mut down = Box::pin(stream_to_app(recv, &mut app_w, window, &counts.to_app));
         let mut up = Box::pin(app_to_stream(&mut app_r, send, &counts.from_app));
         let ends = tokio::select! {
             u = &mut up => match u {
@@ -519,7 +679,18 @@ mod tests {
     /// An h2 tunnel over an in-memory pipe: the client handle and the server's accepted
     /// streams (each answered connected).
     async fn tunnel() -> (
-        SendRequest<Bytes>,
+        Client,
+        tokio::sync::mpsc::Receiver<Stream>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        tunnel_with(&STALL_BUDGET).await
+    }
+
+    /// [`tunnel`] whose source end lends from `budget`.
+    async fn tunnel_with(
+        budget: &'static StallBudget,
+    ) -> (
+        Client,
         tokio::sync::mpsc::Receiver<Stream>,
         tokio::task::JoinHandle<()>,
     ) {
@@ -537,17 +708,18 @@ mod tests {
                     .send(Stream {
                         send,
                         recv: req.into_body(),
+                        window: Window::new(&STALL_BUDGET),
                     })
                     .await;
             }
         });
-        let (send, _closed) = client(a).await.unwrap();
-        (send, rx, server)
+        let client = client_with(a, budget).await.unwrap();
+        (client, rx, server)
     }
 
-    async fn connect(send: &mut SendRequest<Bytes>) -> Stream {
-        let (resp, stream) = open(send, connect_request(&sample())).unwrap();
-        let (answer, stream) = answered(resp, stream, Duration::from_secs(10))
+    async fn connect(client: &mut Client) -> Stream {
+        let (resp, stream) = open(&mut client.send, connect_request(&sample())).unwrap();
+        let (answer, stream) = answered(resp, stream, &client.window, Duration::from_secs(10))
             .await
             .unwrap();
         assert_eq!(answer.status, Status::Connected);
@@ -556,7 +728,7 @@ mod tests {
 
     /// client app <-> [splice] <-stream-> [splice] <-> server app.
     async fn path(
-        send: &mut SendRequest<Bytes>,
+        send: &mut Client,
         accepted: &mut tokio::sync::mpsc::Receiver<Stream>,
     ) -> (
         TcpStream,
@@ -567,6 +739,17 @@ mod tests {
         let mut s2 = accepted.recv().await.unwrap();
         let (client, mut app1) = pair().await;
         let (mut app2, server) = pair().await;
+        // Small socket buffers between the source's splice and its application, so that
+        // an application that does not read stalls its stream after a few hundred KiB.
+        for (s, rcv) in [(&client, true), (&app1, false)] {
+            let s = socket2::SockRef::from(s);
+            let set = if rcv {
+                s.set_recv_buffer_size(64 << 10)
+            } else {
+                s.set_send_buffer_size(64 << 10)
+            };
+            set.unwrap();
+        }
         let ends = tokio::spawn(async move {
             let (c1, c2) = (Counts::default(), Counts::default());
             tokio::join!(
@@ -679,5 +862,99 @@ mod tests {
         let (e1, _) = ends1.await.unwrap();
         let (e2, _) = ends2.await.unwrap();
         assert!(e1.is_err() && e2.is_err(), "{e1:?} {e2:?}");
+    }
+
+    /// `n` streams whose destination applications send 2 MiB each and whose source
+    /// applications never read, on a tunnel lending from `budget`; returns once every
+    /// stalled stream took what the budget had for it (or 20 s passed).
+    async fn stalled(
+        n: usize,
+        budget: &'static StallBudget,
+    ) -> (Client, tokio::sync::mpsc::Receiver<Stream>, Vec<TcpStream>) {
+        let (mut client, mut accepted, _server) = tunnel_with(budget).await;
+        let mut readers = Vec::new();
+        for _ in 0..n {
+            let (c, mut s, _ends) = path(&mut client, &mut accepted).await;
+            tokio::spawn(async move {
+                let _ = s.write_all(&vec![7u8; 2 << 20]).await;
+                // Held open: the stream ends when its source application is dropped.
+                std::future::pending::<()>().await;
+            });
+            readers.push(c);
+        }
+        let want = (n as u64 * STREAM_WINDOW as u64).min(budget.size());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while budget.size() - budget.left() < want && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (client, accepted, readers)
+    }
+
+    /// Reads 2 MiB from each stalled application, all at once (one at a time could wait
+    /// for ever once the budget is spent: the window freed by one reader may go to a
+    /// stream nobody reads yet); their streams repay their loans.
+    async fn drain(readers: Vec<TcpStream>) {
+        let mut all = tokio::task::JoinSet::new();
+        for mut c in readers {
+            all.spawn(async move {
+                let mut got = vec![0u8; 2 << 20];
+                tokio::time::timeout(Duration::from_secs(20), c.read_exact(&mut got))
+                    .await
+                    .expect("a stalled stream resumes")
+                    .unwrap();
+                assert!(got.iter().all(|b| *b == 7));
+                c
+            });
+        }
+        let mut held = Vec::new();
+        while let Some(c) = all.join_next().await {
+            held.push(c.unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_whose_applications_stall_do_not_hold_up_the_others_of_their_tunnel() {
+        // 40 stalled streams hold 40 MiB: more than the tunnel's 32 MiB window.
+        let budget: &'static StallBudget = Box::leak(Box::new(StallBudget::new(256 << 20)));
+        let (mut client, mut accepted, readers) = stalled(40, budget).await;
+        assert_eq!(budget.size() - budget.left(), 40 * STREAM_WINDOW as u64);
+        assert_eq!(client.window.target(), TUNNEL_WINDOW + 40 * STREAM_WINDOW);
+        // A stream whose application reads still gets 4 MiB through.
+        let (mut c, mut s, _ends) = path(&mut client, &mut accepted).await;
+        let payload: Vec<u8> = (0..4u32 << 20).map(|i| i as u8).collect();
+        let mut got = vec![0u8; payload.len()];
+        let (w, r) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(s.write_all(&payload), c.read_exact(&mut got))
+        })
+        .await
+        .expect("the active stream was held up by the stalled ones");
+        w.unwrap();
+        r.unwrap();
+        assert!(got == payload);
+        // Once the stalled applications read, every loan is back and the window with it.
+        drain(readers).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while budget.left() < budget.size() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(budget.left(), budget.size());
+        assert_eq!(client.window.target(), TUNNEL_WINDOW);
+    }
+
+    #[tokio::test]
+    async fn stalled_streams_lend_no_more_than_the_budget() {
+        let budget: &'static StallBudget = Box::leak(Box::new(StallBudget::new(4 << 20)));
+        let (client, _accepted, readers) = stalled(40, budget).await;
+        // Every stalled stream is waiting; only 4 MiB was lent among them.
+        tokio::time::sleep(STALL_AFTER * 3).await;
+        assert_eq!(budget.left(), 0);
+        assert_eq!(client.window.target(), TUNNEL_WINDOW + (4 << 20));
+        drain(readers).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while budget.left() < budget.size() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(budget.left(), budget.size());
+        assert_eq!(client.window.target(), TUNNEL_WINDOW);
     }
 }

@@ -47,6 +47,8 @@ pub struct Tunnel {
     carried: AtomicUsize,
     /// Set when the HTTP/2 connection has ended.
     closed: Arc<AtomicBool>,
+    /// Its receive window, grown while streams' applications stall.
+    window: Arc<mux::Window>,
     /// When it last carried no stream, and how long it may stay so.
     idle_since: Mutex<Option<Instant>>,
     max_idle: Mutex<Duration>,
@@ -150,7 +152,8 @@ pub struct Carrying {
 impl Asked {
     /// The answer and, when connected, the stream.
     pub async fn answer(self, timeout: Duration) -> Result<(Response, Option<Carrying>), AskError> {
-        let (answer, stream) = mux::answered(self.response, self.send, timeout).await?;
+        let window = self.slot.0.window.clone();
+        let (answer, stream) = mux::answered(self.response, self.send, &window, timeout).await?;
         let slot = self.slot;
         Ok((answer, stream.map(|stream| Carrying { stream, slot })))
     }
@@ -206,17 +209,18 @@ impl TunnelDialer {
             .tokens
             .session(peer.name.clone(), cert, &secrets, Role::Client)
             .map_err(|e| io::Error::other(format!("peer {}: {e}", peer.name)))?;
-        let (send, closed) = tokio::time::timeout(self.timeout, mux::client(stream))
+        let client = tokio::time::timeout(self.timeout, mux::client(stream))
             .await
             .map_err(|_| timed_out("HTTP/2 handshake"))?
             .map_err(|e| io::Error::other(format!("peer {}: HTTP/2: {e}", peer.name)))?;
         Ok(Arc::new(Tunnel {
             peer: peer.name.clone(),
-            send,
+            send: client.send,
             session: Mutex::new(session),
             active: AtomicUsize::new(0),
             carried: AtomicUsize::new(0),
-            closed,
+            closed: client.closed,
+            window: client.window,
             idle_since: Mutex::new(Some(Instant::now())),
             max_idle: Mutex::new(Duration::MAX),
         }))

@@ -587,8 +587,13 @@ impl Fixture {
     /// protocol by hand: to send what an honest enforcer never would.
     pub async fn rogue(&self, name: &str) -> Rogue {
         let (tls, keys) = self.rogue_tls(name).await;
-        let (send, closed) = crate::mux::client(tls).await.expect("HTTP/2 with host-b");
-        Rogue { send, closed, keys }
+        let client = crate::mux::client(tls).await.expect("HTTP/2 with host-b");
+        Rogue {
+            send: client.send,
+            closed: client.closed,
+            window: client.window,
+            keys,
+        }
     }
 
     /// A TLS session of enforcer `name` with host-b, before HTTP/2 (tests write raw frames
@@ -619,6 +624,7 @@ pub struct Rogue {
     pub send: h2::client::SendRequest<bytes::Bytes>,
     /// Set once host-b closed the tunnel.
     pub closed: Arc<std::sync::atomic::AtomicBool>,
+    pub window: Arc<crate::mux::Window>,
     pub keys: Sealer,
 }
 
@@ -701,7 +707,7 @@ impl Rogue {
         let req = crate::mux::connect_with("127.0.0.1:1".into(), header.into_bytes());
         let (response, send) = crate::mux::open(&mut self.send, req).expect("a stream");
         within("host-b's answer", async {
-            crate::mux::answered(response, send, Duration::from_secs(30)).await
+            crate::mux::answered(response, send, &self.window, Duration::from_secs(30)).await
         })
         .await
         .expect("an answer")

@@ -39,6 +39,8 @@ struct Peer {
 
 struct Tunnel {
     send: h2::client::SendRequest<bytes::Bytes>,
+    /// The tunnel's receive window (its streams grow it while stalled).
+    window: std::sync::Arc<mux::Window>,
     session: TunnelSession,
     /// The stream of the last connected answer.
     connected: Option<Stream>,
@@ -65,9 +67,10 @@ impl Peer {
             .tokens
             .session(self.peer.clone(), cert, &secrets, Role::Client)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (send, _closed) = mux::client(stream).await?;
+        let client = mux::client(stream).await?;
         Ok(Tunnel {
-            send,
+            send: client.send,
+            window: client.window,
             session,
             connected: None,
         })
@@ -86,8 +89,13 @@ async fn ask(t: &mut Tunnel, dst: SocketAddr, proof: Proof) -> Result<Response> 
         proof,
     };
     let (response, send) = mux::open(&mut t.send, mux::connect_request(&req))?;
-    let (answer, stream) =
-        mux::answered(response, send, std::time::Duration::from_secs(30)).await?;
+    let (answer, stream) = mux::answered(
+        response,
+        send,
+        &t.window,
+        std::time::Duration::from_secs(30),
+    )
+    .await?;
     t.connected = stream;
     Ok(answer)
 }
