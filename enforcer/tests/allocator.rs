@@ -41,18 +41,21 @@ fn freed_memory_returns_to_the_kernel_at_once_when_asked_and_in_the_background_w
     );
 
     // In the background: nothing allocates after the burst, and the pages still go back
-    // (jemalloc's decay is about 10 s).
+    // (jemalloc's decay spreads them over about 10 s; its background thread may return some
+    // while the burst is still being freed, so only most of it is asked to be held here).
     tessera_enforcer::alloc::purge_in_background().unwrap();
     let held = burst();
-    assert!(held - returned > 48.0, "{returned:.1} -> {held:.1} MiB");
+    assert!(held - returned > 24.0, "{returned:.1} -> {held:.1} MiB");
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut now = held;
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
         now = resident_mib();
-        if held - now > 48.0 {
+        if now - returned < 16.0 {
             return;
         }
     }
-    panic!("an idle process kept its freed burst for 40 s: {held:.1} -> {now:.1} MiB");
+    panic!(
+        "an idle process kept its freed burst for 40 s: {returned:.1} -> {held:.1} -> {now:.1} MiB"
+    );
 }
