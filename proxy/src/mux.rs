@@ -912,6 +912,22 @@ mod tests {
         }
     }
 
+    /// Drains the stalled applications; then every loan is back in `budget` and the
+    /// tunnel's window is its own 32 MiB again.
+    async fn drain_and_check_repaid(
+        readers: Vec<TcpStream>,
+        budget: &'static StallBudget,
+        client: &Client,
+    ) {
+        drain(readers).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while budget.left() < budget.size() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(budget.left(), budget.size());
+        assert_eq!(client.window.target(), TUNNEL_WINDOW);
+    }
+
     #[tokio::test]
     async fn streams_whose_applications_stall_do_not_hold_up_the_others_of_their_tunnel() {
         // 40 stalled streams hold 40 MiB: more than the tunnel's 32 MiB window.
@@ -932,13 +948,7 @@ mod tests {
         r.unwrap();
         assert!(got == payload);
         // Once the stalled applications read, every loan is back and the window with it.
-        drain(readers).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while budget.left() < budget.size() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(budget.left(), budget.size());
-        assert_eq!(client.window.target(), TUNNEL_WINDOW);
+        drain_and_check_repaid(readers, budget, &client).await;
     }
 
     #[tokio::test]
@@ -949,12 +959,6 @@ mod tests {
         tokio::time::sleep(STALL_AFTER * 3).await;
         assert_eq!(budget.left(), 0);
         assert_eq!(client.window.target(), TUNNEL_WINDOW + (4 << 20));
-        drain(readers).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while budget.left() < budget.size() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(budget.left(), budget.size());
-        assert_eq!(client.window.target(), TUNNEL_WINDOW);
+        drain_and_check_repaid(readers, budget, &client).await;
     }
 }
